@@ -1,0 +1,1 @@
+//! Benchmark support; the runner is `bench/src/main.rs`, microbenches in `bench/benches`.

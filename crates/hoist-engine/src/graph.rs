@@ -1,0 +1,353 @@
+//! The build graph: what the Dockerfile frontend produces and the solver executes.
+//!
+//! Every value here is final: variables are expanded, the stage's shell is applied to
+//! shell-form commands, relative paths are resolved against the working directory. The
+//! solver never looks at Dockerfile syntax again. Fields that take part in cache keys are
+//! serialized canonically (see [`crate::cachekey`]); fields that must not (proxy variables,
+//! display text, line numbers) are marked `#[serde(skip)]`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Index of a stage in [`BuildGraph::stages`].
+pub type StageId = usize;
+
+/// An OCI platform (`os/arch[/variant]`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+/// Error for a platform string that is not `os/arch[/variant]`.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid platform {0:?}: expected os/arch[/variant], e.g. linux/amd64")]
+pub struct PlatformError(pub String);
+
+impl Platform {
+    /// The platform of the machine this code runs on (normalized the OCI way).
+    pub fn host() -> Platform {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "arm" => "arm",
+            "powerpc64" => "ppc64le",
+            "s390x" => "s390x",
+            "riscv64" => "riscv64",
+            other => other,
+        };
+        let variant = (architecture == "arm64").then(|| "v8".to_string());
+        Platform { os: "linux".into(), architecture: architecture.into(), variant }
+    }
+
+    /// Parse `os/arch[/variant]`, normalizing aliases (`x86_64`→`amd64`, `aarch64`→`arm64`,
+    /// arm64 without variant → `v8`, arm without variant → `v7`).
+    pub fn parse(s: &str) -> Result<Platform, PlatformError> {
+        let parts: Vec<&str> = s.trim().split('/').collect();
+        if parts.len() < 2 || parts.len() > 3 || parts.iter().any(|p| p.is_empty()) {
+            return Err(PlatformError(s.to_string()));
+        }
+        let os = parts[0].to_ascii_lowercase();
+        let (architecture, mut variant) = match parts[1].to_ascii_lowercase().as_str() {
+            "x86_64" | "x86-64" | "amd64" => ("amd64".to_string(), None),
+            "aarch64" | "arm64" => ("arm64".to_string(), Some("v8".to_string())),
+            "armhf" | "arm" => ("arm".to_string(), Some("v7".to_string())),
+            "armel" => ("arm".to_string(), Some("v6".to_string())),
+            "i386" | "386" => ("386".to_string(), None),
+            other => (other.to_string(), None),
+        };
+        if let Some(v) = parts.get(2) {
+            variant = Some(v.to_ascii_lowercase());
+        }
+        Ok(Platform { os, architecture, variant })
+    }
+
+    /// The TARGETVARIANT / BUILDVARIANT value: empty for arm64/v8 as BuildKit does.
+    pub fn variant_arg(&self) -> String {
+        match (&*self.architecture, self.variant.as_deref()) {
+            ("arm64", Some("v8")) => String::new(),
+            (_, v) => v.unwrap_or("").to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    /// `linux/amd64`, `linux/arm/v7`; arm64's default `v8` is not printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        let v = self.variant_arg();
+        if !v.is_empty() {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The frontend's output: the stages needed for the target, in dependency order
+/// (a stage only refers to stages with a smaller id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildGraph {
+    pub stages: Vec<Stage>,
+    /// The stage whose result is the build's result.
+    pub target: StageId,
+    /// Non-fatal findings (unused build args, deprecated syntax), each naming its line.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+}
+
+/// One stage (`FROM ... AS name` and its instructions), or an image used only by
+/// `COPY --from=<image>` / `RUN --mount=from=<image>` (a stage with no steps).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stage {
+    /// The `AS` name, if any (lowercased as BuildKit does).
+    pub name: Option<String>,
+    /// Position among the Dockerfile's `FROM`s (`None` for an implicit image stage).
+    pub dockerfile_index: Option<usize>,
+    pub platform: Platform,
+    pub base: Base,
+    /// Filesystem-changing steps, in order.
+    pub steps: Vec<Step>,
+    /// The image configuration at the end of the stage (what `--target` of it exports).
+    pub config: oci_spec::image::Config,
+    /// History entries in order, one per instruction that BuildKit records (config-only
+    /// instructions have `empty_layer: true`). The `n`-th entry with `empty_layer: false`
+    /// belongs to `steps[n]`; the exporter flips it to empty when that step's diff is empty.
+    pub history: Vec<HistoryEntry>,
+}
+
+/// What a stage starts from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Base {
+    /// `FROM scratch`: an empty filesystem.
+    Scratch,
+    /// A registry image, already resolved for the stage's platform.
+    Image(ResolvedImage),
+    /// Another stage's result (`FROM builder`).
+    Stage(StageId),
+}
+
+/// A registry image resolved for one platform (manifest and config fetched, layers not yet).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResolvedImage {
+    /// Fully qualified reference as written after normalization,
+    /// e.g. `docker.io/library/alpine:3.20` or `127.0.0.1:5000/busybox:latest`.
+    pub reference: String,
+    /// Digest of the platform-specific image manifest.
+    pub manifest_digest: String,
+    /// The image's configuration blob, parsed.
+    pub config: oci_spec::image::ImageConfiguration,
+}
+
+/// A filesystem-changing step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Step {
+    /// Dockerfile line of the instruction (1-based), for errors and progress.
+    #[serde(skip)]
+    pub line: usize,
+    /// The instruction as the progress output shows it, e.g. `RUN make -j2`.
+    #[serde(skip)]
+    pub display: String,
+    pub op: Op,
+}
+
+/// The operation of a step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Op {
+    Run(RunOp),
+    Copy(CopyOp),
+    /// `WORKDIR`: create the directory (and parents) if missing, owned by the current user
+    /// when BuildKit would do so.
+    Mkdir(MkdirOp),
+}
+
+/// Where files come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// The build context sent by the client.
+    Context,
+    /// Another stage's (or implicit image stage's) final filesystem.
+    Stage(StageId),
+}
+
+/// `RUN`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunOp {
+    /// Final argv, shell applied for the shell form (`["/bin/sh", "-c", "make"]`).
+    pub args: Vec<String>,
+    /// Environment (`KEY=value`): the stage's ENV plus the ARGs in scope, in BuildKit order.
+    pub env: Vec<String>,
+    /// Proxy variables from build args (HTTP_PROXY etc.) not declared with ARG: set in the
+    /// container but never part of the cache key.
+    #[serde(skip)]
+    pub proxy_env: Vec<String>,
+    /// Absolute working directory.
+    pub cwd: String,
+    /// `USER` value (`name`, `uid`, `name:group`, `uid:gid`); empty means root. Resolved
+    /// against the rootfs' /etc/passwd and /etc/group when the step runs.
+    pub user: String,
+    pub network: NetworkMode,
+    pub security: SecurityMode,
+    pub mounts: Vec<RunMount>,
+    /// Files the frontend generated for this step (a heredoc script with a shebang), mounted
+    /// read-only at `target`.
+    pub inline_files: Vec<InlineFile>,
+}
+
+/// `RUN --network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetworkMode {
+    /// The builder's default (as `docker build --network` or the daemon decides).
+    Default,
+    None,
+    Host,
+}
+
+/// `RUN --security`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SecurityMode {
+    Sandbox,
+    Insecure,
+}
+
+/// A file with content known at graph time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InlineFile {
+    pub target: String,
+    pub content: String,
+    pub mode: u32,
+}
+
+/// `RUN --mount=...`, expanded and validated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunMount {
+    /// Absolute target path in the container.
+    pub target: String,
+    pub kind: MountKind,
+}
+
+/// The mount types of `RUN --mount`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MountKind {
+    Bind {
+        from: Source,
+        /// Path inside `from` (default `/`).
+        source: String,
+        readwrite: bool,
+    },
+    Cache {
+        /// Cache id (defaults to the target path). A name, never a host path.
+        id: String,
+        sharing: CacheSharing,
+        /// Seed contents for a new cache.
+        from: Option<Source>,
+        source: String,
+        readonly: bool,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Tmpfs {
+        size: Option<u64>,
+    },
+    Secret {
+        id: String,
+        /// Expose as an environment variable instead of (or besides) a file.
+        env: Option<String>,
+        required: bool,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Ssh {
+        id: String,
+        required: bool,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+}
+
+/// `--mount=type=cache,sharing=...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheSharing {
+    Shared,
+    Private,
+    Locked,
+}
+
+/// `COPY` and `ADD` (`ADD` sets `unpack` / uses URL sources).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyOp {
+    pub from: Source,
+    pub sources: Vec<CopySource>,
+    /// Absolute destination (working directory applied); a trailing `/` is kept because it
+    /// means "into this directory".
+    pub dest: String,
+    /// `--chown` value (names resolved against the destination rootfs when the step runs).
+    pub chown: Option<String>,
+    pub chmod: Option<Chmod>,
+    pub link: bool,
+    pub exclude: Vec<String>,
+    pub parents: bool,
+    /// ADD: auto-extract local tar archives (`--unpack` / ADD default for local files).
+    pub unpack: bool,
+    /// ADD: keep `.git` of a git source.
+    pub keep_git_dir: bool,
+    /// True for ADD, false for COPY (changes how sources are treated).
+    pub is_add: bool,
+}
+
+/// One source of a COPY/ADD.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum CopySource {
+    /// A path (may contain wildcards) relative to the source root.
+    Path(String),
+    /// ADD of a remote file; `checksum` is `sha256:...` from `--checksum`.
+    Url { url: String, checksum: Option<String> },
+    /// A heredoc (`COPY <<EOF /dest`): its name and content (already expanded if unquoted).
+    Inline { name: String, content: String },
+}
+
+/// `--chmod`: octal bits or a symbolic expression (`u+x,g-w`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Chmod {
+    Octal(u32),
+    Symbolic(String),
+}
+
+/// `WORKDIR`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MkdirOp {
+    pub path: String,
+    /// The USER in effect (BuildKit chowns a created WORKDIR to it); empty = root.
+    pub user: String,
+}
+
+/// One entry of the image history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub created_by: String,
+    pub comment: Option<String>,
+    pub empty_layer: bool,
+}
+
+/// Inputs the frontend needs besides the Dockerfile.
+#[derive(Debug, Clone, Default)]
+pub struct FrontendOptions {
+    /// Name used in error messages (`Dockerfile`, `docker/app.Dockerfile`).
+    pub dockerfile_name: String,
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`: a stage name or index; `None` = last stage.
+    pub target: Option<String>,
+    /// Platform the image is built for (`TARGETPLATFORM`).
+    pub target_platform: Option<Platform>,
+    /// Platform of the builder (`BUILDPLATFORM`); `None` = host.
+    pub build_platform: Option<Platform>,
+    /// `--label` values, applied to the final stage's config.
+    pub labels: BTreeMap<String, String>,
+}

@@ -1,0 +1,12 @@
+//! hoist-engine owns everything between a parsed Dockerfile and a finished image:
+//! the frontend (AST → [`graph::BuildGraph`]), cache keys and the cache index, the solver and
+//! scheduler, the snapshotter (overlayfs), the executor (OCI runtime), COPY/ADD, and the
+//! exporters. Kernel- and process-touching code sits behind the [`snapshot::Mounter`] and
+//! [`executor::Executor`] traits so that the logic above them is unit-tested without root.
+
+pub mod copy;
+pub mod executor;
+pub mod frontend;
+pub mod graph;
+pub mod rootfs;
+pub mod snapshot;

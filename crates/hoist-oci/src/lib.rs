@@ -1,0 +1,12 @@
+//! hoist-oci owns the OCI formats and their movement: digests, image/index/config types (on
+//! oci-spec), the content store, layer tar read/write with whiteouts, compression (parallel
+//! gzip, zstd), the one-pass layer export pipeline, image references, registry credentials
+//! and the registry client (pull and push).
+
+pub mod compress;
+pub mod digest;
+pub mod layer;
+pub mod store;
+pub mod reference;
+pub mod auth;
+pub mod registry;

@@ -1,0 +1,1 @@
+//! hoist-server (being written)
