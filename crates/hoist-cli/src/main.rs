@@ -1,1 +1,99 @@
-fn main() {}
+//! The `hoist` binary: `hoist build` (a drop-in for `docker build`), `hoist serve` (the
+//! builder), and their glue to the local Docker engine and the user's registry credentials.
+
+mod build;
+mod outputs;
+mod progress;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+/// Build container images fast, with a cache the whole team shares.
+#[derive(Parser, Debug)]
+#[command(name = "hoist", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build an image from a Dockerfile (accepts docker build's flags).
+    Build(Box<build::BuildArgs>),
+    /// Run a builder (the embedded builder is this, on a unix socket).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Where to listen: unix:///path/to.sock or tcp://host:port.
+    #[arg(long)]
+    listen: Option<String>,
+    /// State directory.
+    #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+    root: PathBuf,
+    /// OCI runtime binary (default: runc or crun on PATH).
+    #[arg(long, env = "HOIST_RUNTIME")]
+    runtime: Option<PathBuf>,
+    /// A registry to reach over plain HTTP (loopback registries always are).
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// Allow plain TCP on a non-loopback address.
+    #[arg(long)]
+    insecure: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOIST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(async move {
+        match cli.command {
+            Command::Build(args) => build::run(*args).await,
+            Command::Serve(args) => serve(args).await.map(|_| 0),
+        }
+    });
+    match code {
+        Ok(c) => std::process::exit(c),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let engine = hoist_engine::Engine::open(&hoist_engine::EngineConfig {
+        root: args.root.clone(),
+        runtime: args.runtime.clone(),
+        insecure_registries: args.insecure_registries.clone(),
+    })
+    .with_context(|| format!("opening builder state in {}", args.root.display()))?;
+    let listen = args.listen.clone().unwrap_or_else(|| format!("unix://{}", hoist_client::embedded_socket(&args.root).display()));
+    let listen = hoist_server::Listen::parse(&listen)?;
+    let pid_file = args.root.join("hoistd.pid");
+    let _ = std::fs::write(&pid_file, std::process::id().to_string());
+    let shutdown = async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    eprintln!("hoist builder listening on {listen:?} (state in {})", args.root.display());
+    hoist_server::serve(&listen, engine, args.insecure_registries, args.insecure, shutdown).await?;
+    let _ = std::fs::remove_file(&pid_file);
+    Ok(())
+}

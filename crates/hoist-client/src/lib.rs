@@ -1,1 +1,183 @@
-//! hoist-client (being written)
+//! hoist-client owns the client side of the builder API: finding or starting a builder
+//! (the embedded one on a unix socket, or a remote `hoist serve`), context sync, and the
+//! build call whose event stream the CLI renders.
+
+pub mod sync;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use hoist_proto::v1::builder_client::BuilderClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub use hoist_proto::v1;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Context(String),
+    #[error("cannot reach the builder at {addr}: {message}")]
+    Connect { addr: String, message: String },
+    /// The builder answered with an error; the message is the builder's.
+    #[error("{0}")]
+    Builder(String),
+    #[error("invalid builder address {0:?}: expected unix:///path/to.sock or tcp://host:port")]
+    Address(String),
+}
+
+impl ClientError {
+    /// Turn a gRPC status into the builder's message.
+    pub fn from_status(s: tonic::Status) -> ClientError {
+        ClientError::Builder(s.message().to_string())
+    }
+}
+
+/// Where the builder is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuilderAddr {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl BuilderAddr {
+    /// Parse `unix:///path` or `tcp://host:port`.
+    pub fn parse(s: &str) -> Result<BuilderAddr, ClientError> {
+        if let Some(p) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
+            if !p.is_empty() {
+                return Ok(BuilderAddr::Unix(PathBuf::from(p)));
+            }
+        }
+        if let Some(a) = s.strip_prefix("tcp://") {
+            if a.contains(':') {
+                return Ok(BuilderAddr::Tcp(a.to_string()));
+            }
+        }
+        Err(ClientError::Address(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for BuilderAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuilderAddr::Unix(p) => write!(f, "unix://{}", p.display()),
+            BuilderAddr::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+/// Connect to a builder.
+pub async fn connect(addr: &BuilderAddr) -> Result<BuilderClient<Channel>, ClientError> {
+    let err = |e: &dyn std::fmt::Display| ClientError::Connect { addr: addr.to_string(), message: e.to_string() };
+    let channel = match addr {
+        BuilderAddr::Tcp(a) => Endpoint::from_shared(format!("http://{a}"))
+            .map_err(|e| err(&e))?
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| err(&e))?,
+        BuilderAddr::Unix(path) => {
+            let path = path.clone();
+            Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                }))
+                .await
+                .map_err(|e| err(&e))?
+        }
+    };
+    Ok(BuilderClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+}
+
+/// The socket of the embedded builder for a state root.
+pub fn embedded_socket(root: &Path) -> PathBuf {
+    root.join("hoistd.sock")
+}
+
+/// Connect to the embedded builder of `root`, starting it (`exe serve`) when none runs.
+pub async fn connect_embedded(root: &Path, exe: &Path) -> Result<BuilderClient<Channel>, ClientError> {
+    let sock = embedded_socket(root);
+    let addr = BuilderAddr::Unix(sock.clone());
+    if sock.exists() {
+        if let Ok(mut c) = connect(&addr).await {
+            if c.info(v1::InfoRequest {}).await.is_ok() {
+                return Ok(c);
+            }
+        }
+    }
+    // Several clients may race to start it: the lock makes one of them do it.
+    std::fs::create_dir_all(root).map_err(|e| ClientError::Connect { addr: addr.to_string(), message: format!("creating {}: {e}", root.display()) })?;
+    let lock_path = root.join("hoistd.start.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| ClientError::Connect { addr: addr.to_string(), message: format!("{}: {e}", lock_path.display()) })?;
+    let lock = tokio::task::spawn_blocking(move || rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map(|_| lock))
+        .await
+        .map_err(|e| ClientError::Connect { addr: addr.to_string(), message: e.to_string() })?
+        .map_err(|e| ClientError::Connect { addr: addr.to_string(), message: e.to_string() })?;
+    if let Ok(mut c) = connect(&addr).await {
+        if c.info(v1::InfoRequest {}).await.is_ok() {
+            return Ok(c);
+        }
+    }
+    let log_path = root.join("hoistd.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| ClientError::Connect { addr: addr.to_string(), message: format!("{}: {e}", log_path.display()) })?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("serve")
+        .arg("--root")
+        .arg(root)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| ClientError::Connect { addr: addr.to_string(), message: e.to_string() })?)
+        .stderr(log);
+    // Its own session: a Ctrl-C of this build must not kill the builder.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            rustix::process::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|e| ClientError::Connect { addr: addr.to_string(), message: format!("starting the embedded builder {}: {e}", exe.display()) })?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = connect(&addr).await {
+            if c.info(v1::InfoRequest {}).await.is_ok() {
+                drop(lock);
+                return Ok(c);
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: String = tail.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            return Err(ClientError::Connect {
+                addr: addr.to_string(),
+                message: format!("the embedded builder did not start within 30s; its log ({}) ends with:\n{tail}", log_path.display()),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_addresses() {
+        assert_eq!(BuilderAddr::parse("unix:///x.sock").unwrap(), BuilderAddr::Unix("/x.sock".into()));
+        assert_eq!(BuilderAddr::parse("tcp://10.0.0.1:7000").unwrap().to_string(), "tcp://10.0.0.1:7000");
+        assert!(BuilderAddr::parse("10.0.0.1:7000").is_err());
+        assert!(BuilderAddr::parse("tcp://host").is_err());
+    }
+}

@@ -113,7 +113,12 @@ pub struct Stage {
     /// Filesystem-changing steps, in order.
     pub steps: Vec<Step>,
     /// The image configuration at the end of the stage (what `--target` of it exports).
-    pub config: oci_spec::image::Config,
+    /// hoist's own config type: oci-spec's lacks Healthcheck/Shell/OnBuild and has unstable
+    /// map order (see hoist_oci::image).
+    pub config: hoist_oci::image::RunConfig,
+    /// The image's `author` (top level of the config blob): inherited from the base image,
+    /// set by `MAINTAINER`. (Added by the frontend.)
+    pub author: Option<String>,
     /// History entries in order, one per instruction that BuildKit records (config-only
     /// instructions have `empty_layer: true`). The `n`-th entry with `empty_layer: false`
     /// belongs to `steps[n]`; the exporter flips it to empty when that step's diff is empty.
@@ -139,8 +144,8 @@ pub struct ResolvedImage {
     pub reference: String,
     /// Digest of the platform-specific image manifest.
     pub manifest_digest: String,
-    /// The image's configuration blob, parsed.
-    pub config: oci_spec::image::ImageConfiguration,
+    /// The image's configuration blob, parsed (hoist's own type, see hoist_oci::image).
+    pub config: hoist_oci::image::ImageConfig,
 }
 
 /// A filesystem-changing step.

@@ -4,9 +4,21 @@
 //! exporters. Kernel- and process-touching code sits behind the [`snapshot::Mounter`] and
 //! [`executor::Executor`] traits so that the logic above them is unit-tested without root.
 
+pub mod cache;
+pub mod cachekey;
+pub mod cachemount;
+pub mod context;
 pub mod copy;
+pub mod engine;
+pub mod export;
 pub mod executor;
 pub mod frontend;
 pub mod graph;
+mod images;
+pub mod progress;
 pub mod rootfs;
 pub mod snapshot;
+mod solver;
+mod steps;
+
+pub use engine::{BuildOutcome, BuildRequest, BuildSecrets, BuiltImage, Engine, EngineConfig, EngineError};

@@ -5,8 +5,11 @@
 
 pub mod compress;
 pub mod digest;
+pub mod export;
+pub mod image;
 pub mod layer;
 pub mod store;
 pub mod reference;
 pub mod auth;
 pub mod registry;
+pub use registry::Platform;

@@ -1,1 +1,9 @@
-//! hoist-proto (being written)
+//! hoist-proto owns the wire API between the hoist client and a builder: the
+//! `proto/hoist.proto` service definition and its generated tonic/prost code.
+
+#![allow(clippy::all, missing_docs)]
+
+/// Version 1 of the builder API.
+pub mod v1 {
+    tonic::include_proto!("hoist.v1");
+}

@@ -1,0 +1,521 @@
+//! `hoist build`: docker build's flags, context sync, the build call, outputs, summary.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::Args;
+use futures::StreamExt;
+use hoist_client::sync::{self, StatCache};
+use hoist_client::v1::{self, build_event};
+use hoist_client::BuilderAddr;
+use hoist_dockerfile::IgnoreMatcher;
+
+use crate::outputs::{OutputSink, OutputSpec};
+use crate::progress::{Mode, Renderer};
+
+/// `hoist build [OPTIONS] PATH | -`
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Build context: a directory, or `-` for a tar (or a Dockerfile) on stdin.
+    pub context: String,
+    /// Name and optionally a tag (name:tag); may be given several times.
+    #[arg(short = 't', long = "tag")]
+    pub tags: Vec<String>,
+    /// Name of the Dockerfile (default: PATH/Dockerfile); `-` reads it from stdin.
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<String>,
+    /// Set a build-time variable (KEY=VALUE, or KEY to take it from the environment).
+    #[arg(long = "build-arg")]
+    pub build_args: Vec<String>,
+    /// The stage to build.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Target platform(s), e.g. linux/amd64 or linux/amd64,linux/arm64.
+    #[arg(long)]
+    pub platform: Vec<String>,
+    /// Do not use the cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Always check the registry for newer versions of base images.
+    #[arg(long)]
+    pub pull: bool,
+    /// Set metadata on the image (KEY=VALUE).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Networking mode for RUN steps: default, host or none.
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Add a host-to-IP mapping (host:ip).
+    #[arg(long = "add-host")]
+    pub add_hosts: Vec<String>,
+    /// Secret to expose to the build: id=NAME,src=FILE or id=NAME,env=VAR.
+    #[arg(long = "secret")]
+    pub secrets: Vec<String>,
+    /// SSH agent socket or keys to expose: default or ID=SOCKET.
+    #[arg(long = "ssh")]
+    pub ssh: Vec<String>,
+    /// Write the image ID to this file.
+    #[arg(long)]
+    pub iidfile: Option<PathBuf>,
+    /// Write build result metadata (JSON) to this file.
+    #[arg(long = "metadata-file")]
+    pub metadata_file: Option<PathBuf>,
+    /// Print only the image ID.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Progress output: auto, plain, tty, rawjson or quiet.
+    #[arg(long, default_value = "auto")]
+    pub progress: String,
+    /// Output destination: type=image|registry|docker|oci|tar|local[,dest=PATH][,...], or a directory.
+    #[arg(short = 'o', long = "output")]
+    pub outputs: Vec<String>,
+    /// Load the image into the local Docker engine.
+    #[arg(long)]
+    pub load: bool,
+    /// Push the image to the registry of each tag.
+    #[arg(long)]
+    pub push: bool,
+    /// The builder to use (tcp://host:port or unix:///path); default: the embedded one.
+    #[arg(long, env = "HOIST_BUILDER")]
+    pub builder: Option<String>,
+    /// State directory of the embedded builder.
+    #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+    pub root: PathBuf,
+    /// A registry to reach over plain HTTP (loopback registries always are).
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+
+    // Accepted and ignored, as docker build with BuildKit ignores them.
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub rm: Option<String>,
+    #[arg(long = "force-rm", hide = true)]
+    pub force_rm: bool,
+    #[arg(long, hide = true)]
+    pub compress: bool,
+    #[arg(long = "disable-content-trust", hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub disable_content_trust: Option<String>,
+    #[arg(long, hide = true)]
+    pub isolation: Option<String>,
+
+    // Known docker build flags hoist does not support yet: rejected with a clear message.
+    #[arg(long = "cache-from", hide = true)]
+    pub cache_from: Vec<String>,
+    #[arg(long = "cache-to", hide = true)]
+    pub cache_to: Vec<String>,
+    #[arg(long, hide = true)]
+    pub squash: bool,
+    #[arg(short = 'm', long, hide = true)]
+    pub memory: Option<String>,
+    #[arg(long = "shm-size", hide = true)]
+    pub shm_size: Option<String>,
+    #[arg(long, hide = true)]
+    pub ulimit: Vec<String>,
+    #[arg(long = "cgroup-parent", hide = true)]
+    pub cgroup_parent: Option<String>,
+    #[arg(long = "cpu-shares", hide = true)]
+    pub cpu_shares: Option<String>,
+}
+
+fn unsupported(args: &BuildArgs) -> anyhow::Result<()> {
+    let mut bad = Vec::new();
+    if !args.cache_from.is_empty() {
+        bad.push("--cache-from");
+    }
+    if !args.cache_to.is_empty() {
+        bad.push("--cache-to");
+    }
+    if args.squash {
+        bad.push("--squash");
+    }
+    if args.memory.is_some() {
+        bad.push("--memory");
+    }
+    if args.shm_size.is_some() {
+        bad.push("--shm-size");
+    }
+    if !args.ulimit.is_empty() {
+        bad.push("--ulimit");
+    }
+    if args.cgroup_parent.is_some() {
+        bad.push("--cgroup-parent");
+    }
+    if args.cpu_shares.is_some() {
+        bad.push("--cpu-shares");
+    }
+    if !bad.is_empty() {
+        bail!(
+            "{} {} not supported by hoist yet (the shared builder cache replaces --cache-from/--cache-to)",
+            bad.join(", "),
+            if bad.len() == 1 { "is" } else { "are" }
+        );
+    }
+    Ok(())
+}
+
+fn key_values(items: &[String], what: &str) -> anyhow::Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for item in items {
+        match item.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            _ => bail!("{what} {item:?}: expected KEY=VALUE"),
+        }
+    }
+    Ok(out)
+}
+
+fn build_args(items: &[String]) -> anyhow::Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for item in items {
+        match item.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            Some(_) => bail!("--build-arg {item:?}: expected KEY=VALUE or KEY"),
+            None => {
+                // docker build: `--build-arg KEY` takes the value from the environment and
+                // is dropped when the variable is unset.
+                if let Ok(v) = std::env::var(item) {
+                    out.insert(item.clone(), v);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_secret(spec: &str) -> anyhow::Result<v1::Secret> {
+    let mut id = None;
+    let mut src = None;
+    let mut env = None;
+    for part in spec.split(',') {
+        let (k, v) = part.split_once('=').ok_or_else(|| anyhow!("--secret {spec:?}: expected id=NAME,src=FILE or id=NAME,env=VAR"))?;
+        match k {
+            "id" => id = Some(v.to_string()),
+            "src" | "source" => src = Some(v.to_string()),
+            "env" => env = Some(v.to_string()),
+            "type" if v == "file" || v == "env" => {}
+            _ => bail!("--secret {spec:?}: unknown key {k:?} (expected id, src, env or type)"),
+        }
+    }
+    let id = id.ok_or_else(|| anyhow!("--secret {spec:?}: id=NAME is required"))?;
+    let value = match (src, env) {
+        (Some(path), _) => std::fs::read(&path).with_context(|| format!("--secret {id}: reading {path}"))?,
+        (None, Some(var)) => std::env::var(&var).with_context(|| format!("--secret {id}: environment variable {var} is not set"))?.into_bytes(),
+        (None, None) => match std::env::var(&id) {
+            Ok(v) => v.into_bytes(),
+            Err(_) => bail!("--secret {spec:?}: give src=FILE or env=VAR"),
+        },
+    };
+    Ok(v1::Secret { id, value })
+}
+
+fn parse_ssh(spec: &str) -> anyhow::Result<v1::SshForward> {
+    let (id, path) = match spec.split_once('=') {
+        Some((id, path)) => (id.to_string(), path.to_string()),
+        None => (spec.to_string(), String::new()),
+    };
+    let socket = if path.is_empty() {
+        std::env::var("SSH_AUTH_SOCK").with_context(|| format!("--ssh {spec}: SSH_AUTH_SOCK is not set; give {id}=/path/to/agent.sock"))?
+    } else {
+        path
+    };
+    let socket = std::fs::canonicalize(&socket).with_context(|| format!("--ssh {spec}: {socket}"))?;
+    Ok(v1::SshForward { id, socket: socket.display().to_string() })
+}
+
+/// Registries whose credentials the build may need: those of the tags and of FROM lines.
+fn registries_involved(tags: &[String], dockerfile: &[u8]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for t in tags {
+        if let Ok(r) = hoist_oci::reference::Reference::parse(t) {
+            out.insert(r.registry.clone());
+        }
+    }
+    let text = String::from_utf8_lossy(dockerfile);
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next().is_some_and(|w| w.eq_ignore_ascii_case("from")) {
+            if let Some(image) = words.find(|w| !w.starts_with("--")) {
+                if let Ok(r) = hoist_oci::reference::Reference::parse(image) {
+                    out.insert(r.registry.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The context directory and Dockerfile, whatever form they came in.
+struct Inputs {
+    context_dir: Option<PathBuf>,
+    _tmp: Option<tempfile::TempDir>,
+    dockerfile: Vec<u8>,
+    dockerfile_name: String,
+    dockerfile_path: Option<PathBuf>,
+}
+
+fn read_inputs(args: &BuildArgs) -> anyhow::Result<Inputs> {
+    let mut stdin_used = false;
+    let (context_dir, tmp, stdin_dockerfile) = if args.context == "-" {
+        stdin_used = true;
+        let mut data = Vec::new();
+        std::io::stdin().read_to_end(&mut data).context("reading the context from stdin")?;
+        let is_tar = data.len() >= 262 && &data[257..262] == b"ustar";
+        if is_tar {
+            let tmp = tempfile::tempdir().context("creating a directory for the stdin context")?;
+            tar::Archive::new(data.as_slice()).unpack(tmp.path()).context("extracting the context tar from stdin")?;
+            (Some(tmp.path().to_path_buf()), Some(tmp), None)
+        } else {
+            // A Dockerfile on stdin: no context.
+            (None, None, Some(data))
+        }
+    } else {
+        let dir = PathBuf::from(&args.context);
+        if !dir.is_dir() {
+            bail!("unable to prepare context: path {:?} not found or not a directory", args.context);
+        }
+        (Some(std::fs::canonicalize(&dir)?), None, None)
+    };
+    let (dockerfile, name, path) = match (&args.file, stdin_dockerfile) {
+        (_, Some(data)) => (data, "Dockerfile".to_string(), None),
+        (Some(f), None) if f == "-" => {
+            if stdin_used {
+                bail!("-f - and a context of - cannot both read stdin");
+            }
+            let mut data = Vec::new();
+            std::io::stdin().read_to_end(&mut data).context("reading the Dockerfile from stdin")?;
+            (data, "Dockerfile".to_string(), None)
+        }
+        (Some(f), None) => {
+            // In a stdin tar, -f names a file inside it; otherwise it is relative to the cwd.
+            let p = match (&tmp, &context_dir) {
+                (Some(_), Some(dir)) => dir.join(f),
+                _ => PathBuf::from(f),
+            };
+            let data = std::fs::read(&p).with_context(|| format!("failed to read dockerfile: open {}", p.display()))?;
+            (data, f.clone(), Some(p))
+        }
+        (None, None) => {
+            let dir = context_dir.clone().unwrap_or_default();
+            let p = dir.join("Dockerfile");
+            let data = std::fs::read(&p).with_context(|| format!("failed to read dockerfile: open {}", p.display()))?;
+            (data, "Dockerfile".to_string(), Some(p))
+        }
+    };
+    Ok(Inputs { context_dir, _tmp: tmp, dockerfile, dockerfile_name: name, dockerfile_path: path })
+}
+
+fn ignore_matcher(inputs: &Inputs) -> anyhow::Result<Option<IgnoreMatcher>> {
+    let Some(dir) = &inputs.context_dir else { return Ok(None) };
+    let df = inputs.dockerfile_path.clone().unwrap_or_else(|| dir.join("Dockerfile"));
+    for candidate in hoist_dockerfile::ignore_file_candidates(dir, &df) {
+        if let Ok(text) = std::fs::read_to_string(&candidate) {
+            let m = IgnoreMatcher::from_file_text(&text).with_context(|| format!("{}", candidate.display()))?;
+            return Ok(Some(m));
+        }
+    }
+    Ok(None)
+}
+
+fn cache_root() -> PathBuf {
+    if let Ok(d) = std::env::var("HOIST_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Ok(d) = std::env::var("XDG_CACHE_HOME") {
+        return Path::new(&d).join("hoist");
+    }
+    match std::env::var("HOME") {
+        Ok(h) => Path::new(&h).join(".cache").join("hoist"),
+        Err(_) => PathBuf::from("/tmp/hoist-cache"),
+    }
+}
+
+/// Run `hoist build`; returns the process exit code.
+pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    unsupported(&args)?;
+    let mode = if args.quiet { Mode::Quiet } else { Mode::parse(&args.progress, std::io::stderr().is_terminal())? };
+    let mut outputs = Vec::new();
+    for o in &args.outputs {
+        outputs.push(OutputSpec::parse(o)?);
+    }
+    if args.push {
+        outputs.push(OutputSpec::push(&args.tags));
+    }
+    if args.load {
+        outputs.push(OutputSpec::load());
+    }
+    if args.push && args.tags.is_empty() {
+        bail!("--push needs at least one -t/--tag naming where to push");
+    }
+    let inputs = read_inputs(&args)?;
+    let ignore = ignore_matcher(&inputs)?;
+
+    let mut client = match &args.builder {
+        Some(addr) => hoist_client::connect(&BuilderAddr::parse(addr)?).await?,
+        None => {
+            let exe = std::env::current_exe().context("locating the hoist binary")?;
+            hoist_client::connect_embedded(&args.root, &exe).await?
+        }
+    };
+
+    let mut renderer = Renderer::new(mode);
+    let (context_id, sync_stats) = match &inputs.context_dir {
+        Some(dir) => {
+            let t = Instant::now();
+            let id = renderer.internal("[internal] load build context");
+            let dir2 = dir.clone();
+            let ignore2 = ignore.clone();
+            let stdin_ctx = inputs._tmp.is_some();
+            let walked = tokio::task::spawn_blocking(move || {
+                let mut cache = if stdin_ctx { StatCache::none() } else { StatCache::load(&cache_root(), &dir2) };
+                sync::walk(&dir2, ignore2.as_ref(), &mut cache)
+            })
+            .await??;
+            let (cid, stats) = sync::sync(&mut client, sync::session_key(dir), &walked).await?;
+            renderer.internal_done(id, t.elapsed().as_secs_f64(), &format!("transferred {} files ({})", stats.uploaded_files, human_bytes(stats.uploaded_bytes)));
+            (cid, stats)
+        }
+        None => (String::new(), Default::default()),
+    };
+
+    let mut secrets = Vec::new();
+    for s in &args.secrets {
+        secrets.push(parse_secret(s)?);
+    }
+    let mut ssh = Vec::new();
+    for s in &args.ssh {
+        ssh.push(parse_ssh(s)?);
+    }
+    let registries = registries_involved(&args.tags, &inputs.dockerfile);
+    let creds = hoist_oci::auth::Credentials::from_docker_config(registries.iter().map(|s| s.as_str()))
+        .context("reading registry credentials from the docker config")?;
+    let credentials = creds
+        .iter()
+        .map(|(host, c)| {
+            let (username, password, identity_token) = match c {
+                hoist_oci::auth::Credential::UsernamePassword { username, password } => (username.clone(), password.clone(), String::new()),
+                hoist_oci::auth::Credential::IdentityToken(t) => (String::new(), String::new(), t.clone()),
+            };
+            v1::RegistryCredential { host: host.to_string(), username, password, identity_token }
+        })
+        .collect();
+    let req = v1::BuildRequest {
+        context_id,
+        dockerfile: inputs.dockerfile.clone(),
+        dockerfile_name: inputs.dockerfile_name.clone(),
+        build_args: build_args(&args.build_args)?.into_iter().collect(),
+        target: args.target.clone().unwrap_or_default(),
+        platforms: args.platform.clone(),
+        no_cache: args.no_cache,
+        pull: args.pull,
+        labels: key_values(&args.labels, "--label")?.into_iter().collect(),
+        network: args.network.clone().unwrap_or_default(),
+        add_hosts: args.add_hosts.clone(),
+        secrets,
+        ssh,
+        outputs: outputs.iter().map(|o| o.to_proto()).collect(),
+        credentials,
+        tags: args.tags.clone(),
+        insecure_registries: args.insecure_registries.clone(),
+    };
+
+    let mut sinks: Vec<Option<OutputSink>> = Vec::new();
+    for o in &outputs {
+        sinks.push(o.open(&args.tags).await?);
+    }
+    let mut stream = client.build(req).await.map_err(hoist_client::ClientError::from_status)?.into_inner();
+    let mut result = None;
+    loop {
+        let next = tokio::select! {
+            n = stream.next() => n,
+            _ = tokio::signal::ctrl_c() => {
+                renderer.finish();
+                eprintln!("hoist: build cancelled");
+                return Ok(130);
+            }
+        };
+        let Some(msg) = next else { break };
+        let ev = match msg {
+            Ok(ev) => ev,
+            Err(status) => {
+                renderer.finish();
+                for s in sinks.iter_mut().flatten() {
+                    s.abort();
+                }
+                bail!("{}", status.message());
+            }
+        };
+        match ev.event {
+            Some(build_event::Event::Output(o)) => {
+                let sink = sinks.get_mut(o.output as usize).and_then(|s| s.as_mut()).ok_or_else(|| anyhow!("builder sent data for an unknown output"))?;
+                sink.write(o.data).await?;
+                if o.eof {
+                    let note = sinks[o.output as usize].take().map(|s| s.finish());
+                    if let Some(note) = note {
+                        let msg = note.await?;
+                        renderer.note(&msg);
+                    }
+                }
+            }
+            Some(build_event::Event::Result(r)) => {
+                result = Some(r);
+                break;
+            }
+            Some(other) => renderer.event(other),
+            None => {}
+        }
+    }
+    renderer.finish();
+    let result = result.ok_or_else(|| anyhow!("the builder closed the connection before the build finished"))?;
+    for s in sinks.iter_mut().flatten() {
+        s.abort();
+        bail!("the builder did not send the output {}", s.describe());
+    }
+    if let Some(path) = &args.iidfile {
+        std::fs::write(path, &result.image_id).with_context(|| format!("writing --iidfile {}", path.display()))?;
+    }
+    if let Some(path) = &args.metadata_file {
+        std::fs::write(path, &result.metadata_json).with_context(|| format!("writing --metadata-file {}", path.display()))?;
+    }
+    if args.quiet {
+        println!("{}", result.image_id);
+    } else if mode != Mode::Quiet {
+        eprintln!(
+            "hoist: built {} in {:.1}s: {} steps run, {} cached; context: {} entries, {} files hashed, {} files sent ({})",
+            result.image_id,
+            started.elapsed().as_secs_f64(),
+            result.steps_run,
+            result.steps_cached,
+            sync_stats.entries,
+            sync_stats.hashed_files,
+            sync_stats.uploaded_files,
+            human_bytes(sync_stats.uploaded_bytes)
+        );
+        if outputs.is_empty() {
+            eprintln!("hoist: no output given: the result stays in the builder's cache (use --load, --push or -o)");
+        }
+    }
+    Ok(0)
+}
+
+/// `1.2 MB`-style sizes.
+pub fn human_bytes(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}

@@ -1,0 +1,200 @@
+//! Progress display like buildx: `plain` prints one line per vertex event (`#3 [app 2/4] RUN
+//! make`, its output, `#3 DONE 1.2s` or `#3 CACHED`), `tty` keeps a live view of running
+//! steps, `rawjson` prints every event as a JSON line, `quiet` prints nothing.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use hoist_client::v1::build_event;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Plain,
+    Tty,
+    RawJson,
+    Quiet,
+}
+
+impl Mode {
+    /// `--progress` value; `auto` is tty on a terminal, plain otherwise.
+    pub fn parse(s: &str, terminal: bool) -> anyhow::Result<Mode> {
+        Ok(match s {
+            "auto" => {
+                if terminal {
+                    Mode::Tty
+                } else {
+                    Mode::Plain
+                }
+            }
+            "plain" => Mode::Plain,
+            "tty" => Mode::Tty,
+            "rawjson" => Mode::RawJson,
+            "quiet" => Mode::Quiet,
+            other => bail!("--progress {other:?}: expected auto, plain, tty, rawjson or quiet"),
+        })
+    }
+}
+
+struct Vertex {
+    name: String,
+    started: Instant,
+    bar: Option<ProgressBar>,
+    partial: Vec<u8>,
+}
+
+/// Renders build events to stderr.
+pub struct Renderer {
+    mode: Mode,
+    start: Instant,
+    vertices: HashMap<u32, Vertex>,
+    multi: Option<MultiProgress>,
+    next_internal: u32,
+}
+
+impl Renderer {
+    pub fn new(mode: Mode) -> Renderer {
+        let multi = (mode == Mode::Tty).then(MultiProgress::new);
+        Renderer { mode, start: Instant::now(), vertices: HashMap::new(), multi, next_internal: 10_000 }
+    }
+
+    fn line(&self, s: &str) {
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(s);
+            }
+            None => {
+                let _ = writeln!(std::io::stderr(), "{s}");
+            }
+        }
+    }
+
+    /// A client-side vertex (context transfer); returns its id.
+    pub fn internal(&mut self, name: &str) -> u32 {
+        self.next_internal += 1;
+        let id = self.next_internal;
+        self.started(id, name.to_string());
+        id
+    }
+
+    /// Finish a client-side vertex.
+    pub fn internal_done(&mut self, id: u32, seconds: f64, detail: &str) {
+        if self.mode == Mode::Plain && !detail.is_empty() {
+            self.line(&format!("#{id} {detail}"));
+        }
+        self.completed(id, false, seconds, "");
+    }
+
+    /// A line outside any vertex.
+    pub fn note(&mut self, msg: &str) {
+        match self.mode {
+            Mode::Quiet => {}
+            Mode::RawJson => eprintln!("{}", serde_json::json!({ "note": msg })),
+            _ => self.line(&format!("=> {msg}")),
+        }
+    }
+
+    fn started(&mut self, id: u32, name: String) {
+        let bar = match (&self.multi, self.mode) {
+            (Some(m), Mode::Tty) => {
+                let b = m.add(ProgressBar::new_spinner());
+                b.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+                b.set_message(name.clone());
+                b.enable_steady_tick(Duration::from_millis(120));
+                Some(b)
+            }
+            _ => None,
+        };
+        match self.mode {
+            Mode::Plain => self.line(&format!("#{id} {name}")),
+            Mode::RawJson => eprintln!("{}", serde_json::json!({ "vertex": id, "started": name })),
+            _ => {}
+        }
+        self.vertices.insert(id, Vertex { name, started: Instant::now(), bar, partial: Vec::new() });
+    }
+
+    fn completed(&mut self, id: u32, cached: bool, seconds: f64, error: &str) {
+        let v = self.vertices.remove(&id);
+        if let Some(b) = v.as_ref().and_then(|v| v.bar.as_ref()) {
+            b.finish_and_clear();
+        }
+        let name = v.as_ref().map(|v| v.name.clone()).unwrap_or_default();
+        if let Some(v) = &v {
+            if !v.partial.is_empty() && self.mode == Mode::Plain {
+                let elapsed = v.started.elapsed().as_secs_f64();
+                self.line(&format!("#{id} {elapsed:.3} {}", String::from_utf8_lossy(&v.partial)));
+            }
+        }
+        let status = if !error.is_empty() {
+            format!("ERROR: {error}")
+        } else if cached {
+            "CACHED".to_string()
+        } else {
+            format!("DONE {seconds:.1}s")
+        };
+        match self.mode {
+            Mode::Plain => self.line(&format!("#{id} {status}")),
+            Mode::Tty => self.line(&format!("{} {name}  {status}", if error.is_empty() { "✓" } else { "✗" })),
+            Mode::RawJson => eprintln!("{}", serde_json::json!({ "vertex": id, "cached": cached, "seconds": seconds, "error": error })),
+            Mode::Quiet => {}
+        }
+    }
+
+    fn log(&mut self, id: u32, stream: u32, data: &[u8]) {
+        match self.mode {
+            Mode::RawJson => {
+                eprintln!("{}", serde_json::json!({ "vertex": id, "stream": stream, "data": String::from_utf8_lossy(data) }));
+                return;
+            }
+            Mode::Quiet => return,
+            _ => {}
+        }
+        let Some(v) = self.vertices.get_mut(&id) else { return };
+        v.partial.extend_from_slice(data);
+        let mut lines = Vec::new();
+        while let Some(pos) = v.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = v.partial.drain(..=pos).collect();
+            lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+        }
+        let elapsed = v.started.elapsed().as_secs_f64();
+        if let Some(b) = &v.bar {
+            if let Some(last) = lines.last() {
+                b.set_message(format!("{} | {}", v.name, last.chars().take(60).collect::<String>()));
+            }
+        }
+        for l in lines {
+            self.line(&format!("#{id} {elapsed:.3} {l}"));
+        }
+    }
+
+    /// Render one event from the builder.
+    pub fn event(&mut self, ev: build_event::Event) {
+        match ev {
+            build_event::Event::Started(s) => self.started(s.id, s.name),
+            build_event::Event::Completed(c) => self.completed(c.id, c.cached, c.seconds, &c.error),
+            build_event::Event::Log(l) => self.log(l.id, l.stream, &l.data),
+            build_event::Event::Warning(w) => match self.mode {
+                Mode::Quiet => {}
+                Mode::RawJson => eprintln!("{}", serde_json::json!({ "warning": w })),
+                _ => self.line(&format!("WARNING: {w}")),
+            },
+            build_event::Event::Output(_) | build_event::Event::Result(_) => {}
+        }
+    }
+
+    /// Stop live output.
+    pub fn finish(&mut self) {
+        for (_, v) in self.vertices.drain() {
+            if let Some(b) = v.bar {
+                b.finish_and_clear();
+            }
+        }
+        if let Some(m) = &self.multi {
+            let _ = m.clear();
+        }
+        let _ = self.start;
+    }
+}

@@ -1,0 +1,325 @@
+//! The client side of context sync: walk the context (.dockerignore applied here, so ignored
+//! files never leave the machine), digest files through a stat cache (an unchanged file —
+//! same size, mtime, inode and mode — is never read again), send the manifest, and upload
+//! only the files whose content the builder lacks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use hoist_dockerfile::IgnoreMatcher;
+use hoist_oci::digest::Digest;
+use hoist_proto::v1::{self, builder_client::BuilderClient};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tonic::transport::Channel;
+
+use crate::ClientError;
+
+/// Counters of one sync (shown in the summary and used by tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SyncStats {
+    /// Entries in the manifest (files, directories, symlinks).
+    pub entries: u64,
+    /// Files whose content was read and hashed (not answered by the stat cache).
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+    /// Files the builder asked for and that were uploaded.
+    pub uploaded_files: u64,
+    pub uploaded_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StatEntry {
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    ino: u64,
+    mode: u32,
+    digest: String,
+}
+
+/// A persistent map from path to (stat → digest) for one context directory.
+#[derive(Debug, Default)]
+pub struct StatCache {
+    path: Option<PathBuf>,
+    entries: HashMap<String, StatEntry>,
+}
+
+impl StatCache {
+    /// The cache of `context_dir` under `cache_root` (missing or unreadable = empty).
+    pub fn load(cache_root: &Path, context_dir: &Path) -> StatCache {
+        let key = hex::encode(Sha256::digest(context_dir.as_os_str().as_encoded_bytes()));
+        let path = cache_root.join("statcache").join(format!("{}.json", &key[..32]));
+        let entries = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        StatCache { path: Some(path), entries }
+    }
+
+    /// A cache that remembers nothing (for `-` contexts).
+    pub fn none() -> StatCache {
+        StatCache::default()
+    }
+
+    fn save(&self, seen: &HashMap<String, StatEntry>) {
+        let Some(path) = &self.path else { return };
+        if let Some(parent) = path.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+        if let Ok(bytes) = serde_json::to_vec(seen) {
+            let tmp = path.with_extension("tmp");
+            if fs::write(&tmp, bytes).is_ok() {
+                let _ = fs::rename(&tmp, path);
+            }
+        }
+    }
+}
+
+/// The walked context: the manifest, and where each digest's bytes are.
+pub struct WalkedContext {
+    pub entries: Vec<v1::ContextEntry>,
+    pub files: HashMap<String, PathBuf>,
+    pub stats: SyncStats,
+}
+
+/// Walk `dir`: every entry not ignored, with its parents; files digested (via the cache).
+pub fn walk(dir: &Path, ignore: Option<&IgnoreMatcher>, cache: &mut StatCache) -> Result<WalkedContext, ClientError> {
+    let meta = fs::metadata(dir).map_err(|e| ClientError::Context(format!("context {}: {e}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(ClientError::Context(format!("context {} is not a directory", dir.display())));
+    }
+    let mut out: BTreeMap<String, v1::ContextEntry> = BTreeMap::new();
+    let mut files = HashMap::new();
+    let mut stats = SyncStats::default();
+    let mut seen = HashMap::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    let mut dirs_meta: HashMap<String, fs::Metadata> = HashMap::new();
+    while let Some((abs, rel)) = stack.pop() {
+        let rd = fs::read_dir(&abs).map_err(|e| ClientError::Context(format!("reading {}: {e}", abs.display())))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| ClientError::Context(format!("reading {}: {e}", abs.display())))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                return Err(ClientError::Context(format!("{}: file names must be valid UTF-8", entry.path().display())));
+            };
+            let child_rel = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+            let child_abs = entry.path();
+            let m = fs::symlink_metadata(&child_abs).map_err(|e| ClientError::Context(format!("{}: {e}", child_abs.display())))?;
+            let ignored = ignore.is_some_and(|i| i.matches(&child_rel));
+            if m.is_dir() {
+                if ignored && ignore.is_some_and(|i| i.can_skip_dir(&child_rel)) {
+                    continue;
+                }
+                dirs_meta.insert(child_rel.clone(), m.clone());
+                if !ignored {
+                    out.insert(child_rel.clone(), entry_of(&child_rel, v1::EntryKind::Dir, &m, String::new(), String::new()));
+                }
+                stack.push((child_abs, child_rel));
+                continue;
+            }
+            if ignored {
+                continue;
+            }
+            if m.file_type().is_symlink() {
+                let target = fs::read_link(&child_abs).map_err(|e| ClientError::Context(format!("{}: {e}", child_abs.display())))?;
+                let target = target.to_str().ok_or_else(|| ClientError::Context(format!("{}: link target is not UTF-8", child_abs.display())))?.to_string();
+                out.insert(child_rel.clone(), entry_of(&child_rel, v1::EntryKind::Symlink, &m, String::new(), target));
+            } else if m.is_file() {
+                let cached = cache.entries.get(&child_rel).filter(|c| {
+                    c.size == m.size() && c.mtime == m.mtime() && c.mtime_nsec == m.mtime_nsec() && c.ino == m.ino() && c.mode == m.mode()
+                });
+                let digest = match cached {
+                    Some(c) => c.digest.clone(),
+                    None => {
+                        let d = hash_file(&child_abs)?;
+                        stats.hashed_files += 1;
+                        stats.hashed_bytes += m.size();
+                        d.to_string()
+                    }
+                };
+                seen.insert(
+                    child_rel.clone(),
+                    StatEntry { size: m.size(), mtime: m.mtime(), mtime_nsec: m.mtime_nsec(), ino: m.ino(), mode: m.mode(), digest: digest.clone() },
+                );
+                files.entry(digest.clone()).or_insert(child_abs);
+                out.insert(child_rel.clone(), entry_of(&child_rel, v1::EntryKind::File, &m, digest, String::new()));
+            }
+            // Sockets, fifos and devices are not part of a build context.
+        }
+    }
+    // Every included entry's parents are sent too (an ignored directory can hold
+    // re-included files).
+    let paths: Vec<String> = out.keys().cloned().collect();
+    for p in paths {
+        let mut cur = p.as_str();
+        while let Some((parent, _)) = cur.rsplit_once('/') {
+            if !out.contains_key(parent) {
+                if let Some(m) = dirs_meta.get(parent) {
+                    out.insert(parent.to_string(), entry_of(parent, v1::EntryKind::Dir, m, String::new(), String::new()));
+                }
+            }
+            cur = parent;
+        }
+    }
+    cache.save(&seen);
+    cache.entries = seen;
+    stats.entries = out.len() as u64;
+    Ok(WalkedContext { entries: out.into_values().collect(), files, stats })
+}
+
+fn entry_of(rel: &str, kind: v1::EntryKind, m: &fs::Metadata, digest: String, link: String) -> v1::ContextEntry {
+    v1::ContextEntry {
+        path: rel.to_string(),
+        kind: kind as i32,
+        mode: m.mode() & 0o7777,
+        size: if kind == v1::EntryKind::File { m.size() } else { 0 },
+        digest,
+        link_target: link,
+        mtime: m.mtime(),
+        mtime_nsec: m.mtime_nsec() as u32,
+    }
+}
+
+fn hash_file(path: &Path) -> Result<Digest, ClientError> {
+    let mut f = fs::File::open(path).map_err(|e| ClientError::Context(format!("reading {}: {e}", path.display())))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| ClientError::Context(format!("reading {}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest::from_hasher(h))
+}
+
+/// A key for the builder's session directory of this context on this machine.
+pub fn session_key(context_dir: &Path) -> String {
+    let machine = fs::read_to_string("/etc/machine-id")
+        .or_else(|_| fs::read_to_string("/proc/sys/kernel/hostname"))
+        .unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(machine.trim().as_bytes());
+    h.update([0]);
+    h.update(context_dir.as_os_str().as_encoded_bytes());
+    hex::encode(h.finalize())
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// Send the manifest and upload what the builder lacks; returns the context id.
+pub async fn sync(client: &mut BuilderClient<Channel>, session: String, walked: &WalkedContext) -> Result<(String, SyncStats), ClientError> {
+    let mut stats = walked.stats;
+    let reply = client
+        .prepare_context(v1::ContextManifest { session, entries: walked.entries.clone() })
+        .await
+        .map_err(ClientError::from_status)?
+        .into_inner();
+    if !reply.missing.is_empty() {
+        let mut uploads = Vec::new();
+        for d in &reply.missing {
+            let path = walked
+                .files
+                .get(d)
+                .ok_or_else(|| ClientError::Context(format!("the builder asked for {d}, which is not in the context")))?;
+            uploads.push((d.clone(), path.clone()));
+        }
+        stats.uploaded_files = uploads.len() as u64;
+        let (tx, rx) = tokio::sync::mpsc::channel::<v1::BlobChunk>(8);
+        let reader = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let mut total = 0u64;
+            for (digest, path) in uploads {
+                let mut f = fs::File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+                let mut buf = vec![0u8; CHUNK];
+                let mut sent_any = false;
+                loop {
+                    let n = read_full(&mut f, &mut buf)?;
+                    let last = n < CHUNK;
+                    if n == 0 && sent_any {
+                        // The previous chunk was exactly CHUNK long: close the blob.
+                        if tx.blocking_send(v1::BlobChunk { digest: digest.clone(), data: Vec::new(), last: true }).is_err() {
+                            return Ok(total);
+                        }
+                        break;
+                    }
+                    total += n as u64;
+                    if tx.blocking_send(v1::BlobChunk { digest: digest.clone(), data: buf[..n].to_vec(), last }).is_err() {
+                        return Ok(total);
+                    }
+                    sent_any = true;
+                    if last {
+                        break;
+                    }
+                }
+            }
+            Ok(total)
+        });
+        let reply = client.upload_blobs(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let sent = reader.await.map_err(|e| ClientError::Context(e.to_string()))?.map_err(|e| ClientError::Context(format!("uploading context: {e}")))?;
+        reply.map_err(ClientError::from_status)?;
+        stats.uploaded_bytes = sent;
+    }
+    Ok((reply.context_id, stats))
+}
+
+fn read_full(f: &mut fs::File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(w: &WalkedContext) -> Vec<String> {
+        w.entries.iter().map(|e| e.path.clone()).collect()
+    }
+
+    #[test]
+    fn ignore_rules_and_parents() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("node_modules/keep")).unwrap();
+        fs::write(d.path().join("node_modules/x.js"), "x").unwrap();
+        fs::write(d.path().join("node_modules/keep/k.js"), "k").unwrap();
+        fs::write(d.path().join("a.txt"), "a").unwrap();
+        fs::write(d.path().join("secret.env"), "s").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("link")).unwrap();
+        let ig = IgnoreMatcher::new(&["node_modules", "!node_modules/keep", "*.env"]).unwrap();
+        let w = walk(d.path(), Some(&ig), &mut StatCache::none()).unwrap();
+        assert_eq!(names(&w), vec!["a.txt", "link", "node_modules", "node_modules/keep", "node_modules/keep/k.js"]);
+        let link = w.entries.iter().find(|e| e.path == "link").unwrap();
+        assert_eq!(link.kind, v1::EntryKind::Symlink as i32);
+        assert_eq!(link.link_target, "/etc/passwd");
+        assert!(w.files.values().all(|p| !p.ends_with("secret.env")));
+    }
+
+    #[test]
+    fn stat_cache_skips_unchanged_files() {
+        let d = tempfile::tempdir().unwrap();
+        let cache_root = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("a"), "aaaa").unwrap();
+        fs::write(d.path().join("b"), "bbbb").unwrap();
+        let mut c = StatCache::load(cache_root.path(), d.path());
+        let w1 = walk(d.path(), None, &mut c).unwrap();
+        assert_eq!(w1.stats.hashed_files, 2);
+        let mut c = StatCache::load(cache_root.path(), d.path());
+        let w2 = walk(d.path(), None, &mut c).unwrap();
+        assert_eq!(w2.stats.hashed_files, 0, "nothing changed, nothing re-read");
+        assert_eq!(names(&w1), names(&w2));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(d.path().join("b"), "changed").unwrap();
+        let mut c = StatCache::load(cache_root.path(), d.path());
+        let w3 = walk(d.path(), None, &mut c).unwrap();
+        assert_eq!(w3.stats.hashed_files, 1);
+        let b = w3.entries.iter().find(|e| e.path == "b").unwrap();
+        assert_eq!(b.digest, Digest::of(b"changed").to_string());
+    }
+}

@@ -1,0 +1,1305 @@
+//! Typed instructions, as BuildKit's `frontend/dockerfile/instructions`: every instruction's
+//! arguments checked and its flags parsed into typed values (`COPY --from/--chown/--chmod/
+//! --link/--exclude/--parents`, `ADD --checksum/--keep-git-dir/--unpack`, `RUN --mount/
+//! --network/--security`, `FROM --platform`, `HEALTHCHECK --interval...`), then grouped into
+//! stages. Unknown instructions and unknown flags are errors naming the line and what was
+//! expected. Values are not expanded here; [`crate::shell`] does that when the graph is built.
+
+use crate::gocompat::{self, parse_bool, parse_duration, parse_uint, quote};
+use crate::parser::{parse_heredoc, Dockerfile, Heredoc, Node};
+
+/// An instruction-level error with its line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct InstructionError {
+    /// 1-based line of the instruction.
+    pub line: usize,
+    /// What was wrong and what was expected.
+    pub message: String,
+}
+
+/// All instruction keywords, uppercase.
+pub const INSTRUCTIONS: [&str; 18] = [
+    "ADD",
+    "ARG",
+    "CMD",
+    "COPY",
+    "ENTRYPOINT",
+    "ENV",
+    "EXPOSE",
+    "FROM",
+    "HEALTHCHECK",
+    "LABEL",
+    "MAINTAINER",
+    "ONBUILD",
+    "RUN",
+    "SHELL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
+];
+
+/// A key/value pair of ENV or LABEL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+    /// Written in the legacy `KEY value` form (no `=`).
+    pub legacy: bool,
+}
+
+/// One `ARG name[=default]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArgDef {
+    pub key: String,
+    pub default: Option<String>,
+}
+
+/// A command line of RUN, CMD or ENTRYPOINT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmdLine {
+    /// Exec form: the JSON items; shell form: one string.
+    pub args: Vec<String>,
+    /// Shell form: the stage's shell is prepended.
+    pub prepend_shell: bool,
+    /// Here-documents of the instruction (RUN only).
+    pub files: Vec<Heredoc>,
+}
+
+/// A heredoc source of COPY/ADD (`COPY <<EOF /dest`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceContent {
+    /// The heredoc name, used as the file name.
+    pub path: String,
+    /// Content (already chomped for `<<-`).
+    pub data: String,
+    /// Expand variables in the content.
+    pub expand: bool,
+}
+
+/// COPY or ADD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyInstr {
+    pub is_add: bool,
+    /// Path sources (may contain wildcards, URLs for ADD).
+    pub sources: Vec<String>,
+    /// Heredoc sources.
+    pub contents: Vec<SourceContent>,
+    pub dest: String,
+    /// `--from` (COPY only).
+    pub from: Option<String>,
+    pub chown: Option<String>,
+    pub chmod: Option<String>,
+    pub link: bool,
+    pub parents: bool,
+    pub excludes: Vec<String>,
+    /// `--checksum` (ADD only).
+    pub checksum: Option<String>,
+    pub keep_git_dir: bool,
+    /// `--unpack[=bool]` (ADD only); `None` when not given.
+    pub unpack: Option<bool>,
+}
+
+/// `RUN --network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    Default,
+    None,
+    Host,
+}
+
+/// `RUN --security`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    Sandbox,
+    Insecure,
+}
+
+/// RUN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunInstr {
+    pub cmd: CmdLine,
+    /// `--mount` values as written; see [`parse_mount`] (parsed again after expansion).
+    pub mounts: Vec<String>,
+    pub network: Network,
+    pub security: Security,
+}
+
+/// HEALTHCHECK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSpec {
+    /// `["NONE"]`, `["CMD", ...]` or `["CMD-SHELL", cmd]`.
+    pub test: Vec<String>,
+    /// Nanoseconds; 0 = not set.
+    pub interval: i64,
+    pub timeout: i64,
+    pub start_period: i64,
+    pub start_interval: i64,
+    pub retries: i64,
+}
+
+/// FROM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FromInstr {
+    pub base: String,
+    /// `AS name`, lowercased.
+    pub name: Option<String>,
+    pub platform: Option<String>,
+}
+
+/// A typed instruction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Instruction {
+    From(FromInstr),
+    Arg(Vec<ArgDef>),
+    Env(Vec<KeyValue>),
+    Label(Vec<KeyValue>),
+    Run(RunInstr),
+    Copy(CopyInstr),
+    Workdir(String),
+    User(String),
+    Expose(Vec<String>),
+    Volume(Vec<String>),
+    Entrypoint(CmdLine),
+    Cmd(CmdLine),
+    Shell(Vec<String>),
+    StopSignal(String),
+    Healthcheck(HealthSpec),
+    /// The trigger expression (the text after ONBUILD, heredocs appended).
+    Onbuild(String),
+    Maintainer(String),
+}
+
+/// An instruction with its location and source text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instr {
+    pub instruction: Instruction,
+    /// The keyword as written.
+    pub cmd: String,
+    /// The instruction text (logical line, trimmed).
+    pub code: String,
+    pub start_line: usize,
+    pub end_line: usize,
+}
+
+/// A stage: its FROM and the instructions that follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    pub from: FromInstr,
+    /// The FROM instruction text.
+    pub code: String,
+    pub line: usize,
+    pub commands: Vec<Instr>,
+}
+
+/// A Dockerfile as stages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stages {
+    /// ARGs before the first FROM.
+    pub meta_args: Vec<Instr>,
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlagType {
+    Bool,
+    String,
+    Strings,
+}
+
+struct FlagSpec {
+    name: &'static str,
+    ty: FlagType,
+}
+
+#[derive(Default)]
+struct FlagValues {
+    values: Vec<(&'static str, Vec<String>)>,
+}
+
+impl FlagValues {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.last())
+            .map(String::as_str)
+    }
+    fn all(&self, name: &str) -> Vec<String> {
+        self.values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+    fn bool(&self, name: &str) -> bool {
+        self.get(name) == Some("true")
+    }
+    fn used(&self, name: &str) -> bool {
+        self.values.iter().any(|(n, _)| *n == name)
+    }
+}
+
+fn spec(name: &'static str, ty: FlagType) -> FlagSpec {
+    FlagSpec { name, ty }
+}
+
+/// BuildKit's `BFlags.Parse`, with errors that list what was expected.
+fn parse_flags(cmd: &str, flags: &[String], specs: &[FlagSpec]) -> Result<FlagValues, String> {
+    let mut out = FlagValues::default();
+    let expected = || {
+        if specs.is_empty() {
+            format!("{cmd} takes no flags")
+        } else {
+            let names: Vec<String> = specs.iter().map(|s| format!("--{}", s.name)).collect();
+            format!("expected one of {}", names.join(", "))
+        }
+    };
+    for arg in flags {
+        let Some(body) = arg.strip_prefix("--") else {
+            return Err(format!("arg should start with -- : {arg}"));
+        };
+        if body.is_empty() {
+            return Ok(out);
+        }
+        let (name, value) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (body, None),
+        };
+        let Some(s) = specs.iter().find(|s| s.name == name) else {
+            return Err(format!("unknown flag --{name} for {cmd} ({})", expected()));
+        };
+        let idx = out.values.iter().position(|(n, _)| *n == s.name);
+        if idx.is_some() && s.ty != FlagType::Strings {
+            return Err(format!("duplicate flag specified: --{name}"));
+        }
+        let v = match s.ty {
+            FlagType::Bool => match value {
+                Some("") => return Err(format!("missing a value on flag: --{name}")),
+                None => "true".to_string(),
+                Some(v) => match v.to_ascii_lowercase().as_str() {
+                    "true" => "true".into(),
+                    "false" => "false".into(),
+                    _ => {
+                        return Err(format!(
+                            "expecting boolean value for flag --{name}, not: {v}"
+                        ))
+                    }
+                },
+            },
+            FlagType::String | FlagType::Strings => match value {
+                None => {
+                    return Err(format!(
+                        "missing a value on flag: --{name} (expected --{name}=<value>)"
+                    ))
+                }
+                Some(v) => v.to_string(),
+            },
+        };
+        match idx {
+            Some(i) => out.values[i].1.push(v),
+            None => out.values.push((s.name, vec![v])),
+        }
+    }
+    Ok(out)
+}
+
+fn nonempty(s: Option<&str>) -> Option<String> {
+    s.filter(|v| !v.is_empty()).map(str::to_string)
+}
+
+fn cmdline(node: &Node, empty_as_nil: bool) -> CmdLine {
+    let args = if node.args.is_empty() {
+        Vec::new()
+    } else if node.json {
+        node.args.clone()
+    } else {
+        vec![node.args.join(" ")]
+    };
+    let _ = empty_as_nil;
+    CmdLine {
+        args,
+        prepend_shell: !node.json,
+        files: node.heredocs.clone(),
+    }
+}
+
+fn kvps(args: &[String], cmd: &str) -> Result<Vec<KeyValue>, String> {
+    if args.is_empty() {
+        return Err(format!("{cmd} requires at least one argument"));
+    }
+    if args.len() % 3 != 0 {
+        return Err(format!("bad input to {cmd}, too many arguments"));
+    }
+    let mut out = Vec::with_capacity(args.len() / 3);
+    for c in args.chunks(3) {
+        if c[0].is_empty() {
+            return Err(format!("{cmd} names can not be blank"));
+        }
+        out.push(KeyValue {
+            key: c[0].clone(),
+            value: c[1].clone(),
+            legacy: c[2].is_empty(),
+        });
+    }
+    Ok(out)
+}
+
+fn stage_name_valid(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && chars
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+}
+
+fn parse_interval(name: &str, v: Option<&str>) -> Result<i64, String> {
+    let Some(v) = v.filter(|s| !s.is_empty()) else {
+        return Ok(0);
+    };
+    let d = parse_duration(v).map_err(|e| format!("--{name}: {e}"))?;
+    if d == 0 {
+        return Ok(0);
+    }
+    if d < 1_000_000 {
+        return Err(format!("Interval {} cannot be less than 1ms", quote(name)));
+    }
+    Ok(d)
+}
+
+/// Parse the `SourcesAndDest` of COPY/ADD: heredoc sources become contents.
+fn sources_and_dest(
+    node: &Node,
+    cmd: &str,
+) -> Result<(Vec<String>, Vec<SourceContent>, String), String> {
+    let (srcs, dest) = node.args.split_at(node.args.len() - 1);
+    let dest = dest[0].clone();
+    if !node.json && parse_heredoc(&dest).ok().flatten().is_some() {
+        return Err(format!("{cmd} cannot accept a heredoc as a destination"));
+    }
+    let mut sources = Vec::new();
+    let mut contents = Vec::new();
+    for src in srcs {
+        let doc = if node.json {
+            None
+        } else {
+            parse_heredoc(src).ok().flatten()
+        };
+        match doc {
+            Some(h) => {
+                let found = node.heredocs.iter().find(|d| d.name == h.name);
+                let mut data = found.map(|d| d.content.clone()).unwrap_or_default();
+                if h.chomp {
+                    data = crate::parser::chomp_heredoc_content(&data);
+                }
+                contents.push(SourceContent {
+                    path: h.name,
+                    data,
+                    expand: h.expand,
+                });
+            }
+            None => sources.push(src.clone()),
+        }
+    }
+    Ok((sources, contents, dest))
+}
+
+/// Check that a `--mount` value is CSV and that `from` has no variable, as BuildKit does
+/// before expansion.
+fn precheck_mount(value: &str) -> Result<(), String> {
+    let fields = csv_fields(value)?;
+    for f in fields {
+        if let Some((k, v)) = f.split_once('=') {
+            if k.eq_ignore_ascii_case("from") {
+                if let Some(i) = v.find('$') {
+                    if i != v.len() - 1 {
+                        return Err(
+                            "'from' doesn't support variable expansion, define alias stage instead"
+                                .into(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Convert one parsed node to a typed instruction.
+pub fn parse_instruction(node: &Node) -> Result<Instr, InstructionError> {
+    let err = |m: String| InstructionError {
+        line: node.start_line,
+        message: m,
+    };
+    let instruction = parse_instruction_inner(node).map_err(err)?;
+    Ok(Instr {
+        instruction,
+        cmd: node.cmd.clone(),
+        code: node.original.trim().to_string(),
+        start_line: node.start_line,
+        end_line: node.end_line,
+    })
+}
+
+fn suggestion(word: &str) -> Option<&'static str> {
+    let w = word.to_ascii_uppercase();
+    INSTRUCTIONS
+        .iter()
+        .copied()
+        .filter(|c| levenshtein(c, &w) <= 2)
+        .min_by_key(|c| levenshtein(c, &w))
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut cur = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + cost);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
+    let cmd_upper = node.cmd.to_ascii_uppercase();
+    let c = cmd_upper.as_str();
+    let args = &node.args;
+    let flags = &node.flags;
+    use FlagType::*;
+    Ok(match node.keyword().as_str() {
+        "env" | "label" => {
+            parse_flags(c, flags, &[])?;
+            let kv = kvps(args, c)?;
+            if c == "ENV" {
+                Instruction::Env(kv)
+            } else {
+                Instruction::Label(kv)
+            }
+        }
+        "maintainer" => {
+            if args.len() != 1 {
+                return Err("MAINTAINER requires exactly one argument".into());
+            }
+            parse_flags(c, flags, &[])?;
+            Instruction::Maintainer(args[0].clone())
+        }
+        "add" | "copy" => {
+            let is_add = c == "ADD";
+            if args.len() < 2 {
+                return Err(format!(
+                    "{c} requires at least two arguments, but only one was provided. Destination could not be determined"
+                ));
+            }
+            let f = if is_add {
+                parse_flags(
+                    c,
+                    flags,
+                    &[
+                        spec("exclude", Strings),
+                        spec("chown", String),
+                        spec("chmod", String),
+                        spec("link", Bool),
+                        spec("keep-git-dir", Bool),
+                        spec("checksum", String),
+                        spec("unpack", Bool),
+                    ],
+                )?
+            } else {
+                parse_flags(
+                    c,
+                    flags,
+                    &[
+                        spec("exclude", Strings),
+                        spec("parents", Bool),
+                        spec("chown", String),
+                        spec("from", String),
+                        spec("chmod", String),
+                        spec("link", Bool),
+                    ],
+                )?
+            };
+            let (sources, contents, dest) = sources_and_dest(node, c)?;
+            Instruction::Copy(CopyInstr {
+                is_add,
+                sources,
+                contents,
+                dest,
+                from: nonempty(f.get("from")),
+                chown: nonempty(f.get("chown")),
+                chmod: nonempty(f.get("chmod")),
+                link: f.bool("link"),
+                parents: f.bool("parents"),
+                excludes: f.all("exclude"),
+                checksum: nonempty(f.get("checksum")),
+                keep_git_dir: f.bool("keep-git-dir"),
+                unpack: f.used("unpack").then(|| f.bool("unpack")),
+            })
+        }
+        "from" => {
+            let name = match args.len() {
+                3 if args[1].eq_ignore_ascii_case("as") => {
+                    let n = args[2].to_lowercase();
+                    if !stage_name_valid(&n) {
+                        return Err(format!(
+                            "invalid name for build stage: {}, name can't start with a number or contain symbols",
+                            quote(&args[2])
+                        ));
+                    }
+                    Some(n)
+                }
+                1 => None,
+                _ => {
+                    return Err(
+                        "FROM requires either one or three arguments (FROM <image> [AS <name>])"
+                            .into(),
+                    )
+                }
+            };
+            let f = parse_flags(c, flags, &[spec("platform", String)])?;
+            Instruction::From(FromInstr {
+                base: args[0].clone(),
+                name,
+                platform: nonempty(f.get("platform")),
+            })
+        }
+        "onbuild" => {
+            if args.is_empty() {
+                return Err("ONBUILD requires at least one argument".into());
+            }
+            parse_flags(c, flags, &[])?;
+            let trigger = args[0].trim().to_ascii_uppercase();
+            match trigger.as_str() {
+                "ONBUILD" => {
+                    return Err("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into())
+                }
+                "MAINTAINER" | "FROM" => {
+                    return Err(format!("{trigger} isn't allowed as an ONBUILD trigger"))
+                }
+                _ => {}
+            }
+            if let Some(sub) = &node.sub {
+                if !INSTRUCTIONS.contains(&trigger.as_str()) {
+                    return Err(unknown_instruction(&sub.cmd));
+                }
+            }
+            let orig = node.original.trim_start_matches(crate::gocompat::is_space);
+            let mut expr = match orig.get(..7) {
+                Some(p) if p.eq_ignore_ascii_case("onbuild") => orig[7..]
+                    .trim_start_matches(crate::gocompat::is_space)
+                    .to_string(),
+                _ => orig.to_string(),
+            };
+            for h in &node.heredocs {
+                expr.push('\n');
+                expr.push_str(&h.content);
+                expr.push_str(&h.name);
+            }
+            Instruction::Onbuild(expr)
+        }
+        "workdir" => {
+            if args.len() != 1 {
+                return Err("WORKDIR requires exactly one argument".into());
+            }
+            parse_flags(c, flags, &[])?;
+            Instruction::Workdir(args[0].clone())
+        }
+        "run" => {
+            let f = parse_flags(
+                c,
+                flags,
+                &[
+                    spec("mount", Strings),
+                    spec("network", String),
+                    spec("security", String),
+                ],
+            )?;
+            let mounts = f.all("mount");
+            for m in &mounts {
+                precheck_mount(m)?;
+            }
+            let network = match f.get("network").unwrap_or("default") {
+                "default" => Network::Default,
+                "none" => Network::None,
+                "host" => Network::Host,
+                other => {
+                    return Err(format!(
+                        "unsupported network mode {} (expected default, none or host)",
+                        quote(other)
+                    ))
+                }
+            };
+            let security = match f.get("security").unwrap_or("sandbox") {
+                "sandbox" => Security::Sandbox,
+                "insecure" => Security::Insecure,
+                other => {
+                    return Err(format!(
+                        "unsupported security mode {} (expected sandbox or insecure)",
+                        quote(other)
+                    ))
+                }
+            };
+            Instruction::Run(RunInstr {
+                cmd: cmdline(node, false),
+                mounts,
+                network,
+                security,
+            })
+        }
+        "cmd" => {
+            parse_flags(c, flags, &[])?;
+            Instruction::Cmd(cmdline(node, false))
+        }
+        "entrypoint" => {
+            parse_flags(c, flags, &[])?;
+            Instruction::Entrypoint(cmdline(node, true))
+        }
+        "healthcheck" => {
+            if args.is_empty() {
+                return Err(
+                    "HEALTHCHECK requires at least one argument (NONE or CMD <command>)".into(),
+                );
+            }
+            let typ = args[0].to_ascii_uppercase();
+            let rest = &args[1..];
+            if typ == "NONE" {
+                if !rest.is_empty() {
+                    return Err("HEALTHCHECK NONE takes no arguments".into());
+                }
+                parse_flags(c, flags, &[])?;
+                Instruction::Healthcheck(HealthSpec {
+                    test: vec!["NONE".into()],
+                    interval: 0,
+                    timeout: 0,
+                    start_period: 0,
+                    start_interval: 0,
+                    retries: 0,
+                })
+            } else {
+                let f = parse_flags(
+                    c,
+                    flags,
+                    &[
+                        spec("interval", String),
+                        spec("timeout", String),
+                        spec("start-period", String),
+                        spec("start-interval", String),
+                        spec("retries", String),
+                    ],
+                )?;
+                if typ != "CMD" {
+                    return Err(format!(
+                        "unknown type {} in HEALTHCHECK (expected CMD or NONE)",
+                        quote(&typ)
+                    ));
+                }
+                let cmd: Vec<std::string::String> = if rest.is_empty() {
+                    Vec::new()
+                } else if node.json {
+                    rest.to_vec()
+                } else {
+                    vec![rest.join(" ")]
+                };
+                if cmd.is_empty() {
+                    return Err("missing command after HEALTHCHECK CMD".into());
+                }
+                let mut test: Vec<std::string::String> = vec![if node.json {
+                    "CMD".into()
+                } else {
+                    "CMD-SHELL".into()
+                }];
+                test.extend(cmd);
+                let retries = match f.get("retries").filter(|s| !s.is_empty()) {
+                    None => 0,
+                    Some(v) => {
+                        let r: i64 = v
+                            .parse::<i32>()
+                            .map_err(|_| {
+                                format!(
+                                    "--retries: invalid value {} (expected an integer)",
+                                    quote(v)
+                                )
+                            })?
+                            .into();
+                        if r < 0 {
+                            return Err(format!("--retries cannot be negative ({r})"));
+                        }
+                        r
+                    }
+                };
+                Instruction::Healthcheck(HealthSpec {
+                    test,
+                    interval: parse_interval("interval", f.get("interval"))?,
+                    timeout: parse_interval("timeout", f.get("timeout"))?,
+                    start_period: parse_interval("start-period", f.get("start-period"))?,
+                    start_interval: parse_interval("start-interval", f.get("start-interval"))?,
+                    retries,
+                })
+            }
+        }
+        "expose" => {
+            if args.is_empty() {
+                return Err("EXPOSE requires at least one argument".into());
+            }
+            parse_flags(c, flags, &[])?;
+            let mut ports = args.clone();
+            ports.sort();
+            Instruction::Expose(ports)
+        }
+        "user" => {
+            if args.len() != 1 {
+                return Err("USER requires exactly one argument".into());
+            }
+            parse_flags(c, flags, &[])?;
+            Instruction::User(args[0].clone())
+        }
+        "volume" => {
+            if args.is_empty() {
+                return Err("VOLUME requires at least one argument".into());
+            }
+            parse_flags(c, flags, &[])?;
+            let mut vols = Vec::new();
+            for v in args {
+                let v = v.trim();
+                if v.is_empty() {
+                    return Err("VOLUME specified can not be an empty string".into());
+                }
+                vols.push(v.to_string());
+            }
+            Instruction::Volume(vols)
+        }
+        "stopsignal" => {
+            if args.len() != 1 {
+                return Err("STOPSIGNAL requires exactly one argument".into());
+            }
+            parse_flags(c, flags, &[])?;
+            Instruction::StopSignal(args[0].clone())
+        }
+        "arg" => {
+            if args.is_empty() {
+                return Err("ARG requires at least one argument".into());
+            }
+            parse_flags(c, flags, &[])?;
+            let mut defs = Vec::with_capacity(args.len());
+            for a in args {
+                match a.split_once('=') {
+                    Some(("", _)) => return Err("ARG names can not be blank".into()),
+                    Some((k, v)) => defs.push(ArgDef {
+                        key: k.to_string(),
+                        default: Some(v.to_string()),
+                    }),
+                    None => defs.push(ArgDef {
+                        key: a.clone(),
+                        default: None,
+                    }),
+                }
+            }
+            Instruction::Arg(defs)
+        }
+        "shell" => {
+            parse_flags(c, flags, &[])?;
+            if args.is_empty() {
+                return Err("SHELL requires at least one argument".into());
+            }
+            if !node.json {
+                return Err(format!(
+                    "SHELL requires the arguments to be in JSON form, e.g. SHELL [\"/bin/bash\", \"-c\"] (got {})",
+                    node.original.trim()
+                ));
+            }
+            Instruction::Shell(args.clone())
+        }
+        _ => return Err(unknown_instruction(&node.cmd)),
+    })
+}
+
+fn unknown_instruction(cmd: &str) -> String {
+    let mut m = format!("unknown instruction {}", quote(&cmd.to_ascii_uppercase()));
+    if let Some(s) = suggestion(cmd) {
+        m.push_str(&format!(" (did you mean {s}?)"));
+    }
+    m
+}
+
+/// Group instructions into stages; ARGs before the first FROM are meta args.
+pub fn parse_stages(df: &Dockerfile) -> Result<Stages, InstructionError> {
+    let mut meta_args = Vec::new();
+    let mut stages: Vec<Stage> = Vec::new();
+    for node in &df.nodes {
+        let instr = parse_instruction(node)?;
+        if let Instruction::From(f) = &instr.instruction {
+            stages.push(Stage {
+                from: f.clone(),
+                code: instr.code.clone(),
+                line: instr.start_line,
+                commands: Vec::new(),
+            });
+            continue;
+        }
+        match stages.last_mut() {
+            Some(st) => st.commands.push(instr),
+            None => {
+                if matches!(instr.instruction, Instruction::Arg(_)) {
+                    meta_args.push(instr);
+                } else {
+                    return Err(InstructionError {
+                        line: instr.start_line,
+                        message: format!(
+                            "no build stage in current context: {} comes before the first FROM (only ARG may precede FROM)",
+                            instr.cmd.to_ascii_uppercase()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(Stages { meta_args, stages })
+}
+
+/// `RUN --mount` types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountType {
+    Bind,
+    Cache,
+    Tmpfs,
+    Secret,
+    Ssh,
+}
+
+/// `--mount=type=cache,sharing=...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    Shared,
+    Private,
+    Locked,
+}
+
+/// A parsed `RUN --mount` value (BuildKit's `instructions.Mount`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub kind: MountType,
+    pub from: String,
+    pub source: String,
+    pub target: String,
+    pub read_only: bool,
+    pub size_limit: u64,
+    /// `id=` (cache and secret ids, ssh id).
+    pub id: String,
+    pub sharing: Option<Sharing>,
+    pub required: bool,
+    /// `env=` of a secret mount (`Some("")` = default name).
+    pub env: Option<String>,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Split a CSV record (Go's `encoding/csv` rules for one line: `"` quotes fields, `""` is a
+/// literal quote inside quotes).
+pub fn csv_fields(s: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let chars: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    let mut at_field_start = true;
+    while i <= chars.len() {
+        if i == chars.len() {
+            out.push(std::mem::take(&mut cur));
+            break;
+        }
+        let c = chars[i];
+        if at_field_start && c == '"' {
+            i += 1;
+            loop {
+                match chars.get(i) {
+                    None => {
+                        return Err(format!(
+                        "failed to parse csv mounts: extraneous or missing \" in quoted-field: {s}"
+                    ))
+                    }
+                    Some('"') if chars.get(i + 1) == Some(&'"') => {
+                        cur.push('"');
+                        i += 2;
+                    }
+                    Some('"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(&ch) => {
+                        cur.push(ch);
+                        i += 1;
+                    }
+                }
+            }
+            match chars.get(i) {
+                None => {}
+                Some(',') => {}
+                Some(_) => {
+                    return Err(format!(
+                        "failed to parse csv mounts: extraneous or missing \" in quoted-field: {s}"
+                    ))
+                }
+            }
+            at_field_start = false;
+            continue;
+        }
+        if c == ',' {
+            out.push(std::mem::take(&mut cur));
+            at_field_start = true;
+            i += 1;
+            continue;
+        }
+        if c == '"' {
+            return Err(format!(
+                "failed to parse csv mounts: bare \" in non-quoted-field: {s}"
+            ));
+        }
+        cur.push(c);
+        at_field_start = false;
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// `units.RAMInBytes`: `64m`, `1g`, `512k`, `1024`, `1.5GiB`.
+pub fn ram_in_bytes(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let num_end = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(num_end);
+    let n: f64 = num.parse().ok()?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(&unit)
+        .to_string();
+    let mult: f64 = match unit.as_str() {
+        "" => 1.0,
+        "k" => 1024.0,
+        "m" => 1024.0 * 1024.0,
+        "g" => 1024.0 * 1024.0 * 1024.0,
+        "t" => 1024f64.powi(4),
+        "p" => 1024f64.powi(5),
+        _ => return None,
+    };
+    let v = n * mult;
+    (v.is_finite() && (0.0..1.8e19).contains(&v)).then_some(v as u64)
+}
+
+/// Parse a `--mount` value after expanding each value with `expand` (BuildKit's
+/// `parseMount` with an expander). Errors say what was wrong and what is allowed.
+pub fn parse_mount(
+    value: &str,
+    expand: &mut dyn FnMut(&str) -> Result<String, String>,
+) -> Result<Mount, String> {
+    let fields = csv_fields(value)?;
+    let mut m = Mount {
+        kind: MountType::Bind,
+        from: String::new(),
+        source: String::new(),
+        target: String::new(),
+        read_only: false,
+        size_limit: 0,
+        id: String::new(),
+        sharing: None,
+        required: false,
+        env: None,
+        mode: None,
+        uid: None,
+        gid: None,
+    };
+    let mut ro_auto = true;
+    let type_name = |m: &Mount| match m.kind {
+        MountType::Bind => "bind",
+        MountType::Cache => "cache",
+        MountType::Tmpfs => "tmpfs",
+        MountType::Secret => "secret",
+        MountType::Ssh => "ssh",
+    };
+    for field in &fields {
+        let (key, val) = match field.split_once('=') {
+            Some((k, v)) => (k.to_ascii_lowercase(), Some(v)),
+            None => (field.to_ascii_lowercase(), None),
+        };
+        let Some(val) = val else {
+            match key.as_str() {
+                "readonly" | "ro" => {
+                    m.read_only = true;
+                    ro_auto = false;
+                }
+                "readwrite" | "rw" => {
+                    m.read_only = false;
+                    ro_auto = false;
+                }
+                "required" => {
+                    if matches!(m.kind, MountType::Secret | MountType::Ssh) {
+                        m.required = true;
+                    } else {
+                        return Err(format!(
+                            "unexpected key '{key}' for mount type '{}'",
+                            type_name(&m)
+                        ));
+                    }
+                }
+                _ => return Err(format!("invalid field '{field}' must be a key=value pair")),
+            }
+            continue;
+        };
+        let v = expand(val)?;
+        let bad = |k: &str, v: &str| format!("invalid value for {k}: {v}");
+        match key.as_str() {
+            "type" => {
+                m.kind = match v.to_ascii_lowercase().as_str() {
+                    "bind" => MountType::Bind,
+                    "cache" => MountType::Cache,
+                    "tmpfs" => MountType::Tmpfs,
+                    "secret" => MountType::Secret,
+                    "ssh" => MountType::Ssh,
+                    _ => {
+                        return Err(format!(
+                            "unsupported mount type {} (expected bind, cache, tmpfs, secret or ssh)",
+                            quote(&v)
+                        ))
+                    }
+                }
+            }
+            "from" => m.from = v,
+            "source" | "src" => m.source = v,
+            "target" | "dst" | "destination" => m.target = v,
+            "readonly" | "ro" => {
+                m.read_only = parse_bool(&v).ok_or_else(|| bad(&key, &v))?;
+                ro_auto = false;
+            }
+            "readwrite" | "rw" => {
+                m.read_only = !parse_bool(&v).ok_or_else(|| bad(&key, &v))?;
+                ro_auto = false;
+            }
+            "required" => {
+                if matches!(m.kind, MountType::Secret | MountType::Ssh) {
+                    m.required = parse_bool(&v).ok_or_else(|| bad(&key, &v))?;
+                } else {
+                    return Err(format!("unexpected key '{key}' for mount type '{}'", type_name(&m)));
+                }
+            }
+            "size" => {
+                if m.kind == MountType::Tmpfs {
+                    m.size_limit = ram_in_bytes(&v).ok_or_else(|| bad(&key, &v))?;
+                } else {
+                    return Err(format!("unexpected key '{key}' for mount type '{}'", type_name(&m)));
+                }
+            }
+            "id" => m.id = v,
+            "sharing" => {
+                m.sharing = Some(match v.to_ascii_lowercase().as_str() {
+                    "shared" => Sharing::Shared,
+                    "private" => Sharing::Private,
+                    "locked" => Sharing::Locked,
+                    _ => {
+                        return Err(format!(
+                            "unsupported sharing value {} (expected shared, private or locked)",
+                            quote(&v)
+                        ))
+                    }
+                })
+            }
+            "mode" => {
+                m.mode = Some(parse_uint(&v, 8, 32).ok_or_else(|| format!("invalid value {v} for mode"))? as u32)
+            }
+            "uid" => m.uid = Some(parse_uint(&v, 10, 32).ok_or_else(|| format!("invalid value {v} for uid"))? as u32),
+            "gid" => m.gid = Some(parse_uint(&v, 10, 32).ok_or_else(|| format!("invalid value {v} for gid"))? as u32),
+            "env" => m.env = Some(v),
+            _ => {
+                return Err(format!(
+                    "unexpected key '{key}' in '{field}' (expected type, from, source, target, readonly, readwrite, id, sharing, required, size, mode, uid, gid, env)"
+                ))
+            }
+        }
+    }
+    let file_info = matches!(
+        m.kind,
+        MountType::Secret | MountType::Ssh | MountType::Cache
+    );
+    if !file_info {
+        for (set, what) in [
+            (m.mode.is_some(), "mode"),
+            (m.uid.is_some(), "uid"),
+            (m.gid.is_some(), "gid"),
+        ] {
+            if set {
+                return Err(format!(
+                    "{what} not allowed for {} type mounts",
+                    quote(type_name(&m))
+                ));
+            }
+        }
+    }
+    if ro_auto {
+        m.read_only = !matches!(m.kind, MountType::Cache | MountType::Tmpfs);
+    }
+    if m.kind == MountType::Secret {
+        if !m.from.is_empty() {
+            return Err("secret mount should not have a from".into());
+        }
+        if m.sharing.is_some() {
+            return Err("secret mount should not define sharing".into());
+        }
+        if m.source.is_empty() && m.target.is_empty() && m.id.is_empty() {
+            return Err("invalid secret mount. one of source, target required".into());
+        }
+        if !m.source.is_empty() && !m.id.is_empty() {
+            return Err("both source and id can't be set".into());
+        }
+    }
+    if m.sharing.is_some() && m.kind != MountType::Cache {
+        return Err(format!(
+            "invalid cache sharing set for {} mount",
+            type_name(&m)
+        ));
+    }
+    Ok(m)
+}
+
+/// A `--chmod` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChmodSpec {
+    Octal(u32),
+    Symbolic(String),
+}
+
+/// Parse `--chmod`: octal up to 07777, or a symbolic expression (`u+x,g-w`, `a=rX`).
+pub fn parse_chmod(s: &str) -> Result<ChmodSpec, String> {
+    let non_octal = || {
+        format!("invalid chmod parameter: '{s}'. it should be octal string and between 0 and 07777")
+    };
+    if let Some(v) = parse_uint(s, 8, 32) {
+        if v > 0o7777 {
+            return Err(non_octal());
+        }
+        return Ok(ChmodSpec::Octal(v as u32));
+    }
+    if s.is_empty() || s.chars().all(|c| c.is_ascii_digit()) {
+        return Err(non_octal());
+    }
+    for clause in s.split(',') {
+        let who_len = clause
+            .chars()
+            .take_while(|c| matches!(c, 'u' | 'g' | 'o' | 'a'))
+            .count();
+        let mut rest = &clause[who_len..];
+        if rest.is_empty() {
+            return Err(format!(
+                "invalid chmod parameter: '{s}'. expected octal (0755) or symbolic mode (u+x,g-w)"
+            ));
+        }
+        while !rest.is_empty() {
+            let Some(op) = rest.chars().next().filter(|c| matches!(c, '+' | '-' | '=')) else {
+                return Err(format!(
+                    "invalid chmod parameter: '{s}'. expected octal (0755) or symbolic mode (u+x,g-w)"
+                ));
+            };
+            rest = &rest[op.len_utf8()..];
+            let perm_len = rest
+                .chars()
+                .take_while(|c| matches!(c, 'r' | 'w' | 'x' | 'X' | 's' | 't' | 'u' | 'g' | 'o'))
+                .count();
+            rest = &rest[perm_len..];
+        }
+    }
+    Ok(ChmodSpec::Symbolic(s.to_string()))
+}
+
+/// Validate a STOPSIGNAL value like moby's `signal.ParseSignal` (Linux signal names with or
+/// without `SIG`, `RTMIN+n`/`RTMAX-n`, or a non-zero number).
+pub fn validate_signal(raw: &str) -> Result<(), String> {
+    if let Ok(n) = raw.parse::<i64>() {
+        if n == 0 {
+            return Err(format!("invalid signal: {raw}"));
+        }
+        return Ok(());
+    }
+    let up = raw.to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    const NAMES: [&str; 34] = [
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT",
+        "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
+        "TRAP", "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU", "XFSZ",
+    ];
+    let rt_ok = |base: &str, sign: char, max: u32| -> bool {
+        if name == base {
+            return true;
+        }
+        name.strip_prefix(base)
+            .and_then(|r| r.strip_prefix(sign))
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| (1..=max).contains(&n))
+    };
+    if NAMES.contains(&name) || rt_ok("RTMIN", '+', 15) || rt_ok("RTMAX", '-', 14) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid signal: {raw} (expected a signal name such as SIGTERM, or a number)"
+        ))
+    }
+}
+
+/// Parse an EXPOSE port spec (`80`, `80/udp`, `8000-8010/tcp`, `ip:host:container`) into
+/// `port/proto` keys, as `nat.ParsePortSpecs` does.
+pub fn parse_port_spec(raw: &str) -> Result<Vec<String>, String> {
+    let (ip_host, container) = match raw.rfind(':') {
+        Some(i) => (&raw[..i], &raw[i + 1..]),
+        None => ("", raw),
+    };
+    let _ = ip_host;
+    let (port, proto) = match container.split_once('/') {
+        Some((p, "")) => (p, "tcp".to_string()),
+        Some((p, pr)) => (p, pr.to_ascii_lowercase()),
+        None => (container, "tcp".to_string()),
+    };
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!(
+            "invalid proto: {proto} (expected tcp, udp or sctp)"
+        ));
+    }
+    if port.is_empty() {
+        return Err(format!("no port specified: {raw}<empty>"));
+    }
+    let parse = |s: &str| {
+        s.parse::<u16>()
+            .map_err(|_| format!("invalid containerPort: {port}"))
+    };
+    let (start, end) = match port.split_once('-') {
+        Some((a, b)) => (parse(a)?, parse(b)?),
+        None => {
+            let p = parse(port)?;
+            (p, p)
+        }
+    };
+    if end < start {
+        return Err(format!(
+            "invalid range specified for container port: {port}"
+        ));
+    }
+    Ok((start..=end).map(|p| format!("{p}/{proto}")).collect())
+}
+
+/// Instruction text of ONBUILD as BuildKit stores it; exposed for printing.
+pub fn format_health_history(h: &HealthSpec) -> String {
+    format!(
+        "HEALTHCHECK &{{{} {} {} {} {} {}}}",
+        gocompat::quote_slice(&h.test),
+        quote(&gocompat::format_duration(h.interval)),
+        quote(&gocompat::format_duration(h.timeout)),
+        quote(&gocompat::format_duration(h.start_period)),
+        quote(&gocompat::format_duration(h.start_interval)),
+        gocompat::quote_rune(h.retries)
+    )
+}
+
+#[cfg(test)]
+mod tests;

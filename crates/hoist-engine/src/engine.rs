@@ -1,0 +1,226 @@
+//! The engine: state on disk (content store, snapshots, cache index), and one build from a
+//! Dockerfile to images, one per platform.
+//!
+//! A build runs the frontend once per platform, then solves the graph: every stage is a task
+//! (independent stages run in parallel), every step is keyed ([`crate::cachekey`]) and either
+//! reused from the cache index or run. Identical steps in flight from concurrent builds run
+//! once ([`crate::solver::Inflight`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hoist_oci::digest::Digest;
+use hoist_oci::image::ImageConfig;
+use hoist_oci::registry::RegistryClient;
+use hoist_oci::store::ContentStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::CacheIndex;
+use crate::context::Context;
+use crate::cachemount::CacheMounts;
+use crate::executor::{Executor, RuncConfig, RuncExecutor};
+use crate::graph::{FrontendOptions, NetworkMode, Platform};
+use crate::progress::{Event, Progress};
+use crate::snapshot::Snapshotter;
+use crate::solver::{self, Inflight};
+
+/// Errors of a build, each saying what failed and where.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Frontend(String),
+    /// A step failed; `location` is `Dockerfile:LINE`.
+    #[error("{location}: {instruction}: {message}")]
+    Step { location: String, instruction: String, message: String },
+    #[error("{0}")]
+    Image(String),
+    #[error("{0}")]
+    Export(String),
+    #[error("builder state at {path}: {message}")]
+    State { path: PathBuf, message: String },
+    #[error("build cancelled")]
+    Cancelled,
+}
+
+/// Where the engine keeps its state and how it runs steps.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// State root (`/var/lib/hoist` or `$HOIST_ROOT`).
+    pub root: PathBuf,
+    /// OCI runtime binary; `None` = find runc/crun on PATH (or `HOIST_RUNTIME`).
+    pub runtime: Option<PathBuf>,
+    /// Registries to talk to over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
+}
+
+/// Secrets and agent sockets a build may mount.
+#[derive(Debug, Clone, Default)]
+pub struct BuildSecrets {
+    pub secrets: HashMap<String, Vec<u8>>,
+    pub ssh: HashMap<String, PathBuf>,
+}
+
+/// One build request.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// Cache namespace (the project).
+    pub namespace: String,
+    pub dockerfile: Vec<u8>,
+    pub frontend: FrontendOptions,
+    /// Target platforms; empty = the host's.
+    pub platforms: Vec<Platform>,
+    pub context: Arc<Context>,
+    pub no_cache: bool,
+    pub pull: bool,
+    /// `docker build --network`: the default for RUN steps without `--network`.
+    pub network: NetworkMode,
+    pub add_hosts: Vec<(String, String)>,
+    pub secrets: BuildSecrets,
+    /// Registry access for this build (credentials the client forwarded).
+    pub registry: RegistryClient,
+}
+
+/// One built image (one platform).
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    pub platform: Platform,
+    pub config: ImageConfig,
+    /// Serialized config (its digest is the image id).
+    pub config_bytes: Vec<u8>,
+    pub config_digest: Digest,
+}
+
+impl BuiltImage {
+    /// The layers bottom first.
+    pub fn diff_ids(&self) -> &[Digest] {
+        &self.config.rootfs.diff_ids
+    }
+}
+
+/// The result of a build.
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    pub images: Vec<BuiltImage>,
+    pub steps_run: u32,
+    pub steps_cached: u32,
+    pub seconds: f64,
+}
+
+pub(crate) struct Inner {
+    pub root: PathBuf,
+    pub store: ContentStore,
+    pub snapshots: Snapshotter,
+    pub executor: Arc<dyn Executor>,
+    pub index: CacheIndex,
+    pub inflight: Inflight,
+    pub cache_mounts: CacheMounts,
+}
+
+/// The build engine. Cheap to clone; all clones share state.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn state_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
+    EngineError::State { path: path.to_path_buf(), message: e.to_string() }
+}
+
+impl Engine {
+    /// Open (creating if needed) the engine state under `config.root`, recovering from a
+    /// crash: leftover mounts, temporary directories and containers are removed.
+    pub fn open(config: &EngineConfig) -> Result<Engine, EngineError> {
+        let root = config.root.clone();
+        std::fs::create_dir_all(&root).map_err(|e| state_err(&root, e))?;
+        let store = ContentStore::open(root.join("content")).map_err(|e| state_err(&root, e))?;
+        // The executor first: it kills containers a crashed builder left, before the
+        // snapshotter removes their mounts.
+        let exec_root = root.join("executor");
+        let executor = RuncExecutor::new(RuncConfig { runtime: config.runtime.clone(), ..RuncConfig::new(&exec_root) })
+            .map_err(|e| state_err(&exec_root, e))?;
+        let snapshots = Snapshotter::new(root.join("snapshots")).map_err(|e| state_err(&root, e))?;
+        let index_path = root.join("cache.redb");
+        let index = CacheIndex::open(&index_path).map_err(|e| state_err(&index_path, e))?;
+        std::fs::create_dir_all(root.join("cachemounts")).map_err(|e| state_err(&root, e))?;
+        let cache_mounts = CacheMounts::new(root.join("cachemounts"));
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                root,
+                store,
+                snapshots,
+                executor: Arc::new(executor),
+                index,
+                inflight: Inflight::default(),
+                cache_mounts,
+            }),
+        })
+    }
+
+    /// The state root.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The content store (blobs of layers, configs, manifests).
+    pub fn store(&self) -> &ContentStore {
+        &self.inner.store
+    }
+
+    /// The snapshotter (layer directories).
+    pub fn snapshots(&self) -> &Snapshotter {
+        &self.inner.snapshots
+    }
+
+    /// The cache index.
+    pub fn index(&self) -> &CacheIndex {
+        &self.inner.index
+    }
+
+    /// The `RUN --mount=type=cache` directories.
+    pub fn cache_mounts(&self) -> &CacheMounts {
+        &self.inner.cache_mounts
+    }
+
+    /// Build `req`: one image per platform. Progress goes to `progress`; cancelling
+    /// `cancel` kills running steps and returns [`EngineError::Cancelled`].
+    pub async fn build(&self, req: BuildRequest, progress: Progress, cancel: CancellationToken) -> Result<BuildOutcome, EngineError> {
+        let started = Instant::now();
+        let platforms = if req.platforms.is_empty() { vec![Platform::host()] } else { req.platforms.clone() };
+        let req = Arc::new(req);
+        let counters = Arc::new(solver::Counters::default());
+        let vertices = Arc::new(solver::VertexIds::default());
+        let mut tasks = Vec::new();
+        for platform in platforms {
+            let engine = self.clone();
+            let req = req.clone();
+            let progress = progress.clone();
+            let cancel = cancel.clone();
+            let counters = counters.clone();
+            let vertices = vertices.clone();
+            tasks.push(async move {
+                solver::build_platform(engine, req, platform, progress, cancel, counters, vertices).await
+            });
+        }
+        let results = futures::future::join_all(tasks).await;
+        let mut images = Vec::new();
+        for r in results {
+            images.push(r?);
+        }
+        if cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        Ok(BuildOutcome {
+            images,
+            steps_run: counters.run(),
+            steps_cached: counters.cached(),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Send a warning to the progress stream.
+    pub(crate) fn warn(progress: &Progress, msg: String) {
+        progress.send(Event::Warning(msg));
+    }
+}

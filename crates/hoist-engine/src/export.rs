@@ -1,0 +1,365 @@
+//! Exporters: layer blobs (compressed once, reused), manifests and indexes, docker and OCI
+//! archives, the flattened root filesystem, and pushes to registries.
+//!
+//! Base image layers keep the blobs the registry served, so their digests stay the ones
+//! engines and registries already know; a new layer is compressed the first time an
+//! exporter needs it in that compression and the blob is reused by every later export.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use hoist_oci::compress::Compression;
+use hoist_oci::digest::Digest;
+use hoist_oci::export::export_layer;
+use hoist_oci::image::{media, Descriptor, Index, Manifest, PlatformSpec};
+use hoist_oci::layer::{write_layer_tar, TarOptions};
+use hoist_oci::reference::Reference;
+use hoist_oci::registry::{BlobSource, RegistryClient};
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::BlobRecord;
+use crate::engine::{BuiltImage, Engine, EngineError};
+
+fn export_err(m: impl std::fmt::Display) -> EngineError {
+    EngineError::Export(m.to_string())
+}
+
+/// An image ready to be written or pushed: its manifest and every blob it references.
+#[derive(Debug, Clone)]
+pub struct ExportedImage {
+    pub platform: crate::graph::Platform,
+    pub config_digest: Digest,
+    pub config_size: u64,
+    pub manifest: Manifest,
+    pub manifest_bytes: Vec<u8>,
+    pub manifest_digest: Digest,
+}
+
+/// The result of exporting all platforms of a build.
+#[derive(Debug, Clone)]
+pub struct ExportedSet {
+    pub images: Vec<ExportedImage>,
+    /// For several platforms: the index over them.
+    pub index: Option<(Vec<u8>, Digest)>,
+}
+
+impl ExportedSet {
+    /// The digest a tag points at (the index for several platforms).
+    pub fn top_digest(&self) -> &Digest {
+        match &self.index {
+            Some((_, d)) => d,
+            None => &self.images[0].manifest_digest,
+        }
+    }
+}
+
+impl Engine {
+    /// A blob of layer `diff_id`: the original blob for a base layer (unless `force`), else
+    /// one in `compression`, made now if it does not exist yet.
+    pub async fn layer_blob(&self, diff_id: &Digest, compression: Compression, force: bool) -> Result<BlobRecord, EngineError> {
+        let want = compression.media_type();
+        let known = self.index().layer_blobs(diff_id).map_err(export_err)?;
+        let usable = |b: &BlobRecord| self.store().contains(&b.digest);
+        if let Some(b) = known.iter().find(|b| media::oci_layer(&b.media_type) == want && usable(b)) {
+            return Ok(b.clone());
+        }
+        if !force {
+            if let Some(b) = known.iter().find(|b| b.original && usable(b)) {
+                return Ok(b.clone());
+            }
+        }
+        let key = format!("blob:{diff_id}:{compression}");
+        let engine = self.clone();
+        let d = diff_id.clone();
+        let (out, _) = self
+            .inner
+            .inflight
+            .run(&key, &CancellationToken::new(), move |_| async move {
+                let store = engine.store().clone();
+                let dir = engine.snapshots().layer_dir(&d);
+                if !dir.is_dir() {
+                    return Err(Arc::new(export_err(format!("layer {d} is neither stored as a blob nor as a snapshot"))));
+                }
+                let exported = tokio::task::spawn_blocking(move || export_layer(&store, &dir, compression, &TarOptions::default()))
+                    .await
+                    .map_err(|e| Arc::new(export_err(e)))?
+                    .map_err(|e| Arc::new(export_err(e)))?;
+                if exported.diff_id != d {
+                    return Err(Arc::new(export_err(format!(
+                        "layer {d} changed on disk (it now tars to {}); run `hoist cache reset`",
+                        exported.diff_id
+                    ))));
+                }
+                let rec = BlobRecord { digest: exported.digest, size: exported.size, media_type: exported.media_type, original: false };
+                engine.index().add_layer_blob(&d, rec).map_err(|e| Arc::new(export_err(e)))?;
+                Ok(Some(d))
+            })
+            .await;
+        out.map_err(|e| export_err(e))?;
+        let known = self.index().layer_blobs(diff_id).map_err(export_err)?;
+        known
+            .into_iter()
+            .find(|b| media::oci_layer(&b.media_type) == want)
+            .ok_or_else(|| export_err(format!("layer {diff_id}: blob missing after export")))
+    }
+
+    /// Build manifests (and an index for several platforms) for `images`, making blobs as
+    /// needed. Everything is stored in the content store.
+    pub async fn export_images(&self, images: &[BuiltImage], compression: Compression, force: bool) -> Result<ExportedSet, EngineError> {
+        let mut out = Vec::new();
+        for img in images {
+            let mut layers = Vec::new();
+            for d in img.diff_ids() {
+                let b = self.layer_blob(d, compression, force).await?;
+                layers.push(Descriptor {
+                    media_type: media::oci_layer(&b.media_type).to_string(),
+                    digest: b.digest,
+                    size: b.size,
+                    platform: None,
+                    annotations: None,
+                });
+            }
+            let manifest = Manifest {
+                schema_version: 2,
+                media_type: Some(media::OCI_MANIFEST.into()),
+                config: Descriptor {
+                    media_type: media::OCI_CONFIG.into(),
+                    digest: img.config_digest.clone(),
+                    size: img.config_bytes.len() as u64,
+                    platform: None,
+                    annotations: None,
+                },
+                layers,
+                annotations: None,
+            };
+            let manifest_bytes = serde_json::to_vec(&manifest).map_err(export_err)?;
+            let manifest_digest = self.store().put(&manifest_bytes).map_err(export_err)?;
+            self.store().put(&img.config_bytes).map_err(export_err)?;
+            out.push(ExportedImage {
+                platform: img.platform.clone(),
+                config_digest: img.config_digest.clone(),
+                config_size: img.config_bytes.len() as u64,
+                manifest,
+                manifest_bytes,
+                manifest_digest,
+            });
+        }
+        let index = if out.len() > 1 {
+            let idx = Index {
+                schema_version: 2,
+                media_type: Some(media::OCI_INDEX.into()),
+                manifests: out
+                    .iter()
+                    .map(|e| Descriptor {
+                        media_type: media::OCI_MANIFEST.into(),
+                        digest: e.manifest_digest.clone(),
+                        size: e.manifest_bytes.len() as u64,
+                        platform: Some(PlatformSpec {
+                            architecture: e.platform.architecture.clone(),
+                            os: e.platform.os.clone(),
+                            variant: Some(e.platform.variant_arg()).filter(|v| !v.is_empty()),
+                        }),
+                        annotations: None,
+                    })
+                    .collect(),
+                annotations: None,
+            };
+            let bytes = serde_json::to_vec(&idx).map_err(export_err)?;
+            let d = self.store().put(&bytes).map_err(export_err)?;
+            Some((bytes, d))
+        } else {
+            None
+        };
+        Ok(ExportedSet { images: out, index })
+    }
+
+    /// Push an exported set to every reference, all in parallel; blobs first (existence
+    /// checked, mounted across repositories of one registry), manifests last. Every push
+    /// is attempted; the error lists each failed reference.
+    pub async fn push(&self, set: &ExportedSet, references: &[Reference], registry: &RegistryClient) -> Result<(), EngineError> {
+        let mut jobs = Vec::new();
+        for (i, r) in references.iter().enumerate() {
+            // Mount blobs from the first reference of the same registry, pushed concurrently:
+            // the registry answers with an upload when the blob is not there yet.
+            let mount_from = references[..i].iter().find(|o| o.registry == r.registry && o.repository != r.repository).cloned();
+            jobs.push(self.push_one(set, r.clone(), mount_from, registry.clone()));
+        }
+        let results = futures::future::join_all(jobs).await;
+        let errors: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(export_err(errors.join("; ")))
+        }
+    }
+
+    async fn push_one(&self, set: &ExportedSet, reference: Reference, _mount_from: Option<Reference>, registry: RegistryClient) -> Result<(), String> {
+        let store = self.store();
+        let fail = |e: &dyn std::fmt::Display| format!("pushing {reference}: {e}");
+        let mut blobs: BTreeMap<Digest, u64> = BTreeMap::new();
+        for img in &set.images {
+            blobs.insert(img.config_digest.clone(), img.config_size);
+            for l in &img.manifest.layers {
+                blobs.insert(l.digest.clone(), l.size);
+            }
+        }
+        let uploads = blobs.iter().map(|(d, size)| {
+            let reference = &reference;
+            let registry = &registry;
+            async move { registry.ensure_blob(reference, d, *size, BlobSource::Store(store), None).await }
+        });
+        for r in futures::future::join_all(uploads).await {
+            r.map_err(|e| fail(&e))?;
+        }
+        match &set.index {
+            None => {
+                let img = &set.images[0];
+                registry.push_manifest(&reference, &img.manifest_bytes, media::OCI_MANIFEST).await.map_err(|e| fail(&e))?;
+            }
+            Some((bytes, _)) => {
+                for img in &set.images {
+                    let by_digest = reference.with_digest(img.manifest_digest.clone());
+                    registry.push_manifest(&by_digest, &img.manifest_bytes, media::OCI_MANIFEST).await.map_err(|e| fail(&e))?;
+                }
+                registry.push_index(&reference, bytes).await.map_err(|e| fail(&e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `image` as a `docker save` archive (what `docker load` reads) tagged `tags`.
+    /// New layers go in uncompressed, base layers as their original blobs (docker load
+    /// decompresses them). Blocking.
+    pub fn write_docker_archive(&self, image: &BuiltImage, tags: &[String], out: impl Write) -> Result<(), EngineError> {
+        let mut tar = tar::Builder::new(out);
+        let mut layer_paths = Vec::new();
+        for d in image.diff_ids() {
+            let path = format!("{}/layer.tar", d.hex());
+            let dir = self.snapshots().layer_dir(d);
+            let original = self
+                .index()
+                .layer_blobs(d)
+                .map_err(export_err)?
+                .into_iter()
+                .find(|b| b.original && self.store().contains(&b.digest));
+            match original {
+                Some(b) => {
+                    let f = self.store().open_blob(&b.digest).map_err(export_err)?;
+                    append(&mut tar, &path, b.size, f)?;
+                }
+                None => {
+                    // Two passes: the size first (tar headers need it), then the bytes.
+                    let mut counter = CountingSink(0);
+                    write_layer_tar(&dir, &mut counter, &TarOptions::default()).map_err(export_err)?;
+                    let (reader, mut writer) = os_pipe()?;
+                    let dir2 = dir.clone();
+                    let producer = std::thread::spawn(move || write_layer_tar(&dir2, &mut writer, &TarOptions::default()));
+                    append(&mut tar, &path, counter.0, reader)?;
+                    producer.join().map_err(|_| export_err("layer writer panicked"))?.map_err(export_err)?;
+                }
+            }
+            layer_paths.push(path);
+        }
+        let config_name = format!("{}.json", image.config_digest.hex());
+        append(&mut tar, &config_name, image.config_bytes.len() as u64, image.config_bytes.as_slice())?;
+        let manifest = serde_json::json!([{ "Config": config_name, "RepoTags": tags, "Layers": layer_paths }]);
+        let bytes = serde_json::to_vec(&manifest).map_err(export_err)?;
+        append(&mut tar, "manifest.json", bytes.len() as u64, bytes.as_slice())?;
+        tar.into_inner().map_err(export_err)?.flush().map_err(export_err)?;
+        Ok(())
+    }
+
+    /// Write an exported set as an OCI image layout tar (`oci-layout`, `index.json`,
+    /// `blobs/sha256/...`), with `tags` as ref-name annotations. Blocking.
+    pub fn write_oci_archive(&self, set: &ExportedSet, tags: &[String], out: impl Write) -> Result<(), EngineError> {
+        let mut tar = tar::Builder::new(out);
+        let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
+        append(&mut tar, "oci-layout", layout.len() as u64, &layout[..])?;
+        let mut blobs: BTreeMap<Digest, ()> = BTreeMap::new();
+        for img in &set.images {
+            blobs.insert(img.config_digest.clone(), ());
+            blobs.insert(img.manifest_digest.clone(), ());
+            for l in &img.manifest.layers {
+                blobs.insert(l.digest.clone(), ());
+            }
+        }
+        if let Some((_, d)) = &set.index {
+            blobs.insert(d.clone(), ());
+        }
+        for d in blobs.keys() {
+            let size = self.store().size(d).map_err(export_err)?.ok_or_else(|| export_err(format!("blob {d} missing")))?;
+            let f = self.store().open_blob(d).map_err(export_err)?;
+            append(&mut tar, &format!("blobs/sha256/{}", d.hex()), size, f)?;
+        }
+        let (media_type, digest, size) = match &set.index {
+            Some((bytes, d)) => (media::OCI_INDEX, d.clone(), bytes.len() as u64),
+            None => (media::OCI_MANIFEST, set.images[0].manifest_digest.clone(), set.images[0].manifest_bytes.len() as u64),
+        };
+        let entries: Vec<Descriptor> = if tags.is_empty() {
+            vec![Descriptor { media_type: media_type.into(), digest, size, platform: None, annotations: None }]
+        } else {
+            tags.iter()
+                .map(|t| Descriptor {
+                    media_type: media_type.into(),
+                    digest: digest.clone(),
+                    size,
+                    platform: None,
+                    annotations: Some(
+                        [
+                            ("io.containerd.image.name".to_string(), t.clone()),
+                            ("org.opencontainers.image.ref.name".to_string(), ref_name(t)),
+                        ]
+                        .into_iter()
+                        .collect(),
+                    ),
+                })
+                .collect()
+        };
+        let index = Index { schema_version: 2, media_type: Some(media::OCI_INDEX.into()), manifests: entries, annotations: None };
+        let bytes = serde_json::to_vec(&index).map_err(export_err)?;
+        append(&mut tar, "index.json", bytes.len() as u64, bytes.as_slice())?;
+        tar.into_inner().map_err(export_err)?.flush().map_err(export_err)?;
+        Ok(())
+    }
+
+    /// Write the flattened root filesystem of `image` as a tar. Blocking.
+    pub fn write_rootfs_tar(&self, image: &BuiltImage, out: impl Write) -> Result<(), EngineError> {
+        let view = self.snapshots().view(image.diff_ids()).map_err(export_err)?;
+        write_layer_tar(view.merged(), out, &TarOptions::default()).map_err(export_err)?;
+        Ok(())
+    }
+}
+
+fn ref_name(tag: &str) -> String {
+    match Reference::parse(tag) {
+        Ok(r) => r.tag.clone().unwrap_or_else(|| "latest".into()),
+        Err(_) => tag.to_string(),
+    }
+}
+
+struct CountingSink(u64);
+
+impl Write for CountingSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn os_pipe() -> Result<(std::fs::File, std::fs::File), EngineError> {
+    let (r, w) = rustix::pipe::pipe().map_err(export_err)?;
+    Ok((std::fs::File::from(r), std::fs::File::from(w)))
+}
+
+fn append<W: Write>(tar: &mut tar::Builder<W>, path: &str, size: u64, data: impl io::Read) -> Result<(), EngineError> {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut h, path, data).map_err(|e| export_err(format!("writing {path}: {e}")))
+}

@@ -1,0 +1,211 @@
+//! Base images for one build: resolving references (a tag resolved before is reused unless
+//! `--pull`), pulling and extracting missing layers (each layer once, in parallel, verified),
+//! and fetching `ADD <url>` sources.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use hoist_oci::digest::Digest;
+use hoist_oci::export::extract_blob;
+use hoist_oci::image::{ImageConfig, Manifest};
+use hoist_oci::layer::ExtractOptions;
+use hoist_oci::reference::Reference;
+use hoist_oci::registry::{self, RegistryClient};
+use sha2::{Digest as _, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::BlobRecord;
+use crate::engine::{Engine, EngineError};
+use crate::frontend::ImageResolver;
+use crate::graph::{Platform, ResolvedImage};
+
+/// Resolves and pulls images for one build.
+pub(crate) struct BuildResolver {
+    engine: Engine,
+    registry: RegistryClient,
+    pull: bool,
+    resolved: tokio::sync::Mutex<HashMap<(String, String), ResolvedImage>>,
+    urls: Mutex<HashMap<String, (Digest, Arc<tempfile::NamedTempFile>)>>,
+}
+
+fn to_oci_platform(p: &Platform) -> registry::Platform {
+    registry::Platform::new(&p.os, &p.architecture, p.variant.as_deref())
+}
+
+impl BuildResolver {
+    pub(crate) fn new(engine: Engine, registry: RegistryClient, pull: bool) -> BuildResolver {
+        BuildResolver {
+            engine,
+            registry,
+            pull,
+            resolved: tokio::sync::Mutex::new(HashMap::new()),
+            urls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A previously resolved image from the local store, if all its pieces are there.
+    fn load_local(&self, reference: &str, manifest_digest: &Digest) -> Option<ResolvedImage> {
+        let store = self.engine.store();
+        let manifest: Manifest = serde_json::from_slice(&store.read(manifest_digest).ok()?).ok()?;
+        let config: ImageConfig = serde_json::from_slice(&store.read(&manifest.config.digest).ok()?).ok()?;
+        Some(ResolvedImage { reference: reference.to_string(), manifest_digest: manifest_digest.to_string(), config })
+    }
+
+    async fn resolve_uncached(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
+        let r = Reference::parse(reference).map_err(|e| e.to_string())?;
+        let canonical = r.to_string();
+        let pkey = platform.to_string();
+        let index = self.engine.index();
+        if !self.pull {
+            if let Ok(Some(t)) = index.tag(&canonical, &pkey) {
+                if let Some(img) = self.load_local(&canonical, &t.manifest_digest) {
+                    return Ok(img);
+                }
+            }
+        }
+        let m = self.registry.resolve(&r, &to_oci_platform(platform)).await.map_err(|e| e.to_string())?;
+        let store = self.engine.store();
+        store.put(&m.manifest_bytes).map_err(|e| e.to_string())?;
+        store.put(&m.config_bytes).map_err(|e| e.to_string())?;
+        let config: ImageConfig =
+            serde_json::from_slice(&m.config_bytes).map_err(|e| format!("image {canonical}: invalid config {}: {e}", m.config_digest))?;
+        index.put_tag(&canonical, &pkey, &m.manifest_digest).map_err(|e| e.to_string())?;
+        Ok(ResolvedImage { reference: canonical, manifest_digest: m.manifest_digest.to_string(), config })
+    }
+
+    /// Make every layer of `img` available as a snapshot; returns how many were fetched.
+    pub(crate) async fn pull_layers(&self, img: &ResolvedImage, cancel: &CancellationToken) -> Result<usize, EngineError> {
+        let store = self.engine.store().clone();
+        let image_err = |m: String| EngineError::Image(format!("image {}: {m}", img.reference));
+        let manifest_digest: Digest = img.manifest_digest.parse().map_err(|e: hoist_oci::digest::DigestError| image_err(e.to_string()))?;
+        let manifest: Manifest = serde_json::from_slice(&store.read(&manifest_digest).map_err(|e| image_err(e.to_string()))?)
+            .map_err(|e| image_err(format!("invalid manifest {}: {e}", img.manifest_digest)))?;
+        let diff_ids = &img.config.rootfs.diff_ids;
+        if manifest.layers.len() != diff_ids.len() {
+            return Err(image_err(format!(
+                "manifest lists {} layers but its config lists {} diff_ids",
+                manifest.layers.len(),
+                diff_ids.len()
+            )));
+        }
+        let reference = Reference::parse(&img.reference).map_err(|e| image_err(e.to_string()))?;
+        let mut jobs = Vec::new();
+        for (desc, diff_id) in manifest.layers.iter().zip(diff_ids) {
+            let record = BlobRecord { digest: desc.digest.clone(), size: desc.size, media_type: desc.media_type.clone(), original: true };
+            if self.engine.snapshots().has_layer(diff_id) {
+                let known = self.engine.index().layer_blobs(diff_id).map_err(|e| image_err(e.to_string()))?;
+                if !known.iter().any(|b| b.digest == desc.digest) {
+                    self.engine.index().add_layer_blob(diff_id, record).map_err(|e| image_err(e.to_string()))?;
+                }
+                continue;
+            }
+            let engine = self.engine.clone();
+            let registry = self.registry.clone();
+            let reference = reference.clone();
+            let diff_id = diff_id.clone();
+            let desc = desc.clone();
+            let key = format!("pull:{diff_id}");
+            let worker = engine.clone();
+            jobs.push(async move {
+                let (out, _) = engine
+                    .inner
+                    .inflight
+                    .run(&key, cancel, move |_c| async move {
+                        pull_one(worker, registry, reference, desc, diff_id.clone(), record).await.map_err(Arc::new)?;
+                        Ok(Some(diff_id))
+                    })
+                    .await;
+                out
+            });
+        }
+        let n = jobs.len();
+        let results = futures::future::join_all(jobs).await;
+        for r in results {
+            r.map_err(|e| image_err(e.to_string()))?;
+        }
+        Ok(n)
+    }
+
+    /// Download a URL (once per build), verifying `checksum` (`sha256:...`) when given.
+    pub(crate) async fn fetch_url(&self, url: &str, checksum: Option<&str>) -> Result<(Digest, Arc<tempfile::NamedTempFile>), String> {
+        if let Some(hit) = self.urls.lock().unwrap_or_else(|e| e.into_inner()).get(url).cloned() {
+            verify_checksum(url, &hit.0, checksum)?;
+            return Ok(hit);
+        }
+        let resp = reqwest::get(url).await.map_err(|e| format!("downloading {url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("downloading {url}: server answered {}", resp.status()));
+        }
+        let mut file = tempfile::NamedTempFile::new().map_err(|e| format!("downloading {url}: {e}"))?;
+        let mut hasher = Sha256::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| format!("downloading {url}: {e}"))?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).map_err(|e| format!("downloading {url}: {e}"))?;
+        }
+        let digest = Digest::from_hasher(hasher);
+        verify_checksum(url, &digest, checksum)?;
+        let entry = (digest, Arc::new(file));
+        self.urls.lock().unwrap_or_else(|e| e.into_inner()).insert(url.to_string(), entry.clone());
+        Ok(entry)
+    }
+}
+
+fn verify_checksum(url: &str, got: &Digest, want: Option<&str>) -> Result<(), String> {
+    match want {
+        Some(w) if w != got.as_str() => Err(format!("checksum of {url} is {got}, but --checksum expects {w}")),
+        _ => Ok(()),
+    }
+}
+
+async fn pull_one(
+    engine: Engine,
+    registry: RegistryClient,
+    reference: Reference,
+    desc: hoist_oci::image::Descriptor,
+    diff_id: Digest,
+    record: BlobRecord,
+) -> Result<(), EngineError> {
+    let err = |m: String| EngineError::Image(format!("image {reference}: layer {}: {m}", desc.digest));
+    let store = engine.store().clone();
+    if !store.contains(&desc.digest) {
+        registry.fetch_blob(&reference, &desc.digest, &store).await.map_err(|e| err(e.to_string()))?;
+    }
+    let snaps = engine.snapshots().clone();
+    let media_type = desc.media_type.clone();
+    let blob = desc.digest.clone();
+    let want = diff_id.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let tmp = snaps.temp_dir().map_err(|e| e.to_string())?;
+        let got = extract_blob(&store, &blob, &media_type, tmp.path(), &ExtractOptions::default()).map_err(|e| e.to_string())?;
+        if got != want {
+            // A corrupt blob: drop it so the next build fetches it again.
+            let _ = store.remove(&blob);
+            return Err(format!("uncompressed digest {got} does not match the config's diff_id {want}; the blob was discarded"));
+        }
+        snaps.commit(tmp, &want).map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| err(e.to_string()))?
+    .map_err(err)?;
+    engine.index().add_layer_blob(&diff_id, record).map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl ImageResolver for BuildResolver {
+    async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
+        let key = (reference.to_string(), platform.to_string());
+        let mut resolved = self.resolved.lock().await;
+        if let Some(hit) = resolved.get(&key) {
+            return Ok(hit.clone());
+        }
+        let img = self.resolve_uncached(reference, platform).await?;
+        resolved.insert(key, img.clone());
+        Ok(img)
+    }
+}

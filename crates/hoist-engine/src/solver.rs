@@ -1,0 +1,497 @@
+//! The solver: stages as parallel tasks, steps keyed and reused or run, identical in-flight
+//! steps run once, and the image config of the result assembled.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use hoist_oci::digest::Digest;
+use hoist_oci::image::{History, ImageConfig, RootFs};
+use tokio_util::sync::CancellationToken;
+
+use crate::cachekey::{self, CacheKey};
+use crate::engine::{BuildRequest, BuiltImage, Engine, EngineError};
+use crate::frontend;
+use crate::graph::{Base, BuildGraph, Op, Platform, Source, Stage, StageId, Step};
+use crate::images::BuildResolver;
+use crate::progress::{Event, Progress};
+use crate::steps::{self, StepEnv};
+
+/// Counts of steps run and reused in one build.
+#[derive(Debug, Default)]
+pub struct Counters {
+    run: AtomicU32,
+    cached: AtomicU32,
+}
+
+impl Counters {
+    pub fn run(&self) -> u32 {
+        self.run.load(Ordering::Relaxed)
+    }
+    pub fn cached(&self) -> u32 {
+        self.cached.load(Ordering::Relaxed)
+    }
+}
+
+/// Vertex ids of one build.
+#[derive(Debug, Default)]
+pub struct VertexIds(AtomicU32);
+
+impl VertexIds {
+    fn next(&self) -> u32 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// What a finished step produced, shared by everyone waiting on it.
+pub(crate) type StepOutput = Result<Option<Digest>, Arc<EngineError>>;
+
+type SharedStep = Shared<BoxFuture<'static, StepOutput>>;
+
+/// Steps in flight across all builds, by cache key: a second build asking for a key that
+/// is running waits for the first instead of running it again. The work is cancelled only
+/// when every build waiting on it has gone.
+#[derive(Default)]
+pub struct Inflight {
+    map: Mutex<HashMap<String, (SharedStep, Arc<Interest>)>>,
+}
+
+/// Who still waits on an in-flight step.
+struct Interest {
+    waiters: AtomicUsize,
+    cancel: CancellationToken,
+}
+
+/// A waiter's registration; dropping it (the build ended or was cancelled) withdraws it.
+struct InterestGuard(Arc<Interest>);
+
+impl Drop for InterestGuard {
+    fn drop(&mut self) {
+        if self.0.waiters.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.cancel.cancel();
+        }
+    }
+}
+
+impl Inflight {
+    /// Run `work` under `key` unless it is already running, and wait for its output. The
+    /// second element says whether this call started the work.
+    pub(crate) async fn run<F, Fut>(&self, key: &str, cancel: &CancellationToken, work: F) -> (StepOutput, bool)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = StepOutput> + Send + 'static,
+    {
+        let (shared, interest, started) = {
+            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(key) {
+                Some((s, i)) if !i.cancel.is_cancelled() => {
+                    i.waiters.fetch_add(1, Ordering::AcqRel);
+                    (s.clone(), i.clone(), false)
+                }
+                _ => {
+                    let interest = Arc::new(Interest { waiters: AtomicUsize::new(1), cancel: CancellationToken::new() });
+                    let fut = work(interest.cancel.clone());
+                    // Spawned so that it progresses (and cleans up) even if the first
+                    // waiter goes away while others still wait.
+                    let handle = tokio::spawn(fut);
+                    let shared: SharedStep = async move {
+                        match handle.await {
+                            Ok(out) => out,
+                            Err(e) => Err(Arc::new(EngineError::Export(format!("internal error: step task failed: {e}")))),
+                        }
+                    }
+                    .boxed()
+                    .shared();
+                    map.insert(key.to_string(), (shared.clone(), interest.clone()));
+                    (shared, interest, true)
+                }
+            }
+        };
+        let guard = InterestGuard(interest);
+        let out = tokio::select! {
+            out = shared => out,
+            _ = cancel.cancelled() => Err(Arc::new(EngineError::Cancelled)),
+        };
+        drop(guard);
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, _)) = map.get(key) {
+            if s.peek().is_some() {
+                map.remove(key);
+            }
+        }
+        (out, started)
+    }
+}
+
+/// The state at the end of a stage.
+#[derive(Debug, Clone)]
+pub(crate) struct StageState {
+    /// Key of the filesystem state (what later steps and stages key on).
+    pub key: CacheKey,
+    /// Layers, bottom first.
+    pub layers: Vec<Digest>,
+    /// History so far (base image's included), matching `layers`.
+    pub history: Vec<History>,
+}
+
+type SharedStage = Shared<BoxFuture<'static, Result<Arc<StageState>, Arc<EngineError>>>>;
+
+/// Everything a stage task needs.
+pub(crate) struct Build {
+    pub engine: Engine,
+    pub req: Arc<BuildRequest>,
+    pub graph: Arc<BuildGraph>,
+    pub platform: Platform,
+    pub progress: Progress,
+    pub cancel: CancellationToken,
+    pub counters: Arc<Counters>,
+    pub vertices: Arc<VertexIds>,
+    pub resolver: Arc<BuildResolver>,
+    /// Results of stages, filled in stage order before any task runs.
+    pub stages: Mutex<Vec<SharedStage>>,
+    pub created: String,
+}
+
+impl Build {
+    /// Wait for another stage's result.
+    pub(crate) async fn stage(&self, id: StageId) -> Result<Arc<StageState>, EngineError> {
+        let fut = {
+            let stages = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+            stages.get(id).cloned()
+        };
+        match fut {
+            Some(f) => f.await.map_err(|e| EngineError::Export(e.to_string())),
+            None => Err(EngineError::Export(format!("internal error: stage {id} is not in the graph"))),
+        }
+    }
+
+    fn stage_label(&self, stage: &Stage, id: StageId) -> String {
+        let name = stage.name.clone().unwrap_or_else(|| format!("stage-{}", stage.dockerfile_index.unwrap_or(id)));
+        if self.req.platforms.len() > 1 {
+            format!("{} {name}", self.platform)
+        } else {
+            name
+        }
+    }
+}
+
+/// Run the frontend and solve the graph for one platform.
+pub(crate) async fn build_platform(
+    engine: Engine,
+    req: Arc<BuildRequest>,
+    platform: Platform,
+    progress: Progress,
+    cancel: CancellationToken,
+    counters: Arc<Counters>,
+    vertices: Arc<VertexIds>,
+) -> Result<BuiltImage, EngineError> {
+    let resolver = Arc::new(BuildResolver::new(engine.clone(), req.registry.clone(), req.pull));
+    let mut opts = req.frontend.clone();
+    opts.target_platform = Some(platform.clone());
+    let graph = frontend::build_graph(&req.dockerfile, &opts, resolver.as_ref())
+        .await
+        .map_err(|e| EngineError::Frontend(e.to_string()))?;
+    for w in &graph.warnings {
+        Engine::warn(&progress, w.clone());
+    }
+    let created = created_timestamp(&req);
+    let build = Arc::new(Build {
+        engine,
+        req,
+        graph: Arc::new(graph),
+        platform: platform.clone(),
+        progress,
+        cancel: cancel.child_token(),
+        counters,
+        vertices,
+        resolver,
+        stages: Mutex::new(Vec::new()),
+        created,
+    });
+    {
+        let mut stages = build.stages.lock().unwrap_or_else(|e| e.into_inner());
+        for id in 0..build.graph.stages.len() {
+            let b = build.clone();
+            let fut: BoxFuture<'static, Result<Arc<StageState>, Arc<EngineError>>> =
+                async move { solve_stage(b, id).await.map(Arc::new).map_err(Arc::new) }.boxed();
+            stages.push(fut.shared());
+        }
+    }
+    // Start every stage now (the graph holds only stages the target needs), so that
+    // independent stages run in parallel; each waits for the stages it reads when it needs them.
+    let all: Vec<SharedStage> = build.stages.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut handles = Vec::new();
+    for s in all.iter().cloned() {
+        handles.push(tokio::spawn(s));
+    }
+    let target = build.graph.target;
+    let result = all[target].clone().await;
+    if result.is_err() {
+        build.cancel.cancel();
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    let state = result.map_err(unwrap_arc)?;
+    let stage = &build.graph.stages[target];
+    image_of(&build, stage, &state)
+}
+
+fn unwrap_arc(e: Arc<EngineError>) -> EngineError {
+    Arc::try_unwrap(e).unwrap_or_else(|e| match &*e {
+        EngineError::Frontend(m) => EngineError::Frontend(m.clone()),
+        EngineError::Step { location, instruction, message } => {
+            EngineError::Step { location: location.clone(), instruction: instruction.clone(), message: message.clone() }
+        }
+        EngineError::Image(m) => EngineError::Image(m.clone()),
+        EngineError::Export(m) => EngineError::Export(m.clone()),
+        EngineError::State { path, message } => EngineError::State { path: path.clone(), message: message.clone() },
+        EngineError::Cancelled => EngineError::Cancelled,
+    })
+}
+
+fn created_timestamp(req: &BuildRequest) -> String {
+    let epoch = req
+        .frontend
+        .build_args
+        .get("SOURCE_DATE_EPOCH")
+        .and_then(|s| s.parse::<i64>().ok())
+        .map(|s| chrono::DateTime::<chrono::Utc>::from_timestamp(s, 0).unwrap_or_default());
+    epoch.unwrap_or_else(chrono::Utc::now).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+/// Solve one stage: its base, then its steps in order.
+async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineError> {
+    let stage = &b.graph.stages[id];
+    let label = b.stage_label(stage, id);
+    let ns = b.req.namespace.clone();
+    let mut state = match &stage.base {
+        Base::Scratch => StageState {
+            key: cachekey::base_key(&ns, &b.platform, &[]),
+            layers: Vec::new(),
+            history: Vec::new(),
+        },
+        Base::Stage(j) => {
+            let s = b.stage(*j).await?;
+            StageState { key: s.key.clone(), layers: s.layers.clone(), history: s.history.clone() }
+        }
+        Base::Image(img) => {
+            let vid = b.vertices.next();
+            let name = format!("[{label}] FROM {}@{}", img.reference, img.manifest_digest);
+            b.progress.send(Event::Started { id: vid, name });
+            let t = Instant::now();
+            let res = b.resolver.pull_layers(img, &b.cancel).await;
+            let (cached, err) = match &res {
+                Ok(pulled) => (*pulled == 0, None),
+                Err(e) => (false, Some(e.to_string())),
+            };
+            b.progress.send(Event::Completed { id: vid, cached, seconds: t.elapsed().as_secs_f64(), error: err });
+            res?;
+            let layers = img.config.rootfs.diff_ids.clone();
+            StageState {
+                key: cachekey::base_key(&ns, &b.platform, &layers),
+                layers,
+                history: img.config.history.clone(),
+            }
+        }
+    };
+    let total = stage.steps.len();
+    let mut entries = stage.history.iter();
+    for (i, step) in stage.steps.iter().enumerate() {
+        if b.cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        // History entries of config-only instructions before this step.
+        for h in entries.by_ref() {
+            if h.empty_layer {
+                state.history.push(history(&b, h, true));
+            } else {
+                let name = format!("[{label} {}/{}] {}", i + 1, total, step.display);
+                let produced = run_step(&b, &mut state, step, name).await?;
+                state.history.push(history(&b, h, !produced));
+                break;
+            }
+        }
+    }
+    for h in entries {
+        state.history.push(history(&b, h, true));
+    }
+    Ok(state)
+}
+
+fn history(b: &Build, h: &crate::graph::HistoryEntry, empty: bool) -> History {
+    History {
+        created: Some(b.created.clone()),
+        author: None,
+        created_by: Some(h.created_by.clone()),
+        comment: h.comment.clone(),
+        empty_layer: empty,
+    }
+}
+
+/// Key, look up, and run if needed; returns whether the step added a layer.
+async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: String) -> Result<bool, EngineError> {
+    let vid = b.vertices.next();
+    b.progress.send(Event::Started { id: vid, name });
+    let started = Instant::now();
+    let result = keyed_step(b, state, step, vid).await;
+    let (cached, err) = match &result {
+        Ok((_, cached)) => (*cached, None),
+        Err(e) => (false, Some(e.to_string())),
+    };
+    b.progress.send(Event::Completed { id: vid, cached, seconds: started.elapsed().as_secs_f64(), error: err });
+    let (diff, cached) = result?;
+    if cached {
+        b.counters.cached.fetch_add(1, Ordering::Relaxed);
+    } else {
+        b.counters.run.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(match diff {
+        Some(d) => {
+            state.layers.push(d);
+            true
+        }
+        None => false,
+    })
+}
+
+fn step_error(b: &Build, step: &Step, message: impl std::fmt::Display) -> EngineError {
+    let name = if b.req.frontend.dockerfile_name.is_empty() { "Dockerfile" } else { &b.req.frontend.dockerfile_name };
+    EngineError::Step {
+        location: format!("{name}:{}", step.line),
+        instruction: step.display.clone(),
+        message: message.to_string(),
+    }
+}
+
+/// The step's inputs besides its parent: content digests of what it reads.
+async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, String)>, EngineError> {
+    let mut inputs = Vec::new();
+    let stage_input = |inputs: &mut Vec<(&'static str, String)>, key: &str| inputs.push(("stage", key.to_string()));
+    match &step.op {
+        Op::Copy(c) => match &c.from {
+            Source::Context => {
+                let ctx = b.req.context.clone();
+                let op = c.clone();
+                let d = tokio::task::spawn_blocking(move || {
+                    crate::copy::source_digest(ctx.dir(), &op, &|p: &str| ctx.file_digest(p))
+                })
+                .await
+                .map_err(|e| step_error(b, step, e))?
+                .map_err(|e| step_error(b, step, e))?;
+                inputs.push(("sources", d.to_string()));
+            }
+            Source::Stage(j) => {
+                let s = b.stage(*j).await?;
+                stage_input(&mut inputs, &s.key);
+            }
+        },
+        Op::Run(r) => {
+            for m in &r.mounts {
+                match &m.kind {
+                    crate::graph::MountKind::Bind { from: Source::Context, source, .. } => {
+                        inputs.push(("context", b.req.context.subtree_digest(source).to_string()));
+                    }
+                    crate::graph::MountKind::Bind { from: Source::Stage(j), .. }
+                    | crate::graph::MountKind::Cache { from: Some(Source::Stage(j)), .. } => {
+                        let s = b.stage(*j).await?;
+                        stage_input(&mut inputs, &s.key);
+                    }
+                    crate::graph::MountKind::Cache { from: Some(Source::Context), source, .. } => {
+                        inputs.push(("context", b.req.context.subtree_digest(source).to_string()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Op::Mkdir(_) => {}
+    }
+    if let Op::Copy(c) = &step.op {
+        for s in &c.sources {
+            if let crate::graph::CopySource::Url { url, checksum } = s {
+                let d = match checksum {
+                    Some(c) => c.clone(),
+                    None => b.resolver.fetch_url(url, None).await.map_err(|e| step_error(b, step, e))?.0.to_string(),
+                };
+                inputs.push(("url", format!("{url} {d}")));
+            }
+        }
+    }
+    Ok(inputs)
+}
+
+async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u32) -> Result<(Option<Digest>, bool), EngineError> {
+    let inputs = step_inputs(b, step).await?;
+    let link = matches!(&step.op, Op::Copy(c) if c.link);
+    let parent = if link { None } else { Some(state.key.as_str()) };
+    let op_key = cachekey::step_key(&b.req.namespace, &b.platform, parent, &step.op, &inputs);
+    let engine = &b.engine;
+    let next_key = if link {
+        cachekey::step_key(&b.req.namespace, &b.platform, Some(&state.key), &step.op, &[("link", op_key.clone())])
+    } else {
+        op_key.clone()
+    };
+    if !b.req.no_cache {
+        if let Some(rec) = engine.index().step(&op_key).map_err(|e| step_error(b, step, e))? {
+            let usable = match &rec.diff_id {
+                None => true,
+                Some(d) => engine.snapshots().has_layer(d),
+            };
+            if usable {
+                state.key = next_key;
+                return Ok((rec.diff_id, true));
+            }
+        }
+    }
+    let env = StepEnv {
+        build: b.clone(),
+        parent_layers: state.layers.clone(),
+        step: step.clone(),
+        vertex: vid,
+    };
+    let key_for_index = op_key.clone();
+    let engine2 = engine.clone();
+    let (out, _started) = engine
+        .inner
+        .inflight
+        .run(&op_key, &b.cancel, move |cancel| async move {
+            let d = steps::execute(env, cancel).await.map_err(Arc::new)?;
+            engine2.index().put_step(&key_for_index, d.clone()).map_err(|e| Arc::new(EngineError::Export(e.to_string())))?;
+            Ok(d)
+        })
+        .await;
+    let diff = out.map_err(|e| {
+        let e = unwrap_arc(e);
+        match e {
+            EngineError::Step { .. } | EngineError::Cancelled => e,
+            other => step_error(b, step, other),
+        }
+    })?;
+    state.key = next_key;
+    Ok((diff, false))
+}
+
+/// Assemble the image config of the target stage.
+fn image_of(b: &Build, stage: &Stage, state: &StageState) -> Result<BuiltImage, EngineError> {
+    let mut config = ImageConfig {
+        created: Some(b.created.clone()),
+        author: None,
+        architecture: b.platform.architecture.clone(),
+        os: b.platform.os.clone(),
+        os_version: None,
+        variant: b.platform.variant.clone().filter(|_| !b.platform.variant_arg().is_empty()),
+        config: stage.config.clone(),
+        rootfs: RootFs { kind: "layers".into(), diff_ids: state.layers.clone() },
+        history: state.history.clone(),
+    };
+    if config.history.iter().filter(|h| !h.empty_layer).count() != config.rootfs.diff_ids.len() {
+        // A base image whose history does not match its layers: keep layers authoritative.
+        config.history.retain(|h| h.created_by.is_some());
+    }
+    let config_bytes = serde_json::to_vec(&config).map_err(|e| EngineError::Export(format!("serializing the image config: {e}")))?;
+    let config_digest = b.engine.store().put(&config_bytes).map_err(|e| EngineError::Export(e.to_string()))?;
+    Ok(BuiltImage { platform: b.platform.clone(), config, config_bytes, config_digest })
+}

@@ -1,0 +1,380 @@
+//! Running one step on a snapshot: RUN in the OCI runtime, COPY/ADD, WORKDIR. Each returns
+//! the layer it produced (its diff_id), or `None` when it changed nothing.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hoist_oci::digest::Digest;
+use hoist_oci::export::diff_id_of;
+use hoist_oci::layer::TarOptions;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cachemount::CacheMountGuard;
+use crate::copy::{self, CopyLimits, CopyParams};
+use crate::engine::EngineError;
+use crate::executor::{ExecMount, LogChunk, LogStream, RunSpec};
+use crate::graph::{CopyOp, CopySource, MkdirOp, MountKind, NetworkMode, Op, RunOp, Source, Step};
+use crate::progress::Event;
+use crate::rootfs;
+use crate::snapshot::{ActiveMount, SnapshotError};
+use crate::solver::Build;
+
+/// What a step needs to run.
+pub(crate) struct StepEnv {
+    pub build: Arc<Build>,
+    pub parent_layers: Vec<Digest>,
+    pub step: Step,
+    pub vertex: u32,
+}
+
+impl StepEnv {
+    fn err(&self, message: impl std::fmt::Display) -> EngineError {
+        let name = if self.build.req.frontend.dockerfile_name.is_empty() {
+            "Dockerfile"
+        } else {
+            &self.build.req.frontend.dockerfile_name
+        };
+        EngineError::Step { location: format!("{name}:{}", self.step.line), instruction: self.step.display.clone(), message: message.to_string() }
+    }
+}
+
+/// Run `blocking` on the blocking pool, mapping both failure kinds to step errors.
+async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    env: &StepEnv,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, EngineError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(env.err(e)),
+        Err(e) => Err(env.err(format!("internal error: {e}"))),
+    }
+}
+
+/// Execute the step; on success the layer is committed to the snapshotter.
+pub(crate) async fn execute(env: StepEnv, cancel: CancellationToken) -> Result<Option<Digest>, EngineError> {
+    let op = env.step.op.clone();
+    match &op {
+        Op::Run(run) => execute_run(&env, run, cancel).await,
+        Op::Copy(c) => execute_copy(&env, c).await,
+        Op::Mkdir(m) => execute_mkdir(&env, m).await,
+    }
+}
+
+/// Unmount `active`, compute its diff and commit it as a layer (or drop an empty diff).
+async fn finish_mount(env: &StepEnv, mut active: ActiveMount) -> Result<Option<Digest>, EngineError> {
+    let snaps = env.build.engine.snapshots().clone();
+    blocking(env, move || -> Result<Option<Digest>, String> {
+        active.unmount().map_err(|e| e.to_string())?;
+        let (diff_id, _, empty) = diff_id_of(active.upper(), &TarOptions::default()).map_err(|e| e.to_string())?;
+        if empty {
+            return Ok(None);
+        }
+        snaps.commit(active, &diff_id).map_err(|e| e.to_string())?;
+        Ok(Some(diff_id))
+    })
+    .await
+}
+
+async fn prepare(env: &StepEnv, layers: Vec<Digest>, view: bool) -> Result<ActiveMount, EngineError> {
+    let snaps = env.build.engine.snapshots().clone();
+    blocking(env, move || -> Result<ActiveMount, SnapshotError> {
+        if view {
+            snaps.view(&layers)
+        } else {
+            snaps.prepare(&layers)
+        }
+    })
+    .await
+}
+
+/// Mounts (and other resources) a RUN holds until it ends.
+#[derive(Default)]
+struct Held {
+    views: Vec<ActiveMount>,
+    caches: Vec<CacheMountGuard>,
+    temps: Vec<tempfile::TempDir>,
+}
+
+async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken) -> Result<Option<Digest>, EngineError> {
+    let b = &env.build;
+    crate::executor::check_emulation(&b.platform).map_err(|e| env.err(e))?;
+    let active = prepare(env, env.parent_layers.clone(), false).await?;
+    let merged = active.merged().to_path_buf();
+    let user = run.user.clone();
+    let m2 = merged.clone();
+    let ids = blocking(env, move || rootfs::lookup_user(&m2, if user.is_empty() { "0" } else { &user })).await?;
+
+    let mut held = Held::default();
+    let mut mounts = Vec::new();
+    let mut env_vars = run.env.clone();
+    env_vars.extend(run.proxy_env.iter().cloned());
+    for m in &run.mounts {
+        match &m.kind {
+            MountKind::Bind { from, source, readwrite } => {
+                let root = match from {
+                    Source::Context => b.req.context.dir().to_path_buf(),
+                    Source::Stage(j) => {
+                        let s = b.stage(*j).await?;
+                        let v = prepare(env, s.layers.clone(), true).await?;
+                        let p = v.merged().to_path_buf();
+                        held.views.push(v);
+                        p
+                    }
+                };
+                let src = rootfs::resolve_in_root(&root, source, true).map_err(|e| env.err(e))?;
+                if !src.exists() {
+                    return Err(env.err(format!("mount source {source:?} does not exist")));
+                }
+                let src = if *readwrite && matches!(from, Source::Context) {
+                    // Writes must never reach the context: bind a throwaway copy-on-write view.
+                    let v = b.engine.snapshots().view_paths(std::slice::from_ref(&src)).map_err(|e| env.err(e))?;
+                    let p = v.merged().to_path_buf();
+                    held.views.push(v);
+                    p
+                } else {
+                    src
+                };
+                mounts.push(ExecMount::Bind { source: src, target: m.target.clone(), readonly: !*readwrite });
+            }
+            MountKind::Cache { id, sharing, from, source, readonly, mode, uid, gid } => {
+                let seed = match from {
+                    None => None,
+                    Some(Source::Context) => Some(rootfs::resolve_in_root(b.req.context.dir(), source, true).map_err(|e| env.err(e))?),
+                    Some(Source::Stage(j)) => {
+                        let s = b.stage(*j).await?;
+                        let v = prepare(env, s.layers.clone(), true).await?;
+                        let p = rootfs::resolve_in_root(v.merged(), source, true).map_err(|e| env.err(e))?;
+                        held.views.push(v);
+                        Some(p)
+                    }
+                };
+                let guard = b
+                    .engine
+                    .cache_mounts()
+                    .acquire(&b.req.namespace, id, *sharing, *mode, *uid, *gid, seed.as_deref())
+                    .await
+                    .map_err(|e| env.err(e))?;
+                mounts.push(ExecMount::Bind { source: guard.path().to_path_buf(), target: m.target.clone(), readonly: *readonly });
+                held.caches.push(guard);
+            }
+            MountKind::Tmpfs { size } => mounts.push(ExecMount::Tmpfs { target: m.target.clone(), size: *size }),
+            MountKind::Secret { id, env: as_env, required, mode, uid, gid } => {
+                let Some(value) = b.req.secrets.secrets.get(id) else {
+                    if *required {
+                        return Err(env.err(format!("secret {id:?} is required but was not given (use --secret id={id},src=FILE)")));
+                    }
+                    continue;
+                };
+                if let Some(var) = as_env {
+                    env_vars.push(format!("{var}={}", String::from_utf8_lossy(value)));
+                    if m.target.is_empty() {
+                        continue;
+                    }
+                }
+                // Secrets live in memory (a tmpfs) and are bind-mounted read-only; they never
+                // reach the rootfs, so never a layer.
+                let dir = tempfile::Builder::new().prefix("hoist-secret-").tempdir_in(secret_dir()).map_err(|e| env.err(e))?;
+                let file = dir.path().join("secret");
+                std::fs::write(&file, value).map_err(|e| env.err(e))?;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode)).map_err(|e| env.err(e))?;
+                rustix::fs::chown(&file, Some(rustix::fs::Uid::from_raw(*uid)), Some(rustix::fs::Gid::from_raw(*gid)))
+                    .map_err(|e| env.err(e))?;
+                mounts.push(ExecMount::Bind { source: file, target: m.target.clone(), readonly: true });
+                held.temps.push(dir);
+            }
+            MountKind::Ssh { id, required, .. } => {
+                let Some(sock) = b.req.secrets.ssh.get(id) else {
+                    if *required {
+                        return Err(env.err(format!("ssh agent {id:?} is required but was not given (use --ssh {id}=SOCKET or --ssh default)")));
+                    }
+                    continue;
+                };
+                mounts.push(ExecMount::Bind { source: sock.clone(), target: m.target.clone(), readonly: true });
+                if !env_vars.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
+                    env_vars.push(format!("SSH_AUTH_SOCK={}", m.target));
+                }
+            }
+        }
+    }
+    if !run.inline_files.is_empty() {
+        let dir = tempfile::Builder::new().prefix("hoist-inline-").tempdir().map_err(|e| env.err(e))?;
+        for (i, f) in run.inline_files.iter().enumerate() {
+            let p = dir.path().join(format!("f{i}"));
+            std::fs::write(&p, &f.content).map_err(|e| env.err(e))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode)).map_err(|e| env.err(e))?;
+            mounts.push(ExecMount::Bind { source: p, target: f.target.clone(), readonly: true });
+        }
+        held.temps.push(dir);
+    }
+    if !env_vars.iter().any(|e| e.starts_with("HOME=")) {
+        env_vars.push(format!("HOME={}", ids.home.clone().unwrap_or_else(|| "/root".into())));
+    }
+    let network = match run.network {
+        NetworkMode::Default => b.req.network,
+        other => other,
+    };
+    let spec = RunSpec {
+        id: format!("hoist-{}", uuid_like()),
+        rootfs: merged,
+        args: run.args.clone(),
+        env: env_vars,
+        cwd: run.cwd.clone(),
+        uid: ids.uid,
+        gid: ids.gid,
+        additional_gids: ids.additional_gids.clone(),
+        network,
+        security: run.security,
+        mounts,
+        hostname: "buildkitsandbox".into(),
+        extra_hosts: b.req.add_hosts.clone(),
+        timeout: None,
+    };
+    let (tx, mut rx) = mpsc::channel::<LogChunk>(256);
+    let progress = b.progress.clone();
+    let vid = env.vertex;
+    let forward = tokio::spawn(async move {
+        while let Some(chunk) = rx.recv().await {
+            let stream = match chunk.stream {
+                LogStream::Stdout => 1,
+                LogStream::Stderr => 2,
+            };
+            progress.send(Event::Log { id: vid, stream, data: chunk.data });
+        }
+    });
+    let status = b.engine.inner.executor.run(spec, tx, cancel).await;
+    let _ = forward.await;
+    drop(held);
+    let status = status.map_err(|e| match e {
+        crate::executor::ExecError::Cancelled { .. } => EngineError::Cancelled,
+        e => env.err(e),
+    })?;
+    if status.code != 0 {
+        return Err(env.err(format!(
+            "{} did not complete successfully: exit code: {}",
+            crate::executor::describe_command(&run.args),
+            status.code
+        )));
+    }
+    finish_mount(env, active).await
+}
+
+fn secret_dir() -> PathBuf {
+    let shm = PathBuf::from("/dev/shm");
+    if shm.is_dir() {
+        shm
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn uuid_like() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom(&mut b);
+    hex::encode(b)
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+async fn execute_copy(env: &StepEnv, c: &CopyOp) -> Result<Option<Digest>, EngineError> {
+    let b = &env.build;
+    // Sources.
+    let mut held_views = Vec::new();
+    let src_root = match &c.from {
+        Source::Context => b.req.context.dir().to_path_buf(),
+        Source::Stage(j) => {
+            let s = b.stage(*j).await?;
+            let v = prepare(env, s.layers.clone(), true).await?;
+            let p = v.merged().to_path_buf();
+            held_views.push(v);
+            p
+        }
+    };
+    let mut urls = HashMap::new();
+    let mut url_files = Vec::new();
+    for s in &c.sources {
+        if let CopySource::Url { url, checksum } = s {
+            let (digest, file) = b.resolver.fetch_url(url, checksum.as_deref()).await.map_err(|e| env.err(e))?;
+            let _ = digest;
+            urls.insert(url.clone(), file.path().to_path_buf());
+            url_files.push(file);
+        }
+    }
+    // Destination: the stage's filesystem, or an empty directory for --link.
+    enum Dest {
+        Mount(ActiveMount),
+        Link(crate::snapshot::TempLayerDir, Option<ActiveMount>),
+    }
+    let dest = if c.link {
+        let tmp = b.engine.snapshots().temp_dir().map_err(|e| env.err(e))?;
+        // --chown names still resolve against the stage's /etc/passwd.
+        let view = if c.chown.is_some() { Some(prepare(env, env.parent_layers.clone(), true).await?) } else { None };
+        Dest::Link(tmp, view)
+    } else {
+        Dest::Mount(prepare(env, env.parent_layers.clone(), false).await?)
+    };
+    let (dest_root, users_root) = match &dest {
+        Dest::Mount(m) => (m.merged().to_path_buf(), m.merged().to_path_buf()),
+        Dest::Link(t, v) => (t.path().to_path_buf(), v.as_ref().map(|v| v.merged().to_path_buf()).unwrap_or_else(|| t.path().to_path_buf())),
+    };
+    let op = c.clone();
+    let result = blocking(env, move || -> Result<(), String> {
+        let owner = match &op.chown {
+            Some(spec) => Some(rootfs::lookup_chown(&users_root, spec).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let params = CopyParams {
+            op: &op,
+            src_root: &src_root,
+            dest_root: &dest_root,
+            owner,
+            urls: &urls,
+            limits: CopyLimits::default(),
+        };
+        copy::copy(&params).map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await;
+    drop(held_views);
+    drop(url_files);
+    result?;
+    match dest {
+        Dest::Mount(m) => finish_mount(env, m).await,
+        Dest::Link(tmp, view) => {
+            drop(view);
+            let snaps = b.engine.snapshots().clone();
+            blocking(env, move || -> Result<Option<Digest>, String> {
+                let (diff_id, _, empty) = diff_id_of(tmp.path(), &TarOptions::default()).map_err(|e| e.to_string())?;
+                if empty {
+                    return Ok(None);
+                }
+                snaps.commit(tmp, &diff_id).map_err(|e| e.to_string())?;
+                Ok(Some(diff_id))
+            })
+            .await
+        }
+    }
+}
+
+async fn execute_mkdir(env: &StepEnv, m: &MkdirOp) -> Result<Option<Digest>, EngineError> {
+    let active = prepare(env, env.parent_layers.clone(), false).await?;
+    let merged = active.merged().to_path_buf();
+    let op = m.clone();
+    blocking(env, move || -> Result<(), String> {
+        let owner = if op.user.is_empty() {
+            None
+        } else {
+            let ids = rootfs::lookup_user(&merged, &op.user).map_err(|e| e.to_string())?;
+            Some((ids.uid, ids.gid))
+        };
+        rootfs::create_dir_all_in_root(&merged, &op.path, 0o755, owner).map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await?;
+    finish_mount(env, active).await
+}

@@ -1,0 +1,680 @@
+//! Integration tests of the snapshotter (real overlayfs) and the executor (real runc) on a
+//! busybox rootfs. They need root (mounts, namespaces); as another user they print a skip
+//! note and pass. The arm64 test also needs the lab registry (127.0.0.1:5000) and skopeo.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hoist_engine::executor::{
+    ExecError, ExecMount, Executor, ExitStatus, LogChunk, LogStream, RunSpec, RuncConfig, RuncExecutor,
+};
+use hoist_engine::graph::{NetworkMode, Platform, SecurityMode};
+use hoist_engine::snapshot::{ActiveMount, OverlayMounter, Snapshotter};
+use hoist_oci::digest::Digest;
+use tokio_util::sync::CancellationToken;
+
+/// Timing-sensitive tests (fork storm, cancellation) run one at a time on this 2-core box.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn is_root() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipping: this test needs root (overlayfs mounts and runc)");
+    false
+}
+
+struct Lab {
+    tmp: tempfile::TempDir,
+    snap: Snapshotter,
+    exec: RuncExecutor,
+    base: Digest,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        Self::with_config(|_| {})
+    }
+
+    fn with_config(f: impl FnOnce(&mut RuncConfig)) -> Lab {
+        let tmp = tempfile::tempdir().unwrap();
+        let snap = Snapshotter::new(tmp.path().join("snapshots")).unwrap();
+        let mut cfg = RuncConfig::new(tmp.path().join("executor"));
+        f(&mut cfg);
+        let exec = RuncExecutor::new(cfg).unwrap();
+        let base = Digest::of(b"test busybox base layer");
+        let layer = snap.temp_dir().unwrap();
+        busybox_rootfs(layer.path(), Path::new("/bin/busybox"));
+        snap.commit(layer, &base).unwrap();
+        Lab { tmp, snap, exec, base }
+    }
+
+    /// Nothing may stay mounted under the lab's root once every mount is dropped.
+    fn assert_no_mounts(&self) {
+        let root = self.tmp.path().canonicalize().unwrap();
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let left: Vec<&str> = info.lines().filter(|l| l.contains(root.to_str().unwrap())).collect();
+        assert!(left.is_empty(), "mounts left under {}: {left:#?}", root.display());
+    }
+
+    fn assert_no_containers(&self) {
+        assert_eq!(self.exec.list_containers().unwrap(), Vec::<String>::new());
+    }
+}
+
+/// A minimal rootfs: busybox with its applet links, /etc/passwd and /etc/group, a file to
+/// delete and a directory to replace. No /proc, /dev, /sys, /etc/hosts, /etc/resolv.conf.
+fn busybox_rootfs(dir: &Path, busybox: &Path) {
+    fs::create_dir_all(dir.join("bin")).unwrap();
+    fs::copy(busybox, dir.join("bin/busybox")).unwrap();
+    let list = std::process::Command::new(busybox).arg("--list").output().unwrap();
+    for applet in String::from_utf8(list.stdout).unwrap().lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
+        }
+    }
+    fs::create_dir_all(dir.join("etc")).unwrap();
+    fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n").unwrap();
+    fs::write(dir.join("etc/group"), "root:x:0:\nwheel:x:10:app\napp:x:1000:\n").unwrap();
+    fs::write(dir.join("del"), "to be deleted").unwrap();
+    fs::create_dir_all(dir.join("data/sub")).unwrap();
+    fs::write(dir.join("data/sub/x"), "old").unwrap();
+    fs::create_dir_all(dir.join("tmp")).unwrap();
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+fn spec_for(mount: &ActiveMount, id: &str, args: Vec<String>) -> RunSpec {
+    let mut s = RunSpec::new(id, mount.merged(), args);
+    s.env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()];
+    s
+}
+
+struct Output {
+    result: Result<ExitStatus, ExecError>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run_with(exec: &RuncExecutor, spec: RunSpec, cancel: CancellationToken) -> Output {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<LogChunk>(64);
+    let collector = tokio::spawn(async move {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(c) = rx.recv().await {
+            match c.stream {
+                LogStream::Stdout => out.extend_from_slice(&c.data),
+                LogStream::Stderr => err.extend_from_slice(&c.data),
+            }
+        }
+        (String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned())
+    });
+    let result = exec.run(spec, tx, cancel).await;
+    let (stdout, stderr) = collector.await.unwrap();
+    Output { result, stdout, stderr }
+}
+
+async fn run(exec: &RuncExecutor, spec: RunSpec) -> Output {
+    run_with(exec, spec, CancellationToken::new()).await
+}
+
+fn code(o: &Output) -> i32 {
+    match &o.result {
+        Ok(s) => s.code,
+        Err(e) => panic!("run failed: {e}\nstdout: {}\nstderr: {}", o.stdout, o.stderr),
+    }
+}
+
+/// Entries of a directory tree, relative, sorted.
+fn tree(dir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            out.insert(p.strip_prefix(dir).unwrap().display().to_string());
+            if p.symlink_metadata().unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn xattr_names(p: &Path) -> Vec<String> {
+    let mut buf = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(p, &mut buf[..]).unwrap_or(0);
+    buf[..n].split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+}
+
+/// PIDs of processes in the step's cgroup (`hoist/<id>`, any controller).
+fn processes_of(id: &str) -> Vec<u32> {
+    let needle = format!("/hoist/{id}");
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.lines().any(|l| l.ends_with(&needle))))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_code_and_both_streams_are_reported() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let o = run(&lab.exec, spec_for(&mount, "codes", sh("echo out; echo err >&2; exit 7"))).await;
+    assert_eq!(code(&o), 7);
+    assert_eq!(o.stdout, "out\n");
+    assert_eq!(o.stderr, "err\n");
+    let o = run(&lab.exec, spec_for(&mount, "codes2", vec!["/bin/false".into()])).await;
+    assert_eq!(code(&o), 1);
+    assert!(!o.result.unwrap().success());
+    drop(mount);
+    lab.assert_no_mounts();
+    lab.assert_no_containers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_cwd_and_user_are_applied() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mut mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let mut spec = spec_for(&mount, "user", sh("echo $FOO; pwd; id -u; id -g; id -G; touch mine"));
+    spec.env.push("FOO=bar baz".into());
+    spec.cwd = "/work/dir".into();
+    spec.uid = 1000;
+    spec.gid = 1000;
+    spec.additional_gids = vec![10];
+    let o = run(&lab.exec, spec).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "bar baz\n/work/dir\n1000\n1000\n1000 10\n");
+    mount.unmount().unwrap();
+    let cwd = mount.upper().join("work/dir");
+    assert_eq!((cwd.metadata().unwrap().uid(), cwd.metadata().unwrap().gid()), (1000, 1000), "cwd created for the user, like BuildKit");
+    assert_eq!(cwd.join("mine").metadata().unwrap().uid(), 1000);
+    drop(mount);
+    lab.assert_no_mounts();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upperdir_is_the_diff_with_whiteouts_opaque_dirs_and_no_stubs() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mut mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let secret = lab.tmp.path().join("secret");
+    fs::write(&secret, "s3cret").unwrap();
+    let mut spec = spec_for(
+        &mount,
+        "diff",
+        sh("echo new > /new && rm /del && rm -rf /data && mkdir /data && echo y > /data/y && echo x >> /etc/passwd && cat /run/secrets/s && ls /proc/self >/dev/null"),
+    );
+    spec.mounts = vec![ExecMount::Bind { source: secret.clone(), target: "/run/secrets/s".into(), readonly: true }];
+    let o = run(&lab.exec, spec).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "s3cret");
+    mount.unmount().unwrap();
+    let upper = mount.upper().to_path_buf();
+    let entries = tree(&upper);
+    let expected: BTreeSet<String> = ["data", "data/y", "del", "etc", "etc/passwd", "new"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(entries, expected, "only the step's changes: no /proc, /dev, /sys, /etc/hosts, /etc/resolv.conf, /run stubs");
+    let del = upper.join("del").symlink_metadata().unwrap();
+    assert!(del.file_type().is_char_device() && del.rdev() == 0, "deleted lower file is a 0/0 whiteout");
+    assert_eq!(xattr_names(&upper.join("data")), vec!["trusted.overlay.opaque".to_string()]);
+    for e in &entries {
+        for x in xattr_names(&upper.join(e)) {
+            assert!(x == "trusted.overlay.opaque", "overlay artefact {x} left on {e}");
+        }
+    }
+    let d = Digest::of(b"diff layer");
+    let dir = lab.snap.commit(mount, &d).unwrap();
+    assert_eq!(fs::read_to_string(dir.join("new")).unwrap(), "new\n");
+    // The committed layer stacks: a step on top sees the change, not the deleted file.
+    let mount = lab.snap.prepare(&[lab.base.clone(), d.clone()]).unwrap();
+    let o = run(&lab.exec, spec_for(&mount, "stacked", sh("cat /new /data/y; test -e /del || echo gone; test -e /data/sub || echo opaque"))).await;
+    assert_eq!(o.stdout, "new\ny\ngone\nopaque\n");
+    drop(mount);
+    lab.assert_no_mounts();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_changes_nothing_leaves_an_empty_upperdir() {
+    // Regression guard for mount stubs: /proc, /dev, /sys, /etc/hosts and /etc/resolv.conf
+    // are missing in this rootfs; creating them for the run must not leave a trace (not even
+    // a copied-up /etc or a changed mtime of /).
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mut mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let o = run(&lab.exec, spec_for(&mount, "noop", sh("cat /etc/hosts >/dev/null && ls /dev/null /sys >/dev/null"))).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    mount.unmount().unwrap();
+    assert_eq!(tree(mount.upper()), BTreeSet::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_resolv_and_hostname_are_provided() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let mut spec = spec_for(&mount, "hosts", sh("hostname; cat /etc/hosts; cat /etc/resolv.conf; echo > /etc/hosts && echo writable"));
+    spec.extra_hosts = vec![("db.local".into(), "10.1.2.3".into())];
+    let o = run(&lab.exec, spec).await;
+    assert_ne!(code(&o), 0, "/etc/hosts is read-only");
+    assert!(o.stdout.starts_with("buildkitsandbox\n127.0.0.1\tlocalhost buildkitsandbox\n"), "{}", o.stdout);
+    assert!(o.stdout.contains("10.1.2.3\tdb.local\n"));
+    let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap();
+    assert!(o.stdout.contains(&host_resolv), "host network: the host's resolv.conf");
+    assert!(!o.stdout.contains("writable"));
+}
+
+fn interfaces(proc_net_dev: &str) -> BTreeSet<String> {
+    proc_net_dev.lines().skip(2).filter(|l| l.contains(':')).filter_map(|l| l.split(':').next()).map(|s| s.trim().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_none_has_only_loopback_and_host_sees_the_hosts_interfaces() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let mut spec = spec_for(&mount, "netnone", sh("cat /proc/net/dev; ip link show lo | grep -q UP && echo lo-up"));
+    spec.network = NetworkMode::None;
+    let o = run(&lab.exec, spec).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(interfaces(&o.stdout), BTreeSet::from(["lo".to_string()]));
+    assert!(o.stdout.contains("lo-up"), "loopback is up: {}", o.stdout);
+    for net in [NetworkMode::Host, NetworkMode::Default] {
+        let mut spec = spec_for(&mount, "nethost", sh("cat /proc/net/dev"));
+        spec.network = net;
+        let o = run(&lab.exec, spec).await;
+        let host = interfaces(&fs::read_to_string("/proc/net/dev").unwrap());
+        assert_eq!(interfaces(&o.stdout), host, "{net:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bind_mounts_respect_readonly_and_tmpfs_stays_out_of_the_layer() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mut mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let (ro, rw) = (lab.tmp.path().join("ro"), lab.tmp.path().join("rw"));
+    fs::create_dir_all(&ro).unwrap();
+    fs::create_dir_all(&rw).unwrap();
+    fs::write(ro.join("f"), "host").unwrap();
+    let ctx_view = lab.snap.view_paths(std::slice::from_ref(&ro)).unwrap();
+    let mut spec = spec_for(
+        &mount,
+        "binds",
+        sh("cat /src/f; touch /src/x 2>/dev/null && echo WROTE-RO; echo c > /cache/c; echo t > /scratch/t; grep ' /scratch ' /proc/mounts | cut -d' ' -f3; echo cow > /ctx/f; rm -f /ctx/gone"),
+    );
+    fs::write(ro.join("gone"), "host file").unwrap();
+    spec.mounts = vec![
+        ExecMount::Bind { source: ctx_view.merged().to_path_buf(), target: "/ctx".into(), readonly: false },
+        ExecMount::Bind { source: ro.clone(), target: "/src".into(), readonly: true },
+        ExecMount::Bind { source: rw.clone(), target: "/cache".into(), readonly: false },
+        ExecMount::Tmpfs { target: "/scratch".into(), size: Some(1 << 20) },
+    ];
+    let o = run(&lab.exec, spec).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "hosttmpfs\n");
+    assert!(!ro.join("x").exists());
+    assert_eq!(fs::read_to_string(ro.join("f")).unwrap(), "host", "rw bind of a view: writes never reach the host dir");
+    assert!(ro.join("gone").exists());
+    drop(ctx_view);
+    assert_eq!(fs::read_to_string(rw.join("c")).unwrap(), "c\n");
+    mount.unmount().unwrap();
+    assert_eq!(tree(mount.upper()), BTreeSet::new(), "mount points and mounted content stay out of the layer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_has_dockers_caps_and_insecure_has_more() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let script = "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status";
+    let o = run(&lab.exec, spec_for(&mount, "caps", sh(script))).await;
+    assert!(o.stdout.contains("CapEff:\t00000000a80425fb"), "{}", o.stdout);
+    assert!(o.stdout.contains("NoNewPrivs:\t0"), "{}", o.stdout);
+    let mut spec = spec_for(&mount, "insecure", sh(&format!("{script}; mount -t tmpfs t /tmp && echo mounted")));
+    spec.security = SecurityMode::Insecure;
+    let o = run(&lab.exec, spec).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    let host_bnd = fs::read_to_string("/proc/self/status").unwrap();
+    let bnd = host_bnd.lines().find_map(|l| l.strip_prefix("CapBnd:\t")).unwrap();
+    assert!(o.stdout.contains(&format!("CapEff:\t{bnd}")), "insecure gets the executor's bounding set: {}", o.stdout);
+    assert!(o.stdout.contains("mounted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_form_of_a_missing_binary_is_a_start_error() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let o = run(&lab.exec, spec_for(&mount, "missing", vec!["/no/such/binary".into(), "arg".into()])).await;
+    match o.result {
+        Err(ExecError::Start { command, message }) => {
+            assert_eq!(command, "process \"/no/such/binary arg\"");
+            assert!(message.contains("no such file") || message.contains("not found"), "{message}");
+        }
+        other => panic!("expected a start error, got {other:?}"),
+    }
+    lab.assert_no_containers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_kills_a_sleeping_step_and_everything_it_started() {
+    if !is_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(!processes_of("sleeper").is_empty(), "the step is running before the cancel");
+        c2.cancel();
+        Instant::now()
+    });
+    let o = run_with(&lab.exec, spec_for(&mount, "sleeper", sh("sleep 1000 & sleep 1000; echo never")), cancel).await;
+    let cancelled_at = canceller.await.unwrap();
+    assert!(cancelled_at.elapsed() < Duration::from_secs(3), "took {:?}", cancelled_at.elapsed());
+    assert!(matches!(o.result, Err(ExecError::Cancelled { .. })), "{:?}", o.result);
+    assert!(processes_of("sleeper").is_empty());
+    lab.assert_no_containers();
+    drop(mount);
+    lab.assert_no_mounts();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_storm_is_bounded_and_killed_promptly() {
+    if !is_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let lab = Lab::with_config(|c| c.pids_limit = Some(512));
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let n = processes_of("storm").len();
+        c2.cancel();
+        (Instant::now(), n)
+    });
+    let o = run_with(&lab.exec, spec_for(&mount, "storm", sh("f() { f | f & }; f; sleep 1000")), cancel).await;
+    let (cancelled_at, running) = canceller.await.unwrap();
+    eprintln!("fork storm: {running} processes at cancel, killed in {:?}", cancelled_at.elapsed());
+    assert!(running > 10 && running <= 512, "the pids limit bounds the storm: {running}");
+    assert!(cancelled_at.elapsed() < Duration::from_secs(5), "took {:?}", cancelled_at.elapsed());
+    assert!(matches!(o.result, Err(ExecError::Cancelled { .. })), "{:?}", o.result);
+    assert!(processes_of("storm").is_empty());
+    lab.assert_no_containers();
+    drop(mount);
+    lab.assert_no_mounts();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_over_its_timeout_is_killed() {
+    if !is_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let mut spec = spec_for(&mount, "slow", sh("echo started; sleep 1000"));
+    spec.timeout = Some(Duration::from_secs(1));
+    let start = Instant::now();
+    let o = run(&lab.exec, spec).await;
+    assert!(start.elapsed() < Duration::from_secs(4), "took {:?}", start.elapsed());
+    match &o.result {
+        Err(e @ ExecError::Timeout { .. }) => assert_eq!(e.to_string(), "process \"/bin/sh -c echo started; sleep 1000\" did not finish within 1s and was killed"),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert_eq!(o.stdout, "started\n");
+    assert!(processes_of("slow").is_empty());
+    lab.assert_no_containers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_run_future_kills_the_container_and_removes_stubs() {
+    if !is_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let lab = Arc::new(Lab::new());
+    let mut mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let spec = spec_for(&mount, "dropped", sh("sleep 1000"));
+    let lab2 = lab.clone();
+    let task = tokio::spawn(async move { run(&lab2.exec, spec).await.result.is_ok() });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!processes_of("dropped").is_empty());
+    task.abort();
+    let _ = task.await;
+    assert!(processes_of("dropped").is_empty());
+    lab.assert_no_containers();
+    mount.unmount().unwrap();
+    assert_eq!(tree(mount.upper()), BTreeSet::new(), "stubs removed by the drop guard");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_executor_removes_containers_a_crashed_daemon_left() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    // A container started outside any executor call, as if the daemon died mid-step.
+    let bundle = lab.tmp.path().join("crashed-bundle");
+    fs::create_dir_all(&bundle).unwrap();
+    let st = std::process::Command::new(lab.exec.runtime()).arg("spec").current_dir(&bundle).status().unwrap();
+    assert!(st.success());
+    let mut cfg: serde_json::Value = serde_json::from_str(&fs::read_to_string(bundle.join("config.json")).unwrap()).unwrap();
+    cfg["root"] = serde_json::json!({"path": mount.merged(), "readonly": false});
+    cfg["process"]["terminal"] = false.into();
+    cfg["process"]["args"] = serde_json::json!(["sleep", "1000"]);
+    cfg["linux"]["cgroupsPath"] = "hoist/crashed".into();
+    fs::write(bundle.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let st = std::process::Command::new(lab.exec.runtime())
+        .arg("--root")
+        .arg(lab.exec.runtime_root())
+        .args(["run", "-d", "--bundle"])
+        .arg(&bundle)
+        .arg("crashed")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(lab.exec.list_containers().unwrap(), vec!["crashed".to_string()]);
+    assert!(!processes_of("crashed").is_empty());
+    let again = RuncExecutor::new(RuncConfig::new(lab.tmp.path().join("executor"))).unwrap();
+    assert!(again.list_containers().unwrap().is_empty());
+    assert!(processes_of("crashed").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_snapshotter_unmounts_what_a_crashed_one_left() {
+    if !is_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("snapshots");
+    {
+        let snap = Snapshotter::new(&root).unwrap();
+        let m = snap.prepare(&[]).unwrap();
+        fs::write(m.merged().join("x"), "x").unwrap();
+        std::mem::forget(m);
+        std::mem::forget(snap.view(&[]).unwrap());
+    }
+    let canon = root.canonicalize().unwrap();
+    let count = || fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter(|l| l.contains(canon.to_str().unwrap())).count();
+    assert_eq!(count(), 2);
+    let _snap = Snapshotter::new(&root).unwrap();
+    assert_eq!(count(), 0);
+    assert_eq!(fs::read_dir(root.join("active")).unwrap().count(), 0);
+}
+
+fn many_layers(snap: &Snapshotter, n: usize) -> Vec<Digest> {
+    (0..n)
+        .map(|i| {
+            let d = Digest::of(format!("layer {i}").as_bytes());
+            let t = snap.temp_dir().unwrap();
+            fs::write(t.path().join(format!("f{i}")), i.to_string()).unwrap();
+            fs::write(t.path().join("top"), i.to_string()).unwrap();
+            snap.commit(t, &d).unwrap();
+            d
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_layers_mount_with_the_new_api_and_with_the_mount2_fallback() {
+    if !is_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // A long root path: each layer dir is ~100 bytes, so 200 plain paths would overflow
+    // mount(2)'s one-page option string.
+    let root = tmp.path().join("a-rather-long-directory-name-to-make-layer-paths-long").join("snapshots");
+    for (name, snap) in [
+        ("new api", Snapshotter::new(root.join("new")).unwrap()),
+        ("mount(2)", Snapshotter::with_mounter(root.join("legacy"), Arc::new(OverlayMounter::legacy())).unwrap()),
+    ] {
+        let layers = many_layers(&snap, 200);
+        let start = Instant::now();
+        let mount = snap.prepare(&layers).unwrap();
+        let took = start.elapsed();
+        eprintln!("{name}: mounted 200 layers in {took:?}");
+        assert_eq!(fs::read_to_string(mount.merged().join("top")).unwrap(), "199", "{name}: last layer wins");
+        assert_eq!(fs::read_to_string(mount.merged().join("f0")).unwrap(), "0", "{name}");
+        assert_eq!(fs::read_dir(mount.merged()).unwrap().count(), 201, "{name}");
+    }
+    let canon = tmp.path().canonicalize().unwrap();
+    assert!(!fs::read_to_string("/proc/self/mountinfo").unwrap().contains(canon.to_str().unwrap()));
+}
+
+/// The arm64 busybox of the lab registry's index, extracted into `dir`.
+fn arm64_busybox(dir: &Path) -> Option<()> {
+    let img = tempfile::tempdir().ok()?;
+    let st = std::process::Command::new("skopeo")
+        .args(["--override-arch", "arm64", "copy", "--src-tls-verify=false", "docker://127.0.0.1:5000/library/busybox:latest"])
+        .arg(format!("dir:{}", img.path().display()))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .ok()?;
+    if !st.success() {
+        return None;
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(img.path().join("manifest.json")).ok()?).ok()?;
+    for layer in manifest["layers"].as_array()? {
+        let hex = layer["digest"].as_str()?.strip_prefix("sha256:")?;
+        let st = std::process::Command::new("tar").arg("-xzf").arg(img.path().join(hex)).arg("-C").arg(dir).status().ok()?;
+        if !st.success() {
+            return None;
+        }
+    }
+    Some(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arm64_step_runs_under_qemu_emulation() {
+    if !is_root() {
+        return;
+    }
+    let arm64 = Platform::parse("linux/arm64").unwrap();
+    if let Err(e) = hoist_engine::executor::check_emulation(&arm64) {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let lab = Lab::new();
+    let t = lab.snap.temp_dir().unwrap();
+    if arm64_busybox(t.path()).is_none() {
+        eprintln!("skipping: cannot fetch the arm64 busybox from the lab registry at 127.0.0.1:5000 with skopeo");
+        return;
+    }
+    let d = Digest::of(b"arm64 busybox");
+    lab.snap.commit(t, &d).unwrap();
+    let mount = lab.snap.prepare(&[d]).unwrap();
+    let o = run(&lab.exec, spec_for(&mount, "arm", sh("uname -m"))).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "aarch64\n");
+}
+
+#[test]
+fn an_unknown_runtime_is_reported_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = RuncConfig::new(tmp.path());
+    cfg.runtime = Some(PathBuf::from("/nonexistent/runc"));
+    let e = RuncExecutor::new(cfg).unwrap_err().to_string();
+    assert!(e.contains("/nonexistent/runc") && e.contains("install runc"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crun_on_hybrid_cgroups_says_to_use_runc() {
+    if !is_root() {
+        return;
+    }
+    let Ok(crun) = which("crun") else {
+        eprintln!("skipping: crun not installed");
+        return;
+    };
+    let lab = Lab::with_config(|c| c.runtime = Some(crun));
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let o = run(&lab.exec, spec_for(&mount, "crun", sh("echo hi"))).await;
+    match o.result {
+        Ok(s) if s.success() => eprintln!("crun works on this machine (not hybrid cgroups)"),
+        Err(e @ ExecError::CrunHybridCgroups) => assert!(e.to_string().contains("use runc")),
+        other => panic!("expected success or the hybrid-cgroups error, got {other:?}; stderr {}", o.stderr),
+    }
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::split_paths(&std::env::var_os("PATH").ok_or(())?).map(|d| d.join(name)).find(|p| p.is_file()).ok_or(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trivial_step_costs_little_beyond_the_runtime() {
+    if !is_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let lab = Lab::new();
+    let mut times = Vec::new();
+    for i in 0..5 {
+        let start = Instant::now();
+        let mut mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+        let o = run(&lab.exec, spec_for(&mount, &format!("quick{i}"), vec!["/bin/true".into()])).await;
+        assert_eq!(code(&o), 0);
+        mount.unmount().unwrap();
+        lab.snap.commit(mount, &Digest::of(format!("quick {i}").as_bytes())).unwrap();
+        times.push(start.elapsed());
+    }
+    times.sort();
+    eprintln!("prepare + run /bin/true + unmount + commit: median {:?}, max {:?}", times[2], times[4]);
+    assert!(times[2] < Duration::from_secs(2), "median {:?}", times[2]);
+    lab.assert_no_mounts();
+}

@@ -1,0 +1,416 @@
+//! The builder's side of context sync: a content-addressed store of context files per
+//! project, and a directory per client session that is brought up to date with each build's
+//! manifest by changing only what changed.
+//!
+//! A file the store already holds (from any earlier build, any path) is never sent again:
+//! renames and copies of known content transfer nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use hoist_engine::context::{Context, ContextEntry, EntryKind};
+use hoist_oci::digest::Digest;
+use hoist_oci::store::{BlobWriter, ContentStore};
+use hoist_proto::v1;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// Errors of context sync.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("context manifest: {0}")]
+    Manifest(String),
+    #[error("context {0} is unknown or expired: send the manifest again")]
+    UnknownContext(String),
+    #[error("context file {digest} was not uploaded")]
+    MissingBlob { digest: String },
+    #[error("context store {path}: {message}")]
+    Io { path: PathBuf, message: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
+    move |e| ContextError::Io { path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// One entry as recorded for a session directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Recorded {
+    kind: u8,
+    mode: u32,
+    size: u64,
+    digest: String,
+    link: String,
+    mtime: i64,
+    mtime_nsec: u32,
+}
+
+impl Recorded {
+    fn of(e: &v1::ContextEntry) -> Recorded {
+        Recorded {
+            kind: e.kind as u8,
+            mode: e.mode & 0o7777,
+            size: e.size,
+            digest: e.digest.clone(),
+            link: e.link_target.clone(),
+            mtime: e.mtime,
+            mtime_nsec: e.mtime_nsec,
+        }
+    }
+}
+
+/// Counters of one sync, for build records and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Entries in the manifest.
+    pub entries: u64,
+    /// Files whose content the builder lacked (asked of the client).
+    pub missing: u64,
+    /// Files (re)written into the session directory.
+    pub written: u64,
+}
+
+struct Pending {
+    session: String,
+    entries: Vec<v1::ContextEntry>,
+    stats: SyncStats,
+}
+
+/// Context files and session directories of one project.
+pub struct ContextStore {
+    root: PathBuf,
+    blobs: ContentStore,
+    pending: Mutex<HashMap<String, Pending>>,
+    sessions: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+}
+
+/// A materialized context, holding its session directory against concurrent updates
+/// until dropped.
+pub struct MaterializedContext {
+    pub context: Arc<Context>,
+    pub stats: SyncStats,
+    _guard: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+fn validate_path(p: &str) -> Result<(), ContextError> {
+    if p.is_empty() || p.starts_with('/') || p.split('/').any(|c| c.is_empty() || c == "." || c == "..") || p.contains('\0') {
+        return Err(ContextError::Manifest(format!("invalid path {p:?}: expected a relative path without . or .. components")));
+    }
+    Ok(())
+}
+
+impl ContextStore {
+    /// A context store under `root` (`<state>/contexts/<project>`).
+    pub fn open(root: PathBuf) -> Result<ContextStore, ContextError> {
+        let blobs = ContentStore::open(root.join("blobs")).map_err(|e| ContextError::Io { path: root.clone(), message: e.to_string() })?;
+        fs::create_dir_all(root.join("sessions")).map_err(io_err(&root))?;
+        Ok(ContextStore { root, blobs, pending: Mutex::new(HashMap::new()), sessions: Mutex::new(HashMap::new()) })
+    }
+
+    /// Check a manifest and answer which file digests must be uploaded.
+    pub fn prepare(&self, manifest: v1::ContextManifest) -> Result<(String, Vec<String>), ContextError> {
+        let mut missing = Vec::new();
+        let mut kinds = HashMap::new();
+        for e in &manifest.entries {
+            validate_path(&e.path)?;
+            if kinds.insert(e.path.as_str(), e.kind).is_some() {
+                return Err(ContextError::Manifest(format!("path {:?} appears twice", e.path)));
+            }
+        }
+        for e in &manifest.entries {
+            // Every parent must be a directory of the manifest: never a symlink that a later
+            // entry would be written through.
+            let mut parent = e.path.as_str();
+            while let Some((p, _)) = parent.rsplit_once('/') {
+                if kinds.get(p) != Some(&(v1::EntryKind::Dir as i32)) {
+                    return Err(ContextError::Manifest(format!("{:?}: its parent {p:?} is not a directory of the context", e.path)));
+                }
+                parent = p;
+            }
+            if e.kind == v1::EntryKind::File as i32 {
+                let d: Digest = e.digest.parse().map_err(|err| ContextError::Manifest(format!("{}: {err}", e.path)))?;
+                if !self.blobs.contains(&d) && !missing.contains(&e.digest) {
+                    missing.push(e.digest.clone());
+                }
+            }
+        }
+        let mut id = [0u8; 16];
+        getrandom(&mut id);
+        let id = hex::encode(id);
+        let stats = SyncStats { entries: manifest.entries.len() as u64, missing: missing.len() as u64, written: 0 };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), Pending { session: manifest.session, entries: manifest.entries, stats });
+        Ok((id, missing))
+    }
+
+    /// Start receiving one blob.
+    pub fn blob_writer(&self) -> Result<BlobWriter, ContextError> {
+        self.blobs.writer().map_err(|e| ContextError::Io { path: self.root.clone(), message: e.to_string() })
+    }
+
+    /// Finish receiving a blob: verified against `digest`, visible only if it matches.
+    pub fn commit_blob(&self, w: BlobWriter, digest: &str) -> Result<(), ContextError> {
+        let d: Digest = digest.parse().map_err(|e| ContextError::Manifest(format!("{e}")))?;
+        w.commit(Some(&d)).map_err(|e| ContextError::Manifest(format!("uploaded file: {e}")))?;
+        Ok(())
+    }
+
+    fn session_dir(&self, session: &str) -> PathBuf {
+        let h = hex::encode(Sha256::digest(session.as_bytes()));
+        self.root.join("sessions").join(&h[..32])
+    }
+
+    /// Bring the session's directory to the manifest of `context_id` and return it.
+    pub async fn materialize(&self, context_id: &str) -> Result<MaterializedContext, ContextError> {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(context_id)
+            .ok_or_else(|| ContextError::UnknownContext(context_id.to_string()))?;
+        let dir = self.session_dir(&pending.session);
+        let lock = {
+            let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            s.entry(dir.display().to_string()).or_insert_with(|| Arc::new(tokio::sync::RwLock::new(()))).clone()
+        };
+        let write = lock.clone().write_owned().await;
+        let blobs = self.blobs.clone();
+        let entries = pending.entries.clone();
+        let dir2 = dir.clone();
+        let written = tokio::task::spawn_blocking(move || update_dir(&dir2, &blobs, &entries))
+            .await
+            .map_err(|e| ContextError::Io { path: dir.clone(), message: e.to_string() })??;
+        drop(write);
+        let guard = lock.read_owned().await;
+        let context = Context::new(
+            dir.join("root"),
+            pending.entries.iter().map(|e| ContextEntry {
+                path: e.path.clone(),
+                kind: match v1::EntryKind::try_from(e.kind).unwrap_or(v1::EntryKind::File) {
+                    v1::EntryKind::File => EntryKind::File,
+                    v1::EntryKind::Dir => EntryKind::Dir,
+                    v1::EntryKind::Symlink => EntryKind::Symlink,
+                },
+                mode: e.mode & 0o7777,
+                size: e.size,
+                digest: e.digest.parse().ok(),
+                link_target: (!e.link_target.is_empty()).then(|| e.link_target.clone()),
+            }),
+        );
+        let mut stats = pending.stats;
+        stats.written = written;
+        Ok(MaterializedContext { context: Arc::new(context), stats, _guard: guard })
+    }
+}
+
+fn getrandom(buf: &mut [u8]) {
+    use std::io::Read;
+    if let Ok(mut f) = fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(buf);
+    }
+}
+
+/// Apply the manifest to `<dir>/root`, using `<dir>/state.json` as the record of what the
+/// directory holds. Returns how many entries were (re)written.
+fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) -> Result<u64, ContextError> {
+    let root = dir.join("root");
+    let state_path = dir.join("state.json");
+    let old: BTreeMap<String, Recorded> = match fs::read(&state_path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        Err(_) => BTreeMap::new(),
+    };
+    let trusted = !old.is_empty() && root.is_dir();
+    if !trusted {
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).map_err(io_err(&root))?;
+    }
+    // Invalidate the record first: a crash in the middle leaves no trusted state.
+    let _ = fs::remove_file(&state_path);
+    let new: BTreeMap<String, Recorded> = entries.iter().map(|e| (e.path.clone(), Recorded::of(e))).collect();
+
+    // Remove what is gone or changed kind, deepest first.
+    if trusted {
+        for (path, rec) in old.iter().rev() {
+            let gone = match new.get(path) {
+                None => true,
+                Some(n) => n.kind != rec.kind || (rec.kind == v1::EntryKind::Symlink as u8 && n.link != rec.link),
+            };
+            if gone {
+                let p = root.join(path);
+                let r = if rec.kind == v1::EntryKind::Dir as u8 { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+                if let Err(e) = r {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        return Err(io_err(&p)(e));
+                    }
+                }
+            }
+        }
+    }
+    let mut written = 0;
+    let mut dirs = Vec::new();
+    for (path, rec) in &new {
+        let p = root.join(path);
+        let same = trusted && old.get(path) == Some(rec);
+        if same {
+            continue;
+        }
+        let unchanged_content = trusted
+            && old.get(path).is_some_and(|o| o.kind == rec.kind && o.digest == rec.digest && o.link == rec.link);
+        match rec.kind {
+            k if k == v1::EntryKind::Dir as u8 => {
+                match fs::create_dir(&p) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_err(&p)(e)),
+                    _ => {}
+                }
+                dirs.push((p, rec.clone()));
+            }
+            k if k == v1::EntryKind::Symlink as u8 => {
+                if !unchanged_content {
+                    let _ = fs::remove_file(&p);
+                    std::os::unix::fs::symlink(&rec.link, &p).map_err(io_err(&p))?;
+                    written += 1;
+                }
+                set_mtime(&p, rec, false)?;
+            }
+            _ => {
+                if !unchanged_content {
+                    let d: Digest = rec.digest.parse().map_err(|e| ContextError::Manifest(format!("{path}: {e}")))?;
+                    let src = blobs.blob_path(&d);
+                    if !src.is_file() {
+                        return Err(ContextError::MissingBlob { digest: rec.digest.clone() });
+                    }
+                    let tmp = p.with_file_name(format!(".hoist-tmp-{}", p.file_name().and_then(|n| n.to_str()).unwrap_or("f")));
+                    fs::copy(&src, &tmp).map_err(io_err(&tmp))?;
+                    fs::rename(&tmp, &p).map_err(io_err(&p))?;
+                    written += 1;
+                }
+                fs::set_permissions(&p, fs::Permissions::from_mode(rec.mode)).map_err(io_err(&p))?;
+                set_mtime(&p, rec, true)?;
+            }
+        }
+    }
+    // Directories last (deepest first), so that writing their children did not change them.
+    for (p, rec) in dirs.iter().rev() {
+        fs::set_permissions(p, fs::Permissions::from_mode(rec.mode)).map_err(io_err(p))?;
+        set_mtime(p, rec, true)?;
+    }
+    let bytes = serde_json::to_vec(&new).map_err(|e| ContextError::Io { path: state_path.clone(), message: e.to_string() })?;
+    let tmp = dir.join("state.json.tmp");
+    let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(&bytes).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &state_path).map_err(io_err(&state_path))?;
+    Ok(written)
+}
+
+fn set_mtime(p: &Path, rec: &Recorded, follow: bool) -> Result<(), ContextError> {
+    use rustix::fs::{utimensat, AtFlags, Timespec, Timestamps, CWD};
+    let ts = Timespec { tv_sec: rec.mtime, tv_nsec: rec.mtime_nsec as _ };
+    let times = Timestamps { last_access: ts, last_modification: ts };
+    let flags = if follow { AtFlags::empty() } else { AtFlags::SYMLINK_NOFOLLOW };
+    utimensat(CWD, p, &times, flags).map_err(|e| io_err(p)(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, content: &[u8], mode: u32) -> v1::ContextEntry {
+        v1::ContextEntry {
+            path: path.into(),
+            kind: v1::EntryKind::File as i32,
+            mode,
+            size: content.len() as u64,
+            digest: Digest::of(content).to_string(),
+            link_target: String::new(),
+            mtime: 1_700_000_000,
+            mtime_nsec: 0,
+        }
+    }
+
+    fn dir(path: &str) -> v1::ContextEntry {
+        v1::ContextEntry { path: path.into(), kind: v1::EntryKind::Dir as i32, mode: 0o755, mtime: 1_700_000_000, ..Default::default() }
+    }
+
+    fn upload(store: &ContextStore, content: &[u8]) {
+        let mut w = store.blob_writer().unwrap();
+        w.write_all(content).unwrap();
+        store.commit_blob(w, Digest::of(content).as_str()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_unknown_content_is_requested_and_renames_cost_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let m1 = v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("src/a", b"A", 0o644), file("b", b"B", 0o755)] };
+        let (id, missing) = store.prepare(m1).unwrap();
+        assert_eq!(missing.len(), 2);
+        upload(&store, b"A");
+        upload(&store, b"B");
+        let ctx = store.materialize(&id).await.unwrap();
+        assert_eq!(ctx.stats.written, 2);
+        let root = ctx.context.dir().to_path_buf();
+        assert_eq!(fs::read(root.join("src/a")).unwrap(), b"A");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(root.join("b")).unwrap().mode() & 0o777, 0o755);
+        drop(ctx);
+
+        // Rename src/a → src/c, delete b: nothing to upload, the directory follows.
+        let m2 = v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("src/c", b"A", 0o644)] };
+        let (id, missing) = store.prepare(m2).unwrap();
+        assert!(missing.is_empty());
+        let ctx = store.materialize(&id).await.unwrap();
+        assert!(root.join("src/c").exists());
+        assert!(!root.join("src/a").exists());
+        assert!(!root.join("b").exists());
+        assert_eq!(ctx.stats.written, 1);
+    }
+
+    #[tokio::test]
+    async fn unchanged_files_are_not_rewritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let m = || v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"A", 0o644), file("b", b"B", 0o644)] };
+        let (id, _) = store.prepare(m()).unwrap();
+        upload(&store, b"A");
+        upload(&store, b"B");
+        drop(store.materialize(&id).await.unwrap());
+        let mut changed = m();
+        changed.entries[1] = file("b", b"B2", 0o644);
+        let (id, missing) = store.prepare(changed).unwrap();
+        assert_eq!(missing, vec![Digest::of(b"B2").to_string()]);
+        upload(&store, b"B2");
+        let ctx = store.materialize(&id).await.unwrap();
+        assert_eq!(ctx.stats.written, 1);
+        assert_eq!(fs::read(ctx.context.dir().join("b")).unwrap(), b"B2");
+    }
+
+    #[test]
+    fn hostile_paths_are_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        // A file "through" a symlink entry would be written outside the context directory.
+        let link = v1::ContextEntry { path: "a".into(), kind: v1::EntryKind::Symlink as i32, link_target: "/etc".into(), ..Default::default() };
+        let m = v1::ContextManifest { session: "s".into(), entries: vec![link, file("a/passwd", b"x", 0o644)] };
+        assert!(store.prepare(m).is_err(), "a path below a symlink must be rejected");
+        let m = v1::ContextManifest { session: "s".into(), entries: vec![file("nodir/x", b"x", 0o644)] };
+        assert!(store.prepare(m).is_err(), "a path without its parent directory must be rejected");
+        for bad in ["../x", "/etc/passwd", "a/../../b", "a//b", "./a", ""] {
+            let m = v1::ContextManifest { session: "s".into(), entries: vec![file(bad, b"x", 0o644)] };
+            assert!(store.prepare(m).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_upload_is_an_error_not_an_empty_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let (id, _) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"never sent", 0o644)] }).unwrap();
+        let err = store.materialize(&id).await.err().unwrap();
+        assert!(matches!(err, ContextError::MissingBlob { .. }), "{err}");
+    }
+}

@@ -1,0 +1,192 @@
+//! Shared harness of the end-to-end tests: the real `hoist` binary with its own state root
+//! per test, the lab's Docker engine and registry, and helpers to make contexts.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The registry the lab set up (tests/lab/setup.sh), with library/busybox:latest.
+pub fn registry() -> String {
+    std::env::var("HOIST_TEST_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".to_string())
+}
+
+/// The base image every test builds on.
+pub fn busybox() -> String {
+    format!("{}/library/busybox:latest", registry())
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// The hoist binary, built once per test process (cheap when up to date).
+pub fn hoist_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "hoist-cli", "--bin", "hoist"])
+            .current_dir(workspace())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the hoist binary failed");
+        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace().join("target"));
+        target.join("debug").join("hoist")
+    })
+    .clone()
+}
+
+/// Whether the lab (Docker engine + registry + runc) is up. In CI it must be: a missing lab
+/// fails the test instead of skipping it.
+pub fn lab_available() -> bool {
+    let docker = Command::new("/usr/bin/docker").args(["info", "--format", "{{.ServerVersion}}"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let reg = Command::new("curl").args(["-fsS", &format!("http://{}/v2/", registry())]).output().map(|o| o.status.success()).unwrap_or(false);
+    let root = rustix_is_root();
+    let ok = docker && reg && root;
+    if !ok {
+        let msg = format!("lab not available (docker: {docker}, registry: {reg}, root: {root}); run tests/lab/setup.sh as root");
+        if std::env::var("CI").is_ok() {
+            panic!("{msg}");
+        }
+        eprintln!("SKIP: {msg}");
+    }
+    ok
+}
+
+fn rustix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// A hoist installation with its own state root (and so its own embedded builder) and
+/// client cache; the builder is stopped when this is dropped.
+pub struct Hoist {
+    pub root: tempfile::TempDir,
+    pub cache: tempfile::TempDir,
+}
+
+impl Hoist {
+    pub fn new() -> Hoist {
+        let root = tempfile::Builder::new().prefix("hoist-e2e-").tempdir_in(test_tmp()).expect("state root");
+        let cache = tempfile::Builder::new().prefix("hoist-e2e-cache-").tempdir_in(test_tmp()).expect("cache dir");
+        Hoist { root, cache }
+    }
+
+    /// A `hoist` command with this installation's environment.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(hoist_bin());
+        c.env("HOIST_ROOT", self.root.path()).env("HOIST_CACHE_DIR", self.cache.path()).env_remove("HOIST_BUILDER");
+        c
+    }
+
+    /// Run `hoist build --progress=plain ARGS...`, returning the output (not asserting).
+    pub fn build(&self, args: &[&str]) -> Output {
+        let mut c = self.cmd();
+        c.arg("build").arg("--progress=plain").args(args);
+        c.output().expect("running hoist")
+    }
+
+    /// Run a build that must succeed; returns its stderr.
+    pub fn build_ok(&self, args: &[&str]) -> String {
+        let out = self.build(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "hoist build {args:?} failed:\n{stderr}");
+        stderr
+    }
+
+    /// PID of the embedded builder, if running.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.root.path().join("hoistd.pid")).ok()?.trim().parse().ok()
+    }
+
+    /// Stop the embedded builder (SIGTERM, then SIGKILL) and wait for it.
+    pub fn stop(&self) {
+        if let Some(pid) = self.daemon_pid() {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            for _ in 0..100 {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let _ = std::fs::remove_file(self.root.path().join("hoistd.pid"));
+        }
+    }
+}
+
+impl Drop for Hoist {
+    fn drop(&mut self) {
+        self.stop();
+        // Anything still mounted under the root would make the removal fail loudly.
+        let root = self.root.path().display().to_string();
+        if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut mounts: Vec<&str> = mi.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&root)).collect();
+            mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in mounts {
+                let _ = Command::new("umount").args(["-l", m]).status();
+            }
+        }
+    }
+}
+
+/// Mount points under `dir` (to check nothing leaks).
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let d = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&d))
+        .collect()
+}
+
+/// Where tests put their temporary directories (on a filesystem overlayfs accepts).
+pub fn test_tmp() -> PathBuf {
+    let p = std::env::var("HOIST_TEST_TMP").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/var/tmp/hoist-tests"));
+    std::fs::create_dir_all(&p).expect("test tmp dir");
+    p
+}
+
+/// A context directory with `files` (path, content); a path ending in `/` is a directory.
+pub fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("ctx-").tempdir_in(test_tmp()).expect("context dir");
+    for (path, content) in files {
+        let p = dir.path().join(path);
+        if path.ends_with('/') {
+            std::fs::create_dir_all(&p).unwrap();
+            continue;
+        }
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, content).unwrap();
+    }
+    dir
+}
+
+/// `docker` (the 20.10 client with BuildKit).
+pub fn docker() -> Command {
+    let mut c = Command::new("/usr/bin/docker");
+    c.env("DOCKER_BUILDKIT", "1");
+    c
+}
+
+/// Run `docker ARGS`, asserting success, returning stdout.
+pub fn docker_ok(args: &[&str]) -> String {
+    let out = docker().args(args).output().expect("running docker");
+    assert!(out.status.success(), "docker {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A unique name for images made by a test.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
