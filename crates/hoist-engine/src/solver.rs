@@ -478,7 +478,7 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
 fn image_of(b: &Build, stage: &Stage, state: &StageState) -> Result<BuiltImage, EngineError> {
     let mut config = ImageConfig {
         created: Some(b.created.clone()),
-        author: None,
+        author: stage.author.clone(),
         architecture: b.platform.architecture.clone(),
         os: b.platform.os.clone(),
         os_version: None,

@@ -1,0 +1,312 @@
+//! End-to-end: RUN mounts, secrets, ADD, stdin contexts, platforms, concurrent builds.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn rootfs_file(h: &Hoist, ctx: &std::path::Path, extra: &[&str], path: &str) -> Option<Vec<u8>> {
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let dest = out.path().join("fs");
+    let mut args = vec!["-o".to_string(), format!("type=local,dest={}", dest.display())];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push(ctx.display().to_string());
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    h.build_ok(&a);
+    std::fs::read(dest.join(path.trim_start_matches('/'))).ok()
+}
+
+#[test]
+fn cache_mounts_persist_and_stay_out_of_layers() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let df = |n: u32| {
+        format!(
+            "FROM {}\nRUN --mount=type=cache,target=/cache echo run{n} >> /cache/log && cp /cache/log /seen\n",
+            busybox()
+        )
+    };
+    let ctx = context(&[("Dockerfile", &df(1))]);
+    let first = rootfs_file(&h, ctx.path(), &[], "/seen").unwrap();
+    assert_eq!(String::from_utf8_lossy(&first), "run1\n");
+    std::fs::write(ctx.path().join("Dockerfile"), df(2)).unwrap();
+    let second = rootfs_file(&h, ctx.path(), &[], "/seen").unwrap();
+    assert_eq!(String::from_utf8_lossy(&second), "run1\nrun2\n", "the cache dir persisted between builds");
+    assert!(rootfs_file(&h, ctx.path(), &[], "/cache/log").is_none(), "the cache is not in the image");
+}
+
+#[test]
+fn secrets_are_mounted_but_never_stored() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let token = unique("SECRET-VALUE");
+    let secret_file = tempfile::NamedTempFile::new_in(test_tmp()).unwrap();
+    std::fs::write(secret_file.path(), &token).unwrap();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}\nRUN --mount=type=secret,id=tok cat /run/secrets/tok | wc -c > /len && test -f /run/secrets/tok\nRUN --mount=type=secret,id=tok,env=TOKEN sh -c 'test -n \"$TOKEN\" && echo present > /env'\n",
+            busybox()
+        ),
+    )]);
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let tarpath = out.path().join("fs.tar");
+    let stderr = h.build_ok(&[
+        "--secret",
+        &format!("id=tok,src={}", secret_file.path().display()),
+        "-o",
+        &format!("type=tar,dest={}", tarpath.display()),
+        ctx.path().to_str().unwrap(),
+    ]);
+    assert!(!stderr.contains(&token), "the secret is not in the log");
+    let bytes = std::fs::read(&tarpath).unwrap();
+    assert!(!String::from_utf8_lossy(&bytes).contains(&token), "the secret is not in the image");
+    let mut ar = tar::Archive::new(bytes.as_slice());
+    let mut len = None;
+    let mut env = None;
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let p = e.path().unwrap().to_string_lossy().into_owned();
+        let mut s = String::new();
+        if p == "len" {
+            e.read_to_string(&mut s).unwrap();
+            len = Some(s.trim().to_string());
+        } else if p == "env" {
+            e.read_to_string(&mut s).unwrap();
+            env = Some(s.trim().to_string());
+        } else {
+            assert!(!p.starts_with("run/secrets/"), "no secret mount point left: {p}");
+        }
+    }
+    assert_eq!(len.as_deref(), Some(token.len().to_string().as_str()));
+    assert_eq!(env.as_deref(), Some("present"));
+    // A required secret that was not given is an error naming it.
+    std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {}\nRUN --mount=type=secret,id=needed,required=true true\n", busybox())).unwrap();
+    let r = h.build(&[ctx.path().to_str().unwrap()]);
+    assert!(!r.status.success());
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(stderr.contains("needed") && stderr.contains("Dockerfile:2"), "{stderr}");
+}
+
+#[test]
+fn bind_and_tmpfs_mounts() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let ctx = context(&[
+        ("src/input.txt", "from the context\n"),
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {bb} AS data\nRUN echo from-stage > /stagefile\n\
+                 FROM {bb}\n\
+                 RUN --mount=type=bind,source=src,target=/mnt cat /mnt/input.txt > /ctx.txt\n\
+                 RUN --mount=type=bind,from=data,source=/stagefile,target=/sf cat /sf > /stage.txt\n\
+                 RUN --mount=type=tmpfs,target=/scratch echo t > /scratch/t && cat /scratch/t > /tmpfs.txt\n\
+                 RUN --mount=type=bind,source=src,target=/mnt,rw echo changed > /mnt/input.txt\n",
+                bb = busybox()
+            ),
+        ),
+    ]);
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let dest = out.path().join("fs");
+    h.build_ok(&["-o", &format!("type=local,dest={}", dest.display()), ctx.path().to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(dest.join("ctx.txt")).unwrap(), "from the context\n");
+    assert_eq!(std::fs::read_to_string(dest.join("stage.txt")).unwrap(), "from-stage\n");
+    assert_eq!(std::fs::read_to_string(dest.join("tmpfs.txt")).unwrap(), "t\n");
+    assert!(!dest.join("scratch/t").exists(), "tmpfs content is not in the image");
+    assert!(!dest.join("mnt/input.txt").exists(), "bind mount content is not in the image");
+    assert_eq!(std::fs::read_to_string(ctx.path().join("src/input.txt")).unwrap(), "from the context\n", "rw bind never writes the context");
+}
+
+#[test]
+fn ssh_agent_socket_is_forwarded() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let dir = tempfile::tempdir_in(test_tmp()).unwrap();
+    let sock = dir.path().join("agent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let ctx = context(&[("Dockerfile", &format!("FROM {}\nRUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" && echo yes > /ssh\n", busybox()))]);
+    let got = rootfs_file(&h, ctx.path(), &["--ssh", &format!("default={}", sock.display())], "/ssh").unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "yes\n");
+}
+
+/// ADD: a local tar is extracted (gzip, detected by content), a URL is downloaded and its
+/// checksum verified.
+#[test]
+fn add_archives_and_urls() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let ctx = context(&[]);
+    // A gzipped tar in the context.
+    let mut tarball = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));
+    let mut hdr = tar::Header::new_gnu();
+    hdr.set_size(6);
+    hdr.set_mode(0o640);
+    hdr.set_cksum();
+    tarball.append_data(&mut hdr, "pkg/inside.txt", &b"inside"[..]).unwrap();
+    let gz = tarball.into_inner().unwrap().finish().unwrap();
+    std::fs::write(ctx.path().join("bundle.tar.gz"), gz).unwrap();
+    // A one-file HTTP server.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let body = b"downloaded\n";
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = s.write_all(body);
+        }
+    });
+    let sum = {
+        use sha2::Digest;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(b"downloaded\n")))
+    };
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {}\nADD bundle.tar.gz /opt/\nADD --checksum={sum} http://127.0.0.1:{port}/files/dl.txt /dl/\n", busybox()),
+    )
+    .unwrap();
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let dest = out.path().join("fs");
+    h.build_ok(&["-o", &format!("type=local,dest={}", dest.display()), ctx.path().to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(dest.join("opt/pkg/inside.txt")).unwrap(), "inside");
+    assert_eq!(std::fs::read_to_string(dest.join("dl/dl.txt")).unwrap(), "downloaded\n");
+    // A wrong checksum fails naming the URL.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {}\nADD --checksum=sha256:{} http://127.0.0.1:{port}/files/dl.txt /dl/\n", busybox(), "0".repeat(64)),
+    )
+    .unwrap();
+    let r = h.build(&[ctx.path().to_str().unwrap()]);
+    assert!(!r.status.success());
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(stderr.contains("Dockerfile:2") && stderr.contains("checksum"), "{stderr}");
+}
+
+/// `-f -` (Dockerfile on stdin) and `-` (a tar context on stdin).
+#[test]
+fn dockerfile_and_context_from_stdin() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let ctx = context(&[("f.txt", "stdin-df\n")]);
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let dest = out.path().join("a");
+    let mut child = h
+        .cmd()
+        .args(["build", "--progress=plain", "-f", "-", "-o", &format!("type=local,dest={}", dest.display()), ctx.path().to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("FROM {}\nCOPY f.txt /f.txt\n", busybox()).as_bytes()).unwrap();
+    let r = child.wait_with_output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read_to_string(dest.join("f.txt")).unwrap(), "stdin-df\n");
+
+    // A tar with a Dockerfile and a file.
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, content) in [("Dockerfile", format!("FROM {}\nCOPY g.txt /g.txt\n", busybox())), ("g.txt", "from-tar\n".to_string())] {
+        let mut hdr = tar::Header::new_gnu();
+        hdr.set_size(content.len() as u64);
+        hdr.set_mode(0o644);
+        hdr.set_cksum();
+        b.append_data(&mut hdr, name, content.as_bytes()).unwrap();
+    }
+    let tarball = b.into_inner().unwrap();
+    let dest = out.path().join("b");
+    let mut child = h
+        .cmd()
+        .args(["build", "--progress=plain", "-o", &format!("type=local,dest={}", dest.display()), "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&tarball).unwrap();
+    let r = child.wait_with_output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read_to_string(dest.join("g.txt")).unwrap(), "from-tar\n");
+}
+
+/// A foreign platform runs under qemu emulation; the image says arm64.
+#[test]
+fn arm64_build_under_emulation() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let ctx = context(&[("Dockerfile", &format!("FROM {}\nARG TARGETARCH\nRUN echo $(uname -m) $TARGETARCH > /arch\n", busybox()))]);
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let dest = out.path().join("fs");
+    let meta = out.path().join("meta.json");
+    h.build_ok(&[
+        "--platform",
+        "linux/arm64",
+        "--metadata-file",
+        meta.to_str().unwrap(),
+        "-o",
+        &format!("type=local,dest={}", dest.display()),
+        ctx.path().to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read_to_string(dest.join("arch")).unwrap(), "aarch64 arm64\n");
+    let file = Command::new("file").arg(dest.join("bin/busybox")).output();
+    if let Ok(f) = file {
+        let s = String::from_utf8_lossy(&f.stdout);
+        if !s.is_empty() {
+            assert!(s.contains("aarch64") || s.contains("ARM"), "{s}");
+        }
+    }
+}
+
+/// Several builds at once on one builder: all correct, and a step they share runs once.
+#[test]
+fn concurrent_builds_share_work_safely() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let shared = unique("shared");
+    // Every build has the same first step; it appends to a cache mount, so the mount
+    // counts how many times it really ran.
+    let first = format!("RUN --mount=type=cache,target=/c,id={shared} echo {shared} >> /c/runs && sleep 1");
+    let mut ctxs = Vec::new();
+    for i in 0..4 {
+        ctxs.push(context(&[("Dockerfile", &format!("FROM {}\n{first}\nRUN echo {i} > /mine\n", busybox()))]));
+    }
+    // Start the builder first so the four clients race on builds, not on startup.
+    h.build_ok(&[context(&[("Dockerfile", &format!("FROM {}\n", busybox()))]).path().to_str().unwrap()]);
+    let children: Vec<_> = ctxs
+        .iter()
+        .map(|c| {
+            h.cmd()
+                .args(["build", "--progress=plain", c.path().to_str().unwrap()])
+                .stderr(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let probe = context(&[("Dockerfile", &format!("FROM {}\nRUN --mount=type=cache,target=/c,id={shared} cp /c/runs /runs\n", busybox()))]);
+    let runs = rootfs_file(&h, probe.path(), &[], "/runs").unwrap();
+    assert_eq!(String::from_utf8_lossy(&runs).lines().count(), 1, "the shared step ran once for four builds");
+    let log = std::fs::read_to_string(h.root.path().join("hoistd.log")).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
+}
