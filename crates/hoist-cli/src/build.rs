@@ -10,9 +10,9 @@ use clap::Args;
 use futures::StreamExt;
 use hoist_client::sync::{self, StatCache};
 use hoist_client::v1::{self, build_event};
-use hoist_client::BuilderAddr;
 use hoist_dockerfile::IgnoreMatcher;
 
+use crate::conn::ConnArgs;
 use crate::outputs::{OutputSink, OutputSpec};
 use crate::progress::{Mode, Renderer};
 
@@ -78,12 +78,8 @@ pub struct BuildArgs {
     /// Push the image to the registry of each tag.
     #[arg(long)]
     pub push: bool,
-    /// The builder to use (tcp://host:port or unix:///path); default: the embedded one.
-    #[arg(long, env = "HOIST_BUILDER")]
-    pub builder: Option<String>,
-    /// State directory of the embedded builder.
-    #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
-    pub root: PathBuf,
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// A registry to reach over plain HTTP (loopback registries always are).
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
@@ -356,13 +352,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     let inputs = read_inputs(&args)?;
     let ignore = ignore_matcher(&inputs)?;
 
-    let mut client = match &args.builder {
-        Some(addr) => hoist_client::connect(&BuilderAddr::parse(addr)?).await?,
-        None => {
-            let exe = std::env::current_exe().context("locating the hoist binary")?;
-            hoist_client::connect_embedded(&args.root, &exe).await?
-        }
-    };
+    let mut client = args.conn.connect(inputs.context_dir.as_deref()).await?;
 
     let mut renderer = Renderer::new(mode);
     let (context_id, sync_stats) = match &inputs.context_dir {
@@ -487,15 +477,18 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
         println!("{}", result.image_id);
     } else if mode != Mode::Quiet {
         eprintln!(
-            "hoist: built {} in {:.1}s: {} steps run, {} cached; context: {} entries, {} files hashed, {} files sent ({})",
+            "hoist: built {} in {:.1}s: {} steps run, {} cached, {} containers; context: {} entries, {} files hashed, {} files sent ({}); build {} in project {}",
             result.image_id,
             started.elapsed().as_secs_f64(),
             result.steps_run,
             result.steps_cached,
+            result.containers_run,
             sync_stats.entries,
             sync_stats.hashed_files,
-            sync_stats.uploaded_files,
-            human_bytes(sync_stats.uploaded_bytes)
+            result.context_files_sent,
+            human_bytes(result.context_bytes_sent),
+            result.build_id,
+            result.project,
         );
         if outputs.is_empty() {
             eprintln!("hoist: no output given: the result stays in the builder's cache (use --load, --push or -o)");

@@ -2,6 +2,8 @@
 //! builder), and their glue to the local Docker engine and the user's registry credentials.
 
 mod build;
+mod conn;
+mod manage;
 mod outputs;
 mod progress;
 
@@ -24,6 +26,20 @@ enum Command {
     Build(Box<build::BuildArgs>),
     /// Run a builder (the embedded builder is this, on a unix socket).
     Serve(ServeArgs),
+    /// Projects of a builder (run on the builder's machine).
+    #[command(subcommand)]
+    Project(manage::ProjectCmd),
+    /// Access tokens of a builder (run on the builder's machine).
+    #[command(subcommand)]
+    Token(manage::TokenCmd),
+    /// Save a token for a builder.
+    Login(manage::LoginArgs),
+    /// The project's cache on the builder: du, prune, reset.
+    #[command(subcommand)]
+    Cache(manage::CacheCmd),
+    /// The project's build records.
+    #[command(subcommand)]
+    Builds(manage::BuildsCmd),
 }
 
 #[derive(Args, Debug)]
@@ -43,6 +59,15 @@ struct ServeArgs {
     /// Allow plain TCP on a non-loopback address.
     #[arg(long)]
     insecure: bool,
+    /// TLS certificate (PEM) to serve with.
+    #[arg(long = "tls-cert", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long = "tls-key", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long = "tls-client-ca", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn main() {
@@ -60,6 +85,11 @@ fn main() {
         match cli.command {
             Command::Build(args) => build::run(*args).await,
             Command::Serve(args) => serve(args).await.map(|_| 0),
+            Command::Project(c) => manage::project(c).map(|_| 0),
+            Command::Token(c) => manage::token(c).map(|_| 0),
+            Command::Login(a) => manage::login(a).await.map(|_| 0),
+            Command::Cache(c) => manage::cache(c).await.map(|_| 0),
+            Command::Builds(c) => manage::builds(c).await.map(|_| 0),
         }
     });
     match code {
@@ -93,7 +123,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     eprintln!("hoist builder listening on {listen:?} (state in {})", args.root.display());
-    hoist_server::serve(&listen, engine, args.insecure_registries, args.insecure, shutdown).await?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(hoist_server::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() }),
+        _ => None,
+    };
+    let opts = hoist_server::ServeOptions { insecure_registries: args.insecure_registries, allow_insecure_tcp: args.insecure, tls };
+    hoist_server::serve(&listen, engine, opts, shutdown).await?;
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
 }

@@ -9,7 +9,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use hoist_proto::v1::builder_client::BuilderClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
 pub use hoist_proto::v1;
 
@@ -39,11 +41,54 @@ impl ClientError {
 pub enum BuilderAddr {
     Unix(PathBuf),
     Tcp(String),
+    /// TCP with TLS (`tls://host:port`).
+    Tls(String),
 }
 
+/// How to present ourselves to a builder.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Bearer token (required by TCP builders).
+    pub token: Option<String>,
+    /// Project to act in (must match the token's, if a token is given).
+    pub project: Option<String>,
+    /// CA certificate (PEM) to trust for a `tls://` builder (default: public roots).
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for builders that require one.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Adds the token and project to every request.
+#[derive(Clone)]
+pub struct Auth {
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    project: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        if let Some(p) = &self.project {
+            req.metadata_mut().insert("x-hoist-project", p.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connected builder client.
+pub type Client = BuilderClient<InterceptedService<Channel, Auth>>;
+
 impl BuilderAddr {
-    /// Parse `unix:///path` or `tcp://host:port`.
+    /// Parse `unix:///path`, `tcp://host:port` or `tls://host:port`.
     pub fn parse(s: &str) -> Result<BuilderAddr, ClientError> {
+        if let Some(a) = s.strip_prefix("tls://") {
+            if a.contains(':') {
+                return Ok(BuilderAddr::Tls(a.to_string()));
+            }
+        }
         if let Some(p) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
             if !p.is_empty() {
                 return Ok(BuilderAddr::Unix(PathBuf::from(p)));
@@ -63,20 +108,49 @@ impl std::fmt::Display for BuilderAddr {
         match self {
             BuilderAddr::Unix(p) => write!(f, "unix://{}", p.display()),
             BuilderAddr::Tcp(a) => write!(f, "tcp://{a}"),
+            BuilderAddr::Tls(a) => write!(f, "tls://{a}"),
         }
     }
 }
 
 /// Connect to a builder.
-pub async fn connect(addr: &BuilderAddr) -> Result<BuilderClient<Channel>, ClientError> {
+pub async fn connect(addr: &BuilderAddr, opts: &ConnectOptions) -> Result<Client, ClientError> {
     let err = |e: &dyn std::fmt::Display| ClientError::Connect { addr: addr.to_string(), message: e.to_string() };
     let channel = match addr {
         BuilderAddr::Tcp(a) => Endpoint::from_shared(format!("http://{a}"))
             .map_err(|e| err(&e))?
             .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
             .connect()
             .await
             .map_err(|e| err(&e))?,
+        BuilderAddr::Tls(a) => {
+            let host = a.rsplit_once(':').map(|(h, _)| h).unwrap_or(a).trim_matches(|c| c == '[' || c == ']').to_string();
+            let mut tls = ClientTlsConfig::new().domain_name(host);
+            match &opts.tls_ca {
+                Some(ca) => {
+                    let pem = std::fs::read(ca).map_err(|e| err(&format!("reading the CA certificate {}: {e}", ca.display())))?;
+                    tls = tls.ca_certificate(Certificate::from_pem(pem));
+                }
+                None => tls = tls.with_webpki_roots(),
+            }
+            if let (Some(c), Some(k)) = (&opts.tls_cert, &opts.tls_key) {
+                let cert = std::fs::read(c).map_err(|e| err(&format!("reading {}: {e}", c.display())))?;
+                let key = std::fs::read(k).map_err(|e| err(&format!("reading {}: {e}", k.display())))?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            Endpoint::from_shared(format!("https://{a}"))
+                .map_err(|e| err(&e))?
+                .tls_config(tls)
+                .map_err(|e| err(&e))?
+                .connect_timeout(Duration::from_secs(10))
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_while_idle(true)
+                .connect()
+                .await
+                .map_err(|e| err(&e))?
+        }
         BuilderAddr::Unix(path) => {
             let path = path.clone();
             Endpoint::from_static("http://localhost")
@@ -88,7 +162,14 @@ pub async fn connect(addr: &BuilderAddr) -> Result<BuilderClient<Channel>, Clien
                 .map_err(|e| err(&e))?
         }
     };
-    Ok(BuilderClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+    let meta = |v: &str, what: &str| -> Result<MetadataValue<tonic::metadata::Ascii>, ClientError> {
+        v.parse().map_err(|_| ClientError::Connect { addr: addr.to_string(), message: format!("the {what} has characters that cannot be sent") })
+    };
+    let auth = Auth {
+        token: opts.token.as_deref().map(|t| meta(&format!("Bearer {t}"), "token")).transpose()?,
+        project: opts.project.as_deref().map(|p| meta(p, "project name")).transpose()?,
+    };
+    Ok(BuilderClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
 }
 
 /// The socket of the embedded builder for a state root.
@@ -97,11 +178,11 @@ pub fn embedded_socket(root: &Path) -> PathBuf {
 }
 
 /// Connect to the embedded builder of `root`, starting it (`exe serve`) when none runs.
-pub async fn connect_embedded(root: &Path, exe: &Path) -> Result<BuilderClient<Channel>, ClientError> {
+pub async fn connect_embedded(root: &Path, exe: &Path, opts: &ConnectOptions) -> Result<Client, ClientError> {
     let sock = embedded_socket(root);
     let addr = BuilderAddr::Unix(sock.clone());
     if sock.exists() {
-        if let Ok(mut c) = connect(&addr).await {
+        if let Ok(mut c) = connect(&addr, opts).await {
             if c.info(v1::InfoRequest {}).await.is_ok() {
                 return Ok(c);
             }
@@ -120,7 +201,7 @@ pub async fn connect_embedded(root: &Path, exe: &Path) -> Result<BuilderClient<C
         .await
         .map_err(|e| ClientError::Connect { addr: addr.to_string(), message: e.to_string() })?
         .map_err(|e| ClientError::Connect { addr: addr.to_string(), message: e.to_string() })?;
-    if let Ok(mut c) = connect(&addr).await {
+    if let Ok(mut c) = connect(&addr, opts).await {
         if c.info(v1::InfoRequest {}).await.is_ok() {
             return Ok(c);
         }
@@ -151,7 +232,7 @@ pub async fn connect_embedded(root: &Path, exe: &Path) -> Result<BuilderClient<C
     cmd.spawn().map_err(|e| ClientError::Connect { addr: addr.to_string(), message: format!("starting the embedded builder {}: {e}", exe.display()) })?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(mut c) = connect(&addr).await {
+        if let Ok(mut c) = connect(&addr, opts).await {
             if c.info(v1::InfoRequest {}).await.is_ok() {
                 drop(lock);
                 return Ok(c);
@@ -179,5 +260,6 @@ mod tests {
         assert_eq!(BuilderAddr::parse("tcp://10.0.0.1:7000").unwrap().to_string(), "tcp://10.0.0.1:7000");
         assert!(BuilderAddr::parse("10.0.0.1:7000").is_err());
         assert!(BuilderAddr::parse("tcp://host").is_err());
+        assert_eq!(BuilderAddr::parse("tls://b.example:443").unwrap(), BuilderAddr::Tls("b.example:443".into()));
     }
 }

@@ -11,12 +11,11 @@ use std::path::{Path, PathBuf};
 
 use hoist_dockerfile::IgnoreMatcher;
 use hoist_oci::digest::Digest;
-use hoist_proto::v1::{self, builder_client::BuilderClient};
+use hoist_proto::v1;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use tonic::transport::Channel;
 
-use crate::ClientError;
+use crate::{Client, ClientError};
 
 /// Counters of one sync (shown in the summary and used by tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -210,7 +209,7 @@ pub fn session_key(context_dir: &Path) -> String {
 const CHUNK: usize = 1 << 20;
 
 /// Send the manifest and upload what the builder lacks; returns the context id.
-pub async fn sync(client: &mut BuilderClient<Channel>, session: String, walked: &WalkedContext) -> Result<(String, SyncStats), ClientError> {
+pub async fn sync(client: &mut Client, session: String, walked: &WalkedContext) -> Result<(String, SyncStats), ClientError> {
     let mut stats = walked.stats;
     let reply = client
         .prepare_context(v1::ContextManifest { session, entries: walked.entries.clone() })

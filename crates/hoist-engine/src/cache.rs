@@ -1,17 +1,21 @@
-//! The cache index (redb): which layer each op's cache key produced, which blobs exist for
-//! each layer, and which manifest a tag resolved to. Lookups are by exact key; keys are
-//! computed in [`crate::cachekey`].
+//! The cache index (redb): which layer each op's cache key produced, which base images a
+//! project pulled, which blobs exist for each layer, which manifest a tag resolved to, and
+//! the project's build records. Everything a project owns is keyed `<project>\0<key>`, so a
+//! project's share can be listed, pruned least-recently-used first, or reset.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hoist_oci::digest::Digest;
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const STEPS: TableDefinition<&str, &[u8]> = TableDefinition::new("steps");
+const PULLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pulls");
 const LAYER_BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("layer_blobs");
 const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
+const BUILDS: TableDefinition<&str, &[u8]> = TableDefinition::new("builds");
 
 /// Errors of the cache index.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +33,21 @@ pub struct StepRecord {
     pub diff_id: Option<Digest>,
     /// Seconds since the epoch when the step ran.
     pub created: u64,
+    /// Last time a build used it.
+    #[serde(default)]
+    pub last_used: u64,
+    /// Size of the layer (uncompressed tar bytes).
+    #[serde(default)]
+    pub size: u64,
+}
+
+/// A base image a project pulled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRecord {
+    pub layers: Vec<Digest>,
+    /// Bytes of its layer blobs.
+    pub size: u64,
+    pub last_used: u64,
 }
 
 /// A stored blob of a layer.
@@ -49,14 +68,47 @@ pub struct TagRecord {
     pub resolved: u64,
 }
 
+/// A project's share of the cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Distinct layers referenced by the project's records, with their sizes.
+    pub layers: BTreeMap<Digest, u64>,
+    pub records: u64,
+}
+
+impl Usage {
+    /// Total bytes of the referenced layers.
+    pub fn layer_bytes(&self) -> u64 {
+        self.layers.values().sum()
+    }
+}
+
+/// One record of a project (for LRU pruning).
+#[derive(Debug, Clone)]
+pub struct RecordRef {
+    pub table: &'static str,
+    pub key: String,
+    pub last_used: u64,
+    pub layers: Vec<(Digest, u64)>,
+}
+
 /// The persistent cache index.
 pub struct CacheIndex {
     db: redb::Database,
     path: String,
 }
 
-fn now() -> u64 {
+/// Seconds since the epoch.
+pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn nskey(ns: &str, key: &str) -> String {
+    format!("{ns}\0{key}")
+}
+
+fn prefix_end(ns: &str) -> (String, String) {
+    (format!("{ns}\0"), format!("{ns}\u{1}"))
 }
 
 impl CacheIndex {
@@ -67,9 +119,9 @@ impl CacheIndex {
         let idx = CacheIndex { db, path: p };
         // Create the tables so that readers never see "table does not exist".
         idx.write(|txn| {
-            txn.open_table(STEPS)?;
-            txn.open_table(LAYER_BLOBS)?;
-            txn.open_table(TAGS)?;
+            for t in [STEPS, PULLS, LAYER_BLOBS, TAGS, BUILDS] {
+                txn.open_table(t)?;
+            }
             Ok(())
         })?;
         Ok(idx)
@@ -89,7 +141,7 @@ impl CacheIndex {
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let t = txn.open_table(table).map_err(|e| self.db_err(e))?;
         let Some(v) = t.get(key).map_err(|e| self.db_err(e))? else { return Ok(None) };
-        serde_json::from_slice(v.value()).map(Some).map_err(|source| CacheError::Corrupt { key: key.to_string(), source })
+        serde_json::from_slice(v.value()).map(Some).map_err(|source| CacheError::Corrupt { key: key.replace('\0', "/"), source })
     }
 
     fn put<T: Serialize>(&self, table: TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), CacheError> {
@@ -100,22 +152,79 @@ impl CacheIndex {
         })
     }
 
-    /// The record of a step's cache key.
-    pub fn step(&self, key: &str) -> Result<Option<StepRecord>, CacheError> {
-        self.get(STEPS, key)
+    /// Every (key, value) of a namespace in a table.
+    fn scan<T: for<'de> Deserialize<'de>>(&self, table: TableDefinition<&str, &[u8]>, ns: Option<&str>) -> Result<Vec<(String, T)>, CacheError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let t = txn.open_table(table).map_err(|e| self.db_err(e))?;
+        let mut out = Vec::new();
+        let iter = match ns {
+            Some(ns) => {
+                let (a, b) = prefix_end(ns);
+                t.range(a.as_str()..b.as_str()).map_err(|e| self.db_err(e))?
+            }
+            None => t.iter().map_err(|e| self.db_err(e))?,
+        };
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.db_err(e))?;
+            // A corrupt entry is skipped rather than failing every listing.
+            if let Ok(val) = serde_json::from_slice(v.value()) {
+                out.push((k.value().to_string(), val));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The record of a step's cache key in a namespace.
+    pub fn step(&self, ns: &str, key: &str) -> Result<Option<StepRecord>, CacheError> {
+        self.get(STEPS, &nskey(ns, key))
     }
 
     /// Record what a step produced.
-    pub fn put_step(&self, key: &str, diff_id: Option<Digest>) -> Result<(), CacheError> {
-        self.put(STEPS, key, &StepRecord { diff_id, created: now() })
+    pub fn put_step(&self, ns: &str, key: &str, diff_id: Option<Digest>, size: u64) -> Result<(), CacheError> {
+        let t = now();
+        self.put(STEPS, &nskey(ns, key), &StepRecord { diff_id, created: t, last_used: t, size })
     }
 
     /// Forget a step (its layer went missing).
-    pub fn remove_step(&self, key: &str) -> Result<(), CacheError> {
+    pub fn remove_step(&self, ns: &str, key: &str) -> Result<(), CacheError> {
+        let k = nskey(ns, key);
         self.write(|txn| {
-            txn.open_table(STEPS)?.remove(key)?;
+            txn.open_table(STEPS)?.remove(k.as_str())?;
             Ok(())
         })
+    }
+
+    /// Mark steps and pulls as used now, in one transaction.
+    pub fn touch(&self, ns: &str, steps: &[String], pulls: &[String]) -> Result<(), CacheError> {
+        if steps.is_empty() && pulls.is_empty() {
+            return Ok(());
+        }
+        let t = now();
+        self.write(|txn| {
+            for (table, keys) in [(STEPS, steps), (PULLS, pulls)] {
+                let mut tab = txn.open_table(table)?;
+                for key in keys {
+                    let k = nskey(ns, key);
+                    let updated = match tab.get(k.as_str())? {
+                        Some(v) => {
+                            let mut val: serde_json::Value = serde_json::from_slice(v.value()).unwrap_or_default();
+                            val["last_used"] = serde_json::json!(t);
+                            serde_json::to_vec(&val).ok()
+                        }
+                        None => None,
+                    };
+                    if let Some(bytes) = updated {
+                        tab.insert(k.as_str(), bytes.as_slice())?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Record that a project uses a pulled base image.
+    pub fn put_pull(&self, ns: &str, manifest_digest: &str, layers: Vec<Digest>, size: u64) -> Result<(), CacheError> {
+        self.put(PULLS, &nskey(ns, manifest_digest), &PullRecord { layers, size, last_used: now() })
     }
 
     /// Every blob known for a layer.
@@ -133,14 +242,117 @@ impl CacheIndex {
         self.put(LAYER_BLOBS, diff_id.as_str(), &blobs)
     }
 
-    /// The manifest a reference resolved to for a platform, if resolved before.
-    pub fn tag(&self, reference: &str, platform: &str) -> Result<Option<TagRecord>, CacheError> {
-        self.get(TAGS, &format!("{reference}|{platform}"))
+    /// Forget every blob of a layer (GC).
+    pub fn remove_layer_blobs(&self, diff_id: &Digest) -> Result<(), CacheError> {
+        self.write(|txn| {
+            txn.open_table(LAYER_BLOBS)?.remove(diff_id.as_str())?;
+            Ok(())
+        })
+    }
+
+    /// The manifest a reference resolved to for a platform in a namespace.
+    pub fn tag(&self, ns: &str, reference: &str, platform: &str) -> Result<Option<TagRecord>, CacheError> {
+        self.get(TAGS, &nskey(ns, &format!("{reference}|{platform}")))
     }
 
     /// Remember a resolution.
-    pub fn put_tag(&self, reference: &str, platform: &str, manifest_digest: &Digest) -> Result<(), CacheError> {
-        self.put(TAGS, &format!("{reference}|{platform}"), &TagRecord { manifest_digest: manifest_digest.clone(), resolved: now() })
+    pub fn put_tag(&self, ns: &str, reference: &str, platform: &str, manifest_digest: &Digest) -> Result<(), CacheError> {
+        self.put(TAGS, &nskey(ns, &format!("{reference}|{platform}")), &TagRecord { manifest_digest: manifest_digest.clone(), resolved: now() })
+    }
+
+    /// The namespace's records with the layers they keep, for pruning and usage.
+    pub fn records(&self, ns: &str) -> Result<Vec<RecordRef>, CacheError> {
+        let mut out = Vec::new();
+        for (k, r) in self.scan::<StepRecord>(STEPS, Some(ns))? {
+            out.push(RecordRef { table: "steps", key: k, last_used: r.last_used.max(r.created), layers: r.diff_id.map(|d| vec![(d, r.size)]).unwrap_or_default() });
+        }
+        for (k, r) in self.scan::<PullRecord>(PULLS, Some(ns))? {
+            let per = if r.layers.is_empty() { 0 } else { r.size / r.layers.len() as u64 };
+            out.push(RecordRef { table: "pulls", key: k, last_used: r.last_used, layers: r.layers.into_iter().map(|d| (d, per)).collect() });
+        }
+        Ok(out)
+    }
+
+    /// A project's share of the cache.
+    pub fn usage(&self, ns: &str) -> Result<Usage, CacheError> {
+        let mut u = Usage::default();
+        for r in self.records(ns)? {
+            u.records += 1;
+            for (d, size) in r.layers {
+                let e = u.layers.entry(d).or_insert(0);
+                *e = (*e).max(size);
+            }
+        }
+        Ok(u)
+    }
+
+    /// Delete records (from [`CacheIndex::records`]) in one transaction.
+    pub fn remove_records(&self, records: &[RecordRef]) -> Result<(), CacheError> {
+        self.write(|txn| {
+            let mut steps = txn.open_table(STEPS)?;
+            let mut pulls = txn.open_table(PULLS)?;
+            for r in records {
+                if r.table == "steps" {
+                    steps.remove(r.key.as_str())?;
+                } else {
+                    pulls.remove(r.key.as_str())?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Remove everything a namespace owns in the index (records, tags, build records).
+    pub fn reset(&self, ns: &str) -> Result<u64, CacheError> {
+        let (a, b) = prefix_end(ns);
+        let mut n = 0;
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        for table in [STEPS, PULLS, TAGS] {
+            let mut t = txn.open_table(table).map_err(|e| self.db_err(e))?;
+            let keys: Vec<String> = t
+                .range(a.as_str()..b.as_str())
+                .map_err(|e| self.db_err(e))?
+                .filter_map(|i| i.ok().map(|(k, _)| k.value().to_string()))
+                .collect();
+            for k in keys {
+                t.remove(k.as_str()).map_err(|e| self.db_err(e))?;
+                n += 1;
+            }
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
+        Ok(n)
+    }
+
+    /// Every layer any namespace's records keep.
+    pub fn referenced_layers(&self) -> Result<BTreeSet<Digest>, CacheError> {
+        let mut out = BTreeSet::new();
+        for (_, r) in self.scan::<StepRecord>(STEPS, None)? {
+            if let Some(d) = r.diff_id {
+                out.insert(d);
+            }
+        }
+        for (_, r) in self.scan::<PullRecord>(PULLS, None)? {
+            out.extend(r.layers);
+        }
+        Ok(out)
+    }
+
+    /// Store a build record (opaque JSON) of a namespace under a sortable id.
+    pub fn put_build(&self, ns: &str, id: &str, record: &serde_json::Value) -> Result<(), CacheError> {
+        self.put(BUILDS, &nskey(ns, id), record)
+    }
+
+    /// A namespace's build records, newest first.
+    pub fn builds(&self, ns: &str, limit: usize) -> Result<Vec<serde_json::Value>, CacheError> {
+        let mut all = self.scan::<serde_json::Value>(BUILDS, Some(ns))?;
+        all.reverse();
+        all.truncate(limit);
+        Ok(all.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// One build record of a namespace.
+    pub fn build(&self, ns: &str, id: &str) -> Result<Option<serde_json::Value>, CacheError> {
+        self.get(BUILDS, &nskey(ns, id))
     }
 }
 
@@ -155,21 +367,63 @@ mod tests {
         let d = Digest::of(b"layer");
         {
             let idx = CacheIndex::open(&path).unwrap();
-            assert_eq!(idx.step("k1").unwrap(), None);
-            idx.put_step("k1", Some(d.clone())).unwrap();
-            idx.put_step("k2", None).unwrap();
+            assert_eq!(idx.step("p", "k1").unwrap(), None);
+            idx.put_step("p", "k1", Some(d.clone()), 10).unwrap();
+            idx.put_step("p", "k2", None, 0).unwrap();
             let blob = BlobRecord { digest: Digest::of(b"gz"), size: 2, media_type: "x".into(), original: false };
             idx.add_layer_blob(&d, blob.clone()).unwrap();
             idx.add_layer_blob(&d, blob).unwrap();
-            idx.put_tag("r/busybox:latest", "linux/amd64", &d).unwrap();
+            idx.put_tag("p", "r/busybox:latest", "linux/amd64", &d).unwrap();
         }
         let idx = CacheIndex::open(&path).unwrap();
-        assert_eq!(idx.step("k1").unwrap().unwrap().diff_id, Some(d.clone()));
-        assert_eq!(idx.step("k2").unwrap().unwrap().diff_id, None);
+        assert_eq!(idx.step("p", "k1").unwrap().unwrap().diff_id, Some(d.clone()));
+        assert_eq!(idx.step("p", "k2").unwrap().unwrap().diff_id, None);
+        assert_eq!(idx.step("other", "k1").unwrap(), None, "namespaces are separate");
         assert_eq!(idx.layer_blobs(&d).unwrap().len(), 1);
-        assert_eq!(idx.tag("r/busybox:latest", "linux/amd64").unwrap().unwrap().manifest_digest, d);
-        assert_eq!(idx.tag("r/busybox:latest", "linux/arm64").unwrap(), None);
-        idx.remove_step("k1").unwrap();
-        assert_eq!(idx.step("k1").unwrap(), None);
+        assert_eq!(idx.tag("p", "r/busybox:latest", "linux/amd64").unwrap().unwrap().manifest_digest, d);
+        assert_eq!(idx.tag("other", "r/busybox:latest", "linux/amd64").unwrap(), None);
+        idx.remove_step("p", "k1").unwrap();
+        assert_eq!(idx.step("p", "k1").unwrap(), None);
+    }
+
+    #[test]
+    fn usage_records_reset_and_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = CacheIndex::open(&dir.path().join("c.redb")).unwrap();
+        let (a, b, c) = (Digest::of(b"a"), Digest::of(b"b"), Digest::of(b"c"));
+        idx.put_step("p1", "s1", Some(a.clone()), 100).unwrap();
+        idx.put_step("p1", "s2", Some(a.clone()), 100).unwrap();
+        idx.put_pull("p1", "sha256:m", vec![b.clone()], 50).unwrap();
+        idx.put_step("p2", "s1", Some(c.clone()), 7).unwrap();
+        // A prefix that is a prefix of another namespace's name must not leak into it.
+        idx.put_step("p10", "s1", Some(c.clone()), 7).unwrap();
+        let u = idx.usage("p1").unwrap();
+        assert_eq!(u.records, 3);
+        assert_eq!(u.layer_bytes(), 150, "a layer counted once");
+        assert_eq!(idx.usage("p2").unwrap().layer_bytes(), 7);
+        idx.put_build("p1", "0001-x", &serde_json::json!({"id": "x"})).unwrap();
+        idx.put_build("p1", "0002-y", &serde_json::json!({"id": "y"})).unwrap();
+        let builds = idx.builds("p1", 10).unwrap();
+        assert_eq!(builds[0]["id"], "y", "newest first");
+        assert!(idx.builds("p2", 10).unwrap().is_empty());
+        assert_eq!(idx.referenced_layers().unwrap().len(), 3);
+        assert_eq!(idx.reset("p1").unwrap(), 3);
+        assert_eq!(idx.usage("p1").unwrap().records, 0);
+        assert!(!idx.referenced_layers().unwrap().contains(&a));
+        assert_eq!(idx.usage("p10").unwrap().records, 1);
+    }
+
+    #[test]
+    fn touch_updates_last_used_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = CacheIndex::open(&dir.path().join("c.redb")).unwrap();
+        idx.put_step("p", "k", Some(Digest::of(b"x")), 3).unwrap();
+        let before = idx.step("p", "k").unwrap().unwrap();
+        idx.touch("p", &["k".to_string(), "missing".to_string()], &[]).unwrap();
+        let after = idx.step("p", "k").unwrap().unwrap();
+        assert_eq!(after.diff_id, before.diff_id);
+        assert_eq!(after.size, 3);
+        assert!(after.last_used >= before.last_used);
+        assert_eq!(idx.step("p", "missing").unwrap(), None);
     }
 }

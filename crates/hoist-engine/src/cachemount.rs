@@ -62,13 +62,14 @@ impl CacheMounts {
         CacheMounts { root, locks: Mutex::new(HashMap::new()), in_use: Arc::new(Mutex::new(HashMap::new())) }
     }
 
+    /// The directory holding a namespace's cache mounts.
+    pub fn namespace_dir(&self, namespace: &str) -> PathBuf {
+        self.root.join(&hex::encode(Sha256::digest(namespace.as_bytes()))[..32])
+    }
+
     /// The directory of a cache id in a namespace.
     pub fn dir_of(&self, namespace: &str, id: &str) -> PathBuf {
-        let mut h = Sha256::new();
-        h.update(namespace.as_bytes());
-        h.update([0]);
-        h.update(id.as_bytes());
-        self.root.join(hex::encode(h.finalize()))
+        self.namespace_dir(namespace).join(hex::encode(Sha256::digest(id.as_bytes())))
     }
 
     /// Get the cache directory for a RUN, creating it (owned `uid:gid`, `mode`, seeded from
@@ -86,6 +87,8 @@ impl CacheMounts {
     ) -> Result<CacheMountGuard, CacheMountError> {
         let err = |m: String| CacheMountError { id: id.to_string(), message: m };
         let dir = self.dir_of(namespace, id);
+        let parent = self.namespace_dir(namespace);
+        std::fs::create_dir_all(&parent).map_err(|e| err(format!("creating {}: {e}", parent.display())))?;
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
             locks.entry(dir.clone()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(()))).clone()
@@ -93,7 +96,7 @@ impl CacheMounts {
         // Creation happens under the lock, so two steps never seed the same dir at once.
         let guard = lock.clone().lock_owned().await;
         if !dir.exists() {
-            let tmp = self.root.join(format!(".new-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("x")));
+            let tmp = parent.join(format!(".new-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("x")));
             let _ = std::fs::remove_dir_all(&tmp);
             create(&tmp, mode, uid, gid, seed).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
             std::fs::rename(&tmp, &dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
@@ -115,7 +118,7 @@ impl CacheMounts {
                 };
                 if busy {
                     // Someone else uses the shared dir: this RUN gets a fresh private one.
-                    let t = tempfile::Builder::new().prefix(".private-").tempdir_in(&self.root).map_err(|e| err(e.to_string()))?;
+                    let t = tempfile::Builder::new().prefix(".private-").tempdir_in(&parent).map_err(|e| err(e.to_string()))?;
                     create_in(t.path(), mode, uid, gid, seed).map_err(|e| err(e.to_string()))?;
                     Ok(CacheMountGuard { path: t.path().to_path_buf(), _lock: None, _private: Some(t), shared_dir: Some(dir), in_use: self.in_use.clone() })
                 } else {
@@ -176,7 +179,7 @@ mod tests {
         let mounts = CacheMounts::new(dir.path().to_path_buf());
         let g = mounts.acquire("p", "../../escape", CacheSharing::Shared, 0o755, 0, 0, None).await.unwrap();
         assert!(g.path().starts_with(dir.path()));
-        assert_eq!(g.path().parent().unwrap(), dir.path());
+        assert_eq!(g.path().parent().unwrap().parent().unwrap(), dir.path());
         assert!(!dir.path().parent().unwrap().join("escape").exists());
     }
 

@@ -99,13 +99,16 @@ impl BuiltImage {
     }
 }
 
-/// The result of a build.
-#[derive(Debug, Clone)]
+/// The result of a build. It holds the build's layers against garbage collection until
+/// dropped, so keep it while exporting.
 pub struct BuildOutcome {
     pub images: Vec<BuiltImage>,
     pub steps_run: u32,
     pub steps_cached: u32,
+    /// RUN steps that started a container.
+    pub containers_run: u32,
     pub seconds: f64,
+    pub leases: Arc<crate::gc::LeaseSet>,
 }
 
 pub(crate) struct Inner {
@@ -116,6 +119,7 @@ pub(crate) struct Inner {
     pub index: CacheIndex,
     pub inflight: Inflight,
     pub cache_mounts: CacheMounts,
+    pub leases: Arc<crate::gc::Leases>,
 }
 
 /// The build engine. Cheap to clone; all clones share state.
@@ -154,6 +158,7 @@ impl Engine {
                 index,
                 inflight: Inflight::default(),
                 cache_mounts,
+                leases: Arc::default(),
             }),
         })
     }
@@ -191,6 +196,7 @@ impl Engine {
         let req = Arc::new(req);
         let counters = Arc::new(solver::Counters::default());
         let vertices = Arc::new(solver::VertexIds::default());
+        let leases = Arc::new(self.lease_set());
         let mut tasks = Vec::new();
         for platform in platforms {
             let engine = self.clone();
@@ -199,8 +205,9 @@ impl Engine {
             let cancel = cancel.clone();
             let counters = counters.clone();
             let vertices = vertices.clone();
+            let leases = leases.clone();
             tasks.push(async move {
-                solver::build_platform(engine, req, platform, progress, cancel, counters, vertices).await
+                solver::build_platform(engine, req, platform, progress, cancel, counters, vertices, leases).await
             });
         }
         let results = futures::future::join_all(tasks).await;
@@ -215,7 +222,9 @@ impl Engine {
             images,
             steps_run: counters.run(),
             steps_cached: counters.cached(),
+            containers_run: counters.containers(),
             seconds: started.elapsed().as_secs_f64(),
+            leases,
         })
     }
 

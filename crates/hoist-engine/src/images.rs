@@ -24,6 +24,7 @@ use crate::graph::{Platform, ResolvedImage};
 /// Resolves and pulls images for one build.
 pub(crate) struct BuildResolver {
     engine: Engine,
+    namespace: String,
     registry: RegistryClient,
     pull: bool,
     resolved: tokio::sync::Mutex<HashMap<(String, String), ResolvedImage>>,
@@ -35,9 +36,10 @@ fn to_oci_platform(p: &Platform) -> registry::Platform {
 }
 
 impl BuildResolver {
-    pub(crate) fn new(engine: Engine, registry: RegistryClient, pull: bool) -> BuildResolver {
+    pub(crate) fn new(engine: Engine, namespace: String, registry: RegistryClient, pull: bool) -> BuildResolver {
         BuildResolver {
             engine,
+            namespace,
             registry,
             pull,
             resolved: tokio::sync::Mutex::new(HashMap::new()),
@@ -58,8 +60,9 @@ impl BuildResolver {
         let canonical = r.to_string();
         let pkey = platform.to_string();
         let index = self.engine.index();
+        let ns = &self.namespace;
         if !self.pull {
-            if let Ok(Some(t)) = index.tag(&canonical, &pkey) {
+            if let Ok(Some(t)) = index.tag(ns, &canonical, &pkey) {
                 if let Some(img) = self.load_local(&canonical, &t.manifest_digest) {
                     return Ok(img);
                 }
@@ -71,12 +74,13 @@ impl BuildResolver {
         store.put(&m.config_bytes).map_err(|e| e.to_string())?;
         let config: ImageConfig =
             serde_json::from_slice(&m.config_bytes).map_err(|e| format!("image {canonical}: invalid config {}: {e}", m.config_digest))?;
-        index.put_tag(&canonical, &pkey, &m.manifest_digest).map_err(|e| e.to_string())?;
+        index.put_tag(ns, &canonical, &pkey, &m.manifest_digest).map_err(|e| e.to_string())?;
         Ok(ResolvedImage { reference: canonical, manifest_digest: m.manifest_digest.to_string(), config })
     }
 
-    /// Make every layer of `img` available as a snapshot; returns how many were fetched.
-    pub(crate) async fn pull_layers(&self, img: &ResolvedImage, cancel: &CancellationToken) -> Result<usize, EngineError> {
+    /// Make every layer of `img` available as a snapshot; returns how many were fetched and
+    /// the total size of the image's layer blobs. The caller leases the layers first.
+    pub(crate) async fn pull_layers(&self, img: &ResolvedImage, cancel: &CancellationToken) -> Result<(usize, u64), EngineError> {
         let store = self.engine.store().clone();
         let image_err = |m: String| EngineError::Image(format!("image {}: {m}", img.reference));
         let manifest_digest: Digest = img.manifest_digest.parse().map_err(|e: hoist_oci::digest::DigestError| image_err(e.to_string()))?;
@@ -92,6 +96,7 @@ impl BuildResolver {
         }
         let reference = Reference::parse(&img.reference).map_err(|e| image_err(e.to_string()))?;
         let mut jobs = Vec::new();
+        let total: u64 = manifest.layers.iter().map(|l| l.size).sum();
         for (desc, diff_id) in manifest.layers.iter().zip(diff_ids) {
             let record = BlobRecord { digest: desc.digest.clone(), size: desc.size, media_type: desc.media_type.clone(), original: true };
             if self.engine.snapshots().has_layer(diff_id) {
@@ -125,7 +130,7 @@ impl BuildResolver {
         for r in results {
             r.map_err(|e| image_err(e.to_string()))?;
         }
-        Ok(n)
+        Ok((n, total))
     }
 
     /// Download a URL (once per build), verifying `checksum` (`sha256:...`) when given.

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod export;
 pub mod executor;
 pub mod frontend;
+pub mod gc;
 pub mod graph;
 mod images;
 pub mod progress;

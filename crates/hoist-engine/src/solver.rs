@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cachekey::{self, CacheKey};
 use crate::engine::{BuildRequest, BuiltImage, Engine, EngineError};
 use crate::frontend;
+use crate::gc::LeaseSet;
 use crate::graph::{Base, BuildGraph, Op, Platform, Source, Stage, StageId, Step};
 use crate::images::BuildResolver;
 use crate::progress::{Event, Progress};
@@ -25,6 +26,7 @@ use crate::steps::{self, StepEnv};
 pub struct Counters {
     run: AtomicU32,
     cached: AtomicU32,
+    pub(crate) containers: AtomicU32,
 }
 
 impl Counters {
@@ -33,6 +35,9 @@ impl Counters {
     }
     pub fn cached(&self) -> u32 {
         self.cached.load(Ordering::Relaxed)
+    }
+    pub fn containers(&self) -> u32 {
+        self.containers.load(Ordering::Relaxed)
     }
 }
 
@@ -153,6 +158,10 @@ pub(crate) struct Build {
     /// Results of stages, filled in stage order before any task runs.
     pub stages: Mutex<Vec<SharedStage>>,
     pub created: String,
+    /// Layers this build uses, held against garbage collection.
+    pub leases: Arc<LeaseSet>,
+    /// Cache records this build used, marked recently used when it ends.
+    pub touched: Mutex<Vec<String>>,
 }
 
 impl Build {
@@ -187,8 +196,9 @@ pub(crate) async fn build_platform(
     cancel: CancellationToken,
     counters: Arc<Counters>,
     vertices: Arc<VertexIds>,
+    leases: Arc<LeaseSet>,
 ) -> Result<BuiltImage, EngineError> {
-    let resolver = Arc::new(BuildResolver::new(engine.clone(), req.registry.clone(), req.pull));
+    let resolver = Arc::new(BuildResolver::new(engine.clone(), req.namespace.clone(), req.registry.clone(), req.pull));
     let mut opts = req.frontend.clone();
     opts.target_platform = Some(platform.clone());
     let graph = frontend::build_graph(&req.dockerfile, &opts, resolver.as_ref())
@@ -210,6 +220,8 @@ pub(crate) async fn build_platform(
         resolver,
         stages: Mutex::new(Vec::new()),
         created,
+        leases,
+        touched: Mutex::new(Vec::new()),
     });
     {
         let mut stages = build.stages.lock().unwrap_or_else(|e| e.into_inner());
@@ -234,6 +246,10 @@ pub(crate) async fn build_platform(
     }
     for h in handles {
         let _ = h.await;
+    }
+    let touched = std::mem::take(&mut *build.touched.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Err(e) = build.engine.index().touch(&build.req.namespace, &touched, &[]) {
+        tracing::warn!("marking cache records as used: {e}");
     }
     let state = result.map_err(unwrap_arc)?;
     let stage = &build.graph.stages[target];
@@ -283,14 +299,21 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
             let name = format!("[{label}] FROM {}@{}", img.reference, img.manifest_digest);
             b.progress.send(Event::Started { id: vid, name });
             let t = Instant::now();
+            for d in &img.config.rootfs.diff_ids {
+                b.leases.add(d);
+            }
             let res = b.resolver.pull_layers(img, &b.cancel).await;
             let (cached, err) = match &res {
-                Ok(pulled) => (*pulled == 0, None),
+                Ok((pulled, _)) => (*pulled == 0, None),
                 Err(e) => (false, Some(e.to_string())),
             };
             b.progress.send(Event::Completed { id: vid, cached, seconds: t.elapsed().as_secs_f64(), error: err });
-            res?;
+            let (_, size) = res?;
             let layers = img.config.rootfs.diff_ids.clone();
+            b.engine
+                .index()
+                .put_pull(&ns, &img.manifest_digest, layers.clone(), size)
+                .map_err(|e| EngineError::Image(format!("image {}: recording the pull: {e}", img.reference)))?;
             StageState {
                 key: cachekey::base_key(&ns, &b.platform, &layers),
                 layers,
@@ -435,12 +458,16 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
         op_key.clone()
     };
     if !b.req.no_cache {
-        if let Some(rec) = engine.index().step(&op_key).map_err(|e| step_error(b, step, e))? {
+        if let Some(rec) = engine.index().step(&b.req.namespace, &op_key).map_err(|e| step_error(b, step, e))? {
             let usable = match &rec.diff_id {
                 None => true,
-                Some(d) => engine.snapshots().has_layer(d),
+                Some(d) => {
+                    b.leases.add(d);
+                    engine.snapshots().has_layer(d)
+                }
             };
             if usable {
+                b.touched.lock().unwrap_or_else(|e| e.into_inner()).push(op_key);
                 state.key = next_key;
                 return Ok((rec.diff_id, true));
             }
@@ -454,12 +481,23 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
     };
     let key_for_index = op_key.clone();
     let engine2 = engine.clone();
+    let ns = b.req.namespace.clone();
+    // In-flight work is shared across projects only when the keys match, and keys include
+    // the namespace, so another project's build never waits on (or sees) this one.
+    let inflight_key = format!("{ns}\0{op_key}");
     let (out, _started) = engine
         .inner
         .inflight
-        .run(&op_key, &b.cancel, move |cancel| async move {
-            let d = steps::execute(env, cancel).await.map_err(Arc::new)?;
-            engine2.index().put_step(&key_for_index, d.clone()).map_err(|e| Arc::new(EngineError::Export(e.to_string())))?;
+        .run(&inflight_key, &b.cancel, move |cancel| async move {
+            // The step's own lease covers the gap between commit and the index record.
+            let lease = engine2.lease_set();
+            let produced = steps::execute(env, cancel, &lease).await.map_err(Arc::new)?;
+            let (d, size) = match produced {
+                Some((d, size)) => (Some(d), size),
+                None => (None, 0),
+            };
+            engine2.index().put_step(&ns, &key_for_index, d.clone(), size).map_err(|e| Arc::new(EngineError::Export(e.to_string())))?;
+            drop(lease);
             Ok(d)
         })
         .await;
@@ -470,6 +508,9 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
             other => step_error(b, step, other),
         }
     })?;
+    if let Some(d) = &diff {
+        b.leases.add(d);
+    }
     state.key = next_key;
     Ok((diff, false))
 }

@@ -19,7 +19,8 @@ use crate::executor::{ExecMount, LogChunk, LogStream, RunSpec};
 use crate::graph::{CopyOp, CopySource, MkdirOp, MountKind, NetworkMode, Op, RunOp, Source, Step};
 use crate::progress::Event;
 use crate::rootfs;
-use crate::snapshot::{ActiveMount, SnapshotError};
+use crate::gc::LeaseSet;
+use crate::snapshot::{ActiveMount, SnapshotError, Uncommitted};
 use crate::solver::Build;
 
 /// What a step needs to run.
@@ -53,29 +54,42 @@ async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     }
 }
 
-/// Execute the step; on success the layer is committed to the snapshotter.
-pub(crate) async fn execute(env: StepEnv, cancel: CancellationToken) -> Result<Option<Digest>, EngineError> {
+/// A produced layer and its size (uncompressed tar bytes).
+pub(crate) type Produced = Option<(Digest, u64)>;
+
+/// Execute the step; on success the layer is committed to the snapshotter (and leased in
+/// `lease` before it is).
+pub(crate) async fn execute(env: StepEnv, cancel: CancellationToken, lease: &LeaseSet) -> Result<Produced, EngineError> {
     let op = env.step.op.clone();
+    let lease = &*lease;
     match &op {
-        Op::Run(run) => execute_run(&env, run, cancel).await,
-        Op::Copy(c) => execute_copy(&env, c).await,
-        Op::Mkdir(m) => execute_mkdir(&env, m).await,
+        Op::Run(run) => execute_run(&env, run, cancel, lease).await,
+        Op::Copy(c) => execute_copy(&env, c, lease).await,
+        Op::Mkdir(m) => execute_mkdir(&env, m, lease).await,
     }
 }
 
-/// Unmount `active`, compute its diff and commit it as a layer (or drop an empty diff).
-async fn finish_mount(env: &StepEnv, mut active: ActiveMount) -> Result<Option<Digest>, EngineError> {
+/// Compute the diff of `dir` and commit it as a layer (or drop an empty diff).
+async fn commit_dir(env: &StepEnv, src: Uncommitted, lease: &LeaseSet) -> Result<Produced, EngineError> {
     let snaps = env.build.engine.snapshots().clone();
-    blocking(env, move || -> Result<Option<Digest>, String> {
-        active.unmount().map_err(|e| e.to_string())?;
-        let (diff_id, _, empty) = diff_id_of(active.upper(), &TarOptions::default()).map_err(|e| e.to_string())?;
-        if empty {
-            return Ok(None);
-        }
-        snaps.commit(active, &diff_id).map_err(|e| e.to_string())?;
-        Ok(Some(diff_id))
-    })
-    .await
+    let dir = match &src {
+        Uncommitted::Mount(m) => m.upper().to_path_buf(),
+        Uncommitted::Temp(t) => t.path().to_path_buf(),
+    };
+    let (diff_id, size, empty) = blocking(env, move || diff_id_of(&dir, &TarOptions::default())).await?;
+    if empty {
+        return Ok(None);
+    }
+    lease.add(&diff_id);
+    let d = diff_id.clone();
+    blocking(env, move || snaps.commit(src, &d)).await?;
+    Ok(Some((diff_id, size)))
+}
+
+/// Unmount `active`, then commit its upperdir.
+async fn finish_mount(env: &StepEnv, mut active: ActiveMount, lease: &LeaseSet) -> Result<Produced, EngineError> {
+    let active = blocking(env, move || active.unmount().map(|_| active)).await?;
+    commit_dir(env, Uncommitted::Mount(active), lease).await
 }
 
 async fn prepare(env: &StepEnv, layers: Vec<Digest>, view: bool) -> Result<ActiveMount, EngineError> {
@@ -98,7 +112,7 @@ struct Held {
     temps: Vec<tempfile::TempDir>,
 }
 
-async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken) -> Result<Option<Digest>, EngineError> {
+async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, lease: &LeaseSet) -> Result<Produced, EngineError> {
     let b = &env.build;
     crate::executor::check_emulation(&b.platform).map_err(|e| env.err(e))?;
     let active = prepare(env, env.parent_layers.clone(), false).await?;
@@ -244,6 +258,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken) -> R
             progress.send(Event::Log { id: vid, stream, data: chunk.data });
         }
     });
+    b.counters.containers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let status = b.engine.inner.executor.run(spec, tx, cancel).await;
     let _ = forward.await;
     drop(held);
@@ -258,7 +273,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken) -> R
             status.code
         )));
     }
-    finish_mount(env, active).await
+    finish_mount(env, active, lease).await
 }
 
 fn secret_dir() -> PathBuf {
@@ -281,7 +296,7 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
-async fn execute_copy(env: &StepEnv, c: &CopyOp) -> Result<Option<Digest>, EngineError> {
+async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Produced, EngineError> {
     let b = &env.build;
     // Sources.
     let mut held_views = Vec::new();
@@ -344,24 +359,15 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp) -> Result<Option<Digest>, Engin
     drop(url_files);
     result?;
     match dest {
-        Dest::Mount(m) => finish_mount(env, m).await,
+        Dest::Mount(m) => finish_mount(env, m, lease).await,
         Dest::Link(tmp, view) => {
             drop(view);
-            let snaps = b.engine.snapshots().clone();
-            blocking(env, move || -> Result<Option<Digest>, String> {
-                let (diff_id, _, empty) = diff_id_of(tmp.path(), &TarOptions::default()).map_err(|e| e.to_string())?;
-                if empty {
-                    return Ok(None);
-                }
-                snaps.commit(tmp, &diff_id).map_err(|e| e.to_string())?;
-                Ok(Some(diff_id))
-            })
-            .await
+            commit_dir(env, Uncommitted::Temp(tmp), lease).await
         }
     }
 }
 
-async fn execute_mkdir(env: &StepEnv, m: &MkdirOp) -> Result<Option<Digest>, EngineError> {
+async fn execute_mkdir(env: &StepEnv, m: &MkdirOp, lease: &LeaseSet) -> Result<Produced, EngineError> {
     let active = prepare(env, env.parent_layers.clone(), false).await?;
     let merged = active.merged().to_path_buf();
     let op = m.clone();
@@ -376,5 +382,5 @@ async fn execute_mkdir(env: &StepEnv, m: &MkdirOp) -> Result<Option<Digest>, Eng
         Ok(())
     })
     .await?;
-    finish_mount(env, active).await
+    finish_mount(env, active, lease).await
 }

@@ -7,6 +7,8 @@
 //! clamped to `SOURCE_DATE_EPOCH` when given, so identical input gives identical bytes.
 //! Overlay whiteouts (0/0 character devices, `trusted.overlay.opaque=y` and the
 //! `user.overlay.*` variants) become OCI whiteouts (`.wh.<name>`, `<dir>/.wh..wh..opq`).
+//! Extended attributes are kept as PAX `SCHILY.xattr.*` records, except overlayfs's own
+//! (`trusted.overlay.*`, `user.overlay.*`) and the host's `security.selinux` label.
 //!
 //! Extracting ([`extract_layer_tar`]) converts back to the overlay format and is safe on
 //! hostile input: every entry lands inside the target directory. Names with `..` or a
@@ -243,6 +245,12 @@ fn is_overlay_xattr(name: &[u8]) -> bool {
     OVERLAY_XATTR_PREFIXES.iter().any(|p| name.starts_with(p.as_bytes()))
 }
 
+/// The host's SELinux label: a property of the builder's filesystem, relabelled by the
+/// runtime, never part of a layer (Docker and BuildKit record only file capabilities).
+fn is_host_label(name: &[u8]) -> bool {
+    name == b"security.selinux"
+}
+
 fn overlay_xattr<'x>(xattrs: &'x [(Vec<u8>, Vec<u8>)], suffix: &str) -> Option<&'x [u8]> {
     xattrs.iter().find_map(|(k, v)| {
         OVERLAY_XATTR_PREFIXES
@@ -360,7 +368,7 @@ impl Walker<'_> {
             } else {
                 name.as_bytes().to_vec()
             };
-            let xattrs = xattrs.into_iter().filter(|(k, _)| !is_overlay_xattr(k)).collect();
+            let xattrs = xattrs.into_iter().filter(|(k, _)| !is_overlay_xattr(k) && !is_host_label(k)).collect();
             children.push(Child { name, tar_name, kind, md, xattrs });
         }
         children.sort_by(|a, b| a.tar_name.cmp(&b.tar_name));

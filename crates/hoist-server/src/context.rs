@@ -69,6 +69,8 @@ pub struct SyncStats {
     pub entries: u64,
     /// Files whose content the builder lacked (asked of the client).
     pub missing: u64,
+    /// Their bytes.
+    pub missing_bytes: u64,
     /// Files (re)written into the session directory.
     pub written: u64,
 }
@@ -113,6 +115,7 @@ impl ContextStore {
     /// Check a manifest and answer which file digests must be uploaded.
     pub fn prepare(&self, manifest: v1::ContextManifest) -> Result<(String, Vec<String>), ContextError> {
         let mut missing = Vec::new();
+        let mut missing_bytes = 0;
         let mut kinds = HashMap::new();
         for e in &manifest.entries {
             validate_path(&e.path)?;
@@ -134,18 +137,40 @@ impl ContextStore {
                 let d: Digest = e.digest.parse().map_err(|err| ContextError::Manifest(format!("{}: {err}", e.path)))?;
                 if !self.blobs.contains(&d) && !missing.contains(&e.digest) {
                     missing.push(e.digest.clone());
+                    missing_bytes += e.size;
                 }
             }
         }
         let mut id = [0u8; 16];
         getrandom(&mut id);
         let id = hex::encode(id);
-        let stats = SyncStats { entries: manifest.entries.len() as u64, missing: missing.len() as u64, written: 0 };
+        let stats = SyncStats { entries: manifest.entries.len() as u64, missing: missing.len() as u64, missing_bytes, written: 0 };
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), Pending { session: manifest.session, entries: manifest.entries, stats });
         Ok((id, missing))
+    }
+
+    /// Bytes of context files kept for the project.
+    pub fn size(&self) -> u64 {
+        hoist_engine::gc::dir_size(&self.root)
+    }
+
+    /// Forget every context file and session directory of the project.
+    pub fn reset(&self) -> Result<(), ContextError> {
+        let sessions = self.root.join("sessions");
+        // Session directories in use by a running build are kept (their lock is held).
+        let locks: Vec<_> = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let busy = locks.iter().any(|l| l.try_write().is_err());
+        if !busy {
+            let _ = fs::remove_dir_all(&sessions);
+            fs::create_dir_all(&sessions).map_err(io_err(&sessions))?;
+        }
+        for (d, _) in self.blobs.list().map_err(|e| ContextError::Io { path: self.root.clone(), message: e.to_string() })? {
+            let _ = self.blobs.remove(&d);
+        }
+        Ok(())
     }
 
     /// Start receiving one blob.

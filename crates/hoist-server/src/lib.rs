@@ -3,6 +3,7 @@
 //! session directories), and running builds on the engine with streamed progress and
 //! outputs.
 
+pub mod auth;
 pub mod context;
 pub mod service;
 
@@ -24,6 +25,26 @@ pub enum ServeError {
     Listen { addr: String, source: std::io::Error },
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// TLS files of the server.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Require client certificates signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// How the server runs.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    pub insecure_registries: Vec<String>,
+    /// Allow plain TCP on a non-loopback address.
+    pub allow_insecure_tcp: bool,
+    pub tls: Option<TlsFiles>,
 }
 
 /// Where to listen.
@@ -56,14 +77,31 @@ impl Listen {
 pub async fn serve(
     listen: &Listen,
     engine: Engine,
-    insecure_registries: Vec<String>,
-    allow_insecure_tcp: bool,
+    opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let svc = BuilderServer::new(BuilderService::new(engine, insecure_registries))
+    let trusted = matches!(listen, Listen::Unix(_));
+    let svc = BuilderServer::new(BuilderService::new(engine, opts.insecure_registries.clone(), trusted))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    let router = tonic::transport::Server::builder().add_service(svc);
+    let mut builder = tonic::transport::Server::builder()
+        // Vanished clients are noticed (and their builds cancelled) within a minute.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(30)));
+    let tls = opts.tls.is_some();
+    if let Some(t) = &opts.tls {
+        let cert = std::fs::read(&t.cert).map_err(|e| ServeError::Tls(format!("reading {}: {e}", t.cert.display())))?;
+        let key = std::fs::read(&t.key).map_err(|e| ServeError::Tls(format!("reading {}: {e}", t.key.display())))?;
+        let mut cfg = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key));
+        if let Some(ca) = &t.client_ca {
+            let ca = std::fs::read(ca).map_err(|e| ServeError::Tls(format!("reading {}: {e}", ca.display())))?;
+            cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(cfg).map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let router = builder.add_service(svc);
+    let allow_insecure_tcp = opts.allow_insecure_tcp || tls;
     match listen {
         Listen::Unix(path) => {
             let _ = std::fs::remove_file(path);

@@ -20,10 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{AuthError, AuthStore, Caller};
 use crate::context::ContextStore;
-
-/// The project every request belongs to until projects and tokens exist.
-pub const DEFAULT_PROJECT: &str = "default";
 
 /// The builder service.
 #[derive(Clone)]
@@ -31,12 +29,36 @@ pub struct BuilderService {
     engine: Engine,
     contexts: Arc<Mutex<HashMap<String, Arc<ContextStore>>>>,
     insecure_registries: Vec<String>,
+    auth: Arc<AuthStore>,
+    /// Requests without a token are trusted (the embedded builder's unix socket).
+    trusted: bool,
+}
+
+fn auth_status(e: AuthError) -> Status {
+    match e {
+        AuthError::Missing | AuthError::Invalid | AuthError::Revoked { .. } => Status::unauthenticated(e.to_string()),
+        AuthError::WrongProject { .. } | AuthError::NoProject(_) => Status::permission_denied(e.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// The caller of a request, from its `authorization` and `x-hoist-project` metadata.
+fn caller<T>(svc: &BuilderService, req: &Request<T>) -> Result<Caller, Status> {
+    let md = req.metadata();
+    let token = md
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
+    let project = md.get("x-hoist-project").and_then(|v| v.to_str().ok()).map(str::to_string);
+    svc.auth.authenticate(token.as_deref(), project.as_deref(), svc.trusted).map_err(auth_status)
 }
 
 impl BuilderService {
-    /// A service over `engine`.
-    pub fn new(engine: Engine, insecure_registries: Vec<String>) -> BuilderService {
-        BuilderService { engine, contexts: Arc::new(Mutex::new(HashMap::new())), insecure_registries }
+    /// A service over `engine`. `trusted`: accept requests without a token (only for the
+    /// embedded builder's unix socket, which only its owner can open).
+    pub fn new(engine: Engine, insecure_registries: Vec<String>, trusted: bool) -> BuilderService {
+        let auth = Arc::new(AuthStore::new(engine.root()));
+        BuilderService { engine, contexts: Arc::new(Mutex::new(HashMap::new())), insecure_registries, auth, trusted }
     }
 
     fn context_store(&self, project: &str) -> Result<Arc<ContextStore>, Status> {
@@ -59,7 +81,8 @@ fn event(e: build_event::Event) -> v1::BuildEvent {
 
 #[tonic::async_trait]
 impl Builder for BuilderService {
-    async fn info(&self, _req: Request<v1::InfoRequest>) -> Result<Response<v1::InfoReply>, Status> {
+    async fn info(&self, req: Request<v1::InfoRequest>) -> Result<Response<v1::InfoReply>, Status> {
+        caller(self, &req)?;
         Ok(Response::new(v1::InfoReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
             platforms: vec![Platform::host().to_string()],
@@ -68,13 +91,15 @@ impl Builder for BuilderService {
     }
 
     async fn prepare_context(&self, req: Request<v1::ContextManifest>) -> Result<Response<v1::PrepareContextReply>, Status> {
-        let store = self.context_store(DEFAULT_PROJECT)?;
+        let who = caller(self, &req)?;
+        let store = self.context_store(&who.project)?;
         let (context_id, missing) = store.prepare(req.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(v1::PrepareContextReply { context_id, missing }))
     }
 
     async fn upload_blobs(&self, req: Request<Streaming<v1::BlobChunk>>) -> Result<Response<v1::UploadReply>, Status> {
-        let store = self.context_store(DEFAULT_PROJECT)?;
+        let who = caller(self, &req)?;
+        let store = self.context_store(&who.project)?;
         let mut stream = req.into_inner();
         let mut current: Option<(String, hoist_oci::store::BlobWriter)> = None;
         let (mut blobs, mut bytes) = (0u64, 0u64);
@@ -105,7 +130,72 @@ impl Builder for BuilderService {
 
     type BuildStream = EventStream;
 
+    async fn cache_usage(&self, req: Request<v1::CacheUsageRequest>) -> Result<Response<v1::CacheUsageReply>, Status> {
+        let who = caller(self, &req)?;
+        Ok(Response::new(self.usage_reply(&who.project, 0).await?))
+    }
+
+    async fn cache_prune(&self, req: Request<v1::CachePruneRequest>) -> Result<Response<v1::CacheUsageReply>, Status> {
+        let who = caller(self, &req)?;
+        let keep = req.into_inner().keep_bytes;
+        let engine = self.engine.clone();
+        let project = who.project.clone();
+        let freed = tokio::task::spawn_blocking(move || engine.prune(&project, keep))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(engine_status)?;
+        Ok(Response::new(self.usage_reply(&who.project, freed).await?))
+    }
+
+    async fn cache_reset(&self, req: Request<v1::CacheUsageRequest>) -> Result<Response<v1::CacheUsageReply>, Status> {
+        let who = caller(self, &req)?;
+        let store = self.context_store(&who.project)?;
+        let context_bytes = store.size();
+        store.reset().map_err(|e| Status::internal(e.to_string()))?;
+        let engine = self.engine.clone();
+        let project = who.project.clone();
+        let freed = tokio::task::spawn_blocking(move || engine.reset(&project))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(engine_status)?;
+        Ok(Response::new(self.usage_reply(&who.project, freed + context_bytes).await?))
+    }
+
+    async fn list_builds(&self, req: Request<v1::ListBuildsRequest>) -> Result<Response<v1::ListBuildsReply>, Status> {
+        let who = caller(self, &req)?;
+        let limit = match req.into_inner().limit {
+            0 => 50,
+            n => n as usize,
+        };
+        let builds = self
+            .engine
+            .index()
+            .builds(&who.project, limit)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(record_from_json)
+            .collect();
+        Ok(Response::new(v1::ListBuildsReply { builds }))
+    }
+
+    async fn get_build(&self, req: Request<v1::GetBuildRequest>) -> Result<Response<v1::BuildRecord>, Status> {
+        let who = caller(self, &req)?;
+        let id = req.into_inner().id;
+        // Another project's build id is simply not found.
+        let value = self
+            .engine
+            .index()
+            .build(&who.project, &id)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("no build {id:?} in project {:?}", who.project)))?;
+        let mut rec = record_from_json(value);
+        let path = self.engine.root().join("builds").join(&who.project).join(format!("{id}.log"));
+        rec.log = std::fs::read_to_string(path).unwrap_or_default();
+        Ok(Response::new(rec))
+    }
+
     async fn build(&self, req: Request<v1::BuildRequest>) -> Result<Response<Self::BuildStream>, Status> {
+        let who = caller(self, &req)?;
         let req = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<v1::BuildEvent, Status>>(256);
         let svc = self.clone();
@@ -123,7 +213,7 @@ impl Builder for BuilderService {
             }
         });
         tokio::spawn(async move {
-            let result = svc.run_build(req, tx.clone(), cancel).await;
+            let result = svc.run_build(&who, req, tx.clone(), cancel).await;
             done.cancel();
             match result {
                 Ok(r) => {
@@ -135,6 +225,112 @@ impl Builder for BuilderService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl BuilderService {
+    async fn usage_reply(&self, project: &str, freed: u64) -> Result<v1::CacheUsageReply, Status> {
+        let store = self.context_store(project)?;
+        let engine = self.engine.clone();
+        let p = project.to_string();
+        let u = tokio::task::spawn_blocking(move || engine.usage(&p))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(engine_status)?;
+        Ok(v1::CacheUsageReply {
+            project: project.to_string(),
+            layers: u.layers,
+            layer_bytes: u.layer_bytes,
+            context_bytes: store.size(),
+            cache_mount_bytes: u.cache_mount_bytes,
+            records: u.records,
+            freed_bytes: freed,
+            limit_bytes: self.auth.limit_of(project),
+        })
+    }
+}
+
+/// A sortable, unique build id: time then randomness.
+fn build_id(t: std::time::SystemTime) -> String {
+    let ns = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut r = [0u8; 3];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut r);
+    }
+    format!("{:x}{}", ns / 1_000_000, hex::encode(r))
+}
+
+/// The plain-text log of a build, bounded.
+#[derive(Default)]
+struct BuildLog {
+    text: String,
+    names: HashMap<u32, String>,
+}
+
+const MAX_LOG: usize = 1 << 20;
+
+impl BuildLog {
+    fn add(&mut self, ev: &Event) {
+        if self.text.len() > MAX_LOG {
+            return;
+        }
+        match ev {
+            Event::Started { id, name } => {
+                self.names.insert(*id, name.clone());
+                self.text.push_str(&format!("#{id} {name}\n"));
+            }
+            Event::Completed { id, cached, seconds, error } => {
+                let status = match (error, cached) {
+                    (Some(e), _) => format!("ERROR: {e}"),
+                    (None, true) => "CACHED".into(),
+                    (None, false) => format!("DONE {seconds:.1}s"),
+                };
+                self.text.push_str(&format!("#{id} {status}\n"));
+            }
+            Event::Log { id, data, .. } => {
+                for line in String::from_utf8_lossy(data).lines() {
+                    self.text.push_str(&format!("#{id} {line}\n"));
+                }
+            }
+            Event::Warning(w) => self.text.push_str(&format!("WARNING: {w}\n")),
+        }
+        if self.text.len() > MAX_LOG {
+            self.text.push_str("[log truncated]\n");
+        }
+    }
+}
+
+fn record_json(r: &v1::BuildRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id, "started": r.started, "seconds": r.seconds, "who": r.who, "status": r.status,
+        "error": r.error, "steps_run": r.steps_run, "steps_cached": r.steps_cached,
+        "containers_run": r.containers_run, "context_entries": r.context_entries,
+        "context_files_sent": r.context_files_sent, "context_bytes_sent": r.context_bytes_sent,
+        "image_id": r.image_id, "manifest_digest": r.manifest_digest, "tags": r.tags,
+    })
+}
+
+fn record_from_json(v: serde_json::Value) -> v1::BuildRecord {
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let u = |k: &str| v[k].as_u64().unwrap_or(0);
+    v1::BuildRecord {
+        id: s("id"),
+        started: v["started"].as_i64().unwrap_or(0),
+        seconds: v["seconds"].as_f64().unwrap_or(0.0),
+        who: s("who"),
+        status: s("status"),
+        error: s("error"),
+        steps_run: u("steps_run") as u32,
+        steps_cached: u("steps_cached") as u32,
+        containers_run: u("containers_run") as u32,
+        context_entries: u("context_entries"),
+        context_files_sent: u("context_files_sent"),
+        context_bytes_sent: u("context_bytes_sent"),
+        image_id: s("image_id"),
+        manifest_digest: s("manifest_digest"),
+        tags: v["tags"].as_array().map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect()).unwrap_or_default(),
+        log: String::new(),
     }
 }
 
@@ -188,18 +384,78 @@ impl Write for OutputWriter {
 }
 
 impl BuilderService {
+    /// Run a build and keep its record (and log) for `hoist builds`.
     async fn run_build(
         &self,
+        who: &Caller,
         req: v1::BuildRequest,
         tx: mpsc::Sender<Result<v1::BuildEvent, Status>>,
         cancel: CancellationToken,
     ) -> Result<v1::BuildResult, Status> {
-        let store = self.context_store(DEFAULT_PROJECT)?;
+        let started = std::time::SystemTime::now();
+        let t0 = std::time::Instant::now();
+        let id = build_id(started);
+        let log = Arc::new(Mutex::new(BuildLog::default()));
+        let mut record = v1::BuildRecord {
+            id: id.clone(),
+            started: started.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+            who: who.who.clone(),
+            tags: req.tags.clone(),
+            ..Default::default()
+        };
+        let result = self.build_inner(who, &id, req, tx, cancel, log.clone(), &mut record).await;
+        record.seconds = t0.elapsed().as_secs_f64();
+        match &result {
+            Ok(_) => record.status = "ok".into(),
+            Err(s) if s.code() == tonic::Code::Cancelled => record.status = "cancelled".into(),
+            Err(s) => {
+                record.status = "failed".into();
+                record.error = s.message().to_string();
+            }
+        }
+        self.save_record(&who.project, &record, &log.lock().unwrap_or_else(|e| e.into_inner()).text);
+        if result.is_ok() {
+            // Automatic GC keeps the project under its limit.
+            let limit = self.auth.limit_of(&who.project);
+            let engine = self.engine.clone();
+            let project = who.project.clone();
+            let _ = tokio::task::spawn_blocking(move || engine.gc_if_over(&project, limit)).await;
+        }
+        result
+    }
+
+    fn save_record(&self, project: &str, record: &v1::BuildRecord, log: &str) {
+        let value = record_json(record);
+        if let Err(e) = self.engine.index().put_build(project, &record.id, &value) {
+            tracing::warn!("saving build record {}: {e}", record.id);
+        }
+        let dir = self.engine.root().join("builds").join(project);
+        if std::fs::create_dir_all(&dir).is_ok() {
+            let _ = std::fs::write(dir.join(format!("{}.log", record.id)), log);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn build_inner(
+        &self,
+        who: &Caller,
+        build_id: &str,
+        req: v1::BuildRequest,
+        tx: mpsc::Sender<Result<v1::BuildEvent, Status>>,
+        cancel: CancellationToken,
+        log: Arc<Mutex<BuildLog>>,
+        record: &mut v1::BuildRecord,
+    ) -> Result<v1::BuildResult, Status> {
+        let store = self.context_store(&who.project)?;
         let materialized = if req.context_id.is_empty() {
             None
         } else {
             Some(store.materialize(&req.context_id).await.map_err(|e| Status::failed_precondition(e.to_string()))?)
         };
+        let sync = materialized.as_ref().map(|m| m.stats).unwrap_or_default();
+        record.context_entries = sync.entries;
+        record.context_files_sent = sync.missing;
+        record.context_bytes_sent = sync.missing_bytes;
         let context = match &materialized {
             Some(m) => m.context.clone(),
             None => {
@@ -244,7 +500,7 @@ impl BuilderService {
             secrets.ssh.insert(s.id.clone(), PathBuf::from(&s.socket));
         }
         let build = BuildRequest {
-            namespace: DEFAULT_PROJECT.to_string(),
+            namespace: who.project.clone(),
             dockerfile: req.dockerfile.clone(),
             frontend: FrontendOptions {
                 dockerfile_name: if req.dockerfile_name.is_empty() { "Dockerfile".into() } else { req.dockerfile_name.clone() },
@@ -269,6 +525,7 @@ impl BuilderService {
         let forward_tx = tx.clone();
         let forward = tokio::spawn(async move {
             while let Some(ev) = prx.recv().await {
+                log.lock().unwrap_or_else(|e| e.into_inner()).add(&ev);
                 let e = match ev {
                     Event::Started { id, name } => build_event::Event::Started(v1::VertexStarted { id, name }),
                     Event::Completed { id, cached, seconds, error } => build_event::Event::Completed(v1::VertexCompleted {
@@ -289,6 +546,10 @@ impl BuilderService {
         let _ = forward.await;
         let outcome = outcome.map_err(engine_status)?;
         drop(materialized);
+        record.steps_run = outcome.steps_run;
+        record.steps_cached = outcome.steps_cached;
+        record.containers_run = outcome.containers_run;
+        record.image_id = outcome.images.first().map(|i| i.config_digest.to_string()).unwrap_or_default();
 
         let mut manifest_digest = String::new();
         let mut names = Vec::new();
@@ -312,6 +573,7 @@ impl BuilderService {
             let all: Vec<String> = if names.is_empty() { req.tags.clone() } else { names };
             metadata["image.name"] = serde_json::json!(all.join(","));
         }
+        record.manifest_digest = manifest_digest.clone();
         Ok(v1::BuildResult {
             image_id,
             manifest_digest,
@@ -319,6 +581,12 @@ impl BuilderService {
             steps_cached: outcome.steps_cached,
             metadata_json: metadata.to_string(),
             seconds: outcome.seconds,
+            build_id: build_id.to_string(),
+            containers_run: outcome.containers_run,
+            context_entries: sync.entries,
+            context_files_sent: sync.missing,
+            context_bytes_sent: sync.missing_bytes,
+            project: who.project.clone(),
         })
     }
 

@@ -2,7 +2,7 @@
 //! allow) over a rootfs the snapshotter mounted, and owns everything about that container:
 //! the OCI config (namespaces, capabilities, system mounts, masked paths, limits), the
 //! generated /etc/hosts and /etc/resolv.conf, mount stubs that must not end up in the
-//! layer, output streaming, cancellation and timeouts (every process of the step is
+//! layer (the /proc, /dev and /sys mount points do, as with BuildKit), output streaming, cancellation and timeouts (every process of the step is
 //! killed), cleanup after a daemon crash, and whether a foreign platform can run at all
 //! ([`check_emulation`]).
 //!
@@ -398,8 +398,13 @@ impl RuncExecutor {
         std::fs::write(&resolv, spec::resolv_conf(host_resolv.as_deref(), spec.network)).map_err(ioe("write", &resolv))?;
 
         stubs::ensure_cwd(&spec.rootfs, &spec.cwd, spec.uid, spec.gid)?;
-        let mut targets: Vec<(String, stubs::StubKind)> =
-            spec::SYSTEM_MOUNT_POINTS.iter().map(|p| (p.to_string(), stubs::StubKind::Dir)).collect();
+        // BuildKit leaves the /proc, /dev and /sys mount points the runtime creates in the
+        // layer (it cleans only /etc/hosts, /etc/resolv.conf and the step's own mounts), so
+        // an image built FROM a base without them gains empty 0755 directories: do the same.
+        for p in spec::SYSTEM_MOUNT_POINTS {
+            stubs::ensure_system_mount_point(&spec.rootfs, p)?;
+        }
+        let mut targets: Vec<(String, stubs::StubKind)> = Vec::new();
         targets.push(("/etc/hosts".into(), stubs::StubKind::File));
         targets.push(("/etc/resolv.conf".into(), stubs::StubKind::File));
         for m in &spec.mounts {

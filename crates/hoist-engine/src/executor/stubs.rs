@@ -8,7 +8,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
@@ -129,6 +129,21 @@ pub(crate) fn ensure_cwd(root: &Path, cwd: &str, uid: u32, gid: u32) -> Result<(
         p.push(c);
         fs::DirBuilder::new().mode(0o755).create(&p).map_err(|e| ExecError::io(format!("create working directory {cwd}"), e))?;
         std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(|e| ExecError::io(format!("chown working directory {cwd}"), e))?;
+    }
+    Ok(())
+}
+
+/// Create the system mount point `path` (`/proc`, `/dev`, `/sys`) inside `root` when it is
+/// missing: a 0755 root-owned directory that stays in the layer, as the runtime leaves it
+/// under BuildKit. An existing entry (even a symlink or a file) is left alone for the
+/// runtime to judge.
+pub(crate) fn ensure_system_mount_point(root: &Path, path: &str) -> Result<(), ExecError> {
+    let r = resolve_in_root(root, path)?;
+    let mut p = r.existing.clone();
+    for c in &r.missing {
+        p.push(c);
+        fs::DirBuilder::new().mode(0o755).create(&p).map_err(|e| ExecError::io(format!("create mount point {path}"), e))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).map_err(|e| ExecError::io(format!("chmod mount point {path}"), e))?;
     }
     Ok(())
 }
@@ -342,6 +357,22 @@ mod tests {
         assert!(r.join("etc/passwd").exists());
         let m = r.join("etc").metadata().unwrap();
         assert_eq!((m.mtime(), m.mtime_nsec()), (1000, 5), "parent mtime restored");
+    }
+
+    #[test]
+    fn system_mount_points_stay_in_the_layer_with_mode_0755() {
+        // Regression (differential suite): BuildKit keeps the /proc, /dev and /sys mount
+        // points of a RUN in the image; hoist removed them like mount stubs.
+        let t = root();
+        let r = t.path();
+        ensure_system_mount_point(r, "/proc").unwrap();
+        let m = r.join("proc").metadata().unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o7777, 0o755);
+        // An existing entry is left as it is.
+        fs::write(r.join("sys"), "not a dir").unwrap();
+        ensure_system_mount_point(r, "/sys").unwrap();
+        assert!(r.join("sys").is_file());
     }
 
     #[test]

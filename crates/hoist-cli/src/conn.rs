@@ -1,0 +1,143 @@
+//! Choosing and reaching a builder: `--builder`/`HOIST_BUILDER` (default: the embedded one),
+//! the project (`--project`/`HOIST_PROJECT`, or `hoist.json` in the context or its
+//! parents), the token (`--token`/`HOIST_TOKEN`, or the one `hoist login` saved), and TLS.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use hoist_client::{BuilderAddr, Client, ConnectOptions};
+use serde::{Deserialize, Serialize};
+
+/// Flags every command that talks to a builder takes.
+#[derive(Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// The builder: tcp://host:port, tls://host:port or unix:///path (default: the embedded one).
+    #[arg(long, env = "HOIST_BUILDER")]
+    pub builder: Option<String>,
+    /// State directory of the embedded builder.
+    #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+    pub root: PathBuf,
+    /// The project (cache namespace); default: hoist.json, or the token's project.
+    #[arg(long, env = "HOIST_PROJECT")]
+    pub project: Option<String>,
+    /// Access token for the builder (default: the one saved by `hoist login`).
+    #[arg(long, env = "HOIST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) that signed a tls:// builder's certificate.
+    #[arg(long = "tls-ca", env = "HOIST_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for builders that require one.
+    #[arg(long = "tls-cert", env = "HOIST_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long = "tls-key", env = "HOIST_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// The client's saved settings (`$HOIST_CONFIG_DIR/config.json`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ClientConfig {
+    /// Token per builder address.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, String>,
+}
+
+/// The client's configuration directory.
+pub fn config_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("HOIST_CONFIG_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Ok(d) = std::env::var("XDG_CONFIG_HOME") {
+        return Path::new(&d).join("hoist");
+    }
+    match std::env::var("HOME") {
+        Ok(h) => Path::new(&h).join(".config").join("hoist"),
+        Err(_) => PathBuf::from("/etc/hoist"),
+    }
+}
+
+impl ClientConfig {
+    /// Load (missing = empty).
+    pub fn load() -> anyhow::Result<ClientConfig> {
+        let path = config_dir().join("config.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is not valid JSON", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ClientConfig::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Save (only the user can read it: it holds tokens).
+    pub fn save(&self) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = config_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = dir.join("config.json.tmp");
+        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, dir.join("config.json"))?;
+        Ok(())
+    }
+}
+
+/// `hoist.json`: which project a directory tree builds in (like depot.json).
+#[derive(Debug, Deserialize)]
+struct ProjectFile {
+    project: String,
+}
+
+/// The project named by the nearest `hoist.json` at or above `dir`.
+pub fn project_from_file(dir: &Path) -> anyhow::Result<Option<String>> {
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        let f = d.join("hoist.json");
+        if f.is_file() {
+            let text = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+            let p: ProjectFile = serde_json::from_slice(&text).with_context(|| format!("{}: expected {{\"project\": \"NAME\"}}", f.display()))?;
+            return Ok(Some(p.project));
+        }
+        cur = d.parent();
+    }
+    Ok(None)
+}
+
+impl ConnArgs {
+    /// The builder's address, `None` for the embedded one.
+    pub fn addr(&self) -> anyhow::Result<Option<BuilderAddr>> {
+        self.builder.as_deref().map(BuilderAddr::parse).transpose().map_err(Into::into)
+    }
+
+    /// Connect, naming the project (`dir` is where hoist.json is looked for).
+    pub async fn connect(&self, dir: Option<&Path>) -> anyhow::Result<Client> {
+        let addr = self.addr()?;
+        let mut project = self.project.clone();
+        if project.is_none() {
+            let start = match dir {
+                Some(d) => d.to_path_buf(),
+                None => std::env::current_dir().unwrap_or_default(),
+            };
+            project = project_from_file(&start)?;
+        }
+        let token = match &self.token {
+            Some(t) => Some(t.clone()),
+            None => match &addr {
+                Some(a) => ClientConfig::load()?.tokens.get(&a.to_string()).cloned(),
+                None => None,
+            },
+        };
+        let opts = ConnectOptions { token, project, tls_ca: self.tls_ca.clone(), tls_cert: self.tls_cert.clone(), tls_key: self.tls_key.clone() };
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("--tls-cert and --tls-key go together");
+        }
+        Ok(match addr {
+            Some(a) => hoist_client::connect(&a, &opts).await?,
+            None => {
+                let exe = std::env::current_exe().context("locating the hoist binary")?;
+                hoist_client::connect_embedded(&self.root, &exe, &opts).await?
+            }
+        })
+    }
+}

@@ -1,0 +1,306 @@
+//! Commands besides build and serve: projects and tokens (run on the builder's machine, on
+//! its state directory), `hoist login`, `hoist cache`, `hoist builds`.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Subcommand};
+use hoist_client::v1;
+use hoist_server::auth::AuthStore;
+
+use crate::build::human_bytes;
+use crate::conn::{ClientConfig, ConnArgs};
+
+/// `hoist project ...` (on the builder's machine).
+#[derive(Subcommand, Debug)]
+pub enum ProjectCmd {
+    /// Create a project and print its first token.
+    Create {
+        name: String,
+        /// Name of the first token (shown in build records).
+        #[arg(long = "token-name", default_value = "default")]
+        token_name: String,
+        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+        root: PathBuf,
+    },
+    /// Set a project's cache size limit (automatic GC), e.g. 20GB.
+    Limit {
+        name: String,
+        size: String,
+        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+        root: PathBuf,
+    },
+    /// List projects.
+    Ls {
+        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+        root: PathBuf,
+    },
+}
+
+/// `hoist token ...` (on the builder's machine).
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Issue a new token for a project and print it.
+    Create {
+        project: String,
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+        root: PathBuf,
+    },
+    /// Revoke a token by id or name.
+    Revoke {
+        id_or_name: String,
+        /// Only tokens of this project (when revoking by name).
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+        root: PathBuf,
+    },
+    /// List tokens (never the tokens themselves).
+    Ls {
+        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+        root: PathBuf,
+    },
+}
+
+/// `hoist cache ...`.
+#[derive(Subcommand, Debug)]
+pub enum CacheCmd {
+    /// Show the project's share of the builder's storage.
+    Du {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Drop least recently used cache entries until the project uses at most SIZE.
+    Prune {
+        /// e.g. 10GB, 512MB; 0 drops everything not in use.
+        #[arg(long = "keep-storage", default_value = "0")]
+        keep_storage: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Drop everything the project has cached.
+    Reset {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+/// `hoist builds ...`.
+#[derive(Subcommand, Debug)]
+pub enum BuildsCmd {
+    /// The project's recent builds, newest first.
+    Ls {
+        #[arg(long, default_value = "20")]
+        limit: u32,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// One build, with its log.
+    Show {
+        id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+/// `hoist login`.
+#[derive(Args, Debug)]
+pub struct LoginArgs {
+    /// The token (default: read from stdin).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// The builder to log in to.
+    #[arg(long, env = "HOIST_BUILDER")]
+    pub builder: String,
+    #[arg(long = "tls-ca", env = "HOIST_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// Parse `10GB`, `512MB`, `1.5GiB`, `1000` (bytes).
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| anyhow!("invalid size {s:?}: expected e.g. 10GB, 512MB or 1000"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024f64.powi(4),
+        other => bail!("invalid size {s:?}: unknown unit {other:?}"),
+    };
+    Ok((n * mult) as u64)
+}
+
+pub fn project(cmd: ProjectCmd) -> anyhow::Result<()> {
+    match cmd {
+        ProjectCmd::Create { name, token_name, root } => {
+            let token = AuthStore::new(&root).create_project(&name, &token_name)?;
+            eprintln!("created project {name:?}; its token (shown once):");
+            println!("{token}");
+        }
+        ProjectCmd::Limit { name, size, root } => {
+            let bytes = parse_size(&size)?;
+            AuthStore::new(&root).set_limit(&name, bytes)?;
+            eprintln!("project {name:?}: cache limit {}", human_bytes(bytes));
+        }
+        ProjectCmd::Ls { root } => {
+            let f = AuthStore::new(&root).load()?;
+            for (name, p) in f.projects {
+                println!("{name}\tlimit {}", human_bytes(p.limit_bytes));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn token(cmd: TokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Create { project, name, root } => {
+            let token = AuthStore::new(&root).create_token(&project, &name)?;
+            println!("{token}");
+        }
+        TokenCmd::Revoke { id_or_name, project, root } => {
+            let n = AuthStore::new(&root).revoke(&id_or_name, project.as_deref())?;
+            eprintln!("revoked {n} token(s)");
+        }
+        TokenCmd::Ls { root } => {
+            for t in AuthStore::new(&root).load()?.tokens {
+                println!("{}\t{}\t{}\t{}", t.id, t.project, t.name, if t.revoked { "revoked" } else { "active" });
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
+    let token = match args.token {
+        Some(t) => t,
+        None => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).context("reading the token from stdin")?;
+            s.trim().to_string()
+        }
+    };
+    if token.is_empty() {
+        bail!("no token given (pass --token or pipe it on stdin)");
+    }
+    let addr = hoist_client::BuilderAddr::parse(&args.builder)?;
+    let opts = hoist_client::ConnectOptions { token: Some(token.clone()), tls_ca: args.tls_ca, ..Default::default() };
+    let mut client = hoist_client::connect(&addr, &opts).await?;
+    let usage = client.cache_usage(v1::CacheUsageRequest {}).await.map_err(hoist_client::ClientError::from_status)?.into_inner();
+    let mut cfg = ClientConfig::load()?;
+    cfg.tokens.insert(addr.to_string(), token);
+    cfg.save()?;
+    eprintln!("logged in to {addr} (project {:?})", usage.project);
+    Ok(())
+}
+
+fn print_usage(u: &v1::CacheUsageReply) {
+    println!("project:        {}", u.project);
+    println!("layers:         {} ({})", u.layers, human_bytes(u.layer_bytes));
+    println!("context files:  {}", human_bytes(u.context_bytes));
+    println!("cache mounts:   {}", human_bytes(u.cache_mount_bytes));
+    println!("records:        {}", u.records);
+    println!("limit:          {}", human_bytes(u.limit_bytes));
+    if u.freed_bytes > 0 {
+        println!("freed:          {}", human_bytes(u.freed_bytes));
+    }
+}
+
+pub async fn cache(cmd: CacheCmd) -> anyhow::Result<()> {
+    let status = hoist_client::ClientError::from_status;
+    match cmd {
+        CacheCmd::Du { conn } => {
+            let u = conn.connect(None).await?.cache_usage(v1::CacheUsageRequest {}).await.map_err(status)?.into_inner();
+            print_usage(&u);
+        }
+        CacheCmd::Prune { keep_storage, conn } => {
+            let keep_bytes = parse_size(&keep_storage)?;
+            let u = conn.connect(None).await?.cache_prune(v1::CachePruneRequest { keep_bytes }).await.map_err(status)?.into_inner();
+            print_usage(&u);
+        }
+        CacheCmd::Reset { conn } => {
+            let u = conn.connect(None).await?.cache_reset(v1::CacheUsageRequest {}).await.map_err(status)?.into_inner();
+            print_usage(&u);
+        }
+    }
+    Ok(())
+}
+
+fn when(secs: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp(secs, 0).map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()
+}
+
+pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
+    let status = hoist_client::ClientError::from_status;
+    match cmd {
+        BuildsCmd::Ls { limit, conn } => {
+            let r = conn.connect(None).await?.list_builds(v1::ListBuildsRequest { limit }).await.map_err(status)?.into_inner();
+            println!("ID\tSTARTED\tSECONDS\tWHO\tSTATUS\tRUN\tCACHED\tSENT\tIMAGE");
+            for b in r.builds {
+                println!(
+                    "{}\t{}\t{:.1}\t{}\t{}\t{}\t{}\t{} files ({})\t{}",
+                    b.id,
+                    when(b.started),
+                    b.seconds,
+                    b.who,
+                    b.status,
+                    b.steps_run,
+                    b.steps_cached,
+                    b.context_files_sent,
+                    human_bytes(b.context_bytes_sent),
+                    b.image_id
+                );
+            }
+        }
+        BuildsCmd::Show { id, conn } => {
+            let b = conn.connect(None).await?.get_build(v1::GetBuildRequest { id }).await.map_err(status)?.into_inner();
+            println!("id:             {}", b.id);
+            println!("started:        {}", when(b.started));
+            println!("seconds:        {:.1}", b.seconds);
+            println!("who:            {}", b.who);
+            println!("status:         {}", b.status);
+            if !b.error.is_empty() {
+                println!("error:          {}", b.error);
+            }
+            println!("steps run:      {}", b.steps_run);
+            println!("steps cached:   {}", b.steps_cached);
+            println!("containers run: {}", b.containers_run);
+            println!("context:        {} entries, {} files sent ({})", b.context_entries, b.context_files_sent, human_bytes(b.context_bytes_sent));
+            println!("image:          {}", b.image_id);
+            if !b.manifest_digest.is_empty() {
+                println!("manifest:       {}", b.manifest_digest);
+            }
+            if !b.tags.is_empty() {
+                println!("tags:           {}", b.tags.join(", "));
+            }
+            println!("\n{}", b.log);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
+        assert_eq!(parse_size("512mb").unwrap(), 512_000_000);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert_eq!(parse_size("1.5kb").unwrap(), 1500);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5parsecs").is_err());
+    }
+}

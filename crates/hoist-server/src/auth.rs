@@ -1,0 +1,316 @@
+//! Projects and tokens. A project is a cache namespace; a token belongs to one project and
+//! is stored only as its SHA-256 hash. The store is a JSON file in the builder's state
+//! root (`auth.json`), written atomically under a lock by the admin commands
+//! (`hoist project create`, `hoist token ...`) and re-read by the server when it changes.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// The project of the embedded builder when none is named.
+pub const DEFAULT_PROJECT: &str = "default";
+/// Default automatic-GC limit of a project: 50 GB.
+pub const DEFAULT_LIMIT_BYTES: u64 = 50_000_000_000;
+
+/// Errors of the project/token store and of authentication.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("auth store {path}: {message}")]
+    Store { path: PathBuf, message: String },
+    #[error("invalid project name {0:?}: use 1-63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit")]
+    BadName(String),
+    #[error("project {0:?} already exists")]
+    ProjectExists(String),
+    #[error("project {0:?} does not exist (create it with `hoist project create {0}` on the builder)")]
+    NoProject(String),
+    #[error("no token matches {0:?}")]
+    NoToken(String),
+    #[error("a token is required: pass --token, set HOIST_TOKEN or run `hoist login`")]
+    Missing,
+    #[error("the token is not valid for this builder (no project has it): check --token / HOIST_TOKEN / hoist login")]
+    Invalid,
+    #[error("the token {name:?} was revoked; ask for a new one")]
+    Revoked { name: String },
+    #[error("the token belongs to project {token_project:?}, not {requested:?}")]
+    WrongProject { token_project: String, requested: String },
+}
+
+/// A project.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Project {
+    pub created: u64,
+    /// Automatic GC keeps the project's cache under this many bytes.
+    #[serde(default = "default_limit")]
+    pub limit_bytes: u64,
+}
+
+fn default_limit() -> u64 {
+    DEFAULT_LIMIT_BYTES
+}
+
+/// A token as stored (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Short id: the first 12 hex digits of the hash.
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    /// SHA-256 (hex) of the token.
+    pub hash: String,
+    pub created: u64,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// The whole store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthFile {
+    #[serde(default)]
+    pub projects: BTreeMap<String, Project>,
+    #[serde(default)]
+    pub tokens: Vec<TokenRecord>,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub project: String,
+    /// Token name, or "local" for the trusted unix socket.
+    pub who: String,
+}
+
+/// The project/token store of a state root.
+pub struct AuthStore {
+    path: PathBuf,
+    cache: RwLock<(Option<SystemTime>, AuthFile)>,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Whether `name` is a valid project name.
+pub fn valid_project_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+fn new_token() -> Result<String, std::io::Error> {
+    let mut buf = [0u8; 32];
+    fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(format!("hst_{}", hex::encode(buf)))
+}
+
+impl AuthStore {
+    /// The store of the state root `root`.
+    pub fn new(root: &Path) -> AuthStore {
+        AuthStore { path: root.join("auth.json"), cache: RwLock::new((None, AuthFile::default())) }
+    }
+
+    fn err(&self, m: impl std::fmt::Display) -> AuthError {
+        AuthError::Store { path: self.path.clone(), message: m.to_string() }
+    }
+
+    /// The current contents (re-read when the file changed).
+    pub fn load(&self) -> Result<AuthFile, AuthError> {
+        let mtime = fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        {
+            let c = self.cache.read().unwrap_or_else(|e| e.into_inner());
+            if c.0 == mtime && mtime.is_some() {
+                return Ok(c.1.clone());
+            }
+        }
+        let file = match fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| self.err(format!("corrupt: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AuthFile::default(),
+            Err(e) => return Err(self.err(e)),
+        };
+        *self.cache.write().unwrap_or_else(|e| e.into_inner()) = (mtime, file.clone());
+        Ok(file)
+    }
+
+    /// Change the store under an exclusive lock, writing it atomically.
+    fn update<T>(&self, f: impl FnOnce(&mut AuthFile) -> Result<T, AuthError>) -> Result<T, AuthError> {
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir).map_err(|e| self.err(e))?;
+        }
+        let lock_path = self.path.with_extension("lock");
+        let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| self.err(e))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| self.err(e))?;
+        let mut file: AuthFile = match fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| self.err(format!("corrupt: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AuthFile::default(),
+            Err(e) => return Err(self.err(e)),
+        };
+        let out = f(&mut file)?;
+        let tmp = self.path.with_extension("tmp");
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut t = fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).map_err(|e| self.err(e))?;
+            t.write_all(&serde_json::to_vec_pretty(&file).map_err(|e| self.err(e))?).map_err(|e| self.err(e))?;
+            t.sync_all().map_err(|e| self.err(e))?;
+        }
+        fs::rename(&tmp, &self.path).map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    /// Create a project and its first token (named `name`); returns the token.
+    pub fn create_project(&self, project: &str, token_name: &str) -> Result<String, AuthError> {
+        if !valid_project_name(project) {
+            return Err(AuthError::BadName(project.to_string()));
+        }
+        self.update(|f| {
+            if f.projects.contains_key(project) {
+                return Err(AuthError::ProjectExists(project.to_string()));
+            }
+            f.projects.insert(project.to_string(), Project { created: now(), limit_bytes: DEFAULT_LIMIT_BYTES });
+            add_token(f, project, token_name).map_err(|e| AuthError::Store { path: PathBuf::new(), message: e.to_string() })
+        })
+    }
+
+    /// Issue another token for an existing project.
+    pub fn create_token(&self, project: &str, token_name: &str) -> Result<String, AuthError> {
+        self.update(|f| {
+            if !f.projects.contains_key(project) {
+                return Err(AuthError::NoProject(project.to_string()));
+            }
+            add_token(f, project, token_name).map_err(|e| AuthError::Store { path: PathBuf::new(), message: e.to_string() })
+        })
+    }
+
+    /// Revoke tokens by id, or by name (within `project` when given). Returns how many.
+    pub fn revoke(&self, id_or_name: &str, project: Option<&str>) -> Result<usize, AuthError> {
+        self.update(|f| {
+            let mut n = 0;
+            for t in &mut f.tokens {
+                let by_id = t.id == id_or_name;
+                let by_name = t.name == id_or_name && project.is_none_or(|p| p == t.project);
+                if (by_id || by_name) && !t.revoked {
+                    t.revoked = true;
+                    n += 1;
+                }
+            }
+            if n == 0 {
+                return Err(AuthError::NoToken(id_or_name.to_string()));
+            }
+            Ok(n)
+        })
+    }
+
+    /// Set a project's automatic-GC limit.
+    pub fn set_limit(&self, project: &str, limit_bytes: u64) -> Result<(), AuthError> {
+        self.update(|f| {
+            let p = f.projects.get_mut(project).ok_or_else(|| AuthError::NoProject(project.to_string()))?;
+            p.limit_bytes = limit_bytes;
+            Ok(())
+        })
+    }
+
+    /// The automatic-GC limit of a project.
+    pub fn limit_of(&self, project: &str) -> u64 {
+        self.load().ok().and_then(|f| f.projects.get(project).map(|p| p.limit_bytes)).unwrap_or(DEFAULT_LIMIT_BYTES)
+    }
+
+    /// Who a request comes from. `token` is the bearer token if any, `requested` the project
+    /// the client named if any; `trusted` is true on the embedded builder's unix socket.
+    pub fn authenticate(&self, token: Option<&str>, requested: Option<&str>, trusted: bool) -> Result<Caller, AuthError> {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            if trusted {
+                let project = requested.filter(|p| !p.is_empty()).unwrap_or(DEFAULT_PROJECT);
+                if !valid_project_name(project) {
+                    return Err(AuthError::BadName(project.to_string()));
+                }
+                return Ok(Caller { project: project.to_string(), who: "local".into() });
+            }
+            return Err(AuthError::Missing);
+        };
+        let file = self.load()?;
+        let hash = hash_token(token);
+        let rec = file.tokens.iter().find(|t| t.hash == hash).ok_or(AuthError::Invalid)?;
+        if rec.revoked {
+            return Err(AuthError::Revoked { name: rec.name.clone() });
+        }
+        if !file.projects.contains_key(&rec.project) {
+            return Err(AuthError::NoProject(rec.project.clone()));
+        }
+        if let Some(req) = requested.filter(|p| !p.is_empty()) {
+            if req != rec.project {
+                return Err(AuthError::WrongProject { token_project: rec.project.clone(), requested: req.to_string() });
+            }
+        }
+        Ok(Caller { project: rec.project.clone(), who: rec.name.clone() })
+    }
+}
+
+fn add_token(f: &mut AuthFile, project: &str, name: &str) -> Result<String, std::io::Error> {
+    let token = new_token()?;
+    let hash = hash_token(&token);
+    f.tokens.push(TokenRecord { id: hash[..12].to_string(), name: name.to_string(), project: project.to_string(), hash, created: now(), revoked: false });
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_authenticate_their_project_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuthStore::new(dir.path());
+        let a = store.create_project("alpha", "laptop").unwrap();
+        let b = store.create_project("beta", "ci").unwrap();
+        assert!(a.starts_with("hst_") && a.len() > 60);
+        assert_eq!(store.authenticate(Some(&a), None, false).unwrap(), Caller { project: "alpha".into(), who: "laptop".into() });
+        assert_eq!(store.authenticate(Some(&b), Some("beta"), false).unwrap().project, "beta");
+        assert!(matches!(store.authenticate(Some(&a), Some("beta"), false), Err(AuthError::WrongProject { .. })));
+        assert!(matches!(store.authenticate(Some("hst_guess"), None, false), Err(AuthError::Invalid)));
+        assert!(matches!(store.authenticate(None, None, false), Err(AuthError::Missing)));
+        // The file never holds a token, only hashes.
+        let text = fs::read_to_string(dir.path().join("auth.json")).unwrap();
+        assert!(!text.contains(&a) && !text.contains(&b));
+    }
+
+    #[test]
+    fn revoked_tokens_are_refused_and_others_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuthStore::new(dir.path());
+        let first = store.create_project("p", "one").unwrap();
+        let second = store.create_token("p", "two").unwrap();
+        assert_eq!(store.revoke("one", Some("p")).unwrap(), 1);
+        assert!(matches!(store.authenticate(Some(&first), None, false), Err(AuthError::Revoked { .. })));
+        assert_eq!(store.authenticate(Some(&second), None, false).unwrap().who, "two");
+        assert!(matches!(store.revoke("nobody", None), Err(AuthError::NoToken(_))));
+        // Another store instance (the server) sees the change.
+        let server = AuthStore::new(dir.path());
+        assert!(server.authenticate(Some(&first), None, false).is_err());
+    }
+
+    #[test]
+    fn trusted_socket_needs_no_token_and_validates_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuthStore::new(dir.path());
+        assert_eq!(store.authenticate(None, None, true).unwrap().project, DEFAULT_PROJECT);
+        assert_eq!(store.authenticate(None, Some("web"), true).unwrap().project, "web");
+        assert!(store.authenticate(None, Some("../x"), true).is_err());
+        for bad in ["", "A", "-x", "a/b", &"x".repeat(64)] {
+            assert!(!valid_project_name(bad), "{bad}");
+            assert!(store.create_project(bad, "t").is_err());
+        }
+        store.create_project("dup", "t").unwrap();
+        assert!(matches!(store.create_project("dup", "t"), Err(AuthError::ProjectExists(_))));
+        assert!(matches!(store.create_token("nope", "t"), Err(AuthError::NoProject(_))));
+    }
+}
