@@ -362,9 +362,11 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
             let dir2 = dir.clone();
             let ignore2 = ignore.clone();
             let stdin_ctx = inputs._tmp.is_some();
+            // Only what the Dockerfile can read is walked, hashed and sent.
+            let mut reach = hoist_client::reach::reachable(&String::from_utf8_lossy(&inputs.dockerfile));
             let walked = tokio::task::spawn_blocking(move || {
                 let mut cache = if stdin_ctx { StatCache::none() } else { StatCache::load(&cache_root(), &dir2) };
-                sync::walk(&dir2, ignore2.as_ref(), &mut cache)
+                sync::walk(&dir2, ignore2.as_ref(), &mut reach, &mut cache)
             })
             .await??;
             let (cid, stats) = sync::sync(&mut client, sync::session_key(dir), &walked).await?;

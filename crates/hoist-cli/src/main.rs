@@ -72,6 +72,8 @@ struct ServeArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // Two TLS stacks link rustls (tonic with ring, reqwest); pick one provider for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOIST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -2,6 +2,7 @@
 //! (the embedded one on a unix socket, or a remote `hoist serve`), context sync, and the
 //! build call whose event stream the CLI renders.
 
+pub mod reach;
 pub mod sync;
 
 use std::path::{Path, PathBuf};
@@ -113,9 +114,25 @@ impl std::fmt::Display for BuilderAddr {
     }
 }
 
+/// An error with its sources ("transport error: tls: invalid peer certificate: ...").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// Connect to a builder.
 pub async fn connect(addr: &BuilderAddr, opts: &ConnectOptions) -> Result<Client, ClientError> {
     let err = |e: &dyn std::fmt::Display| ClientError::Connect { addr: addr.to_string(), message: e.to_string() };
+    let terr = |e: tonic::transport::Error| ClientError::Connect { addr: addr.to_string(), message: chain(&e) };
     let channel = match addr {
         BuilderAddr::Tcp(a) => Endpoint::from_shared(format!("http://{a}"))
             .map_err(|e| err(&e))?
@@ -124,7 +141,7 @@ pub async fn connect(addr: &BuilderAddr, opts: &ConnectOptions) -> Result<Client
             .keep_alive_while_idle(true)
             .connect()
             .await
-            .map_err(|e| err(&e))?,
+            .map_err(terr)?,
         BuilderAddr::Tls(a) => {
             let host = a.rsplit_once(':').map(|(h, _)| h).unwrap_or(a).trim_matches(|c| c == '[' || c == ']').to_string();
             let mut tls = ClientTlsConfig::new().domain_name(host);
@@ -149,7 +166,7 @@ pub async fn connect(addr: &BuilderAddr, opts: &ConnectOptions) -> Result<Client
                 .keep_alive_while_idle(true)
                 .connect()
                 .await
-                .map_err(|e| err(&e))?
+                .map_err(terr)?
         }
         BuilderAddr::Unix(path) => {
             let path = path.clone();
@@ -159,7 +176,7 @@ pub async fn connect(addr: &BuilderAddr, opts: &ConnectOptions) -> Result<Client
                     async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
                 }))
                 .await
-                .map_err(|e| err(&e))?
+                .map_err(terr)?
         }
     };
     let meta = |v: &str, what: &str| -> Result<MetadataValue<tonic::metadata::Ascii>, ClientError> {

@@ -15,6 +15,7 @@ use hoist_proto::v1;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::reach::Reach;
 use crate::{Client, ClientError};
 
 /// Counters of one sync (shown in the summary and used by tests).
@@ -82,8 +83,47 @@ pub struct WalkedContext {
     pub stats: SyncStats,
 }
 
-/// Walk `dir`: every entry not ignored, with its parents; files digested (via the cache).
-pub fn walk(dir: &Path, ignore: Option<&IgnoreMatcher>, cache: &mut StatCache) -> Result<WalkedContext, ClientError> {
+/// Walk `dir`: every entry the Dockerfile can reach (`reach`) and not ignored, with its
+/// parents; files digested (via the cache). Symlinks among the reached entries extend the
+/// reach to their (in-context) targets.
+pub fn walk(dir: &Path, ignore: Option<&IgnoreMatcher>, reach: &mut Reach, cache: &mut StatCache) -> Result<WalkedContext, ClientError> {
+    let prior = cache.entries.clone();
+    let (mut hashed_files, mut hashed_bytes) = (0, 0);
+    for _ in 0..40 {
+        let (mut walked, seen) = walk_once(dir, ignore, reach, cache)?;
+        hashed_files += walked.stats.hashed_files;
+        hashed_bytes += walked.stats.hashed_bytes;
+        let mut grew = false;
+        if matches!(reach, Reach::Paths(_)) {
+            for e in &walked.entries {
+                if e.kind == v1::EntryKind::Symlink as i32 {
+                    grew |= reach.follow_link(&e.path, &e.link_target);
+                }
+            }
+        }
+        if !grew {
+            // Remember what this walk saw, and what it did not look at; forget files that
+            // are gone.
+            let mut keep: HashMap<String, StatEntry> = prior.into_iter().filter(|(p, _)| !reach.includes(p)).collect();
+            keep.extend(seen);
+            cache.save(&keep);
+            cache.entries = keep;
+            walked.stats.hashed_files = hashed_files;
+            walked.stats.hashed_bytes = hashed_bytes;
+            return Ok(walked);
+        }
+        // The next round re-walks with the larger reach; files already hashed hit.
+        cache.entries.extend(seen);
+    }
+    Err(ClientError::Context(format!("{}: too many levels of symbolic links between the paths the Dockerfile reads", dir.display())))
+}
+
+fn walk_once(
+    dir: &Path,
+    ignore: Option<&IgnoreMatcher>,
+    reach: &Reach,
+    cache: &StatCache,
+) -> Result<(WalkedContext, HashMap<String, StatEntry>), ClientError> {
     let meta = fs::metadata(dir).map_err(|e| ClientError::Context(format!("context {}: {e}", dir.display())))?;
     if !meta.is_dir() {
         return Err(ClientError::Context(format!("context {} is not a directory", dir.display())));
@@ -105,6 +145,9 @@ pub fn walk(dir: &Path, ignore: Option<&IgnoreMatcher>, cache: &mut StatCache) -
             let child_rel = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
             let child_abs = entry.path();
             let m = fs::symlink_metadata(&child_abs).map_err(|e| ClientError::Context(format!("{}: {e}", child_abs.display())))?;
+            if !reach.includes(&child_rel) {
+                continue;
+            }
             let ignored = ignore.is_some_and(|i| i.matches(&child_rel));
             if m.is_dir() {
                 if ignored && ignore.is_some_and(|i| i.can_skip_dir(&child_rel)) {
@@ -161,10 +204,8 @@ pub fn walk(dir: &Path, ignore: Option<&IgnoreMatcher>, cache: &mut StatCache) -
             cur = parent;
         }
     }
-    cache.save(&seen);
-    cache.entries = seen;
     stats.entries = out.len() as u64;
-    Ok(WalkedContext { entries: out.into_values().collect(), files, stats })
+    Ok((WalkedContext { entries: out.into_values().collect(), files, stats }, seen))
 }
 
 fn entry_of(rel: &str, kind: v1::EntryKind, m: &fs::Metadata, digest: String, link: String) -> v1::ContextEntry {
@@ -292,7 +333,7 @@ mod tests {
         fs::write(d.path().join("secret.env"), "s").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.path().join("link")).unwrap();
         let ig = IgnoreMatcher::new(&["node_modules", "!node_modules/keep", "*.env"]).unwrap();
-        let w = walk(d.path(), Some(&ig), &mut StatCache::none()).unwrap();
+        let w = walk(d.path(), Some(&ig), &mut Reach::All, &mut StatCache::none()).unwrap();
         assert_eq!(names(&w), vec!["a.txt", "link", "node_modules", "node_modules/keep", "node_modules/keep/k.js"]);
         let link = w.entries.iter().find(|e| e.path == "link").unwrap();
         assert_eq!(link.kind, v1::EntryKind::Symlink as i32);
@@ -307,18 +348,32 @@ mod tests {
         fs::write(d.path().join("a"), "aaaa").unwrap();
         fs::write(d.path().join("b"), "bbbb").unwrap();
         let mut c = StatCache::load(cache_root.path(), d.path());
-        let w1 = walk(d.path(), None, &mut c).unwrap();
+        let w1 = walk(d.path(), None, &mut Reach::All, &mut c).unwrap();
         assert_eq!(w1.stats.hashed_files, 2);
         let mut c = StatCache::load(cache_root.path(), d.path());
-        let w2 = walk(d.path(), None, &mut c).unwrap();
+        let w2 = walk(d.path(), None, &mut Reach::All, &mut c).unwrap();
         assert_eq!(w2.stats.hashed_files, 0, "nothing changed, nothing re-read");
         assert_eq!(names(&w1), names(&w2));
         std::thread::sleep(std::time::Duration::from_millis(10));
         fs::write(d.path().join("b"), "changed").unwrap();
         let mut c = StatCache::load(cache_root.path(), d.path());
-        let w3 = walk(d.path(), None, &mut c).unwrap();
+        let w3 = walk(d.path(), None, &mut Reach::All, &mut c).unwrap();
         assert_eq!(w3.stats.hashed_files, 1);
         let b = w3.entries.iter().find(|e| e.path == "b").unwrap();
         assert_eq!(b.digest, Digest::of(b"changed").to_string());
+    }
+
+    #[test]
+    fn only_reachable_paths_are_walked_and_links_are_followed() {
+        let d = tempfile::tempdir().unwrap();
+        for (p, c) in [("src/a", "a"), ("docs/huge", "h"), ("shared/conf", "c"), ("top", "t")] {
+            fs::create_dir_all(d.path().join(p).parent().unwrap()).unwrap();
+            fs::write(d.path().join(p), c).unwrap();
+        }
+        std::os::unix::fs::symlink("../shared", d.path().join("src/conf")).unwrap();
+        let mut reach = Reach::Paths(["src".to_string()].into_iter().collect());
+        let w = walk(d.path(), None, &mut reach, &mut StatCache::none()).unwrap();
+        assert_eq!(names(&w), vec!["shared", "shared/conf", "src", "src/a", "src/conf"]);
+        assert_eq!(w.stats.hashed_files, 2, "docs/huge and top were never read");
     }
 }

@@ -515,6 +515,28 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
     Ok((diff, false))
 }
 
+/// Drop empty lists and maps from a run config, as BuildKit's Go `omitempty` fields do
+/// (`CMD []` leaves no `Cmd` in the image config, not `"Cmd": []`).
+fn omit_empty(mut c: hoist_oci::image::RunConfig) -> hoist_oci::image::RunConfig {
+    fn list(v: &mut Option<Vec<String>>) {
+        if v.as_ref().is_some_and(Vec::is_empty) {
+            *v = None;
+        }
+    }
+    fn map<K, V>(v: &mut Option<std::collections::BTreeMap<K, V>>) {
+        if v.as_ref().is_some_and(std::collections::BTreeMap::is_empty) {
+            *v = None;
+        }
+    }
+    for v in [&mut c.env, &mut c.entrypoint, &mut c.cmd, &mut c.on_build, &mut c.shell] {
+        list(v);
+    }
+    map(&mut c.exposed_ports);
+    map(&mut c.volumes);
+    map(&mut c.labels);
+    c
+}
+
 /// Assemble the image config of the target stage.
 fn image_of(b: &Build, stage: &Stage, state: &StageState) -> Result<BuiltImage, EngineError> {
     let mut config = ImageConfig {
@@ -524,7 +546,7 @@ fn image_of(b: &Build, stage: &Stage, state: &StageState) -> Result<BuiltImage, 
         os: b.platform.os.clone(),
         os_version: None,
         variant: b.platform.variant.clone().filter(|_| !b.platform.variant_arg().is_empty()),
-        config: stage.config.clone(),
+        config: omit_empty(stage.config.clone()),
         rootfs: RootFs { kind: "layers".into(), diff_ids: state.layers.clone() },
         history: state.history.clone(),
     };
@@ -535,4 +557,30 @@ fn image_of(b: &Build, stage: &Stage, state: &StageState) -> Result<BuiltImage, 
     let config_bytes = serde_json::to_vec(&config).map_err(|e| EngineError::Export(format!("serializing the image config: {e}")))?;
     let config_digest = b.engine.store().put(&config_bytes).map_err(|e| EngineError::Export(e.to_string()))?;
     Ok(BuiltImage { platform: b.platform.clone(), config, config_bytes, config_digest })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::omit_empty;
+    use hoist_oci::image::RunConfig;
+
+    #[test]
+    fn cmd_reset_to_an_empty_list_leaves_no_cmd_in_the_config() {
+        // Regression (differential suite, cmd-entrypoint-multistage): `CMD []` gave
+        // `"Cmd": []` where BuildKit writes no Cmd at all.
+        let c = RunConfig {
+            cmd: Some(vec![]),
+            entrypoint: Some(vec!["ep".into()]),
+            labels: Some(Default::default()),
+            env: Some(vec!["A=1".into()]),
+            ..Default::default()
+        };
+        let c = omit_empty(c);
+        assert_eq!(c.cmd, None);
+        assert_eq!(c.labels, None);
+        assert_eq!(c.entrypoint, Some(vec!["ep".to_string()]));
+        assert_eq!(c.env, Some(vec!["A=1".to_string()]));
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(!json.contains("Cmd") && !json.contains("Labels"), "{json}");
+    }
 }

@@ -190,3 +190,134 @@ pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
+
+/// A `hoist serve` on a TCP port of loopback, with its own state root.
+pub struct Server {
+    pub root: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<std::process::Child>,
+    pub extra: Vec<String>,
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Server {
+    /// Start a server (plain TCP on loopback).
+    pub fn start() -> Server {
+        let root = tempfile::Builder::new().prefix("hoist-server-").tempdir_in(test_tmp()).expect("server root");
+        let mut s = Server { root, port: free_port(), child: None, extra: Vec::new() };
+        s.spawn();
+        s
+    }
+
+    /// (Re)start the process on the same root and port.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.root.path().join("server.log")).unwrap();
+        let child = Command::new(hoist_bin())
+            .args(["serve", "--root", self.root.path().to_str().unwrap(), "--listen", &format!("tcp://127.0.0.1:{}", self.port)])
+            .args(&self.extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting hoist serve");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "hoist serve did not start: {}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Run an admin command on the server's state (`hoist project create ...`), returning stdout.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let out = Command::new(hoist_bin()).args(args).env("HOIST_ROOT", self.root.path()).output().unwrap();
+        assert!(out.status.success(), "hoist {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            for _ in 0..100 {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let root = self.root.path().display().to_string();
+        if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut mounts: Vec<&str> = mi.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&root)).collect();
+            mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in mounts {
+                let _ = Command::new("umount").args(["-l", m]).status();
+            }
+        }
+    }
+}
+
+/// A teammate: a client with its own home (config, stat cache) talking to a server.
+pub struct Teammate {
+    pub home: tempfile::TempDir,
+    pub builder: String,
+    pub token: String,
+}
+
+impl Teammate {
+    pub fn new(server: &Server, token: &str) -> Teammate {
+        let home = tempfile::Builder::new().prefix("teammate-").tempdir_in(test_tmp()).unwrap();
+        Teammate { home, builder: server.addr(), token: token.to_string() }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(hoist_bin());
+        c.env("HOME", self.home.path())
+            .env("HOIST_CONFIG_DIR", self.home.path().join("config"))
+            .env("HOIST_CACHE_DIR", self.home.path().join("cache"))
+            .env("HOIST_BUILDER", &self.builder)
+            .env("HOIST_TOKEN", &self.token)
+            .env_remove("HOIST_ROOT")
+            .env_remove("HOIST_PROJECT");
+        c
+    }
+
+    pub fn build(&self, args: &[&str]) -> Output {
+        self.cmd().arg("build").arg("--progress=plain").args(args).output().unwrap()
+    }
+
+    pub fn build_ok(&self, args: &[&str]) -> String {
+        let out = self.build(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "hoist build {args:?} failed:\n{stderr}");
+        stderr
+    }
+}
+
+/// The number before `label` in a summary line like "3 steps run, 2 cached".
+pub fn count_before(text: &str, label: &str) -> u64 {
+    let at = text.find(label).unwrap_or_else(|| panic!("{label:?} not in:\n{text}"));
+    text[..at].trim_end().rsplit(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no number before {label:?} in:\n{text}"))
+}
