@@ -129,44 +129,46 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// TLS settings for `tls://host:port`: the CA to trust (default: public roots) and an
+/// optional client certificate.
+fn client_tls(addr: &str, opts: &ConnectOptions) -> Result<ClientTlsConfig, String> {
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(|c| c == '[' || c == ']').to_string();
+    let mut tls = ClientTlsConfig::new().domain_name(host);
+    match &opts.tls_ca {
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|e| format!("reading the CA certificate {}: {e}", ca.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        None => tls = tls.with_webpki_roots(),
+    }
+    if let (Some(c), Some(k)) = (&opts.tls_cert, &opts.tls_key) {
+        let cert = std::fs::read(c).map_err(|e| format!("reading {}: {e}", c.display()))?;
+        let key = std::fs::read(k).map_err(|e| format!("reading {}: {e}", k.display()))?;
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Ok(tls)
+}
+
 /// Connect to a builder.
 pub async fn connect(addr: &BuilderAddr, opts: &ConnectOptions) -> Result<Client, ClientError> {
     let err = |e: &dyn std::fmt::Display| ClientError::Connect { addr: addr.to_string(), message: e.to_string() };
     let terr = |e: tonic::transport::Error| ClientError::Connect { addr: addr.to_string(), message: chain(&e) };
     let channel = match addr {
-        BuilderAddr::Tcp(a) => Endpoint::from_shared(format!("http://{a}"))
-            .map_err(|e| err(&e))?
-            .connect_timeout(Duration::from_secs(10))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await
-            .map_err(terr)?,
-        BuilderAddr::Tls(a) => {
-            let host = a.rsplit_once(':').map(|(h, _)| h).unwrap_or(a).trim_matches(|c| c == '[' || c == ']').to_string();
-            let mut tls = ClientTlsConfig::new().domain_name(host);
-            match &opts.tls_ca {
-                Some(ca) => {
-                    let pem = std::fs::read(ca).map_err(|e| err(&format!("reading the CA certificate {}: {e}", ca.display())))?;
-                    tls = tls.ca_certificate(Certificate::from_pem(pem));
-                }
-                None => tls = tls.with_webpki_roots(),
-            }
-            if let (Some(c), Some(k)) = (&opts.tls_cert, &opts.tls_key) {
-                let cert = std::fs::read(c).map_err(|e| err(&format!("reading {}: {e}", c.display())))?;
-                let key = std::fs::read(k).map_err(|e| err(&format!("reading {}: {e}", k.display())))?;
-                tls = tls.identity(Identity::from_pem(cert, key));
-            }
-            Endpoint::from_shared(format!("https://{a}"))
-                .map_err(|e| err(&e))?
-                .tls_config(tls)
+        BuilderAddr::Tcp(_) | BuilderAddr::Tls(_) => {
+            let (scheme, a) = match addr {
+                BuilderAddr::Tls(a) => ("https", a),
+                BuilderAddr::Tcp(a) => ("http", a),
+                BuilderAddr::Unix(_) => unreachable!(),
+            };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{a}"))
                 .map_err(|e| err(&e))?
                 .connect_timeout(Duration::from_secs(10))
                 .http2_keep_alive_interval(Duration::from_secs(20))
-                .keep_alive_while_idle(true)
-                .connect()
-                .await
-                .map_err(terr)?
+                .keep_alive_while_idle(true);
+            if let BuilderAddr::Tls(a) = addr {
+                endpoint = endpoint.tls_config(client_tls(a, opts).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+            }
+            endpoint.connect().await.map_err(terr)?
         }
         BuilderAddr::Unix(path) => {
             let path = path.clone();

@@ -123,15 +123,7 @@ impl Hoist {
 impl Drop for Hoist {
     fn drop(&mut self) {
         self.stop();
-        // Anything still mounted under the root would make the removal fail loudly.
-        let root = self.root.path().display().to_string();
-        if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let mut mounts: Vec<&str> = mi.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&root)).collect();
-            mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-            for m in mounts {
-                let _ = Command::new("umount").args(["-l", m]).status();
-            }
-        }
+        unmount_all_under(self.root.path());
     }
 }
 
@@ -144,6 +136,17 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
         .filter(|m| m.starts_with(&d))
         .collect()
+}
+
+/// Lazily unmount anything left under `dir`, deepest first, so that removing a test's
+/// state directory never fails on a leaked mount (the tests that care assert on
+/// [`mounts_under`] first).
+pub fn unmount_all_under(dir: &Path) {
+    let mut mounts = mounts_under(dir);
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = Command::new("umount").args(["-l", &m]).status();
+    }
 }
 
 /// Where tests put their temporary directories (on a filesystem overlayfs accepts).
@@ -268,14 +271,7 @@ impl Drop for Server {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let root = self.root.path().display().to_string();
-        if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let mut mounts: Vec<&str> = mi.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&root)).collect();
-            mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-            for m in mounts {
-                let _ = Command::new("umount").args(["-l", m]).status();
-            }
-        }
+        unmount_all_under(self.root.path());
     }
 }
 
