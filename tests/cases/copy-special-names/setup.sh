@@ -1,0 +1,6 @@
+echo s > "with space.txt"
+echo u > "ünïcødé.txt"
+mkdir -p "a/very/long/path/that/keeps/going/and/going/beyond/the/hundred/character/limit/of/old/tar/headers/for/sure"
+echo l > "a/very/long/path/that/keeps/going/and/going/beyond/the/hundred/character/limit/of/old/tar/headers/for/sure/leaf-with-a-rather-long-file-name-as-well.txt"
+echo d > ".hidden"
+echo p > "percent%20and#hash"
