@@ -128,21 +128,25 @@ fn walk_once(
     if !meta.is_dir() {
         return Err(ClientError::Context(format!("context {} is not a directory", dir.display())));
     }
-    let mut out: BTreeMap<String, v1::ContextEntry> = BTreeMap::new();
+    // Keyed by the path's bytes: names need not be UTF-8.
+    let mut out: BTreeMap<Vec<u8>, v1::ContextEntry> = BTreeMap::new();
     let mut files = HashMap::new();
     let mut stats = SyncStats::default();
     let mut seen = HashMap::new();
-    let mut stack = vec![(dir.to_path_buf(), String::new())];
-    let mut dirs_meta: HashMap<String, fs::Metadata> = HashMap::new();
-    while let Some((abs, rel)) = stack.pop() {
+    let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(dir.to_path_buf(), Vec::new())];
+    let mut dirs_meta: HashMap<Vec<u8>, fs::Metadata> = HashMap::new();
+    while let Some((abs, rel_bytes)) = stack.pop() {
         let rd = fs::read_dir(&abs).map_err(|e| ClientError::Context(format!("reading {}: {e}", abs.display())))?;
         for entry in rd {
             let entry = entry.map_err(|e| ClientError::Context(format!("reading {}: {e}", abs.display())))?;
             let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                return Err(ClientError::Context(format!("{}: file names must be valid UTF-8", entry.path().display())));
-            };
-            let child_rel = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+            let mut child_bytes = rel_bytes.clone();
+            if !child_bytes.is_empty() {
+                child_bytes.push(b'/');
+            }
+            child_bytes.extend_from_slice(name.as_encoded_bytes());
+            // Matching (reach, .dockerignore) and the stat cache use the (lossy) text.
+            let child_rel = String::from_utf8_lossy(&child_bytes).into_owned();
             let child_abs = entry.path();
             let m = fs::symlink_metadata(&child_abs).map_err(|e| ClientError::Context(format!("{}: {e}", child_abs.display())))?;
             if !reach.includes(&child_rel) {
@@ -153,11 +157,11 @@ fn walk_once(
                 if ignored && ignore.is_some_and(|i| i.can_skip_dir(&child_rel)) {
                     continue;
                 }
-                dirs_meta.insert(child_rel.clone(), m.clone());
+                dirs_meta.insert(child_bytes.clone(), m.clone());
                 if !ignored {
-                    out.insert(child_rel.clone(), entry_of(&child_rel, v1::EntryKind::Dir, &m, String::new(), String::new()));
+                    out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::Dir, &m, String::new(), &[]));
                 }
-                stack.push((child_abs, child_rel));
+                stack.push((child_abs, child_bytes));
                 continue;
             }
             if ignored {
@@ -165,8 +169,7 @@ fn walk_once(
             }
             if m.file_type().is_symlink() {
                 let target = fs::read_link(&child_abs).map_err(|e| ClientError::Context(format!("{}: {e}", child_abs.display())))?;
-                let target = target.to_str().ok_or_else(|| ClientError::Context(format!("{}: link target is not UTF-8", child_abs.display())))?.to_string();
-                out.insert(child_rel.clone(), entry_of(&child_rel, v1::EntryKind::Symlink, &m, String::new(), target));
+                out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::Symlink, &m, String::new(), target.as_os_str().as_encoded_bytes()));
             } else if m.is_file() {
                 let cached = cache.entries.get(&child_rel).filter(|c| {
                     c.size == m.size() && c.mtime == m.mtime() && c.mtime_nsec == m.mtime_nsec() && c.ino == m.ino() && c.mode == m.mode()
@@ -185,20 +188,21 @@ fn walk_once(
                     StatEntry { size: m.size(), mtime: m.mtime(), mtime_nsec: m.mtime_nsec(), ino: m.ino(), mode: m.mode(), digest: digest.clone() },
                 );
                 files.entry(digest.clone()).or_insert(child_abs);
-                out.insert(child_rel.clone(), entry_of(&child_rel, v1::EntryKind::File, &m, digest, String::new()));
+                out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::File, &m, digest, &[]));
             }
             // Sockets, fifos and devices are not part of a build context.
         }
     }
     // Every included entry's parents are sent too (an ignored directory can hold
     // re-included files).
-    let paths: Vec<String> = out.keys().cloned().collect();
+    let paths: Vec<Vec<u8>> = out.keys().cloned().collect();
     for p in paths {
-        let mut cur = p.as_str();
-        while let Some((parent, _)) = cur.rsplit_once('/') {
+        let mut cur = p.as_slice();
+        while let Some(i) = cur.iter().rposition(|&b| b == b'/') {
+            let parent = &cur[..i];
             if !out.contains_key(parent) {
                 if let Some(m) = dirs_meta.get(parent) {
-                    out.insert(parent.to_string(), entry_of(parent, v1::EntryKind::Dir, m, String::new(), String::new()));
+                    out.insert(parent.to_vec(), entry_of(parent, v1::EntryKind::Dir, m, String::new(), &[]));
                 }
             }
             cur = parent;
@@ -208,16 +212,27 @@ fn walk_once(
     Ok((WalkedContext { entries: out.into_values().collect(), files, stats }, seen))
 }
 
-fn entry_of(rel: &str, kind: v1::EntryKind, m: &fs::Metadata, digest: String, link: String) -> v1::ContextEntry {
+/// A manifest entry; names (and link targets) that are not UTF-8 travel as raw bytes.
+fn entry_of(rel: &[u8], kind: v1::EntryKind, m: &fs::Metadata, digest: String, link: &[u8]) -> v1::ContextEntry {
+    let (path, raw_path) = match std::str::from_utf8(rel) {
+        Ok(s) => (s.to_string(), Vec::new()),
+        Err(_) => (String::from_utf8_lossy(rel).into_owned(), rel.to_vec()),
+    };
+    let (link_target, raw_link_target) = match std::str::from_utf8(link) {
+        Ok(s) => (s.to_string(), Vec::new()),
+        Err(_) => (String::from_utf8_lossy(link).into_owned(), link.to_vec()),
+    };
     v1::ContextEntry {
-        path: rel.to_string(),
+        path,
         kind: kind as i32,
         mode: m.mode() & 0o7777,
         size: if kind == v1::EntryKind::File { m.size() } else { 0 },
         digest,
-        link_target: link,
+        link_target,
         mtime: m.mtime(),
         mtime_nsec: m.mtime_nsec() as u32,
+        raw_path,
+        raw_link_target,
     }
 }
 

@@ -5,6 +5,7 @@
 //!   with the lines of every instruction;
 //! - [`instructions`]: typed instructions and stages, flag values, `RUN --mount` parsing;
 //! - [`shell`]: variable expansion and word splitting (BuildKit's shell lexer);
+//! - [`limits`]: size, NUL, UTF-8, line-length and instruction-count checks of raw bytes;
 //! - [`print`]: printing a parsed Dockerfile back to text;
 //! - [`ignore`]: the `.dockerignore` matcher (moby's pattern matcher);
 //! - [`gocompat`]: Go formatting and parsing helpers whose output users see.
@@ -12,11 +13,13 @@
 pub mod gocompat;
 pub mod ignore;
 pub mod instructions;
+pub mod limits;
 pub mod parser;
 pub mod print;
 pub mod shell;
 
 pub use ignore::{ignore_file_candidates, IgnoreError, IgnoreMatcher};
+pub use limits::{parse_bytes, Limits};
 pub use instructions::{parse_stages, Instr, Instruction, InstructionError, Stage, Stages};
 pub use parser::{parse, Dockerfile, Heredoc, Node, ParseError};
 pub use shell::{Env, Lexer, ShellError};

@@ -236,7 +236,13 @@ fn is_comment(line: &str) -> bool {
 }
 
 /// Parse a Dockerfile. Malformed input gives an error naming the line; it never panics.
+/// No limits apply: a builder parses untrusted bytes with [`crate::limits::parse_bytes`].
 pub fn parse(input: &str) -> Result<Dockerfile, ParseError> {
+    parse_limited(input, usize::MAX)
+}
+
+/// [`parse`], failing at the first instruction past `max_instructions` (named by its line).
+pub fn parse_limited(input: &str, max_instructions: usize) -> Result<Dockerfile, ParseError> {
     let input = input.strip_prefix('\u{feff}').unwrap_or(input);
     let lines: Vec<&str> = input.split_inclusive('\n').collect();
     let mut d = Directives {
@@ -299,6 +305,14 @@ pub fn parse(input: &str) -> Result<Dockerfile, ParseError> {
                 line: i,
                 message: format!("empty continuation line found in: {line}"),
             });
+        }
+        if nodes.len() >= max_instructions {
+            return Err(perr(
+                start_line,
+                format!(
+                    "the Dockerfile has more than {max_instructions} instructions, more than the builder accepts (hoist serve --max-instructions): expected fewer instructions"
+                ),
+            ));
         }
         let mut node = node_from_line(&line, &d, std::mem::take(&mut comments))
             .map_err(|m| perr(start_line, m))?;
@@ -472,6 +486,11 @@ fn node_from_line(line: &str, d: &Directives, comments: Vec<String>) -> Result<N
             node.args = vec![args_str.to_string()];
         }
         "onbuild" if !args_str.is_empty() => {
+            // Refused before recursing: `ONBUILD ONBUILD ONBUILD ...` must not nest deeply.
+            let first = args_str.split(is_space).next().unwrap_or("");
+            if first.eq_ignore_ascii_case("onbuild") {
+                return Err("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into());
+            }
             let sub = node_from_line(args_str, d, Vec::new())?;
             node.args.push(sub.cmd.clone());
             node.args.extend(sub.args.iter().cloned());

@@ -10,12 +10,23 @@ use crate::gocompat::is_space;
 
 /// An expansion error, worded like BuildKit's (`failed to process "${x": syntax error: missing '}'`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("failed to process {}: {message}", crate::gocompat::quote(.source_text))]
+#[error("failed to process {}: {message}", shown_word(.source_text))]
 pub struct ShellError {
     /// The word being expanded.
     pub source_text: String,
     /// What went wrong.
     pub message: String,
+}
+
+/// The word as an error shows it: quoted, and cut after 200 characters (a hostile word can be
+/// hundreds of KiB; an error must stay readable and fit in a gRPC status).
+fn shown_word(w: &str) -> String {
+    const MAX: usize = 200;
+    if w.chars().count() <= MAX {
+        return crate::gocompat::quote(w);
+    }
+    let head: String = w.chars().take(MAX).collect();
+    format!("{}... ({} bytes)", crate::gocompat::quote(&head), w.len())
 }
 
 /// Where variable values come from.
@@ -81,7 +92,21 @@ pub struct Lexer {
     pub skip_process_quotes: bool,
     /// Leave references to unset variables as written (`$X`, `${X:-y}`).
     pub skip_unset_env: bool,
+    /// Most bytes an expansion may add to the word as written (an `ENV A=$A$A` repeated
+    /// doubles the value each time): past it expansion stops with an error.
+    pub max_growth: usize,
 }
+
+/// Default [`Lexer::max_growth`]: 1 MiB.
+pub const DEFAULT_MAX_GROWTH: usize = 1 << 20;
+
+/// Deepest nesting of `${...}` substitutions (`${a:-${b:-${c}}}` is 3); deeper words are
+/// refused rather than recursed into.
+pub const MAX_NESTING: usize = 64;
+
+/// Work allowed to the pattern matching of one word (`${v#p}`, `${v//p/r}`), in steps of one
+/// pattern token against one character: bounds hostile patterns on large values.
+const PATTERN_BUDGET: u64 = 200_000_000;
 
 impl Lexer {
     /// A lexer with the given escape character and default options.
@@ -92,6 +117,7 @@ impl Lexer {
             raw_escapes: false,
             skip_process_quotes: false,
             skip_unset_env: false,
+            max_growth: DEFAULT_MAX_GROWTH,
         }
     }
 
@@ -115,6 +141,9 @@ impl Lexer {
             raw_escapes: self.raw_escapes,
             matched: BTreeSet::new(),
             unmatched: BTreeSet::new(),
+            cap: word.len().saturating_add(self.max_growth),
+            depth: 0,
+            budget: PATTERN_BUDGET,
         };
         match sw.process_stop_on(None, self.raw_escapes) {
             Ok((result, words)) => Ok(Expansion {
@@ -139,6 +168,12 @@ struct ShellWord<'a> {
     raw_escapes: bool,
     matched: BTreeSet<String>,
     unmatched: BTreeSet<String>,
+    /// Largest result (the word's length plus [`Lexer::max_growth`]).
+    cap: usize,
+    /// Current `${...}` nesting.
+    depth: usize,
+    /// Pattern-matching work left ([`PATTERN_BUDGET`]).
+    budget: u64,
 }
 
 #[derive(Default)]
@@ -222,6 +257,7 @@ impl ShellWord<'_> {
                     _ => self.process_double_quote()?,
                 };
                 result.push_str(&tmp);
+                self.check_size(result.len())?;
                 if ch == '$' {
                     words.add_string(&tmp);
                 } else {
@@ -302,6 +338,7 @@ impl ShellWord<'_> {
                 Some('$') => {
                     let v = self.process_dollar()?;
                     result.push_str(&v);
+                    self.check_size(result.len())?;
                 }
                 Some(_) => {
                     let mut ch = self.next().unwrap_or_default();
@@ -337,7 +374,32 @@ impl ShellWord<'_> {
         }
     }
 
+    /// Fail once a result grows past the cap.
+    fn check_size(&self, len: usize) -> LexResult<()> {
+        if len > self.cap {
+            return Err(format!(
+                "variable expansion produces more than {} bytes (the builder allows {} bytes more than the word as written): expected a smaller value",
+                self.cap, self.lex.max_growth
+            ));
+        }
+        Ok(())
+    }
+
     fn process_dollar(&mut self) -> LexResult<String> {
+        if self.depth >= MAX_NESTING {
+            return Err(format!(
+                "variable substitutions are nested more than {MAX_NESTING} levels deep: expected a flatter expression"
+            ));
+        }
+        self.depth += 1;
+        let r = self.process_dollar_inner();
+        self.depth -= 1;
+        let v = r?;
+        self.check_size(v.len())?;
+        Ok(v)
+    }
+
+    fn process_dollar_inner(&mut self) -> LexResult<String> {
         self.next();
         if self.peek() != Some('{') {
             let name = self.process_name();
@@ -434,9 +496,9 @@ impl ShellWord<'_> {
                             None => (false, word),
                         };
                         if c == '%' {
-                            trim_suffix(&pat, &value, greedy)
+                            trim_suffix(&pat, &value, greedy, &mut self.budget)
                         } else {
-                            trim_prefix(&pat, &value, greedy)
+                            trim_prefix(&pat, &value, greedy, &mut self.budget)
                         }
                     }
                     _ => Err(format!("unsupported modifier ({chs}) in substitution")),
@@ -470,9 +532,9 @@ impl ShellWord<'_> {
                     if self.lex.skip_unset_env {
                         return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
                     }
-                    return replace(&pattern, "", &replacement, replace_all);
+                    return replace(&pattern, "", &replacement, replace_all, self.cap, &mut self.budget);
                 };
-                replace(&pattern, &value, &replacement, replace_all)
+                replace(&pattern, &value, &replacement, replace_all, self.cap, &mut self.budget)
             }
             _ => Err(format!("unsupported modifier ({chs}) in substitution")),
         }
@@ -544,10 +606,31 @@ fn compile_pattern(pattern: &str) -> LexResult<Vec<Tok>> {
     Ok(out)
 }
 
+/// Take `cost` steps of pattern-matching work from `budget`.
+fn spend(budget: &mut u64, cost: u64) -> LexResult<()> {
+    if cost > *budget {
+        return Err(
+            "pattern substitution is too expensive on this value (the builder bounds pattern matching work): expected a simpler pattern or a shorter value"
+                .into(),
+        );
+    }
+    *budget -= cost;
+    Ok(())
+}
+
+fn tok_matches(t: Tok, c: char) -> bool {
+    match t {
+        Tok::Star | Tok::Any => c != '\n',
+        Tok::Lit(l) => l == c,
+    }
+}
+
 /// For each end position `j`, whether `toks` matches `text[start..j]` exactly.
-/// Wildcards do not match a newline (Go's regexp `.` does not).
-fn match_ends(toks: &[Tok], text: &[char], start: usize) -> Vec<bool> {
+/// Wildcards do not match a newline (Go's regexp `.` does not). Costs
+/// `toks.len() * (text.len() - start)` of `budget`.
+fn match_ends(toks: &[Tok], text: &[char], start: usize, budget: &mut u64) -> LexResult<Vec<bool>> {
     let n = text.len();
+    spend(budget, (toks.len() as u64 + 1) * (n.saturating_sub(start) as u64 + 1))?;
     // cur[j]: after consuming the tokens so far, position j is reachable
     let mut cur = vec![false; n + 1];
     cur[start] = true;
@@ -568,16 +651,9 @@ fn match_ends(toks: &[Tok], text: &[char], start: usize) -> Vec<bool> {
                     }
                 }
             }
-            Tok::Any => {
+            Tok::Any | Tok::Lit(_) => {
                 for j in start..n {
-                    if cur[j] && text[j] != '\n' {
-                        nxt[j + 1] = true;
-                    }
-                }
-            }
-            Tok::Lit(c) => {
-                for j in start..n {
-                    if cur[j] && text[j] == *c {
+                    if cur[j] && tok_matches(*t, text[j]) {
                         nxt[j + 1] = true;
                     }
                 }
@@ -585,17 +661,17 @@ fn match_ends(toks: &[Tok], text: &[char], start: usize) -> Vec<bool> {
         }
         cur = nxt;
     }
-    cur
+    Ok(cur)
 }
 
 fn pattern_error(pattern: &str, e: String) -> String {
     format!("invalid pattern ({pattern}) in substitution: {e}")
 }
 
-fn trim_prefix(pattern: &str, value: &str, greedy: bool) -> LexResult<String> {
+fn trim_prefix(pattern: &str, value: &str, greedy: bool, budget: &mut u64) -> LexResult<String> {
     let toks = compile_pattern(pattern).map_err(|e| pattern_error(pattern, e))?;
     let text: Vec<char> = value.chars().collect();
-    let ends = match_ends(&toks, &text, 0);
+    let ends = match_ends(&toks, &text, 0, budget)?;
     let pick = if greedy {
         (0..=text.len()).rev().find(|&j| ends[j])
     } else {
@@ -607,29 +683,87 @@ fn trim_prefix(pattern: &str, value: &str, greedy: bool) -> LexResult<String> {
     })
 }
 
-fn trim_suffix(pattern: &str, value: &str, greedy: bool) -> LexResult<String> {
-    let toks = compile_pattern(pattern).map_err(|e| pattern_error(pattern, e))?;
+/// Suffix matching is prefix matching of the reversed pattern on the reversed value: one pass.
+fn trim_suffix(pattern: &str, value: &str, greedy: bool, budget: &mut u64) -> LexResult<String> {
+    let mut toks = compile_pattern(pattern).map_err(|e| pattern_error(pattern, e))?;
+    toks.reverse();
     let text: Vec<char> = value.chars().collect();
     let n = text.len();
-    let full = |i: usize| match_ends(&toks, &text, i)[n];
+    let rev: Vec<char> = text.iter().rev().copied().collect();
+    // ends[k]: the pattern matches the suffix of length k
+    let ends = match_ends(&toks, &rev, 0, budget)?;
     // shortest suffix = latest start; longest suffix = earliest start
     let pick = if greedy {
-        (0..=n).find(|&i| full(i))
+        (0..=n).rev().find(|&k| ends[k])
     } else {
-        (0..=n).rev().find(|&i| full(i))
+        (0..=n).find(|&k| ends[k])
     };
     Ok(match pick {
-        Some(i) => text[..i].iter().collect(),
+        Some(k) => text[..n - k].iter().collect(),
         None => value.to_string(),
     })
 }
 
-/// Leftmost match at or after `from` (longest at that start): `(start, end)`.
-fn find_match(toks: &[Tok], text: &[char], from: usize) -> Option<(usize, usize)> {
-    (from..=text.len()).find_map(|s| {
-        let ends = match_ends(toks, text, s);
-        (s..=text.len()).rev().find(|&j| ends[j]).map(|e| (s, e))
-    })
+/// Leftmost match at or after `from` (longest at that start): `(start, end)`. One pass of a
+/// Thompson NFA whose states remember the earliest start that reached them.
+fn find_match(toks: &[Tok], text: &[char], from: usize, budget: &mut u64) -> LexResult<Option<(usize, usize)>> {
+    let m = toks.len();
+    let n = text.len();
+    // best[k]: earliest start from which `toks[..k]` matches text[start..j]
+    let mut best: Vec<Option<usize>> = vec![None; m + 1];
+    let mut found: Option<(usize, usize)> = None;
+    let closure = |best: &mut Vec<Option<usize>>| {
+        for k in 0..m {
+            if toks[k] == Tok::Star {
+                if let Some(s) = best[k] {
+                    if best[k + 1].is_none_or(|b| s < b) {
+                        best[k + 1] = Some(s);
+                    }
+                }
+            }
+        }
+    };
+    let mut j = from;
+    loop {
+        if found.is_none() && best[0].is_none() {
+            best[0] = Some(j);
+        }
+        closure(&mut best);
+        if let Some(s) = best[m] {
+            found = match found {
+                Some((fs, _)) if fs < s => found,
+                Some((fs, fe)) if fs == s => Some((fs, fe.max(j))),
+                _ => Some((s, j)),
+            };
+        }
+        if let Some((fs, _)) = found {
+            // later starts can no longer win
+            for b in best.iter_mut() {
+                if b.is_some_and(|s| s > fs) {
+                    *b = None;
+                }
+            }
+            if best.iter().all(Option::is_none) {
+                break;
+            }
+        }
+        if j >= n {
+            break;
+        }
+        spend(budget, m as u64 + 1)?;
+        let c = text[j];
+        let mut next: Vec<Option<usize>> = vec![None; m + 1];
+        for k in 0..m {
+            let Some(s) = best[k] else { continue };
+            let to = if toks[k] == Tok::Star { k } else { k + 1 };
+            if tok_matches(toks[k], c) && next[to].is_none_or(|b| s < b) {
+                next[to] = Some(s);
+            }
+        }
+        best = next;
+        j += 1;
+    }
+    Ok(found)
 }
 
 /// Go's `Regexp.ReplaceAllString` template expansion for a pattern without groups:
@@ -677,15 +811,28 @@ fn expand_template(repl: &str, matched: &str) -> String {
     out
 }
 
-fn replace(pattern: &str, value: &str, replacement: &str, all: bool) -> LexResult<String> {
+fn replace(
+    pattern: &str,
+    value: &str,
+    replacement: &str,
+    all: bool,
+    cap: usize,
+    budget: &mut u64,
+) -> LexResult<String> {
     let toks = compile_pattern(pattern).map_err(|e| pattern_error(pattern, e))?;
     let text: Vec<char> = value.chars().collect();
+    let too_big = || {
+        format!("variable expansion produces more than {cap} bytes: expected a smaller value")
+    };
     if !all {
-        return Ok(match find_match(&toks, &text, 0) {
+        return Ok(match find_match(&toks, &text, 0, budget)? {
             Some((s, e)) => {
                 let mut out: String = text[..s].iter().collect();
                 out.push_str(replacement);
                 out.extend(&text[e..]);
+                if out.len() > cap {
+                    return Err(too_big());
+                }
                 out
             }
             None => value.to_string(),
@@ -695,7 +842,7 @@ fn replace(pattern: &str, value: &str, replacement: &str, all: bool) -> LexResul
     let mut last_end = 0;
     let mut search = 0;
     while search <= text.len() {
-        let Some((s, e)) = find_match(&toks, &text, search) else {
+        let Some((s, e)) = find_match(&toks, &text, search, budget)? else {
             break;
         };
         out.extend(&text[last_end..s]);
@@ -703,11 +850,17 @@ fn replace(pattern: &str, value: &str, replacement: &str, all: bool) -> LexResul
             let m: String = text[s..e].iter().collect();
             out.push_str(&expand_template(replacement, &m));
         }
+        if out.len() > cap {
+            return Err(too_big());
+        }
         last_end = e;
         search = if search + 1 > e { search + 1 } else { e };
     }
     if last_end <= text.len() {
         out.extend(&text[last_end..]);
+    }
+    if out.len() > cap {
+        return Err(too_big());
     }
     Ok(out)
 }
@@ -976,5 +1129,92 @@ mod tests {
         assert_eq!(lex.process_word("${X//*/-}", &env).unwrap(), "-");
         assert_eq!(lex.process_word("${X//?/-}", &env).unwrap(), "-");
         assert_eq!(lex.process_word("${SHELL//s/S}", &env).unwrap(), "baSh");
+    }
+
+    #[test]
+    fn doubling_a_variable_stops_at_the_growth_limit() {
+        let mut lex = Lexer::new('\\');
+        lex.max_growth = 1000;
+        let mut env: HashMap<String, String> = HashMap::new();
+        env.insert("A".into(), "x".into());
+        let mut rounds = 0;
+        let err = loop {
+            match lex.process_word("$A$A", &env) {
+                Ok(v) => {
+                    env.insert("A".into(), v);
+                    rounds += 1;
+                }
+                Err(e) => break e,
+            }
+            assert!(rounds < 40, "the value kept doubling");
+        };
+        // 512 bytes + 4 written is under 1004; 1024 is not
+        assert_eq!(rounds, 9);
+        assert!(err.message.contains("more than 1004 bytes"), "{err}");
+        // growth is measured against the word: a long literal word is fine
+        let long = "y".repeat(5000);
+        assert_eq!(lex.process_word(&long, &env).unwrap().len(), 5000);
+    }
+
+    #[test]
+    fn replacement_cannot_amplify_past_the_limit() {
+        let mut lex = Lexer::new('\\');
+        lex.max_growth = 10_000;
+        let mut env: HashMap<String, String> = HashMap::new();
+        env.insert("A".into(), "a".repeat(5000));
+        let err = lex.process_word("${A//?/0123456789}", &env).unwrap_err();
+        assert!(err.message.contains("more than"), "{err}");
+        assert_eq!(lex.process_word("${A//?/b}", &env).unwrap(), "b".repeat(5000));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let lex = Lexer::new('\\');
+        let deep = "${a:-".repeat(100_000) + &"}".repeat(100_000);
+        let err = lex.process_word(&deep, &NoEnv).unwrap_err();
+        assert!(err.message.contains("nested more than 64"), "{}", err.message);
+        assert!(err.to_string().len() < 400, "the error quotes a bounded part of the word");
+        let ok = "${a:-".repeat(10) + "x" + &"}".repeat(10);
+        assert_eq!(lex.process_word(&ok, &NoEnv).unwrap(), "x");
+        // nesting through double quotes counts too
+        let quoted = "\"${a:-".repeat(1000) + &"}\"".repeat(1000);
+        assert!(lex.process_word(&quoted, &NoEnv).is_err());
+    }
+
+    #[test]
+    fn patterns_on_large_values_run_in_linear_time() {
+        let lex = Lexer::new('\\');
+        let mut env: HashMap<String, String> = HashMap::new();
+        env.insert("A".into(), "ab".repeat(100_000));
+        let t = std::time::Instant::now();
+        assert_eq!(lex.process_word("${A//?/x}", &env).unwrap().len(), 200_000);
+        assert_eq!(lex.process_word("${A%%b*}", &env).unwrap(), "a");
+        assert_eq!(lex.process_word("${A%b*}", &env).unwrap().len(), 199_999);
+        assert_eq!(lex.process_word("${A##*a}", &env).unwrap(), "b");
+        assert_eq!(lex.process_word("${A//ba/}", &env).unwrap(), "ab");
+        assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn find_match_agrees_with_the_quadratic_definition() {
+        fn slow(toks: &[Tok], text: &[char], from: usize) -> Option<(usize, usize)> {
+            let mut b = u64::MAX;
+            (from..=text.len()).find_map(|s| {
+                let ends = match_ends(toks, text, s, &mut b).unwrap();
+                (s..=text.len()).rev().find(|&j| ends[j]).map(|e| (s, e))
+            })
+        }
+        let texts = ["", "a", "ab", "aab\nab", "xaxbxa", "abcabc", "a\nb\n", "bbb"];
+        let pats = ["", "a", "?", "*", "a*", "*a", "a*b", "?b", "*\\*", "b?", "a?c", "**"];
+        for t in texts {
+            let text: Vec<char> = t.chars().collect();
+            for p in pats {
+                let toks = compile_pattern(p).unwrap();
+                for from in 0..=text.len() {
+                    let mut b = u64::MAX;
+                    assert_eq!(find_match(&toks, &text, from, &mut b).unwrap(), slow(&toks, &text, from), "{p:?} in {t:?} from {from}");
+                }
+            }
+        }
     }
 }

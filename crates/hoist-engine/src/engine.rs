@@ -53,6 +53,8 @@ pub struct EngineConfig {
     pub runtime: Option<PathBuf>,
     /// Registries to talk to over plain HTTP besides loopback ones.
     pub insecure_registries: Vec<String>,
+    /// What every build is held to (Dockerfile, context, archives, RUN time, output).
+    pub limits: crate::limits::Limits,
 }
 
 /// Secrets and agent sockets a build may mount.
@@ -120,6 +122,7 @@ pub(crate) struct Inner {
     pub inflight: Inflight,
     pub cache_mounts: CacheMounts,
     pub leases: Arc<crate::gc::Leases>,
+    pub limits: crate::limits::Limits,
 }
 
 /// The build engine. Cheap to clone; all clones share state.
@@ -159,6 +162,7 @@ impl Engine {
                 inflight: Inflight::default(),
                 cache_mounts,
                 leases: Arc::default(),
+                limits: config.limits.clone(),
             }),
         })
     }
@@ -176,6 +180,11 @@ impl Engine {
     /// The snapshotter (layer directories).
     pub fn snapshots(&self) -> &Snapshotter {
         &self.inner.snapshots
+    }
+
+    /// The limits every build is held to.
+    pub fn limits(&self) -> &crate::limits::Limits {
+        &self.inner.limits
     }
 
     /// The cache index.

@@ -16,6 +16,7 @@ pub mod frontend;
 pub mod gc;
 pub mod graph;
 mod images;
+pub mod limits;
 pub mod progress;
 pub mod rootfs;
 pub mod snapshot;
@@ -23,3 +24,4 @@ mod solver;
 mod steps;
 
 pub use engine::{BuildOutcome, BuildRequest, BuildSecrets, BuiltImage, Engine, EngineConfig, EngineError};
+pub use limits::Limits;

@@ -30,6 +30,30 @@ pub enum ContextError {
     MissingBlob { digest: String },
     #[error("context store {path}: {message}")]
     Io { path: PathBuf, message: String },
+    /// The context is larger than the builder accepts.
+    #[error("the build context has {what} {got}, more than the builder accepts ({max}; hoist serve {flag}): exclude files with .dockerignore")]
+    TooLarge { what: &'static str, got: u64, max: u64, flag: &'static str },
+}
+
+/// Most contexts prepared but not yet built, per project (older ones are forgotten).
+const MAX_PENDING: usize = 64;
+
+/// What one build context may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextLimits {
+    /// Most entries (files, directories, symlinks).
+    pub max_entries: u64,
+    /// Most bytes of file content (also the most one upload may send).
+    pub max_bytes: u64,
+}
+
+impl Default for ContextLimits {
+    fn default() -> Self {
+        ContextLimits {
+            max_entries: hoist_engine::limits::DEFAULT_MAX_CONTEXT_ENTRIES,
+            max_bytes: hoist_engine::limits::DEFAULT_MAX_CONTEXT_BYTES,
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
@@ -55,11 +79,51 @@ impl Recorded {
             mode: e.mode & 0o7777,
             size: e.size,
             digest: e.digest.clone(),
-            link: e.link_target.clone(),
+            link: key(&link_bytes(e)),
             mtime: e.mtime,
             mtime_nsec: e.mtime_nsec,
         }
     }
+}
+
+/// The exact bytes of an entry's path (names need not be UTF-8).
+fn path_bytes(e: &v1::ContextEntry) -> Vec<u8> {
+    if e.raw_path.is_empty() {
+        e.path.as_bytes().to_vec()
+    } else {
+        e.raw_path.clone()
+    }
+}
+
+/// The exact bytes of a symlink's target.
+fn link_bytes(e: &v1::ContextEntry) -> Vec<u8> {
+    if e.raw_link_target.is_empty() {
+        e.link_target.as_bytes().to_vec()
+    } else {
+        e.raw_link_target.clone()
+    }
+}
+
+/// A string key for a path: itself when UTF-8, else \u{1} and its hex (UTF-8 paths may not
+/// contain \u{1}, see [`validate_path`]).
+fn key(p: &[u8]) -> String {
+    match std::str::from_utf8(p) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("\u{1}{}", hex::encode(p)),
+    }
+}
+
+/// The bytes of a [`key`].
+fn unkey(k: &str) -> Vec<u8> {
+    match k.strip_prefix('\u{1}').and_then(|h| hex::decode(h).ok()) {
+        Some(b) => b,
+        None => k.as_bytes().to_vec(),
+    }
+}
+
+fn os(p: &[u8]) -> &std::ffi::OsStr {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::OsStr::from_bytes(p)
 }
 
 /// Counters of one sync, for build records and tests.
@@ -87,6 +151,9 @@ pub struct ContextStore {
     blobs: ContentStore,
     pending: Mutex<HashMap<String, Pending>>,
     sessions: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    limits: ContextLimits,
+    /// Order of pending contexts, oldest first (to forget the oldest past [`MAX_PENDING`]).
+    pending_order: Mutex<std::collections::VecDeque<String>>,
 }
 
 /// A materialized context, holding its session directory against concurrent updates
@@ -97,9 +164,17 @@ pub struct MaterializedContext {
     _guard: tokio::sync::OwnedRwLockReadGuard<()>,
 }
 
-fn validate_path(p: &str) -> Result<(), ContextError> {
-    if p.is_empty() || p.starts_with('/') || p.split('/').any(|c| c.is_empty() || c == "." || c == "..") || p.contains('\0') {
-        return Err(ContextError::Manifest(format!("invalid path {p:?}: expected a relative path without . or .. components")));
+fn validate_path(p: &[u8]) -> Result<(), ContextError> {
+    let bad = p.is_empty()
+        || p[0] == b'/'
+        || p.split(|&b| b == b'/').any(|c| c.is_empty() || c == b"." || c == b"..")
+        || p.contains(&0)
+        || p.contains(&1);
+    if bad {
+        return Err(ContextError::Manifest(format!(
+            "invalid path {:?}: expected a relative path without . or .. components",
+            String::from_utf8_lossy(p)
+        )));
     }
     Ok(())
 }
@@ -109,27 +184,65 @@ impl ContextStore {
     pub fn open(root: PathBuf) -> Result<ContextStore, ContextError> {
         let blobs = ContentStore::open(root.join("blobs")).map_err(|e| ContextError::Io { path: root.clone(), message: e.to_string() })?;
         fs::create_dir_all(root.join("sessions")).map_err(io_err(&root))?;
-        Ok(ContextStore { root, blobs, pending: Mutex::new(HashMap::new()), sessions: Mutex::new(HashMap::new()) })
+        Ok(ContextStore {
+            root,
+            blobs,
+            pending: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            limits: ContextLimits::default(),
+            pending_order: Mutex::new(std::collections::VecDeque::new()),
+        })
+    }
+
+    /// The same store holding contexts to `limits`.
+    pub fn with_limits(mut self, limits: ContextLimits) -> ContextStore {
+        self.limits = limits;
+        self
+    }
+
+    /// The limits contexts are held to.
+    pub fn limits(&self) -> ContextLimits {
+        self.limits
     }
 
     /// Check a manifest and answer which file digests must be uploaded.
     pub fn prepare(&self, manifest: v1::ContextManifest) -> Result<(String, Vec<String>), ContextError> {
         let mut missing = Vec::new();
         let mut missing_bytes = 0;
-        let mut kinds = HashMap::new();
+        let l = self.limits;
+        let n = manifest.entries.len() as u64;
+        if n > l.max_entries {
+            return Err(ContextError::TooLarge { what: "entries:", got: n, max: l.max_entries, flag: "--max-context-entries" });
+        }
+        let total = manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == v1::EntryKind::File as i32)
+            .fold(0u64, |t, e| t.saturating_add(e.size));
+        if total > l.max_bytes {
+            return Err(ContextError::TooLarge { what: "bytes of files:", got: total, max: l.max_bytes, flag: "--max-context-bytes" });
+        }
+        let mut kinds: HashMap<Vec<u8>, i32> = HashMap::new();
         for e in &manifest.entries {
-            validate_path(&e.path)?;
-            if kinds.insert(e.path.as_str(), e.kind).is_some() {
+            let p = path_bytes(e);
+            validate_path(&p)?;
+            if kinds.insert(p, e.kind).is_some() {
                 return Err(ContextError::Manifest(format!("path {:?} appears twice", e.path)));
             }
         }
         for e in &manifest.entries {
             // Every parent must be a directory of the manifest: never a symlink that a later
             // entry would be written through.
-            let mut parent = e.path.as_str();
-            while let Some((p, _)) = parent.rsplit_once('/') {
+            let full = path_bytes(e);
+            let mut parent = full.as_slice();
+            while let Some(i) = parent.iter().rposition(|&b| b == b'/') {
+                let p = &parent[..i];
                 if kinds.get(p) != Some(&(v1::EntryKind::Dir as i32)) {
-                    return Err(ContextError::Manifest(format!("{:?}: its parent {p:?} is not a directory of the context", e.path)));
+                    return Err(ContextError::Manifest(format!(
+                        "{:?}: its parent {:?} is not a directory of the context",
+                        e.path,
+                        String::from_utf8_lossy(p)
+                    )));
                 }
                 parent = p;
             }
@@ -145,10 +258,17 @@ impl ContextStore {
         getrandom(&mut id);
         let id = hex::encode(id);
         let stats = SyncStats { entries: manifest.entries.len() as u64, missing: missing.len() as u64, missing_bytes, written: 0 };
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), Pending { session: manifest.session, entries: manifest.entries, stats });
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut order = self.pending_order.lock().unwrap_or_else(|e| e.into_inner());
+        // Prepared contexts that never get built must not pile up.
+        order.retain(|i| pending.contains_key(i));
+        while order.len() >= MAX_PENDING {
+            if let Some(old) = order.pop_front() {
+                pending.remove(&old);
+            }
+        }
+        pending.insert(id.clone(), Pending { session: manifest.session, entries: manifest.entries, stats });
+        order.push_back(id.clone());
         Ok((id, missing))
     }
 
@@ -256,17 +376,24 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
     }
     // Invalidate the record first: a crash in the middle leaves no trusted state.
     let _ = fs::remove_file(&state_path);
-    let new: BTreeMap<String, Recorded> = entries.iter().map(|e| (e.path.clone(), Recorded::of(e))).collect();
+    let new: BTreeMap<String, Recorded> = entries.iter().map(|e| (key(&path_bytes(e)), Recorded::of(e))).collect();
 
     // Remove what is gone or changed kind, deepest first.
+    // Parents before children (deletion: children first), by path bytes: keys of names that
+    // are not UTF-8 do not sort like their paths.
+    let by_path = |m: &BTreeMap<String, Recorded>| {
+        let mut v: Vec<(String, Recorded)> = m.iter().map(|(k, r)| (k.clone(), r.clone())).collect();
+        v.sort_by_cached_key(|(k, _)| unkey(k));
+        v
+    };
     if trusted {
-        for (path, rec) in old.iter().rev() {
-            let gone = match new.get(path) {
+        for (path, rec) in by_path(&old).iter().rev() {
+            let gone = match new.get(path.as_str()) {
                 None => true,
                 Some(n) => n.kind != rec.kind || (rec.kind == v1::EntryKind::Symlink as u8 && n.link != rec.link),
             };
             if gone {
-                let p = root.join(path);
+                let p = root.join(os(&unkey(path)));
                 let r = if rec.kind == v1::EntryKind::Dir as u8 { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
                 if let Err(e) = r {
                     if e.kind() != io::ErrorKind::NotFound {
@@ -278,14 +405,14 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
     }
     let mut written = 0;
     let mut dirs = Vec::new();
-    for (path, rec) in &new {
-        let p = root.join(path);
-        let same = trusted && old.get(path) == Some(rec);
+    for (path, rec) in &by_path(&new) {
+        let p = root.join(os(&unkey(path)));
+        let same = trusted && old.get(path.as_str()) == Some(rec);
         if same {
             continue;
         }
         let unchanged_content = trusted
-            && old.get(path).is_some_and(|o| o.kind == rec.kind && o.digest == rec.digest && o.link == rec.link);
+            && old.get(path.as_str()).is_some_and(|o| o.kind == rec.kind && o.digest == rec.digest && o.link == rec.link);
         match rec.kind {
             k if k == v1::EntryKind::Dir as u8 => {
                 match fs::create_dir(&p) {
@@ -297,7 +424,7 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
             k if k == v1::EntryKind::Symlink as u8 => {
                 if !unchanged_content {
                     let _ = fs::remove_file(&p);
-                    std::os::unix::fs::symlink(&rec.link, &p).map_err(io_err(&p))?;
+                    std::os::unix::fs::symlink(os(&unkey(&rec.link)), &p).map_err(io_err(&p))?;
                     written += 1;
                 }
                 set_mtime(&p, rec, false)?;
@@ -309,7 +436,8 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
                     if !src.is_file() {
                         return Err(ContextError::MissingBlob { digest: rec.digest.clone() });
                     }
-                    let tmp = p.with_file_name(format!(".hoist-tmp-{}", p.file_name().and_then(|n| n.to_str()).unwrap_or("f")));
+                    // Written beside the tree, then renamed in: never a half file in it.
+                    let tmp = dir.join("incoming");
                     fs::copy(&src, &tmp).map_err(io_err(&tmp))?;
                     fs::rename(&tmp, &p).map_err(io_err(&p))?;
                     written += 1;
@@ -354,6 +482,7 @@ mod tests {
             link_target: String::new(),
             mtime: 1_700_000_000,
             mtime_nsec: 0,
+            ..Default::default()
         }
     }
 
@@ -414,6 +543,25 @@ mod tests {
         assert_eq!(fs::read(ctx.context.dir().join("b")).unwrap(), b"B2");
     }
 
+    #[tokio::test]
+    async fn names_that_are_not_utf8_are_materialized_exactly() {
+        use std::os::unix::ffi::OsStrExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let raw = b"caf\xe9.txt".to_vec();
+        let mut f = file("x", b"latin1", 0o644);
+        f.path = String::from_utf8_lossy(&raw).into_owned();
+        f.raw_path = raw.clone();
+        let mut l = v1::ContextEntry { path: "link".into(), kind: v1::EntryKind::Symlink as i32, ..Default::default() };
+        l.raw_link_target = raw.clone();
+        let (id, _) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![f, l] }).unwrap();
+        upload(&store, b"latin1");
+        let ctx = store.materialize(&id).await.unwrap();
+        let p = ctx.context.dir().join(std::ffi::OsStr::from_bytes(&raw));
+        assert_eq!(fs::read(&p).unwrap(), b"latin1");
+        assert_eq!(fs::read_link(ctx.context.dir().join("link")).unwrap().as_os_str().as_bytes(), raw.as_slice());
+    }
+
     #[test]
     fn hostile_paths_are_rejected() {
         let tmp = tempfile::tempdir().unwrap();
@@ -428,6 +576,33 @@ mod tests {
             let m = v1::ContextManifest { session: "s".into(), entries: vec![file(bad, b"x", 0o644)] };
             assert!(store.prepare(m).is_err(), "{bad:?} must be rejected");
         }
+    }
+
+    #[test]
+    fn contexts_over_the_limits_are_refused_before_anything_is_stored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap().with_limits(ContextLimits { max_entries: 3, max_bytes: 10 });
+        let many = v1::ContextManifest { session: "s".into(), entries: (0..4).map(|i| file(&format!("f{i}"), b"x", 0o644)).collect() };
+        let e = store.prepare(many).unwrap_err().to_string();
+        assert!(e.contains("entries: 4") && e.contains("(3;") && e.contains("--max-context-entries"), "{e}");
+        let big = v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"123456", 0o644), file("b", b"123456", 0o644)] };
+        let e = store.prepare(big).unwrap_err().to_string();
+        assert!(e.contains("bytes of files: 12") && e.contains("--max-context-bytes"), "{e}");
+        let ok = v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"123456", 0o644)] };
+        store.prepare(ok).unwrap();
+    }
+
+    #[test]
+    fn prepared_contexts_that_are_never_built_are_forgotten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let m = || v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"A", 0o644)] };
+        let first = store.prepare(m()).unwrap().0;
+        for _ in 0..MAX_PENDING + 10 {
+            store.prepare(m()).unwrap();
+        }
+        assert!(store.pending.lock().unwrap().len() <= MAX_PENDING);
+        assert!(!store.pending.lock().unwrap().contains_key(&first), "the oldest was forgotten");
     }
 
     #[tokio::test]

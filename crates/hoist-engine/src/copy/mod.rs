@@ -59,9 +59,23 @@ pub struct CopyLimits {
     pub ratio_grace_bytes: u64,
 }
 
+/// Default [`CopyLimits::max_bytes`]: 16 GiB (the largest SDK tarballs expand to a few GiB).
+pub const DEFAULT_ARCHIVE_MAX_BYTES: u64 = 16 << 30;
+/// Default [`CopyLimits::max_entries`].
+pub const DEFAULT_ARCHIVE_MAX_ENTRIES: u64 = 2_000_000;
+/// Default [`CopyLimits::max_ratio`]: source tarballs compress 3–10x; gzip of zeros 1000x.
+pub const DEFAULT_ARCHIVE_MAX_RATIO: u64 = 100;
+/// Default [`CopyLimits::ratio_grace_bytes`]: 64 MiB.
+pub const DEFAULT_ARCHIVE_RATIO_GRACE: u64 = 64 << 20;
+
 impl Default for CopyLimits {
     fn default() -> Self {
-        CopyLimits { max_bytes: 32 << 30, max_entries: 4_000_000, max_ratio: 1000, ratio_grace_bytes: 256 << 20 }
+        CopyLimits {
+            max_bytes: DEFAULT_ARCHIVE_MAX_BYTES,
+            max_entries: DEFAULT_ARCHIVE_MAX_ENTRIES,
+            max_ratio: DEFAULT_ARCHIVE_MAX_RATIO,
+            ratio_grace_bytes: DEFAULT_ARCHIVE_RATIO_GRACE,
+        }
     }
 }
 

@@ -848,8 +848,12 @@ fn decompression_bombs_are_refused() {
     let limits = CopyLimits { max_entries: 2, ..CopyLimits::default() };
     let err = e.run_with(&add(&["many.tar"], "/d/"), None, &HashMap::new(), limits).unwrap_err();
     assert!(err.to_string().contains("more than 2 entries"), "{err}");
-    // the same archive passes with the defaults
-    e.run(&add(&["bomb.tar.gz"], "/ok/")).unwrap();
+    // the defaults refuse it too (ratio ~1000 past 64 MiB), after at most 64 MiB + a block
+    let err = e.run(&add(&["bomb.tar.gz"], "/def/")).unwrap_err();
+    assert!(matches!(err, CopyError::ArchiveLimit { .. }), "{err}");
+    // and it passes where the builder allows such ratios
+    let limits = CopyLimits { max_ratio: 5000, ..CopyLimits::default() };
+    e.run_with(&add(&["bomb.tar.gz"], "/ok/"), None, &HashMap::new(), limits).unwrap();
     assert_eq!(fs::metadata(e.dest.join("ok/zeros")).unwrap().len(), 64 << 20);
     e.assert_outside_untouched();
 }

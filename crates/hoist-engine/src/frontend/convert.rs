@@ -1,6 +1,7 @@
 //! The conversion itself: BuildKit's `toDispatchState` and `dispatch*` functions, producing
 //! graph stages instead of LLB.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use hoist_dockerfile::gocompat::{self, clean_path, join_path, quote, quote_slice};
@@ -102,6 +103,9 @@ impl Info {
 #[derive(Debug, Clone, Default)]
 struct Cfg {
     env: Vec<String>,
+    /// Position in `env` of each key (first occurrence); rebuilt when out of step, so that
+    /// thousands of ENV instructions stay linear.
+    env_pos: HashMap<String, usize>,
     cmd: Option<Vec<String>>,
     entrypoint: Option<Vec<String>>,
     working_dir: String,
@@ -117,13 +121,20 @@ struct Cfg {
 impl Cfg {
     fn add_env(&mut self, k: &str, v: &str) {
         let entry = format!("{k}={v}");
-        for e in self.env.iter_mut() {
-            if e.split('=').next() == Some(k) {
-                *e = entry;
-                return;
+        if self.env_pos.len() != self.env.len() {
+            self.env_pos.clear();
+            for (i, e) in self.env.iter().enumerate() {
+                let key = e.split('=').next().unwrap_or("");
+                self.env_pos.entry(key.to_string()).or_insert(i);
             }
         }
-        self.env.push(entry);
+        match self.env_pos.get(k) {
+            Some(&i) => self.env[i] = entry,
+            None => {
+                self.env_pos.insert(k.to_string(), self.env.len());
+                self.env.push(entry);
+            }
+        }
     }
 
     fn from_image(img: &ResolvedImage) -> Cfg {
@@ -153,6 +164,7 @@ impl Cfg {
                 args_escaped: rc.args_escaped.unwrap_or(false),
             },
             author: img.config.author.clone(),
+            env_pos: HashMap::new(),
         }
     }
 
@@ -215,6 +227,12 @@ pub(crate) struct Converter<'a> {
     warnings: Vec<String>,
     declared_args: BTreeSet<String>,
     proxy_env: Vec<String>,
+    /// Size limits on the Dockerfile and its expansions.
+    limits: hoist_dockerfile::Limits,
+    /// Bytes of expanded text and copied environments the graph holds so far (bounded by
+    /// [`Converter::graph_budget`], so a hostile Dockerfile cannot make the builder hold
+    /// gigabytes by repeating a large variable).
+    spent: AtomicUsize,
 }
 
 type R<T> = Result<T, FrontendError>;
@@ -307,7 +325,7 @@ fn validate_reference(r: &str) -> Result<(), String> {
 }
 
 impl<'a> Converter<'a> {
-    pub(crate) fn new(opts: &'a FrontendOptions) -> Converter<'a> {
+    pub(crate) fn new(opts: &'a FrontendOptions, limits: hoist_dockerfile::Limits) -> Converter<'a> {
         let build_platform = opts.build_platform.clone().unwrap_or_else(Platform::host);
         let target_platform = opts
             .target_platform
@@ -339,7 +357,45 @@ impl<'a> Converter<'a> {
             warnings: Vec::new(),
             declared_args: BTreeSet::new(),
             proxy_env,
+            limits,
+            spent: AtomicUsize::new(0),
         }
+    }
+
+    /// Most bytes of expanded text and environment copies one graph may hold.
+    fn graph_budget(&self) -> usize {
+        self.limits.max_expansion_bytes.saturating_mul(64).max(64 << 20)
+    }
+
+    /// Count `bytes` more held by the graph, failing at `line` past the budget.
+    fn charge(&self, line: usize, bytes: usize) -> R<()> {
+        let total = self.spent.load(Ordering::Relaxed).saturating_add(bytes);
+        self.spent.store(total, Ordering::Relaxed);
+        if total > self.graph_budget() {
+            return Err(self.invalid(
+                line,
+                format!(
+                    "the Dockerfile expands to more than {} bytes of values and environments (the builder's limit, 64 times hoist serve --max-expansion-bytes): expected smaller variables or fewer instructions using them",
+                    self.graph_budget()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fail at `line` when the stage's environment is over the limit.
+    fn check_env_size(&self, st: &State, line: usize) -> R<()> {
+        if st.env.bytes() > self.limits.max_expansion_bytes {
+            return Err(self.invalid(
+                line,
+                format!(
+                    "the stage's environment (ENV and ARG values) is {} bytes, more than the builder accepts ({} bytes; hoist serve --max-expansion-bytes): expected smaller values",
+                    st.env.bytes(),
+                    self.limits.max_expansion_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn syntax(&self, line: usize, message: impl Into<String>) -> FrontendError {
@@ -365,9 +421,12 @@ impl<'a> Converter<'a> {
     }
 
     fn expand(&self, word: &str, env: &dyn Env, line: usize) -> R<String> {
-        self.lex
+        let v = self
+            .lex
             .process_word(word, env)
-            .map_err(|e| self.expansion(line, e.to_string()))
+            .map_err(|e| self.expansion(line, e.to_string()))?;
+        self.charge(line, v.len())?;
+        Ok(v)
     }
 
     pub(crate) async fn run(
@@ -380,10 +439,13 @@ impl<'a> Converter<'a> {
                 file: self.file.clone(),
             });
         }
-        let text = String::from_utf8_lossy(dockerfile);
-        let (parsed, stages) = hoist_dockerfile::parse_dockerfile(&text)
-            .map_err(|e| self.syntax(e.line(), e.message()))?;
+        // Size, NUL bytes, UTF-8, line length and instruction count first: each names its line.
+        let parsed = hoist_dockerfile::parse_bytes(dockerfile, &self.limits)
+            .map_err(|e| self.syntax(e.line, e.message))?;
+        let stages =
+            hoist_dockerfile::parse_stages(&parsed).map_err(|e| self.syntax(e.line, e.message))?;
         self.lex = Lexer::new(parsed.escape);
+        self.lex.max_growth = self.limits.max_expansion_bytes;
         for w in &parsed.warnings {
             self.warnings
                 .push(format!("{}:{}: {}", self.file, w.line, w.message));
@@ -892,8 +954,11 @@ impl<'a> Converter<'a> {
                 s.history.clear();
                 s.cmd_set = false;
                 s.base = Base::Stage(out_id[&b]);
-                s.cfg.extras.on_build = bs.own_onbuild.clone();
-                s.own_onbuild = bs.own_onbuild.clone();
+                // The base stage's ONBUILD triggers run at the start of this stage (above);
+                // like BuildKit (checked against Docker 20.10), they are not inherited into
+                // this stage's config, which carries only its own ONBUILD lines.
+                s.cfg.extras.on_build.clear();
+                s.own_onbuild.clear();
                 s
             }
             None => {
@@ -939,6 +1004,9 @@ impl<'a> Converter<'a> {
         if !st.cfg.user.is_empty() {
             st.user = st.cfg.user.clone();
         }
+        // every stage holds its own copy of the environment it starts with
+        self.check_env_size(&st, inf.line)?;
+        self.charge(inf.line, st.env.bytes())?;
         Ok(st)
     }
 
@@ -980,6 +1048,9 @@ impl<'a> Converter<'a> {
         let expanded = lex
             .process_word(code, &st.env)
             .unwrap_or_else(|_| code.to_string());
+        // counted by the caller's step (see `charge`); displays are at most the word plus
+        // the growth limit
+        self.spent.fetch_add(expanded.len(), Ordering::Relaxed);
         let d = uppercase_cmd(&expanded);
         if onbuild {
             format!("ONBUILD {d}")
@@ -1057,6 +1128,8 @@ impl<'a> Converter<'a> {
                     st.env.set(k, v);
                     st.cfg.add_env(k, v);
                 }
+                self.check_env_size(st, line)?;
+                self.charge(line, msg.len())?;
                 self.history(st, msg, false, false);
             }
             Instruction::Label(kvs) => {
@@ -1105,7 +1178,10 @@ impl<'a> Converter<'a> {
                         None => def.key.clone(),
                     });
                 }
-                self.history(st, format!("ARG {}", parts.join(" ")), false, false);
+                self.check_env_size(st, line)?;
+                let msg = format!("ARG {}", parts.join(" "));
+                self.charge(line, msg.len())?;
+                self.history(st, msg, false, false);
             }
             Instruction::Run(r) => self.dispatch_run(st, infos, si, cmd, r, out_id)?,
             Instruction::Workdir(p) => {
@@ -1457,6 +1533,7 @@ impl<'a> Converter<'a> {
             parts.join(" ")
         };
 
+        self.charge(line, st.env.bytes() + history_args.len())?;
         st.steps.push(Step {
             line,
             display,

@@ -16,6 +16,8 @@ mod tests;
 
 use crate::graph::{BuildGraph, FrontendOptions, Platform, ResolvedImage};
 
+pub use hoist_dockerfile::Limits;
+
 pub use convert::is_git_source;
 
 /// Resolves base images for the frontend.
@@ -91,13 +93,25 @@ impl FrontendError {
     }
 }
 
-/// Build the graph for one target platform (the engine calls this once per platform).
+/// Build the graph for one target platform within the default [`Limits`].
 pub async fn build_graph(
     dockerfile: &[u8],
     opts: &FrontendOptions,
     resolver: &dyn ImageResolver,
 ) -> Result<BuildGraph, FrontendError> {
-    convert::Converter::new(opts)
+    build_graph_limited(dockerfile, opts, &Limits::default(), resolver).await
+}
+
+/// Build the graph for one target platform (the engine calls this once per platform) from
+/// the raw bytes of an untrusted Dockerfile: size, NUL bytes, UTF-8, line length, instruction
+/// count and variable expansion are held to `limits`, each failure naming its line.
+pub async fn build_graph_limited(
+    dockerfile: &[u8],
+    opts: &FrontendOptions,
+    limits: &Limits,
+    resolver: &dyn ImageResolver,
+) -> Result<BuildGraph, FrontendError> {
+    convert::Converter::new(opts, *limits)
         .run(dockerfile, resolver)
         .await
 }

@@ -1216,3 +1216,86 @@ ENTRYPOINT ["/bin/app"]
         (300_000_000_000, 3_000_000_000, 3)
     );
 }
+
+// ---- hostile input (issue 7): every error names its line; nothing runs for long ----
+
+fn err_bytes(df: &[u8], limits: &hoist_dockerfile::Limits) -> String {
+    let f = fake();
+    match rt().block_on(super::build_graph_limited(df, &opts(), limits, &f)) {
+        Ok(_) => panic!("should fail:\n{}", String::from_utf8_lossy(df)),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn nul_bytes_and_invalid_utf8_name_their_line() {
+    let l = hoist_dockerfile::Limits::default();
+    let e = err_bytes(b"FROM busybox\nRUN echo a\0b\n", &l);
+    assert!(e.starts_with("Dockerfile:2: NUL byte"), "{e}");
+    let e = err_bytes(b"FROM busybox\n# comment\nRUN echo \xff\n", &l);
+    assert!(e.starts_with("Dockerfile:3: invalid UTF-8"), "{e}");
+}
+
+#[test]
+fn an_env_doubling_itself_is_refused_quickly_naming_its_line() {
+    let df = format!("FROM busybox\nENV A=x\n{}", "ENV A=$A$A\n".repeat(40));
+    let t = std::time::Instant::now();
+    let e = err(&df);
+    assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
+    // 2^20 bytes is the first value over 1 MiB of growth: the 20th doubling, line 22
+    assert!(e.starts_with("Dockerfile:22: "), "{e}");
+    assert!(e.contains("more than"), "{e}");
+}
+
+#[test]
+fn a_stage_environment_over_the_limit_is_refused() {
+    let l = hoist_dockerfile::Limits { max_expansion_bytes: 1000, ..Default::default() };
+    let big = "v".repeat(600);
+    let df = format!("FROM busybox\nENV A={big}\nENV B={big}\n");
+    let e = err_bytes(df.as_bytes(), &l);
+    assert!(e.starts_with("Dockerfile:3: the stage's environment"), "{e}");
+}
+
+#[test]
+fn repeating_a_large_variable_hits_the_graph_budget() {
+    // Each LABEL holds 512 KiB (within the growth limit); 200 of them would hold 100 MiB.
+    let l = hoist_dockerfile::Limits { max_expansion_bytes: 1 << 20, ..Default::default() };
+    let mut df = String::from("FROM busybox\nARG A=x\n");
+    for _ in 0..19 {
+        df.push_str("ARG A=$A$A\n");
+    }
+    for i in 0..200 {
+        df.push_str(&format!("LABEL l{i}=$A\n"));
+    }
+    let e = err_bytes(df.as_bytes(), &l);
+    assert!(e.contains("expands to more than"), "{e}");
+    let line: usize = e.trim_start_matches("Dockerfile:").split(':').next().unwrap().parse().unwrap();
+    assert!(line > 21 + 100 && line < 21 + 200, "{e}");
+}
+
+#[test]
+fn ten_thousand_instructions_are_refused_at_once_or_convert_in_seconds() {
+    let mut df = String::from("FROM busybox\n");
+    for i in 0..10_000 {
+        df.push_str(&format!("ENV V{}={i}\n", i % 500));
+    }
+    let t = std::time::Instant::now();
+    let e = err(&df);
+    assert!(e.starts_with("Dockerfile:4097: ") && e.contains("more than 4096 instructions"), "{e}");
+    assert!(t.elapsed().as_secs_f64() < 2.0, "{:?}", t.elapsed());
+    // with the limit raised, the conversion is linear: seconds even in a debug build
+    let l = hoist_dockerfile::Limits { max_instructions: 20_000, ..Default::default() };
+    let f = fake();
+    let t = std::time::Instant::now();
+    let g = rt().block_on(super::build_graph_limited(df.as_bytes(), &opts(), &l, &f)).unwrap();
+    assert!(t.elapsed().as_secs_f64() < 5.0, "{:?}", t.elapsed());
+    assert_eq!(target(&g).history.len(), 10_000);
+}
+
+#[test]
+fn an_invalid_from_reference_names_its_line() {
+    for bad in ["Busybox", "busybox:", "a b", "busybox@sha256:zz", "UPPER/case:1"] {
+        let e = err(&format!("# comment\nFROM {bad}\n"));
+        assert!(e.starts_with("Dockerfile:2: "), "{bad}: {e}");
+    }
+}
