@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 /// Flags every command that talks to a builder takes.
 #[derive(Args, Debug, Clone)]
 pub struct ConnArgs {
-    /// The builder: tcp://host:port, tls://host:port or unix:///path (default: the embedded one).
-    #[arg(long, env = "HOIST_BUILDER")]
-    pub builder: Option<String>,
+    /// The builder: tcp://host:port, tls://host:port or unix:///path (default: the embedded
+    /// one). Several (repeated, or comma-separated): `hoist build` sends each platform to a
+    /// builder that announces it as native, else to the first; other commands use the first.
+    #[arg(long = "builder", env = "HOIST_BUILDER", value_delimiter = ',')]
+    pub builders: Vec<String>,
     /// State directory of the embedded builder.
     #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
     pub root: PathBuf,
@@ -83,6 +85,14 @@ impl ClientConfig {
     }
 }
 
+/// Whether a builder address is on this machine (`None` = the embedded builder).
+pub fn addr_is_local(addr: Option<&BuilderAddr>) -> bool {
+    match addr {
+        None | Some(BuilderAddr::Unix(_)) => true,
+        Some(BuilderAddr::Tcp(a)) | Some(BuilderAddr::Tls(a)) => hoist_oci::registry::is_loopback(a),
+    }
+}
+
 /// `hoist.json`: which project a directory tree builds in (like depot.json).
 #[derive(Debug, Deserialize)]
 struct ProjectFile {
@@ -105,14 +115,31 @@ pub fn project_from_file(dir: &Path) -> anyhow::Result<Option<String>> {
 }
 
 impl ConnArgs {
-    /// The builder's address, `None` for the embedded one.
+    /// The (first) builder's address, `None` for the embedded one.
     pub fn addr(&self) -> anyhow::Result<Option<BuilderAddr>> {
-        self.builder.as_deref().map(BuilderAddr::parse).transpose().map_err(Into::into)
+        self.builders.iter().map(|b| b.trim()).find(|b| !b.is_empty()).map(BuilderAddr::parse).transpose().map_err(Into::into)
     }
 
-    /// Connect, naming the project (`dir` is where hoist.json is looked for).
+    /// Every builder given (empty: the embedded one only).
+    pub fn addrs(&self) -> anyhow::Result<Vec<BuilderAddr>> {
+        self.builders.iter().map(|b| b.trim()).filter(|b| !b.is_empty()).map(|b| BuilderAddr::parse(b).map_err(Into::into)).collect()
+    }
+
+    /// Whether the (first) builder runs on this machine (embedded, a unix socket, or
+    /// loopback TCP): layers then travel uncompressed.
+    pub fn builder_is_local(&self) -> anyhow::Result<bool> {
+        Ok(addr_is_local(self.addr()?.as_ref()))
+    }
+
+    /// Connect to the (first) builder, naming the project (`dir` is where hoist.json is
+    /// looked for).
     pub async fn connect(&self, dir: Option<&Path>) -> anyhow::Result<Client> {
         let addr = self.addr()?;
+        self.connect_to(addr, dir).await
+    }
+
+    /// Connect to builder `addr` (`None`: the embedded one).
+    pub async fn connect_to(&self, addr: Option<BuilderAddr>, dir: Option<&Path>) -> anyhow::Result<Client> {
         let mut project = self.project.clone();
         if project.is_none() {
             let start = match dir {
@@ -139,5 +166,38 @@ impl ConnArgs {
                 hoist_client::connect_embedded(&self.root, &exe, &opts).await?
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        conn: ConnArgs,
+    }
+
+    #[test]
+    fn several_builders_and_which_are_local() {
+        let c = Cli::parse_from(["x", "--builder", "tcp://127.0.0.1:7000,tcp://10.0.0.5:7000", "--builder", "unix:///run/h.sock"]).conn;
+        let addrs = c.addrs().unwrap();
+        assert_eq!(addrs.len(), 3);
+        assert_eq!(c.addr().unwrap(), Some(BuilderAddr::Tcp("127.0.0.1:7000".into())), "the first is the default");
+        assert!(c.builder_is_local().unwrap());
+        assert!(addr_is_local(None), "the embedded builder");
+        assert!(addr_is_local(Some(&addrs[2])));
+        assert!(!addr_is_local(Some(&addrs[1])));
+        assert!(!addr_is_local(Some(&BuilderAddr::Tls("builder.example:443".into()))));
+        assert!(addr_is_local(Some(&BuilderAddr::Tcp("localhost:7000".into()))));
+        let none = Cli::parse_from(["x"]).conn;
+        if std::env::var_os("HOIST_BUILDER").is_none() {
+            assert!(none.addrs().unwrap().is_empty());
+            assert_eq!(none.addr().unwrap(), None);
+        }
+        let bad = Cli::parse_from(["x", "--builder", "nonsense"]).conn;
+        assert!(bad.addrs().is_err());
     }
 }

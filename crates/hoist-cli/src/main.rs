@@ -3,9 +3,14 @@
 
 mod build;
 mod conn;
+mod limits;
+mod load;
 mod manage;
+mod multi;
 mod outputs;
 mod progress;
+mod proxy;
+mod pull;
 
 use std::path::PathBuf;
 
@@ -24,6 +29,8 @@ struct Cli {
 enum Command {
     /// Build an image from a Dockerfile (accepts docker build's flags).
     Build(Box<build::BuildArgs>),
+    /// Load an image a build kept with --save (by build id or tag) into the local Docker engine.
+    Pull(pull::PullArgs),
     /// Run a builder (the embedded builder is this, on a unix socket).
     Serve(ServeArgs),
     /// Projects of a builder (run on the builder's machine).
@@ -68,6 +75,12 @@ struct ServeArgs {
     /// Require client certificates signed by this CA (PEM).
     #[arg(long = "tls-client-ca", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Platforms to announce as native (e.g. linux/arm64), comma-separated; default: the
+    /// host's. Clients with several builders send each platform to one announcing it.
+    #[arg(long, value_delimiter = ',')]
+    platforms: Vec<String>,
+    #[command(flatten)]
+    limits: limits::LimitArgs,
 }
 
 fn main() {
@@ -86,6 +99,7 @@ fn main() {
     let code = rt.block_on(async move {
         match cli.command {
             Command::Build(args) => build::run(*args).await,
+            Command::Pull(args) => pull::run(args).await.map(|_| 0),
             Command::Serve(args) => serve(args).await.map(|_| 0),
             Command::Project(c) => manage::project(c).map(|_| 0),
             Command::Token(c) => manage::token(c).map(|_| 0),
@@ -108,6 +122,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         root: args.root.clone(),
         runtime: args.runtime.clone(),
         insecure_registries: args.insecure_registries.clone(),
+        limits: args.limits.limits(),
     })
     .with_context(|| format!("opening builder state in {}", args.root.display()))?;
     let listen = args.listen.clone().unwrap_or_else(|| format!("unix://{}", hoist_client::embedded_socket(&args.root).display()));
@@ -129,7 +144,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (Some(cert), Some(key)) => Some(hoist_server::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() }),
         _ => None,
     };
-    let opts = hoist_server::ServeOptions { insecure_registries: args.insecure_registries, allow_insecure_tcp: args.insecure, tls };
+    let mut platforms = Vec::new();
+    for p in args.platforms.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let parsed = hoist_engine::graph::Platform::parse(p).map_err(|e| anyhow::anyhow!("--platforms: {e}"))?;
+        platforms.push(parsed.to_string());
+    }
+    let opts = hoist_server::ServeOptions { insecure_registries: args.insecure_registries, allow_insecure_tcp: args.insecure, tls, platforms };
     hoist_server::serve(&listen, engine, opts, shutdown).await?;
     let _ = std::fs::remove_file(&pid_file);
     Ok(())

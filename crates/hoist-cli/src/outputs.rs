@@ -1,17 +1,16 @@
 //! Outputs on the client side: `-o type=...` parsing, and the sinks that receive an
-//! output's stream from the builder (a file, a directory, or the local Docker engine).
+//! output's stream from the builder (a file, a directory), or load an exported image into
+//! the local Docker engine ([`crate::load`]: only the layers the engine lacks move).
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _};
-use bollard::Docker;
-use bytes::Bytes;
-use futures::StreamExt;
-use hoist_client::v1;
-use tokio::sync::mpsc;
+use hoist_client::{v1, Client};
 use tokio::task::JoinHandle;
+
+use crate::load::{DockerEngine, LoadReport};
 
 /// One `--output` (or `--push` / `--load`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,9 +65,35 @@ impl OutputSpec {
         OutputSpec { kind: "load".into(), attrs: BTreeMap::new() }
     }
 
+    /// `--save`: keep the result on the builder for `hoist pull`.
+    pub fn save(tags: &[String]) -> OutputSpec {
+        OutputSpec { kind: "save".into(), attrs: [("name".to_string(), tags.join(","))].into_iter().collect() }
+    }
+
+    /// Whether this output loads into the local Docker engine.
+    pub fn is_load(&self) -> bool {
+        self.kind == "load" || (self.kind == "docker" && !self.attrs.contains_key("dest"))
+    }
+
     /// The wire form.
     pub fn to_proto(&self) -> v1::Output {
         v1::Output { r#type: self.kind.clone(), attrs: self.attrs.clone().into_iter().collect() }
+    }
+
+    /// The wire form once the sink is open: a load asks the builder for an export session
+    /// of the engine's platform, with new layers uncompressed when the builder is on this
+    /// machine (nothing to save on a loopback link) and gzip otherwise.
+    pub fn to_proto_for(&self, sink: Option<&OutputSink>, local_builder: bool) -> v1::Output {
+        match sink {
+            Some(OutputSink::Load { engine, .. }) => {
+                let mut attrs: std::collections::HashMap<String, String> = self.attrs.clone().into_iter().collect();
+                attrs.remove("dest");
+                attrs.entry("compression".into()).or_insert_with(|| if local_builder { "uncompressed" } else { "gzip" }.into());
+                attrs.insert("platform".into(), engine.platform.clone());
+                v1::Output { r#type: "proxy".into(), attrs }
+            }
+            _ => self.to_proto(),
+        }
     }
 
     /// Prepare to receive this output; `None` for outputs that stay on the builder.
@@ -76,6 +101,7 @@ impl OutputSpec {
         let dest = self.attrs.get("dest").cloned();
         Ok(Some(match (self.kind.as_str(), dest) {
             ("image" | "registry", _) => return Ok(None),
+            ("save", _) => return Ok(None),
             ("load", _) | ("docker", None) => OutputSink::load(tags).await?,
             (_, Some(d)) if d == "-" => OutputSink::Stdout { describe: format!("type={} to stdout", self.kind) },
             ("local", Some(d)) => OutputSink::local(PathBuf::from(d))?,
@@ -94,7 +120,8 @@ pub enum OutputSink {
     File { file: io::BufWriter<std::fs::File>, path: PathBuf, kind: String },
     Stdout { describe: String },
     Local { tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>, handle: Option<std::thread::JoinHandle<anyhow::Result<u64>>>, dest: PathBuf },
-    Load { tx: Option<mpsc::Sender<Result<Bytes, io::Error>>>, handle: Option<JoinHandle<anyhow::Result<String>>>, bytes: u64 },
+    /// The local Docker engine; the load starts when the builder's export session arrives.
+    Load { engine: DockerEngine, tags: Vec<String>, task: Option<JoinHandle<anyhow::Result<LoadReport>>> },
 }
 
 /// Reads what a channel delivers.
@@ -123,26 +150,30 @@ impl Read for ChannelReader {
 }
 
 impl OutputSink {
-    async fn load(_tags: &[String]) -> anyhow::Result<OutputSink> {
-        let docker = Docker::connect_with_local_defaults().context("--load: connecting to the Docker engine")?;
-        let docker = docker.negotiate_version().await.context("--load: the Docker engine does not answer (is dockerd running? DOCKER_HOST?)")?;
-        let (tx, rx) = mpsc::channel::<Result<Bytes, io::Error>>(16);
-        let handle = tokio::spawn(async move {
-            let opts = bollard::query_parameters::ImportImageOptionsBuilder::new().quiet(true).build();
-            let mut s = docker.import_image_stream(opts, tokio_stream::wrappers::ReceiverStream::new(rx), None);
-            let mut msgs = String::new();
-            while let Some(r) = s.next().await {
-                let info = r.context("--load: the Docker engine refused the image")?;
-                if let Some(e) = info.error_detail.and_then(|d| d.message) {
-                    bail!("--load: {e}");
+    async fn load(tags: &[String]) -> anyhow::Result<OutputSink> {
+        let engine = DockerEngine::connect("--load").await?;
+        Ok(OutputSink::Load { engine, tags: tags.to_vec(), task: None })
+    }
+
+    /// The builder exported the images of this output: load them (in the background, so
+    /// that the build's other outputs, e.g. a push, proceed meanwhile).
+    pub fn start_export(&mut self, client: &Client, session: v1::ExportSession) -> anyhow::Result<()> {
+        match self {
+            OutputSink::Load { engine, tags, task } => {
+                if task.is_some() {
+                    bail!("the builder exported the --load image twice");
                 }
-                if let Some(m) = info.stream {
-                    msgs.push_str(&m);
-                }
+                let (client, engine, tags) = (client.clone(), engine.clone(), tags.clone());
+                *task = Some(tokio::spawn(async move { crate::load::load(&client, &engine, &session, &tags).await }));
+                Ok(())
             }
-            Ok(msgs.trim().to_string())
-        });
-        Ok(OutputSink::Load { tx: Some(tx), handle: Some(handle), bytes: 0 })
+            other => bail!("the builder sent an export session for {}, which expects a stream", other.describe()),
+        }
+    }
+
+    /// Whether this sink has all it needs from the builder (a started load).
+    pub fn started(&self) -> bool {
+        matches!(self, OutputSink::Load { task: Some(_), .. })
     }
 
     fn local(dest: PathBuf) -> anyhow::Result<OutputSink> {
@@ -184,13 +215,9 @@ impl OutputSink {
                     .await?
                     .map_err(|_| anyhow!("--output type=local: extraction into {} stopped", dest.display()))
             }
-            OutputSink::Load { tx, bytes, .. } => {
-                *bytes += data.len() as u64;
-                let tx = tx.as_ref().ok_or_else(|| anyhow!("output closed"))?;
-                if tx.send(Ok(Bytes::from(data))).await.is_err() {
-                    bail!("--load: the Docker engine stopped reading the image");
-                }
-                Ok(())
+            OutputSink::Load { .. } => {
+                let _ = data;
+                bail!("the builder streamed an archive for --load instead of exporting the image (is it an older hoist?)")
             }
         }
     }
@@ -214,13 +241,12 @@ impl OutputSink {
                 };
                 Ok(format!("exported {n} entries to {}", dest.display()))
             }
-            OutputSink::Load { tx, handle, bytes } => {
-                drop(tx);
-                let msg = match handle {
-                    Some(h) => h.await??,
-                    None => String::new(),
+            OutputSink::Load { task, .. } => {
+                let report = match task {
+                    Some(h) => h.await.map_err(|e| anyhow!("--load: {e}"))?.context("--load")?,
+                    None => bail!("--load: the builder did not export the image"),
                 };
-                Ok(format!("loaded into the Docker engine ({}): {msg}", crate::build::human_bytes(bytes)))
+                Ok(report.line("--load"))
             }
         }
     }
@@ -234,9 +260,8 @@ impl OutputSink {
             OutputSink::Local { tx, .. } => {
                 tx.take();
             }
-            OutputSink::Load { tx, handle, .. } => {
-                tx.take();
-                if let Some(h) = handle.take() {
+            OutputSink::Load { task, .. } => {
+                if let Some(h) = task.take() {
                     h.abort();
                 }
             }
@@ -261,5 +286,28 @@ mod tests {
         assert!(OutputSpec::parse("dest=x").is_err(), "type is required");
         let p = OutputSpec::push(&["a:1".into(), "b:2".into()]);
         assert_eq!(p.attrs["name"], "a:1,b:2");
+        assert!(OutputSpec::load().is_load());
+        assert!(OutputSpec::parse("type=docker").unwrap().is_load(), "type=docker without dest loads");
+        assert!(!OutputSpec::parse("type=docker,dest=x.tar").unwrap().is_load());
+        assert_eq!(OutputSpec::save(&["a:1".into()]).to_proto().r#type, "save");
+    }
+
+    /// A load asks the builder for an export of the engine's platform: plain tar layers
+    /// from a builder on this machine, gzip from a remote one.
+    #[test]
+    fn a_load_requests_an_export_for_the_engine() {
+        let Ok(docker) = bollard::Docker::connect_with_local_defaults() else { return };
+        let engine = DockerEngine { docker, platform: "linux/arm64/v8".into(), remote: None };
+        let sink = OutputSink::Load { engine, tags: vec![], task: None };
+        let local = OutputSpec::load().to_proto_for(Some(&sink), true);
+        assert_eq!(local.r#type, "proxy");
+        assert_eq!(local.attrs["compression"], "uncompressed");
+        assert_eq!(local.attrs["platform"], "linux/arm64/v8");
+        let remote = OutputSpec::load().to_proto_for(Some(&sink), false);
+        assert_eq!(remote.attrs["compression"], "gzip");
+        let docker = OutputSpec::parse("type=docker,compression=zstd").unwrap().to_proto_for(Some(&sink), false);
+        assert_eq!((docker.r#type.as_str(), docker.attrs["compression"].as_str()), ("proxy", "zstd"), "an explicit compression wins");
+        let file = OutputSpec::parse("type=oci,dest=x.tar").unwrap().to_proto_for(None, true);
+        assert_eq!(file.r#type, "oci");
     }
 }

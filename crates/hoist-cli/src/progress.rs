@@ -181,7 +181,7 @@ impl Renderer {
                 Mode::RawJson => eprintln!("{}", serde_json::json!({ "warning": w })),
                 _ => self.line(&format!("WARNING: {w}")),
             },
-            build_event::Event::Output(_) | build_event::Event::Result(_) => {}
+            build_event::Event::Output(_) | build_event::Event::Result(_) | build_event::Event::Export(_) => {}
         }
     }
 

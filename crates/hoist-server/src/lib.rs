@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod context;
+pub mod exports;
 pub mod service;
 
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ pub struct ServeOptions {
     /// Allow plain TCP on a non-loopback address.
     pub allow_insecure_tcp: bool,
     pub tls: Option<TlsFiles>,
+    /// Platforms the builder announces as native (`hoist serve --platforms`); empty = the
+    /// host's. Clients with several builders route each platform to one announcing it.
+    pub platforms: Vec<String>,
 }
 
 /// Where to listen.
@@ -81,7 +85,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let trusted = matches!(listen, Listen::Unix(_));
-    let svc = BuilderServer::new(BuilderService::new(engine, opts.insecure_registries.clone(), trusted))
+    let svc = BuilderServer::new(BuilderService::new(engine, opts.insecure_registries.clone(), trusted).with_platforms(opts.platforms.clone()))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let mut builder = tonic::transport::Server::builder()

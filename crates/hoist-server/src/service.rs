@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{AuthError, AuthStore, Caller};
 use crate::context::ContextStore;
+use crate::exports::{ExportError, Exports};
 
 /// The builder service.
 #[derive(Clone)]
@@ -32,6 +33,10 @@ pub struct BuilderService {
     auth: Arc<AuthStore>,
     /// Requests without a token are trusted (the embedded builder's unix socket).
     trusted: bool,
+    /// Images exported for clients to read (--load, hoist pull).
+    exports: Arc<Exports>,
+    /// Platforms announced as native (empty: the host's).
+    platforms: Vec<String>,
 }
 
 fn auth_status(e: AuthError) -> Status {
@@ -58,7 +63,21 @@ impl BuilderService {
     /// embedded builder's unix socket, which only its owner can open).
     pub fn new(engine: Engine, insecure_registries: Vec<String>, trusted: bool) -> BuilderService {
         let auth = Arc::new(AuthStore::new(engine.root()));
-        BuilderService { engine, contexts: Arc::new(Mutex::new(HashMap::new())), insecure_registries, auth, trusted }
+        BuilderService {
+            engine,
+            contexts: Arc::new(Mutex::new(HashMap::new())),
+            insecure_registries,
+            auth,
+            trusted,
+            exports: Arc::default(),
+            platforms: Vec::new(),
+        }
+    }
+
+    /// Announce `platforms` as native in `Info` (empty: the host's).
+    pub fn with_platforms(mut self, platforms: Vec<String>) -> BuilderService {
+        self.platforms = platforms;
+        self
     }
 
     fn context_store(&self, project: &str) -> Result<Arc<ContextStore>, Status> {
@@ -67,7 +86,9 @@ impl BuilderService {
             return Ok(s.clone());
         }
         let root = self.engine.root().join("contexts").join(project);
-        let store = Arc::new(ContextStore::open(root).map_err(|e| Status::internal(e.to_string()))?);
+        let l = self.engine.limits();
+        let limits = crate::context::ContextLimits { max_entries: l.max_context_entries, max_bytes: l.max_context_bytes };
+        let store = Arc::new(ContextStore::open(root).map_err(|e| Status::internal(e.to_string()))?.with_limits(limits));
         map.insert(project.to_string(), store.clone());
         Ok(store)
     }
@@ -85,7 +106,7 @@ impl Builder for BuilderService {
         caller(self, &req)?;
         Ok(Response::new(v1::InfoReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            platforms: vec![Platform::host().to_string()],
+            platforms: if self.platforms.is_empty() { vec![Platform::host().to_string()] } else { self.platforms.clone() },
             root: self.engine.root().display().to_string(),
         }))
     }
@@ -115,6 +136,12 @@ impl Builder for BuilderService {
                 w.write_all(&chunk.data).map_err(|e| Status::internal(format!("storing context file {}: {e}", chunk.digest)))?;
             }
             bytes += chunk.data.len() as u64;
+            let max = store.limits().max_bytes;
+            if bytes > max {
+                return Err(Status::invalid_argument(format!(
+                    "the upload is larger than the builder accepts for a build context ({max} bytes; hoist serve --max-context-bytes)"
+                )));
+            }
             if chunk.last {
                 if let Some((d, w)) = current.take() {
                     store.commit_blob(w, &d).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -129,6 +156,112 @@ impl Builder for BuilderService {
     }
 
     type BuildStream = EventStream;
+    type ReadBlobStream = Pin<Box<dyn Stream<Item = Result<v1::BlobData, Status>> + Send>>;
+
+    async fn read_blob(&self, req: Request<v1::ReadBlobRequest>) -> Result<Response<Self::ReadBlobStream>, Status> {
+        let who = caller(self, &req)?;
+        let req = req.into_inner();
+        let (session, digest, size, source) = self.exports.blob(&who.project, &req.session, &req.digest).map_err(export_status)?;
+        if req.offset > size {
+            return Err(Status::out_of_range(format!("offset {} is past the end of blob {digest} ({size} bytes)", req.offset)));
+        }
+        let (tx, rx) = mpsc::channel::<Result<v1::BlobData, Status>>(4);
+        let offset = req.offset;
+        if let crate::exports::BlobSource::Snapshot(dir) = source {
+            // A new layer's plain tar, made as it is read (its digest is its diff_id).
+            tokio::task::spawn_blocking(move || {
+                let _session = session;
+                let mut first = true;
+                let chunk_tx = tx.clone();
+                let mut w = crate::exports::SkipChunks {
+                    skip: offset,
+                    buf: Vec::new(),
+                    chunk: BLOB_CHUNK,
+                    send: move |data: Vec<u8>| {
+                        let msg = v1::BlobData { data, size: if first { size } else { 0 } };
+                        first = false;
+                        chunk_tx.blocking_send(Ok(msg)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+                    },
+                    seen: 0,
+                };
+                let r = hoist_oci::layer::write_layer_tar(&dir, &mut w, &hoist_oci::layer::TarOptions::default());
+                let r = r.map_err(|e| e.to_string()).and_then(|_| w.flush_chunk().map_err(|e| e.to_string()));
+                match r {
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("reading layer {digest}: {e}"))));
+                    }
+                    Ok(()) if w.seen != size => {
+                        let _ = tx.blocking_send(Err(Status::data_loss(format!(
+                            "layer {digest} changed on the builder: it now tars to {} bytes, not {size}",
+                            w.seen
+                        ))));
+                    }
+                    Ok(()) => {}
+                }
+            });
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
+        let mut file = self.engine.store().open_blob(&digest).map_err(|e| Status::not_found(format!("blob {digest}: {e}")))?;
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek, SeekFrom};
+            // The session (and its lease) lives as long as the read.
+            let _session = session;
+            if let Err(e) = file.seek(SeekFrom::Start(offset)) {
+                let _ = tx.blocking_send(Err(Status::internal(format!("reading blob {digest}: {e}"))));
+                return;
+            }
+            let mut first = true;
+            let mut left = size - offset;
+            loop {
+                let mut buf = vec![0u8; (BLOB_CHUNK as u64).min(left) as usize];
+                let n = match file.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("reading blob {digest}: {e}"))));
+                        return;
+                    }
+                };
+                if n == 0 && left > 0 {
+                    let _ = tx.blocking_send(Err(Status::data_loss(format!("blob {digest} is shorter than its {size} bytes"))));
+                    return;
+                }
+                buf.truncate(n);
+                left -= n as u64;
+                let msg = v1::BlobData { data: buf, size: if first { size } else { 0 } };
+                first = false;
+                if tx.blocking_send(Ok(msg)).is_err() || left == 0 {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn release_export(&self, req: Request<v1::ReleaseExportRequest>) -> Result<Response<v1::ReleaseExportReply>, Status> {
+        let who = caller(self, &req)?;
+        self.exports.release(&who.project, &req.into_inner().session);
+        Ok(Response::new(v1::ReleaseExportReply {}))
+    }
+
+    async fn open_saved(&self, req: Request<v1::OpenSavedRequest>) -> Result<Response<v1::ExportSession>, Status> {
+        let who = caller(self, &req)?;
+        let req = req.into_inner();
+        let compression = Compression::from_attrs([("compression", if req.compression.is_empty() { "gzip" } else { req.compression.as_str() })])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let engine = self.engine.clone();
+        let project = who.project.clone();
+        let name = req.name.clone();
+        let (record, images) = tokio::task::spawn_blocking(move || crate::exports::load_saved(&engine, &project, &name))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(export_status)?;
+        let images = crate::exports::select_platform(&images, &req.platform).map_err(Status::failed_precondition)?;
+        let (set, snapshots) = crate::exports::export_for_client(&self.engine, &images, compression, false).await.map_err(export_status)?;
+        let mut session = self.exports.open(&self.engine, &who.project, &images, &set, &snapshots).map_err(export_status)?;
+        session.build_id = record.build_id;
+        session.tags = record.tags;
+        Ok(Response::new(session))
+    }
 
     async fn cache_usage(&self, req: Request<v1::CacheUsageRequest>) -> Result<Response<v1::CacheUsageReply>, Status> {
         let who = caller(self, &req)?;
@@ -343,11 +476,134 @@ fn parse_network(s: &str) -> Result<NetworkMode, Status> {
     }
 }
 
+fn export_status(e: ExportError) -> Status {
+    match e {
+        ExportError::NoSession(_) | ExportError::NotInSession { .. } | ExportError::NoSaved(_) => Status::not_found(e.to_string()),
+        ExportError::TooMany { .. } => Status::resource_exhausted(e.to_string()),
+        ExportError::SavedBroken { .. } | ExportError::Store(_) | ExportError::Layer { .. } => Status::internal(e.to_string()),
+    }
+}
+
+/// Bytes per `BlobData` message.
+const BLOB_CHUNK: usize = 1 << 20;
+
+/// What the outputs of a build reported, for its `BuildResult`.
+#[derive(Default)]
+struct OutputsReport {
+    pushes: Vec<v1::PushReport>,
+    manifests: Vec<v1::ManifestRef>,
+    saved: String,
+}
+
 fn engine_status(e: EngineError) -> Status {
     match e {
         EngineError::Cancelled => Status::cancelled("build cancelled"),
-        EngineError::Frontend(m) => Status::invalid_argument(m),
-        other => Status::aborted(other.to_string()),
+        EngineError::Frontend(m) => Status::invalid_argument(bounded_message(m)),
+        other => Status::aborted(bounded_message(other.to_string())),
+    }
+}
+
+/// Most bytes of an error message sent in a gRPC status: it travels in HTTP/2 trailers, and
+/// a hostile Dockerfile can make a message of hundreds of KiB (its line quoted in full),
+/// which the client would refuse as a protocol error instead of showing it.
+const MAX_STATUS_MESSAGE: usize = 8 << 10;
+
+fn bounded_message(m: String) -> String {
+    if m.len() <= MAX_STATUS_MESSAGE {
+        return m;
+    }
+    let mut cut = MAX_STATUS_MESSAGE;
+    while !m.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}... [{} more bytes of this message cut]", &m[..cut], m.len() - cut)
+}
+
+/// Most bytes of step output held for a client that reads slowly; past it, output is dropped
+/// (and the client told how much) instead of piling up in the builder's memory.
+const MAX_QUEUED_LOG: usize = 4 << 20;
+
+fn to_proto(ev: Event) -> build_event::Event {
+    match ev {
+        Event::Started { id, name } => build_event::Event::Started(v1::VertexStarted { id, name }),
+        Event::Completed { id, cached, seconds, error } => {
+            build_event::Event::Completed(v1::VertexCompleted { id, cached, seconds, error: error.unwrap_or_default() })
+        }
+        Event::Log { id, stream, data } => build_event::Event::Log(v1::VertexLog { id, stream: stream as u32, data: data.to_vec() }),
+        Event::Warning(w) => build_event::Event::Warning(w),
+    }
+}
+
+/// Queue the note that `n` bytes of vertex `id`'s output were dropped.
+fn push_dropped_marker(queue: &mut std::collections::VecDeque<Event>, queued_log: &mut usize, id: u32, n: u64) {
+    let text = format!("\n[hoist: {n} bytes of output dropped: the client did not read them fast enough]\n");
+    *queued_log += text.len();
+    queue.push_back(Event::Log { id, stream: 2, data: text.into_bytes().into() });
+}
+
+/// Forward engine events to the client. The engine's channel is drained at once, so it never
+/// grows; events wait in a queue holding at most `max_queued` bytes of step output. Output
+/// that does not fit is dropped, and a marker saying how much goes out before the vertex's
+/// next output or its completion. Started/completed/warning events are never dropped.
+async fn forward_events(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    tx: mpsc::Sender<Result<v1::BuildEvent, Status>>,
+    log: Arc<Mutex<BuildLog>>,
+    max_queued: usize,
+) {
+    let mut queue: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
+    let mut queued_log = 0usize;
+    let mut dropped: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+    let mut open = true;
+    loop {
+        if !open {
+            // flush what is left of the markers behind the queue
+            while let Some((id, n)) = dropped.pop_first() {
+                push_dropped_marker(&mut queue, &mut queued_log, id, n);
+            }
+            if queue.is_empty() {
+                break;
+            }
+        }
+        tokio::select! {
+            ev = rx.recv(), if open => {
+                let Some(ev) = ev else {
+                    open = false;
+                    continue;
+                };
+                log.lock().unwrap_or_else(|e| e.into_inner()).add(&ev);
+                match &ev {
+                    Event::Log { id, data, .. } => {
+                        if queued_log + data.len() > max_queued {
+                            *dropped.entry(*id).or_default() += data.len() as u64;
+                            continue;
+                        }
+                        if let Some(n) = dropped.remove(id) {
+                            push_dropped_marker(&mut queue, &mut queued_log, *id, n);
+                        }
+                        queued_log += data.len();
+                    }
+                    Event::Completed { id, .. } => {
+                        if let Some(n) = dropped.remove(id) {
+                            push_dropped_marker(&mut queue, &mut queued_log, *id, n);
+                        }
+                    }
+                    _ => {}
+                }
+                queue.push_back(ev);
+            }
+            permit = tx.reserve(), if !queue.is_empty() => {
+                let Ok(permit) = permit else {
+                    break; // the client went away
+                };
+                if let Some(ev) = queue.pop_front() {
+                    if let Event::Log { data, .. } = &ev {
+                        queued_log = queued_log.saturating_sub(data.len());
+                    }
+                    permit.send(Ok(event(to_proto(ev))));
+                }
+            }
+        }
     }
 }
 
@@ -521,27 +777,8 @@ impl BuilderService {
         };
 
         // Progress: engine events → stream events.
-        let (ptx, mut prx) = mpsc::unbounded_channel::<Event>();
-        let forward_tx = tx.clone();
-        let forward = tokio::spawn(async move {
-            while let Some(ev) = prx.recv().await {
-                log.lock().unwrap_or_else(|e| e.into_inner()).add(&ev);
-                let e = match ev {
-                    Event::Started { id, name } => build_event::Event::Started(v1::VertexStarted { id, name }),
-                    Event::Completed { id, cached, seconds, error } => build_event::Event::Completed(v1::VertexCompleted {
-                        id,
-                        cached,
-                        seconds,
-                        error: error.unwrap_or_default(),
-                    }),
-                    Event::Log { id, stream, data } => build_event::Event::Log(v1::VertexLog { id, stream: stream as u32, data: data.to_vec() }),
-                    Event::Warning(w) => build_event::Event::Warning(w),
-                };
-                if forward_tx.send(Ok(event(e))).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let (ptx, prx) = mpsc::unbounded_channel::<Event>();
+        let forward = tokio::spawn(forward_events(prx, tx.clone(), log, MAX_QUEUED_LOG));
         let outcome = self.engine.build(build, Progress::new(ptx), cancel.clone()).await;
         let _ = forward.await;
         let outcome = outcome.map_err(engine_status)?;
@@ -553,8 +790,9 @@ impl BuilderService {
 
         let mut manifest_digest = String::new();
         let mut names = Vec::new();
+        let mut report = OutputsReport::default();
         for (i, out) in req.outputs.iter().enumerate() {
-            let d = self.output(i as u32, out, &req, &outcome.images, &registry, &tx).await?;
+            let d = self.output(i as u32, out, &req, &outcome.images, &registry, &tx, who, build_id, &mut report).await?;
             if let Some(d) = d {
                 manifest_digest = d;
             }
@@ -587,10 +825,14 @@ impl BuilderService {
             context_files_sent: sync.missing,
             context_bytes_sent: sync.missing_bytes,
             project: who.project.clone(),
+            pushes: report.pushes,
+            manifests: report.manifests,
+            saved: report.saved,
         })
     }
 
     /// Produce one output; returns the manifest (or index) digest when it made one.
+    #[allow(clippy::too_many_arguments)]
     async fn output(
         &self,
         index: u32,
@@ -599,6 +841,9 @@ impl BuilderService {
         images: &[BuiltImage],
         registry: &RegistryClient,
         tx: &mpsc::Sender<Result<v1::BuildEvent, Status>>,
+        who: &Caller,
+        build_id: &str,
+        report: &mut OutputsReport,
     ) -> Result<Option<String>, Status> {
         let attrs = &out.attrs;
         let compression = Compression::from_attrs(attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -612,6 +857,7 @@ impl BuilderService {
         match out.r#type.as_str() {
             "image" | "registry" => {
                 let set = engine.export_images(images, compression, force).await.map_err(engine_status)?;
+                report.manifests.extend(set.images.iter().map(crate::exports::manifest_ref));
                 let push = out.r#type == "registry" || attrs.get("push").is_some_and(|v| v == "true");
                 if push {
                     if tags.is_empty() {
@@ -621,9 +867,41 @@ impl BuilderService {
                         .iter()
                         .map(|t| Reference::parse(t).map_err(|e| Status::invalid_argument(e.to_string())))
                         .collect::<Result<Vec<_>, _>>()?;
-                    engine.push(&set, &refs, registry).await.map_err(engine_status)?;
+                    let by_digest = attrs.get("push-by-digest").is_some_and(|v| v == "true");
+                    let outcomes = engine.push_all(&set, &refs, registry, by_digest).await;
+                    report.pushes.extend(outcomes.iter().map(|o| v1::PushReport {
+                        reference: o.reference.to_string(),
+                        blobs_uploaded: o.blobs_uploaded,
+                        bytes_uploaded: o.bytes_uploaded,
+                        blobs_existed: o.blobs_existed,
+                        blobs_mounted: o.blobs_mounted,
+                        manifests: o.manifests,
+                        seconds: o.seconds,
+                        error: o.error.clone().unwrap_or_default(),
+                    }));
+                    hoist_engine::export::push_result(&outcomes).map_err(engine_status)?;
                 }
                 Ok(Some(set.top_digest().to_string()))
+            }
+            "proxy" => {
+                let chosen = crate::exports::select_platform(images, attrs.get("platform").map(String::as_str).unwrap_or(""))
+                    .map_err(Status::failed_precondition)?;
+                let (set, snapshots) = crate::exports::export_for_client(&engine, &chosen, compression, force).await.map_err(export_status)?;
+                let mut session = self.exports.open(&engine, &who.project, &chosen, &set, &snapshots).map_err(export_status)?;
+                session.output = index;
+                session.build_id = build_id.to_string();
+                session.tags = tags.clone();
+                tx.send(Ok(event(build_event::Event::Export(session)))).await.map_err(|_| Status::cancelled("the client went away"))?;
+                Ok(Some(set.top_digest().to_string()))
+            }
+            "save" => {
+                let (project, id, images) = (who.project.clone(), build_id.to_string(), images.to_vec());
+                tokio::task::spawn_blocking(move || crate::exports::save(&engine, &project, &id, &tags, &images))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(export_status)?;
+                report.saved = build_id.to_string();
+                Ok(None)
             }
             "docker" | "load" => {
                 let image = host_image(images)?.clone();
@@ -650,7 +928,7 @@ impl BuilderService {
                 Ok(None)
             }
             other => Err(Status::invalid_argument(format!(
-                "output type {other:?} is not supported: use image, registry, docker, oci, tar or local"
+                "output type {other:?} is not supported: use image, registry, docker, oci, tar, local, proxy or save"
             ))),
         }
     }
@@ -676,4 +954,63 @@ async fn stream_output(
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))?
+}
+
+#[cfg(test)]
+mod forward_tests {
+    use super::*;
+
+    /// Regression (issue 7): engine events went through an unbounded channel to a client
+    /// that may read slowly, so `RUN yes` grew the builder's memory without bound.
+    #[tokio::test]
+    async fn a_slow_client_gets_bounded_output_with_a_marker_and_every_completion() {
+        let (ptx, prx) = mpsc::unbounded_channel::<Event>();
+        let (tx, mut rx) = mpsc::channel::<Result<v1::BuildEvent, Status>>(4);
+        let log = Arc::new(Mutex::new(BuildLog::default()));
+        let max = 1 << 20;
+        let fwd = tokio::spawn(forward_events(prx, tx, log.clone(), max));
+        ptx.send(Event::Started { id: 1, name: "RUN yes".into() }).unwrap();
+        let chunk = vec![b'y'; 64 << 10];
+        for _ in 0..1000 {
+            ptx.send(Event::Log { id: 1, stream: 1, data: chunk.clone().into() }).unwrap();
+        }
+        ptx.send(Event::Completed { id: 1, cached: false, seconds: 1.0, error: None }).unwrap();
+        drop(ptx);
+        // the forwarder drained everything although nobody read yet
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let (mut log_bytes, mut marker, mut completed, mut started) = (0usize, false, false, false);
+        while let Some(ev) = rx.recv().await {
+            match ev.unwrap().event.unwrap() {
+                build_event::Event::Log(l) => {
+                    let text = String::from_utf8_lossy(&l.data);
+                    if text.contains("bytes of output dropped") {
+                        marker = true;
+                        assert!(!completed, "the marker comes before the completion");
+                    } else {
+                        log_bytes += l.data.len();
+                    }
+                }
+                build_event::Event::Completed(_) => completed = true,
+                build_event::Event::Started(_) => started = true,
+                _ => {}
+            }
+        }
+        fwd.await.unwrap();
+        assert!(started && completed && marker);
+        assert!(log_bytes <= max + (64 << 10) * 4, "{log_bytes} bytes were queued");
+        assert!(log_bytes >= 64 << 10, "some output got through");
+        assert!(log.lock().unwrap().text.len() < 2 << 20, "the build log stays bounded");
+    }
+
+    /// Regression (issue 7): an error quoting a 120 KiB Dockerfile line went out whole in the
+    /// gRPC trailers, and the client dropped the connection ("too_many_continuations").
+    #[test]
+    fn huge_error_messages_are_cut_to_fit_a_status() {
+        let m = format!("Dockerfile:2: {}", "é".repeat(100_000));
+        let s = engine_status(EngineError::Frontend(m));
+        assert!(s.message().len() < MAX_STATUS_MESSAGE + 100);
+        assert!(s.message().starts_with("Dockerfile:2: ") && s.message().ends_with("cut]"));
+        let short = engine_status(EngineError::Frontend("Dockerfile:1: x".into()));
+        assert_eq!(short.message(), "Dockerfile:1: x");
+    }
 }

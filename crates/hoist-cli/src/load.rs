@@ -1,0 +1,527 @@
+//! Getting an exported image into the local Docker engine (`--load`, `hoist pull`).
+//!
+//! The fast path: serve the builder's export session as a registry on loopback
+//! ([`crate::proxy`]) and ask the engine to pull from it (`POST /images/create`); the
+//! engine skips every layer it already has ("Already exists"), so only new layers move.
+//! Then the image gets each `-t` and the temporary reference is removed.
+//!
+//! When the engine cannot reach this machine's loopback (`DOCKER_HOST` names another
+//! machine or a VM, or the pull fails to connect), when there is no tag to give the image,
+//! or when `HOIST_LOAD_VIA=archive` says so, it is loaded as a `docker load` archive
+//! instead — one that still carries only the layers the engine lacks (the engine reuses a
+//! layer whose chain it already has and never opens its file). Either way the report says
+//! which path was taken and why.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context as _};
+use bollard::Docker;
+use bytes::Bytes;
+use futures::StreamExt;
+use hoist_client::{v1, Client};
+use hoist_oci::digest::{chain_id, Digest};
+use hoist_oci::image::{ImageConfig, Manifest};
+use hoist_oci::reference::Reference;
+use tokio::sync::mpsc;
+
+use crate::build::human_bytes;
+use crate::proxy::{content_of, BlobBackend, LoopbackRegistry};
+
+/// The local Docker engine.
+#[derive(Clone)]
+pub struct DockerEngine {
+    pub docker: Docker,
+    /// `os/arch[/variant]` of the engine.
+    pub platform: String,
+    /// Why the engine cannot pull from this machine's loopback (None: it can).
+    pub remote: Option<String>,
+}
+
+/// Whether `DOCKER_HOST` (its value) names an engine on this machine.
+pub fn engine_is_remote(docker_host: Option<&str>) -> Option<String> {
+    let host = docker_host.map(str::trim).filter(|h| !h.is_empty())?;
+    if host.starts_with("unix://") || host.starts_with("npipe://") {
+        return None;
+    }
+    let rest = host.strip_prefix("tcp://").or_else(|| host.strip_prefix("http://")).or_else(|| host.strip_prefix("https://")).unwrap_or(host);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if hoist_oci::registry::is_loopback(authority) {
+        return None;
+    }
+    Some(format!("DOCKER_HOST={host} is not this machine, so the engine cannot reach hoist's loopback registry"))
+}
+
+impl DockerEngine {
+    /// Connect to the engine of `DOCKER_HOST` (default: the local socket).
+    pub async fn connect(what: &str) -> anyhow::Result<DockerEngine> {
+        let docker = Docker::connect_with_local_defaults().with_context(|| format!("{what}: connecting to the Docker engine"))?;
+        let docker = docker.negotiate_version().await.with_context(|| format!("{what}: the Docker engine does not answer (is dockerd running? DOCKER_HOST?)"))?;
+        let v = docker.version().await.with_context(|| format!("{what}: asking the Docker engine its version"))?;
+        let os = v.os.unwrap_or_else(|| "linux".into());
+        let arch = v.arch.unwrap_or_else(|| hoist_engine::graph::Platform::host().architecture);
+        let platform = hoist_engine::graph::Platform::parse(&format!("{os}/{arch}")).map(|p| p.to_string()).unwrap_or(format!("{os}/{arch}"));
+        let remote = engine_is_remote(std::env::var("DOCKER_HOST").ok().as_deref());
+        Ok(DockerEngine { docker, platform, remote })
+    }
+}
+
+/// How the image got into the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPath {
+    /// The engine pulled from the loopback registry.
+    Registry,
+    /// A `docker load` archive with only the missing layers.
+    Archive,
+}
+
+/// What a load did.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    pub path: LoadPath,
+    /// Why the archive path was taken.
+    pub why: Option<String>,
+    pub tags: Vec<String>,
+    pub image_id: String,
+    pub layers: u64,
+    /// Layers whose bytes moved to the engine, and those bytes.
+    pub layers_moved: u64,
+    pub layer_bytes_moved: u64,
+    /// Everything sent to the engine (layers, config, archive framing).
+    pub blobs_served: u64,
+    pub bytes_served: u64,
+    /// What the engine's pull progress said (registry path).
+    pub engine_pulled: u64,
+    pub engine_existing: u64,
+    pub seconds: f64,
+}
+
+impl LoadReport {
+    /// One line for the build output.
+    pub fn line(&self, what: &str) -> String {
+        let names = if self.tags.is_empty() { self.image_id.clone() } else { self.tags.join(", ") };
+        let present = self.layers.saturating_sub(self.layers_moved);
+        let mut s = match self.path {
+            LoadPath::Registry => format!("{what}: loaded {names} via the loopback registry in {:.1}s", self.seconds),
+            LoadPath::Archive => format!("{what}: loaded {names} as a docker load archive in {:.1}s", self.seconds),
+        };
+        s.push_str(&format!(
+            ": {} layer(s) moved ({}), {present} already present; {} blobs served, {} bytes",
+            self.layers_moved,
+            human_bytes(self.layer_bytes_moved),
+            self.blobs_served,
+            self.bytes_served
+        ));
+        if self.path == LoadPath::Registry {
+            s.push_str(&format!(" (engine: {} pulled, {} already exist)", self.engine_pulled, self.engine_existing));
+        }
+        if let Some(why) = &self.why {
+            s.push_str(&format!(" [archive because {why}]"));
+        }
+        s
+    }
+}
+
+fn random_hex(n: usize) -> String {
+    let mut r = vec![0u8; n];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut r);
+    }
+    hex::encode(r)
+}
+
+/// The manifest of `session` for `platform` (its only one, or the matching one).
+fn pick_manifest<'a>(session: &'a v1::ExportSession, platform: &str) -> anyhow::Result<&'a v1::ManifestRef> {
+    match session.manifests.as_slice() {
+        [] => bail!("the builder exported no image"),
+        [only] => Ok(only),
+        many => {
+            let want = hoist_engine::graph::Platform::parse(platform).ok();
+            many.iter()
+                .find(|m| {
+                    let p = hoist_engine::graph::Platform::parse(&m.platform).ok();
+                    matches!((&p, &want), (Some(p), Some(w)) if p.os == w.os && p.architecture == w.architecture)
+                })
+                .or(many.first())
+                .ok_or_else(|| anyhow!("the builder exported no image"))
+        }
+    }
+}
+
+/// `name:tag` → (repository as the engine names it, tag).
+fn repo_and_tag(t: &str) -> anyhow::Result<(String, String)> {
+    let r = Reference::parse(t).with_context(|| format!("invalid tag {t:?}"))?;
+    if r.digest.is_some() && r.tag.is_none() {
+        bail!("{t}: an image in the engine can be named by a tag, not a digest");
+    }
+    let tag = r.tag.clone().unwrap_or_else(|| "latest".into());
+    let bare = Reference { tag: Some(tag.clone()), digest: None, ..r };
+    let familiar = bare.familiar();
+    let repo = familiar.strip_suffix(&format!(":{tag}")).unwrap_or(&familiar).to_string();
+    Ok((repo, tag))
+}
+
+/// Load `session`'s image into `engine` with `tags`, then release the session.
+pub async fn load(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> anyhow::Result<LoadReport> {
+    let r = load_inner(client, engine, session, tags).await;
+    let mut c = client.clone();
+    let _ = c.release_export(v1::ReleaseExportRequest { session: session.id.clone() }).await;
+    r
+}
+
+async fn load_inner(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> anyhow::Result<LoadReport> {
+    for t in tags {
+        repo_and_tag(t)?;
+    }
+    if tags.is_empty() {
+        return load_archive(client, engine, session, tags, "no -t was given (an untagged image can only come as an archive)".into()).await;
+    }
+    if let Some(why) = &engine.remote {
+        return load_archive(client, engine, session, tags, why.clone()).await;
+    }
+    // For engines that cannot reach this machine's loopback in ways DOCKER_HOST does not
+    // show (rootless dockerd in its own network namespace, a daemon in a VM behind a
+    // forwarded socket).
+    if std::env::var("HOIST_LOAD_VIA").is_ok_and(|v| v == "archive") {
+        return load_archive(client, engine, session, tags, "HOIST_LOAD_VIA=archive".into()).await;
+    }
+    match load_registry(client, engine, session, tags).await {
+        Ok(r) => Ok(r),
+        Err(RegistryLoadError::Unreachable(e)) => {
+            load_archive(client, engine, session, tags, format!("the engine could not pull from hoist's loopback registry: {e}")).await
+        }
+        Err(RegistryLoadError::Other(e)) => Err(e),
+    }
+}
+
+enum RegistryLoadError {
+    /// The engine could not connect to the loopback registry.
+    Unreachable(String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for RegistryLoadError {
+    fn from(e: anyhow::Error) -> Self {
+        RegistryLoadError::Other(e)
+    }
+}
+
+fn unreachable_message(m: &str) -> bool {
+    let m = m.to_ascii_lowercase();
+    ["connection refused", "no route to host", "i/o timeout", "connect: ", "dial tcp", "network is unreachable"].iter().any(|p| m.contains(p))
+}
+
+async fn load_registry(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> Result<LoadReport, RegistryLoadError> {
+    let started = Instant::now();
+    let docker = &engine.docker;
+    let repository = format!("hoist-load/{}", random_hex(8));
+    let temp_tag = "load";
+    let content = content_of(session, &repository, temp_tag)?;
+    let chosen = pick_manifest(session, &engine.platform)?;
+    let manifest_digest: Digest = chosen.digest.parse().map_err(|_| anyhow!("the builder sent an invalid manifest digest"))?;
+    let layer_count = content
+        .documents
+        .get(&manifest_digest)
+        .and_then(|(_, b)| serde_json::from_slice::<Manifest>(b).ok())
+        .map(|m| m.layers.len() as u64)
+        .unwrap_or(0);
+    let top: Digest = session.digest.parse().map_err(|_| anyhow!("the builder sent an invalid digest"))?;
+    let registry = LoopbackRegistry::start(content, BlobBackend::Builder { client: client.clone(), session: session.id.clone() })
+        .await
+        .map_err(|e| anyhow!("starting the loopback registry: {e}"))?;
+    let from = format!("127.0.0.1:{}/{repository}", registry.addr.port());
+    let temp_ref = format!("{from}:{temp_tag}");
+    let opts = bollard::query_parameters::CreateImageOptions { from_image: Some(from.clone()), tag: Some(temp_tag.into()), ..Default::default() };
+    let mut stream = docker.create_image(Some(opts), None, None);
+    let mut last: HashMap<String, String> = HashMap::new();
+    let mut failure = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(m) = info.error_detail.and_then(|d| d.message) {
+                    failure = Some(m);
+                    break;
+                }
+                if let (Some(id), Some(status)) = (info.id, info.status) {
+                    last.insert(id, status);
+                }
+            }
+            Err(e) => {
+                failure = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    drop(stream);
+    let (layers_moved, layer_bytes, blobs, bytes) = registry.served.totals();
+    registry.stop().await;
+    if let Some(m) = failure {
+        return Err(if unreachable_message(&m) {
+            RegistryLoadError::Unreachable(m)
+        } else {
+            RegistryLoadError::Other(anyhow!("the Docker engine failed to pull the image from hoist's loopback registry: {m}"))
+        });
+    }
+    let engine_existing = last.values().filter(|s| s.as_str() == "Already exists").count() as u64;
+    let engine_pulled = last.values().filter(|s| s.as_str() == "Pull complete").count() as u64;
+    // The image id is its config's digest (the engine verified it while pulling).
+    let image_id = chosen.config_digest.clone();
+    let temp = temp_ref.as_str();
+    let tagging = tags.iter().map(|t| async move {
+        let (repo, tag) = repo_and_tag(t)?;
+        let opts = bollard::query_parameters::TagImageOptions { repo: Some(repo), tag: Some(tag) };
+        docker.tag_image(temp, Some(opts)).await.map_err(|e| anyhow!("tagging the loaded image as {t}: {e}"))
+    });
+    for r in futures::future::join_all(tagging).await {
+        r?;
+    }
+    // The temporary names go (the tags keep the image): the tag and the digest references.
+    let noprune = || bollard::query_parameters::RemoveImageOptionsBuilder::new().noprune(true).build();
+    let mut digest_refs = vec![format!("{from}@{top}")];
+    if chosen.digest != session.digest {
+        digest_refs.push(format!("{from}@{}", chosen.digest));
+    }
+    // One at a time: removing a repository's last tag makes the engine drop its digest
+    // references too, so a reference may already be gone (404) when its turn comes.
+    for r in std::iter::once(&temp_ref).chain(&digest_refs) {
+        match docker.remove_image(r, Some(noprune()), None).await {
+            Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(e) => return Err(anyhow!("removing the temporary reference {r}: {e}").into()),
+        }
+    }
+    Ok(LoadReport {
+        path: LoadPath::Registry,
+        why: None,
+        tags: tags.to_vec(),
+        image_id,
+        layers: layer_count,
+        layers_moved,
+        layer_bytes_moved: layer_bytes,
+        blobs_served: blobs,
+        bytes_served: bytes,
+        engine_pulled,
+        engine_existing,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Chain ids of every layer stack the engine's images have (what `docker load` reuses).
+async fn engine_chains(docker: &Docker) -> HashSet<Digest> {
+    let mut out = HashSet::new();
+    let Ok(images) = docker.list_images(Some(bollard::query_parameters::ListImagesOptions { all: false, ..Default::default() })).await else {
+        return out;
+    };
+    // Bounded: a very large image store costs at most this many inspections.
+    for img in images.iter().take(500) {
+        let Ok(i) = docker.inspect_image(&img.id).await else { continue };
+        let diff_ids: Vec<Digest> = i.root_fs.and_then(|r| r.layers).unwrap_or_default().iter().filter_map(|d| d.parse().ok()).collect();
+        for n in 1..=diff_ids.len() {
+            if let Some(c) = chain_id(&diff_ids[..n]) {
+                out.insert(c);
+            }
+        }
+    }
+    out
+}
+
+fn tar_header(path: &str, size: u64) -> anyhow::Result<Bytes> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(path).with_context(|| format!("archive path {path}"))?;
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    Ok(Bytes::copy_from_slice(h.as_bytes()))
+}
+
+fn padding(size: u64) -> Bytes {
+    let rem = (size % 512) as usize;
+    Bytes::from(vec![0u8; if rem == 0 { 0 } else { 512 - rem }])
+}
+
+/// Load as a `docker load` archive that carries only the layers the engine lacks.
+async fn load_archive(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String], why: String) -> anyhow::Result<LoadReport> {
+    let started = Instant::now();
+    let chosen = pick_manifest(session, &engine.platform)?;
+    let doc = |d: &str| session.documents.iter().find(|x| x.digest == d).map(|x| x.data.clone());
+    let manifest_bytes = doc(&chosen.digest).ok_or_else(|| anyhow!("the export session lacks manifest {}", chosen.digest))?;
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes).context("the builder's manifest is invalid")?;
+    let config_bytes = doc(manifest.config.digest.as_str()).ok_or_else(|| anyhow!("the export session lacks config {}", manifest.config.digest))?;
+    if Digest::of(&config_bytes) != manifest.config.digest {
+        bail!("the builder sent config {} whose bytes do not match its digest", manifest.config.digest);
+    }
+    let config: ImageConfig = serde_json::from_slice(&config_bytes).context("the builder's image config is invalid")?;
+    let diff_ids = config.rootfs.diff_ids.clone();
+    if diff_ids.len() != manifest.layers.len() {
+        bail!("manifest {} has {} layers but its config lists {}", chosen.digest, manifest.layers.len(), diff_ids.len());
+    }
+    let present = engine_chains(&engine.docker).await;
+    let mut layer_paths = Vec::new();
+    let mut send = Vec::new();
+    for (i, (l, d)) in manifest.layers.iter().zip(&diff_ids).enumerate() {
+        let path = format!("{}/layer.tar", d.hex());
+        let have = chain_id(&diff_ids[..=i]).is_some_and(|c| present.contains(&c));
+        if !have {
+            send.push((path.clone(), l.digest.clone(), l.size));
+        }
+        layer_paths.push(path);
+    }
+    let repo_tags: Vec<String> = tags
+        .iter()
+        .map(|t| repo_and_tag(t).map(|(r, tag)| format!("{r}:{tag}")))
+        .collect::<anyhow::Result<_>>()?;
+    let config_name = format!("{}.json", manifest.config.digest.hex());
+    let manifest_json = serde_json::to_vec(&serde_json::json!([{ "Config": config_name, "RepoTags": repo_tags, "Layers": layer_paths }]))?;
+    let layers_moved = send.len() as u64;
+    let layer_bytes: u64 = send.iter().map(|(_, _, s)| *s).sum();
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let mut c = client.clone();
+    let session_id = session.id.clone();
+    let producer = tokio::spawn(async move {
+        let result: anyhow::Result<u64> = async {
+            let mut total = 0u64;
+            let put = |b: Bytes| {
+                let tx = tx.clone();
+                async move { tx.send(Ok(b)).await.map_err(|_| anyhow!("the Docker engine stopped reading the archive")) }
+            };
+            for (path, digest, size) in send {
+                let h = tar_header(&path, size)?;
+                total += h.len() as u64;
+                put(h).await?;
+                let mut stream = c
+                    .read_blob(v1::ReadBlobRequest { session: session_id.clone(), digest: digest.to_string(), offset: 0 })
+                    .await
+                    .map_err(|s| anyhow!("reading layer {digest} from the builder: {}", s.message()))?
+                    .into_inner();
+                let mut got = 0u64;
+                while let Some(m) = stream.next().await {
+                    let m = m.map_err(|s| anyhow!("reading layer {digest} from the builder: {}", s.message()))?;
+                    got += m.data.len() as u64;
+                    put(Bytes::from(m.data)).await?;
+                }
+                if got != size {
+                    bail!("the builder sent {got} bytes of layer {digest}, expected {size}");
+                }
+                let p = padding(size);
+                total += size + p.len() as u64;
+                put(p).await?;
+            }
+            for (name, data) in [(config_name.as_str(), config_bytes), ("manifest.json", manifest_json)] {
+                let h = tar_header(name, data.len() as u64)?;
+                let p = padding(data.len() as u64);
+                total += h.len() as u64 + data.len() as u64 + p.len() as u64;
+                put(h).await?;
+                put(Bytes::from(data)).await?;
+                put(p).await?;
+            }
+            put(Bytes::from(vec![0u8; 1024])).await?;
+            Ok(total + 1024)
+        }
+        .await;
+        if let Err(e) = &result {
+            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+        }
+        result
+    });
+    let opts = bollard::query_parameters::ImportImageOptionsBuilder::new().quiet(true).build();
+    let mut s = engine.docker.import_image_stream(opts, tokio_stream::wrappers::ReceiverStream::new(rx), None);
+    let mut msgs = String::new();
+    let mut failure = None;
+    while let Some(r) = s.next().await {
+        match r {
+            Ok(info) => {
+                if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                    failure = Some(e);
+                }
+                if let Some(m) = info.stream {
+                    msgs.push_str(&m);
+                }
+            }
+            Err(e) => failure = Some(e.to_string()),
+        }
+    }
+    let sent = producer.await.map_err(|e| anyhow!("the archive writer failed: {e}"))?;
+    if let Some(e) = failure {
+        bail!("the Docker engine refused the image archive: {e}");
+    }
+    let bytes_served = sent?;
+    Ok(LoadReport {
+        path: LoadPath::Archive,
+        why: Some(why),
+        tags: tags.to_vec(),
+        image_id: manifest.config.digest.to_string(),
+        layers: diff_ids.len() as u64,
+        layers_moved,
+        layer_bytes_moved: layer_bytes,
+        blobs_served: layers_moved + 1,
+        bytes_served,
+        engine_pulled: 0,
+        engine_existing: 0,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_host_locality() {
+        assert_eq!(engine_is_remote(None), None);
+        assert_eq!(engine_is_remote(Some("")), None);
+        assert_eq!(engine_is_remote(Some("unix:///var/run/docker.sock")), None);
+        assert_eq!(engine_is_remote(Some("tcp://127.0.0.1:2375")), None);
+        assert_eq!(engine_is_remote(Some("tcp://localhost:2375")), None);
+        let why = engine_is_remote(Some("tcp://10.1.2.3:2376")).unwrap();
+        assert!(why.contains("DOCKER_HOST=tcp://10.1.2.3:2376"), "{why}");
+        assert!(engine_is_remote(Some("ssh://user@host")).is_some());
+    }
+
+    #[test]
+    fn tags_split_into_repository_and_tag() {
+        assert_eq!(repo_and_tag("app").unwrap(), ("app".into(), "latest".into()));
+        assert_eq!(repo_and_tag("app:1").unwrap(), ("app".into(), "1".into()));
+        assert_eq!(repo_and_tag("127.0.0.1:5001/team/app:v2").unwrap(), ("127.0.0.1:5001/team/app".into(), "v2".into()));
+        assert_eq!(repo_and_tag("docker.io/library/busybox:1").unwrap(), ("busybox".into(), "1".into()));
+        assert!(repo_and_tag("Bad Name").is_err());
+    }
+
+    #[test]
+    fn archive_framing_is_tar() {
+        let h = tar_header("abc/layer.tar", 700).unwrap();
+        assert_eq!(h.len(), 512);
+        assert_eq!(padding(700).len(), 324);
+        assert_eq!(padding(1024).len(), 0);
+        let mut bytes = h.to_vec();
+        bytes.extend(vec![7u8; 700]);
+        bytes.extend(padding(700).to_vec());
+        bytes.extend(vec![0u8; 1024]);
+        let mut a = tar::Archive::new(bytes.as_slice());
+        let entries: Vec<_> = a.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        assert_eq!(entries, vec!["abc/layer.tar"]);
+    }
+
+    #[test]
+    fn the_report_says_what_moved_and_how() {
+        let r = LoadReport {
+            path: LoadPath::Registry,
+            why: None,
+            tags: vec!["app:1".into()],
+            image_id: "sha256:x".into(),
+            layers: 4,
+            layers_moved: 1,
+            layer_bytes_moved: 2048,
+            blobs_served: 2,
+            bytes_served: 3000,
+            engine_pulled: 1,
+            engine_existing: 3,
+            seconds: 0.25,
+        };
+        let line = r.line("--load");
+        assert!(line.contains("1 layer(s) moved (2.0 kB), 3 already present; 2 blobs served, 3000 bytes (engine: 1 pulled, 3 already exist)"), "{line}");
+        let a = LoadReport { path: LoadPath::Archive, why: Some("no -t was given".into()), ..r };
+        assert!(a.line("--load").contains("archive because no -t was given"), "{}", a.line("--load"));
+    }
+}
