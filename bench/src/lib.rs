@@ -1,1 +1,8 @@
-//! Benchmark support; the runner is `bench/src/main.rs`, microbenches in `bench/benches`.
+//! Benchmark support for `hoist-bench` (the runner, `bench/src/main.rs`): the generated
+//! workloads, reading builders' progress output, statistics, and the gzip throughput
+//! check. Criterion microbenches live in `bench/benches`.
+
+pub mod gzip;
+pub mod progress;
+pub mod stats;
+pub mod workloads;

@@ -78,6 +78,9 @@ pub struct BuildArgs {
     /// Push the image to the registry of each tag.
     #[arg(long)]
     pub push: bool,
+    /// Keep the result on the builder for the project; teammates fetch it with `hoist pull`.
+    #[arg(long)]
+    pub save: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
     /// A registry to reach over plain HTTP (loopback registries always are).
@@ -184,6 +187,15 @@ fn build_args(items: &[String]) -> anyhow::Result<HashMap<String, String>> {
     Ok(out)
 }
 
+/// As buildx does: `SOURCE_DATE_EPOCH` in the client's environment becomes the build arg
+/// of that name unless `--build-arg` set it (the builder then clamps layer mtimes to it).
+fn with_source_date_epoch(mut args: HashMap<String, String>, env: Option<String>) -> HashMap<String, String> {
+    if let Some(v) = env.filter(|v| !v.is_empty()) {
+        args.entry("SOURCE_DATE_EPOCH".to_string()).or_insert(v);
+    }
+    args
+}
+
 fn parse_secret(spec: &str) -> anyhow::Result<v1::Secret> {
     let mut id = None;
     let mut src = None;
@@ -247,10 +259,10 @@ fn registries_involved(tags: &[String], dockerfile: &[u8]) -> BTreeSet<String> {
 }
 
 /// The context directory and Dockerfile, whatever form they came in.
-struct Inputs {
-    context_dir: Option<PathBuf>,
+pub(crate) struct Inputs {
+    pub(crate) context_dir: Option<PathBuf>,
     _tmp: Option<tempfile::TempDir>,
-    dockerfile: Vec<u8>,
+    pub(crate) dockerfile: Vec<u8>,
     dockerfile_name: String,
     dockerfile_path: Option<PathBuf>,
 }
@@ -310,9 +322,17 @@ fn ignore_matcher(inputs: &Inputs) -> anyhow::Result<Option<IgnoreMatcher>> {
     let Some(dir) = &inputs.context_dir else { return Ok(None) };
     let df = inputs.dockerfile_path.clone().unwrap_or_else(|| dir.join("Dockerfile"));
     for candidate in hoist_dockerfile::ignore_file_candidates(dir, &df) {
-        if let Ok(text) = std::fs::read_to_string(&candidate) {
-            let m = IgnoreMatcher::from_file_text(&text).with_context(|| format!("{}", candidate.display()))?;
-            return Ok(Some(m));
+        match std::fs::read_to_string(&candidate) {
+            Ok(text) => {
+                let m = IgnoreMatcher::from_file_text(&text).with_context(|| format!("{}", candidate.display()))?;
+                return Ok(Some(m));
+            }
+            // An ignore file that cannot be read must not be skipped: the files it excludes
+            // (secrets, often) would be sent to the builder.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                anyhow::bail!("{}: invalid UTF-8: expected a text file of patterns", candidate.display())
+            }
+            Err(_) => {}
         }
     }
     Ok(None)
@@ -331,51 +351,35 @@ fn cache_root() -> PathBuf {
     }
 }
 
-/// Run `hoist build`; returns the process exit code.
-pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
-    let started = Instant::now();
-    unsupported(&args)?;
-    let mode = if args.quiet { Mode::Quiet } else { Mode::parse(&args.progress, std::io::stderr().is_terminal())? };
-    let mut outputs = Vec::new();
-    for o in &args.outputs {
-        outputs.push(OutputSpec::parse(o)?);
-    }
-    if args.push {
-        outputs.push(OutputSpec::push(&args.tags));
-    }
-    if args.load {
-        outputs.push(OutputSpec::load());
-    }
-    if args.push && args.tags.is_empty() {
-        bail!("--push needs at least one -t/--tag naming where to push");
-    }
-    let inputs = read_inputs(&args)?;
-    let ignore = ignore_matcher(&inputs)?;
+/// Walk the context (what the Dockerfile can read, after .dockerignore) and send the
+/// builder the files it lacks; returns the context id and what moved.
+pub(crate) async fn sync_context(
+    client: &mut hoist_client::Client,
+    inputs: &Inputs,
+    ignore: Option<&IgnoreMatcher>,
+    renderer: &mut Renderer,
+    label: &str,
+) -> anyhow::Result<(String, sync::SyncStats)> {
+    let Some(dir) = &inputs.context_dir else { return Ok((String::new(), Default::default())) };
+    let t = Instant::now();
+    let id = renderer.internal(label);
+    let dir2 = dir.clone();
+    let ignore2 = ignore.cloned();
+    let stdin_ctx = inputs._tmp.is_some();
+    // Only what the Dockerfile can read is walked, hashed and sent.
+    let mut reach = hoist_client::reach::reachable(&String::from_utf8_lossy(&inputs.dockerfile));
+    let walked = tokio::task::spawn_blocking(move || {
+        let mut cache = if stdin_ctx { StatCache::none() } else { StatCache::load(&cache_root(), &dir2) };
+        sync::walk(&dir2, ignore2.as_ref(), &mut reach, &mut cache)
+    })
+    .await??;
+    let (cid, stats) = sync::sync(client, sync::session_key(dir), &walked).await?;
+    renderer.internal_done(id, t.elapsed().as_secs_f64(), &format!("transferred {} files ({})", stats.uploaded_files, human_bytes(stats.uploaded_bytes)));
+    Ok((cid, stats))
+}
 
-    let mut client = args.conn.connect(inputs.context_dir.as_deref()).await?;
-
-    let mut renderer = Renderer::new(mode);
-    let (context_id, sync_stats) = match &inputs.context_dir {
-        Some(dir) => {
-            let t = Instant::now();
-            let id = renderer.internal("[internal] load build context");
-            let dir2 = dir.clone();
-            let ignore2 = ignore.clone();
-            let stdin_ctx = inputs._tmp.is_some();
-            // Only what the Dockerfile can read is walked, hashed and sent.
-            let mut reach = hoist_client::reach::reachable(&String::from_utf8_lossy(&inputs.dockerfile));
-            let walked = tokio::task::spawn_blocking(move || {
-                let mut cache = if stdin_ctx { StatCache::none() } else { StatCache::load(&cache_root(), &dir2) };
-                sync::walk(&dir2, ignore2.as_ref(), &mut reach, &mut cache)
-            })
-            .await??;
-            let (cid, stats) = sync::sync(&mut client, sync::session_key(dir), &walked).await?;
-            renderer.internal_done(id, t.elapsed().as_secs_f64(), &format!("transferred {} files ({})", stats.uploaded_files, human_bytes(stats.uploaded_bytes)));
-            (cid, stats)
-        }
-        None => (String::new(), Default::default()),
-    };
-
+/// The build request of `args` (outputs are filled in by the caller).
+pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, context_id: String) -> anyhow::Result<v1::BuildRequest> {
     let mut secrets = Vec::new();
     for s in &args.secrets {
         secrets.push(parse_secret(s)?);
@@ -397,11 +401,11 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
             v1::RegistryCredential { host: host.to_string(), username, password, identity_token }
         })
         .collect();
-    let req = v1::BuildRequest {
+    Ok(v1::BuildRequest {
         context_id,
         dockerfile: inputs.dockerfile.clone(),
         dockerfile_name: inputs.dockerfile_name.clone(),
-        build_args: build_args(&args.build_args)?.into_iter().collect(),
+        build_args: with_source_date_epoch(build_args(&args.build_args)?, std::env::var("SOURCE_DATE_EPOCH").ok()).into_iter().collect(),
         target: args.target.clone().unwrap_or_default(),
         platforms: args.platform.clone(),
         no_cache: args.no_cache,
@@ -411,16 +415,57 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
         add_hosts: args.add_hosts.clone(),
         secrets,
         ssh,
-        outputs: outputs.iter().map(|o| o.to_proto()).collect(),
+        outputs: Vec::new(),
         credentials,
         tags: args.tags.clone(),
         insecure_registries: args.insecure_registries.clone(),
-    };
+    })
+}
+
+/// Run `hoist build`; returns the process exit code.
+pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    unsupported(&args)?;
+    let mode = if args.quiet { Mode::Quiet } else { Mode::parse(&args.progress, std::io::stderr().is_terminal())? };
+    let mut outputs = Vec::new();
+    for o in &args.outputs {
+        outputs.push(OutputSpec::parse(o)?);
+    }
+    // The load first: the builder exports it at once and the engine pulls it while the
+    // builder pushes.
+    if args.load {
+        outputs.push(OutputSpec::load());
+    }
+    if args.push {
+        outputs.push(OutputSpec::push(&args.tags));
+    }
+    if args.save {
+        outputs.push(OutputSpec::save(&args.tags));
+    }
+    if args.push && args.tags.is_empty() {
+        bail!("--push needs at least one -t/--tag naming where to push");
+    }
+    let inputs = read_inputs(&args)?;
+    let ignore = ignore_matcher(&inputs)?;
+
+    // Several builders: each platform goes to one that builds it natively.
+    if args.conn.addrs()?.len() > 1 {
+        return crate::multi::run(&args, &inputs, ignore.as_ref(), outputs, mode, started).await;
+    }
+
+    let mut client = args.conn.connect(inputs.context_dir.as_deref()).await?;
+
+    let mut renderer = Renderer::new(mode);
+    let (context_id, sync_stats) = sync_context(&mut client, &inputs, ignore.as_ref(), &mut renderer, "[internal] load build context").await?;
+    let req = make_request(&args, &inputs, context_id)?;
 
     let mut sinks: Vec<Option<OutputSink>> = Vec::new();
     for o in &outputs {
         sinks.push(o.open(&args.tags).await?);
     }
+    let local_builder = args.conn.builder_is_local()?;
+    let mut req = req;
+    req.outputs = outputs.iter().zip(&sinks).map(|(o, s)| o.to_proto_for(s.as_ref(), local_builder)).collect();
     let mut stream = client.build(req).await.map_err(hoist_client::ClientError::from_status)?.into_inner();
     let mut result = None;
     loop {
@@ -455,6 +500,10 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
                     }
                 }
             }
+            Some(build_event::Event::Export(session)) => {
+                let sink = sinks.get_mut(session.output as usize).and_then(|s| s.as_mut()).ok_or_else(|| anyhow!("builder sent an export for an unknown output"))?;
+                sink.start_export(&client, session)?;
+            }
             Some(build_event::Event::Result(r)) => {
                 result = Some(r);
                 break;
@@ -465,9 +514,34 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     }
     renderer.finish();
     let result = result.ok_or_else(|| anyhow!("the builder closed the connection before the build finished"))?;
+    for s in sinks.iter_mut() {
+        if s.as_ref().is_some_and(|s| s.started()) {
+            // A load the builder exported for: wait for it.
+            if let Some(sink) = s.take() {
+                let note = sink.finish().await?;
+                if mode != Mode::Quiet {
+                    eprintln!("hoist: {note}");
+                }
+            }
+        }
+    }
     for s in sinks.iter_mut().flatten() {
         s.abort();
         bail!("the builder did not send the output {}", s.describe());
+    }
+    if mode != Mode::Quiet {
+        for p in &result.pushes {
+            eprintln!("hoist: {}", push_line(p));
+        }
+        if !result.saved.is_empty() {
+            eprintln!(
+                "hoist: saved on the builder as {} in project {}: fetch it with `hoist pull {}`{}",
+                result.saved,
+                result.project,
+                result.saved,
+                args.tags.first().map(|t| format!(" or `hoist pull {t}`")).unwrap_or_default()
+            );
+        }
     }
     if let Some(path) = &args.iidfile {
         std::fs::write(path, &result.image_id).with_context(|| format!("writing --iidfile {}", path.display()))?;
@@ -499,6 +573,23 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// One line saying what a push to one reference did.
+pub fn push_line(p: &v1::PushReport) -> String {
+    if !p.error.is_empty() {
+        return format!("push to {} failed after {:.1}s: {}", p.reference, p.seconds, p.error);
+    }
+    format!(
+        "pushed {} in {:.1}s: {} blobs uploaded ({}), {} already there, {} mounted, {} manifests",
+        p.reference,
+        p.seconds,
+        p.blobs_uploaded,
+        human_bytes(p.bytes_uploaded),
+        p.blobs_existed,
+        p.blobs_mounted,
+        p.manifests
+    )
+}
+
 /// `1.2 MB`-style sizes.
 pub fn human_bytes(n: u64) -> String {
     let units = ["B", "kB", "MB", "GB", "TB"];
@@ -512,5 +603,23 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", units[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_source_date_epoch;
+    use std::collections::HashMap;
+
+    #[test]
+    fn source_date_epoch_from_the_environment_becomes_a_build_arg_unless_given() {
+        let none = with_source_date_epoch(HashMap::new(), None);
+        assert!(none.is_empty());
+        let from_env = with_source_date_epoch(HashMap::new(), Some("1700000000".into()));
+        assert_eq!(from_env.get("SOURCE_DATE_EPOCH").map(String::as_str), Some("1700000000"));
+        let given: HashMap<String, String> = [("SOURCE_DATE_EPOCH".to_string(), "5".to_string())].into_iter().collect();
+        let kept = with_source_date_epoch(given, Some("1700000000".into()));
+        assert_eq!(kept.get("SOURCE_DATE_EPOCH").map(String::as_str), Some("5"), "--build-arg wins");
+        assert!(with_source_date_epoch(HashMap::new(), Some(String::new())).is_empty());
     }
 }

@@ -1,6 +1,6 @@
 //! The cache index (redb): which layer each op's cache key produced, which base images a
 //! project pulled, which blobs exist for each layer, which manifest a tag resolved to, and
-//! the project's build records. Everything a project owns is keyed `<project>\0<key>`, so a
+//! the project's build records, and the images a project saved (`--save`) for `hoist pull`. Everything a project owns is keyed `<project>\0<key>`, so a
 //! project's share can be listed, pruned least-recently-used first, or reset.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,6 +16,7 @@ const PULLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pulls");
 const LAYER_BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("layer_blobs");
 const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 const BUILDS: TableDefinition<&str, &[u8]> = TableDefinition::new("builds");
+const SAVED: TableDefinition<&str, &[u8]> = TableDefinition::new("saved");
 
 /// Errors of the cache index.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,28 @@ pub struct BlobRecord {
 pub struct TagRecord {
     pub manifest_digest: Digest,
     pub resolved: u64,
+}
+
+/// One platform's image of a saved result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedImage {
+    /// `os/arch[/variant]`.
+    pub platform: String,
+    /// The image config (kept in the content store).
+    pub config_digest: Digest,
+}
+
+/// A result a project kept on the builder with `--save`, for `hoist pull`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRecord {
+    pub build_id: String,
+    /// The build's tags (`hoist pull TAG` finds the newest record with it).
+    pub tags: Vec<String>,
+    pub images: Vec<SavedImage>,
+    /// Every layer of every image, with its (approximate, uncompressed) size.
+    pub layers: Vec<(Digest, u64)>,
+    pub created: u64,
+    pub last_used: u64,
 }
 
 /// A project's share of the cache.
@@ -119,7 +142,7 @@ impl CacheIndex {
         let idx = CacheIndex { db, path: p };
         // Create the tables so that readers never see "table does not exist".
         idx.write(|txn| {
-            for t in [STEPS, PULLS, LAYER_BLOBS, TAGS, BUILDS] {
+            for t in [STEPS, PULLS, LAYER_BLOBS, TAGS, BUILDS, SAVED] {
                 txn.open_table(t)?;
             }
             Ok(())
@@ -270,6 +293,9 @@ impl CacheIndex {
             let per = if r.layers.is_empty() { 0 } else { r.size / r.layers.len() as u64 };
             out.push(RecordRef { table: "pulls", key: k, last_used: r.last_used, layers: r.layers.into_iter().map(|d| (d, per)).collect() });
         }
+        for (k, r) in self.scan::<SavedRecord>(SAVED, Some(ns))? {
+            out.push(RecordRef { table: "saved", key: k, last_used: r.last_used.max(r.created), layers: r.layers });
+        }
         Ok(out)
     }
 
@@ -291,23 +317,25 @@ impl CacheIndex {
         self.write(|txn| {
             let mut steps = txn.open_table(STEPS)?;
             let mut pulls = txn.open_table(PULLS)?;
+            let mut saved = txn.open_table(SAVED)?;
             for r in records {
-                if r.table == "steps" {
-                    steps.remove(r.key.as_str())?;
-                } else {
-                    pulls.remove(r.key.as_str())?;
-                }
+                let table = match r.table {
+                    "steps" => &mut steps,
+                    "saved" => &mut saved,
+                    _ => &mut pulls,
+                };
+                table.remove(r.key.as_str())?;
             }
             Ok(())
         })
     }
 
-    /// Remove everything a namespace owns in the index (records, tags, build records).
+    /// Remove everything a namespace owns in the index (records, tags, saved images).
     pub fn reset(&self, ns: &str) -> Result<u64, CacheError> {
         let (a, b) = prefix_end(ns);
         let mut n = 0;
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        for table in [STEPS, PULLS, TAGS] {
+        for table in [STEPS, PULLS, TAGS, SAVED] {
             let mut t = txn.open_table(table).map_err(|e| self.db_err(e))?;
             let keys: Vec<String> = t
                 .range(a.as_str()..b.as_str())
@@ -334,6 +362,9 @@ impl CacheIndex {
         for (_, r) in self.scan::<PullRecord>(PULLS, None)? {
             out.extend(r.layers);
         }
+        for (_, r) in self.scan::<SavedRecord>(SAVED, None)? {
+            out.extend(r.layers.into_iter().map(|(d, _)| d));
+        }
         Ok(out)
     }
 
@@ -353,6 +384,44 @@ impl CacheIndex {
     /// One build record of a namespace.
     pub fn build(&self, ns: &str, id: &str) -> Result<Option<serde_json::Value>, CacheError> {
         self.get(BUILDS, &nskey(ns, id))
+    }
+
+    /// Keep a saved result of a namespace (keyed by its build id).
+    pub fn put_saved(&self, ns: &str, record: &SavedRecord) -> Result<(), CacheError> {
+        self.put(SAVED, &nskey(ns, &record.build_id), record)
+    }
+
+    /// A namespace's saved result named `name`: a build id, or a tag (the newest record
+    /// with it). Other namespaces' records are never found.
+    pub fn find_saved(&self, ns: &str, name: &str) -> Result<Option<SavedRecord>, CacheError> {
+        if let Some(r) = self.get::<SavedRecord>(SAVED, &nskey(ns, name))? {
+            return Ok(Some(r));
+        }
+        let mut all = self.scan::<SavedRecord>(SAVED, Some(ns))?;
+        // Build ids sort by time: the last match is the newest.
+        all.reverse();
+        Ok(all.into_iter().map(|(_, r)| r).find(|r| r.tags.iter().any(|t| tag_matches(t, name))))
+    }
+
+    /// Mark a saved result as used now (it is then pruned last).
+    pub fn touch_saved(&self, ns: &str, build_id: &str) -> Result<(), CacheError> {
+        if let Some(mut r) = self.get::<SavedRecord>(SAVED, &nskey(ns, build_id))? {
+            r.last_used = now();
+            self.put(SAVED, &nskey(ns, build_id), &r)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a saved tag answers to `name`: equal, or equal once both are normalized
+/// (`app` = `docker.io/library/app:latest`).
+fn tag_matches(tag: &str, name: &str) -> bool {
+    if tag == name {
+        return true;
+    }
+    match (hoist_oci::reference::Reference::parse(tag), hoist_oci::reference::Reference::parse(name)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 
@@ -411,6 +480,39 @@ mod tests {
         assert_eq!(idx.usage("p1").unwrap().records, 0);
         assert!(!idx.referenced_layers().unwrap().contains(&a));
         assert_eq!(idx.usage("p10").unwrap().records, 1);
+    }
+
+    #[test]
+    fn saved_results_are_found_by_id_or_tag_count_as_records_and_stay_in_their_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = CacheIndex::open(&dir.path().join("c.redb")).unwrap();
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let rec = |id: &str, tag: &str, layers: Vec<(Digest, u64)>| SavedRecord {
+            build_id: id.into(),
+            tags: vec![tag.into()],
+            images: vec![SavedImage { platform: "linux/amd64".into(), config_digest: Digest::of(id.as_bytes()) }],
+            layers,
+            created: 1,
+            last_used: 1,
+        };
+        idx.put_saved("p1", &rec("0001", "app:1", vec![(a.clone(), 10)])).unwrap();
+        idx.put_saved("p1", &rec("0002", "app:1", vec![(b.clone(), 20)])).unwrap();
+        assert_eq!(idx.find_saved("p1", "0001").unwrap().unwrap().build_id, "0001");
+        assert_eq!(idx.find_saved("p1", "app:1").unwrap().unwrap().build_id, "0002", "newest with the tag");
+        assert_eq!(idx.find_saved("p1", "docker.io/library/app:1").unwrap().unwrap().build_id, "0002", "normalized names match");
+        assert!(idx.find_saved("p1", "app:2").unwrap().is_none());
+        assert!(idx.find_saved("p2", "0001").unwrap().is_none(), "another project's id is not found");
+        assert!(idx.find_saved("p2", "app:1").unwrap().is_none(), "another project's tag is not found");
+        assert_eq!(idx.usage("p1").unwrap().layer_bytes(), 30, "saved layers count for the project");
+        assert!(idx.referenced_layers().unwrap().contains(&b), "saved layers are kept by GC");
+        let recs = idx.records("p1").unwrap();
+        let saved: Vec<_> = recs.iter().filter(|r| r.table == "saved").cloned().collect();
+        assert_eq!(saved.len(), 2);
+        idx.remove_records(&saved[..1]).unwrap();
+        assert_eq!(idx.records("p1").unwrap().len(), 1);
+        idx.reset("p1").unwrap();
+        assert!(idx.find_saved("p1", "app:1").unwrap().is_none());
+        assert!(!idx.referenced_layers().unwrap().contains(&b));
     }
 
     #[test]

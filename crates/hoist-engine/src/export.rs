@@ -15,7 +15,7 @@ use hoist_oci::export::export_layer;
 use hoist_oci::image::{media, Descriptor, Index, Manifest, PlatformSpec};
 use hoist_oci::layer::{write_layer_tar, TarOptions};
 use hoist_oci::reference::Reference;
-use hoist_oci::registry::{BlobSource, RegistryClient};
+use hoist_oci::registry::{BlobPush, BlobSource, RegistryClient};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::BlobRecord;
@@ -52,6 +52,53 @@ impl ExportedSet {
             None => &self.images[0].manifest_digest,
         }
     }
+}
+
+/// What a push to one reference did.
+#[derive(Debug, Clone)]
+pub struct PushOutcome {
+    pub reference: Reference,
+    pub blobs_uploaded: u64,
+    pub bytes_uploaded: u64,
+    /// Blobs the repository already had (HEAD).
+    pub blobs_existed: u64,
+    /// Blobs mounted from another repository of the same registry.
+    pub blobs_mounted: u64,
+    /// Manifests and indexes pushed.
+    pub manifests: u64,
+    pub seconds: f64,
+    /// Why the push failed (naming the reference, hence the registry).
+    pub error: Option<String>,
+}
+
+impl Default for PushOutcome {
+    fn default() -> Self {
+        PushOutcome {
+            reference: Reference { registry: String::new(), repository: String::new(), tag: None, digest: None },
+            blobs_uploaded: 0,
+            bytes_uploaded: 0,
+            blobs_existed: 0,
+            blobs_mounted: 0,
+            manifests: 0,
+            seconds: 0.0,
+            error: None,
+        }
+    }
+}
+
+/// Ok when every push succeeded, else an error naming each failed reference and what the
+/// others did.
+pub fn push_result(outcomes: &[PushOutcome]) -> Result<(), EngineError> {
+    let failed: Vec<&str> = outcomes.iter().filter_map(|o| o.error.as_deref()).collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let ok: Vec<String> = outcomes.iter().filter(|o| o.error.is_none()).map(|o| o.reference.to_string()).collect();
+    let mut msg = failed.join("; ");
+    if !ok.is_empty() {
+        msg.push_str(&format!(" (pushed to {} successfully)", ok.join(", ")));
+    }
+    Err(export_err(msg))
 }
 
 impl Engine {
@@ -174,29 +221,68 @@ impl Engine {
         Ok(ExportedSet { images: out, index })
     }
 
-    /// Push an exported set to every reference, all in parallel; blobs first (existence
-    /// checked, mounted across repositories of one registry), manifests last. Every push
-    /// is attempted; the error lists each failed reference.
+    /// Push an exported set to every reference; returns an error listing each failed
+    /// reference (the others still complete). See [`Engine::push_all`].
     pub async fn push(&self, set: &ExportedSet, references: &[Reference], registry: &RegistryClient) -> Result<(), EngineError> {
-        let mut jobs = Vec::new();
-        for (i, r) in references.iter().enumerate() {
-            // Mount blobs from the first reference of the same registry, pushed concurrently:
-            // the registry answers with an upload when the blob is not there yet.
-            let mount_from = references[..i].iter().find(|o| o.registry == r.registry && o.repository != r.repository).cloned();
-            jobs.push(self.push_one(set, r.clone(), mount_from, registry.clone()));
-        }
-        let results = futures::future::join_all(jobs).await;
-        let errors: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(export_err(errors.join("; ")))
-        }
+        let outcomes = self.push_all(set, references, registry, false).await;
+        push_result(&outcomes)
     }
 
-    async fn push_one(&self, set: &ExportedSet, reference: Reference, _mount_from: Option<Reference>, registry: RegistryClient) -> Result<(), String> {
+    /// Push an exported set to every reference and say what each push did.
+    ///
+    /// Registries are pushed to in parallel. Within one registry the first repository gets
+    /// the blobs first and the other repositories then mount them from it (cross-repository
+    /// mount), so no blob crosses the network twice to one registry. Each blob is checked
+    /// with HEAD before it is uploaded; manifests go last. A failed reference does not stop
+    /// the others. `by_digest`: push the manifests by digest only (no tag is moved).
+    pub async fn push_all(&self, set: &ExportedSet, references: &[Reference], registry: &RegistryClient, by_digest: bool) -> Vec<PushOutcome> {
+        // Registries in order of first appearance, each with its references.
+        let mut groups: Vec<(String, Vec<(usize, Reference)>)> = Vec::new();
+        for (i, r) in references.iter().enumerate() {
+            match groups.iter_mut().find(|(reg, _)| *reg == r.registry) {
+                Some((_, refs)) => refs.push((i, r.clone())),
+                None => groups.push((r.registry.clone(), vec![(i, r.clone())])),
+            }
+        }
+        let jobs = groups.into_iter().map(|(_, refs)| async move {
+            let mut out = Vec::new();
+            let mut refs = refs.into_iter();
+            let Some((i, first)) = refs.next() else { return out };
+            let first_outcome = self.push_one(set, first.clone(), None, registry.clone(), by_digest).await;
+            let mount_from = first_outcome.error.is_none().then_some(first);
+            out.push((i, first_outcome));
+            let rest = refs.map(|(i, r)| {
+                let mount_from = mount_from.clone();
+                async move { (i, self.push_one(set, r, mount_from, registry.clone(), by_digest).await) }
+            });
+            out.extend(futures::future::join_all(rest).await);
+            out
+        });
+        let mut all: Vec<(usize, PushOutcome)> = futures::future::join_all(jobs).await.into_iter().flatten().collect();
+        all.sort_by_key(|(i, _)| *i);
+        all.into_iter().map(|(_, o)| o).collect()
+    }
+
+    async fn push_one(&self, set: &ExportedSet, reference: Reference, mount_from: Option<Reference>, registry: RegistryClient, by_digest: bool) -> PushOutcome {
+        let started = std::time::Instant::now();
+        let mut outcome = PushOutcome { reference: reference.clone(), ..PushOutcome::default() };
+        if let Err(e) = self.push_one_inner(set, &reference, mount_from.as_ref(), &registry, by_digest, &mut outcome).await {
+            outcome.error = Some(format!("pushing {reference}: {e}"));
+        }
+        outcome.seconds = started.elapsed().as_secs_f64();
+        outcome
+    }
+
+    async fn push_one_inner(
+        &self,
+        set: &ExportedSet,
+        reference: &Reference,
+        mount_from: Option<&Reference>,
+        registry: &RegistryClient,
+        by_digest: bool,
+        outcome: &mut PushOutcome,
+    ) -> Result<(), hoist_oci::registry::RegistryError> {
         let store = self.store();
-        let fail = |e: &dyn std::fmt::Display| format!("pushing {reference}: {e}");
         let mut blobs: BTreeMap<Digest, u64> = BTreeMap::new();
         for img in &set.images {
             blobs.insert(img.config_digest.clone(), img.config_size);
@@ -204,25 +290,44 @@ impl Engine {
                 blobs.insert(l.digest.clone(), l.size);
             }
         }
-        let uploads = blobs.iter().map(|(d, size)| {
-            let reference = &reference;
-            let registry = &registry;
-            async move { registry.ensure_blob(reference, d, *size, BlobSource::Store(store), None).await }
+        let uploads = blobs.iter().map(|(d, size)| async move {
+            registry.ensure_blob(reference, d, *size, BlobSource::Store(store), mount_from).await.map(|r| (r, *size))
         });
+        let mut first_error = None;
         for r in futures::future::join_all(uploads).await {
-            r.map_err(|e| fail(&e))?;
+            match r {
+                Ok((BlobPush::Existed, _)) => outcome.blobs_existed += 1,
+                Ok((BlobPush::Mounted, _)) => outcome.blobs_mounted += 1,
+                Ok((BlobPush::Uploaded, size)) => {
+                    outcome.blobs_uploaded += 1;
+                    outcome.bytes_uploaded += size;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let by_digest_ref = |d: &Digest| Reference { tag: None, digest: Some(d.clone()), ..reference.clone() };
+        for img in &set.images {
+            if set.index.is_some() || by_digest {
+                registry.push_manifest(&by_digest_ref(&img.manifest_digest), &img.manifest_bytes, media::OCI_MANIFEST).await?;
+                outcome.manifests += 1;
+            }
         }
         match &set.index {
-            None => {
+            None if !by_digest => {
                 let img = &set.images[0];
-                registry.push_manifest(&reference, &img.manifest_bytes, media::OCI_MANIFEST).await.map_err(|e| fail(&e))?;
+                registry.push_manifest(reference, &img.manifest_bytes, media::OCI_MANIFEST).await?;
+                outcome.manifests += 1;
             }
-            Some((bytes, _)) => {
-                for img in &set.images {
-                    let by_digest = reference.with_digest(img.manifest_digest.clone());
-                    registry.push_manifest(&by_digest, &img.manifest_bytes, media::OCI_MANIFEST).await.map_err(|e| fail(&e))?;
-                }
-                registry.push_index(&reference, bytes).await.map_err(|e| fail(&e))?;
+            None => {}
+            Some((bytes, d)) => {
+                let target = if by_digest { by_digest_ref(d) } else { reference.clone() };
+                registry.push_index(&target, bytes).await?;
+                outcome.manifests += 1;
             }
         }
         Ok(())

@@ -10,7 +10,6 @@ use futures::StreamExt;
 use hoist_oci::digest::Digest;
 use hoist_oci::export::extract_blob;
 use hoist_oci::image::{ImageConfig, Manifest};
-use hoist_oci::layer::ExtractOptions;
 use hoist_oci::reference::Reference;
 use hoist_oci::registry::{self, RegistryClient};
 use sha2::{Digest as _, Sha256};
@@ -146,8 +145,17 @@ impl BuildResolver {
         let mut file = tempfile::NamedTempFile::new().map_err(|e| format!("downloading {url}: {e}"))?;
         let mut hasher = Sha256::new();
         let mut stream = resp.bytes_stream();
+        let max = self.engine.limits().archive.max_bytes;
+        let mut got: u64 = 0;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| format!("downloading {url}: {e}"))?;
+            got += chunk.len() as u64;
+            if got > max {
+                return Err(format!(
+                    "downloading {url}: more than {} (the builder's limit, hoist serve --max-archive-bytes): expected a smaller file",
+                    crate::limits::human_bytes(max)
+                ));
+            }
             hasher.update(&chunk);
             file.write_all(&chunk).map_err(|e| format!("downloading {url}: {e}"))?;
         }
@@ -183,9 +191,11 @@ async fn pull_one(
     let media_type = desc.media_type.clone();
     let blob = desc.digest.clone();
     let want = diff_id.clone();
+    // A base image is as untrusted as a Dockerfile: its layers are extracted within limits.
+    let limits = engine.limits().layer_extract_options();
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let tmp = snaps.temp_dir().map_err(|e| e.to_string())?;
-        let got = extract_blob(&store, &blob, &media_type, tmp.path(), &ExtractOptions::default()).map_err(|e| e.to_string())?;
+        let got = extract_blob(&store, &blob, &media_type, tmp.path(), &limits).map_err(|e| e.to_string())?;
         if got != want {
             // A corrupt blob: drop it so the next build fetches it again.
             let _ = store.remove(&blob);

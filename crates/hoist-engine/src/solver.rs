@@ -158,6 +158,10 @@ pub(crate) struct Build {
     /// Results of stages, filled in stage order before any task runs.
     pub stages: Mutex<Vec<SharedStage>>,
     pub created: String,
+    /// `SOURCE_DATE_EPOCH` from the build args: new layers have their mtimes clamped to it
+    /// (on disk, before the diff_id is taken) and every step key includes it, so a layer
+    /// cached without the clamp is never reused for a reproducible build.
+    pub source_date_epoch: Option<i64>,
     /// Layers this build uses, held against garbage collection.
     pub leases: Arc<LeaseSet>,
     /// Cache records this build used, marked recently used when it ends.
@@ -201,13 +205,14 @@ pub(crate) async fn build_platform(
     let resolver = Arc::new(BuildResolver::new(engine.clone(), req.namespace.clone(), req.registry.clone(), req.pull));
     let mut opts = req.frontend.clone();
     opts.target_platform = Some(platform.clone());
-    let graph = frontend::build_graph(&req.dockerfile, &opts, resolver.as_ref())
+    let graph = frontend::build_graph_limited(&req.dockerfile, &opts, &engine.limits().dockerfile, resolver.as_ref())
         .await
         .map_err(|e| EngineError::Frontend(e.to_string()))?;
     for w in &graph.warnings {
         Engine::warn(&progress, w.clone());
     }
     let created = created_timestamp(&req);
+    let source_date_epoch = source_date_epoch(&req);
     let build = Arc::new(Build {
         engine,
         req,
@@ -220,6 +225,7 @@ pub(crate) async fn build_platform(
         resolver,
         stages: Mutex::new(Vec::new()),
         created,
+        source_date_epoch,
         leases,
         touched: Mutex::new(Vec::new()),
     });
@@ -269,13 +275,13 @@ fn unwrap_arc(e: Arc<EngineError>) -> EngineError {
     })
 }
 
+/// `SOURCE_DATE_EPOCH` of the build args when it is a valid (non-negative) number of seconds.
+fn source_date_epoch(req: &BuildRequest) -> Option<i64> {
+    req.frontend.build_args.get("SOURCE_DATE_EPOCH").and_then(|s| s.trim().parse::<i64>().ok()).filter(|s| *s >= 0)
+}
+
 fn created_timestamp(req: &BuildRequest) -> String {
-    let epoch = req
-        .frontend
-        .build_args
-        .get("SOURCE_DATE_EPOCH")
-        .and_then(|s| s.parse::<i64>().ok())
-        .map(|s| chrono::DateTime::<chrono::Utc>::from_timestamp(s, 0).unwrap_or_default());
+    let epoch = source_date_epoch(req).map(|s| chrono::DateTime::<chrono::Utc>::from_timestamp(s, 0).unwrap_or_default());
     epoch.unwrap_or_else(chrono::Utc::now).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
 
@@ -431,6 +437,10 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
             }
         }
         Op::Mkdir(_) => {}
+    }
+    if let Some(epoch) = b.source_date_epoch {
+        // The layer's mtimes depend on it (see `Build::source_date_epoch`).
+        inputs.push(("source-date-epoch", epoch.to_string()));
     }
     if let Op::Copy(c) = &step.op {
         for s in &c.sources {

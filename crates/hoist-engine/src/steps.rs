@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cachemount::CacheMountGuard;
-use crate::copy::{self, CopyLimits, CopyParams};
+use crate::copy::{self, CopyParams};
 use crate::engine::EngineError;
 use crate::executor::{ExecMount, LogChunk, LogStream, RunSpec};
 use crate::graph::{CopyOp, CopySource, MkdirOp, MountKind, NetworkMode, Op, RunOp, Source, Step};
@@ -76,7 +76,17 @@ async fn commit_dir(env: &StepEnv, src: Uncommitted, lease: &LeaseSet) -> Result
         Uncommitted::Mount(m) => m.upper().to_path_buf(),
         Uncommitted::Temp(t) => t.path().to_path_buf(),
     };
-    let (diff_id, size, empty) = blocking(env, move || diff_id_of(&dir, &TarOptions::default())).await?;
+    let epoch = env.build.source_date_epoch;
+    let (diff_id, size, empty) = blocking(env, move || -> Result<_, String> {
+        // With SOURCE_DATE_EPOCH the clamp is made on disk, so that every later tar of this
+        // layer (blob export, docker archive, rootfs) gives the same bytes without knowing
+        // the epoch; the tar option then changes nothing but says what the diff_id means.
+        if let Some(epoch) = epoch {
+            clamp_mtimes(&dir, epoch).map_err(|e| format!("clamping mtimes to SOURCE_DATE_EPOCH in {}: {e}", dir.display()))?;
+        }
+        diff_id_of(&dir, &TarOptions { source_date_epoch: epoch }).map_err(|e| e.to_string())
+    })
+    .await?;
     if empty {
         return Ok(None);
     }
@@ -84,6 +94,39 @@ async fn commit_dir(env: &StepEnv, src: Uncommitted, lease: &LeaseSet) -> Result
     let d = diff_id.clone();
     blocking(env, move || snaps.commit(src, &d)).await?;
     Ok(Some((diff_id, size)))
+}
+
+/// Set the mtime of every entry under `dir` (and of `dir`) that is later than `epoch` to
+/// `epoch`, without following symlinks; atimes are left alone (layers do not record them).
+/// Changing an entry's timestamps does not change its parent directory's mtime, so one
+/// pass in any order is enough.
+pub(crate) fn clamp_mtimes(dir: &std::path::Path, epoch: i64) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, Timespec, Timestamps, CWD, UTIME_OMIT};
+    use std::os::unix::fs::MetadataExt;
+    let clamp = |path: &std::path::Path, md: &std::fs::Metadata| -> std::io::Result<()> {
+        if md.mtime() > epoch {
+            let t = Timestamps {
+                last_access: Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },
+                last_modification: Timespec { tv_sec: epoch, tv_nsec: 0 },
+            };
+            rustix::fs::utimensat(CWD, path, &t, AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        Ok(())
+    };
+    let mut stack = vec![dir.to_path_buf()];
+    clamp(dir, &std::fs::symlink_metadata(dir)?)?;
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let path = entry.path();
+            let md = std::fs::symlink_metadata(&path)?;
+            clamp(&path, &md)?;
+            if md.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Unmount `active`, then commit its upperdir.
@@ -244,17 +287,36 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
         mounts,
         hostname: "buildkitsandbox".into(),
         extra_hosts: b.req.add_hosts.clone(),
-        timeout: None,
+        timeout: b.engine.limits().run_timeout,
     };
     let (tx, mut rx) = mpsc::channel::<LogChunk>(256);
     let progress = b.progress.clone();
     let vid = env.vertex;
+    let max_log = b.engine.limits().max_step_log_bytes;
     let forward = tokio::spawn(async move {
+        // Past the builder's per-step log limit the output is still drained (the process
+        // never blocks on it) but no longer forwarded: `yes` cannot flood the client.
+        let mut shown: u64 = 0;
+        let mut clipped = false;
         while let Some(chunk) = rx.recv().await {
             let stream = match chunk.stream {
                 LogStream::Stdout => 1,
                 LogStream::Stderr => 2,
             };
+            if clipped {
+                continue;
+            }
+            let room = max_log.saturating_sub(shown);
+            if chunk.data.len() as u64 > room {
+                if room > 0 {
+                    progress.send(Event::Log { id: vid, stream, data: chunk.data.slice(..room as usize) });
+                }
+                let marker = format!("\n[output clipped, log limit {} reached (hoist serve --max-step-log)]\n", crate::limits::human_bytes(max_log));
+                progress.send(Event::Log { id: vid, stream: 2, data: bytes::Bytes::from(marker) });
+                clipped = true;
+                continue;
+            }
+            shown += chunk.data.len() as u64;
             progress.send(Event::Log { id: vid, stream, data: chunk.data });
         }
     });
@@ -264,6 +326,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
     drop(held);
     let status = status.map_err(|e| match e {
         crate::executor::ExecError::Cancelled { .. } => EngineError::Cancelled,
+        e @ crate::executor::ExecError::Timeout { .. } => env.err(format!("{e} (the builder's RUN time limit, hoist serve --run-timeout)")),
         e => env.err(e),
     })?;
     if status.code != 0 {
@@ -338,6 +401,7 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Pro
         Dest::Link(t, v) => (t.path().to_path_buf(), v.as_ref().map(|v| v.merged().to_path_buf()).unwrap_or_else(|| t.path().to_path_buf())),
     };
     let op = c.clone();
+    let limits = b.engine.limits().archive.clone();
     let result = blocking(env, move || -> Result<(), String> {
         let owner = match &op.chown {
             Some(spec) => Some(rootfs::lookup_chown(&users_root, spec).map_err(|e| e.to_string())?),
@@ -349,7 +413,7 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Pro
             dest_root: &dest_root,
             owner,
             urls: &urls,
-            limits: CopyLimits::default(),
+            limits,
         };
         copy::copy(&params).map_err(|e| e.to_string())?;
         Ok(())
@@ -383,4 +447,48 @@ async fn execute_mkdir(env: &StepEnv, m: &MkdirOp, lease: &LeaseSet) -> Result<P
     })
     .await?;
     finish_mount(env, active, lease).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clamp_mtimes;
+    use hoist_oci::export::diff_id_of;
+    use hoist_oci::layer::TarOptions;
+    use std::os::unix::fs::MetadataExt;
+
+    fn set_mtime(path: &std::path::Path, secs: i64) {
+        use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
+        let t = Timestamps { last_access: Timespec { tv_sec: secs, tv_nsec: 0 }, last_modification: Timespec { tv_sec: secs, tv_nsec: 7 } };
+        rustix::fs::utimensat(CWD, path, &t, AtFlags::SYMLINK_NOFOLLOW).unwrap();
+    }
+
+    #[test]
+    fn clamped_layer_tars_the_same_with_and_without_the_epoch_option() {
+        // Regression guard for SOURCE_DATE_EPOCH: the diff_id taken at commit (with the
+        // epoch) must equal what exporters compute later with default tar options.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/new"), b"new").unwrap();
+        std::fs::write(root.join("old"), b"old").unwrap();
+        std::os::unix::fs::symlink("/nowhere", root.join("a/link")).unwrap();
+        let epoch = 1_000_000_000;
+        set_mtime(&root.join("old"), 500);
+        set_mtime(&root.join("a/b/new"), 2_000_000_000);
+        set_mtime(&root.join("a/link"), 2_000_000_000);
+        let with = TarOptions { source_date_epoch: Some(epoch) };
+        let (before_default, _, _) = diff_id_of(root, &TarOptions::default()).unwrap();
+        let (want, _, _) = diff_id_of(root, &with).unwrap();
+        assert_ne!(before_default, want, "the option must change a layer with new files");
+
+        clamp_mtimes(root, epoch).unwrap();
+        assert_eq!(diff_id_of(root, &TarOptions::default()).unwrap().0, want);
+        assert_eq!(diff_id_of(root, &with).unwrap().0, want);
+        let md = |p: &str| std::fs::symlink_metadata(root.join(p)).unwrap();
+        assert_eq!(md("a/b/new").mtime(), epoch);
+        assert_eq!(md("a/link").mtime(), epoch, "the symlink itself, not its target");
+        assert_eq!(md("old").mtime(), 500, "older entries keep their mtime");
+        assert_eq!(md("a/b").mtime(), epoch);
+        assert_eq!(md("").mtime(), epoch);
+    }
 }

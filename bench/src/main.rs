@@ -1,0 +1,1192 @@
+//! `hoist-bench`: hoist against `docker build` (BuildKit in Docker 20.10) and `buildah bud`
+//! on generated real-looking workloads, in every scenario of issue 6, side by side.
+//!
+//!     cargo run --release -p hoist-bench -- [--quick] [--runs N] [--only webapp,biglayer]
+//!         [--scenarios cold,warm,...] [--tools hoist,buildkit,buildah] [--json out.json]
+//!
+//! Prints a table (median seconds, ratios to BuildKit), the overhead outside RUN steps, the
+//! builder's peak RSS, gzip throughput, and each goal met or missed; writes everything as
+//! JSON with `--json`. Needs root and the lab (tests/lab/setup.sh with LAB_DEBIAN=1).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::Parser;
+use hoist_bench::progress::{self, Line};
+use hoist_bench::stats::{median, ratio};
+use hoist_bench::workloads::{self, Workload};
+use serde_json::json;
+
+const SCENARIOS: &[&str] = &["cold", "warm", "incremental", "teammate", "load", "push", "docker-archive"];
+const TOOLS: &[&str] = &["hoist", "buildkit", "buildah"];
+
+#[derive(Parser, Debug)]
+#[command(name = "hoist-bench", about = "hoist vs docker build (BuildKit) vs buildah, on real-looking workloads")]
+struct Args {
+    /// One run per measurement (same as --runs 1).
+    #[arg(long)]
+    quick: bool,
+    /// Runs per measurement; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Workloads to run (default all): webapp, cproject, biglayer, context50k, parallel.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Scenarios (default all): cold, warm, incremental, teammate, load, push, docker-archive.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Builders (default all): hoist, buildkit, buildah.
+    #[arg(long, value_delimiter = ',')]
+    tools: Vec<String>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Working directory (contexts, builder state, logs); on a filesystem overlayfs accepts.
+    #[arg(long, default_value = "/var/tmp/hoist-bench")]
+    workdir: PathBuf,
+    /// The hoist binary (default: target/release/hoist, built first with cargo).
+    #[arg(long)]
+    hoist: Option<PathBuf>,
+    /// Registry holding the base images (library/busybox, debian, python, gcc).
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    registry: String,
+    /// Scale workload sizes (1.0 = as specified; smaller for trying the runner out).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Skip the gzip throughput check.
+    #[arg(long)]
+    no_gzip: bool,
+}
+
+/// One measurement.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    secs: f64,
+    /// Wall time minus the time covered by RUN steps (hoist and BuildKit only).
+    overhead: Option<f64>,
+    /// Time covered by RUN steps.
+    run_covered: Option<f64>,
+    /// Builder's peak RSS in KiB (hoist: VmHWM of its builder process; BuildKit: dockerd's,
+    /// reset before the build).
+    rss_kib: Option<u64>,
+    /// Steps run / cached as the progress output reported them.
+    done: usize,
+    cached: usize,
+    note: String,
+}
+
+type Key = (String, String, String); // workload, scenario, tool
+
+#[derive(Default)]
+struct Results {
+    samples: BTreeMap<Key, Vec<Result<Sample, String>>>,
+}
+
+impl Results {
+    fn add(&mut self, w: &str, scenario: &str, tool: &str, r: anyhow::Result<Sample>) {
+        let r = r.map_err(|e| format!("{e:#}"));
+        match &r {
+            Ok(s) => eprintln!(
+                "  {w:<11} {scenario:<14} {tool:<9} {:>8.2}s{}{}",
+                s.secs,
+                s.overhead.map(|o| format!("  overhead {o:.2}s")).unwrap_or_default(),
+                s.rss_kib.map(|k| format!("  rss {} MiB", k / 1024)).unwrap_or_default()
+            ),
+            Err(e) => eprintln!("  {w:<11} {scenario:<14} {tool:<9} FAILED: {}", e.lines().next().unwrap_or("")),
+        }
+        self.samples.entry((w.into(), scenario.into(), tool.into())).or_default().push(r);
+    }
+
+    fn ok(&self, w: &str, scenario: &str, tool: &str) -> Vec<&Sample> {
+        self.samples
+            .get(&(w.to_string(), scenario.to_string(), tool.to_string()))
+            .map(|v| v.iter().filter_map(|r| r.as_ref().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    fn secs(&self, w: &str, scenario: &str, tool: &str) -> Option<f64> {
+        median(&self.ok(w, scenario, tool).iter().map(|s| s.secs).collect::<Vec<_>>())
+    }
+
+    fn overhead(&self, w: &str, scenario: &str, tool: &str) -> Option<f64> {
+        median(&self.ok(w, scenario, tool).iter().filter_map(|s| s.overhead).collect::<Vec<_>>())
+    }
+
+    fn rss(&self, w: &str, scenario: &str, tool: &str) -> Option<u64> {
+        self.ok(w, scenario, tool).iter().filter_map(|s| s.rss_kib).max()
+    }
+
+    fn failed(&self, w: &str, scenario: &str, tool: &str) -> Option<String> {
+        self.samples
+            .get(&(w.to_string(), scenario.to_string(), tool.to_string()))
+            .and_then(|v| v.iter().find_map(|r| r.as_ref().err().cloned()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running commands
+
+/// A finished command: wall time and its stderr+stdout lines with arrival times.
+struct Timed {
+    secs: f64,
+    lines: Vec<Line>,
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Run `cmd`, timing it and collecting its output lines; the log goes to `log`.
+fn run_timed(mut cmd: Command, log: &Path) -> anyhow::Result<Timed> {
+    let what = describe(&cmd);
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let readers: Vec<_> = [child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)]
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let mut r = BufReader::new(r);
+                let mut buf = Vec::new();
+                while let Ok(n) = r.read_until(b'\n', &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string();
+                    out.push(Line { t: start.elapsed().as_secs_f64(), text });
+                    buf.clear();
+                }
+                out
+            })
+        })
+        .collect();
+    let status = child.wait().with_context(|| format!("waiting for {what}"))?;
+    let secs = start.elapsed().as_secs_f64();
+    let mut lines: Vec<Line> = readers.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+    lines.sort_by(|a, b| a.t.total_cmp(&b.t));
+    let mut text = format!("$ {what}\n");
+    for l in &lines {
+        let _ = writeln!(text, "{:8.3} {}", l.t, l.text);
+    }
+    let _ = writeln!(text, "# {status} after {secs:.3}s");
+    if let Some(p) = log.parent() {
+        let _ = std::fs::create_dir_all(p);
+    }
+    let _ = std::fs::OpenOptions::new().create(true).append(true).open(log).and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+    if !status.success() {
+        let tail: Vec<&str> = lines.iter().rev().take(15).map(|l| l.text.as_str()).collect::<Vec<_>>().into_iter().rev().collect();
+        bail!("{what} failed ({status}); log {}:\n{}", log.display(), tail.join("\n"));
+    }
+    Ok(Timed { secs, lines })
+}
+
+/// Run a setup command that must succeed; returns stdout.
+fn run_quiet(mut cmd: Command) -> anyhow::Result<String> {
+    let what = describe(&cmd);
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Run and ignore the outcome (cleanup).
+fn run_ignore(mut cmd: Command) {
+    let _ = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+fn docker() -> Command {
+    let mut c = Command::new("/usr/bin/docker");
+    c.env("DOCKER_BUILDKIT", "1");
+    c
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Stop a process we started, by pid: SIGTERM, then SIGKILL after 10 s.
+fn stop_pid(pid: i32) {
+    if pid <= 1 {
+        return;
+    }
+    run_ignore({
+        let mut c = Command::new("kill");
+        c.arg(pid.to_string());
+        c
+    });
+    for _ in 0..200 {
+        if !Path::new(&format!("/proc/{pid}")).exists() || proc_state(pid) == Some('Z') {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run_ignore({
+        let mut c = Command::new("kill");
+        c.args(["-9", &pid.to_string()]);
+        c
+    });
+}
+
+fn proc_state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(") ")?.1.chars().next()
+}
+
+/// `VmHWM` (peak resident set) of a process, in KiB.
+fn vm_hwm(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Reset a process's peak RSS (`echo 5 > /proc/PID/clear_refs`).
+fn reset_hwm(pid: i32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// Lazily unmount everything under `dir`, deepest first, then remove it.
+fn remove_tree(dir: &Path) {
+    unmount_under(dir);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Lazily unmount everything under `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let d = dir.display().to_string();
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&d))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        run_ignore({
+            let mut c = Command::new("umount");
+            c.args(["-l", &m]);
+            c
+        });
+    }
+}
+
+/// Where builder state goes instead of being deleted right away: removing a tree of 100k
+/// files makes the next file creations on this machine's ext4 (no journal) scan the
+/// recently deleted inodes (`recently_deleted()` in the kernel, for 60-300 s), which would
+/// bill the next timed build for the cleanup of the previous one. Emptied between
+/// workloads, outside any timing.
+fn trash(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    unmount_under(dir);
+    let Some(parent) = dir.parent() else { return };
+    let bin = parent.join(".trash");
+    let _ = std::fs::create_dir_all(&bin);
+    let name = format!("{}-{}", dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id());
+    let mut dest = bin.join(&name);
+    let mut i = 0;
+    while dest.exists() {
+        i += 1;
+        dest = bin.join(format!("{name}-{i}"));
+    }
+    if std::fs::rename(dir, &dest).is_err() {
+        remove_tree(dir);
+    }
+}
+
+/// Delete what [`trash`] kept under `base`.
+fn empty_trash(base: &Path) {
+    remove_tree(&base.join(".trash"));
+}
+
+/// A throwaway registry (the lab's `docker-registry`) on a free loopback port.
+struct Registry {
+    port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Registry {
+    fn start(workdir: &Path) -> anyhow::Result<Registry> {
+        let port = free_port()?;
+        let dir = workdir.join(format!("registry-{port}"));
+        std::fs::create_dir_all(dir.join("data"))?;
+        let cfg = dir.join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
+                dir.join("data").display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("registry.log"))?;
+        let child = Command::new("docker-registry")
+            .args(["serve", &cfg.display().to_string()])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting docker-registry (installed by tests/lab/setup.sh)")?;
+        let r = Registry { port, dir, child };
+        if !wait_port(port, 20) {
+            bail!("the registry on port {port} did not start");
+        }
+        Ok(r)
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        stop_pid(self.child.id() as i32);
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Copy a context to `dest` as a teammate's fresh checkout (new mtimes).
+fn checkout_copy(src: &Path, dest: &Path) -> anyhow::Result<()> {
+    remove_tree(dest);
+    std::fs::create_dir_all(dest.parent().unwrap_or(Path::new("/")))?;
+    run_quiet({
+        let mut c = Command::new("cp");
+        c.arg("-r").arg(src).arg(dest);
+        c
+    })?;
+    Ok(())
+}
+
+fn from_progress(t: &Timed, with_overhead: bool) -> Sample {
+    let p = progress::parse_plain(&t.lines);
+    Sample {
+        secs: t.secs,
+        overhead: with_overhead.then(|| p.overhead(t.secs)),
+        run_covered: with_overhead.then(|| p.run_covered()),
+        done: p.done,
+        cached: p.cached,
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Builders
+
+trait Builder {
+    fn name(&self) -> &'static str;
+    /// Empty every cache (the next build is cold).
+    fn reset(&mut self) -> anyhow::Result<()>;
+    /// Build with the default output (hoist: the builder's cache; docker build: the
+    /// engine's image store; buildah: its local storage).
+    fn build(&mut self, w: &Workload, log: &Path) -> anyhow::Result<Sample>;
+    /// Cold build ending with the image in the local Docker engine.
+    fn load(&mut self, w: &Workload, log: &Path) -> anyhow::Result<Sample>;
+    /// Cold build and push to the empty registry `reg`.
+    fn push(&mut self, w: &Workload, reg: &Registry, log: &Path) -> anyhow::Result<Sample>;
+    /// Someone else built `w` (sharing through `reg` where the tool needs a registry);
+    /// time this client's first build from `checkout`.
+    fn teammate(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> anyhow::Result<Sample>;
+    /// hoist only: export the cached image as a docker archive (see [`docker_archive`]).
+    fn docker_archive(&mut self, _w: &Workload, _workdir: &Path, _log: &Path) -> Option<anyhow::Result<Sample>> {
+        None
+    }
+    /// Release everything.
+    fn finish(&mut self);
+}
+
+struct Hoist {
+    bin: PathBuf,
+    base: PathBuf,
+    root: Option<PathBuf>,
+    n: u32,
+}
+
+impl Hoist {
+    fn fresh(&mut self) -> anyhow::Result<PathBuf> {
+        self.cleanup();
+        self.n += 1;
+        let root = self.base.join(format!("root-{}", self.n));
+        remove_tree(&root);
+        std::fs::create_dir_all(&root)?;
+        self.root = Some(root.clone());
+        Ok(root)
+    }
+
+    fn root(&mut self) -> anyhow::Result<PathBuf> {
+        match &self.root {
+            Some(r) => Ok(r.clone()),
+            None => self.fresh(),
+        }
+    }
+
+    fn daemon_pid(root: &Path) -> Option<i32> {
+        std::fs::read_to_string(root.join("hoistd.pid")).ok()?.trim().parse().ok()
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(root) = self.root.take() {
+            if let Some(pid) = Self::daemon_pid(&root) {
+                stop_pid(pid);
+            }
+            trash(&root);
+        }
+    }
+
+    fn cmd(&self, root: &Path) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("HOIST_ROOT", root)
+            .env("HOIST_CACHE_DIR", root.join("client-cache"))
+            .env_remove("HOIST_BUILDER")
+            .env_remove("HOIST_TOKEN")
+            .env_remove("HOIST_PROJECT")
+            .env_remove("SOURCE_DATE_EPOCH");
+        c
+    }
+
+    fn run_build(&mut self, dir: &Path, extra: &[String], log: &Path) -> anyhow::Result<Sample> {
+        let root = self.root()?;
+        let mut c = self.cmd(&root);
+        c.args(["build", "--progress=plain", "--network=host"]).args(extra).arg(dir);
+        let t = run_timed(c, log)?;
+        let mut s = from_progress(&t, true);
+        s.rss_kib = Self::daemon_pid(&root).and_then(vm_hwm);
+        s.note = t.lines.iter().rev().find(|l| l.text.starts_with("hoist: built")).map(|l| l.text.clone()).unwrap_or_default();
+        Ok(s)
+    }
+
+    fn tag(w: &Workload) -> String {
+        format!("hoist-bench/{}:hoist", w.name)
+    }
+}
+
+impl Builder for Hoist {
+    fn name(&self) -> &'static str {
+        "hoist"
+    }
+
+    fn reset(&mut self) -> anyhow::Result<()> {
+        self.fresh().map(|_| ())
+    }
+
+    fn build(&mut self, w: &Workload, log: &Path) -> anyhow::Result<Sample> {
+        self.run_build(&w.dir, &["-t".into(), Self::tag(w)], log)
+    }
+
+    fn load(&mut self, w: &Workload, log: &Path) -> anyhow::Result<Sample> {
+        self.fresh()?;
+        run_ignore({
+            let mut c = docker();
+            c.args(["rmi", "-f", &Self::tag(w)]);
+            c
+        });
+        let s = self.run_build(&w.dir, &["--load".into(), "-t".into(), Self::tag(w)], log)?;
+        run_quiet({
+            let mut c = docker();
+            c.args(["image", "inspect", &Self::tag(w)]);
+            c
+        })
+        .context("--load left no image in the engine")?;
+        run_ignore({
+            let mut c = docker();
+            c.args(["rmi", "-f", &Self::tag(w)]);
+            c
+        });
+        Ok(s)
+    }
+
+    fn push(&mut self, w: &Workload, reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
+        self.fresh()?;
+        let tag = format!("{}/hoist-bench/{}:hoist", reg.host(), w.name);
+        self.run_build(&w.dir, &["--push".into(), "-t".into(), tag], log)
+    }
+
+    fn teammate(&mut self, w: &Workload, checkout: &Path, _reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
+        self.cleanup();
+        let root = self.fresh()?;
+        let port = free_port()?;
+        let slog = std::fs::File::create(root.join("serve.log"))?;
+        let mut server = self
+            .cmd(&root)
+            .args(["serve", "--root", &root.display().to_string(), "--listen", &format!("tcp://127.0.0.1:{port}")])
+            .stdout(slog.try_clone()?)
+            .stderr(slog)
+            .spawn()
+            .context("starting hoist serve")?;
+        let result = (|| -> anyhow::Result<Sample> {
+            if !wait_port(port, 30) {
+                bail!("hoist serve did not start (see {})", root.join("serve.log").display());
+            }
+            let admin = |args: &[&str]| -> anyhow::Result<String> {
+                let mut c = self.cmd(&root);
+                c.args(args);
+                Ok(run_quiet(c)?.trim().to_string())
+            };
+            let token_a = admin(&["project", "create", "bench", "--token-name", "alice"])?;
+            let token_b = admin(&["token", "create", "bench", "--name", "bob"])?;
+            let client = |who: &str, token: &str| {
+                let home = root.join(format!("home-{who}"));
+                let mut c = Command::new(&self.bin);
+                c.env("HOME", &home)
+                    .env("HOIST_CONFIG_DIR", home.join("config"))
+                    .env("HOIST_CACHE_DIR", home.join("cache"))
+                    .env("HOIST_BUILDER", format!("tcp://127.0.0.1:{port}"))
+                    .env("HOIST_TOKEN", token)
+                    .env_remove("HOIST_ROOT")
+                    .env_remove("HOIST_PROJECT")
+                    .env_remove("SOURCE_DATE_EPOCH")
+                    .args(["build", "--progress=plain", "--network=host", "-t", &Self::tag(w)]);
+                c
+            };
+            let mut a = client("alice", &token_a);
+            a.arg(&w.dir);
+            run_timed(a, log)?;
+            reset_hwm(server.id() as i32);
+            let mut b = client("bob", &token_b);
+            b.arg(checkout);
+            let t = run_timed(b, log)?;
+            let mut s = from_progress(&t, true);
+            s.rss_kib = vm_hwm(server.id() as i32);
+            Ok(s)
+        })();
+        stop_pid(server.id() as i32);
+        let _ = server.wait();
+        self.cleanup();
+        result
+    }
+
+    fn docker_archive(&mut self, w: &Workload, workdir: &Path, log: &Path) -> Option<anyhow::Result<Sample>> {
+        Some(docker_archive(self, w, workdir, log))
+    }
+
+    fn finish(&mut self) {
+        self.cleanup();
+    }
+}
+
+struct BuildKit {
+    base: PathBuf,
+    /// Image ids and tags this run made, removed on reset.
+    images: Vec<String>,
+    n: u32,
+}
+
+impl BuildKit {
+    fn tag(w: &Workload) -> String {
+        format!("hoist-bench/{}:buildkit", w.name)
+    }
+
+    fn docker_build(&mut self, dir: &Path, tag: &str, extra: &[&str], log: &Path) -> anyhow::Result<Timed> {
+        self.n += 1;
+        let iid = self.base.join(format!("iid-{}", self.n));
+        std::fs::create_dir_all(&self.base)?;
+        let mut c = docker();
+        c.args(["build", "--network=host", "--progress=plain", "--iidfile"]).arg(&iid).args(["-t", tag]).args(extra).arg(dir);
+        let t = run_timed(c, log);
+        self.images.push(tag.to_string());
+        if let Ok(id) = std::fs::read_to_string(&iid) {
+            self.images.push(id.trim().to_string());
+            let _ = std::fs::remove_file(&iid);
+        }
+        t
+    }
+
+    fn dockerd_pid() -> Option<i32> {
+        std::fs::read_to_string("/var/run/docker.pid").ok()?.trim().parse().ok()
+    }
+}
+
+impl Builder for BuildKit {
+    fn name(&self) -> &'static str {
+        "buildkit"
+    }
+
+    fn reset(&mut self) -> anyhow::Result<()> {
+        for img in self.images.drain(..) {
+            run_ignore({
+                let mut c = docker();
+                c.args(["rmi", "-f", &img]);
+                c
+            });
+        }
+        run_quiet({
+            let mut c = docker();
+            c.args(["builder", "prune", "-af"]);
+            c
+        })?;
+        Ok(())
+    }
+
+    fn build(&mut self, w: &Workload, log: &Path) -> anyhow::Result<Sample> {
+        let t = self.docker_build(&w.dir, &Self::tag(w), &[], log)?;
+        Ok(from_progress(&t, true))
+    }
+
+    fn load(&mut self, w: &Workload, log: &Path) -> anyhow::Result<Sample> {
+        // docker build's default output is the engine's image store.
+        self.reset()?;
+        self.build(w, log)
+    }
+
+    fn push(&mut self, w: &Workload, reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
+        self.reset()?;
+        let tag = format!("{}/hoist-bench/{}:buildkit", reg.host(), w.name);
+        let pid = Self::dockerd_pid();
+        if let Some(pid) = pid {
+            reset_hwm(pid);
+        }
+        let b = self.docker_build(&w.dir, &tag, &[], log)?;
+        let p = run_timed(
+            {
+                let mut c = docker();
+                c.args(["push", &tag]);
+                c
+            },
+            log,
+        )?;
+        let mut s = from_progress(&b, true);
+        s.secs = b.secs + p.secs;
+        s.rss_kib = pid.and_then(vm_hwm);
+        s.note = format!("build {:.2}s + push {:.2}s", b.secs, p.secs);
+        Ok(s)
+    }
+
+    fn teammate(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
+        // Issue 4's comparison: the teammate pushed an image with inline cache; this client
+        // starts from an empty local cache and builds with --cache-from.
+        self.reset()?;
+        let cache = format!("{}/hoist-bench/{}:cache", reg.host(), w.name);
+        self.docker_build(&w.dir, &cache, &["--build-arg", "BUILDKIT_INLINE_CACHE=1"], log)?;
+        run_timed(
+            {
+                let mut c = docker();
+                c.args(["push", &cache]);
+                c
+            },
+            log,
+        )?;
+        self.reset()?;
+        let t = self.docker_build(checkout, &Self::tag(w), &["--cache-from", &cache], log)?;
+        Ok(from_progress(&t, true))
+    }
+
+    fn finish(&mut self) {
+        let _ = self.reset();
+    }
+}
+
+struct Buildah {
+    base: PathBuf,
+    root: Option<PathBuf>,
+    n: u32,
+}
+
+impl Buildah {
+    fn tag(w: &Workload) -> String {
+        format!("hoist-bench/{}:buildah", w.name)
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(root) = self.root.take() {
+            run_ignore({
+                let mut c = self.cmd_at(&root);
+                c.args(["rm", "-a"]);
+                c
+            });
+            trash(&root);
+        }
+    }
+
+    fn cmd_at(&self, root: &Path) -> Command {
+        let mut c = Command::new("buildah");
+        c.arg("--root").arg(root.join("storage")).arg("--runroot").arg(root.join("run")).args(["--storage-driver", "overlay"]);
+        c
+    }
+
+    fn cmd(&mut self) -> anyhow::Result<Command> {
+        if self.root.is_none() {
+            self.reset()?;
+        }
+        let root = self.root.clone().ok_or_else(|| anyhow!("no buildah root"))?;
+        Ok(self.cmd_at(&root))
+    }
+
+    fn bud(&mut self, dir: &Path, tag: &str, extra: &[&str], log: &Path) -> anyhow::Result<Timed> {
+        let mut c = self.cmd()?;
+        // crun fails here (hybrid cgroups): use runc with the default (oci) isolation.
+        c.args(["bud", "--layers", "--runtime", "/usr/sbin/runc", "--network=host", "--tls-verify=false", "-t", tag]).args(extra).arg(dir);
+        run_timed(c, log)
+    }
+}
+
+impl Builder for Buildah {
+    fn name(&self) -> &'static str {
+        "buildah"
+    }
+
+    fn reset(&mut self) -> anyhow::Result<()> {
+        self.cleanup();
+        self.n += 1;
+        let root = self.base.join(format!("root-{}", self.n));
+        remove_tree(&root);
+        std::fs::create_dir_all(&root)?;
+        self.root = Some(root);
+        Ok(())
+    }
+
+    fn build(&mut self, w: &Workload, log: &Path) -> anyhow::Result<Sample> {
+        let t = self.bud(&w.dir, &Self::tag(w), &[], log)?;
+        Ok(from_progress(&t, false))
+    }
+
+    fn load(&mut self, w: &Workload, log: &Path) -> anyhow::Result<Sample> {
+        self.reset()?;
+        let b = self.bud(&w.dir, &Self::tag(w), &[], log)?;
+        let mut c = self.cmd()?;
+        c.args(["push", &Self::tag(w), &format!("docker-daemon:{}", Self::tag(w))]);
+        let p = run_timed(c, log)?;
+        run_ignore({
+            let mut c = docker();
+            c.args(["rmi", "-f", &Self::tag(w)]);
+            c
+        });
+        Ok(Sample { secs: b.secs + p.secs, note: format!("bud {:.2}s + push to docker-daemon {:.2}s", b.secs, p.secs), ..Default::default() })
+    }
+
+    fn push(&mut self, w: &Workload, reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
+        self.reset()?;
+        let b = self.bud(&w.dir, &Self::tag(w), &[], log)?;
+        let mut c = self.cmd()?;
+        c.args(["push", "--tls-verify=false", &Self::tag(w), &format!("docker://{}/hoist-bench/{}:buildah", reg.host(), w.name)]);
+        let p = run_timed(c, log)?;
+        Ok(Sample { secs: b.secs + p.secs, note: format!("bud {:.2}s + push {:.2}s", b.secs, p.secs), ..Default::default() })
+    }
+
+    fn teammate(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
+        let cache = format!("{}/hoist-bench/{}-cache", reg.host(), w.name);
+        self.reset()?;
+        self.bud(&w.dir, &Self::tag(w), &["--cache-to", &cache], log)?;
+        self.reset()?;
+        let t = self.bud(checkout, &Self::tag(w), &["--cache-from", &cache], log)?;
+        Ok(Sample { secs: t.secs, ..Default::default() })
+    }
+
+    fn finish(&mut self) {
+        self.cleanup();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The run
+
+fn hoist_binary(args: &Args) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &args.hoist {
+        return Ok(p.clone());
+    }
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or_else(|| anyhow!("no workspace"))?.to_path_buf();
+    eprintln!("building hoist (cargo build --release -p hoist-cli)...");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--quiet", "-p", "hoist-cli", "--bin", "hoist"])
+        .current_dir(&ws)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("building hoist failed");
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| ws.join("target"));
+    Ok(target.join("release").join("hoist"))
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_default();
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+        .unwrap_or(0);
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "memory_gib": (mem_kib as f64 / 1048576.0 * 10.0).round() / 10.0,
+        "kernel": first_line("uname", &["-r"]),
+        "docker": first_line("/usr/bin/docker", &["version", "-f", "{{.Server.Version}}"]),
+        "buildah": first_line("buildah", &["--version"]),
+        "hoist_commit": first_line("git", &["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"]),
+    })
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+fn fmt_s(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into())
+}
+
+fn fmt_r(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.2}x")).unwrap_or_else(|| "-".into())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runs = if args.quick { 1 } else { args.runs.max(1) };
+    let workload_names: Vec<String> = if args.only.is_empty() { workloads::ALL.iter().map(|s| s.to_string()).collect() } else { args.only.clone() };
+    let scenarios: Vec<String> = if args.scenarios.is_empty() { SCENARIOS.iter().map(|s| s.to_string()).collect() } else { args.scenarios.clone() };
+    let tools: Vec<String> = if args.tools.is_empty() { TOOLS.iter().map(|s| s.to_string()).collect() } else { args.tools.clone() };
+    for s in &scenarios {
+        if !SCENARIOS.contains(&s.as_str()) {
+            bail!("unknown scenario {s:?} (expected {})", SCENARIOS.join(", "));
+        }
+    }
+    for t in &tools {
+        if !TOOLS.contains(&t.as_str()) {
+            bail!("unknown tool {t:?} (expected {})", TOOLS.join(", "));
+        }
+    }
+    let want = |s: &str| scenarios.iter().any(|x| x == s);
+
+    let workdir = args.workdir.clone();
+    std::fs::create_dir_all(&workdir)?;
+    let stamp = chrono_like_stamp();
+    let logs = workdir.join("logs").join(&stamp);
+    std::fs::create_dir_all(&logs)?;
+    let hoist_bin = if tools.iter().any(|t| t == "hoist") { hoist_binary(&args)? } else { PathBuf::new() };
+    let load_before = loadavg();
+    let started = Instant::now();
+    eprintln!("hoist-bench: {runs} run(s) each; logs in {}; load average {load_before}", logs.display());
+
+    let mut gzip_result = None;
+    if !args.no_gzip {
+        let data = hoist_bench::gzip::binary_data(128);
+        let r = hoist_bench::gzip::compare(&data, 6, if runs == 1 { 1 } else { 3 })?;
+        eprintln!(
+            "gzip -6 on {} MiB of binaries: flate2 single-thread {:.0} MB/s, hoist parallel ({} threads) {:.0} MB/s: {:.2}x",
+            r.bytes >> 20,
+            r.single_mbps,
+            r.threads,
+            r.parallel_mbps,
+            r.parallel_mbps / r.single_mbps
+        );
+        gzip_result = Some(r);
+    }
+
+    let mut results = Results::default();
+    let mut descriptions = BTreeMap::new();
+    let ctx_root = workdir.join("contexts");
+    std::fs::create_dir_all(&ctx_root)?;
+    for name in &workload_names {
+        eprintln!("== {name}: generating");
+        let w = workloads::generate(name, &ctx_root, &args.registry, args.scale)?;
+        eprintln!("   {}", w.description);
+        descriptions.insert(name.clone(), w.description.clone());
+        let checkout = workdir.join("teammate-checkout").join(name);
+        if want("teammate") {
+            checkout_copy(&w.dir, &checkout)?;
+        }
+        let mut builders: Vec<Box<dyn Builder>> = Vec::new();
+        for t in &tools {
+            builders.push(match t.as_str() {
+                "hoist" => Box::new(Hoist { bin: hoist_bin.clone(), base: workdir.join("hoist"), root: None, n: 0 }),
+                "buildkit" => Box::new(BuildKit { base: workdir.join("buildkit"), images: Vec::new(), n: 0 }),
+                _ => Box::new(Buildah { base: workdir.join("buildah"), root: None, n: 0 }),
+            });
+        }
+        for run in 0..runs {
+            eprintln!("-- {name}: run {}/{runs} (load {})", run + 1, loadavg());
+            // Rotate who goes first, so that no tool always runs right after another's cleanup.
+            let n = builders.len();
+            for k in 0..n {
+                let b = &mut builders[(k + run) % n];
+                let tool = b.name();
+                let log = |scenario: &str| logs.join(format!("{name}-{tool}-{scenario}-{run}.log"));
+                if want("cold") || want("warm") || want("incremental") || (want("docker-archive") && tool == "hoist" && name == "biglayer") {
+                    w.restore()?;
+                    let r = b.reset().and_then(|_| b.build(&w, &log("cold")));
+                    let cold_ok = r.is_ok();
+                    if want("load") && tool == "buildkit" {
+                        // docker build's default already ends with the image in the engine.
+                        results.add(name, "load", tool, r.as_ref().map(|s| s.clone()).map_err(|e| anyhow!("{e:#}")));
+                    }
+                    results.add(name, "cold", tool, r);
+                    if cold_ok {
+                        if want("warm") {
+                            results.add(name, "warm", tool, b.build(&w, &log("warm")));
+                        }
+                        if want("incremental") {
+                            w.touch(run as u32 + 1)?;
+                            results.add(name, "incremental", tool, b.build(&w, &log("incremental")));
+                            w.restore()?;
+                        }
+                        if want("docker-archive") && name == "biglayer" {
+                            if let Some(r) = b.docker_archive(&w, &workdir, &log("docker-archive")) {
+                                results.add(name, "docker-archive", tool, r);
+                            }
+                        }
+                    }
+                }
+                if want("load") && tool != "buildkit" {
+                    w.restore()?;
+                    results.add(name, "load", tool, b.load(&w, &log("load")));
+                }
+                if want("push") {
+                    w.restore()?;
+                    let r = Registry::start(&workdir).and_then(|reg| b.push(&w, &reg, &log("push")));
+                    results.add(name, "push", tool, r);
+                }
+                if want("teammate") {
+                    w.restore()?;
+                    let r = Registry::start(&workdir).and_then(|reg| b.teammate(&w, &checkout, &reg, &log("teammate")));
+                    results.add(name, "teammate", tool, r);
+                }
+            }
+        }
+        for b in builders.iter_mut() {
+            b.finish();
+        }
+        remove_tree(&checkout);
+        for t in ["hoist", "buildah"] {
+            empty_trash(&workdir.join(t));
+        }
+    }
+    let load_after = loadavg();
+    let total = started.elapsed().as_secs_f64();
+
+    let report = render(&results, &workload_names, &scenarios, &tools, gzip_result.as_ref());
+    let header = format!(
+        "machine: {}\nload average before {load_before}, after {load_after}; {runs} run(s) per cell (median); {total:.0}s in all\n",
+        machine_line(&machine())
+    );
+    println!("{header}{report}");
+    if let Some(path) = &args.json {
+        let j = to_json(&results, &descriptions, gzip_result.as_ref(), runs, &load_before, &load_after, total, &args);
+        std::fs::write(path, serde_json::to_vec_pretty(&j)?).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Export the (cached) biglayer image as a docker archive to a file; the build itself is
+/// fully cached, so the time is the archive's (two tar passes of every new layer today).
+fn docker_archive(h: &mut Hoist, w: &Workload, workdir: &Path, log: &Path) -> anyhow::Result<Sample> {
+    let dest = workdir.join("docker-archive.tar");
+    let out = format!("type=docker,dest={}", dest.display());
+    let r = h.run_build(&w.dir, &["-o".into(), out, "-t".into(), Hoist::tag(w)], log);
+    let size = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+    let _ = std::fs::remove_file(&dest);
+    let mut s = r?;
+    s.note = format!("{} MB archive", size / 1_000_000);
+    Ok(s)
+}
+
+fn chrono_like_stamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("run-{secs}")
+}
+
+fn machine_line(m: &serde_json::Value) -> String {
+    format!(
+        "{} cores ({}), {} GiB RAM, Linux {}, Docker {}, {}, hoist {}",
+        m["cores"],
+        m["cpu"].as_str().unwrap_or("?"),
+        m["memory_gib"],
+        m["kernel"].as_str().unwrap_or("?"),
+        m["docker"].as_str().unwrap_or("?"),
+        m["buildah"].as_str().unwrap_or("?"),
+        m["hoist_commit"].as_str().unwrap_or("?"),
+    )
+}
+
+/// The tables and the goals, as text.
+fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[String], gz: Option<&hoist_bench::gzip::GzipResult>) -> String {
+    let mut out = String::new();
+    let has = |t: &str| tools.iter().any(|x| x == t);
+    let _ = writeln!(out, "\nWall time, seconds (median); ratio = tool / BuildKit\n");
+    let _ = writeln!(out, "| workload | scenario | hoist | BuildKit | buildah | hoist/BuildKit | buildah/BuildKit |");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+    for w in workloads {
+        for s in scenarios {
+            let cells: Vec<Option<f64>> = ["hoist", "buildkit", "buildah"].iter().map(|t| r.secs(w, s, t)).collect();
+            let failed: Vec<bool> = ["hoist", "buildkit", "buildah"].iter().map(|t| has(t) && r.failed(w, s, t).is_some()).collect();
+            if cells.iter().all(Option::is_none) && !failed.iter().any(|f| *f) {
+                continue;
+            }
+            let cell = |i: usize| if cells[i].is_none() && failed[i] { "FAIL".to_string() } else { fmt_s(cells[i]) };
+            let _ = writeln!(
+                out,
+                "| {w} | {s} | {} | {} | {} | {} | {} |",
+                cell(0),
+                cell(1),
+                cell(2),
+                fmt_r(ratio(cells[0], cells[1])),
+                fmt_r(ratio(cells[2], cells[1]))
+            );
+        }
+    }
+    let _ = writeln!(out, "\nOverhead outside RUN steps, seconds (wall minus time covered by RUN steps)\n");
+    let _ = writeln!(out, "| workload | scenario | hoist | BuildKit | hoist/BuildKit |");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|");
+    for w in workloads {
+        for s in ["cold", "warm", "incremental"] {
+            let (h, b) = (r.overhead(w, s, "hoist"), r.overhead(w, s, "buildkit"));
+            if h.is_none() && b.is_none() {
+                continue;
+            }
+            let _ = writeln!(out, "| {w} | {s} | {} | {} | {} |", fmt_s(h), fmt_s(b), fmt_r(ratio(h, b)));
+        }
+    }
+    let rss = r.rss("biglayer", "push", "hoist");
+    let dockerd = r.rss("biglayer", "push", "buildkit");
+    if rss.is_some() || dockerd.is_some() {
+        let _ = writeln!(
+            out,
+            "\nPeak RSS building and pushing the 1 GiB layer: hoist builder {} MiB; dockerd (BuildKit + push) {} MiB",
+            rss.map(|k| (k / 1024).to_string()).unwrap_or("-".into()),
+            dockerd.map(|k| (k / 1024).to_string()).unwrap_or("-".into())
+        );
+    }
+    if let Some(s) = r.ok("biglayer", "docker-archive", "hoist").first() {
+        let warm = r.secs("biglayer", "warm", "hoist");
+        let _ = writeln!(
+            out,
+            "Docker archive of the 1 GiB image (write_docker_archive, two tar passes): {:.2}s in all, {:.2}s over a warm build ({})",
+            s.secs,
+            s.secs - warm.unwrap_or(0.0),
+            s.note
+        );
+    }
+    if let Some(g) = gz {
+        let _ = writeln!(
+            out,
+            "gzip -6 on {} MiB of binaries: single-thread flate2 {:.0} MB/s, hoist parallel gzip ({} threads) {:.0} MB/s = {:.2}x",
+            g.bytes >> 20,
+            g.single_mbps,
+            g.threads,
+            g.parallel_mbps,
+            g.parallel_mbps / g.single_mbps
+        );
+    }
+    for w in workloads {
+        for s in scenarios {
+            for t in tools {
+                if let Some(e) = r.failed(w, s, t) {
+                    let _ = writeln!(out, "FAILED {w} {s} {t}: {}", e.lines().take(6).collect::<Vec<_>>().join(" | "));
+                }
+            }
+        }
+    }
+
+    let _ = writeln!(out, "\nGoals (issue 6)\n");
+    let mut goal = |name: &str, value: Option<f64>, limit: f64, lower_is_better: bool| {
+        let verdict = match value {
+            None => "n/a ".to_string(),
+            Some(v) if (lower_is_better && v <= limit) || (!lower_is_better && v >= limit) => "MET ".to_string(),
+            Some(v) => format!("MISSED by {:.2}", (v - limit).abs()),
+        };
+        let _ = writeln!(out, "- [{verdict}] {name}: {} (goal {}{limit})", fmt_s(value), if lower_is_better { "≤ " } else { "≥ " });
+    };
+    goal("gzip throughput, parallel / single-thread flate2 at level 6", gz.map(|g| g.parallel_mbps / g.single_mbps), 1.8, false);
+    for w in ["biglayer", "webapp"] {
+        goal(&format!("{w}: cold build + push, hoist / BuildKit"), ratio(r.secs(w, "push", "hoist"), r.secs(w, "push", "buildkit")), 0.3, true);
+    }
+    for w in workloads {
+        goal(&format!("{w}: warm rebuild, hoist / BuildKit"), ratio(r.secs(w, "warm", "hoist"), r.secs(w, "warm", "buildkit")), 0.5, true);
+    }
+    for w in workloads {
+        for s in ["cold", "incremental"] {
+            goal(
+                &format!("{w}: overhead outside RUN ({s}), hoist / BuildKit"),
+                ratio(r.overhead(w, s, "hoist"), r.overhead(w, s, "buildkit")),
+                0.5,
+                true,
+            );
+        }
+    }
+    goal("builder peak RSS while exporting the 1 GiB layer, MiB", rss.map(|k| k as f64 / 1024.0), 512.0, true);
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn to_json(
+    r: &Results,
+    descriptions: &BTreeMap<String, String>,
+    gz: Option<&hoist_bench::gzip::GzipResult>,
+    runs: usize,
+    load_before: &str,
+    load_after: &str,
+    total: f64,
+    args: &Args,
+) -> serde_json::Value {
+    let mut cells = Vec::new();
+    for ((w, s, t), v) in &r.samples {
+        let samples: Vec<serde_json::Value> = v
+            .iter()
+            .map(|x| match x {
+                Ok(s) => json!({
+                    "seconds": s.secs, "overhead_seconds": s.overhead, "run_covered_seconds": s.run_covered,
+                    "peak_rss_kib": s.rss_kib, "steps_done": s.done, "steps_cached": s.cached, "note": s.note,
+                }),
+                Err(e) => json!({ "error": e }),
+            })
+            .collect();
+        cells.push(json!({
+            "workload": w, "scenario": s, "tool": t,
+            "median_seconds": r.secs(w, s, t), "median_overhead_seconds": r.overhead(w, s, t),
+            "ratio_to_buildkit": ratio(r.secs(w, s, t), r.secs(w, s, "buildkit")),
+            "samples": samples,
+        }));
+    }
+    json!({
+        "machine": machine(),
+        "load_average": { "before": load_before, "after": load_after },
+        "runs": runs,
+        "scale": args.scale,
+        "total_seconds": total,
+        "workloads": descriptions,
+        "gzip": gz.map(|g| json!({
+            "level": g.level, "bytes": g.bytes, "threads": g.threads,
+            "single_thread_mbps": g.single_mbps, "parallel_mbps": g.parallel_mbps,
+            "speedup": g.parallel_mbps / g.single_mbps, "sizes": [g.sizes.0, g.sizes.1],
+        })),
+        "results": cells,
+    })
+}
