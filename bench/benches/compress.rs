@@ -8,9 +8,7 @@
 //!     cargo bench -p hoist-bench --bench compress
 //!     cargo bench -p hoist-bench --bench compress -- 'gzip-6'   # one group
 
-use std::fs;
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{self, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -18,37 +16,11 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use hoist_oci::compress::{Compression, ParallelGzip, ParallelGzipOptions};
 use sha2::{Digest as _, Sha256};
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = fs::read_dir(dir) else { return };
-    let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        let Ok(md) = fs::symlink_metadata(&p) else { continue };
-        if md.is_dir() {
-            collect_files(&p, out);
-        } else if md.is_file() {
-            out.push(p);
-        }
-    }
-}
-
 /// Real binaries and libraries, deterministic for a given machine.
 fn bench_data() -> Vec<u8> {
     let mib: usize = std::env::var("HOIST_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
-    let want = mib << 20;
-    let mut files = Vec::new();
-    collect_files(Path::new("/usr/bin"), &mut files);
-    collect_files(Path::new("/usr/lib"), &mut files);
-    let mut data = Vec::with_capacity(want);
-    for f in files {
-        if data.len() >= want {
-            break;
-        }
-        if let Ok(mut file) = fs::File::open(&f) {
-            let _ = (&mut file).take((want - data.len()) as u64).read_to_end(&mut data);
-        }
-    }
-    assert!(data.len() >= want / 2, "found only {} bytes of binaries under /usr", data.len());
+    let data = hoist_bench::gzip::binary_data(mib);
+    assert!(data.len() >= (mib << 20) / 2, "found only {} bytes of binaries under /usr", data.len());
     data
 }
 

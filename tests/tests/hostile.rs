@@ -261,10 +261,8 @@ struct Case {
 
 /// The result a case's own check sees.
 struct Outcome {
-    ok: bool,
     out: String,
     image: Vec<u8>,
-    took: Duration,
 }
 
 impl Case {
@@ -374,7 +372,7 @@ fn run_case(b: &Builder, canary: &Canary, case: &Case) -> Result<(), String> {
         problems.push(format!("mounts left under the builder's root: {m:?}"));
     }
     if let Some(check) = &case.check {
-        if let Err(e) = check(&Outcome { ok, out: out.clone(), image: image_bytes, took }) {
+        if let Err(e) = check(&Outcome { out: out.clone(), image: image_bytes }) {
             problems.push(e);
         }
     }
@@ -462,12 +460,6 @@ fn raw_tar(entries: &[TarEntry]) -> Vec<u8> {
     }
     out.extend(std::iter::repeat_n(0u8, 1024));
     out
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
 }
 
 /// Entries of a tar (path → content for files, "-> target" for links), from `-o type=tar`.
