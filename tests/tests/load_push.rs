@@ -429,23 +429,8 @@ fn two_platform_build_pushes_an_index_and_loads_the_hosts_platform() {
     let dir = tempfile::tempdir_in(test_tmp()).unwrap();
     let oci = dir.path().join("img.tar");
     h.build_ok(&["--platform", "linux/amd64,linux/arm64", "-o", &format!("type=oci,dest={}", oci.display()), in_dir(ctx.path())]);
-    let mut a = tar::Archive::new(std::fs::File::open(&oci).unwrap());
-    let mut index = None;
-    let mut blobs = std::collections::HashMap::new();
-    for e in a.entries().unwrap() {
-        let mut e = e.unwrap();
-        let p = e.path().unwrap().to_string_lossy().into_owned();
-        let mut d = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut d).unwrap();
-        if p == "index.json" {
-            index = Some(d);
-        } else if let Some(h) = p.strip_prefix("blobs/sha256/") {
-            blobs.insert(format!("sha256:{h}"), d);
-        }
-    }
-    let index: serde_json::Value = serde_json::from_slice(&index.expect("index.json")).unwrap();
-    let top = index["manifests"][0]["digest"].as_str().unwrap();
-    let inner: serde_json::Value = serde_json::from_slice(&blobs[top]).unwrap();
+    let a = OciArchive::read(&oci);
+    let inner = a.json(a.index["manifests"][0]["digest"].as_str().unwrap());
     let archs: Vec<&str> = inner["manifests"].as_array().unwrap().iter().map(|m| m["platform"]["architecture"].as_str().unwrap()).collect();
     assert_eq!(archs, vec!["amd64", "arm64"]);
     remove_images(&[&tag]);

@@ -58,28 +58,13 @@ fn build_oci(h: &Hoist, ctx: &Path, epoch_env: Option<u64>, epoch_arg: Option<u6
 /// Every (layer path, entry mtime) of the new layers in an OCI archive, and the config's
 /// `created`.
 fn layer_mtimes(archive: &Path) -> (Vec<(String, u64)>, String) {
-    let mut blobs = std::collections::HashMap::new();
-    let mut index = Vec::new();
-    let mut a = tar::Archive::new(std::fs::File::open(archive).unwrap());
-    for e in a.entries().unwrap() {
-        let mut e = e.unwrap();
-        let name = e.path().unwrap().display().to_string();
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
-        if name == "index.json" {
-            index = data;
-        } else if let Some(h) = name.strip_prefix("blobs/sha256/") {
-            blobs.insert(format!("sha256:{h}"), data);
-        }
-    }
-    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&blobs[index["manifests"][0]["digest"].as_str().unwrap()]).unwrap();
-    let config: serde_json::Value = serde_json::from_slice(&blobs[manifest["config"]["digest"].as_str().unwrap()]).unwrap();
+    let oci = OciArchive::read(archive);
+    let (manifest, config) = (oci.manifest(), oci.config());
     let mut out = Vec::new();
     // Skip the base image's layer (its files keep the mtimes it was built with).
     for l in manifest["layers"].as_array().unwrap().iter().skip(1) {
-        let blob = &blobs[l["digest"].as_str().unwrap()];
-        let mut t = tar::Archive::new(flate2::read::GzDecoder::new(blob.as_slice()));
+        let blob = oci.blob(l["digest"].as_str().unwrap());
+        let mut t = tar::Archive::new(flate2::read::GzDecoder::new(blob));
         for e in t.entries().unwrap() {
             let e = e.unwrap();
             out.push((e.path().unwrap().display().to_string(), e.header().mtime().unwrap()));

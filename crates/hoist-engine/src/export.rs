@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use hoist_oci::compress::Compression;
 use hoist_oci::digest::Digest;
-use hoist_oci::export::export_layer;
+use hoist_oci::export::{export_layer, recompress_blob};
 use hoist_oci::image::{media, Descriptor, Index, Manifest, PlatformSpec};
 use hoist_oci::layer::{write_layer_tar, TarOptions};
 use hoist_oci::reference::Reference;
@@ -119,26 +119,33 @@ impl Engine {
         let key = format!("blob:{diff_id}:{compression}");
         let engine = self.clone();
         let d = diff_id.clone();
+        // A stored blob of the layer is re-compressed (its tar is the layer's exact bytes; an
+        // extracted base layer re-tars differently); else the snapshot is tarred.
+        let source = known.iter().find(|b| usable(b)).map(|b| (b.digest.clone(), b.media_type.clone()));
         let (out, _) = self
             .inner
             .inflight
             .run(&key, &CancellationToken::new(), move |_| async move {
                 let store = engine.store().clone();
                 let dir = engine.snapshots().layer_dir(&d);
-                if !dir.is_dir() {
+                if source.is_none() && !dir.is_dir() {
                     return Err(Arc::new(export_err(format!("layer {d} is neither stored as a blob nor as a snapshot"))));
                 }
-                let exported = tokio::task::spawn_blocking(move || export_layer(&store, &dir, compression, &TarOptions::default()))
-                    .await
-                    .map_err(|e| Arc::new(export_err(e)))?
-                    .map_err(|e| Arc::new(export_err(e)))?;
-                if exported.diff_id != d {
+                let exported = tokio::task::spawn_blocking(move || match source {
+                    Some((blob, media_type)) => recompress_blob(&store, &blob, &media_type, compression)
+                        .map(|r| (r.diff_id, r.digest, r.size, r.media_type)),
+                    None => export_layer(&store, &dir, compression, &TarOptions::default()).map(|l| (l.diff_id, l.digest, l.size, l.media_type)),
+                })
+                .await
+                .map_err(|e| Arc::new(export_err(e)))?
+                .map_err(|e| Arc::new(export_err(e)))?;
+                let (exported_diff_id, digest, size, media_type) = exported;
+                if exported_diff_id != d {
                     return Err(Arc::new(export_err(format!(
-                        "layer {d} changed on disk (it now tars to {}); run `hoist cache reset`",
-                        exported.diff_id
+                        "layer {d} changed on disk (its content now hashes to {exported_diff_id}); run `hoist cache reset`"
                     ))));
                 }
-                let rec = BlobRecord { digest: exported.digest, size: exported.size, media_type: exported.media_type, original: false };
+                let rec = BlobRecord { digest, size, media_type, original: false };
                 engine.index().add_layer_blob(&d, rec).map_err(|e| Arc::new(export_err(e)))?;
                 Ok(Some(d))
             })

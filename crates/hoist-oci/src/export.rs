@@ -75,6 +75,42 @@ pub fn export_layer(store: &ContentStore, dir: &Path, compression: Compression, 
     Ok(ExportedLayer { diff_id, digest, size, media_type: compression.media_type().to_string(), uncompressed_size, stats })
 }
 
+/// A blob written by [`recompress_blob`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecompressedBlob {
+    /// SHA-256 of the uncompressed tar (the same for the source and the new blob).
+    pub diff_id: Digest,
+    /// Digest of the new blob.
+    pub digest: Digest,
+    /// Size of the new blob.
+    pub size: u64,
+    /// OCI media type of the new blob.
+    pub media_type: String,
+}
+
+/// Re-compress the stored layer blob `source` (of `media_type`) in `compression`, in one
+/// pass: blob → SHA-256 (checked against `source`) → decompress → SHA-256 (the diff_id) →
+/// compressor → content store. The tar bytes are the blob's own, so the diff_id is the
+/// layer's exactly — unlike re-tarring an extracted base layer, which gives another tar.
+pub fn recompress_blob(store: &ContentStore, source: &Digest, media_type: &str, compression: Compression) -> Result<RecompressedBlob, ExportError> {
+    let io_err = |source_err| ExportError::Io { what: format!("re-compressing layer blob {source} as {compression}"), source: source_err };
+    let mut compressed = HashingReader::new(BufReader::with_capacity(256 * 1024, store.open_blob(source)?));
+    let (diff_id, blob) = {
+        let mut decoder = decompress_reader(&mut compressed, Some(media_type))?;
+        let mut tar_hash = HashingWriter::new(compression.writer(store.writer()?)?);
+        io::copy(&mut decoder, &mut tar_hash).map_err(io_err)?;
+        let (compressor, diff_id, _) = tar_hash.finish();
+        (diff_id, compressor.finish().map_err(io_err)?)
+    };
+    let (read, _) = compressed.drain_finish().map_err(io_err)?;
+    if read != *source {
+        return Err(ExportError::BlobDigestMismatch { expected: source.clone(), actual: read });
+    }
+    let size = blob.size();
+    let digest = blob.commit(None)?;
+    Ok(RecompressedBlob { diff_id, digest, size, media_type: compression.media_type().to_string() })
+}
+
 /// The diff_id of the layer in `dir` without storing anything: `(diff_id, tar size, empty)`
 /// where `empty` says the layer has no entries (a step that changed nothing).
 pub fn diff_id_of(dir: &Path, opts: &TarOptions) -> Result<(Digest, u64, bool), ExportError> {
@@ -300,6 +336,39 @@ mod tests {
         assert_eq!(got.uncompressed_size, tar_bytes.len() as u64);
         assert_eq!(got.digest, Digest::of(&gz));
         assert_eq!(got.size, gz.len() as u64);
+    }
+
+    /// Regression (issue 6): `force-compression=true` re-tarred the extracted base layer,
+    /// whose tar differs from the registry's (padding, order, headers), and failed with
+    /// "layer changed on disk". Re-compressing keeps the blob's own tar bytes.
+    #[test]
+    fn recompress_keeps_the_exact_tar_of_a_foreign_blob() {
+        let t = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(t.path().join("store")).unwrap();
+        let dir = t.path().join("layer");
+        tree(&dir, 1_650_000_000);
+        // A tar no re-tar of the extracted directory reproduces: padded like some tools do.
+        let mut tar_bytes = Vec::new();
+        write_layer_tar(&dir, &mut tar_bytes, &TarOptions::default()).unwrap();
+        tar_bytes.extend_from_slice(&[0u8; 8192]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
+        gz.write_all(&tar_bytes).unwrap();
+        let source = store.put(&gz.finish().unwrap()).unwrap();
+        let diff_id = Digest::of(&tar_bytes);
+        assert_ne!(diff_id_of(&dir, &TarOptions::default()).unwrap().0, diff_id, "re-tarring would change the layer");
+        for c in ALL {
+            let r = recompress_blob(&store, &source, MEDIA_TYPE_OCI_LAYER_GZIP, c).unwrap();
+            assert_eq!(r.diff_id, diff_id, "{c}");
+            assert_eq!(r.media_type, c.media_type());
+            let blob = fs::read(store.blob_path(&r.digest)).unwrap();
+            assert_eq!((Digest::of(&blob), blob.len() as u64), (r.digest.clone(), r.size), "{c}");
+            assert!(decompress_all(&blob) == tar_bytes, "{c}: the new blob holds the same tar");
+        }
+        // A source that no longer matches its digest is refused, naming it.
+        let junk = store.put(b"not a layer").unwrap();
+        fs::write(store.blob_path(&junk), b"tampered").unwrap();
+        let err = recompress_blob(&store, &junk, MEDIA_TYPE_OCI_LAYER_TAR, Compression::Zstd { level: 3 }).unwrap_err();
+        assert!(matches!(err, ExportError::BlobDigestMismatch { .. }) && err.to_string().contains(junk.as_str()), "{err}");
     }
 
     #[test]

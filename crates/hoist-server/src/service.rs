@@ -776,6 +776,12 @@ impl BuilderService {
             registry: registry.clone(),
         };
 
+        // Bad output options fail now, not after the whole build (BuildKit, too, resolves its
+        // exporters before solving).
+        for out in &req.outputs {
+            output_compression(&out.attrs)?;
+        }
+
         // Progress: engine events → stream events.
         let (ptx, prx) = mpsc::unbounded_channel::<Event>();
         let forward = tokio::spawn(forward_events(prx, tx.clone(), log, MAX_QUEUED_LOG));
@@ -846,9 +852,7 @@ impl BuilderService {
         report: &mut OutputsReport,
     ) -> Result<Option<String>, Status> {
         let attrs = &out.attrs;
-        let compression = Compression::from_attrs(attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let force = attrs.get("force-compression").is_some_and(|v| v == "true");
+        let (compression, force) = output_compression(attrs)?;
         let tags: Vec<String> = match attrs.get("name") {
             Some(n) => n.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
             None => req.tags.clone(),
@@ -858,7 +862,7 @@ impl BuilderService {
             "image" | "registry" => {
                 let set = engine.export_images(images, compression, force).await.map_err(engine_status)?;
                 report.manifests.extend(set.images.iter().map(crate::exports::manifest_ref));
-                let push = out.r#type == "registry" || attrs.get("push").is_some_and(|v| v == "true");
+                let push = out.r#type == "registry" || bool_attr(attrs, "push")?;
                 if push {
                     if tags.is_empty() {
                         return Err(Status::invalid_argument("--push needs at least one -t/--tag (or name= in --output)"));
@@ -867,7 +871,7 @@ impl BuilderService {
                         .iter()
                         .map(|t| Reference::parse(t).map_err(|e| Status::invalid_argument(e.to_string())))
                         .collect::<Result<Vec<_>, _>>()?;
-                    let by_digest = attrs.get("push-by-digest").is_some_and(|v| v == "true");
+                    let by_digest = bool_attr(attrs, "push-by-digest")?;
                     let outcomes = engine.push_all(&set, &refs, registry, by_digest).await;
                     report.pushes.extend(outcomes.iter().map(|o| v1::PushReport {
                         reference: o.reference.to_string(),
@@ -931,6 +935,24 @@ impl BuilderService {
                 "output type {other:?} is not supported: use image, registry, docker, oci, tar, local, proxy or save"
             ))),
         }
+    }
+}
+
+/// The layer compression an output asks for: `compression=`, `compression-level=` and
+/// `force-compression=`.
+fn output_compression(attrs: &HashMap<String, String>) -> Result<(Compression, bool), Status> {
+    let compression = Compression::from_attrs(attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok((compression, bool_attr(attrs, "force-compression")?))
+}
+
+/// A boolean output attribute as BuildKit reads it (Go's `strconv.ParseBool`); absent is false.
+fn bool_attr(attrs: &HashMap<String, String>, key: &str) -> Result<bool, Status> {
+    match attrs.get(key).map(|v| v.trim()) {
+        None => Ok(false),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
+        Some(v) => Err(Status::invalid_argument(format!("invalid {key} {v:?}: expected true or false"))),
     }
 }
 
@@ -1000,6 +1022,21 @@ mod forward_tests {
         assert!(log_bytes <= max + (64 << 10) * 4, "{log_bytes} bytes were queued");
         assert!(log_bytes >= 64 << 10, "some output got through");
         assert!(log.lock().unwrap().text.len() < 2 << 20, "the build log stays bounded");
+    }
+
+    /// Regression (issue 6): `force-compression=maybe` (or `=1`) was silently taken as false.
+    #[test]
+    fn force_compression_is_a_boolean_and_bad_values_name_the_option() {
+        let attrs = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>();
+        let (c, force) = output_compression(&attrs(&[("compression", "zstd"), ("force-compression", "1")])).unwrap();
+        assert_eq!((c, force), (Compression::Zstd { level: 3 }, true));
+        assert!(!output_compression(&attrs(&[("force-compression", "False")])).unwrap().1);
+        assert!(!output_compression(&attrs(&[])).unwrap().1);
+        let e = output_compression(&attrs(&[("force-compression", "maybe")])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("force-compression") && e.message().contains("maybe"), "{}", e.message());
+        let e = output_compression(&attrs(&[("compression", "lz4")])).unwrap_err();
+        assert!(e.message().contains("lz4"), "{}", e.message());
     }
 
     /// Regression (issue 7): an error quoting a 120 KiB Dockerfile line went out whole in the

@@ -317,3 +317,58 @@ pub fn count_before(text: &str, label: &str) -> u64 {
     let at = text.find(label).unwrap_or_else(|| panic!("{label:?} not in:\n{text}"));
     text[..at].trim_end().rsplit(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no number before {label:?} in:\n{text}"))
 }
+
+/// `sha256:<hex>` of `data`.
+pub fn sha256_digest(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// An OCI image layout archive (`-o type=oci,dest=...`) read into memory: `index.json` and
+/// every blob by digest.
+pub struct OciArchive {
+    pub index: serde_json::Value,
+    pub blobs: std::collections::HashMap<String, Vec<u8>>,
+}
+
+impl OciArchive {
+    /// Read the archive at `path` (panics naming what is missing).
+    pub fn read(path: &Path) -> OciArchive {
+        let mut index = None;
+        let mut blobs = std::collections::HashMap::new();
+        let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        let mut a = tar::Archive::new(file);
+        for e in a.entries().expect("reading the OCI archive") {
+            let mut e = e.expect("an entry of the OCI archive");
+            let name = e.path().expect("entry path").to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).expect("reading an entry of the OCI archive");
+            if name == "index.json" {
+                index = Some(serde_json::from_slice(&data).expect("index.json is JSON"));
+            } else if let Some(h) = name.strip_prefix("blobs/sha256/") {
+                blobs.insert(format!("sha256:{h}"), data);
+            }
+        }
+        OciArchive { index: index.unwrap_or_else(|| panic!("{} has no index.json", path.display())), blobs }
+    }
+
+    /// The bytes of blob `digest`.
+    pub fn blob(&self, digest: &str) -> &[u8] {
+        self.blobs.get(digest).unwrap_or_else(|| panic!("blob {digest} is not in the archive"))
+    }
+
+    /// Blob `digest` parsed as JSON.
+    pub fn json(&self, digest: &str) -> serde_json::Value {
+        serde_json::from_slice(self.blob(digest)).unwrap_or_else(|e| panic!("blob {digest} is not JSON: {e}"))
+    }
+
+    /// The manifest `index.json` points at first (the image of a one-platform build).
+    pub fn manifest(&self) -> serde_json::Value {
+        self.json(self.index["manifests"][0]["digest"].as_str().expect("index.json lists a manifest"))
+    }
+
+    /// The config of [`OciArchive::manifest`].
+    pub fn config(&self) -> serde_json::Value {
+        self.json(self.manifest()["config"]["digest"].as_str().expect("the manifest has a config"))
+    }
+}

@@ -716,6 +716,8 @@ impl<'a> Converter<'a> {
                 !self.declared_args.contains(*k)
                     && !PROXY_ARGS.iter().any(|p| p.eq_ignore_ascii_case(k))
                     && !is_platform_arg(k)
+                    // the exporter consumes it (layer and config timestamps)
+                    && k.as_str() != "SOURCE_DATE_EPOCH"
             })
             .cloned()
             .collect();

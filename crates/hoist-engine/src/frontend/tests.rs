@@ -481,6 +481,12 @@ fn unused_build_args_are_a_warning() {
 }
 
 #[test]
+fn source_date_epoch_is_consumed_by_the_exporter_not_reported_unused() {
+    let g = build_with("FROM busybox\n", &with_args(&[("SOURCE_DATE_EPOCH", "1700000000"), ("OTHER", "1")])).unwrap();
+    assert_eq!(g.warnings, s(&["one or more build-args [OTHER] were not consumed"]));
+}
+
+#[test]
 fn workdir_is_relative_to_the_previous_one_and_creates_the_directory() {
     let g = build("FROM busybox\nWORKDIR /app\nWORKDIR src\nUSER nobody\nWORKDIR ../lib\nWORKDIR /\nRUN pwd\n");
     let st = target(&g);
