@@ -285,9 +285,9 @@ pub async fn sync(client: &mut Client, session: String, walked: &WalkedContext) 
         let (tx, rx) = tokio::sync::mpsc::channel::<v1::BlobChunk>(8);
         let reader = tokio::task::spawn_blocking(move || -> io::Result<u64> {
             let mut total = 0u64;
+            let mut buf = vec![0u8; CHUNK];
             for (digest, path) in uploads {
                 let mut f = fs::File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-                let mut buf = vec![0u8; CHUNK];
                 let mut sent_any = false;
                 loop {
                     let n = read_full(&mut f, &mut buf)?;

@@ -208,6 +208,7 @@ impl ContextStore {
     /// Check a manifest and answer which file digests must be uploaded.
     pub fn prepare(&self, manifest: v1::ContextManifest) -> Result<(String, Vec<String>), ContextError> {
         let mut missing = Vec::new();
+        let mut asked = std::collections::HashSet::new();
         let mut missing_bytes = 0;
         let l = self.limits;
         let n = manifest.entries.len() as u64;
@@ -248,7 +249,7 @@ impl ContextStore {
             }
             if e.kind == v1::EntryKind::File as i32 {
                 let d: Digest = e.digest.parse().map_err(|err| ContextError::Manifest(format!("{}: {err}", e.path)))?;
-                if !self.blobs.contains(&d) && !missing.contains(&e.digest) {
+                if !self.blobs.contains(&d) && asked.insert(e.digest.as_str()) {
                     missing.push(e.digest.clone());
                     missing_bytes += e.size;
                 }
@@ -405,6 +406,7 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
     }
     let mut written = 0;
     let mut dirs = Vec::new();
+    let mut files = Vec::new();
     for (path, rec) in &by_path(&new) {
         let p = root.join(os(&unkey(path)));
         let same = trusted && old.get(path.as_str()) == Some(rec);
@@ -430,23 +432,37 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
                 set_mtime(&p, rec, false)?;
             }
             _ => {
-                if !unchanged_content {
+                let src = if unchanged_content {
+                    None
+                } else {
                     let d: Digest = rec.digest.parse().map_err(|e| ContextError::Manifest(format!("{path}: {e}")))?;
                     let src = blobs.blob_path(&d);
                     if !src.is_file() {
                         return Err(ContextError::MissingBlob { digest: rec.digest.clone() });
                     }
-                    // Written beside the tree, then renamed in: never a half file in it.
-                    let tmp = dir.join("incoming");
-                    fs::copy(&src, &tmp).map_err(io_err(&tmp))?;
-                    fs::rename(&tmp, &p).map_err(io_err(&p))?;
                     written += 1;
-                }
-                fs::set_permissions(&p, fs::Permissions::from_mode(rec.mode)).map_err(io_err(&p))?;
-                set_mtime(&p, rec, true)?;
+                    Some(src)
+                };
+                files.push((p, src, rec.clone()));
             }
         }
     }
+    // Files on every core (creating many small files is syscall-bound). A crash in the middle
+    // leaves no state.json, so the next build rebuilds the tree: no half file is ever trusted.
+    let write_file = |(p, src, rec): &(PathBuf, Option<PathBuf>, Recorded)| -> Result<(), ContextError> {
+        if let Some(src) = src {
+            let _ = fs::remove_file(p);
+            fs::copy(src, p).map_err(io_err(p))?;
+        }
+        fs::set_permissions(p, fs::Permissions::from_mode(rec.mode)).map_err(io_err(p))?;
+        set_mtime(p, rec, true)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let chunk = files.len().div_ceil(threads).max(256);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = files.chunks(chunk).map(|part| scope.spawn(move || part.iter().try_for_each(write_file))).collect();
+        workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| Err(ContextError::Io { path: root.clone(), message: "a context writer panicked".into() })))
+    })?;
     // Directories last (deepest first), so that writing their children did not change them.
     for (p, rec) in dirs.iter().rev() {
         fs::set_permissions(p, fs::Permissions::from_mode(rec.mode)).map_err(io_err(p))?;
