@@ -514,21 +514,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     }
     renderer.finish();
     let result = result.ok_or_else(|| anyhow!("the builder closed the connection before the build finished"))?;
-    for s in sinks.iter_mut() {
-        if s.as_ref().is_some_and(|s| s.started()) {
-            // A load the builder exported for: wait for it.
-            if let Some(sink) = s.take() {
-                let note = sink.finish().await?;
-                if mode != Mode::Quiet {
-                    eprintln!("hoist: {note}");
-                }
-            }
-        }
-    }
-    for s in sinks.iter_mut().flatten() {
-        s.abort();
-        bail!("the builder did not send the output {}", s.describe());
-    }
+    finish_sinks(&mut sinks, mode).await?;
     if mode != Mode::Quiet {
         for p in &result.pushes {
             eprintln!("hoist: {}", push_line(p));
@@ -571,6 +557,26 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Finish every client-side output the builder sent (a load waits for the engine), saying
+/// what each did; an output the builder never sent is an error.
+pub async fn finish_sinks(sinks: &mut [Option<OutputSink>], mode: Mode) -> anyhow::Result<()> {
+    for s in sinks.iter_mut() {
+        if s.as_ref().is_some_and(|s| s.started()) {
+            if let Some(sink) = s.take() {
+                let note = sink.finish().await?;
+                if mode != Mode::Quiet {
+                    eprintln!("hoist: {note}");
+                }
+            }
+        }
+    }
+    for s in sinks.iter_mut().flatten() {
+        s.abort();
+        bail!("the builder did not send the output {}", s.describe());
+    }
+    Ok(())
 }
 
 /// One line saying what a push to one reference did.

@@ -18,7 +18,7 @@ use hoist_oci::digest::Digest;
 use hoist_oci::image::{media, Descriptor, Index, PlatformSpec};
 use hoist_oci::reference::Reference;
 
-use crate::build::{human_bytes, make_request, push_line, sync_context, BuildArgs, Inputs};
+use crate::build::{finish_sinks, human_bytes, make_request, push_line, sync_context, BuildArgs, Inputs};
 use crate::conn::addr_is_local;
 use crate::outputs::{OutputSink, OutputSpec};
 use crate::progress::{Mode, Renderer};
@@ -219,20 +219,7 @@ pub async fn run(args: &BuildArgs, inputs: &Inputs, ignore: Option<&IgnoreMatche
             bail!("builder {} closed the connection before the build finished", part.addr);
         }
     }
-    for s in sinks.iter_mut() {
-        if s.as_ref().is_some_and(|s| s.started()) {
-            if let Some(sink) = s.take() {
-                let note = sink.finish().await?;
-                if mode != Mode::Quiet {
-                    eprintln!("hoist: {note}");
-                }
-            }
-        }
-    }
-    for s in sinks.iter_mut().flatten() {
-        s.abort();
-        bail!("the builders did not send the output {}", s.describe());
-    }
+    finish_sinks(&mut sinks, mode).await?;
 
     // Per-platform manifests in the order the platforms were asked for.
     let mut manifests: Vec<v1::ManifestRef> = results.values().flat_map(|r| r.manifests.clone()).collect();

@@ -150,7 +150,7 @@ impl Engine {
                 Ok(Some(d))
             })
             .await;
-        out.map_err(|e| export_err(e))?;
+        out.map_err(export_err)?;
         let known = self.index().layer_blobs(diff_id).map_err(export_err)?;
         known
             .into_iter()
@@ -161,12 +161,12 @@ impl Engine {
     /// Build manifests (and an index for several platforms) for `images`, making blobs as
     /// needed. Everything is stored in the content store.
     pub async fn export_images(&self, images: &[BuiltImage], compression: Compression, force: bool) -> Result<ExportedSet, EngineError> {
-        let mut out = Vec::new();
+        let mut layers = Vec::new();
         for img in images {
-            let mut layers = Vec::new();
+            let mut of_image = Vec::new();
             for d in img.diff_ids() {
                 let b = self.layer_blob(d, compression, force).await?;
-                layers.push(Descriptor {
+                of_image.push(Descriptor {
                     media_type: media::oci_layer(&b.media_type).to_string(),
                     digest: b.digest,
                     size: b.size,
@@ -174,19 +174,17 @@ impl Engine {
                     annotations: None,
                 });
             }
-            let manifest = Manifest {
-                schema_version: 2,
-                media_type: Some(media::OCI_MANIFEST.into()),
-                config: Descriptor {
-                    media_type: media::OCI_CONFIG.into(),
-                    digest: img.config_digest.clone(),
-                    size: img.config_bytes.len() as u64,
-                    platform: None,
-                    annotations: None,
-                },
-                layers,
-                annotations: None,
-            };
+            layers.push(of_image);
+        }
+        self.assemble_images(images, layers)
+    }
+
+    /// Store the manifest of each image (with `layers[i]` for `images[i]`), its config and,
+    /// for several platforms, an index over them.
+    pub fn assemble_images(&self, images: &[BuiltImage], layers: Vec<Vec<Descriptor>>) -> Result<ExportedSet, EngineError> {
+        let mut out = Vec::new();
+        for (img, layers) in images.iter().zip(layers) {
+            let manifest = Manifest::oci(img.config_digest.clone(), img.config_bytes.len() as u64, layers);
             let manifest_bytes = serde_json::to_vec(&manifest).map_err(export_err)?;
             let manifest_digest = self.store().put(&manifest_bytes).map_err(export_err)?;
             self.store().put(&img.config_bytes).map_err(export_err)?;

@@ -194,6 +194,19 @@ pub struct Manifest {
     pub annotations: Option<BTreeMap<String, String>>,
 }
 
+impl Manifest {
+    /// An OCI image manifest of a config (its digest and size) and layers.
+    pub fn oci(config_digest: Digest, config_size: u64, layers: Vec<Descriptor>) -> Manifest {
+        Manifest {
+            schema_version: 2,
+            media_type: Some(media::OCI_MANIFEST.into()),
+            config: Descriptor { media_type: media::OCI_CONFIG.into(), digest: config_digest, size: config_size, platform: None, annotations: None },
+            layers,
+            annotations: None,
+        }
+    }
+}
+
 /// An image index / manifest list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Index {

@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hoist_engine::cache::{SavedImage, SavedRecord};
-use hoist_engine::export::{ExportedImage, ExportedSet};
+use hoist_engine::export::ExportedSet;
 use hoist_engine::gc::LeaseSet;
 use hoist_engine::graph::Platform;
 use hoist_engine::{BuiltImage, Engine};
 use hoist_oci::digest::Digest;
 use hoist_oci::compress::Compression;
-use hoist_oci::image::{media, Descriptor, ImageConfig, Manifest};
+use hoist_oci::image::{media, Descriptor, ImageConfig};
 use hoist_oci::layer::{write_layer_tar, TarOptions};
 use hoist_proto::v1;
 
@@ -226,7 +226,7 @@ pub async fn export_for_client(
         return Ok((set, HashMap::new()));
     }
     let mut snapshots = HashMap::new();
-    let mut out = Vec::new();
+    let mut all_layers = Vec::new();
     for img in images {
         let mut layers = Vec::new();
         for d in img.diff_ids() {
@@ -253,58 +253,10 @@ pub async fn export_for_client(
             };
             layers.push(Descriptor { media_type, digest, size, platform: None, annotations: None });
         }
-        let manifest = Manifest {
-            schema_version: 2,
-            media_type: Some(media::OCI_MANIFEST.into()),
-            config: Descriptor {
-                media_type: media::OCI_CONFIG.into(),
-                digest: img.config_digest.clone(),
-                size: img.config_bytes.len() as u64,
-                platform: None,
-                annotations: None,
-            },
-            layers,
-            annotations: None,
-        };
-        let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| store_err(&e))?;
-        let manifest_digest = engine.store().put(&manifest_bytes).map_err(|e| store_err(&e))?;
-        engine.store().put(&img.config_bytes).map_err(|e| store_err(&e))?;
-        out.push(ExportedImage {
-            platform: img.platform.clone(),
-            config_digest: img.config_digest.clone(),
-            config_size: img.config_bytes.len() as u64,
-            manifest,
-            manifest_bytes,
-            manifest_digest,
-        });
+        all_layers.push(layers);
     }
-    let index = if out.len() > 1 {
-        let idx = hoist_oci::image::Index {
-            schema_version: 2,
-            media_type: Some(media::OCI_INDEX.into()),
-            manifests: out
-                .iter()
-                .map(|e| Descriptor {
-                    media_type: media::OCI_MANIFEST.into(),
-                    digest: e.manifest_digest.clone(),
-                    size: e.manifest_bytes.len() as u64,
-                    platform: Some(hoist_oci::image::PlatformSpec {
-                        architecture: e.platform.architecture.clone(),
-                        os: e.platform.os.clone(),
-                        variant: Some(e.platform.variant_arg()).filter(|v| !v.is_empty()),
-                    }),
-                    annotations: None,
-                })
-                .collect(),
-            annotations: None,
-        };
-        let bytes = serde_json::to_vec(&idx).map_err(|e| store_err(&e))?;
-        let d = engine.store().put(&bytes).map_err(|e| store_err(&e))?;
-        Some((bytes, d))
-    } else {
-        None
-    };
-    Ok((ExportedSet { images: out, index }, snapshots))
+    let set = engine.assemble_images(images, all_layers).map_err(|e| store_err(&e))?;
+    Ok((set, snapshots))
 }
 
 /// A `Write` that drops the first `skip` bytes and hands the rest on in chunks.
