@@ -22,7 +22,7 @@ use hoist_bench::stats::{median, ratio};
 use hoist_bench::workloads::{self, Workload};
 use serde_json::json;
 
-const SCENARIOS: &[&str] = &["cold", "warm", "incremental", "teammate", "teammate-load", "load", "push", "docker-archive"];
+const SCENARIOS: &[&str] = &["cold", "warm", "incremental", "teammate", "teammate-load", "teammate-push", "load", "push", "docker-archive"];
 const TOOLS: &[&str] = &["hoist", "buildkit", "buildah"];
 
 #[derive(Parser, Debug)]
@@ -37,8 +37,8 @@ struct Args {
     /// Workloads to run (default all): webapp, cproject, biglayer, context50k, parallel.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Scenarios (default all): cold, warm, incremental, teammate, teammate-load, load, push,
-    /// docker-archive.
+    /// Scenarios (default all): cold, warm, incremental, teammate, teammate-load,
+    /// teammate-push, load, push, docker-archive.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Builders (default all): hoist, buildkit, buildah.
@@ -420,6 +420,10 @@ trait Builder {
     fn teammate_load(&mut self, _w: &Workload, _checkout: &Path, _log: &Path) -> Option<anyhow::Result<Sample>> {
         None
     }
+    /// The teammate scenario with the result pushed to an empty registry.
+    fn teammate_push(&mut self, _w: &Workload, _checkout: &Path, _reg: &Registry, _log: &Path) -> Option<anyhow::Result<Sample>> {
+        None
+    }
     /// hoist only: export the cached image as a docker archive (see [`docker_archive`]).
     fn docker_archive(&mut self, _w: &Workload, _workdir: &Path, _log: &Path) -> Option<anyhow::Result<Sample>> {
         None
@@ -488,10 +492,10 @@ impl Hoist {
         Ok(s)
     }
 
-    /// The teammate scenario: alice builds on a fresh `hoist serve`, then bob (another home,
-    /// another token, a fresh checkout) builds the same with `extra` flags; bob's build is
-    /// measured.
-    fn teammate_with(&mut self, w: &Workload, checkout: &Path, extra: &[&str], log: &Path) -> anyhow::Result<Sample> {
+    /// The teammate scenario: alice builds on a fresh `hoist serve` (with `alice_extra`
+    /// flags), then bob (another home, another token, a fresh checkout) builds the same with
+    /// `extra` flags; bob's build is measured.
+    fn teammate_with(&mut self, w: &Workload, checkout: &Path, alice_extra: &[&str], extra: &[&str], tag: &str, log: &Path) -> anyhow::Result<Sample> {
         self.cleanup();
         let root = self.fresh()?;
         let port = free_port()?;
@@ -525,11 +529,11 @@ impl Hoist {
                     .env_remove("HOIST_ROOT")
                     .env_remove("HOIST_PROJECT")
                     .env_remove("SOURCE_DATE_EPOCH")
-                    .args(["build", "--progress=plain", "--network=host", "-t", &Self::tag(w)]);
+                    .args(["build", "--progress=plain", "--network=host", "-t", tag]);
                 c
             };
             let mut a = client("alice", &token_a);
-            a.arg(&w.dir);
+            a.args(alice_extra).arg(&w.dir);
             run_timed(a, log)?;
             reset_hwm(server.id() as i32);
             let mut b = client("bob", &token_b);
@@ -592,7 +596,13 @@ impl Builder for Hoist {
     }
 
     fn teammate(&mut self, w: &Workload, checkout: &Path, _reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
-        self.teammate_with(w, checkout, &[], log)
+        self.teammate_with(w, checkout, &[], &[], &Self::tag(w), log)
+    }
+
+    fn teammate_push(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> Option<anyhow::Result<Sample>> {
+        let tag = format!("{}/hoist-bench/{}:teammate", reg.host(), w.name);
+        // as with BuildKit's inline-cache image, the registry already holds what alice pushed
+        Some(self.teammate_with(w, checkout, &["--push"], &["--push"], &tag, log))
     }
 
     fn teammate_load(&mut self, w: &Workload, checkout: &Path, log: &Path) -> Option<anyhow::Result<Sample>> {
@@ -602,7 +612,7 @@ impl Builder for Hoist {
             run_ignore(c)
         };
         rmi();
-        let r = self.teammate_with(w, checkout, &["--load"], log);
+        let r = self.teammate_with(w, checkout, &[], &["--load"], &Self::tag(w), log);
         rmi();
         Some(r)
     }
@@ -720,6 +730,23 @@ impl Builder for BuildKit {
         self.reset()?;
         let t = self.docker_build(checkout, &Self::tag(w), &["--cache-from", &cache], log)?;
         Ok(from_progress(&t, true))
+    }
+
+    fn teammate_push(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> Option<anyhow::Result<Sample>> {
+        let tag = format!("{}/hoist-bench/{}:teammate", reg.host(), w.name);
+        let r = self.teammate(w, checkout, reg, log).and_then(|mut s| {
+            let mut tag_cmd = docker();
+            tag_cmd.args(["tag", &Self::tag(w), &tag]);
+            run_quiet(tag_cmd)?;
+            let mut push = docker();
+            push.args(["push", &tag]);
+            let p = run_timed(push, log)?;
+            s.note = format!("build {:.2}s + push {:.2}s", s.secs, p.secs);
+            s.secs += p.secs;
+            Ok(s)
+        });
+        self.images.push(tag);
+        Some(r)
     }
 
     fn finish(&mut self) {
@@ -945,7 +972,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("   {}", w.description);
         descriptions.insert(name.clone(), w.description.clone());
         let checkout = workdir.join("teammate-checkout").join(name);
-        if want("teammate") || want("teammate-load") {
+        if want("teammate") || want("teammate-load") || want("teammate-push") {
             checkout_copy(&w.dir, &checkout)?;
         }
         let mut builders: Vec<Box<dyn Builder>> = Vec::new();
@@ -1006,6 +1033,12 @@ fn main() -> anyhow::Result<()> {
                         results.add(name, "teammate-load", tool, r.as_ref().map(|s| s.clone()).map_err(|e| anyhow!("{e:#}")));
                     }
                     results.add(name, "teammate", tool, r);
+                }
+                if want("teammate-push") {
+                    w.restore()?;
+                    if let Some(r) = Registry::start(&workdir).map(|reg| b.teammate_push(&w, &checkout, &reg, &log("teammate-push"))).transpose() {
+                        results.add(name, "teammate-push", tool, r.and_then(|r| r));
+                    }
                 }
                 if want("teammate-load") {
                     w.restore()?;
@@ -1184,6 +1217,12 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
             &format!("{w}: teammate, loaded into an engine lacking its layers, hoist / BuildKit"),
             ratio(r.secs(w, "teammate-load", "hoist"), r.secs(w, "teammate-load", "buildkit")),
             0.5,
+            true,
+        );
+        out += &goal(
+            &format!("{w}: teammate, result pushed, hoist / BuildKit"),
+            ratio(r.secs(w, "teammate-push", "hoist"), r.secs(w, "teammate-push", "buildkit")),
+            0.2,
             true,
         );
     }

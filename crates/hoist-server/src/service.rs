@@ -950,9 +950,8 @@ fn output_compression(attrs: &HashMap<String, String>) -> Result<(Compression, b
 fn bool_attr(attrs: &HashMap<String, String>, key: &str) -> Result<bool, Status> {
     match attrs.get(key).map(|v| v.trim()) {
         None => Ok(false),
-        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
-        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
-        Some(v) => Err(Status::invalid_argument(format!("invalid {key} {v:?}: expected true or false"))),
+        Some(v) => hoist_dockerfile::gocompat::parse_bool(v)
+            .ok_or_else(|| Status::invalid_argument(format!("invalid {key} {v:?}: expected true or false"))),
     }
 }
 
