@@ -317,18 +317,24 @@ mod tests {
         }
     }
 
+    /// A test tree at `dir`, its layer tar padded to a record as some tools write it, and
+    /// that tar gzipped: (tar, gzip).
+    fn padded_gzip_layer(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+        tree(dir, 1_650_000_000);
+        let mut tar_bytes = Vec::new();
+        write_layer_tar(dir, &mut tar_bytes, &TarOptions::default()).unwrap();
+        tar_bytes.extend_from_slice(&[0u8; 8192]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
+        gz.write_all(&tar_bytes).unwrap();
+        (tar_bytes, gz.finish().unwrap())
+    }
+
     #[test]
     fn diff_id_covers_padding_after_the_end_of_archive() {
         // Some tools pad tars to a 10 KiB record; the diff_id is of the whole stream.
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("layer");
-        tree(&dir, 1_650_000_000);
-        let mut tar_bytes = Vec::new();
-        write_layer_tar(&dir, &mut tar_bytes, &TarOptions::default()).unwrap();
-        tar_bytes.extend_from_slice(&[0u8; 8192]);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
-        gz.write_all(&tar_bytes).unwrap();
-        let gz = gz.finish().unwrap();
+        let (tar_bytes, gz) = padded_gzip_layer(&dir);
         let dest = t.path().join("dest");
         fs::create_dir(&dest).unwrap();
         let got = extract_stream(&gz[..], Some(MEDIA_TYPE_OCI_LAYER_GZIP), &dest, &ExtractOptions::default()).unwrap();
@@ -346,14 +352,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let store = ContentStore::open(t.path().join("store")).unwrap();
         let dir = t.path().join("layer");
-        tree(&dir, 1_650_000_000);
         // A tar no re-tar of the extracted directory reproduces: padded like some tools do.
-        let mut tar_bytes = Vec::new();
-        write_layer_tar(&dir, &mut tar_bytes, &TarOptions::default()).unwrap();
-        tar_bytes.extend_from_slice(&[0u8; 8192]);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
-        gz.write_all(&tar_bytes).unwrap();
-        let source = store.put(&gz.finish().unwrap()).unwrap();
+        let (tar_bytes, gz) = padded_gzip_layer(&dir);
+        let source = store.put(&gz).unwrap();
         let diff_id = Digest::of(&tar_bytes);
         assert_ne!(diff_id_of(&dir, &TarOptions::default()).unwrap().0, diff_id, "re-tarring would change the layer");
         for c in ALL {
