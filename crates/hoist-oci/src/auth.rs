@@ -256,21 +256,7 @@ mod tests {
     static ENV: Mutex<()> = Mutex::new(());
 
     fn b64(s: &str) -> String {
-        // tiny standard base64 encoder, enough for test fixtures
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let b = s.as_bytes();
-        let mut out = String::new();
-        for chunk in b.chunks(3) {
-            let n = (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
+        crate::registry::base64_encode(s.as_bytes())
     }
 
     fn config(dir: &Path, json: &str) -> PathBuf {

@@ -1216,7 +1216,9 @@ fn basic_header(username: &str, password: &str) -> String {
     format!("Basic {}", base64_encode(format!("{username}:{password}").as_bytes()))
 }
 
-fn base64_encode(input: &[u8]) -> String {
+/// Standard base64 (RFC 4648, with padding), as docker config `auth` fields and Basic
+/// credentials use it.
+pub fn base64_encode(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
