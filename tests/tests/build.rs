@@ -50,6 +50,15 @@ fn warm_rebuild_runs_nothing_and_rereads_nothing() {
     assert!(inc.contains("2 steps run, 2 cached"), "{inc}");
     assert!(inc.contains("1 files hashed"), "{inc}");
     assert!(inc.contains("1 files sent"), "{inc}");
+    // A mode-only change is a change (COPY keeps modes); changing it back finds the cache.
+    use std::os::unix::fs::PermissionsExt;
+    let a = ctx.path().join("a.txt");
+    std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let chmod = h.build_ok(&[dir]);
+    assert!(chmod.contains("4 steps run, 0 cached"), "{chmod}");
+    std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let back = h.build_ok(&[dir]);
+    assert!(back.contains("0 steps run, 4 cached"), "{back}");
 }
 
 #[test]

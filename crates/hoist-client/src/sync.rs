@@ -87,7 +87,6 @@ pub struct WalkedContext {
 /// parents; files digested (via the cache). Symlinks among the reached entries extend the
 /// reach to their (in-context) targets.
 pub fn walk(dir: &Path, ignore: Option<&IgnoreMatcher>, reach: &mut Reach, cache: &mut StatCache) -> Result<WalkedContext, ClientError> {
-    let prior = cache.entries.clone();
     let (mut hashed_files, mut hashed_bytes) = (0, 0);
     for _ in 0..40 {
         let (mut walked, seen) = walk_once(dir, ignore, reach, cache)?;
@@ -103,10 +102,16 @@ pub fn walk(dir: &Path, ignore: Option<&IgnoreMatcher>, reach: &mut Reach, cache
         }
         if !grew {
             // Remember what this walk saw, and what it did not look at; forget files that
-            // are gone.
-            let mut keep: HashMap<String, StatEntry> = prior.into_iter().filter(|(p, _)| !reach.includes(p)).collect();
+            // are gone. (Files seen in earlier rounds are within the reach: replaced by
+            // `seen`.) Nothing to write when every file hit and none went.
+            let mut keep = std::mem::take(&mut cache.entries);
+            let before = keep.len();
+            keep.retain(|p, _| !reach.includes(p));
+            let unchanged = hashed_files == 0 && before - keep.len() == seen.len();
             keep.extend(seen);
-            cache.save(&keep);
+            if !unchanged {
+                cache.save(&keep);
+            }
             cache.entries = keep;
             walked.stats.hashed_files = hashed_files;
             walked.stats.hashed_bytes = hashed_bytes;

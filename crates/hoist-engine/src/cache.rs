@@ -1,6 +1,7 @@
 //! The cache index (redb): which layer each op's cache key produced, which base images a
 //! project pulled, which blobs exist for each layer, which manifest a tag resolved to, and
-//! the project's build records, and the images a project saved (`--save`) for `hoist pull`. Everything a project owns is keyed `<project>\0<key>`, so a
+//! the project's build records, the images a project saved (`--save`) for `hoist pull`, and
+//! what COPY steps read from known contexts (so an unchanged context is not walked again). Everything a project owns is keyed `<project>\0<key>`, so a
 //! project's share can be listed, pruned least-recently-used first, or reset.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,6 +18,8 @@ const LAYER_BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("layer_bl
 const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 const BUILDS: TableDefinition<&str, &[u8]> = TableDefinition::new("builds");
 const SAVED: TableDefinition<&str, &[u8]> = TableDefinition::new("saved");
+/// What a COPY reads from a given context: (op's sources, context digest) → source digest.
+const SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sources");
 
 /// Errors of the cache index.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +145,7 @@ impl CacheIndex {
         let idx = CacheIndex { db, path: p };
         // Create the tables so that readers never see "table does not exist".
         idx.write(|txn| {
-            for t in [STEPS, PULLS, LAYER_BLOBS, TAGS, BUILDS, SAVED] {
+            for t in [STEPS, PULLS, LAYER_BLOBS, TAGS, BUILDS, SAVED, SOURCES] {
                 txn.open_table(t)?;
             }
             Ok(())
@@ -206,6 +209,16 @@ impl CacheIndex {
     pub fn put_step(&self, ns: &str, key: &str, diff_id: Option<Digest>, size: u64) -> Result<(), CacheError> {
         let t = now();
         self.put(STEPS, &nskey(ns, key), &StepRecord { diff_id, created: t, last_used: t, size })
+    }
+
+    /// The source digest a COPY computed earlier for the same sources of the same context.
+    pub fn source_digest(&self, ns: &str, key: &str) -> Result<Option<Digest>, CacheError> {
+        self.get(SOURCES, &nskey(ns, key))
+    }
+
+    /// Remember a COPY's source digest (see [`CacheIndex::source_digest`]).
+    pub fn put_source_digest(&self, ns: &str, key: &str, digest: &Digest) -> Result<(), CacheError> {
+        self.put(SOURCES, &nskey(ns, key), digest)
     }
 
     /// Forget a step (its layer went missing).
@@ -335,7 +348,7 @@ impl CacheIndex {
         let (a, b) = prefix_end(ns);
         let mut n = 0;
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        for table in [STEPS, PULLS, TAGS, SAVED] {
+        for table in [STEPS, PULLS, TAGS, SAVED, SOURCES] {
             let mut t = txn.open_table(table).map_err(|e| self.db_err(e))?;
             let keys: Vec<String> = t
                 .range(a.as_str()..b.as_str())

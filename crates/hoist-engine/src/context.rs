@@ -64,6 +64,13 @@ impl Context {
         self.entries.get(rel).and_then(|e| e.digest.clone())
     }
 
+    /// Whether every path names its file exactly: names that are not UTF-8 are held lossily
+    /// here, so two of them can look alike (and [`Context::subtree_digest`] cannot tell them
+    /// apart).
+    pub fn names_exact(&self) -> bool {
+        !self.entries.keys().any(|p| p.contains('\u{FFFD}'))
+    }
+
     /// A digest of everything at or below `rel` (path, kind, mode, size, content, link),
     /// used to key `RUN --mount=type=bind` of the context.
     pub fn subtree_digest(&self, rel: &str) -> Digest {

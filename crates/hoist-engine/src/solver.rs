@@ -405,8 +405,24 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
             Source::Context => {
                 let ctx = b.req.context.clone();
                 let op = c.clone();
+                let engine = b.engine.clone();
+                let ns = b.req.namespace.clone();
                 let d = tokio::task::spawn_blocking(move || {
-                    crate::copy::source_digest(ctx.dir(), &op, &|p: &str| ctx.file_digest(p))
+                    // The context's tree is exactly its manifest, so what this COPY selects
+                    // from it is known once computed for the same manifest: the walk is
+                    // skipped when the context did not change.
+                    let memo = ctx.names_exact().then(|| {
+                        let m = format!("{}\0{:?}\0{:?}\0{}", ctx.subtree_digest(""), op.sources, op.exclude, op.parents);
+                        Digest::of(m.as_bytes()).to_string()
+                    });
+                    if let Some(Ok(Some(d))) = memo.as_ref().map(|m| engine.index().source_digest(&ns, m)) {
+                        return Ok(d);
+                    }
+                    let d = crate::copy::source_digest(ctx.dir(), &op, &|p: &str| ctx.file_digest(p))?;
+                    if let Some(Err(e)) = memo.as_ref().map(|m| engine.index().put_source_digest(&ns, m, &d)) {
+                        tracing::warn!("remembering a COPY's sources: {e}");
+                    }
+                    Ok::<_, crate::copy::CopyError>(d)
                 })
                 .await
                 .map_err(|e| step_error(b, step, e))?

@@ -154,6 +154,8 @@ pub struct ContextStore {
     limits: ContextLimits,
     /// Order of pending contexts, oldest first (to forget the oldest past [`MAX_PENDING`]).
     pending_order: Mutex<std::collections::VecDeque<String>>,
+    /// Held while a session tree claims a blob by hard-linking it (see [`place_file`]).
+    claim: Arc<Mutex<()>>,
 }
 
 /// A materialized context, holding its session directory against concurrent updates
@@ -191,6 +193,7 @@ impl ContextStore {
             sessions: Mutex::new(HashMap::new()),
             limits: ContextLimits::default(),
             pending_order: Mutex::new(std::collections::VecDeque::new()),
+            claim: Arc::new(Mutex::new(())),
         })
     }
 
@@ -231,6 +234,14 @@ impl ContextStore {
                 return Err(ContextError::Manifest(format!("path {:?} appears twice", e.path)));
             }
         }
+        // Many files: one listing of the store instead of a stat per file.
+        let files = manifest.entries.iter().filter(|e| e.kind == v1::EntryKind::File as i32).count();
+        let listed = if files > 256 {
+            Some(self.blobs.digests().map_err(|e| ContextError::Io { path: self.root.clone(), message: e.to_string() })?)
+        } else {
+            None
+        };
+        let present = |d: &Digest| listed.as_ref().map_or_else(|| self.blobs.contains(d), |l| l.contains(d));
         for e in &manifest.entries {
             // Every parent must be a directory of the manifest: never a symlink that a later
             // entry would be written through.
@@ -249,7 +260,7 @@ impl ContextStore {
             }
             if e.kind == v1::EntryKind::File as i32 {
                 let d: Digest = e.digest.parse().map_err(|err| ContextError::Manifest(format!("{}: {err}", e.path)))?;
-                if !self.blobs.contains(&d) && asked.insert(e.digest.as_str()) {
+                if !present(&d) && asked.insert(e.digest.as_str()) {
                     missing.push(e.digest.clone());
                     missing_bytes += e.size;
                 }
@@ -328,7 +339,8 @@ impl ContextStore {
         let blobs = self.blobs.clone();
         let entries = pending.entries.clone();
         let dir2 = dir.clone();
-        let written = tokio::task::spawn_blocking(move || update_dir(&dir2, &blobs, &entries))
+        let claim = self.claim.clone();
+        let written = tokio::task::spawn_blocking(move || update_dir(&dir2, &blobs, &entries, &claim))
             .await
             .map_err(|e| ContextError::Io { path: dir.clone(), message: e.to_string() })??;
         drop(write);
@@ -363,7 +375,7 @@ fn getrandom(buf: &mut [u8]) {
 
 /// Apply the manifest to `<dir>/root`, using `<dir>/state.json` as the record of what the
 /// directory holds. Returns how many entries were (re)written.
-fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) -> Result<u64, ContextError> {
+fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry], claim: &Mutex<()>) -> Result<u64, ContextError> {
     let root = dir.join("root");
     let state_path = dir.join("state.json");
     let old: BTreeMap<String, Recorded> = match fs::read(&state_path) {
@@ -371,13 +383,16 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
         Err(_) => BTreeMap::new(),
     };
     let trusted = !old.is_empty() && root.is_dir();
+    let new: BTreeMap<String, Recorded> = entries.iter().map(|e| (key(&path_bytes(e)), Recorded::of(e))).collect();
+    if trusted && old == new {
+        return Ok(0);
+    }
     if !trusted {
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).map_err(io_err(&root))?;
     }
     // Invalidate the record first: a crash in the middle leaves no trusted state.
     let _ = fs::remove_file(&state_path);
-    let new: BTreeMap<String, Recorded> = entries.iter().map(|e| (key(&path_bytes(e)), Recorded::of(e))).collect();
 
     // Remove what is gone or changed kind, deepest first.
     // Parents before children (deletion: children first), by path bytes: keys of names that
@@ -452,7 +467,7 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
     let write_file = |(p, src, rec): &(PathBuf, Option<PathBuf>, Recorded)| -> Result<(), ContextError> {
         if let Some(src) = src {
             let _ = fs::remove_file(p);
-            fs::copy(src, p).map_err(io_err(p))?;
+            place_file(src, p, claim)?;
         }
         fs::set_permissions(p, fs::Permissions::from_mode(rec.mode)).map_err(io_err(p))?;
         set_mtime(p, rec, true)
@@ -474,6 +489,22 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
     f.write_all(&bytes).map_err(io_err(&tmp))?;
     fs::rename(&tmp, &state_path).map_err(io_err(&state_path))?;
     Ok(written)
+}
+
+/// Put a context file at `p`: a hard link to its blob `src` when no session tree uses that
+/// blob yet (one inode, so the link's mode and times become this entry's: the store never
+/// reads them), else a copy. Nothing writes to a session file in place — a change replaces
+/// it, bind mounts are read-only or copy-on-write — so the blob's bytes stay intact.
+fn place_file(src: &Path, p: &Path, claim: &Mutex<()>) -> Result<(), ContextError> {
+    use std::os::unix::fs::MetadataExt;
+    {
+        let _claimed = claim.lock().unwrap_or_else(|e| e.into_inner());
+        if fs::metadata(src).is_ok_and(|m| m.nlink() == 1) && fs::hard_link(src, p).is_ok() {
+            return Ok(());
+        }
+    }
+    fs::copy(src, p).map_err(io_err(p))?;
+    Ok(())
 }
 
 fn set_mtime(p: &Path, rec: &Recorded, follow: bool) -> Result<(), ContextError> {
@@ -557,6 +588,48 @@ mod tests {
         let ctx = store.materialize(&id).await.unwrap();
         assert_eq!(ctx.stats.written, 1);
         assert_eq!(fs::read(ctx.context.dir().join("b")).unwrap(), b"B2");
+    }
+
+    #[tokio::test]
+    async fn a_blob_is_linked_into_one_tree_only_and_every_file_keeps_its_own_metadata() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let mut x = file("x", b"same", 0o600);
+        x.mtime = 1_000;
+        let mut y = file("y", b"same", 0o755);
+        y.mtime = 2_000;
+        // More files than `prepare` stats one by one: the store is listed instead.
+        let mut entries: Vec<_> = (0..300).map(|i| file(&format!("f{i:03}"), format!("f{i}").as_bytes(), 0o644)).collect();
+        entries.extend([x.clone(), y]);
+        let (id, missing) = store.prepare(v1::ContextManifest { session: "s1".into(), entries: entries.clone() }).unwrap();
+        assert_eq!(missing.len(), 301, "300 distinct files and one shared content");
+        for i in 0..300 {
+            upload(&store, format!("f{i}").as_bytes());
+        }
+        upload(&store, b"same");
+        let (_, missing) = store.prepare(v1::ContextManifest { session: "probe".into(), entries }).unwrap();
+        assert!(missing.is_empty(), "the listing sees every uploaded blob");
+        let one = store.materialize(&id).await.unwrap();
+        let (mx, my) = (fs::metadata(one.context.dir().join("x")).unwrap(), fs::metadata(one.context.dir().join("y")).unwrap());
+        assert_eq!((mx.mode() & 0o7777, mx.mtime()), (0o600, 1_000));
+        assert_eq!((my.mode() & 0o7777, my.mtime()), (0o755, 2_000));
+        assert_ne!(mx.ino(), my.ino(), "equal contents with different metadata are different files");
+        drop(one);
+        // Another session with the same content and other metadata gets its own file.
+        let mut z = x.clone();
+        z.path = "z".into();
+        z.mode = 0o644;
+        z.mtime = 3_000;
+        let (id2, missing) = store.prepare(v1::ContextManifest { session: "s2".into(), entries: vec![z] }).unwrap();
+        assert!(missing.is_empty());
+        let two = store.materialize(&id2).await.unwrap();
+        let mz = fs::metadata(two.context.dir().join("z")).unwrap();
+        assert_eq!((mz.mode() & 0o7777, mz.mtime()), (0o644, 3_000));
+        let mx = fs::metadata(store.session_dir("s1").join("root/x")).unwrap();
+        assert_eq!((mx.mode() & 0o7777, mx.mtime()), (0o600, 1_000), "the first session's file is untouched");
+        // The store's blob still holds its bytes.
+        assert_eq!(fs::read(store.blobs.blob_path(&Digest::of(b"same"))).unwrap(), b"same");
     }
 
     #[tokio::test]

@@ -157,6 +157,8 @@ pub enum CopyError {
     Archive { archive: String, entry: String, reason: String },
     #[error("ADD {archive}: refusing to extract: {reason}")]
     ArchiveLimit { archive: String, reason: String },
+    #[error("a copy worker thread panicked")]
+    Panicked,
 }
 
 fn io_error(op: &'static str, path: impl Into<String>) -> impl FnOnce(io::Error) -> CopyError {
@@ -536,6 +538,30 @@ impl ModeRule {
     }
 }
 
+/// A directory whose metadata is applied once the files below it are written.
+struct DirEnd {
+    target: PathBuf,
+    src: PathBuf,
+    meta: fs::Metadata,
+    /// Owner, mode, times and xattrs (a directory we created or may overwrite), or times only.
+    info: bool,
+}
+
+/// Regular files waiting to be copied, and directories waiting for them.
+#[derive(Default)]
+struct LeafBatch {
+    /// (source, target, source metadata)
+    files: Vec<(PathBuf, PathBuf, fs::Metadata)>,
+    /// (first copy of the file, source, target, source metadata)
+    links: Vec<(PathBuf, PathBuf, PathBuf, fs::Metadata)>,
+    dir_ends: Vec<DirEnd>,
+}
+
+impl LeafBatch {
+    /// Most files held at once (bounds memory on huge trees).
+    const MAX: usize = 4096;
+}
+
 /// The running copy: destination, rules, hard-link memory, stats.
 struct Copier<'a> {
     p: &'a CopyParams<'a>,
@@ -669,6 +695,10 @@ impl Copier<'_> {
         let exclude = self.exclude.take();
         // per directory on the walk: was it created by us, may we overwrite its metadata
         let mut dirs: Vec<(bool, bool)> = Vec::new();
+        // Regular files wait in a batch that is copied on every core (small files are
+        // syscall-bound); a directory's own metadata is applied only after every file below
+        // it is written.
+        let mut batch = LeafBatch::default();
         let res = walk(&item.real, &item.meta, include, exclude.as_ref(), &mut |ev| match ev {
             Ev::Dir { rel, .. } => {
                 let target = if rel.is_empty() { dst.to_path_buf() } else { dst.join(rel) };
@@ -688,50 +718,107 @@ impl Copier<'_> {
             Ev::DirEnd { rel, path, meta } => {
                 let target = if rel.is_empty() { dst.to_path_buf() } else { dst.join(rel) };
                 let (created, overwrite) = dirs.pop().unwrap_or((false, false));
-                if created || overwrite {
-                    self.apply_info(&target, Some(path), meta)
-                } else {
-                    // the destination directory itself keeps its owner and mode; BuildKit
-                    // gives it the source directory's times
-                    set_times(&target, meta.atime(), meta.atime_nsec(), meta.mtime(), meta.mtime_nsec())
-                        .map_err(io_error("utimes", self.shown(&target)))
+                batch.dir_ends.push(DirEnd { target, src: path.to_path_buf(), meta: meta.clone(), info: created || overwrite });
+                if batch.files.is_empty() && batch.links.is_empty() {
+                    self.flush(&mut batch)?;
                 }
+                Ok(())
             }
             Ev::Leaf { rel, path, meta } => {
                 let target = if rel.is_empty() { dst.to_path_buf() } else { dst.join(rel) };
-                self.copy_leaf(path, &target, meta)
+                if !meta.file_type().is_file() {
+                    return self.copy_leaf(path, &target, meta);
+                }
+                // A file linked more than once is copied the first time and linked to that
+                // copy after (fsutil keeps hard links within one source).
+                let first = if meta.nlink() > 1 {
+                    let key = (meta.dev(), meta.ino());
+                    let first = self.links.get(&key).cloned();
+                    if first.is_none() {
+                        self.links.insert(key, target.clone());
+                    }
+                    first
+                } else {
+                    None
+                };
+                match first {
+                    Some(first) => batch.links.push((first, path.to_path_buf(), target, meta.clone())),
+                    None => batch.files.push((path.to_path_buf(), target, meta.clone())),
+                }
+                if batch.files.len() + batch.links.len() >= LeafBatch::MAX {
+                    self.flush(&mut batch)?;
+                }
+                Ok(())
             }
         });
+        let res = res.and_then(|()| self.flush(&mut batch));
         self.exclude = exclude;
         res
     }
 
-    fn copy_leaf(&mut self, src: &Path, target: &Path, meta: &fs::Metadata) -> Result<(), CopyError> {
+    /// Copy the batched files (on every core when there are many), link the later names of
+    /// multiply-linked ones, then apply the metadata of the directories that ended
+    /// meanwhile, in walk order.
+    fn flush(&mut self, batch: &mut LeafBatch) -> Result<(), CopyError> {
+        let files = std::mem::take(&mut batch.files);
+        let copied: Vec<Result<u64, CopyError>> = if files.len() < 64 {
+            files.iter().map(|(src, target, meta)| self.copy_file(src, target, meta)).collect()
+        } else {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+            let this = &*self;
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = files
+                    .chunks(files.len().div_ceil(threads))
+                    .map(|part| {
+                        scope.spawn(move || part.iter().try_fold(0u64, |n, (src, target, meta)| Ok(n + this.copy_file(src, target, meta)?)))
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(CopyError::Panicked))).collect()
+            })
+        };
+        for r in copied {
+            self.stats.bytes += r?;
+        }
+        self.stats.files += files.len() as u64;
+        for (first, src, target, meta) in std::mem::take(&mut batch.links) {
+            self.make_room_for_file(&target)?;
+            fs::hard_link(&first, &target).map_err(io_error("link", self.shown(&target)))?;
+            self.stats.hardlinks += 1;
+            self.apply_info(&target, Some(&src), &meta)?;
+        }
+        for d in std::mem::take(&mut batch.dir_ends) {
+            if d.info {
+                self.apply_info(&d.target, Some(&d.src), &d.meta)?;
+            } else {
+                // the destination directory itself keeps its owner and mode; BuildKit
+                // gives it the source directory's times
+                set_times(&d.target, d.meta.atime(), d.meta.atime_nsec(), d.meta.mtime(), d.meta.mtime_nsec())
+                    .map_err(io_error("utimes", self.shown(&d.target)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy one regular file with its metadata; returns the bytes written.
+    fn copy_file(&self, src: &Path, target: &Path, meta: &fs::Metadata) -> Result<u64, CopyError> {
         self.make_room_for_file(target)?;
+        let mut input = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(src)
+            .map_err(io_error("open", self.shown_src(src)))?;
+        let mut out = self.create_file(target)?;
+        let n = io::copy(&mut input, &mut out).map_err(io_error("copy to", self.shown(target)))?;
+        drop(out);
+        self.apply_info(target, Some(src), meta)?;
+        Ok(n)
+    }
+
+    /// Copy a symlink or special file (regular files go through [`LeafBatch`]).
+    fn copy_leaf(&mut self, src: &Path, target: &Path, meta: &fs::Metadata) -> Result<(), CopyError> {
         let ft = meta.file_type();
-        if ft.is_file() {
-            let key = (meta.dev(), meta.ino());
-            if meta.nlink() > 1 {
-                if let Some(first) = self.links.get(&key) {
-                    fs::hard_link(first, target).map_err(io_error("link", self.shown(target)))?;
-                    self.stats.hardlinks += 1;
-                    return self.apply_info(target, Some(src), meta);
-                }
-            }
-            let mut input = fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(src)
-                .map_err(io_error("open", self.shown_src(src)))?;
-            let mut out = self.create_file(target)?;
-            let n = io::copy(&mut input, &mut out).map_err(io_error("copy to", self.shown(target)))?;
-            drop(out);
-            self.stats.files += 1;
-            self.stats.bytes += n;
-            if meta.nlink() > 1 {
-                self.links.insert(key, target.to_path_buf());
-            }
-        } else if ft.is_symlink() {
+        self.make_room_for_file(target)?;
+        if ft.is_symlink() {
             let link = fs::read_link(src).map_err(io_error("readlink", self.shown_src(src)))?;
             std::os::unix::fs::symlink(&link, target).map_err(io_error("symlink", self.shown(target)))?;
             self.stats.symlinks += 1;
