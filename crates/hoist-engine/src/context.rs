@@ -1,9 +1,12 @@
 //! The build context as the engine sees it: a directory on the builder holding exactly the
 //! files the client sent (after `.dockerignore`), plus the manifest of their digests, so
 //! cache keys of COPY/ADD never re-read a file whose digest the client already reported.
+//! The directory may be filled lazily, the first time a step reads files from it: a build
+//! whose steps are all cached never writes it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use hoist_oci::digest::Digest;
 use sha2::{Digest as _, Sha256};
@@ -30,22 +33,48 @@ pub struct ContextEntry {
     pub link_target: Option<String>,
 }
 
-/// A materialized build context.
-#[derive(Debug, Clone)]
+/// Writes a context's files (blocking) and returns the directory holding them; its error
+/// says why the files are not there.
+pub type Materializer = Box<dyn FnOnce() -> Result<PathBuf, String> + Send>;
+
+/// A build context.
 pub struct Context {
-    dir: PathBuf,
     entries: BTreeMap<String, ContextEntry>,
+    materializer: Mutex<Option<Materializer>>,
+    dir: OnceLock<Result<PathBuf, String>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("dir", &self.dir.get()).field("entries", &self.entries.len()).finish()
+    }
 }
 
 impl Context {
-    /// A context rooted at `dir` whose entries are described by `entries`.
+    /// A context whose files are in `dir`, described by `entries`.
     pub fn new(dir: PathBuf, entries: impl IntoIterator<Item = ContextEntry>) -> Context {
-        Context { dir, entries: entries.into_iter().map(|e| (e.path.clone(), e)).collect() }
+        let c = Context::lazy(entries, Box::new(|| Err("unreachable".into())));
+        let _ = c.dir.set(Ok(dir));
+        c
     }
 
-    /// The directory holding the context's files.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// A context described by `entries` whose files `materialize` writes when first asked for.
+    pub fn lazy(entries: impl IntoIterator<Item = ContextEntry>, materialize: Materializer) -> Context {
+        Context {
+            entries: entries.into_iter().map(|e| (e.path.clone(), e)).collect(),
+            materializer: Mutex::new(Some(materialize)),
+            dir: OnceLock::new(),
+        }
+    }
+
+    /// The directory holding the context's files, written first if it is not yet (once;
+    /// concurrent callers wait for it). Blocking.
+    pub fn files(&self) -> Result<&Path, String> {
+        let dir = self.dir.get_or_init(|| match self.materializer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(materialize) => materialize(),
+            None => Err("the context's files were asked for while they were being written".into()),
+        });
+        dir.as_ref().map(PathBuf::as_path).map_err(Clone::clone)
     }
 
     /// Number of entries.
@@ -131,6 +160,28 @@ mod tests {
         assert_eq!(ctx.file_digest("./src/a.rs"), Some(Digest::of(b"a")));
         assert_eq!(ctx.file_digest("/src/a.rs"), Some(Digest::of(b"a")));
         assert_eq!(ctx.file_digest("src/b.rs"), None);
+    }
+
+    #[test]
+    fn a_lazy_context_is_written_once_and_only_when_its_files_are_asked_for() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::Arc;
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        let ctx = Arc::new(Context::lazy([file("a", b"1")], Box::new(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok(PathBuf::from("/x"))
+        })));
+        assert_eq!(ctx.file_digest("a"), Some(Digest::of(b"1")));
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "digests come from the manifest");
+        let threads: Vec<_> = (0..4).map(|_| { let c = ctx.clone(); std::thread::spawn(move || c.files().map(Path::to_path_buf)) }).collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap().unwrap(), PathBuf::from("/x"));
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let failing = Context::lazy([], Box::new(|| Err("context file sha256:x was not uploaded".into())));
+        assert!(failing.files().unwrap_err().contains("not uploaded"));
+        assert!(failing.files().is_err(), "the failure stays");
     }
 
     #[test]

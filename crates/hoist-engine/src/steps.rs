@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hoist_oci::digest::Digest;
@@ -43,6 +43,12 @@ impl StepEnv {
 }
 
 /// Run `blocking` on the blocking pool, mapping both failure kinds to step errors.
+/// The context's directory, written first if the builder fills it lazily.
+async fn context_files(env: &StepEnv) -> Result<PathBuf, EngineError> {
+    let ctx = env.build.req.context.clone();
+    blocking(env, move || ctx.files().map(Path::to_path_buf).map_err(|e| format!("build context: {e}"))).await
+}
+
 async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     env: &StepEnv,
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
@@ -172,7 +178,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
         match &m.kind {
             MountKind::Bind { from, source, readwrite } => {
                 let root = match from {
-                    Source::Context => b.req.context.dir().to_path_buf(),
+                    Source::Context => context_files(env).await?,
                     Source::Stage(j) => {
                         let s = b.stage(*j).await?;
                         let v = prepare(env, s.layers.clone(), true).await?;
@@ -199,7 +205,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
             MountKind::Cache { id, sharing, from, source, readonly, mode, uid, gid } => {
                 let seed = match from {
                     None => None,
-                    Some(Source::Context) => Some(rootfs::resolve_in_root(b.req.context.dir(), source, true).map_err(|e| env.err(e))?),
+                    Some(Source::Context) => Some(rootfs::resolve_in_root(&context_files(env).await?, source, true).map_err(|e| env.err(e))?),
                     Some(Source::Stage(j)) => {
                         let s = b.stage(*j).await?;
                         let v = prepare(env, s.layers.clone(), true).await?;
@@ -364,7 +370,7 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Pro
     // Sources.
     let mut held_views = Vec::new();
     let src_root = match &c.from {
-        Source::Context => b.req.context.dir().to_path_buf(),
+        Source::Context => context_files(env).await?,
         Source::Stage(j) => {
             let s = b.stage(*j).await?;
             let v = prepare(env, s.layers.clone(), true).await?;

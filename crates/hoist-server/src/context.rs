@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use hoist_engine::context::{Context, ContextEntry, EntryKind};
+use hoist_engine::context::{Context, ContextEntry, EntryKind, Materializer};
 use hoist_oci::digest::Digest;
 use hoist_oci::store::{BlobWriter, ContentStore};
 use hoist_proto::v1;
@@ -135,14 +135,14 @@ pub struct SyncStats {
     pub missing: u64,
     /// Their bytes.
     pub missing_bytes: u64,
-    /// Files (re)written into the session directory.
-    pub written: u64,
 }
 
 struct Pending {
     session: String,
     entries: Vec<v1::ContextEntry>,
     stats: SyncStats,
+    /// What the client was asked to upload.
+    asked: Vec<Digest>,
 }
 
 /// Context files and session directories of one project.
@@ -158,12 +158,37 @@ pub struct ContextStore {
     claim: Arc<Mutex<()>>,
 }
 
-/// A materialized context, holding its session directory against concurrent updates
-/// until dropped.
+/// A build's context: its session directory is brought to the manifest the first time a
+/// step reads files from it, and then held against other builds' updates until dropped.
 pub struct MaterializedContext {
     pub context: Arc<Context>,
     pub stats: SyncStats,
-    _guard: tokio::sync::OwnedRwLockReadGuard<()>,
+    written: Arc<std::sync::atomic::AtomicU64>,
+    _held: Arc<Mutex<Option<Held>>>,
+}
+
+/// The tree a build reads its context from.
+enum Held {
+    /// The session's directory, which other builds of the session may read too.
+    Shared(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>),
+    /// A tree of this build's own (removed when the build ends): the session's directory
+    /// held another manifest and other builds were reading it.
+    Private(PathBuf),
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Held::Private(dir) = self {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl MaterializedContext {
+    /// Files (re)written into the session directory (0 until a step reads the context).
+    pub fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 fn validate_path(p: &[u8]) -> Result<(), ContextError> {
@@ -186,6 +211,12 @@ impl ContextStore {
     pub fn open(root: PathBuf) -> Result<ContextStore, ContextError> {
         let blobs = ContentStore::open(root.join("blobs")).map_err(|e| ContextError::Io { path: root.clone(), message: e.to_string() })?;
         fs::create_dir_all(root.join("sessions")).map_err(io_err(&root))?;
+        // Builds' private trees left by a builder that was killed.
+        for e in fs::read_dir(root.join("sessions")).map_err(io_err(&root))?.flatten() {
+            if e.file_name().to_string_lossy().contains(".build-") {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
         Ok(ContextStore {
             root,
             blobs,
@@ -269,7 +300,8 @@ impl ContextStore {
         let mut id = [0u8; 16];
         getrandom(&mut id);
         let id = hex::encode(id);
-        let stats = SyncStats { entries: manifest.entries.len() as u64, missing: missing.len() as u64, missing_bytes, written: 0 };
+        let stats = SyncStats { entries: manifest.entries.len() as u64, missing: missing.len() as u64, missing_bytes };
+        let asked = missing.iter().filter_map(|d| d.parse().ok()).collect();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut order = self.pending_order.lock().unwrap_or_else(|e| e.into_inner());
         // Prepared contexts that never get built must not pile up.
@@ -279,7 +311,7 @@ impl ContextStore {
                 pending.remove(&old);
             }
         }
-        pending.insert(id.clone(), Pending { session: manifest.session, entries: manifest.entries, stats });
+        pending.insert(id.clone(), Pending { session: manifest.session, entries: manifest.entries, stats, asked });
         order.push_back(id.clone());
         Ok((id, missing))
     }
@@ -322,7 +354,8 @@ impl ContextStore {
         self.root.join("sessions").join(&h[..32])
     }
 
-    /// Bring the session's directory to the manifest of `context_id` and return it.
+    /// The context of `context_id`. Its session directory is written only when a step reads
+    /// files from it: a build whose steps are all cached never writes it.
     pub async fn materialize(&self, context_id: &str) -> Result<MaterializedContext, ContextError> {
         let pending = self
             .pending
@@ -330,23 +363,49 @@ impl ContextStore {
             .unwrap_or_else(|e| e.into_inner())
             .remove(context_id)
             .ok_or_else(|| ContextError::UnknownContext(context_id.to_string()))?;
+        if let Some(d) = pending.asked.iter().find(|d| !self.blobs.contains(d)) {
+            return Err(ContextError::MissingBlob { digest: d.to_string() });
+        }
         let dir = self.session_dir(&pending.session);
         let lock = {
             let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
             s.entry(dir.display().to_string()).or_insert_with(|| Arc::new(tokio::sync::RwLock::new(()))).clone()
         };
-        let write = lock.clone().write_owned().await;
-        let blobs = self.blobs.clone();
-        let entries = pending.entries.clone();
-        let dir2 = dir.clone();
-        let claim = self.claim.clone();
-        let written = tokio::task::spawn_blocking(move || update_dir(&dir2, &blobs, &entries, &claim))
-            .await
-            .map_err(|e| ContextError::Io { path: dir.clone(), message: e.to_string() })??;
-        drop(write);
-        let guard = lock.read_owned().await;
-        let context = Context::new(
-            dir.join("root"),
+        let held = Arc::new(Mutex::new(None));
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (blobs, claim, entries) = (self.blobs.clone(), self.claim.clone(), pending.entries.clone());
+        let (dir2, held2, written2) = (dir.clone(), held.clone(), written.clone());
+        let materialize: Materializer = Box::new(move || {
+            // On a blocking thread (the engine asks for files there). This never waits for
+            // another build's step: a reader waits only while a writer runs update_dir, and
+            // when other builds read the session's tree it is not changed under them.
+            let read = futures::executor::block_on(lock.clone().read_owned());
+            let (root, held) = if is_current(&dir2, &entries) {
+                (dir2.join("root"), Held::Shared(read))
+            } else {
+                drop(read);
+                let (dir, held) = match lock.try_write_owned() {
+                    Ok(write) => {
+                        let n = update_dir(&dir2, &blobs, &entries, &claim).map_err(|e| e.to_string())?;
+                        written2.store(n, std::sync::atomic::Ordering::Relaxed);
+                        (dir2.clone(), Held::Shared(write.downgrade()))
+                    }
+                    Err(_) => {
+                        let mut id = [0u8; 8];
+                        getrandom(&mut id);
+                        let private = dir2.with_extension(format!("build-{}", hex::encode(id)));
+                        let held = Held::Private(private.clone());
+                        let n = update_dir(&private, &blobs, &entries, &claim).map_err(|e| e.to_string())?;
+                        written2.store(n, std::sync::atomic::Ordering::Relaxed);
+                        (private, held)
+                    }
+                };
+                (dir.join("root"), held)
+            };
+            *held2.lock().unwrap_or_else(|e| e.into_inner()) = Some(held);
+            Ok(root)
+        });
+        let context = Context::lazy(
             pending.entries.iter().map(|e| ContextEntry {
                 path: e.path.clone(),
                 kind: match v1::EntryKind::try_from(e.kind).unwrap_or(v1::EntryKind::File) {
@@ -359,10 +418,9 @@ impl ContextStore {
                 digest: e.digest.parse().ok(),
                 link_target: (!e.link_target.is_empty()).then(|| e.link_target.clone()),
             }),
+            materialize,
         );
-        let mut stats = pending.stats;
-        stats.written = written;
-        Ok(MaterializedContext { context: Arc::new(context), stats, _guard: guard })
+        Ok(MaterializedContext { context: Arc::new(context), stats: pending.stats, written, _held: held })
     }
 }
 
@@ -375,15 +433,31 @@ fn getrandom(buf: &mut [u8]) {
 
 /// Apply the manifest to `<dir>/root`, using `<dir>/state.json` as the record of what the
 /// directory holds. Returns how many entries were (re)written.
+/// What `<dir>/state.json` records the directory holds (empty when unknown).
+fn recorded(dir: &Path) -> BTreeMap<String, Recorded> {
+    match fs::read(dir.join("state.json")) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+/// What a directory holding `entries` records.
+fn wanted(entries: &[v1::ContextEntry]) -> BTreeMap<String, Recorded> {
+    entries.iter().map(|e| (key(&path_bytes(e)), Recorded::of(e))).collect()
+}
+
+/// Whether `<dir>/root` holds exactly `entries` already.
+fn is_current(dir: &Path, entries: &[v1::ContextEntry]) -> bool {
+    let old = recorded(dir);
+    !old.is_empty() && dir.join("root").is_dir() && old == wanted(entries)
+}
+
 fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry], claim: &Mutex<()>) -> Result<u64, ContextError> {
     let root = dir.join("root");
     let state_path = dir.join("state.json");
-    let old: BTreeMap<String, Recorded> = match fs::read(&state_path) {
-        Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
-        Err(_) => BTreeMap::new(),
-    };
+    let old = recorded(dir);
     let trusted = !old.is_empty() && root.is_dir();
-    let new: BTreeMap<String, Recorded> = entries.iter().map(|e| (key(&path_bytes(e)), Recorded::of(e))).collect();
+    let new = wanted(entries);
     if trusted && old == new {
         return Ok(0);
     }
@@ -537,6 +611,13 @@ mod tests {
         v1::ContextEntry { path: path.into(), kind: v1::EntryKind::Dir as i32, mode: 0o755, mtime: 1_700_000_000, ..Default::default() }
     }
 
+    /// Write the context's tree now, as a step asking for its files would.
+    async fn written_now(m: MaterializedContext) -> MaterializedContext {
+        let c = m.context.clone();
+        tokio::task::spawn_blocking(move || c.files().map(Path::to_path_buf)).await.unwrap().unwrap();
+        m
+    }
+
     fn upload(store: &ContextStore, content: &[u8]) {
         let mut w = store.blob_writer().unwrap();
         w.write_all(content).unwrap();
@@ -552,9 +633,9 @@ mod tests {
         assert_eq!(missing.len(), 2);
         upload(&store, b"A");
         upload(&store, b"B");
-        let ctx = store.materialize(&id).await.unwrap();
-        assert_eq!(ctx.stats.written, 2);
-        let root = ctx.context.dir().to_path_buf();
+        let ctx = written_now(store.materialize(&id).await.unwrap()).await;
+        assert_eq!(ctx.written(), 2);
+        let root = ctx.context.files().unwrap().to_path_buf();
         assert_eq!(fs::read(root.join("src/a")).unwrap(), b"A");
         use std::os::unix::fs::MetadataExt;
         assert_eq!(fs::metadata(root.join("b")).unwrap().mode() & 0o777, 0o755);
@@ -564,11 +645,11 @@ mod tests {
         let m2 = v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("src/c", b"A", 0o644)] };
         let (id, missing) = store.prepare(m2).unwrap();
         assert!(missing.is_empty());
-        let ctx = store.materialize(&id).await.unwrap();
+        let ctx = written_now(store.materialize(&id).await.unwrap()).await;
         assert!(root.join("src/c").exists());
         assert!(!root.join("src/a").exists());
         assert!(!root.join("b").exists());
-        assert_eq!(ctx.stats.written, 1);
+        assert_eq!(ctx.written(), 1);
     }
 
     #[tokio::test]
@@ -579,15 +660,15 @@ mod tests {
         let (id, _) = store.prepare(m()).unwrap();
         upload(&store, b"A");
         upload(&store, b"B");
-        drop(store.materialize(&id).await.unwrap());
+        drop(written_now(store.materialize(&id).await.unwrap()).await);
         let mut changed = m();
         changed.entries[1] = file("b", b"B2", 0o644);
         let (id, missing) = store.prepare(changed).unwrap();
         assert_eq!(missing, vec![Digest::of(b"B2").to_string()]);
         upload(&store, b"B2");
-        let ctx = store.materialize(&id).await.unwrap();
-        assert_eq!(ctx.stats.written, 1);
-        assert_eq!(fs::read(ctx.context.dir().join("b")).unwrap(), b"B2");
+        let ctx = written_now(store.materialize(&id).await.unwrap()).await;
+        assert_eq!(ctx.written(), 1);
+        assert_eq!(fs::read(ctx.context.files().unwrap().join("b")).unwrap(), b"B2");
     }
 
     #[tokio::test]
@@ -610,8 +691,8 @@ mod tests {
         upload(&store, b"same");
         let (_, missing) = store.prepare(v1::ContextManifest { session: "probe".into(), entries }).unwrap();
         assert!(missing.is_empty(), "the listing sees every uploaded blob");
-        let one = store.materialize(&id).await.unwrap();
-        let (mx, my) = (fs::metadata(one.context.dir().join("x")).unwrap(), fs::metadata(one.context.dir().join("y")).unwrap());
+        let one = written_now(store.materialize(&id).await.unwrap()).await;
+        let (mx, my) = (fs::metadata(one.context.files().unwrap().join("x")).unwrap(), fs::metadata(one.context.files().unwrap().join("y")).unwrap());
         assert_eq!((mx.mode() & 0o7777, mx.mtime()), (0o600, 1_000));
         assert_eq!((my.mode() & 0o7777, my.mtime()), (0o755, 2_000));
         assert_ne!(mx.ino(), my.ino(), "equal contents with different metadata are different files");
@@ -623,13 +704,52 @@ mod tests {
         z.mtime = 3_000;
         let (id2, missing) = store.prepare(v1::ContextManifest { session: "s2".into(), entries: vec![z] }).unwrap();
         assert!(missing.is_empty());
-        let two = store.materialize(&id2).await.unwrap();
-        let mz = fs::metadata(two.context.dir().join("z")).unwrap();
+        let two = written_now(store.materialize(&id2).await.unwrap()).await;
+        let mz = fs::metadata(two.context.files().unwrap().join("z")).unwrap();
         assert_eq!((mz.mode() & 0o7777, mz.mtime()), (0o644, 3_000));
         let mx = fs::metadata(store.session_dir("s1").join("root/x")).unwrap();
         assert_eq!((mx.mode() & 0o7777, mx.mtime()), (0o600, 1_000), "the first session's file is untouched");
         // The store's blob still holds its bytes.
         assert_eq!(fs::read(store.blobs.blob_path(&Digest::of(b"same"))).unwrap(), b"same");
+    }
+
+    #[tokio::test]
+    async fn the_tree_is_written_when_first_read_and_never_changed_under_another_build() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let m = |content: &[u8]| v1::ContextManifest { session: "s".into(), entries: vec![file("a", content, 0o644)] };
+        upload(&store, b"1");
+        upload(&store, b"2");
+        // A build that never reads its files writes nothing.
+        let (id, _) = store.prepare(m(b"1")).unwrap();
+        drop(store.materialize(&id).await.unwrap());
+        assert!(!store.session_dir("s").exists(), "nothing was written");
+        // The first reader writes the session's tree and holds it.
+        let (id, _) = store.prepare(m(b"1")).unwrap();
+        let one = written_now(store.materialize(&id).await.unwrap()).await;
+        let shared = one.context.files().unwrap().to_path_buf();
+        assert_eq!(shared, store.session_dir("s").join("root"));
+        // Another build of the session with the same manifest reads the same tree.
+        let (id, _) = store.prepare(m(b"1")).unwrap();
+        let same = written_now(store.materialize(&id).await.unwrap()).await;
+        assert_eq!(same.context.files().unwrap(), shared);
+        assert_eq!(same.written(), 0);
+        // One with another manifest gets a tree of its own while the others read theirs...
+        let (id, _) = store.prepare(m(b"2")).unwrap();
+        let other = written_now(store.materialize(&id).await.unwrap()).await;
+        let private = other.context.files().unwrap().to_path_buf();
+        assert_ne!(private, shared);
+        assert_eq!(fs::read(private.join("a")).unwrap(), b"2");
+        assert_eq!(fs::read(shared.join("a")).unwrap(), b"1", "the shared tree is untouched");
+        // ...removed when that build ends.
+        drop(other);
+        assert!(!private.exists());
+        // Once nobody reads it, the session's tree follows the next manifest.
+        drop((one, same));
+        let (id, _) = store.prepare(m(b"2")).unwrap();
+        let next = written_now(store.materialize(&id).await.unwrap()).await;
+        assert_eq!(next.context.files().unwrap(), shared);
+        assert_eq!(fs::read(shared.join("a")).unwrap(), b"2");
     }
 
     #[tokio::test]
@@ -645,10 +765,10 @@ mod tests {
         l.raw_link_target = raw.clone();
         let (id, _) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![f, l] }).unwrap();
         upload(&store, b"latin1");
-        let ctx = store.materialize(&id).await.unwrap();
-        let p = ctx.context.dir().join(std::ffi::OsStr::from_bytes(&raw));
+        let ctx = written_now(store.materialize(&id).await.unwrap()).await;
+        let p = ctx.context.files().unwrap().join(std::ffi::OsStr::from_bytes(&raw));
         assert_eq!(fs::read(&p).unwrap(), b"latin1");
-        assert_eq!(fs::read_link(ctx.context.dir().join("link")).unwrap().as_os_str().as_bytes(), raw.as_slice());
+        assert_eq!(fs::read_link(ctx.context.files().unwrap().join("link")).unwrap().as_os_str().as_bytes(), raw.as_slice());
     }
 
     #[test]
