@@ -612,6 +612,13 @@ impl Builder for Hoist {
             run_ignore(c)
         };
         rmi();
+        // The engine must lack the image's layers, base layers included: BuildKit's runs
+        // leave their base images and their build cache (which holds layers) in the engine.
+        for args in [&["image", "prune", "-af"][..], &["builder", "prune", "-af"][..]] {
+            let mut c = docker();
+            c.args(args);
+            run_ignore(c);
+        }
         let r = self.teammate_with(w, checkout, &[], &["--load"], &Self::tag(w), log);
         rmi();
         Some(r)

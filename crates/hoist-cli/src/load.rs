@@ -226,13 +226,15 @@ async fn load_registry(client: &Client, engine: &DockerEngine, session: &v1::Exp
         .and_then(|(_, b)| serde_json::from_slice::<Manifest>(b).ok())
         .map(|m| m.layers.len() as u64)
         .unwrap_or(0);
-    let top: Digest = session.digest.parse().map_err(|_| anyhow!("the builder sent an invalid digest"))?;
     let registry = LoopbackRegistry::start(content, BlobBackend::Builder { client: client.clone(), session: session.id.clone() })
         .await
         .map_err(|e| anyhow!("starting the loopback registry: {e}"))?;
     let from = format!("127.0.0.1:{}/{repository}", registry.addr.port());
-    let temp_ref = format!("{from}:{temp_tag}");
-    let opts = bollard::query_parameters::CreateImageOptions { from_image: Some(from.clone()), tag: Some(temp_tag.into()), ..Default::default() };
+    // Pulled by the digest of the engine's platform's manifest: the engine keeps just that
+    // one digest reference, which is the one temporary name to remove afterwards.
+    let temp_ref = format!("{from}@{}", chosen.digest);
+    let opts =
+        bollard::query_parameters::CreateImageOptions { from_image: Some(from.clone()), tag: Some(chosen.digest.clone()), ..Default::default() };
     let mut stream = docker.create_image(Some(opts), None, None);
     let mut last: HashMap<String, String> = HashMap::new();
     let mut failure = None;
@@ -276,19 +278,11 @@ async fn load_registry(client: &Client, engine: &DockerEngine, session: &v1::Exp
     for r in futures::future::join_all(tagging).await {
         r?;
     }
-    // The temporary names go (the tags keep the image): the tag and the digest references.
-    let noprune = || bollard::query_parameters::RemoveImageOptionsBuilder::new().noprune(true).build();
-    let mut digest_refs = vec![format!("{from}@{top}")];
-    if chosen.digest != session.digest {
-        digest_refs.push(format!("{from}@{}", chosen.digest));
-    }
-    // One at a time: removing a repository's last tag makes the engine drop its digest
-    // references too, so a reference may already be gone (404) when its turn comes.
-    for r in std::iter::once(&temp_ref).chain(&digest_refs) {
-        match docker.remove_image(r, Some(noprune()), None).await {
-            Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
-            Err(e) => return Err(anyhow!("removing the temporary reference {r}: {e}").into()),
-        }
+    // The temporary name goes (the tags keep the image).
+    let noprune = bollard::query_parameters::RemoveImageOptionsBuilder::new().noprune(true).build();
+    match docker.remove_image(&temp_ref, Some(noprune), None).await {
+        Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+        Err(e) => return Err(anyhow!("removing the temporary reference {temp_ref}: {e}").into()),
     }
     Ok(LoadReport {
         path: LoadPath::Registry,

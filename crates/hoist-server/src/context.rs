@@ -431,8 +431,6 @@ fn getrandom(buf: &mut [u8]) {
     }
 }
 
-/// Apply the manifest to `<dir>/root`, using `<dir>/state.json` as the record of what the
-/// directory holds. Returns how many entries were (re)written.
 /// What `<dir>/state.json` records the directory holds (empty when unknown).
 fn recorded(dir: &Path) -> BTreeMap<String, Recorded> {
     match fs::read(dir.join("state.json")) {
@@ -452,6 +450,8 @@ fn is_current(dir: &Path, entries: &[v1::ContextEntry]) -> bool {
     !old.is_empty() && dir.join("root").is_dir() && old == wanted(entries)
 }
 
+/// Apply the manifest to `<dir>/root`, using `<dir>/state.json` as the record of what the
+/// directory holds. Returns how many entries were (re)written.
 fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry], claim: &Mutex<()>) -> Result<u64, ContextError> {
     let root = dir.join("root");
     let state_path = dir.join("state.json");
