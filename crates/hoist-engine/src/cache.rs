@@ -1,8 +1,9 @@
 //! The cache index (redb): which layer each op's cache key produced, which base images a
 //! project pulled, which blobs exist for each layer, which manifest a tag resolved to, and
 //! the project's build records, the images a project saved (`--save`) for `hoist pull`, and
-//! what COPY steps read from known contexts (so an unchanged context is not walked again). Everything a project owns is keyed `<project>\0<key>`, so a
-//! project's share can be listed, pruned least-recently-used first, or reset.
+//! what COPY steps read from known contexts (so an unchanged context is not walked again).
+//! Everything a project owns is keyed `<project>\0<key>`, so a project's share can be
+//! listed, pruned least-recently-used first, or reset.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -53,16 +53,20 @@ impl std::fmt::Debug for Context {
 impl Context {
     /// A context whose files are in `dir`, described by `entries`.
     pub fn new(dir: PathBuf, entries: impl IntoIterator<Item = ContextEntry>) -> Context {
-        let c = Context::lazy(entries, Box::new(|| Err("unreachable".into())));
+        let c = Context::with(entries, None);
         let _ = c.dir.set(Ok(dir));
         c
     }
 
     /// A context described by `entries` whose files `materialize` writes when first asked for.
     pub fn lazy(entries: impl IntoIterator<Item = ContextEntry>, materialize: Materializer) -> Context {
+        Context::with(entries, Some(materialize))
+    }
+
+    fn with(entries: impl IntoIterator<Item = ContextEntry>, materializer: Option<Materializer>) -> Context {
         Context {
             entries: entries.into_iter().map(|e| (e.path.clone(), e)).collect(),
-            materializer: Mutex::new(Some(materialize)),
+            materializer: Mutex::new(materializer),
             dir: OnceLock::new(),
         }
     }
@@ -72,7 +76,7 @@ impl Context {
     pub fn files(&self) -> Result<&Path, String> {
         let dir = self.dir.get_or_init(|| match self.materializer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(materialize) => materialize(),
-            None => Err("the context's files were asked for while they were being written".into()),
+            None => Err("an earlier attempt to write the context's files panicked".into()),
         });
         dir.as_ref().map(PathBuf::as_path).map_err(Clone::clone)
     }

@@ -42,13 +42,13 @@ impl StepEnv {
     }
 }
 
-/// Run `blocking` on the blocking pool, mapping both failure kinds to step errors.
 /// The context's directory, written first if the builder fills it lazily.
 async fn context_files(env: &StepEnv) -> Result<PathBuf, EngineError> {
     let ctx = env.build.req.context.clone();
     blocking(env, move || ctx.files().map(Path::to_path_buf).map_err(|e| format!("build context: {e}"))).await
 }
 
+/// Run `blocking` on the blocking pool, mapping both failure kinds to step errors.
 async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     env: &StepEnv,
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
