@@ -642,22 +642,36 @@ impl Copier<'_> {
     }
 
     /// Owner, mode, times and xattrs of a copied entry (fsutil `copyFileInfo`).
-    fn apply_info(&self, target: &Path, src: Option<&Path>, meta: &fs::Metadata) -> Result<(), CopyError> {
-        let shown = self.shown(target);
+    /// `open` is the target when it is a file just written and still open: its metadata is
+    /// then set through it, without looking its path up again through the overlay.
+    fn apply_info(&self, target: &Path, open: Option<&File>, src: Option<&Path>, meta: &fs::Metadata) -> Result<(), CopyError> {
+        let err = |op: &'static str| move |e: io::Error| CopyError::Io { op, path: self.shown(target), error: e };
         let (uid, gid) = self.owner_for(meta);
-        std::os::unix::fs::lchown(target, Some(uid), Some(gid)).map_err(io_error("chown", shown.clone()))?;
         let ft = meta.file_type();
-        if !ft.is_symlink() {
-            let mode = self.mode.apply(meta.mode(), ft.is_dir());
-            fs::set_permissions(target, fs::Permissions::from_mode(mode)).map_err(io_error("chmod", shown.clone()))?;
+        let mode = fs::Permissions::from_mode(self.mode.apply(meta.mode(), ft.is_dir()));
+        if let Some(f) = open {
+            use rustix::fs::{Gid, Timestamps, Uid};
+            let ts = |s: i64, n: i64| rustix::fs::Timespec { tv_sec: s, tv_nsec: n as _ };
+            rustix::fs::fchown(f, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|e| err("chown")(e.into()))?;
+            f.set_permissions(mode).map_err(err("chmod"))?;
+            let times = Timestamps { last_access: ts(meta.atime(), meta.atime_nsec()), last_modification: ts(meta.mtime(), meta.mtime_nsec()) };
+            rustix::fs::futimens(f, &times).map_err(|e| err("utimes")(e.into()))?;
+        } else {
+            std::os::unix::fs::lchown(target, Some(uid), Some(gid)).map_err(err("chown"))?;
+            if !ft.is_symlink() {
+                fs::set_permissions(target, mode).map_err(err("chmod"))?;
+            }
+            set_times(target, meta.atime(), meta.atime_nsec(), meta.mtime(), meta.mtime_nsec()).map_err(err("utimes"))?;
         }
-        set_times(target, meta.atime(), meta.atime_nsec(), meta.mtime(), meta.mtime_nsec())
-            .map_err(io_error("utimes", shown))?;
         if let Some(src) = src {
             for (name, value) in read_xattrs(src) {
                 if let Ok(n) = std::ffi::CString::new(name) {
-                    if let Err(e) = rustix::fs::lsetxattr(target, n.as_c_str(), &value, rustix::fs::XattrFlags::empty())
-                    {
+                    let flags = rustix::fs::XattrFlags::empty();
+                    let set = match open {
+                        Some(f) => rustix::fs::fsetxattr(f, n.as_c_str(), &value, flags),
+                        None => rustix::fs::lsetxattr(target, n.as_c_str(), &value, flags),
+                    };
+                    if let Err(e) = set {
                         tracing::debug!("copying xattr {:?} to {}: {e}", n, target.display());
                     }
                 }
@@ -684,7 +698,7 @@ impl Copier<'_> {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(target)
-            .map_err(io_error("create", self.shown(target)))
+            .map_err(|e| io_error("create", self.shown(target))(e))
     }
 
     /// Copy one source item (file or directory, with the walk's selection) to `dst`.
@@ -784,11 +798,11 @@ impl Copier<'_> {
             self.make_room_for_file(&target)?;
             fs::hard_link(&first, &target).map_err(io_error("link", self.shown(&target)))?;
             self.stats.hardlinks += 1;
-            self.apply_info(&target, Some(&src), &meta)?;
+            self.apply_info(&target, None, Some(&src), &meta)?;
         }
         for d in std::mem::take(&mut batch.dir_ends) {
             if d.info {
-                self.apply_info(&d.target, Some(&d.src), &d.meta)?;
+                self.apply_info(&d.target, None, Some(&d.src), &d.meta)?;
             } else {
                 // the destination directory itself keeps its owner and mode; BuildKit
                 // gives it the source directory's times
@@ -801,16 +815,21 @@ impl Copier<'_> {
 
     /// Copy one regular file with its metadata; returns the bytes written.
     fn copy_file(&self, src: &Path, target: &Path, meta: &fs::Metadata) -> Result<u64, CopyError> {
-        self.make_room_for_file(target)?;
         let mut input = fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(src)
-            .map_err(io_error("open", self.shown_src(src)))?;
-        let mut out = self.create_file(target)?;
-        let n = io::copy(&mut input, &mut out).map_err(io_error("copy to", self.shown(target)))?;
-        drop(out);
-        self.apply_info(target, Some(src), meta)?;
+            .map_err(|e| io_error("open", self.shown_src(src))(e))?;
+        // Whatever is in the way is looked at only when creating the file fails.
+        let mut out = match self.create_file(target) {
+            Err(CopyError::Io { error, .. }) if error.kind() == io::ErrorKind::AlreadyExists => {
+                self.make_room_for_file(target)?;
+                self.create_file(target)?
+            }
+            r => r?,
+        };
+        let n = io::copy(&mut input, &mut out).map_err(|e| io_error("copy to", self.shown(target))(e))?;
+        self.apply_info(target, Some(&out), Some(src), meta)?;
         Ok(n)
     }
 
@@ -834,7 +853,7 @@ impl Copier<'_> {
             .map_err(|e| io_error("mknod", self.shown(target))(e.into()))?;
             self.stats.other += 1;
         }
-        self.apply_info(target, Some(src), meta)
+        self.apply_info(target, None, Some(src), meta)
     }
 
     /// A file that does not come from the source root (URL download, heredoc).
