@@ -95,8 +95,7 @@ pub async fn run(args: &BuildArgs, inputs: &Inputs, ignore: Option<&IgnoreMatche
     let combined = parts.len() > 1;
     if combined {
         for o in &outputs {
-            let push = o.kind == "image" && o.attrs.get("push").and_then(|v| hoist_dockerfile::gocompat::parse_bool(v.trim())) == Some(true);
-            if !(push || o.is_load()) {
+            if !(o.is_push() || o.is_load()) {
                 bail!(
                     "output type={} is not supported when platforms are built on several builders (use --push or --load, or one builder)",
                     o.kind
@@ -226,7 +225,7 @@ pub async fn run(args: &BuildArgs, inputs: &Inputs, ignore: Option<&IgnoreMatche
     manifests.sort_by_key(|m| Platform::parse(&m.platform).ok().and_then(|p| requested.iter().position(|q| serves(&p, q))).unwrap_or(usize::MAX));
     let mut seen = std::collections::HashSet::new();
     manifests.retain(|m| seen.insert(m.platform.clone()));
-    let pushing = outputs.iter().any(|o| o.kind == "image" && o.attrs.get("push").and_then(|v| hoist_dockerfile::gocompat::parse_bool(v.trim())) == Some(true));
+    let pushing = outputs.iter().any(OutputSpec::is_push);
     let mut index_digest = None;
     if combined && pushing {
         let index = index_of(&manifests)?;

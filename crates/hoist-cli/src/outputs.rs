@@ -70,6 +70,11 @@ impl OutputSpec {
         OutputSpec { kind: "save".into(), attrs: [("name".to_string(), tags.join(","))].into_iter().collect() }
     }
 
+    /// Whether this output pushes an image (`type=image,push=true`).
+    pub fn is_push(&self) -> bool {
+        self.kind == "image" && self.attrs.get("push").and_then(|v| hoist_dockerfile::gocompat::parse_bool(v.trim())) == Some(true)
+    }
+
     /// Whether this output loads into the local Docker engine.
     pub fn is_load(&self) -> bool {
         self.kind == "load" || (self.kind == "docker" && !self.attrs.contains_key("dest"))
@@ -276,6 +281,9 @@ mod tests {
 
     #[test]
     fn output_specs() {
+        assert!(OutputSpec::parse("type=image,name=r/x,push=1").unwrap().is_push(), "push is a Go boolean");
+        assert!(!OutputSpec::parse("type=image,name=r/x,push=false").unwrap().is_push());
+        assert!(!OutputSpec::parse("type=oci,dest=o.tar,push=true").unwrap().is_push());
         let o = OutputSpec::parse("type=oci,dest=out.tar,compression=zstd").unwrap();
         assert_eq!(o.kind, "oci");
         assert_eq!(o.attrs["compression"], "zstd");

@@ -42,6 +42,7 @@ pub struct Context {
     entries: BTreeMap<String, ContextEntry>,
     materializer: Mutex<Option<Materializer>>,
     dir: OnceLock<Result<PathBuf, String>>,
+    digest: OnceLock<Option<Digest>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -68,6 +69,7 @@ impl Context {
             entries: entries.into_iter().map(|e| (e.path.clone(), e)).collect(),
             materializer: Mutex::new(materializer),
             dir: OnceLock::new(),
+            digest: OnceLock::new(),
         }
     }
 
@@ -97,11 +99,11 @@ impl Context {
         self.entries.get(rel).and_then(|e| e.digest.clone())
     }
 
-    /// Whether every path names its file exactly: names that are not UTF-8 are held lossily
-    /// here, so two of them can look alike (and [`Context::subtree_digest`] cannot tell them
-    /// apart).
-    pub fn names_exact(&self) -> bool {
-        !self.entries.keys().any(|p| p.contains('\u{FFFD}'))
+    /// A digest of the whole manifest (computed once), or `None` when it cannot tell every
+    /// two contexts apart: names that are not UTF-8 are held lossily here, so two of them
+    /// can look alike.
+    pub fn digest(&self) -> Option<&Digest> {
+        self.digest.get_or_init(|| (!self.entries.keys().any(|p| p.contains('\u{FFFD}'))).then(|| self.subtree_digest(""))).as_ref()
     }
 
     /// A digest of everything at or below `rel` (path, kind, mode, size, content, link),
@@ -186,6 +188,16 @@ mod tests {
         let failing = Context::lazy([], Box::new(|| Err("context file sha256:x was not uploaded".into())));
         assert!(failing.files().unwrap_err().contains("not uploaded"));
         assert!(failing.files().is_err(), "the failure stays");
+    }
+
+    #[test]
+    fn the_whole_digest_follows_the_manifest_unless_names_are_lossy() {
+        let a = Context::new("/x".into(), [file("a", b"1")]);
+        let b = Context::new("/y".into(), [file("a", b"2")]);
+        assert_eq!(a.digest(), Context::new("/z".into(), [file("a", b"1")]).digest(), "the directory does not count");
+        assert_ne!(a.digest(), b.digest());
+        assert!(a.digest().is_some());
+        assert_eq!(Context::new("/x".into(), [file("caf\u{FFFD}", b"1")]).digest(), None);
     }
 
     #[test]

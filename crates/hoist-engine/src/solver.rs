@@ -411,8 +411,8 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
                     // The context's tree is exactly its manifest, so what this COPY selects
                     // from it is known once computed for the same manifest: the walk is
                     // skipped when the context did not change.
-                    let memo = ctx.names_exact().then(|| {
-                        let m = format!("{}\0{:?}\0{:?}\0{}", ctx.subtree_digest(""), op.sources, op.exclude, op.parents);
+                    let memo = ctx.digest().map(|whole| {
+                        let m = format!("{whole}\0{:?}\0{:?}\0{}", op.sources, op.exclude, op.parents);
                         Digest::of(m.as_bytes()).to_string()
                     });
                     if let Some(Ok(Some(d))) = memo.as_ref().map(|m| engine.index().source_digest(&ns, m)) {
