@@ -467,11 +467,15 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     let mut req = req;
     req.outputs = outputs.iter().zip(&sinks).map(|(o, s)| o.to_proto_for(s.as_ref(), local_builder)).collect();
     let mut stream = client.build(req).await.map_err(hoist_client::ClientError::from_status)?.into_inner();
+    // One Ctrl-C listener for the whole stream: a fresh one per event would miss a signal
+    // that arrives while an event is handled (tokio keeps none for absent listeners).
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     let mut result = None;
     loop {
         let next = tokio::select! {
             n = stream.next() => n,
-            _ = tokio::signal::ctrl_c() => {
+            _ = &mut ctrl_c => {
                 renderer.finish();
                 eprintln!("hoist: build cancelled");
                 return Ok(130);

@@ -156,10 +156,14 @@ pub async fn run(args: &BuildArgs, inputs: &Inputs, ignore: Option<&IgnoreMatche
     let mut results: HashMap<usize, v1::BuildResult> = HashMap::new();
     // Vertex ids of different builders must not collide in the display.
     let shift = |k: usize, id: u32| id + (k as u32) * 1_000_000;
+    // One Ctrl-C listener for the whole stream: a fresh one per event would miss a signal
+    // that arrives while an event is handled (tokio keeps none for absent listeners).
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         let next = tokio::select! {
             n = merged.next() => n,
-            _ = tokio::signal::ctrl_c() => {
+            _ = &mut ctrl_c => {
                 renderer.finish();
                 eprintln!("hoist: build cancelled");
                 return Ok(130);
