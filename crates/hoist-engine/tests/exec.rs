@@ -566,7 +566,7 @@ fn many_layers(snap: &Snapshotter, n: usize) -> Vec<Digest> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundreds_of_layers_mount_with_the_new_api_and_with_the_mount2_fallback() {
+async fn hundreds_of_layers_mount_volatile_with_the_new_api_and_with_the_mount2_fallback() {
     if !is_root() {
         return;
     }
@@ -586,6 +586,14 @@ async fn hundreds_of_layers_mount_with_the_new_api_and_with_the_mount2_fallback(
         assert_eq!(fs::read_to_string(mount.merged().join("top")).unwrap(), "199", "{name}: last layer wins");
         assert_eq!(fs::read_to_string(mount.merged().join("f0")).unwrap(), "0", "{name}");
         assert_eq!(fs::read_dir(mount.merged()).unwrap().count(), 201, "{name}");
+        // Writable mounts are volatile: unmounting them must not sync the filesystem.
+        let merged = mount.merged().canonicalize().unwrap();
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = info.lines().find(|l| l.split(' ').nth(4) == merged.to_str()).expect("the mount is listed");
+        let super_opts = line.rsplit(' ').next().unwrap();
+        // Shown as `fsync=volatile` by kernels that have the `fsync=` option.
+        let volatile = super_opts.split(',').any(|o| o == "volatile" || o == "fsync=volatile");
+        assert!(volatile, "{name}: options end with {}", &super_opts[super_opts.len().saturating_sub(200)..]);
     }
     let canon = tmp.path().canonicalize().unwrap();
     assert!(!fs::read_to_string("/proc/self/mountinfo").unwrap().contains(canon.to_str().unwrap()));

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use rustix::fs::{Mode, OFlags, CWD};
@@ -22,6 +22,14 @@ use rustix::mount::{
 /// character devices and `trusted.overlay.opaque` on replaced directories).
 pub const OVERLAY_OPTIONS: [(&str, &str); 3] =
     [("index", "off"), ("redirect_dir", "off"), ("metacopy", "off")];
+
+/// The flag a writable overlay also gets (Linux ≥ 5.10): no sync of the upper filesystem.
+/// Without it, unmounting an overlay syncs the whole filesystem under the upperdir, so
+/// every step paid for writing out everything any build had written since the last
+/// writeback: 0.3 s after pulling gcc:12, more after a RUN that writes 1 GiB. hoist never
+/// mounts an upperdir twice (each mount gets fresh upper and work directories) and its
+/// store does not promise to survive a power loss, which is what the sync would buy.
+pub const OVERLAY_VOLATILE: &str = "volatile";
 
 /// Upper and work directory of a writable overlay (same filesystem, work dir empty).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +99,8 @@ const API_LEGACY: u8 = 2;
 #[derive(Debug)]
 pub struct OverlayMounter {
     api: AtomicU8,
+    /// Set once `mount(2)` refused [`OVERLAY_VOLATILE`].
+    no_volatile: AtomicBool,
 }
 
 impl Default for OverlayMounter {
@@ -102,12 +112,12 @@ impl Default for OverlayMounter {
 impl OverlayMounter {
     /// A mounter that picks the best API the kernel supports (probed on first use).
     pub fn new() -> Self {
-        OverlayMounter { api: AtomicU8::new(API_UNKNOWN) }
+        OverlayMounter { api: AtomicU8::new(API_UNKNOWN), no_volatile: AtomicBool::new(false) }
     }
 
     /// A mounter that always uses `mount(2)` (for tests of the fallback).
     pub fn legacy() -> Self {
-        OverlayMounter { api: AtomicU8::new(API_LEGACY) }
+        OverlayMounter { api: AtomicU8::new(API_LEGACY), no_volatile: AtomicBool::new(false) }
     }
 
     fn mount_new_api(&self, m: &OverlayMount) -> Result<bool, MountError> {
@@ -132,6 +142,8 @@ impl OverlayMounter {
                     err(with_fs_log(&fs, format!("{key} {}: {e}", dir.display())))
                 })?;
             }
+            rustix::mount::fsconfig_set_flag(&fs, OVERLAY_VOLATILE)
+                .map_err(|e| err(with_fs_log(&fs, format!("{OVERLAY_VOLATILE}: {e}"))))?;
         }
         for (key, value) in OVERLAY_OPTIONS {
             rustix::mount::fsconfig_set_string(&fs, key, value)
@@ -172,13 +184,24 @@ impl OverlayMounter {
         for (key, value) in OVERLAY_OPTIONS {
             data.push_str(&format!(",{key}={value}"));
         }
+        let volatile = m.upper.is_some() && !self.no_volatile.load(Ordering::Relaxed);
+        if volatile {
+            data.push_str(&format!(",{OVERLAY_VOLATILE}"));
+        }
         if data.len() >= 4095 {
             return Err(MountError::TooManyLowers { target: m.target.clone(), count: m.lowers.len() });
         }
         let flags = if m.readonly { MountFlags::RDONLY } else { MountFlags::empty() };
-        let data = std::ffi::CString::new(data).map_err(|_| err("NUL byte in mount options".into()))?;
-        rustix::mount::mount("overlay", &m.target, "overlay", flags, data.as_c_str())
-            .map_err(|e| err(format!("mount(2): {e}")))?;
+        let c_data = std::ffi::CString::new(data.as_str()).map_err(|_| err("NUL byte in mount options".into()))?;
+        match rustix::mount::mount("overlay", &m.target, "overlay", flags, c_data.as_c_str()) {
+            Ok(()) => {}
+            Err(Errno::INVAL) if volatile => {
+                // A kernel older than 5.10 has no `volatile`: mount without it from now on.
+                self.no_volatile.store(true, Ordering::Relaxed);
+                return self.mount_legacy(m);
+            }
+            Err(e) => return Err(err(format!("mount(2): {e}"))),
+        }
         drop(fds);
         Ok(())
     }
