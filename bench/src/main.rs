@@ -297,34 +297,27 @@ fn unmount_under(dir: &Path) {
     }
 }
 
-/// Where builder state goes instead of being deleted right away: removing a tree of 100k
-/// files makes the next file creations on this machine's ext4 (no journal) scan the
-/// recently deleted inodes (`recently_deleted()` in the kernel, for 60-300 s), which would
-/// bill the next timed build for the cleanup of the previous one. Emptied between
-/// workloads, outside any timing.
-fn trash(dir: &Path) {
-    if !dir.exists() {
-        return;
+/// Whether `dir` is on an ext4 without a journal, where file creation right after a large
+/// deletion is slow for minutes (see bench/fs.sh). `None` when it cannot tell.
+fn on_unjournaled_ext4(dir: &Path) -> Option<bool> {
+    let dir = dir.canonicalize().ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The longest mount point that holds `dir`: its fs type and device.
+    let (_, fstype, dev) = info
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some((PathBuf::from(f.get(4)?), f.get(sep + 1)?.to_string(), f.get(sep + 2)?.to_string()))
+        })
+        .filter(|(m, _, _)| dir.starts_with(m))
+        .max_by_key(|(m, _, _)| m.as_os_str().len())?;
+    if fstype != "ext4" {
+        return Some(false);
     }
-    unmount_under(dir);
-    let Some(parent) = dir.parent() else { return };
-    let bin = parent.join(".trash");
-    let _ = std::fs::create_dir_all(&bin);
-    let name = format!("{}-{}", dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id());
-    let mut dest = bin.join(&name);
-    let mut i = 0;
-    while dest.exists() {
-        i += 1;
-        dest = bin.join(format!("{name}-{i}"));
-    }
-    if std::fs::rename(dir, &dest).is_err() {
-        remove_tree(dir);
-    }
-}
-
-/// Delete what [`trash`] kept under `base`.
-fn empty_trash(base: &Path) {
-    remove_tree(&base.join(".trash"));
+    let name = Path::new(&dev).file_name()?.to_string_lossy().into_owned();
+    let journals = std::fs::read_dir("/proc/fs/jbd2").ok()?;
+    Some(!journals.flatten().any(|j| j.file_name().to_string_lossy().starts_with(&format!("{name}-"))))
 }
 
 /// A throwaway registry (the lab's `docker-registry`) on a free loopback port.
@@ -466,7 +459,7 @@ impl Hoist {
             if let Some(pid) = Self::daemon_pid(&root) {
                 stop_pid(pid);
             }
-            trash(&root);
+            remove_tree(&root);
         }
     }
 
@@ -779,7 +772,7 @@ impl Buildah {
                 c.args(["rm", "-a"]);
                 c
             });
-            trash(&root);
+            remove_tree(&root);
         }
     }
 
@@ -949,6 +942,15 @@ fn main() -> anyhow::Result<()> {
     let stamp = chrono_like_stamp();
     let logs = workdir.join("logs").join(&stamp);
     std::fs::create_dir_all(&logs)?;
+    let docker_root = docker().args(["info", "-f", "{{.DockerRootDir}}"]).output().ok().map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    for dir in std::iter::once(workdir.clone()).chain(docker_root) {
+        if on_unjournaled_ext4(&dir) == Some(true) {
+            eprintln!(
+                "hoist-bench: warning: {} is on an ext4 without a journal: a timed build right after a cleanup is slowed by it (run bench/fs.sh first)",
+                dir.display()
+            );
+        }
+    }
     let hoist_bin = if tools.iter().any(|t| t == "hoist") { hoist_binary(&args)? } else { PathBuf::new() };
     let load_before = loadavg();
     let started = Instant::now();
@@ -1059,9 +1061,6 @@ fn main() -> anyhow::Result<()> {
             b.finish();
         }
         remove_tree(&checkout);
-        for t in ["hoist", "buildah"] {
-            empty_trash(&workdir.join(t));
-        }
     }
     let load_after = loadavg();
     let total = started.elapsed().as_secs_f64();

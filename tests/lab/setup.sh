@@ -4,6 +4,7 @@
 # Adapted from the team's shared lab script; the project carries its own copy.
 #   LAB   state directory (default /var/lib/hoist-lab)
 #   REG   registry address (default 127.0.0.1:5000)
+#   DOCKER_DATA_ROOT  dockerd's --data-root when this starts it (bench/fs.sh sets it)
 #   LAB_DEBIAN=1 also debootstraps debian/python/gcc images (benchmarks need them).
 set -euo pipefail
 LAB=${LAB:-/var/lib/hoist-lab}
@@ -27,7 +28,7 @@ if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then cat /usr/lib/binfmt.d/qe
 
 if ! /usr/bin/docker info >/dev/null 2>&1; then
   log "starting dockerd"
-  setsid dockerd >"$LAB/dockerd.log" 2>&1 < /dev/null &
+  setsid dockerd ${DOCKER_DATA_ROOT:+--data-root "$DOCKER_DATA_ROOT"} >"$LAB/dockerd.log" 2>&1 < /dev/null &
   for _ in $(seq 60); do /usr/bin/docker info >/dev/null 2>&1 && break; sleep 1; done
   /usr/bin/docker info >/dev/null 2>&1 || { tail -20 "$LAB/dockerd.log"; exit 1; }
 fi
