@@ -1,7 +1,8 @@
 //! End-to-end: layer compression of the exporters (issue 6). `--output ...,compression=zstd|
 //! gzip|uncompressed,compression-level=N,force-compression=true` on OCI archives and pushes:
 //! media types, blob digests and diff_ids of every layer, base layers keeping their original
-//! blobs unless forced, deterministic gzip at each level, and clear errors for bad values.
+//! blobs unless forced, deterministic gzip at each level, clear errors for bad values, and
+//! the target image's new layers compressed while later steps still run.
 
 mod common;
 
@@ -235,4 +236,67 @@ fn bad_compression_options_are_clear_errors_and_the_builder_keeps_serving() {
     let ok = build_oci(&h, ctx.path(), &out.path().join("ok.tar"), "");
     assert_eq!(archive_layers(&ok).len(), 3);
     assert_eq!(h.daemon_pid(), pid, "the same builder served it");
+}
+
+/// Sizes of the blobs in the builder's content store under `root`.
+fn store_blob_sizes(root: &Path) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(t) if t.is_file() && p.parent().is_some_and(|d| d.ends_with("content/blobs/sha256")) => {
+                    out.extend(e.metadata().ok().map(|m| m.len()));
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_target_layer_is_compressed_while_later_steps_run_and_no_other_stage_is() {
+    if !lab_available() {
+        return;
+    }
+    // The target's first RUN makes a ~3 MB layer of random bytes; a later RUN sleeps. The
+    // side stage's ~1.7 MB layer is not part of the image (only a small file is copied).
+    let df = format!(
+        "FROM {bb} AS side\nRUN head -c 1700000 /dev/urandom > /noise && echo hi > /small\n\n\
+         FROM {bb}\nRUN head -c 3000000 /dev/urandom > /big\nCOPY --from=side /small /small\nRUN sleep 4 && echo done > /done\n",
+        bb = busybox()
+    );
+    let ctx = context(&[("Dockerfile", df.as_str())]);
+    let h = Hoist::new();
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let dest = out.path().join("img.tar");
+    let output = format!("type=oci,dest={}", dest.display());
+    let started = std::time::Instant::now();
+    let mut child = h.cmd().args(["build", "--progress=plain", "-o", &output, ctx.path().to_str().unwrap()]).spawn().unwrap();
+    let (mut big_seen, mut side_seen) = (None, false);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        let sizes = store_blob_sizes(h.root.path());
+        if big_seen.is_none() && sizes.iter().any(|&s| (2_900_000..3_200_000).contains(&s)) {
+            big_seen = Some(started.elapsed());
+        }
+        side_seen |= sizes.iter().any(|&s| (1_600_000..1_900_000).contains(&s));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let ended = started.elapsed();
+    assert!(status.success());
+    let big_seen = big_seen.expect("the 3 MB layer's blob never showed up in the store");
+    assert!(
+        ended.saturating_sub(big_seen) > std::time::Duration::from_secs(2),
+        "the 3 MB layer's blob appeared at {big_seen:?}, the build ended at {ended:?}: it was compressed after the build, not while `RUN sleep 4` ran"
+    );
+    let sizes = store_blob_sizes(h.root.path());
+    assert!(!side_seen && !sizes.iter().any(|&s| (1_600_000..1_900_000).contains(&s)), "the side stage's layer was compressed: {sizes:?}");
+    let layers = archive_layers(&OciArchive::read(&dest));
+    assert!(layers.iter().any(|l| (2_900_000..3_200_000).contains(&l.size)), "the archive holds the early blob");
 }

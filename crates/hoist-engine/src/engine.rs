@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use hoist_oci::compress::Compression;
 use hoist_oci::digest::Digest;
 use hoist_oci::image::ImageConfig;
 use hoist_oci::registry::RegistryClient;
@@ -82,6 +83,10 @@ pub struct BuildRequest {
     pub secrets: BuildSecrets,
     /// Registry access for this build (credentials the client forwarded).
     pub registry: RegistryClient,
+    /// When an output needs the image's layers as blobs (compression, force-compression):
+    /// a new layer of the target image is compressed as soon as its step ends, while
+    /// later steps run, instead of after the build ([`Engine::layer_blob`]).
+    pub eager_blobs: Option<(Compression, bool)>,
 }
 
 /// One built image (one platform).

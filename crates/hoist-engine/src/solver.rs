@@ -166,6 +166,9 @@ pub(crate) struct Build {
     pub leases: Arc<LeaseSet>,
     /// Cache records this build used, marked recently used when it ends.
     pub touched: Mutex<Vec<String>>,
+    /// Per stage: whether its layers end up in the target image (the target and the
+    /// stages it is built `FROM`), so are worth compressing early ([`BuildRequest::eager_blobs`]).
+    pub in_target: Vec<bool>,
 }
 
 impl Build {
@@ -213,6 +216,15 @@ pub(crate) async fn build_platform(
     }
     let created = created_timestamp(&req);
     let source_date_epoch = source_date_epoch(&req);
+    let mut in_target = vec![false; graph.stages.len()];
+    let mut next = Some(graph.target);
+    while let Some(id) = next.filter(|&id| id < in_target.len() && !in_target[id]) {
+        in_target[id] = true;
+        next = match graph.stages[id].base {
+            Base::Stage(j) => Some(j),
+            _ => None,
+        };
+    }
     let build = Arc::new(Build {
         engine,
         req,
@@ -228,6 +240,7 @@ pub(crate) async fn build_platform(
         source_date_epoch,
         leases,
         touched: Mutex::new(Vec::new()),
+        in_target,
     });
     {
         let mut stages = build.stages.lock().unwrap_or_else(|e| e.into_inner());
@@ -339,7 +352,7 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
                 state.history.push(history(&b, h, true));
             } else {
                 let name = format!("[{label} {}/{}] {}", i + 1, total, step.display);
-                let produced = run_step(&b, &mut state, step, name).await?;
+                let produced = run_step(&b, &mut state, step, name, b.in_target[id]).await?;
                 state.history.push(history(&b, h, !produced));
                 break;
             }
@@ -361,8 +374,9 @@ fn history(b: &Build, h: &crate::graph::HistoryEntry, empty: bool) -> History {
     }
 }
 
-/// Key, look up, and run if needed; returns whether the step added a layer.
-async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: String) -> Result<bool, EngineError> {
+/// Key, look up, and run if needed; returns whether the step added a layer. A new layer
+/// of the target image starts compressing right away when an output will want it.
+async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: String, in_target: bool) -> Result<bool, EngineError> {
     let vid = b.vertices.next();
     b.progress.send(Event::Started { id: vid, name });
     let started = Instant::now();
@@ -380,6 +394,16 @@ async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: Str
     }
     Ok(match diff {
         Some(d) => {
+            if let (false, true, Some((compression, force))) = (cached, in_target, b.req.eager_blobs) {
+                // Shared with the export's own call of the same layer (one in-flight key);
+                // an error here shows up again there.
+                let (engine, d) = (b.engine.clone(), d.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = engine.layer_blob(&d, compression, force).await {
+                        tracing::debug!(layer = %d, "compressing early: {e}");
+                    }
+                });
+            }
             state.layers.push(d);
             true
         }

@@ -755,6 +755,16 @@ impl BuilderService {
         for s in &req.ssh {
             secrets.ssh.insert(s.id.clone(), PathBuf::from(&s.socket));
         }
+        // Bad output options fail now, not after the whole build (BuildKit, too, resolves its
+        // exporters before solving). The first output that makes blobs of the image's layers
+        // has them made while the build runs.
+        let mut eager_blobs = None;
+        for out in &req.outputs {
+            let c = output_compression(&out.attrs)?;
+            if matches!(out.r#type.as_str(), "image" | "registry" | "oci") {
+                eager_blobs = eager_blobs.or(Some(c));
+            }
+        }
         let build = BuildRequest {
             namespace: who.project.clone(),
             dockerfile: req.dockerfile.clone(),
@@ -774,13 +784,8 @@ impl BuilderService {
             add_hosts,
             secrets,
             registry: registry.clone(),
+            eager_blobs,
         };
-
-        // Bad output options fail now, not after the whole build (BuildKit, too, resolves its
-        // exporters before solving).
-        for out in &req.outputs {
-            output_compression(&out.attrs)?;
-        }
 
         // Progress: engine events → stream events.
         let (ptx, prx) = mpsc::unbounded_channel::<Event>();
