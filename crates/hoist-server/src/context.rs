@@ -154,8 +154,6 @@ pub struct ContextStore {
     limits: ContextLimits,
     /// Order of pending contexts, oldest first (to forget the oldest past [`MAX_PENDING`]).
     pending_order: Mutex<std::collections::VecDeque<String>>,
-    /// Held while a session tree claims a blob by hard-linking it (see [`place_file`]).
-    claim: Arc<Mutex<()>>,
 }
 
 /// A build's context: its session directory is brought to the manifest the first time a
@@ -224,7 +222,6 @@ impl ContextStore {
             sessions: Mutex::new(HashMap::new()),
             limits: ContextLimits::default(),
             pending_order: Mutex::new(std::collections::VecDeque::new()),
-            claim: Arc::new(Mutex::new(())),
         })
     }
 
@@ -373,7 +370,7 @@ impl ContextStore {
         };
         let held = Arc::new(Mutex::new(None));
         let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (blobs, claim, entries) = (self.blobs.clone(), self.claim.clone(), pending.entries.clone());
+        let (blobs, entries) = (self.blobs.clone(), pending.entries.clone());
         let (dir2, held2, written2) = (dir.clone(), held.clone(), written.clone());
         let materialize: Materializer = Box::new(move || {
             // On a blocking thread (the engine asks for files there). This never waits for
@@ -386,7 +383,7 @@ impl ContextStore {
                 drop(read);
                 let (dir, held) = match lock.try_write_owned() {
                     Ok(write) => {
-                        let n = update_dir(&dir2, &blobs, &entries, &claim).map_err(|e| e.to_string())?;
+                        let n = update_dir(&dir2, &blobs, &entries).map_err(|e| e.to_string())?;
                         written2.store(n, std::sync::atomic::Ordering::Relaxed);
                         (dir2.clone(), Held::Shared(write.downgrade()))
                     }
@@ -395,7 +392,7 @@ impl ContextStore {
                         getrandom(&mut id);
                         let private = dir2.with_extension(format!("build-{}", hex::encode(id)));
                         let held = Held::Private(private.clone());
-                        let n = update_dir(&private, &blobs, &entries, &claim).map_err(|e| e.to_string())?;
+                        let n = update_dir(&private, &blobs, &entries).map_err(|e| e.to_string())?;
                         written2.store(n, std::sync::atomic::Ordering::Relaxed);
                         (private, held)
                     }
@@ -452,7 +449,7 @@ fn is_current(dir: &Path, entries: &[v1::ContextEntry]) -> bool {
 
 /// Apply the manifest to `<dir>/root`, using `<dir>/state.json` as the record of what the
 /// directory holds. Returns how many entries were (re)written.
-fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry], claim: &Mutex<()>) -> Result<u64, ContextError> {
+fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) -> Result<u64, ContextError> {
     let root = dir.join("root");
     let state_path = dir.join("state.json");
     let old = recorded(dir);
@@ -540,8 +537,10 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry], cl
     // leaves no state.json, so the next build rebuilds the tree: no half file is ever trusted.
     let write_file = |(p, src, rec): &(PathBuf, Option<PathBuf>, Recorded)| -> Result<(), ContextError> {
         if let Some(src) = src {
-            let _ = fs::remove_file(p);
-            place_file(src, p, claim)?;
+            if trusted {
+                let _ = fs::remove_file(p);
+            }
+            place_file(src, p)?;
         }
         fs::set_permissions(p, fs::Permissions::from_mode(rec.mode)).map_err(io_err(p))?;
         set_mtime(p, rec, true)
@@ -569,15 +568,26 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry], cl
 /// blob yet (one inode, so the link's mode and times become this entry's: the store never
 /// reads them), else a copy. Nothing writes to a session file in place — a change replaces
 /// it, bind mounts are read-only or copy-on-write — so the blob's bytes stay intact.
-fn place_file(src: &Path, p: &Path, claim: &Mutex<()>) -> Result<(), ContextError> {
+///
+/// Link first, then look at the link count (the store's own name is one): a tree that sees
+/// 2 was alone and keeps its link, and any tree linking later sees at least 3 for as long
+/// as that link exists, so it copies. Two trees linking at once may both see 3 and both
+/// copy. No lock, so trees are written on every core.
+fn place_file(src: &Path, p: &Path) -> Result<(), ContextError> {
     use std::os::unix::fs::MetadataExt;
-    {
-        let _claimed = claim.lock().unwrap_or_else(|e| e.into_inner());
-        if fs::metadata(src).is_ok_and(|m| m.nlink() == 1) && fs::hard_link(src, p).is_ok() {
+    if fs::hard_link(src, p).is_ok() {
+        if fs::symlink_metadata(p).is_ok_and(|m| m.nlink() == 2) {
             return Ok(());
         }
+        fs::remove_file(p).map_err(io_err(p))?;
     }
-    fs::copy(src, p).map_err(io_err(p))?;
+    // Copied under another name and renamed over `p`: never written into an inode that
+    // may be a blob's.
+    let mut tmp = p.as_os_str().to_owned();
+    tmp.push(".hoist-copy");
+    let tmp = PathBuf::from(tmp);
+    fs::copy(src, &tmp).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, p).map_err(io_err(p))?;
     Ok(())
 }
 
@@ -711,6 +721,29 @@ mod tests {
         assert_eq!((mx.mode() & 0o7777, mx.mtime()), (0o600, 1_000), "the first session's file is untouched");
         // The store's blob still holds its bytes.
         assert_eq!(fs::read(store.blobs.blob_path(&Digest::of(b"same"))).unwrap(), b"same");
+
+        // Many files of one content, written by several threads at once in a fresh tree:
+        // each keeps its own metadata, and at most one of them is the blob's inode.
+        drop(two);
+        upload(&store, b"many");
+        let many: Vec<_> = (0..1200u32)
+            .map(|i| {
+                let mut e = file(&format!("m{i:04}"), b"many", 0o600 | (i % 2) * 0o044);
+                e.mtime = 10_000 + i as i64;
+                e
+            })
+            .collect();
+        let (id3, _) = store.prepare(v1::ContextManifest { session: "s3".into(), entries: many.clone() }).unwrap();
+        let three = written_now(store.materialize(&id3).await.unwrap()).await;
+        let blob_ino = fs::metadata(store.blobs.blob_path(&Digest::of(b"many"))).unwrap().ino();
+        let mut linked = 0;
+        for e in &many {
+            let m = fs::metadata(three.context.files().unwrap().join(&e.path)).unwrap();
+            assert_eq!((m.mode() & 0o7777, m.mtime()), (e.mode, e.mtime), "{}", e.path);
+            linked += usize::from(m.ino() == blob_ino);
+        }
+        assert!(linked <= 1, "{linked} files share the blob's inode");
+        assert_eq!(fs::read(store.blobs.blob_path(&Digest::of(b"many"))).unwrap(), b"many");
     }
 
     #[tokio::test]
