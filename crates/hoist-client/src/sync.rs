@@ -41,6 +41,12 @@ struct StatEntry {
     digest: String,
 }
 
+impl StatEntry {
+    fn new(m: &fs::Metadata, digest: String) -> StatEntry {
+        StatEntry { size: m.size(), mtime: m.mtime(), mtime_nsec: m.mtime_nsec(), ino: m.ino(), mode: m.mode(), digest }
+    }
+}
+
 /// A persistent map from path to (stat → digest) for one context directory.
 #[derive(Debug, Default)]
 pub struct StatCache {
@@ -140,6 +146,7 @@ fn walk_once(
     let mut seen = HashMap::new();
     let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(dir.to_path_buf(), Vec::new())];
     let mut dirs_meta: HashMap<Vec<u8>, fs::Metadata> = HashMap::new();
+    let mut to_hash: Vec<(Vec<u8>, String, PathBuf, fs::Metadata)> = Vec::new();
     while let Some((abs, rel_bytes)) = stack.pop() {
         let rd = fs::read_dir(&abs).map_err(|e| ClientError::Context(format!("reading {}: {e}", abs.display())))?;
         for entry in rd {
@@ -179,24 +186,44 @@ fn walk_once(
                 let cached = cache.entries.get(&child_rel).filter(|c| {
                     c.size == m.size() && c.mtime == m.mtime() && c.mtime_nsec == m.mtime_nsec() && c.ino == m.ino() && c.mode == m.mode()
                 });
-                let digest = match cached {
-                    Some(c) => c.digest.clone(),
-                    None => {
-                        let d = hash_file(&child_abs)?;
-                        stats.hashed_files += 1;
-                        stats.hashed_bytes += m.size();
-                        d.to_string()
+                match cached {
+                    Some(c) => {
+                        let digest = c.digest.clone();
+                        seen.insert(child_rel, StatEntry::new(&m, digest.clone()));
+                        files.entry(digest.clone()).or_insert(child_abs);
+                        out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::File, &m, digest, &[]));
                     }
-                };
-                seen.insert(
-                    child_rel.clone(),
-                    StatEntry { size: m.size(), mtime: m.mtime(), mtime_nsec: m.mtime_nsec(), ino: m.ino(), mode: m.mode(), digest: digest.clone() },
-                );
-                files.entry(digest.clone()).or_insert(child_abs);
-                out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::File, &m, digest, &[]));
+                    None => to_hash.push((child_bytes, child_rel, child_abs, m)),
+                }
             }
             // Sockets, fifos and devices are not part of a build context.
         }
+    }
+    // Files the stat cache does not know, hashed on every core.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let chunk = to_hash.len().div_ceil(threads).max(64);
+    let hashed: Vec<Digest> = std::thread::scope(|scope| {
+        let workers: Vec<_> = to_hash
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    part.iter().map(|(_, _, abs, _)| hash_file(abs, &mut buf)).collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(ClientError::Context("a hashing thread panicked".into())))).collect::<Result<Vec<_>, _>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
+    for ((child_bytes, child_rel, child_abs, m), d) in to_hash.into_iter().zip(hashed) {
+        stats.hashed_files += 1;
+        stats.hashed_bytes += m.size();
+        let digest = d.to_string();
+        seen.insert(child_rel, StatEntry::new(&m, digest.clone()));
+        files.entry(digest.clone()).or_insert(child_abs);
+        out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::File, &m, digest, &[]));
     }
     // Every included entry's parents are sent too (an ignored directory can hold
     // re-included files).
@@ -241,12 +268,12 @@ fn entry_of(rel: &[u8], kind: v1::EntryKind, m: &fs::Metadata, digest: String, l
     }
 }
 
-fn hash_file(path: &Path) -> Result<Digest, ClientError> {
+/// SHA-256 of the file at `path`, read through `buf`.
+fn hash_file(path: &Path, buf: &mut [u8]) -> Result<Digest, ClientError> {
     let mut f = fs::File::open(path).map_err(|e| ClientError::Context(format!("reading {}: {e}", path.display())))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = f.read(&mut buf).map_err(|e| ClientError::Context(format!("reading {}: {e}", path.display())))?;
+        let n = f.read(buf).map_err(|e| ClientError::Context(format!("reading {}: {e}", path.display())))?;
         if n == 0 {
             break;
         }
@@ -287,41 +314,61 @@ pub async fn sync(client: &mut Client, session: String, walked: &WalkedContext) 
             uploads.push((d.clone(), path.clone()));
         }
         stats.uploaded_files = uploads.len() as u64;
-        let (tx, rx) = tokio::sync::mpsc::channel::<v1::BlobChunk>(8);
-        let reader = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let mut total = 0u64;
-            let mut buf = vec![0u8; CHUNK];
-            for (digest, path) in uploads {
-                let mut f = fs::File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-                let mut sent_any = false;
-                loop {
-                    let n = read_full(&mut f, &mut buf)?;
-                    let last = n < CHUNK;
-                    if n == 0 && sent_any {
-                        // The previous chunk was exactly CHUNK long: close the blob.
-                        if tx.blocking_send(v1::BlobChunk { digest: digest.clone(), data: Vec::new(), last: true }).is_err() {
-                            return Ok(total);
-                        }
-                        break;
-                    }
-                    total += n as u64;
-                    if tx.blocking_send(v1::BlobChunk { digest: digest.clone(), data: buf[..n].to_vec(), last }).is_err() {
-                        return Ok(total);
-                    }
-                    sent_any = true;
-                    if last {
-                        break;
-                    }
-                }
+        // Several streams at once, so that the builder stores blobs on several cores (a
+        // context of many small files is bound by file creation, not by bytes).
+        let streams = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4).min(uploads.len().div_ceil(64));
+        let mut parts: Vec<Vec<(String, PathBuf)>> = vec![Vec::new(); streams];
+        for (i, u) in uploads.into_iter().enumerate() {
+            parts[i % streams].push(u);
+        }
+        let sends = parts.into_iter().map(|part| {
+            let mut client = client.clone();
+            async move {
+                let (tx, rx) = tokio::sync::mpsc::channel::<v1::BlobChunk>(8);
+                let reader = tokio::task::spawn_blocking(move || send_files(part, tx));
+                let reply = client.upload_blobs(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+                let sent = reader
+                    .await
+                    .map_err(|e| ClientError::Context(e.to_string()))?
+                    .map_err(|e| ClientError::Context(format!("uploading context: {e}")))?;
+                reply.map_err(ClientError::from_status)?;
+                Ok::<u64, ClientError>(sent)
             }
-            Ok(total)
         });
-        let reply = client.upload_blobs(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-        let sent = reader.await.map_err(|e| ClientError::Context(e.to_string()))?.map_err(|e| ClientError::Context(format!("uploading context: {e}")))?;
-        reply.map_err(ClientError::from_status)?;
-        stats.uploaded_bytes = sent;
+        stats.uploaded_bytes = futures::future::try_join_all(sends).await?.into_iter().sum();
     }
     Ok((reply.context_id, stats))
+}
+
+/// Send `files` (digest, path) as blob chunks on `tx`; returns the bytes sent. Stops early,
+/// without an error, when the stream has gone (its error is the upload's answer).
+fn send_files(files: Vec<(String, PathBuf)>, tx: tokio::sync::mpsc::Sender<v1::BlobChunk>) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    for (digest, path) in files {
+        let mut f = fs::File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let mut sent_any = false;
+        loop {
+            let n = read_full(&mut f, &mut buf)?;
+            let last = n < CHUNK;
+            if n == 0 && sent_any {
+                // The previous chunk was exactly CHUNK long: close the blob.
+                if tx.blocking_send(v1::BlobChunk { digest: digest.clone(), data: Vec::new(), last: true }).is_err() {
+                    return Ok(total);
+                }
+                break;
+            }
+            total += n as u64;
+            if tx.blocking_send(v1::BlobChunk { digest: digest.clone(), data: buf[..n].to_vec(), last }).is_err() {
+                return Ok(total);
+            }
+            sent_any = true;
+            if last {
+                break;
+            }
+        }
+    }
+    Ok(total)
 }
 
 fn read_full(f: &mut fs::File, buf: &mut [u8]) -> io::Result<usize> {
