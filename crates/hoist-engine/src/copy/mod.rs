@@ -491,26 +491,63 @@ fn materialize(stack: &mut [Frame], f: &mut dyn FnMut(Ev) -> Result<(), CopyErro
 
 /// Extended attributes worth copying: all but the host's SELinux label and overlayfs' own.
 fn read_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    xattrs_of(XattrsFrom::Path(path))
+}
+
+/// Where [`Copier::apply_info`] reads the source's extended attributes.
+#[derive(Clone, Copy)]
+enum XattrsFrom<'a> {
+    /// The source by path (not following a symlink).
+    Path(&'a Path),
+    /// The source open: no second path lookup.
+    File(&'a File),
+}
+
+fn xattrs_of(from: XattrsFrom<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out = Vec::new();
-    let Ok(size) = rustix::fs::llistxattr_query(path) else { return out };
+    let size = match from {
+        XattrsFrom::Path(p) => rustix::fs::llistxattr_query(p),
+        XattrsFrom::File(f) => rustix::fs::flistxattr_query(f),
+    };
+    let Ok(size) = size else { return out };
     if size == 0 {
         return out;
     }
     let mut names = vec![0u8; size];
-    let Ok(n) = rustix::fs::llistxattr(path, &mut names[..]) else { return out };
+    let n = match from {
+        XattrsFrom::Path(p) => rustix::fs::llistxattr(p, &mut names[..]),
+        XattrsFrom::File(f) => rustix::fs::flistxattr(f, &mut names[..]),
+    };
+    let Ok(n) = n else { return out };
     for name in names[..n.min(size)].split(|b| *b == 0).filter(|n| !n.is_empty()) {
         if name == b"security.selinux" || name.starts_with(b"trusted.overlay.") {
             continue;
         }
         let Ok(name_c) = std::ffi::CString::new(name) else { continue };
-        let Ok(vsize) = rustix::fs::lgetxattr_query(path, name_c.as_c_str()) else { continue };
+        let vsize = match from {
+            XattrsFrom::Path(p) => rustix::fs::lgetxattr_query(p, name_c.as_c_str()),
+            XattrsFrom::File(f) => rustix::fs::fgetxattr_query(f, name_c.as_c_str()),
+        };
+        let Ok(vsize) = vsize else { continue };
         let mut value = vec![0u8; vsize];
-        let Ok(vn) = rustix::fs::lgetxattr(path, name_c.as_c_str(), &mut value[..]) else { continue };
+        let vn = match from {
+            XattrsFrom::Path(p) => rustix::fs::lgetxattr(p, name_c.as_c_str(), &mut value[..]),
+            XattrsFrom::File(f) => rustix::fs::fgetxattr(f, name_c.as_c_str(), &mut value[..]),
+        };
+        let Ok(vn) = vn else { continue };
         value.truncate(vn);
         out.push((name.to_vec(), value));
     }
     out.sort();
     out
+}
+
+/// Files up to this size are copied with one read and one write.
+const SMALL_FILE: usize = 128 * 1024;
+
+thread_local! {
+    /// The read buffer of small files, one per copying thread.
+    static SMALL_BUF: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
 }
 
 /// How the file mode of copied entries is decided.
@@ -644,7 +681,7 @@ impl Copier<'_> {
     /// Owner, mode, times and xattrs of a copied entry (fsutil `copyFileInfo`).
     /// `open` is the target when it is a file just written and still open: its metadata is
     /// then set through it, without looking its path up again through the overlay.
-    fn apply_info(&self, target: &Path, open: Option<&File>, src: Option<&Path>, meta: &fs::Metadata) -> Result<(), CopyError> {
+    fn apply_info(&self, target: &Path, open: Option<&File>, src: Option<XattrsFrom<'_>>, meta: &fs::Metadata) -> Result<(), CopyError> {
         let err = |op: &'static str| move |e: io::Error| CopyError::Io { op, path: self.shown(target), error: e };
         let (uid, gid) = self.owner_for(meta);
         let ft = meta.file_type();
@@ -664,7 +701,7 @@ impl Copier<'_> {
             set_times(target, meta.atime(), meta.atime_nsec(), meta.mtime(), meta.mtime_nsec()).map_err(err("utimes"))?;
         }
         if let Some(src) = src {
-            for (name, value) in read_xattrs(src) {
+            for (name, value) in xattrs_of(src) {
                 if let Ok(n) = std::ffi::CString::new(name) {
                     let flags = rustix::fs::XattrFlags::empty();
                     let set = match open {
@@ -798,11 +835,11 @@ impl Copier<'_> {
             self.make_room_for_file(&target)?;
             fs::hard_link(&first, &target).map_err(io_error("link", self.shown(&target)))?;
             self.stats.hardlinks += 1;
-            self.apply_info(&target, None, Some(&src), &meta)?;
+            self.apply_info(&target, None, Some(XattrsFrom::Path(&src)), &meta)?;
         }
         for d in std::mem::take(&mut batch.dir_ends) {
             if d.info {
-                self.apply_info(&d.target, None, Some(&d.src), &d.meta)?;
+                self.apply_info(&d.target, None, Some(XattrsFrom::Path(&d.src)), &d.meta)?;
             } else {
                 // the destination directory itself keeps its owner and mode; BuildKit
                 // gives it the source directory's times
@@ -828,8 +865,30 @@ impl Copier<'_> {
             }
             r => r?,
         };
-        let n = io::copy(&mut input, &mut out).map_err(|e| io_error("copy to", self.shown(target))(e))?;
-        self.apply_info(target, Some(&out), Some(src), meta)?;
+        let n = if meta.len() <= SMALL_FILE as u64 {
+            // One read and one write: cheaper than the kernel copy paths for a small file.
+            SMALL_BUF.with_borrow_mut(|buf| -> io::Result<u64> {
+                let buf = buf.get_or_insert_with(|| vec![0u8; SMALL_FILE + 1]);
+                let mut len = 0;
+                loop {
+                    match input.read(&mut buf[len..])? {
+                        0 => break,
+                        k => len += k,
+                    }
+                    if len == buf.len() {
+                        // It grew past the small size: write what is read, copy the rest.
+                        out.write_all(&buf[..len])?;
+                        return Ok(len as u64 + io::copy(&mut input, &mut out)?);
+                    }
+                }
+                out.write_all(&buf[..len])?;
+                Ok(len as u64)
+            })
+        } else {
+            io::copy(&mut input, &mut out)
+        }
+        .map_err(|e| io_error("copy to", self.shown(target))(e))?;
+        self.apply_info(target, Some(&out), Some(XattrsFrom::File(&input)), meta)?;
         Ok(n)
     }
 
@@ -853,7 +912,7 @@ impl Copier<'_> {
             .map_err(|e| io_error("mknod", self.shown(target))(e.into()))?;
             self.stats.other += 1;
         }
-        self.apply_info(target, None, Some(src), meta)
+        self.apply_info(target, None, Some(XattrsFrom::Path(src)), meta)
     }
 
     /// A file that does not come from the source root (URL download, heredoc).
