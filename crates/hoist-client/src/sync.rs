@@ -146,7 +146,9 @@ fn walk_once(
     let mut seen = HashMap::new();
     let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(dir.to_path_buf(), Vec::new())];
     let mut dirs_meta: HashMap<Vec<u8>, fs::Metadata> = HashMap::new();
-    let mut to_hash: Vec<(Vec<u8>, String, PathBuf, fs::Metadata)> = Vec::new();
+    // Regular files, with their digest when the stat cache knows it (the others are hashed
+    // after the walk, on every core).
+    let mut regular: Vec<(Vec<u8>, String, PathBuf, fs::Metadata, Option<String>)> = Vec::new();
     while let Some((abs, rel_bytes)) = stack.pop() {
         let rd = fs::read_dir(&abs).map_err(|e| ClientError::Context(format!("reading {}: {e}", abs.display())))?;
         for entry in rd {
@@ -183,32 +185,32 @@ fn walk_once(
                 let target = fs::read_link(&child_abs).map_err(|e| ClientError::Context(format!("{}: {e}", child_abs.display())))?;
                 out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::Symlink, &m, String::new(), target.as_os_str().as_encoded_bytes()));
             } else if m.is_file() {
-                let cached = cache.entries.get(&child_rel).filter(|c| {
-                    c.size == m.size() && c.mtime == m.mtime() && c.mtime_nsec == m.mtime_nsec() && c.ino == m.ino() && c.mode == m.mode()
-                });
-                match cached {
-                    Some(c) => {
-                        let digest = c.digest.clone();
-                        seen.insert(child_rel, StatEntry::new(&m, digest.clone()));
-                        files.entry(digest.clone()).or_insert(child_abs);
-                        out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::File, &m, digest, &[]));
-                    }
-                    None => to_hash.push((child_bytes, child_rel, child_abs, m)),
-                }
+                let cached = cache
+                    .entries
+                    .get(&child_rel)
+                    .filter(|c| {
+                        c.size == m.size() && c.mtime == m.mtime() && c.mtime_nsec == m.mtime_nsec() && c.ino == m.ino() && c.mode == m.mode()
+                    })
+                    .map(|c| c.digest.clone());
+                regular.push((child_bytes, child_rel, child_abs, m, cached));
             }
             // Sockets, fifos and devices are not part of a build context.
         }
     }
-    // Files the stat cache does not know, hashed on every core.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    let chunk = to_hash.len().div_ceil(threads).max(64);
-    let hashed: Vec<Digest> = std::thread::scope(|scope| {
-        let workers: Vec<_> = to_hash
+    let chunk = regular.len().div_ceil(threads).max(64);
+    let digests: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = regular
             .chunks(chunk)
             .map(|part| {
                 scope.spawn(move || {
                     let mut buf = vec![0u8; 256 * 1024];
-                    part.iter().map(|(_, _, abs, _)| hash_file(abs, &mut buf)).collect::<Result<Vec<_>, _>>()
+                    part.iter()
+                        .map(|(_, _, abs, _, cached)| match cached {
+                            Some(d) => Ok(d.clone()),
+                            None => hash_file(abs, &mut buf).map(|d| d.to_string()),
+                        })
+                        .collect::<Result<Vec<_>, _>>()
                 })
             })
             .collect();
@@ -217,10 +219,11 @@ fn walk_once(
     .into_iter()
     .flatten()
     .collect();
-    for ((child_bytes, child_rel, child_abs, m), d) in to_hash.into_iter().zip(hashed) {
-        stats.hashed_files += 1;
-        stats.hashed_bytes += m.size();
-        let digest = d.to_string();
+    for ((child_bytes, child_rel, child_abs, m, cached), digest) in regular.into_iter().zip(digests) {
+        if cached.is_none() {
+            stats.hashed_files += 1;
+            stats.hashed_bytes += m.size();
+        }
         seen.insert(child_rel, StatEntry::new(&m, digest.clone()));
         files.entry(digest.clone()).or_insert(child_abs);
         out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::File, &m, digest, &[]));

@@ -88,7 +88,9 @@ impl ContentStore {
     pub fn writer(&self) -> Result<BlobWriter, StoreError> {
         let dir = self.ingest_dir();
         let file = tempfile::Builder::new().prefix("blob-").tempfile_in(&dir).map_err(io_err(&dir))?;
-        Ok(BlobWriter { store: self.clone(), file: io::BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), size: 0 })
+        // A small buffer: a context upload makes tens of thousands of small blobs, and larger
+        // writes go straight through.
+        Ok(BlobWriter { store: self.clone(), file: io::BufWriter::with_capacity(64 << 10, file), hasher: Sha256::new(), size: 0 })
     }
 
     /// Store bytes, returning their digest.
