@@ -9,6 +9,7 @@
 #   BENCH_DIR  mount point, the benchmark's --workdir (default /var/tmp/hoist-bench)
 #   BENCH_FS_GB  size (default: the root filesystem's free space minus 3 GB)
 # Restarts dockerd with --data-root on it, then runs tests/lab/setup.sh (LAB_DEBIAN=1).
+# Space freed inside goes back to the root filesystem with `fstrim $BENCH_DIR`.
 set -euo pipefail
 BENCH_DIR=${BENCH_DIR:-/var/tmp/hoist-bench}
 img=/var/tmp/hoist-bench.ext4
