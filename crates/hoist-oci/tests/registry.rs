@@ -113,10 +113,24 @@ impl Registry {
         format!("{}/{repo_tag}", self.host).parse().unwrap()
     }
 
-    /// Access-log lines of requests whose request line contains all of `needles`.
+    /// Access-log lines of requests whose request line contains all of `needles`. The
+    /// registry logs a request after answering it, so a busy machine can show the answer
+    /// before the line: count until the count holds still for 150 ms (at most 3 s).
     fn requests(&self, needles: &[&str]) -> usize {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        log.lines().filter(|l| l.contains("HTTP/1.1\" ") && needles.iter().all(|n| l.contains(n))).count()
+        let count = || {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            log.lines().filter(|l| l.contains("HTTP/1.1\" ") && needles.iter().all(|n| l.contains(n))).count()
+        };
+        let mut last = count();
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(150));
+            let now = count();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
     }
 }
 
