@@ -208,3 +208,27 @@ fn push_to_a_registry_and_pull_back_with_docker() {
     assert_eq!(out, "pushed\n");
     let _ = docker().args(["rmi", "-f", &tag]).output();
 }
+
+#[test]
+fn hundreds_of_context_files_arrive_whole_over_several_upload_streams() {
+    if !lab_available() {
+        return;
+    }
+    // Enough files that the client hashes them on every core and uploads them on several
+    // streams; some share their content, one is larger than the client's 1 MiB chunk.
+    let files: Vec<(String, String)> = (0..400).map(|i| (format!("d{}/f{i}.txt", i % 7), format!("file {}\n", i % 350).repeat(i % 350 % 4 + 1))).collect();
+    let big = "0123456789abcdef".repeat(70_000);
+    let df = dockerfile("COPY . /c/\n");
+    let mut spec: Vec<(&str, &str)> = files.iter().map(|(p, c)| (p.as_str(), c.as_str())).collect();
+    spec.push(("big.bin", big.as_str()));
+    spec.push(("Dockerfile", df.as_str()));
+    let ctx = context(&spec);
+    let h = Hoist::new();
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let dest = out.path().join("fs");
+    let stderr = h.build_ok(&["-o", &format!("type=local,dest={}", dest.display()), ctx.path().to_str().unwrap()]);
+    assert!(stderr.contains("352 files sent"), "350 distinct small contents, big.bin and the Dockerfile:\n{stderr}");
+    for (p, c) in files.iter().map(|(p, c)| (p.as_str(), c.as_str())).chain([("big.bin", big.as_str())]) {
+        assert_eq!(std::fs::read_to_string(dest.join("c").join(p)).unwrap(), c, "{p}");
+    }
+}
