@@ -540,7 +540,7 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
             if trusted {
                 let _ = fs::remove_file(p);
             }
-            place_file(src, p)?;
+            place_file(src, p, dir)?;
         }
         fs::set_permissions(p, fs::Permissions::from_mode(rec.mode)).map_err(io_err(p))?;
         set_mtime(p, rec, true)
@@ -572,8 +572,9 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
 /// Link first, then look at the link count (the store's own name is one): a tree that sees
 /// 2 was alone and keeps its link, and any tree linking later sees at least 3 for as long
 /// as that link exists, so it copies. Two trees linking at once may both see 3 and both
-/// copy. No lock, so trees are written on every core.
-fn place_file(src: &Path, p: &Path) -> Result<(), ContextError> {
+/// copy. No lock, so trees are written on every core. A copy is made in `scratch` (outside
+/// the tree, where no context name can collide with it) and renamed over `p`.
+fn place_file(src: &Path, p: &Path, scratch: &Path) -> Result<(), ContextError> {
     use std::os::unix::fs::MetadataExt;
     if fs::hard_link(src, p).is_ok() {
         if fs::symlink_metadata(p).is_ok_and(|m| m.nlink() == 2) {
@@ -581,14 +582,15 @@ fn place_file(src: &Path, p: &Path) -> Result<(), ContextError> {
         }
         fs::remove_file(p).map_err(io_err(p))?;
     }
-    // Copied under another name and renamed over `p`: never written into an inode that
-    // may be a blob's.
-    let mut tmp = p.as_os_str().to_owned();
-    tmp.push(".hoist-copy");
-    let tmp = PathBuf::from(tmp);
-    fs::copy(src, &tmp).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, p).map_err(io_err(p))?;
-    Ok(())
+    // Never written into an existing inode, which may be a blob's.
+    let mut id = [0u8; 8];
+    getrandom(&mut id);
+    let tmp = scratch.join(format!("copy-{}", hex::encode(id)));
+    let copied = fs::copy(src, &tmp).and_then(|_| fs::rename(&tmp, p));
+    if copied.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    copied.map_err(io_err(p))
 }
 
 fn set_mtime(p: &Path, rec: &Recorded, follow: bool) -> Result<(), ContextError> {
@@ -744,6 +746,21 @@ mod tests {
         }
         assert!(linked <= 1, "{linked} files share the blob's inode");
         assert_eq!(fs::read(store.blobs.blob_path(&Digest::of(b"many"))).unwrap(), b"many");
+
+        // A copy never lands on another entry's name: "x" becomes a copy (its new content is
+        // linked by s1) next to an entry whose name a temporary copy could take.
+        drop(three);
+        upload(&store, b"b1");
+        upload(&store, b"b2");
+        let m4 = |x: &[u8]| v1::ContextManifest { session: "s4".into(), entries: vec![file("x", x, 0o644), file("x.hoist-copy", b"b2", 0o644)] };
+        let (id4, _) = store.prepare(m4(b"b1")).unwrap();
+        drop(written_now(store.materialize(&id4).await.unwrap()).await);
+        let (id4, _) = store.prepare(m4(b"same")).unwrap();
+        let four = written_now(store.materialize(&id4).await.unwrap()).await;
+        let root4 = four.context.files().unwrap();
+        assert_eq!(fs::read(root4.join("x")).unwrap(), b"same");
+        assert_eq!(fs::read(root4.join("x.hoist-copy")).unwrap(), b"b2");
+        assert_eq!(fs::read(store.blobs.blob_path(&Digest::of(b"b2"))).unwrap(), b"b2", "the blob is intact");
     }
 
     #[tokio::test]

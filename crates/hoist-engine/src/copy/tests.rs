@@ -362,6 +362,21 @@ fn chmod_octal_and_symbolic() {
 }
 
 #[test]
+fn files_around_the_small_file_size_are_copied_byte_for_byte() {
+    let e = env();
+    let sizes = [0, 1, SMALL_FILE - 1, SMALL_FILE, SMALL_FILE + 1, 3 * SMALL_FILE + 7];
+    let data = |n: usize| -> Vec<u8> { (0..n).map(|i| (i * 31 % 251) as u8).collect() };
+    for n in sizes {
+        fs::create_dir_all(e.ctx.join("s")).unwrap();
+        fs::write(e.ctx.join(format!("s/f{n}")), data(n)).unwrap();
+    }
+    e.run(&op(&["s"], "/s/")).unwrap();
+    for n in sizes {
+        assert_eq!(fs::read(e.dest.join(format!("s/f{n}"))).unwrap(), data(n), "{n} bytes");
+    }
+}
+
+#[test]
 fn many_files_are_copied_in_parallel_with_exact_metadata() {
     // More files than one batch holds, so batches are flushed mid-walk too.
     let e = env();
