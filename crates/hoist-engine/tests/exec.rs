@@ -312,13 +312,16 @@ async fn network_none_has_only_loopback_and_host_sees_the_hosts_interfaces() {
     assert_eq!(code(&o), 0, "{}", o.stderr);
     assert_eq!(interfaces(&o.stdout), BTreeSet::from(["lo".to_string()]));
     assert!(o.stdout.contains("lo-up"), "loopback is up: {}", o.stdout);
-    for net in [NetworkMode::Host, NetworkMode::Default] {
-        let mut spec = spec_for(&mount, "nethost", sh("cat /proc/net/dev"));
-        spec.network = net;
-        let o = run(&lab.exec, spec).await;
-        let host = interfaces(&fs::read_to_string("/proc/net/dev").unwrap());
-        assert_eq!(interfaces(&o.stdout), host, "{net:?}");
-    }
+    // Steps of tests running alongside come and go as veths `hh<ip>` on the host.
+    let stable = |s: BTreeSet<String>| s.into_iter().filter(|i| !i.starts_with("hh")).collect::<BTreeSet<_>>();
+    let mut spec = spec_for(&mount, "nethost", sh("cat /proc/net/dev"));
+    spec.network = NetworkMode::Host;
+    let o = run(&lab.exec, spec).await;
+    let host = interfaces(&fs::read_to_string("/proc/net/dev").unwrap());
+    assert_eq!(stable(interfaces(&o.stdout)), stable(host));
+    // The default network is a sandbox of its own (tests/network.rs covers it).
+    let o = run(&lab.exec, spec_for(&mount, "netdefault", sh("cat /proc/net/dev"))).await;
+    assert_eq!(interfaces(&o.stdout), BTreeSet::from(["eth0".to_string(), "lo".to_string()]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -699,4 +702,130 @@ async fn a_trivial_step_costs_little_beyond_the_runtime() {
     eprintln!("prepare + run /bin/true + unmount + commit: median {:?}, max {:?}", times[2], times[4]);
     assert!(times[2] < Duration::from_secs(2), "median {:?}", times[2]);
     lab.assert_no_mounts();
+}
+
+/// Whether a test that needs root can run here. As another user it skips with a note,
+/// except under CI (`CI` set), where a skipped sandbox test would look like a pass: there
+/// it fails.
+fn root_or_skip() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "this test needs root (overlayfs mounts and runc) and CI is set: run the tests as root");
+    eprintln!("skipping: this test needs root (overlayfs mounts and runc)");
+    false
+}
+
+/// The `Seccomp:` mode of the step's shell: 0 none, 2 filter.
+fn seccomp_mode(stdout: &str) -> Option<&str> {
+    stdout.lines().find_map(|l| l.strip_prefix("Seccomp:\t"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxed_steps_run_under_seccomp_and_insecure_ones_do_not() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let o = run(&lab.exec, spec_for(&mount, "filtered", sh("grep ^Seccomp /proc/self/status"))).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(seccomp_mode(&o.stdout), Some("2"), "{}", o.stdout);
+    let mut spec = spec_for(&mount, "unfiltered", sh("grep ^Seccomp /proc/self/status"));
+    spec.security = SecurityMode::Insecure;
+    let o = run(&lab.exec, spec).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(seccomp_mode(&o.stdout), Some("0"), "{}", o.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_refuses_a_user_namespace_that_no_capability_guards() {
+    // Creating a user namespace needs no capability, so only the filter stops a sandboxed
+    // step from gaining a full capability set over the kernel's namespaced code (Docker
+    // allows unshare(2) to CAP_SYS_ADMIN only, and clone(2) without CLONE_NEWUSER).
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let o = run(&lab.exec, spec_for(&mount, "userns", sh("unshare -U true"))).await;
+    assert_ne!(code(&o), 0, "unshare -U succeeded in the sandbox");
+    assert!(o.stderr.contains("Operation not permitted"), "EPERM from the filter: {}", o.stderr);
+    let mut spec = spec_for(&mount, "userns-insecure", sh("unshare -U true && echo unshared"));
+    spec.security = SecurityMode::Insecure;
+    let o = run(&lab.exec, spec).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "unshared\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_refuses_personality_flags_outside_dockers_list() {
+    // personality(2) needs no capability; Docker's profile allows only PER_LINUX,
+    // PER_LINUX32 (linux32), UNAME26 and the query. `linux64 -R` asks for
+    // ADDR_NO_RANDOMIZE, which switches ASLR off, and must fail in the sandbox.
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let o = run(&lab.exec, spec_for(&mount, "pers", sh("linux32 uname -m; linux64 -R true || echo refused"))).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    let mut lines = o.stdout.lines();
+    let machine32 = lines.next().unwrap_or_default();
+    assert!(!machine32.is_empty() && machine32 != std::env::consts::ARCH, "linux32 (an allowed value) works: {}", o.stdout);
+    assert_eq!(lines.next(), Some("refused"), "ADDR_NO_RANDOMIZE is refused: {} {}", o.stdout, o.stderr);
+    let mut spec = spec_for(&mount, "pers-insecure", sh("linux64 -R true && echo allowed"));
+    spec.security = SecurityMode::Insecure;
+    let o = run(&lab.exec, spec).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "allowed\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_build_work_runs_under_the_seccomp_filter() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::new();
+    let mut mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let script = "set -e; grep '^Seccomp:' /proc/self/status; \
+        seq 1 100 | sort -rn | head -n 1; \
+        mkdir -p /out/d && echo data > /out/d/f && cp /out/d/f /out/g && mv /out/g /out/h && ln -s h /out/l && cat /out/l; \
+        chown 1000:1000 /out/h && chmod 600 /out/h && stat -c '%u:%g %a' /out/h; \
+        sh -c 'sleep 0.1 & wait' && echo waited; \
+        (echo sub; exit 3) || echo \"subshell $?\"; \
+        chroot / true && echo chrooted; \
+        tar -cf /tmp/t.tar -C /out d && tar -tf /tmp/t.tar | sort | head -n 1";
+    let o = run(&lab.exec, spec_for(&mount, "work", sh(script))).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "Seccomp:\t2\n100\ndata\n1000:1000 600\nwaited\nsub\nsubshell 3\nchrooted\nd/\n");
+    mount.unmount().unwrap();
+    assert_eq!(fs::read_to_string(mount.upper().join("out/d/f")).unwrap(), "data\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arm64_step_under_qemu_is_filtered_on_host_syscalls() {
+    // qemu-user turns the guest's syscalls into the host's, so the x86-64 filter applies:
+    // ordinary work (fork, threads of qemu itself) runs and a user namespace is refused.
+    if !root_or_skip() {
+        return;
+    }
+    let arm64 = Platform::parse("linux/arm64").unwrap();
+    if let Err(e) = hoist_engine::executor::check_emulation(&arm64) {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let lab = Lab::new();
+    let t = lab.snap.temp_dir().unwrap();
+    if arm64_busybox(t.path()).is_none() {
+        eprintln!("skipping: cannot fetch the arm64 busybox from the lab registry at 127.0.0.1:5000 with skopeo");
+        return;
+    }
+    let d = Digest::of(b"arm64 busybox");
+    lab.snap.commit(t, &d).unwrap();
+    let mount = lab.snap.prepare(&[d]).unwrap();
+    let script = "uname -m; grep '^Seccomp:' /proc/self/status; sh -c 'sleep 0.1 & wait' && echo waited; echo a b | wc -w; unshare -U true 2>/dev/null || echo refused";
+    let o = run(&lab.exec, spec_for(&mount, "arm-seccomp", sh(script))).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "aarch64\nSeccomp:\t2\nwaited\n2\nrefused\n");
 }

@@ -1,7 +1,8 @@
 //! The executor runs a RUN step's process in an OCI runtime (runc, or crun where cgroups
 //! allow) over a rootfs the snapshotter mounted, and owns everything about that container:
 //! the OCI config (namespaces, capabilities, system mounts, masked paths, limits), the
-//! generated /etc/hosts and /etc/resolv.conf, mount stubs that must not end up in the
+//! generated /etc/hosts and /etc/resolv.conf, the sandboxed network of default-network steps
+//! (`network`), mount stubs that must not end up in the
 //! layer (the /proc, /dev and /sys mount points do, as with BuildKit), output streaming, cancellation and timeouts (every process of the step is
 //! killed), cleanup after a daemon crash, and whether a foreign platform can run at all
 //! ([`check_emulation`]).
@@ -10,6 +11,8 @@
 //! [`Executor::run`]: a [`RunSpec`] holds final values only.
 
 mod emulation;
+mod network;
+mod seccomp;
 mod spec;
 mod stubs;
 
@@ -27,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::graph::{NetworkMode, SecurityMode};
 
 pub use emulation::{check_emulation, qemu_arch};
+pub use network::{Ipv4Subnet, SandboxNetConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
 pub use spec::{DEFAULT_HOSTNAME, DOCKER_DEFAULT_CAPS};
 
 /// Default `pids.max` of a step's cgroup: bounds fork storms.
@@ -55,7 +59,9 @@ pub struct RunSpec {
     pub gid: u32,
     /// Supplementary groups.
     pub additional_gids: Vec<u32>,
-    /// [`NetworkMode::Default`] is the host network for now; `None` has loopback only.
+    /// [`NetworkMode::Default`] is a sandboxed network (its own namespace on the executor's
+    /// bridge, outbound through NAT, no route to the builder, link-local addresses or other
+    /// steps); `None` has loopback only; `Host` is the builder's network.
     pub network: NetworkMode,
     /// `Sandbox`: Docker's default capabilities, masked paths, read-only /sys, no devices.
     /// `Insecure`: every capability the executor holds, nothing masked, all devices allowed.
@@ -184,6 +190,12 @@ pub enum ExecError {
     /// The platform cannot run here (see [`check_emulation`]).
     #[error("cannot run {platform} steps: {reason}")]
     Emulation { platform: String, reason: String },
+    /// The sandboxed network of a default-network step cannot be set up.
+    #[error(
+        "cannot set up the sandboxed network of the RUN step: {reason}; RUN --network=none (no network) \
+         or --network=host (needs the network.host entitlement) does without it"
+    )]
+    Network { reason: String },
     /// oci-spec rejected the config (a bug).
     #[error("cannot build the OCI runtime config: {0}")]
     Spec(#[from] oci_spec::OciSpecError),
@@ -238,6 +250,8 @@ pub struct RuncConfig {
     pub no_new_privileges: bool,
     /// How long to keep killing a cancelled step before giving up on the runtime process.
     pub kill_timeout: Duration,
+    /// Bridge and subnet of steps with the default (sandboxed) network.
+    pub sandbox_network: SandboxNetConfig,
 }
 
 impl RuncConfig {
@@ -249,6 +263,7 @@ impl RuncConfig {
             pids_limit: Some(DEFAULT_PIDS_LIMIT),
             no_new_privileges: false,
             kill_timeout: Duration::from_secs(10),
+            sandbox_network: SandboxNetConfig::default(),
         }
     }
 }
@@ -264,19 +279,23 @@ pub struct RuncExecutor {
     pids_limit: Option<i64>,
     no_new_privileges: bool,
     kill_timeout: Duration,
+    network: Arc<network::SandboxNet>,
 }
 
 impl RuncExecutor {
     /// Find the runtime, create the state directory and remove what a crashed daemon left:
-    /// containers still in the runtime's state dir are killed and deleted, bundles removed.
+    /// containers still in the runtime's state dir are killed and deleted, bundles and
+    /// network namespaces removed.
     pub fn new(config: RuncConfig) -> Result<RuncExecutor, ExecError> {
         let runtime = find_runtime(config.runtime.as_deref())?;
+        config.sandbox_network.validate().map_err(|e| ExecError::Invalid(format!("sandbox network: {e}")))?;
         let state = &config.state_dir;
         std::fs::create_dir_all(state).map_err(|e| ExecError::io(format!("create {}", state.display()), e))?;
         let state = state.canonicalize().map_err(|e| ExecError::io(format!("resolve {}", state.display()), e))?;
         let runtime_root = state.join("runtime");
         let bundles = state.join("bundles");
-        for d in [&runtime_root, &bundles] {
+        let netns_dir = state.join("netns");
+        for d in [&runtime_root, &bundles, &netns_dir] {
             std::fs::create_dir_all(d).map_err(|e| ExecError::io(format!("create {}", d.display()), e))?;
         }
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -294,6 +313,7 @@ impl RuncExecutor {
             pids_limit: config.pids_limit,
             no_new_privileges: config.no_new_privileges,
             kill_timeout: config.kill_timeout,
+            network: Arc::new(network::SandboxNet::new(config.sandbox_network.clone(), netns_dir)),
         };
         exec.recover();
         Ok(exec)
@@ -355,6 +375,7 @@ impl RuncExecutor {
                 }
             }
         }
+        self.network.recover();
     }
 
     fn kill_and_delete_blocking(&self, id: &str) {
@@ -428,11 +449,19 @@ impl RuncExecutor {
             pids_limit: self.pids_limit,
             no_new_privileges: self.no_new_privileges,
             cgroups_path: format!("hoist/{}", spec.id),
+            netns: guard.net.as_ref().map(|n| n.netns().to_path_buf()),
         };
         let oci = spec::build_spec(spec, &ctx)?;
         let config = bundle.join("config.json");
         let json = serde_json::to_vec_pretty(&oci).map_err(|e| ExecError::Invalid(format!("cannot serialize the OCI config: {e}")))?;
-        std::fs::write(&config, json).map_err(ioe("write", &config))?;
+        // The config holds the step's environment, secrets given as env= among it: only root
+        // may read it, and it goes with the bundle when the step ends.
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(&config).map_err(ioe("write", &config))?;
+            f.write_all(&json).map_err(ioe("write", &config))?;
+        }
         Ok(())
     }
 }
@@ -444,6 +473,8 @@ struct Guard<'a> {
     id: String,
     bundle: PathBuf,
     stubs: Option<stubs::MountStubs>,
+    /// The step's sandboxed network (default network only); dropping it removes it.
+    net: Option<network::Lease>,
     container_started: bool,
     armed: bool,
 }
@@ -453,6 +484,7 @@ impl Guard<'_> {
         if let Some(mut s) = self.stubs.take() {
             s.remove();
         }
+        drop(self.net.take());
         if let Err(e) = std::fs::remove_dir_all(&self.bundle) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(bundle = %self.bundle.display(), "cannot remove bundle: {e}");
@@ -590,14 +622,29 @@ impl Executor for RuncExecutor {
             return Err(ExecError::Cancelled { command });
         }
         let bundle = self.bundles.join(&spec.id);
-        match std::fs::create_dir(&bundle) {
+        let made = {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(&bundle)
+        };
+        match made {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(ExecError::Invalid(format!("a step with container id {} is already running", spec.id)));
             }
             Err(e) => return Err(ExecError::io(format!("create {}", bundle.display()), e)),
         }
-        let mut guard = Guard { exec: self, id: spec.id.clone(), bundle: bundle.clone(), stubs: None, container_started: false, armed: true };
+        let mut guard =
+            Guard { exec: self, id: spec.id.clone(), bundle: bundle.clone(), stubs: None, net: None, container_started: false, armed: true };
+        if spec.network == NetworkMode::Default {
+            // Blocking work (a thread entering a new namespace, `ip`); if this future is
+            // dropped meanwhile, the lease is dropped, and so removed, when it is made.
+            let net = self.network.clone();
+            let id = spec.id.clone();
+            let lease = tokio::task::spawn_blocking(move || net.acquire(&id))
+                .await
+                .map_err(|e| ExecError::Network { reason: format!("the setup task failed: {e}") })??;
+            guard.net = Some(lease);
+        }
         self.prepare_bundle(&spec, &bundle, &mut guard)?;
 
         let log_path = bundle.join("runtime.log");
@@ -643,6 +690,10 @@ impl Executor for RuncExecutor {
         }
         let errors = runtime_log_errors(&std::fs::read_to_string(&log_path).unwrap_or_default());
         self.delete(&spec.id).await;
+        if let Some(lease) = guard.net.take() {
+            // Deleting the veth runs `ip`: off the async threads.
+            let _ = tokio::task::spawn_blocking(move || drop(lease)).await;
+        }
         guard.armed = false;
         guard.cleanup_files();
 

@@ -12,6 +12,7 @@ use oci_spec::runtime::{
     SpecBuilder, UserBuilder,
 };
 
+use super::seccomp;
 use super::{ExecError, ExecMount, RunSpec};
 use crate::graph::{NetworkMode, SecurityMode};
 
@@ -59,6 +60,9 @@ pub(crate) struct SpecContext {
     pub no_new_privileges: bool,
     /// `linux.cgroupsPath` (relative: below the executor's own cgroup).
     pub cgroups_path: String,
+    /// The network namespace the executor prepared for a [`NetworkMode::Default`] step
+    /// (a bind-mounted namespace file); required for that mode, unused by the others.
+    pub netns: Option<PathBuf>,
 }
 
 /// Parse a `CapBnd:`-style hex mask.
@@ -139,6 +143,12 @@ pub(crate) fn user_mounts(mounts: &[ExecMount]) -> Result<Vec<Mount>, ExecError>
 /// Build the OCI config of one step.
 pub(crate) fn build_spec(run: &RunSpec, ctx: &SpecContext) -> Result<Spec, ExecError> {
     let caps = capabilities(run.security, ctx.cap_bounding);
+    // Docker's default seccomp profile for the sandbox, decided by the capabilities the
+    // step gets; `--security=insecure` runs unconfined, as with BuildKit.
+    let seccomp = match run.security {
+        SecurityMode::Sandbox => Some(seccomp::default_profile(&caps, &seccomp::Host::current())?),
+        SecurityMode::Insecure => None,
+    };
     let capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(caps.clone())
         .effective(caps.clone())
@@ -165,14 +175,18 @@ pub(crate) fn build_spec(run: &RunSpec, ctx: &SpecContext) -> Result<Spec, ExecE
 
     let mut namespaces = Vec::new();
     let mut types = vec![LinuxNamespaceType::Pid, LinuxNamespaceType::Ipc, LinuxNamespaceType::Uts, LinuxNamespaceType::Mount];
-    // NetworkMode::Default is the host network for now (what `docker build` does with
-    // `--network=host`); NetworkMode::None is a new network namespace where the runtime
-    // brings up loopback only.
+    // NetworkMode::None is a new network namespace where the runtime brings up loopback
+    // only; NetworkMode::Default joins the sandboxed namespace the executor prepared (veth
+    // on its bridge, NAT out); NetworkMode::Host stays in the host's.
     if run.network == NetworkMode::None {
         types.push(LinuxNamespaceType::Network);
     }
     for t in types {
         namespaces.push(LinuxNamespaceBuilder::default().typ(t).build()?);
+    }
+    if run.network == NetworkMode::Default {
+        let path = ctx.netns.clone().ok_or_else(|| ExecError::Invalid("a default-network step needs its network namespace".into()))?;
+        namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).path(path).build()?);
     }
 
     let insecure = run.security == SecurityMode::Insecure;
@@ -186,13 +200,14 @@ pub(crate) fn build_spec(run: &RunSpec, ctx: &SpecContext) -> Result<Spec, ExecE
     } else {
         (MASKED_PATHS.iter().map(|s| s.to_string()).collect(), READONLY_PATHS.iter().map(|s| s.to_string()).collect())
     };
-    let linux = LinuxBuilder::default()
+    let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .resources(resources.build()?)
         .cgroups_path(PathBuf::from(&ctx.cgroups_path))
         .masked_paths(masked)
         .readonly_paths(readonly)
         .build()?;
+    linux.set_seccomp(seccomp);
 
     let mut mounts = system_mounts(run.security)?;
     let as_str = |p: &Path| p.to_str().map(str::to_string).ok_or_else(|| ExecError::InvalidPath {
@@ -232,12 +247,13 @@ pub(crate) fn hosts_file(hostname: &str, extra_hosts: &[(String, String)]) -> St
 }
 
 /// `/etc/resolv.conf` of a step from the host's. With the host network it is used as is;
-/// in another network namespace, loopback nameservers (systemd-resolved's 127.0.0.53) are
-/// unreachable and are dropped, with Google's resolvers as the fallback (as Docker does).
+/// in the step's own network namespace (default and none), loopback nameservers
+/// (systemd-resolved's 127.0.0.53) are unreachable and are dropped, with Google's resolvers
+/// as the fallback (as Docker does).
 pub(crate) fn resolv_conf(host: Option<&str>, network: NetworkMode) -> String {
     const FALLBACK: &str = "nameserver 8.8.8.8\nnameserver 8.8.4.4\n";
     let Some(host) = host else { return FALLBACK.to_string() };
-    if network != NetworkMode::None {
+    if network == NetworkMode::Host {
         return host.to_string();
     }
     let mut out = String::new();
@@ -273,6 +289,7 @@ mod tests {
             pids_limit: Some(4096),
             no_new_privileges: false,
             cgroups_path: "hoist/x".into(),
+            netns: Some("/state/netns/x".into()),
         }
     }
 
@@ -336,19 +353,30 @@ mod tests {
     }
 
     #[test]
-    fn network_none_adds_a_network_namespace_and_host_does_not() {
+    fn network_none_adds_a_network_namespace_default_joins_the_prepared_one_and_host_has_none() {
         let ns = |net| {
             let mut r = run();
             r.network = net;
             let v = json(&build_spec(&r, &ctx()).unwrap());
-            v["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+            v["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| (n["type"].as_str().unwrap().to_string(), n.get("path").and_then(|p| p.as_str()).map(str::to_string)))
+                .collect::<Vec<_>>()
         };
-        assert!(ns(NetworkMode::None).contains(&"network".to_string()));
-        assert!(!ns(NetworkMode::Host).contains(&"network".to_string()));
-        assert!(!ns(NetworkMode::Default).contains(&"network".to_string()));
-        for n in ["pid", "ipc", "uts", "mount"] {
-            assert!(ns(NetworkMode::None).contains(&n.to_string()), "{n}");
+        let network = |net| ns(net).into_iter().filter(|(t, _)| t == "network").map(|(_, p)| p).collect::<Vec<_>>();
+        assert_eq!(network(NetworkMode::None), vec![None], "a fresh namespace");
+        assert_eq!(network(NetworkMode::Default), vec![Some("/state/netns/x".to_string())], "the sandbox the executor made");
+        assert_eq!(network(NetworkMode::Host), Vec::<Option<String>>::new());
+        for net in [NetworkMode::None, NetworkMode::Default, NetworkMode::Host] {
+            for n in ["pid", "ipc", "uts", "mount"] {
+                assert!(ns(net).iter().any(|(t, p)| t == n && p.is_none()), "{net:?} {n}");
+            }
         }
+        let mut c = ctx();
+        c.netns = None;
+        assert!(matches!(build_spec(&run(), &c), Err(ExecError::Invalid(_))), "never the host network by accident");
     }
 
     #[test]
@@ -364,6 +392,30 @@ mod tests {
         let v = json(&build_spec(&r, &ctx()).unwrap());
         assert!(v["linux"].get("maskedPaths").is_none_or(|m| m.as_array().unwrap().is_empty()));
         assert_eq!(v["linux"]["resources"]["devices"][0]["allow"], true);
+    }
+
+    #[test]
+    fn sandbox_gets_dockers_seccomp_profile_and_insecure_runs_unconfined() {
+        let v = json(&build_spec(&run(), &ctx()).unwrap());
+        let seccomp = &v["linux"]["seccomp"];
+        assert_eq!(seccomp["defaultAction"], "SCMP_ACT_ERRNO");
+        assert_eq!(seccomp["defaultErrnoRet"], 1);
+        let names = |action: &str| -> Vec<String> {
+            seccomp["syscalls"].as_array().unwrap().iter().filter(|r| r["action"] == action && r.get("args").is_none())
+                .flat_map(|r| r["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string())).collect()
+        };
+        let allowed = names("SCMP_ACT_ALLOW");
+        assert!(allowed.contains(&"execve".to_string()) && allowed.contains(&"chroot".to_string()));
+        for name in ["mount", "unshare", "setns", "clone3"] {
+            assert!(!allowed.contains(&name.to_string()), "{name}: the sandbox lacks CAP_SYS_ADMIN");
+        }
+        if std::env::consts::ARCH == "x86_64" {
+            assert_eq!(seccomp["architectures"], serde_json::json!(["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]));
+        }
+        let mut r = run();
+        r.security = SecurityMode::Insecure;
+        let v = json(&build_spec(&r, &ctx()).unwrap());
+        assert!(v["linux"].get("seccomp").is_none(), "insecure: no filter at all");
     }
 
     #[test]
@@ -405,11 +457,15 @@ mod tests {
     fn resolv_conf_drops_loopback_resolvers_only_off_the_host_network() {
         let host = "search lan\nnameserver 127.0.0.53\noptions edns0\n";
         assert_eq!(resolv_conf(Some(host), NetworkMode::Host), host);
-        assert_eq!(resolv_conf(Some(host), NetworkMode::Default), host);
-        let none = resolv_conf(Some(host), NetworkMode::None);
-        assert!(!none.contains("127.0.0.53"));
-        assert!(none.contains("search lan") && none.contains("nameserver 8.8.8.8"));
-        assert_eq!(resolv_conf(Some("nameserver 10.1.1.1\n"), NetworkMode::None), "nameserver 10.1.1.1\n");
+        for net in [NetworkMode::None, NetworkMode::Default] {
+            let own = resolv_conf(Some(host), net);
+            assert!(!own.contains("127.0.0.53"), "{net:?}");
+            assert!(own.contains("search lan") && own.contains("options edns0"), "{net:?}");
+            assert!(own.contains("nameserver 8.8.8.8\nnameserver 8.8.4.4\n"), "{net:?}: Docker's fallback");
+            let kept = "nameserver 127.0.0.1\nnameserver 10.1.1.1\nnameserver ::1\n";
+            assert_eq!(resolv_conf(Some(kept), net), "nameserver 10.1.1.1\n", "{net:?}");
+        }
         assert!(resolv_conf(None, NetworkMode::Host).contains("8.8.8.8"));
+        assert!(resolv_conf(None, NetworkMode::Default).contains("8.8.8.8"));
     }
 }
