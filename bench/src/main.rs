@@ -62,6 +62,10 @@ struct Args {
     /// Skip the gzip throughput check.
     #[arg(long)]
     no_gzip: bool,
+    /// Network of RUN steps for hoist and BuildKit: `default` (each tool's sandbox: hoist's
+    /// bridge, Docker's) or `host` (`--network=host`; hoist's builder grants network.host).
+    #[arg(long, default_value = "default", value_parser = ["default", "host"])]
+    network: String,
 }
 
 /// One measurement.
@@ -430,6 +434,8 @@ struct Hoist {
     base: PathBuf,
     root: Option<PathBuf>,
     n: u32,
+    /// `--network=...` for every build (empty: the default).
+    network: Vec<String>,
 }
 
 impl Hoist {
@@ -477,7 +483,7 @@ impl Hoist {
     fn run_build(&mut self, dir: &Path, extra: &[String], log: &Path) -> anyhow::Result<Sample> {
         let root = self.root()?;
         let mut c = self.cmd(&root);
-        c.args(["build", "--progress=plain", "--network=host"]).args(extra).arg(dir);
+        c.args(["build", "--progress=plain"]).args(&self.network).args(extra).arg(dir);
         let t = run_timed(c, log)?;
         let mut s = from_progress(&t, true);
         s.rss_kib = Self::daemon_pid(&root).and_then(vm_hwm);
@@ -496,6 +502,7 @@ impl Hoist {
         let mut server = self
             .cmd(&root)
             .args(["serve", "--root", &root.display().to_string(), "--listen", &format!("tcp://127.0.0.1:{port}")])
+            .args(if self.network.is_empty() { &[][..] } else { &["--allow-entitlement", "network.host"][..] })
             .stdout(slog.try_clone()?)
             .stderr(slog)
             .spawn()
@@ -522,7 +529,8 @@ impl Hoist {
                     .env_remove("HOIST_ROOT")
                     .env_remove("HOIST_PROJECT")
                     .env_remove("SOURCE_DATE_EPOCH")
-                    .args(["build", "--progress=plain", "--network=host", "-t", tag]);
+                    .args(["build", "--progress=plain", "-t", tag])
+                    .args(&self.network);
                 c
             };
             let mut a = client("alice", &token_a);
@@ -631,6 +639,8 @@ struct BuildKit {
     /// Image ids and tags this run made, removed on reset.
     images: Vec<String>,
     n: u32,
+    /// `--network=...` for every build (empty: the default).
+    network: Vec<String>,
 }
 
 impl BuildKit {
@@ -643,7 +653,7 @@ impl BuildKit {
         let iid = self.base.join(format!("iid-{}", self.n));
         std::fs::create_dir_all(&self.base)?;
         let mut c = docker();
-        c.args(["build", "--network=host", "--progress=plain", "--iidfile"]).arg(&iid).args(["-t", tag]).args(extra).arg(dir);
+        c.args(["build", "--progress=plain"]).args(&self.network).arg("--iidfile").arg(&iid).args(["-t", tag]).args(extra).arg(dir);
         let t = run_timed(c, log);
         self.images.push(tag.to_string());
         if let Ok(id) = std::fs::read_to_string(&iid) {
@@ -952,6 +962,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let hoist_bin = if tools.iter().any(|t| t == "hoist") { hoist_binary(&args)? } else { PathBuf::new() };
+    let network: Vec<String> = if args.network == "host" { vec!["--network=host".into()] } else { Vec::new() };
     let load_before = loadavg();
     let started = Instant::now();
     eprintln!("hoist-bench: {runs} run(s) each; logs in {}; load average {load_before}", logs.display());
@@ -987,8 +998,8 @@ fn main() -> anyhow::Result<()> {
         let mut builders: Vec<Box<dyn Builder>> = Vec::new();
         for t in &tools {
             builders.push(match t.as_str() {
-                "hoist" => Box::new(Hoist { bin: hoist_bin.clone(), base: workdir.join("hoist"), root: None, n: 0 }),
-                "buildkit" => Box::new(BuildKit { base: workdir.join("buildkit"), images: Vec::new(), n: 0 }),
+                "hoist" => Box::new(Hoist { bin: hoist_bin.clone(), base: workdir.join("hoist"), root: None, n: 0, network: network.clone() }),
+                "buildkit" => Box::new(BuildKit { base: workdir.join("buildkit"), images: Vec::new(), n: 0, network: network.clone() }),
                 _ => Box::new(Buildah { base: workdir.join("buildah"), root: None, n: 0 }),
             });
         }

@@ -58,6 +58,11 @@ impl Case {
     fn target(&self) -> Option<&str> {
         self.spec.get("target").and_then(Value::as_str)
     }
+    /// `docker build --network` for both builders: the default (each tool's sandbox) unless
+    /// the case needs another (e.g. `host` to reach a loopback server from RUN).
+    fn network(&self) -> Option<&str> {
+        self.spec.get("network").and_then(Value::as_str)
+    }
     fn fail(&self) -> Option<&Value> {
         self.spec.get("fail")
     }
@@ -214,7 +219,10 @@ fn write_secrets(case: &Case, dir: &Path) -> Vec<(String, PathBuf)> {
 }
 
 fn common_flags(case: &Case, secrets: &[(String, PathBuf)], tag: &str) -> Vec<String> {
-    let mut a = vec!["--network=host".to_string(), "-t".to_string(), tag.to_string()];
+    let mut a = vec!["-t".to_string(), tag.to_string()];
+    if let Some(n) = case.network() {
+        a.push(format!("--network={n}"));
+    }
     for b in case.build_args() {
         a.push("--build-arg".into());
         a.push(b);

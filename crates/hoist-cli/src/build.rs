@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context as _};
 use clap::Args;
 use futures::StreamExt;
+use hoist_client::session::AgentSource;
 use hoist_client::sync::{self, StatCache};
 use hoist_client::v1::{self, build_event};
 use hoist_dockerfile::IgnoreMatcher;
@@ -54,9 +55,14 @@ pub struct BuildArgs {
     /// Secret to expose to the build: id=NAME,src=FILE or id=NAME,env=VAR.
     #[arg(long = "secret")]
     pub secrets: Vec<String>,
-    /// SSH agent socket or keys to expose: default or ID=SOCKET.
+    /// SSH agent socket or keys to forward: default, ID=SOCKET or ID=KEYFILE[,KEYFILE]. The
+    /// agent stays on this machine; the builder relays each connection to it.
     #[arg(long = "ssh")]
     pub ssh: Vec<String>,
+    /// Allow extra privileged entitlements: security.insecure, network.host (the builder
+    /// must grant them too).
+    #[arg(long = "allow", value_delimiter = ',')]
+    pub allow: Vec<String>,
     /// Write the image ID to this file.
     #[arg(long)]
     pub iidfile: Option<PathBuf>,
@@ -222,18 +228,44 @@ fn parse_secret(spec: &str) -> anyhow::Result<v1::Secret> {
     Ok(v1::Secret { id, value })
 }
 
-fn parse_ssh(spec: &str) -> anyhow::Result<v1::SshForward> {
-    let (id, path) = match spec.split_once('=') {
-        Some((id, path)) => (id.to_string(), path.to_string()),
+/// One `--ssh` flag: `default`, `ID`, `ID=SOCKET` or `ID=KEYFILE[,KEYFILE]` (as buildx: a
+/// path that is a socket is an agent, anything else is a list of private key files, served
+/// by an agent in this process). Without a path, `$SSH_AUTH_SOCK`.
+fn parse_ssh(spec: &str) -> anyhow::Result<(String, AgentSource)> {
+    use std::os::unix::fs::FileTypeExt;
+    let (id, paths) = match spec.split_once('=') {
+        Some((id, paths)) => (id.to_string(), paths.to_string()),
         None => (spec.to_string(), String::new()),
     };
-    let socket = if path.is_empty() {
-        std::env::var("SSH_AUTH_SOCK").with_context(|| format!("--ssh {spec}: SSH_AUTH_SOCK is not set; give {id}=/path/to/agent.sock"))?
+    if id.is_empty() {
+        bail!("--ssh {spec:?}: expected default, ID, ID=SOCKET or ID=KEYFILE[,KEYFILE]");
+    }
+    let paths: Vec<PathBuf> = if paths.is_empty() {
+        let sock = std::env::var("SSH_AUTH_SOCK").with_context(|| format!("--ssh {spec}: SSH_AUTH_SOCK is not set; give {id}=/path/to/agent.sock or {id}=~/.ssh/id_ed25519"))?;
+        vec![PathBuf::from(sock)]
     } else {
-        path
+        paths.split(',').filter(|p| !p.is_empty()).map(PathBuf::from).collect()
     };
-    let socket = std::fs::canonicalize(&socket).with_context(|| format!("--ssh {spec}: {socket}"))?;
-    Ok(v1::SshForward { id, socket: socket.display().to_string() })
+    if let [one] = paths.as_slice() {
+        let meta = std::fs::metadata(one).with_context(|| format!("--ssh {spec}: {}", one.display()))?;
+        if meta.file_type().is_socket() {
+            return Ok((id, AgentSource::Socket(one.clone())));
+        }
+    }
+    let agent = hoist_client::agent::KeyAgent::load(&paths).with_context(|| format!("--ssh {spec}"))?;
+    Ok((id, AgentSource::Keys(std::sync::Arc::new(agent))))
+}
+
+/// The agents of every `--ssh` flag, by id.
+pub(crate) fn ssh_agents(args: &BuildArgs) -> anyhow::Result<HashMap<String, AgentSource>> {
+    let mut agents = HashMap::new();
+    for s in &args.ssh {
+        let (id, source) = parse_ssh(s)?;
+        if agents.insert(id.clone(), source).is_some() {
+            bail!("--ssh {id} is given twice");
+        }
+    }
+    Ok(agents)
 }
 
 /// Registries whose credentials the build may need: those of the tags and of FROM lines.
@@ -384,9 +416,11 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, context_id: String
     for s in &args.secrets {
         secrets.push(parse_secret(s)?);
     }
-    let mut ssh = Vec::new();
-    for s in &args.ssh {
-        ssh.push(parse_ssh(s)?);
+    let ssh = args.ssh.iter().map(|s| v1::SshForward { id: s.split_once('=').map_or(s.as_str(), |(id, _)| id).to_string() }).collect();
+    let mut entitlements: Vec<String> = Vec::new();
+    for a in args.allow.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
+        let e = hoist_engine::entitlements::Entitlement::parse(a).map_err(|e| anyhow!("--allow: {e}"))?;
+        entitlements.push(e.name().to_string());
     }
     let registries = registries_involved(&args.tags, &inputs.dockerfile);
     let creds = hoist_oci::auth::Credentials::from_docker_config(registries.iter().map(|s| s.as_str()))
@@ -419,6 +453,7 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, context_id: String
         credentials,
         tags: args.tags.clone(),
         insecure_registries: args.insecure_registries.clone(),
+        entitlements,
     })
 }
 
@@ -447,26 +482,31 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     }
     let inputs = read_inputs(&args)?;
     let ignore = ignore_matcher(&inputs)?;
+    let agents = ssh_agents(&args)?;
 
     // Several builders: each platform goes to one that builds it natively.
     if args.conn.addrs()?.len() > 1 {
-        return crate::multi::run(&args, &inputs, ignore.as_ref(), outputs, mode, started).await;
+        return crate::multi::run(&args, &inputs, ignore.as_ref(), outputs, agents, mode, started).await;
     }
 
     let mut client = args.conn.connect(inputs.context_dir.as_deref()).await?;
 
     let mut renderer = Renderer::new(mode);
     let (context_id, sync_stats) = sync_context(&mut client, &inputs, ignore.as_ref(), &mut renderer, "[internal] load build context").await?;
-    let req = make_request(&args, &inputs, context_id)?;
+    let mut req = make_request(&args, &inputs, context_id)?;
+    if args.conn.addr()?.is_none() {
+        // The embedded builder is the user's own machine: the host network needs no --allow
+        // (docker build --network=host needs none either). security.insecure still does.
+        req.entitlements.push(hoist_engine::entitlements::Entitlement::NetworkHost.name().to_string());
+    }
 
     let mut sinks: Vec<Option<OutputSink>> = Vec::new();
     for o in &outputs {
         sinks.push(o.open(&args.tags).await?);
     }
     let local_builder = args.conn.builder_is_local()?;
-    let mut req = req;
     req.outputs = outputs.iter().zip(&sinks).map(|(o, s)| o.to_proto_for(s.as_ref(), local_builder)).collect();
-    let mut stream = client.build(req).await.map_err(hoist_client::ClientError::from_status)?.into_inner();
+    let mut stream = hoist_client::session::start_build(&mut client, req, agents).await?;
     // One Ctrl-C listener for the whole stream: a fresh one per event would miss a signal
     // that arrives while an event is handled (tokio keeps none for absent listeners).
     let ctrl_c = tokio::signal::ctrl_c();

@@ -24,9 +24,15 @@ pub struct ConnArgs {
     /// The project (cache namespace); default: hoist.json, or the token's project.
     #[arg(long, env = "HOIST_PROJECT")]
     pub project: Option<String>,
-    /// Access token for the builder (default: the one saved by `hoist login`).
+    /// Access token for the builder (default: the one saved by `hoist login`). Prefer
+    /// HOIST_TOKEN or `hoist login`: a token given as --token is visible to other users of
+    /// this machine in the process list.
     #[arg(long, env = "HOIST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Allow plain tcp:// to a builder that is not on loopback: the token, secrets and
+    /// registry passwords then travel in clear (use tls:// instead).
+    #[arg(long, env = "HOIST_INSECURE")]
+    pub insecure: bool,
     /// CA certificate (PEM) that signed a tls:// builder's certificate.
     #[arg(long = "tls-ca", env = "HOIST_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -155,7 +161,14 @@ impl ConnArgs {
                 None => None,
             },
         };
-        let opts = ConnectOptions { token, project, tls_ca: self.tls_ca.clone(), tls_cert: self.tls_cert.clone(), tls_key: self.tls_key.clone() };
+        let opts = ConnectOptions {
+            token,
+            project,
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            allow_insecure: self.insecure,
+        };
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             bail!("--tls-cert and --tls-key go together");
         }

@@ -53,6 +53,11 @@ pub struct LimitArgs {
     /// Output of one step sent to the client; the rest is dropped with a marker [default: 8MiB].
     #[arg(long, env = "HOIST_MAX_STEP_LOG", value_parser = parse_size, value_name = "SIZE")]
     max_step_log: Option<u64>,
+    /// Memory all RUN steps of one build may use together (e.g. 4G): the steps of all its
+    /// stages and platforms share one cgroup with this limit, and a step killed for it fails
+    /// saying so. Needs the cgroup memory controller [default: no limit].
+    #[arg(long, env = "HOIST_BUILD_MEMORY", value_parser = parse_size, value_name = "SIZE")]
+    build_memory: Option<u64>,
 }
 
 fn usize_of(v: u64) -> usize {
@@ -102,6 +107,9 @@ impl LimitArgs {
         }
         if let Some(v) = self.max_step_log {
             l.max_step_log_bytes = v;
+        }
+        if self.build_memory.is_some() {
+            l.build_memory = self.build_memory;
         }
         l
     }
@@ -167,9 +175,15 @@ mod tests {
 
     #[test]
     fn flags_override_only_what_they_name() {
-        let a = LimitArgs { run_timeout: Some(Duration::from_secs(5)), max_instructions: Some(10), ..Default::default() };
+        let a = LimitArgs {
+            run_timeout: Some(Duration::from_secs(5)),
+            max_instructions: Some(10),
+            build_memory: Some(parse_size("4G").unwrap()),
+            ..Default::default()
+        };
         let l = a.limits();
         assert_eq!(l.run_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(l.build_memory, Some(4 << 30));
         assert_eq!(l.dockerfile.max_instructions, 10);
         let d = Limits::default();
         assert_eq!(l.archive, d.archive);

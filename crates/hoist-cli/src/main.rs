@@ -66,6 +66,15 @@ struct ServeArgs {
     /// Allow plain TCP on a non-loopback address.
     #[arg(long)]
     insecure: bool,
+    /// Entitlements granted to every project (network.host, security.insecure; comma-
+    /// separated or repeated). Builds still ask for them with `hoist build --allow`. Per
+    /// project: `hoist project allow NAME ENTITLEMENT`.
+    #[arg(long = "allow-entitlement", value_delimiter = ',')]
+    allow_entitlements: Vec<String>,
+    /// Run as the embedded builder of one user (started by `hoist build`): no token on its
+    /// unix socket, every entitlement granted.
+    #[arg(long, hide = true)]
+    embedded: bool,
     /// TLS certificate (PEM) to serve with.
     #[arg(long = "tls-cert", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -128,7 +137,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listen = args.listen.clone().unwrap_or_else(|| format!("unix://{}", hoist_client::embedded_socket(&args.root).display()));
     let listen = hoist_server::Listen::parse(&listen)?;
     let pid_file = args.root.join("hoistd.pid");
-    let _ = std::fs::write(&pid_file, std::process::id().to_string());
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&pid_file) {
+            let _ = f.write_all(std::process::id().to_string().as_bytes());
+        }
+    }
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
@@ -149,7 +164,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let parsed = hoist_engine::graph::Platform::parse(p).map_err(|e| anyhow::anyhow!("--platforms: {e}"))?;
         platforms.push(parsed.to_string());
     }
-    let opts = hoist_server::ServeOptions { insecure_registries: args.insecure_registries, allow_insecure_tcp: args.insecure, tls, platforms };
+    let entitlements = hoist_engine::entitlements::Entitlement::parse_list(args.allow_entitlements.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("--allow-entitlement: {e}"))?;
+    if args.embedded && !matches!(listen, hoist_server::Listen::Unix(_)) {
+        anyhow::bail!("--embedded needs a unix socket (--listen unix:///path)");
+    }
+    let opts = hoist_server::ServeOptions {
+        insecure_registries: args.insecure_registries,
+        allow_insecure_tcp: args.insecure,
+        tls,
+        platforms,
+        entitlements,
+        embedded: args.embedded,
+    };
     hoist_server::serve(&listen, engine, opts, shutdown).await?;
     let _ = std::fs::remove_file(&pid_file);
     Ok(())

@@ -24,10 +24,31 @@ pub enum ProjectCmd {
         #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
         root: PathBuf,
     },
-    /// Set a project's cache size limit (automatic GC), e.g. 20GB.
+    /// Set a project's cache size limit (automatic GC, e.g. 20GB) and how many builds it
+    /// runs at once (--builds; default 4, more wait for a slot).
     Limit {
         name: String,
-        size: String,
+        /// Storage limit: its cache, contexts, build records and logs, e.g. 20GB.
+        #[arg(required_unless_present = "builds")]
+        size: Option<String>,
+        /// Builds the project runs at once.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        builds: Option<u32>,
+        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+        root: PathBuf,
+    },
+    /// Grant a project an entitlement (network.host, security.insecure): its builds may then
+    /// use it when they ask with `hoist build --allow`.
+    Allow {
+        name: String,
+        entitlement: String,
+        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+        root: PathBuf,
+    },
+    /// Take back an entitlement granted with `hoist project allow`.
+    Deny {
+        name: String,
+        entitlement: String,
         #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
         root: PathBuf,
     },
@@ -49,10 +70,11 @@ pub enum TokenCmd {
         #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
         root: PathBuf,
     },
-    /// Revoke a token by id or name.
+    /// Revoke a token by id or name; its running builds and exports end within a second.
     Revoke {
         id_or_name: String,
-        /// Only tokens of this project (when revoking by name).
+        /// Only tokens of this project (required when several projects have a token of
+        /// that name).
         #[arg(long)]
         project: Option<String>,
         #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
@@ -109,7 +131,8 @@ pub enum BuildsCmd {
 /// `hoist login`.
 #[derive(Args, Debug)]
 pub struct LoginArgs {
-    /// The token (default: read from stdin).
+    /// The token (default: read from stdin). A token given here is visible to other users
+    /// of this machine in the process list: prefer stdin or HOIST_TOKEN.
     #[arg(long)]
     pub token: Option<String>,
     /// The builder to log in to.
@@ -117,6 +140,9 @@ pub struct LoginArgs {
     pub builder: String,
     #[arg(long = "tls-ca", env = "HOIST_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Allow plain tcp:// to a builder that is not on loopback (the token travels in clear).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// Parse `10GB`, `512MB`, `1.5GiB`, `1000` (bytes).
@@ -147,15 +173,31 @@ pub fn project(cmd: ProjectCmd) -> anyhow::Result<()> {
             eprintln!("created project {name:?}; its token (shown once):");
             println!("{token}");
         }
-        ProjectCmd::Limit { name, size, root } => {
-            let bytes = parse_size(&size)?;
-            AuthStore::new(&root).set_limit(&name, bytes)?;
-            eprintln!("project {name:?}: cache limit {}", human_bytes(bytes));
+        ProjectCmd::Limit { name, size, builds, root } => {
+            let store = AuthStore::new(&root);
+            if let Some(size) = size {
+                let bytes = parse_size(&size)?;
+                store.set_limit(&name, bytes)?;
+                eprintln!("project {name:?}: storage limit {}", human_bytes(bytes));
+            }
+            if let Some(n) = builds {
+                store.set_max_builds(&name, n)?;
+                eprintln!("project {name:?}: {n} builds at once");
+            }
+        }
+        ProjectCmd::Allow { name, entitlement, root } => {
+            AuthStore::new(&root).set_entitlement(&name, &entitlement, true)?;
+            eprintln!("project {name:?}: {entitlement} granted (builds ask for it with --allow {entitlement})");
+        }
+        ProjectCmd::Deny { name, entitlement, root } => {
+            AuthStore::new(&root).set_entitlement(&name, &entitlement, false)?;
+            eprintln!("project {name:?}: {entitlement} no longer granted");
         }
         ProjectCmd::Ls { root } => {
             let f = AuthStore::new(&root).load()?;
             for (name, p) in f.projects {
-                println!("{name}\tlimit {}", human_bytes(p.limit_bytes));
+                let ents = if p.entitlements.is_empty() { String::new() } else { format!("\tallow {}", p.entitlements.join(",")) };
+                println!("{name}\tlimit {}\tbuilds {}{ents}", human_bytes(p.limit_bytes), p.max_builds);
             }
         }
     }
@@ -194,7 +236,7 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         bail!("no token given (pass --token or pipe it on stdin)");
     }
     let addr = hoist_client::BuilderAddr::parse(&args.builder)?;
-    let opts = hoist_client::ConnectOptions { token: Some(token.clone()), tls_ca: args.tls_ca, ..Default::default() };
+    let opts = hoist_client::ConnectOptions { token: Some(token.clone()), tls_ca: args.tls_ca, allow_insecure: args.insecure, ..Default::default() };
     let mut client = hoist_client::connect(&addr, &opts).await?;
     let usage = client.cache_usage(v1::CacheUsageRequest {}).await.map_err(hoist_client::ClientError::from_status)?.into_inner();
     let mut cfg = ClientConfig::load()?;
@@ -207,9 +249,11 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
 fn print_usage(u: &v1::CacheUsageReply) {
     println!("project:        {}", u.project);
     println!("layers:         {} ({})", u.layers, human_bytes(u.layer_bytes));
-    println!("context files:  {}", human_bytes(u.context_bytes));
+    println!("contexts:       {} ({} sessions)", human_bytes(u.context_bytes), u.context_sessions);
     println!("cache mounts:   {}", human_bytes(u.cache_mount_bytes));
     println!("records:        {}", u.records);
+    println!("build records:  {} (logs {})", u.build_records, human_bytes(u.build_log_bytes));
+    println!("total:          {}", human_bytes(u.total_bytes));
     println!("limit:          {}", human_bytes(u.limit_bytes));
     if u.freed_bytes > 0 {
         println!("freed:          {}", human_bytes(u.freed_bytes));

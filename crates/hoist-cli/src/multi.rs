@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context as _};
 use futures::StreamExt;
+use hoist_client::session::AgentSource;
 use hoist_client::v1::{self, build_event};
 use hoist_client::BuilderAddr;
 use hoist_dockerfile::IgnoreMatcher;
@@ -68,7 +69,15 @@ struct Part {
 }
 
 /// Run a build over several builders; returns the exit code.
-pub async fn run(args: &BuildArgs, inputs: &Inputs, ignore: Option<&IgnoreMatcher>, outputs: Vec<OutputSpec>, mode: Mode, started: Instant) -> anyhow::Result<i32> {
+pub async fn run(
+    args: &BuildArgs,
+    inputs: &Inputs,
+    ignore: Option<&IgnoreMatcher>,
+    outputs: Vec<OutputSpec>,
+    agents: HashMap<String, AgentSource>,
+    mode: Mode,
+    started: Instant,
+) -> anyhow::Result<i32> {
     let dir: Option<&Path> = inputs.context_dir.as_deref();
     let mut requested = Vec::new();
     for p in args.platform.iter().flat_map(|p| p.split(',')).map(str::trim).filter(|p| !p.is_empty()) {
@@ -148,7 +157,7 @@ pub async fn run(args: &BuildArgs, inputs: &Inputs, ignore: Option<&IgnoreMatche
         }
         req.outputs = outs;
         let addr = part.addr.clone();
-        let stream = part.client.build(req).await.map_err(hoist_client::ClientError::from_status).with_context(|| format!("builder {addr}"))?.into_inner();
+        let stream = hoist_client::session::start_build(&mut part.client, req, agents.clone()).await.with_context(|| format!("builder {addr}"))?;
         streams.push(stream.map(move |m| (k, m)).boxed());
     }
 

@@ -181,7 +181,15 @@ impl Renderer {
                 Mode::RawJson => eprintln!("{}", serde_json::json!({ "warning": w })),
                 _ => self.line(&format!("WARNING: {w}")),
             },
-            build_event::Event::Output(_) | build_event::Event::Result(_) | build_event::Event::Export(_) => {}
+            build_event::Event::Queued(q) => match self.mode {
+                Mode::Quiet => {}
+                Mode::RawJson => eprintln!("{}", serde_json::json!({ "queued": { "running": q.running, "limit": q.limit } })),
+                _ => self.line(&format!(
+                    "waiting for a build slot: the project already runs {} of its {} builds at once (hoist project limit NAME --builds N)",
+                    q.running, q.limit
+                )),
+            },
+            build_event::Event::Output(_) | build_event::Event::Result(_) | build_event::Event::Export(_) | build_event::Event::Ssh(_) => {}
         }
     }
 

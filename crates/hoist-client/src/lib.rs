@@ -1,11 +1,15 @@
 //! hoist-client owns the client side of the builder API: finding or starting a builder
 //! (the embedded one on a unix socket, or a remote `hoist serve`), context sync, and the
-//! build call whose event stream the CLI renders.
+//! build call whose event stream the CLI renders, with the client's side of the build
+//! session (ssh agents it forwards, in-process agents for key files).
 
+pub mod agent;
 pub mod reach;
+pub mod session;
 pub mod sync;
 
 use std::path::{Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -58,6 +62,9 @@ pub struct ConnectOptions {
     /// Client certificate and key (PEM) for builders that require one.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Allow plain `tcp://` to a builder that is not on loopback (tokens, secrets and
+    /// registry passwords then travel in clear).
+    pub allow_insecure: bool,
 }
 
 /// Adds the token and project to every request.
@@ -153,6 +160,14 @@ fn client_tls(addr: &str, opts: &ConnectOptions) -> Result<ClientTlsConfig, Stri
 pub async fn connect(addr: &BuilderAddr, opts: &ConnectOptions) -> Result<Client, ClientError> {
     let err = |e: &dyn std::fmt::Display| ClientError::Connect { addr: addr.to_string(), message: e.to_string() };
     let terr = |e: tonic::transport::Error| ClientError::Connect { addr: addr.to_string(), message: chain(&e) };
+    if let BuilderAddr::Tcp(a) = addr {
+        if !opts.allow_insecure && !hoist_oci::registry::is_loopback(a) {
+            return Err(err(&format!(
+                "refusing plain tcp:// to a builder that is not on loopback: the token, secrets and registry passwords \
+                 would travel in clear; use tls://{a} (hoist serve --tls-cert/--tls-key), or pass --insecure"
+            )));
+        }
+    }
     let channel = match addr {
         BuilderAddr::Tcp(_) | BuilderAddr::Tls(_) => {
             let (scheme, a) = match addr {
@@ -208,12 +223,21 @@ pub async fn connect_embedded(root: &Path, exe: &Path, opts: &ConnectOptions) ->
         }
     }
     // Several clients may race to start it: the lock makes one of them do it.
-    std::fs::create_dir_all(root).map_err(|e| ClientError::Connect { addr: addr.to_string(), message: format!("creating {}: {e}", root.display()) })?;
+    // Private from the first call: only root may read the builder's state.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(|e| ClientError::Connect { addr: addr.to_string(), message: format!("creating {}: {e}", root.display()) })?;
+    }
     let lock_path = root.join("hoistd.start.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&lock_path)
         .map_err(|e| ClientError::Connect { addr: addr.to_string(), message: format!("{}: {e}", lock_path.display()) })?;
     let lock = tokio::task::spawn_blocking(move || rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map(|_| lock))
@@ -229,10 +253,12 @@ pub async fn connect_embedded(root: &Path, exe: &Path, opts: &ConnectOptions) ->
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
         .map_err(|e| ClientError::Connect { addr: addr.to_string(), message: format!("{}: {e}", log_path.display()) })?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("serve")
+        .arg("--embedded")
         .arg("--root")
         .arg(root)
         .arg("--listen")
@@ -280,5 +306,21 @@ mod tests {
         assert!(BuilderAddr::parse("10.0.0.1:7000").is_err());
         assert!(BuilderAddr::parse("tcp://host").is_err());
         assert_eq!(BuilderAddr::parse("tls://b.example:443").unwrap(), BuilderAddr::Tls("b.example:443".into()));
+    }
+
+    /// Issue 12: a token, secrets and registry passwords must not cross a network in clear
+    /// unless the user says so.
+    #[tokio::test]
+    async fn plain_tcp_to_a_remote_builder_is_refused_unless_insecure() {
+        let remote = BuilderAddr::Tcp("192.0.2.10:7420".into());
+        let e = connect(&remote, &ConnectOptions::default()).await.err().expect("refused");
+        let m = e.to_string();
+        assert!(m.contains("in clear") && m.contains("tls://192.0.2.10:7420") && m.contains("--insecure"), "{m}");
+        // Loopback is fine; with --insecure the refusal is gone (nothing listens: a
+        // connection error, not the refusal). No traffic leaves this machine: port 1 of
+        // loopback only.
+        let local = BuilderAddr::Tcp("127.0.0.1:1".into());
+        let e = connect(&local, &ConnectOptions::default()).await.err().expect("nothing listens");
+        assert!(!e.to_string().contains("in clear"), "{e}");
     }
 }

@@ -395,6 +395,17 @@ impl CacheIndex {
         Ok(all.into_iter().map(|(_, v)| v).collect())
     }
 
+    /// Forget build records of a namespace.
+    pub fn remove_builds(&self, ns: &str, ids: &[String]) -> Result<(), CacheError> {
+        self.write(|txn| {
+            let mut t = txn.open_table(BUILDS)?;
+            for id in ids {
+                t.remove(nskey(ns, id).as_str())?;
+            }
+            Ok(())
+        })
+    }
+
     /// One build record of a namespace.
     pub fn build(&self, ns: &str, id: &str) -> Result<Option<serde_json::Value>, CacheError> {
         self.get(BUILDS, &nskey(ns, id))

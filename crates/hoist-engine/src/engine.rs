@@ -43,6 +43,9 @@ pub enum EngineError {
     State { path: PathBuf, message: String },
     #[error("build cancelled")]
     Cancelled,
+    /// The builder has a per-build memory limit and cannot set up the build's cgroup.
+    #[error("cannot hold the build to its memory limit (hoist serve --build-memory): {0}")]
+    BuildMemory(String),
 }
 
 /// Where the engine keeps its state and how it runs steps.
@@ -58,11 +61,11 @@ pub struct EngineConfig {
     pub limits: crate::limits::Limits,
 }
 
-/// Secrets and agent sockets a build may mount.
+/// Secrets and ssh agents a build may mount; both come from the client.
 #[derive(Debug, Clone, Default)]
 pub struct BuildSecrets {
     pub secrets: HashMap<String, Vec<u8>>,
-    pub ssh: HashMap<String, PathBuf>,
+    pub ssh: crate::sshforward::SshAgents,
 }
 
 /// One build request.
@@ -79,6 +82,8 @@ pub struct BuildRequest {
     pub pull: bool,
     /// `docker build --network`: the default for RUN steps without `--network`.
     pub network: NetworkMode,
+    /// What steps may do beyond the sandbox; checked before any step runs.
+    pub entitlements: crate::entitlements::Entitlements,
     pub add_hosts: Vec<(String, String)>,
     pub secrets: BuildSecrets,
     /// Registry access for this build (credentials the client forwarded).
@@ -136,6 +141,30 @@ pub struct Engine {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// Make the state root private to its owner (root): created 0700, and an existing root and
+/// what is directly in it (the store's directories, indexes, logs, sockets) brought to
+/// 0700/0600 when they were wider. Below those, nobody else can even traverse; layer trees
+/// keep the modes their images give them.
+pub fn make_private(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root)?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
+    for e in std::fs::read_dir(root)?.flatten() {
+        let Ok(meta) = e.path().symlink_metadata() else { continue };
+        let want = if meta.is_dir() {
+            0o700
+        } else if meta.file_type().is_symlink() {
+            continue;
+        } else {
+            0o600
+        };
+        if meta.permissions().mode() & 0o7777 != want {
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(want))?;
+        }
+    }
+    Ok(())
+}
+
 fn state_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
     EngineError::State { path: path.to_path_buf(), message: e.to_string() }
 }
@@ -145,18 +174,26 @@ impl Engine {
     /// crash: leftover mounts, temporary directories and containers are removed.
     pub fn open(config: &EngineConfig) -> Result<Engine, EngineError> {
         let root = config.root.clone();
-        std::fs::create_dir_all(&root).map_err(|e| state_err(&root, e))?;
+        make_private(&root).map_err(|e| state_err(&root, e))?;
         let store = ContentStore::open(root.join("content")).map_err(|e| state_err(&root, e))?;
         // The executor first: it kills containers a crashed builder left, before the
         // snapshotter removes their mounts.
         let exec_root = root.join("executor");
         let executor = RuncExecutor::new(RuncConfig { runtime: config.runtime.clone(), ..RuncConfig::new(&exec_root) })
             .map_err(|e| state_err(&exec_root, e))?;
+        if let Some(limit) = config.limits.build_memory {
+            // A builder that cannot limit builds' memory refuses to start, rather than fail
+            // every build: make (and remove) one build cgroup now.
+            let probe = crate::executor::BuildCgroup::create(&crate::executor::random_build_name(), limit);
+            drop(probe.map_err(|e| EngineError::BuildMemory(e.to_string()))?);
+        }
         let snapshots = Snapshotter::new(root.join("snapshots")).map_err(|e| state_err(&root, e))?;
         let index_path = root.join("cache.redb");
         let index = CacheIndex::open(&index_path).map_err(|e| state_err(&index_path, e))?;
         std::fs::create_dir_all(root.join("cachemounts")).map_err(|e| state_err(&root, e))?;
         let cache_mounts = CacheMounts::new(root.join("cachemounts"));
+        // What the parts above created is brought to 0700/0600 too.
+        make_private(&root).map_err(|e| state_err(&root, e))?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 root,
@@ -211,6 +248,15 @@ impl Engine {
         let counters = Arc::new(solver::Counters::default());
         let vertices = Arc::new(solver::VertexIds::default());
         let leases = Arc::new(self.lease_set());
+        // One cgroup for every RUN step of this build (all platforms), with its memory
+        // limit; steps that outlive the build (shared with another build in flight) hold it.
+        let cgroup = match self.inner.limits.build_memory {
+            Some(limit) => Some(Arc::new(
+                crate::executor::BuildCgroup::create(&crate::executor::random_build_name(), limit)
+                    .map_err(|e| EngineError::BuildMemory(e.to_string()))?,
+            )),
+            None => None,
+        };
         let mut tasks = Vec::new();
         for platform in platforms {
             let engine = self.clone();
@@ -220,8 +266,9 @@ impl Engine {
             let counters = counters.clone();
             let vertices = vertices.clone();
             let leases = leases.clone();
+            let cgroup = cgroup.clone();
             tasks.push(async move {
-                solver::build_platform(engine, req, platform, progress, cancel, counters, vertices, leases).await
+                solver::build_platform(engine, req, platform, progress, cancel, counters, vertices, leases, cgroup).await
             });
         }
         let results = futures::future::join_all(tasks).await;

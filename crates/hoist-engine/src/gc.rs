@@ -1,5 +1,6 @@
-//! Garbage collection: leases keep what running builds use, prune drops a project's least
-//! recently used records down to a size, reset drops all of a project's records, and a
+//! Garbage collection: leases keep what running builds use, collection drops a project's
+//! least recently used records (and what the builder service keeps for it) down to its
+//! limit, reset drops all of a project's records, and a
 //! sweep deletes every layer (snapshot and blobs) no record of any project and no lease
 //! refers to.
 
@@ -52,6 +53,16 @@ impl Leases {
     pub fn set(self: &Arc<Self>) -> LeaseSet {
         LeaseSet { leases: self.clone(), held: Mutex::new(Vec::new()) }
     }
+}
+
+/// Something a project keeps besides cache records that counts against its storage limit
+/// (the builder service's contexts, build records and logs), for [`Engine::collect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reclaimable {
+    /// When it was last used (seconds since the epoch).
+    pub last_used: u64,
+    /// What dropping it frees.
+    pub bytes: u64,
 }
 
 /// A project's share of the builder's storage (contexts are counted by the server).
@@ -110,40 +121,6 @@ impl Engine {
         })
     }
 
-    /// Drop the project's least recently used records until its layers take at most
-    /// `keep_bytes`, then sweep. Returns the bytes the project's share shrank by.
-    pub fn prune(&self, ns: &str, keep_bytes: u64) -> Result<u64, EngineError> {
-        let mut records = self.index().records(ns).map_err(gc_err)?;
-        records.sort_by_key(|r| r.last_used);
-        let mut sizes: HashMap<Digest, (u64, usize)> = HashMap::new();
-        for r in &records {
-            for (d, s) in &r.layers {
-                let e = sizes.entry(d.clone()).or_insert((*s, 0));
-                e.1 += 1;
-            }
-        }
-        let mut total: u64 = sizes.values().map(|(s, _)| *s).sum();
-        let before = total;
-        let mut drop = Vec::new();
-        for r in records {
-            if total <= keep_bytes {
-                break;
-            }
-            for (d, _) in &r.layers {
-                if let Some(e) = sizes.get_mut(d) {
-                    e.1 -= 1;
-                    if e.1 == 0 {
-                        total -= e.0;
-                    }
-                }
-            }
-            drop.push(r);
-        }
-        self.index().remove_records(&drop).map_err(gc_err)?;
-        self.sweep()?;
-        Ok(before - total)
-    }
-
     /// Drop everything the project has in the index and its cache mounts, then sweep.
     pub fn reset(&self, ns: &str) -> Result<u64, EngineError> {
         let before = self.usage(ns)?;
@@ -177,12 +154,82 @@ impl Engine {
         Ok(removed)
     }
 
-    /// Prune the project to `limit_bytes` if it is over (the automatic GC after a build).
-    pub fn gc_if_over(&self, ns: &str, limit_bytes: u64) -> Result<u64, EngineError> {
-        let u = self.index().usage(ns).map_err(gc_err)?;
-        if u.layer_bytes() <= limit_bytes {
-            return Ok(0);
+    /// Bring project `ns` under `limit_bytes`, counting its layers, its cache mounts and
+    /// `others` (what the builder service keeps for it: contexts, build records and logs).
+    /// Cache records and `others` go in one least-recently-used order, oldest first, until
+    /// the project fits; cache mounts count but are only dropped by a reset. Returns the
+    /// bytes freed and the indices of `others` the caller must drop.
+    pub fn collect(&self, ns: &str, limit_bytes: u64, others: &[Reclaimable]) -> Result<(u64, Vec<usize>), EngineError> {
+        let mut records = self.index().records(ns).map_err(gc_err)?;
+        let mut sizes: HashMap<Digest, (u64, usize)> = HashMap::new();
+        for r in &records {
+            for (d, s) in &r.layers {
+                sizes.entry(d.clone()).or_insert((*s, 0)).1 += 1;
+            }
         }
-        self.prune(ns, limit_bytes)
+        let layer_bytes: u64 = sizes.values().map(|(s, _)| *s).sum();
+        let mounts = dir_size(&self.cache_mounts().namespace_dir(ns));
+        let before = layer_bytes + mounts + others.iter().map(|o| o.bytes).sum::<u64>();
+        let mut total = before;
+        if total <= limit_bytes {
+            return Ok((0, Vec::new()));
+        }
+        // One order for both kinds: (last use, kind, index).
+        records.sort_by_key(|r| r.last_used);
+        let mut order: Vec<(u64, bool, usize)> = records.iter().enumerate().map(|(i, r)| (r.last_used, true, i)).collect();
+        order.extend(others.iter().enumerate().map(|(i, o)| (o.last_used, false, i)));
+        order.sort();
+        let mut drop_records = Vec::new();
+        let mut drop_others = Vec::new();
+        for (_, is_record, i) in order {
+            if total <= limit_bytes {
+                break;
+            }
+            if !is_record {
+                total = total.saturating_sub(others[i].bytes);
+                drop_others.push(i);
+                continue;
+            }
+            for (d, _) in &records[i].layers {
+                if let Some(e) = sizes.get_mut(d) {
+                    e.1 -= 1;
+                    if e.1 == 0 {
+                        total = total.saturating_sub(e.0);
+                    }
+                }
+            }
+            drop_records.push(records[i].clone());
+        }
+        self.index().remove_records(&drop_records).map_err(gc_err)?;
+        self.sweep()?;
+        Ok((before - total, drop_others))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 12: what the builder keeps for a project besides its cache (contexts, build
+    /// records, logs) counts against its limit and goes in one LRU order with the cache.
+    #[test]
+    fn collection_drops_the_oldest_of_records_and_other_items_until_the_project_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&crate::EngineConfig { root: dir.path().to_path_buf(), runtime: None, insecure_registries: vec![], limits: Default::default() })
+            .expect("opening an engine needs an OCI runtime (runc) on PATH");
+        let layer = Digest::of(b"a layer of 1000 bytes");
+        engine.index().put_step("p", "k1", Some(layer.clone()), 1000).unwrap();
+        engine.index().put_step("other", "k1", Some(Digest::of(b"another project's layer")), 5000).unwrap();
+        let old = Reclaimable { last_used: 1, bytes: 300 };
+        let new = Reclaimable { last_used: u64::MAX, bytes: 200 };
+        // Under the limit: nothing goes.
+        assert_eq!(engine.collect("p", 1500, &[old, new]).unwrap(), (0, vec![]));
+        // 1500 bytes over a limit of 1000: the old item goes first, then the cache record
+        // (now), and the newest item stays.
+        let (freed, others) = engine.collect("p", 1000, &[old, new]).unwrap();
+        assert_eq!(others, vec![0]);
+        assert_eq!(freed, 1300);
+        assert!(engine.index().step("p", "k1").unwrap().is_none(), "the record was dropped");
+        assert!(engine.index().step("other", "k1").unwrap().is_some(), "other projects are untouched");
     }
 }

@@ -10,6 +10,7 @@ pub mod cachemount;
 pub mod context;
 pub mod copy;
 pub mod engine;
+pub mod entitlements;
 pub mod export;
 pub mod executor;
 pub mod frontend;
@@ -21,6 +22,7 @@ pub mod progress;
 pub mod rootfs;
 pub mod snapshot;
 mod solver;
+pub mod sshforward;
 mod steps;
 
 pub use engine::{BuildOutcome, BuildRequest, BuildSecrets, BuiltImage, Engine, EngineConfig, EngineError};

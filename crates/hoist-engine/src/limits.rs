@@ -1,8 +1,8 @@
 //! The limits a builder holds every build to, so that no Dockerfile or context — a typo or a
 //! hostile pull request — can exhaust it: Dockerfile size and shape, variable expansion,
-//! context size, archive expansion for ADD, base layer extraction, RUN wall time and the
-//! output a step may stream. `hoist serve` sets them from its flags; each error names the
-//! limit that was hit.
+//! context size, archive expansion for ADD, base layer extraction, RUN wall time, the
+//! output a step may stream and the memory of a build's RUN steps. `hoist serve` sets them
+//! from its flags; each error names the limit that was hit.
 
 use std::time::Duration;
 
@@ -39,6 +39,11 @@ pub struct Limits {
     /// Output of one step forwarded to the client; the rest is dropped with a marker (the
     /// step keeps running).
     pub max_step_log_bytes: u64,
+    /// Memory (bytes) all RUN steps of one build may use together: the steps of all its
+    /// stages and platforms run in one cgroup with this limit
+    /// ([`crate::executor::BuildCgroup`]), and a step the kernel kills for it fails saying
+    /// so. `None` (the default) is no limit beyond the builder's own.
+    pub build_memory: Option<u64>,
 }
 
 impl Default for Limits {
@@ -52,6 +57,7 @@ impl Default for Limits {
             max_layer_entries: DEFAULT_MAX_LAYER_ENTRIES,
             run_timeout: None,
             max_step_log_bytes: DEFAULT_MAX_STEP_LOG_BYTES,
+            build_memory: None,
         }
     }
 }
@@ -85,6 +91,7 @@ mod tests {
     fn defaults_bound_everything_but_run_time() {
         let l = Limits::default();
         assert!(l.run_timeout.is_none(), "RUN wall time is off by default");
+        assert!(l.build_memory.is_none(), "a build's memory is limited only when the operator says how much");
         let x = l.layer_extract_options();
         assert_eq!(x.max_bytes, Some(DEFAULT_MAX_LAYER_BYTES));
         assert_eq!(x.max_entries, Some(DEFAULT_MAX_LAYER_ENTRIES));

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cachekey::{self, CacheKey};
 use crate::engine::{BuildRequest, BuiltImage, Engine, EngineError};
+use crate::executor::BuildCgroup;
 use crate::frontend;
 use crate::gc::LeaseSet;
 use crate::graph::{Base, BuildGraph, Op, Platform, Source, Stage, StageId, Step};
@@ -169,6 +170,8 @@ pub(crate) struct Build {
     /// Per stage: whether its layers end up in the target image (the target and the
     /// stages it is built `FROM`), so are worth compressing early ([`BuildRequest::eager_blobs`]).
     pub in_target: Vec<bool>,
+    /// The cgroup every RUN step of the build runs below, when builds have a memory limit.
+    pub cgroup: Option<Arc<BuildCgroup>>,
 }
 
 impl Build {
@@ -194,7 +197,9 @@ impl Build {
     }
 }
 
-/// Run the frontend and solve the graph for one platform.
+/// Run the frontend and solve the graph for one platform. `counters` to `cgroup` are the
+/// build's state, shared by the tasks of all its platforms.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn build_platform(
     engine: Engine,
     req: Arc<BuildRequest>,
@@ -204,6 +209,7 @@ pub(crate) async fn build_platform(
     counters: Arc<Counters>,
     vertices: Arc<VertexIds>,
     leases: Arc<LeaseSet>,
+    cgroup: Option<Arc<BuildCgroup>>,
 ) -> Result<BuiltImage, EngineError> {
     let resolver = Arc::new(BuildResolver::new(engine.clone(), req.namespace.clone(), req.registry.clone(), req.pull));
     let mut opts = req.frontend.clone();
@@ -214,6 +220,7 @@ pub(crate) async fn build_platform(
     for w in &graph.warnings {
         Engine::warn(&progress, w.clone());
     }
+    req.entitlements.check_graph(&graph, req.network, &opts.dockerfile_name).map_err(EngineError::Frontend)?;
     let created = created_timestamp(&req);
     let source_date_epoch = source_date_epoch(&req);
     let mut in_target = vec![false; graph.stages.len()];
@@ -241,6 +248,7 @@ pub(crate) async fn build_platform(
         leases,
         touched: Mutex::new(Vec::new()),
         in_target,
+        cgroup,
     });
     {
         let mut stages = build.stages.lock().unwrap_or_else(|e| e.into_inner());
@@ -285,6 +293,7 @@ fn unwrap_arc(e: Arc<EngineError>) -> EngineError {
         EngineError::Export(m) => EngineError::Export(m.clone()),
         EngineError::State { path, message } => EngineError::State { path: path.clone(), message: message.clone() },
         EngineError::Cancelled => EngineError::Cancelled,
+        EngineError::BuildMemory(m) => EngineError::BuildMemory(m.clone()),
     })
 }
 
@@ -460,6 +469,11 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
             }
         },
         Op::Run(r) => {
+            // `docker build --network` is the network of RUNs without their own: as in
+            // BuildKit, a step run on the host's network is not the one run in the sandbox.
+            if r.network == crate::graph::NetworkMode::Default && b.req.network != crate::graph::NetworkMode::Default {
+                inputs.push(("network", format!("{:?}", b.req.network).to_ascii_lowercase()));
+            }
             for m in &r.mounts {
                 match &m.kind {
                     crate::graph::MountKind::Bind { from: Source::Context, source, .. } => {

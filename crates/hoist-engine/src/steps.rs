@@ -159,6 +159,7 @@ struct Held {
     views: Vec<ActiveMount>,
     caches: Vec<CacheMountGuard>,
     temps: Vec<tempfile::TempDir>,
+    agents: Vec<crate::sshforward::AgentSocket>,
 }
 
 async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, lease: &LeaseSet) -> Result<Produced, EngineError> {
@@ -248,14 +249,18 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
                 mounts.push(ExecMount::Bind { source: file, target: m.target.clone(), readonly: true });
                 held.temps.push(dir);
             }
-            MountKind::Ssh { id, required, .. } => {
-                let Some(sock) = b.req.secrets.ssh.get(id) else {
+            MountKind::Ssh { id, required, mode, uid, gid } => {
+                if !b.req.secrets.ssh.has(id) {
                     if *required {
-                        return Err(env.err(format!("ssh agent {id:?} is required but was not given (use --ssh {id}=SOCKET or --ssh default)")));
+                        return Err(env.err(format!("ssh agent {id:?} is required but was not given (use --ssh {id}=SOCKET|KEYFILE or --ssh default)")));
                     }
                     continue;
-                };
-                mounts.push(ExecMount::Bind { source: sock.clone(), target: m.target.clone(), readonly: true });
+                }
+                let parent = b.engine.root().join("ssh");
+                let sock = crate::sshforward::AgentSocket::listen(&parent, id, &b.req.secrets.ssh, *uid, *gid, *mode)
+                    .map_err(|e| env.err(format!("ssh agent {id:?}: {e}")))?;
+                mounts.push(ExecMount::Bind { source: sock.path(), target: m.target.clone(), readonly: false });
+                held.agents.push(sock);
                 if !env_vars.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
                     env_vars.push(format!("SSH_AUTH_SOCK={}", m.target));
                 }
@@ -294,6 +299,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
         hostname: "buildkitsandbox".into(),
         extra_hosts: b.req.add_hosts.clone(),
         timeout: b.engine.limits().run_timeout,
+        cgroup_parent: b.cgroup.as_ref().map(|c| c.parent().to_string()),
     };
     let (tx, mut rx) = mpsc::channel::<LogChunk>(256);
     let progress = b.progress.clone();
@@ -327,14 +333,33 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
         }
     });
     b.counters.containers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ooms_before = b.cgroup.as_ref().map(|c| c.oom_kills());
     let status = b.engine.inner.executor.run(spec, tx, cancel).await;
     let _ = forward.await;
     drop(held);
+    // A kill the build's cgroup counted as an OOM kill: the build's memory limit.
+    let memory_limit_hit = || match (&b.cgroup, ooms_before) {
+        (Some(cg), Some(before)) if cg.oom_kills() > before => Some(format!(
+            "killed: the build reached its memory limit of {} (hoist serve --build-memory); \
+             make the step use less memory or ask the builder's operator for a higher limit",
+            crate::limits::human_bytes(cg.limit())
+        )),
+        _ => None,
+    };
     let status = status.map_err(|e| match e {
         crate::executor::ExecError::Cancelled { .. } => EngineError::Cancelled,
         e @ crate::executor::ExecError::Timeout { .. } => env.err(format!("{e} (the builder's RUN time limit, hoist serve --run-timeout)")),
+        e @ crate::executor::ExecError::Start { .. } => match memory_limit_hit() {
+            Some(m) => env.err(format!("{e}: {m}")),
+            None => env.err(e),
+        },
         e => env.err(e),
     })?;
+    if status.code == 128 + 9 {
+        if let Some(m) = memory_limit_hit() {
+            return Err(env.err(format!("{} did not complete successfully: {m}", crate::executor::describe_command(&run.args))));
+        }
+    }
     if status.code != 0 {
         return Err(env.err(format!(
             "{} did not complete successfully: exit code: {}",

@@ -829,3 +829,128 @@ async fn an_arm64_step_under_qemu_is_filtered_on_host_syscalls() {
     assert_eq!(code(&o), 0, "{}", o.stderr);
     assert_eq!(o.stdout, "aarch64\nSeccomp:\t2\nwaited\n2\nrefused\n");
 }
+
+// ---------------------------------------------------------------------------------------
+// Per-build cgroups (hoist serve --build-memory)
+// ---------------------------------------------------------------------------------------
+
+use hoist_engine::executor::{BuildCgroup, CgroupLayout, CgroupVersion};
+
+fn build_cgroup(limit: u64) -> BuildCgroup {
+    BuildCgroup::create(&hoist_engine::executor::random_build_name(), limit).unwrap()
+}
+
+/// A step of the build (no network: nothing to set up but the cgroup).
+fn build_step(mount: &ActiveMount, cg: &BuildCgroup, id: &str, script: &str) -> RunSpec {
+    let mut s = spec_for(mount, id, sh(script));
+    s.network = NetworkMode::None;
+    s.cgroup_parent = Some(cg.parent().to_string());
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_over_the_build_memory_limit_is_oom_killed_and_the_kill_is_counted() {
+    if !root_or_skip() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let cg = build_cgroup(64 << 20);
+    let limit_file = match CgroupLayout::current().unwrap().memory().unwrap().version {
+        CgroupVersion::V1 => "memory.limit_in_bytes",
+        CgroupVersion::V2 => "memory.max",
+    };
+    assert_eq!(fs::read_to_string(cg.memory_dir().join(limit_file)).unwrap().trim(), (64u64 << 20).to_string());
+    assert_eq!(cg.oom_kills(), 0);
+
+    // Under the limit: runs, and counts nothing.
+    let o = run(&lab.exec, build_step(&mount, &cg, "small", "dd if=/dev/zero of=/dev/null bs=16M count=1 2>/dev/null && echo fine")).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "fine\n");
+    assert_eq!(cg.oom_kills(), 0);
+
+    // A 200 MiB buffer in a 64 MiB build: the kernel kills it.
+    let o = run(&lab.exec, build_step(&mount, &cg, "hog", "dd if=/dev/zero of=/dev/null bs=200M count=1; echo survived")).await;
+    assert_eq!(code(&o), 0, "the shell reports dd's death: {}", o.stderr);
+    assert_eq!(o.stdout, "survived\n");
+    let first = cg.oom_kills();
+    assert!(first >= 1, "the OOM kill is counted");
+    let o = run(&lab.exec, build_step(&mount, &cg, "hog2", "exec dd if=/dev/zero of=/dev/null bs=200M count=1")).await;
+    assert_eq!(code(&o), 137, "SIGKILL: {}", o.stderr);
+    let second = cg.oom_kills();
+    assert!(second > first, "the second OOM kill is counted too: {first} then {second}");
+    // The build goes on within its limit.
+    let o = run(&lab.exec, build_step(&mount, &cg, "after", "echo ok")).await;
+    assert_eq!(code(&o), 0, "{}", o.stderr);
+    assert_eq!(cg.oom_kills(), second);
+    lab.assert_no_containers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_of_one_build_share_its_cgroup_and_dropping_it_removes_it_from_every_hierarchy() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::new();
+    let mount = lab.snap.prepare(std::slice::from_ref(&lab.base)).unwrap();
+    let cg = build_cgroup(256 << 20);
+    let parent = format!("/{}/", cg.parent());
+    // Two steps at once, as parallel stages run them.
+    let script = "cat /proc/self/cgroup; sleep 0.5";
+    let (a, b) = tokio::join!(run(&lab.exec, build_step(&mount, &cg, "stage-a", script)), run(&lab.exec, build_step(&mount, &cg, "stage-b", script)));
+    for (o, id) in [(&a, "stage-a"), (&b, "stage-b")] {
+        assert_eq!(code(o), 0, "{}", o.stderr);
+        let memory = o.stdout.lines().find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")) || l.starts_with("0::"));
+        let memory = memory.unwrap_or_else(|| panic!("no memory line in {}", o.stdout));
+        assert!(memory.ends_with(&format!("{parent}{id}")), "{id} is below {parent}: {}", o.stdout);
+        // Every hierarchy the step is in puts it below the build cgroup.
+        for l in o.stdout.lines().filter(|l| !l.ends_with(":/")) {
+            assert!(l.contains(&parent), "{id}: {l} is not below {parent}:\n{}", o.stdout);
+        }
+    }
+    let dirs = cg.dirs();
+    let existing: Vec<_> = dirs.iter().filter(|d| d.exists()).cloned().collect();
+    let layout = CgroupLayout::current().unwrap();
+    assert_eq!(existing.len(), layout.hierarchies.len(), "runc made hoist/<build> in every hierarchy: {existing:#?}");
+    assert!(existing.contains(&cg.memory_dir().to_path_buf()));
+    drop(cg);
+    let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "left after drop: {left:#?}");
+    lab.assert_no_containers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftover_build_cgroups_are_removed_but_not_live_or_busy_ones() {
+    if !root_or_skip() {
+        return;
+    }
+    let layout = CgroupLayout::current().unwrap();
+    let live = build_cgroup(128 << 20);
+    // A crashed builder's: hoist/<build> in every hierarchy, a step cgroup below, no lock.
+    let crashed = format!("hoist/{}", hoist_engine::executor::random_build_name());
+    let busy = format!("hoist/{}", hoist_engine::executor::random_build_name());
+    for d in layout.dirs_of(&crashed).iter().chain(layout.dirs_of(&busy).iter()) {
+        fs::create_dir_all(d.join("hoist-step")).unwrap();
+    }
+    // One still has a process (a step that escaped?): it stays.
+    let mut sleeper = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let pids = layout.hierarchies.iter().find(|h| h.controllers.iter().any(|c| c == "pids")).unwrap_or(&layout.hierarchies[0]);
+    let busy_step = pids.base.join(&busy).join("hoist-step");
+    fs::write(busy_step.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+
+    hoist_engine::executor::remove_leftover_build_cgroups();
+    let left: Vec<_> = layout.dirs_of(&crashed).into_iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "leftovers not removed: {left:#?}");
+    assert!(live.memory_dir().exists(), "a live build's cgroup was removed");
+    assert!(busy_step.exists(), "a cgroup with a process was removed");
+
+    // Once its process is gone, a new executor's recovery removes it too.
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let _again = RuncExecutor::new(RuncConfig::new(state.path().join("executor"))).unwrap();
+    let left: Vec<_> = layout.dirs_of(&busy).into_iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "not removed once empty: {left:#?}");
+    assert!(live.memory_dir().exists());
+}

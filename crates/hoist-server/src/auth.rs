@@ -17,6 +17,8 @@ use sha2::{Digest as _, Sha256};
 pub const DEFAULT_PROJECT: &str = "default";
 /// Default automatic-GC limit of a project: 50 GB.
 pub const DEFAULT_LIMIT_BYTES: u64 = 50_000_000_000;
+/// Default number of builds one project runs at once (more wait for a slot).
+pub const DEFAULT_MAX_BUILDS: u32 = 4;
 
 /// Errors of the project/token store and of authentication.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,10 @@ pub enum AuthError {
     NoProject(String),
     #[error("no token matches {0:?}")]
     NoToken(String),
+    #[error("tokens named {name:?} exist in several projects ({projects}): pass --project to say which")]
+    AmbiguousToken { name: String, projects: String },
+    #[error("{0}")]
+    Entitlement(#[from] hoist_engine::entitlements::UnknownEntitlement),
     #[error("a token is required: pass --token, set HOIST_TOKEN or run `hoist login`")]
     Missing,
     #[error("the token is not valid for this builder (no project has it): check --token / HOIST_TOKEN / hoist login")]
@@ -48,10 +54,21 @@ pub struct Project {
     /// Automatic GC keeps the project's cache under this many bytes.
     #[serde(default = "default_limit")]
     pub limit_bytes: u64,
+    /// Builds the project runs at once; more wait for a slot.
+    #[serde(default = "default_builds")]
+    pub max_builds: u32,
+    /// Entitlements the builder grants this project besides those of `hoist serve
+    /// --allow-entitlement` (BuildKit names: network.host, security.insecure).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entitlements: Vec<String>,
 }
 
 fn default_limit() -> u64 {
     DEFAULT_LIMIT_BYTES
+}
+
+fn default_builds() -> u32 {
+    DEFAULT_MAX_BUILDS
 }
 
 /// A token as stored (never the token itself).
@@ -83,6 +100,9 @@ pub struct Caller {
     pub project: String,
     /// Token name, or "local" for the trusted unix socket.
     pub who: String,
+    /// The token's id (`None` on the trusted socket): its builds and exports end when it
+    /// is revoked.
+    pub token_id: Option<String>,
 }
 
 /// The project/token store of a state root.
@@ -176,7 +196,10 @@ impl AuthStore {
             if f.projects.contains_key(project) {
                 return Err(AuthError::ProjectExists(project.to_string()));
             }
-            f.projects.insert(project.to_string(), Project { created: now(), limit_bytes: DEFAULT_LIMIT_BYTES });
+            f.projects.insert(
+                project.to_string(),
+                Project { created: now(), limit_bytes: DEFAULT_LIMIT_BYTES, max_builds: DEFAULT_MAX_BUILDS, entitlements: Vec::new() },
+            );
             add_token(f, project, token_name).map_err(|e| AuthError::Store { path: PathBuf::new(), message: e.to_string() })
         })
     }
@@ -191,9 +214,18 @@ impl AuthStore {
         })
     }
 
-    /// Revoke tokens by id, or by name (within `project` when given). Returns how many.
+    /// Revoke tokens by id, or by name (within `project` when given; a name used in several
+    /// projects needs it). Returns how many.
     pub fn revoke(&self, id_or_name: &str, project: Option<&str>) -> Result<usize, AuthError> {
         self.update(|f| {
+            if project.is_none() {
+                let projects: std::collections::BTreeSet<&str> =
+                    f.tokens.iter().filter(|t| t.name == id_or_name && t.id != id_or_name).map(|t| t.project.as_str()).collect();
+                if projects.len() > 1 {
+                    let projects = projects.into_iter().collect::<Vec<_>>().join(", ");
+                    return Err(AuthError::AmbiguousToken { name: id_or_name.to_string(), projects });
+                }
+            }
             let mut n = 0;
             for t in &mut f.tokens {
                 let by_id = t.id == id_or_name;
@@ -219,9 +251,50 @@ impl AuthStore {
         })
     }
 
+    /// Set how many builds a project runs at once.
+    pub fn set_max_builds(&self, project: &str, builds: u32) -> Result<(), AuthError> {
+        self.update(|f| {
+            let p = f.projects.get_mut(project).ok_or_else(|| AuthError::NoProject(project.to_string()))?;
+            p.max_builds = builds.max(1);
+            Ok(())
+        })
+    }
+
+    /// Grant (or with `allow = false`, take back) an entitlement to a project.
+    pub fn set_entitlement(&self, project: &str, entitlement: &str, allow: bool) -> Result<(), AuthError> {
+        let e = hoist_engine::entitlements::Entitlement::parse(entitlement)?;
+        self.update(|f| {
+            let p = f.projects.get_mut(project).ok_or_else(|| AuthError::NoProject(project.to_string()))?;
+            p.entitlements.retain(|x| x != e.name());
+            if allow {
+                p.entitlements.push(e.name().to_string());
+                p.entitlements.sort();
+            }
+            Ok(())
+        })
+    }
+
     /// The automatic-GC limit of a project.
     pub fn limit_of(&self, project: &str) -> u64 {
         self.load().ok().and_then(|f| f.projects.get(project).map(|p| p.limit_bytes)).unwrap_or(DEFAULT_LIMIT_BYTES)
+    }
+
+    /// How many builds a project runs at once.
+    pub fn max_builds_of(&self, project: &str) -> u32 {
+        self.load().ok().and_then(|f| f.projects.get(project).map(|p| p.max_builds)).unwrap_or(DEFAULT_MAX_BUILDS).max(1)
+    }
+
+    /// Entitlements granted to a project by `hoist project allow`.
+    pub fn entitlements_of(&self, project: &str) -> std::collections::BTreeSet<hoist_engine::entitlements::Entitlement> {
+        let file = self.load().unwrap_or_default();
+        let names = file.projects.get(project).map(|p| p.entitlements.clone()).unwrap_or_default();
+        names.iter().filter_map(|n| hoist_engine::entitlements::Entitlement::parse(n).ok()).collect()
+    }
+
+    /// Ids of revoked tokens (and of tokens whose project was deleted).
+    pub fn revoked_ids(&self) -> std::collections::HashSet<String> {
+        let Ok(file) = self.load() else { return Default::default() };
+        file.tokens.iter().filter(|t| t.revoked || !file.projects.contains_key(&t.project)).map(|t| t.id.clone()).collect()
     }
 
     /// Who a request comes from. `token` is the bearer token if any, `requested` the project
@@ -233,7 +306,7 @@ impl AuthStore {
                 if !valid_project_name(project) {
                     return Err(AuthError::BadName(project.to_string()));
                 }
-                return Ok(Caller { project: project.to_string(), who: "local".into() });
+                return Ok(Caller { project: project.to_string(), who: "local".into(), token_id: None });
             }
             return Err(AuthError::Missing);
         };
@@ -251,7 +324,7 @@ impl AuthStore {
                 return Err(AuthError::WrongProject { token_project: rec.project.clone(), requested: req.to_string() });
             }
         }
-        Ok(Caller { project: rec.project.clone(), who: rec.name.clone() })
+        Ok(Caller { project: rec.project.clone(), who: rec.name.clone(), token_id: Some(rec.id.clone()) })
     }
 }
 
@@ -273,7 +346,9 @@ mod tests {
         let a = store.create_project("alpha", "laptop").unwrap();
         let b = store.create_project("beta", "ci").unwrap();
         assert!(a.starts_with("hst_") && a.len() > 60);
-        assert_eq!(store.authenticate(Some(&a), None, false).unwrap(), Caller { project: "alpha".into(), who: "laptop".into() });
+        let caller = store.authenticate(Some(&a), None, false).unwrap();
+        assert_eq!((caller.project.as_str(), caller.who.as_str()), ("alpha", "laptop"));
+        assert_eq!(caller.token_id.as_deref(), Some(&hash_token(&a)[..12]));
         assert_eq!(store.authenticate(Some(&b), Some("beta"), false).unwrap().project, "beta");
         assert!(matches!(store.authenticate(Some(&a), Some("beta"), false), Err(AuthError::WrongProject { .. })));
         assert!(matches!(store.authenticate(Some("hst_guess"), None, false), Err(AuthError::Invalid)));
@@ -312,5 +387,46 @@ mod tests {
         store.create_project("dup", "t").unwrap();
         assert!(matches!(store.create_project("dup", "t"), Err(AuthError::ProjectExists(_))));
         assert!(matches!(store.create_token("nope", "t"), Err(AuthError::NoProject(_))));
+    }
+
+    /// Regression (issue 12): `hoist token revoke default` without `--project` revoked the
+    /// `default` token of every project.
+    #[test]
+    fn revoking_a_name_used_in_several_projects_needs_the_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuthStore::new(dir.path());
+        let a = store.create_project("alpha", "default").unwrap();
+        let b = store.create_project("beta", "default").unwrap();
+        let e = store.revoke("default", None).unwrap_err();
+        assert!(matches!(e, AuthError::AmbiguousToken { .. }), "{e}");
+        assert!(e.to_string().contains("alpha, beta") && e.to_string().contains("--project"), "{e}");
+        assert!(store.authenticate(Some(&a), None, false).is_ok() && store.authenticate(Some(&b), None, false).is_ok(), "nothing was revoked");
+        assert_eq!(store.revoke("default", Some("beta")).unwrap(), 1);
+        assert!(store.authenticate(Some(&a), None, false).is_ok());
+        let id = store.authenticate(Some(&a), None, false).unwrap().token_id.unwrap();
+        assert!(!store.revoked_ids().contains(&id));
+        // An id is unique: no --project needed.
+        assert_eq!(store.revoke(&id, None).unwrap(), 1);
+        assert!(store.revoked_ids().contains(&id));
+    }
+
+    #[test]
+    fn build_slots_and_entitlements_are_per_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuthStore::new(dir.path());
+        store.create_project("alpha", "t").unwrap();
+        store.create_project("beta", "t").unwrap();
+        assert_eq!(store.max_builds_of("alpha"), DEFAULT_MAX_BUILDS);
+        store.set_max_builds("alpha", 1).unwrap();
+        assert_eq!((store.max_builds_of("alpha"), store.max_builds_of("beta")), (1, DEFAULT_MAX_BUILDS));
+        use hoist_engine::entitlements::Entitlement;
+        assert!(store.entitlements_of("alpha").is_empty());
+        store.set_entitlement("alpha", "security.insecure", true).unwrap();
+        assert_eq!(store.entitlements_of("alpha"), [Entitlement::SecurityInsecure].into());
+        assert!(store.entitlements_of("beta").is_empty());
+        assert!(matches!(store.set_entitlement("alpha", "device.all", true), Err(AuthError::Entitlement(_))));
+        assert!(matches!(store.set_entitlement("gamma", "network.host", true), Err(AuthError::NoProject(_))));
+        store.set_entitlement("alpha", "security.insecure", false).unwrap();
+        assert!(store.entitlements_of("alpha").is_empty());
     }
 }

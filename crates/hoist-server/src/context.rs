@@ -142,12 +142,26 @@ struct Pending {
     entries: Vec<v1::ContextEntry>,
     stats: SyncStats,
     /// What the client was asked to upload.
-    asked: Vec<Digest>,
+    asked: std::collections::HashSet<Digest>,
+}
+
+/// A session directory kept for a client (one per machine and context directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Its directory name.
+    pub name: String,
+    /// When a build last used it (seconds since the epoch).
+    pub last_used: u64,
+    /// What removing it frees: the content of the files no other session refers to.
+    pub bytes: u64,
 }
 
 /// Context files and session directories of one project.
 pub struct ContextStore {
     root: PathBuf,
+    /// Held (read) while a manifest is checked against the store and (write) while unused
+    /// blobs are deleted, so that a blob found present is not deleted before it is used.
+    sweep: std::sync::RwLock<()>,
     blobs: ContentStore,
     pending: Mutex<HashMap<String, Pending>>,
     sessions: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
@@ -217,6 +231,7 @@ impl ContextStore {
         }
         Ok(ContextStore {
             root,
+            sweep: std::sync::RwLock::new(()),
             blobs,
             pending: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -238,6 +253,7 @@ impl ContextStore {
 
     /// Check a manifest and answer which file digests must be uploaded.
     pub fn prepare(&self, manifest: v1::ContextManifest) -> Result<(String, Vec<String>), ContextError> {
+        let _no_sweep = self.sweep.read().unwrap_or_else(|e| e.into_inner());
         let mut missing = Vec::new();
         let mut asked = std::collections::HashSet::new();
         let mut missing_bytes = 0;
@@ -308,14 +324,101 @@ impl ContextStore {
                 pending.remove(&old);
             }
         }
+        // The session is used now (for least-recently-used collection).
+        let dir = self.session_dir(&manifest.session);
+        if dir.is_dir() {
+            let _ = fs::File::create(dir.join("used"));
+        }
         pending.insert(id.clone(), Pending { session: manifest.session, entries: manifest.entries, stats, asked });
         order.push_back(id.clone());
         Ok((id, missing))
     }
 
-    /// Bytes of context files kept for the project.
+    /// Bytes of context files kept for the project (a file linked into a session tree is
+    /// counted once).
     pub fn size(&self) -> u64 {
-        hoist_engine::gc::dir_size(&self.root)
+        unique_size(&self.root)
+    }
+
+    /// The session directories no build is using now.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        use std::os::unix::fs::MetadataExt;
+        let busy: Vec<String> = {
+            let locks = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            locks.iter().filter(|(_, l)| l.try_write().is_err()).map(|(k, _)| k.clone()).collect()
+        };
+        let mut found = Vec::new();
+        let Ok(rd) = fs::read_dir(self.root.join("sessions")) else { return Vec::new() };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.contains(".build-") || busy.contains(&e.path().display().to_string()) {
+                continue;
+            }
+            let used = fs::metadata(e.path().join("used")).or_else(|_| e.metadata()).map(|m| m.mtime().max(0) as u64).unwrap_or(0);
+            found.push((name, used, recorded(&e.path())));
+        }
+        // A blob is freed with the last session that refers to it.
+        let mut refs: HashMap<&str, usize> = HashMap::new();
+        for (_, _, rec) in &found {
+            for r in rec.values().filter(|r| !r.digest.is_empty()) {
+                *refs.entry(r.digest.as_str()).or_default() += 1;
+            }
+        }
+        found
+            .iter()
+            .map(|(name, used, rec)| {
+                let mut seen = std::collections::HashSet::new();
+                let bytes = rec
+                    .values()
+                    .filter(|r| !r.digest.is_empty() && refs.get(r.digest.as_str()) == Some(&1) && seen.insert(r.digest.as_str()))
+                    .map(|r| r.size)
+                    .sum();
+                SessionInfo { name: name.clone(), last_used: *used, bytes }
+            })
+            .collect()
+    }
+
+    /// Remove session directory `name` (unless a build uses it now).
+    pub fn remove_session(&self, name: &str) -> Result<(), ContextError> {
+        if name.contains('/') || name.starts_with('.') {
+            return Err(ContextError::Manifest(format!("invalid session name {name:?}")));
+        }
+        let dir = self.root.join("sessions").join(name);
+        let lock = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&dir.display().to_string()).cloned();
+        let _held = match &lock {
+            Some(l) => match l.try_write() {
+                Ok(g) => Some(g),
+                Err(_) => return Ok(()), // in use: kept
+            },
+            None => None,
+        };
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&dir)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Delete the blobs no session directory and no prepared context refers to; returns
+    /// the bytes freed. Call it only when no build of the project is running (a running
+    /// build's tree is written from blobs when a step first reads it).
+    pub fn sweep_blobs(&self) -> Result<u64, ContextError> {
+        let _no_prepare = self.sweep.write().unwrap_or_else(|e| e.into_inner());
+        let mut keep: std::collections::HashSet<String> = std::collections::HashSet::new();
+        if let Ok(rd) = fs::read_dir(self.root.join("sessions")) {
+            for e in rd.flatten() {
+                keep.extend(recorded(&e.path()).into_values().map(|r| r.digest).filter(|d| !d.is_empty()));
+            }
+        }
+        for p in self.pending.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            keep.extend(p.entries.iter().map(|e| e.digest.clone()).filter(|d| !d.is_empty()));
+        }
+        let mut freed = 0;
+        for (d, size) in self.blobs.list().map_err(|e| ContextError::Io { path: self.root.clone(), message: e.to_string() })? {
+            if !keep.contains(d.as_str()) && self.blobs.remove(&d).is_ok() {
+                freed += size;
+            }
+        }
+        Ok(freed)
     }
 
     /// Forget every context file and session directory of the project.
@@ -332,6 +435,15 @@ impl ContextStore {
             let _ = self.blobs.remove(&d);
         }
         Ok(())
+    }
+
+    /// Whether a prepared context asked the client for blob `digest` and the store still
+    /// lacks it: an upload of anything else is refused, so a client cannot fill the disk
+    /// with content no build of it needs.
+    pub fn expects(&self, digest: &str) -> bool {
+        let Ok(d) = digest.parse::<Digest>() else { return false };
+        let asked = self.pending.lock().unwrap_or_else(|e| e.into_inner()).values().any(|p| p.asked.contains(&d));
+        asked && !self.blobs.contains(&d)
     }
 
     /// Start receiving one blob.
@@ -419,6 +531,26 @@ impl ContextStore {
         );
         Ok(MaterializedContext { context: Arc::new(context), stats: pending.stats, written, _held: held })
     }
+}
+
+/// Bytes under `dir`, each inode counted once (session files are often links to blobs).
+fn unique_size(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.nlink() == 1 || seen.insert((m.dev(), m.ino())) {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
 }
 
 fn getrandom(buf: &mut [u8]) {
@@ -540,7 +672,9 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
             if trusted {
                 let _ = fs::remove_file(p);
             }
-            place_file(src, p, dir)?;
+            // A setuid or setgid file is always a copy: a blob's inode never carries those
+            // bits (linked, it would take this entry's mode).
+            place_file(src, p, dir, rec.mode & 0o6000 == 0)?;
         }
         fs::set_permissions(p, fs::Permissions::from_mode(rec.mode)).map_err(io_err(p))?;
         set_mtime(p, rec, true)
@@ -574,9 +708,9 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
 /// as that link exists, so it copies. Two trees linking at once may both see 3 and both
 /// copy. No lock, so trees are written on every core. A copy is made in `scratch` (outside
 /// the tree, where no context name can collide with it) and renamed over `p`.
-fn place_file(src: &Path, p: &Path, scratch: &Path) -> Result<(), ContextError> {
+fn place_file(src: &Path, p: &Path, scratch: &Path, may_link: bool) -> Result<(), ContextError> {
     use std::os::unix::fs::MetadataExt;
-    if fs::hard_link(src, p).is_ok() {
+    if may_link && fs::hard_link(src, p).is_ok() {
         if fs::symlink_metadata(p).is_ok_and(|m| m.nlink() == 2) {
             return Ok(());
         }
@@ -871,5 +1005,45 @@ mod tests {
         let (id, _) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"never sent", 0o644)] }).unwrap();
         let err = store.materialize(&id).await.err().unwrap();
         assert!(matches!(err, ContextError::MissingBlob { .. }), "{err}");
+    }
+
+    /// Regression (issue 12): uploads of blobs the builder never asked for were stored, so a
+    /// token holder could fill the builder's disk.
+    #[test]
+    fn only_blobs_a_prepared_context_asked_for_are_expected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let wanted = Digest::of(b"wanted").to_string();
+        assert!(!store.expects(&wanted), "nothing prepared yet");
+        store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"wanted", 0o644)] }).unwrap();
+        assert!(store.expects(&wanted));
+        assert!(!store.expects(Digest::of(b"never asked").as_str()));
+        assert!(!store.expects("sha256:nonsense"));
+        upload(&store, b"wanted");
+        assert!(!store.expects(&wanted), "not twice");
+    }
+
+    /// Regression (issue 12): a setuid context file was hard-linked to its blob, so the
+    /// store kept a setuid inode (a tree copy carries the mode instead).
+    #[tokio::test]
+    async fn setuid_and_setgid_files_never_make_a_blob_inode_setuid() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let m = v1::ContextManifest { session: "s".into(), entries: vec![file("su", b"SU", 0o4755), file("sg", b"SG", 0o2755), file("plain", b"P", 0o755)] };
+        let (id, _) = store.prepare(m).unwrap();
+        for c in [&b"SU"[..], b"SG", b"P"] {
+            upload(&store, c);
+        }
+        let ctx = written_now(store.materialize(&id).await.unwrap()).await;
+        let root = ctx.context.files().unwrap().to_path_buf();
+        assert_eq!(fs::metadata(root.join("su")).unwrap().mode() & 0o7777, 0o4755, "the tree keeps the mode");
+        assert_eq!(fs::metadata(root.join("sg")).unwrap().mode() & 0o7777, 0o2755);
+        for c in [&b"SU"[..], b"SG", b"P"] {
+            let blob = store.blobs.blob_path(&Digest::of(c));
+            assert_eq!(fs::metadata(&blob).unwrap().mode() & 0o6000, 0, "blob of {:?}", String::from_utf8_lossy(c));
+        }
+        assert_eq!(fs::metadata(root.join("su")).unwrap().nlink(), 1, "a copy");
+        assert_eq!(fs::metadata(root.join("plain")).unwrap().nlink(), 2, "others are still linked");
     }
 }

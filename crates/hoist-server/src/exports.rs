@@ -64,6 +64,10 @@ pub enum BlobSource {
 /// lease that keeps its layers from garbage collection.
 pub struct Session {
     pub project: String,
+    /// The token that opened it: the session ends when that token is revoked.
+    pub token_id: Option<String>,
+    /// Cancelled when the session is revoked; reads in progress stop.
+    pub revoked: tokio_util::sync::CancellationToken,
     pub blobs: HashMap<Digest, (u64, BlobSource)>,
     last_used: Mutex<Instant>,
     _lease: LeaseSet,
@@ -108,6 +112,7 @@ impl Exports {
         &self,
         engine: &Engine,
         project: &str,
+        token_id: Option<&str>,
         images: &[BuiltImage],
         set: &ExportedSet,
         snapshots: &HashMap<Digest, PathBuf>,
@@ -145,7 +150,14 @@ impl Exports {
             None => (set.images[0].manifest_digest.to_string(), media::OCI_MANIFEST.to_string()),
         };
         let id = random_id();
-        let session = Arc::new(Session { project: project.to_string(), blobs, last_used: Mutex::new(Instant::now()), _lease: lease });
+        let session = Arc::new(Session {
+            project: project.to_string(),
+            token_id: token_id.map(str::to_string),
+            revoked: Default::default(),
+            blobs,
+            last_used: Mutex::new(Instant::now()),
+            _lease: lease,
+        });
         {
             let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
             let open = map.values().filter(|s| s.project == project).count();
@@ -191,6 +203,21 @@ impl Exports {
             return true;
         }
         false
+    }
+
+    /// End the sessions opened with the tokens in `revoked` (reads in progress stop); returns
+    /// how many.
+    pub fn revoke(&self, revoked: &std::collections::HashSet<String>) -> usize {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let before = map.len();
+        map.retain(|_, s| {
+            let keep = !s.token_id.as_ref().is_some_and(|t| revoked.contains(t));
+            if !keep {
+                s.revoked.cancel();
+            }
+            keep
+        });
+        before - map.len()
     }
 
     /// Drop sessions idle for longer than [`IDLE`].
@@ -434,7 +461,7 @@ mod tests {
         engine.store().put(&img.config_bytes).unwrap();
         let set = futures::executor::block_on(engine.export_images(std::slice::from_ref(&img), hoist_oci::compress::Compression::Uncompressed, false)).unwrap();
         let exports = Exports::default();
-        let s = exports.open(&engine, "p1", std::slice::from_ref(&img), &set, &HashMap::new()).unwrap();
+        let s = exports.open(&engine, "p1", Some("tok1"), std::slice::from_ref(&img), &set, &HashMap::new()).unwrap();
         assert_eq!(s.documents.len(), 2, "config and manifest travel with the session");
         let cfg = img.config_digest.to_string();
         let (_, d, size, source) = exports.blob("p1", &s.id, &cfg).unwrap();
@@ -447,5 +474,13 @@ mod tests {
         assert!(exports.release("p1", &s.id));
         assert!(matches!(exports.blob("p1", &s.id, &cfg), Err(ExportError::NoSession(_))));
         assert!(exports.is_empty());
+        // A revoked token's sessions end, and reads in progress see it.
+        let s = exports.open(&engine, "p1", Some("tok1"), std::slice::from_ref(&img), &set, &HashMap::new()).unwrap();
+        let other = exports.open(&engine, "p1", Some("tok2"), std::slice::from_ref(&img), &set, &HashMap::new()).unwrap();
+        let (held, ..) = exports.blob("p1", &s.id, &cfg).unwrap();
+        assert_eq!(exports.revoke(&["tok1".to_string()].into()), 1);
+        assert!(held.revoked.is_cancelled());
+        assert!(matches!(exports.blob("p1", &s.id, &cfg), Err(ExportError::NoSession(_))));
+        assert!(exports.blob("p1", &other.id, &cfg).is_ok(), "another token's session stays");
     }
 }

@@ -6,7 +6,9 @@
 pub mod auth;
 pub mod context;
 pub mod exports;
+pub mod running;
 pub mod service;
+pub mod ssh;
 
 use std::path::PathBuf;
 
@@ -49,6 +51,12 @@ pub struct ServeOptions {
     /// Platforms the builder announces as native (`hoist serve --platforms`); empty = the
     /// host's. Clients with several builders route each platform to one announcing it.
     pub platforms: Vec<String>,
+    /// Entitlements granted to every project (`--allow-entitlement`).
+    pub entitlements: std::collections::BTreeSet<hoist_engine::entitlements::Entitlement>,
+    /// The embedded builder: its unix socket (in the 0700 state root) takes requests without
+    /// a token, and it grants every entitlement (it is its user's own machine). Any other
+    /// listener requires tokens.
+    pub embedded: bool,
 }
 
 /// Where to listen.
@@ -84,10 +92,23 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let trusted = matches!(listen, Listen::Unix(_));
-    let svc = BuilderServer::new(BuilderService::new(engine, opts.insecure_registries.clone(), trusted).with_platforms(opts.platforms.clone()))
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+    let trusted = opts.embedded && matches!(listen, Listen::Unix(_));
+    let service = BuilderService::new(engine, opts.insecure_registries.clone(), trusted)
+        .with_platforms(opts.platforms.clone())
+        .with_entitlements(opts.entitlements.clone());
+    // A revoked token's builds and exports end within a second.
+    let enforcer = service.clone();
+    let revocations = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            let (builds, exports) = enforcer.enforce_revocations();
+            if builds + exports > 0 {
+                tracing::info!("token revoked: cancelled {builds} builds and closed {exports} export sessions");
+            }
+        }
+    });
+    let _stop_revocations = AbortOnDrop(revocations);
+    let svc = BuilderServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     let mut builder = tonic::transport::Server::builder()
         // Vanished clients are noticed (and their builds cancelled) within a minute.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
@@ -108,15 +129,7 @@ pub async fn serve(
     let allow_insecure_tcp = opts.allow_insecure_tcp || tls;
     match listen {
         Listen::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            if let Some(parent) = path.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
-            let listener = tokio::net::UnixListener::bind(path)
-                .map_err(|source| ServeError::Listen { addr: path.display().to_string(), source })?;
-            // Only the owner (root) may talk to the builder over the socket.
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+            let listener = bind_private_socket(path).map_err(|source| ServeError::Listen { addr: path.display().to_string(), source })?;
             router.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown).await?;
         }
         Listen::Tcp(addr) => {
@@ -133,6 +146,34 @@ pub async fn serve(
     Ok(())
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Listen on a unix socket at `path` that only its owner (root) can connect to: it is bound
+/// inside a fresh 0700 directory, made 0600, and only then renamed into place, so it is
+/// never reachable with wider permissions.
+fn bind_private_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let private = tempfile::Builder::new().prefix(".hoist-sock-").tempdir_in(parent)?;
+    let tmp = private.path().join("s");
+    let listener = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(listener)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +185,21 @@ mod tests {
         for bad in ["", "unix://", "tcp://host", "http://x:1", "/run/h.sock"] {
             assert!(Listen::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_only_its_owners_and_replaces_a_stale_one() {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/b.sock");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "stale").unwrap();
+        let _l = bind_private_socket(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        tokio::net::UnixStream::connect(&path).await.expect("the renamed socket still accepts");
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("b.sock")], "the private directory is gone");
     }
 }

@@ -2,12 +2,15 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
+use std::collections::BTreeSet;
+
+use hoist_engine::entitlements::{Entitlement, Entitlements};
 use hoist_engine::graph::{FrontendOptions, NetworkMode, Platform};
+use hoist_engine::sshforward::SshForwarder;
 use hoist_engine::progress::{Event, Progress};
 use hoist_engine::{BuildRequest, BuildSecrets, BuiltImage, Engine, EngineError};
 use hoist_oci::auth::{Credential, Credentials};
@@ -37,6 +40,11 @@ pub struct BuilderService {
     exports: Arc<Exports>,
     /// Platforms announced as native (empty: the host's).
     platforms: Vec<String>,
+    /// Entitlements granted to every project (`hoist serve --allow-entitlement`); the
+    /// trusted embedded builder grants all.
+    entitlements: BTreeSet<Entitlement>,
+    /// Running builds: per-project slots, cancellation on revocation.
+    running: Arc<crate::running::Running>,
 }
 
 fn auth_status(e: AuthError) -> Status {
@@ -71,6 +79,8 @@ impl BuilderService {
             trusted,
             exports: Arc::default(),
             platforms: Vec::new(),
+            entitlements: if trusted { Entitlement::ALL.into() } else { BTreeSet::new() },
+            running: Arc::default(),
         }
     }
 
@@ -80,12 +90,29 @@ impl BuilderService {
         self
     }
 
+    /// Grant `entitlements` to every project.
+    pub fn with_entitlements(mut self, entitlements: BTreeSet<Entitlement>) -> BuilderService {
+        self.entitlements.extend(entitlements);
+        self
+    }
+
+    /// End what revoked tokens are doing: their running builds are cancelled and their
+    /// export sessions closed. Returns how many of each.
+    pub fn enforce_revocations(&self) -> (usize, usize) {
+        let revoked = self.auth.revoked_ids();
+        if revoked.is_empty() {
+            return (0, 0);
+        }
+        (self.running.revoke(&revoked), self.exports.revoke(&revoked))
+    }
+
     fn context_store(&self, project: &str) -> Result<Arc<ContextStore>, Status> {
         let mut map = self.contexts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = map.get(project) {
             return Ok(s.clone());
         }
         let root = self.engine.root().join("contexts").join(project);
+        private_dir(&root).map_err(|e| Status::internal(format!("creating {}: {e}", root.display())))?;
         let l = self.engine.limits();
         let limits = crate::context::ContextLimits { max_entries: l.max_context_entries, max_bytes: l.max_context_bytes };
         let store = Arc::new(ContextStore::open(root).map_err(|e| Status::internal(e.to_string()))?.with_limits(limits));
@@ -130,6 +157,13 @@ impl Builder for BuilderService {
                 return Err(Status::invalid_argument(format!("blob {} ended without its last chunk", current.map(|c| c.0).unwrap_or_default())));
             }
             if current.is_none() {
+                // Only content a prepared context asked for is stored.
+                if !store.expects(&chunk.digest) {
+                    return Err(Status::failed_precondition(format!(
+                        "blob {} was not asked for: upload only the digests PrepareContext answered with",
+                        chunk.digest
+                    )));
+                }
                 current = Some((chunk.digest.clone(), store.blob_writer().map_err(|e| Status::internal(e.to_string()))?));
             }
             if let Some((_, w)) = current.as_mut() {
@@ -166,6 +200,7 @@ impl Builder for BuilderService {
             return Err(Status::out_of_range(format!("offset {} is past the end of blob {digest} ({size} bytes)", req.offset)));
         }
         let (tx, rx) = mpsc::channel::<Result<v1::BlobData, Status>>(4);
+        let revoked = session.revoked.clone();
         let offset = req.offset;
         if let crate::exports::BlobSource::Snapshot(dir) = source {
             // A new layer's plain tar, made as it is read (its digest is its diff_id).
@@ -199,7 +234,7 @@ impl Builder for BuilderService {
                     Ok(()) => {}
                 }
             });
-            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+            return Ok(Response::new(until_revoked(rx, revoked)));
         }
         let mut file = self.engine.store().open_blob(&digest).map_err(|e| Status::not_found(format!("blob {digest}: {e}")))?;
         tokio::task::spawn_blocking(move || {
@@ -234,7 +269,7 @@ impl Builder for BuilderService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(until_revoked(rx, revoked)))
     }
 
     async fn release_export(&self, req: Request<v1::ReleaseExportRequest>) -> Result<Response<v1::ReleaseExportReply>, Status> {
@@ -257,7 +292,7 @@ impl Builder for BuilderService {
             .map_err(export_status)?;
         let images = crate::exports::select_platform(&images, &req.platform).map_err(Status::failed_precondition)?;
         let (set, snapshots) = crate::exports::export_for_client(&self.engine, &images, compression, false).await.map_err(export_status)?;
-        let mut session = self.exports.open(&self.engine, &who.project, &images, &set, &snapshots).map_err(export_status)?;
+        let mut session = self.exports.open(&self.engine, &who.project, who.token_id.as_deref(), &images, &set, &snapshots).map_err(export_status)?;
         session.build_id = record.build_id;
         session.tags = record.tags;
         Ok(Response::new(session))
@@ -271,12 +306,7 @@ impl Builder for BuilderService {
     async fn cache_prune(&self, req: Request<v1::CachePruneRequest>) -> Result<Response<v1::CacheUsageReply>, Status> {
         let who = caller(self, &req)?;
         let keep = req.into_inner().keep_bytes;
-        let engine = self.engine.clone();
-        let project = who.project.clone();
-        let freed = tokio::task::spawn_blocking(move || engine.prune(&project, keep))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(engine_status)?;
+        let freed = self.collect(&who.project, keep).await?;
         Ok(Response::new(self.usage_reply(&who.project, freed).await?))
     }
 
@@ -327,10 +357,14 @@ impl Builder for BuilderService {
         Ok(Response::new(rec))
     }
 
-    async fn build(&self, req: Request<v1::BuildRequest>) -> Result<Response<Self::BuildStream>, Status> {
+    async fn build(&self, req: Request<Streaming<v1::BuildClientMessage>>) -> Result<Response<Self::BuildStream>, Status> {
         let who = caller(self, &req)?;
-        let req = req.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<v1::BuildEvent, Status>>(256);
+        let mut incoming = req.into_inner();
+        let req = match incoming.message().await? {
+            Some(v1::BuildClientMessage { msg: Some(v1::build_client_message::Msg::Request(r)) }) => r,
+            _ => return Err(Status::invalid_argument("a build stream must start with its BuildRequest")),
+        };
+        let (tx, rx) = mpsc::channel::<Result<v1::BuildEvent, Status>>(EVENT_QUEUE);
         let svc = self.clone();
         let cancel = CancellationToken::new();
         // The client going away (stream dropped) cancels the build. The watcher's sender
@@ -345,8 +379,20 @@ impl Builder for BuilderService {
                 _ = watch_done.cancelled() => {}
             }
         });
+        // What the client sends after the request: its ends of agent connections.
+        let relay = Arc::new(crate::ssh::SshRelay::new(tx.clone()));
+        let dispatch_relay = relay.clone();
+        let dispatch = tokio::spawn(async move {
+            while let Ok(Some(m)) = incoming.message().await {
+                if let Some(v1::build_client_message::Msg::Ssh(f)) = m.msg {
+                    dispatch_relay.deliver(f).await;
+                }
+            }
+        });
         tokio::spawn(async move {
-            let result = svc.run_build(&who, req, tx.clone(), cancel).await;
+            let result = svc.run_build(&who, req, tx.clone(), cancel, relay.clone()).await;
+            relay.close();
+            dispatch.abort();
             done.cancel();
             match result {
                 Ok(r) => {
@@ -366,21 +412,107 @@ impl BuilderService {
         let store = self.context_store(project)?;
         let engine = self.engine.clone();
         let p = project.to_string();
-        let u = tokio::task::spawn_blocking(move || engine.usage(&p))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(engine_status)?;
+        let (u, builds, log_bytes, context_bytes, sessions) = tokio::task::spawn_blocking(move || {
+            let u = engine.usage(&p)?;
+            let builds = build_items(&engine, &p);
+            let log_bytes = builds.iter().map(|(_, r)| r.bytes).sum::<u64>();
+            Ok::<_, EngineError>((u, builds.len() as u64, log_bytes, store.size(), store.sessions().len() as u64))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(engine_status)?;
         Ok(v1::CacheUsageReply {
             project: project.to_string(),
             layers: u.layers,
             layer_bytes: u.layer_bytes,
-            context_bytes: store.size(),
+            context_bytes,
             cache_mount_bytes: u.cache_mount_bytes,
             records: u.records,
             freed_bytes: freed,
             limit_bytes: self.auth.limit_of(project),
+            context_sessions: sessions,
+            build_records: builds,
+            build_log_bytes: log_bytes,
+            total_bytes: u.layer_bytes + u.cache_mount_bytes + context_bytes + log_bytes,
         })
     }
+
+    /// Bring `project` under `limit` bytes: cache records, context sessions, and build
+    /// records with their logs go in one least-recently-used order (after each build, and
+    /// for `hoist cache prune`). Contexts are left alone while another build of the project
+    /// runs (its tree is written from blobs when a step reads it). Returns the bytes freed.
+    async fn collect(&self, project: &str, limit: u64) -> Result<u64, Status> {
+        let store = self.context_store(project)?;
+        let engine = self.engine.clone();
+        let contexts_idle = self.running.count(project) == 0;
+        let project = project.to_string();
+        tokio::task::spawn_blocking(move || {
+            enum Item {
+                Build(String),
+                Session(String),
+            }
+            let ctx_err = |e: crate::context::ContextError| Status::internal(e.to_string());
+            let mut freed = 0;
+            if contexts_idle {
+                freed += store.sweep_blobs().map_err(ctx_err)?;
+            }
+            let mut items = Vec::new();
+            let mut reclaim = Vec::new();
+            for (id, r) in build_items(&engine, &project) {
+                items.push(Item::Build(id));
+                reclaim.push(r);
+            }
+            if contexts_idle {
+                for s in store.sessions() {
+                    items.push(Item::Session(s.name));
+                    reclaim.push(hoist_engine::gc::Reclaimable { last_used: s.last_used, bytes: s.bytes });
+                }
+            }
+            let (f, drop) = engine.collect(&project, limit, &reclaim).map_err(engine_status)?;
+            freed += f;
+            let mut builds = Vec::new();
+            for i in drop {
+                match &items[i] {
+                    Item::Build(id) => {
+                        let _ = std::fs::remove_file(engine.root().join("builds").join(&project).join(format!("{id}.log")));
+                        builds.push(id.clone());
+                    }
+                    Item::Session(name) => store.remove_session(name).map_err(ctx_err)?,
+                }
+            }
+            engine.index().remove_builds(&project, &builds).map_err(|e| Status::internal(e.to_string()))?;
+            if contexts_idle {
+                freed += store.sweep_blobs().map_err(ctx_err)?;
+            }
+            Ok(freed)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+}
+
+/// A project's build records as reclaimable items: (id, last use = start, bytes = its log
+/// and record).
+fn build_items(engine: &hoist_engine::Engine, project: &str) -> Vec<(String, hoist_engine::gc::Reclaimable)> {
+    let dir = engine.root().join("builds").join(project);
+    engine
+        .index()
+        .builds(project, usize::MAX)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| {
+            let id = v["id"].as_str()?.to_string();
+            let log = std::fs::metadata(dir.join(format!("{id}.log"))).map(|m| m.len()).unwrap_or(0);
+            let started = v["started"].as_i64().unwrap_or(0).max(0) as u64;
+            Some((id, hoist_engine::gc::Reclaimable { last_used: started, bytes: log + 512 }))
+        })
+        .collect()
+}
+
+/// Create `dir` (and missing parents) only root can enter.
+fn private_dir(dir: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
 /// A sortable, unique build id: time then randomness.
@@ -482,6 +614,19 @@ fn export_status(e: ExportError) -> Status {
         ExportError::TooMany { .. } => Status::resource_exhausted(e.to_string()),
         ExportError::SavedBroken { .. } | ExportError::Store(_) | ExportError::Layer { .. } => Status::internal(e.to_string()),
     }
+}
+
+/// A blob read that stops, with an error saying why, when its session is revoked (the
+/// reader's token was revoked); dropping the receiver ends the sending thread.
+fn until_revoked(
+    rx: mpsc::Receiver<Result<v1::BlobData, Status>>,
+    revoked: CancellationToken,
+) -> Pin<Box<dyn Stream<Item = Result<v1::BlobData, Status>> + Send>> {
+    let stop = revoked.clone();
+    let data = ReceiverStream::new(rx).take_until(async move { stop.cancelled().await });
+    let tail = futures::stream::once(async move { revoked.is_cancelled() })
+        .filter_map(|r| async move { r.then(|| Err(Status::permission_denied("the export ended: its token was revoked"))) });
+    Box::pin(data.chain(tail))
 }
 
 /// Bytes per `BlobData` message.
@@ -607,7 +752,7 @@ async fn forward_events(
     }
 }
 
-/// A `Write` that sends what is written as `OutputData` events (1 MiB chunks), blocking
+/// A `Write` that sends what is written as `OutputData` events (128 KiB chunks), blocking
 /// when the client reads slowly.
 struct OutputWriter {
     index: u32,
@@ -615,7 +760,12 @@ struct OutputWriter {
     buf: Vec<u8>,
 }
 
-const OUTPUT_CHUNK: usize = 1 << 20;
+const OUTPUT_CHUNK: usize = 128 << 10;
+
+/// Events a build queues for a slow client: with output chunks of [`OUTPUT_CHUNK`], log
+/// chunks of at most 32 KiB and agent frames of at most 64 KiB, at most ~4 MiB wait here
+/// (besides the [`MAX_QUEUED_LOG`] of step output in the forwarder).
+const EVENT_QUEUE: usize = 32;
 
 impl OutputWriter {
     fn send(&mut self, eof: bool) -> io::Result<()> {
@@ -647,10 +797,21 @@ impl BuilderService {
         req: v1::BuildRequest,
         tx: mpsc::Sender<Result<v1::BuildEvent, Status>>,
         cancel: CancellationToken,
+        relay: Arc<crate::ssh::SshRelay>,
     ) -> Result<v1::BuildResult, Status> {
         let started = std::time::SystemTime::now();
         let t0 = std::time::Instant::now();
         let id = build_id(started);
+        // A project runs at most its limit of builds; the others wait here, and say so.
+        let auth = self.auth.clone();
+        let project = who.project.clone();
+        let queued_tx = tx.clone();
+        let slot = self
+            .running
+            .acquire(&id, &who.project, who.token_id.clone(), &cancel, || auth.max_builds_of(&project), |running, limit| {
+                let _ = queued_tx.try_send(Ok(event(build_event::Event::Queued(v1::BuildQueued { running, limit }))));
+            })
+            .await;
         let log = Arc::new(Mutex::new(BuildLog::default()));
         let mut record = v1::BuildRecord {
             id: id.clone(),
@@ -659,23 +820,36 @@ impl BuilderService {
             tags: req.tags.clone(),
             ..Default::default()
         };
-        let result = self.build_inner(who, &id, req, tx, cancel, log.clone(), &mut record).await;
+        let result = match &slot {
+            Some(_) => self.build_inner(who, &id, req, tx, cancel, relay, log.clone(), &mut record).await,
+            None => Err(Status::cancelled("build cancelled while it waited for a slot")),
+        };
+        // Cancelled because its token was revoked: say so.
+        let result = match result {
+            Err(s) if s.code() == tonic::Code::Cancelled && slot.as_ref().is_some_and(|s| s.revoked()) => {
+                Err(Status::permission_denied(format!("build cancelled: the token {:?} was revoked", who.who)))
+            }
+            r => r,
+        };
+        drop(slot);
         record.seconds = t0.elapsed().as_secs_f64();
         match &result {
             Ok(_) => record.status = "ok".into(),
             Err(s) if s.code() == tonic::Code::Cancelled => record.status = "cancelled".into(),
+            Err(s) if s.code() == tonic::Code::PermissionDenied && s.message().starts_with("build cancelled") => {
+                record.status = "cancelled".into();
+                record.error = s.message().to_string();
+            }
             Err(s) => {
                 record.status = "failed".into();
                 record.error = s.message().to_string();
             }
         }
         self.save_record(&who.project, &record, &log.lock().unwrap_or_else(|e| e.into_inner()).text);
-        if result.is_ok() {
-            // Automatic GC keeps the project under its limit.
-            let limit = self.auth.limit_of(&who.project);
-            let engine = self.engine.clone();
-            let project = who.project.clone();
-            let _ = tokio::task::spawn_blocking(move || engine.gc_if_over(&project, limit)).await;
+        // Automatic GC keeps the project under its limit (also after a failed build: its
+        // record, log and context count too).
+        if let Err(e) = self.collect(&who.project, self.auth.limit_of(&who.project)).await {
+            tracing::warn!("collecting project {}: {}", who.project, e.message());
         }
         result
     }
@@ -686,8 +860,12 @@ impl BuilderService {
             tracing::warn!("saving build record {}: {e}", record.id);
         }
         let dir = self.engine.root().join("builds").join(project);
-        if std::fs::create_dir_all(&dir).is_ok() {
-            let _ = std::fs::write(dir.join(format!("{}.log", record.id)), log);
+        use std::os::unix::fs::OpenOptionsExt;
+        if private_dir(&dir).is_ok() {
+            let file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(dir.join(format!("{}.log", record.id)));
+            if let Ok(mut f) = file {
+                let _ = f.write_all(log.as_bytes());
+            }
         }
     }
 
@@ -699,6 +877,7 @@ impl BuilderService {
         req: v1::BuildRequest,
         tx: mpsc::Sender<Result<v1::BuildEvent, Status>>,
         cancel: CancellationToken,
+        relay: Arc<crate::ssh::SshRelay>,
         log: Arc<Mutex<BuildLog>>,
         record: &mut v1::BuildRecord,
     ) -> Result<v1::BuildResult, Status> {
@@ -716,7 +895,7 @@ impl BuilderService {
             Some(m) => m.context.clone(),
             None => {
                 let empty = self.engine.root().join("empty-context");
-                std::fs::create_dir_all(&empty).map_err(|e| Status::internal(e.to_string()))?;
+                private_dir(&empty).map_err(|e| Status::internal(e.to_string()))?;
                 Arc::new(hoist_engine::context::Context::new(empty, []))
             }
         };
@@ -753,8 +932,24 @@ impl BuilderService {
             secrets.secrets.insert(s.id.clone(), s.value.clone());
         }
         for s in &req.ssh {
-            secrets.ssh.insert(s.id.clone(), PathBuf::from(&s.socket));
+            if s.id.is_empty() || s.id.len() > 128 || s.id.chars().any(|c| c.is_control() || c == '/') {
+                return Err(Status::invalid_argument(format!("--ssh id {:?}: expected a short name", s.id)));
+            }
+            secrets.ssh.ids.insert(s.id.clone());
         }
+        if !secrets.ssh.ids.is_empty() {
+            secrets.ssh.forwarder = Some(relay as Arc<dyn SshForwarder>);
+        }
+        let network = parse_network(&req.network)?;
+        let mut requested = Entitlement::parse_list(req.entitlements.iter().map(String::as_str))
+            .map_err(|e| Status::invalid_argument(format!("--allow: {e}")))?;
+        if network == NetworkMode::Host {
+            // As buildx: --network=host asks for its entitlement.
+            requested.insert(Entitlement::NetworkHost);
+        }
+        let mut granted = self.entitlements.clone();
+        granted.extend(self.auth.entitlements_of(&who.project));
+        let entitlements = Entitlements { requested, granted, project: who.project.clone() };
         // Bad output options fail now, not after the whole build (BuildKit, too, resolves its
         // exporters before solving). The first output that makes blobs of the image's layers
         // has them made while the build runs.
@@ -780,7 +975,8 @@ impl BuilderService {
             context,
             no_cache: req.no_cache,
             pull: req.pull,
-            network: parse_network(&req.network)?,
+            network,
+            entitlements,
             add_hosts,
             secrets,
             registry: registry.clone(),
@@ -896,7 +1092,7 @@ impl BuilderService {
                 let chosen = crate::exports::select_platform(images, attrs.get("platform").map(String::as_str).unwrap_or(""))
                     .map_err(Status::failed_precondition)?;
                 let (set, snapshots) = crate::exports::export_for_client(&engine, &chosen, compression, force).await.map_err(export_status)?;
-                let mut session = self.exports.open(&engine, &who.project, &chosen, &set, &snapshots).map_err(export_status)?;
+                let mut session = self.exports.open(&engine, &who.project, who.token_id.as_deref(), &chosen, &set, &snapshots).map_err(export_status)?;
                 session.output = index;
                 session.build_id = build_id.to_string();
                 session.tags = tags.clone();

@@ -210,8 +210,13 @@ pub fn free_port() -> u16 {
 impl Server {
     /// Start a server (plain TCP on loopback).
     pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Start a server with extra `hoist serve` flags.
+    pub fn start_with(extra: &[&str]) -> Server {
         let root = tempfile::Builder::new().prefix("hoist-server-").tempdir_in(test_tmp()).expect("server root");
-        let mut s = Server { root, port: free_port(), child: None, extra: Vec::new() };
+        let mut s = Server { root, port: free_port(), child: None, extra: extra.iter().map(|e| e.to_string()).collect() };
         s.spawn();
         s
     }

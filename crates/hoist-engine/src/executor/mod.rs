@@ -4,12 +4,14 @@
 //! generated /etc/hosts and /etc/resolv.conf, the sandboxed network of default-network steps
 //! (`network`), mount stubs that must not end up in the
 //! layer (the /proc, /dev and /sys mount points do, as with BuildKit), output streaming, cancellation and timeouts (every process of the step is
-//! killed), cleanup after a daemon crash, and whether a foreign platform can run at all
+//! killed), the cgroup one build's steps share with its memory limit ([`BuildCgroup`]),
+//! cleanup after a daemon crash, and whether a foreign platform can run at all
 //! ([`check_emulation`]).
 //!
 //! The engine resolves users, cache directories and secrets before calling
 //! [`Executor::run`]: a [`RunSpec`] holds final values only.
 
+mod cgroup;
 mod emulation;
 mod network;
 mod seccomp;
@@ -29,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::graph::{NetworkMode, SecurityMode};
 
+pub use cgroup::{
+    random_build_name, remove_leftover_build_cgroups, BuildCgroup, CgroupError, CgroupLayout, CgroupVersion, Hierarchy,
+};
 pub use emulation::{check_emulation, qemu_arch};
 pub use network::{Ipv4Subnet, SandboxNetConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
 pub use spec::{DEFAULT_HOSTNAME, DOCKER_DEFAULT_CAPS};
@@ -74,6 +79,10 @@ pub struct RunSpec {
     pub extra_hosts: Vec<(String, String)>,
     /// Wall-clock limit; the step is killed and [`ExecError::Timeout`] returned after it.
     pub timeout: Option<Duration>,
+    /// The cgroup the step's own cgroup goes below, relative as runc takes it
+    /// ([`BuildCgroup::parent`], `hoist/<build>`): the step's cgroupsPath is
+    /// `<parent>/<id>`. `None`: `hoist/<id>`.
+    pub cgroup_parent: Option<String>,
 }
 
 impl RunSpec {
@@ -94,6 +103,7 @@ impl RunSpec {
             hostname: String::new(),
             extra_hosts: Vec::new(),
             timeout: None,
+            cgroup_parent: None,
         }
     }
 }
@@ -376,6 +386,9 @@ impl RuncExecutor {
             }
         }
         self.network.recover();
+        // After the containers are gone: build cgroups a crashed builder left (live builds
+        // hold a lock on theirs and are skipped).
+        cgroup::remove_leftover_build_cgroups();
     }
 
     fn kill_and_delete_blocking(&self, id: &str) {
@@ -448,7 +461,7 @@ impl RuncExecutor {
             nofile: self.nofile,
             pids_limit: self.pids_limit,
             no_new_privileges: self.no_new_privileges,
-            cgroups_path: format!("hoist/{}", spec.id),
+            cgroups_path: cgroup::step_cgroups_path(spec.cgroup_parent.as_deref(), &spec.id),
             netns: guard.net.as_ref().map(|n| n.netns().to_path_buf()),
         };
         let oci = spec::build_spec(spec, &ctx)?;
@@ -518,6 +531,9 @@ fn validate(spec: &RunSpec) -> Result<(), ExecError> {
     }
     if spec.args.is_empty() {
         return Err(ExecError::Invalid("empty command".into()));
+    }
+    if let Some(p) = spec.cgroup_parent.as_deref().filter(|p| !cgroup::valid_cgroup_parent(p)) {
+        return Err(ExecError::Invalid(format!("cgroup parent {p:?} must be a relative path of [A-Za-z0-9_.-] components")));
     }
     if !spec.rootfs.is_absolute() || !spec.rootfs.is_dir() {
         return Err(ExecError::InvalidPath { path: spec.rootfs.display().to_string(), reason: "the rootfs must be an existing absolute directory".into() });
