@@ -99,7 +99,7 @@ fn curl(args: &[&str]) -> Vec<u8> {
 fn load_line(stderr: &str) -> String {
     stderr
         .lines()
-        .find(|l| l.contains(": loaded "))
+        .find(|l| l.contains(": loaded ") || l.contains(" is already in the engine as "))
         .unwrap_or_else(|| panic!("no load report in:\n{stderr}"))
         .to_string()
 }
@@ -170,11 +170,13 @@ fn incremental_load_moves_only_the_changed_layer() {
     assert!(bytes > 0 && bytes < 100_000, "{bytes} bytes served: {line}");
     assert_eq!(docker_ok(&["run", "--rm", &tag]), "v2\n");
 
-    // Nothing changed: the digests are stable, so nothing moves.
+    // Nothing changed: the same image (issue 15: same id), already in the engine, so
+    // nothing moves and nothing new is created.
+    let id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", &tag]);
     let third = h.build_ok(&["-t", &tag, "--load", in_dir(ctx.path())]);
     let line = load_line(&third);
-    assert_eq!(count_before(&line, "layer(s) moved"), 0, "{line}");
-    assert_eq!(count_before(&line, "already exist"), 3, "{line}");
+    assert!(line.contains("is already in the engine as") && line.contains("nothing moved"), "{line}");
+    assert_eq!(docker_ok(&["image", "inspect", "--format", "{{.Id}}", &tag]), id);
 
     // The temporary reference is gone; only the tag names the image.
     let repos = docker_ok(&["images", "--format", "{{.Repository}}"]);
@@ -332,7 +334,7 @@ fn save_then_pull_from_a_teammates_home() {
     let again = bob.cmd().args(["pull", &build_id, "-t", &local]).output().unwrap();
     let aerr = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success(), "{aerr}");
-    assert_eq!(count_before(&load_line(&aerr), "layer(s) moved"), 0, "{aerr}");
+    assert!(load_line(&aerr).contains("nothing moved"), "{aerr}");
 
     // Another project sees neither the tag nor the build id.
     for n in [name.as_str(), build_id.as_str()] {
@@ -471,4 +473,103 @@ fn each_platform_goes_to_a_builder_that_announces_it() {
     assert!(load_line(&err).contains("via the loopback registry"), "{err}");
     assert_eq!(docker_ok(&["run", "--rm", &tag]), "x86_64 amd64\n");
     remove_images(&[&tag]);
+}
+
+/// Requests that change a registry (blob uploads, manifest puts, mounts), once its access
+/// log holds still (it logs after answering).
+fn registry_writes(reg: &Registry) -> usize {
+    let count = || reg.log().lines().filter(|l| ["\"PUT /v2/", "\"PATCH /v2/", "\"POST /v2/"].iter().any(|m| l.contains(m))).count();
+    let mut last = count();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = count();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Issue 15: the same inputs give the same image, as with BuildKit. A fully cached rebuild
+/// and a teammate's build have the same image id and manifest digest (times come from the
+/// cache records that made the layers, not from the export); a warm `--push` uploads
+/// nothing and says so; a warm `--load` creates nothing in the engine; the OCI export and
+/// a two-platform index are byte-identical too.
+#[test]
+fn an_unchanged_build_is_the_same_image_and_a_warm_push_or_load_moves_nothing() {
+    if !lab_available() {
+        return;
+    }
+    let server = Server::start();
+    let alice = Teammate::new(&server, &server.admin(&["project", "create", "ident", "--token-name", "alice"]));
+    let bob = Teammate::new(&server, &server.admin(&["token", "create", "ident", "--name", "bob"]));
+    let reg = Registry::start();
+    let dockerfile = format!("FROM {}\nENV A=1\nRUN echo hello > /hello\nCOPY app.txt /app.txt\nCMD [\"cat\", \"/app.txt\"]\n", busybox());
+    let ctx = context(&[("Dockerfile", &dockerfile), ("app.txt", "app\n")]);
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    // One tag, on the test's own registry: --push pushes every tag, --load loads them all.
+    let tag = format!("{}/ident/app:{}", reg.host(), std::process::id());
+    let build = |who: &Teammate, n: u32, extra: &[&str]| -> (String, String) {
+        let iid = out.path().join(format!("iid-{n}"));
+        let mut args = vec!["-t", &tag, "--push", "--load", "--iidfile", iid.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.push(in_dir(ctx.path()));
+        let err = who.build_ok(&args);
+        (std::fs::read_to_string(&iid).unwrap(), err)
+    };
+    let (id1, _) = build(&alice, 1, &[]);
+    let manifest_tag = std::process::id().to_string();
+    let manifest1 = reg.manifest("ident/app", &manifest_tag);
+    let writes = registry_writes(&reg);
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // a clock-based time would now differ
+
+    // Fully cached, same client: same id; the push is HEAD requests only; the load moves nothing.
+    let (id2, err) = build(&alice, 2, &[]);
+    assert_eq!(id1, id2, "a fully cached rebuild is the same image");
+    let line = push_line_any(&err, &tag);
+    assert!(line.contains("is up to date") && line.contains("nothing uploaded"), "{line}");
+    assert!(load_line(&err).contains("already in the engine"), "{err}");
+    assert_eq!(registry_writes(&reg), writes, "a warm push changed the registry:\n{}", reg.log());
+    assert_eq!(reg.manifest("ident/app", &manifest_tag), manifest1);
+
+    // A teammate's build of the same inputs: the same image.
+    let (id3, err) = build(&bob, 3, &[]);
+    assert_eq!(id1, id3, "a teammate's build is the same image");
+    assert!(push_line_any(&err, &tag).contains("is up to date"), "{err}");
+    assert_eq!(registry_writes(&reg), writes);
+
+    // The OCI export carries the manifest that was pushed.
+    let oci = out.path().join("img.tar");
+    alice.build_ok(&["-o", &format!("type=oci,dest={}", oci.display()), in_dir(ctx.path())]);
+    let archive = OciArchive::read(&oci);
+    assert_eq!(archive.index["manifests"][0]["digest"].as_str().unwrap(), sha256_digest(&manifest1));
+    assert_eq!(archive.manifest()["config"]["digest"].as_str().unwrap(), id1.trim());
+    // History times come from when the layers were made, and the config's from the last.
+    let config = archive.config();
+    let history = config["history"].as_array().unwrap();
+    assert_eq!(config["created"], history.last().unwrap()["created"], "{config}");
+    assert!(history.iter().all(|h| h["created"].is_string()), "{config}");
+
+    // Two platforms: the same index twice.
+    let multi = format!("{}/ident/multi:1", reg.host());
+    let push_multi = || {
+        let err = alice.build_ok(&["--platform", "linux/amd64,linux/arm64", "-t", &multi, "--push", in_dir(ctx.path())]);
+        (reg.manifest("ident/multi", "1"), err)
+    };
+    let (index1, _) = push_multi();
+    let writes = registry_writes(&reg);
+    let (index2, err) = push_multi();
+    assert_eq!(index1, index2, "the same index");
+    assert!(push_line_any(&err, &multi).contains("is up to date"), "{err}");
+    assert_eq!(registry_writes(&reg), writes);
+    remove_images(&[&tag]);
+}
+
+/// The line reporting the push to `reference`, whether it uploaded or was up to date.
+fn push_line_any(stderr: &str, reference: &str) -> String {
+    stderr
+        .lines()
+        .find(|l| l.contains(reference) && (l.contains("hoist: pushed ") || l.contains(" is up to date") || l.contains("push to ")))
+        .unwrap_or_else(|| panic!("no push report for {reference} in:\n{stderr}"))
+        .to_string()
 }

@@ -101,7 +101,8 @@ fn two_builders_with_source_date_epoch_produce_identical_digests() {
     for (path, mtime) in &entries {
         assert!(*mtime <= EPOCH, "{path} has mtime {mtime}, after SOURCE_DATE_EPOCH {EPOCH}");
     }
-    assert_eq!(created, "2023-11-14T22:13:20Z".replace('Z', ".000000000Z"), "config created is the epoch");
+    // As Go's RFC 3339 (BuildKit): no zero fraction.
+    assert_eq!(created, "2023-11-14T22:13:20Z", "config created is the epoch");
 
     // A rebuild with the same epoch is a cache hit and the same image.
     let again = build_oci(&a, a_dir.path(), Some(EPOCH), None, &out.path().join("a2.tar"));

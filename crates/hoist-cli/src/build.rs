@@ -628,15 +628,22 @@ pub fn push_line(p: &v1::PushReport) -> String {
     if !p.error.is_empty() {
         return format!("push to {} failed after {:.1}s: {}", p.reference, p.seconds, p.error);
     }
+    if p.blobs_uploaded + p.blobs_mounted + p.manifests == 0 {
+        return format!(
+            "{} is up to date ({:.1}s): its {} blobs and {} manifests were there already, nothing uploaded",
+            p.reference, p.seconds, p.blobs_existed, p.manifests_existed
+        );
+    }
     format!(
-        "pushed {} in {:.1}s: {} blobs uploaded ({}), {} already there, {} mounted, {} manifests",
+        "pushed {} in {:.1}s: {} blobs uploaded ({}), {} already there, {} mounted, {} manifests{}",
         p.reference,
         p.seconds,
         p.blobs_uploaded,
         human_bytes(p.bytes_uploaded),
         p.blobs_existed,
         p.blobs_mounted,
-        p.manifests
+        p.manifests,
+        if p.manifests_existed > 0 { format!(" ({} unchanged)", p.manifests_existed) } else { String::new() }
     )
 }
 

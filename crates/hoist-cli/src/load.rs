@@ -69,6 +69,8 @@ impl DockerEngine {
 /// How the image got into the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadPath {
+    /// The engine had the image (same id) already: only its tags were set.
+    Present,
     /// The engine pulled from the loopback registry.
     Registry,
     /// A `docker load` archive with only the missing layers.
@@ -102,6 +104,9 @@ impl LoadReport {
         let names = if self.tags.is_empty() { self.image_id.clone() } else { self.tags.join(", ") };
         let present = self.layers.saturating_sub(self.layers_moved);
         let mut s = match self.path {
+            LoadPath::Present => {
+                return format!("{what}: {names} is already in the engine as {}: nothing moved", self.image_id);
+            }
             LoadPath::Registry => format!("{what}: loaded {names} via the loopback registry in {:.1}s", self.seconds),
             LoadPath::Archive => format!("{what}: loaded {names} as a docker load archive in {:.1}s", self.seconds),
         };
@@ -176,6 +181,36 @@ async fn load_inner(client: &Client, engine: &DockerEngine, session: &v1::Export
     }
     if tags.is_empty() {
         return load_archive(client, engine, session, tags, "no -t was given (an untagged image can only come as an archive)".into()).await;
+    }
+    // An unchanged build is the same image (same id): when the engine has it, only the tags
+    // are (re)set and nothing new is created.
+    let started = Instant::now();
+    let chosen = pick_manifest(session, &engine.platform)?;
+    if engine.docker.inspect_image(&chosen.config_digest).await.is_ok() {
+        let docker = &engine.docker;
+        let id = chosen.config_digest.as_str();
+        let tagging = tags.iter().map(|t| async move {
+            let (repo, tag) = repo_and_tag(t)?;
+            let opts = bollard::query_parameters::TagImageOptions { repo: Some(repo), tag: Some(tag) };
+            docker.tag_image(id, Some(opts)).await.map_err(|e| anyhow!("tagging image {id} as {t}: {e}"))
+        });
+        for r in futures::future::join_all(tagging).await {
+            r?;
+        }
+        return Ok(LoadReport {
+            path: LoadPath::Present,
+            why: None,
+            tags: tags.to_vec(),
+            image_id: chosen.config_digest.clone(),
+            layers: 0,
+            layers_moved: 0,
+            layer_bytes_moved: 0,
+            blobs_served: 0,
+            bytes_served: 0,
+            engine_pulled: 0,
+            engine_existing: 0,
+            seconds: started.elapsed().as_secs_f64(),
+        });
     }
     if let Some(why) = &engine.remote {
         return load_archive(client, engine, session, tags, why.clone()).await;

@@ -206,7 +206,7 @@ impl CacheIndex {
         self.get(STEPS, &nskey(ns, key))
     }
 
-    /// Record what a step produced.
+    /// Record what a step produced. Its `created` is the layer's time in images.
     pub fn put_step(&self, ns: &str, key: &str, diff_id: Option<Digest>, size: u64) -> Result<(), CacheError> {
         let t = now();
         self.put(STEPS, &nskey(ns, key), &StepRecord { diff_id, created: t, last_used: t, size })

@@ -66,6 +66,8 @@ pub struct PushOutcome {
     pub blobs_mounted: u64,
     /// Manifests and indexes pushed.
     pub manifests: u64,
+    /// Manifests and indexes the reference already named (HEAD): not pushed again.
+    pub manifests_existed: u64,
     pub seconds: f64,
     /// Why the push failed (naming the reference, hence the registry).
     pub error: Option<String>,
@@ -77,6 +79,7 @@ impl Default for PushOutcome {
             reference: Reference { registry: String::new(), repository: String::new(), tag: None, digest: None },
             blobs_uploaded: 0,
             bytes_uploaded: 0,
+            manifests_existed: 0,
             blobs_existed: 0,
             blobs_mounted: 0,
             manifests: 0,
@@ -316,23 +319,28 @@ impl Engine {
             return Err(e);
         }
         let by_digest_ref = |d: &Digest| Reference { tag: None, digest: Some(d.clone()), ..reference.clone() };
+        let mut count = |pushed: bool| {
+            if pushed {
+                outcome.manifests += 1;
+            } else {
+                outcome.manifests_existed += 1;
+            }
+        };
         for img in &set.images {
             if set.index.is_some() || by_digest {
-                registry.push_manifest(&by_digest_ref(&img.manifest_digest), &img.manifest_bytes, media::OCI_MANIFEST).await?;
-                outcome.manifests += 1;
+                let target = by_digest_ref(&img.manifest_digest);
+                count(push_manifest_once(registry, &target, &img.manifest_bytes, Some(media::OCI_MANIFEST), &img.manifest_digest).await?);
             }
         }
         match &set.index {
             None if !by_digest => {
                 let img = &set.images[0];
-                registry.push_manifest(reference, &img.manifest_bytes, media::OCI_MANIFEST).await?;
-                outcome.manifests += 1;
+                count(push_manifest_once(registry, reference, &img.manifest_bytes, Some(media::OCI_MANIFEST), &img.manifest_digest).await?);
             }
             None => {}
             Some((bytes, d)) => {
                 let target = if by_digest { by_digest_ref(d) } else { reference.clone() };
-                registry.push_index(&target, bytes).await?;
-                outcome.manifests += 1;
+                count(push_manifest_once(registry, &target, bytes, None, d).await?);
             }
         }
         Ok(())
@@ -472,4 +480,24 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, path: &str, size: u64, data: impl
     h.set_mtime(0);
     h.set_entry_type(tar::EntryType::Regular);
     tar.append_data(&mut h, path, data).map_err(|e| export_err(format!("writing {path}: {e}")))
+}
+
+/// Push a manifest (`media_type`) or index (`None`) to `target` unless it already names
+/// `digest` (HEAD): an unchanged image's push then makes no upload. A registry that cannot
+/// answer the HEAD gets the push. Returns whether it pushed.
+async fn push_manifest_once(
+    registry: &RegistryClient,
+    target: &Reference,
+    bytes: &[u8],
+    media_type: Option<&str>,
+    digest: &Digest,
+) -> Result<bool, hoist_oci::registry::RegistryError> {
+    if registry.manifest_is(target, digest).await.unwrap_or(false) {
+        return Ok(false);
+    }
+    match media_type {
+        Some(m) => registry.push_manifest(target, bytes, m).await?,
+        None => registry.push_index(target, bytes).await?,
+    };
+    Ok(true)
 }

@@ -158,7 +158,9 @@ pub(crate) struct Build {
     pub resolver: Arc<BuildResolver>,
     /// Results of stages, filled in stage order before any task runs.
     pub stages: Mutex<Vec<SharedStage>>,
-    pub created: String,
+    /// `SOURCE_DATE_EPOCH` as an RFC 3339 time: every new history entry and the image's
+    /// `created` (otherwise they come from the cache records that made the layers).
+    pub epoch_created: Option<String>,
     /// `SOURCE_DATE_EPOCH` from the build args: new layers have their mtimes clamped to it
     /// (on disk, before the diff_id is taken) and every step key includes it, so a layer
     /// cached without the clamp is never reused for a reproducible build.
@@ -221,7 +223,7 @@ pub(crate) async fn build_platform(
         Engine::warn(&progress, w.clone());
     }
     req.entitlements.check_graph(&graph, req.network, &opts.dockerfile_name).map_err(EngineError::Frontend)?;
-    let created = created_timestamp(&req);
+    let epoch_created = source_date_epoch(&req).map(time_string);
     let source_date_epoch = source_date_epoch(&req);
     let mut in_target = vec![false; graph.stages.len()];
     let mut next = Some(graph.target);
@@ -243,7 +245,7 @@ pub(crate) async fn build_platform(
         vertices,
         resolver,
         stages: Mutex::new(Vec::new()),
-        created,
+        epoch_created,
         source_date_epoch,
         leases,
         touched: Mutex::new(Vec::new()),
@@ -302,9 +304,9 @@ fn source_date_epoch(req: &BuildRequest) -> Option<i64> {
     req.frontend.build_args.get("SOURCE_DATE_EPOCH").and_then(|s| s.trim().parse::<i64>().ok()).filter(|s| *s >= 0)
 }
 
-fn created_timestamp(req: &BuildRequest) -> String {
-    let epoch = source_date_epoch(req).map(|s| chrono::DateTime::<chrono::Utc>::from_timestamp(s, 0).unwrap_or_default());
-    epoch.unwrap_or_else(chrono::Utc::now).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+/// An image time (RFC 3339, UTC, as BuildKit writes it) of seconds since the epoch.
+fn time_string(secs: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp(secs, 0).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// Solve one stage: its base, then its steps in order.
@@ -358,24 +360,28 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
         // History entries of config-only instructions before this step.
         for h in entries.by_ref() {
             if h.empty_layer {
-                state.history.push(history(&b, h, true));
+                state.history.push(history(&b, h, true, None));
             } else {
                 let name = format!("[{label} {}/{}] {}", i + 1, total, step.display);
-                let produced = run_step(&b, &mut state, step, name, b.in_target[id]).await?;
-                state.history.push(history(&b, h, !produced));
+                let made = run_step(&b, &mut state, step, name, b.in_target[id]).await?;
+                // A layer's time is when its cache record was made (the step first ran), so
+                // a cached rebuild gives the same image.
+                state.history.push(history(&b, h, made.is_none(), made.map(time_string)));
                 break;
             }
         }
     }
     for h in entries {
-        state.history.push(history(&b, h, true));
+        state.history.push(history(&b, h, true, None));
     }
     Ok(state)
 }
 
-fn history(b: &Build, h: &crate::graph::HistoryEntry, empty: bool) -> History {
+/// A new history entry; `created` is its layer's time (`None` for an entry without a
+/// layer: [`fill_history_times`] gives it one at export).
+fn history(b: &Build, h: &crate::graph::HistoryEntry, empty: bool, created: Option<String>) -> History {
     History {
-        created: Some(b.created.clone()),
+        created: b.epoch_created.clone().or(created),
         author: None,
         created_by: Some(h.created_by.clone()),
         comment: h.comment.clone(),
@@ -383,19 +389,20 @@ fn history(b: &Build, h: &crate::graph::HistoryEntry, empty: bool) -> History {
     }
 }
 
-/// Key, look up, and run if needed; returns whether the step added a layer. A new layer
-/// of the target image starts compressing right away when an output will want it.
-async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: String, in_target: bool) -> Result<bool, EngineError> {
+/// Key, look up, and run if needed; returns the time of the step's cache record when the
+/// step added a layer. A new layer of the target image starts compressing right away when
+/// an output will want it.
+async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: String, in_target: bool) -> Result<Option<i64>, EngineError> {
     let vid = b.vertices.next();
     b.progress.send(Event::Started { id: vid, name });
     let started = Instant::now();
     let result = keyed_step(b, state, step, vid).await;
     let (cached, err) = match &result {
-        Ok((_, cached)) => (*cached, None),
+        Ok((_, cached, _)) => (*cached, None),
         Err(e) => (false, Some(e.to_string())),
     };
     b.progress.send(Event::Completed { id: vid, cached, seconds: started.elapsed().as_secs_f64(), error: err });
-    let (diff, cached) = result?;
+    let (diff, cached, created) = result?;
     if cached {
         b.counters.cached.fetch_add(1, Ordering::Relaxed);
     } else {
@@ -414,9 +421,9 @@ async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: Str
                 });
             }
             state.layers.push(d);
-            true
+            Some(created as i64)
         }
-        None => false,
+        None => None,
     })
 }
 
@@ -511,7 +518,9 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
     Ok(inputs)
 }
 
-async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u32) -> Result<(Option<Digest>, bool), EngineError> {
+/// Returns the step's layer (if any), whether it came from the cache, and when its cache
+/// record was made.
+async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u32) -> Result<(Option<Digest>, bool, u64), EngineError> {
     let inputs = step_inputs(b, step).await?;
     let link = matches!(&step.op, Op::Copy(c) if c.link);
     let parent = if link { None } else { Some(state.key.as_str()) };
@@ -534,7 +543,7 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
             if usable {
                 b.touched.lock().unwrap_or_else(|e| e.into_inner()).push(op_key);
                 state.key = next_key;
-                return Ok((rec.diff_id, true));
+                return Ok((rec.diff_id, true, rec.created));
             }
         }
     }
@@ -576,8 +585,10 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
     if let Some(d) = &diff {
         b.leases.add(d);
     }
+    // The record's time (this build's, or that of the build it shared the step with).
+    let created = engine.index().step(&b.req.namespace, &op_key).map_err(|e| step_error(b, step, e))?.map_or_else(crate::cache::now, |r| r.created);
     state.key = next_key;
-    Ok((diff, false))
+    Ok((diff, false, created))
 }
 
 /// Drop empty lists and maps from a run config, as BuildKit's Go `omitempty` fields do
@@ -602,10 +613,44 @@ fn omit_empty(mut c: hoist_oci::image::RunConfig) -> hoist_oci::image::RunConfig
     c
 }
 
+/// Give history entries without a time (config-only instructions, steps that added no
+/// layer) one as BuildKit's exporter does: before the first new layer, the first new
+/// layer's time; after it, the time of the entry before. So entries follow their layers and
+/// never the clock of the export.
+fn fill_history_times(history: &mut [History]) {
+    let mut created = None;
+    let mut seen_untimed = false;
+    for h in history.iter() {
+        match &h.created {
+            Some(c) => {
+                created = Some(c.clone());
+                if seen_untimed {
+                    break;
+                }
+            }
+            None => seen_untimed = true,
+        }
+    }
+    seen_untimed = false;
+    for h in history.iter_mut() {
+        match &h.created {
+            Some(c) if seen_untimed => created = Some(c.clone()),
+            Some(_) => {}
+            None => {
+                seen_untimed = true;
+                h.created = created.clone();
+            }
+        }
+    }
+}
+
 /// Assemble the image config of the target stage.
 fn image_of(b: &Build, stage: &Stage, state: &StageState) -> Result<BuiltImage, EngineError> {
+    let mut history = state.history.clone();
+    fill_history_times(&mut history);
     let mut config = ImageConfig {
-        created: Some(b.created.clone()),
+        // As BuildKit: the time of the last history entry, so it follows the layers.
+        created: b.epoch_created.clone().or_else(|| history.last().and_then(|h| h.created.clone())),
         author: stage.author.clone(),
         architecture: b.platform.architecture.clone(),
         os: b.platform.os.clone(),
@@ -613,7 +658,7 @@ fn image_of(b: &Build, stage: &Stage, state: &StageState) -> Result<BuiltImage, 
         variant: b.platform.variant.clone().filter(|_| !b.platform.variant_arg().is_empty()),
         config: omit_empty(stage.config.clone()),
         rootfs: RootFs { kind: "layers".into(), diff_ids: state.layers.clone() },
-        history: state.history.clone(),
+        history,
     };
     if config.history.iter().filter(|h| !h.empty_layer).count() != config.rootfs.diff_ids.len() {
         // A base image whose history does not match its layers: keep layers authoritative.
@@ -626,7 +671,34 @@ fn image_of(b: &Build, stage: &Stage, state: &StageState) -> Result<BuiltImage, 
 
 #[cfg(test)]
 mod tests {
-    use super::omit_empty;
+    use super::{fill_history_times, omit_empty, time_string};
+    use hoist_oci::image::History;
+
+    fn h(created: Option<&str>, empty: bool) -> History {
+        History { created: created.map(str::to_string), author: None, created_by: Some("x".into()), comment: None, empty_layer: empty }
+    }
+
+    /// Issue 15: untimed entries take their times from the layers around them (BuildKit's
+    /// exporter), never from the clock.
+    #[test]
+    fn history_entries_without_a_layer_take_the_time_of_the_layers_around_them() {
+        let times = |v: &[History]| v.iter().map(|h| h.created.clone().unwrap_or_default()).collect::<Vec<_>>();
+        // base entries, then ENV (no layer), RUN (layer at t2), CMD (no layer)
+        let mut v = vec![h(Some("t0"), false), h(Some("t1"), true), h(None, true), h(Some("t2"), false), h(None, true)];
+        fill_history_times(&mut v);
+        assert_eq!(times(&v), ["t0", "t1", "t2", "t2", "t2"], "before the first new layer: its time; after it: the one before");
+        let mut v = vec![h(Some("t0"), false), h(None, true), h(Some("t2"), false), h(None, true), h(Some("t3"), false), h(None, true)];
+        fill_history_times(&mut v);
+        assert_eq!(times(&v), ["t0", "t2", "t2", "t2", "t3", "t3"]);
+        // No new layer at all: the base image's last time.
+        let mut v = vec![h(Some("t0"), false), h(None, true)];
+        fill_history_times(&mut v);
+        assert_eq!(times(&v), ["t0", "t0"]);
+        let mut v = vec![h(None, true)];
+        fill_history_times(&mut v);
+        assert_eq!(v[0].created, None, "FROM scratch with config only has no time to take");
+        assert_eq!(time_string(1_700_000_000), "2023-11-14T22:13:20Z", "as Go's RFC 3339 (no zero fraction)");
+    }
     use hoist_oci::image::RunConfig;
 
     #[test]

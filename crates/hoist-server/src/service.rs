@@ -1081,6 +1081,7 @@ impl BuilderService {
                         blobs_existed: o.blobs_existed,
                         blobs_mounted: o.blobs_mounted,
                         manifests: o.manifests,
+                        manifests_existed: o.manifests_existed,
                         seconds: o.seconds,
                         error: o.error.clone().unwrap_or_default(),
                     }));

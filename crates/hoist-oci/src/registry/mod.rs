@@ -860,6 +860,27 @@ impl RegistryClient {
         .await
     }
 
+    /// Whether `reference` (its tag, or `digest` when it has none) already names manifest
+    /// `digest` (HEAD): pushing an unchanged image then moves nothing.
+    pub async fn manifest_is(&self, reference: &Reference, digest: &Digest) -> Result<bool, RegistryError> {
+        let t = self.target(reference, vec![Scope::push(&reference.repository)]);
+        let target = reference.tag.clone().unwrap_or_else(|| digest.to_string());
+        let url = format!("{}{}/manifests/{target}", self.base(&t), reference.repository);
+        let what = format!("checking manifest {target} of {}", t.image);
+        self.retry(&what, || {
+            let (t, url, what) = (&t, &url, &what);
+            async move {
+                let resp = self.send(t, what, &|c| Ok(c.head(url).header(ACCEPT, media::MANIFEST_ACCEPT))).await?;
+                match resp.status() {
+                    s if s.is_success() => Ok(header_str(&resp, "docker-content-digest").and_then(|h| h.parse::<Digest>().ok()).as_ref() == Some(digest)),
+                    StatusCode::NOT_FOUND => Ok(false),
+                    _ => Err(self.status_error(t, what, resp).await),
+                }
+            }
+        })
+        .await
+    }
+
     /// Push a manifest (or index) under `reference`'s tag (or digest, when it has no tag);
     /// returns its digest.
     pub async fn push_manifest(&self, reference: &Reference, bytes: &[u8], media_type: &str) -> Result<Digest, RegistryError> {
