@@ -285,3 +285,41 @@ fn cache_du_prune_reset_and_automatic_gc() {
     let du_after = du(&mate);
     assert!(du_after.contains("layers:         0"), "{du_after}");
 }
+
+/// Issue 15: a base image's `ONBUILD COPY` reads context paths the client cannot know of
+/// when it picks what to send. The builder asks the client for them during the build, so
+/// it works on a remote builder without any setting, and nothing else of the context is
+/// sent.
+#[test]
+fn onbuild_copy_of_a_base_image_gets_its_files_from_the_client_during_the_build() {
+    if !lab_available() {
+        return;
+    }
+    let server = Server::start();
+    let token = server.admin(&["project", "create", "ob"]);
+    let dev = Teammate::new(&server, &token);
+    let base = format!("{}/hoist-test/onbuild-{}:1", registry(), std::process::id());
+    let base_ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}\nONBUILD COPY app.txt /app/app.txt\nONBUILD RUN cat /app/app.txt > /app/seen\n", busybox()),
+    )]);
+    dev.build_ok(&["-t", &base, "--push", base_ctx.path().to_str().unwrap()]);
+
+    let unrelated = "unrelated ".repeat(100_000);
+    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nCMD [\"sh\"]\n")), ("app.txt", "from the context\n"), ("unrelated.txt", &unrelated)]);
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let dest = out.path().join("fs");
+    let err = dev.build_ok(&["-o", &format!("type=local,dest={}", dest.display()), ctx.path().to_str().unwrap()]);
+    assert!(err.contains("fetching context paths the client did not send: app.txt"), "{err}");
+    assert_eq!(std::fs::read_to_string(dest.join("app/app.txt")).unwrap(), "from the context\n");
+    assert_eq!(std::fs::read_to_string(dest.join("app/seen")).unwrap(), "from the context\n");
+    // Only what the trigger read was sent.
+    let hex = sha256_digest(unrelated.as_bytes()).trim_start_matches("sha256:").to_string();
+    let found = std::process::Command::new("find").arg(server.root.path()).args(["-name", &hex]).output().unwrap();
+    assert!(found.stdout.is_empty(), "the unrelated file was sent");
+    // A change to the file the trigger reads is seen by the next build.
+    std::fs::write(ctx.path().join("app.txt"), "changed\n").unwrap();
+    let dest2 = out.path().join("fs2");
+    dev.build_ok(&["-o", &format!("type=local,dest={}", dest2.display()), ctx.path().to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(dest2.join("app/seen")).unwrap(), "changed\n");
+}

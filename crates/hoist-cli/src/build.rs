@@ -383,35 +383,64 @@ fn cache_root() -> PathBuf {
     }
 }
 
+/// What was sent of a build's context, and how to send more if the builder asks.
+pub(crate) struct SentContext {
+    pub(crate) id: String,
+    pub(crate) stats: sync::SyncStats,
+    /// The paths walked, when the client sent only part of the context.
+    pub(crate) reach: Option<Vec<String>>,
+    pub(crate) provider: Option<std::sync::Arc<dyn hoist_client::session::ContextProvider>>,
+}
+
+impl SentContext {
+    /// Tell the builder what was sent (it asks for the rest when a step needs it).
+    pub(crate) fn describe(&self, req: &mut v1::BuildRequest) {
+        req.context_id = self.id.clone();
+        req.context_partial = self.reach.is_some();
+        req.context_reach = self.reach.clone().unwrap_or_default();
+    }
+}
+
 /// Walk the context (what the Dockerfile can read, after .dockerignore) and send the
-/// builder the files it lacks; returns the context id and what moved.
+/// builder the files it lacks.
 pub(crate) async fn sync_context(
     client: &mut hoist_client::Client,
     inputs: &Inputs,
     ignore: Option<&IgnoreMatcher>,
     renderer: &mut Renderer,
     label: &str,
-) -> anyhow::Result<(String, sync::SyncStats)> {
-    let Some(dir) = &inputs.context_dir else { return Ok((String::new(), Default::default())) };
+) -> anyhow::Result<SentContext> {
+    let Some(dir) = &inputs.context_dir else { return Ok(SentContext { id: String::new(), stats: Default::default(), reach: None, provider: None }) };
     let t = Instant::now();
     let id = renderer.internal(label);
     let dir2 = dir.clone();
     let ignore2 = ignore.cloned();
     let stdin_ctx = inputs._tmp.is_some();
-    // Only what the Dockerfile can read is walked, hashed and sent.
+    // Only what the Dockerfile can read is walked, hashed and sent; the builder asks for
+    // anything else a step turns out to read.
     let mut reach = hoist_client::reach::reachable(&String::from_utf8_lossy(&inputs.dockerfile));
-    let walked = tokio::task::spawn_blocking(move || {
+    let (walked, reach) = tokio::task::spawn_blocking(move || {
         let mut cache = if stdin_ctx { StatCache::none() } else { StatCache::load(&cache_root(), &dir2) };
-        sync::walk(&dir2, ignore2.as_ref(), &mut reach, &mut cache)
+        sync::walk(&dir2, ignore2.as_ref(), &mut reach, &mut cache).map(|w| (w, reach))
     })
     .await??;
-    let (cid, stats) = sync::sync(client, sync::session_key(dir), &walked).await?;
+    let session = sync::session_key(dir);
+    let (cid, stats) = sync::sync(client, session.clone(), &walked).await?;
     renderer.internal_done(id, t.elapsed().as_secs_f64(), &format!("transferred {} files ({})", stats.uploaded_files, human_bytes(stats.uploaded_bytes)));
-    Ok((cid, stats))
+    let provider = sync::DirContext { dir: dir.clone(), ignore: ignore.cloned(), session };
+    Ok(SentContext {
+        id: cid,
+        stats,
+        reach: match reach {
+            hoist_client::reach::Reach::All => None,
+            hoist_client::reach::Reach::Paths(p) => Some(p.into_iter().collect()),
+        },
+        provider: Some(std::sync::Arc::new(provider)),
+    })
 }
 
 /// The build request of `args` (outputs are filled in by the caller).
-pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, context_id: String) -> anyhow::Result<v1::BuildRequest> {
+pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, sent: &SentContext) -> anyhow::Result<v1::BuildRequest> {
     let mut secrets = Vec::new();
     for s in &args.secrets {
         secrets.push(parse_secret(s)?);
@@ -435,8 +464,7 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, context_id: String
             v1::RegistryCredential { host: host.to_string(), username, password, identity_token }
         })
         .collect();
-    Ok(v1::BuildRequest {
-        context_id,
+    let mut req = v1::BuildRequest {
         dockerfile: inputs.dockerfile.clone(),
         dockerfile_name: inputs.dockerfile_name.clone(),
         build_args: with_source_date_epoch(build_args(&args.build_args)?, std::env::var("SOURCE_DATE_EPOCH").ok()).into_iter().collect(),
@@ -454,7 +482,10 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, context_id: String
         tags: args.tags.clone(),
         insecure_registries: args.insecure_registries.clone(),
         entitlements,
-    })
+        ..Default::default()
+    };
+    sent.describe(&mut req);
+    Ok(req)
 }
 
 /// Run `hoist build`; returns the process exit code.
@@ -492,8 +523,9 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     let mut client = args.conn.connect(inputs.context_dir.as_deref()).await?;
 
     let mut renderer = Renderer::new(mode);
-    let (context_id, sync_stats) = sync_context(&mut client, &inputs, ignore.as_ref(), &mut renderer, "[internal] load build context").await?;
-    let mut req = make_request(&args, &inputs, context_id)?;
+    let sent = sync_context(&mut client, &inputs, ignore.as_ref(), &mut renderer, "[internal] load build context").await?;
+    let sync_stats = sent.stats;
+    let mut req = make_request(&args, &inputs, &sent)?;
     if args.conn.addr()?.is_none() {
         // The embedded builder is the user's own machine: the host network needs no --allow
         // (docker build --network=host needs none either). security.insecure still does.
@@ -506,7 +538,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     }
     let local_builder = args.conn.builder_is_local()?;
     req.outputs = outputs.iter().zip(&sinks).map(|(o, s)| o.to_proto_for(s.as_ref(), local_builder)).collect();
-    let mut stream = hoist_client::session::start_build(&mut client, req, agents).await?;
+    let mut stream = hoist_client::session::start_build(&mut client, req, agents, sent.provider.clone()).await?;
     // One Ctrl-C listener for the whole stream: a fresh one per event would miss a signal
     // that arrives while an event is handled (tokio keeps none for absent listeners).
     let ctrl_c = tokio::signal::ctrl_c();

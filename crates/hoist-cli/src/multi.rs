@@ -131,8 +131,8 @@ pub async fn run(
     let mut streams = Vec::new();
     for (k, part) in parts.iter_mut().enumerate() {
         let label = format!("[internal] load build context ({})", part.addr);
-        let (cid, _) = sync_context(&mut part.client, inputs, ignore, &mut renderer, &label).await?;
-        let mut req = make_request(args, inputs, cid)?;
+        let sent = sync_context(&mut part.client, inputs, ignore, &mut renderer, &label).await?;
+        let mut req = make_request(args, inputs, &sent)?;
         req.platforms = part.platforms.iter().map(|p| p.to_string()).collect();
         let local = addr_is_local(Some(&part.addr));
         let mut outs = Vec::new();
@@ -157,7 +157,9 @@ pub async fn run(
         }
         req.outputs = outs;
         let addr = part.addr.clone();
-        let stream = hoist_client::session::start_build(&mut part.client, req, agents.clone()).await.with_context(|| format!("builder {addr}"))?;
+        let stream = hoist_client::session::start_build(&mut part.client, req, agents.clone(), sent.provider.clone())
+            .await
+            .with_context(|| format!("builder {addr}"))?;
         streams.push(stream.map(move |m| (k, m)).boxed());
     }
 

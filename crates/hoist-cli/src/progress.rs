@@ -189,7 +189,11 @@ impl Renderer {
                     q.running, q.limit
                 )),
             },
-            build_event::Event::Output(_) | build_event::Event::Result(_) | build_event::Event::Export(_) | build_event::Event::Ssh(_) => {}
+            build_event::Event::Output(_)
+            | build_event::Event::Result(_)
+            | build_event::Event::Export(_)
+            | build_event::Event::Ssh(_)
+            | build_event::Event::ContextRequest(_) => {}
         }
     }
 

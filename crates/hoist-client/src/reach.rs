@@ -3,8 +3,9 @@
 //! `RUN --mount=type=bind` without `from`. Anything the client cannot know for sure (a
 //! source with a variable, `.`, a wildcard at the top) means the whole context.
 //!
-//! Known limit: ONBUILD triggers of a base image run COPY with paths only the builder sees;
-//! a base image whose ONBUILD copies from the context needs `HOIST_FULL_CONTEXT=1`.
+//! This is an optimisation only: paths a step reads that this missed (a base image's
+//! ONBUILD COPY, which only the builder sees) are asked for by the builder during the build
+//! ([`crate::session::ContextProvider`]).
 
 use std::collections::BTreeSet;
 
@@ -54,9 +55,6 @@ fn selector(source: &str) -> Option<String> {
 
 /// The paths `dockerfile` reads from the context.
 pub fn reachable(dockerfile: &str) -> Reach {
-    if std::env::var_os("HOIST_FULL_CONTEXT").is_some() {
-        return Reach::All;
-    }
     let Ok((_, stages)) = hoist_dockerfile::parse_dockerfile(dockerfile) else {
         // The builder reports the syntax error; send everything meanwhile.
         return Reach::All;

@@ -40,6 +40,14 @@ impl std::fmt::Debug for AgentSource {
     }
 }
 
+/// Sends the builder context paths it asks for during a build.
+#[tonic::async_trait]
+pub trait ContextProvider: Send + Sync {
+    /// Sync `paths` (selectors; "" is the whole context) to the builder; returns the
+    /// prepared context's id.
+    async fn provide(&self, client: &mut Client, paths: Vec<String>) -> Result<String, ClientError>;
+}
+
 /// The builder's events of one build; agent connections are served in the background for
 /// as long as this stream lives.
 pub type BuildEvents = Pin<Box<dyn Stream<Item = Result<v1::BuildEvent, tonic::Status>> + Send>>;
@@ -100,9 +108,16 @@ async fn relay(conn: u64, agent: Box<dyn AgentIo>, mut from_builder: mpsc::Recei
     tokio::join!(to_builder, to_agent);
 }
 
-/// Start `req` on the builder; `agents` serves its `--ssh` ids. The stream yields the
-/// builder's events (ssh frames are handled here and never appear in it).
-pub async fn start_build(client: &mut Client, req: v1::BuildRequest, agents: HashMap<String, AgentSource>) -> Result<BuildEvents, ClientError> {
+/// Start `req` on the builder; `agents` serves its `--ssh` ids and `context` the context
+/// paths the builder asks for. The stream yields the builder's events (ssh frames and
+/// context requests are handled here and never appear in it).
+pub async fn start_build(
+    client: &mut Client,
+    req: v1::BuildRequest,
+    agents: HashMap<String, AgentSource>,
+    context: Option<Arc<dyn ContextProvider>>,
+) -> Result<BuildEvents, ClientError> {
+    let requests_client = client.clone();
     let (out_tx, out_rx) = mpsc::channel::<v1::BuildClientMessage>(64);
     out_tx
         .send(v1::BuildClientMessage { msg: Some(build_client_message::Msg::Request(req)) })
@@ -116,6 +131,22 @@ pub async fn start_build(client: &mut Client, req: v1::BuildRequest, agents: Has
         while let Some(msg) = inbound.next().await {
             let frame = match msg {
                 Ok(v1::BuildEvent { event: Some(build_event::Event::Ssh(f)) }) => f,
+                Ok(v1::BuildEvent { event: Some(build_event::Event::ContextRequest(r)) }) => {
+                    let (provider, mut c, out) = (context.clone(), requests_client.clone(), out_tx.clone());
+                    tokio::spawn(async move {
+                        let answer = match provider {
+                            Some(p) => p.provide(&mut c, r.paths).await.map_err(|e| e.to_string()),
+                            None => Err("this build sent no context directory".to_string()),
+                        };
+                        let (context_id, error) = match answer {
+                            Ok(id) => (id, String::new()),
+                            Err(e) => (String::new(), e),
+                        };
+                        let reply = v1::ContextReply { id: r.id, context_id, error };
+                        let _ = out.send(v1::BuildClientMessage { msg: Some(build_client_message::Msg::Context(reply)) }).await;
+                    });
+                    continue;
+                }
                 other => {
                     if ev_tx.send(other).await.is_err() {
                         break; // the caller stopped listening: the build is abandoned

@@ -385,6 +385,27 @@ fn read_full(f: &mut fs::File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
+/// Sends more of a context directory when the builder asks for paths the client did not
+/// send at first (a base image's ONBUILD COPY, or anything its reading of the Dockerfile
+/// missed): the paths are walked (after `.dockerignore`) and synced under the same session.
+pub struct DirContext {
+    pub dir: PathBuf,
+    pub ignore: Option<IgnoreMatcher>,
+    pub session: String,
+}
+
+#[tonic::async_trait]
+impl crate::session::ContextProvider for DirContext {
+    async fn provide(&self, client: &mut Client, paths: Vec<String>) -> Result<String, ClientError> {
+        let mut reach = if paths.iter().any(String::is_empty) { Reach::All } else { Reach::Paths(paths.into_iter().collect()) };
+        let (dir, ignore) = (self.dir.clone(), self.ignore.clone());
+        let walked = tokio::task::spawn_blocking(move || walk(&dir, ignore.as_ref(), &mut reach, &mut StatCache::none()))
+            .await
+            .map_err(|e| ClientError::Context(e.to_string()))??;
+        Ok(sync(client, self.session.clone(), &walked).await?.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -134,6 +134,90 @@ impl Context {
     }
 }
 
+/// What of the context the client sent: everything, or the paths it walked (each with
+/// everything below it and its parent directories).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Reach {
+    /// The whole context (after `.dockerignore`).
+    #[default]
+    All,
+    /// Only these paths (relative, cleaned).
+    Paths(std::collections::BTreeSet<String>),
+}
+
+impl Reach {
+    /// Whether everything at or below `selector` was sent ("" is the whole context).
+    pub fn covers(&self, selector: &str) -> bool {
+        match self {
+            Reach::All => true,
+            Reach::Paths(p) => p.iter().any(|s| s.is_empty() || selector == s || is_below(selector, s)),
+        }
+    }
+}
+
+fn is_below(path: &str, dir: &str) -> bool {
+    path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
+}
+
+/// The literal part of a source path as a context selector: the path up to its first
+/// component with a wildcard (or escape), cleaned; "" when that is the whole context.
+pub fn selector(source: &str) -> String {
+    let source = source.replace("/./", "/");
+    let mut keep: Vec<&str> = Vec::new();
+    for c in source.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                keep.pop();
+            }
+            c if c.contains(['*', '?', '[', '\\']) => break,
+            c => keep.push(c),
+        }
+    }
+    keep.join("/")
+}
+
+/// The context paths a graph's steps read: COPY/ADD sources and RUN mounts from the
+/// context, as selectors (see [`selector`]).
+pub fn needed(graph: &crate::graph::BuildGraph) -> std::collections::BTreeSet<String> {
+    use crate::graph::{CopySource, MountKind, Op, Source};
+    let mut out = std::collections::BTreeSet::new();
+    for stage in &graph.stages {
+        for step in &stage.steps {
+            match &step.op {
+                Op::Copy(c) if c.from == Source::Context => {
+                    for s in &c.sources {
+                        if let CopySource::Path(p) = s {
+                            out.insert(selector(p));
+                        }
+                    }
+                }
+                Op::Run(r) => {
+                    for m in &r.mounts {
+                        match &m.kind {
+                            MountKind::Bind { from: Source::Context, source, .. } | MountKind::Cache { from: Some(Source::Context), source, .. } => {
+                                out.insert(selector(source));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Brings a build more of its context from the client, when steps read paths the client did
+/// not send (a base image's `ONBUILD COPY`, or anything its reading of the Dockerfile
+/// missed): the builder asks over the build stream and the files come as any context does.
+#[async_trait::async_trait]
+pub trait ContextFetcher: Send + Sync {
+    /// The build's context with `paths` (selectors) added.
+    async fn extend(&self, paths: Vec<String>) -> Result<std::sync::Arc<Context>, String>;
+}
+
 fn normalize(rel: &str) -> &str {
     let mut r = rel.trim_start_matches('/');
     while let Some(s) = r.strip_prefix("./") {
@@ -198,6 +282,20 @@ mod tests {
         assert_ne!(a.digest(), b.digest());
         assert!(a.digest().is_some());
         assert_eq!(Context::new("/x".into(), [file("caf\u{FFFD}", b"1")]).digest(), None);
+    }
+
+    #[test]
+    fn selectors_stop_at_wildcards_and_reach_covers_paths_below_what_was_sent() {
+        assert_eq!(selector("./src/app/"), "src/app");
+        assert_eq!(selector("pkg/*.json"), "pkg");
+        assert_eq!(selector("a/./b/c"), "a/b/c", "--parents pivots read the same files");
+        assert_eq!(selector("*"), "");
+        assert_eq!(selector("."), "");
+        assert_eq!(selector("../x"), "x", "clamped to the context");
+        let r = Reach::Paths(["src".to_string(), "go.mod".to_string()].into());
+        assert!(r.covers("src") && r.covers("src/main.rs") && r.covers("go.mod"));
+        assert!(!r.covers("srcx") && !r.covers("") && !r.covers("app.txt"));
+        assert!(Reach::All.covers(""));
     }
 
     #[test]

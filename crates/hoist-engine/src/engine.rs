@@ -69,7 +69,7 @@ pub struct BuildSecrets {
 }
 
 /// One build request.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BuildRequest {
     /// Cache namespace (the project).
     pub namespace: String,
@@ -78,6 +78,11 @@ pub struct BuildRequest {
     /// Target platforms; empty = the host's.
     pub platforms: Vec<Platform>,
     pub context: Arc<Context>,
+    /// What of the context the client sent ([`crate::context::Reach::All`]: everything).
+    pub context_reach: crate::context::Reach,
+    /// Asks the client for context paths steps read beyond `context_reach`; without one,
+    /// such a step sees no file there.
+    pub context_fetcher: Option<Arc<dyn crate::context::ContextFetcher>>,
     pub no_cache: bool,
     pub pull: bool,
     /// `docker build --network`: the default for RUN steps without `--network`.

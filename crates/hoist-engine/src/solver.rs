@@ -174,6 +174,8 @@ pub(crate) struct Build {
     pub in_target: Vec<bool>,
     /// The cgroup every RUN step of the build runs below, when builds have a memory limit.
     pub cgroup: Option<Arc<BuildCgroup>>,
+    /// The build context: the request's, extended with what the client was asked for.
+    pub context: Arc<crate::context::Context>,
 }
 
 impl Build {
@@ -223,6 +225,16 @@ pub(crate) async fn build_platform(
         Engine::warn(&progress, w.clone());
     }
     req.entitlements.check_graph(&graph, req.network, &opts.dockerfile_name).map_err(EngineError::Frontend)?;
+    // Paths the steps read that the client did not send (a base image's ONBUILD COPY, or
+    // whatever its reading of the Dockerfile missed) are asked for before anything runs.
+    let missing: Vec<String> = crate::context::needed(&graph).into_iter().filter(|s| !req.context_reach.covers(s)).collect();
+    let context = match (&req.context_fetcher, missing.is_empty()) {
+        (Some(fetcher), false) => {
+            Engine::warn(&progress, format!("fetching context paths the client did not send: {}", missing.iter().map(|m| if m.is_empty() { "." } else { m }).collect::<Vec<_>>().join(", ")));
+            fetcher.extend(missing).await.map_err(|e| EngineError::Frontend(format!("fetching more of the build context from the client: {e}")))?
+        }
+        _ => req.context.clone(),
+    };
     let epoch_created = source_date_epoch(&req).map(time_string);
     let source_date_epoch = source_date_epoch(&req);
     let mut in_target = vec![false; graph.stages.len()];
@@ -247,6 +259,7 @@ pub(crate) async fn build_platform(
         stages: Mutex::new(Vec::new()),
         epoch_created,
         source_date_epoch,
+        context,
         leases,
         touched: Mutex::new(Vec::new()),
         in_target,
@@ -443,7 +456,7 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
     match &step.op {
         Op::Copy(c) => match &c.from {
             Source::Context => {
-                let ctx = b.req.context.clone();
+                let ctx = b.context.clone();
                 let op = c.clone();
                 let engine = b.engine.clone();
                 let ns = b.req.namespace.clone();
@@ -484,7 +497,7 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
             for m in &r.mounts {
                 match &m.kind {
                     crate::graph::MountKind::Bind { from: Source::Context, source, .. } => {
-                        inputs.push(("context", b.req.context.subtree_digest(source).to_string()));
+                        inputs.push(("context", b.context.subtree_digest(source).to_string()));
                     }
                     crate::graph::MountKind::Bind { from: Source::Stage(j), .. }
                     | crate::graph::MountKind::Cache { from: Some(Source::Stage(j)), .. } => {
@@ -492,7 +505,7 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
                         stage_input(&mut inputs, &s.key);
                     }
                     crate::graph::MountKind::Cache { from: Some(Source::Context), source, .. } => {
-                        inputs.push(("context", b.req.context.subtree_digest(source).to_string()));
+                        inputs.push(("context", b.context.subtree_digest(source).to_string()));
                     }
                     _ => {}
                 }

@@ -44,7 +44,7 @@ impl StepEnv {
 
 /// The context's directory, written first if the builder fills it lazily.
 async fn context_files(env: &StepEnv) -> Result<PathBuf, EngineError> {
-    let ctx = env.build.req.context.clone();
+    let ctx = env.build.context.clone();
     blocking(env, move || ctx.files().map(Path::to_path_buf).map_err(|e| format!("build context: {e}"))).await
 }
 

@@ -177,6 +177,9 @@ pub struct MaterializedContext {
     pub stats: SyncStats,
     written: Arc<std::sync::atomic::AtomicU64>,
     _held: Arc<Mutex<Option<Held>>>,
+    /// Its session and manifest (to extend it with more paths).
+    session: String,
+    entries: Arc<Vec<v1::ContextEntry>>,
 }
 
 /// The tree a build reads its context from.
@@ -466,6 +469,29 @@ impl ContextStore {
     /// The context of `context_id`. Its session directory is written only when a step reads
     /// files from it: a build whose steps are all cached never writes it.
     pub async fn materialize(&self, context_id: &str) -> Result<MaterializedContext, ContextError> {
+        let pending = self.take_pending(context_id)?;
+        Ok(self.materialize_entries(pending.session, pending.entries, pending.stats))
+    }
+
+    /// `base` with the entries of prepared context `extra_id` (the paths a build asked the
+    /// client for) added; an entry of both takes `extra_id`'s.
+    pub fn extend(&self, base: &MaterializedContext, extra_id: &str) -> Result<MaterializedContext, ContextError> {
+        let extra = self.take_pending(extra_id)?;
+        let mut merged: BTreeMap<Vec<u8>, v1::ContextEntry> = base.entries.iter().map(|e| (path_bytes(e), e.clone())).collect();
+        for e in extra.entries {
+            merged.insert(path_bytes(&e), e);
+        }
+        let stats = SyncStats {
+            entries: merged.len() as u64,
+            missing: base.stats.missing + extra.stats.missing,
+            missing_bytes: base.stats.missing_bytes + extra.stats.missing_bytes,
+        };
+        // Parents sort before their children by path bytes.
+        Ok(self.materialize_entries(base.session.clone(), merged.into_values().collect(), stats))
+    }
+
+    /// A prepared context, once: its uploads must all have arrived.
+    fn take_pending(&self, context_id: &str) -> Result<Pending, ContextError> {
         let pending = self
             .pending
             .lock()
@@ -475,6 +501,11 @@ impl ContextStore {
         if let Some(d) = pending.asked.iter().find(|d| !self.blobs.contains(d)) {
             return Err(ContextError::MissingBlob { digest: d.to_string() });
         }
+        Ok(pending)
+    }
+
+    fn materialize_entries(&self, session: String, entries: Vec<v1::ContextEntry>, stats: SyncStats) -> MaterializedContext {
+        let pending = Pending { session, entries, stats, asked: Default::default() };
         let dir = self.session_dir(&pending.session);
         let lock = {
             let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -529,7 +560,14 @@ impl ContextStore {
             }),
             materialize,
         );
-        Ok(MaterializedContext { context: Arc::new(context), stats: pending.stats, written, _held: held })
+        MaterializedContext {
+            context: Arc::new(context),
+            stats: pending.stats,
+            written,
+            _held: held,
+            session: pending.session,
+            entries: Arc::new(pending.entries),
+        }
     }
 }
 
@@ -1045,5 +1083,28 @@ mod tests {
         }
         assert_eq!(fs::metadata(root.join("su")).unwrap().nlink(), 1, "a copy");
         assert_eq!(fs::metadata(root.join("plain")).unwrap().nlink(), 2, "others are still linked");
+    }
+
+    /// Issue 15: a build that reads paths the client did not send gets them added to its
+    /// context (the client's later manifest wins where both have an entry).
+    #[tokio::test]
+    async fn a_context_is_extended_with_the_paths_asked_for_later() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let (id, _) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("src/a", b"A", 0o644)] }).unwrap();
+        upload(&store, b"A");
+        let base = store.materialize(&id).await.unwrap();
+        let (more, missing) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("app.txt", b"APP", 0o600)] }).unwrap();
+        assert_eq!(missing, vec![Digest::of(b"APP").to_string()]);
+        assert!(store.extend(&base, &more).is_err(), "not before its upload arrived");
+        let (more, _) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("app.txt", b"APP", 0o600)] }).unwrap();
+        upload(&store, b"APP");
+        let extended = written_now(store.extend(&base, &more).unwrap()).await;
+        assert_eq!(extended.context.file_digest("app.txt"), Some(Digest::of(b"APP")));
+        assert_eq!(extended.context.file_digest("src/a"), Some(Digest::of(b"A")), "what was sent first stays");
+        let root = extended.context.files().unwrap().to_path_buf();
+        assert_eq!(fs::read(root.join("app.txt")).unwrap(), b"APP");
+        assert_eq!(fs::read(root.join("src/a")).unwrap(), b"A");
+        assert!(store.extend(&base, &more).is_err(), "a prepared context is used once");
     }
 }

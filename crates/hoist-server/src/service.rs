@@ -379,19 +379,26 @@ impl Builder for BuilderService {
                 _ = watch_done.cancelled() => {}
             }
         });
-        // What the client sends after the request: its ends of agent connections.
-        let relay = Arc::new(crate::ssh::SshRelay::new(tx.clone()));
-        let dispatch_relay = relay.clone();
+        // What the client sends after the request: its ends of agent connections, and the
+        // context paths the builder asked it for.
+        let session = Arc::new(ClientSession { ssh: Arc::new(crate::ssh::SshRelay::new(tx.clone())), context: std::sync::OnceLock::new() });
+        let dispatch_session = session.clone();
         let dispatch = tokio::spawn(async move {
             while let Ok(Some(m)) = incoming.message().await {
-                if let Some(v1::build_client_message::Msg::Ssh(f)) = m.msg {
-                    dispatch_relay.deliver(f).await;
+                match m.msg {
+                    Some(v1::build_client_message::Msg::Ssh(f)) => dispatch_session.ssh.deliver(f).await,
+                    Some(v1::build_client_message::Msg::Context(r)) => {
+                        if let Some(c) = dispatch_session.context.get() {
+                            c.deliver(r);
+                        }
+                    }
+                    _ => {}
                 }
             }
         });
         tokio::spawn(async move {
-            let result = svc.run_build(&who, req, tx.clone(), cancel, relay.clone()).await;
-            relay.close();
+            let result = svc.run_build(&who, req, tx.clone(), cancel, session.clone()).await;
+            session.close();
             dispatch.abort();
             done.cancel();
             match result {
@@ -507,6 +514,23 @@ fn build_items(engine: &hoist_engine::Engine, project: &str) -> Vec<(String, hoi
             Some((id, hoist_engine::gc::Reclaimable { last_used: started, bytes: log + 512 }))
         })
         .collect()
+}
+
+/// The client's side of one build's stream: its agent connections, and the context paths
+/// the builder asks it for.
+struct ClientSession {
+    ssh: Arc<crate::ssh::SshRelay>,
+    context: std::sync::OnceLock<Arc<crate::fetch::ContextRequests>>,
+}
+
+impl ClientSession {
+    /// The build is over: nothing of the session holds the event stream open.
+    fn close(&self) {
+        self.ssh.close();
+        if let Some(c) = self.context.get() {
+            c.close();
+        }
+    }
 }
 
 /// Create `dir` (and missing parents) only root can enter.
@@ -797,7 +821,7 @@ impl BuilderService {
         req: v1::BuildRequest,
         tx: mpsc::Sender<Result<v1::BuildEvent, Status>>,
         cancel: CancellationToken,
-        relay: Arc<crate::ssh::SshRelay>,
+        session: Arc<ClientSession>,
     ) -> Result<v1::BuildResult, Status> {
         let started = std::time::SystemTime::now();
         let t0 = std::time::Instant::now();
@@ -821,7 +845,7 @@ impl BuilderService {
             ..Default::default()
         };
         let result = match &slot {
-            Some(_) => self.build_inner(who, &id, req, tx, cancel, relay, log.clone(), &mut record).await,
+            Some(_) => self.build_inner(who, &id, req, tx, cancel, session, log.clone(), &mut record).await,
             None => Err(Status::cancelled("build cancelled while it waited for a slot")),
         };
         // Cancelled because its token was revoked: say so.
@@ -877,7 +901,7 @@ impl BuilderService {
         req: v1::BuildRequest,
         tx: mpsc::Sender<Result<v1::BuildEvent, Status>>,
         cancel: CancellationToken,
-        relay: Arc<crate::ssh::SshRelay>,
+        session: Arc<ClientSession>,
         log: Arc<Mutex<BuildLog>>,
         record: &mut v1::BuildRecord,
     ) -> Result<v1::BuildResult, Status> {
@@ -885,7 +909,18 @@ impl BuilderService {
         let materialized = if req.context_id.is_empty() {
             None
         } else {
-            Some(store.materialize(&req.context_id).await.map_err(|e| Status::failed_precondition(e.to_string()))?)
+            Some(Arc::new(store.materialize(&req.context_id).await.map_err(|e| Status::failed_precondition(e.to_string()))?))
+        };
+        // Paths steps read beyond what the client sent are asked of it during the build.
+        let fetcher = materialized.as_ref().map(|m| {
+            let f = Arc::new(crate::fetch::ContextRequests::new(tx.clone(), store.clone(), m.clone()));
+            let _ = session.context.set(f.clone());
+            f as Arc<dyn hoist_engine::context::ContextFetcher>
+        });
+        let context_reach = if req.context_partial {
+            hoist_engine::context::Reach::Paths(req.context_reach.iter().cloned().collect())
+        } else {
+            hoist_engine::context::Reach::All
         };
         let sync = materialized.as_ref().map(|m| m.stats).unwrap_or_default();
         record.context_entries = sync.entries;
@@ -938,7 +973,7 @@ impl BuilderService {
             secrets.ssh.ids.insert(s.id.clone());
         }
         if !secrets.ssh.ids.is_empty() {
-            secrets.ssh.forwarder = Some(relay as Arc<dyn SshForwarder>);
+            secrets.ssh.forwarder = Some(session.ssh.clone() as Arc<dyn SshForwarder>);
         }
         let network = parse_network(&req.network)?;
         let mut requested = Entitlement::parse_list(req.entitlements.iter().map(String::as_str))
@@ -973,6 +1008,8 @@ impl BuilderService {
             },
             platforms,
             context,
+            context_reach,
+            context_fetcher: fetcher,
             no_cache: req.no_cache,
             pull: req.pull,
             network,
