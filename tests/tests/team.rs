@@ -323,3 +323,53 @@ fn onbuild_copy_of_a_base_image_gets_its_files_from_the_client_during_the_build(
     dev.build_ok(&["-o", &format!("type=local,dest={}", dest2.display()), ctx.path().to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(dest2.join("app/seen")).unwrap(), "changed\n");
 }
+
+/// The entries of `archive`'s last layer: (path, Some(link target) for hard links).
+fn last_layer_links(archive: &OciArchive) -> Vec<(String, Option<String>)> {
+    let layers = archive.manifest()["layers"].as_array().unwrap().clone();
+    let last = layers.last().unwrap();
+    let blob = archive.blob(last["digest"].as_str().unwrap());
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(blob));
+    tar.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            let link = (e.header().entry_type() == tar::EntryType::Link).then(|| e.link_name().unwrap().unwrap().to_string_lossy().into_owned());
+            (path, link)
+        })
+        .collect()
+}
+
+/// Issue 15: files hard-linked to each other in the context stay hard links in the layer
+/// after COPY (as BuildKit keeps them within one COPY source), with a remote builder, and an
+/// incremental sync follows a change of the links.
+#[test]
+fn hard_links_in_the_context_stay_links_in_the_layer_from_a_remote_client() {
+    if !lab_available() {
+        return;
+    }
+    let server = Server::start();
+    let token = server.admin(&["project", "create", "hl"]);
+    let dev = Teammate::new(&server, &token);
+    let ctx = context(&[("Dockerfile", &format!("FROM {}\nCOPY dir /dir/\n", busybox())), ("dir/a", "shared\n"), ("dir/c", "shared\n")]);
+    std::fs::hard_link(ctx.path().join("dir/a"), ctx.path().join("dir/b")).unwrap();
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let export = |n: u32| {
+        let dest = out.path().join(format!("img{n}.tar"));
+        dev.build_ok(&["-o", &format!("type=oci,dest={}", dest.display()), ctx.path().to_str().unwrap()]);
+        last_layer_links(&OciArchive::read(&dest))
+    };
+    let entries = export(1);
+    let link_of = |e: &[(String, Option<String>)], p: &str| e.iter().find(|(path, _)| path == p).unwrap_or_else(|| panic!("{p} not in {e:?}")).1.clone();
+    assert_eq!(link_of(&entries, "dir/b"), Some("dir/a".into()), "{entries:?}");
+    assert_eq!(link_of(&entries, "dir/c"), None, "equal content is not a link");
+    // b becomes a copy, c a link: the next sync and COPY follow.
+    std::fs::remove_file(ctx.path().join("dir/b")).unwrap();
+    std::fs::copy(ctx.path().join("dir/a"), ctx.path().join("dir/b")).unwrap();
+    std::fs::remove_file(ctx.path().join("dir/c")).unwrap();
+    std::fs::hard_link(ctx.path().join("dir/a"), ctx.path().join("dir/c")).unwrap();
+    let entries = export(2);
+    assert_eq!(link_of(&entries, "dir/b"), None, "{entries:?}");
+    assert_eq!(link_of(&entries, "dir/c"), Some("dir/a".into()), "{entries:?}");
+}

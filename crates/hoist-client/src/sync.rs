@@ -219,6 +219,14 @@ fn walk_once(
     .into_iter()
     .flatten()
     .collect();
+    // Files linked to each other (one inode) stay linked on the builder: each names the
+    // group's first path.
+    let mut groups: HashMap<(u64, u64), Vec<String>> = HashMap::new();
+    for (child_bytes, _, _, m, _) in &regular {
+        if let (true, Ok(p)) = (m.nlink() > 1, std::str::from_utf8(child_bytes)) {
+            groups.entry((m.dev(), m.ino())).or_default().push(p.to_string());
+        }
+    }
     for ((child_bytes, child_rel, child_abs, m, cached), digest) in regular.into_iter().zip(digests) {
         if cached.is_none() {
             stats.hashed_files += 1;
@@ -226,7 +234,13 @@ fn walk_once(
         }
         seen.insert(child_rel, StatEntry::new(&m, digest.clone()));
         files.entry(digest.clone()).or_insert(child_abs);
-        out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::File, &m, digest, &[]));
+        let mut e = entry_of(&child_bytes, v1::EntryKind::File, &m, digest, &[]);
+        if let Some(first) = groups.get(&(m.dev(), m.ino())).and_then(|g| g.iter().min()) {
+            if *first != e.path {
+                e.hardlink = first.clone();
+            }
+        }
+        out.insert(child_bytes.clone(), e);
     }
     // Every included entry's parents are sent too (an ignored directory can hold
     // re-included files).
@@ -268,6 +282,7 @@ fn entry_of(rel: &[u8], kind: v1::EntryKind, m: &fs::Metadata, digest: String, l
         mtime_nsec: m.mtime_nsec() as u32,
         raw_path,
         raw_link_target,
+        hardlink: String::new(),
     }
 }
 
@@ -430,6 +445,28 @@ mod tests {
         assert_eq!(link.kind, v1::EntryKind::Symlink as i32);
         assert_eq!(link.link_target, "/etc/passwd");
         assert!(w.files.values().all(|p| !p.ends_with("secret.env")));
+    }
+
+    /// Issue 15: files hard-linked to each other travel as one file and links to it.
+    #[test]
+    fn hard_links_name_the_first_path_of_their_group() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("x")).unwrap();
+        fs::write(d.path().join("x/b"), "shared").unwrap();
+        fs::hard_link(d.path().join("x/b"), d.path().join("a")).unwrap();
+        fs::hard_link(d.path().join("x/b"), d.path().join("x/c")).unwrap();
+        fs::write(d.path().join("alone"), "shared").unwrap();
+        let w = walk(d.path(), None, &mut Reach::All, &mut StatCache::none()).unwrap();
+        let link = |p: &str| w.entries.iter().find(|e| e.path == p).unwrap().hardlink.clone();
+        assert_eq!(link("a"), "", "the first path in byte order is the file");
+        assert_eq!(link("x/b"), "a");
+        assert_eq!(link("x/c"), "a");
+        assert_eq!(link("alone"), "", "equal content is not a link");
+        // Walked through a selection that leaves the first path out: the group is what was sent.
+        let mut reach = Reach::Paths(["x".to_string()].into_iter().collect());
+        let w = walk(d.path(), None, &mut reach, &mut StatCache::none()).unwrap();
+        let link = |p: &str| w.entries.iter().find(|e| e.path == p).unwrap().hardlink.clone();
+        assert_eq!((link("x/b"), link("x/c")), (String::new(), "x/b".to_string()));
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct ContextEntry {
     /// Digest of a file's bytes.
     pub digest: Option<Digest>,
     pub link_target: Option<String>,
+    /// A file hard-linked to another file of the context: that file's path.
+    pub hardlink: Option<String>,
 }
 
 /// Writes a context's files (blocking) and returns the directory holding them; its error
@@ -126,6 +128,10 @@ impl Context {
                 h.update(d.as_str().as_bytes());
             }
             if let Some(l) = &e.link_target {
+                h.update(l.as_bytes());
+            }
+            if let Some(l) = &e.hardlink {
+                h.update([0xfe]);
                 h.update(l.as_bytes());
             }
             h.update([0xff]);
@@ -241,6 +247,7 @@ mod tests {
             size: content.len() as u64,
             digest: Some(Digest::of(content)),
             link_target: None,
+            hardlink: None,
         }
     }
 
@@ -306,5 +313,9 @@ mod tests {
         assert_eq!(a.subtree_digest("src"), b.subtree_digest("./src/"));
         assert_ne!(a.subtree_digest("src"), c.subtree_digest("src"));
         assert_ne!(a.subtree_digest("."), b.subtree_digest("."));
+        // Two names of one file are not two files of the same content.
+        let linked = Context::new("/x".into(), [file("src/a", b"1"), ContextEntry { hardlink: Some("src/a".into()), ..file("src/b", b"1") }]);
+        let copied = Context::new("/x".into(), [file("src/a", b"1"), file("src/b", b"1")]);
+        assert_ne!(linked.subtree_digest("src"), copied.subtree_digest("src"));
     }
 }

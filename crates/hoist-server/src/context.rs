@@ -70,6 +70,9 @@ struct Recorded {
     link: String,
     mtime: i64,
     mtime_nsec: u32,
+    /// The file this one is a hard link to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    hardlink: String,
 }
 
 impl Recorded {
@@ -82,6 +85,7 @@ impl Recorded {
             link: key(&link_bytes(e)),
             mtime: e.mtime,
             mtime_nsec: e.mtime_nsec,
+            hardlink: e.hardlink.clone(),
         }
     }
 }
@@ -279,6 +283,20 @@ impl ContextStore {
             validate_path(&p)?;
             if kinds.insert(p, e.kind).is_some() {
                 return Err(ContextError::Manifest(format!("path {:?} appears twice", e.path)));
+            }
+        }
+        // A hard link names another file of the manifest with the same content and mode,
+        // which is no link itself.
+        let by_path: HashMap<&str, &v1::ContextEntry> = manifest.entries.iter().filter(|e| e.raw_path.is_empty()).map(|e| (e.path.as_str(), e)).collect();
+        for e in manifest.entries.iter().filter(|e| !e.hardlink.is_empty()) {
+            let ok = e.kind == v1::EntryKind::File as i32
+                && e.raw_path.is_empty()
+                && e.hardlink != e.path
+                && by_path.get(e.hardlink.as_str()).is_some_and(|t| {
+                    t.kind == v1::EntryKind::File as i32 && t.hardlink.is_empty() && t.digest == e.digest && t.mode & 0o7777 == e.mode & 0o7777
+                });
+            if !ok {
+                return Err(ContextError::Manifest(format!("{:?}: invalid hard link to {:?}", e.path, e.hardlink)));
             }
         }
         // Many files: one listing of the store instead of a stat per file.
@@ -557,6 +575,7 @@ impl ContextStore {
                 size: e.size,
                 digest: e.digest.parse().ok(),
                 link_target: (!e.link_target.is_empty()).then(|| e.link_target.clone()),
+                hardlink: (!e.hardlink.is_empty()).then(|| e.hardlink.clone()),
             }),
             materialize,
         );
@@ -663,6 +682,8 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
     let mut written = 0;
     let mut dirs = Vec::new();
     let mut files = Vec::new();
+    // Hard links to another file of the context, made once every file is written.
+    let mut links = Vec::new();
     for (path, rec) in &by_path(&new) {
         let p = root.join(os(&unkey(path)));
         let same = trusted && old.get(path.as_str()) == Some(rec);
@@ -670,8 +691,17 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
             continue;
         }
         let unchanged_content = trusted
-            && old.get(path.as_str()).is_some_and(|o| o.kind == rec.kind && o.digest == rec.digest && o.link == rec.link);
+            && old
+                .get(path.as_str())
+                .is_some_and(|o| o.kind == rec.kind && o.digest == rec.digest && o.link == rec.link && o.hardlink == rec.hardlink);
         match rec.kind {
+            k if k == v1::EntryKind::File as u8 && !rec.hardlink.is_empty() => {
+                // Shares the inode (and so mode and times) of the file it names.
+                if !unchanged_content {
+                    links.push((p, root.join(os(&unkey(&rec.hardlink)))));
+                    written += 1;
+                }
+            }
             k if k == v1::EntryKind::Dir as u8 => {
                 match fs::create_dir(&p) {
                     Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_err(&p)(e)),
@@ -723,6 +753,12 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
         let workers: Vec<_> = files.chunks(chunk).map(|part| scope.spawn(move || part.iter().try_for_each(write_file))).collect();
         workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| Err(ContextError::Io { path: root.clone(), message: "a context writer panicked".into() })))
     })?;
+    for (p, target) in &links {
+        if trusted {
+            let _ = fs::remove_file(p);
+        }
+        fs::hard_link(target, p).map_err(io_err(p))?;
+    }
     // Directories last (deepest first), so that writing their children did not change them.
     for (p, rec) in dirs.iter().rev() {
         fs::set_permissions(p, fs::Permissions::from_mode(rec.mode)).map_err(io_err(p))?;
@@ -1106,5 +1142,37 @@ mod tests {
         assert_eq!(fs::read(root.join("app.txt")).unwrap(), b"APP");
         assert_eq!(fs::read(root.join("src/a")).unwrap(), b"A");
         assert!(store.extend(&base, &more).is_err(), "a prepared context is used once");
+    }
+
+    /// Issue 15: files hard-linked in the client's context are one inode in the tree (so COPY
+    /// keeps the link, as docker build does), and a change of the links is followed.
+    #[tokio::test]
+    async fn hard_links_of_the_context_are_kept_in_the_tree_and_follow_changes() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let linked = |p: &str, to: &str| v1::ContextEntry { hardlink: to.into(), ..file(p, b"S", 0o640) };
+        let m = |entries| v1::ContextManifest { session: "s".into(), entries };
+        let (id, _) = store.prepare(m(vec![file("a", b"S", 0o640), linked("b", "a"), file("c", b"S", 0o640)])).unwrap();
+        upload(&store, b"S");
+        let ctx = written_now(store.materialize(&id).await.unwrap()).await;
+        let root = ctx.context.files().unwrap().to_path_buf();
+        let ino = |p: &str| fs::metadata(root.join(p)).unwrap().ino();
+        assert_eq!(ino("a"), ino("b"), "the link is kept");
+        assert_ne!(ino("a"), ino("c"), "equal content is not a link");
+        assert_eq!(fs::metadata(root.join("b")).unwrap().mode() & 0o777, 0o640);
+        drop(ctx);
+        // b becomes a file of its own, c a link: the tree follows.
+        let (id, missing) = store.prepare(m(vec![file("a", b"S", 0o640), file("b", b"S", 0o640), linked("c", "a")])).unwrap();
+        assert!(missing.is_empty());
+        let ctx = written_now(store.materialize(&id).await.unwrap()).await;
+        assert_ne!(ino("a"), ino("b"));
+        assert_eq!(ino("a"), ino("c"));
+        assert_eq!(fs::read(root.join("b")).unwrap(), b"S");
+        drop(ctx);
+        // A link to a file that is not there, or of other content, is refused.
+        for bad in [vec![linked("b", "nope")], vec![file("a", b"T", 0o640), linked("b", "a")], vec![file("a", b"S", 0o600), linked("b", "a")]] {
+            assert!(matches!(store.prepare(m(bad)), Err(ContextError::Manifest(_))));
+        }
     }
 }
