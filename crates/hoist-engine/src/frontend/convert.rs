@@ -43,6 +43,18 @@ const PROXY_ARGS: [&str; 5] = [
 ];
 const NON_ENV_ARGS: [&str; 2] = ["BUILDKIT_SBOM_SCAN_CONTEXT", "BUILDKIT_SBOM_SCAN_STAGE"];
 
+/// Whether a `# syntax=` value names the standard Dockerfile frontend (`docker/dockerfile`
+/// or `docker/dockerfile-upstream`, on Docker Hub, with any tag or digest).
+fn is_standard_frontend(value: &str) -> bool {
+    let image = value.split('@').next().unwrap_or(value);
+    let repo = match image.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => image,
+    };
+    let repo = repo.strip_prefix("docker.io/").or_else(|| repo.strip_prefix("index.docker.io/")).unwrap_or(repo);
+    matches!(repo, "docker/dockerfile" | "docker/dockerfile-upstream")
+}
+
 /// Whether an ADD source is a git repository (`git@host:repo`, `git://`, `ssh://`, or an
 /// http(s) URL whose path ends in `.git`), as BuildKit's `gitutil.ParseGitRef` tells them.
 pub fn is_git_source(src: &str) -> bool {
@@ -442,6 +454,19 @@ impl<'a> Converter<'a> {
         // Size, NUL bytes, UTF-8, line length and instruction count first: each names its line.
         let parsed = hoist_dockerfile::parse_bytes(dockerfile, &self.limits)
             .map_err(|e| self.syntax(e.line, e.message))?;
+        // `# syntax=` may only name the standard Dockerfile frontend: hoist runs no other.
+        if let Some(d) = parsed.directives.iter().find(|d| d.name == "syntax") {
+            if !is_standard_frontend(&d.value) {
+                return Err(self.invalid(
+                    d.line,
+                    format!(
+                        "# syntax={} names another frontend: hoist builds with its own Dockerfile frontend, which follows \
+                         docker/dockerfile (remove the directive or name docker/dockerfile)",
+                        d.value
+                    ),
+                ));
+            }
+        }
         let stages =
             hoist_dockerfile::parse_stages(&parsed).map_err(|e| self.syntax(e.line, e.message))?;
         self.lex = Lexer::new(parsed.escape);

@@ -1305,3 +1305,16 @@ fn an_invalid_from_reference_names_its_line() {
         assert!(e.starts_with("Dockerfile:2: "), "{bad}: {e}");
     }
 }
+
+/// Issue 15: `# syntax=` is accepted when it names the standard frontend, and another
+/// frontend is a clear error on its line (hoist cannot run it).
+#[test]
+fn the_syntax_directive_accepts_the_standard_frontend_only() {
+    for ok in ["docker/dockerfile:1", "docker/dockerfile:1.7-labs", "docker.io/docker/dockerfile:1@sha256:abc", "docker/dockerfile-upstream:master", "docker/dockerfile"] {
+        build_with(&format!("# syntax={ok}\nFROM scratch\n"), &opts()).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for bad in ["example.com/other/frontend:1", "tonistiigi/dockerfile:latest", "docker/dockerfilex:1"] {
+        let e = build_with(&format!("# syntax={bad}\nFROM scratch\n"), &opts()).unwrap_err().to_string();
+        assert!(e.starts_with("Dockerfile:1: # syntax=") && e.contains("another frontend"), "{bad}: {e}");
+    }
+}
