@@ -14,7 +14,7 @@ log() { echo "[lab] $*" >&2; }
 
 # openssh-client/openssl: the ssh agent tests; iproute2/iptables: RUN's sandbox network and
 # the tests' own network namespaces; util-linux: setpriv/unshare; procps: kill/pgrep.
-pkgs="docker.io containerd runc crun buildah skopeo docker-registry qemu-user-static binfmt-support busybox-static pigz umoci jq curl apache2-utils openssh-client openssl iproute2 iptables util-linux procps bzip2"
+pkgs="docker.io containerd runc crun buildah skopeo docker-registry qemu-user-static binfmt-support busybox-static pigz umoci jq curl apache2-utils openssh-client openssl iproute2 iptables util-linux procps bzip2 git"
 [ "${LAB_DEBIAN:-0}" = 1 ] && pkgs="$pkgs debootstrap"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -367,3 +367,126 @@ fn mounts_of_every_type_leave_no_stubs_and_a_run_on_scratch_leaves_no_etc() {
     assert!(bare.join("bin/busybox").is_file());
     assert!(!bare.join("etc").exists(), "a RUN on an image without /etc leaves none");
 }
+
+/// A git repository served by `git daemon` on a loopback port, with a `main` branch.
+struct GitServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    daemon: std::process::Child,
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=hoist", "-c", "user.email=hoist@localhost", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl GitServer {
+    fn start() -> GitServer {
+        let dir = tempfile::tempdir_in(test_tmp()).unwrap();
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(work.join("sub")).unwrap();
+        git(dir.path(), &["init", "-q", "--bare", "repo.git"]);
+        git(&work, &["init", "-q"]);
+        std::fs::write(work.join("README"), "v1\n").unwrap();
+        std::fs::write(work.join("sub/a.txt"), "a\n").unwrap();
+        // An archive in the repository stays an archive (ADD extracts only local files).
+        let mut tarball = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tarball.append_data(&mut h, "inside.txt", &b"x"[..]).unwrap();
+        std::fs::write(work.join("pkg.tar"), tarball.into_inner().unwrap()).unwrap();
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", "one"]);
+        git(&work, &["tag", "v1"]);
+        git(&work, &["push", "-q", dir.path().join("repo.git").to_str().unwrap(), "main", "v1"]);
+        let port = free_port();
+        let daemon = std::process::Command::new("git")
+            .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
+            .arg(format!("--base-path={}", dir.path().display()))
+            .arg(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting git daemon");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "git daemon did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        GitServer { dir, port, daemon }
+    }
+
+    fn url(&self) -> String {
+        format!("git://127.0.0.1:{}/repo.git", self.port)
+    }
+
+    /// A new commit on `main` changing README.
+    fn commit(&self, readme: &str) {
+        let work = self.dir.path().join("work");
+        std::fs::write(work.join("README"), readme).unwrap();
+        git(&work, &["commit", "-q", "-am", "next"]);
+        git(&work, &["push", "-q", self.dir.path().join("repo.git").to_str().unwrap(), "main"]);
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+/// Issue 15: `ADD <git url>[#ref[:subdir]]` adds the repository at that ref (without `.git`
+/// unless `--keep-git-dir=true`), keyed on the commit the ref names: a rebuild is cached
+/// until the branch moves.
+#[test]
+fn add_of_a_git_repository_follows_its_ref() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let repo = GitServer::start();
+    let url = repo.url();
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}\nADD {url}#v1 /tag/\nADD --keep-git-dir=true {url}#v1 /kept/\nADD {url}#v1:sub /sub/\nADD {url}#main /main/\n",
+            busybox()
+        ),
+    )]);
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let build = |n: u32| {
+        let dest = out.path().join(format!("fs{n}"));
+        let err = h.build_ok(&["-o", &format!("type=local,dest={}", dest.display()), ctx.path().to_str().unwrap()]);
+        (dest, err)
+    };
+    let (fs, _) = build(1);
+    assert_eq!(std::fs::read_to_string(fs.join("tag/README")).unwrap(), "v1\n");
+    assert!(!fs.join("tag/.git").exists(), ".git only when asked for");
+    assert!(fs.join("tag/pkg.tar").is_file() && !fs.join("tag/inside.txt").exists(), "archives stay archives");
+    assert!(fs.join("kept/.git/HEAD").is_file(), "--keep-git-dir keeps .git");
+    assert_eq!(std::fs::read_to_string(fs.join("sub/a.txt")).unwrap(), "a\n");
+    assert!(!fs.join("sub/README").exists(), "only the subdirectory");
+    // Nothing moved: every ADD is cached.
+    let (_, err) = build(2);
+    assert_eq!(count_before(&err, "steps run"), 0, "{err}");
+    // main moves: its ADD reruns, the tag's do not.
+    repo.commit("v2\n");
+    let (fs, err) = build(3);
+    assert_eq!(count_before(&err, "steps run"), 1, "{err}");
+    assert_eq!(std::fs::read_to_string(fs.join("main/README")).unwrap(), "v2\n");
+    assert_eq!(std::fs::read_to_string(fs.join("tag/README")).unwrap(), "v1\n");
+    // No repository on the builder's filesystem.
+    let bad = context(&[("Dockerfile", &format!("FROM {}\nADD file:///etc/passwd.git /x\n", busybox()))]);
+    let o = h.build(&[bad.path().to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !e.contains("root:x:0"), "{e}");
+}

@@ -177,6 +177,15 @@ pub enum Source {
     Context,
     /// Another stage's (or implicit image stage's) final filesystem.
     Stage(StageId),
+    /// `ADD <git url>`: the repository at a ref (only as a COPY/ADD source).
+    Git(GitSource),
+}
+
+/// A git repository at a ref (`URL#REF:SUBDIR`), as written after ADD.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GitSource {
+    pub url: String,
+    pub reference: Option<String>,
 }
 
 /// `RUN`.

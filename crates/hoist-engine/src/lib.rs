@@ -15,6 +15,7 @@ pub mod export;
 pub mod executor;
 pub mod frontend;
 pub mod gc;
+pub mod git;
 pub mod graph;
 mod images;
 pub mod limits;

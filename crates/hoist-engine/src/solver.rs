@@ -169,6 +169,8 @@ pub(crate) struct Build {
     pub leases: Arc<LeaseSet>,
     /// Cache records this build used, marked recently used when it ends.
     pub touched: Mutex<Vec<String>>,
+    /// Git refs resolved to commits, once per build (the key and the checkout agree).
+    pub git_commits: tokio::sync::Mutex<HashMap<crate::graph::GitSource, String>>,
     /// Per stage: whether its layers end up in the target image (the target and the
     /// stages it is built `FROM`), so are worth compressing early ([`BuildRequest::eager_blobs`]).
     pub in_target: Vec<bool>,
@@ -179,6 +181,22 @@ pub(crate) struct Build {
 }
 
 impl Build {
+    /// The commit git source `g` names for this build.
+    pub async fn git_commit(&self, g: &crate::graph::GitSource) -> Result<String, String> {
+        let mut known = self.git_commits.lock().await;
+        if let Some(c) = known.get(g) {
+            return Ok(c.clone());
+        }
+        let r = crate::git::GitRef { url: g.url.clone(), reference: g.reference.clone(), subdir: None };
+        let scratch = tempfile::tempdir_in(self.engine.root()).map_err(|e| e.to_string())?;
+        let commit = tokio::task::spawn_blocking(move || crate::git::resolve(&r, scratch.path()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        known.insert(g.clone(), commit.clone());
+        Ok(commit)
+    }
+
     /// Wait for another stage's result.
     pub(crate) async fn stage(&self, id: StageId) -> Result<Arc<StageState>, EngineError> {
         let fut = {
@@ -262,6 +280,7 @@ pub(crate) async fn build_platform(
         context,
         leases,
         touched: Mutex::new(Vec::new()),
+        git_commits: Default::default(),
         in_target,
         cgroup,
     });
@@ -487,6 +506,8 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
                 let s = b.stage(*j).await?;
                 stage_input(&mut inputs, &s.key);
             }
+            // The commit the ref names now: a moved branch is a new step.
+            Source::Git(g) => inputs.push(("git", b.git_commit(g).await.map_err(|e| step_error(b, step, e))?)),
         },
         Op::Run(r) => {
             // `docker build --network` is the network of RUNs without their own: as in

@@ -179,6 +179,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
         match &m.kind {
             MountKind::Bind { from, source, readwrite } => {
                 let root = match from {
+                    Source::Git(_) => return Err(env.err("a RUN mount cannot come from a git source")),
                     Source::Context => context_files(env).await?,
                     Source::Stage(j) => {
                         let s = b.stage(*j).await?;
@@ -206,6 +207,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
             MountKind::Cache { id, sharing, from, source, readonly, mode, uid, gid } => {
                 let seed = match from {
                     None => None,
+                    Some(Source::Git(_)) => return Err(env.err("a cache mount cannot come from a git source")),
                     Some(Source::Context) => Some(rootfs::resolve_in_root(&context_files(env).await?, source, true).map_err(|e| env.err(e))?),
                     Some(Source::Stage(j)) => {
                         let s = b.stage(*j).await?;
@@ -394,6 +396,7 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Pro
     let b = &env.build;
     // Sources.
     let mut held_views = Vec::new();
+    let mut held_dirs = Vec::new();
     let src_root = match &c.from {
         Source::Context => context_files(env).await?,
         Source::Stage(j) => {
@@ -401,6 +404,17 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Pro
             let v = prepare(env, s.layers.clone(), true).await?;
             let p = v.merged().to_path_buf();
             held_views.push(v);
+            p
+        }
+        Source::Git(g) => {
+            // The commit the step's key was made with, checked out for this copy.
+            let commit = b.git_commit(g).await.map_err(|e| env.err(e))?;
+            let dir = tempfile::Builder::new().prefix("git-").tempdir_in(b.engine.root()).map_err(|e| env.err(e))?;
+            let r = crate::git::GitRef { url: g.url.clone(), reference: g.reference.clone(), subdir: None };
+            let (path, keep, max) = (dir.path().to_path_buf(), c.keep_git_dir, b.engine.limits().archive.max_bytes);
+            blocking(env, move || crate::git::checkout(&r, &commit, &path, keep, max).map_err(|e| e.to_string())).await?;
+            let p = dir.path().to_path_buf();
+            held_dirs.push(dir);
             p
         }
     };

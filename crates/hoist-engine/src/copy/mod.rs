@@ -222,6 +222,7 @@ fn describe_from(from: &Source) -> String {
     match from {
         Source::Context => "the build context".to_string(),
         Source::Stage(i) => format!("stage {i}"),
+        Source::Git(g) => format!("git repository {}", g.url),
     }
 }
 

@@ -1689,6 +1689,7 @@ impl<'a> Converter<'a> {
             msg.push_str(&format!(" --chmod={v}"));
         }
         let mut srcs = Vec::with_capacity(sources.len() + contents.len());
+        let mut from = from;
         for s in &sources {
             msg.push(' ');
             msg.push_str(s);
@@ -1698,10 +1699,14 @@ impl<'a> Converter<'a> {
                         self.invalid(line, format!("source can't be a git ref for COPY: {s}"))
                     );
                 }
-                srcs.push(CopySource::Url {
-                    url: s.clone(),
-                    checksum: None,
-                });
+                if sources.len() != 1 || !contents.is_empty() {
+                    return Err(self.invalid(line, format!("a git source must be the only source of ADD: {s}")));
+                }
+                // The repository is the source's root; its subdirectory (or root) is what
+                // is added, as `COPY dir /dest` adds a directory's contents.
+                let r = crate::git::GitRef::parse(s).map_err(|e| self.invalid(line, e.to_string()))?;
+                from = Source::Git(crate::graph::GitSource { url: r.url, reference: r.reference });
+                srcs.push(CopySource::Path(r.subdir.unwrap_or_else(|| "/".into())));
             } else if is_http_source(s) {
                 if !c.is_add {
                     return Err(self.invalid(line, format!("source can't be a URL for COPY: {s}")));
@@ -1724,6 +1729,8 @@ impl<'a> Converter<'a> {
         msg.push(' ');
         msg.push_str(&dest_raw);
         let dest = dest_path(&st.workdir, &dest_raw);
+        // A repository's files are added as they are: archives in it stay archives.
+        let unpack = c.is_add && c.unpack.unwrap_or(true) && !matches!(from, Source::Git(_));
         st.steps.push(Step {
             line,
             display: self.display(st, &cmd.instr.code, cmd.onbuild),
@@ -1736,7 +1743,7 @@ impl<'a> Converter<'a> {
                 link: c.link,
                 exclude: c.excludes.clone(),
                 parents: c.parents,
-                unpack: c.is_add && c.unpack.unwrap_or(true),
+                unpack,
                 keep_git_dir: c.keep_git_dir,
                 is_add: c.is_add,
             }),
