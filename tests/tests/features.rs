@@ -490,3 +490,47 @@ fn add_of_a_git_repository_follows_its_ref() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && !e.contains("root:x:0"), "{e}");
 }
+
+/// Issue 15: Dockerfile 1.7 features end to end, each against the behaviour BuildKit
+/// documents: `COPY --parents` keeps the source paths below the `./` pivot (or the context
+/// root), `COPY --exclude` leaves matching files out, heredocs as a RUN script and as a COPY
+/// source, and `RUN --mount=type=bind,from=<image>,rw` writes a throwaway copy.
+#[test]
+fn dockerfile_1_7_parents_exclude_heredocs_and_rw_image_binds() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let ctx = context(&[
+        (
+            "Dockerfile",
+            &format!(
+                "# syntax=docker/dockerfile:1.7\nFROM {bb}\n\
+                 COPY --parents a/b/x.txt c/z.txt /parents/\n\
+                 COPY --parents ./a/./b/x.txt /pivot/\n\
+                 COPY --exclude=*.log --exclude=skip a /excluded/\n\
+                 RUN <<EOT\nset -e\necho from a heredoc > /heredoc-run\nEOT\n\
+                 COPY <<EOF /heredoc-copy\nline one\nEOF\n\
+                 RUN --mount=type=bind,from={bb},source=/bin,target=/b,rw echo x > /b/new && cat /b/new > /rw-bind\n",
+                bb = busybox()
+            ),
+        ),
+        ("a/b/x.txt", "x"),
+        ("a/y.log", "log"),
+        ("a/skip", "skip"),
+        ("a/keep.txt", "keep"),
+        ("c/z.txt", "z"),
+    ]);
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let fs = out.path().join("fs");
+    h.build_ok(&["-o", &format!("type=local,dest={}", fs.display()), ctx.path().to_str().unwrap()]);
+    let read = |p: &str| std::fs::read_to_string(fs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!((read("parents/a/b/x.txt"), read("parents/c/z.txt")), ("x".into(), "z".into()));
+    assert_eq!(read("pivot/b/x.txt"), "x", "the ./ pivot drops what is before it");
+    assert_eq!((read("excluded/keep.txt"), read("excluded/b/x.txt")), ("keep".into(), "x".into()));
+    assert!(!fs.join("excluded/y.log").exists() && !fs.join("excluded/skip").exists());
+    assert_eq!(read("heredoc-run"), "from a heredoc\n");
+    assert_eq!(read("heredoc-copy"), "line one\n");
+    assert_eq!(read("rw-bind"), "x\n");
+    assert!(!fs.join("bin/new").exists() && !fs.join("b").exists(), "an rw bind of an image writes nothing into the layer");
+}

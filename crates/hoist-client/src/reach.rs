@@ -35,21 +35,9 @@ fn clean(p: &str) -> String {
     out.join("/")
 }
 
-fn has_wildcard(s: &str) -> bool {
-    s.contains(['*', '?', '['])
-}
-
-/// The literal directory prefix of a source: up to the first component with a wildcard.
+/// The literal directory prefix of a source (`None`: the whole context).
 fn selector(source: &str) -> Option<String> {
-    let c = clean(source);
-    let mut keep = Vec::new();
-    for comp in c.split('/') {
-        if has_wildcard(comp) || comp.contains('\\') {
-            break;
-        }
-        keep.push(comp);
-    }
-    let s = keep.join("/");
+    let s = hoist_dockerfile::instructions::source_selector(source);
     (!s.is_empty()).then_some(s)
 }
 
@@ -73,7 +61,7 @@ pub fn reachable(dockerfile: &str) -> Reach {
                         }
                         // `--parents` keeps the structure from the `./` pivot; the files read
                         // are the same.
-                        match selector(&src.replace("/./", "/")) {
+                        match selector(src) {
                             Some(s) => {
                                 paths.insert(s);
                             }

@@ -1301,5 +1301,26 @@ pub fn format_health_history(h: &HealthSpec) -> String {
     )
 }
 
+
+/// The context path a COPY/ADD source (or a bind mount's `source`) reads, as a selector:
+/// the path up to its first component with a wildcard or an escape, cleaned as COPY
+/// resolves it (relative to the context root, `..` clamped, `--parents` pivots `/./`
+/// ignored). `""` means the whole context.
+pub fn source_selector(source: &str) -> String {
+    let source = source.replace("/./", "/");
+    let mut keep: Vec<&str> = Vec::new();
+    for c in source.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                keep.pop();
+            }
+            c if c.contains(['*', '?', '[', '\\']) => break,
+            c => keep.push(c),
+        }
+    }
+    keep.join("/")
+}
+
 #[cfg(test)]
 mod tests;

@@ -165,23 +165,7 @@ fn is_below(path: &str, dir: &str) -> bool {
     path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
 }
 
-/// The literal part of a source path as a context selector: the path up to its first
-/// component with a wildcard (or escape), cleaned; "" when that is the whole context.
-pub fn selector(source: &str) -> String {
-    let source = source.replace("/./", "/");
-    let mut keep: Vec<&str> = Vec::new();
-    for c in source.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                keep.pop();
-            }
-            c if c.contains(['*', '?', '[', '\\']) => break,
-            c => keep.push(c),
-        }
-    }
-    keep.join("/")
-}
+pub use hoist_dockerfile::instructions::source_selector as selector;
 
 /// The context paths a graph's steps read: COPY/ADD sources and RUN mounts from the
 /// context, as selectors (see [`selector`]).

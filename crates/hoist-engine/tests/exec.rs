@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::*;
+
 use hoist_engine::executor::{
-    ExecError, ExecMount, Executor, ExitStatus, LogChunk, LogStream, RunSpec, RuncConfig, RuncExecutor,
+    ExecError, ExecMount, RunSpec, RuncConfig, RuncExecutor,
 };
 use hoist_engine::graph::{NetworkMode, Platform, SecurityMode};
 use hoist_engine::snapshot::{ActiveMount, OverlayMounter, Snapshotter};
@@ -19,14 +22,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Timing-sensitive tests (fork storm, cancellation) run one at a time on this 2-core box.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn is_root() -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: this test needs root (overlayfs mounts and runc)");
-    false
-}
 
 struct Lab {
     tmp: tempfile::TempDir,
@@ -66,68 +61,10 @@ impl Lab {
     }
 }
 
-/// A minimal rootfs: busybox with its applet links, /etc/passwd and /etc/group, a file to
-/// delete and a directory to replace. No /proc, /dev, /sys, /etc/hosts, /etc/resolv.conf.
-fn busybox_rootfs(dir: &Path, busybox: &Path) {
-    fs::create_dir_all(dir.join("bin")).unwrap();
-    fs::copy(busybox, dir.join("bin/busybox")).unwrap();
-    let list = std::process::Command::new(busybox).arg("--list").output().unwrap();
-    for applet in String::from_utf8(list.stdout).unwrap().lines() {
-        if applet != "busybox" && !applet.is_empty() {
-            let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
-        }
-    }
-    fs::create_dir_all(dir.join("etc")).unwrap();
-    fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n").unwrap();
-    fs::write(dir.join("etc/group"), "root:x:0:\nwheel:x:10:app\napp:x:1000:\n").unwrap();
-    fs::write(dir.join("del"), "to be deleted").unwrap();
-    fs::create_dir_all(dir.join("data/sub")).unwrap();
-    fs::write(dir.join("data/sub/x"), "old").unwrap();
-    fs::create_dir_all(dir.join("tmp")).unwrap();
-}
-
-fn sh(script: &str) -> Vec<String> {
-    vec!["/bin/sh".into(), "-c".into(), script.into()]
-}
-
 fn spec_for(mount: &ActiveMount, id: &str, args: Vec<String>) -> RunSpec {
     let mut s = RunSpec::new(id, mount.merged(), args);
     s.env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()];
     s
-}
-
-struct Output {
-    result: Result<ExitStatus, ExecError>,
-    stdout: String,
-    stderr: String,
-}
-
-async fn run_with(exec: &RuncExecutor, spec: RunSpec, cancel: CancellationToken) -> Output {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<LogChunk>(64);
-    let collector = tokio::spawn(async move {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        while let Some(c) = rx.recv().await {
-            match c.stream {
-                LogStream::Stdout => out.extend_from_slice(&c.data),
-                LogStream::Stderr => err.extend_from_slice(&c.data),
-            }
-        }
-        (String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned())
-    });
-    let result = exec.run(spec, tx, cancel).await;
-    let (stdout, stderr) = collector.await.unwrap();
-    Output { result, stdout, stderr }
-}
-
-async fn run(exec: &RuncExecutor, spec: RunSpec) -> Output {
-    run_with(exec, spec, CancellationToken::new()).await
-}
-
-fn code(o: &Output) -> i32 {
-    match &o.result {
-        Ok(s) => s.code,
-        Err(e) => panic!("run failed: {e}\nstdout: {}\nstderr: {}", o.stdout, o.stderr),
-    }
 }
 
 /// Entries of a directory tree, relative, sorted.
@@ -293,10 +230,6 @@ async fn hosts_resolv_and_hostname_are_provided() {
     let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap();
     assert!(o.stdout.contains(&host_resolv), "host network: the host's resolv.conf");
     assert!(!o.stdout.contains("writable"));
-}
-
-fn interfaces(proc_net_dev: &str) -> BTreeSet<String> {
-    proc_net_dev.lines().skip(2).filter(|l| l.contains(':')).filter_map(|l| l.split(':').next()).map(|s| s.trim().to_string()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -704,18 +637,6 @@ async fn a_trivial_step_costs_little_beyond_the_runtime() {
     lab.assert_no_mounts();
 }
 
-/// Whether a test that needs root can run here. As another user it skips with a note,
-/// except under CI (`CI` set), where a skipped sandbox test would look like a pass: there
-/// it fails.
-fn root_or_skip() -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "this test needs root (overlayfs mounts and runc) and CI is set: run the tests as root");
-    eprintln!("skipping: this test needs root (overlayfs mounts and runc)");
-    false
-}
-
 /// The `Seccomp:` mode of the step's shell: 0 none, 2 filter.
 fn seccomp_mode(stdout: &str) -> Option<&str> {
     stdout.lines().find_map(|l| l.strip_prefix("Seccomp:\t"))
@@ -723,7 +644,7 @@ fn seccomp_mode(stdout: &str) -> Option<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandboxed_steps_run_under_seccomp_and_insecure_ones_do_not() {
-    if !root_or_skip() {
+    if !is_root() {
         return;
     }
     let lab = Lab::new();
@@ -743,7 +664,7 @@ async fn seccomp_refuses_a_user_namespace_that_no_capability_guards() {
     // Creating a user namespace needs no capability, so only the filter stops a sandboxed
     // step from gaining a full capability set over the kernel's namespaced code (Docker
     // allows unshare(2) to CAP_SYS_ADMIN only, and clone(2) without CLONE_NEWUSER).
-    if !root_or_skip() {
+    if !is_root() {
         return;
     }
     let lab = Lab::new();
@@ -763,7 +684,7 @@ async fn seccomp_refuses_personality_flags_outside_dockers_list() {
     // personality(2) needs no capability; Docker's profile allows only PER_LINUX,
     // PER_LINUX32 (linux32), UNAME26 and the query. `linux64 -R` asks for
     // ADDR_NO_RANDOMIZE, which switches ASLR off, and must fail in the sandbox.
-    if !root_or_skip() {
+    if !is_root() {
         return;
     }
     let lab = Lab::new();
@@ -783,7 +704,7 @@ async fn seccomp_refuses_personality_flags_outside_dockers_list() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordinary_build_work_runs_under_the_seccomp_filter() {
-    if !root_or_skip() {
+    if !is_root() {
         return;
     }
     let lab = Lab::new();
@@ -807,7 +728,7 @@ async fn ordinary_build_work_runs_under_the_seccomp_filter() {
 async fn an_arm64_step_under_qemu_is_filtered_on_host_syscalls() {
     // qemu-user turns the guest's syscalls into the host's, so the x86-64 filter applies:
     // ordinary work (fork, threads of qemu itself) runs and a user namespace is refused.
-    if !root_or_skip() {
+    if !is_root() {
         return;
     }
     let arm64 = Platform::parse("linux/arm64").unwrap();
@@ -850,7 +771,7 @@ fn build_step(mount: &ActiveMount, cg: &BuildCgroup, id: &str, script: &str) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_over_the_build_memory_limit_is_oom_killed_and_the_kill_is_counted() {
-    if !root_or_skip() {
+    if !is_root() {
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -889,7 +810,7 @@ async fn a_step_over_the_build_memory_limit_is_oom_killed_and_the_kill_is_counte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_of_one_build_share_its_cgroup_and_dropping_it_removes_it_from_every_hierarchy() {
-    if !root_or_skip() {
+    if !is_root() {
         return;
     }
     let lab = Lab::new();
@@ -922,7 +843,7 @@ async fn steps_of_one_build_share_its_cgroup_and_dropping_it_removes_it_from_eve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leftover_build_cgroups_are_removed_but_not_live_or_busy_ones() {
-    if !root_or_skip() {
+    if !is_root() {
         return;
     }
     let layout = CgroupLayout::current().unwrap();

@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hoist_engine::executor::{ExecError, ExecMount, Executor, ExitStatus, LogChunk, LogStream, RunSpec, RuncConfig, RuncExecutor, DEFAULT_BRIDGE, DEFAULT_SUBNET};
+mod common;
+use common::*;
+
+use hoist_engine::executor::{ExecError, ExecMount, Executor, LogChunk, RunSpec, RuncConfig, RuncExecutor, DEFAULT_BRIDGE, DEFAULT_SUBNET};
 use hoist_engine::graph::NetworkMode;
 use hoist_engine::snapshot::{ActiveMount, Snapshotter};
 use hoist_oci::digest::Digest;
@@ -23,17 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Timing-sensitive tests run one at a time on this 2-core box.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn is_root() -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("these tests need root (network namespaces, a bridge, iptables, overlayfs and runc): run them as root in CI");
-    }
-    eprintln!("skipping: this test needs root (network namespaces, a bridge, iptables, overlayfs and runc)");
-    false
-}
 
 struct Lab {
     tmp: tempfile::TempDir,
@@ -49,7 +41,7 @@ impl Lab {
         let exec = RuncExecutor::new(RuncConfig::new(tmp.path().join("executor"))).unwrap();
         let base = Digest::of(b"network test busybox base layer");
         let layer = snap.temp_dir().unwrap();
-        busybox_rootfs(layer.path());
+        busybox_rootfs(layer.path(), Path::new("/bin/busybox"));
         snap.commit(layer, &base).unwrap();
         Lab { tmp, snap, exec, base }
     }
@@ -93,70 +85,10 @@ fn address_is_free(ip: Ipv4Addr) -> bool {
     free
 }
 
-/// Busybox with its applet links, users, and name lookups from /etc/hosts only (glibc
-/// without nsswitch.conf would ask the DNS server first: no query may leave the machine).
-fn busybox_rootfs(dir: &Path) {
-    fs::create_dir_all(dir.join("bin")).unwrap();
-    fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
-    let list = std::process::Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8(list.stdout).unwrap().lines() {
-        if applet != "busybox" && !applet.is_empty() {
-            let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
-        }
-    }
-    fs::create_dir_all(dir.join("etc")).unwrap();
-    fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
-    fs::write(dir.join("etc/nsswitch.conf"), "hosts: files\n").unwrap();
-    fs::create_dir_all(dir.join("tmp")).unwrap();
-}
-
-fn sh(script: &str) -> Vec<String> {
-    vec!["/bin/sh".into(), "-c".into(), script.into()]
-}
-
 fn spec_for(mount: &ActiveMount, id: &str, script: &str) -> RunSpec {
     let mut s = RunSpec::new(id, mount.merged(), sh(script));
     s.env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()];
     s
-}
-
-struct Output {
-    result: Result<ExitStatus, ExecError>,
-    stdout: String,
-    stderr: String,
-}
-
-async fn run_with(exec: &RuncExecutor, spec: RunSpec, cancel: CancellationToken) -> Output {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<LogChunk>(64);
-    let collector = tokio::spawn(async move {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        while let Some(c) = rx.recv().await {
-            match c.stream {
-                LogStream::Stdout => out.extend_from_slice(&c.data),
-                LogStream::Stderr => err.extend_from_slice(&c.data),
-            }
-        }
-        (String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned())
-    });
-    let result = exec.run(spec, tx, cancel).await;
-    let (stdout, stderr) = collector.await.unwrap();
-    Output { result, stdout, stderr }
-}
-
-async fn run(exec: &RuncExecutor, spec: RunSpec) -> Output {
-    run_with(exec, spec, CancellationToken::new()).await
-}
-
-fn code(o: &Output) -> i32 {
-    match &o.result {
-        Ok(s) => s.code,
-        Err(e) => panic!("run failed: {e}\nstdout: {}\nstderr: {}", o.stdout, o.stderr),
-    }
-}
-
-fn interfaces(proc_net_dev: &str) -> BTreeSet<String> {
-    proc_net_dev.lines().skip(2).filter(|l| l.contains(':')).filter_map(|l| l.split(':').next()).map(|s| s.trim().to_string()).collect()
 }
 
 /// The step's eth0 address from `ip -4 -o addr show dev eth0` output (`... inet A/P ...`).
