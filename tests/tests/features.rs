@@ -534,3 +534,48 @@ fn dockerfile_1_7_parents_exclude_heredocs_and_rw_image_binds() {
     assert_eq!(read("rw-bind"), "x\n");
     assert!(!fs.join("bin/new").exists() && !fs.join("b").exists(), "an rw bind of an image writes nothing into the layer");
 }
+
+/// Issue 15: heredocs in every position BuildKit's Dockerfile frontend allows, with its
+/// semantics: a RUN whose whole command is a heredoc runs it as a script (and a `#!` script
+/// with its interpreter), a heredoc inside a command goes to the shell as one (so several in
+/// one RUN, `<<-` tab stripping and quoted delimiters are the shell's), COPY and ADD take
+/// several heredoc files at once (0644 unless `--chmod`, build variables expanded unless the
+/// delimiter is quoted), and ONBUILD carries its heredoc to the child.
+#[test]
+fn heredocs_in_every_position() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let dockerfile = format!(
+        "FROM {bb} AS parent\n\
+         ONBUILD RUN <<EOF\necho from onbuild > /onbuild\nEOF\n\
+         FROM parent\n\
+         ARG WHO=world\n\
+         ENV STAGE=final\n\
+         RUN <<EOF\necho \"$STAGE\" > /script\necho second line >> /script\nEOF\n\
+         RUN <<EOF\n#!/bin/sh -e\necho \"interpreter $0\" > /shebang\nEOF\n\
+         RUN cat <<A > /two-a && cat <<'B' > /two-b\nhello $WHO\nA\nliteral $WHO\nB\n\
+         RUN cat <<-EOF > /stripped\n\t\tindented\n\tEOF\n\
+         COPY <<one.txt <<two.txt /many/\nfirst $WHO\none.txt\nsecond\ntwo.txt\n\
+         COPY <<'EOF' /quoted\nkept $WHO\nEOF\n\
+         COPY --chmod=0755 <<EOF /tool.sh\n#!/bin/sh\nEOF\n\
+         ADD <<EOF /added\nadded $WHO\nEOF\n",
+        bb = busybox()
+    );
+    let ctx = context(&[("Dockerfile", &dockerfile)]);
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let fs = out.path().join("fs");
+    h.build_ok(&["-o", &format!("type=local,dest={}", fs.display()), ctx.path().to_str().unwrap()]);
+    let read = |p: &str| std::fs::read_to_string(fs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let mode = |p: &str| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(fs.join(p)).unwrap().permissions()) & 0o7777;
+    assert_eq!(read("onbuild"), "from onbuild\n");
+    assert_eq!(read("script"), "final\nsecond line\n");
+    assert!(read("shebang").starts_with("interpreter /"), "{}", read("shebang"));
+    assert_eq!((read("two-a"), read("two-b")), ("hello world\n".into(), "literal $WHO\n".into()));
+    assert_eq!(read("stripped"), "indented\n");
+    assert_eq!((read("many/one.txt"), read("many/two.txt")), ("first world\n".into(), "second\n".into()));
+    assert_eq!(read("quoted"), "kept $WHO\n");
+    assert_eq!((mode("many/one.txt"), mode("tool.sh")), (0o644, 0o755));
+    assert_eq!(read("added"), "added world\n");
+}
