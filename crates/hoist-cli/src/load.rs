@@ -127,14 +127,6 @@ impl LoadReport {
     }
 }
 
-fn random_hex(n: usize) -> String {
-    let mut r = vec![0u8; n];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut r);
-    }
-    hex::encode(r)
-}
 
 /// The manifest of `session` for `platform` (its only one, or the matching one).
 fn pick_manifest<'a>(session: &'a v1::ExportSession, platform: &str) -> anyhow::Result<&'a v1::ManifestRef> {
@@ -250,7 +242,7 @@ fn unreachable_message(m: &str) -> bool {
 async fn load_registry(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> Result<LoadReport, RegistryLoadError> {
     let started = Instant::now();
     let docker = &engine.docker;
-    let repository = format!("hoist-load/{}", random_hex(8));
+    let repository = format!("hoist-load/{}", hoist_oci::random::hex(8));
     let temp_tag = "load";
     let content = content_of(session, &repository, temp_tag)?;
     let chosen = pick_manifest(session, &engine.platform)?;

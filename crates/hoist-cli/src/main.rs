@@ -181,3 +181,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every size flag reads units the same way, Docker's: `10GB` and `10GiB` are both
+    /// 10 × 2^30 bytes (once `project limit` read `10GB` as 10^10 and `serve` as 10 GiB).
+    #[test]
+    fn every_size_flag_reads_units_alike() {
+        const TEN_GIB: u64 = 10 << 30;
+        for size in ["10GB", "10GiB", "10g", "10G"] {
+            let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}")).command;
+            match parse(&["hoist", "project", "limit", "web", size]) {
+                Command::Project(manage::ProjectCmd::Limit { size: Some(b), .. }) => assert_eq!(b, TEN_GIB, "project limit {size}"),
+                other => panic!("{other:?}"),
+            }
+            match parse(&["hoist", "cache", "prune", "--keep-storage", size]) {
+                Command::Cache(manage::CacheCmd::Prune { keep_storage, .. }) => assert_eq!(keep_storage, TEN_GIB, "--keep-storage {size}"),
+                other => panic!("{other:?}"),
+            }
+            match parse(&["hoist", "serve", "--max-context-bytes", size, "--build-memory", size]) {
+                Command::Serve(a) => {
+                    let l = a.limits.limits();
+                    assert_eq!((l.max_context_bytes, l.build_memory), (TEN_GIB, Some(TEN_GIB)), "serve {size}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(Cli::try_parse_from(["hoist", "project", "limit", "web", "10 parsecs"]).is_err());
+    }
+}

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 use hoist_client::v1;
 use hoist_server::auth::AuthStore;
@@ -28,9 +28,10 @@ pub enum ProjectCmd {
     /// runs at once (--builds; default 4, more wait for a slot).
     Limit {
         name: String,
-        /// Storage limit: its cache, contexts, build records and logs, e.g. 20GB.
-        #[arg(required_unless_present = "builds")]
-        size: Option<String>,
+        /// Storage limit: its cache, contexts, build records and logs, e.g. 20GB (binary
+        /// units, as Docker's: 20GB = 20GiB).
+        #[arg(required_unless_present = "builds", value_parser = crate::limits::parse_size)]
+        size: Option<u64>,
         /// Builds the project runs at once.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         builds: Option<u32>,
@@ -97,9 +98,10 @@ pub enum CacheCmd {
     },
     /// Drop least recently used cache entries until the project uses at most SIZE.
     Prune {
-        /// e.g. 10GB, 512MB; 0 drops everything not in use.
-        #[arg(long = "keep-storage", default_value = "0")]
-        keep_storage: String,
+        /// e.g. 10GB, 512MB (binary units, as Docker's: 10GB = 10GiB); 0 drops everything
+        /// not in use.
+        #[arg(long = "keep-storage", default_value = "0", value_parser = crate::limits::parse_size)]
+        keep_storage: u64,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -145,27 +147,6 @@ pub struct LoginArgs {
     pub insecure: bool,
 }
 
-/// Parse `10GB`, `512MB`, `1.5GiB`, `1000` (bytes).
-pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| anyhow!("invalid size {s:?}: expected e.g. 10GB, 512MB or 1000"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        "tib" => 1024f64.powi(4),
-        other => bail!("invalid size {s:?}: unknown unit {other:?}"),
-    };
-    Ok((n * mult) as u64)
-}
-
 pub fn project(cmd: ProjectCmd) -> anyhow::Result<()> {
     match cmd {
         ProjectCmd::Create { name, token_name, root } => {
@@ -175,8 +156,7 @@ pub fn project(cmd: ProjectCmd) -> anyhow::Result<()> {
         }
         ProjectCmd::Limit { name, size, builds, root } => {
             let store = AuthStore::new(&root);
-            if let Some(size) = size {
-                let bytes = parse_size(&size)?;
+            if let Some(bytes) = size {
                 store.set_limit(&name, bytes)?;
                 eprintln!("project {name:?}: storage limit {}", human_bytes(bytes));
             }
@@ -267,8 +247,7 @@ pub async fn cache(cmd: CacheCmd) -> anyhow::Result<()> {
             let u = conn.connect(None).await?.cache_usage(v1::CacheUsageRequest {}).await.map_err(status)?.into_inner();
             print_usage(&u);
         }
-        CacheCmd::Prune { keep_storage, conn } => {
-            let keep_bytes = parse_size(&keep_storage)?;
+        CacheCmd::Prune { keep_storage: keep_bytes, conn } => {
             let u = conn.connect(None).await?.cache_prune(v1::CachePruneRequest { keep_bytes }).await.map_err(status)?.into_inner();
             print_usage(&u);
         }
@@ -331,20 +310,4 @@ pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
-        assert_eq!(parse_size("512mb").unwrap(), 512_000_000);
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert_eq!(parse_size("1.5kb").unwrap(), 1500);
-        assert!(parse_size("ten").is_err());
-        assert!(parse_size("5parsecs").is_err());
-    }
 }

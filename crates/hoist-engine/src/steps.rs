@@ -287,7 +287,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
         other => other,
     };
     let spec = RunSpec {
-        id: format!("hoist-{}", uuid_like()),
+        id: format!("hoist-{}", hoist_oci::random::hex(8)),
         rootfs: merged,
         args: run.args.clone(),
         env: env_vars,
@@ -381,16 +381,6 @@ fn secret_dir() -> PathBuf {
     }
 }
 
-fn uuid_like() -> String {
-    let mut b = [0u8; 8];
-    let _ = getrandom(&mut b);
-    hex::encode(b)
-}
-
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
-}
 
 async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Produced, EngineError> {
     let b = &env.build;

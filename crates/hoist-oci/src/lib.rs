@@ -1,7 +1,8 @@
 //! hoist-oci owns the OCI formats and their movement: digests, image/index/config types (on
 //! oci-spec), the content store, layer tar read/write with whiteouts, compression (parallel
 //! gzip, zstd), the one-pass layer export pipeline, image references, registry credentials
-//! and the registry client (pull and push).
+//! and the registry client (pull and push); and, as the workspace's lowest crate, random bytes
+//! from the kernel (`random`).
 
 pub mod compress;
 pub mod digest;
@@ -12,4 +13,5 @@ pub mod store;
 pub mod reference;
 pub mod auth;
 pub mod registry;
+pub mod random;
 pub use registry::Platform;

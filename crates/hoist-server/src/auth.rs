@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -130,7 +130,7 @@ pub fn valid_project_name(name: &str) -> bool {
 
 fn new_token() -> Result<String, std::io::Error> {
     let mut buf = [0u8; 32];
-    fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    hoist_oci::random::fill(&mut buf)?;
     Ok(format!("hst_{}", hex::encode(buf)))
 }
 

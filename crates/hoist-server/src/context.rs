@@ -331,9 +331,7 @@ impl ContextStore {
                 }
             }
         }
-        let mut id = [0u8; 16];
-        getrandom(&mut id);
-        let id = hex::encode(id);
+        let id = hoist_oci::random::hex(16);
         let stats = SyncStats { entries: manifest.entries.len() as u64, missing: missing.len() as u64, missing_bytes };
         let asked = missing.iter().filter_map(|d| d.parse().ok()).collect();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -549,9 +547,7 @@ impl ContextStore {
                         (dir2.clone(), Held::Shared(write.downgrade()))
                     }
                     Err(_) => {
-                        let mut id = [0u8; 8];
-                        getrandom(&mut id);
-                        let private = dir2.with_extension(format!("build-{}", hex::encode(id)));
+                        let private = dir2.with_extension(format!("build-{}", hoist_oci::random::hex(8)));
                         let held = Held::Private(private.clone());
                         let n = update_dir(&private, &blobs, &entries).map_err(|e| e.to_string())?;
                         written2.store(n, std::sync::atomic::Ordering::Relaxed);
@@ -610,12 +606,6 @@ fn unique_size(dir: &Path) -> u64 {
     total
 }
 
-fn getrandom(buf: &mut [u8]) {
-    use std::io::Read;
-    if let Ok(mut f) = fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(buf);
-    }
-}
 
 /// What `<dir>/state.json` records the directory holds (empty when unknown).
 fn recorded(dir: &Path) -> BTreeMap<String, Recorded> {
@@ -791,9 +781,7 @@ fn place_file(src: &Path, p: &Path, scratch: &Path, may_link: bool) -> Result<()
         fs::remove_file(p).map_err(io_err(p))?;
     }
     // Never written into an existing inode, which may be a blob's.
-    let mut id = [0u8; 8];
-    getrandom(&mut id);
-    let tmp = scratch.join(format!("copy-{}", hex::encode(id)));
+    let tmp = scratch.join(format!("copy-{}", hoist_oci::random::hex(8)));
     let copied = fs::copy(src, &tmp).and_then(|_| fs::rename(&tmp, p));
     if copied.is_err() {
         let _ = fs::remove_file(&tmp);

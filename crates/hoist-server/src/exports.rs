@@ -92,17 +92,7 @@ pub struct Exports {
 
 /// A random 128-bit id, hex.
 fn random_id() -> String {
-    let mut r = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut r);
-    }
-    if r == [0u8; 16] {
-        // /dev/urandom unreadable: still unique, if guessable (the project check stays).
-        let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        r = ns.to_le_bytes();
-    }
-    hex::encode(r)
+    hoist_oci::random::hex(16)
 }
 
 impl Exports {

@@ -542,12 +542,7 @@ fn private_dir(dir: &std::path::Path) -> io::Result<()> {
 /// A sortable, unique build id: time then randomness.
 fn build_id(t: std::time::SystemTime) -> String {
     let ns = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let mut r = [0u8; 3];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut r);
-    }
-    format!("{:x}{}", ns / 1_000_000, hex::encode(r))
+    format!("{:x}{}", ns / 1_000_000, hoist_oci::random::hex(3))
 }
 
 /// The plain-text log of a build, bounded.

@@ -333,15 +333,7 @@ pub struct BuildCgroup {
 
 /// A random build cgroup name: `build-<16 hex>`.
 pub fn random_build_name() -> String {
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    if b == [0; 8] {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
-        b = (t ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
-    }
-    format!("{BUILD_NAME_PREFIX}{}", hex::encode(b))
+    format!("{BUILD_NAME_PREFIX}{}", hoist_oci::random::hex(8))
 }
 
 fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
