@@ -39,9 +39,7 @@ fn bench_parse(c: &mut Criterion) {
     hoist_dockerfile::parse_stages(&df).expect("generated Dockerfile has valid instructions");
     let mut g = c.benchmark_group("parse_2000_lines");
     g.throughput(Throughput::Elements(lines));
-    g.bench_function("parse", |b| {
-        b.iter(|| hoist_dockerfile::parse(std::hint::black_box(&text)).unwrap())
-    });
+    g.bench_function("parse", |b| b.iter(|| hoist_dockerfile::parse(std::hint::black_box(&text)).unwrap()));
     g.bench_function("parse_and_group_stages", |b| {
         b.iter(|| {
             let df = hoist_dockerfile::parse(std::hint::black_box(&text)).unwrap();

@@ -155,32 +155,31 @@ fn describe(cmd: &Command) -> String {
 fn run_timed(mut cmd: Command, log: &Path) -> anyhow::Result<Timed> {
     let what = describe(&cmd);
     let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {what}"))?;
-    let readers: Vec<_> = [child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)]
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            std::thread::spawn(move || {
-                let mut out = Vec::new();
-                let mut r = BufReader::new(r);
-                let mut buf = Vec::new();
-                while let Ok(n) = r.read_until(b'\n', &mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let text = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string();
-                    out.push(Line { t: start.elapsed().as_secs_f64(), text });
-                    buf.clear();
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {what}"))?;
+    let readers: Vec<_> = [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|r| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut r = BufReader::new(r);
+            let mut buf = Vec::new();
+            while let Ok(n) = r.read_until(b'\n', &mut buf) {
+                if n == 0 {
+                    break;
                 }
-                out
-            })
+                let text = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string();
+                out.push(Line { t: start.elapsed().as_secs_f64(), text });
+                buf.clear();
+            }
+            out
         })
-        .collect();
+    })
+    .collect();
     let status = child.wait().with_context(|| format!("waiting for {what}"))?;
     let secs = start.elapsed().as_secs_f64();
     let mut lines: Vec<Line> = readers.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
@@ -193,7 +192,11 @@ fn run_timed(mut cmd: Command, log: &Path) -> anyhow::Result<Timed> {
     if let Some(p) = log.parent() {
         let _ = std::fs::create_dir_all(p);
     }
-    let _ = std::fs::OpenOptions::new().create(true).append(true).open(log).and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
     if !status.success() {
         let tail: Vec<&str> = lines.iter().rev().take(15).map(|l| l.text.as_str()).collect::<Vec<_>>().into_iter().rev().collect();
         bail!("{what} failed ({status}); log {}:\n{}", log.display(), tail.join("\n"));
@@ -494,7 +497,15 @@ impl Hoist {
     /// The teammate scenario: alice builds on a fresh `hoist serve` (with `alice_extra`
     /// flags), then bob (another home, another token, a fresh checkout) builds the same with
     /// `extra` flags; bob's build is measured.
-    fn teammate_with(&mut self, w: &Workload, checkout: &Path, alice_extra: &[&str], extra: &[&str], tag: &str, log: &Path) -> anyhow::Result<Sample> {
+    fn teammate_with(
+        &mut self,
+        w: &Workload,
+        checkout: &Path,
+        alice_extra: &[&str],
+        extra: &[&str],
+        tag: &str,
+        log: &Path,
+    ) -> anyhow::Result<Sample> {
         self.cleanup();
         let root = self.fresh()?;
         let port = free_port()?;
@@ -839,7 +850,11 @@ impl Builder for Buildah {
             c.args(["rmi", "-f", &Self::tag(w)]);
             c
         });
-        Ok(Sample { secs: b.secs + p.secs, note: format!("bud {:.2}s + push to docker-daemon {:.2}s", b.secs, p.secs), ..Default::default() })
+        Ok(Sample {
+            secs: b.secs + p.secs,
+            note: format!("bud {:.2}s + push to docker-daemon {:.2}s", b.secs, p.secs),
+            ..Default::default()
+        })
     }
 
     fn push(&mut self, w: &Workload, reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
@@ -932,8 +947,10 @@ fn fmt_r(v: Option<f64>) -> String {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runs = if args.quick { 1 } else { args.runs.max(1) };
-    let workload_names: Vec<String> = if args.only.is_empty() { workloads::ALL.iter().map(|s| s.to_string()).collect() } else { args.only.clone() };
-    let scenarios: Vec<String> = if args.scenarios.is_empty() { SCENARIOS.iter().map(|s| s.to_string()).collect() } else { args.scenarios.clone() };
+    let workload_names: Vec<String> =
+        if args.only.is_empty() { workloads::ALL.iter().map(|s| s.to_string()).collect() } else { args.only.clone() };
+    let scenarios: Vec<String> =
+        if args.scenarios.is_empty() { SCENARIOS.iter().map(|s| s.to_string()).collect() } else { args.scenarios.clone() };
     let tools: Vec<String> = if args.tools.is_empty() { TOOLS.iter().map(|s| s.to_string()).collect() } else { args.tools.clone() };
     for s in &scenarios {
         if !SCENARIOS.contains(&s.as_str()) {
@@ -952,7 +969,8 @@ fn main() -> anyhow::Result<()> {
     let stamp = chrono_like_stamp();
     let logs = workdir.join("logs").join(&stamp);
     std::fs::create_dir_all(&logs)?;
-    let docker_root = docker().args(["info", "-f", "{{.DockerRootDir}}"]).output().ok().map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let docker_root =
+        docker().args(["info", "-f", "{{.DockerRootDir}}"]).output().ok().map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
     for dir in std::iter::once(workdir.clone()).chain(docker_root) {
         if on_unjournaled_ext4(&dir) == Some(true) {
             eprintln!(
@@ -998,7 +1016,9 @@ fn main() -> anyhow::Result<()> {
         let mut builders: Vec<Box<dyn Builder>> = Vec::new();
         for t in &tools {
             builders.push(match t.as_str() {
-                "hoist" => Box::new(Hoist { bin: hoist_bin.clone(), base: workdir.join("hoist"), root: None, n: 0, network: network.clone() }),
+                "hoist" => {
+                    Box::new(Hoist { bin: hoist_bin.clone(), base: workdir.join("hoist"), root: None, n: 0, network: network.clone() })
+                }
                 "buildkit" => Box::new(BuildKit { base: workdir.join("buildkit"), images: Vec::new(), n: 0, network: network.clone() }),
                 _ => Box::new(Buildah { base: workdir.join("buildah"), root: None, n: 0 }),
             });
@@ -1011,7 +1031,8 @@ fn main() -> anyhow::Result<()> {
                 let b = &mut builders[(k + run) % n];
                 let tool = b.name();
                 let log = |scenario: &str| logs.join(format!("{name}-{tool}-{scenario}-{run}.log"));
-                if want("cold") || want("warm") || want("incremental") || (want("docker-archive") && tool == "hoist" && name == "biglayer") {
+                if want("cold") || want("warm") || want("incremental") || (want("docker-archive") && tool == "hoist" && name == "biglayer")
+                {
                     w.restore()?;
                     let r = b.reset().and_then(|_| b.build(&w, &log("cold")));
                     let cold_ok = r.is_ok();
@@ -1056,7 +1077,9 @@ fn main() -> anyhow::Result<()> {
                 }
                 if want("teammate-push") {
                     w.restore()?;
-                    if let Some(r) = Registry::start(&workdir).map(|reg| b.teammate_push(&w, &checkout, &reg, &log("teammate-push"))).transpose() {
+                    if let Some(r) =
+                        Registry::start(&workdir).map(|reg| b.teammate_push(&w, &checkout, &reg, &log("teammate-push"))).transpose()
+                    {
                         results.add(name, "teammate-push", tool, r.and_then(|r| r));
                     }
                 }
@@ -1211,10 +1234,20 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
     };
     out += &goal("gzip throughput, parallel / single-thread flate2 at level 6", gz.map(|g| g.parallel_mbps / g.single_mbps), 1.8, false);
     for w in ["biglayer", "webapp"] {
-        out += &goal(&format!("{w}: cold build + push, hoist / BuildKit"), ratio(r.secs(w, "push", "hoist"), r.secs(w, "push", "buildkit")), 0.3, true);
+        out += &goal(
+            &format!("{w}: cold build + push, hoist / BuildKit"),
+            ratio(r.secs(w, "push", "hoist"), r.secs(w, "push", "buildkit")),
+            0.3,
+            true,
+        );
     }
     for w in workloads {
-        out += &goal(&format!("{w}: warm rebuild, hoist / BuildKit"), ratio(r.secs(w, "warm", "hoist"), r.secs(w, "warm", "buildkit")), 0.5, true);
+        out += &goal(
+            &format!("{w}: warm rebuild, hoist / BuildKit"),
+            ratio(r.secs(w, "warm", "hoist"), r.secs(w, "warm", "buildkit")),
+            0.5,
+            true,
+        );
     }
     for w in workloads {
         for s in ["cold", "incremental"] {
@@ -1229,7 +1262,12 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
     out += &goal("builder peak RSS while exporting the 1 GiB layer, MiB", rss.map(|k| k as f64 / 1024.0), 512.0, true);
     let _ = writeln!(out, "\nGoals (issue 4, teammate: BuildKit = --cache-from an inline-cache image, local cache wiped)\n");
     for w in workloads {
-        out += &goal(&format!("{w}: teammate, result stays on the builder, hoist / BuildKit"), ratio(r.secs(w, "teammate", "hoist"), r.secs(w, "teammate", "buildkit")), 0.2, true);
+        out += &goal(
+            &format!("{w}: teammate, result stays on the builder, hoist / BuildKit"),
+            ratio(r.secs(w, "teammate", "hoist"), r.secs(w, "teammate", "buildkit")),
+            0.2,
+            true,
+        );
         out += &goal(
             &format!("{w}: teammate, loaded into an engine lacking its layers, hoist / BuildKit"),
             ratio(r.secs(w, "teammate-load", "hoist"), r.secs(w, "teammate-load", "buildkit")),

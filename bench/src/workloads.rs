@@ -94,8 +94,8 @@ impl Rng {
 }
 
 const WORDS: &[&str] = &[
-    "const", "value", "return", "function", "index", "render", "state", "props", "update", "result", "buffer", "count",
-    "config", "handler", "request", "response", "module", "export", "import", "default", "length", "options", "cache",
+    "const", "value", "return", "function", "index", "render", "state", "props", "update", "result", "buffer", "count", "config",
+    "handler", "request", "response", "module", "export", "import", "default", "length", "options", "cache",
 ];
 
 /// `n` bytes of source-like text.
@@ -273,7 +273,14 @@ fn webapp(dir: &Path, reg: &str, scale: f64, rng: &mut Rng, fresh: bool) -> anyh
         for i in 0..packages {
             let n = rng.range(30, 70);
             files += n;
-            let _ = writeln!(lock, "pkg-{i:04}-{} {}.{}.{} {n}", WORDS[(i as usize) % WORDS.len()], rng.range(0, 9), rng.range(0, 30), rng.range(0, 20));
+            let _ = writeln!(
+                lock,
+                "pkg-{i:04}-{} {}.{}.{} {n}",
+                WORDS[(i as usize) % WORDS.len()],
+                rng.range(0, 9),
+                rng.range(0, 30),
+                rng.range(0, 20)
+            );
         }
         let _ = writeln!(lock, "# {files} files");
         write(dir, "lockfile", lock)?;
@@ -313,7 +320,10 @@ fn webapp(dir: &Path, reg: &str, scale: f64, rng: &mut Rng, fresh: bool) -> anyh
     );
     write(dir, "Dockerfile", dockerfile)?;
     Ok((
-        format!("web app: {packages}-package lockfile (~{}k files), frontend build, {syspkg_mb} MB system layer, COPY --from", packages * 50 / 1000),
+        format!(
+            "web app: {packages}-package lockfile (~{}k files), frontend build, {syspkg_mb} MB system layer, COPY --from",
+            packages * 50 / 1000
+        ),
         "frontend/src/component_007.js".into(),
     ))
 }
@@ -322,7 +332,9 @@ fn cproject(dir: &Path, reg: &str, scale: f64, rng: &mut Rng, fresh: bool) -> an
     let files = scaled(96, scale);
     if fresh {
         let mut header = String::from("#pragma once\n#include <stdint.h>\n");
-        let mut main = String::from("#include <stdio.h>\n#include <string.h>\n#include \"common.h\"\nint main(int argc, char **argv) {\n  uint64_t acc = 0;\n");
+        let mut main = String::from(
+            "#include <stdio.h>\n#include <string.h>\n#include \"common.h\"\nint main(int argc, char **argv) {\n  uint64_t acc = 0;\n",
+        );
         for f in 0..files {
             let mut c = String::from("#include \"common.h\"\n#include <string.h>\n\n");
             for k in 0..14 {
@@ -349,7 +361,9 @@ fn cproject(dir: &Path, reg: &str, scale: f64, rng: &mut Rng, fresh: bool) -> an
             let _ = writeln!(header, "uint64_t mod_{f}(uint64_t seed);");
             let _ = writeln!(main, "  acc ^= mod_{f}(acc + {f});");
         }
-        main.push_str("  if (argc > 1 && strcmp(argv[1], \"--selftest\") == 0) printf(\"%llu\\n\", (unsigned long long)acc);\n  return 0;\n}\n");
+        main.push_str(
+            "  if (argc > 1 && strcmp(argv[1], \"--selftest\") == 0) printf(\"%llu\\n\", (unsigned long long)acc);\n  return 0;\n}\n",
+        );
         write(dir, "include/common.h", header)?;
         write(dir, "src/main.c", main)?;
         write(
@@ -377,7 +391,10 @@ fn cproject(dir: &Path, reg: &str, scale: f64, rng: &mut Rng, fresh: bool) -> an
          CMD [\"app\"]\n"
     );
     write(dir, "Dockerfile", dockerfile)?;
-    Ok((format!("C project: {files} files, make -j (gcc:12), binary into debian:bookworm-slim"), format!("src/mod_{:03}.c", 7.min(files - 1))))
+    Ok((
+        format!("C project: {files} files, make -j (gcc:12), binary into debian:bookworm-slim"),
+        format!("src/mod_{:03}.c", 7.min(files - 1)),
+    ))
 }
 
 fn biglayer(dir: &Path, reg: &str, scale: f64, fresh: bool) -> anyhow::Result<(String, String)> {

@@ -12,20 +12,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(m) = IgnoreMatcher::from_file_text(patterns) else {
         return;
     };
-    let paths: Vec<&str> = paths
-        .split('\n')
-        .filter(|p| !p.is_empty())
-        .take(16)
-        .collect();
+    let paths: Vec<&str> = paths.split('\n').filter(|p| !p.is_empty()).take(16).collect();
     for p in &paths {
         let _ = m.matches(p);
         if m.can_skip_dir(p) {
             for q in &paths {
-                if q.starts_with(&format!("{p}/"))
-                    && !q.contains("..")
-                    && !q.contains("//")
-                    && !q.contains("/./")
-                {
+                if q.starts_with(&format!("{p}/")) && !q.contains("..") && !q.contains("//") && !q.contains("/./") {
                     assert!(m.matches(q), "skipped {p:?} but {q:?} is included");
                 }
             }

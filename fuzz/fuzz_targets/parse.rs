@@ -16,10 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let again = hoist_dockerfile::parse(&printed).expect("printed Dockerfile must parse");
     assert_eq!(df.nodes.len(), again.nodes.len());
     for (a, b) in df.nodes.iter().zip(&again.nodes) {
-        assert_eq!(
-            (&a.cmd, &a.flags, &a.args, a.json),
-            (&b.cmd, &b.flags, &b.args, b.json)
-        );
+        assert_eq!((&a.cmd, &a.flags, &a.args, a.json), (&b.cmd, &b.flags, &b.args, b.json));
         assert_eq!(a.heredocs, b.heredocs);
     }
     let lex = Lexer::new(df.escape);
@@ -28,8 +25,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = lex.process_words(a, &NoEnv);
         }
         for m in n.flags.iter().filter_map(|f| f.strip_prefix("--mount=")) {
-            let _ =
-                hoist_dockerfile::instructions::parse_mount(m, &mut |w: &str| Ok(w.to_string()));
+            let _ = hoist_dockerfile::instructions::parse_mount(m, &mut |w: &str| Ok(w.to_string()));
         }
     }
 });

@@ -61,7 +61,12 @@ fn assert_in_root(root: &Path, p: &Path, last_may_be_link: bool) {
         }
         if let Ok(m) = std::fs::symlink_metadata(&cur) {
             let last = i + 1 == comps.len();
-            assert!(!m.file_type().is_symlink() || (last && last_may_be_link), "{} goes through the symlink {}", p.display(), cur.display());
+            assert!(
+                !m.file_type().is_symlink() || (last && last_may_be_link),
+                "{} goes through the symlink {}",
+                p.display(),
+                cur.display()
+            );
         }
     }
 }

@@ -30,7 +30,10 @@ fn ctrl_c_during_a_run_kills_the_step_and_cleans_up() {
     }
     let h = Hoist::new();
     let marker = unique("sleeper");
-    let ctx = context(&[("Dockerfile", &format!("FROM {}\nRUN echo started-{marker} && sleep 3{}\n", busybox(), std::process::id() % 100 + 300))]);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}\nRUN echo started-{marker} && sleep 3{}\n", busybox(), std::process::id() % 100 + 300),
+    )]);
     let mut child = h
         .cmd()
         .args(["build", "--progress=plain", ctx.path().to_str().unwrap()])
@@ -70,10 +73,8 @@ fn ctrl_c_during_a_run_kills_the_step_and_cleans_up() {
     }
     assert!(processes_with(&sleep_cmd).is_empty(), "step process still running: {:?}", processes_with(&sleep_cmd));
     assert!(mounts_under(h.root.path()).is_empty(), "mounts left: {:?}", mounts_under(h.root.path()));
-    let runc = Command::new("runc")
-        .args(["--root", h.root.path().join("executor/runtime").to_str().unwrap(), "list", "-q"])
-        .output()
-        .unwrap();
+    let runc =
+        Command::new("runc").args(["--root", h.root.path().join("executor/runtime").to_str().unwrap(), "list", "-q"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&runc.stdout).trim(), "", "containers left");
     // The same builder still builds correctly.
     std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {}\nRUN echo ok > /ok\n", busybox())).unwrap();
@@ -136,13 +137,20 @@ fn corrupted_blob_from_a_registry_is_rejected() {
     let mut reg = Command::new("docker-registry").arg("serve").arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let _guard = KillOnDrop(&mut reg);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Command::new("curl").args(["-fsS", &format!("http://127.0.0.1:{port}/v2/")]).output().map(|o| !o.status.success()).unwrap_or(true) {
+    while Command::new("curl").args(["-fsS", &format!("http://127.0.0.1:{port}/v2/")]).output().map(|o| !o.status.success()).unwrap_or(true)
+    {
         assert!(Instant::now() < deadline, "private registry did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
     let image = format!("127.0.0.1:{port}/bad/busybox:latest");
     let copy = Command::new("skopeo")
-        .args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false", &format!("docker://{}", busybox()), &format!("docker://{image}")])
+        .args([
+            "copy",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            &format!("docker://{}", busybox()),
+            &format!("docker://{image}"),
+        ])
         .output()
         .unwrap();
     assert!(copy.status.success(), "{}", String::from_utf8_lossy(&copy.stderr));

@@ -16,7 +16,10 @@ fn build_load_and_run_an_image() {
     }
     let h = Hoist::new();
     let ctx = context(&[
-        ("Dockerfile", &dockerfile("COPY greeting.txt /srv/\nRUN cat /srv/greeting.txt > /srv/copy.txt\nCMD [\"cat\", \"/srv/copy.txt\"]\n")),
+        (
+            "Dockerfile",
+            &dockerfile("COPY greeting.txt /srv/\nRUN cat /srv/greeting.txt > /srv/copy.txt\nCMD [\"cat\", \"/srv/copy.txt\"]\n"),
+        ),
         ("greeting.txt", "hello from a test\n"),
     ]);
     let tag = unique("hoist-e2e-basic");
@@ -216,7 +219,8 @@ fn hundreds_of_context_files_arrive_whole_over_several_upload_streams() {
     }
     // Enough files that the client hashes them on every core and uploads them on several
     // streams; some share their content, one is larger than the client's 1 MiB chunk.
-    let files: Vec<(String, String)> = (0..400).map(|i| (format!("d{}/f{i}.txt", i % 7), format!("file {}\n", i % 350).repeat(i % 350 % 4 + 1))).collect();
+    let files: Vec<(String, String)> =
+        (0..400).map(|i| (format!("d{}/f{i}.txt", i % 7), format!("file {}\n", i % 350).repeat(i % 350 % 4 + 1))).collect();
     let big = "0123456789abcdef".repeat(70_000);
     let df = dockerfile("COPY . /c/\n");
     let mut spec: Vec<(&str, &str)> = files.iter().map(|(p, c)| (p.as_str(), c.as_str())).collect();

@@ -15,7 +15,9 @@ fn build_cgroups_left() -> Option<Vec<String>> {
         ctrls.split(',').any(|c| c == "memory").then(|| path.to_string())
     })?;
     let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')).join("hoist");
-    let names = std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>()).unwrap_or_default();
+    let names = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>())
+        .unwrap_or_default();
     Some(names.into_iter().filter(|n| n.starts_with("build-")).collect())
 }
 

@@ -75,7 +75,9 @@ fn check_layer(l: &Layer, want_media_type: &str) {
         OCI_GZIP => {
             assert!(l.blob.starts_with(&[0x1f, 0x8b]), "layer {} has no gzip magic", l.digest);
             let mut out = Vec::new();
-            flate2::read::MultiGzDecoder::new(l.blob.as_slice()).read_to_end(&mut out).unwrap_or_else(|e| panic!("layer {}: bad gzip: {e}", l.digest));
+            flate2::read::MultiGzDecoder::new(l.blob.as_slice())
+                .read_to_end(&mut out)
+                .unwrap_or_else(|e| panic!("layer {}: bad gzip: {e}", l.digest));
             out
         }
         _ => l.blob.clone(),
@@ -101,7 +103,8 @@ fn registry_json(path: &str) -> serde_json::Value {
 fn busybox_base_layer() -> (String, String) {
     let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
     let index = registry_json("library/busybox/manifests/latest");
-    let entry = index["manifests"].as_array().unwrap().iter().find(|m| m["platform"]["architecture"] == arch).expect("busybox for this arch");
+    let entry =
+        index["manifests"].as_array().unwrap().iter().find(|m| m["platform"]["architecture"] == arch).expect("busybox for this arch");
     let manifest = registry_json(&format!("library/busybox/manifests/{}", entry["digest"].as_str().unwrap()));
     let config = registry_json(&format!("library/busybox/blobs/{}", manifest["config"]["digest"].as_str().unwrap()));
     (manifest["layers"][0]["digest"].as_str().unwrap().to_string(), config["rootfs"]["diff_ids"][0].as_str().unwrap().to_string())
@@ -135,7 +138,8 @@ fn zstd_archive_keeps_the_base_blob_unless_compression_is_forced() {
         assert_eq!(a.digest, b.digest, "new layers reuse their zstd blob");
     }
     // skopeo reads the layout too.
-    let skopeo = Command::new("skopeo").args(["inspect", &format!("oci-archive:{}", out.path().join("forced.tar").display())]).output().unwrap();
+    let skopeo =
+        Command::new("skopeo").args(["inspect", &format!("oci-archive:{}", out.path().join("forced.tar").display())]).output().unwrap();
     assert!(skopeo.status.success(), "skopeo rejects the zstd archive: {}", String::from_utf8_lossy(&skopeo.stderr));
 }
 

@@ -347,7 +347,9 @@ fn apply_layer(fs: &mut BTreeMap<String, Node>, layer: &[u8], index: usize) -> R
             other => return Err(format!("unexpected tar entry type {other:?} at {path}")),
         };
         let link = match et {
-            tar::EntryType::Symlink | tar::EntryType::Link => e.link_name().map_err(|e| e.to_string())?.map(|l| l.to_string_lossy().into_owned()).unwrap_or_default(),
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                e.link_name().map_err(|e| e.to_string())?.map(|l| l.to_string_lossy().into_owned()).unwrap_or_default()
+            }
             _ => String::new(),
         };
         let mut node = Node {
@@ -383,7 +385,12 @@ fn apply_layer(fs: &mut BTreeMap<String, Node>, layer: &[u8], index: usize) -> R
             node = Node { mode: t.mode, uid: t.uid, gid: t.gid, ..t };
         }
         if node.kind != "dir" {
-            let keys: Vec<String> = fs.range(path.clone()..).take_while(|(k, _)| k.starts_with(&path)).filter(|(k, _)| is_under(k, &path)).map(|(k, _)| k.clone()).collect();
+            let keys: Vec<String> = fs
+                .range(path.clone()..)
+                .take_while(|(k, _)| k.starts_with(&path))
+                .filter(|(k, _)| is_under(k, &path))
+                .map(|(k, _)| k.clone())
+                .collect();
             for k in keys {
                 fs.remove(&k);
             }
@@ -415,9 +422,12 @@ fn read_image(tag: &str) -> Result<Image, String> {
             files.insert(p, buf);
         }
     }
-    let manifest: Value = serde_json::from_slice(files.get("manifest.json").ok_or("no manifest.json in docker save")?).map_err(|e| e.to_string())?;
+    let manifest: Value =
+        serde_json::from_slice(files.get("manifest.json").ok_or("no manifest.json in docker save")?).map_err(|e| e.to_string())?;
     let m = &manifest[0];
-    let config: Value = serde_json::from_slice(files.get(m["Config"].as_str().unwrap_or_default()).ok_or("config missing from docker save")?).map_err(|e| e.to_string())?;
+    let config: Value =
+        serde_json::from_slice(files.get(m["Config"].as_str().unwrap_or_default()).ok_or("config missing from docker save")?)
+            .map_err(|e| e.to_string())?;
     let mut fs = BTreeMap::new();
     for (i, l) in m["Layers"].as_array().ok_or("no Layers")?.iter().enumerate() {
         let l = l.as_str().unwrap_or_default();
@@ -426,8 +436,21 @@ fn read_image(tag: &str) -> Result<Image, String> {
     Ok(Image { config, fs })
 }
 
-const CONFIG_FIELDS: &[&str] =
-    &["Env", "Cmd", "Entrypoint", "WorkingDir", "User", "ExposedPorts", "Volumes", "Labels", "StopSignal", "Healthcheck", "Shell", "OnBuild", "ArgsEscaped"];
+const CONFIG_FIELDS: &[&str] = &[
+    "Env",
+    "Cmd",
+    "Entrypoint",
+    "WorkingDir",
+    "User",
+    "ExposedPorts",
+    "Volumes",
+    "Labels",
+    "StopSignal",
+    "Healthcheck",
+    "Shell",
+    "OnBuild",
+    "ArgsEscaped",
+];
 
 /// Differences between the two configs, one line each.
 fn diff_config(docker: &Value, hoist: &Value) -> Vec<String> {
@@ -484,7 +507,11 @@ fn diff_fs(docker: &BTreeMap<String, Node>, hoist: &BTreeMap<String, Node>) -> V
         let d = docker.get(p).map(|n| n.describe(&others(&gd, p, n)));
         let h = hoist.get(p).map(|n| n.describe(&others(&gh, p, n)));
         if d != h {
-            out.push(format!("/{p}:\n    docker: {}\n    hoist:  {}", d.as_deref().unwrap_or("(absent)"), h.as_deref().unwrap_or("(absent)")));
+            out.push(format!(
+                "/{p}:\n    docker: {}\n    hoist:  {}",
+                d.as_deref().unwrap_or("(absent)"),
+                h.as_deref().unwrap_or("(absent)")
+            ));
         }
     }
     out
@@ -551,7 +578,9 @@ fn compare(case: &Case, dout: &Output, hout: &Output, dtag: &str, htag: &str) ->
         (true, true) => {}
         (false, true) => return Err(format!("BuildKit failed but hoist succeeded:\n{}", tail(&dout.stderr, 12))),
         (true, false) => return Err(format!("hoist failed:\n{}", tail(&hout.stderr, 15))),
-        (false, false) => return Err(format!("both failed (fix the case):\nBuildKit:\n{}\nhoist:\n{}", tail(&dout.stderr, 8), tail(&hout.stderr, 8))),
+        (false, false) => {
+            return Err(format!("both failed (fix the case):\nBuildKit:\n{}\nhoist:\n{}", tail(&dout.stderr, 8), tail(&hout.stderr, 8)))
+        }
     }
     let d = read_image(dtag).map_err(|e| format!("reading BuildKit's image: {e}"))?;
     let hh = read_image(htag).map_err(|e| format!("reading hoist's image: {e}"))?;
@@ -590,7 +619,8 @@ fn differential_cases_match_buildkit() {
                 let Some(case) = cases.get(i) else { break };
                 let t = std::time::Instant::now();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(&h, case))).unwrap_or_else(|p| {
-                    let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                    let msg =
+                        p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
                     Err(format!("the harness panicked: {msg}"))
                 });
                 let secs = t.elapsed().as_secs_f64();
@@ -658,12 +688,32 @@ fn flattening_applies_whiteouts_opaque_dirs_and_hardlinks() {
     let mut fs = BTreeMap::new();
     apply_layer(
         &mut fs,
-        &layer(&[("a/", 'd', ""), ("a/x", 'f', "x"), ("a/y", 'f', "y"), ("o/", 'd', ""), ("o/old", 'f', "o"), ("h1", 'f', "h"), ("h2", 'h', "h1"), ("gone", 'f', "g")]),
+        &layer(&[
+            ("a/", 'd', ""),
+            ("a/x", 'f', "x"),
+            ("a/y", 'f', "y"),
+            ("o/", 'd', ""),
+            ("o/old", 'f', "o"),
+            ("h1", 'f', "h"),
+            ("h2", 'h', "h1"),
+            ("gone", 'f', "g"),
+        ]),
         0,
     )
     .unwrap();
-    apply_layer(&mut fs, &layer(&[("a/.wh.x", 'f', ""), (".wh.gone", 'f', ""), ("o/", 'd', ""), ("o/.wh..wh..opq", 'f', ""), ("o/new", 'f', "n"), ("h2", 'f', "new")]), 1)
-        .unwrap();
+    apply_layer(
+        &mut fs,
+        &layer(&[
+            ("a/.wh.x", 'f', ""),
+            (".wh.gone", 'f', ""),
+            ("o/", 'd', ""),
+            ("o/.wh..wh..opq", 'f', ""),
+            ("o/new", 'f', "n"),
+            ("h2", 'f', "new"),
+        ]),
+        1,
+    )
+    .unwrap();
     let paths: Vec<&str> = fs.keys().map(String::as_str).collect();
     assert_eq!(paths, ["a", "a/y", "h1", "h2", "o", "o/new"]);
     assert_eq!(fs["h1"].inode, (0, "h1".to_string()));

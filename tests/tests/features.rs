@@ -24,12 +24,8 @@ fn cache_mounts_persist_and_stay_out_of_layers() {
         return;
     }
     let h = Hoist::new();
-    let df = |n: u32| {
-        format!(
-            "FROM {}\nRUN --mount=type=cache,target=/cache echo run{n} >> /cache/log && cp /cache/log /seen\n",
-            busybox()
-        )
-    };
+    let df =
+        |n: u32| format!("FROM {}\nRUN --mount=type=cache,target=/cache echo run{n} >> /cache/log && cp /cache/log /seen\n", busybox());
     let ctx = context(&[("Dockerfile", &df(1))]);
     let first = rootfs_file(&h, ctx.path(), &[], "/seen").unwrap();
     assert_eq!(String::from_utf8_lossy(&first), "run1\n");
@@ -87,7 +83,8 @@ fn secrets_are_mounted_but_never_stored() {
     assert_eq!(len.as_deref(), Some(token.len().to_string().as_str()));
     assert_eq!(env.as_deref(), Some("present"));
     // A required secret that was not given is an error naming it.
-    std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {}\nRUN --mount=type=secret,id=needed,required=true true\n", busybox())).unwrap();
+    std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {}\nRUN --mount=type=secret,id=needed,required=true true\n", busybox()))
+        .unwrap();
     let r = h.build(&[ctx.path().to_str().unwrap()]);
     assert!(!r.status.success());
     let stderr = String::from_utf8_lossy(&r.stderr);
@@ -123,7 +120,11 @@ fn bind_and_tmpfs_mounts() {
     assert_eq!(std::fs::read_to_string(dest.join("tmpfs.txt")).unwrap(), "t\n");
     assert!(!dest.join("scratch/t").exists(), "tmpfs content is not in the image");
     assert!(!dest.join("mnt/input.txt").exists(), "bind mount content is not in the image");
-    assert_eq!(std::fs::read_to_string(ctx.path().join("src/input.txt")).unwrap(), "from the context\n", "rw bind never writes the context");
+    assert_eq!(
+        std::fs::read_to_string(ctx.path().join("src/input.txt")).unwrap(),
+        "from the context\n",
+        "rw bind never writes the context"
+    );
 }
 
 #[test]
@@ -135,7 +136,8 @@ fn ssh_agent_socket_is_forwarded() {
     let dir = tempfile::tempdir_in(test_tmp()).unwrap();
     let sock = dir.path().join("agent.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let ctx = context(&[("Dockerfile", &format!("FROM {}\nRUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" && echo yes > /ssh\n", busybox()))]);
+    let ctx =
+        context(&[("Dockerfile", &format!("FROM {}\nRUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" && echo yes > /ssh\n", busybox()))]);
     let got = rootfs_file(&h, ctx.path(), &["--ssh", &format!("default={}", sock.display())], "/ssh").unwrap();
     assert_eq!(String::from_utf8_lossy(&got), "yes\n");
 }

@@ -275,7 +275,10 @@ impl Case {
             args: Vec::new(),
             expect: Expect::Any,
             bound: Duration::from_secs(60),
-            marker: format!("case-marker-{}", unique(&name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect::<String>())),
+            marker: format!(
+                "case-marker-{}",
+                unique(&name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect::<String>())
+            ),
             export: true,
             check: None,
         }
@@ -515,9 +518,17 @@ fn read_cases(c: &Canary) -> Vec<Case> {
     let symlink = |case: &Case, name: &str, target: &str| std::os::unix::fs::symlink(target, case.ctx().join(name)).unwrap();
 
     cases.push(Case::new("COPY ../x", format!("FROM {bb}\nCOPY ../{canary_name}/secret.txt /x\n"), &[]).expect(fail(&["Dockerfile:2"])));
-    cases.push(Case::new("COPY ../../.. to the canary", format!("FROM {bb}\nCOPY ../../../../../../{abs}/secret.txt /x\n"), &[]).expect(fail(&["Dockerfile:2"])));
-    cases.push(Case::new("COPY an absolute host path", format!("FROM {bb}\nCOPY {abs}/secret.txt /x\n"), &[]).expect(fail(&["Dockerfile:2"])));
-    cases.push(Case::new("COPY a wildcard climbing out", format!("FROM {bb}\nCOPY ../*/secret.txt ../*/*/inner.txt /x/\n"), &[("keep", "k")]).expect(Expect::Any));
+    cases.push(
+        Case::new("COPY ../../.. to the canary", format!("FROM {bb}\nCOPY ../../../../../../{abs}/secret.txt /x\n"), &[])
+            .expect(fail(&["Dockerfile:2"])),
+    );
+    cases.push(
+        Case::new("COPY an absolute host path", format!("FROM {bb}\nCOPY {abs}/secret.txt /x\n"), &[]).expect(fail(&["Dockerfile:2"])),
+    );
+    cases.push(
+        Case::new("COPY a wildcard climbing out", format!("FROM {bb}\nCOPY ../*/secret.txt ../*/*/inner.txt /x/\n"), &[("keep", "k")])
+            .expect(Expect::Any),
+    );
 
     let case = Case::new("symlinked file, absolute target", format!("FROM {bb}\nCOPY link /x\n"), &[]);
     symlink(&case, "link", &format!("{abs}/secret.txt"));
@@ -557,7 +568,8 @@ fn read_cases(c: &Canary) -> Vec<Case> {
     // the client refuses this one while finding what the Dockerfile reads, naming the context
     cases.push(case.expect(fail(&["too many levels of symbolic links"])).within(30));
 
-    let case = Case::new("the whole context with links out is copied as links", format!("FROM {bb}\nCOPY . /ctx/\n"), &[("plain", "plain")]);
+    let case =
+        Case::new("the whole context with links out is copied as links", format!("FROM {bb}\nCOPY . /ctx/\n"), &[("plain", "plain")]);
     symlink(&case, "abs", &format!("{abs}/secret.txt"));
     let rel = relative_to_canary(case.ctx(), c);
     symlink(&case, "rel", &rel);
@@ -603,7 +615,8 @@ fn read_cases(c: &Canary) -> Vec<Case> {
     cases.push(case.expect(fail(&["Dockerfile:2", "hard link"])));
 
     let case = Case::new("ADD a tar whose hard link climbs with ..", format!("FROM {bb}\nADD evil.tar /dst/\n"), &[]);
-    std::fs::write(case.ctx().join("evil.tar"), raw_tar(&[TarEntry::hardlink("h2", &format!("../../../../../..{abs}/secret.txt"))])).unwrap();
+    std::fs::write(case.ctx().join("evil.tar"), raw_tar(&[TarEntry::hardlink("h2", &format!("../../../../../..{abs}/secret.txt"))]))
+        .unwrap();
     cases.push(case.expect(fail(&["Dockerfile:2", "hard link"])));
 
     let case = Case::new("ADD a symlink to a host archive", format!("FROM {bb}\nADD arch.tar /dst/\n"), &[]);
@@ -611,8 +624,12 @@ fn read_cases(c: &Canary) -> Vec<Case> {
     cases.push(case.expect(fail(&["Dockerfile:2"])));
 
     cases.push(
-        Case::new(".dockerignore patterns with ..", format!("FROM {bb}\nCOPY . /ctx/\n"), &[("kept", "k"), (".dockerignore", &format!("*\n!kept\n!../{canary_name}\n!../{canary_name}/**\n!{abs}/secret.txt\n"))])
-            .expect(Expect::Ok),
+        Case::new(
+            ".dockerignore patterns with ..",
+            format!("FROM {bb}\nCOPY . /ctx/\n"),
+            &[("kept", "k"), (".dockerignore", &format!("*\n!kept\n!../{canary_name}\n!../{canary_name}/**\n!{abs}/secret.txt\n"))],
+        )
+        .expect(Expect::Ok),
     );
     cases.push(
         Case::new("build-arg expanding to a .. path", format!("FROM {bb}\nARG P\nCOPY ${{P}}/secret.txt /x\n"), &[])
@@ -624,7 +641,10 @@ fn read_cases(c: &Canary) -> Vec<Case> {
             .args(&["--build-arg", &format!("P={abs}/evil.tar")])
             .expect(fail(&["Dockerfile:3"])),
     );
-    cases.push(Case::new("ADD file:// URL of a host file", format!("FROM {bb}\nADD file://{abs}/secret.txt /x\n"), &[]).expect(fail(&["Dockerfile:2"])));
+    cases.push(
+        Case::new("ADD file:// URL of a host file", format!("FROM {bb}\nADD file://{abs}/secret.txt /x\n"), &[])
+            .expect(fail(&["Dockerfile:2"])),
+    );
 
     let case = Case::new("RUN --mount=type=bind of ../", "", &[("in", "inside")]);
     let m = case.marker.clone();
@@ -639,7 +659,10 @@ fn read_cases(c: &Canary) -> Vec<Case> {
     let case = Case::new("RUN --mount=type=bind of a symlink out", "", &[]);
     symlink(&case, "out", &abs);
     let m = case.marker.clone();
-    cases.push(case.dockerfile(format!("FROM {bb}\nRUN --mount=type=bind,source=out,target=/m echo {m}; cat /m/secret.txt\n")).expect(fail(&["Dockerfile:2"])));
+    cases.push(
+        case.dockerfile(format!("FROM {bb}\nRUN --mount=type=bind,source=out,target=/m echo {m}; cat /m/secret.txt\n"))
+            .expect(fail(&["Dockerfile:2"])),
+    );
 
     let case = Case::new("RUN --mount=type=bind from a stage through a host symlink", "", &[]);
     let m = case.marker.clone();
@@ -676,46 +699,81 @@ fn write_cases(c: &Canary) -> Vec<Case> {
     };
 
     cases.push(
-        add_tar("tar entry with ..", &[TarEntry::file(&format!("../../../../../../../..{abs}/pwn"), b"dotdot")])
-            .expect(Expect::Ok)
-            .check(move |o| {
+        add_tar("tar entry with ..", &[TarEntry::file(&format!("../../../../../../../..{abs}/pwn"), b"dotdot")]).expect(Expect::Ok).check(
+            move |o| {
                 let l = tar_listing(&o.image);
                 let inside = l.iter().any(|(k, v)| k.ends_with("/pwn") && v == "dotdot");
-                if inside { Ok(()) } else { Err("the .. entry should land inside the image".into()) }
-            }),
+                if inside {
+                    Ok(())
+                } else {
+                    Err("the .. entry should land inside the image".into())
+                }
+            },
+        ),
     );
     let abs2 = abs.clone();
-    cases.push(add_tar("tar entry with an absolute name", &[TarEntry::file(&format!("{abs}/pwn-abs"), b"absolute")]).expect(Expect::Ok).check(move |o| {
-        let l = tar_listing(&o.image);
-        let want = format!("dst{abs2}/pwn-abs");
-        if l.get(&want).map(String::as_str) == Some("absolute") { Ok(()) } else { Err(format!("expected {want} in the image")) }
-    }));
     cases.push(
-        add_tar("tar writes through a symlink it created (absolute)", &[TarEntry::symlink("l", &abs), TarEntry::file("l/pwn-through", b"through")])
-            .expect(Expect::Ok),
+        add_tar("tar entry with an absolute name", &[TarEntry::file(&format!("{abs}/pwn-abs"), b"absolute")]).expect(Expect::Ok).check(
+            move |o| {
+                let l = tar_listing(&o.image);
+                let want = format!("dst{abs2}/pwn-abs");
+                if l.get(&want).map(String::as_str) == Some("absolute") {
+                    Ok(())
+                } else {
+                    Err(format!("expected {want} in the image"))
+                }
+            },
+        ),
     );
     cases.push(
-        add_tar("tar writes through a symlink it created (..)", &[TarEntry::symlink("up", "../../../../../../../.."), TarEntry::dir("up/x"), TarEntry::file(&format!("up{abs}/pwn-up"), b"up")])
-            .expect(Expect::Ok),
+        add_tar(
+            "tar writes through a symlink it created (absolute)",
+            &[TarEntry::symlink("l", &abs), TarEntry::file("l/pwn-through", b"through")],
+        )
+        .expect(Expect::Ok),
     );
     cases.push(
-        add_tar("tar replaces a directory with a symlink, then writes into it", &[TarEntry::dir("d"), TarEntry::symlink("d", &abs), TarEntry::file("d/pwn-replaced", b"r")])
-            .expect(Expect::Ok),
+        add_tar(
+            "tar writes through a symlink it created (..)",
+            &[TarEntry::symlink("up", "../../../../../../../.."), TarEntry::dir("up/x"), TarEntry::file(&format!("up{abs}/pwn-up"), b"up")],
+        )
+        .expect(Expect::Ok),
+    );
+    cases.push(
+        add_tar(
+            "tar replaces a directory with a symlink, then writes into it",
+            &[TarEntry::dir("d"), TarEntry::symlink("d", &abs), TarEntry::file("d/pwn-replaced", b"r")],
+        )
+        .expect(Expect::Ok),
     );
     cases.push(add_tar("tar with a device node", &[TarEntry::device("dev0")]).expect(fail(&["Dockerfile:2", "unsupported entry type"])));
 
     cases.push(
-        Case::new("WORKDIR through a symlink to a host dir", format!("FROM {bb}\nRUN ln -s {abs} /escape\nWORKDIR /escape/newdir\nRUN touch made-here\n"), &[])
-            .expect(Expect::Ok),
+        Case::new(
+            "WORKDIR through a symlink to a host dir",
+            format!("FROM {bb}\nRUN ln -s {abs} /escape\nWORKDIR /escape/newdir\nRUN touch made-here\n"),
+            &[],
+        )
+        .expect(Expect::Ok),
     );
     cases.push(
-        Case::new("COPY dest through a symlink to a host dir", format!("FROM {bb}\nRUN ln -s {abs} /out && ln -s {abs}/secret.txt /outfile\nCOPY f /out/\nCOPY f /outfile\n"), &[("f", "written")])
-            .expect(Expect::Any),
+        Case::new(
+            "COPY dest through a symlink to a host dir",
+            format!("FROM {bb}\nRUN ln -s {abs} /out && ln -s {abs}/secret.txt /outfile\nCOPY f /out/\nCOPY f /outfile\n"),
+            &[("f", "written")],
+        )
+        .expect(Expect::Any),
     );
-    cases.push(Case::new("COPY dest with ..", format!("FROM {bb}\nCOPY f ../../../../..{abs}/pwn-copy\n"), &[("f", "copied")]).expect(Expect::Ok));
     cases.push(
-        Case::new("COPY --link dest through .. and a symlink", format!("FROM {bb}\nRUN ln -s {abs} /lnk\nCOPY --link f /lnk/../../../..{abs}/pwn-link\n"), &[("f", "linked")])
-            .expect(Expect::Any),
+        Case::new("COPY dest with ..", format!("FROM {bb}\nCOPY f ../../../../..{abs}/pwn-copy\n"), &[("f", "copied")]).expect(Expect::Ok),
+    );
+    cases.push(
+        Case::new(
+            "COPY --link dest through .. and a symlink",
+            format!("FROM {bb}\nRUN ln -s {abs} /lnk\nCOPY --link f /lnk/../../../..{abs}/pwn-link\n"),
+            &[("f", "linked")],
+        )
+        .expect(Expect::Any),
     );
 
     let case = Case::new("RUN --mount=type=bind,rw writes", "", &[("keep.txt", "original"), ("sub/", "")]);
@@ -816,7 +874,9 @@ fn bound_cases_default(_c: &Canary) -> Vec<Case> {
     for i in 0..10_000 {
         many.push_str(&format!("ENV V{i}={i}\n"));
     }
-    cases.push(Case::new("10,000 instructions are refused at once", many, &[]).expect(fail(&["Dockerfile:4097", "instructions"])).within(10));
+    cases.push(
+        Case::new("10,000 instructions are refused at once", many, &[]).expect(fail(&["Dockerfile:4097", "instructions"])).within(10),
+    );
     cases.push(
         Case::new("ENV doubling itself 40 times", format!("FROM {bb}\nENV A=x\n{}", "ENV A=$A$A\n".repeat(40)), &[])
             .expect(fail(&["Dockerfile:2", "bytes"]))
@@ -830,13 +890,23 @@ fn bound_cases_default(_c: &Canary) -> Vec<Case> {
             .within(10),
     );
     let deep = format!("{}x{}", "${a:-".repeat(20_000), "}".repeat(20_000));
-    cases.push(Case::new("deep nesting of ${...}", format!("FROM {bb}\nENV B={deep}\n"), &[]).expect(fail(&["Dockerfile:2", "nested"])).within(10));
-    cases.push(Case::new("a huge line", format!("FROM {bb}\nRUN echo {}\n", "z".repeat(300 << 10)), &[]).expect(fail(&["Dockerfile:2", "bytes long"])).within(10));
     cases.push(
-        Case::new("a RUN longer than the kernel accepts fails naming its line", format!("FROM {bb}\nRUN echo {}\n", "w".repeat(200 << 10)), &[])
-            .expect(fail(&["Dockerfile:2"]))
-            .within(30)
-            .check(|o| if o.out.contains("h2 protocol") { Err("the error broke the connection".into()) } else { Ok(()) }),
+        Case::new("deep nesting of ${...}", format!("FROM {bb}\nENV B={deep}\n"), &[]).expect(fail(&["Dockerfile:2", "nested"])).within(10),
+    );
+    cases.push(
+        Case::new("a huge line", format!("FROM {bb}\nRUN echo {}\n", "z".repeat(300 << 10)), &[])
+            .expect(fail(&["Dockerfile:2", "bytes long"]))
+            .within(10),
+    );
+    cases.push(
+        Case::new(
+            "a RUN longer than the kernel accepts fails naming its line",
+            format!("FROM {bb}\nRUN echo {}\n", "w".repeat(200 << 10)),
+            &[],
+        )
+        .expect(fail(&["Dockerfile:2"]))
+        .within(30)
+        .check(|o| if o.out.contains("h2 protocol") { Err("the error broke the connection".into()) } else { Ok(()) }),
     );
     cases.push(
         Case::new("ONBUILD ONBUILD ... chained 20,000 deep", format!("FROM {bb}\n{}RUN true\n", "ONBUILD ".repeat(20_000)), &[])
@@ -844,9 +914,13 @@ fn bound_cases_default(_c: &Canary) -> Vec<Case> {
             .within(10),
     );
     cases.push(
-        Case::new("pattern substitution on a large value", format!("FROM {bb}\nARG A=ab\n{}ENV B=${{A//?/x}} C=${{A%%b*}} D=${{A##*a}}\n", "ARG A=$A$A\n".repeat(17)), &[])
-            .expect(Expect::Ok)
-            .within(30),
+        Case::new(
+            "pattern substitution on a large value",
+            format!("FROM {bb}\nARG A=ab\n{}ENV B=${{A//?/x}} C=${{A%%b*}} D=${{A##*a}}\n", "ARG A=$A$A\n".repeat(17)),
+            &[],
+        )
+        .expect(Expect::Ok)
+        .within(30),
     );
     let case = Case::new("decompression bomb ADD", format!("FROM {bb}\nADD bomb.tar.gz /bomb/\n"), &[]);
     {
@@ -895,7 +969,11 @@ fn bound_cases_tight(_c: &Canary) -> Vec<Case> {
 
     let case = Case::new("RUN timeout", "", &[]);
     let m = case.marker.clone();
-    cases.push(case.dockerfile(format!("FROM {bb}\nRUN echo {m}; sleep 3000\n")).expect(fail(&["Dockerfile:2", "did not finish within 6s"])).within(30));
+    cases.push(
+        case.dockerfile(format!("FROM {bb}\nRUN echo {m}; sleep 3000\n"))
+            .expect(fail(&["Dockerfile:2", "did not finish within 6s"]))
+            .within(30),
+    );
     let case = Case::new("fork storm stopped by the RUN timeout", "", &[]);
     let m = case.marker.clone();
     cases.push(
@@ -973,8 +1051,18 @@ fn a_cancelled_fork_storm_leaves_nothing() {
     let b = Builder::new(&[]);
     let pid_before = b.pid();
     let marker = unique("storm");
-    let ctx = context(&[("Dockerfile", &format!("FROM {}\nRUN echo started-{marker}; f() {{ f | f & }}; f; sleep 120; echo {marker}\n", busybox()))]);
-    let mut child = KillOnDrop(b.cmd().args(["build", "--progress=plain", ctx.path().to_str().unwrap()]).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap());
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}\nRUN echo started-{marker}; f() {{ f | f & }}; f; sleep 120; echo {marker}\n", busybox()),
+    )]);
+    let mut child = KillOnDrop(
+        b.cmd()
+            .args(["build", "--progress=plain", ctx.path().to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let started = Instant::now();
     let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -1037,9 +1125,19 @@ fn a_slow_client_does_not_grow_the_builder() {
     let b = Builder::new(&[("HOIST_MAX_STEP_LOG", "256M")]);
     b.ordinary_build("warm-up").unwrap();
     let marker = unique("flood");
-    let ctx = context(&[("Dockerfile", &format!("FROM {}\nRUN yes {marker}-{} | head -c 200000000; echo done-{marker}\n", busybox(), "y".repeat(200)))]);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}\nRUN yes {marker}-{} | head -c 200000000; echo done-{marker}\n", busybox(), "y".repeat(200)),
+    )]);
     // stderr is a pipe nobody reads for a while: the client blocks, then stops reading its stream
-    let mut child = KillOnDrop(b.cmd().args(["build", "--progress=plain", ctx.path().to_str().unwrap()]).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap());
+    let mut child = KillOnDrop(
+        b.cmd()
+            .args(["build", "--progress=plain", ctx.path().to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let pid = b.pid().or_else(|| {
         std::thread::sleep(Duration::from_secs(2));
         b.pid()
@@ -1078,7 +1176,9 @@ fn a_slow_client_does_not_grow_the_builder() {
 fn error_cases() -> Vec<Case> {
     let bb = busybox();
     let mut cases = Vec::new();
-    cases.push(Case::new("NUL byte", format!("FROM {bb}\nRUN echo a\0b\n").into_bytes(), &[]).expect(fail(&["Dockerfile:2: NUL byte"])).within(20));
+    cases.push(
+        Case::new("NUL byte", format!("FROM {bb}\nRUN echo a\0b\n").into_bytes(), &[]).expect(fail(&["Dockerfile:2: NUL byte"])).within(20),
+    );
     let mut bad = format!("FROM {bb}\n# fine\nLABEL x=").into_bytes();
     bad.extend_from_slice(b"\xff\xfe\n");
     cases.push(Case::new("invalid UTF-8", bad, &[]).expect(fail(&["Dockerfile:3: invalid UTF-8"])).within(20));
@@ -1086,15 +1186,25 @@ fn error_cases() -> Vec<Case> {
     let mut bom = vec![0xff, 0xfe];
     bom.extend(utf16);
     cases.push(Case::new("a UTF-16 Dockerfile", bom, &[]).expect(fail(&["Dockerfile:1:"])).within(20));
-    cases.push(Case::new("over-long line", format!("FROM {bb}\nRUN true\nLABEL a={}\n", "q".repeat(400 << 10)), &[]).expect(fail(&["Dockerfile:3: line is"])).within(20));
-    for (name, r) in [("uppercase", "Busybox"), ("empty tag", "busybox:"), ("bad digest", "busybox@sha256:xyz"), ("spaces in a build-arg ref", "${IMG}")] {
+    cases.push(
+        Case::new("over-long line", format!("FROM {bb}\nRUN true\nLABEL a={}\n", "q".repeat(400 << 10)), &[])
+            .expect(fail(&["Dockerfile:3: line is"]))
+            .within(20),
+    );
+    for (name, r) in
+        [("uppercase", "Busybox"), ("empty tag", "busybox:"), ("bad digest", "busybox@sha256:xyz"), ("spaces in a build-arg ref", "${IMG}")]
+    {
         cases.push(
             Case::new(&format!("bad FROM reference ({name})"), format!("# syntax check\nARG IMG=\"a b\"\nFROM {r}\nRUN true\n"), &[])
                 .expect(fail(&["Dockerfile:3:"]))
                 .within(20),
         );
     }
-    cases.push(Case::new("unterminated heredoc", format!("FROM {bb}\nRUN <<EOF\necho hi\n"), &[]).expect(fail(&["Dockerfile:2:", "heredoc"])).within(20));
+    cases.push(
+        Case::new("unterminated heredoc", format!("FROM {bb}\nRUN <<EOF\necho hi\n"), &[])
+            .expect(fail(&["Dockerfile:2:", "heredoc"]))
+            .within(20),
+    );
     cases.push(
         Case::new(".dockerignore that is not UTF-8", format!("FROM {bb}\nCOPY . /c/\n"), &[])
             .expect(fail(&[".dockerignore", "UTF-8"]))

@@ -318,7 +318,12 @@ fn save_then_pull_from_a_teammates_home() {
 
     let ctx = context(&[("Dockerfile", &format!("FROM {}\nRUN echo saved-by-alice > /who\nCMD [\"cat\", \"/who\"]\n", busybox()))]);
     let name = format!("{}/web/saved:1", reg.host());
-    let out = alice.cmd().env("DOCKER_CONFIG", &docker_cfg).args(["build", "--progress=plain", "-t", &name, "--save", "--push", in_dir(ctx.path())]).output().unwrap();
+    let out = alice
+        .cmd()
+        .env("DOCKER_CONFIG", &docker_cfg)
+        .args(["build", "--progress=plain", "-t", &name, "--save", "--push", in_dir(ctx.path())])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let saved_line = err.lines().find(|l| l.contains("saved on the builder as ")).unwrap_or_else(|| panic!("{err}"));
@@ -349,7 +354,11 @@ fn save_then_pull_from_a_teammates_home() {
     let reset = alice.cmd().args(["cache", "reset"]).output().unwrap();
     assert!(reset.status.success(), "{}", String::from_utf8_lossy(&reset.stderr));
     let gone = bob.cmd().args(["pull", &build_id, "-t", &local]).output().unwrap();
-    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("no saved image"), "{}", String::from_utf8_lossy(&gone.stderr));
+    assert!(
+        !gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("no saved image"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
     remove_images(&[&local]);
 }
 
@@ -403,7 +412,10 @@ fn two_platform_build_pushes_an_index_and_loads_the_hosts_platform() {
     }
     let reg = Registry::start();
     let h = Hoist::new();
-    let ctx = context(&[("Dockerfile", &format!("FROM {}\nARG TARGETARCH\nRUN echo $(uname -m) $TARGETARCH > /arch\nCMD [\"cat\", \"/arch\"]\n", busybox()))]);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}\nARG TARGETARCH\nRUN echo $(uname -m) $TARGETARCH > /arch\nCMD [\"cat\", \"/arch\"]\n", busybox()),
+    )]);
     let tag = format!("{}/mp/app:1", reg.host());
     let out = h.build_ok(&["--platform", "linux/amd64,linux/arm64", "-t", &tag, "--push", "--load", in_dir(ctx.path())]);
     // Two platform manifests and the index.
@@ -434,7 +446,12 @@ fn each_platform_goes_to_a_builder_that_announces_it() {
         return;
     }
     let amd = Server::start();
-    let mut arm = Server { root: tempfile::Builder::new().prefix("hoist-server-").tempdir_in(test_tmp()).unwrap(), port: free_port(), child: None, extra: vec!["--platforms".into(), "linux/arm64".into()] };
+    let mut arm = Server {
+        root: tempfile::Builder::new().prefix("hoist-server-").tempdir_in(test_tmp()).unwrap(),
+        port: free_port(),
+        child: None,
+        extra: vec!["--platforms".into(), "linux/arm64".into()],
+    };
     arm.spawn();
     let (ta, tb) = (amd.admin(&["project", "create", "web"]), arm.admin(&["project", "create", "web"]));
     let home = tempfile::Builder::new().prefix("multi-").tempdir_in(test_tmp()).unwrap();
@@ -454,9 +471,15 @@ fn each_platform_goes_to_a_builder_that_announces_it() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let reg = Registry::start();
-    let ctx = context(&[("Dockerfile", &format!("FROM {}\nARG TARGETARCH\nRUN echo $(uname -m) $TARGETARCH > /arch\nCMD [\"cat\", \"/arch\"]\n", busybox()))]);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}\nARG TARGETARCH\nRUN echo $(uname -m) $TARGETARCH > /arch\nCMD [\"cat\", \"/arch\"]\n", busybox()),
+    )]);
     let tag = format!("{}/multi/app:1", reg.host());
-    let out = cmd().args(["build", "--progress=plain", "--platform", "linux/amd64,linux/arm64", "-t", &tag, "--push", "--load", in_dir(ctx.path())]).output().unwrap();
+    let out = cmd()
+        .args(["build", "--progress=plain", "--platform", "linux/amd64,linux/arm64", "-t", &tag, "--push", "--load", in_dir(ctx.path())])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains(&format!("linux/amd64 on {} (", amd.addr())), "{err}");

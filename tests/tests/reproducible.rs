@@ -27,11 +27,7 @@ fn dockerfile() -> String {
 fn checkout(mtime: u64) -> tempfile::TempDir {
     let df = dockerfile();
     let dir = context(&[("Dockerfile", df.as_str()), ("src/main.txt", "main\n"), ("src/lib/util.txt", "util\n"), ("extra.txt", "extra\n")]);
-    let st = Command::new("find")
-        .arg(dir.path())
-        .args(["-exec", "touch", "-h", "-d", &format!("@{mtime}"), "{}", "+"])
-        .status()
-        .unwrap();
+    let st = Command::new("find").arg(dir.path()).args(["-exec", "touch", "-h", "-d", &format!("@{mtime}"), "{}", "+"]).status().unwrap();
     assert!(st.success());
     dir
 }

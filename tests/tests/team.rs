@@ -142,9 +142,8 @@ fn ten_concurrent_builds_run_shared_steps_once() {
     let shared = unique("once");
     let first = format!("RUN --mount=type=cache,target=/c,id={shared} echo ran >> /c/count && sleep 1");
     let mates: Vec<Teammate> = (0..10).map(|_| Teammate::new(&server, &token)).collect();
-    let ctxs: Vec<_> = (0..10)
-        .map(|i| context(&[("Dockerfile", &format!("FROM {}\n{first}\nRUN echo {} > /mine\n", busybox(), i % 3))]))
-        .collect();
+    let ctxs: Vec<_> =
+        (0..10).map(|i| context(&[("Dockerfile", &format!("FROM {}\n{first}\nRUN echo {} > /mine\n", busybox(), i % 3))])).collect();
     let outs = tempfile::tempdir_in(test_tmp()).unwrap();
     let children: Vec<_> = (0..10)
         .map(|i| {
@@ -163,7 +162,8 @@ fn ten_concurrent_builds_run_shared_steps_once() {
         assert!(out.status.success(), "build {i}: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(std::fs::read_to_string(outs.path().join(i.to_string()).join("mine")).unwrap(), format!("{}\n", i % 3));
     }
-    let probe = context(&[("Dockerfile", &format!("FROM {}\nRUN --mount=type=cache,target=/c,id={shared} cp /c/count /count\n", busybox()))]);
+    let probe =
+        context(&[("Dockerfile", &format!("FROM {}\nRUN --mount=type=cache,target=/c,id={shared} cp /c/count /count\n", busybox()))]);
     let dest = outs.path().join("probe");
     mates[0].build_ok(&["-o", &format!("type=local,dest={}", dest.display()), probe.path().to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(dest.join("count")).unwrap(), "ran\n", "the shared step ran exactly once");
@@ -177,8 +177,12 @@ fn kill_9_mid_build_then_restart_recovers() {
     let mut server = Server::start();
     let mate = Teammate::new(&server, &server.admin(&["project", "create", "p"]));
     let marker = unique("k9");
-    let ctx = context(&[("f.txt", "content\n"), ("Dockerfile", &format!("FROM {}\nCOPY f.txt /f.txt\nRUN echo {marker} && sleep 600\n", busybox()))]);
-    let mut child = mate.cmd().args(["build", "--progress=plain"]).arg(ctx.path()).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let ctx = context(&[
+        ("f.txt", "content\n"),
+        ("Dockerfile", &format!("FROM {}\nCOPY f.txt /f.txt\nRUN echo {marker} && sleep 600\n", busybox())),
+    ]);
+    let mut child =
+        mate.cmd().args(["build", "--progress=plain"]).arg(ctx.path()).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -222,17 +226,53 @@ fn tls_and_the_loopback_rule() {
     let certs = tempfile::tempdir_in(test_tmp()).unwrap();
     let p = |n: &str| certs.path().join(n);
     let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
-    std::fs::write(p("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(p("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+        .unwrap();
     let openssl = |args: &[&str]| {
         let out = Command::new("openssl").args(args).current_dir(certs.path()).output().unwrap();
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
-    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=hoist-test-ca", "-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=hoist-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
     openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "req.csr"]);
-    openssl(&["x509", "-req", "-in", "req.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", "ext.cnf", "-out", "cert.pem"]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "req.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
     let root = tempfile::tempdir_in(test_tmp()).unwrap();
     let port = free_port();
-    let mut server = Server { root, port, child: None, extra: vec!["--tls-cert".into(), cert.display().to_string(), "--tls-key".into(), key.display().to_string()] };
+    let mut server = Server {
+        root,
+        port,
+        child: None,
+        extra: vec!["--tls-cert".into(), cert.display().to_string(), "--tls-key".into(), key.display().to_string()],
+    };
     server.spawn();
     let token = server.admin(&["project", "create", "secure"]);
     let mut mate = Teammate::new(&server, &token);
@@ -306,7 +346,11 @@ fn onbuild_copy_of_a_base_image_gets_its_files_from_the_client_during_the_build(
     dev.build_ok(&["-t", &base, "--push", base_ctx.path().to_str().unwrap()]);
 
     let unrelated = "unrelated ".repeat(100_000);
-    let ctx = context(&[("Dockerfile", &format!("FROM {base}\nCMD [\"sh\"]\n")), ("app.txt", "from the context\n"), ("unrelated.txt", &unrelated)]);
+    let ctx = context(&[
+        ("Dockerfile", &format!("FROM {base}\nCMD [\"sh\"]\n")),
+        ("app.txt", "from the context\n"),
+        ("unrelated.txt", &unrelated),
+    ]);
     let out = tempfile::tempdir_in(test_tmp()).unwrap();
     let dest = out.path().join("fs");
     let err = dev.build_ok(&["-o", &format!("type=local,dest={}", dest.display()), ctx.path().to_str().unwrap()]);
@@ -335,7 +379,8 @@ fn last_layer_links(archive: &OciArchive) -> Vec<(String, Option<String>)> {
         .map(|e| {
             let e = e.unwrap();
             let path = e.path().unwrap().to_string_lossy().into_owned();
-            let link = (e.header().entry_type() == tar::EntryType::Link).then(|| e.link_name().unwrap().unwrap().to_string_lossy().into_owned());
+            let link =
+                (e.header().entry_type() == tar::EntryType::Link).then(|| e.link_name().unwrap().unwrap().to_string_lossy().into_owned());
             (path, link)
         })
         .collect()
@@ -361,7 +406,9 @@ fn hard_links_in_the_context_stay_links_in_the_layer_from_a_remote_client() {
         last_layer_links(&OciArchive::read(&dest))
     };
     let entries = export(1);
-    let link_of = |e: &[(String, Option<String>)], p: &str| e.iter().find(|(path, _)| path == p).unwrap_or_else(|| panic!("{p} not in {e:?}")).1.clone();
+    let link_of = |e: &[(String, Option<String>)], p: &str| {
+        e.iter().find(|(path, _)| path == p).unwrap_or_else(|| panic!("{p} not in {e:?}")).1.clone()
+    };
     assert_eq!(link_of(&entries, "dir/b"), Some("dir/a".into()), "{entries:?}");
     assert_eq!(link_of(&entries, "dir/c"), None, "equal content is not a link");
     // b becomes a copy, c a link: the next sync and COPY follow.

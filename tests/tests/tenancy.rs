@@ -143,7 +143,10 @@ fn ssh_forwarding_never_opens_a_path_on_the_builder() {
     assert!(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().unwrap().success());
     let (out, fs) = build_fs(
         &t.b,
-        &format!("FROM {}\nRUN --mount=type=ssh,id=x,target=/h (test -S /h && echo socket; cat /h 2>&1 || echo unreadable) > /what\n", busybox()),
+        &format!(
+            "FROM {}\nRUN --mount=type=ssh,id=x,target=/h (test -S /h && echo socket; cat /h 2>&1 || echo unreadable) > /what\n",
+            busybox()
+        ),
         &[],
         &["--ssh", &format!("x={}", key.display())],
     );
@@ -208,15 +211,14 @@ fn ssh_agents_are_forwarded_to_a_remote_builder_from_keys_and_from_an_agent_sock
     ssh_add_bundle(ctx.path());
     let out = tempfile::tempdir_in(test_tmp()).unwrap();
     let dest = out.path().join("fs");
-    let o = t
-        .b
-        .cmd()
-        .env("SSH_AUTH_SOCK", &sock)
-        .args(["build", "--progress=plain", "-o", &format!("type=local,dest={}", dest.display())])
-        .args(["--ssh", &format!("deploy={}", k1.display()), "--ssh", "default"])
-        .arg(ctx.path())
-        .output()
-        .unwrap();
+    let o =
+        t.b.cmd()
+            .env("SSH_AUTH_SOCK", &sock)
+            .args(["build", "--progress=plain", "-o", &format!("type=local,dest={}", dest.display())])
+            .args(["--ssh", &format!("deploy={}", k1.display()), "--ssh", "default"])
+            .arg(ctx.path())
+            .output()
+            .unwrap();
     let _ = agent.kill();
     let _ = agent.wait();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -309,7 +311,12 @@ fn run_cannot_reach_the_builders_ports_its_bridge_or_link_local_addresses() {
         busybox(),
         server_port = t.server.port,
     );
-    let (o, fs) = build_fs(&t.b, &df, &[], &["--build-arg", &format!("BUILDER_PORT={}", t.server.port), "--build-arg", &format!("OTHER_PORT={port}")]);
+    let (o, fs) = build_fs(
+        &t.b,
+        &df,
+        &[],
+        &["--build-arg", &format!("BUILDER_PORT={}", t.server.port), "--build-arg", &format!("OTHER_PORT={port}")],
+    );
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -323,7 +330,8 @@ fn run_cannot_reach_the_builders_ports_its_bridge_or_link_local_addresses() {
     assert!(ll.contains("unreachable") || ll.contains("No route"), "{ll}");
     assert!(read(&fs, "gw.txt").starts_with("10.213."), "the sandbox bridge: {}", read(&fs, "gw.txt"));
     let dev = read(&fs, "dev.txt");
-    let ifaces: Vec<&str> = dev.lines().filter_map(|l| l.split(':').next()).map(str::trim).filter(|n| !n.is_empty() && !n.contains('|')).collect();
+    let ifaces: Vec<&str> =
+        dev.lines().filter_map(|l| l.split(':').next()).map(str::trim).filter(|n| !n.is_empty() && !n.contains('|')).collect();
     assert_eq!(ifaces, ["lo", "eth0"], "{dev}");
     t.assert_a_intact();
 }
@@ -335,8 +343,10 @@ fn run_sees_only_its_own_processes_and_its_own_root() {
     }
     let t = Tenants::new(&[]);
     // A builds something slow, with a marker in its command line and environment.
-    let slow = context(&[("Dockerfile", &format!("FROM {}\nENV MARK=alpha-process-marker\nRUN sleep 25 # alpha-process-marker\n", busybox()))]);
-    let mut a_build = t.a.cmd().args(["build", "--progress=plain"]).arg(slow.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let slow =
+        context(&[("Dockerfile", &format!("FROM {}\nENV MARK=alpha-process-marker\nRUN sleep 25 # alpha-process-marker\n", busybox()))]);
+    let mut a_build =
+        t.a.cmd().args(["build", "--progress=plain"]).arg(slow.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for_container(t.root());
     let df = format!(
         "FROM {}\nRUN cat /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null | tr '\\0' ' ' > /procs.txt; \
@@ -422,7 +432,8 @@ fn a_project_over_its_storage_limit_is_collected_and_others_keep_theirs() {
         t.b.build_ok(&[ctx.path().to_str().unwrap()]);
         ctxs.push(ctx);
     }
-    let u = with_raw_client(&t.server, &t.b.token, async |c| c.cache_usage(hoist_client::v1::CacheUsageRequest {}).await.unwrap().into_inner());
+    let u =
+        with_raw_client(&t.server, &t.b.token, async |c| c.cache_usage(hoist_client::v1::CacheUsageRequest {}).await.unwrap().into_inner());
     assert_eq!(u.limit_bytes, 3 << 20, "3MB is 3 MiB, as in Docker");
     // Directories and small files are counted on disk but not when collecting: a little slack.
     assert!(u.total_bytes <= u.limit_bytes + u.limit_bytes / 20, "beta is back under its limit: {u:?}");
@@ -518,14 +529,13 @@ fn a_local_unprivileged_user_cannot_read_the_state_root() {
     let secret = tempfile::tempdir_in(test_tmp()).unwrap();
     std::fs::write(secret.path().join("s"), "beta-env-secret-31337").unwrap();
     let ctx = context(&[("Dockerfile", &format!("FROM {}\nRUN --mount=type=secret,id=s,env=S sleep 4\n", busybox()))]);
-    let child = t
-        .b
-        .cmd()
-        .args(["build", "--progress=plain", "--secret", &format!("id=s,src={}", secret.path().join("s").display())])
-        .arg(ctx.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child =
+        t.b.cmd()
+            .args(["build", "--progress=plain", "--secret", &format!("id=s,src={}", secret.path().join("s").display())])
+            .arg(ctx.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
     wait_for_container(t.root());
     let bundles: Vec<PathBuf> = std::fs::read_dir(t.root().join("executor/bundles")).unwrap().flatten().map(|e| e.path()).collect();
     assert!(!bundles.is_empty());
@@ -602,11 +612,8 @@ impl TestHost {
         assert!(ip(&format!("-n {ns} route add default via 10.215.{n}.1")));
         let dir = tempfile::tempdir_in(test_tmp()).unwrap();
         std::fs::write(dir.path().join("hello.txt"), content).unwrap();
-        let httpd = Command::new("ip")
-            .args(["netns", "exec", &ns, "busybox", "httpd", "-f", "-p", "8080", "-h"])
-            .arg(dir.path())
-            .spawn()
-            .unwrap();
+        let httpd =
+            Command::new("ip").args(["netns", "exec", &ns, "busybox", "httpd", "-f", "-p", "8080", "-h"]).arg(dir.path()).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(300));
         TestHost { ns, veth, ip: format!("10.215.{n}.2"), httpd: Some(httpd), _dir: dir }
     }
@@ -654,7 +661,12 @@ fn the_embedded_builder_grants_the_host_network_but_insecure_must_be_asked_for()
     h.build_ok(&[ctx.path().to_str().unwrap()]);
     let ctx = context(&[("Dockerfile", &format!("FROM {}\nRUN --security=insecure true\n", busybox()))]);
     let o = h.build(&[ctx.path().to_str().unwrap()]);
-    assert!(!o.status.success() && stderr(&o).contains("Dockerfile:2: RUN --security=insecure: the security.insecure entitlement was not requested"), "{}", stderr(&o));
+    assert!(
+        !o.status.success()
+            && stderr(&o).contains("Dockerfile:2: RUN --security=insecure: the security.insecure entitlement was not requested"),
+        "{}",
+        stderr(&o)
+    );
     h.build_ok(&["--allow", "security.insecure", ctx.path().to_str().unwrap()]);
     // `hoist serve` on a unix socket of its own is not the embedded builder: tokens needed.
     let root = tempfile::Builder::new().prefix("hoist-server-").tempdir_in(test_tmp()).unwrap();

@@ -95,8 +95,20 @@ impl Registry {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let cfg = dir.join("config.yml");
-        std::fs::write(&cfg, format!("version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n", dir.join("data").display()))?;
-        let child = Command::new("docker-registry").arg("serve").arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("starting docker-registry")?;
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
+                dir.join("data").display()
+            ),
+        )?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting docker-registry")?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
@@ -182,7 +194,10 @@ impl Bench {
 
     fn change_source(&self, i: usize) -> anyhow::Result<()> {
         let seed = self.nonce.wrapping_add(i as u64);
-        std::fs::write(self.ctx.join("src/main.py"), format!("print('revision {i}')\n# {}\n", String::from_utf8_lossy(&noise(2000, seed))))?;
+        std::fs::write(
+            self.ctx.join("src/main.py"),
+            format!("print('revision {i}')\n# {}\n", String::from_utf8_lossy(&noise(2000, seed))),
+        )?;
         Ok(())
     }
 }
@@ -191,7 +206,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let hoist = match &args.hoist {
         Some(h) => h.clone(),
-        None => ["target/release/hoist", "target/debug/hoist"].iter().map(PathBuf::from).find(|p| p.exists()).context("no hoist binary: build it or pass --hoist")?,
+        None => ["target/release/hoist", "target/debug/hoist"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .context("no hoist binary: build it or pass --hoist")?,
     };
     let hoist = std::fs::canonicalize(hoist)?;
     std::fs::create_dir_all(&args.work)?;
@@ -206,7 +225,10 @@ fn main() -> anyhow::Result<()> {
     for i in 0..20 {
         std::fs::write(ctx.join(format!("src/mod{i}.py")), format!("VALUE = {i}\n"))?;
     }
-    std::fs::write(ctx.join("Dockerfile"), format!("FROM {}\nCOPY vendor/ /app/vendor/\nCOPY src/ /app/src/\nCMD [\"python3\", \"/app/src/main.py\"]\n", args.base))?;
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {}\nCOPY vendor/ /app/vendor/\nCOPY src/ /app/src/\nCMD [\"python3\", \"/app/src/main.py\"]\n", args.base),
+    )?;
     let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
     let b = Bench { hoist, work: work.clone(), ctx: ctx.clone(), nonce };
     let c = ctx.display().to_string();
@@ -242,7 +264,10 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(big.join("big.bin"), noise(args.new_layer_mb << 20, nonce ^ (1000 + 2 * i as u64)))?;
         new_proxy.push(run(b.hoist().args(["-t", "lp-bench:big", "--load", &bc]), "hoist --load of a new layer")?.0);
         std::fs::write(big.join("big.bin"), noise(args.new_layer_mb << 20, nonce ^ (1001 + 2 * i as u64)))?;
-        new_tarball.push(sh(&format!("{} -o type=docker,dest=- -t lp-bench:bigtar {bc} | {docker} load -q", shell_cmd(&b)), "tarball load of a new layer")?);
+        new_tarball.push(sh(
+            &format!("{} -o type=docker,dest=- -t lp-bench:bigtar {bc} | {docker} load -q", shell_cmd(&b)),
+            "tarball load of a new layer",
+        )?);
     }
 
     let image_mb = {

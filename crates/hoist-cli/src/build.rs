@@ -219,7 +219,9 @@ fn parse_secret(spec: &str) -> anyhow::Result<v1::Secret> {
     let id = id.ok_or_else(|| anyhow!("--secret {spec:?}: id=NAME is required"))?;
     let value = match (src, env) {
         (Some(path), _) => std::fs::read(&path).with_context(|| format!("--secret {id}: reading {path}"))?,
-        (None, Some(var)) => std::env::var(&var).with_context(|| format!("--secret {id}: environment variable {var} is not set"))?.into_bytes(),
+        (None, Some(var)) => {
+            std::env::var(&var).with_context(|| format!("--secret {id}: environment variable {var} is not set"))?.into_bytes()
+        }
         (None, None) => match std::env::var(&id) {
             Ok(v) => v.into_bytes(),
             Err(_) => bail!("--secret {spec:?}: give src=FILE or env=VAR"),
@@ -241,7 +243,8 @@ fn parse_ssh(spec: &str) -> anyhow::Result<(String, AgentSource)> {
         bail!("--ssh {spec:?}: expected default, ID, ID=SOCKET or ID=KEYFILE[,KEYFILE]");
     }
     let paths: Vec<PathBuf> = if paths.is_empty() {
-        let sock = std::env::var("SSH_AUTH_SOCK").with_context(|| format!("--ssh {spec}: SSH_AUTH_SOCK is not set; give {id}=/path/to/agent.sock or {id}=~/.ssh/id_ed25519"))?;
+        let sock = std::env::var("SSH_AUTH_SOCK")
+            .with_context(|| format!("--ssh {spec}: SSH_AUTH_SOCK is not set; give {id}=/path/to/agent.sock or {id}=~/.ssh/id_ed25519"))?;
         vec![PathBuf::from(sock)]
     } else {
         paths.split(',').filter(|p| !p.is_empty()).map(PathBuf::from).collect()
@@ -410,7 +413,9 @@ pub(crate) async fn sync_context(
     renderer: &mut Renderer,
     label: &str,
 ) -> anyhow::Result<SentContext> {
-    let Some(dir) = &inputs.context_dir else { return Ok(SentContext { id: String::new(), stats: Default::default(), reach: None, provider: None }) };
+    let Some(dir) = &inputs.context_dir else {
+        return Ok(SentContext { id: String::new(), stats: Default::default(), reach: None, provider: None });
+    };
     let t = Instant::now();
     let id = renderer.internal(label);
     let dir2 = dir.clone();
@@ -426,7 +431,11 @@ pub(crate) async fn sync_context(
     .await??;
     let session = sync::session_key(dir);
     let (cid, stats) = sync::sync(client, session.clone(), &walked).await?;
-    renderer.internal_done(id, t.elapsed().as_secs_f64(), &format!("transferred {} files ({})", stats.uploaded_files, human_bytes(stats.uploaded_bytes)));
+    renderer.internal_done(
+        id,
+        t.elapsed().as_secs_f64(),
+        &format!("transferred {} files ({})", stats.uploaded_files, human_bytes(stats.uploaded_bytes)),
+    );
     let provider = sync::DirContext { dir: dir.clone(), ignore: ignore.cloned(), session };
     Ok(SentContext {
         id: cid,
@@ -566,7 +575,10 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
         };
         match ev.event {
             Some(build_event::Event::Output(o)) => {
-                let sink = sinks.get_mut(o.output as usize).and_then(|s| s.as_mut()).ok_or_else(|| anyhow!("builder sent data for an unknown output"))?;
+                let sink = sinks
+                    .get_mut(o.output as usize)
+                    .and_then(|s| s.as_mut())
+                    .ok_or_else(|| anyhow!("builder sent data for an unknown output"))?;
                 sink.write(o.data).await?;
                 if o.eof {
                     let note = sinks[o.output as usize].take().map(|s| s.finish());
@@ -577,7 +589,10 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
                 }
             }
             Some(build_event::Event::Export(session)) => {
-                let sink = sinks.get_mut(session.output as usize).and_then(|s| s.as_mut()).ok_or_else(|| anyhow!("builder sent an export for an unknown output"))?;
+                let sink = sinks
+                    .get_mut(session.output as usize)
+                    .and_then(|s| s.as_mut())
+                    .ok_or_else(|| anyhow!("builder sent an export for an unknown output"))?;
                 sink.start_export(&client, session)?;
             }
             Some(build_event::Event::Result(r)) => {

@@ -112,7 +112,8 @@ pub fn project_from_file(dir: &Path) -> anyhow::Result<Option<String>> {
         let f = d.join("hoist.json");
         if f.is_file() {
             let text = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
-            let p: ProjectFile = serde_json::from_slice(&text).with_context(|| format!("{}: expected {{\"project\": \"NAME\"}}", f.display()))?;
+            let p: ProjectFile =
+                serde_json::from_slice(&text).with_context(|| format!("{}: expected {{\"project\": \"NAME\"}}", f.display()))?;
             return Ok(Some(p.project));
         }
         cur = d.parent();

@@ -44,7 +44,8 @@ pub fn engine_is_remote(docker_host: Option<&str>) -> Option<String> {
     if host.starts_with("unix://") || host.starts_with("npipe://") {
         return None;
     }
-    let rest = host.strip_prefix("tcp://").or_else(|| host.strip_prefix("http://")).or_else(|| host.strip_prefix("https://")).unwrap_or(host);
+    let rest =
+        host.strip_prefix("tcp://").or_else(|| host.strip_prefix("http://")).or_else(|| host.strip_prefix("https://")).unwrap_or(host);
     let authority = rest.split('/').next().unwrap_or(rest);
     if hoist_oci::registry::is_loopback(authority) {
         return None;
@@ -56,11 +57,15 @@ impl DockerEngine {
     /// Connect to the engine of `DOCKER_HOST` (default: the local socket).
     pub async fn connect(what: &str) -> anyhow::Result<DockerEngine> {
         let docker = Docker::connect_with_local_defaults().with_context(|| format!("{what}: connecting to the Docker engine"))?;
-        let docker = docker.negotiate_version().await.with_context(|| format!("{what}: the Docker engine does not answer (is dockerd running? DOCKER_HOST?)"))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .with_context(|| format!("{what}: the Docker engine does not answer (is dockerd running? DOCKER_HOST?)"))?;
         let v = docker.version().await.with_context(|| format!("{what}: asking the Docker engine its version"))?;
         let os = v.os.unwrap_or_else(|| "linux".into());
         let arch = v.arch.unwrap_or_else(|| hoist_engine::graph::Platform::host().architecture);
-        let platform = hoist_engine::graph::Platform::parse(&format!("{os}/{arch}")).map(|p| p.to_string()).unwrap_or(format!("{os}/{arch}"));
+        let platform =
+            hoist_engine::graph::Platform::parse(&format!("{os}/{arch}")).map(|p| p.to_string()).unwrap_or(format!("{os}/{arch}"));
         let remote = engine_is_remote(std::env::var("DOCKER_HOST").ok().as_deref());
         Ok(DockerEngine { docker, platform, remote })
     }
@@ -126,7 +131,6 @@ impl LoadReport {
         s
     }
 }
-
 
 /// The manifest of `session` for `platform` (its only one, or the matching one).
 fn pick_manifest<'a>(session: &'a v1::ExportSession, platform: &str) -> anyhow::Result<&'a v1::ManifestRef> {
@@ -236,10 +240,17 @@ impl From<anyhow::Error> for RegistryLoadError {
 
 fn unreachable_message(m: &str) -> bool {
     let m = m.to_ascii_lowercase();
-    ["connection refused", "no route to host", "i/o timeout", "connect: ", "dial tcp", "network is unreachable"].iter().any(|p| m.contains(p))
+    ["connection refused", "no route to host", "i/o timeout", "connect: ", "dial tcp", "network is unreachable"]
+        .iter()
+        .any(|p| m.contains(p))
 }
 
-async fn load_registry(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> Result<LoadReport, RegistryLoadError> {
+async fn load_registry(
+    client: &Client,
+    engine: &DockerEngine,
+    session: &v1::ExportSession,
+    tags: &[String],
+) -> Result<LoadReport, RegistryLoadError> {
     let started = Instant::now();
     let docker = &engine.docker;
     let repository = format!("hoist-load/{}", hoist_oci::random::hex(8));
@@ -260,8 +271,11 @@ async fn load_registry(client: &Client, engine: &DockerEngine, session: &v1::Exp
     // Pulled by the digest of the engine's platform's manifest: the engine keeps just that
     // one digest reference, which is the one temporary name to remove afterwards.
     let temp_ref = format!("{from}@{}", chosen.digest);
-    let opts =
-        bollard::query_parameters::CreateImageOptions { from_image: Some(from.clone()), tag: Some(chosen.digest.clone()), ..Default::default() };
+    let opts = bollard::query_parameters::CreateImageOptions {
+        from_image: Some(from.clone()),
+        tag: Some(chosen.digest.clone()),
+        ..Default::default()
+    };
     let mut stream = docker.create_image(Some(opts), None, None);
     let mut last: HashMap<String, String> = HashMap::new();
     let mut failure = None;
@@ -330,7 +344,8 @@ async fn load_registry(client: &Client, engine: &DockerEngine, session: &v1::Exp
 /// Chain ids of every layer stack the engine's images have (what `docker load` reuses).
 async fn engine_chains(docker: &Docker) -> HashSet<Digest> {
     let mut out = HashSet::new();
-    let Ok(images) = docker.list_images(Some(bollard::query_parameters::ListImagesOptions { all: false, ..Default::default() })).await else {
+    let Ok(images) = docker.list_images(Some(bollard::query_parameters::ListImagesOptions { all: false, ..Default::default() })).await
+    else {
         return out;
     };
     // Bounded: a very large image store costs at most this many inspections.
@@ -363,13 +378,20 @@ fn padding(size: u64) -> Bytes {
 }
 
 /// Load as a `docker load` archive that carries only the layers the engine lacks.
-async fn load_archive(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String], why: String) -> anyhow::Result<LoadReport> {
+async fn load_archive(
+    client: &Client,
+    engine: &DockerEngine,
+    session: &v1::ExportSession,
+    tags: &[String],
+    why: String,
+) -> anyhow::Result<LoadReport> {
     let started = Instant::now();
     let chosen = pick_manifest(session, &engine.platform)?;
     let doc = |d: &str| session.documents.iter().find(|x| x.digest == d).map(|x| x.data.clone());
     let manifest_bytes = doc(&chosen.digest).ok_or_else(|| anyhow!("the export session lacks manifest {}", chosen.digest))?;
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes).context("the builder's manifest is invalid")?;
-    let config_bytes = doc(manifest.config.digest.as_str()).ok_or_else(|| anyhow!("the export session lacks config {}", manifest.config.digest))?;
+    let config_bytes =
+        doc(manifest.config.digest.as_str()).ok_or_else(|| anyhow!("the export session lacks config {}", manifest.config.digest))?;
     if Digest::of(&config_bytes) != manifest.config.digest {
         bail!("the builder sent config {} whose bytes do not match its digest", manifest.config.digest);
     }
@@ -389,10 +411,8 @@ async fn load_archive(client: &Client, engine: &DockerEngine, session: &v1::Expo
         }
         layer_paths.push(path);
     }
-    let repo_tags: Vec<String> = tags
-        .iter()
-        .map(|t| repo_and_tag(t).map(|(r, tag)| format!("{r}:{tag}")))
-        .collect::<anyhow::Result<_>>()?;
+    let repo_tags: Vec<String> =
+        tags.iter().map(|t| repo_and_tag(t).map(|(r, tag)| format!("{r}:{tag}"))).collect::<anyhow::Result<_>>()?;
     let config_name = format!("{}.json", manifest.config.digest.hex());
     let manifest_json = serde_json::to_vec(&serde_json::json!([{ "Config": config_name, "RepoTags": repo_tags, "Layers": layer_paths }]))?;
     let layers_moved = send.len() as u64;
@@ -541,7 +561,10 @@ mod tests {
             seconds: 0.25,
         };
         let line = r.line("--load");
-        assert!(line.contains("1 layer(s) moved (2.0 kB), 3 already present; 2 blobs served, 3000 bytes (engine: 1 pulled, 3 already exist)"), "{line}");
+        assert!(
+            line.contains("1 layer(s) moved (2.0 kB), 3 already present; 2 blobs served, 3000 bytes (engine: 1 pulled, 3 already exist)"),
+            "{line}"
+        );
         let a = LoadReport { path: LoadPath::Archive, why: Some("no -t was given".into()), ..r };
         assert!(a.line("--load").contains("archive because no -t was given"), "{}", a.line("--load"));
     }

@@ -156,7 +156,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     eprintln!("hoist builder listening on {listen:?} (state in {})", args.root.display());
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(hoist_server::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() }),
+        (Some(cert), Some(key)) => {
+            Some(hoist_server::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() })
+        }
         _ => None,
     };
     let mut platforms = Vec::new();

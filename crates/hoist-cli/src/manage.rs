@@ -216,7 +216,12 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         bail!("no token given (pass --token or pipe it on stdin)");
     }
     let addr = hoist_client::BuilderAddr::parse(&args.builder)?;
-    let opts = hoist_client::ConnectOptions { token: Some(token.clone()), tls_ca: args.tls_ca, allow_insecure: args.insecure, ..Default::default() };
+    let opts = hoist_client::ConnectOptions {
+        token: Some(token.clone()),
+        tls_ca: args.tls_ca,
+        allow_insecure: args.insecure,
+        ..Default::default()
+    };
     let mut client = hoist_client::connect(&addr, &opts).await?;
     let usage = client.cache_usage(v1::CacheUsageRequest {}).await.map_err(hoist_client::ClientError::from_status)?.into_inner();
     let mut cfg = ClientConfig::load()?;
@@ -298,7 +303,12 @@ pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
             println!("steps run:      {}", b.steps_run);
             println!("steps cached:   {}", b.steps_cached);
             println!("containers run: {}", b.containers_run);
-            println!("context:        {} entries, {} files sent ({})", b.context_entries, b.context_files_sent, human_bytes(b.context_bytes_sent));
+            println!(
+                "context:        {} entries, {} files sent ({})",
+                b.context_entries,
+                b.context_files_sent,
+                human_bytes(b.context_bytes_sent)
+            );
             println!("image:          {}", b.image_id);
             if !b.manifest_digest.is_empty() {
                 println!("manifest:       {}", b.manifest_digest);

@@ -26,7 +26,9 @@ use crate::progress::{Mode, Renderer};
 
 /// Whether builder platform `have` serves requested platform `want`.
 fn serves(have: &Platform, want: &Platform) -> bool {
-    have.os == want.os && have.architecture == want.architecture && (have.variant.is_none() || want.variant.is_none() || have.variant == want.variant)
+    have.os == want.os
+        && have.architecture == want.architecture
+        && (have.variant.is_none() || want.variant.is_none() || have.variant == want.variant)
 }
 
 /// For each builder, the platforms it builds: each platform goes to the first builder that
@@ -52,7 +54,11 @@ pub fn index_of(manifests: &[v1::ManifestRef]) -> anyhow::Result<Vec<u8>> {
             media_type: if m.media_type.is_empty() { media::OCI_MANIFEST.into() } else { m.media_type.clone() },
             digest,
             size: m.size,
-            platform: Some(PlatformSpec { architecture: p.architecture.clone(), os: p.os.clone(), variant: Some(p.variant_arg()).filter(|v| !v.is_empty()) }),
+            platform: Some(PlatformSpec {
+                architecture: p.architecture.clone(),
+                os: p.os.clone(),
+                variant: Some(p.variant_arg()).filter(|v| !v.is_empty()),
+            }),
             annotations: None,
         });
     }
@@ -93,7 +99,12 @@ pub async fn run(
     let mut announced = Vec::new();
     for addr in args.conn.addrs()? {
         let mut client = args.conn.connect_to(Some(addr.clone()), dir).await?;
-        let info = client.info(v1::InfoRequest {}).await.map_err(hoist_client::ClientError::from_status).with_context(|| format!("builder {addr}"))?.into_inner();
+        let info = client
+            .info(v1::InfoRequest {})
+            .await
+            .map_err(hoist_client::ClientError::from_status)
+            .with_context(|| format!("builder {addr}"))?
+            .into_inner();
         announced.push(info.platforms.iter().filter_map(|p| Platform::parse(p).ok()).collect::<Vec<_>>());
         parts.push(Part { addr, client, platforms: Vec::new(), outputs: Vec::new() });
     }
@@ -122,10 +133,8 @@ pub async fn run(
         OutputSink::Load { engine, .. } => Platform::parse(&engine.platform).ok(),
         _ => None,
     });
-    let load_part = engine_platform
-        .as_ref()
-        .and_then(|ep| parts.iter().position(|p| p.platforms.iter().any(|q| serves(q, ep))))
-        .unwrap_or(0);
+    let load_part =
+        engine_platform.as_ref().and_then(|ep| parts.iter().position(|p| p.platforms.iter().any(|q| serves(q, ep)))).unwrap_or(0);
 
     let mut renderer = Renderer::new(mode);
     let mut streams = Vec::new();
@@ -204,8 +213,12 @@ pub async fn run(
                 }
             }
             Some(build_event::Event::Export(session)) => {
-                let i = *parts[k].outputs.get(session.output as usize).ok_or_else(|| anyhow!("builder sent an export for an unknown output"))?;
-                let sink = sinks.get_mut(i).and_then(|s| s.as_mut()).ok_or_else(|| anyhow!("builder sent an export for an unknown output"))?;
+                let i = *parts[k]
+                    .outputs
+                    .get(session.output as usize)
+                    .ok_or_else(|| anyhow!("builder sent an export for an unknown output"))?;
+                let sink =
+                    sinks.get_mut(i).and_then(|s| s.as_mut()).ok_or_else(|| anyhow!("builder sent an export for an unknown output"))?;
                 sink.start_export(&parts[k].client, session)?;
             }
             Some(build_event::Event::Result(r)) => {
@@ -237,7 +250,9 @@ pub async fn run(
 
     // Per-platform manifests in the order the platforms were asked for.
     let mut manifests: Vec<v1::ManifestRef> = results.values().flat_map(|r| r.manifests.clone()).collect();
-    manifests.sort_by_key(|m| Platform::parse(&m.platform).ok().and_then(|p| requested.iter().position(|q| serves(&p, q))).unwrap_or(usize::MAX));
+    manifests.sort_by_key(|m| {
+        Platform::parse(&m.platform).ok().and_then(|p| requested.iter().position(|q| serves(&p, q))).unwrap_or(usize::MAX)
+    });
     let mut seen = std::collections::HashSet::new();
     manifests.retain(|m| seen.insert(m.platform.clone()));
     let pushing = outputs.iter().any(OutputSpec::is_push);
@@ -305,7 +320,8 @@ pub async fn run(
 async fn push_index(args: &BuildArgs, index: &[u8]) -> anyhow::Result<()> {
     let refs = args.tags.iter().map(|t| Reference::parse(t).map_err(|e| anyhow!("{e}"))).collect::<anyhow::Result<Vec<_>>>()?;
     let hosts: Vec<&str> = refs.iter().map(|r| r.registry.as_str()).collect();
-    let credentials = hoist_oci::auth::Credentials::from_docker_config(hosts.iter().copied()).context("reading registry credentials from the docker config")?;
+    let credentials = hoist_oci::auth::Credentials::from_docker_config(hosts.iter().copied())
+        .context("reading registry credentials from the docker config")?;
     let registry = hoist_oci::registry::RegistryClient::new(hoist_oci::registry::RegistryOptions {
         credentials,
         insecure: args.insecure_registries.clone(),

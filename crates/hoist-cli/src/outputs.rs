@@ -122,11 +122,25 @@ impl OutputSpec {
 
 /// Where an output's bytes go.
 pub enum OutputSink {
-    File { file: io::BufWriter<std::fs::File>, path: PathBuf, kind: String },
-    Stdout { describe: String },
-    Local { tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>, handle: Option<std::thread::JoinHandle<anyhow::Result<u64>>>, dest: PathBuf },
+    File {
+        file: io::BufWriter<std::fs::File>,
+        path: PathBuf,
+        kind: String,
+    },
+    Stdout {
+        describe: String,
+    },
+    Local {
+        tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+        handle: Option<std::thread::JoinHandle<anyhow::Result<u64>>>,
+        dest: PathBuf,
+    },
     /// The local Docker engine; the load starts when the builder's export session arrives.
-    Load { engine: DockerEngine, tags: Vec<String>, task: Option<JoinHandle<anyhow::Result<LoadReport>>> },
+    Load {
+        engine: DockerEngine,
+        tags: Vec<String>,
+        task: Option<JoinHandle<anyhow::Result<LoadReport>>>,
+    },
 }
 
 /// Reads what a channel delivers.
@@ -193,7 +207,8 @@ impl OutputSink {
                 same_owner: root,
                 ..Default::default()
             };
-            let stats = hoist_oci::layer::extract_layer_tar(reader, &d, &opts).with_context(|| format!("--output type=local: writing into {}", d.display()))?;
+            let stats = hoist_oci::layer::extract_layer_tar(reader, &d, &opts)
+                .with_context(|| format!("--output type=local: writing into {}", d.display()))?;
             Ok(stats.entries)
         });
         Ok(OutputSink::Local { tx: Some(tx), handle: Some(handle), dest })

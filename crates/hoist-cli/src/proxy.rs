@@ -176,7 +176,14 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, hea
     let head = method == Method::HEAD;
     let content = &shared.content;
     match route(uri.path()) {
-        Some(Route::Base) => ([(header::CONTENT_TYPE, "application/json"), (header::HeaderName::from_static("docker-distribution-api-version"), "registry/2.0")], "{}").into_response(),
+        Some(Route::Base) => (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::HeaderName::from_static("docker-distribution-api-version"), "registry/2.0"),
+            ],
+            "{}",
+        )
+            .into_response(),
         Some(Route::Manifest { name, reference }) => {
             if name != content.repository {
                 return error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", format!("repository {name} is not served here"));
@@ -268,7 +275,9 @@ fn blob_response(head: bool, size: u64, offset: u64, digest: &Digest, body: Body
         .header("docker-content-digest", digest.to_string())
         .header(header::ACCEPT_RANGES, "bytes");
     if offset > 0 && !head {
-        b = b.status(StatusCode::PARTIAL_CONTENT).header(header::CONTENT_RANGE, format!("bytes {offset}-{}/{size}", size.saturating_sub(1)));
+        b = b
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(header::CONTENT_RANGE, format!("bytes {offset}-{}/{size}", size.saturating_sub(1)));
     } else {
         b = b.status(StatusCode::OK);
     }
@@ -295,7 +304,8 @@ pub fn content_of(session: &v1::ExportSession, repository: &str, tag: &str) -> a
     for m in &session.manifests {
         let d: Digest = m.digest.parse()?;
         let (_, bytes) = documents.get(&d).with_context(|| format!("the export session lacks manifest {d}"))?;
-        let manifest: hoist_oci::image::Manifest = serde_json::from_slice(bytes).with_context(|| format!("manifest {d} from the builder is invalid"))?;
+        let manifest: hoist_oci::image::Manifest =
+            serde_json::from_slice(bytes).with_context(|| format!("manifest {d} from the builder is invalid"))?;
         for l in &manifest.layers {
             blobs.insert(l.digest.clone(), l.size);
             layers.insert(l.digest.clone());
@@ -343,8 +353,16 @@ mod tests {
             digest: md.to_string(),
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             documents: vec![
-                v1::ExportDocument { digest: md.to_string(), media_type: "application/vnd.oci.image.manifest.v1+json".into(), data: manifest.clone().into_bytes() },
-                v1::ExportDocument { digest: cd.to_string(), media_type: "application/vnd.oci.image.config.v1+json".into(), data: config.to_vec() },
+                v1::ExportDocument {
+                    digest: md.to_string(),
+                    media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                    data: manifest.clone().into_bytes(),
+                },
+                v1::ExportDocument {
+                    digest: cd.to_string(),
+                    media_type: "application/vnd.oci.image.config.v1+json".into(),
+                    data: config.to_vec(),
+                },
             ],
             manifests: vec![v1::ManifestRef { digest: md.to_string(), ..Default::default() }],
             ..Default::default()

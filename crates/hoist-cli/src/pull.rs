@@ -31,7 +31,12 @@ pub async fn run(args: PullArgs) -> anyhow::Result<()> {
     let local = args.conn.builder_is_local()?;
     let platform = args.platform.clone().unwrap_or_else(|| engine.platform.clone());
     let req = v1::OpenSavedRequest { name: args.name.clone(), platform, compression: if local { "uncompressed" } else { "gzip" }.into() };
-    let session = client.open_saved(req).await.map_err(hoist_client::ClientError::from_status).with_context(|| format!("hoist pull {}", args.name))?.into_inner();
+    let session = client
+        .open_saved(req)
+        .await
+        .map_err(hoist_client::ClientError::from_status)
+        .with_context(|| format!("hoist pull {}", args.name))?
+        .into_inner();
     let tags = if args.tags.is_empty() { session.tags.clone() } else { args.tags.clone() };
     let report = crate::load::load(&client, &engine, &session, &tags).await.with_context(|| format!("hoist pull {}", args.name))?;
     eprintln!("hoist: {} (saved by build {})", report.line("pull"), session.build_id);

@@ -91,7 +91,8 @@ pub struct KeyAgent {
 
 impl fmt::Debug for KeyAgent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let keys: Vec<String> = self.keys.iter().map(|k| format!("{} {}", k.public.fingerprint(HashAlg::Sha256), k.public.algorithm())).collect();
+        let keys: Vec<String> =
+            self.keys.iter().map(|k| format!("{} {}", k.public.fingerprint(HashAlg::Sha256), k.public.algorithm())).collect();
         f.debug_struct("KeyAgent").field("keys", &keys).finish()
     }
 }
@@ -222,7 +223,10 @@ async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Option
         return Err(io::Error::new(io::ErrorKind::InvalidData, "empty ssh-agent message"));
     }
     if len > MAX_MESSAGE_LEN {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("ssh-agent message of {len} bytes is over the {MAX_MESSAGE_LEN}-byte limit")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("ssh-agent message of {len} bytes is over the {MAX_MESSAGE_LEN}-byte limit"),
+        ));
     }
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await?;
@@ -317,7 +321,8 @@ fn parse_key(text: &str) -> Result<(KeypairData, Option<String>), Problem> {
             return Err(Problem::Encrypted);
         }
         use rsa::pkcs1::DecodeRsaPrivateKey;
-        let key = rsa::PrivateKey::from_pkcs1_pem(pem).map_err(|e| Problem::NotKey(format!("its PKCS#1 RSA private key cannot be parsed ({e})")))?;
+        let key = rsa::PrivateKey::from_pkcs1_pem(pem)
+            .map_err(|e| Problem::NotKey(format!("its PKCS#1 RSA private key cannot be parsed ({e})")))?;
         return Ok((rsa_keypair(&key)?, None));
     }
     if let Some(pem) = pem_block(text, "EC PRIVATE KEY") {
@@ -333,11 +338,15 @@ fn parse_key(text: &str) -> Result<(KeypairData, Option<String>), Problem> {
         return Err(Problem::Unsupported("a DSA key".to_string()));
     }
     let start = text.trim_start();
-    if start.starts_with("---- BEGIN SSH2 PUBLIC KEY") || start.split_whitespace().next().is_some_and(|w| ssh_key::Algorithm::new(w).is_ok()) {
+    if start.starts_with("---- BEGIN SSH2 PUBLIC KEY")
+        || start.split_whitespace().next().is_some_and(|w| ssh_key::Algorithm::new(w).is_ok())
+    {
         return Err(Problem::NotKey("it is a public key: pass the private key file (usually the same name without .pub)".to_string()));
     }
     if start.starts_with("PuTTY-User-Key-File-") {
-        return Err(Problem::NotKey("it is a PuTTY key: convert it with `puttygen KEY -O private-openssh -o KEY.openssh` and pass that file".to_string()));
+        return Err(Problem::NotKey(
+            "it is a PuTTY key: convert it with `puttygen KEY -O private-openssh -o KEY.openssh` and pass that file".to_string(),
+        ));
     }
     Err(Problem::NotKey("it holds no OpenSSH or PEM private key (`-----BEGIN OPENSSH PRIVATE KEY-----`)".to_string()))
 }
@@ -440,7 +449,14 @@ mod tests {
     /// `ssh-keygen -t ... -f dir/name` with the given passphrase; returns the private key's path.
     async fn keygen(dir: &Path, name: &str, args: &[&str], passphrase: &str) -> PathBuf {
         let path = dir.join(name);
-        let out = run(Command::new("ssh-keygen").arg("-q").args(args).args(["-N", passphrase, "-C"]).arg(format!("{name}@hoist")).arg("-f").arg(&path)).await;
+        let out = run(Command::new("ssh-keygen")
+            .arg("-q")
+            .args(args)
+            .args(["-N", passphrase, "-C"])
+            .arg(format!("{name}@hoist"))
+            .arg("-f")
+            .arg(&path))
+        .await;
         assert!(out.status.success(), "ssh-keygen {args:?}: {}", text(&out));
         path
     }
@@ -501,7 +517,8 @@ mod tests {
     async fn listed(served: &Served) -> Vec<String> {
         let out = ssh_add(served, &["-l"]).await;
         assert!(out.status.success(), "ssh-add -l: {}", text(&out));
-        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(|l| l.split_whitespace().nth(1).unwrap().to_string()).collect();
+        let mut v: Vec<String> =
+            String::from_utf8_lossy(&out.stdout).lines().map(|l| l.split_whitespace().nth(1).unwrap().to_string()).collect();
         v.sort();
         v
     }
@@ -693,13 +710,9 @@ mod tests {
             let raw = sig.string().unwrap();
             assert!(sig.0.is_empty());
             std::fs::write(d.join("sig"), raw).unwrap();
-            let out = run(Command::new("openssl")
-                .args(["dgst", digest, "-verify"])
-                .arg(&pem)
-                .arg("-signature")
-                .arg(d.join("sig"))
-                .arg(&data))
-            .await;
+            let out =
+                run(Command::new("openssl").args(["dgst", digest, "-verify"]).arg(&pem).arg("-signature").arg(d.join("sig")).arg(&data))
+                    .await;
             assert!(out.status.success(), "openssl dgst {digest} -verify ({alg}): {}", text(&out));
         }
     }
@@ -747,7 +760,8 @@ mod tests {
     /// the peer still holds its end open.
     async fn closed_by_agent(conn: &mut UnixStream) {
         let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await.expect("the agent closes the connection").unwrap_or(0);
+        let n =
+            tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await.expect("the agent closes the connection").unwrap_or(0);
         assert_eq!(n, 0, "the agent answered instead of closing: {:?}", &buf[..n]);
     }
 

@@ -8,8 +8,8 @@ pub mod reach;
 pub mod session;
 pub mod sync;
 
-use std::path::{Path, PathBuf};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -197,7 +197,8 @@ pub async fn connect(addr: &BuilderAddr, opts: &ConnectOptions) -> Result<Client
         }
     };
     let meta = |v: &str, what: &str| -> Result<MetadataValue<tonic::metadata::Ascii>, ClientError> {
-        v.parse().map_err(|_| ClientError::Connect { addr: addr.to_string(), message: format!("the {what} has characters that cannot be sent") })
+        v.parse()
+            .map_err(|_| ClientError::Connect { addr: addr.to_string(), message: format!("the {what} has characters that cannot be sent") })
     };
     let auth = Auth {
         token: opts.token.as_deref().map(|t| meta(&format!("Bearer {t}"), "token")).transpose()?,
@@ -274,7 +275,10 @@ pub async fn connect_embedded(root: &Path, exe: &Path, opts: &ConnectOptions) ->
             Ok(())
         });
     }
-    cmd.spawn().map_err(|e| ClientError::Connect { addr: addr.to_string(), message: format!("starting the embedded builder {}: {e}", exe.display()) })?;
+    cmd.spawn().map_err(|e| ClientError::Connect {
+        addr: addr.to_string(),
+        message: format!("starting the embedded builder {}: {e}", exe.display()),
+    })?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(mut c) = connect(&addr, opts).await {

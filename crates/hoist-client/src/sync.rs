@@ -183,13 +183,20 @@ fn walk_once(
             }
             if m.file_type().is_symlink() {
                 let target = fs::read_link(&child_abs).map_err(|e| ClientError::Context(format!("{}: {e}", child_abs.display())))?;
-                out.insert(child_bytes.clone(), entry_of(&child_bytes, v1::EntryKind::Symlink, &m, String::new(), target.as_os_str().as_encoded_bytes()));
+                out.insert(
+                    child_bytes.clone(),
+                    entry_of(&child_bytes, v1::EntryKind::Symlink, &m, String::new(), target.as_os_str().as_encoded_bytes()),
+                );
             } else if m.is_file() {
                 let cached = cache
                     .entries
                     .get(&child_rel)
                     .filter(|c| {
-                        c.size == m.size() && c.mtime == m.mtime() && c.mtime_nsec == m.mtime_nsec() && c.ino == m.ino() && c.mode == m.mode()
+                        c.size == m.size()
+                            && c.mtime == m.mtime()
+                            && c.mtime_nsec == m.mtime_nsec()
+                            && c.ino == m.ino()
+                            && c.mode == m.mode()
                     })
                     .map(|c| c.digest.clone());
                 regular.push((child_bytes, child_rel, child_abs, m, cached));
@@ -214,7 +221,10 @@ fn walk_once(
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(ClientError::Context("a hashing thread panicked".into())))).collect::<Result<Vec<_>, _>>()
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err(ClientError::Context("a hashing thread panicked".into()))))
+            .collect::<Result<Vec<_>, _>>()
     })?
     .into_iter()
     .flatten()
@@ -302,9 +312,7 @@ fn hash_file(path: &Path, buf: &mut [u8]) -> Result<Digest, ClientError> {
 
 /// A key for the builder's session directory of this context on this machine.
 pub fn session_key(context_dir: &Path) -> String {
-    let machine = fs::read_to_string("/etc/machine-id")
-        .or_else(|_| fs::read_to_string("/proc/sys/kernel/hostname"))
-        .unwrap_or_default();
+    let machine = fs::read_to_string("/etc/machine-id").or_else(|_| fs::read_to_string("/proc/sys/kernel/hostname")).unwrap_or_default();
     let mut h = Sha256::new();
     h.update(machine.trim().as_bytes());
     h.update([0]);

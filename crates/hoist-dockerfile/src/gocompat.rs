@@ -82,10 +82,7 @@ pub fn plain_slice(items: &[String]) -> String {
 
 /// `fmt.Sprintf("%q", n)` for an integer: a single-quoted character literal (`'\x03'`).
 pub fn quote_rune(n: i64) -> String {
-    let c = u32::try_from(n)
-        .ok()
-        .and_then(char::from_u32)
-        .unwrap_or('\u{fffd}');
+    let c = u32::try_from(n).ok().and_then(char::from_u32).unwrap_or('\u{fffd}');
     let mut out = String::from("'");
     push_escaped(&mut out, c, '\'');
     out.push('\'');
@@ -122,10 +119,7 @@ pub fn parse_duration(s: &str) -> Result<i64, DurationError> {
         let start = i;
         let mut int_part: u128 = 0;
         while i < b.len() && b[i].is_ascii_digit() {
-            int_part = int_part
-                .checked_mul(10)
-                .and_then(|v| v.checked_add(u128::from(b[i] - b'0')))
-                .ok_or_else(err)?;
+            int_part = int_part.checked_mul(10).and_then(|v| v.checked_add(u128::from(b[i] - b'0'))).ok_or_else(err)?;
             if int_part > (1u128 << 63) {
                 return Err(err());
             }
@@ -162,19 +156,8 @@ pub fn parse_duration(s: &str) -> Result<i64, DurationError> {
             "s" => 1_000_000_000,
             "m" => 60 * 1_000_000_000,
             "h" => 3600 * 1_000_000_000,
-            "" => {
-                return Err(DurationError(format!(
-                    "missing unit in duration {}",
-                    quote(orig)
-                )))
-            }
-            _ => {
-                return Err(DurationError(format!(
-                    "unknown unit {} in duration {}",
-                    quote(unit),
-                    quote(orig)
-                )))
-            }
+            "" => return Err(DurationError(format!("missing unit in duration {}", quote(orig)))),
+            _ => return Err(DurationError(format!("unknown unit {} in duration {}", quote(unit), quote(orig)))),
         };
         let v = int_part.checked_mul(mult).ok_or_else(err)? + frac * mult / scale;
         total = total.checked_add(v).ok_or_else(err)?;
@@ -360,11 +343,7 @@ mod tests {
 
     #[test]
     fn slices_format_like_go() {
-        let v = vec![
-            "/bin/sh".to_string(),
-            "-c".to_string(),
-            "echo \"hi\"".to_string(),
-        ];
+        let v = vec!["/bin/sh".to_string(), "-c".to_string(), "echo \"hi\"".to_string()];
         assert_eq!(quote_slice(&v), r#"["/bin/sh" "-c" "echo \"hi\""]"#);
         assert_eq!(plain_slice(&v), r#"[/bin/sh -c echo "hi"]"#);
         assert_eq!(quote_slice(&[]), "[]");

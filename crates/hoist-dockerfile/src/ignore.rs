@@ -65,9 +65,7 @@ pub fn ignore_file_candidates(context_dir: &Path, dockerfile_path: &Path) -> Vec
     if let Some(name) = dockerfile_path.file_name() {
         let mut n = name.to_os_string();
         n.push(".dockerignore");
-        let dir = dockerfile_path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty());
+        let dir = dockerfile_path.parent().filter(|p| !p.as_os_str().is_empty());
         out.push(match dir {
             Some(d) => d.join(n),
             None => context_dir.join(n),
@@ -131,20 +129,12 @@ impl IgnoreMatcher {
             let segs = compile(&body)?;
             let dirs = body.split('/').count();
             let suffix = match segs.split_first() {
-                Some((Seg::DoubleStar { .. }, rest))
-                    if rest.iter().all(|s| matches!(s, Seg::Lit(_))) && !body.contains('\\') =>
-                {
+                Some((Seg::DoubleStar { .. }, rest)) if rest.iter().all(|s| matches!(s, Seg::Lit(_))) && !body.contains('\\') => {
                     Some(body[2..].to_string())
                 }
                 _ => None,
             };
-            m.patterns.push(Pattern {
-                text: body,
-                exclusion,
-                segs,
-                dirs,
-                suffix,
-            });
+            m.patterns.push(Pattern { text: body, exclusion, segs, dirs, suffix });
         }
         Ok(m)
     }
@@ -209,19 +199,14 @@ impl IgnoreMatcher {
         }
         let dir = clean_path(rel_dir.trim_start_matches('/'));
         let comps: Vec<&str> = dir.split('/').collect();
-        !self
-            .patterns
-            .iter()
-            .filter(|p| p.exclusion)
-            .any(|p| p.may_match_below(&comps))
+        !self.patterns.iter().filter(|p| p.exclusion).any(|p| p.may_match_below(&comps))
     }
 }
 
 impl Pattern {
     fn matches_path(&self, path: &str) -> bool {
         if let Some(suffix) = &self.suffix {
-            return path.ends_with(suffix.as_str())
-                || suffix.strip_prefix('/').is_some_and(|s| s == path);
+            return path.ends_with(suffix.as_str()) || suffix.strip_prefix('/').is_some_and(|s| s == path);
         }
         let text: Vec<char> = path.chars().collect();
         match_segs(&self.segs, &text)
@@ -229,11 +214,7 @@ impl Pattern {
 
     /// Conservative: could this pattern match `dir/...` (something strictly inside `dir`)?
     fn may_match_below(&self, dir: &[&str]) -> bool {
-        if self
-            .segs
-            .iter()
-            .any(|s| matches!(s, Seg::DoubleStar { .. }))
-        {
+        if self.segs.iter().any(|s| matches!(s, Seg::DoubleStar { .. })) {
             return true;
         }
         let pcomps: Vec<&str> = self.text.split('/').collect();
@@ -243,19 +224,13 @@ impl Pattern {
             let prefix = dir[..pcomps.len()].join("/");
             return self.matches_path(&prefix);
         }
-        pcomps.iter().zip(dir).all(|(p, d)| {
-            compile(p)
-                .map(|segs| match_segs(&segs, &d.chars().collect::<Vec<_>>()))
-                .unwrap_or(true)
-        }) || self.dirs == 0
+        pcomps.iter().zip(dir).all(|(p, d)| compile(p).map(|segs| match_segs(&segs, &d.chars().collect::<Vec<_>>())).unwrap_or(true))
+            || self.dirs == 0
     }
 }
 
 fn bad(pattern: &str, reason: &str) -> IgnoreError {
-    IgnoreError::BadPattern {
-        pattern: pattern.to_string(),
-        reason: reason.to_string(),
-    }
+    IgnoreError::BadPattern { pattern: pattern.to_string(), reason: reason.to_string() }
 }
 
 /// Compile a cleaned pattern the way `patternmatcher` turns it into a regexp.
@@ -273,9 +248,7 @@ fn compile(pattern: &str) -> Result<Vec<Seg>, IgnoreError> {
                     if chars.get(i) == Some(&'/') {
                         i += 1;
                     }
-                    segs.push(Seg::DoubleStar {
-                        at_end: i >= chars.len(),
-                    });
+                    segs.push(Seg::DoubleStar { at_end: i >= chars.len() });
                 } else {
                     segs.push(Seg::Star);
                 }

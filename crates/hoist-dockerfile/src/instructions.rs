@@ -220,18 +220,10 @@ struct FlagValues {
 
 impl FlagValues {
     fn get(&self, name: &str) -> Option<&str> {
-        self.values
-            .iter()
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| v.last())
-            .map(String::as_str)
+        self.values.iter().find(|(n, _)| *n == name).and_then(|(_, v)| v.last()).map(String::as_str)
     }
     fn all(&self, name: &str) -> Vec<String> {
-        self.values
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
+        self.values.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone()).unwrap_or_default()
     }
     fn bool(&self, name: &str) -> bool {
         self.get(name) == Some("true")
@@ -281,19 +273,11 @@ fn parse_flags(cmd: &str, flags: &[String], specs: &[FlagSpec]) -> Result<FlagVa
                 Some(v) => match v.to_ascii_lowercase().as_str() {
                     "true" => "true".into(),
                     "false" => "false".into(),
-                    _ => {
-                        return Err(format!(
-                            "expecting boolean value for flag --{name}, not: {v}"
-                        ))
-                    }
+                    _ => return Err(format!("expecting boolean value for flag --{name}, not: {v}")),
                 },
             },
             FlagType::String | FlagType::Strings => match value {
-                None => {
-                    return Err(format!(
-                        "missing a value on flag: --{name} (expected --{name}=<value>)"
-                    ))
-                }
+                None => return Err(format!("missing a value on flag: --{name} (expected --{name}=<value>)")),
                 Some(v) => v.to_string(),
             },
         };
@@ -318,11 +302,7 @@ fn cmdline(node: &Node, empty_as_nil: bool) -> CmdLine {
         vec![node.args.join(" ")]
     };
     let _ = empty_as_nil;
-    CmdLine {
-        args,
-        prepend_shell: !node.json,
-        files: node.heredocs.clone(),
-    }
+    CmdLine { args, prepend_shell: !node.json, files: node.heredocs.clone() }
 }
 
 fn kvps(args: &[String], cmd: &str) -> Result<Vec<KeyValue>, String> {
@@ -337,20 +317,14 @@ fn kvps(args: &[String], cmd: &str) -> Result<Vec<KeyValue>, String> {
         if c[0].is_empty() {
             return Err(format!("{cmd} names can not be blank"));
         }
-        out.push(KeyValue {
-            key: c[0].clone(),
-            value: c[1].clone(),
-            legacy: c[2].is_empty(),
-        });
+        out.push(KeyValue { key: c[0].clone(), value: c[1].clone(), legacy: c[2].is_empty() });
     }
     Ok(out)
 }
 
 fn stage_name_valid(s: &str) -> bool {
     let mut chars = s.chars();
-    matches!(chars.next(), Some('a'..='z'))
-        && chars
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+    matches!(chars.next(), Some('a'..='z')) && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
 }
 
 fn parse_interval(name: &str, v: Option<&str>) -> Result<i64, String> {
@@ -368,10 +342,7 @@ fn parse_interval(name: &str, v: Option<&str>) -> Result<i64, String> {
 }
 
 /// Parse the `SourcesAndDest` of COPY/ADD: heredoc sources become contents.
-fn sources_and_dest(
-    node: &Node,
-    cmd: &str,
-) -> Result<(Vec<String>, Vec<SourceContent>, String), String> {
+fn sources_and_dest(node: &Node, cmd: &str) -> Result<(Vec<String>, Vec<SourceContent>, String), String> {
     let (srcs, dest) = node.args.split_at(node.args.len() - 1);
     let dest = dest[0].clone();
     if !node.json && parse_heredoc(&dest).ok().flatten().is_some() {
@@ -380,11 +351,7 @@ fn sources_and_dest(
     let mut sources = Vec::new();
     let mut contents = Vec::new();
     for src in srcs {
-        let doc = if node.json {
-            None
-        } else {
-            parse_heredoc(src).ok().flatten()
-        };
+        let doc = if node.json { None } else { parse_heredoc(src).ok().flatten() };
         match doc {
             Some(h) => {
                 let found = node.heredocs.iter().find(|d| d.name == h.name);
@@ -392,11 +359,7 @@ fn sources_and_dest(
                 if h.chomp {
                     data = crate::parser::chomp_heredoc_content(&data);
                 }
-                contents.push(SourceContent {
-                    path: h.name,
-                    data,
-                    expand: h.expand,
-                });
+                contents.push(SourceContent { path: h.name, data, expand: h.expand });
             }
             None => sources.push(src.clone()),
         }
@@ -413,10 +376,7 @@ fn precheck_mount(value: &str) -> Result<(), String> {
             if k.eq_ignore_ascii_case("from") {
                 if let Some(i) = v.find('$') {
                     if i != v.len() - 1 {
-                        return Err(
-                            "'from' doesn't support variable expansion, define alias stage instead"
-                                .into(),
-                        );
+                        return Err("'from' doesn't support variable expansion, define alias stage instead".into());
                     }
                 }
             }
@@ -427,10 +387,7 @@ fn precheck_mount(value: &str) -> Result<(), String> {
 
 /// Convert one parsed node to a typed instruction.
 pub fn parse_instruction(node: &Node) -> Result<Instr, InstructionError> {
-    let err = |m: String| InstructionError {
-        line: node.start_line,
-        message: m,
-    };
+    let err = |m: String| InstructionError { line: node.start_line, message: m };
     let instruction = parse_instruction_inner(node).map_err(err)?;
     Ok(Instr {
         instruction,
@@ -443,11 +400,7 @@ pub fn parse_instruction(node: &Node) -> Result<Instr, InstructionError> {
 
 fn suggestion(word: &str) -> Option<&'static str> {
     let w = word.to_ascii_uppercase();
-    INSTRUCTIONS
-        .iter()
-        .copied()
-        .filter(|c| levenshtein(c, &w) <= 2)
-        .min_by_key(|c| levenshtein(c, &w))
+    INSTRUCTIONS.iter().copied().filter(|c| levenshtein(c, &w) <= 2).min_by_key(|c| levenshtein(c, &w))
 }
 
 fn levenshtein(a: &str, b: &str) -> usize {
@@ -491,9 +444,7 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
         "add" | "copy" => {
             let is_add = c == "ADD";
             if args.len() < 2 {
-                return Err(format!(
-                    "{c} requires at least two arguments, but only one was provided. Destination could not be determined"
-                ));
+                return Err(format!("{c} requires at least two arguments, but only one was provided. Destination could not be determined"));
             }
             let f = if is_add {
                 parse_flags(
@@ -553,19 +504,10 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
                     Some(n)
                 }
                 1 => None,
-                _ => {
-                    return Err(
-                        "FROM requires either one or three arguments (FROM <image> [AS <name>])"
-                            .into(),
-                    )
-                }
+                _ => return Err("FROM requires either one or three arguments (FROM <image> [AS <name>])".into()),
             };
             let f = parse_flags(c, flags, &[spec("platform", String)])?;
-            Instruction::From(FromInstr {
-                base: args[0].clone(),
-                name,
-                platform: nonempty(f.get("platform")),
-            })
+            Instruction::From(FromInstr { base: args[0].clone(), name, platform: nonempty(f.get("platform")) })
         }
         "onbuild" => {
             if args.is_empty() {
@@ -574,12 +516,8 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
             parse_flags(c, flags, &[])?;
             let trigger = args[0].trim().to_ascii_uppercase();
             match trigger.as_str() {
-                "ONBUILD" => {
-                    return Err("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into())
-                }
-                "MAINTAINER" | "FROM" => {
-                    return Err(format!("{trigger} isn't allowed as an ONBUILD trigger"))
-                }
+                "ONBUILD" => return Err("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into()),
+                "MAINTAINER" | "FROM" => return Err(format!("{trigger} isn't allowed as an ONBUILD trigger")),
                 _ => {}
             }
             if let Some(sub) = &node.sub {
@@ -589,9 +527,7 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
             }
             let orig = node.original.trim_start_matches(crate::gocompat::is_space);
             let mut expr = match orig.get(..7) {
-                Some(p) if p.eq_ignore_ascii_case("onbuild") => orig[7..]
-                    .trim_start_matches(crate::gocompat::is_space)
-                    .to_string(),
+                Some(p) if p.eq_ignore_ascii_case("onbuild") => orig[7..].trim_start_matches(crate::gocompat::is_space).to_string(),
                 _ => orig.to_string(),
             };
             for h in &node.heredocs {
@@ -609,15 +545,7 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
             Instruction::Workdir(args[0].clone())
         }
         "run" => {
-            let f = parse_flags(
-                c,
-                flags,
-                &[
-                    spec("mount", Strings),
-                    spec("network", String),
-                    spec("security", String),
-                ],
-            )?;
+            let f = parse_flags(c, flags, &[spec("mount", Strings), spec("network", String), spec("security", String)])?;
             let mounts = f.all("mount");
             for m in &mounts {
                 precheck_mount(m)?;
@@ -626,29 +554,14 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
                 "default" => Network::Default,
                 "none" => Network::None,
                 "host" => Network::Host,
-                other => {
-                    return Err(format!(
-                        "unsupported network mode {} (expected default, none or host)",
-                        quote(other)
-                    ))
-                }
+                other => return Err(format!("unsupported network mode {} (expected default, none or host)", quote(other))),
             };
             let security = match f.get("security").unwrap_or("sandbox") {
                 "sandbox" => Security::Sandbox,
                 "insecure" => Security::Insecure,
-                other => {
-                    return Err(format!(
-                        "unsupported security mode {} (expected sandbox or insecure)",
-                        quote(other)
-                    ))
-                }
+                other => return Err(format!("unsupported security mode {} (expected sandbox or insecure)", quote(other))),
             };
-            Instruction::Run(RunInstr {
-                cmd: cmdline(node, false),
-                mounts,
-                network,
-                security,
-            })
+            Instruction::Run(RunInstr { cmd: cmdline(node, false), mounts, network, security })
         }
         "cmd" => {
             parse_flags(c, flags, &[])?;
@@ -660,9 +573,7 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
         }
         "healthcheck" => {
             if args.is_empty() {
-                return Err(
-                    "HEALTHCHECK requires at least one argument (NONE or CMD <command>)".into(),
-                );
+                return Err("HEALTHCHECK requires at least one argument (NONE or CMD <command>)".into());
             }
             let typ = args[0].to_ascii_uppercase();
             let rest = &args[1..];
@@ -692,10 +603,7 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
                     ],
                 )?;
                 if typ != "CMD" {
-                    return Err(format!(
-                        "unknown type {} in HEALTHCHECK (expected CMD or NONE)",
-                        quote(&typ)
-                    ));
+                    return Err(format!("unknown type {} in HEALTHCHECK (expected CMD or NONE)", quote(&typ)));
                 }
                 let cmd: Vec<std::string::String> = if rest.is_empty() {
                     Vec::new()
@@ -707,24 +615,13 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
                 if cmd.is_empty() {
                     return Err("missing command after HEALTHCHECK CMD".into());
                 }
-                let mut test: Vec<std::string::String> = vec![if node.json {
-                    "CMD".into()
-                } else {
-                    "CMD-SHELL".into()
-                }];
+                let mut test: Vec<std::string::String> = vec![if node.json { "CMD".into() } else { "CMD-SHELL".into() }];
                 test.extend(cmd);
                 let retries = match f.get("retries").filter(|s| !s.is_empty()) {
                     None => 0,
                     Some(v) => {
-                        let r: i64 = v
-                            .parse::<i32>()
-                            .map_err(|_| {
-                                format!(
-                                    "--retries: invalid value {} (expected an integer)",
-                                    quote(v)
-                                )
-                            })?
-                            .into();
+                        let r: i64 =
+                            v.parse::<i32>().map_err(|_| format!("--retries: invalid value {} (expected an integer)", quote(v)))?.into();
                         if r < 0 {
                             return Err(format!("--retries cannot be negative ({r})"));
                         }
@@ -788,14 +685,8 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
             for a in args {
                 match a.split_once('=') {
                     Some(("", _)) => return Err("ARG names can not be blank".into()),
-                    Some((k, v)) => defs.push(ArgDef {
-                        key: k.to_string(),
-                        default: Some(v.to_string()),
-                    }),
-                    None => defs.push(ArgDef {
-                        key: a.clone(),
-                        default: None,
-                    }),
+                    Some((k, v)) => defs.push(ArgDef { key: k.to_string(), default: Some(v.to_string()) }),
+                    None => defs.push(ArgDef { key: a.clone(), default: None }),
                 }
             }
             Instruction::Arg(defs)
@@ -832,12 +723,7 @@ pub fn parse_stages(df: &Dockerfile) -> Result<Stages, InstructionError> {
     for node in &df.nodes {
         let instr = parse_instruction(node)?;
         if let Instruction::From(f) = &instr.instruction {
-            stages.push(Stage {
-                from: f.clone(),
-                code: instr.code.clone(),
-                line: instr.start_line,
-                commands: Vec::new(),
-            });
+            stages.push(Stage { from: f.clone(), code: instr.code.clone(), line: instr.start_line, commands: Vec::new() });
             continue;
         }
         match stages.last_mut() {
@@ -916,11 +802,7 @@ pub fn csv_fields(s: &str) -> Result<Vec<String>, String> {
             i += 1;
             loop {
                 match chars.get(i) {
-                    None => {
-                        return Err(format!(
-                        "failed to parse csv mounts: extraneous or missing \" in quoted-field: {s}"
-                    ))
-                    }
+                    None => return Err(format!("failed to parse csv mounts: extraneous or missing \" in quoted-field: {s}")),
                     Some('"') if chars.get(i + 1) == Some(&'"') => {
                         cur.push('"');
                         i += 2;
@@ -938,11 +820,7 @@ pub fn csv_fields(s: &str) -> Result<Vec<String>, String> {
             match chars.get(i) {
                 None => {}
                 Some(',') => {}
-                Some(_) => {
-                    return Err(format!(
-                        "failed to parse csv mounts: extraneous or missing \" in quoted-field: {s}"
-                    ))
-                }
+                Some(_) => return Err(format!("failed to parse csv mounts: extraneous or missing \" in quoted-field: {s}")),
             }
             at_field_start = false;
             continue;
@@ -954,9 +832,7 @@ pub fn csv_fields(s: &str) -> Result<Vec<String>, String> {
             continue;
         }
         if c == '"' {
-            return Err(format!(
-                "failed to parse csv mounts: bare \" in non-quoted-field: {s}"
-            ));
+            return Err(format!("failed to parse csv mounts: bare \" in non-quoted-field: {s}"));
         }
         cur.push(c);
         at_field_start = false;
@@ -968,17 +844,11 @@ pub fn csv_fields(s: &str) -> Result<Vec<String>, String> {
 /// `units.RAMInBytes`: `64m`, `1g`, `512k`, `1024`, `1.5GiB`.
 pub fn ram_in_bytes(s: &str) -> Option<u64> {
     let t = s.trim();
-    let num_end = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let num_end = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(num_end);
     let n: f64 = num.parse().ok()?;
     let unit = unit.trim().to_ascii_lowercase();
-    let unit = unit
-        .strip_suffix("ib")
-        .or_else(|| unit.strip_suffix('b'))
-        .unwrap_or(&unit)
-        .to_string();
+    let unit = unit.strip_suffix("ib").or_else(|| unit.strip_suffix('b')).unwrap_or(&unit).to_string();
     let mult: f64 = match unit.as_str() {
         "" => 1.0,
         "k" => 1024.0,
@@ -994,10 +864,7 @@ pub fn ram_in_bytes(s: &str) -> Option<u64> {
 
 /// Parse a `--mount` value after expanding each value with `expand` (BuildKit's
 /// `parseMount` with an expander). Errors say what was wrong and what is allowed.
-pub fn parse_mount(
-    value: &str,
-    expand: &mut dyn FnMut(&str) -> Result<String, String>,
-) -> Result<Mount, String> {
+pub fn parse_mount(value: &str, expand: &mut dyn FnMut(&str) -> Result<String, String>) -> Result<Mount, String> {
     let fields = csv_fields(value)?;
     let mut m = Mount {
         kind: MountType::Bind,
@@ -1041,10 +908,7 @@ pub fn parse_mount(
                     if matches!(m.kind, MountType::Secret | MountType::Ssh) {
                         m.required = true;
                     } else {
-                        return Err(format!(
-                            "unexpected key '{key}' for mount type '{}'",
-                            type_name(&m)
-                        ));
+                        return Err(format!("unexpected key '{key}' for mount type '{}'", type_name(&m)));
                     }
                 }
                 _ => return Err(format!("invalid field '{field}' must be a key=value pair")),
@@ -1121,21 +985,11 @@ pub fn parse_mount(
             }
         }
     }
-    let file_info = matches!(
-        m.kind,
-        MountType::Secret | MountType::Ssh | MountType::Cache
-    );
+    let file_info = matches!(m.kind, MountType::Secret | MountType::Ssh | MountType::Cache);
     if !file_info {
-        for (set, what) in [
-            (m.mode.is_some(), "mode"),
-            (m.uid.is_some(), "uid"),
-            (m.gid.is_some(), "gid"),
-        ] {
+        for (set, what) in [(m.mode.is_some(), "mode"), (m.uid.is_some(), "uid"), (m.gid.is_some(), "gid")] {
             if set {
-                return Err(format!(
-                    "{what} not allowed for {} type mounts",
-                    quote(type_name(&m))
-                ));
+                return Err(format!("{what} not allowed for {} type mounts", quote(type_name(&m))));
             }
         }
     }
@@ -1157,10 +1011,7 @@ pub fn parse_mount(
         }
     }
     if m.sharing.is_some() && m.kind != MountType::Cache {
-        return Err(format!(
-            "invalid cache sharing set for {} mount",
-            type_name(&m)
-        ));
+        return Err(format!("invalid cache sharing set for {} mount", type_name(&m)));
     }
     Ok(m)
 }
@@ -1174,9 +1025,7 @@ pub enum ChmodSpec {
 
 /// Parse `--chmod`: octal up to 07777, or a symbolic expression (`u+x,g-w`, `a=rX`).
 pub fn parse_chmod(s: &str) -> Result<ChmodSpec, String> {
-    let non_octal = || {
-        format!("invalid chmod parameter: '{s}'. it should be octal string and between 0 and 07777")
-    };
+    let non_octal = || format!("invalid chmod parameter: '{s}'. it should be octal string and between 0 and 07777");
     if let Some(v) = parse_uint(s, 8, 32) {
         if v > 0o7777 {
             return Err(non_octal());
@@ -1187,27 +1036,17 @@ pub fn parse_chmod(s: &str) -> Result<ChmodSpec, String> {
         return Err(non_octal());
     }
     for clause in s.split(',') {
-        let who_len = clause
-            .chars()
-            .take_while(|c| matches!(c, 'u' | 'g' | 'o' | 'a'))
-            .count();
+        let who_len = clause.chars().take_while(|c| matches!(c, 'u' | 'g' | 'o' | 'a')).count();
         let mut rest = &clause[who_len..];
         if rest.is_empty() {
-            return Err(format!(
-                "invalid chmod parameter: '{s}'. expected octal (0755) or symbolic mode (u+x,g-w)"
-            ));
+            return Err(format!("invalid chmod parameter: '{s}'. expected octal (0755) or symbolic mode (u+x,g-w)"));
         }
         while !rest.is_empty() {
             let Some(op) = rest.chars().next().filter(|c| matches!(c, '+' | '-' | '=')) else {
-                return Err(format!(
-                    "invalid chmod parameter: '{s}'. expected octal (0755) or symbolic mode (u+x,g-w)"
-                ));
+                return Err(format!("invalid chmod parameter: '{s}'. expected octal (0755) or symbolic mode (u+x,g-w)"));
             };
             rest = &rest[op.len_utf8()..];
-            let perm_len = rest
-                .chars()
-                .take_while(|c| matches!(c, 'r' | 'w' | 'x' | 'X' | 's' | 't' | 'u' | 'g' | 'o'))
-                .count();
+            let perm_len = rest.chars().take_while(|c| matches!(c, 'r' | 'w' | 'x' | 'X' | 's' | 't' | 'u' | 'g' | 'o')).count();
             rest = &rest[perm_len..];
         }
     }
@@ -1226,9 +1065,9 @@ pub fn validate_signal(raw: &str) -> Result<(), String> {
     let up = raw.to_ascii_uppercase();
     let name = up.strip_prefix("SIG").unwrap_or(&up);
     const NAMES: [&str; 34] = [
-        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT",
-        "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
-        "TRAP", "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU", "XFSZ",
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT", "KILL", "PIPE", "POLL", "PROF", "PWR",
+        "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM", "TRAP", "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU",
+        "XFSZ",
     ];
     let rt_ok = |base: &str, sign: char, max: u32| -> bool {
         if name == base {
@@ -1242,9 +1081,7 @@ pub fn validate_signal(raw: &str) -> Result<(), String> {
     if NAMES.contains(&name) || rt_ok("RTMIN", '+', 15) || rt_ok("RTMAX", '-', 14) {
         Ok(())
     } else {
-        Err(format!(
-            "invalid signal: {raw} (expected a signal name such as SIGTERM, or a number)"
-        ))
+        Err(format!("invalid signal: {raw} (expected a signal name such as SIGTERM, or a number)"))
     }
 }
 
@@ -1262,17 +1099,12 @@ pub fn parse_port_spec(raw: &str) -> Result<Vec<String>, String> {
         None => (container, "tcp".to_string()),
     };
     if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(format!(
-            "invalid proto: {proto} (expected tcp, udp or sctp)"
-        ));
+        return Err(format!("invalid proto: {proto} (expected tcp, udp or sctp)"));
     }
     if port.is_empty() {
         return Err(format!("no port specified: {raw}<empty>"));
     }
-    let parse = |s: &str| {
-        s.parse::<u16>()
-            .map_err(|_| format!("invalid containerPort: {port}"))
-    };
+    let parse = |s: &str| s.parse::<u16>().map_err(|_| format!("invalid containerPort: {port}"));
     let (start, end) = match port.split_once('-') {
         Some((a, b)) => (parse(a)?, parse(b)?),
         None => {
@@ -1281,9 +1113,7 @@ pub fn parse_port_spec(raw: &str) -> Result<Vec<String>, String> {
         }
     };
     if end < start {
-        return Err(format!(
-            "invalid range specified for container port: {port}"
-        ));
+        return Err(format!("invalid range specified for container port: {port}"));
     }
     Ok((start..=end).map(|p| format!("{p}/{proto}")).collect())
 }
@@ -1300,7 +1130,6 @@ pub fn format_health_history(h: &HealthSpec) -> String {
         gocompat::quote_rune(h.retries)
     )
 }
-
 
 /// The context path a COPY/ADD source (or a bind mount's `source`) reads, as a selector:
 /// the path up to its first component with a wildcard or an escape, cleaned as COPY

@@ -19,8 +19,8 @@ pub mod print;
 pub mod shell;
 
 pub use ignore::{ignore_file_candidates, IgnoreError, IgnoreMatcher};
-pub use limits::{parse_bytes, Limits};
 pub use instructions::{parse_stages, Instr, Instruction, InstructionError, Stage, Stages};
+pub use limits::{parse_bytes, Limits};
 pub use parser::{parse, Dockerfile, Heredoc, Node, ParseError};
 pub use shell::{Env, Lexer, ShellError};
 

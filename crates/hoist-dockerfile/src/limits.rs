@@ -43,12 +43,7 @@ impl Default for Limits {
 impl Limits {
     /// No limits (for tools that parse trusted files).
     pub fn unlimited() -> Limits {
-        Limits {
-            max_bytes: usize::MAX,
-            max_line_bytes: usize::MAX,
-            max_instructions: usize::MAX,
-            max_expansion_bytes: usize::MAX,
-        }
+        Limits { max_bytes: usize::MAX, max_line_bytes: usize::MAX, max_instructions: usize::MAX, max_expansion_bytes: usize::MAX }
     }
 }
 
@@ -94,13 +89,7 @@ pub fn check_text<'a>(bytes: &'a [u8], limits: &Limits) -> Result<&'a str, Parse
         Err(e) => {
             let at = e.valid_up_to();
             let (line, col) = position(bytes, at);
-            return Err(perr(
-                line,
-                format!(
-                    "invalid UTF-8 at column {col} (byte 0x{:02x}): expected UTF-8 text",
-                    bytes[at]
-                ),
-            ));
+            return Err(perr(line, format!("invalid UTF-8 at column {col} (byte 0x{:02x}): expected UTF-8 text", bytes[at])));
         }
     };
     if limits.max_line_bytes < usize::MAX {

@@ -19,10 +19,7 @@ pub struct ParseError {
 }
 
 fn perr(line: usize, message: impl Into<String>) -> ParseError {
-    ParseError {
-        line,
-        message: message.into(),
-    }
+    ParseError { line, message: message.into() }
 }
 
 /// A parser directive from the top of the file.
@@ -129,10 +126,7 @@ pub struct Dockerfile {
 impl Dockerfile {
     /// The value of a directive (`syntax`, `escape`, `check`), if present.
     pub fn directive(&self, name: &str) -> Option<&str> {
-        self.directives
-            .iter()
-            .find(|d| d.name == name)
-            .map(|d| d.value.as_str())
+        self.directives.iter().find(|d| d.name == name).map(|d| d.value.as_str())
     }
 }
 
@@ -157,16 +151,8 @@ impl Directives {
         };
         let rest = rest.trim_start_matches(is_space);
         // ^([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$
-        let name_len = rest
-            .char_indices()
-            .take_while(|(i, c)| {
-                if *i == 0 {
-                    c.is_ascii_alphabetic()
-                } else {
-                    c.is_ascii_alphanumeric()
-                }
-            })
-            .count();
+        let name_len =
+            rest.char_indices().take_while(|(i, c)| if *i == 0 { c.is_ascii_alphabetic() } else { c.is_ascii_alphanumeric() }).count();
         if name_len == 0 {
             self.done = true;
             return Ok(false);
@@ -188,10 +174,7 @@ impl Directives {
             return Ok(false);
         }
         if self.seen.contains(&key) {
-            return Err(perr(
-                lineno,
-                format!("only one {key} parser directive can be used"),
-            ));
+            return Err(perr(lineno, format!("only one {key} parser directive can be used")));
         }
         self.seen.push(key.clone());
         if key == "escape" {
@@ -199,18 +182,11 @@ impl Directives {
                 "\\" => self.escape = '\\',
                 "`" => self.escape = '`',
                 other => {
-                    return Err(perr(
-                        lineno,
-                        format!("invalid escape token '{other}' does not match ` or \\"),
-                    ));
+                    return Err(perr(lineno, format!("invalid escape token '{other}' does not match ` or \\")));
                 }
             }
         }
-        self.found.push(Directive {
-            name: key,
-            value: value.to_string(),
-            line: lineno,
-        });
+        self.found.push(Directive { name: key, value: value.to_string(), line: lineno });
         Ok(true)
     }
 
@@ -245,12 +221,7 @@ pub fn parse(input: &str) -> Result<Dockerfile, ParseError> {
 pub fn parse_limited(input: &str, max_instructions: usize) -> Result<Dockerfile, ParseError> {
     let input = input.strip_prefix('\u{feff}').unwrap_or(input);
     let lines: Vec<&str> = input.split_inclusive('\n').collect();
-    let mut d = Directives {
-        escape: '\\',
-        done: false,
-        seen: Vec::new(),
-        found: Vec::new(),
-    };
+    let mut d = Directives { escape: '\\', done: false, seen: Vec::new(), found: Vec::new() };
     let mut nodes = Vec::new();
     let mut warnings = Vec::new();
     let mut comments: Vec<String> = Vec::new();
@@ -301,10 +272,7 @@ pub fn parse_limited(input: &str, max_instructions: usize) -> Result<Dockerfile,
             continue;
         }
         if has_empty {
-            warnings.push(Warning {
-                line: i,
-                message: format!("empty continuation line found in: {line}"),
-            });
+            warnings.push(Warning { line: i, message: format!("empty continuation line found in: {line}") });
         }
         if nodes.len() >= max_instructions {
             return Err(perr(
@@ -314,8 +282,7 @@ pub fn parse_limited(input: &str, max_instructions: usize) -> Result<Dockerfile,
                 ),
             ));
         }
-        let mut node = node_from_line(&line, &d, std::mem::take(&mut comments))
-            .map_err(|m| perr(start_line, m))?;
+        let mut node = node_from_line(&line, &d, std::mem::take(&mut comments)).map_err(|m| perr(start_line, m))?;
         if can_contain_heredoc(&node) && line.contains("<<") {
             let docs = heredocs_from_line(&line).map_err(|m| perr(start_line, m))?;
             for mut doc in docs {
@@ -334,13 +301,7 @@ pub fn parse_limited(input: &str, max_instructions: usize) -> Result<Dockerfile,
                     doc.content.push_str(raw);
                 }
                 if !terminated {
-                    return Err(perr(
-                        start_line,
-                        format!(
-                            "unterminated heredoc: expected a line {:?} to end the here-document",
-                            doc.name
-                        ),
-                    ));
+                    return Err(perr(start_line, format!("unterminated heredoc: expected a line {:?} to end the here-document", doc.name)));
                 }
                 node.heredocs.push(doc);
             }
@@ -357,12 +318,7 @@ pub fn parse_limited(input: &str, max_instructions: usize) -> Result<Dockerfile,
     if nodes.is_empty() {
         return Err(perr(lines.len(), "file with no instructions"));
     }
-    Ok(Dockerfile {
-        directives: d.found,
-        escape: d.escape,
-        nodes,
-        warnings,
-    })
+    Ok(Dockerfile { directives: d.found, escape: d.escape, nodes, warnings })
 }
 
 fn can_contain_heredoc(node: &Node) -> bool {
@@ -403,11 +359,7 @@ pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
     if rest.is_empty() || rest.contains('<') {
         return Ok(None);
     }
-    let fd = if digits == 0 {
-        0
-    } else {
-        word[..digits].parse::<u32>().unwrap_or(u32::MAX)
-    };
+    let fd = if digits == 0 { 0 } else { word[..digits].parse::<u32>().unwrap_or(u32::MAX) };
     let mut lex = Lexer::new('\\');
     lex.skip_unset_env = true;
     let plain = lex.process_words(rest, &NoEnv).map_err(|e| e.to_string())?;
@@ -417,29 +369,18 @@ pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
     lex.raw_quotes = true;
     let raw = lex.process_words(rest, &NoEnv).map_err(|e| e.to_string())?;
     if raw.len() != plain.len() {
-        return Err(format!(
-            "internal lexing of heredoc produced inconsistent results: {rest}"
-        ));
+        return Err(format!("internal lexing of heredoc produced inconsistent results: {rest}"));
     }
     let count = |s: &str| s.chars().filter(|&c| c == '\'' || c == '"').count();
     let expand = count(&plain[0]) == count(&raw[0]);
-    Ok(Some(Heredoc {
-        name: plain[0].clone(),
-        fd,
-        expand,
-        chomp,
-        content: String::new(),
-    }))
+    Ok(Some(Heredoc { name: plain[0].clone(), fd, expand, chomp, content: String::new() }))
 }
 
 /// Split `INSTRUCTION [--flags] args` and parse the arguments the way the instruction wants.
 fn node_from_line(line: &str, d: &Directives, comments: Vec<String>) -> Result<Node, String> {
     let trimmed = line.trim_matches(is_space);
     let (cmd, rest) = match trimmed.find(['\t', '\u{b}', '\u{c}', '\r', ' ']) {
-        Some(p) => (
-            &trimmed[..p],
-            trimmed[p..].trim_start_matches(['\t', '\u{b}', '\u{c}', '\r', ' ']),
-        ),
+        Some(p) => (&trimmed[..p], trimmed[p..].trim_start_matches(['\t', '\u{b}', '\u{c}', '\r', ' '])),
         None => (trimmed, ""),
     };
     let (args_str, flags) = extract_builder_flags(rest);
@@ -507,14 +448,10 @@ fn split_whitespace(s: &str) -> Vec<String> {
     if s.is_empty() {
         return Vec::new();
     }
-    s.split(['\t', '\u{b}', '\u{c}', '\r', ' '])
-        .filter(|w| !w.is_empty())
-        .map(str::to_string)
-        .collect()
+    s.split(['\t', '\u{b}', '\u{c}', '\r', ' ']).filter(|w| !w.is_empty()).map(str::to_string).collect()
 }
 
-const NOT_STRING_ARRAY: &str =
-    "when using JSON array syntax, arrays must be comprised of strings only";
+const NOT_STRING_ARRAY: &str = "when using JSON array syntax, arrays must be comprised of strings only";
 
 /// `Ok(Some)` for a JSON array of strings, `Ok(None)` when not JSON, `Err` for a JSON array
 /// with non-string items.
@@ -656,10 +593,7 @@ fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<String>, St
     let mut out = Vec::with_capacity(words.len() * 3);
     for w in words {
         let Some((k, v)) = w.split_once('=') else {
-            return Err(format!(
-                "syntax error - can't find = in {}. Must be of the form: name=value",
-                crate::gocompat::quote(&w)
-            ));
+            return Err(format!("syntax error - can't find = in {}. Must be of the form: name=value", crate::gocompat::quote(&w)));
         };
         out.push(k.to_string());
         out.push(v.to_string());

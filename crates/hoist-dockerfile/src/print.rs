@@ -17,9 +17,7 @@ pub fn print(df: &Dockerfile) -> String {
         // the end of the file (`RUN a\ \` gives `RUN a\ `): print it the same way, or the
         // escape would become a continuation when parsed again.
         let t = line.trim_end_matches([' ', '\t']);
-        let lone_escape = t
-            .strip_suffix(df.escape)
-            .is_some_and(|b| !b.ends_with(df.escape));
+        let lone_escape = t.strip_suffix(df.escape).is_some_and(|b| !b.ends_with(df.escape));
         if lone_escape && i + 1 == df.nodes.len() && n.heredocs.is_empty() {
             out.push_str(full);
             out.push(df.escape);

@@ -146,16 +146,8 @@ impl Lexer {
             budget: PATTERN_BUDGET,
         };
         match sw.process_stop_on(None, self.raw_escapes) {
-            Ok((result, words)) => Ok(Expansion {
-                result,
-                words,
-                matched: sw.matched,
-                unmatched: sw.unmatched,
-            }),
-            Err(message) => Err(ShellError {
-                source_text: word.to_string(),
-                message,
-            }),
+            Ok((result, words)) => Ok(Expansion { result, words, matched: sw.matched, unmatched: sw.unmatched }),
+            Err(message) => Err(ShellError { source_text: word.to_string(), message }),
         }
     }
 }
@@ -229,11 +221,7 @@ impl ShellWord<'_> {
         c
     }
 
-    fn process_stop_on(
-        &mut self,
-        stop: Option<char>,
-        raw_escapes: bool,
-    ) -> LexResult<(String, Vec<String>)> {
+    fn process_stop_on(&mut self, stop: Option<char>, raw_escapes: bool) -> LexResult<(String, Vec<String>)> {
         let saved = self.raw_escapes;
         self.raw_escapes = raw_escapes;
         let r = self.process_stop_on_inner(stop);
@@ -282,9 +270,7 @@ impl ShellWord<'_> {
             }
         }
         if let Some(s) = stop {
-            return Err(format!(
-                "unexpected end of statement while looking for matching {s}"
-            ));
+            return Err(format!("unexpected end of statement while looking for matching {s}"));
         }
         Ok((result, words.finish()))
     }
@@ -297,12 +283,7 @@ impl ShellWord<'_> {
         }
         loop {
             match self.next() {
-                None => {
-                    return Err(
-                        "unexpected end of statement while looking for matching single-quote"
-                            .into(),
-                    )
-                }
+                None => return Err("unexpected end of statement while looking for matching single-quote".into()),
                 Some('\'') => {
                     if self.lex.raw_quotes {
                         result.push('\'');
@@ -322,12 +303,7 @@ impl ShellWord<'_> {
         }
         loop {
             match self.peek() {
-                None => {
-                    return Err(
-                        "unexpected end of statement while looking for matching double-quote"
-                            .into(),
-                    )
-                }
+                None => return Err("unexpected end of statement while looking for matching double-quote".into()),
                 Some('"') => {
                     self.next();
                     if self.lex.raw_quotes {
@@ -387,9 +363,7 @@ impl ShellWord<'_> {
 
     fn process_dollar(&mut self) -> LexResult<String> {
         if self.depth >= MAX_NESTING {
-            return Err(format!(
-                "variable substitutions are nested more than {MAX_NESTING} levels deep: expected a flatter expression"
-            ));
+            return Err(format!("variable substitutions are nested more than {MAX_NESTING} levels deep: expected a flatter expression"));
         }
         self.depth += 1;
         let r = self.process_dollar_inner();
@@ -461,31 +435,15 @@ impl ShellWord<'_> {
                 let set = value.is_some();
                 let value = value.unwrap_or_default();
                 match ch {
-                    Some('-') => Ok(if !set || (null_is_unset && value.is_empty()) {
-                        word
-                    } else {
-                        value
-                    }),
-                    Some('+') => Ok(if !set || (null_is_unset && value.is_empty()) {
-                        String::new()
-                    } else {
-                        word
-                    }),
+                    Some('-') => Ok(if !set || (null_is_unset && value.is_empty()) { word } else { value }),
+                    Some('+') => Ok(if !set || (null_is_unset && value.is_empty()) { String::new() } else { word }),
                     Some('?') => {
                         if !set {
-                            let m = if word.is_empty() {
-                                "is not allowed to be unset".to_string()
-                            } else {
-                                word
-                            };
+                            let m = if word.is_empty() { "is not allowed to be unset".to_string() } else { word };
                             return Err(format!("{name}: {m}"));
                         }
                         if null_is_unset && value.is_empty() {
-                            let m = if word.is_empty() {
-                                "is not allowed to be empty".to_string()
-                            } else {
-                                word
-                            };
+                            let m = if word.is_empty() { "is not allowed to be empty".to_string() } else { word };
                             return Err(format!("{name}: {m}"));
                         }
                         Ok(value)
@@ -672,11 +630,7 @@ fn trim_prefix(pattern: &str, value: &str, greedy: bool, budget: &mut u64) -> Le
     let toks = compile_pattern(pattern).map_err(|e| pattern_error(pattern, e))?;
     let text: Vec<char> = value.chars().collect();
     let ends = match_ends(&toks, &text, 0, budget)?;
-    let pick = if greedy {
-        (0..=text.len()).rev().find(|&j| ends[j])
-    } else {
-        (0..=text.len()).find(|&j| ends[j])
-    };
+    let pick = if greedy { (0..=text.len()).rev().find(|&j| ends[j]) } else { (0..=text.len()).find(|&j| ends[j]) };
     Ok(match pick {
         Some(j) => text[j..].iter().collect(),
         None => value.to_string(),
@@ -693,11 +647,7 @@ fn trim_suffix(pattern: &str, value: &str, greedy: bool, budget: &mut u64) -> Le
     // ends[k]: the pattern matches the suffix of length k
     let ends = match_ends(&toks, &rev, 0, budget)?;
     // shortest suffix = latest start; longest suffix = earliest start
-    let pick = if greedy {
-        (0..=n).rev().find(|&k| ends[k])
-    } else {
-        (0..=n).find(|&k| ends[k])
-    };
+    let pick = if greedy { (0..=n).rev().find(|&k| ends[k]) } else { (0..=n).find(|&k| ends[k]) };
     Ok(match pick {
         Some(k) => text[..n - k].iter().collect(),
         None => value.to_string(),
@@ -785,10 +735,7 @@ fn expand_template(repl: &str, matched: &str) -> String {
         }
         let (name, next) = if chars.get(i + 1) == Some(&'{') {
             match chars[i + 2..].iter().position(|&c| c == '}') {
-                Some(p) => (
-                    chars[i + 2..i + 2 + p].iter().collect::<String>(),
-                    i + 3 + p,
-                ),
+                Some(p) => (chars[i + 2..i + 2 + p].iter().collect::<String>(), i + 3 + p),
                 None => (String::new(), i),
             }
         } else {
@@ -811,19 +758,10 @@ fn expand_template(repl: &str, matched: &str) -> String {
     out
 }
 
-fn replace(
-    pattern: &str,
-    value: &str,
-    replacement: &str,
-    all: bool,
-    cap: usize,
-    budget: &mut u64,
-) -> LexResult<String> {
+fn replace(pattern: &str, value: &str, replacement: &str, all: bool, cap: usize, budget: &mut u64) -> LexResult<String> {
     let toks = compile_pattern(pattern).map_err(|e| pattern_error(pattern, e))?;
     let text: Vec<char> = value.chars().collect();
-    let too_big = || {
-        format!("variable expansion produces more than {cap} bytes: expected a smaller value")
-    };
+    let too_big = || format!("variable expansion produces more than {cap} bytes: expected a smaller value");
     if !all {
         return Ok(match find_match(&toks, &text, 0, budget)? {
             Some((s, e)) => {
@@ -1020,10 +958,7 @@ mod tests {
         let lex = Lexer::new('`');
         let env = env();
         assert_eq!(lex.process_word("`$PWD", &env).unwrap(), "$PWD");
-        assert_eq!(
-            lex.process_word("c:\\windows", &env).unwrap(),
-            "c:\\windows"
-        );
+        assert_eq!(lex.process_word("c:\\windows", &env).unwrap(), "c:\\windows");
         assert_eq!(lex.process_word("\"a`\"b\"", &env).unwrap(), "a\"b");
     }
 
@@ -1032,19 +967,10 @@ mod tests {
         let mut lex = Lexer::new('\\');
         lex.skip_unset_env = true;
         let env = env();
-        assert_eq!(
-            lex.process_word("$UNSET $PWD", &env).unwrap(),
-            "$UNSET /home"
-        );
+        assert_eq!(lex.process_word("$UNSET $PWD", &env).unwrap(), "$UNSET /home");
         assert_eq!(lex.process_word("${UNSET}", &env).unwrap(), "${UNSET}");
-        assert_eq!(
-            lex.process_word("${UNSET:-x}", &env).unwrap(),
-            "${UNSET:-x}"
-        );
-        assert_eq!(
-            lex.process_word("${UNSET/a/b}", &env).unwrap(),
-            "${UNSET/a/b}"
-        );
+        assert_eq!(lex.process_word("${UNSET:-x}", &env).unwrap(), "${UNSET:-x}");
+        assert_eq!(lex.process_word("${UNSET/a/b}", &env).unwrap(), "${UNSET/a/b}");
     }
 
     #[test]
@@ -1053,14 +979,8 @@ mod tests {
         lex.raw_quotes = true;
         lex.raw_escapes = true;
         let env = NoEnv;
-        assert_eq!(
-            lex.process_word("'a b' \"c\" d\\ e", &env).unwrap(),
-            "'a b' \"c\" d\\ e"
-        );
-        assert_eq!(
-            lex.process_words("<<'EOF' cat", &env).unwrap(),
-            vec!["<<'EOF'", "cat"]
-        );
+        assert_eq!(lex.process_word("'a b' \"c\" d\\ e", &env).unwrap(), "'a b' \"c\" d\\ e");
+        assert_eq!(lex.process_words("<<'EOF' cat", &env).unwrap(), vec!["<<'EOF'", "cat"]);
     }
 
     #[test]
@@ -1068,10 +988,7 @@ mod tests {
         let mut lex = Lexer::new('\\');
         lex.skip_process_quotes = true;
         let env = env();
-        assert_eq!(
-            lex.process_word("echo '$PWD' \"$X\"", &env).unwrap(),
-            "echo '/home' \"x\""
-        );
+        assert_eq!(lex.process_word("echo '$PWD' \"$X\"", &env).unwrap(), "echo '/home' \"x\"");
     }
 
     #[test]
@@ -1085,38 +1002,19 @@ mod tests {
     #[test]
     fn errors_name_the_word_and_the_problem() {
         let lex = Lexer::new('\\');
-        let e = lex
-            .process_word("${UNSET:?must be set}", &env())
-            .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "failed to process \"${UNSET:?must be set}\": UNSET: must be set"
-        );
+        let e = lex.process_word("${UNSET:?must be set}", &env()).unwrap_err();
+        assert_eq!(e.to_string(), "failed to process \"${UNSET:?must be set}\": UNSET: must be set");
         let e = lex.process_word("${x", &NoEnv).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "failed to process \"${x\": syntax error: missing '}'"
-        );
+        assert_eq!(e.to_string(), "failed to process \"${x\": syntax error: missing '}'");
         let e = lex.process_word("${UNSET?}", &NoEnv).unwrap_err();
-        assert!(
-            e.to_string().ends_with("UNSET: is not allowed to be unset"),
-            "{e}"
-        );
+        assert!(e.to_string().ends_with("UNSET: is not allowed to be unset"), "{e}");
         let e = lex.process_word("${NULL:?}", &env()).unwrap_err();
-        assert!(
-            e.to_string().ends_with("NULL: is not allowed to be empty"),
-            "{e}"
-        );
+        assert!(e.to_string().ends_with("NULL: is not allowed to be empty"), "{e}");
     }
 
     #[test]
     fn slice_env_last_entry_wins() {
-        let v = vec![
-            "A=1".to_string(),
-            "B=2".to_string(),
-            "A=3".to_string(),
-            "C".to_string(),
-        ];
+        let v = vec!["A=1".to_string(), "B=2".to_string(), "A=3".to_string(), "C".to_string()];
         let lex = Lexer::new('\\');
         assert_eq!(lex.process_word("$A$B[$C]", &v).unwrap(), "32[]");
     }

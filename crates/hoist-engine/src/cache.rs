@@ -180,7 +180,11 @@ impl CacheIndex {
     }
 
     /// Every (key, value) of a namespace in a table.
-    fn scan<T: for<'de> Deserialize<'de>>(&self, table: TableDefinition<&str, &[u8]>, ns: Option<&str>) -> Result<Vec<(String, T)>, CacheError> {
+    fn scan<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        ns: Option<&str>,
+    ) -> Result<Vec<(String, T)>, CacheError> {
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let t = txn.open_table(table).map_err(|e| self.db_err(e))?;
         let mut out = Vec::new();
@@ -294,18 +298,32 @@ impl CacheIndex {
 
     /// Remember a resolution.
     pub fn put_tag(&self, ns: &str, reference: &str, platform: &str, manifest_digest: &Digest) -> Result<(), CacheError> {
-        self.put(TAGS, &nskey(ns, &format!("{reference}|{platform}")), &TagRecord { manifest_digest: manifest_digest.clone(), resolved: now() })
+        self.put(
+            TAGS,
+            &nskey(ns, &format!("{reference}|{platform}")),
+            &TagRecord { manifest_digest: manifest_digest.clone(), resolved: now() },
+        )
     }
 
     /// The namespace's records with the layers they keep, for pruning and usage.
     pub fn records(&self, ns: &str) -> Result<Vec<RecordRef>, CacheError> {
         let mut out = Vec::new();
         for (k, r) in self.scan::<StepRecord>(STEPS, Some(ns))? {
-            out.push(RecordRef { table: "steps", key: k, last_used: r.last_used.max(r.created), layers: r.diff_id.map(|d| vec![(d, r.size)]).unwrap_or_default() });
+            out.push(RecordRef {
+                table: "steps",
+                key: k,
+                last_used: r.last_used.max(r.created),
+                layers: r.diff_id.map(|d| vec![(d, r.size)]).unwrap_or_default(),
+            });
         }
         for (k, r) in self.scan::<PullRecord>(PULLS, Some(ns))? {
             let per = if r.layers.is_empty() { 0 } else { r.size / r.layers.len() as u64 };
-            out.push(RecordRef { table: "pulls", key: k, last_used: r.last_used, layers: r.layers.into_iter().map(|d| (d, per)).collect() });
+            out.push(RecordRef {
+                table: "pulls",
+                key: k,
+                last_used: r.last_used,
+                layers: r.layers.into_iter().map(|d| (d, per)).collect(),
+            });
         }
         for (k, r) in self.scan::<SavedRecord>(SAVED, Some(ns))? {
             out.push(RecordRef { table: "saved", key: k, last_used: r.last_used.max(r.created), layers: r.layers });

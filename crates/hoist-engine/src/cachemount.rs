@@ -102,7 +102,9 @@ impl CacheMounts {
             std::fs::rename(&tmp, &dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
         }
         match sharing {
-            CacheSharing::Locked => Ok(CacheMountGuard { path: dir, _lock: Some(guard), _private: None, shared_dir: None, in_use: self.in_use.clone() }),
+            CacheSharing::Locked => {
+                Ok(CacheMountGuard { path: dir, _lock: Some(guard), _private: None, shared_dir: None, in_use: self.in_use.clone() })
+            }
             CacheSharing::Shared => {
                 drop(guard);
                 *self.in_use.lock().unwrap_or_else(|e| e.into_inner()).entry(dir.clone()).or_default() += 1;
@@ -120,9 +122,21 @@ impl CacheMounts {
                     // Someone else uses the shared dir: this RUN gets a fresh private one.
                     let t = tempfile::Builder::new().prefix(".private-").tempdir_in(&parent).map_err(|e| err(e.to_string()))?;
                     create_in(t.path(), mode, uid, gid, seed).map_err(|e| err(e.to_string()))?;
-                    Ok(CacheMountGuard { path: t.path().to_path_buf(), _lock: None, _private: Some(t), shared_dir: Some(dir), in_use: self.in_use.clone() })
+                    Ok(CacheMountGuard {
+                        path: t.path().to_path_buf(),
+                        _lock: None,
+                        _private: Some(t),
+                        shared_dir: Some(dir),
+                        in_use: self.in_use.clone(),
+                    })
                 } else {
-                    Ok(CacheMountGuard { path: dir.clone(), _lock: None, _private: None, shared_dir: Some(dir), in_use: self.in_use.clone() })
+                    Ok(CacheMountGuard {
+                        path: dir.clone(),
+                        _lock: None,
+                        _private: None,
+                        shared_dir: Some(dir),
+                        in_use: self.in_use.clone(),
+                    })
                 }
             }
         }

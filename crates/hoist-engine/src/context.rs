@@ -114,9 +114,7 @@ impl Context {
         let rel = normalize(rel);
         let mut h = Sha256::new();
         for (path, e) in &self.entries {
-            let inside = rel.is_empty()
-                || path == rel
-                || (path.starts_with(rel) && path.as_bytes().get(rel.len()) == Some(&b'/'));
+            let inside = rel.is_empty() || path == rel || (path.starts_with(rel) && path.as_bytes().get(rel.len()) == Some(&b'/'));
             if !inside {
                 continue;
             }
@@ -185,7 +183,8 @@ pub fn needed(graph: &crate::graph::BuildGraph) -> std::collections::BTreeSet<St
                 Op::Run(r) => {
                     for m in &r.mounts {
                         match &m.kind {
-                            MountKind::Bind { from: Source::Context, source, .. } | MountKind::Cache { from: Some(Source::Context), source, .. } => {
+                            MountKind::Bind { from: Source::Context, source, .. }
+                            | MountKind::Cache { from: Some(Source::Context), source, .. } => {
                                 out.insert(selector(source));
                             }
                             _ => {}
@@ -249,13 +248,21 @@ mod tests {
         use std::sync::Arc;
         let runs = Arc::new(AtomicU32::new(0));
         let r = runs.clone();
-        let ctx = Arc::new(Context::lazy([file("a", b"1")], Box::new(move || {
-            r.fetch_add(1, Ordering::SeqCst);
-            Ok(PathBuf::from("/x"))
-        })));
+        let ctx = Arc::new(Context::lazy(
+            [file("a", b"1")],
+            Box::new(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok(PathBuf::from("/x"))
+            }),
+        ));
         assert_eq!(ctx.file_digest("a"), Some(Digest::of(b"1")));
         assert_eq!(runs.load(Ordering::SeqCst), 0, "digests come from the manifest");
-        let threads: Vec<_> = (0..4).map(|_| { let c = ctx.clone(); std::thread::spawn(move || c.files().map(Path::to_path_buf)) }).collect();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let c = ctx.clone();
+                std::thread::spawn(move || c.files().map(Path::to_path_buf))
+            })
+            .collect();
         for t in threads {
             assert_eq!(t.join().unwrap().unwrap(), PathBuf::from("/x"));
         }
@@ -298,7 +305,8 @@ mod tests {
         assert_ne!(a.subtree_digest("src"), c.subtree_digest("src"));
         assert_ne!(a.subtree_digest("."), b.subtree_digest("."));
         // Two names of one file are not two files of the same content.
-        let linked = Context::new("/x".into(), [file("src/a", b"1"), ContextEntry { hardlink: Some("src/a".into()), ..file("src/b", b"1") }]);
+        let linked =
+            Context::new("/x".into(), [file("src/a", b"1"), ContextEntry { hardlink: Some("src/a".into()), ..file("src/b", b"1") }]);
         let copied = Context::new("/x".into(), [file("src/a", b"1"), file("src/b", b"1")]);
         assert_ne!(linked.subtree_digest("src"), copied.subtree_digest("src"));
     }

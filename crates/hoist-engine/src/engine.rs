@@ -19,8 +19,8 @@ use hoist_oci::store::ContentStore;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::CacheIndex;
-use crate::context::Context;
 use crate::cachemount::CacheMounts;
+use crate::context::Context;
 use crate::executor::{Executor, RuncConfig, RuncExecutor};
 use crate::graph::{FrontendOptions, NetworkMode, Platform};
 use crate::progress::{Event, Progress};
@@ -272,9 +272,9 @@ impl Engine {
             let vertices = vertices.clone();
             let leases = leases.clone();
             let cgroup = cgroup.clone();
-            tasks.push(async move {
-                solver::build_platform(engine, req, platform, progress, cancel, counters, vertices, leases, cgroup).await
-            });
+            tasks.push(
+                async move { solver::build_platform(engine, req, platform, progress, cancel, counters, vertices, leases, cgroup).await },
+            );
         }
         let results = futures::future::join_all(tasks).await;
         let mut images = Vec::new();

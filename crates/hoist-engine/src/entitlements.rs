@@ -145,13 +145,19 @@ mod tests {
         use Entitlement::*;
         assert!(ents(&[], &[]).check_graph(&graph("FROM scratch\nRUN --network=none true\n"), NetworkMode::Default, "Dockerfile").is_ok());
         let e = ents(&[SecurityInsecure], &[]).check_graph(&g, NetworkMode::Default, "Dockerfile").unwrap_err();
-        assert!(e.starts_with("Dockerfile:3: RUN --security=insecure: ") && e.contains("hoist serve --allow-entitlement security.insecure"), "{e}");
+        assert!(
+            e.starts_with("Dockerfile:3: RUN --security=insecure: ") && e.contains("hoist serve --allow-entitlement security.insecure"),
+            "{e}"
+        );
         assert!(e.contains("hoist project allow web security.insecure"), "{e}");
         let e = ents(&[], &[SecurityInsecure]).check_graph(&g, NetworkMode::Default, "Dockerfile").unwrap_err();
         assert!(e.contains("--allow security.insecure"), "{e}");
         assert!(ents(&[SecurityInsecure], &[SecurityInsecure]).check_graph(&g, NetworkMode::Default, "Dockerfile").is_ok());
         let host = graph("FROM scratch\nRUN --network=host true\n");
-        assert!(ents(&[SecurityInsecure], &[SecurityInsecure]).check_graph(&host, NetworkMode::Default, "Dockerfile").unwrap_err().starts_with("Dockerfile:2: RUN --network=host"));
+        assert!(ents(&[SecurityInsecure], &[SecurityInsecure])
+            .check_graph(&host, NetworkMode::Default, "Dockerfile")
+            .unwrap_err()
+            .starts_with("Dockerfile:2: RUN --network=host"));
         let e = ents(&[], &[]).check_graph(&graph("FROM scratch\nRUN true\n"), NetworkMode::Host, "Dockerfile").unwrap_err();
         assert!(e.starts_with("--network=host: "), "{e}");
         assert!(Entitlements::all("x").check_graph(&host, NetworkMode::Host, "Dockerfile").is_ok());

@@ -125,34 +125,36 @@ impl Engine {
         // A stored blob of the layer is re-compressed (its tar is the layer's exact bytes; an
         // extracted base layer re-tars differently); else the snapshot is tarred.
         let source = known.iter().find(|b| usable(b)).map(|b| (b.digest.clone(), b.media_type.clone()));
-        let (out, _) = self
-            .inner
-            .inflight
-            .run(&key, &CancellationToken::new(), move |_| async move {
-                let store = engine.store().clone();
-                let dir = engine.snapshots().layer_dir(&d);
-                if source.is_none() && !dir.is_dir() {
-                    return Err(Arc::new(export_err(format!("layer {d} is neither stored as a blob nor as a snapshot"))));
-                }
-                let exported = tokio::task::spawn_blocking(move || match source {
-                    Some((blob, media_type)) => recompress_blob(&store, &blob, &media_type, compression)
-                        .map(|r| (r.diff_id, r.digest, r.size, r.media_type)),
-                    None => export_layer(&store, &dir, compression, &TarOptions::default()).map(|l| (l.diff_id, l.digest, l.size, l.media_type)),
+        let (out, _) =
+            self.inner
+                .inflight
+                .run(&key, &CancellationToken::new(), move |_| async move {
+                    let store = engine.store().clone();
+                    let dir = engine.snapshots().layer_dir(&d);
+                    if source.is_none() && !dir.is_dir() {
+                        return Err(Arc::new(export_err(format!("layer {d} is neither stored as a blob nor as a snapshot"))));
+                    }
+                    let exported = tokio::task::spawn_blocking(move || match source {
+                        Some((blob, media_type)) => {
+                            recompress_blob(&store, &blob, &media_type, compression).map(|r| (r.diff_id, r.digest, r.size, r.media_type))
+                        }
+                        None => export_layer(&store, &dir, compression, &TarOptions::default())
+                            .map(|l| (l.diff_id, l.digest, l.size, l.media_type)),
+                    })
+                    .await
+                    .map_err(|e| Arc::new(export_err(e)))?
+                    .map_err(|e| Arc::new(export_err(e)))?;
+                    let (exported_diff_id, digest, size, media_type) = exported;
+                    if exported_diff_id != d {
+                        return Err(Arc::new(export_err(format!(
+                            "layer {d} changed on disk (its content now hashes to {exported_diff_id}); run `hoist cache reset`"
+                        ))));
+                    }
+                    let rec = BlobRecord { digest, size, media_type, original: false };
+                    engine.index().add_layer_blob(&d, rec).map_err(|e| Arc::new(export_err(e)))?;
+                    Ok(Some(d))
                 })
-                .await
-                .map_err(|e| Arc::new(export_err(e)))?
-                .map_err(|e| Arc::new(export_err(e)))?;
-                let (exported_diff_id, digest, size, media_type) = exported;
-                if exported_diff_id != d {
-                    return Err(Arc::new(export_err(format!(
-                        "layer {d} changed on disk (its content now hashes to {exported_diff_id}); run `hoist cache reset`"
-                    ))));
-                }
-                let rec = BlobRecord { digest, size, media_type, original: false };
-                engine.index().add_layer_blob(&d, rec).map_err(|e| Arc::new(export_err(e)))?;
-                Ok(Some(d))
-            })
-            .await;
+                .await;
         out.map_err(export_err)?;
         let known = self.index().layer_blobs(diff_id).map_err(export_err)?;
         known
@@ -243,7 +245,13 @@ impl Engine {
     /// mount), so no blob crosses the network twice to one registry. Each blob is checked
     /// with HEAD before it is uploaded; manifests go last. A failed reference does not stop
     /// the others. `by_digest`: push the manifests by digest only (no tag is moved).
-    pub async fn push_all(&self, set: &ExportedSet, references: &[Reference], registry: &RegistryClient, by_digest: bool) -> Vec<PushOutcome> {
+    pub async fn push_all(
+        &self,
+        set: &ExportedSet,
+        references: &[Reference],
+        registry: &RegistryClient,
+        by_digest: bool,
+    ) -> Vec<PushOutcome> {
         // Registries in order of first appearance, each with its references.
         let mut groups: Vec<(String, Vec<(usize, Reference)>)> = Vec::new();
         for (i, r) in references.iter().enumerate() {
@@ -271,7 +279,14 @@ impl Engine {
         all.into_iter().map(|(_, o)| o).collect()
     }
 
-    async fn push_one(&self, set: &ExportedSet, reference: Reference, mount_from: Option<Reference>, registry: RegistryClient, by_digest: bool) -> PushOutcome {
+    async fn push_one(
+        &self,
+        set: &ExportedSet,
+        reference: Reference,
+        mount_from: Option<Reference>,
+        registry: RegistryClient,
+        by_digest: bool,
+    ) -> PushOutcome {
         let started = std::time::Instant::now();
         let mut outcome = PushOutcome { reference: reference.clone(), ..PushOutcome::default() };
         if let Err(e) = self.push_one_inner(set, &reference, mount_from.as_ref(), &registry, by_digest, &mut outcome).await {
@@ -355,12 +370,8 @@ impl Engine {
         for d in image.diff_ids() {
             let path = format!("{}/layer.tar", d.hex());
             let dir = self.snapshots().layer_dir(d);
-            let original = self
-                .index()
-                .layer_blobs(d)
-                .map_err(export_err)?
-                .into_iter()
-                .find(|b| b.original && self.store().contains(&b.digest));
+            let original =
+                self.index().layer_blobs(d).map_err(export_err)?.into_iter().find(|b| b.original && self.store().contains(&b.digest));
             match original {
                 Some(b) => {
                     let f = self.store().open_blob(&b.digest).map_err(export_err)?;

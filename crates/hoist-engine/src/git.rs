@@ -77,7 +77,8 @@ fn git(home: &Path) -> Command {
 }
 
 fn run(url: &str, mut c: Command) -> Result<String, GitError> {
-    let out = c.output().map_err(|e| GitError::Git { url: url.into(), message: format!("running git: {e} (install git on the builder)") })?;
+    let out =
+        c.output().map_err(|e| GitError::Git { url: url.into(), message: format!("running git: {e} (install git on the builder)") })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let last = err.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("failed").trim().to_string();
@@ -140,7 +141,8 @@ pub fn checkout(r: &GitRef, commit: &str, dir: &Path, keep_git_dir: bool, max_by
     step(&["checkout", "-q", commit])?;
     let _ = std::fs::remove_dir_all(&home);
     if !keep_git_dir {
-        std::fs::remove_dir_all(dir.join(".git")).map_err(|e| GitError::Git { url: r.url.clone(), message: format!("removing .git: {e}") })?;
+        std::fs::remove_dir_all(dir.join(".git"))
+            .map_err(|e| GitError::Git { url: r.url.clone(), message: format!("removing .git: {e}") })?;
     }
     if crate::gc::dir_size(dir) > max_bytes {
         return Err(GitError::TooLarge { url: r.url.clone(), max: max_bytes });

@@ -104,8 +104,7 @@ pub(crate) fn resolve_components(root: &Path, path: &[u8], follow_final: bool) -
                 if links > MAX_SYMLINK_FOLLOWS {
                     return Err(RootfsError::TooManyLinks { path: display_abs(path), root: root.to_path_buf() });
                 }
-                let target =
-                    fs::read_link(&candidate).map_err(|e| io_err("readlink", display_rel(&resolved, &c), root, e))?;
+                let target = fs::read_link(&candidate).map_err(|e| io_err("readlink", display_rel(&resolved, &c), root, e))?;
                 let target = target.into_os_string().into_vec();
                 if target.starts_with(b"/") {
                     resolved.clear();
@@ -173,12 +172,7 @@ pub fn open_in_root(root: &Path, path: &str) -> Result<File, RootfsError> {
 /// directories are created with exactly `mode` (umask does not apply) and, when given,
 /// owned by `owner` (uid, gid). Returns the created directories (host paths), outermost first.
 /// A component that exists and is not a directory is an error naming it.
-pub fn create_dir_all_in_root(
-    root: &Path,
-    path: &str,
-    mode: u32,
-    owner: Option<(u32, u32)>,
-) -> Result<Vec<PathBuf>, RootfsError> {
+pub fn create_dir_all_in_root(root: &Path, path: &str, mode: u32, owner: Option<(u32, u32)>) -> Result<Vec<PathBuf>, RootfsError> {
     let comps = resolve_components(root, path.as_bytes(), true)?;
     create_resolved_dirs(root, &comps, mode, owner, &display_abs(path.as_bytes()))
 }
@@ -205,13 +199,7 @@ pub(crate) fn create_resolved_dirs(
         };
         match fs::symlink_metadata(&cur) {
             Ok(m) if m.is_dir() => continue,
-            Ok(_) => {
-                return Err(RootfsError::NotADirectory {
-                    path: display.to_string(),
-                    component: shown(),
-                    root: root.to_path_buf(),
-                })
-            }
+            Ok(_) => return Err(RootfsError::NotADirectory { path: display.to_string(), component: shown(), root: root.to_path_buf() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("lstat", shown(), root, e)),
         }
@@ -220,8 +208,7 @@ pub(crate) fn create_resolved_dirs(
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && cur.is_dir() => continue,
             Err(e) => return Err(io_err("mkdir", shown(), root, e)),
         }
-        fs::set_permissions(&cur, fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(|e| io_err("chmod", shown(), root, e))?;
+        fs::set_permissions(&cur, fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| io_err("chmod", shown(), root, e))?;
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::lchown(&cur, Some(uid), Some(gid)).map_err(|e| io_err("chown", shown(), root, e))?;
         }
@@ -274,12 +261,7 @@ fn parse_passwd(data: &[u8]) -> Vec<PasswdEntry> {
         .map(|line| {
             let f: Vec<&[u8]> = line.split(|b| *b == b':').collect();
             let get = |i: usize| f.get(i).copied().unwrap_or(b"");
-            PasswdEntry {
-                name: get(0).to_vec(),
-                uid: atoi_lenient(get(2)),
-                gid: atoi_lenient(get(3)),
-                home: get(5).to_vec(),
-            }
+            PasswdEntry { name: get(0).to_vec(), uid: atoi_lenient(get(2)), gid: atoi_lenient(get(3)), home: get(5).to_vec() }
         })
         .collect()
 }
@@ -289,8 +271,7 @@ fn parse_group(data: &[u8]) -> Vec<GroupEntry> {
         .map(|line| {
             let f: Vec<&[u8]> = line.split(|b| *b == b':').collect();
             let get = |i: usize| f.get(i).copied().unwrap_or(b"");
-            let members =
-                if get(3).is_empty() { Vec::new() } else { get(3).split(|b| *b == b',').map(|m| m.to_vec()).collect() };
+            let members = if get(3).is_empty() { Vec::new() } else { get(3).split(|b| *b == b',').map(|m| m.to_vec()).collect() };
             GroupEntry { name: get(0).to_vec(), gid: atoi_lenient(get(2)), members }
         })
         .collect()

@@ -248,8 +248,17 @@ pub(crate) async fn build_platform(
     let missing: Vec<String> = crate::context::needed(&graph).into_iter().filter(|s| !req.context_reach.covers(s)).collect();
     let context = match (&req.context_fetcher, missing.is_empty()) {
         (Some(fetcher), false) => {
-            Engine::warn(&progress, format!("fetching context paths the client did not send: {}", missing.iter().map(|m| if m.is_empty() { "." } else { m }).collect::<Vec<_>>().join(", ")));
-            fetcher.extend(missing).await.map_err(|e| EngineError::Frontend(format!("fetching more of the build context from the client: {e}")))?
+            Engine::warn(
+                &progress,
+                format!(
+                    "fetching context paths the client did not send: {}",
+                    missing.iter().map(|m| if m.is_empty() { "." } else { m }).collect::<Vec<_>>().join(", ")
+                ),
+            );
+            fetcher
+                .extend(missing)
+                .await
+                .map_err(|e| EngineError::Frontend(format!("fetching more of the build context from the client: {e}")))?
         }
         _ => req.context.clone(),
     };
@@ -347,11 +356,7 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
     let label = b.stage_label(stage, id);
     let ns = b.req.namespace.clone();
     let mut state = match &stage.base {
-        Base::Scratch => StageState {
-            key: cachekey::base_key(&ns, &b.platform, &[]),
-            layers: Vec::new(),
-            history: Vec::new(),
-        },
+        Base::Scratch => StageState { key: cachekey::base_key(&ns, &b.platform, &[]), layers: Vec::new(), history: Vec::new() },
         Base::Stage(j) => {
             let s = b.stage(*j).await?;
             StageState { key: s.key.clone(), layers: s.layers.clone(), history: s.history.clone() }
@@ -376,11 +381,7 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
                 .index()
                 .put_pull(&ns, &img.manifest_digest, layers.clone(), size)
                 .map_err(|e| EngineError::Image(format!("image {}: recording the pull: {e}", img.reference)))?;
-            StageState {
-                key: cachekey::base_key(&ns, &b.platform, &layers),
-                layers,
-                history: img.config.history.clone(),
-            }
+            StageState { key: cachekey::base_key(&ns, &b.platform, &layers), layers, history: img.config.history.clone() }
         }
     };
     let total = stage.steps.len();
@@ -461,11 +462,7 @@ async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: Str
 
 fn step_error(b: &Build, step: &Step, message: impl std::fmt::Display) -> EngineError {
     let name = if b.req.frontend.dockerfile_name.is_empty() { "Dockerfile" } else { &b.req.frontend.dockerfile_name };
-    EngineError::Step {
-        location: format!("{name}:{}", step.line),
-        instruction: step.display.clone(),
-        message: message.to_string(),
-    }
+    EngineError::Step { location: format!("{name}:{}", step.line), instruction: step.display.clone(), message: message.to_string() }
 }
 
 /// The step's inputs besides its parent: content digests of what it reads.
@@ -581,12 +578,7 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
             }
         }
     }
-    let env = StepEnv {
-        build: b.clone(),
-        parent_layers: state.layers.clone(),
-        step: step.clone(),
-        vertex: vid,
-    };
+    let env = StepEnv { build: b.clone(), parent_layers: state.layers.clone(), step: step.clone(), vertex: vid };
     let key_for_index = op_key.clone();
     let engine2 = engine.clone();
     let ns = b.req.namespace.clone();
@@ -620,7 +612,8 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
         b.leases.add(d);
     }
     // The record's time (this build's, or that of the build it shared the step with).
-    let created = engine.index().step(&b.req.namespace, &op_key).map_err(|e| step_error(b, step, e))?.map_or_else(crate::cache::now, |r| r.created);
+    let created =
+        engine.index().step(&b.req.namespace, &op_key).map_err(|e| step_error(b, step, e))?.map_or_else(crate::cache::now, |r| r.created);
     state.key = next_key;
     Ok((diff, false, created))
 }

@@ -16,10 +16,10 @@ use crate::cachemount::CacheMountGuard;
 use crate::copy::{self, CopyParams};
 use crate::engine::EngineError;
 use crate::executor::{ExecMount, LogChunk, LogStream, RunSpec};
+use crate::gc::LeaseSet;
 use crate::graph::{CopyOp, CopySource, MkdirOp, MountKind, NetworkMode, Op, RunOp, Source, Step};
 use crate::progress::Event;
 use crate::rootfs;
-use crate::gc::LeaseSet;
 use crate::snapshot::{ActiveMount, SnapshotError, Uncommitted};
 use crate::solver::Build;
 
@@ -33,12 +33,12 @@ pub(crate) struct StepEnv {
 
 impl StepEnv {
     fn err(&self, message: impl std::fmt::Display) -> EngineError {
-        let name = if self.build.req.frontend.dockerfile_name.is_empty() {
-            "Dockerfile"
-        } else {
-            &self.build.req.frontend.dockerfile_name
-        };
-        EngineError::Step { location: format!("{name}:{}", self.step.line), instruction: self.step.display.clone(), message: message.to_string() }
+        let name = if self.build.req.frontend.dockerfile_name.is_empty() { "Dockerfile" } else { &self.build.req.frontend.dockerfile_name };
+        EngineError::Step {
+            location: format!("{name}:{}", self.step.line),
+            instruction: self.step.display.clone(),
+            message: message.to_string(),
+        }
     }
 }
 
@@ -208,7 +208,9 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
                 let seed = match from {
                     None => None,
                     Some(Source::Git(_)) => return Err(env.err("a cache mount cannot come from a git source")),
-                    Some(Source::Context) => Some(rootfs::resolve_in_root(&context_files(env).await?, source, true).map_err(|e| env.err(e))?),
+                    Some(Source::Context) => {
+                        Some(rootfs::resolve_in_root(&context_files(env).await?, source, true).map_err(|e| env.err(e))?)
+                    }
                     Some(Source::Stage(j)) => {
                         let s = b.stage(*j).await?;
                         let v = prepare(env, s.layers.clone(), true).await?;
@@ -254,7 +256,9 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
             MountKind::Ssh { id, required, mode, uid, gid } => {
                 if !b.req.secrets.ssh.has(id) {
                     if *required {
-                        return Err(env.err(format!("ssh agent {id:?} is required but was not given (use --ssh {id}=SOCKET|KEYFILE or --ssh default)")));
+                        return Err(env.err(format!(
+                            "ssh agent {id:?} is required but was not given (use --ssh {id}=SOCKET|KEYFILE or --ssh default)"
+                        )));
                     }
                     continue;
                 }
@@ -325,7 +329,8 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
                 if room > 0 {
                     progress.send(Event::Log { id: vid, stream, data: chunk.data.slice(..room as usize) });
                 }
-                let marker = format!("\n[output clipped, log limit {} reached (hoist serve --max-step-log)]\n", crate::limits::human_bytes(max_log));
+                let marker =
+                    format!("\n[output clipped, log limit {} reached (hoist serve --max-step-log)]\n", crate::limits::human_bytes(max_log));
                 progress.send(Event::Log { id: vid, stream: 2, data: bytes::Bytes::from(marker) });
                 clipped = true;
                 continue;
@@ -381,7 +386,6 @@ fn secret_dir() -> PathBuf {
     }
 }
 
-
 async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Produced, EngineError> {
     let b = &env.build;
     // Sources.
@@ -433,7 +437,9 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Pro
     };
     let (dest_root, users_root) = match &dest {
         Dest::Mount(m) => (m.merged().to_path_buf(), m.merged().to_path_buf()),
-        Dest::Link(t, v) => (t.path().to_path_buf(), v.as_ref().map(|v| v.merged().to_path_buf()).unwrap_or_else(|| t.path().to_path_buf())),
+        Dest::Link(t, v) => {
+            (t.path().to_path_buf(), v.as_ref().map(|v| v.merged().to_path_buf()).unwrap_or_else(|| t.path().to_path_buf()))
+        }
     };
     let op = c.clone();
     let limits = b.engine.limits().archive.clone();
@@ -442,14 +448,7 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Pro
             Some(spec) => Some(rootfs::lookup_chown(&users_root, spec).map_err(|e| e.to_string())?),
             None => None,
         };
-        let params = CopyParams {
-            op: &op,
-            src_root: &src_root,
-            dest_root: &dest_root,
-            owner,
-            urls: &urls,
-            limits,
-        };
+        let params = CopyParams { op: &op, src_root: &src_root, dest_root: &dest_root, owner, urls: &urls, limits };
         copy::copy(&params).map_err(|e| e.to_string())?;
         Ok(())
     })

@@ -56,12 +56,8 @@ fn export_image(image: &str) -> Result<Vec<u8>, String> {
 
 fn untar(tar: &[u8], dir: &Path) {
     fs::create_dir_all(dir).unwrap();
-    let mut child = Command::new("tar")
-        .args(["-x", "-p", "--numeric-owner", "-f", "-", "-C"])
-        .arg(dir)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new("tar").args(["-x", "-p", "--numeric-owner", "-f", "-", "-C"]).arg(dir).stdin(Stdio::piped()).spawn().unwrap();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(tar).unwrap();
     assert!(child.wait().unwrap().success(), "tar -x into {}", dir.display());
@@ -70,8 +66,7 @@ fn untar(tar: &[u8], dir: &Path) {
 /// Paths Docker adds or mounts in every container; not compared.
 fn ignored(rel: &str) -> bool {
     let top = rel.split('/').next().unwrap_or("");
-    matches!(top, "proc" | "sys" | "dev" | ".dockerenv")
-        || matches!(rel, "etc/hosts" | "etc/hostname" | "etc/resolv.conf" | "etc/mtab")
+    matches!(top, "proc" | "sys" | "dev" | ".dockerenv") || matches!(rel, "etc/hosts" | "etc/hostname" | "etc/resolv.conf" | "etc/mtab")
 }
 
 /// path → `type mode uid:gid size content-or-target`, and path → hard-link group leader.
@@ -99,8 +94,7 @@ fn tree_of_tar(tar: &[u8]) -> Tree {
                 format!("l {uid}:{gid} ->{}", String::from_utf8_lossy(&e.link_name_bytes().unwrap()))
             }
             tar::EntryType::Link => {
-                let target =
-                    String::from_utf8_lossy(&e.link_name_bytes().unwrap()).trim_start_matches("./").to_string();
+                let target = String::from_utf8_lossy(&e.link_name_bytes().unwrap()).trim_start_matches("./").to_string();
                 let leader = links.get(&target).cloned().unwrap_or(target.clone());
                 links.insert(target.clone(), leader.clone());
                 links.insert(path.clone(), leader);
@@ -419,16 +413,7 @@ fn run_case(case: &Case, base: &Path, work: &Path, n: usize) -> Result<(), Strin
     }
     fs::write(dir.join("Dockerfile"), &df).unwrap();
     let tag = format!("hoist-copy-oracle-{n}");
-    docker(&[
-        "build",
-        "--network=host",
-        "-q",
-        "-t",
-        &tag,
-        "-f",
-        dir.join("Dockerfile").to_str().unwrap(),
-        ctx.to_str().unwrap(),
-    ])?;
+    docker(&["build", "--network=host", "-q", "-t", &tag, "-f", dir.join("Dockerfile").to_str().unwrap(), ctx.to_str().unwrap()])?;
     let theirs = tree_of_tar(&export_image(&tag)?);
     let _ = docker(&["rmi", "-f", &tag]);
 
@@ -462,15 +447,8 @@ fn run_case(case: &Case, base: &Path, work: &Path, n: usize) -> Result<(), Strin
             None => None,
         };
         let src_root: &Path = if op.from == Source::Context { &ctx } else { &stage_root };
-        copy(&CopyParams {
-            op: &op,
-            src_root,
-            dest_root: &ours_root,
-            owner,
-            urls: &HashMap::new(),
-            limits: CopyLimits::default(),
-        })
-        .map_err(|e| format!("{line}: {e}"))?;
+        copy(&CopyParams { op: &op, src_root, dest_root: &ours_root, owner, urls: &HashMap::new(), limits: CopyLimits::default() })
+            .map_err(|e| format!("{line}: {e}"))?;
     }
     let ours = tree_of_dir(&ours_root);
 
@@ -496,7 +474,7 @@ fn run_case(case: &Case, base: &Path, work: &Path, n: usize) -> Result<(), Strin
 #[test]
 fn copy_matches_docker_buildkit() {
     if let Err(why) = oracle_available() {
-        eprintln!("skipping the docker oracle test: {why}");
+        hoist_oci::testing::needs(&format!("root and the Docker engine as oracle ({why})"), false);
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -518,10 +496,11 @@ fn copy_matches_docker_buildkit() {
 #[test]
 fn user_lookup_matches_docker_buildkit() {
     if let Err(why) = oracle_available() {
-        eprintln!("skipping the docker oracle test: {why}");
+        hoist_oci::testing::needs(&format!("root and the Docker engine as oracle ({why})"), false);
         return;
     }
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nadm:x:42:43:adm:/var/adm:/bin/false\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+    const PASSWD: &str =
+        "root:x:0:0:root:/root:/bin/sh\nadm:x:42:43:adm:/var/adm:/bin/false\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
     const GROUP: &str = "root:x:0:root\nadm:x:43:\ngrp:x:1234:root,adm\nstaff:x:50:adm\nnogroup:x:65534:\n";
     let users = ["adm", "42", "1337", "adm:staff", "1337:nogroup", "root", "nobody", "42:grp", "65534:0"];
     let work = tempfile::tempdir().unwrap();
@@ -560,11 +539,7 @@ fn user_lookup_matches_docker_buildkit() {
         let mut groups: Vec<u32> = std::iter::once(ours.gid).chain(ours.additional_gids.iter().copied()).collect();
         groups.sort();
         groups.dedup();
-        assert_eq!(
-            (ours.uid.to_string(), ours.gid.to_string(), groups),
-            (lines[0].to_string(), lines[1].to_string(), theirs),
-            "USER {u}"
-        );
+        assert_eq!((ours.uid.to_string(), ours.gid.to_string(), groups), (lines[0].to_string(), lines[1].to_string(), theirs), "USER {u}");
     }
     // an unknown name fails the same way
     let df = format!("FROM {BASE}\nUSER www-data\nRUN id\n");

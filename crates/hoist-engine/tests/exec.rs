@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 mod common;
 use common::*;
 
-use hoist_engine::executor::{
-    ExecError, ExecMount, RunSpec, RuncConfig, RuncExecutor,
-};
+use hoist_engine::executor::{ExecError, ExecMount, RunSpec, RuncConfig, RuncExecutor};
 use hoist_engine::graph::{NetworkMode, Platform, SecurityMode};
 use hoist_engine::snapshot::{ActiveMount, OverlayMounter, Snapshotter};
 use hoist_oci::digest::Digest;
@@ -192,7 +190,9 @@ async fn upperdir_is_the_diff_with_whiteouts_opaque_dirs_and_no_stubs() {
     assert_eq!(fs::read_to_string(dir.join("new")).unwrap(), "new\n");
     // The committed layer stacks: a step on top sees the change, not the deleted file.
     let mount = lab.snap.prepare(&[lab.base.clone(), d.clone()]).unwrap();
-    let o = run(&lab.exec, spec_for(&mount, "stacked", sh("cat /new /data/y; test -e /del || echo gone; test -e /data/sub || echo opaque"))).await;
+    let o =
+        run(&lab.exec, spec_for(&mount, "stacked", sh("cat /new /data/y; test -e /del || echo gone; test -e /data/sub || echo opaque")))
+            .await;
     assert_eq!(o.stdout, "new\ny\ngone\nopaque\n");
     drop(mount);
     lab.assert_no_mounts();
@@ -400,7 +400,9 @@ async fn a_step_over_its_timeout_is_killed() {
     let o = run(&lab.exec, spec).await;
     assert!(start.elapsed() < Duration::from_secs(4), "took {:?}", start.elapsed());
     match &o.result {
-        Err(e @ ExecError::Timeout { .. }) => assert_eq!(e.to_string(), "process \"/bin/sh -c echo started; sleep 1000\" did not finish within 1s and was killed"),
+        Err(e @ ExecError::Timeout { .. }) => {
+            assert_eq!(e.to_string(), "process \"/bin/sh -c echo started; sleep 1000\" did not finish within 1s and was killed")
+        }
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert_eq!(o.stdout, "started\n");
@@ -819,10 +821,14 @@ async fn steps_of_one_build_share_its_cgroup_and_dropping_it_removes_it_from_eve
     let parent = format!("/{}/", cg.parent());
     // Two steps at once, as parallel stages run them.
     let script = "cat /proc/self/cgroup; sleep 0.5";
-    let (a, b) = tokio::join!(run(&lab.exec, build_step(&mount, &cg, "stage-a", script)), run(&lab.exec, build_step(&mount, &cg, "stage-b", script)));
+    let (a, b) = tokio::join!(
+        run(&lab.exec, build_step(&mount, &cg, "stage-a", script)),
+        run(&lab.exec, build_step(&mount, &cg, "stage-b", script))
+    );
     for (o, id) in [(&a, "stage-a"), (&b, "stage-b")] {
         assert_eq!(code(o), 0, "{}", o.stderr);
-        let memory = o.stdout.lines().find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")) || l.starts_with("0::"));
+        let memory =
+            o.stdout.lines().find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")) || l.starts_with("0::"));
         let memory = memory.unwrap_or_else(|| panic!("no memory line in {}", o.stdout));
         assert!(memory.ends_with(&format!("{parent}{id}")), "{id} is below {parent}: {}", o.stdout);
         // Every hierarchy the step is in puts it below the build cgroup.

@@ -315,7 +315,9 @@ async fn a_default_step_cannot_reach_the_builder_or_link_local_addresses() {
     let o = run(&lab.exec, spec_for(&mount, "nobuilder", &script)).await;
     assert_eq!(code(&o), 0, "{}\n{}", o.stdout, o.stderr);
     eprintln!("{}", o.stdout);
-    let line = |name: &str| o.stdout.lines().find(|l| l.starts_with(&format!("{name}: "))).unwrap_or_else(|| panic!("{name}: {}", o.stdout)).to_string();
+    let line = |name: &str| {
+        o.stdout.lines().find(|l| l.starts_with(&format!("{name}: "))).unwrap_or_else(|| panic!("{name}: {}", o.stdout)).to_string()
+    };
     for name in ["loopback", "gateway", "gateway-loopback-port", "host-veth"] {
         let l = line(name);
         assert!(l.contains("failed") && l.contains("refused"), "{l}");
@@ -339,7 +341,9 @@ async fn concurrent_steps_cannot_reach_each_other() {
     fs::create_dir_all(&shared).unwrap();
     fs::write(shared.join("index.html"), "step a serves\n").unwrap();
     let bind = ExecMount::Bind { source: shared.clone(), target: "/shared".into(), readonly: false };
-    let wait_for = |f: &str| format!("i=0; while [ ! -e /shared/{f} ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; [ -e /shared/{f} ] || exit 9");
+    let wait_for = |f: &str| {
+        format!("i=0; while [ ! -e /shared/{f} ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; [ -e /shared/{f} ] || exit 9")
+    };
     // Step a serves HTTP on its address and checks it can reach itself; step b tries it.
     let script_a = format!(
         "httpd -p 8080 -h /shared && ip=$(ip -4 -o addr show dev eth0 | awk '{{print $4}}' | cut -d/ -f1) && \

@@ -174,8 +174,7 @@ pub fn credentials_in(config_path: &Path, registry: &str) -> Result<Option<Crede
     // Docker keeps Docker Hub credentials under its v1 index URL, other registries under
     // their host name (auths keys with a scheme are matched by docker_credential).
     let server = if registry == DOCKER_HUB { DOCKER_HUB_AUTH_KEY } else { registry };
-    let bytes = serde_json::to_vec(&value)
-        .map_err(|e| AuthError::Invalid { path: config_path.to_path_buf(), reason: e.to_string() })?;
+    let bytes = serde_json::to_vec(&value).map_err(|e| AuthError::Invalid { path: config_path.to_path_buf(), reason: e.to_string() })?;
     match docker_credential::get_credential_from_reader(bytes.as_slice(), server) {
         Ok(DockerCredential::UsernamePassword(username, password)) => {
             if username.is_empty() && password.is_empty() {
@@ -212,9 +211,7 @@ fn map_error(e: CredentialRetrievalError, path: &Path, registry: &str, helper: S
     let malformed = |reason: &str| AuthError::Malformed { path: path.to_path_buf(), registry: registry.clone(), reason: reason.into() };
     match e {
         CredentialRetrievalError::CredentialDecodingError => malformed("`auth` is not base64 of user:password"),
-        CredentialRetrievalError::CredentialMismatchError => {
-            malformed("`auth` does not match the `username` and `password` fields")
-        }
+        CredentialRetrievalError::CredentialMismatchError => malformed("`auth` does not match the `username` and `password` fields"),
         CredentialRetrievalError::HelperCommunicationError => AuthError::Helper {
             reason: format!("docker-credential-{helper} could not be run; is it installed and on PATH?"),
             helper,
@@ -233,10 +230,9 @@ fn map_error(e: CredentialRetrievalError, path: &Path, registry: &str, helper: S
         CredentialRetrievalError::ConfigNotFound | CredentialRetrievalError::ConfigReadError => {
             AuthError::Invalid { path: path.to_path_buf(), reason: "unexpected shape of auths, credsStore or credHelpers".into() }
         }
-        CredentialRetrievalError::NoCredentialConfigured => AuthError::Invalid {
-            path: path.to_path_buf(),
-            reason: "no credential configured".into(),
-        },
+        CredentialRetrievalError::NoCredentialConfigured => {
+            AuthError::Invalid { path: path.to_path_buf(), reason: "no credential configured".into() }
+        }
     }
 }
 
@@ -331,10 +327,8 @@ mod tests {
         let err = credentials_in(&path, "r.example").unwrap_err().to_string();
         assert!(err.contains("r.example") && err.contains("base64"), "{err}");
 
-        let path = config(
-            dir.path(),
-            &format!(r#"{{"auths": {{"r.example": {{"auth": "{}", "username": "x", "password": "y"}}}}}}"#, b64("a:b")),
-        );
+        let path =
+            config(dir.path(), &format!(r#"{{"auths": {{"r.example": {{"auth": "{}", "username": "x", "password": "y"}}}}}}"#, b64("a:b")));
         let err = credentials_in(&path, "r.example").unwrap_err().to_string();
         assert!(err.contains("does not match"), "{err}");
     }

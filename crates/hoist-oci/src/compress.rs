@@ -276,10 +276,7 @@ impl Algorithm {
 /// media type that says compressed for data without any known magic is an error (the blob
 /// is corrupt or not what the manifest claims). gzip and bzip2 inputs may hold several
 /// members/streams; xz several streams; zstd several frames — all are decoded in sequence.
-pub fn decompress_reader<'a, R: Read + Send + 'a>(
-    reader: R,
-    media_type: Option<&str>,
-) -> Result<Box<dyn Read + Send + 'a>, CompressError> {
+pub fn decompress_reader<'a, R: Read + Send + 'a>(reader: R, media_type: Option<&str>) -> Result<Box<dyn Read + Send + 'a>, CompressError> {
     let (prefix, reader) = peek(reader, 6).map_err(|source| CompressError::Setup { what: "reading magic bytes", source })?;
     let sniffed = Algorithm::sniff(&prefix);
     if let Some(mt) = media_type {
@@ -288,7 +285,11 @@ pub fn decompress_reader<'a, R: Read + Send + 'a>(
                 return Err(CompressError::MagicMismatch { media_type: mt.to_string(), expected: declared.name() });
             }
             Some(declared) if declared != sniffed => {
-                tracing::debug!(media_type = mt, found = sniffed.name(), "layer media type disagrees with its magic bytes; using the data's");
+                tracing::debug!(
+                    media_type = mt,
+                    found = sniffed.name(),
+                    "layer media type disagrees with its magic bytes; using the data's"
+                );
             }
             _ => {}
         }
@@ -297,9 +298,7 @@ pub fn decompress_reader<'a, R: Read + Send + 'a>(
     let setup = |what| move |source| CompressError::Setup { what, source };
     Ok(match sniffed {
         Algorithm::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(256 * 1024, reader))),
-        Algorithm::Zstd => {
-            Box::new(zstd::stream::read::Decoder::new(reader).map_err(setup("zstd decoder"))?)
-        }
+        Algorithm::Zstd => Box::new(zstd::stream::read::Decoder::new(reader).map_err(setup("zstd decoder"))?),
         Algorithm::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(io::BufReader::with_capacity(256 * 1024, reader))),
         Algorithm::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(io::BufReader::with_capacity(256 * 1024, reader))),
         Algorithm::None => Box::new(reader),
@@ -991,10 +990,7 @@ mod tests {
         assert_eq!("gzip".parse::<Compression>().unwrap(), Compression::Gzip { level: 6 });
         assert_eq!("zstd".parse::<Compression>().unwrap(), Compression::Zstd { level: 3 });
         assert_eq!("uncompressed".parse::<Compression>().unwrap(), Compression::Uncompressed);
-        assert_eq!(
-            "compression=zstd,compression-level=19".parse::<Compression>().unwrap(),
-            Compression::Zstd { level: 19 }
-        );
+        assert_eq!("compression=zstd,compression-level=19".parse::<Compression>().unwrap(), Compression::Zstd { level: 19 });
         assert_eq!(
             "type=image,compression=gzip,compression-level=1,push=true".parse::<Compression>().unwrap(),
             Compression::Gzip { level: 1 }
@@ -1016,10 +1012,7 @@ mod tests {
             assert_eq!(Algorithm::from_media_type(c.media_type()), Some(c.algorithm()));
             assert_eq!(Algorithm::from_media_type(c.docker_media_type()), Some(c.algorithm()));
         }
-        assert_eq!(
-            Algorithm::from_media_type("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"),
-            Some(Algorithm::Gzip)
-        );
+        assert_eq!(Algorithm::from_media_type("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"), Some(Algorithm::Gzip));
         assert_eq!(Algorithm::from_media_type(MEDIA_TYPE_DOCKER_FOREIGN_LAYER_GZIP), Some(Algorithm::Gzip));
         assert_eq!(Algorithm::from_media_type("application/vnd.oci.image.config.v1+json"), None);
         assert_eq!(Algorithm::from_media_type("application/vnd.oci.image.layer.v1.tar+lz4"), None);

@@ -66,9 +66,8 @@ pub fn export_layer(store: &ContentStore, dir: &Path, compression: Compression, 
     let mut tar_hash = HashingWriter::new(compressor);
     let stats = write_layer_tar(dir, &mut tar_hash, opts)?;
     let (compressor, diff_id, uncompressed_size) = tar_hash.finish();
-    let blob = compressor
-        .finish()
-        .map_err(|source| ExportError::Io { what: format!("compressing the layer of {}", dir.display()), source })?;
+    let blob =
+        compressor.finish().map_err(|source| ExportError::Io { what: format!("compressing the layer of {}", dir.display()), source })?;
     let size = blob.size();
     let digest = blob.commit(None)?;
     tracing::debug!(dir = %dir.display(), %diff_id, %digest, size, uncompressed_size, "exported layer");
@@ -92,7 +91,12 @@ pub struct RecompressedBlob {
 /// pass: blob → SHA-256 (checked against `source`) → decompress → SHA-256 (the diff_id) →
 /// compressor → content store. The tar bytes are the blob's own, so the diff_id is the
 /// layer's exactly — unlike re-tarring an extracted base layer, which gives another tar.
-pub fn recompress_blob(store: &ContentStore, source: &Digest, media_type: &str, compression: Compression) -> Result<RecompressedBlob, ExportError> {
+pub fn recompress_blob(
+    store: &ContentStore,
+    source: &Digest,
+    media_type: &str,
+    compression: Compression,
+) -> Result<RecompressedBlob, ExportError> {
     let io_err = |source_err| ExportError::Io { what: format!("re-compressing layer blob {source} as {compression}"), source: source_err };
     let mut compressed = HashingReader::new(BufReader::with_capacity(256 * 1024, store.open_blob(source)?));
     let (diff_id, blob) = {
@@ -167,7 +171,12 @@ pub struct ExtractedLayer {
 /// layer from any reader into `dest_dir` in one pass, reading the input to its end.
 /// The caller compares `digest` and `diff_id` with what the manifest and config promise;
 /// on a mismatch `dest_dir` holds untrusted content and must be discarded.
-pub fn extract_stream(input: impl Read + Send, media_type: Option<&str>, dest_dir: &Path, opts: &ExtractOptions) -> Result<ExtractedLayer, ExportError> {
+pub fn extract_stream(
+    input: impl Read + Send,
+    media_type: Option<&str>,
+    dest_dir: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractedLayer, ExportError> {
     let mut compressed = HashingReader::new(BufReader::with_capacity(256 * 1024, input));
     let (diff_id, uncompressed_size, stats) = {
         let decoder = decompress_reader(&mut compressed, media_type)?;
@@ -175,14 +184,16 @@ pub fn extract_stream(input: impl Read + Send, media_type: Option<&str>, dest_di
         let stats = extract_layer_tar(&mut tar, dest_dir, opts)?;
         // The diff_id covers the whole stream, including padding after the end-of-archive
         // marker.
-        let (diff_id, n) = tar
-            .drain_finish()
-            .map_err(|source| ExportError::Io { what: format!("reading the rest of the layer extracted into {}", dest_dir.display()), source })?;
+        let (diff_id, n) = tar.drain_finish().map_err(|source| ExportError::Io {
+            what: format!("reading the rest of the layer extracted into {}", dest_dir.display()),
+            source,
+        })?;
         (diff_id, n, stats)
     };
-    let (digest, size) = compressed
-        .drain_finish()
-        .map_err(|source| ExportError::Io { what: format!("reading the rest of the layer extracted into {}", dest_dir.display()), source })?;
+    let (digest, size) = compressed.drain_finish().map_err(|source| ExportError::Io {
+        what: format!("reading the rest of the layer extracted into {}", dest_dir.display()),
+        source,
+    })?;
     Ok(ExtractedLayer { diff_id, uncompressed_size, digest, size, stats })
 }
 
@@ -420,8 +431,19 @@ mod tests {
     /// skopeo to the registry on 127.0.0.1:5000, pulled by the Docker engine and run.
     /// Needs root, docker, skopeo, busybox and the lab registry.
     #[test]
-    #[ignore = "needs the lab: docker engine, registry on 127.0.0.1:5000, skopeo, busybox"]
     fn docker_pulls_and_runs_an_image_of_exported_layers() {
+        let ok = |cmd: &mut Command| cmd.output().is_ok_and(|o| o.status.success());
+        let lab = rustix::process::geteuid().is_root()
+            && ok(Command::new("/usr/bin/docker").arg("info"))
+            && ok(Command::new("skopeo").arg("--version"))
+            && ok(Command::new("curl").args(["-fsS", "http://127.0.0.1:5000/v2/"]))
+            && Path::new("/usr/bin/busybox").exists();
+        if !crate::testing::needs(
+            "the lab (tests/lab/setup.sh: root, the Docker engine, skopeo, busybox, the registry on 127.0.0.1:5000)",
+            lab,
+        ) {
+            return;
+        }
         let t = tempfile::tempdir().unwrap();
         let layout = t.path().join("layout");
         let store = ContentStore::open(&layout).unwrap();
@@ -439,7 +461,8 @@ mod tests {
         // Layer 2 (an overlay upperdir): hello.txt deleted, d replaced by an opaque dir.
         let l2 = t.path().join("l2");
         fs::create_dir_all(l2.join("d")).unwrap();
-        rustix::fs::mknodat(rustix::fs::CWD, &l2.join("hello.txt"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, &l2.join("hello.txt"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0)
+            .unwrap();
         rustix::fs::lsetxattr(&l2.join("d"), "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
         fs::write(l2.join("d/new"), b"new").unwrap();
         let a = export_layer(&store, &l1, Compression::Gzip { level: 6 }, &TarOptions::default()).unwrap();
@@ -473,7 +496,10 @@ mod tests {
             assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
-        run(Command::new("skopeo").args(["copy", "--dest-tls-verify=false"]).arg(format!("oci:{}:v1", layout.display())).arg(format!("docker://{image}")));
+        run(Command::new("skopeo")
+            .args(["copy", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:v1", layout.display()))
+            .arg(format!("docker://{image}")));
         let _ = Command::new("/usr/bin/docker").args(["rmi", "-f", image]).output();
         run(Command::new("/usr/bin/docker").args(["pull", image]));
         let out = run(Command::new("/usr/bin/docker").args(["run", "--rm", image]));

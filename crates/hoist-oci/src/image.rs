@@ -200,7 +200,13 @@ impl Manifest {
         Manifest {
             schema_version: 2,
             media_type: Some(media::OCI_MANIFEST.into()),
-            config: Descriptor { media_type: media::OCI_CONFIG.into(), digest: config_digest, size: config_size, platform: None, annotations: None },
+            config: Descriptor {
+                media_type: media::OCI_CONFIG.into(),
+                digest: config_digest,
+                size: config_size,
+                platform: None,
+                annotations: None,
+            },
             layers,
             annotations: None,
         }

@@ -253,10 +253,7 @@ fn is_host_label(name: &[u8]) -> bool {
 
 fn overlay_xattr<'x>(xattrs: &'x [(Vec<u8>, Vec<u8>)], suffix: &str) -> Option<&'x [u8]> {
     xattrs.iter().find_map(|(k, v)| {
-        OVERLAY_XATTR_PREFIXES
-            .iter()
-            .any(|p| k.strip_prefix(p.as_bytes()) == Some(suffix.as_bytes()))
-            .then_some(v.as_slice())
+        OVERLAY_XATTR_PREFIXES.iter().any(|p| k.strip_prefix(p.as_bytes()) == Some(suffix.as_bytes())).then_some(v.as_slice())
     })
 }
 
@@ -482,9 +479,7 @@ impl Walker<'_> {
         while left > 0 {
             let want = left.min(self.buf.len() as u64) as usize;
             let n = match f.read(&mut self.buf[..want]) {
-                Ok(0) => {
-                    return Err(LayerError::Changed { path: path.to_path_buf(), what: format!("shrank below {size} bytes") })
-                }
+                Ok(0) => return Err(LayerError::Changed { path: path.to_path_buf(), what: format!("shrank below {size} bytes") }),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => return Err(LayerError::ReadDir { path: path.to_path_buf(), source }),
@@ -890,8 +885,13 @@ impl Extractor<'_> {
                     real.pop();
                     cur = self.reopen_root(ename)?;
                     for r in &real {
-                        cur = rustix::fs::openat(&cur, OsStr::from_bytes(r), OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                            .map_err(self.err(ename, "reopen parent"))?;
+                        cur = rustix::fs::openat(
+                            &cur,
+                            OsStr::from_bytes(r),
+                            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                            Mode::empty(),
+                        )
+                        .map_err(self.err(ename, "reopen parent"))?;
                     }
                     continue;
                 }
@@ -1072,8 +1072,13 @@ impl Extractor<'_> {
                 if !kept {
                     rustix::fs::mkdirat(&parent, base_os, Mode::from_raw_mode(0o700)).map_err(self.err(ename, "create directory"))?;
                 }
-                let fd = rustix::fs::openat(&parent, base_os, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                    .map_err(self.err(ename, "open directory"))?;
+                let fd = rustix::fs::openat(
+                    &parent,
+                    base_os,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(self.err(ename, "open directory"))?;
                 if let Some((u, g)) = self.owner(&meta) {
                     rustix::fs::fchown(&fd, Some(u), Some(g)).map_err(self.err(ename, "chown"))?;
                 }
@@ -1129,7 +1134,8 @@ impl Extractor<'_> {
                 if let Some((u, g)) = self.owner(&meta) {
                     rustix::fs::chownat(&parent, base_os, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW).map_err(self.err(ename, "chown"))?;
                 }
-                rustix::fs::chmodat(&parent, base_os, Mode::from_raw_mode(meta.mode), AtFlags::empty()).map_err(self.err(ename, "chmod"))?;
+                rustix::fs::chmodat(&parent, base_os, Mode::from_raw_mode(meta.mode), AtFlags::empty())
+                    .map_err(self.err(ename, "chmod"))?;
                 self.set_xattrs_at(&parent, base_os, &meta.xattrs, ename)?;
                 let t = Timestamps { last_access: meta.mtime, last_modification: meta.mtime };
                 rustix::fs::utimensat(&parent, base_os, &t, AtFlags::SYMLINK_NOFOLLOW).map_err(self.err(ename, "set mtime"))?;
@@ -1182,7 +1188,10 @@ impl Extractor<'_> {
                 b".." => {
                     depth -= 1;
                     if depth < 0 {
-                        return Err(Self::bad(ename, format!("hardlink target {:?} is outside the layer", String::from_utf8_lossy(target))));
+                        return Err(Self::bad(
+                            ename,
+                            format!("hardlink target {:?} is outside the layer", String::from_utf8_lossy(target)),
+                        ));
                     }
                 }
                 _ => depth += 1,
@@ -1236,8 +1245,12 @@ impl Extractor<'_> {
             }
             let Some((base, parent_comps)) = d.comps.split_last() else { continue };
             let Ok(parent) = self.resolve(parent_comps, false, &d.entry) else { continue };
-            let Ok(fd) = rustix::fs::openat(&parent, OsStr::from_bytes(base), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-            else {
+            let Ok(fd) = rustix::fs::openat(
+                &parent,
+                OsStr::from_bytes(base),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) else {
                 continue;
             };
             match rustix::fs::fstat(&fd) {
@@ -1283,7 +1296,6 @@ fn remove_tree(parent: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
     rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1294,7 +1306,7 @@ mod tests {
     use crate::digest::Digest;
 
     fn is_root() -> bool {
-        rustix::process::geteuid().is_root()
+        crate::testing::needs_root()
     }
 
     fn set_mtime(path: &Path, secs: i64) {
@@ -1582,8 +1594,7 @@ mod tests {
 
     #[test]
     fn overlay_whiteouts_become_oci_whiteouts() {
-        if !is_root() {
-            eprintln!("note: overlay_whiteouts_become_oci_whiteouts needs root (mknod 0/0, trusted xattrs); skipped");
+        if !crate::testing::needs_root() {
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -1659,8 +1670,7 @@ mod tests {
 
     #[test]
     fn oci_whiteouts_become_overlay_whiteouts() {
-        if !is_root() {
-            eprintln!("note: oci_whiteouts_become_overlay_whiteouts needs root (mknod); skipped");
+        if !crate::testing::needs_root() {
             return;
         }
         let tar_bytes = raw_tar(&[
@@ -1727,7 +1737,8 @@ mod tests {
 
     impl Canary {
         fn assert_untouched(&self) {
-            let now: BTreeMap<_, _> = snapshot(self.outside.parent().unwrap()).into_iter().filter(|(k, _)| k.starts_with("outside")).collect();
+            let now: BTreeMap<_, _> =
+                snapshot(self.outside.parent().unwrap()).into_iter().filter(|(k, _)| k.starts_with("outside")).collect();
             assert_eq!(now, self.before, "the host tree outside the root changed");
             assert_eq!(passwd_state(), self.passwd, "/etc/passwd changed");
         }
@@ -1919,8 +1930,7 @@ mod tests {
 
     #[test]
     fn extracted_layer_works_as_overlay_lowerdir_and_upperdir_round_trips() {
-        if !is_root() {
-            eprintln!("note: extracted_layer_works_as_overlay_lowerdir_and_upperdir_round_trips needs root to mount overlayfs; skipped");
+        if !crate::testing::needs_root() {
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -1940,12 +1950,8 @@ mod tests {
 
         // 1. An OCI layer with whiteouts, extracted, hides files of the layer below.
         let l2 = p("l2");
-        let tar_bytes = raw_tar(&[
-            (hdr(".wh.a", b'0'), b""),
-            (hdr("d/", b'5'), b""),
-            (hdr("d/.wh..wh..opq", b'0'), b""),
-            (hdr("d/y", b'0'), b"y"),
-        ]);
+        let tar_bytes =
+            raw_tar(&[(hdr(".wh.a", b'0'), b""), (hdr("d/", b'5'), b""), (hdr("d/.wh..wh..opq", b'0'), b""), (hdr("d/y", b'0'), b"y")]);
         extract_layer_tar(&tar_bytes[..], &l2, &ExtractOptions::default()).unwrap();
         let (up, work, merged) = (p("up1"), p("work1"), p("merged1"));
         {

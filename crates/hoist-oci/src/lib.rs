@@ -4,14 +4,16 @@
 //! and the registry client (pull and push); and, as the workspace's lowest crate, random bytes
 //! from the kernel (`random`).
 
+pub mod auth;
 pub mod compress;
 pub mod digest;
 pub mod export;
 pub mod image;
 pub mod layer;
-pub mod store;
-pub mod reference;
-pub mod auth;
-pub mod registry;
 pub mod random;
+pub mod reference;
+pub mod registry;
+pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub use registry::Platform;

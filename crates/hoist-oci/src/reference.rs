@@ -65,9 +65,9 @@ impl Reference {
 
         let (name_tag, digest) = match input.split_once('@') {
             Some((name_tag, digest)) => {
-                let digest = digest.parse::<Digest>().map_err(|_| {
-                    err(&format!("{digest:?} is not a valid digest (expected sha256:<64 lowercase hex digits>)"))
-                })?;
+                let digest = digest
+                    .parse::<Digest>()
+                    .map_err(|_| err(&format!("{digest:?} is not a valid digest (expected sha256:<64 lowercase hex digits>)")))?;
                 (name_tag, Some(digest))
             }
             None => (input, None),
@@ -76,9 +76,7 @@ impl Reference {
         // A ':' after the last '/' separates the tag; one before it is a registry port.
         let last_slash = name_tag.rfind('/');
         let (name, tag) = match name_tag.rfind(':') {
-            Some(colon) if last_slash.is_none_or(|slash| colon > slash) => {
-                (&name_tag[..colon], Some(&name_tag[colon + 1..]))
-            }
+            Some(colon) if last_slash.is_none_or(|slash| colon > slash) => (&name_tag[..colon], Some(&name_tag[colon + 1..])),
             _ => (name_tag, None),
         };
         if name.is_empty() {
@@ -109,11 +107,8 @@ impl Reference {
         for component in remainder.split('/') {
             validate_path_component(component).map_err(|reason| err(&reason))?;
         }
-        let repository = if registry == DOCKER_HUB && !remainder.contains('/') {
-            format!("library/{remainder}")
-        } else {
-            remainder.to_string()
-        };
+        let repository =
+            if registry == DOCKER_HUB && !remainder.contains('/') { format!("library/{remainder}") } else { remainder.to_string() };
 
         let tag = match tag {
             Some(tag) => {
@@ -192,9 +187,7 @@ fn push_tag_digest(out: &mut String, r: &Reference) {
 /// Split off the registry when the first component looks like a host.
 fn split_registry(name: &str) -> (Option<&str>, &str) {
     match name.split_once('/') {
-        Some((first, rest))
-            if first.contains(['.', ':']) || first == "localhost" || first.bytes().any(|b| b.is_ascii_uppercase()) =>
-        {
+        Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" || first.bytes().any(|b| b.is_ascii_uppercase()) => {
             (Some(first), rest)
         }
         _ => (None, name),
@@ -284,9 +277,7 @@ fn validate_tag(tag: &str) -> Result<(), String> {
         return Err(format!("the tag is longer than {MAX_TAG_LEN} characters"));
     }
     if !word(bytes[0]) || !bytes.iter().all(|&b| word(b) || b == b'.' || b == b'-') {
-        return Err(format!(
-            "tag {tag:?} must start with a letter, digit or '_' and contain only letters, digits, '_', '.' and '-'"
-        ));
+        return Err(format!("tag {tag:?} must start with a letter, digit or '_' and contain only letters, digits, '_', '.' and '-'"));
     }
     Ok(())
 }

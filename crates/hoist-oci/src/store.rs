@@ -114,13 +114,15 @@ impl ContentStore {
     /// Open a blob for reading.
     pub fn open_blob(&self, digest: &Digest) -> Result<File, StoreError> {
         let path = self.blob_path(digest);
-        File::open(&path).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                StoreError::NotFound(digest.clone())
-            } else {
-                io_err(&path)(e)
-            }
-        })
+        File::open(&path).map_err(
+            |e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    StoreError::NotFound(digest.clone())
+                } else {
+                    io_err(&path)(e)
+                }
+            },
+        )
     }
 
     /// Remove a blob (no error if absent).

@@ -287,10 +287,13 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn form_pairs(s: &str) -> Vec<(String, String)> {
-    s.split('&').filter(|p| !p.is_empty()).map(|p| {
-        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        (percent_decode(k), percent_decode(v))
-    }).collect()
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
 }
 
 const TOKEN_USER: &str = "alice";
@@ -340,21 +343,25 @@ impl TokenServer {
             } else {
                 match req.headers.get("authorization") {
                     None => None,
-                    Some(h) if *h == format!("Basic {}", b64(format!("{TOKEN_USER}:{TOKEN_PASSWORD}").as_bytes(), false)) => Some(TOKEN_USER),
+                    Some(h) if *h == format!("Basic {}", b64(format!("{TOKEN_USER}:{TOKEN_PASSWORD}").as_bytes(), false)) => {
+                        Some(TOKEN_USER)
+                    }
                     Some(_) => return Resp::new(401, r#"{"details":"incorrect username or password"}"#),
                 }
             };
             let mut access = Vec::new();
-            let scopes: Vec<String> = pairs.iter().filter(|(k, _)| k == "scope").flat_map(|(_, v)| v.split(' ').map(str::to_string).collect::<Vec<_>>()).collect();
+            let scopes: Vec<String> = pairs
+                .iter()
+                .filter(|(k, _)| k == "scope")
+                .flat_map(|(_, v)| v.split(' ').map(str::to_string).collect::<Vec<_>>())
+                .collect();
             for scope in scopes {
                 let parts: Vec<&str> = scope.splitn(3, ':').collect();
                 if parts.len() != 3 {
                     continue;
                 }
-                let actions: Vec<&str> = parts[2]
-                    .split(',')
-                    .filter(|a| user.is_some() || (*a == "pull" && parts[1].starts_with("public/")))
-                    .collect();
+                let actions: Vec<&str> =
+                    parts[2].split(',').filter(|a| user.is_some() || (*a == "pull" && parts[1].starts_with("public/"))).collect();
                 access.push(serde_json::json!({"type": parts[0], "name": parts[1], "actions": actions}));
             }
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
@@ -556,7 +563,12 @@ fn ingest_is_empty(store: &ContentStore) -> bool {
 }
 
 /// Push an image with the client under test: every blob through ensure_blob, then the manifest.
-async fn push_image(client: &RegistryClient, store: &ContentStore, reference: &Reference, img: &TestImage) -> Result<(Digest, Vec<BlobPush>), RegistryError> {
+async fn push_image(
+    client: &RegistryClient,
+    store: &ContentStore,
+    reference: &Reference,
+    img: &TestImage,
+) -> Result<(Digest, Vec<BlobPush>), RegistryError> {
     let mut outcomes = Vec::new();
     for b in img.layers.iter().chain([&img.config]) {
         store.put(&b.bytes).unwrap();
@@ -713,13 +725,16 @@ async fn manifest_not_matching_the_pulled_digest_is_rejected() {
     let real = image("linux/amd64", false, "x");
     let other = image("linux/arm64", false, "y");
     let body = other.manifest.bytes.clone();
-    let handler: Arc<Handler> = Arc::new(move |req: &Req| {
-        if req.path == "/v2/" {
-            Resp::new(200, "{}")
-        } else {
-            Resp::new(200, body.clone()).header("Content-Type", OCI_MANIFEST)
-        }
-    });
+    let handler: Arc<Handler> =
+        Arc::new(
+            move |req: &Req| {
+                if req.path == "/v2/" {
+                    Resp::new(200, "{}")
+                } else {
+                    Resp::new(200, body.clone()).header("Content-Type", OCI_MANIFEST)
+                }
+            },
+        );
     let port = serve(handler);
     let reference: Reference = format!("127.0.0.1:{port}/evil/image@{}", real.manifest.digest).parse().unwrap();
     let err = client().resolve(&reference, &Platform::host()).await.unwrap_err();
@@ -917,10 +932,7 @@ async fn cross_repository_mount_and_fallback_to_upload() {
     assert!(c.blob_exists(&target, &layer0.digest).await.unwrap());
 
     let layer1 = &img.layers[1];
-    let outcome = c
-        .ensure_blob(&target, &layer1.digest, layer1.bytes.len() as u64, BlobSource::Store(&store), Some(&base))
-        .await
-        .unwrap();
+    let outcome = c.ensure_blob(&target, &layer1.digest, layer1.bytes.len() as u64, BlobSource::Store(&store), Some(&base)).await.unwrap();
     assert_eq!(outcome, BlobPush::Mounted);
     assert_eq!(reg.requests(&["\"PUT /v2/app/one/blobs/uploads/"]), 0, "mounted blobs are not uploaded");
 
@@ -929,10 +941,7 @@ async fn cross_repository_mount_and_fallback_to_upload() {
     let fresh = Blob::new(b"only in the store".to_vec());
     store.put(&fresh.bytes).unwrap();
     assert!(!c.mount_blob("base/image", &target, &fresh.digest).await.unwrap());
-    let outcome = c
-        .ensure_blob(&target, &fresh.digest, fresh.bytes.len() as u64, BlobSource::Store(&store), Some(&base))
-        .await
-        .unwrap();
+    let outcome = c.ensure_blob(&target, &fresh.digest, fresh.bytes.len() as u64, BlobSource::Store(&store), Some(&base)).await.unwrap();
     assert_eq!(outcome, BlobPush::Uploaded);
     assert_eq!(reg.requests(&["\"PUT /v2/app/one/blobs/uploads/"]), 1);
     assert!(c.blob_exists(&target, &fresh.digest).await.unwrap());
@@ -941,10 +950,8 @@ async fn cross_repository_mount_and_fallback_to_upload() {
     let elsewhere: Reference = "ghcr.io/some/base:1".parse().unwrap();
     let other = Blob::new(b"another blob".to_vec());
     store.put(&other.bytes).unwrap();
-    let outcome = c
-        .ensure_blob(&target, &other.digest, other.bytes.len() as u64, BlobSource::Store(&store), Some(&elsewhere))
-        .await
-        .unwrap();
+    let outcome =
+        c.ensure_blob(&target, &other.digest, other.bytes.len() as u64, BlobSource::Store(&store), Some(&elsewhere)).await.unwrap();
     assert_eq!(outcome, BlobPush::Uploaded);
     assert_eq!(c.stats().blobs_mounted, 2);
 }
@@ -1050,11 +1057,12 @@ async fn token_auth_flow_with_password_identity_token_and_anonymous() {
     // a wrong password is refused by the token server; the error says so
     let mut creds = Credentials::new();
     creds.insert(&reg.host, Credential::basic(TOKEN_USER, "guess"));
-    let err = client_with(creds, RetryPolicy::default(), None)
-        .resolve(&reg.reference("public/app:1"), &Platform::host())
-        .await
-        .unwrap_err();
+    let err =
+        client_with(creds, RetryPolicy::default(), None).resolve(&reg.reference("public/app:1"), &Platform::host()).await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, RegistryError::Unauthorized { .. }), "{msg}");
-    assert!(msg.contains(&format!("registry {}", reg.host)) && msg.contains(&tokens.realm) && msg.contains("incorrect username or password"), "{msg}");
+    assert!(
+        msg.contains(&format!("registry {}", reg.host)) && msg.contains(&tokens.realm) && msg.contains("incorrect username or password"),
+        "{msg}"
+    );
 }

@@ -331,7 +331,14 @@ impl AuthStore {
 fn add_token(f: &mut AuthFile, project: &str, name: &str) -> Result<String, std::io::Error> {
     let token = new_token()?;
     let hash = hash_token(&token);
-    f.tokens.push(TokenRecord { id: hash[..12].to_string(), name: name.to_string(), project: project.to_string(), hash, created: now(), revoked: false });
+    f.tokens.push(TokenRecord {
+        id: hash[..12].to_string(),
+        name: name.to_string(),
+        project: project.to_string(),
+        hash,
+        created: now(),
+        revoked: false,
+    });
     Ok(token)
 }
 
@@ -400,7 +407,10 @@ mod tests {
         let e = store.revoke("default", None).unwrap_err();
         assert!(matches!(e, AuthError::AmbiguousToken { .. }), "{e}");
         assert!(e.to_string().contains("alpha, beta") && e.to_string().contains("--project"), "{e}");
-        assert!(store.authenticate(Some(&a), None, false).is_ok() && store.authenticate(Some(&b), None, false).is_ok(), "nothing was revoked");
+        assert!(
+            store.authenticate(Some(&a), None, false).is_ok() && store.authenticate(Some(&b), None, false).is_ok(),
+            "nothing was revoked"
+        );
         assert_eq!(store.revoke("default", Some("beta")).unwrap(), 1);
         assert!(store.authenticate(Some(&a), None, false).is_ok());
         let id = store.authenticate(Some(&a), None, false).unwrap().token_id.unwrap();

@@ -31,7 +31,9 @@ pub enum ContextError {
     #[error("context store {path}: {message}")]
     Io { path: PathBuf, message: String },
     /// The context is larger than the builder accepts.
-    #[error("the build context has {what} {got}, more than the builder accepts ({max}; hoist serve {flag}): exclude files with .dockerignore")]
+    #[error(
+        "the build context has {what} {got}, more than the builder accepts ({max}; hoist serve {flag}): exclude files with .dockerignore"
+    )]
     TooLarge { what: &'static str, got: u64, max: u64, flag: &'static str },
 }
 
@@ -269,11 +271,7 @@ impl ContextStore {
         if n > l.max_entries {
             return Err(ContextError::TooLarge { what: "entries:", got: n, max: l.max_entries, flag: "--max-context-entries" });
         }
-        let total = manifest
-            .entries
-            .iter()
-            .filter(|e| e.kind == v1::EntryKind::File as i32)
-            .fold(0u64, |t, e| t.saturating_add(e.size));
+        let total = manifest.entries.iter().filter(|e| e.kind == v1::EntryKind::File as i32).fold(0u64, |t, e| t.saturating_add(e.size));
         if total > l.max_bytes {
             return Err(ContextError::TooLarge { what: "bytes of files:", got: total, max: l.max_bytes, flag: "--max-context-bytes" });
         }
@@ -287,13 +285,17 @@ impl ContextStore {
         }
         // A hard link names another file of the manifest with the same content and mode,
         // which is no link itself.
-        let by_path: HashMap<&str, &v1::ContextEntry> = manifest.entries.iter().filter(|e| e.raw_path.is_empty()).map(|e| (e.path.as_str(), e)).collect();
+        let by_path: HashMap<&str, &v1::ContextEntry> =
+            manifest.entries.iter().filter(|e| e.raw_path.is_empty()).map(|e| (e.path.as_str(), e)).collect();
         for e in manifest.entries.iter().filter(|e| !e.hardlink.is_empty()) {
             let ok = e.kind == v1::EntryKind::File as i32
                 && e.raw_path.is_empty()
                 && e.hardlink != e.path
                 && by_path.get(e.hardlink.as_str()).is_some_and(|t| {
-                    t.kind == v1::EntryKind::File as i32 && t.hardlink.is_empty() && t.digest == e.digest && t.mode & 0o7777 == e.mode & 0o7777
+                    t.kind == v1::EntryKind::File as i32
+                        && t.hardlink.is_empty()
+                        && t.digest == e.digest
+                        && t.mode & 0o7777 == e.mode & 0o7777
                 });
             if !ok {
                 return Err(ContextError::Manifest(format!("{:?}: invalid hard link to {:?}", e.path, e.hardlink)));
@@ -606,7 +608,6 @@ fn unique_size(dir: &Path) -> u64 {
     total
 }
 
-
 /// What `<dir>/state.json` records the directory holds (empty when unknown).
 fn recorded(dir: &Path) -> BTreeMap<String, Recorded> {
     match fs::read(dir.join("state.json")) {
@@ -741,7 +742,9 @@ fn update_dir(dir: &Path, blobs: &ContentStore, entries: &[v1::ContextEntry]) ->
     let chunk = files.len().div_ceil(threads).max(256);
     std::thread::scope(|scope| {
         let workers: Vec<_> = files.chunks(chunk).map(|part| scope.spawn(move || part.iter().try_for_each(write_file))).collect();
-        workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| Err(ContextError::Io { path: root.clone(), message: "a context writer panicked".into() })))
+        workers.into_iter().try_for_each(|w| {
+            w.join().unwrap_or_else(|_| Err(ContextError::Io { path: root.clone(), message: "a context writer panicked".into() }))
+        })
     })?;
     for (p, target) in &links {
         if trusted {
@@ -900,7 +903,8 @@ mod tests {
         let (_, missing) = store.prepare(v1::ContextManifest { session: "probe".into(), entries }).unwrap();
         assert!(missing.is_empty(), "the listing sees every uploaded blob");
         let one = written_now(store.materialize(&id).await.unwrap()).await;
-        let (mx, my) = (fs::metadata(one.context.files().unwrap().join("x")).unwrap(), fs::metadata(one.context.files().unwrap().join("y")).unwrap());
+        let (mx, my) =
+            (fs::metadata(one.context.files().unwrap().join("x")).unwrap(), fs::metadata(one.context.files().unwrap().join("y")).unwrap());
         assert_eq!((mx.mode() & 0o7777, mx.mtime()), (0o600, 1_000));
         assert_eq!((my.mode() & 0o7777, my.mtime()), (0o755, 2_000));
         assert_ne!(mx.ino(), my.ino(), "equal contents with different metadata are different files");
@@ -948,7 +952,8 @@ mod tests {
         drop(three);
         upload(&store, b"b1");
         upload(&store, b"b2");
-        let m4 = |x: &[u8]| v1::ContextManifest { session: "s4".into(), entries: vec![file("x", x, 0o644), file("x.hoist-copy", b"b2", 0o644)] };
+        let m4 =
+            |x: &[u8]| v1::ContextManifest { session: "s4".into(), entries: vec![file("x", x, 0o644), file("x.hoist-copy", b"b2", 0o644)] };
         let (id4, _) = store.prepare(m4(b"b1")).unwrap();
         drop(written_now(store.materialize(&id4).await.unwrap()).await);
         let (id4, _) = store.prepare(m4(b"same")).unwrap();
@@ -1022,7 +1027,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
         // A file "through" a symlink entry would be written outside the context directory.
-        let link = v1::ContextEntry { path: "a".into(), kind: v1::EntryKind::Symlink as i32, link_target: "/etc".into(), ..Default::default() };
+        let link =
+            v1::ContextEntry { path: "a".into(), kind: v1::EntryKind::Symlink as i32, link_target: "/etc".into(), ..Default::default() };
         let m = v1::ContextManifest { session: "s".into(), entries: vec![link, file("a/passwd", b"x", 0o644)] };
         assert!(store.prepare(m).is_err(), "a path below a symlink must be rejected");
         let m = v1::ContextManifest { session: "s".into(), entries: vec![file("nodir/x", b"x", 0o644)] };
@@ -1092,7 +1098,10 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let tmp = tempfile::tempdir().unwrap();
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
-        let m = v1::ContextManifest { session: "s".into(), entries: vec![file("su", b"SU", 0o4755), file("sg", b"SG", 0o2755), file("plain", b"P", 0o755)] };
+        let m = v1::ContextManifest {
+            session: "s".into(),
+            entries: vec![file("su", b"SU", 0o4755), file("sg", b"SG", 0o2755), file("plain", b"P", 0o755)],
+        };
         let (id, _) = store.prepare(m).unwrap();
         for c in [&b"SU"[..], b"SG", b"P"] {
             upload(&store, c);
@@ -1115,13 +1124,16 @@ mod tests {
     async fn a_context_is_extended_with_the_paths_asked_for_later() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
-        let (id, _) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("src/a", b"A", 0o644)] }).unwrap();
+        let (id, _) =
+            store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("src/a", b"A", 0o644)] }).unwrap();
         upload(&store, b"A");
         let base = store.materialize(&id).await.unwrap();
-        let (more, missing) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("app.txt", b"APP", 0o600)] }).unwrap();
+        let (more, missing) =
+            store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("app.txt", b"APP", 0o600)] }).unwrap();
         assert_eq!(missing, vec![Digest::of(b"APP").to_string()]);
         assert!(store.extend(&base, &more).is_err(), "not before its upload arrived");
-        let (more, _) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("app.txt", b"APP", 0o600)] }).unwrap();
+        let (more, _) =
+            store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("app.txt", b"APP", 0o600)] }).unwrap();
         upload(&store, b"APP");
         let extended = written_now(store.extend(&base, &more).unwrap()).await;
         assert_eq!(extended.context.file_digest("app.txt"), Some(Digest::of(b"APP")));
@@ -1159,7 +1171,9 @@ mod tests {
         assert_eq!(fs::read(root.join("b")).unwrap(), b"S");
         drop(ctx);
         // A link to a file that is not there, or of other content, is refused.
-        for bad in [vec![linked("b", "nope")], vec![file("a", b"T", 0o640), linked("b", "a")], vec![file("a", b"S", 0o600), linked("b", "a")]] {
+        for bad in
+            [vec![linked("b", "nope")], vec![file("a", b"T", 0o640), linked("b", "a")], vec![file("a", b"S", 0o600), linked("b", "a")]]
+        {
             assert!(matches!(store.prepare(m(bad)), Err(ContextError::Manifest(_))));
         }
     }

@@ -21,8 +21,8 @@ use hoist_engine::export::ExportedSet;
 use hoist_engine::gc::LeaseSet;
 use hoist_engine::graph::Platform;
 use hoist_engine::{BuiltImage, Engine};
-use hoist_oci::digest::Digest;
 use hoist_oci::compress::Compression;
+use hoist_oci::digest::Digest;
 use hoist_oci::image::{media, Descriptor, ImageConfig};
 use hoist_oci::layer::{write_layer_tar, TarOptions};
 use hoist_proto::v1;
@@ -124,7 +124,11 @@ impl Exports {
                 blobs.insert(l.digest.clone(), (l.size, source));
             }
             let config = engine.store().read(&img.config_digest).map_err(|e| ExportError::Store(e.to_string()))?;
-            documents.push(v1::ExportDocument { digest: img.config_digest.to_string(), media_type: media::OCI_CONFIG.into(), data: config });
+            documents.push(v1::ExportDocument {
+                digest: img.config_digest.to_string(),
+                media_type: media::OCI_CONFIG.into(),
+                data: config,
+            });
             documents.push(v1::ExportDocument {
                 digest: img.manifest_digest.to_string(),
                 media_type: media::OCI_MANIFEST.into(),
@@ -382,12 +386,17 @@ fn layer_size(engine: &Engine, d: &Digest) -> u64 {
 
 /// The images of a project's saved result `name` (a build id or a tag).
 pub fn load_saved(engine: &Engine, project: &str, name: &str) -> Result<(SavedRecord, Vec<BuiltImage>), ExportError> {
-    let record = engine.index().find_saved(project, name).map_err(|e| ExportError::Store(e.to_string()))?.ok_or_else(|| ExportError::NoSaved(name.to_string()))?;
+    let record = engine
+        .index()
+        .find_saved(project, name)
+        .map_err(|e| ExportError::Store(e.to_string()))?
+        .ok_or_else(|| ExportError::NoSaved(name.to_string()))?;
     let broken = |message: String| ExportError::SavedBroken { name: name.to_string(), message };
     let mut images = Vec::new();
     for s in &record.images {
         let bytes = engine.store().read(&s.config_digest).map_err(|e| broken(format!("its config {}: {e}", s.config_digest)))?;
-        let config: ImageConfig = serde_json::from_slice(&bytes).map_err(|e| broken(format!("its config {} is invalid: {e}", s.config_digest)))?;
+        let config: ImageConfig =
+            serde_json::from_slice(&bytes).map_err(|e| broken(format!("its config {} is invalid: {e}", s.config_digest)))?;
         let platform = Platform::parse(&s.platform).map_err(|e| broken(e.to_string()))?;
         images.push(BuiltImage { platform, config, config_bytes: bytes, config_digest: s.config_digest.clone() });
     }
@@ -413,10 +422,16 @@ mod tests {
         use std::io::Write;
         let mut got: Vec<Vec<u8>> = Vec::new();
         {
-            let mut w = SkipChunks { skip: 5, buf: Vec::new(), chunk: 4, send: |b: Vec<u8>| -> std::io::Result<()> {
-                got.push(b);
-                Ok(())
-            }, seen: 0 };
+            let mut w = SkipChunks {
+                skip: 5,
+                buf: Vec::new(),
+                chunk: 4,
+                send: |b: Vec<u8>| -> std::io::Result<()> {
+                    got.push(b);
+                    Ok(())
+                },
+                seen: 0,
+            };
             w.write_all(b"abc").unwrap();
             w.write_all(b"defghij").unwrap();
             w.write_all(b"kl").unwrap();
@@ -442,14 +457,27 @@ mod tests {
     #[test]
     fn sessions_serve_only_their_blobs_to_their_project() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(&hoist_engine::EngineConfig { root: dir.path().to_path_buf(), runtime: None, insecure_registries: vec![], limits: Default::default() });
-        let Ok(engine) = engine else {
-            // No OCI runtime on this machine: the engine cannot open.
-            return;
+        let engine = Engine::open(&hoist_engine::EngineConfig {
+            root: dir.path().to_path_buf(),
+            runtime: None,
+            insecure_registries: vec![],
+            limits: Default::default(),
+        });
+        let engine = match engine {
+            Ok(e) => e,
+            Err(e) => {
+                hoist_oci::testing::needs(&format!("an OCI runtime, for the engine to open ({e})"), false);
+                return;
+            }
         };
         let img = image("linux/amd64");
         engine.store().put(&img.config_bytes).unwrap();
-        let set = futures::executor::block_on(engine.export_images(std::slice::from_ref(&img), hoist_oci::compress::Compression::Uncompressed, false)).unwrap();
+        let set = futures::executor::block_on(engine.export_images(
+            std::slice::from_ref(&img),
+            hoist_oci::compress::Compression::Uncompressed,
+            false,
+        ))
+        .unwrap();
         let exports = Exports::default();
         let s = exports.open(&engine, "p1", Some("tok1"), std::slice::from_ref(&img), &set, &HashMap::new()).unwrap();
         assert_eq!(s.documents.len(), 2, "config and manifest travel with the session");

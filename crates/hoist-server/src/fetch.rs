@@ -36,7 +36,11 @@ struct State {
 
 impl ContextRequests {
     /// Requests for build context `base`, sent on `events` (the build's event stream).
-    pub fn new(events: mpsc::Sender<Result<v1::BuildEvent, Status>>, store: Arc<ContextStore>, base: Arc<MaterializedContext>) -> ContextRequests {
+    pub fn new(
+        events: mpsc::Sender<Result<v1::BuildEvent, Status>>,
+        store: Arc<ContextStore>,
+        base: Arc<MaterializedContext>,
+    ) -> ContextRequests {
         ContextRequests {
             events: Mutex::new(Some(events)),
             replies: Mutex::default(),
@@ -77,7 +81,9 @@ impl ContextFetcher for ContextRequests {
         let request = v1::BuildEvent { event: Some(build_event::Event::ContextRequest(v1::ContextRequest { id, paths: new.clone() })) };
         events.send(Ok(request)).await.map_err(|_| "the client went away".to_string())?;
         drop(events);
-        let reply = rx.await.map_err(|_| "the client did not answer (a client older than the builder cannot send more of the context)".to_string())?;
+        let reply = rx
+            .await
+            .map_err(|_| "the client did not answer (a client older than the builder cannot send more of the context)".to_string())?;
         if !reply.error.is_empty() {
             return Err(reply.error);
         }

@@ -134,9 +134,7 @@ pub async fn serve(
             router.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown).await?;
         }
         Listen::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
             let local = listener.local_addr().map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
             if !local.ip().is_loopback() && !allow_insecure_tcp {
                 return Err(ServeError::NotLoopback(local.to_string()));

@@ -123,7 +123,8 @@ mod tests {
         let w = waited.clone();
         let r = running.clone();
         let c = cancel.clone();
-        let second = tokio::spawn(async move { r.acquire("a2", "alpha", None, &c, || 1, move |n, max| *w.lock().unwrap() = Some((n, max))).await });
+        let second =
+            tokio::spawn(async move { r.acquire("a2", "alpha", None, &c, || 1, move |n, max| *w.lock().unwrap() = Some((n, max))).await });
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(!second.is_finished(), "the second build of alpha waits");
         assert_eq!(*waited.lock().unwrap(), Some((1, 1)), "and is told why");

@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 
 use hoist_engine::entitlements::{Entitlement, Entitlements};
 use hoist_engine::graph::{FrontendOptions, NetworkMode, Platform};
-use hoist_engine::sshforward::SshForwarder;
 use hoist_engine::progress::{Event, Progress};
+use hoist_engine::sshforward::SshForwarder;
 use hoist_engine::{BuildRequest, BuildSecrets, BuiltImage, Engine, EngineError};
 use hoist_oci::auth::{Credential, Credentials};
 use hoist_oci::compress::Compression;
@@ -58,10 +58,7 @@ fn auth_status(e: AuthError) -> Status {
 /// The caller of a request, from its `authorization` and `x-hoist-project` metadata.
 fn caller<T>(svc: &BuilderService, req: &Request<T>) -> Result<Caller, Status> {
     let md = req.metadata();
-    let token = md
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
+    let token = md.get("authorization").and_then(|v| v.to_str().ok()).map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
     let project = md.get("x-hoist-project").and_then(|v| v.to_str().ok()).map(str::to_string);
     svc.auth.authenticate(token.as_deref(), project.as_deref(), svc.trusted).map_err(auth_status)
 }
@@ -154,7 +151,10 @@ impl Builder for BuilderService {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             if current.as_ref().is_some_and(|(d, _)| *d != chunk.digest) {
-                return Err(Status::invalid_argument(format!("blob {} ended without its last chunk", current.map(|c| c.0).unwrap_or_default())));
+                return Err(Status::invalid_argument(format!(
+                    "blob {} ended without its last chunk",
+                    current.map(|c| c.0).unwrap_or_default()
+                )));
             }
             if current.is_none() {
                 // Only content a prepared context asked for is stored.
@@ -281,8 +281,9 @@ impl Builder for BuilderService {
     async fn open_saved(&self, req: Request<v1::OpenSavedRequest>) -> Result<Response<v1::ExportSession>, Status> {
         let who = caller(self, &req)?;
         let req = req.into_inner();
-        let compression = Compression::from_attrs([("compression", if req.compression.is_empty() { "gzip" } else { req.compression.as_str() })])
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let compression =
+            Compression::from_attrs([("compression", if req.compression.is_empty() { "gzip" } else { req.compression.as_str() })])
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let engine = self.engine.clone();
         let project = who.project.clone();
         let name = req.name.clone();
@@ -292,7 +293,8 @@ impl Builder for BuilderService {
             .map_err(export_status)?;
         let images = crate::exports::select_platform(&images, &req.platform).map_err(Status::failed_precondition)?;
         let (set, snapshots) = crate::exports::export_for_client(&self.engine, &images, compression, false).await.map_err(export_status)?;
-        let mut session = self.exports.open(&self.engine, &who.project, who.token_id.as_deref(), &images, &set, &snapshots).map_err(export_status)?;
+        let mut session =
+            self.exports.open(&self.engine, &who.project, who.token_id.as_deref(), &images, &set, &snapshots).map_err(export_status)?;
         session.build_id = record.build_id;
         session.tags = record.tags;
         Ok(Response::new(session))
@@ -827,9 +829,16 @@ impl BuilderService {
         let queued_tx = tx.clone();
         let slot = self
             .running
-            .acquire(&id, &who.project, who.token_id.clone(), &cancel, || auth.max_builds_of(&project), |running, limit| {
-                let _ = queued_tx.try_send(Ok(event(build_event::Event::Queued(v1::BuildQueued { running, limit }))));
-            })
+            .acquire(
+                &id,
+                &who.project,
+                who.token_id.clone(),
+                &cancel,
+                || auth.max_builds_of(&project),
+                |running, limit| {
+                    let _ = queued_tx.try_send(Ok(event(build_event::Event::Queued(v1::BuildQueued { running, limit }))));
+                },
+            )
             .await;
         let log = Arc::new(Mutex::new(BuildLog::default()));
         let mut record = v1::BuildRecord {
@@ -881,7 +890,12 @@ impl BuilderService {
         let dir = self.engine.root().join("builds").join(project);
         use std::os::unix::fs::OpenOptionsExt;
         if private_dir(&dir).is_ok() {
-            let file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(dir.join(format!("{}.log", record.id)));
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(dir.join(format!("{}.log", record.id)));
             if let Ok(mut f) = file {
                 let _ = f.write_all(log.as_bytes());
             }
@@ -1124,8 +1138,10 @@ impl BuilderService {
             "proxy" => {
                 let chosen = crate::exports::select_platform(images, attrs.get("platform").map(String::as_str).unwrap_or(""))
                     .map_err(Status::failed_precondition)?;
-                let (set, snapshots) = crate::exports::export_for_client(&engine, &chosen, compression, force).await.map_err(export_status)?;
-                let mut session = self.exports.open(&engine, &who.project, who.token_id.as_deref(), &chosen, &set, &snapshots).map_err(export_status)?;
+                let (set, snapshots) =
+                    crate::exports::export_for_client(&engine, &chosen, compression, force).await.map_err(export_status)?;
+                let mut session =
+                    self.exports.open(&engine, &who.project, who.token_id.as_deref(), &chosen, &set, &snapshots).map_err(export_status)?;
                 session.output = index;
                 session.build_id = build_id.to_string();
                 session.tags = tags.clone();

@@ -159,9 +159,7 @@ mod tests {
         let _held = relay.connect("default").await.unwrap();
         relay.close();
         assert!(relay.connect("default").await.is_err());
-        let end = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-            while rx.recv().await.is_some() {}
-        });
+        let end = tokio::time::timeout(std::time::Duration::from_secs(2), async { while rx.recv().await.is_some() {} });
         end.await.expect("the event stream ends once the relay is closed");
     }
 

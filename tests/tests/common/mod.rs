@@ -39,8 +39,13 @@ pub fn hoist_bin() -> PathBuf {
 /// Whether the lab (Docker engine + registry + runc) is up. In CI it must be: a missing lab
 /// fails the test instead of skipping it.
 pub fn lab_available() -> bool {
-    let docker = Command::new("/usr/bin/docker").args(["info", "--format", "{{.ServerVersion}}"]).output().map(|o| o.status.success()).unwrap_or(false);
-    let reg = Command::new("curl").args(["-fsS", &format!("http://{}/v2/", registry())]).output().map(|o| o.status.success()).unwrap_or(false);
+    let docker = Command::new("/usr/bin/docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let reg =
+        Command::new("curl").args(["-fsS", &format!("http://{}/v2/", registry())]).output().map(|o| o.status.success()).unwrap_or(false);
     let root = rustix_is_root();
     let ok = docker && reg && root;
     if !ok {
@@ -320,7 +325,12 @@ impl Teammate {
 /// The number before `label` in a summary line like "3 steps run, 2 cached".
 pub fn count_before(text: &str, label: &str) -> u64 {
     let at = text.find(label).unwrap_or_else(|| panic!("{label:?} not in:\n{text}"));
-    text[..at].trim_end().rsplit(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no number before {label:?} in:\n{text}"))
+    text[..at]
+        .trim_end()
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number before {label:?} in:\n{text}"))
 }
 
 /// `sha256:<hex>` of `data`.

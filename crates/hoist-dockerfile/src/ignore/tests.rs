@@ -67,16 +67,8 @@ const PATTERN_CASES: &[(&str, &str, bool)] = &[
     ("a(b)c/def", "a(b)c/def", true),
     ("a(b)c/def", "a(b)c/xyz", false),
     ("a.|)$(}+{bc", "a.|)$(}+{bc", true),
-    (
-        "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
-        "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
-        true,
-    ),
-    (
-        "dist/*.whl",
-        "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
-        true,
-    ),
+    ("dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl", "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl", true),
+    ("dist/*.whl", "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl", true),
     // our own: `*` and `?` never cross `/`, parents match, cleaning
     ("*", "a/b", true),
     ("a/*", "a/b/c", true),
@@ -104,11 +96,7 @@ const PATTERN_CASES: &[(&str, &str, bool)] = &[
 fn pattern_table_from_moby() {
     for (pattern, path, want) in PATTERN_CASES {
         let m = IgnoreMatcher::new(&[pattern]).unwrap_or_else(|e| panic!("{pattern}: {e}"));
-        assert_eq!(
-            m.matches(path),
-            *want,
-            "pattern {pattern:?} against {path:?}"
-        );
+        assert_eq!(m.matches(path), *want, "pattern {pattern:?} against {path:?}");
     }
 }
 
@@ -182,22 +170,10 @@ fn leading_slash_is_removed_by_the_file_reader_not_the_matcher() {
 
 #[test]
 fn bad_patterns_are_errors() {
-    assert_eq!(
-        IgnoreMatcher::new(&["!"]).unwrap_err(),
-        IgnoreError::IllegalExclusion
-    );
-    assert!(matches!(
-        IgnoreMatcher::new(&["a["]).unwrap_err(),
-        IgnoreError::BadPattern { .. }
-    ));
-    assert!(matches!(
-        IgnoreMatcher::new(&["[z-a]"]).unwrap_err(),
-        IgnoreError::BadPattern { .. }
-    ));
-    assert!(matches!(
-        IgnoreMatcher::new(&["a\\"]).unwrap_err(),
-        IgnoreError::BadPattern { .. }
-    ));
+    assert_eq!(IgnoreMatcher::new(&["!"]).unwrap_err(), IgnoreError::IllegalExclusion);
+    assert!(matches!(IgnoreMatcher::new(&["a["]).unwrap_err(), IgnoreError::BadPattern { .. }));
+    assert!(matches!(IgnoreMatcher::new(&["[z-a]"]).unwrap_err(), IgnoreError::BadPattern { .. }));
+    assert!(matches!(IgnoreMatcher::new(&["a\\"]).unwrap_err(), IgnoreError::BadPattern { .. }));
     let e = IgnoreMatcher::from_file_text("ok\n!\n").unwrap_err();
     assert!(e.to_string().contains("illegal exclusion pattern"));
 }
@@ -216,11 +192,7 @@ fn directories_can_be_skipped_only_when_nothing_below_is_reincluded() {
     let cases: &[(&[&str], &str, bool)] = &[
         (&["node_modules"], "node_modules", true),
         (&["node_modules"], "src", false),
-        (
-            &["node_modules", "!node_modules/keep"],
-            "node_modules",
-            false,
-        ),
+        (&["node_modules", "!node_modules/keep"], "node_modules", false),
         (&["node_modules", "!other/keep"], "node_modules", true),
         (&["*", "!src/main.rs"], "src", false),
         (&["*", "!src/main.rs"], "docs", true),
@@ -239,26 +211,8 @@ fn directories_can_be_skipped_only_when_nothing_below_is_reincluded() {
 /// Whatever `can_skip_dir` says, skipping must never hide a path `matches` keeps.
 #[test]
 fn skipping_never_hides_an_included_path() {
-    let pattern_sets: &[&[&str]] = &[
-        &["a", "!a/b/c"],
-        &["*", "!x/**"],
-        &["**/tmp", "!**/tmp/keep"],
-        &["a/*", "!a/b"],
-        &["[ab]", "![a]/z"],
-    ];
-    let paths = [
-        "a",
-        "a/b",
-        "a/b/c",
-        "a/b/c/d",
-        "x",
-        "x/y",
-        "b/tmp",
-        "b/tmp/keep",
-        "b/tmp/x",
-        "a/z",
-        "b/z",
-    ];
+    let pattern_sets: &[&[&str]] = &[&["a", "!a/b/c"], &["*", "!x/**"], &["**/tmp", "!**/tmp/keep"], &["a/*", "!a/b"], &["[ab]", "![a]/z"]];
+    let paths = ["a", "a/b", "a/b/c", "a/b/c/d", "x", "x/y", "b/tmp", "b/tmp/keep", "b/tmp/x", "a/z", "b/z"];
     for set in pattern_sets {
         let m = IgnoreMatcher::new(set).unwrap();
         for dir in paths {
@@ -276,16 +230,10 @@ fn ignore_file_candidates_prefer_the_dockerfile_specific_one() {
     let ctx = Path::new("/ctx");
     assert_eq!(
         ignore_file_candidates(ctx, Path::new("/ctx/docker/app.Dockerfile")),
-        vec![
-            PathBuf::from("/ctx/docker/app.Dockerfile.dockerignore"),
-            PathBuf::from("/ctx/.dockerignore")
-        ]
+        vec![PathBuf::from("/ctx/docker/app.Dockerfile.dockerignore"), PathBuf::from("/ctx/.dockerignore")]
     );
     assert_eq!(
         ignore_file_candidates(ctx, Path::new("Dockerfile")),
-        vec![
-            PathBuf::from("/ctx/Dockerfile.dockerignore"),
-            PathBuf::from("/ctx/.dockerignore")
-        ]
+        vec![PathBuf::from("/ctx/Dockerfile.dockerignore"), PathBuf::from("/ctx/.dockerignore")]
     );
 }

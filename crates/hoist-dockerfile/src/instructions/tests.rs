@@ -4,9 +4,7 @@ use crate::parser::parse;
 fn instr(line: &str) -> Result<Instruction, String> {
     let df = parse(&format!("FROM x\n{line}\n")).map_err(|e| e.message)?;
     let node = df.nodes.last().expect("node");
-    parse_instruction(node)
-        .map(|i| i.instruction)
-        .map_err(|e| e.message)
+    parse_instruction(node).map(|i| i.instruction).map_err(|e| e.message)
 }
 
 fn ok(line: &str) -> Instruction {
@@ -41,123 +39,34 @@ fn run(line: &str) -> RunInstr {
 #[test]
 fn every_instruction_parses() {
     let cases: &[(&str, Instruction)] = &[
-        (
-            "ARG A",
-            Instruction::Arg(vec![ArgDef {
-                key: "A".into(),
-                default: None,
-            }]),
-        ),
+        ("ARG A", Instruction::Arg(vec![ArgDef { key: "A".into(), default: None }])),
         (
             "ARG A=1 B C=\"x y\"",
             Instruction::Arg(vec![
-                ArgDef {
-                    key: "A".into(),
-                    default: Some("1".into()),
-                },
-                ArgDef {
-                    key: "B".into(),
-                    default: None,
-                },
-                ArgDef {
-                    key: "C".into(),
-                    default: Some("\"x y\"".into()),
-                },
+                ArgDef { key: "A".into(), default: Some("1".into()) },
+                ArgDef { key: "B".into(), default: None },
+                ArgDef { key: "C".into(), default: Some("\"x y\"".into()) },
             ]),
         ),
-        (
-            "ARG A=",
-            Instruction::Arg(vec![ArgDef {
-                key: "A".into(),
-                default: Some(String::new()),
-            }]),
-        ),
-        (
-            "ENV A=1",
-            Instruction::Env(vec![KeyValue {
-                key: "A".into(),
-                value: "1".into(),
-                legacy: false,
-            }]),
-        ),
-        (
-            "ENV A 1 2",
-            Instruction::Env(vec![KeyValue {
-                key: "A".into(),
-                value: "1 2".into(),
-                legacy: true,
-            }]),
-        ),
-        (
-            "LABEL a=b",
-            Instruction::Label(vec![KeyValue {
-                key: "a".into(),
-                value: "b".into(),
-                legacy: false,
-            }]),
-        ),
+        ("ARG A=", Instruction::Arg(vec![ArgDef { key: "A".into(), default: Some(String::new()) }])),
+        ("ENV A=1", Instruction::Env(vec![KeyValue { key: "A".into(), value: "1".into(), legacy: false }])),
+        ("ENV A 1 2", Instruction::Env(vec![KeyValue { key: "A".into(), value: "1 2".into(), legacy: true }])),
+        ("LABEL a=b", Instruction::Label(vec![KeyValue { key: "a".into(), value: "b".into(), legacy: false }])),
         ("WORKDIR /app", Instruction::Workdir("/app".into())),
         ("USER 1000:1000", Instruction::User("1000:1000".into())),
-        (
-            "EXPOSE 443 80/udp 22",
-            Instruction::Expose(s(&["22", "443", "80/udp"])),
-        ),
+        ("EXPOSE 443 80/udp 22", Instruction::Expose(s(&["22", "443", "80/udp"]))),
         ("VOLUME /a /b", Instruction::Volume(s(&["/a", "/b"]))),
         ("VOLUME [\"/data\"]", Instruction::Volume(s(&["/data"]))),
-        (
-            "STOPSIGNAL SIGTERM",
-            Instruction::StopSignal("SIGTERM".into()),
-        ),
+        ("STOPSIGNAL SIGTERM", Instruction::StopSignal("SIGTERM".into())),
         ("MAINTAINER me", Instruction::Maintainer("me".into())),
-        (
-            "SHELL [\"/bin/bash\", \"-eu\", \"-c\"]",
-            Instruction::Shell(s(&["/bin/bash", "-eu", "-c"])),
-        ),
+        ("SHELL [\"/bin/bash\", \"-eu\", \"-c\"]", Instruction::Shell(s(&["/bin/bash", "-eu", "-c"]))),
         ("ONBUILD RUN make", Instruction::Onbuild("RUN make".into())),
-        (
-            "onbuild   copy a b",
-            Instruction::Onbuild("copy a b".into()),
-        ),
-        (
-            "CMD [\"a\", \"b\"]",
-            Instruction::Cmd(CmdLine {
-                args: s(&["a", "b"]),
-                prepend_shell: false,
-                files: vec![],
-            }),
-        ),
-        (
-            "CMD echo $HOME",
-            Instruction::Cmd(CmdLine {
-                args: s(&["echo $HOME"]),
-                prepend_shell: true,
-                files: vec![],
-            }),
-        ),
-        (
-            "CMD []",
-            Instruction::Cmd(CmdLine {
-                args: vec![],
-                prepend_shell: false,
-                files: vec![],
-            }),
-        ),
-        (
-            "ENTRYPOINT top -b",
-            Instruction::Entrypoint(CmdLine {
-                args: s(&["top -b"]),
-                prepend_shell: true,
-                files: vec![],
-            }),
-        ),
-        (
-            "ENTRYPOINT []",
-            Instruction::Entrypoint(CmdLine {
-                args: vec![],
-                prepend_shell: false,
-                files: vec![],
-            }),
-        ),
+        ("onbuild   copy a b", Instruction::Onbuild("copy a b".into())),
+        ("CMD [\"a\", \"b\"]", Instruction::Cmd(CmdLine { args: s(&["a", "b"]), prepend_shell: false, files: vec![] })),
+        ("CMD echo $HOME", Instruction::Cmd(CmdLine { args: s(&["echo $HOME"]), prepend_shell: true, files: vec![] })),
+        ("CMD []", Instruction::Cmd(CmdLine { args: vec![], prepend_shell: false, files: vec![] })),
+        ("ENTRYPOINT top -b", Instruction::Entrypoint(CmdLine { args: s(&["top -b"]), prepend_shell: true, files: vec![] })),
+        ("ENTRYPOINT []", Instruction::Entrypoint(CmdLine { args: vec![], prepend_shell: false, files: vec![] })),
     ];
     for (line, want) in cases {
         assert_eq!(&ok(line), want, "{line}");
@@ -170,29 +79,15 @@ fn from_forms() {
         ("FROM alpine", "alpine", None, None),
         ("FROM alpine AS Build", "alpine", Some("build"), None),
         ("FROM alpine as b-1_x.y", "alpine", Some("b-1_x.y"), None),
-        (
-            "FROM --platform=linux/arm64 alpine",
-            "alpine",
-            None,
-            Some("linux/arm64"),
-        ),
-        (
-            "FROM --platform=$BUILDPLATFORM golang:1.22 AS build",
-            "golang:1.22",
-            Some("build"),
-            Some("$BUILDPLATFORM"),
-        ),
+        ("FROM --platform=linux/arm64 alpine", "alpine", None, Some("linux/arm64")),
+        ("FROM --platform=$BUILDPLATFORM golang:1.22 AS build", "golang:1.22", Some("build"), Some("$BUILDPLATFORM")),
         ("FROM ${IMG}:${TAG}", "${IMG}:${TAG}", None, None),
     ];
     for (line, base, name, platform) in cases {
         let df = parse(&format!("{line}\n")).unwrap();
         match parse_instruction(&df.nodes[0]).unwrap().instruction {
             Instruction::From(f) => {
-                assert_eq!(
-                    (f.base.as_str(), f.name.as_deref(), f.platform.as_deref()),
-                    (*base, *name, *platform),
-                    "{line}"
-                );
+                assert_eq!((f.base.as_str(), f.name.as_deref(), f.platform.as_deref()), (*base, *name, *platform), "{line}");
             }
             other => panic!("{other:?}"),
         }
@@ -204,10 +99,7 @@ fn from_errors() {
     let cases: &[(&str, &str)] = &[
         ("FROM a b", "FROM requires either one or three arguments"),
         ("FROM a AS", "FROM requires either one or three arguments"),
-        (
-            "FROM a FOR b",
-            "FROM requires either one or three arguments",
-        ),
+        ("FROM a FOR b", "FROM requires either one or three arguments"),
         ("FROM a AS 1st", "invalid name for build stage: \"1st\""),
         ("FROM a AS b$c", "invalid name for build stage"),
         ("FROM --plat=x a", "unknown flag --plat for FROM"),
@@ -228,10 +120,7 @@ fn copy_and_add_flags_are_typed() {
     assert_eq!(c.chown.as_deref(), Some("app:app"));
     assert_eq!(c.chmod.as_deref(), Some("0755"));
     assert!(c.link && !c.is_add && !c.parents);
-    assert_eq!(
-        (c.sources.clone(), c.dest.as_str()),
-        (s(&["a", "b"]), "/dst/")
-    );
+    assert_eq!((c.sources.clone(), c.dest.as_str()), (s(&["a", "b"]), "/dst/"));
 
     let c = copy("COPY --parents --exclude=*.md --exclude=.git ./src/./app /out/");
     assert!(c.parents);
@@ -253,8 +142,7 @@ fn copy_and_add_flags_are_typed() {
 
 #[test]
 fn copy_heredoc_sources_become_contents() {
-    let df = parse("FROM x\nCOPY <<EOF <<-'TWO' plain /dest/\nhello $X\nEOF\n\tindented\n\tTWO\n")
-        .unwrap();
+    let df = parse("FROM x\nCOPY <<EOF <<-'TWO' plain /dest/\nhello $X\nEOF\n\tindented\n\tTWO\n").unwrap();
     let c = match parse_instruction(&df.nodes[1]).unwrap().instruction {
         Instruction::Copy(c) => c,
         o => panic!("{o:?}"),
@@ -263,16 +151,8 @@ fn copy_heredoc_sources_become_contents() {
     assert_eq!(
         c.contents,
         vec![
-            SourceContent {
-                path: "EOF".into(),
-                data: "hello $X\n".into(),
-                expand: true
-            },
-            SourceContent {
-                path: "TWO".into(),
-                data: "indented\n".into(),
-                expand: false
-            },
+            SourceContent { path: "EOF".into(), data: "hello $X\n".into(), expand: true },
+            SourceContent { path: "TWO".into(), data: "indented\n".into(), expand: false },
         ]
     );
     let df = parse("FROM x\nCOPY a <<EOF\nx\nEOF\n").unwrap();
@@ -283,10 +163,7 @@ fn copy_heredoc_sources_become_contents() {
 #[test]
 fn flag_errors_name_the_flag_and_what_is_expected() {
     let cases: &[(&str, &str)] = &[
-        (
-            "COPY --frm=a b c",
-            "unknown flag --frm for COPY (expected one of --exclude, --parents, --chown, --from, --chmod, --link)",
-        ),
+        ("COPY --frm=a b c", "unknown flag --frm for COPY (expected one of --exclude, --parents, --chown, --from, --chmod, --link)"),
         ("COPY --checksum=x a b", "unknown flag --checksum for COPY"),
         ("ADD --from=a b c", "unknown flag --from for ADD"),
         ("COPY --from a b", "missing a value on flag: --from"),
@@ -314,20 +191,14 @@ fn flag_errors_name_the_flag_and_what_is_expected() {
     ];
     for (line, want) in cases {
         let e = err(line);
-        assert!(
-            e.starts_with(want),
-            "{line}: got {e:?}, want prefix {want:?}"
-        );
+        assert!(e.starts_with(want), "{line}: got {e:?}, want prefix {want:?}");
     }
 }
 
 #[test]
 fn argument_count_errors() {
     let cases: &[(&str, &str)] = &[
-        (
-            "COPY a",
-            "COPY requires at least two arguments, but only one was provided. Destination could not be determined",
-        ),
+        ("COPY a", "COPY requires at least two arguments, but only one was provided. Destination could not be determined"),
         ("ADD a", "ADD requires at least two arguments"),
         ("COPY", "COPY requires at least two arguments"),
         ("WORKDIR", "WORKDIR requires exactly one argument"),
@@ -358,14 +229,8 @@ fn argument_count_errors() {
 #[test]
 fn onbuild_rules() {
     assert!(err("ONBUILD ONBUILD RUN x").contains("chaining ONBUILD"));
-    assert_eq!(
-        err("ONBUILD FROM x"),
-        "FROM isn't allowed as an ONBUILD trigger"
-    );
-    assert_eq!(
-        err("ONBUILD MAINTAINER me"),
-        "MAINTAINER isn't allowed as an ONBUILD trigger"
-    );
+    assert_eq!(err("ONBUILD FROM x"), "FROM isn't allowed as an ONBUILD trigger");
+    assert_eq!(err("ONBUILD MAINTAINER me"), "MAINTAINER isn't allowed as an ONBUILD trigger");
     assert!(err("ONBUILD RUNN x").starts_with("unknown instruction \"RUNN\""));
     let df = parse("FROM x\nONBUILD RUN <<EOF\necho hi\nEOF\n").unwrap();
     match parse_instruction(&df.nodes[1]).unwrap().instruction {
@@ -376,26 +241,16 @@ fn onbuild_rules() {
 
 #[test]
 fn healthcheck_options() {
-    let h = match ok("HEALTHCHECK --interval=30s --timeout=3s --start-period=1m --start-interval=2s --retries=3 CMD curl -f http://localhost/") {
-        Instruction::Healthcheck(h) => h,
-        o => panic!("{o:?}"),
-    };
+    let h =
+        match ok("HEALTHCHECK --interval=30s --timeout=3s --start-period=1m --start-interval=2s --retries=3 CMD curl -f http://localhost/")
+        {
+            Instruction::Healthcheck(h) => h,
+            o => panic!("{o:?}"),
+        };
     assert_eq!(h.test, s(&["CMD-SHELL", "curl -f http://localhost/"]));
     assert_eq!(
-        (
-            h.interval,
-            h.timeout,
-            h.start_period,
-            h.start_interval,
-            h.retries
-        ),
-        (
-            30_000_000_000,
-            3_000_000_000,
-            60_000_000_000,
-            2_000_000_000,
-            3
-        )
+        (h.interval, h.timeout, h.start_period, h.start_interval, h.retries),
+        (30_000_000_000, 3_000_000_000, 60_000_000_000, 2_000_000_000, 3)
     );
     match ok("HEALTHCHECK CMD [\"/bin/check\", \"-q\"]") {
         Instruction::Healthcheck(h) => assert_eq!(h.test, s(&["CMD", "/bin/check", "-q"])),
@@ -412,30 +267,12 @@ fn healthcheck_options() {
     let errors: &[(&str, &str)] = &[
         ("HEALTHCHECK NONE x", "HEALTHCHECK NONE takes no arguments"),
         ("HEALTHCHECK CMD", "missing command after HEALTHCHECK CMD"),
-        (
-            "HEALTHCHECK CONNECT x",
-            "unknown type \"CONNECT\" in HEALTHCHECK",
-        ),
-        (
-            "HEALTHCHECK --interval=1us CMD x",
-            "Interval \"interval\" cannot be less than 1ms",
-        ),
-        (
-            "HEALTHCHECK --timeout=abc CMD x",
-            "--timeout: time: invalid duration \"abc\"",
-        ),
-        (
-            "HEALTHCHECK --retries=-1 CMD x",
-            "--retries cannot be negative (-1)",
-        ),
-        (
-            "HEALTHCHECK --retries=x CMD x",
-            "--retries: invalid value \"x\"",
-        ),
-        (
-            "HEALTHCHECK --interval CMD x",
-            "missing a value on flag: --interval",
-        ),
+        ("HEALTHCHECK CONNECT x", "unknown type \"CONNECT\" in HEALTHCHECK"),
+        ("HEALTHCHECK --interval=1us CMD x", "Interval \"interval\" cannot be less than 1ms"),
+        ("HEALTHCHECK --timeout=abc CMD x", "--timeout: time: invalid duration \"abc\""),
+        ("HEALTHCHECK --retries=-1 CMD x", "--retries cannot be negative (-1)"),
+        ("HEALTHCHECK --retries=x CMD x", "--retries: invalid value \"x\""),
+        ("HEALTHCHECK --interval CMD x", "missing a value on flag: --interval"),
     ];
     for (line, want) in errors {
         let e = err(line);
@@ -461,24 +298,15 @@ fn health_history_is_formatted_like_go() {
 
 #[test]
 fn run_flags_are_typed() {
-    let r = run(
-        "RUN --network=none --security=insecure --mount=type=cache,target=/root/.cache --mount=type=secret,id=x make",
-    );
+    let r = run("RUN --network=none --security=insecure --mount=type=cache,target=/root/.cache --mount=type=secret,id=x make");
     assert_eq!((r.network, r.security), (Network::None, Security::Insecure));
-    assert_eq!(
-        r.mounts,
-        s(&["type=cache,target=/root/.cache", "type=secret,id=x"])
-    );
+    assert_eq!(r.mounts, s(&["type=cache,target=/root/.cache", "type=secret,id=x"]));
     assert_eq!(r.cmd.args, s(&["make"]));
     let r = run("RUN --network=host echo");
     assert_eq!(r.network, Network::Host);
     let r = run("RUN echo");
-    assert_eq!(
-        (r.network, r.security),
-        (Network::Default, Security::Sandbox)
-    );
-    assert!(err("RUN --mount=from=$X,target=/a x")
-        .contains("'from' doesn't support variable expansion"));
+    assert_eq!((r.network, r.security), (Network::Default, Security::Sandbox));
+    assert!(err("RUN --mount=from=$X,target=/a x").contains("'from' doesn't support variable expansion"));
     assert!(run("RUN --mount=from=a$,target=/a x").mounts.len() == 1);
     assert!(err("RUN --mount=type=bind,target=a\\\"b x").contains("failed to parse csv mounts"));
 }
@@ -503,64 +331,28 @@ fn mount(v: &str) -> Result<Mount, String> {
 fn mounts_parse_every_type_and_option() {
     let m = mount("type=bind,from=build,source=/out,target=/in,rw").unwrap();
     assert_eq!(
-        (
-            m.kind,
-            m.from.as_str(),
-            m.source.as_str(),
-            m.target.as_str(),
-            m.read_only
-        ),
+        (m.kind, m.from.as_str(), m.source.as_str(), m.target.as_str(), m.read_only),
         (MountType::Bind, "build", "/out", "/in", false)
     );
     let m = mount("target=/x").unwrap();
     assert_eq!((m.kind, m.read_only), (MountType::Bind, true));
-    let m =
-        mount("type=cache,target=/root/.cache,id=pip,sharing=locked,mode=0700,uid=1000,gid=1000")
-            .unwrap();
+    let m = mount("type=cache,target=/root/.cache,id=pip,sharing=locked,mode=0700,uid=1000,gid=1000").unwrap();
     assert_eq!(
-        (
-            m.kind,
-            m.id.as_str(),
-            m.sharing,
-            m.mode,
-            m.uid,
-            m.gid,
-            m.read_only
-        ),
-        (
-            MountType::Cache,
-            "pip",
-            Some(Sharing::Locked),
-            Some(0o700),
-            Some(1000),
-            Some(1000),
-            false
-        )
+        (m.kind, m.id.as_str(), m.sharing, m.mode, m.uid, m.gid, m.read_only),
+        (MountType::Cache, "pip", Some(Sharing::Locked), Some(0o700), Some(1000), Some(1000), false)
     );
     let m = mount("type=cache,dst=$T,ro").unwrap();
     assert_eq!((m.target.as_str(), m.read_only), ("/t", true));
     let m = mount("type=tmpfs,target=/tmp,size=64m").unwrap();
-    assert_eq!(
-        (m.kind, m.size_limit, m.read_only),
-        (MountType::Tmpfs, 64 << 20, false)
-    );
+    assert_eq!((m.kind, m.size_limit, m.read_only), (MountType::Tmpfs, 64 << 20, false));
     let m = mount("type=secret,id=aws,target=/root/.aws/credentials,required,mode=0440").unwrap();
-    assert_eq!(
-        (m.kind, m.id.as_str(), m.required, m.mode),
-        (MountType::Secret, "aws", true, Some(0o440))
-    );
+    assert_eq!((m.kind, m.id.as_str(), m.required, m.mode), (MountType::Secret, "aws", true, Some(0o440)));
     let m = mount("type=secret,id=tok,env=TOKEN").unwrap();
     assert_eq!(m.env.as_deref(), Some("TOKEN"));
     let m = mount("type=ssh,id=gh,required=true").unwrap();
-    assert_eq!(
-        (m.kind, m.id.as_str(), m.required, m.read_only),
-        (MountType::Ssh, "gh", true, true)
-    );
+    assert_eq!((m.kind, m.id.as_str(), m.required, m.read_only), (MountType::Ssh, "gh", true, true));
     let m = mount("type=CACHE,TARGET=/x,Sharing=PRIVATE").unwrap();
-    assert_eq!(
-        (m.kind, m.sharing),
-        (MountType::Cache, Some(Sharing::Private))
-    );
+    assert_eq!((m.kind, m.sharing), (MountType::Cache, Some(Sharing::Private)));
     let m = mount("\"type=bind\",\"target=/a,b\"").unwrap();
     assert_eq!(m.target, "/a,b");
     let m = mount("type=bind,target=/x,readonly=false").unwrap();
@@ -573,75 +365,24 @@ fn mounts_parse_every_type_and_option() {
 fn mount_errors() {
     let cases: &[(&str, &str)] = &[
         ("type=nfs,target=/x", "unsupported mount type \"nfs\""),
-        (
-            "type=bind,target=/x,foo=bar",
-            "unexpected key 'foo' in 'foo=bar'",
-        ),
-        (
-            "type=bind,target=/x,mode=0700",
-            "mode not allowed for \"bind\" type mounts",
-        ),
-        (
-            "type=tmpfs,target=/x,uid=1",
-            "uid not allowed for \"tmpfs\" type mounts",
-        ),
-        (
-            "type=bind,target=/x,gid=1",
-            "gid not allowed for \"bind\" type mounts",
-        ),
-        (
-            "type=bind,target=/x,required",
-            "unexpected key 'required' for mount type 'bind'",
-        ),
-        (
-            "type=cache,target=/x,required=true",
-            "unexpected key 'required' for mount type 'cache'",
-        ),
-        (
-            "type=cache,target=/x,size=1m",
-            "unexpected key 'size' for mount type 'cache'",
-        ),
-        (
-            "type=tmpfs,target=/x,size=lots",
-            "invalid value for size: lots",
-        ),
-        (
-            "type=cache,target=/x,mode=999",
-            "invalid value 999 for mode",
-        ),
+        ("type=bind,target=/x,foo=bar", "unexpected key 'foo' in 'foo=bar'"),
+        ("type=bind,target=/x,mode=0700", "mode not allowed for \"bind\" type mounts"),
+        ("type=tmpfs,target=/x,uid=1", "uid not allowed for \"tmpfs\" type mounts"),
+        ("type=bind,target=/x,gid=1", "gid not allowed for \"bind\" type mounts"),
+        ("type=bind,target=/x,required", "unexpected key 'required' for mount type 'bind'"),
+        ("type=cache,target=/x,required=true", "unexpected key 'required' for mount type 'cache'"),
+        ("type=cache,target=/x,size=1m", "unexpected key 'size' for mount type 'cache'"),
+        ("type=tmpfs,target=/x,size=lots", "invalid value for size: lots"),
+        ("type=cache,target=/x,mode=999", "invalid value 999 for mode"),
         ("type=cache,target=/x,uid=-1", "invalid value -1 for uid"),
-        (
-            "type=cache,target=/x,sharing=all",
-            "unsupported sharing value \"all\"",
-        ),
-        (
-            "type=bind,target=/x,sharing=shared",
-            "invalid cache sharing set for bind mount",
-        ),
-        (
-            "type=secret,from=x,target=/x",
-            "secret mount should not have a from",
-        ),
-        (
-            "type=secret",
-            "invalid secret mount. one of source, target required",
-        ),
-        (
-            "type=secret,source=a,id=b",
-            "both source and id can't be set",
-        ),
-        (
-            "type=secret,id=a,sharing=shared",
-            "secret mount should not define sharing",
-        ),
-        (
-            "type=bind,target=/x,ro=maybe",
-            "invalid value for ro: maybe",
-        ),
-        (
-            "type=bind,bogus",
-            "invalid field 'bogus' must be a key=value pair",
-        ),
+        ("type=cache,target=/x,sharing=all", "unsupported sharing value \"all\""),
+        ("type=bind,target=/x,sharing=shared", "invalid cache sharing set for bind mount"),
+        ("type=secret,from=x,target=/x", "secret mount should not have a from"),
+        ("type=secret", "invalid secret mount. one of source, target required"),
+        ("type=secret,source=a,id=b", "both source and id can't be set"),
+        ("type=secret,id=a,sharing=shared", "secret mount should not define sharing"),
+        ("type=bind,target=/x,ro=maybe", "invalid value for ro: maybe"),
+        ("type=bind,bogus", "invalid field 'bogus' must be a key=value pair"),
     ];
     for (v, want) in cases {
         let e = mount(v).unwrap_err();
@@ -688,10 +429,7 @@ fn chmod_values() {
         ("10000", Err(())),
         ("0789", Err(())),
         ("u+x", Ok(ChmodSpec::Symbolic("u+x".into()))),
-        (
-            "u+rwx,g-w,o=",
-            Ok(ChmodSpec::Symbolic("u+rwx,g-w,o=".into())),
-        ),
+        ("u+rwx,g-w,o=", Ok(ChmodSpec::Symbolic("u+rwx,g-w,o=".into()))),
         ("a=rX", Ok(ChmodSpec::Symbolic("a=rX".into()))),
         ("+x", Ok(ChmodSpec::Symbolic("+x".into()))),
         ("u", Err(())),
@@ -702,24 +440,12 @@ fn chmod_values() {
     for (v, want) in cases {
         assert_eq!(parse_chmod(v).map_err(|_| ()), *want, "{v}");
     }
-    assert!(parse_chmod("10000")
-        .unwrap_err()
-        .contains("between 0 and 07777"));
+    assert!(parse_chmod("10000").unwrap_err().contains("between 0 and 07777"));
 }
 
 #[test]
 fn signals() {
-    for ok_sig in [
-        "SIGTERM",
-        "TERM",
-        "sigkill",
-        "9",
-        "SIGRTMIN+3",
-        "RTMAX-2",
-        "SIGRTMAX",
-        "SIGWINCH",
-        "-1",
-    ] {
+    for ok_sig in ["SIGTERM", "TERM", "sigkill", "9", "SIGRTMIN+3", "RTMAX-2", "SIGRTMAX", "SIGWINCH", "-1"] {
         assert!(validate_signal(ok_sig).is_ok(), "{ok_sig}");
     }
     for bad in ["0", "SIGFOO", "RTMIN+16", "", "SIG"] {
@@ -754,21 +480,14 @@ fn port_specs() {
 
 #[test]
 fn unknown_instruction_is_named_with_a_suggestion() {
-    assert_eq!(
-        err("RUNN make"),
-        "unknown instruction \"RUNN\" (did you mean RUN?)"
-    );
-    assert_eq!(
-        err("copyy a b"),
-        "unknown instruction \"COPYY\" (did you mean COPY?)"
-    );
+    assert_eq!(err("RUNN make"), "unknown instruction \"RUNN\" (did you mean RUN?)");
+    assert_eq!(err("copyy a b"), "unknown instruction \"COPYY\" (did you mean COPY?)");
     assert_eq!(err("FOOBARBAZ x"), "unknown instruction \"FOOBARBAZ\"");
 }
 
 #[test]
 fn stages_group_instructions() {
-    let df =
-        parse("ARG V=1\nARG W\nFROM a AS one\nRUN x\nFROM one\nCOPY --from=one a b\n").unwrap();
+    let df = parse("ARG V=1\nARG W\nFROM a AS one\nRUN x\nFROM one\nCOPY --from=one a b\n").unwrap();
     let st = parse_stages(&df).unwrap();
     assert_eq!(st.meta_args.len(), 2);
     assert_eq!(st.stages.len(), 2);
@@ -783,11 +502,7 @@ fn instructions_before_from_are_errors() {
     let df = parse("RUN x\nFROM a\n").unwrap();
     let e = parse_stages(&df).unwrap_err();
     assert_eq!(e.line, 1);
-    assert!(
-        e.message.starts_with("no build stage in current context"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.starts_with("no build stage in current context"), "{}", e.message);
     let df = parse("ARG X\nENV A=b\nFROM a\n").unwrap();
     assert_eq!(parse_stages(&df).unwrap_err().line, 2);
 }
@@ -797,10 +512,7 @@ fn error_lines_point_at_the_instruction() {
     let df = parse("FROM a\nRUN ok\n\n\nRUNN bad\n").unwrap();
     let e = parse_stages(&df).unwrap_err();
     assert_eq!(e.line, 5);
-    assert_eq!(
-        e.to_string(),
-        "line 5: unknown instruction \"RUNN\" (did you mean RUN?)"
-    );
+    assert_eq!(e.to_string(), "line 5: unknown instruction \"RUNN\" (did you mean RUN?)");
 }
 
 #[test]

@@ -22,49 +22,26 @@ fn v(items: &[&str]) -> Vec<String> {
 fn directives_are_recognised_only_at_the_top() {
     // (text, expected (name, value) pairs, expected escape)
     let cases: &[(&str, &[(&str, &str)], char)] = &[
-        (
-            "# syntax=docker/dockerfile:1\nFROM a\n",
-            &[("syntax", "docker/dockerfile:1")],
-            '\\',
-        ),
+        ("# syntax=docker/dockerfile:1\nFROM a\n", &[("syntax", "docker/dockerfile:1")], '\\'),
         ("# escape=`\nFROM a\n", &[("escape", "`")], '`'),
         ("#escape=\\\nFROM a\n", &[("escape", "\\")], '\\'),
         ("# ESCAPE = `\nFROM a\n", &[("escape", "`")], '`'),
         ("#  escape   =   `  \nFROM a\n", &[("escape", "`")], '`'),
-        (
-            "# check=skip=JSONArgsRecommended\nFROM a\n",
-            &[("check", "skip=JSONArgsRecommended")],
-            '\\',
-        ),
-        (
-            "# syntax=x\n# escape=`\n# check=error=true\nFROM a\n",
-            &[("syntax", "x"), ("escape", "`"), ("check", "error=true")],
-            '`',
-        ),
+        ("# check=skip=JSONArgsRecommended\nFROM a\n", &[("check", "skip=JSONArgsRecommended")], '\\'),
+        ("# syntax=x\n# escape=`\n# check=error=true\nFROM a\n", &[("syntax", "x"), ("escape", "`"), ("check", "error=true")], '`'),
         ("FROM a\n# escape=`\n", &[], '\\'),
         ("# comment\n# escape=`\nFROM a\n", &[], '\\'),
         ("\n# escape=`\nFROM a\n", &[], '\\'),
         ("# unknowndirective=x\n# escape=`\nFROM a\n", &[], '\\'),
-        (
-            "# escape=`\n\n# syntax=x\nFROM a\n",
-            &[("escape", "`")],
-            '`',
-        ),
+        ("# escape=`\n\n# syntax=x\nFROM a\n", &[("escape", "`")], '`'),
         ("\u{feff}# escape=`\nFROM a\n", &[("escape", "`")], '`'),
         ("  # escape=`\nFROM a\n", &[("escape", "`")], '`'),
         ("# escape =\nFROM a\n", &[], '\\'),
     ];
     for (text, want, esc) in cases {
         let df = p(text);
-        let got: Vec<(String, String)> = df
-            .directives
-            .iter()
-            .map(|d| (d.name.clone(), d.value.clone()))
-            .collect();
-        let want: Vec<(String, String)> = want
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
+        let got: Vec<(String, String)> = df.directives.iter().map(|d| (d.name.clone(), d.value.clone())).collect();
+        let want: Vec<(String, String)> = want.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         assert_eq!(got, want, "directives of {text:?}");
         assert_eq!(df.escape, *esc, "escape of {text:?}");
     }
@@ -73,17 +50,10 @@ fn directives_are_recognised_only_at_the_top() {
 #[test]
 fn directive_errors_name_the_line() {
     let e = parse("# escape=`\n# escape=\\\nFROM a\n").unwrap_err();
-    assert_eq!(
-        (e.line, e.message.as_str()),
-        (2, "only one escape parser directive can be used")
-    );
+    assert_eq!((e.line, e.message.as_str()), (2, "only one escape parser directive can be used"));
     let e = parse("# escape=x\nFROM a\n").unwrap_err();
     assert_eq!(e.line, 1);
-    assert!(
-        e.message.contains("invalid escape token 'x'"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("invalid escape token 'x'"), "{}", e.message);
     let e = parse("# syntax=a\n# syntax=b\nFROM a").unwrap_err();
     assert_eq!(e.line, 2);
 }
@@ -101,12 +71,7 @@ fn continuations_join_lines() {
     let cases: &[(&str, &str, usize, usize)] = &[
         ("FROM a\nRUN echo \\\n  hello\n", "RUN echo   hello", 2, 3),
         ("FROM a\nRUN a \\\n# comment\n  b\n", "RUN a   b", 2, 4),
-        (
-            "FROM a\nRUN a \\\n   # indented comment\n  b\n",
-            "RUN a   b",
-            2,
-            4,
-        ),
+        ("FROM a\nRUN a \\\n   # indented comment\n  b\n", "RUN a   b", 2, 4),
         ("FROM a\nRUN a \\\n\n  b\n", "RUN a   b", 2, 4),
         ("FROM a\nRUN a \\  \t\n  b\n", "RUN a   b", 2, 3),
         ("FROM a\nRUN a\\\\\n", "RUN a\\\\", 2, 2),
@@ -159,11 +124,7 @@ fn shell_and_exec_forms() {
         ("RUN [\"a\" \"b\"]", &["[\"a\" \"b\"]"], false),
         ("RUN [echo]", &["[echo]"], false),
         ("RUN []", &[], true),
-        (
-            "CMD [\"/bin/sh\",\"-c\",\"x\"]",
-            &["/bin/sh", "-c", "x"],
-            true,
-        ),
+        ("CMD [\"/bin/sh\",\"-c\",\"x\"]", &["/bin/sh", "-c", "x"], true),
         ("CMD echo \"$HOME\"", &["echo \"$HOME\""], false),
         ("ENTRYPOINT [\"a\\u0041\"]", &["aA"], true),
         ("ENTRYPOINT [\"a\"] trailing", &["[\"a\"] trailing"], false),
@@ -192,20 +153,10 @@ fn shell_and_exec_forms() {
 
 #[test]
 fn json_with_non_string_items_is_an_error() {
-    for line in [
-        "RUN [\"a\", 1]",
-        "CMD [null]",
-        "COPY [\"a\", true]",
-        "ENTRYPOINT [[\"a\"]]",
-    ] {
+    for line in ["RUN [\"a\", 1]", "CMD [null]", "COPY [\"a\", true]", "ENTRYPOINT [[\"a\"]]"] {
         let e = parse(&format!("FROM x\n{line}\n")).unwrap_err();
         assert_eq!(e.line, 2, "{line}");
-        assert!(
-            e.message
-                .contains("arrays must be comprised of strings only"),
-            "{line}: {}",
-            e.message
-        );
+        assert!(e.message.contains("arrays must be comprised of strings only"), "{line}: {}", e.message);
     }
 }
 
@@ -217,10 +168,7 @@ fn env_and_label_forms() {
         ("ENV A=1 B=2", &["A", "1", "=", "B", "2", "="]),
         ("ENV A \"hello world\"", &["A", "\"hello world\"", ""]),
         ("ENV A  b c  d", &["A", "b c  d", ""]),
-        (
-            "ENV A=\"a b\" C='d e'",
-            &["A", "\"a b\"", "=", "C", "'d e'", "="],
-        ),
+        ("ENV A=\"a b\" C='d e'", &["A", "\"a b\"", "=", "C", "'d e'", "="]),
         ("ENV A=a\\ b", &["A", "a\\ b", "="]),
         ("ENV A=", &["A", "", "="]),
         ("ENV A=b=c", &["A", "b=c", "="]),
@@ -236,10 +184,7 @@ fn env_and_label_forms() {
 #[test]
 fn env_errors() {
     let e = parse("FROM x\nENV A\n").unwrap_err();
-    assert_eq!(
-        (e.line, e.message.as_str()),
-        (2, "ENV must have two arguments")
-    );
+    assert_eq!((e.line, e.message.as_str()), (2, "ENV must have two arguments"));
     let e = parse("FROM x\nENV A=1 B\n").unwrap_err();
     assert!(e.message.contains("can't find = in \"B\""), "{}", e.message);
     let e = parse("FROM x\nLABEL a\n").unwrap_err();
@@ -269,11 +214,7 @@ fn builder_flags_are_split_off() {
     // (rest, expected remaining text, expected flags)
     let cases: &[(&str, &str, &[&str])] = &[
         ("--from=a b c", "b c", &["--from=a"]),
-        (
-            "--from=a --chown=1:2 b c",
-            "b c",
-            &["--from=a", "--chown=1:2"],
-        ),
+        ("--from=a --chown=1:2 b c", "b c", &["--from=a", "--chown=1:2"]),
         ("--link a b", "a b", &["--link"]),
         ("--chown=\"a b\" x y", "x y", &["--chown=a b"]),
         ("--chown='a b' x", "x", &["--chown=a b"]),
@@ -282,22 +223,14 @@ fn builder_flags_are_split_off() {
         ("--from=a -- --x y", " --x y", &["--from=a"]),
         ("-x y", "-x y", &[]),
         ("a --b", "a --b", &[]),
-        (
-            "--mount=type=cache,target=/x make",
-            "make",
-            &["--mount=type=cache,target=/x"],
-        ),
+        ("--mount=type=cache,target=/x make", "make", &["--mount=type=cache,target=/x"]),
         ("--flag", "", &["--flag"]),
         ("", "", &[]),
         ("--x=\"\" y", "y", &["--x="]),
     ];
     for (rest, want_rest, want_flags) in cases {
         let (r, f) = extract_builder_flags(rest);
-        assert_eq!(
-            (r.as_str(), f),
-            (*want_rest, v(want_flags)),
-            "extract_builder_flags({rest:?})"
-        );
+        assert_eq!((r.as_str(), f), (*want_rest, v(want_flags)), "extract_builder_flags({rest:?})");
     }
 }
 
@@ -315,21 +248,9 @@ fn flags_are_attached_to_nodes() {
 fn healthcheck_forms() {
     let cases: &[(&str, &[&str], bool)] = &[
         ("HEALTHCHECK NONE", &["NONE"], false),
-        (
-            "HEALTHCHECK CMD curl -f http://x/",
-            &["CMD", "curl -f http://x/"],
-            false,
-        ),
-        (
-            "HEALTHCHECK CMD [\"curl\", \"-f\"]",
-            &["CMD", "curl", "-f"],
-            true,
-        ),
-        (
-            "HEALTHCHECK --interval=5s CMD true",
-            &["CMD", "true"],
-            false,
-        ),
+        ("HEALTHCHECK CMD curl -f http://x/", &["CMD", "curl -f http://x/"], false),
+        ("HEALTHCHECK CMD [\"curl\", \"-f\"]", &["CMD", "curl", "-f"], true),
+        ("HEALTHCHECK --interval=5s CMD true", &["CMD", "true"], false),
         ("HEALTHCHECK CMD", &["CMD"], false),
     ];
     for (line, want, json) in cases {
@@ -355,87 +276,30 @@ fn heredocs_basic_forms() {
     // (text, expected (name, expand, chomp, content) per heredoc)
     type Doc<'a> = (&'a str, bool, bool, &'a str);
     let cases: &[(&str, &[Doc])] = &[
-        (
-            "FROM x\nRUN <<EOF\necho hi\nEOF\n",
-            &[("EOF", true, false, "echo hi\n")],
-        ),
-        (
-            "FROM x\nRUN <<'EOF'\necho $HOME\nEOF\n",
-            &[("EOF", false, false, "echo $HOME\n")],
-        ),
-        (
-            "FROM x\nRUN <<\"EOF\"\nx\nEOF\n",
-            &[("EOF", false, false, "x\n")],
-        ),
-        (
-            "FROM x\nRUN <<E\"O\"F\nx\nEOF\n",
-            &[("EOF", false, false, "x\n")],
-        ),
-        (
-            "FROM x\nRUN <<-EOF\n\techo hi\n\tEOF\n",
-            &[("EOF", true, true, "\techo hi\n")],
-        ),
-        (
-            "FROM x\nRUN python3 <<EOF\nprint(1)\nEOF\n",
-            &[("EOF", true, false, "print(1)\n")],
-        ),
-        (
-            "FROM x\nRUN cat <<EOF > /f\nhello\nEOF\n",
-            &[("EOF", true, false, "hello\n")],
-        ),
-        (
-            "FROM x\nRUN cat > /f <<'EOT'\nhello $X\nEOT\n",
-            &[("EOT", false, false, "hello $X\n")],
-        ),
-        (
-            "FROM x\nRUN <<A <<B\na\nA\nb\nB\n",
-            &[("A", true, false, "a\n"), ("B", true, false, "b\n")],
-        ),
-        (
-            "FROM x\nRUN 3<<EOF cat /dev/fd/3\nx\nEOF\n",
-            &[("EOF", true, false, "x\n")],
-        ),
+        ("FROM x\nRUN <<EOF\necho hi\nEOF\n", &[("EOF", true, false, "echo hi\n")]),
+        ("FROM x\nRUN <<'EOF'\necho $HOME\nEOF\n", &[("EOF", false, false, "echo $HOME\n")]),
+        ("FROM x\nRUN <<\"EOF\"\nx\nEOF\n", &[("EOF", false, false, "x\n")]),
+        ("FROM x\nRUN <<E\"O\"F\nx\nEOF\n", &[("EOF", false, false, "x\n")]),
+        ("FROM x\nRUN <<-EOF\n\techo hi\n\tEOF\n", &[("EOF", true, true, "\techo hi\n")]),
+        ("FROM x\nRUN python3 <<EOF\nprint(1)\nEOF\n", &[("EOF", true, false, "print(1)\n")]),
+        ("FROM x\nRUN cat <<EOF > /f\nhello\nEOF\n", &[("EOF", true, false, "hello\n")]),
+        ("FROM x\nRUN cat > /f <<'EOT'\nhello $X\nEOT\n", &[("EOT", false, false, "hello $X\n")]),
+        ("FROM x\nRUN <<A <<B\na\nA\nb\nB\n", &[("A", true, false, "a\n"), ("B", true, false, "b\n")]),
+        ("FROM x\nRUN 3<<EOF cat /dev/fd/3\nx\nEOF\n", &[("EOF", true, false, "x\n")]),
         ("FROM x\nRUN <<EOF\nEOF\n", &[("EOF", true, false, "")]),
-        (
-            "FROM x\nRUN <<EOF\n\n\nEOF\n",
-            &[("EOF", true, false, "\n\n")],
-        ),
-        (
-            "FROM x\nCOPY <<EOF /dest\ncontent\nEOF\n",
-            &[("EOF", true, false, "content\n")],
-        ),
-        (
-            "FROM x\nCOPY <<a.txt <<b.txt /dest/\nA\na.txt\nB\nb.txt\n",
-            &[("a.txt", true, false, "A\n"), ("b.txt", true, false, "B\n")],
-        ),
-        (
-            "FROM x\nADD <<EOF /x\ny\nEOF\n",
-            &[("EOF", true, false, "y\n")],
-        ),
-        (
-            "FROM x\nRUN <<EOF\r\nline\r\nEOF\r\n",
-            &[("EOF", true, false, "line\r\n")],
-        ),
-        (
-            "FROM x\nRUN <<EOF\n  EOF\nEOF\n",
-            &[("EOF", true, false, "  EOF\n")],
-        ),
-        (
-            "FROM x\nONBUILD RUN <<EOF\necho\nEOF\n",
-            &[("EOF", true, false, "echo\n")],
-        ),
+        ("FROM x\nRUN <<EOF\n\n\nEOF\n", &[("EOF", true, false, "\n\n")]),
+        ("FROM x\nCOPY <<EOF /dest\ncontent\nEOF\n", &[("EOF", true, false, "content\n")]),
+        ("FROM x\nCOPY <<a.txt <<b.txt /dest/\nA\na.txt\nB\nb.txt\n", &[("a.txt", true, false, "A\n"), ("b.txt", true, false, "B\n")]),
+        ("FROM x\nADD <<EOF /x\ny\nEOF\n", &[("EOF", true, false, "y\n")]),
+        ("FROM x\nRUN <<EOF\r\nline\r\nEOF\r\n", &[("EOF", true, false, "line\r\n")]),
+        ("FROM x\nRUN <<EOF\n  EOF\nEOF\n", &[("EOF", true, false, "  EOF\n")]),
+        ("FROM x\nONBUILD RUN <<EOF\necho\nEOF\n", &[("EOF", true, false, "echo\n")]),
     ];
     for (text, want) in cases {
         let n = one(text);
-        let got: Vec<(String, bool, bool, String)> = n
-            .heredocs
-            .iter()
-            .map(|h| (h.name.clone(), h.expand, h.chomp, h.content.clone()))
-            .collect();
-        let want: Vec<(String, bool, bool, String)> = want
-            .iter()
-            .map(|(a, b, c, d)| (a.to_string(), *b, *c, d.to_string()))
-            .collect();
+        let got: Vec<(String, bool, bool, String)> =
+            n.heredocs.iter().map(|h| (h.name.clone(), h.expand, h.chomp, h.content.clone())).collect();
+        let want: Vec<(String, bool, bool, String)> = want.iter().map(|(a, b, c, d)| (a.to_string(), *b, *c, d.to_string())).collect();
         assert_eq!(got, want, "heredocs of {text:?}");
     }
 }
@@ -467,11 +331,7 @@ fn heredoc_line_numbers_cover_the_body() {
 fn unterminated_heredoc_is_an_error_at_the_instruction() {
     let e = parse("FROM x\nRUN <<EOF\necho\n").unwrap_err();
     assert_eq!(e.line, 2);
-    assert!(
-        e.message.starts_with("unterminated heredoc"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.starts_with("unterminated heredoc"), "{}", e.message);
     let e = parse("FROM x\nRUN <<-EOF\n\techo\n  EOF\n").unwrap_err();
     assert_eq!(e.line, 2);
 }
@@ -496,10 +356,7 @@ fn heredoc_word_recognition() {
         ("<<a\\ b", Some(("a b", true, false, 0))),
     ];
     for (word, want) in cases {
-        let got = parse_heredoc(word)
-            .ok()
-            .flatten()
-            .map(|h| (h.name, h.expand, h.chomp, h.fd));
+        let got = parse_heredoc(word).ok().flatten().map(|h| (h.name, h.expand, h.chomp, h.fd));
         let want = want.map(|(a, b, c, d)| (a.to_string(), b, c, d));
         assert_eq!(got, want, "parse_heredoc({word:?})");
     }
@@ -508,13 +365,7 @@ fn heredoc_word_recognition() {
 #[test]
 fn chomp_strips_leading_tabs_of_every_line() {
     assert_eq!(chomp_heredoc_content("\t\ta\n\tb\n c\n"), "a\nb\n c\n");
-    let h = Heredoc {
-        name: "E".into(),
-        fd: 0,
-        expand: true,
-        chomp: true,
-        content: "\tx\n".into(),
-    };
+    let h = Heredoc { name: "E".into(), fd: 0, expand: true, chomp: true, content: "\tx\n".into() };
     assert_eq!(h.chomped_content(), "x\n");
 }
 
@@ -536,11 +387,7 @@ fn unknown_instructions_parse_as_nodes_without_args() {
 #[test]
 fn every_node_records_its_lines() {
     let df = p("FROM a\n\nRUN x \\\n  y\n\n# c\nCOPY a b\n");
-    let lines: Vec<(usize, usize)> = df
-        .nodes
-        .iter()
-        .map(|n| (n.start_line, n.end_line))
-        .collect();
+    let lines: Vec<(usize, usize)> = df.nodes.iter().map(|n| (n.start_line, n.end_line)).collect();
     assert_eq!(lines, vec![(1, 1), (3, 4), (7, 7)]);
 }
 
@@ -550,11 +397,7 @@ fn every_node_records_its_lines() {
 fn buildkit_testfile_health() {
     let text = "FROM debian\nADD check.sh main.sh /app/\nCMD /app/main.sh\nHEALTHCHECK\nHEALTHCHECK --interval=5s --timeout=3s --retries=3 \\\n  CMD /app/check.sh --quiet\nHEALTHCHECK CMD\nHEALTHCHECK   CMD   a b\nHEALTHCHECK --timeout=3s CMD [\"foo\"]\nHEALTHCHECK CONNECT TCP 7000\n";
     let df = p(text);
-    let dump: Vec<String> = df
-        .nodes
-        .iter()
-        .map(|n| format!("{} {:?} {:?}", n.keyword(), n.flags, n.args))
-        .collect();
+    let dump: Vec<String> = df.nodes.iter().map(|n| format!("{} {:?} {:?}", n.keyword(), n.flags, n.args)).collect();
     assert_eq!(
         dump,
         vec![
@@ -577,15 +420,7 @@ mod props {
     use proptest::prelude::*;
 
     #[allow(clippy::type_complexity)]
-    fn strip(
-        df: &Dockerfile,
-    ) -> Vec<(
-        String,
-        Vec<String>,
-        Vec<String>,
-        bool,
-        Vec<(String, String)>,
-    )> {
+    fn strip(df: &Dockerfile) -> Vec<(String, Vec<String>, Vec<String>, bool, Vec<(String, String)>)> {
         df.nodes
             .iter()
             .map(|n| {
@@ -594,10 +429,7 @@ mod props {
                     n.flags.clone(),
                     n.args.clone(),
                     n.json,
-                    n.heredocs
-                        .iter()
-                        .map(|h| (h.name.clone(), h.content.clone()))
-                        .collect(),
+                    n.heredocs.iter().map(|h| (h.name.clone(), h.content.clone())).collect(),
                 )
             })
             .collect()
@@ -676,11 +508,7 @@ fn trailing_escape_at_end_of_file_survives_printing() {
 /// Found by fuzzing: the same with a carriage return before the final escape.
 #[test]
 fn trailing_escape_and_carriage_return_at_end_of_file_survive_printing() {
-    for text in [
-        "FROM x\nRUN e\\\r\\",
-        "FROM x\nRUN e\\ \r \\",
-        "FROM x\nRUN \\ \\",
-    ] {
+    for text in ["FROM x\nRUN e\\\r\\", "FROM x\nRUN e\\ \r \\", "FROM x\nRUN \\ \\"] {
         let df = p(text);
         let printed = crate::print::print(&df);
         let again = p(&printed);

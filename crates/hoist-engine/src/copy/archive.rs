@@ -115,11 +115,7 @@ pub(crate) fn extract(
     limits: &CopyLimits,
     stats: &mut CopyStats,
 ) -> Result<(), CopyError> {
-    let aerr = |entry: &str, reason: String| CopyError::Archive {
-        archive: shown.to_string(),
-        entry: entry.to_string(),
-        reason,
-    };
+    let aerr = |entry: &str, reason: String| CopyError::Archive { archive: shown.to_string(), entry: entry.to_string(), reason };
     let f = open_nofollow(archive).map_err(|e| aerr("", format!("cannot open: {e}")))?;
     let compressed = f.metadata().map(|m| m.len()).unwrap_or(0);
     let r = decompressed(f).map_err(|e| aerr("", format!("cannot decompress: {e}")))?;
@@ -172,9 +168,7 @@ pub(crate) fn extract(
                     Err(_) if blank(&old.gid) => 0,
                     Err(e) => return Err(aerr(&name_shown, format!("bad gid: {e}"))),
                 };
-                let to32 = |v: u64, what: &str| {
-                    u32::try_from(v).map_err(|_| aerr(&name_shown, format!("{what} {v} is out of range")))
-                };
+                let to32 = |v: u64, what: &str| u32::try_from(v).map_err(|_| aerr(&name_shown, format!("{what} {v} is out of range")));
                 (to32(uid, "uid")?, to32(gid, "gid")?)
             }
         };
@@ -192,14 +186,11 @@ pub(crate) fn extract(
             continue;
         }
         let parent = &resolved[..resolved.len() - 1];
-        rootfs::create_resolved_dirs(dir, parent, 0o755, Some((0, 0)), &name_shown)
-            .map_err(|e| aerr(&name_shown, e.to_string()))?;
+        rootfs::create_resolved_dirs(dir, parent, 0o755, Some((0, 0)), &name_shown).map_err(|e| aerr(&name_shown, e.to_string()))?;
         let target = rootfs::join_components(dir, &resolved);
         match fs::symlink_metadata(&target) {
             Ok(m) if m.is_dir() && is_dir => {}
-            Ok(m) if m.is_dir() => {
-                fs::remove_dir_all(&target).map_err(|e| aerr(&name_shown, format!("cannot replace: {e}")))?
-            }
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&target).map_err(|e| aerr(&name_shown, format!("cannot replace: {e}")))?,
             Ok(_) => fs::remove_file(&target).map_err(|e| aerr(&name_shown, format!("cannot replace: {e}")))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(aerr(&name_shown, format!("lstat: {e}"))),
@@ -251,23 +242,19 @@ pub(crate) fn extract(
                 stats.bytes += size;
             }
             tar::EntryType::Symlink => {
-                let link =
-                    entry.link_name_bytes().ok_or_else(|| aerr(&name_shown, "symlink without a target".into()))?;
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&link), &target)
-                    .map_err(|e| ioerr("symlink", e))?;
+                let link = entry.link_name_bytes().ok_or_else(|| aerr(&name_shown, "symlink without a target".into()))?;
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&link), &target).map_err(|e| ioerr("symlink", e))?;
                 std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(|e| ioerr("chown", e))?;
                 super::set_times(&target, mtime, 0, mtime, 0).map_err(|e| ioerr("utimes", e))?;
                 stats.symlinks += 1;
             }
             tar::EntryType::Link => {
-                let link =
-                    entry.link_name_bytes().ok_or_else(|| aerr(&name_shown, "hard link without a target".into()))?;
+                let link = entry.link_name_bytes().ok_or_else(|| aerr(&name_shown, "hard link without a target".into()))?;
                 let lcomps = clean_tar_name(&link);
                 if lcomps.is_empty() {
                     return Err(aerr(&name_shown, "hard link to the extraction directory itself".into()));
                 }
-                let lres = rootfs::resolve_components(dir, &join_bytes(&lcomps), false)
-                    .map_err(|e| aerr(&name_shown, e.to_string()))?;
+                let lres = rootfs::resolve_components(dir, &join_bytes(&lcomps), false).map_err(|e| aerr(&name_shown, e.to_string()))?;
                 let lpath = rootfs::join_components(dir, &lres);
                 let lmeta = fs::symlink_metadata(&lpath).map_err(|_| {
                     aerr(
@@ -292,10 +279,7 @@ pub(crate) fn extract(
             other => {
                 return Err(aerr(
                     &name_shown,
-                    format!(
-                        "unsupported entry type {:?} (only files, directories, symlinks and hard links are extracted)",
-                        other
-                    ),
+                    format!("unsupported entry type {:?} (only files, directories, symlinks and hard links are extracted)", other),
                 ))
             }
         }

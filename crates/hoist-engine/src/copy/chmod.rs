@@ -218,11 +218,8 @@ fn add_cmd(cmds: &mut Vec<Cmd>, op: u8, who: u32, arg: u32, mask: u32) {
 }
 
 fn add_copy(cmds: &mut Vec<Cmd>, from: u8, who: u32, op: u8, mask: u32) {
-    let (to_u, to_g, to_o, bits) = if who != 0 {
-        (who & 0o400 != 0, who & 0o040 != 0, who & 0o004 != 0, u32::MAX)
-    } else {
-        (true, true, true, mask)
-    };
+    let (to_u, to_g, to_o, bits) =
+        if who != 0 { (who & 0o400 != 0, who & 0o040 != 0, who & 0o004 != 0, u32::MAX) } else { (true, true, true, mask) };
     let (set, clear) = match op {
         b'+' => (true, false),
         b'-' => (false, true),
@@ -272,12 +269,7 @@ mod tests {
         ];
         for (s, start, dir, want) in cases {
             let set = ModeSet::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
-            assert_eq!(
-                set.apply(*start, *dir),
-                *want,
-                "chmod {s} on {start:o} (dir={dir}) = {:o}",
-                set.apply(*start, *dir)
-            );
+            assert_eq!(set.apply(*start, *dir), *want, "chmod {s} on {start:o} (dir={dir}) = {:o}", set.apply(*start, *dir));
         }
     }
 

@@ -285,17 +285,17 @@ impl Planner<'_> {
                     }
                 }
                 CopySource::Url { url, .. } => out.push(Planned::Url { url: url.clone() }),
-                CopySource::Inline { name, content } => {
-                    out.push(Planned::Inline { name: name.clone(), content: content.clone() })
-                }
+                CopySource::Inline { name, content } => out.push(Planned::Inline { name: name.clone(), content: content.clone() }),
             }
         }
         Ok(out)
     }
 
     fn resolve(&self, spec: &str, path: &str) -> Result<(PathBuf, String), CopyError> {
-        let comps = rootfs::resolve_components(self.src_root, path.as_bytes(), true).map_err(|error| {
-            CopyError::SourceResolve { source_path: spec.to_string(), from: self.from(), error: Box::new(error) }
+        let comps = rootfs::resolve_components(self.src_root, path.as_bytes(), true).map_err(|error| CopyError::SourceResolve {
+            source_path: spec.to_string(),
+            from: self.from(),
+            error: Box::new(error),
         })?;
         let rel = comps.iter().map(|c| c.to_string_lossy()).collect::<Vec<_>>().join("/");
         Ok((rootfs::join_components(self.src_root, &comps), rel))
@@ -353,11 +353,7 @@ impl Planner<'_> {
         let mut items = Vec::new();
         let dir = if rel.is_empty() { base_real.to_path_buf() } else { base_real.join(&rel) };
         for name in read_dir_sorted(&dir).map_err(io_error("read directory", format!("/{base_rel}/{rel}")))? {
-            let child = if rel.is_empty() {
-                name.to_string_lossy().into_owned()
-            } else {
-                format!("{rel}/{}", name.to_string_lossy())
-            };
+            let child = if rel.is_empty() { name.to_string_lossy().into_owned() } else { format!("{rel}/{}", name.to_string_lossy()) };
             // a malformed pattern matches nothing, as in fsutil (which ignores Match's error)
             let matched = pattern::go_match(pat, &child).unwrap_or(false);
             if matched {
@@ -370,8 +366,7 @@ impl Planner<'_> {
                 continue;
             }
             if d + 1 < depth {
-                let cm =
-                    fs::symlink_metadata(dir.join(&name)).map_err(io_error("lstat", format!("/{base_rel}/{child}")))?;
+                let cm = fs::symlink_metadata(dir.join(&name)).map_err(io_error("lstat", format!("/{base_rel}/{child}")))?;
                 if cm.is_dir() {
                     items.append(&mut self.expand_walk(base_real, base_rel, pat, depth, (child, d + 1), spec)?);
                 }
@@ -444,11 +439,7 @@ fn walk(
             }
             continue;
         };
-        let rel = if fr.rel.is_empty() {
-            name.to_string_lossy().into_owned()
-        } else {
-            format!("{}/{}", fr.rel, name.to_string_lossy())
-        };
+        let rel = if fr.rel.is_empty() { name.to_string_lossy().into_owned() } else { format!("{}/{}", fr.rel, name.to_string_lossy()) };
         let path = fr.path.join(&name);
         let matched_inc = include.is_none_or(|m| m.matches(&rel));
         let excluded = exclude.is_some_and(|m| m.matches(&rel));
@@ -692,7 +683,8 @@ impl Copier<'_> {
             let ts = |s: i64, n: i64| rustix::fs::Timespec { tv_sec: s, tv_nsec: n as _ };
             rustix::fs::fchown(f, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|e| err("chown")(e.into()))?;
             f.set_permissions(mode).map_err(err("chmod"))?;
-            let times = Timestamps { last_access: ts(meta.atime(), meta.atime_nsec()), last_modification: ts(meta.mtime(), meta.mtime_nsec()) };
+            let times =
+                Timestamps { last_access: ts(meta.atime(), meta.atime_nsec()), last_modification: ts(meta.mtime(), meta.mtime_nsec()) };
             rustix::fs::futimens(f, &times).map_err(|e| err("utimes")(e.into()))?;
         } else {
             std::os::unix::fs::lchown(target, Some(uid), Some(gid)).map_err(err("chown"))?;
@@ -903,27 +895,15 @@ impl Copier<'_> {
             self.stats.symlinks += 1;
         } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() || ft.is_socket() {
             use rustix::fs::{FileType, Mode, CWD};
-            rustix::fs::mknodat(
-                CWD,
-                target,
-                FileType::from_raw_mode(meta.mode()),
-                Mode::from_raw_mode(meta.mode() & 0o7777),
-                meta.rdev(),
-            )
-            .map_err(|e| io_error("mknod", self.shown(target))(e.into()))?;
+            rustix::fs::mknodat(CWD, target, FileType::from_raw_mode(meta.mode()), Mode::from_raw_mode(meta.mode() & 0o7777), meta.rdev())
+                .map_err(|e| io_error("mknod", self.shown(target))(e.into()))?;
             self.stats.other += 1;
         }
         self.apply_info(target, None, Some(XattrsFrom::Path(src)), meta)
     }
 
     /// A file that does not come from the source root (URL download, heredoc).
-    fn write_virtual_file(
-        &mut self,
-        name: &str,
-        content: &mut dyn Read,
-        mode: u32,
-        mtime: (i64, i64),
-    ) -> Result<(), CopyError> {
+    fn write_virtual_file(&mut self, name: &str, content: &mut dyn Read, mode: u32, mtime: (i64, i64)) -> Result<(), CopyError> {
         let dst = self.prepare_dest(false, OsStr::new(name), false)?;
         self.make_room_for_file(&dst)?;
         let mut out = self.create_file(&dst)?;
@@ -1044,11 +1024,7 @@ fn hash_file(path: &Path) -> Result<Digest, CopyError> {
 /// Changing any byte or mode of a selected file changes the digest; files not selected don't.
 /// URL sources contribute only their URL and checksum: the caller must add the downloaded
 /// content's digest to the key. A missing non-wildcard source is the same error as in [`copy`].
-pub fn source_digest(
-    src_root: &Path,
-    op: &CopyOp,
-    file_digest: &dyn Fn(&str) -> Option<Digest>,
-) -> Result<Digest, CopyError> {
+pub fn source_digest(src_root: &Path, op: &CopyOp, file_digest: &dyn Fn(&str) -> Option<Digest>) -> Result<Digest, CopyError> {
     let exclude = if op.exclude.is_empty() { None } else { Some(PatternMatcher::new(&op.exclude)?) };
     let planner = Planner { src_root, op, exclude: exclude.clone() };
     let plan = planner.plan()?;

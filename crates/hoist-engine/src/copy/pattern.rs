@@ -556,9 +556,7 @@ mod tests {
 
     #[test]
     fn wildcard_detection() {
-        for (s, w) in
-            [("a.txt", false), ("*.txt", true), ("a?", true), ("[ab]", true), ("a\\*", false), ("dir/x", false)]
-        {
+        for (s, w) in [("a.txt", false), ("*.txt", true), ("a?", true), ("[ab]", true), ("a\\*", false), ("dir/x", false)] {
             assert_eq!(has_wildcards(s), w, "{s}");
         }
     }
@@ -648,11 +646,7 @@ mod tests {
             (&["a(b)c/def"], "a(b)c/def", true),
             (&["a(b)c/def"], "a(b)c/xyz", false),
             (&["a.|)$(}+{bc"], "a.|)$(}+{bc", true),
-            (
-                &["dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl"],
-                "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
-                true,
-            ),
+            (&["dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl"], "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl", true),
             (&["dist/*.whl"], "dist/proxy.py-2.4.0rc1.dev36+g08acad9-py3-none-any.whl", true),
             // parent directory matches
             (&["docs"], "docs/README.md", true),

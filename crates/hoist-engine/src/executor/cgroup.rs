@@ -228,12 +228,18 @@ impl CgroupLayout {
             if controllers.is_empty() {
                 continue;
             }
-            let Some(m) = mounts.iter().find(|m| !m.v2 && controllers.iter().all(|c| m.options.contains(c)) && relative_to(own, &m.root).is_some())
+            let Some(m) =
+                mounts.iter().find(|m| !m.v2 && controllers.iter().all(|c| m.options.contains(c)) && relative_to(own, &m.root).is_some())
             else {
                 continue;
             };
             let rel = relative_to(own, &m.root).unwrap_or_default();
-            hierarchies.push(Hierarchy { version: CgroupVersion::V1, controllers, mount: m.mount.clone(), base: join_cgroup(&m.mount, &rel) });
+            hierarchies.push(Hierarchy {
+                version: CgroupVersion::V1,
+                controllers,
+                mount: m.mount.clone(),
+                base: join_cgroup(&m.mount, &rel),
+            });
         }
         CgroupLayout { hierarchies, unified_mode }
     }
@@ -508,9 +514,10 @@ impl BuildCgroup {
                 }
                 *seen
             }
-            OomCounter::V1Local => {
-                std::fs::read_to_string(self.memory_dir.join("memory.oom_control")).ok().and_then(|t| parse_keyed(&t, "oom_kill")).unwrap_or(0)
-            }
+            OomCounter::V1Local => std::fs::read_to_string(self.memory_dir.join("memory.oom_control"))
+                .ok()
+                .and_then(|t| parse_keyed(&t, "oom_kill"))
+                .unwrap_or(0),
             OomCounter::V2 => {
                 std::fs::read_to_string(self.memory_dir.join("memory.events")).ok().and_then(|t| parse_keyed(&t, "oom_kill")).unwrap_or(0)
             }
@@ -704,7 +711,8 @@ mod tests {
     #[test]
     fn pure_v2_uses_the_parent_of_the_own_cgroup_as_runc_does() {
         let cg = "0::/system.slice/hoist.service\n";
-        let mi = "25 22 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
+        let mi =
+            "25 22 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
         let l = CgroupLayout::parse(cg, mi);
         assert!(l.unified_mode);
         let mem = l.memory().unwrap();

@@ -31,9 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::graph::{NetworkMode, SecurityMode};
 
-pub use cgroup::{
-    random_build_name, remove_leftover_build_cgroups, BuildCgroup, CgroupError, CgroupLayout, CgroupVersion, Hierarchy,
-};
+pub use cgroup::{random_build_name, remove_leftover_build_cgroups, BuildCgroup, CgroupError, CgroupLayout, CgroupVersion, Hierarchy};
 pub use emulation::{check_emulation, qemu_arch};
 pub use network::{Ipv4Subnet, SandboxNetConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
 pub use spec::{DEFAULT_HOSTNAME, DOCKER_DEFAULT_CAPS};
@@ -310,10 +308,7 @@ impl RuncExecutor {
         }
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let cap_bounding = spec::parse_cap_mask(&status).unwrap_or(0);
-        let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-            .maximum
-            .unwrap_or(1 << 20)
-            .min(1 << 20);
+        let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(1 << 20).min(1 << 20);
         let exec = RuncExecutor {
             runtime,
             runtime_root,
@@ -353,11 +348,8 @@ impl RuncExecutor {
 
     /// Ids of the containers the runtime knows in our state dir.
     pub fn list_containers(&self) -> Result<Vec<String>, ExecError> {
-        let out = self
-            .std_cmd()
-            .args(["list", "-q"])
-            .output()
-            .map_err(|e| ExecError::io(format!("run {} list", self.runtime.display()), e))?;
+        let out =
+            self.std_cmd().args(["list", "-q"]).output().map_err(|e| ExecError::io(format!("run {} list", self.runtime.display()), e))?;
         if !out.status.success() {
             return Err(ExecError::Runtime {
                 runtime: self.runtime.display().to_string(),
@@ -472,7 +464,8 @@ impl RuncExecutor {
         {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(&config).map_err(ioe("write", &config))?;
+            let mut f =
+                std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(&config).map_err(ioe("write", &config))?;
             f.write_all(&json).map_err(ioe("write", &config))?;
         }
         Ok(())
@@ -536,7 +529,10 @@ fn validate(spec: &RunSpec) -> Result<(), ExecError> {
         return Err(ExecError::Invalid(format!("cgroup parent {p:?} must be a relative path of [A-Za-z0-9_.-] components")));
     }
     if !spec.rootfs.is_absolute() || !spec.rootfs.is_dir() {
-        return Err(ExecError::InvalidPath { path: spec.rootfs.display().to_string(), reason: "the rootfs must be an existing absolute directory".into() });
+        return Err(ExecError::InvalidPath {
+            path: spec.rootfs.display().to_string(),
+            reason: "the rootfs must be an existing absolute directory".into(),
+        });
     }
     for p in std::iter::once(spec.cwd.as_str()).chain(spec.mounts.iter().map(ExecMount::target)) {
         if !p.starts_with('/') {
@@ -555,7 +551,10 @@ fn validate(spec: &RunSpec) -> Result<(), ExecError> {
     for m in &spec.mounts {
         if let ExecMount::Bind { source, .. } = m {
             if !source.exists() {
-                return Err(ExecError::InvalidPath { path: source.display().to_string(), reason: "bind mount source does not exist".into() });
+                return Err(ExecError::InvalidPath {
+                    path: source.display().to_string(),
+                    reason: "bind mount source does not exist".into(),
+                });
             }
         }
     }
@@ -649,8 +648,15 @@ impl Executor for RuncExecutor {
             }
             Err(e) => return Err(ExecError::io(format!("create {}", bundle.display()), e)),
         }
-        let mut guard =
-            Guard { exec: self, id: spec.id.clone(), bundle: bundle.clone(), stubs: None, net: None, container_started: false, armed: true };
+        let mut guard = Guard {
+            exec: self,
+            id: spec.id.clone(),
+            bundle: bundle.clone(),
+            stubs: None,
+            net: None,
+            container_started: false,
+            armed: true,
+        };
         if spec.network == NetworkMode::Default {
             // Blocking work (a thread entering a new namespace, `ip`); if this future is
             // dropped meanwhile, the lease is dropped, and so removed, when it is made.
@@ -715,9 +721,7 @@ impl Executor for RuncExecutor {
 
         match outcome {
             Outcome::Cancelled => return Err(ExecError::Cancelled { command }),
-            Outcome::TimedOut => {
-                return Err(ExecError::Timeout { command, timeout: spec.timeout.unwrap_or_default() })
-            }
+            Outcome::TimedOut => return Err(ExecError::Timeout { command, timeout: spec.timeout.unwrap_or_default() }),
             Outcome::Exited => {}
         }
         let status = status.map_err(|e| ExecError::io(format!("wait for {}", self.runtime.display()), e))?;

@@ -242,7 +242,9 @@ pub(crate) fn netns_batch(ip: Ipv4Addr, subnet: Ipv4Subnet, host_veth: &str, hos
 
 /// `ip -batch` on the host for a step's port: on the bridge, isolated from the other ports.
 pub(crate) fn port_batch(host_veth: &str, bridge: &str) -> String {
-    format!("link set dev {host_veth} master {bridge}\nlink set dev {host_veth} type bridge_slave isolated on\nlink set dev {host_veth} up\n")
+    format!(
+        "link set dev {host_veth} master {bridge}\nlink set dev {host_veth} type bridge_slave isolated on\nlink set dev {host_veth} up\n"
+    )
 }
 
 /// `ip -batch` on the host for the bridge (after `link add ... type bridge` if missing).
@@ -350,9 +352,8 @@ fn tools() -> Result<Tools, String> {
     if !rustix::process::geteuid().is_root() {
         return Err("the builder is not running as root (it creates a bridge, network namespaces and iptables rules)".into());
     }
-    let find = |name: &str, pkg: &str| {
-        super::lookup_executable(Path::new(name)).ok_or_else(|| format!("`{name}` is not on PATH (install {pkg})"))
-    };
+    let find =
+        |name: &str, pkg: &str| super::lookup_executable(Path::new(name)).ok_or_else(|| format!("`{name}` is not on PATH (install {pkg})"));
     Ok(Tools { ip: find("ip", "iproute2")?, iptables: find("iptables", "iptables")? })
 }
 
@@ -388,11 +389,7 @@ fn ip_batch(ip: &Path, batch: &str) -> Result<(), String> {
 }
 
 fn ip_cmd(ip: &Path, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(ip)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", ip.display()))?;
+    let out = Command::new(ip).args(args).stdin(Stdio::null()).output().map_err(|e| format!("cannot run {}: {e}", ip.display()))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -465,10 +462,7 @@ impl SandboxNet {
         // Each process starts allocating at its own point and goes round: an address is
         // reused as late as possible (connection tracking entries of the previous holder
         // are long gone), and processes rarely contend for the same lock files.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
             ^ std::process::id().wrapping_mul(2654435761);
         SandboxNet { config, netns_dir, run_dir: PathBuf::from(RUN_DIR), ready: Mutex::new(None), cursor: AtomicU32::new(seed) }
     }
@@ -583,8 +577,7 @@ impl SandboxNet {
             tracing::info!(veth = %host_veth, "deleting a stale veth");
             delete_link(&tools.ip, &host_veth).map_err(Self::err)?;
         }
-        std::fs::create_dir_all(&self.netns_dir)
-            .map_err(|e| ExecError::io(format!("create {}", self.netns_dir.display()), e))?;
+        std::fs::create_dir_all(&self.netns_dir).map_err(|e| ExecError::io(format!("create {}", self.netns_dir.display()), e))?;
         let netns = self.netns_dir.join(id);
         if netns.exists() {
             remove_netns_file(&netns);
@@ -831,4 +824,3 @@ mod tests {
         assert!(IpLock::try_take(dir.path(), held.ip()).unwrap().is_none(), "still held after the sweep");
     }
 }
-

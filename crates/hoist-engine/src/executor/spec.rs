@@ -6,9 +6,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceCgroupBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount,
-    MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
+    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceCgroupBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
     SpecBuilder, UserBuilder,
 };
 
@@ -21,24 +20,80 @@ pub const DEFAULT_HOSTNAME: &str = "buildkitsandbox";
 
 /// Capability names by number (capability.h), up to CAP_CHECKPOINT_RESTORE (40).
 const CAP_NAMES: [&str; 41] = [
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
-    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
-    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
-    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
-    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
-    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
 ];
 
 /// Docker's default capability set (the 14 capabilities of an unprivileged container).
 pub const DOCKER_DEFAULT_CAPS: [&str; 14] = [
-    "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID", "SETFCAP",
-    "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
 ];
 
 /// Docker's default masked paths (bind-mounted over with /dev/null or an empty tmpfs).
 pub const MASKED_PATHS: [&str; 12] = [
-    "/proc/asound", "/proc/acpi", "/proc/interrupts", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
     "/sys/devices/virtual/powercap",
 ];
 
@@ -78,9 +133,7 @@ fn capability(name: &str) -> Option<Capability> {
 /// The capabilities of a step: Docker's defaults for the sandbox, every capability the
 /// executor itself holds for `--security=insecure`; never one outside `bounding`.
 pub(crate) fn capabilities(security: SecurityMode, bounding: u64) -> Capabilities {
-    let allowed = |name: &str| {
-        CAP_NAMES.iter().position(|n| *n == name).is_some_and(|bit| bounding & (1u64 << bit) != 0)
-    };
+    let allowed = |name: &str| CAP_NAMES.iter().position(|n| *n == name).is_some_and(|bit| bounding & (1u64 << bit) != 0);
     let names: Vec<&str> = match security {
         SecurityMode::Sandbox => DOCKER_DEFAULT_CAPS.to_vec(),
         SecurityMode::Insecure => CAP_NAMES.to_vec(),
@@ -156,11 +209,7 @@ pub(crate) fn build_spec(run: &RunSpec, ctx: &SpecContext) -> Result<Spec, ExecE
         .inheritable(Capabilities::new())
         .ambient(Capabilities::new())
         .build()?;
-    let user = UserBuilder::default()
-        .uid(run.uid)
-        .gid(run.gid)
-        .additional_gids(run.additional_gids.clone())
-        .build()?;
+    let user = UserBuilder::default().uid(run.uid).gid(run.gid).additional_gids(run.additional_gids.clone()).build()?;
     let rlimits = vec![PosixRlimitBuilder::default().typ(PosixRlimitType::RlimitNofile).hard(ctx.nofile).soft(ctx.nofile).build()?];
     let process = ProcessBuilder::default()
         .terminal(false)
@@ -210,10 +259,11 @@ pub(crate) fn build_spec(run: &RunSpec, ctx: &SpecContext) -> Result<Spec, ExecE
     linux.set_seccomp(seccomp);
 
     let mut mounts = system_mounts(run.security)?;
-    let as_str = |p: &Path| p.to_str().map(str::to_string).ok_or_else(|| ExecError::InvalidPath {
-        path: p.display().to_string(),
-        reason: "not valid UTF-8".into(),
-    });
+    let as_str = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| ExecError::InvalidPath { path: p.display().to_string(), reason: "not valid UTF-8".into() })
+    };
     mounts.push(mount("/etc/hosts", "bind", &as_str(&ctx.hosts_file)?, &["rbind", "ro"])?);
     mounts.push(mount("/etc/resolv.conf", "bind", &as_str(&ctx.resolv_file)?, &["rbind", "ro"])?);
     mounts.extend(user_mounts(&run.mounts)?);
@@ -401,8 +451,13 @@ mod tests {
         assert_eq!(seccomp["defaultAction"], "SCMP_ACT_ERRNO");
         assert_eq!(seccomp["defaultErrnoRet"], 1);
         let names = |action: &str| -> Vec<String> {
-            seccomp["syscalls"].as_array().unwrap().iter().filter(|r| r["action"] == action && r.get("args").is_none())
-                .flat_map(|r| r["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string())).collect()
+            seccomp["syscalls"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["action"] == action && r.get("args").is_none())
+                .flat_map(|r| r["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()))
+                .collect()
         };
         let allowed = names("SCMP_ACT_ALLOW");
         assert!(allowed.contains(&"execve".to_string()) && allowed.contains(&"chroot".to_string()));

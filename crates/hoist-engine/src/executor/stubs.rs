@@ -222,7 +222,14 @@ impl MountStubs {
         for (dir, (orig, after)) in &self.parents {
             let Ok(m) = dir.symlink_metadata() else { continue };
             let untouched = *after == Some((m.mtime(), m.mtime_nsec()));
-            let restore = if untouched { clone_times(orig) } else { match times_of(dir) { Ok(t) => t, Err(_) => continue } };
+            let restore = if untouched {
+                clone_times(orig)
+            } else {
+                match times_of(dir) {
+                    Ok(t) => t,
+                    Err(_) => continue,
+                }
+            };
             saved.push((dir.clone(), restore));
         }
         for p in self.created.iter().rev() {
@@ -334,10 +341,8 @@ mod tests {
     fn stubs_are_created_and_removed_leaving_parents_as_they_were() {
         let t = root();
         let r = t.path();
-        let ts = Timestamps {
-            last_access: Timespec { tv_sec: 1000, tv_nsec: 0 },
-            last_modification: Timespec { tv_sec: 1000, tv_nsec: 5 },
-        };
+        let ts =
+            Timestamps { last_access: Timespec { tv_sec: 1000, tv_nsec: 0 }, last_modification: Timespec { tv_sec: 1000, tv_nsec: 5 } };
         rustix::fs::utimensat(CWD, r.join("etc"), &ts, AtFlags::empty()).unwrap();
         let targets = vec![
             ("/etc/hosts".to_string(), StubKind::File),

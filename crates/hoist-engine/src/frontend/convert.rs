@@ -1,13 +1,12 @@
 //! The conversion itself: BuildKit's `toDispatchState` and `dispatch*` functions, producing
 //! graph stages instead of LLB.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hoist_dockerfile::gocompat::{self, clean_path, join_path, quote, quote_slice};
 use hoist_dockerfile::instructions::{
-    self as ins, ChmodSpec, CmdLine, CopyInstr, Instr, Instruction, MountType, Network, RunInstr,
-    Security, Sharing,
+    self as ins, ChmodSpec, CmdLine, CopyInstr, Instr, Instruction, MountType, Network, RunInstr, Security, Sharing,
 };
 use hoist_dockerfile::parser::{chomp_heredoc_content, parse_heredoc};
 use hoist_dockerfile::shell::{Env, Lexer};
@@ -17,9 +16,8 @@ use super::{FrontendError, ImageResolver};
 use hoist_oci::image::{Empty, Healthcheck, RunConfig};
 
 use crate::graph::{
-    Base, BuildGraph, CacheSharing, Chmod, CopyOp, CopySource, FrontendOptions, HistoryEntry,
-    InlineFile, MkdirOp, MountKind, NetworkMode, Op, Platform, ResolvedImage, RunMount, RunOp,
-    SecurityMode, Source, Stage, Step,
+    Base, BuildGraph, CacheSharing, Chmod, CopyOp, CopySource, FrontendOptions, HistoryEntry, InlineFile, MkdirOp, MountKind, NetworkMode,
+    Op, Platform, ResolvedImage, RunMount, RunOp, SecurityMode, Source, Stage, Step,
 };
 
 /// The Docker-only config fields BuildKit carries along (HEALTHCHECK, ONBUILD, SHELL,
@@ -34,13 +32,7 @@ struct Extras {
 
 const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-const PROXY_ARGS: [&str; 5] = [
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "FTP_PROXY",
-    "NO_PROXY",
-    "ALL_PROXY",
-];
+const PROXY_ARGS: [&str; 5] = ["HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY"];
 const NON_ENV_ARGS: [&str; 2] = ["BUILDKIT_SBOM_SCAN_CONTEXT", "BUILDKIT_SBOM_SCAN_STAGE"];
 
 /// Whether a `# syntax=` value names the standard Dockerfile frontend (`docker/dockerfile`
@@ -157,16 +149,8 @@ impl Cfg {
             entrypoint: rc.entrypoint.clone(),
             working_dir: rc.working_dir.clone().unwrap_or_default(),
             user: rc.user.clone().unwrap_or_default(),
-            exposed_ports: rc
-                .exposed_ports
-                .as_ref()
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default(),
-            volumes: rc
-                .volumes
-                .as_ref()
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default(),
+            exposed_ports: rc.exposed_ports.as_ref().map(|m| m.keys().cloned().collect()).unwrap_or_default(),
+            volumes: rc.volumes.as_ref().map(|m| m.keys().cloned().collect()).unwrap_or_default(),
             labels: rc.labels.clone().unwrap_or_default(),
             stop_signal: rc.stop_signal.clone(),
             extras: Extras {
@@ -181,18 +165,12 @@ impl Cfg {
     }
 
     fn scratch() -> Cfg {
-        Cfg {
-            env: vec![format!("PATH={DEFAULT_PATH}")],
-            working_dir: "/".into(),
-            ..Cfg::default()
-        }
+        Cfg { env: vec![format!("PATH={DEFAULT_PATH}")], working_dir: "/".into(), ..Cfg::default() }
     }
 
     fn to_run_config(&self) -> RunConfig {
         let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
-        let set = |v: &BTreeSet<String>| {
-            (!v.is_empty()).then(|| v.iter().map(|k| (k.clone(), Empty {})).collect())
-        };
+        let set = |v: &BTreeSet<String>| (!v.is_empty()).then(|| v.iter().map(|k| (k.clone(), Empty {})).collect());
         RunConfig {
             user: opt(&self.user),
             exposed_ports: set(&self.exposed_ports),
@@ -283,11 +261,7 @@ fn normalize_workdir(current: &str, wd: &str) -> String {
 /// BuildKit's `pathRelativeToWorkingDir` + `NormalizePath(keepSlash=true)`.
 fn dest_path(workdir: &str, p: &str) -> String {
     let p = if p == "." || p.is_empty() { "./" } else { p };
-    let joined = if p.starts_with('/') {
-        clean_path(p)
-    } else {
-        join_path(&["/", workdir, p])
-    };
+    let joined = if p.starts_with('/') { clean_path(p) } else { join_path(&["/", workdir, p]) };
     let keep = p.ends_with('/') || p.ends_with("/.") || p == ".";
     if keep && !joined.ends_with('/') {
         format!("{joined}/")
@@ -322,15 +296,9 @@ fn validate_reference(r: &str) -> Result<(), String> {
         _ => path,
     };
     if repo.chars().any(|c| c.is_ascii_uppercase()) {
-        return Err(format!(
-            "invalid reference format: repository name ({repo}) must be lowercase"
-        ));
+        return Err(format!("invalid reference format: repository name ({repo}) must be lowercase"));
     }
-    if repo.is_empty()
-        || !repo.chars().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/')
-        })
-    {
+    if repo.is_empty() || !repo.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/')) {
         return Err(format!("invalid reference format: {}", quote(r)));
     }
     Ok(())
@@ -339,22 +307,11 @@ fn validate_reference(r: &str) -> Result<(), String> {
 impl<'a> Converter<'a> {
     pub(crate) fn new(opts: &'a FrontendOptions, limits: hoist_dockerfile::Limits) -> Converter<'a> {
         let build_platform = opts.build_platform.clone().unwrap_or_else(Platform::host);
-        let target_platform = opts
-            .target_platform
-            .clone()
-            .unwrap_or_else(|| build_platform.clone());
-        let file = if opts.dockerfile_name.is_empty() {
-            "Dockerfile".to_string()
-        } else {
-            opts.dockerfile_name.clone()
-        };
+        let target_platform = opts.target_platform.clone().unwrap_or_else(|| build_platform.clone());
+        let file = if opts.dockerfile_name.is_empty() { "Dockerfile".to_string() } else { opts.dockerfile_name.clone() };
         let mut proxy_env = Vec::new();
         for p in PROXY_ARGS {
-            if let Some((_, v)) = opts
-                .build_args
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(p))
-            {
+            if let Some((_, v)) = opts.build_args.iter().find(|(k, _)| k.eq_ignore_ascii_case(p)) {
                 proxy_env.push(format!("{p}={v}"));
                 proxy_env.push(format!("{}={v}", p.to_ascii_lowercase()));
             }
@@ -411,49 +368,27 @@ impl<'a> Converter<'a> {
     }
 
     fn syntax(&self, line: usize, message: impl Into<String>) -> FrontendError {
-        FrontendError::Syntax {
-            file: self.file.clone(),
-            line,
-            message: message.into(),
-        }
+        FrontendError::Syntax { file: self.file.clone(), line, message: message.into() }
     }
     fn invalid(&self, line: usize, message: impl Into<String>) -> FrontendError {
-        FrontendError::Invalid {
-            file: self.file.clone(),
-            line,
-            message: message.into(),
-        }
+        FrontendError::Invalid { file: self.file.clone(), line, message: message.into() }
     }
     fn expansion(&self, line: usize, message: impl Into<String>) -> FrontendError {
-        FrontendError::Expansion {
-            file: self.file.clone(),
-            line,
-            message: message.into(),
-        }
+        FrontendError::Expansion { file: self.file.clone(), line, message: message.into() }
     }
 
     fn expand(&self, word: &str, env: &dyn Env, line: usize) -> R<String> {
-        let v = self
-            .lex
-            .process_word(word, env)
-            .map_err(|e| self.expansion(line, e.to_string()))?;
+        let v = self.lex.process_word(word, env).map_err(|e| self.expansion(line, e.to_string()))?;
         self.charge(line, v.len())?;
         Ok(v)
     }
 
-    pub(crate) async fn run(
-        mut self,
-        dockerfile: &[u8],
-        resolver: &dyn ImageResolver,
-    ) -> R<BuildGraph> {
+    pub(crate) async fn run(mut self, dockerfile: &[u8], resolver: &dyn ImageResolver) -> R<BuildGraph> {
         if dockerfile.is_empty() {
-            return Err(FrontendError::Empty {
-                file: self.file.clone(),
-            });
+            return Err(FrontendError::Empty { file: self.file.clone() });
         }
         // Size, NUL bytes, UTF-8, line length and instruction count first: each names its line.
-        let parsed = hoist_dockerfile::parse_bytes(dockerfile, &self.limits)
-            .map_err(|e| self.syntax(e.line, e.message))?;
+        let parsed = hoist_dockerfile::parse_bytes(dockerfile, &self.limits).map_err(|e| self.syntax(e.line, e.message))?;
         // `# syntax=` may only name the standard Dockerfile frontend: hoist runs no other.
         if let Some(d) = parsed.directives.iter().find(|d| d.name == "syntax") {
             if !is_standard_frontend(&d.value) {
@@ -467,26 +402,18 @@ impl<'a> Converter<'a> {
                 ));
             }
         }
-        let stages =
-            hoist_dockerfile::parse_stages(&parsed).map_err(|e| self.syntax(e.line, e.message))?;
+        let stages = hoist_dockerfile::parse_stages(&parsed).map_err(|e| self.syntax(e.line, e.message))?;
         self.lex = Lexer::new(parsed.escape);
         self.lex.max_growth = self.limits.max_expansion_bytes;
         for w in &parsed.warnings {
-            self.warnings
-                .push(format!("{}:{}: {}", self.file, w.line, w.message));
+            self.warnings.push(format!("{}:{}: {}", self.file, w.line, w.message));
         }
         if stages.stages.is_empty() {
-            return Err(FrontendError::NoStages {
-                file: self.file.clone(),
-            });
+            return Err(FrontendError::NoStages { file: self.file.clone() });
         }
         let target_name = match &self.opts.target {
             Some(t) => t.clone(),
-            None => stages
-                .stages
-                .last()
-                .and_then(|s| s.from.name.clone())
-                .unwrap_or_default(),
+            None => stages.stages.last().and_then(|s| s.from.name.clone()).unwrap_or_default(),
         };
         self.init_global_args(&target_name);
         for meta in &stages.meta_args {
@@ -513,54 +440,31 @@ impl<'a> Converter<'a> {
         for (i, st) in stages.stages.iter().enumerate() {
             let base_name = self.expand(&st.from.base, &self.global, st.line)?;
             if base_name.is_empty() {
-                return Err(self.invalid(
-                    st.line,
-                    format!("base name ({}) should not be blank", st.from.base),
-                ));
+                return Err(self.invalid(st.line, format!("base name ({}) should not be blank", st.from.base)));
             }
             let explicit_platform = match &st.from.platform {
                 None => None,
                 Some(p) => {
-                    let v = self.lex.process_word(p, &self.global).map_err(|e| {
-                        self.expansion(
-                            st.line,
-                            format!("failed to process arguments for platform {p}: {e}"),
-                        )
-                    })?;
+                    let v = self
+                        .lex
+                        .process_word(p, &self.global)
+                        .map_err(|e| self.expansion(st.line, format!("failed to process arguments for platform {p}: {e}")))?;
                     if v.is_empty() {
-                        return Err(self.invalid(
-                            st.line,
-                            format!("empty platform value from expression {p}"),
-                        ));
+                        return Err(self.invalid(st.line, format!("empty platform value from expression {p}")));
                     }
-                    Some(Platform::parse(&v).map_err(|e| {
-                        self.invalid(st.line, format!("failed to parse platform {p}: {e}"))
-                    })?)
+                    Some(Platform::parse(&v).map_err(|e| self.invalid(st.line, format!("failed to parse platform {p}: {e}")))?)
                 }
             };
-            let base = infos
-                .iter()
-                .position(|inf| inf.name.as_deref() == Some(base_name.as_str()));
+            let base = infos.iter().position(|inf| inf.name.as_deref() == Some(base_name.as_str()));
             if base.is_none() {
-                if let Some(later) = stages.stages[i..]
-                    .iter()
-                    .find(|s| s.from.name.as_deref() == Some(base_name.as_str()))
-                {
+                if let Some(later) = stages.stages[i..].iter().find(|s| s.from.name.as_deref() == Some(base_name.as_str())) {
                     self.warnings.push(format!(
                         "{}:{}: FROM {base_name} refers to the stage defined on line {} later in the file; BuildKit uses the image {base_name:?} instead",
                         self.file, st.line, later.line
                     ));
                 }
             }
-            let commands = st
-                .commands
-                .iter()
-                .map(|c| Cmd {
-                    instr: c.clone(),
-                    sources: Vec::new(),
-                    onbuild: false,
-                })
-                .collect();
+            let commands = st.commands.iter().map(|c| Cmd { instr: c.clone(), sources: Vec::new(), onbuild: false }).collect();
             infos.push(Info {
                 name: st.from.name.clone(),
                 dockerfile_index: Some(i),
@@ -580,16 +484,12 @@ impl<'a> Converter<'a> {
             None => n_stages - 1,
             Some(t) => {
                 let lower = t.to_lowercase();
-                match infos
-                    .iter()
-                    .position(|i| i.name.as_deref() == Some(lower.as_str()))
-                {
+                match infos.iter().position(|i| i.name.as_deref() == Some(lower.as_str())) {
                     Some(p) => p,
                     None => match t.parse::<usize>() {
                         Ok(n) if n < n_stages => n,
                         _ => {
-                            let names: Vec<String> =
-                                infos.iter().filter_map(|i| i.name.clone()).collect();
+                            let names: Vec<String> = infos.iter().filter_map(|i| i.name.clone()).collect();
                             return Err(FrontendError::TargetNotFound {
                                 file: self.file.clone(),
                                 target: t.clone(),
@@ -619,8 +519,7 @@ impl<'a> Converter<'a> {
         let mut reachable;
         loop {
             reachable = reachable_from(&infos, target);
-            self.resolve_images(&mut infos, &reachable, resolver)
-                .await?;
+            self.resolve_images(&mut infos, &reachable, resolver).await?;
             let mut new_deps = false;
             for &si in &reachable {
                 if infos[si].onbuild_init || infos[si].implicit {
@@ -638,9 +537,7 @@ impl<'a> Converter<'a> {
                             }
                         }
                     }
-                    (None, Some(img)) => {
-                        triggers.extend(img.config.config.on_build.iter().flatten().cloned())
-                    }
+                    (None, Some(img)) => triggers.extend(img.config.config.on_build.iter().flatten().cloned()),
                     _ => {}
                 }
                 if triggers.is_empty() {
@@ -649,39 +546,21 @@ impl<'a> Converter<'a> {
                 let line = infos[si].line;
                 let mut cmds = Vec::new();
                 for t in &triggers {
-                    let df = hoist_dockerfile::parse(t).map_err(|e| {
-                        self.syntax(
-                            line,
-                            format!("invalid ONBUILD trigger {}: {}", quote(t), e.message),
-                        )
-                    })?;
+                    let df = hoist_dockerfile::parse(t)
+                        .map_err(|e| self.syntax(line, format!("invalid ONBUILD trigger {}: {}", quote(t), e.message)))?;
                     if df.nodes.len() != 1 {
-                        return Err(self.syntax(
-                            line,
-                            format!(
-                                "onbuild trigger should be a single expression: {}",
-                                quote(t)
-                            ),
-                        ));
+                        return Err(self.syntax(line, format!("onbuild trigger should be a single expression: {}", quote(t))));
                     }
                     let mut node = df.nodes[0].clone();
                     node.start_line = line;
                     node.end_line = line;
-                    let instr = ins::parse_instruction(&node).map_err(|e| {
-                        self.syntax(
-                            line,
-                            format!("invalid ONBUILD trigger {}: {}", quote(t), e.message),
-                        )
-                    })?;
+                    let instr = ins::parse_instruction(&node)
+                        .map_err(|e| self.syntax(line, format!("invalid ONBUILD trigger {}: {}", quote(t), e.message)))?;
                     let sources = self.command_sources(&instr, &mut infos)?;
                     if sources.iter().any(Option::is_some) {
                         new_deps = true;
                     }
-                    cmds.push(Cmd {
-                        instr,
-                        sources,
-                        onbuild: true,
-                    });
+                    cmds.push(Cmd { instr, sources, onbuild: true });
                 }
                 cmds.append(&mut infos[si].commands);
                 infos[si].commands = cmds;
@@ -693,21 +572,12 @@ impl<'a> Converter<'a> {
         }
 
         // Output order: implicit image stages, then the Dockerfile's stages in order.
-        let mut order: Vec<usize> = reachable
-            .iter()
-            .copied()
-            .filter(|&i| infos[i].implicit)
-            .collect();
+        let mut order: Vec<usize> = reachable.iter().copied().filter(|&i| infos[i].implicit).collect();
         order.sort_unstable();
-        let mut df_order: Vec<usize> = reachable
-            .iter()
-            .copied()
-            .filter(|&i| !infos[i].implicit)
-            .collect();
+        let mut df_order: Vec<usize> = reachable.iter().copied().filter(|&i| !infos[i].implicit).collect();
         df_order.sort_unstable();
         order.extend(df_order);
-        let out_id: HashMap<usize, usize> =
-            order.iter().enumerate().map(|(o, &i)| (i, o)).collect();
+        let out_id: HashMap<usize, usize> = order.iter().enumerate().map(|(o, &i)| (i, o)).collect();
 
         let mut states: HashMap<usize, State> = HashMap::new();
         let mut out = Vec::with_capacity(order.len());
@@ -747,17 +617,10 @@ impl<'a> Converter<'a> {
             .cloned()
             .collect();
         if !unused.is_empty() {
-            self.warnings.push(format!(
-                "one or more build-args [{}] were not consumed",
-                unused.join(" ")
-            ));
+            self.warnings.push(format!("one or more build-args [{}] were not consumed", unused.join(" ")));
         }
 
-        Ok(BuildGraph {
-            stages: out,
-            target: out_id[&target],
-            warnings: self.warnings,
-        })
+        Ok(BuildGraph { stages: out, target: out_id[&target], warnings: self.warnings })
     }
 
     fn init_global_args(&mut self, target_name: &str) {
@@ -783,13 +646,7 @@ impl<'a> Converter<'a> {
     }
 
     /// Find or create the stage a `--from` names.
-    fn source_for(
-        &self,
-        from: &str,
-        infos: &mut Vec<Info>,
-        line: usize,
-        by_index: bool,
-    ) -> R<usize> {
+    fn source_for(&self, from: &str, infos: &mut Vec<Info>, line: usize, by_index: bool) -> R<usize> {
         if by_index {
             if let Some(idx) = go_atoi(from) {
                 if idx < 0 || idx as usize >= infos.len() {
@@ -797,11 +654,7 @@ impl<'a> Converter<'a> {
                         line,
                         format!(
                             "invalid stage index {idx} (the Dockerfile has stages 0..{})",
-                            infos
-                                .iter()
-                                .filter(|i| !i.implicit)
-                                .count()
-                                .saturating_sub(1)
+                            infos.iter().filter(|i| !i.implicit).count().saturating_sub(1)
                         ),
                     ));
                 }
@@ -809,10 +662,7 @@ impl<'a> Converter<'a> {
             }
         }
         let lower = from.to_lowercase();
-        if let Some(p) = infos
-            .iter()
-            .position(|i| !i.implicit && i.name.as_deref() == Some(lower.as_str()))
-        {
+        if let Some(p) = infos.iter().position(|i| !i.implicit && i.name.as_deref() == Some(lower.as_str())) {
             return Ok(p);
         }
         if let Some(p) = infos.iter().position(|i| i.implicit && i.base_name == from) {
@@ -861,13 +711,7 @@ impl<'a> Converter<'a> {
 
     fn check_cycles(&self, infos: &[Info]) -> R<()> {
         // deps: COPY --from and mount sources (a base is always an earlier stage)
-        fn visit(
-            infos: &[Info],
-            s: usize,
-            visited: &mut Vec<bool>,
-            on_path: &mut Vec<bool>,
-            via: &mut Vec<usize>,
-        ) -> Option<usize> {
+        fn visit(infos: &[Info], s: usize, visited: &mut Vec<bool>, on_path: &mut Vec<bool>, via: &mut Vec<usize>) -> Option<usize> {
             if visited[s] {
                 return None;
             }
@@ -897,35 +741,26 @@ impl<'a> Converter<'a> {
                 let line = via.last().copied().unwrap_or(infos[s].line);
                 return Err(self.invalid(
                     line,
-                    format!("circular dependency detected on stage: {} (a stage cannot copy from itself or from a stage that depends on it)", infos[s].display_name()),
+                    format!(
+                        "circular dependency detected on stage: {} (a stage cannot copy from itself or from a stage that depends on it)",
+                        infos[s].display_name()
+                    ),
                 ));
             }
         }
         Ok(())
     }
 
-    async fn resolve_images(
-        &self,
-        infos: &mut [Info],
-        reachable: &[usize],
-        resolver: &dyn ImageResolver,
-    ) -> R<()> {
+    async fn resolve_images(&self, infos: &mut [Info], reachable: &[usize], resolver: &dyn ImageResolver) -> R<()> {
         let mut wanted: Vec<(usize, String, Platform)> = Vec::new();
         for &si in reachable {
             let inf = &infos[si];
             if inf.base.is_some() || inf.resolved.is_some() || inf.base_name == "scratch" {
                 continue;
             }
-            validate_reference(&inf.base_name).map_err(|e| {
-                self.invalid(
-                    inf.line,
-                    format!("failed to parse stage name {}: {e}", quote(&inf.base_name)),
-                )
-            })?;
-            let platform = inf
-                .explicit_platform
-                .clone()
-                .unwrap_or_else(|| self.target_platform.clone());
+            validate_reference(&inf.base_name)
+                .map_err(|e| self.invalid(inf.line, format!("failed to parse stage name {}: {e}", quote(&inf.base_name))))?;
+            let platform = inf.explicit_platform.clone().unwrap_or_else(|| self.target_platform.clone());
             wanted.push((si, inf.base_name.clone(), platform));
         }
         let mut unique: Vec<(String, Platform)> = Vec::new();
@@ -934,13 +769,9 @@ impl<'a> Converter<'a> {
                 unique.push((r.clone(), p.clone()));
             }
         }
-        let results =
-            futures::future::join_all(unique.iter().map(|(r, p)| resolver.resolve(r, p))).await;
+        let results = futures::future::join_all(unique.iter().map(|(r, p)| resolver.resolve(r, p))).await;
         for (si, r, p) in wanted {
-            let idx = unique
-                .iter()
-                .position(|(ur, up)| *ur == r && *up == p)
-                .unwrap_or(0);
+            let idx = unique.iter().position(|(ur, up)| *ur == r && *up == p).unwrap_or(0);
             match &results[idx] {
                 Ok(img) => infos[si].resolved = Some(img.clone()),
                 Err(message) => {
@@ -957,24 +788,12 @@ impl<'a> Converter<'a> {
         Ok(())
     }
 
-    fn init_state(
-        &self,
-        infos: &[Info],
-        si: usize,
-        states: &HashMap<usize, State>,
-        out_id: &HashMap<usize, usize>,
-    ) -> R<State> {
+    fn init_state(&self, infos: &[Info], si: usize, states: &HashMap<usize, State>, out_id: &HashMap<usize, usize>) -> R<State> {
         let inf = &infos[si];
         let mut st = match inf.base {
             Some(b) => {
                 let Some(bs) = states.get(&b) else {
-                    return Err(self.invalid(
-                        inf.line,
-                        format!(
-                            "stage {} is used before it is built",
-                            infos[b].display_name()
-                        ),
-                    ));
+                    return Err(self.invalid(inf.line, format!("stage {} is used before it is built", infos[b].display_name())));
                 };
                 let mut s = bs.clone();
                 s.steps.clear();
@@ -989,10 +808,7 @@ impl<'a> Converter<'a> {
                 s
             }
             None => {
-                let platform = inf
-                    .explicit_platform
-                    .clone()
-                    .unwrap_or_else(|| self.target_platform.clone());
+                let platform = inf.explicit_platform.clone().unwrap_or_else(|| self.target_platform.clone());
                 let (cfg, base) = match &inf.resolved {
                     Some(img) => {
                         let mut c = Cfg::from_image(img);
@@ -1037,13 +853,7 @@ impl<'a> Converter<'a> {
         Ok(st)
     }
 
-    fn dispatch_stage(
-        &mut self,
-        infos: &[Info],
-        si: usize,
-        states: &HashMap<usize, State>,
-        out_id: &HashMap<usize, usize>,
-    ) -> R<State> {
+    fn dispatch_stage(&mut self, infos: &[Info], si: usize, states: &HashMap<usize, State>, out_id: &HashMap<usize, usize>) -> R<State> {
         let mut st = self.init_state(infos, si, states, out_id)?;
         let inf = &infos[si];
         if inf.implicit {
@@ -1056,25 +866,15 @@ impl<'a> Converter<'a> {
     }
 
     fn history(&self, st: &mut State, created_by: String, with_layer: bool, buildkit_suffix: bool) {
-        let created_by = if buildkit_suffix {
-            format!("{created_by} # buildkit")
-        } else {
-            created_by
-        };
-        st.history.push(HistoryEntry {
-            created_by,
-            comment: Some(HISTORY_COMMENT.into()),
-            empty_layer: !with_layer,
-        });
+        let created_by = if buildkit_suffix { format!("{created_by} # buildkit") } else { created_by };
+        st.history.push(HistoryEntry { created_by, comment: Some(HISTORY_COMMENT.into()), empty_layer: !with_layer });
     }
 
     fn display(&self, st: &State, code: &str, onbuild: bool) -> String {
         let mut lex = self.lex;
         lex.raw_quotes = true;
         lex.skip_unset_env = true;
-        let expanded = lex
-            .process_word(code, &st.env)
-            .unwrap_or_else(|_| code.to_string());
+        let expanded = lex.process_word(code, &st.env).unwrap_or_else(|_| code.to_string());
         // counted by the caller's step (see `charge`); displays are at most the word plus
         // the growth limit
         self.spent.fetch_add(expanded.len(), Ordering::Relaxed);
@@ -1086,15 +886,7 @@ impl<'a> Converter<'a> {
         }
     }
 
-    fn source_of(
-        &self,
-        infos: &[Info],
-        si: usize,
-        src: usize,
-        line: usize,
-        what: &str,
-        out_id: &HashMap<usize, usize>,
-    ) -> R<Source> {
+    fn source_of(&self, infos: &[Info], si: usize, src: usize, line: usize, what: &str, out_id: &HashMap<usize, usize>) -> R<Source> {
         if !infos[src].implicit && src >= si {
             let me = infos[si].display_name();
             let them = infos[src].display_name();
@@ -1103,23 +895,13 @@ impl<'a> Converter<'a> {
                 if src == si {
                     format!("circular dependency detected on stage: {me} ({what} its own stage)")
                 } else {
-                    format!(
-                        "cannot {what} stage {}, it needs to be defined before current stage {}",
-                        quote(&them),
-                        quote(&me)
-                    )
+                    format!("cannot {what} stage {}, it needs to be defined before current stage {}", quote(&them), quote(&me))
                 },
             ));
         }
         match out_id.get(&src) {
             Some(&o) => Ok(Source::Stage(o)),
-            None => Err(self.invalid(
-                line,
-                format!(
-                    "stage {} is not part of the build",
-                    quote(&infos[src].display_name())
-                ),
-            )),
+            None => Err(self.invalid(line, format!("stage {} is not part of the build", quote(&infos[src].display_name())))),
         }
     }
 
@@ -1144,10 +926,7 @@ impl<'a> Converter<'a> {
             Instruction::Env(kvs) => {
                 let mut expanded = Vec::with_capacity(kvs.len());
                 for kv in kvs {
-                    expanded.push((
-                        self.expand(&kv.key, &st.env, line)?,
-                        self.expand(&kv.value, &st.env, line)?,
-                    ));
+                    expanded.push((self.expand(&kv.key, &st.env, line)?, self.expand(&kv.value, &st.env, line)?));
                 }
                 let mut msg = String::from("ENV");
                 for (k, v) in &expanded {
@@ -1163,10 +942,7 @@ impl<'a> Converter<'a> {
                 let mut msg = String::from("LABEL");
                 let mut expanded = Vec::with_capacity(kvs.len());
                 for kv in kvs {
-                    expanded.push((
-                        self.expand(&kv.key, &st.env, line)?,
-                        self.expand(&kv.value, &st.env, line)?,
-                    ));
+                    expanded.push((self.expand(&kv.key, &st.env, line)?, self.expand(&kv.value, &st.env, line)?));
                 }
                 for (k, v) in expanded {
                     msg.push_str(&format!(" {k}={v}"));
@@ -1221,10 +997,7 @@ impl<'a> Converter<'a> {
                     st.steps.push(Step {
                         line,
                         display: self.display(st, &code, cmd.onbuild),
-                        op: Op::Mkdir(MkdirOp {
-                            path: wd.clone(),
-                            user: st.cfg.user.clone(),
-                        }),
+                        op: Op::Mkdir(MkdirOp { path: wd.clone(), user: st.cfg.user.clone() }),
                     });
                 }
                 self.history(st, format!("WORKDIR {wd}"), with_layer, false);
@@ -1245,20 +1018,11 @@ impl<'a> Converter<'a> {
             }
             Instruction::Entrypoint(c) => {
                 let args = self.with_shell(st, c);
-                st.cfg.entrypoint = if args.is_empty() {
-                    None
-                } else {
-                    Some(args.clone())
-                };
+                st.cfg.entrypoint = if args.is_empty() { None } else { Some(args.clone()) };
                 if !st.cmd_set {
                     st.cfg.cmd = None;
                 }
-                self.history(
-                    st,
-                    format!("ENTRYPOINT {}", quote_slice(&args)),
-                    false,
-                    false,
-                );
+                self.history(st, format!("ENTRYPOINT {}", quote_slice(&args)), false, false);
             }
             Instruction::Healthcheck(h) => {
                 st.cfg.extras.healthcheck = Some(Healthcheck {
@@ -1274,11 +1038,7 @@ impl<'a> Converter<'a> {
             Instruction::Expose(ports) => {
                 let mut words = Vec::new();
                 for p in ports {
-                    words.extend(
-                        self.lex
-                            .process_words(p, &st.env)
-                            .map_err(|e| self.expansion(line, e.to_string()))?,
-                    );
+                    words.extend(self.lex.process_words(p, &st.env).map_err(|e| self.expansion(line, e.to_string()))?);
                 }
                 let mut set = BTreeSet::new();
                 for w in &words {
@@ -1301,19 +1061,12 @@ impl<'a> Converter<'a> {
                 for v in vols {
                     let v = self.expand(v, &st.env, line)?;
                     if v.is_empty() {
-                        return Err(
-                            self.invalid(line, "VOLUME specified can not be an empty string")
-                        );
+                        return Err(self.invalid(line, "VOLUME specified can not be an empty string"));
                     }
                     expanded.push(v);
                 }
                 st.cfg.volumes.extend(expanded.iter().cloned());
-                self.history(
-                    st,
-                    format!("VOLUME {}", gocompat::plain_slice(&expanded)),
-                    false,
-                    false,
-                );
+                self.history(st, format!("VOLUME {}", gocompat::plain_slice(&expanded)), false, false);
             }
             Instruction::StopSignal(s) => {
                 let s = self.expand(s, &st.env, line)?;
@@ -1323,12 +1076,7 @@ impl<'a> Converter<'a> {
             }
             Instruction::Shell(sh) => {
                 st.cfg.extras.shell = sh.clone();
-                self.history(
-                    st,
-                    format!("SHELL {}", gocompat::plain_slice(sh)),
-                    false,
-                    false,
-                );
+                self.history(st, format!("SHELL {}", gocompat::plain_slice(sh)), false, false);
             }
         }
         Ok(())
@@ -1338,11 +1086,8 @@ impl<'a> Converter<'a> {
         if !c.prepend_shell {
             return c.args.clone();
         }
-        let mut shell = if st.cfg.extras.shell.is_empty() {
-            vec!["/bin/sh".to_string(), "-c".to_string()]
-        } else {
-            st.cfg.extras.shell.clone()
-        };
+        let mut shell =
+            if st.cfg.extras.shell.is_empty() { vec!["/bin/sh".to_string(), "-c".to_string()] } else { st.cfg.extras.shell.clone() };
         shell.push(c.args.join(" "));
         shell
     }
@@ -1362,26 +1107,15 @@ impl<'a> Converter<'a> {
         let mut inline_files = Vec::new();
         if !r.cmd.files.is_empty() {
             if args.len() != 1 || !r.cmd.prepend_shell {
-                return Err(self.invalid(
-                    line,
-                    format!("parsing produced an invalid run command: {args:?}"),
-                ));
+                return Err(self.invalid(line, format!("parsing produced an invalid run command: {args:?}")));
             }
             let first = &r.cmd.files[0];
             let whole = parse_heredoc(&args[0]).ok().flatten().is_some();
             if whole {
-                let data = if first.chomp {
-                    chomp_heredoc_content(&first.content)
-                } else {
-                    first.content.clone()
-                };
+                let data = if first.chomp { chomp_heredoc_content(&first.content) } else { first.content.clone() };
                 if data.starts_with("#!") {
                     let target = join_path(&["/dev/pipes/", &first.name]);
-                    inline_files.push(InlineFile {
-                        target: target.clone(),
-                        content: data,
-                        mode: 0o755,
-                    });
+                    inline_files.push(InlineFile { target: target.clone(), content: data, mode: 0o755 });
                     args = vec![target];
                 } else {
                     args = vec![data];
@@ -1397,18 +1131,7 @@ impl<'a> Converter<'a> {
                 args = vec![full];
             }
         }
-        let args = if r.cmd.prepend_shell {
-            self.with_shell(
-                st,
-                &CmdLine {
-                    args,
-                    prepend_shell: true,
-                    files: Vec::new(),
-                },
-            )
-        } else {
-            args
-        };
+        let args = if r.cmd.prepend_shell { self.with_shell(st, &CmdLine { args, prepend_shell: true, files: Vec::new() }) } else { args };
 
         // mounts, expanded with the stage's environment
         let mut mounts = Vec::with_capacity(r.mounts.len());
@@ -1417,44 +1140,25 @@ impl<'a> Converter<'a> {
             let env = &st.env;
             let lex = self.lex;
             let mut expander = |w: &str| lex.process_word(w, env).map_err(|e| e.to_string());
-            let m = ins::parse_mount(raw, &mut expander)
-                .map_err(|e| self.invalid(line, format!("--mount={raw}: {e}")))?;
+            let m = ins::parse_mount(raw, &mut expander).map_err(|e| self.invalid(line, format!("--mount={raw}: {e}")))?;
             let from = match cmd.sources.get(i).copied().flatten() {
-                Some(src) if !m.from.is_empty() => {
-                    Some(self.source_of(infos, si, src, line, "mount from", out_id)?)
-                }
+                Some(src) if !m.from.is_empty() => Some(self.source_of(infos, si, src, line, "mount from", out_id)?),
                 _ => None,
             };
             let resolve_target = |t: &str| -> R<String> {
-                let target = if t.starts_with('/') {
-                    clean_path(t)
-                } else {
-                    join_path(&["/", &st.workdir, t])
-                };
+                let target = if t.starts_with('/') { clean_path(t) } else { join_path(&["/", &st.workdir, t]) };
                 if target == "/" {
-                    return Err(self.invalid(
-                        line,
-                        format!(
-                            "invalid mount target {} (a mount cannot replace /)",
-                            quote(&target)
-                        ),
-                    ));
+                    return Err(self.invalid(line, format!("invalid mount target {} (a mount cannot replace /)", quote(&target))));
                 }
                 Ok(target)
             };
             let source_path = join_path(&["/", &m.source]);
             let kind = match m.kind {
-                MountType::Bind => MountKind::Bind {
-                    from: from.clone().unwrap_or(Source::Context),
-                    source: source_path,
-                    readwrite: !m.read_only,
-                },
+                MountType::Bind => {
+                    MountKind::Bind { from: from.clone().unwrap_or(Source::Context), source: source_path, readwrite: !m.read_only }
+                }
                 MountType::Cache => MountKind::Cache {
-                    id: if m.id.is_empty() {
-                        clean_path(&m.target)
-                    } else {
-                        m.id.clone()
-                    },
+                    id: if m.id.is_empty() { clean_path(&m.target) } else { m.id.clone() },
                     sharing: match m.sharing {
                         Some(Sharing::Private) => CacheSharing::Private,
                         Some(Sharing::Locked) => CacheSharing::Locked,
@@ -1467,27 +1171,16 @@ impl<'a> Converter<'a> {
                     uid: m.uid.unwrap_or(0),
                     gid: m.gid.unwrap_or(0),
                 },
-                MountType::Tmpfs => MountKind::Tmpfs {
-                    size: (m.size_limit > 0).then_some(m.size_limit),
-                },
+                MountType::Tmpfs => MountKind::Tmpfs { size: (m.size_limit > 0).then_some(m.size_limit) },
                 MountType::Secret => {
-                    let mut id = if m.source.is_empty() {
-                        m.id.clone()
-                    } else {
-                        m.source.clone()
-                    };
+                    let mut id = if m.source.is_empty() { m.id.clone() } else { m.source.clone() };
                     if id.is_empty() {
                         if m.target.is_empty() {
-                            return Err(
-                                self.invalid(line, "secret mount: one of source, target required")
-                            );
+                            return Err(self.invalid(line, "secret mount: one of source, target required"));
                         }
                         id = gocompat::base_path(&m.target);
                     }
-                    let env = m
-                        .env
-                        .as_ref()
-                        .map(|e| if e.is_empty() { id.clone() } else { e.clone() });
+                    let env = m.env.as_ref().map(|e| if e.is_empty() { id.clone() } else { e.clone() });
                     MountKind::Secret {
                         id,
                         env,
@@ -1502,11 +1195,7 @@ impl<'a> Converter<'a> {
                         return Err(self.invalid(line, "ssh does not support source"));
                     }
                     MountKind::Ssh {
-                        id: if m.id.is_empty() {
-                            "default".into()
-                        } else {
-                            m.id.clone()
-                        },
+                        id: if m.id.is_empty() { "default".into() } else { m.id.clone() },
                         required: m.required,
                         mode: m.mode.unwrap_or(0o600),
                         uid: m.uid.unwrap_or(0),
@@ -1525,11 +1214,7 @@ impl<'a> Converter<'a> {
                     }
                 }
                 MountKind::Ssh { .. } => {
-                    let t = if m.target.is_empty() {
-                        format!("/run/buildkit/ssh_agent.{ssh_count}")
-                    } else {
-                        m.target.clone()
-                    };
+                    let t = if m.target.is_empty() { format!("/run/buildkit/ssh_agent.{ssh_count}") } else { m.target.clone() };
                     ssh_count += 1;
                     t
                 }
@@ -1541,11 +1226,7 @@ impl<'a> Converter<'a> {
         let history_args = {
             let mut tmp: Vec<(String, String)> = Vec::new();
             for (k, v) in &st.build_args {
-                let v = st
-                    .env
-                    .get(k)
-                    .map(str::to_string)
-                    .unwrap_or_else(|| v.clone().unwrap_or_default());
+                let v = st.env.get(k).map(str::to_string).unwrap_or_else(|| v.clone().unwrap_or_default());
                 match tmp.iter_mut().find(|(kk, _)| kk == k) {
                     Some(e) => e.1 = v,
                     None => tmp.push((k.clone(), v)),
@@ -1621,8 +1302,7 @@ impl<'a> Converter<'a> {
             let data = if sc.expand {
                 let mut raw = Lexer::new('\\');
                 raw.skip_process_quotes = true;
-                raw.process_word(&sc.data, &st.env)
-                    .map_err(|e| self.expansion(line, e.to_string()))?
+                raw.process_word(&sc.data, &st.env).map_err(|e| self.expansion(line, e.to_string()))?
             } else {
                 sc.data.clone()
             };
@@ -1636,30 +1316,18 @@ impl<'a> Converter<'a> {
                     "sha512" => 128,
                     _ => 0,
                 };
-                len > 0
-                    && hex.len() == len
-                    && hex
-                        .chars()
-                        .all(|ch| ch.is_ascii_digit() || ('a'..='f').contains(&ch))
+                len > 0 && hex.len() == len && hex.chars().all(|ch| ch.is_ascii_digit() || ('a'..='f').contains(&ch))
             });
             if !valid {
-                return Err(self.invalid(
-                    line,
-                    format!(
-                        "invalid checksum digest format {} (expected sha256:<64 hex digits>)",
-                        quote(cs)
-                    ),
-                ));
+                return Err(self.invalid(line, format!("invalid checksum digest format {} (expected sha256:<64 hex digits>)", quote(cs))));
             }
         }
         let chmod = match &chmod_raw {
             None => None,
-            Some(s) => Some(
-                match ins::parse_chmod(s).map_err(|e| self.invalid(line, e))? {
-                    ChmodSpec::Octal(v) => Chmod::Octal(v),
-                    ChmodSpec::Symbolic(v) => Chmod::Symbolic(v),
-                },
-            ),
+            Some(s) => Some(match ins::parse_chmod(s).map_err(|e| self.invalid(line, e))? {
+                ChmodSpec::Octal(v) => Chmod::Octal(v),
+                ChmodSpec::Symbolic(v) => Chmod::Symbolic(v),
+            }),
         };
         if checksum.is_some() {
             if !c.is_add {
@@ -1669,9 +1337,7 @@ impl<'a> Converter<'a> {
                 return Err(self.invalid(line, "checksum can't be specified for multiple sources"));
             }
             if !is_http_source(&sources[0]) {
-                return Err(
-                    self.invalid(line, "checksum can't be specified for non-HTTP(S) sources")
-                );
+                return Err(self.invalid(line, "checksum can't be specified for non-HTTP(S) sources"));
             }
         }
         let from = match cmd.sources.first().copied().flatten() {
@@ -1695,9 +1361,7 @@ impl<'a> Converter<'a> {
             msg.push_str(s);
             if is_git_source(s) {
                 if !c.is_add {
-                    return Err(
-                        self.invalid(line, format!("source can't be a git ref for COPY: {s}"))
-                    );
+                    return Err(self.invalid(line, format!("source can't be a git ref for COPY: {s}")));
                 }
                 if sources.len() != 1 || !contents.is_empty() {
                     return Err(self.invalid(line, format!("a git source must be the only source of ADD: {s}")));
@@ -1711,20 +1375,14 @@ impl<'a> Converter<'a> {
                 if !c.is_add {
                     return Err(self.invalid(line, format!("source can't be a URL for COPY: {s}")));
                 }
-                srcs.push(CopySource::Url {
-                    url: s.clone(),
-                    checksum: checksum.clone(),
-                });
+                srcs.push(CopySource::Url { url: s.clone(), checksum: checksum.clone() });
             } else {
                 srcs.push(CopySource::Path(s.clone()));
             }
         }
         for (p, data) in contents {
             msg.push_str(&format!(" <<{p}"));
-            srcs.push(CopySource::Inline {
-                name: p,
-                content: data,
-            });
+            srcs.push(CopySource::Inline { name: p, content: data });
         }
         msg.push(' ');
         msg.push_str(&dest_raw);
@@ -1823,9 +1481,7 @@ mod unit {
     #[test]
     fn git_and_http_sources_are_told_apart() {
         assert!(is_git_source("https://github.com/moby/buildkit.git"));
-        assert!(is_git_source(
-            "https://github.com/moby/buildkit.git#v0.10.1"
-        ));
+        assert!(is_git_source("https://github.com/moby/buildkit.git#v0.10.1"));
         assert!(is_git_source("git@github.com:moby/buildkit.git"));
         assert!(is_git_source("git://host/repo"));
         assert!(!is_git_source("https://example.com/file.tar.gz"));

@@ -42,42 +42,20 @@ pub enum FrontendError {
     /// Syntax: parser directives, continuations, heredocs, unknown instructions or flags,
     /// wrong argument counts.
     #[error("{file}:{line}: {message}")]
-    Syntax {
-        file: String,
-        line: usize,
-        message: String,
-    },
+    Syntax { file: String, line: usize, message: String },
     /// Variable expansion failed (`${X:?must be set}`, unbalanced quotes, bad substitution).
     #[error("{file}:{line}: {message}")]
-    Expansion {
-        file: String,
-        line: usize,
-        message: String,
-    },
+    Expansion { file: String, line: usize, message: String },
     /// A value is invalid once expanded (platform, mount, chmod, port, signal, stage
     /// reference, cycle...).
     #[error("{file}:{line}: {message}")]
-    Invalid {
-        file: String,
-        line: usize,
-        message: String,
-    },
+    Invalid { file: String, line: usize, message: String },
     /// A base image could not be resolved.
     #[error("{file}:{line}: failed to resolve image {reference:?} for {platform}: {message}")]
-    Resolve {
-        file: String,
-        line: usize,
-        reference: String,
-        platform: String,
-        message: String,
-    },
+    Resolve { file: String, line: usize, reference: String, platform: String, message: String },
     /// `--target` names no stage.
     #[error("{file}: target stage {target:?} could not be found (stages: {available})")]
-    TargetNotFound {
-        file: String,
-        target: String,
-        available: String,
-    },
+    TargetNotFound { file: String, target: String, available: String },
 }
 
 impl FrontendError {
@@ -94,11 +72,7 @@ impl FrontendError {
 }
 
 /// Build the graph for one target platform within the default [`Limits`].
-pub async fn build_graph(
-    dockerfile: &[u8],
-    opts: &FrontendOptions,
-    resolver: &dyn ImageResolver,
-) -> Result<BuildGraph, FrontendError> {
+pub async fn build_graph(dockerfile: &[u8], opts: &FrontendOptions, resolver: &dyn ImageResolver) -> Result<BuildGraph, FrontendError> {
     build_graph_limited(dockerfile, opts, &Limits::default(), resolver).await
 }
 
@@ -111,7 +85,5 @@ pub async fn build_graph_limited(
     limits: &Limits,
     resolver: &dyn ImageResolver,
 ) -> Result<BuildGraph, FrontendError> {
-    convert::Converter::new(opts, *limits)
-        .run(dockerfile, resolver)
-        .await
+    convert::Converter::new(opts, *limits).run(dockerfile, resolver).await
 }

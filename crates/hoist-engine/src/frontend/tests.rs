@@ -7,8 +7,8 @@ use hoist_oci::image::{Healthcheck, ImageConfig, RunConfig};
 
 use super::*;
 use crate::graph::{
-    Base, BuildGraph, CacheSharing, Chmod, CopyOp, CopySource, FrontendOptions, MountKind,
-    NetworkMode, Op, Platform, ResolvedImage, RunOp, SecurityMode, Source, Stage,
+    Base, BuildGraph, CacheSharing, Chmod, CopyOp, CopySource, FrontendOptions, MountKind, NetworkMode, Op, Platform, ResolvedImage, RunOp,
+    SecurityMode, Source, Stage,
 };
 
 const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -21,49 +21,31 @@ struct Fake {
 #[async_trait::async_trait]
 impl ImageResolver for Fake {
     async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push((reference.to_string(), platform.to_string()));
+        self.calls.lock().unwrap().push((reference.to_string(), platform.to_string()));
         match self.images.get(reference) {
             Some(c) => Ok(ResolvedImage {
                 reference: reference.to_string(),
                 manifest_digest: format!("sha256:{:064x}", reference.len()),
                 config: c.clone(),
             }),
-            None => Err(format!(
-                "pull access denied for {reference}: repository does not exist"
-            )),
+            None => Err(format!("pull access denied for {reference}: repository does not exist")),
         }
     }
 }
 
 fn image(rc: RunConfig) -> ImageConfig {
-    ImageConfig {
-        architecture: "amd64".into(),
-        os: "linux".into(),
-        config: rc,
-        ..ImageConfig::default()
-    }
+    ImageConfig { architecture: "amd64".into(), os: "linux".into(), config: rc, ..ImageConfig::default() }
 }
 
 fn fake() -> Fake {
     let mut images = HashMap::new();
     images.insert(
         "busybox".to_string(),
-        image(RunConfig {
-            env: Some(vec![PATH.into()]),
-            cmd: Some(vec!["sh".into()]),
-            ..RunConfig::default()
-        }),
+        image(RunConfig { env: Some(vec![PATH.into()]), cmd: Some(vec!["sh".into()]), ..RunConfig::default() }),
     );
     images.insert(
         "127.0.0.1:5000/library/busybox".to_string(),
-        image(RunConfig {
-            env: Some(vec![PATH.into()]),
-            cmd: Some(vec!["sh".into()]),
-            ..RunConfig::default()
-        }),
+        image(RunConfig { env: Some(vec![PATH.into()]), cmd: Some(vec!["sh".into()]), ..RunConfig::default() }),
     );
     images.insert(
         "app".to_string(),
@@ -74,10 +56,7 @@ fn fake() -> Fake {
             entrypoint: Some(vec!["/entry".into()]),
             cmd: Some(vec!["serve".into()]),
             shell: Some(vec!["/bin/bash".into(), "-c".into()]),
-            healthcheck: Some(Healthcheck {
-                test: vec!["CMD".into(), "true".into()],
-                ..Healthcheck::default()
-            }),
+            healthcheck: Some(Healthcheck { test: vec!["CMD".into(), "true".into()], ..Healthcheck::default() }),
             ..RunConfig::default()
         }),
     );
@@ -85,25 +64,13 @@ fn fake() -> Fake {
         "onbuild-base".to_string(),
         image(RunConfig {
             env: Some(vec![PATH.into()]),
-            on_build: Some(vec![
-                "RUN echo from-trigger".into(),
-                "COPY --from=helper /x /y".into(),
-            ]),
+            on_build: Some(vec!["RUN echo from-trigger".into(), "COPY --from=helper /x /y".into()]),
             ..RunConfig::default()
         }),
     );
     images.insert("helper".to_string(), image(RunConfig::default()));
-    images.insert(
-        "golang:1.22".to_string(),
-        image(RunConfig {
-            env: Some(vec![PATH.into()]),
-            ..RunConfig::default()
-        }),
-    );
-    Fake {
-        images,
-        calls: Mutex::new(Vec::new()),
-    }
+    images.insert("golang:1.22".to_string(), image(RunConfig { env: Some(vec![PATH.into()]), ..RunConfig::default() }));
+    Fake { images, calls: Mutex::new(Vec::new()) }
 }
 
 fn opts() -> FrontendOptions {
@@ -116,9 +83,7 @@ fn opts() -> FrontendOptions {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().build().unwrap()
 }
 
 fn build_with(df: &str, o: &FrontendOptions) -> Result<BuildGraph, FrontendError> {
@@ -162,10 +127,7 @@ fn copies(st: &Stage) -> Vec<&CopyOp> {
 }
 
 fn history(st: &Stage) -> Vec<(String, bool)> {
-    st.history
-        .iter()
-        .map(|h| (h.created_by.clone(), h.empty_layer))
-        .collect()
+    st.history.iter().map(|h| (h.created_by.clone(), h.empty_layer)).collect()
 }
 
 fn h(items: &[(&str, bool)]) -> Vec<(String, bool)> {
@@ -178,10 +140,7 @@ fn s(items: &[&str]) -> Vec<String> {
 
 fn with_args(pairs: &[(&str, &str)]) -> FrontendOptions {
     let mut o = opts();
-    o.build_args = pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    o.build_args = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     o
 }
 
@@ -219,46 +178,25 @@ fn run_shell_and_exec_forms() {
     assert_eq!(r[0].cwd, "/");
     assert_eq!(r[0].user, "");
     assert_eq!(r[0].env, s(&[PATH]));
-    assert_eq!(
-        history(st),
-        h(&[
-            ("RUN /bin/sh -c make -j2 # buildkit", false),
-            ("RUN echo hi there # buildkit", false)
-        ])
-    );
+    assert_eq!(history(st), h(&[("RUN /bin/sh -c make -j2 # buildkit", false), ("RUN echo hi there # buildkit", false)]));
     assert_eq!(st.steps[0].display, "RUN make -j2");
     assert_eq!(st.steps[0].line, 2);
-    assert!(st
-        .history
-        .iter()
-        .all(|e| e.comment.as_deref() == Some("buildkit.dockerfile.v0")));
+    assert!(st.history.iter().all(|e| e.comment.as_deref() == Some("buildkit.dockerfile.v0")));
 }
 
 #[test]
 fn run_is_not_expanded_by_the_frontend() {
     let g = build("FROM busybox\nENV A=1\nRUN echo $A ${B:-x}\n");
-    assert_eq!(
-        runs(target(&g))[0].args,
-        s(&["/bin/sh", "-c", "echo $A ${B:-x}"])
-    );
+    assert_eq!(runs(target(&g))[0].args, s(&["/bin/sh", "-c", "echo $A ${B:-x}"]));
 }
 
 #[test]
 fn shell_instruction_changes_the_shell() {
     let g = build("FROM busybox\nSHELL [\"/bin/bash\", \"-eo\", \"pipefail\", \"-c\"]\nRUN a | b\nCMD serve\n");
     let st = target(&g);
-    assert_eq!(
-        runs(st)[0].args,
-        s(&["/bin/bash", "-eo", "pipefail", "-c", "a | b"])
-    );
-    assert_eq!(
-        st.config.cmd,
-        Some(s(&["/bin/bash", "-eo", "pipefail", "-c", "serve"]))
-    );
-    assert_eq!(
-        history(st)[0],
-        ("SHELL [/bin/bash -eo pipefail -c]".to_string(), true)
-    );
+    assert_eq!(runs(st)[0].args, s(&["/bin/bash", "-eo", "pipefail", "-c", "a | b"]));
+    assert_eq!(st.config.cmd, Some(s(&["/bin/bash", "-eo", "pipefail", "-c", "serve"])));
+    assert_eq!(history(st)[0], ("SHELL [/bin/bash -eo pipefail -c]".to_string(), true));
     let g = build("FROM app\nRUN x\n");
     assert_eq!(runs(target(&g))[0].args, s(&["/bin/bash", "-c", "x"]));
 }
@@ -267,18 +205,8 @@ fn shell_instruction_changes_the_shell() {
 fn env_forms_order_and_history() {
     let g = build("FROM busybox\nENV A=1 B=\"two words\"\nENV C 3 4\nENV A=5\n");
     let st = target(&g);
-    assert_eq!(
-        st.config.env,
-        Some(s(&[PATH, "A=5", "B=two words", "C=3 4"]))
-    );
-    assert_eq!(
-        history(st),
-        h(&[
-            ("ENV A=1 B=two words", true),
-            ("ENV C=3 4", true),
-            ("ENV A=5", true)
-        ])
-    );
+    assert_eq!(st.config.env, Some(s(&[PATH, "A=5", "B=two words", "C=3 4"])));
+    assert_eq!(history(st), h(&[("ENV A=1 B=two words", true), ("ENV C=3 4", true), ("ENV A=5", true)]));
 }
 
 #[test]
@@ -309,22 +237,14 @@ fn global_args_expand_from_and_need_redeclaring_in_a_stage() {
     assert_eq!(r[1].env, s(&[PATH, "V=1"]));
     assert_eq!(
         history(st),
-        h(&[
-            ("RUN /bin/sh -c echo $V # buildkit", false),
-            ("ARG V=1", true),
-            ("RUN |1 V=1 /bin/sh -c echo $V # buildkit", false)
-        ])
+        h(&[("RUN /bin/sh -c echo $V # buildkit", false), ("ARG V=1", true), ("RUN |1 V=1 /bin/sh -c echo $V # buildkit", false)])
     );
 }
 
 #[test]
 fn build_args_override_defaults_everywhere() {
     let df = "ARG IMG=nope\nFROM ${IMG}\nARG V=default\nARG W\nRUN x\n";
-    let g = build_with(
-        df,
-        &with_args(&[("IMG", "busybox"), ("V", "cli"), ("W", "w")]),
-    )
-    .unwrap();
+    let g = build_with(df, &with_args(&[("IMG", "busybox"), ("V", "cli"), ("W", "w")])).unwrap();
     let st = target(&g);
     assert_eq!(runs(st)[0].env, s(&[PATH, "V=cli", "W=w"]));
     assert_eq!(history(st)[2].0, "RUN |2 V=cli W=w /bin/sh -c x # buildkit");
@@ -336,13 +256,7 @@ fn arg_without_value_is_in_history_but_not_env() {
     let g = build("FROM busybox\nARG NOVAL\nRUN x\n");
     let st = target(&g);
     assert_eq!(runs(st)[0].env, s(&[PATH]));
-    assert_eq!(
-        history(st),
-        h(&[
-            ("ARG NOVAL", true),
-            ("RUN |1 NOVAL= /bin/sh -c x # buildkit", false)
-        ])
-    );
+    assert_eq!(history(st), h(&[("ARG NOVAL", true), ("RUN |1 NOVAL= /bin/sh -c x # buildkit", false)]));
 }
 
 #[test]
@@ -374,33 +288,16 @@ fn platform_args_are_predefined_for_from_and_declared_in_stages() {
     let df = "FROM --platform=$BUILDPLATFORM golang:1.22 AS build\nARG TARGETOS TARGETARCH TARGETPLATFORM BUILDPLATFORM TARGETVARIANT\nRUN go build\nFROM busybox\nCOPY --from=build /out /out\n";
     let f = fake();
     let g = rt().block_on(build_graph(df.as_bytes(), &o, &f)).unwrap();
-    let build_stage = g
-        .stages
-        .iter()
-        .find(|s| s.name.as_deref() == Some("build"))
-        .unwrap();
+    let build_stage = g.stages.iter().find(|s| s.name.as_deref() == Some("build")).unwrap();
     assert_eq!(build_stage.platform.to_string(), "linux/amd64");
     assert_eq!(
         runs(build_stage)[0].env,
-        s(&[
-            PATH,
-            "TARGETOS=linux",
-            "TARGETARCH=arm64",
-            "TARGETPLATFORM=linux/arm64",
-            "BUILDPLATFORM=linux/amd64",
-            "TARGETVARIANT="
-        ])
+        s(&[PATH, "TARGETOS=linux", "TARGETARCH=arm64", "TARGETPLATFORM=linux/arm64", "BUILDPLATFORM=linux/amd64", "TARGETVARIANT="])
     );
     assert_eq!(target(&g).platform.to_string(), "linux/arm64");
     let calls = f.calls.lock().unwrap().clone();
-    assert!(
-        calls.contains(&("golang:1.22".to_string(), "linux/amd64".to_string())),
-        "{calls:?}"
-    );
-    assert!(
-        calls.contains(&("busybox".to_string(), "linux/arm64".to_string())),
-        "{calls:?}"
-    );
+    assert!(calls.contains(&("golang:1.22".to_string(), "linux/amd64".to_string())), "{calls:?}");
+    assert!(calls.contains(&("busybox".to_string(), "linux/arm64".to_string())), "{calls:?}");
 }
 
 #[test]
@@ -411,11 +308,7 @@ fn platform_args_are_not_in_the_stage_env_unless_declared() {
 
 #[test]
 fn platform_args_can_be_overridden_by_build_args() {
-    let g = build_with(
-        "ARG TARGETARCH\nFROM busybox\nARG TARGETARCH\nRUN x\n",
-        &with_args(&[("TARGETARCH", "riscv64")]),
-    )
-    .unwrap();
+    let g = build_with("ARG TARGETARCH\nFROM busybox\nARG TARGETARCH\nRUN x\n", &with_args(&[("TARGETARCH", "riscv64")])).unwrap();
     assert_eq!(runs(target(&g))[0].env, s(&[PATH, "TARGETARCH=riscv64"]));
 }
 
@@ -423,61 +316,25 @@ fn platform_args_can_be_overridden_by_build_args() {
 fn variant_arg_for_arm() {
     let mut o = opts();
     o.target_platform = Some(Platform::parse("linux/arm/v7").unwrap());
-    let g = rt()
-        .block_on(build_graph(
-            b"FROM scratch\nARG TARGETPLATFORM TARGETVARIANT\nRUN x\n",
-            &o,
-            &fake(),
-        ))
-        .unwrap();
-    assert_eq!(
-        runs(target(&g))[0].env,
-        s(&[PATH, "TARGETPLATFORM=linux/arm/v7", "TARGETVARIANT=v7"])
-    );
+    let g = rt().block_on(build_graph(b"FROM scratch\nARG TARGETPLATFORM TARGETVARIANT\nRUN x\n", &o, &fake())).unwrap();
+    assert_eq!(runs(target(&g))[0].env, s(&[PATH, "TARGETPLATFORM=linux/arm/v7", "TARGETVARIANT=v7"]));
 }
 
 #[test]
 fn proxy_build_args_reach_the_container_but_not_the_key() {
-    let g = build_with(
-        "FROM busybox\nRUN x\n",
-        &with_args(&[("HTTP_PROXY", "http://p:3128"), ("no_proxy", "localhost")]),
-    )
-    .unwrap();
+    let g = build_with("FROM busybox\nRUN x\n", &with_args(&[("HTTP_PROXY", "http://p:3128"), ("no_proxy", "localhost")])).unwrap();
     let r = runs(target(&g))[0];
     assert_eq!(r.env, s(&[PATH]));
-    assert_eq!(
-        r.proxy_env,
-        s(&[
-            "HTTP_PROXY=http://p:3128",
-            "http_proxy=http://p:3128",
-            "NO_PROXY=localhost",
-            "no_proxy=localhost"
-        ])
-    );
-    assert!(
-        g.warnings.is_empty(),
-        "proxy args are never reported unused: {:?}",
-        g.warnings
-    );
-    let g = build_with(
-        "FROM busybox\nARG HTTP_PROXY\nRUN x\n",
-        &with_args(&[("HTTP_PROXY", "http://p")]),
-    )
-    .unwrap();
+    assert_eq!(r.proxy_env, s(&["HTTP_PROXY=http://p:3128", "http_proxy=http://p:3128", "NO_PROXY=localhost", "no_proxy=localhost"]));
+    assert!(g.warnings.is_empty(), "proxy args are never reported unused: {:?}", g.warnings);
+    let g = build_with("FROM busybox\nARG HTTP_PROXY\nRUN x\n", &with_args(&[("HTTP_PROXY", "http://p")])).unwrap();
     assert_eq!(runs(target(&g))[0].env, s(&[PATH, "HTTP_PROXY=http://p"]));
 }
 
 #[test]
 fn unused_build_args_are_a_warning() {
-    let g = build_with(
-        "FROM busybox\nARG USED\n",
-        &with_args(&[("USED", "1"), ("UNUSED", "2"), ("ALSO", "3")]),
-    )
-    .unwrap();
-    assert_eq!(
-        g.warnings,
-        s(&["one or more build-args [ALSO UNUSED] were not consumed"])
-    );
+    let g = build_with("FROM busybox\nARG USED\n", &with_args(&[("USED", "1"), ("UNUSED", "2"), ("ALSO", "3")])).unwrap();
+    assert_eq!(g.warnings, s(&["one or more build-args [ALSO UNUSED] were not consumed"]));
 }
 
 #[test]
@@ -498,14 +355,7 @@ fn workdir_is_relative_to_the_previous_one_and_creates_the_directory() {
             _ => None,
         })
         .collect();
-    assert_eq!(
-        mk,
-        vec![
-            ("/app".into(), "".into()),
-            ("/app/src".into(), "".into()),
-            ("/app/lib".into(), "nobody".into())
-        ]
-    );
+    assert_eq!(mk, vec![("/app".into(), "".into()), ("/app/src".into(), "".into()), ("/app/lib".into(), "nobody".into())]);
     assert_eq!(runs(st)[0].cwd, "/");
     assert_eq!(runs(st)[0].user, "nobody");
     assert_eq!(
@@ -533,9 +383,7 @@ fn workdir_relative_to_base_image_workdir() {
 
 #[test]
 fn copy_destinations_are_relative_to_workdir() {
-    let g = build(
-        "FROM busybox\nWORKDIR /app\nCOPY a .\nCOPY b c/\nCOPY d e\nCOPY f /abs\nCOPY g ./\n",
-    );
+    let g = build("FROM busybox\nWORKDIR /app\nCOPY a .\nCOPY b c/\nCOPY d e\nCOPY f /abs\nCOPY g ./\n");
     let dests: Vec<String> = copies(target(&g)).iter().map(|c| c.dest.clone()).collect();
     assert_eq!(dests, s(&["/app/", "/app/c/", "/app/e", "/abs", "/app/"]));
 }
@@ -549,34 +397,17 @@ fn copy_history_and_flags() {
     assert_eq!(c.chmod, Some(Chmod::Octal(0o640)));
     assert!(c.link && !c.is_add && !c.unpack);
     assert_eq!(c.from, Source::Context);
-    assert!(
-        matches!(&c.sources[..], [CopySource::Path(a), CopySource::Path(b)] if a == "a" && b == "b")
-    );
-    assert_eq!(
-        history(st)[1],
-        (
-            "COPY --chown=1000:1000 --chmod=0640 a b /dst/ # buildkit".to_string(),
-            false
-        )
-    );
-    assert_eq!(
-        st.steps[0].display,
-        "COPY --chown=1000:1000 --chmod=0640 --link a b /dst/"
-    );
+    assert!(matches!(&c.sources[..], [CopySource::Path(a), CopySource::Path(b)] if a == "a" && b == "b"));
+    assert_eq!(history(st)[1], ("COPY --chown=1000:1000 --chmod=0640 a b /dst/ # buildkit".to_string(), false));
+    assert_eq!(st.steps[0].display, "COPY --chown=1000:1000 --chmod=0640 --link a b /dst/");
 }
 
 #[test]
 fn copy_chmod_symbolic_and_invalid() {
     let g = build("FROM busybox\nCOPY --chmod=u+x a /b\n");
-    assert_eq!(
-        copies(target(&g))[0].chmod,
-        Some(Chmod::Symbolic("u+x".into()))
-    );
+    assert_eq!(copies(target(&g))[0].chmod, Some(Chmod::Symbolic("u+x".into())));
     let e = err("FROM busybox\nCOPY --chmod=10000 a /b\n");
-    assert!(
-        e.starts_with("Dockerfile:2: invalid chmod parameter: '10000'"),
-        "{e}"
-    );
+    assert!(e.starts_with("Dockerfile:2: invalid chmod parameter: '10000'"), "{e}");
 }
 
 #[test]
@@ -586,10 +417,7 @@ fn copy_parents_and_excludes_are_kept() {
     let c = copies(st)[0];
     assert!(c.parents);
     assert_eq!(c.exclude, s(&["*.tmp"]));
-    assert_eq!(
-        history(st)[0].0,
-        "COPY --parents ./src/./pkg/**/*.go /out/ # buildkit"
-    );
+    assert_eq!(history(st)[0].0, "COPY --parents ./src/./pkg/**/*.go /out/ # buildkit");
 }
 
 #[test]
@@ -632,18 +460,10 @@ fn copy_from_errors() {
     let e = err("FROM busybox\nCOPY --from=5 a b\n");
     assert!(e.starts_with("Dockerfile:2: invalid stage index 5"), "{e}");
     let e = err("FROM busybox AS a\nCOPY --from=b x y\nFROM busybox AS b\nFROM scratch\nCOPY --from=a / /\n");
-    assert!(
-        e.contains(
-            "cannot copy from stage \"b\", it needs to be defined before current stage \"a\""
-        ),
-        "{e}"
-    );
+    assert!(e.contains("cannot copy from stage \"b\", it needs to be defined before current stage \"a\""), "{e}");
     assert!(e.starts_with("Dockerfile:2:"), "{e}");
     let e = err("FROM busybox AS a\nCOPY --from=a x y\n");
-    assert!(
-        e.starts_with("Dockerfile:2: circular dependency detected on stage: a"),
-        "{e}"
-    );
+    assert!(e.starts_with("Dockerfile:2: circular dependency detected on stage: a"), "{e}");
     let e = err("FROM busybox AS a\nCOPY --from=b x y\nFROM busybox AS b\nCOPY --from=a x y\n");
     assert!(e.contains("circular dependency detected"), "{e}");
 }
@@ -655,32 +475,17 @@ fn copy_urls_and_git_are_add_only() {
     let e = err("FROM busybox\nCOPY https://github.com/moby/buildkit.git /src\n");
     assert!(e.contains("source can't be a git ref for COPY"), "{e}");
     let sum = format!("sha256:{}", "a".repeat(64));
-    let g = build(&format!(
-        "FROM busybox\nADD --checksum={sum} https://example.com/x.tgz /\nADD local.tar /x/\n"
-    ));
+    let g = build(&format!("FROM busybox\nADD --checksum={sum} https://example.com/x.tgz /\nADD local.tar /x/\n"));
     let c = copies(target(&g));
-    assert!(
-        matches!(&c[0].sources[0], CopySource::Url { url, checksum: Some(cs) } if url == "https://example.com/x.tgz" && *cs == sum)
-    );
+    assert!(matches!(&c[0].sources[0], CopySource::Url { url, checksum: Some(cs) } if url == "https://example.com/x.tgz" && *cs == sum));
     assert!(c[0].is_add && c[0].unpack);
-    assert_eq!(
-        history(target(&g))[0].0,
-        "ADD https://example.com/x.tgz / # buildkit"
-    );
+    assert_eq!(history(target(&g))[0].0, "ADD https://example.com/x.tgz / # buildkit");
     let e = err("FROM busybox\nADD --checksum=sha256:abc https://e.com/x /\n");
     assert!(e.contains("invalid checksum digest format"), "{e}");
     let e = err(&format!("FROM busybox\nADD --checksum={sum} local /\n"));
-    assert!(
-        e.contains("checksum can't be specified for non-HTTP(S) sources"),
-        "{e}"
-    );
-    let e = err(&format!(
-        "FROM busybox\nADD --checksum={sum} https://e.com/a https://e.com/b /\n"
-    ));
-    assert!(
-        e.contains("checksum can't be specified for multiple sources"),
-        "{e}"
-    );
+    assert!(e.contains("checksum can't be specified for non-HTTP(S) sources"), "{e}");
+    let e = err(&format!("FROM busybox\nADD --checksum={sum} https://e.com/a https://e.com/b /\n"));
+    assert!(e.contains("checksum can't be specified for multiple sources"), "{e}");
     let g = build("FROM busybox\nADD --unpack=false --keep-git-dir git@github.com:a/b.git /src\n");
     let c = copies(target(&g))[0];
     assert!(!c.unpack && c.keep_git_dir);
@@ -692,12 +497,8 @@ fn copy_heredocs_are_inline_sources() {
     let g = build(df);
     let st = target(&g);
     let c = copies(st)[0];
-    assert!(
-        matches!(&c.sources[0], CopySource::Inline { name, content } if name == "EOF" && content == "hello world \"q\"\n")
-    );
-    assert!(
-        matches!(&c.sources[1], CopySource::Inline { name, content } if name == "RAW" && content == "hello $NAME\n")
-    );
+    assert!(matches!(&c.sources[0], CopySource::Inline { name, content } if name == "EOF" && content == "hello world \"q\"\n"));
+    assert!(matches!(&c.sources[1], CopySource::Inline { name, content } if name == "RAW" && content == "hello $NAME\n"));
     assert_eq!(history(st)[1].0, "COPY <<EOF <<RAW /etc/ # buildkit");
 }
 
@@ -709,10 +510,7 @@ fn run_heredoc_whole_command_runs_in_the_shell() {
     assert_eq!(r.args, s(&["/bin/sh", "-c", "echo a\necho b\n"]));
     assert!(r.inline_files.is_empty());
     assert_eq!(st.steps[0].display, "RUN <<EOF (echo a...)");
-    assert_eq!(
-        history(st)[0].0,
-        "RUN /bin/sh -c echo a\necho b\n # buildkit"
-    );
+    assert_eq!(history(st)[0].0, "RUN /bin/sh -c echo a\necho b\n # buildkit");
 }
 
 #[test]
@@ -722,38 +520,22 @@ fn run_heredoc_with_shebang_becomes_an_inline_file() {
     assert_eq!(r.args, s(&["/bin/sh", "-c", "/dev/pipes/EOT"]));
     assert_eq!(r.inline_files.len(), 1);
     assert_eq!(r.inline_files[0].target, "/dev/pipes/EOT");
-    assert_eq!(
-        r.inline_files[0].content,
-        "#!/usr/bin/env python3\nprint('hi')\n"
-    );
+    assert_eq!(r.inline_files[0].content, "#!/usr/bin/env python3\nprint('hi')\n");
     assert_eq!(r.inline_files[0].mode, 0o755);
 }
 
 #[test]
 fn run_heredoc_inside_a_command_is_passed_to_the_shell() {
     let cases: &[(&str, &str)] = &[
-        (
-            "RUN python3 <<EOF\nprint(1)\nEOF\n",
-            "python3 <<EOF\nprint(1)\nEOF",
-        ),
-        (
-            "RUN cat <<EOF > /f\nhello $X\nEOF\n",
-            "cat <<EOF > /f\nhello $X\nEOF",
-        ),
-        (
-            "RUN cat > /f <<'EOT'\nhi\nEOT\n",
-            "cat > /f <<'EOT'\nhi\nEOT",
-        ),
+        ("RUN python3 <<EOF\nprint(1)\nEOF\n", "python3 <<EOF\nprint(1)\nEOF"),
+        ("RUN cat <<EOF > /f\nhello $X\nEOF\n", "cat <<EOF > /f\nhello $X\nEOF"),
+        ("RUN cat > /f <<'EOT'\nhi\nEOT\n", "cat > /f <<'EOT'\nhi\nEOT"),
         ("RUN cat <<A <<B\na\nA\nb\nB\n", "cat <<A <<B\na\nA\nb\nB"),
         ("RUN cat <<-EOF\n\tx\n\tEOF\n", "cat <<-EOF\n\tx\nEOF"),
     ];
     for (run, want) in cases {
         let g = build(&format!("FROM busybox\n{run}"));
-        assert_eq!(
-            runs(target(&g))[0].args,
-            s(&["/bin/sh", "-c", want]),
-            "{run}"
-        );
+        assert_eq!(runs(target(&g))[0].args, s(&["/bin/sh", "-c", want]), "{run}");
     }
 }
 
@@ -769,34 +551,19 @@ fn run_mounts_are_expanded_and_completed() {
         matches!(&m[0].kind, MountKind::Cache { id, sharing: CacheSharing::Shared, from: None, source, readonly: false, mode: 0o755, uid: 0, gid: 0 } if id == "/root/.cache" && source == "/")
     );
     assert_eq!(m[1].target, "/w/rel");
-    assert!(
-        matches!(&m[1].kind, MountKind::Cache { id, sharing: CacheSharing::Locked, mode: 0o700, uid: 1, .. } if id == "x")
-    );
+    assert!(matches!(&m[1].kind, MountKind::Cache { id, sharing: CacheSharing::Locked, mode: 0o700, uid: 1, .. } if id == "x"));
     assert_eq!(m[2].target, "/run/secrets/npmrc");
-    assert!(
-        matches!(&m[2].kind, MountKind::Secret { id, env: None, required: false, mode: 0o400, .. } if id == "npmrc")
-    );
+    assert!(matches!(&m[2].kind, MountKind::Secret { id, env: None, required: false, mode: 0o400, .. } if id == "npmrc"));
     assert_eq!(m[3].target, "");
-    assert!(
-        matches!(&m[3].kind, MountKind::Secret { id, env: Some(e), .. } if id == "tok" && e == "TOKEN")
-    );
+    assert!(matches!(&m[3].kind, MountKind::Secret { id, env: Some(e), .. } if id == "tok" && e == "TOKEN"));
     assert_eq!(m[4].target, "/run/buildkit/ssh_agent.0");
     assert!(matches!(&m[4].kind, MountKind::Ssh { id, mode: 0o600, .. } if id == "default"));
     assert_eq!(m[5].target, "/run/buildkit/ssh_agent.1");
     assert!(matches!(&m[5].kind, MountKind::Ssh { id, .. } if id == "gh"));
     assert!(matches!(&m[6].kind, MountKind::Tmpfs { size: Some(n) } if *n == 1 << 30));
-    assert!(
-        matches!(&m[7].kind, MountKind::Bind { from: Source::Stage(0), source, readwrite: false } if source == "/out")
-    );
+    assert!(matches!(&m[7].kind, MountKind::Bind { from: Source::Stage(0), source, readwrite: false } if source == "/out"));
     assert_eq!(m[8].target, "/w/ctx");
-    assert!(matches!(
-        &m[8].kind,
-        MountKind::Bind {
-            from: Source::Context,
-            readwrite: true,
-            ..
-        }
-    ));
+    assert!(matches!(&m[8].kind, MountKind::Bind { from: Source::Context, readwrite: true, .. }));
 }
 
 #[test]
@@ -808,24 +575,15 @@ fn run_mount_errors() {
     let e = err("FROM busybox\nRUN --mount=type=ssh,source=x x\n");
     assert!(e.contains("ssh does not support source"), "{e}");
     let e = err("FROM busybox\nRUN --mount=type=$T,target=/x x\n");
-    assert!(
-        e.starts_with("Dockerfile:2: --mount=type=$T,target=/x: unsupported mount type \"\""),
-        "{e}"
-    );
+    assert!(e.starts_with("Dockerfile:2: --mount=type=$T,target=/x: unsupported mount type \"\""), "{e}");
 }
 
 #[test]
 fn run_network_and_security() {
     let g = build("FROM busybox\nRUN --network=none --security=insecure x\nRUN --network=host y\n");
     let r = runs(target(&g));
-    assert_eq!(
-        (r[0].network, r[0].security),
-        (NetworkMode::None, SecurityMode::Insecure)
-    );
-    assert_eq!(
-        (r[1].network, r[1].security),
-        (NetworkMode::Host, SecurityMode::Sandbox)
-    );
+    assert_eq!((r[0].network, r[0].security), (NetworkMode::None, SecurityMode::Insecure));
+    assert_eq!((r[1].network, r[1].security), (NetworkMode::Host, SecurityMode::Sandbox));
 }
 
 #[test]
@@ -833,39 +591,20 @@ fn cmd_and_entrypoint_like_buildkit() {
     let g = build("FROM busybox\nENTRYPOINT [\"/bin/app\"]\n");
     let st = target(&g);
     assert_eq!(st.config.entrypoint, Some(s(&["/bin/app"])));
-    assert_eq!(
-        st.config.cmd, None,
-        "ENTRYPOINT resets the base image's CMD"
-    );
+    assert_eq!(st.config.cmd, None, "ENTRYPOINT resets the base image's CMD");
     assert_eq!(history(st), h(&[("ENTRYPOINT [\"/bin/app\"]", true)]));
 
     let g = build("FROM busybox\nCMD [\"--help\"]\nENTRYPOINT /bin/app\n");
     let st = target(&g);
-    assert_eq!(
-        st.config.cmd,
-        Some(s(&["--help"])),
-        "a CMD of this stage survives ENTRYPOINT"
-    );
-    assert_eq!(
-        st.config.entrypoint,
-        Some(s(&["/bin/sh", "-c", "/bin/app"]))
-    );
+    assert_eq!(st.config.cmd, Some(s(&["--help"])), "a CMD of this stage survives ENTRYPOINT");
+    assert_eq!(st.config.entrypoint, Some(s(&["/bin/sh", "-c", "/bin/app"])));
     assert_eq!(st.config.args_escaped, Some(true));
-    assert_eq!(
-        history(st),
-        h(&[
-            ("CMD [\"--help\"]", true),
-            ("ENTRYPOINT [\"/bin/sh\" \"-c\" \"/bin/app\"]", true)
-        ])
-    );
+    assert_eq!(history(st), h(&[("CMD [\"--help\"]", true), ("ENTRYPOINT [\"/bin/sh\" \"-c\" \"/bin/app\"]", true)]));
 
     let g = build("FROM busybox\nENTRYPOINT []\n");
     assert_eq!(target(&g).config.entrypoint, None);
     let g = build("FROM busybox\nCMD echo \"hi\"\n");
-    assert_eq!(
-        history(target(&g))[0].0,
-        r#"CMD ["/bin/sh" "-c" "echo \"hi\""]"#
-    );
+    assert_eq!(history(target(&g))[0].0, r#"CMD ["/bin/sh" "-c" "echo \"hi\""]"#);
 }
 
 #[test]
@@ -901,17 +640,11 @@ fn expose_volume_label_user_stopsignal_maintainer() {
 #[test]
 fn invalid_values_after_expansion() {
     let e = err("FROM busybox\nSTOPSIGNAL SIGNOPE\n");
-    assert!(
-        e.starts_with("Dockerfile:2: invalid signal: SIGNOPE"),
-        "{e}"
-    );
+    assert!(e.starts_with("Dockerfile:2: invalid signal: SIGNOPE"), "{e}");
     let e = err("FROM busybox\nEXPOSE 80/icmp\n");
     assert!(e.starts_with("Dockerfile:2: invalid proto: icmp"), "{e}");
     let e = err("FROM busybox\nARG V=\nVOLUME $V\n");
-    assert!(
-        e.contains("VOLUME specified can not be an empty string"),
-        "{e}"
-    );
+    assert!(e.contains("VOLUME specified can not be an empty string"), "{e}");
 }
 
 #[test]
@@ -919,23 +652,11 @@ fn healthcheck_in_config_and_history() {
     let g = build("FROM busybox\nHEALTHCHECK --interval=5m --timeout=3s CMD curl -f http://localhost/ || exit 1\n");
     let st = target(&g);
     let hc = st.config.healthcheck.clone().unwrap();
-    assert_eq!(
-        hc.test,
-        s(&["CMD-SHELL", "curl -f http://localhost/ || exit 1"])
-    );
-    assert_eq!(
-        (hc.interval, hc.timeout, hc.retries),
-        (300_000_000_000, 3_000_000_000, 0)
-    );
-    assert_eq!(
-        history(st)[0].0,
-        r#"HEALTHCHECK &{["CMD-SHELL" "curl -f http://localhost/ || exit 1"] "5m0s" "3s" "0s" "0s" '\x00'}"#
-    );
+    assert_eq!(hc.test, s(&["CMD-SHELL", "curl -f http://localhost/ || exit 1"]));
+    assert_eq!((hc.interval, hc.timeout, hc.retries), (300_000_000_000, 3_000_000_000, 0));
+    assert_eq!(history(st)[0].0, r#"HEALTHCHECK &{["CMD-SHELL" "curl -f http://localhost/ || exit 1"] "5m0s" "3s" "0s" "0s" '\x00'}"#);
     let g = build("FROM app\nHEALTHCHECK NONE\n");
-    assert_eq!(
-        target(&g).config.healthcheck.clone().unwrap().test,
-        s(&["NONE"])
-    );
+    assert_eq!(target(&g).config.healthcheck.clone().unwrap().test, s(&["NONE"]));
 }
 
 #[test]
@@ -949,10 +670,7 @@ fn onbuild_triggers_of_a_base_image_run_first_and_are_cleared() {
     assert_eq!(st.steps[0].display, "ONBUILD RUN echo from-trigger");
     assert_eq!(st.steps[0].line, 1);
     // the trigger's COPY --from=helper pulled in an implicit stage
-    assert!(g
-        .stages
-        .iter()
-        .any(|s| matches!(&s.base, Base::Image(i) if i.reference == "helper")));
+    assert!(g.stages.iter().any(|s| matches!(&s.base, Base::Image(i) if i.reference == "helper")));
     assert!(matches!(copies(st)[0].from, Source::Stage(_)));
 }
 
@@ -978,25 +696,17 @@ fn from_a_stage_inherits_config_env_args_and_workdir() {
     assert_eq!(r.cwd, "/w");
     assert_eq!(r.user, "u");
     assert_eq!(r.env, s(&["V=1", PATH, "E=2"]));
-    assert_eq!(
-        history(st),
-        h(&[("RUN |1 V=1 /bin/sh -c x # buildkit", false)])
-    );
+    assert_eq!(history(st), h(&[("RUN |1 V=1 /bin/sh -c x # buildkit", false)]));
 }
 
 #[test]
 fn only_stages_reachable_from_the_target_are_built() {
     let df = "FROM golang:1.22 AS unused\nRUN x\nFROM busybox AS build\nRUN y\nFROM scratch\nCOPY --from=build / /\n";
     let f = fake();
-    let g = rt()
-        .block_on(build_graph(df.as_bytes(), &opts(), &f))
-        .unwrap();
+    let g = rt().block_on(build_graph(df.as_bytes(), &opts(), &f)).unwrap();
     assert_eq!(g.stages.len(), 2);
     let calls = f.calls.lock().unwrap().clone();
-    assert_eq!(
-        calls,
-        vec![("busybox".to_string(), "linux/amd64".to_string())]
-    );
+    assert_eq!(calls, vec![("busybox".to_string(), "linux/amd64".to_string())]);
 }
 
 #[test]
@@ -1008,31 +718,18 @@ fn target_selection() {
     assert_eq!(target(&g).name.as_deref(), Some("one"));
     assert_eq!(g.stages.len(), 1);
     o.target = Some("1".into());
-    assert_eq!(
-        target(&build_with(df, &o).unwrap()).name.as_deref(),
-        Some("two")
-    );
+    assert_eq!(target(&build_with(df, &o).unwrap()).name.as_deref(), Some("two"));
     o.target = Some("three".into());
     let e = build_with(df, &o).unwrap_err().to_string();
-    assert_eq!(
-        e,
-        "Dockerfile: target stage \"three\" could not be found (stages: one, two)"
-    );
+    assert_eq!(e, "Dockerfile: target stage \"three\" could not be found (stages: one, two)");
 }
 
 #[test]
 fn labels_from_options_apply_to_the_target_only() {
     let mut o = opts();
-    o.labels
-        .insert("org.opencontainers.image.source".into(), "x".into());
+    o.labels.insert("org.opencontainers.image.source".into(), "x".into());
     let g = build_with("FROM busybox AS a\nLABEL mine=1\nFROM a\n", &o).unwrap();
-    assert!(g.stages[0]
-        .config
-        .labels
-        .as_ref()
-        .unwrap()
-        .get("org.opencontainers.image.source")
-        .is_none());
+    assert!(g.stages[0].config.labels.as_ref().unwrap().get("org.opencontainers.image.source").is_none());
     let labels = target(&g).config.labels.clone().unwrap();
     assert_eq!(labels.len(), 2);
 }
@@ -1042,27 +739,15 @@ fn errors_name_the_file_and_line() {
     let mut o = opts();
     o.dockerfile_name = "docker/app.Dockerfile".into();
     let e = build_with("FROM busybox\nRUN a\n\n\n\n\nRUNN make\n", &o).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "docker/app.Dockerfile:7: unknown instruction \"RUNN\" (did you mean RUN?)"
-    );
+    assert_eq!(e.to_string(), "docker/app.Dockerfile:7: unknown instruction \"RUNN\" (did you mean RUN?)");
     assert_eq!(e.line(), Some(7));
-    assert!(err("FROM busybox\nCOPY --frm=x a b\n")
-        .starts_with("Dockerfile:2: unknown flag --frm for COPY"));
+    assert!(err("FROM busybox\nCOPY --frm=x a b\n").starts_with("Dockerfile:2: unknown flag --frm for COPY"));
     let e = err("FROM busybox\nENV A=\"${B:?must be set}\"\n");
-    assert_eq!(
-        e,
-        "Dockerfile:2: failed to process \"\\\"${B:?must be set}\\\"\": B: must be set"
-    );
+    assert_eq!(e, "Dockerfile:2: failed to process \"\\\"${B:?must be set}\\\"\": B: must be set");
     assert!(err("FROM busybox\nRUN <<EOF\nx\n").starts_with("Dockerfile:2: unterminated heredoc"));
-    assert_eq!(
-        build_with("", &opts()).unwrap_err().to_string(),
-        "Dockerfile: the Dockerfile cannot be empty"
-    );
+    assert_eq!(build_with("", &opts()).unwrap_err().to_string(), "Dockerfile: the Dockerfile cannot be empty");
     assert!(err("ARG A=1\n").contains("contains no stages"));
-    assert!(
-        err("RUN x\nFROM busybox\n").starts_with("Dockerfile:1: no build stage in current context")
-    );
+    assert!(err("RUN x\nFROM busybox\n").starts_with("Dockerfile:1: no build stage in current context"));
 }
 
 #[test]
@@ -1073,17 +758,11 @@ fn base_image_problems() {
         "Dockerfile:1: failed to resolve image \"doesnotexist\" for linux/amd64: pull access denied for doesnotexist: repository does not exist"
     );
     let e = err("ARG IMG\nFROM $IMG\n");
-    assert!(
-        e.starts_with("Dockerfile:2: base name ($IMG) should not be blank"),
-        "{e}"
-    );
+    assert!(e.starts_with("Dockerfile:2: base name ($IMG) should not be blank"), "{e}");
     let e = err("FROM BusyBox\n");
     assert!(e.contains("must be lowercase"), "{e}");
     let e = err("FROM --platform=$NOPE busybox\n");
-    assert!(
-        e.contains("empty platform value from expression $NOPE"),
-        "{e}"
-    );
+    assert!(e.contains("empty platform value from expression $NOPE"), "{e}");
     let e = err("FROM --platform=linux busybox\n");
     assert!(e.contains("failed to parse platform linux"), "{e}");
 }
@@ -1091,42 +770,21 @@ fn base_image_problems() {
 #[test]
 fn registry_references_are_passed_as_written() {
     let f = fake();
-    let g = rt()
-        .block_on(build_graph(
-            b"FROM 127.0.0.1:5000/library/busybox\nRUN x\n",
-            &opts(),
-            &f,
-        ))
-        .unwrap();
-    assert!(
-        matches!(&target(&g).base, Base::Image(i) if i.reference == "127.0.0.1:5000/library/busybox")
-    );
+    let g = rt().block_on(build_graph(b"FROM 127.0.0.1:5000/library/busybox\nRUN x\n", &opts(), &f)).unwrap();
+    assert!(matches!(&target(&g).base, Base::Image(i) if i.reference == "127.0.0.1:5000/library/busybox"));
 }
 
 #[test]
 fn escape_directive_applies_to_expansion() {
     let g = build("# escape=`\nFROM busybox\nENV P=c:\\dir`$HOME\n");
-    assert!(
-        target(&g)
-            .config
-            .env
-            .clone()
-            .unwrap()
-            .contains(&"P=c:\\dir$HOME".to_string()),
-        "{:?}",
-        target(&g).config.env
-    );
+    assert!(target(&g).config.env.clone().unwrap().contains(&"P=c:\\dir$HOME".to_string()), "{:?}", target(&g).config.env);
 }
 
 #[test]
 fn parser_warnings_are_reported_with_the_file() {
     let g = build("FROM busybox\nRUN a \\\n\n  b\n");
     assert_eq!(g.warnings.len(), 1);
-    assert!(
-        g.warnings[0].starts_with("Dockerfile:4: empty continuation line"),
-        "{:?}",
-        g.warnings
-    );
+    assert!(g.warnings[0].starts_with("Dockerfile:4: empty continuation line"), "{:?}", g.warnings);
 }
 
 #[test]
@@ -1136,18 +794,9 @@ fn from_names_a_later_stage_is_an_image_with_a_warning() {
     o.target = Some("0".into());
     let r = rt().block_on(build_graph(b"FROM later\nFROM busybox AS later\n", &o, &f));
     let e = r.unwrap_err().to_string();
-    assert!(
-        e.contains("failed to resolve image \"later\""),
-        "`later` is resolved as an image, as BuildKit does: {e}"
-    );
+    assert!(e.contains("failed to resolve image \"later\""), "`later` is resolved as an image, as BuildKit does: {e}");
     o.target = Some("later".into());
-    let g = rt()
-        .block_on(build_graph(
-            b"FROM helper AS later\nFROM later AS x\n",
-            &o,
-            &f,
-        ))
-        .unwrap();
+    let g = rt().block_on(build_graph(b"FROM helper AS later\nFROM later AS x\n", &o, &f)).unwrap();
     assert_eq!(g.stages.len(), 1);
 }
 
@@ -1207,20 +856,14 @@ ENTRYPOINT ["/bin/app"]
         ])
     );
     // and the config Docker showed
-    assert_eq!(
-        st.config.env,
-        Some(s(&[PATH, "A=1", "B=two words", "C=3 4"]))
-    );
+    assert_eq!(st.config.env, Some(s(&[PATH, "A=1", "B=two words", "C=3 4"])));
     assert_eq!(st.config.cmd, Some(s(&["/bin/sh", "-ec", "echo \"hi\""])));
     assert_eq!(st.config.entrypoint, Some(s(&["/bin/app"])));
     assert_eq!(st.config.working_dir.as_deref(), Some("/app/src"));
     assert_eq!(st.config.args_escaped, Some(true));
     assert_eq!(st.config.shell, Some(s(&["/bin/sh", "-ec"])));
     let hc = st.config.healthcheck.clone().unwrap();
-    assert_eq!(
-        (hc.interval, hc.timeout, hc.retries),
-        (300_000_000_000, 3_000_000_000, 3)
-    );
+    assert_eq!((hc.interval, hc.timeout, hc.retries), (300_000_000_000, 3_000_000_000, 3));
 }
 
 // ---- hostile input (issue 7): every error names its line; nothing runs for long ----
@@ -1310,7 +953,13 @@ fn an_invalid_from_reference_names_its_line() {
 /// frontend is a clear error on its line (hoist cannot run it).
 #[test]
 fn the_syntax_directive_accepts_the_standard_frontend_only() {
-    for ok in ["docker/dockerfile:1", "docker/dockerfile:1.7-labs", "docker.io/docker/dockerfile:1@sha256:abc", "docker/dockerfile-upstream:master", "docker/dockerfile"] {
+    for ok in [
+        "docker/dockerfile:1",
+        "docker/dockerfile:1.7-labs",
+        "docker.io/docker/dockerfile:1@sha256:abc",
+        "docker/dockerfile-upstream:master",
+        "docker/dockerfile",
+    ] {
         build_with(&format!("# syntax={ok}\nFROM scratch\n"), &opts()).unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
     for bad in ["example.com/other/frontend:1", "tonistiigi/dockerfile:latest", "docker/dockerfilex:1"] {

@@ -93,12 +93,7 @@ impl Snapshotter {
         fs::create_dir_all(root).map_err(io_err("create", root))?;
         let root = root.canonicalize().map_err(io_err("resolve", root))?;
         let lock_path = root.join("lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err("open", &lock_path))?;
+        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err("open", &lock_path))?;
         match rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(Errno::WOULDBLOCK) => return Err(SnapshotError::Locked(root)),
@@ -241,11 +236,8 @@ impl Snapshotter {
 
     fn unique_dir(&self, sub: &str) -> Result<PathBuf, SnapshotError> {
         let parent = self.inner.root.join(sub);
-        let dir = tempfile::Builder::new()
-            .prefix("")
-            .rand_bytes(8)
-            .tempdir_in(&parent)
-            .map_err(io_err("create a directory in", &parent))?;
+        let dir =
+            tempfile::Builder::new().prefix("").rand_bytes(8).tempdir_in(&parent).map_err(io_err("create a directory in", &parent))?;
         Ok(dir.keep())
     }
 

@@ -13,15 +13,12 @@ use std::sync::Mutex;
 
 use rustix::fs::{Mode, OFlags, CWD};
 use rustix::io::Errno;
-use rustix::mount::{
-    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags,
-};
+use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags};
 
 /// Options every overlay mount gets: no index, no redirects, no metacopy, so that after
 /// unmount the upperdir is a plain diff (full copies of changed files, whiteouts as 0/0
 /// character devices and `trusted.overlay.opaque` on replaced directories).
-pub const OVERLAY_OPTIONS: [(&str, &str); 3] =
-    [("index", "off"), ("redirect_dir", "off"), ("metacopy", "off")];
+pub const OVERLAY_OPTIONS: [(&str, &str); 3] = [("index", "off"), ("redirect_dir", "off"), ("metacopy", "off")];
 
 /// The flag a writable overlay also gets (Linux ≥ 5.10): no sync of the upper filesystem.
 /// Without it, unmounting an overlay syncs the whole filesystem under the upperdir, so
@@ -138,16 +135,14 @@ impl OverlayMounter {
         }
         if let Some(up) = &m.upper {
             for (key, dir) in [("upperdir", &up.upper), ("workdir", &up.work)] {
-                rustix::mount::fsconfig_set_string(&fs, key, dir).map_err(|e| {
-                    err(with_fs_log(&fs, format!("{key} {}: {e}", dir.display())))
-                })?;
+                rustix::mount::fsconfig_set_string(&fs, key, dir)
+                    .map_err(|e| err(with_fs_log(&fs, format!("{key} {}: {e}", dir.display()))))?;
             }
             rustix::mount::fsconfig_set_flag(&fs, OVERLAY_VOLATILE)
                 .map_err(|e| err(with_fs_log(&fs, format!("{OVERLAY_VOLATILE}: {e}"))))?;
         }
         for (key, value) in OVERLAY_OPTIONS {
-            rustix::mount::fsconfig_set_string(&fs, key, value)
-                .map_err(|e| err(with_fs_log(&fs, format!("{key}={value}: {e}"))))?;
+            rustix::mount::fsconfig_set_string(&fs, key, value).map_err(|e| err(with_fs_log(&fs, format!("{key}={value}: {e}"))))?;
         }
         rustix::mount::fsconfig_create(&fs).map_err(|e| err(with_fs_log(&fs, e.to_string())))?;
         let attrs = if m.readonly { MountAttrFlags::MOUNT_ATTR_RDONLY } else { MountAttrFlags::empty() };
@@ -245,9 +240,8 @@ impl Mounter for OverlayMounter {
             Ok(()) => Ok(()),
             // Not a mount point (already unmounted) or gone.
             Err(Errno::INVAL) | Err(Errno::NOENT) => Ok(()),
-            Err(Errno::BUSY) => rustix::mount::unmount(target, UnmountFlags::DETACH).map_err(|e| {
-                MountError::Unmount { target: target.to_path_buf(), source: e.into() }
-            }),
+            Err(Errno::BUSY) => rustix::mount::unmount(target, UnmountFlags::DETACH)
+                .map_err(|e| MountError::Unmount { target: target.to_path_buf(), source: e.into() }),
             Err(e) => Err(MountError::Unmount { target: target.to_path_buf(), source: e.into() }),
         }
     }
@@ -413,10 +407,7 @@ mod tests {
         let got = parse_mountinfo_under(info, Path::new("/var/lib/hoist/snapshots"));
         assert_eq!(
             got,
-            vec![
-                PathBuf::from("/var/lib/hoist/snapshots/active/a b/m"),
-                PathBuf::from("/var/lib/hoist/snapshots/active/c/m"),
-            ]
+            vec![PathBuf::from("/var/lib/hoist/snapshots/active/a b/m"), PathBuf::from("/var/lib/hoist/snapshots/active/c/m"),]
         );
     }
 
@@ -437,21 +428,10 @@ mod tests {
         fs::write(bottom.join("keep"), "bottom").unwrap();
         fs::write(bottom.join("over"), "bottom").unwrap();
         fs::write(top.join("over"), "top").unwrap();
-        let whiteout_ok = rustix::fs::mknodat(
-            CWD,
-            top.join("keep"),
-            rustix::fs::FileType::CharacterDevice,
-            Mode::from_bits_truncate(0o600),
-            0,
-        )
-        .is_ok();
+        let whiteout_ok =
+            rustix::fs::mknodat(CWD, top.join("keep"), rustix::fs::FileType::CharacterDevice, Mode::from_bits_truncate(0o600), 0).is_ok();
         let m = CopyMounter::new();
-        let req = OverlayMount {
-            lowers: vec![top.clone(), bottom.clone()],
-            upper: None,
-            target: target.clone(),
-            readonly: false,
-        };
+        let req = OverlayMount { lowers: vec![top.clone(), bottom.clone()], upper: None, target: target.clone(), readonly: false };
         m.mount_overlay(&req).unwrap();
         assert_eq!(fs::read_to_string(target.join("over")).unwrap(), "top");
         assert_eq!(target.join("keep").exists(), !whiteout_ok);

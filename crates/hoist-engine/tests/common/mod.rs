@@ -13,12 +13,7 @@ use tokio_util::sync::CancellationToken;
 /// it skips with a note, except under CI (`CI` set), where a skipped sandbox test would
 /// look like a pass: there it fails.
 pub fn is_root() -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "this test needs root (overlayfs mounts, namespaces and runc) and CI is set: run the tests as root");
-    eprintln!("skipping: this test needs root (overlayfs mounts, namespaces and runc)");
-    false
+    hoist_oci::testing::needs("root (overlayfs mounts, namespaces and runc)", rustix::process::geteuid().is_root())
 }
 
 /// A minimal rootfs: `busybox` with its applet links, /etc/passwd and /etc/group, names

@@ -15,10 +15,8 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 /// Docker manifest list.
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Docker schema 1 manifests (unsupported, recognized for a clear error).
-const DOCKER_SCHEMA1: [&str; 2] = [
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-];
+const DOCKER_SCHEMA1: [&str; 2] =
+    ["application/vnd.docker.distribution.manifest.v1+json", "application/vnd.docker.distribution.manifest.v1+prettyjws"];
 
 /// The `Accept` header of manifest requests: every manifest and index type we understand.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -146,12 +144,8 @@ pub fn choose(entries: &[IndexEntry], wanted: &Platform) -> Result<Chosen, Vec<P
         let digest = e.digest.parse::<Digest>().map_err(|_| Vec::new())?;
         return Ok(Chosen { digest, size: e.size, media_type: e.media_type.clone(), platform: p.clone() });
     }
-    let mut available: Vec<Platform> = entries
-        .iter()
-        .filter(usable)
-        .filter_map(entry_platform)
-        .filter(|p| p.os != "unknown" && p.architecture != "unknown")
-        .collect();
+    let mut available: Vec<Platform> =
+        entries.iter().filter(usable).filter_map(entry_platform).filter(|p| p.os != "unknown" && p.architecture != "unknown").collect();
     available.dedup();
     Err(available)
 }
@@ -202,7 +196,11 @@ mod tests {
 
     #[test]
     fn choose_matches_normalized_platforms() {
-        let body = index(&[("linux/amd64", Some(OCI_MANIFEST), 'a'), ("linux/arm64/v8", Some(OCI_MANIFEST), 'b'), ("unknown/unknown", Some(OCI_MANIFEST), 'c')]);
+        let body = index(&[
+            ("linux/amd64", Some(OCI_MANIFEST), 'a'),
+            ("linux/arm64/v8", Some(OCI_MANIFEST), 'b'),
+            ("unknown/unknown", Some(OCI_MANIFEST), 'c'),
+        ]);
         let entries = index_entries(&body).unwrap();
         assert_eq!(choose(&entries, &"linux/arm64".parse().unwrap()).unwrap().digest.as_str(), d('b'));
         assert_eq!(choose(&entries, &"linux/amd64".parse().unwrap()).unwrap().digest.as_str(), d('a'));

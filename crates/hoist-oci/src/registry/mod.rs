@@ -336,9 +336,10 @@ impl BlobSource<'_> {
             BlobSource::File(path) => path.to_path_buf(),
             BlobSource::Bytes(b) => {
                 let (start, end) = (offset as usize, (offset + len) as usize);
-                return b.get(start..end).map(|_| reqwest::Body::from(b.slice(start..end))).ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "the blob is shorter than its declared size")
-                });
+                return b
+                    .get(start..end)
+                    .map(|_| reqwest::Body::from(b.slice(start..end)))
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "the blob is shorter than its declared size"));
             }
         };
         let mut file = std::fs::File::open(&path)?;
@@ -550,11 +551,7 @@ impl RegistryClient {
 
         let diff_ids = config.rootfs().diff_ids();
         if diff_ids.len() != parsed.layers().len() {
-            return Err(invalid(format!(
-                "it has {} layers but the config lists {} diff_ids",
-                parsed.layers().len(),
-                diff_ids.len()
-            )));
+            return Err(invalid(format!("it has {} layers but the config lists {} diff_ids", parsed.layers().len(), diff_ids.len())));
         }
         let mut layers = Vec::with_capacity(diff_ids.len());
         for (layer, diff_id) in parsed.layers().iter().zip(diff_ids) {
@@ -655,7 +652,8 @@ impl RegistryClient {
             }
         };
         drop(tx);
-        let writer = writer_task.await.map_err(|e| store_err(StoreError::Io { path: store.root().join("ingest"), source: io::Error::other(e) }))?;
+        let writer =
+            writer_task.await.map_err(|e| store_err(StoreError::Io { path: store.root().join("ingest"), source: io::Error::other(e) }))?;
         let writer = writer.map_err(store_err)?;
         outcome?;
         let expected = digest.clone();
@@ -724,7 +722,13 @@ impl RegistryClient {
     }
 
     /// A small blob (an image config) into memory, verified.
-    async fn fetch_blob_bytes(&self, reference: &Reference, digest: &Digest, what_kind: &str, limit: usize) -> Result<Vec<u8>, RegistryError> {
+    async fn fetch_blob_bytes(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        what_kind: &str,
+        limit: usize,
+    ) -> Result<Vec<u8>, RegistryError> {
         let t = self.target(reference, vec![Scope::pull(&reference.repository)]);
         let url = format!("{}{}/blobs/{digest}", self.base(&t), reference.repository);
         let what = format!("{what_kind} {digest} of {}", t.image);
@@ -872,7 +876,9 @@ impl RegistryClient {
             async move {
                 let resp = self.send(t, what, &|c| Ok(c.head(url).header(ACCEPT, media::MANIFEST_ACCEPT))).await?;
                 match resp.status() {
-                    s if s.is_success() => Ok(header_str(&resp, "docker-content-digest").and_then(|h| h.parse::<Digest>().ok()).as_ref() == Some(digest)),
+                    s if s.is_success() => {
+                        Ok(header_str(&resp, "docker-content-digest").and_then(|h| h.parse::<Digest>().ok()).as_ref() == Some(digest))
+                    }
                     StatusCode::NOT_FOUND => Ok(false),
                     _ => Err(self.status_error(t, what, resp).await),
                 }
@@ -904,9 +910,7 @@ impl RegistryClient {
             .retry(&what, || {
                 let (t, url, what, body) = (&t, &url, &what, &body);
                 async move {
-                    let resp = self
-                        .send(t, what, &|c| Ok(c.put(url).header(CONTENT_TYPE, media_type).body(body.clone())))
-                        .await?;
+                    let resp = self.send(t, what, &|c| Ok(c.put(url).header(CONTENT_TYPE, media_type).body(body.clone()))).await?;
                     if !resp.status().is_success() {
                         return Err(self.status_error(t, what, resp).await);
                     }
@@ -951,7 +955,12 @@ impl RegistryClient {
     }
 
     /// `POST /v2/<name>/blobs/uploads/`, with `mount`/`from` when mounting.
-    async fn start_upload(&self, t: &Target<'_>, reference: &Reference, mount: Option<(&str, &Digest)>) -> Result<UploadStart, RegistryError> {
+    async fn start_upload(
+        &self,
+        t: &Target<'_>,
+        reference: &Reference,
+        mount: Option<(&str, &Digest)>,
+    ) -> Result<UploadStart, RegistryError> {
         let mut url = Url::parse(&format!("{}{}/blobs/uploads/", self.base(t), reference.repository))
             .map_err(|e| RegistryError::Protocol { registry: t.registry.to_string(), reason: e.to_string() })?;
         if let Some((from, digest)) = mount {
@@ -970,9 +979,17 @@ impl RegistryClient {
     }
 
     /// Send the blob into an upload session and commit it with its digest.
-    async fn upload(&self, t: &Target<'_>, mut location: Url, digest: &Digest, size: u64, source: &BlobSource<'_>) -> Result<(), RegistryError> {
+    async fn upload(
+        &self,
+        t: &Target<'_>,
+        mut location: Url,
+        digest: &Digest,
+        size: u64,
+        source: &BlobSource<'_>,
+    ) -> Result<(), RegistryError> {
         let what = format!("uploading blob {digest} to {}", t.image);
-        let io_err = |e: io::Error| RegistryError::Store { image: t.image.clone(), source: StoreError::Io { path: source.path(digest), source: e } };
+        let io_err =
+            |e: io::Error| RegistryError::Store { image: t.image.clone(), source: StoreError::Io { path: source.path(digest), source: e } };
         let chunked = self.inner.chunk_size.filter(|&c| size > c);
         if let Some(chunk) = chunked {
             let mut offset = 0;
@@ -1002,10 +1019,7 @@ impl RegistryClient {
             let resp = self
                 .send(t, &what, &|c| {
                     let body = source.body(digest, 0, size).map_err(io_err)?;
-                    Ok(c.put(location.clone())
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header(CONTENT_LENGTH, size)
-                        .body(body))
+                    Ok(c.put(location.clone()).header(CONTENT_TYPE, "application/octet-stream").header(CONTENT_LENGTH, size).body(body))
                 })
                 .await?;
             self.finish_upload(t, &what, digest, resp).await?;
@@ -1207,7 +1221,11 @@ impl RegistryClient {
         let (registry, what) = (t.registry.to_string(), what.to_string());
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                let who = if self.inner.credentials.get(t.registry).is_some() { "with the given credentials" } else { "anonymously (no credentials for it)" };
+                let who = if self.inner.credentials.get(t.registry).is_some() {
+                    "with the given credentials"
+                } else {
+                    "anonymously (no credentials for it)"
+                };
                 RegistryError::Unauthorized { registry, what, reason: format!("{status} {who}: {message}") }
             }
             StatusCode::NOT_FOUND => RegistryError::NotFound { registry, what, reason: message },
@@ -1222,7 +1240,11 @@ enum WriterMsg {
 }
 
 /// The blocking side of a blob download: writes chunks into the store's ingest file.
-fn write_blob(store: ContentStore, mut writer: BlobWriter, mut rx: tokio::sync::mpsc::Receiver<WriterMsg>) -> Result<BlobWriter, StoreError> {
+fn write_blob(
+    store: ContentStore,
+    mut writer: BlobWriter,
+    mut rx: tokio::sync::mpsc::Receiver<WriterMsg>,
+) -> Result<BlobWriter, StoreError> {
     let ingest = store.root().join("ingest");
     while let Some(msg) = rx.blocking_recv() {
         match msg {
@@ -1385,7 +1407,8 @@ mod tests {
 
     #[test]
     fn transient_errors_are_the_retryable_ones() {
-        let status = |s: u16| RegistryError::Status { registry: "r".into(), what: "w".into(), status: s, reason: String::new(), retry_after: None };
+        let status =
+            |s: u16| RegistryError::Status { registry: "r".into(), what: "w".into(), status: s, reason: String::new(), retry_after: None };
         for s in [408, 429, 500, 502, 503, 504] {
             assert!(status(s).is_transient(), "{s}");
         }
@@ -1417,7 +1440,9 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        for (plain, enc) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+        for (plain, enc) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")]
+        {
             assert_eq!(base64_encode(plain.as_bytes()), enc);
         }
         assert_eq!(basic_header("u", "p:w"), "Basic dTpwOnc=");

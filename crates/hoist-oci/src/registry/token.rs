@@ -160,7 +160,10 @@ pub async fn fetch_token(
         reason: format!("the token realm {realm:?} is not a valid URL: {e}"),
     })?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(RegistryError::Protocol { registry: registry.to_string(), reason: format!("the token realm {realm:?} is not http(s)") });
+        return Err(RegistryError::Protocol {
+            registry: registry.to_string(),
+            reason: format!("the token realm {realm:?} is not http(s)"),
+        });
     }
     let request = match credential {
         Some(Credential::IdentityToken(refresh)) => {
@@ -236,11 +239,10 @@ mod tests {
 
     #[test]
     fn parses_bearer_challenges() {
-        let c = parse_challenge(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#);
-        assert_eq!(
-            c,
-            Some(Challenge::Bearer { realm: "https://auth.docker.io/token".into(), service: Some("registry.docker.io".into()) })
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
         );
+        assert_eq!(c, Some(Challenge::Bearer { realm: "https://auth.docker.io/token".into(), service: Some("registry.docker.io".into()) }));
         let c = parse_challenge(r#"bearer service=reg, realm="http://x/t?a=1,b", error="invalid_token""#);
         assert_eq!(c, Some(Challenge::Bearer { realm: "http://x/t?a=1,b".into(), service: Some("reg".into()) }));
         let c = parse_challenge(r#"Bearer realm="a\"b""#);
