@@ -663,7 +663,7 @@ pub async fn finish_sinks(sinks: &mut [Option<OutputSink>], mode: Mode) -> anyho
             }
         }
     }
-    for s in sinks.iter_mut().flatten() {
+    if let Some(s) = sinks.iter_mut().flatten().next() {
         s.abort();
         bail!("the builder did not send the output {}", s.describe());
     }

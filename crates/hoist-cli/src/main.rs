@@ -1,6 +1,8 @@
 //! The `hoist` binary: `hoist build` (a drop-in for `docker build`), `hoist serve` (the
 //! builder), and their glue to the local Docker engine and the user's registry credentials.
 
+#![forbid(unsafe_code)]
+
 mod build;
 mod conn;
 mod limits;

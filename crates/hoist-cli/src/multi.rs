@@ -358,11 +358,11 @@ mod tests {
         let r = route(&[amd.clone(), arm.clone()], &[vec![amd.clone()], vec![amd.clone()]]);
         assert_eq!(r, vec![vec![amd.clone(), arm.clone()], vec![]]);
         // The first builder that announces it wins.
-        let r = route(&[arm.clone()], &[vec![amd.clone()], vec![arm.clone()], vec![arm.clone()]]);
+        let r = route(std::slice::from_ref(&arm), &[vec![amd.clone()], vec![arm.clone()], vec![arm.clone()]]);
         assert_eq!(r, vec![vec![], vec![arm.clone()], vec![]]);
         // arm64 with and without its v8 variant are the same platform.
         let bare = Platform { os: "linux".into(), architecture: "arm64".into(), variant: None };
-        assert_eq!(route(&[arm.clone()], &[vec![amd], vec![bare]])[1], vec![arm]);
+        assert_eq!(route(std::slice::from_ref(&arm), &[vec![amd], vec![bare]])[1], vec![arm]);
     }
 
     #[test]

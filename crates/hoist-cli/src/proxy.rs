@@ -74,6 +74,7 @@ impl Served {
 
 /// Where blob bytes come from.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // one per proxy
 pub enum BlobBackend {
     /// An export session on the builder.
     Builder { client: Client, session: String },

@@ -268,6 +268,8 @@ pub async fn connect_embedded(root: &Path, exe: &Path, opts: &ConnectOptions) ->
         .stdout(log.try_clone().map_err(|e| ClientError::Connect { addr: addr.to_string(), message: e.to_string() })?)
         .stderr(log);
     // Its own session: a Ctrl-C of this build must not kill the builder.
+    // SAFETY: the closure runs between fork and exec and calls only setsid(2), which is
+    // async-signal-safe; it allocates nothing and touches no lock.
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
@@ -317,14 +319,14 @@ mod tests {
     #[tokio::test]
     async fn plain_tcp_to_a_remote_builder_is_refused_unless_insecure() {
         let remote = BuilderAddr::Tcp("192.0.2.10:7420".into());
-        let e = connect(&remote, &ConnectOptions::default()).await.err().expect("refused");
+        let e = connect(&remote, &ConnectOptions::default()).await.expect_err("refused");
         let m = e.to_string();
         assert!(m.contains("in clear") && m.contains("tls://192.0.2.10:7420") && m.contains("--insecure"), "{m}");
         // Loopback is fine; with --insecure the refusal is gone (nothing listens: a
         // connection error, not the refusal). No traffic leaves this machine: port 1 of
         // loopback only.
         let local = BuilderAddr::Tcp("127.0.0.1:1".into());
-        let e = connect(&local, &ConnectOptions::default()).await.err().expect("nothing listens");
+        let e = connect(&local, &ConnectOptions::default()).await.expect_err("nothing listens");
         assert!(!e.to_string().contains("in clear"), "{e}");
     }
 }

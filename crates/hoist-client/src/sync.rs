@@ -129,6 +129,10 @@ pub fn walk(dir: &Path, ignore: Option<&IgnoreMatcher>, reach: &mut Reach, cache
     Err(ClientError::Context(format!("{}: too many levels of symbolic links between the paths the Dockerfile reads", dir.display())))
 }
 
+/// A regular file found by the walk: its path bytes, its path, its absolute path, its
+/// metadata, and its digest when the stat cache knows it.
+type RegularFile = (Vec<u8>, String, PathBuf, fs::Metadata, Option<String>);
+
 fn walk_once(
     dir: &Path,
     ignore: Option<&IgnoreMatcher>,
@@ -148,7 +152,7 @@ fn walk_once(
     let mut dirs_meta: HashMap<Vec<u8>, fs::Metadata> = HashMap::new();
     // Regular files, with their digest when the stat cache knows it (the others are hashed
     // after the walk, on every core).
-    let mut regular: Vec<(Vec<u8>, String, PathBuf, fs::Metadata, Option<String>)> = Vec::new();
+    let mut regular: Vec<RegularFile> = Vec::new();
     while let Some((abs, rel_bytes)) = stack.pop() {
         let rd = fs::read_dir(&abs).map_err(|e| ClientError::Context(format!("reading {}: {e}", abs.display())))?;
         for entry in rd {

@@ -10,6 +10,8 @@
 //! - [`ignore`]: the `.dockerignore` matcher (moby's pattern matcher);
 //! - [`gocompat`]: Go formatting and parsing helpers whose output users see.
 
+#![forbid(unsafe_code)]
+
 pub mod gocompat;
 pub mod ignore;
 pub mod instructions;

@@ -81,7 +81,7 @@ fn run(url: &str, mut c: Command) -> Result<String, GitError> {
         c.output().map_err(|e| GitError::Git { url: url.into(), message: format!("running git: {e} (install git on the builder)") })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("failed").trim().to_string();
+        let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("failed").trim().to_string();
         return Err(GitError::Git { url: url.into(), message: last });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

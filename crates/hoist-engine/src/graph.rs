@@ -127,6 +127,7 @@ pub struct Stage {
 
 /// What a stage starts from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)] // one per stage: boxing would only add noise
 pub enum Base {
     /// `FROM scratch`: an empty filesystem.
     Scratch,

@@ -67,7 +67,6 @@ pub(crate) type Produced = Option<(Digest, u64)>;
 /// `lease` before it is).
 pub(crate) async fn execute(env: StepEnv, cancel: CancellationToken, lease: &LeaseSet) -> Result<Produced, EngineError> {
     let op = env.step.op.clone();
-    let lease = &*lease;
     match &op {
         Op::Run(run) => execute_run(&env, run, cancel, lease).await,
         Op::Copy(c) => execute_copy(&env, c, lease).await,

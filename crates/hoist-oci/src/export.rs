@@ -461,9 +461,9 @@ mod tests {
         // Layer 2 (an overlay upperdir): hello.txt deleted, d replaced by an opaque dir.
         let l2 = t.path().join("l2");
         fs::create_dir_all(l2.join("d")).unwrap();
-        rustix::fs::mknodat(rustix::fs::CWD, &l2.join("hello.txt"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0)
+        rustix::fs::mknodat(rustix::fs::CWD, l2.join("hello.txt"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0)
             .unwrap();
-        rustix::fs::lsetxattr(&l2.join("d"), "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
+        rustix::fs::lsetxattr(l2.join("d"), "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
         fs::write(l2.join("d/new"), b"new").unwrap();
         let a = export_layer(&store, &l1, Compression::Gzip { level: 6 }, &TarOptions::default()).unwrap();
         let b = export_layer(&store, &l2, Compression::Uncompressed, &TarOptions::default()).unwrap();

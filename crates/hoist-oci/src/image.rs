@@ -247,9 +247,11 @@ mod tests {
 
     #[test]
     fn serialization_is_stable_and_sorted() {
-        let mut a = RunConfig::default();
-        a.labels = Some([("z".to_string(), "1".to_string()), ("a".to_string(), "2".to_string())].into_iter().collect());
-        a.exposed_ports = Some([("8080/tcp".to_string(), Empty {}), ("80/tcp".to_string(), Empty {})].into_iter().collect());
+        let a = RunConfig {
+            labels: Some([("z".to_string(), "1".to_string()), ("a".to_string(), "2".to_string())].into_iter().collect()),
+            exposed_ports: Some([("8080/tcp".to_string(), Empty {}), ("80/tcp".to_string(), Empty {})].into_iter().collect()),
+            ..Default::default()
+        };
         let s = serde_json::to_string(&a).unwrap();
         assert_eq!(s, r#"{"ExposedPorts":{"80/tcp":{},"8080/tcp":{}},"Labels":{"a":"2","z":"1"}}"#);
     }

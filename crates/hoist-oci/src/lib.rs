@@ -4,6 +4,8 @@
 //! and the registry client (pull and push); and, as the workspace's lowest crate, random bytes
 //! from the kernel (`random`).
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod compress;
 pub mod digest;

@@ -1,6 +1,7 @@
 //! hoist-proto owns the wire API between the hoist client and a builder: the
 //! `proto/hoist.proto` service definition and its generated tonic/prost code.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::all, missing_docs)]
 
 /// Version 1 of the builder API.

@@ -930,7 +930,7 @@ mod tests {
         upload(&store, b"many");
         let many: Vec<_> = (0..1200u32)
             .map(|i| {
-                let mut e = file(&format!("m{i:04}"), b"many", 0o600 | (i % 2) * 0o044);
+                let mut e = file(&format!("m{i:04}"), b"many", 0o600 | ((i % 2) * 0o044));
                 e.mtime = 10_000 + i as i64;
                 e
             })

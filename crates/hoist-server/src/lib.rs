@@ -3,6 +3,8 @@
 //! session directories), and running builds on the engine with streamed progress and
 //! outputs.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod context;
 pub mod exports;

@@ -59,13 +59,7 @@ pub fn lab_available() -> bool {
 }
 
 fn rustix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
+    rustix::process::geteuid().is_root()
 }
 
 /// A hoist installation with its own state root (and so its own embedded builder) and

@@ -817,7 +817,7 @@ impl Copier<'_> {
                         scope.spawn(move || part.iter().try_fold(0u64, |n, (src, target, meta)| Ok(n + this.copy_file(src, target, meta)?)))
                     })
                     .collect();
-                workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(CopyError::Panicked))).collect()
+                workers.into_iter().map(|w| w.join().unwrap_or(Err(CopyError::Panicked))).collect()
             })
         };
         for r in copied {
