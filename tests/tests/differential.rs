@@ -21,9 +21,10 @@
 //! both go through the same engine and the same tar writer. (A file literally named `.wh.*`
 //! reads as a whiteout there, as in any OCI layer: such names are not a meaningful case.)
 //!
-//! `HOIST_DIFF_CASES=a,b` runs only the cases whose names contain one of the words;
-//! `HOIST_DIFF_JOBS=N` sets how many cases run at once (default 2); `HOIST_BIN` a prebuilt
-//! hoist binary to test instead of building one.
+//! Each case is a test of its own, `case::<name>` (this file is a `harness = false` test
+//! with its own `main`): `cargo nextest run -p hoist-tests --test differential copy-` runs
+//! the cases whose names contain `copy-`. `HOIST_BIN` names a prebuilt hoist binary to test
+//! instead of building one.
 
 mod common;
 
@@ -34,8 +35,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 fn cases_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("cases")
@@ -69,9 +68,6 @@ impl Case {
 }
 
 fn load_cases() -> Vec<Case> {
-    let filter: Vec<String> = std::env::var("HOIST_DIFF_CASES")
-        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect())
-        .unwrap_or_default();
     let mut cases = Vec::new();
     for entry in std::fs::read_dir(cases_dir()).expect("tests/cases") {
         let dir = entry.expect("case dir entry").path();
@@ -79,9 +75,6 @@ fn load_cases() -> Vec<Case> {
             continue;
         }
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
         let spec = match std::fs::read_to_string(dir.join("case.json")) {
             Ok(s) => serde_json::from_str(&s).unwrap_or_else(|e| panic!("{name}/case.json: {e}")),
             Err(_) => Value::Object(Default::default()),
@@ -599,57 +592,38 @@ fn compare(case: &Case, dout: &Output, hout: &Output, dtag: &str, htag: &str) ->
     }
 }
 
-#[test]
-fn differential_cases_match_buildkit() {
-    if !lab_available() {
-        return;
-    }
-    let cases = load_cases();
-    assert!(!cases.is_empty(), "no case selected under {}", cases_dir().display());
-    let h = Hoist::new();
-    let jobs: usize = std::env::var("HOIST_DIFF_JOBS").ok().and_then(|s| s.parse().ok()).unwrap_or(2).max(1);
-    let next = AtomicUsize::new(0);
-    // (case index, outcome, seconds)
-    type Outcome = (usize, Result<String, String>, f64);
-    let results: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..jobs.min(cases.len()) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(case) = cases.get(i) else { break };
-                let t = std::time::Instant::now();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(&h, case))).unwrap_or_else(|p| {
-                    let msg =
-                        p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-                    Err(format!("the harness panicked: {msg}"))
-                });
-                let secs = t.elapsed().as_secs_f64();
-                eprintln!("{:<40} {:>5.1}s {}", case.name, secs, if r.is_ok() { "ok" } else { "MISMATCH" });
-                results.lock().unwrap().push((i, r, secs));
-            });
-        }
-    });
-    let mut results = results.into_inner().unwrap();
-    results.sort_by_key(|r| r.0);
-    let mut failed = Vec::new();
-    eprintln!("\n== differential summary ({} cases) ==", cases.len());
-    for (i, r, secs) in &results {
-        match r {
-            Ok(msg) => eprintln!("ok       {:<40} {:>5.1}s {msg}", cases[*i].name, secs),
-            Err(_) => {
-                eprintln!("MISMATCH {:<40} {:>5.1}s", cases[*i].name, secs);
-                failed.push(*i);
+/// One test per case (`case::<name>`), plus the harness's own check of its flattening:
+/// nextest lists, selects (`cargo nextest run --test differential copy-`), runs in parallel
+/// and retries each case on its own. Each case starts its own builder, so a case's result
+/// never depends on which cases ran before it in the same process.
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
+    let mut trials = vec![libtest_mimic::Trial::test("flattening_applies_whiteouts_opaque_dirs_and_hardlinks", || {
+        flattening_applies_whiteouts_opaque_dirs_and_hardlinks();
+        Ok(())
+    })];
+    for case in load_cases() {
+        trials.push(libtest_mimic::Trial::test(format!("case::{}", case.name), move || {
+            if !lab_available() {
+                return Ok(());
             }
-        }
+            let h = Hoist::new();
+            let t = std::time::Instant::now();
+            let r = run_case(&h, &case);
+            eprintln!("{:<40} {:>5.1}s", case.name, t.elapsed().as_secs_f64());
+            match r {
+                Ok(msg) => {
+                    eprintln!("ok: {msg}");
+                    Ok(())
+                }
+                Err(e) => {
+                    let note = case.spec.get("note").and_then(Value::as_str).map(|n| format!("(note: {n})\n")).unwrap_or_default();
+                    Err(format!("{} differs from BuildKit:\n{note}{e}", case.name).into())
+                }
+            }
+        }));
     }
-    let mut report = String::new();
-    for (i, r, _) in &results {
-        if let Err(e) = r {
-            let note = cases[*i].spec.get("note").and_then(Value::as_str).map(|n| format!("  (note: {n})\n")).unwrap_or_default();
-            report.push_str(&format!("\n--- {} ---\n{note}{e}\n", cases[*i].name));
-        }
-    }
-    assert!(failed.is_empty(), "{} of {} cases differ from BuildKit:\n{report}", failed.len(), cases.len());
+    libtest_mimic::run(&args, trials).exit();
 }
 
 /// A layer tar from `(path, kind, content)`: kind `f` file, `d` dir, `h` hardlink to content.
@@ -681,7 +655,6 @@ fn layer(entries: &[(&str, char, &str)]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-#[test]
 fn flattening_applies_whiteouts_opaque_dirs_and_hardlinks() {
     // The comparison is only as good as this: a lower file deleted, a directory made opaque,
     // hardlink groups kept apart when one member is replaced later.
