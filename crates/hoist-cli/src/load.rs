@@ -138,12 +138,9 @@ fn pick_manifest<'a>(session: &'a v1::ExportSession, platform: &str) -> anyhow::
         [] => bail!("the builder exported no image"),
         [only] => Ok(only),
         many => {
-            let want = hoist_engine::graph::Platform::parse(platform).ok();
+            let want = hoist_oci::Platform::parse(platform).ok();
             many.iter()
-                .find(|m| {
-                    let p = hoist_engine::graph::Platform::parse(&m.platform).ok();
-                    matches!((&p, &want), (Some(p), Some(w)) if p.os == w.os && p.architecture == w.architecture)
-                })
+                .find(|m| hoist_oci::Platform::parse(&m.platform).is_ok_and(|p| want.as_ref().is_some_and(|w| w.matches(&p))))
                 .or(many.first())
                 .ok_or_else(|| anyhow!("the builder exported no image"))
         }

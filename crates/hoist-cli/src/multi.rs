@@ -16,7 +16,7 @@ use hoist_client::BuilderAddr;
 use hoist_dockerfile::IgnoreMatcher;
 use hoist_engine::graph::Platform;
 use hoist_oci::digest::Digest;
-use hoist_oci::image::{media, Descriptor, Index, PlatformSpec};
+use hoist_oci::image::{media, Descriptor, Index};
 use hoist_oci::reference::Reference;
 
 use crate::build::{finish_sinks, human_bytes, make_request, push_line, sync_context, BuildArgs, Inputs};
@@ -24,19 +24,12 @@ use crate::conn::addr_is_local;
 use crate::outputs::{OutputSink, OutputSpec};
 use crate::progress::{Mode, Renderer};
 
-/// Whether builder platform `have` serves requested platform `want`.
-fn serves(have: &Platform, want: &Platform) -> bool {
-    have.os == want.os
-        && have.architecture == want.architecture
-        && (have.variant.is_none() || want.variant.is_none() || have.variant == want.variant)
-}
-
 /// For each builder, the platforms it builds: each platform goes to the first builder that
 /// announces it, else to the first builder.
 pub fn route(platforms: &[Platform], announced: &[Vec<Platform>]) -> Vec<Vec<Platform>> {
     let mut out = vec![Vec::new(); announced.len().max(1)];
     for p in platforms {
-        let i = announced.iter().position(|a| a.iter().any(|h| serves(h, p))).unwrap_or(0);
+        let i = announced.iter().position(|a| a.iter().any(|h| p.matches(h))).unwrap_or(0);
         if !out[i].contains(p) {
             out[i].push(p.clone());
         }
@@ -54,11 +47,7 @@ pub fn index_of(manifests: &[v1::ManifestRef]) -> anyhow::Result<Vec<u8>> {
             media_type: if m.media_type.is_empty() { media::OCI_MANIFEST.into() } else { m.media_type.clone() },
             digest,
             size: m.size,
-            platform: Some(PlatformSpec {
-                architecture: p.architecture.clone(),
-                os: p.os.clone(),
-                variant: Some(p.variant_arg()).filter(|v| !v.is_empty()),
-            }),
+            platform: Some(p.canonical()),
             annotations: None,
         });
     }
@@ -134,7 +123,7 @@ pub async fn run(
         _ => None,
     });
     let load_part =
-        engine_platform.as_ref().and_then(|ep| parts.iter().position(|p| p.platforms.iter().any(|q| serves(q, ep)))).unwrap_or(0);
+        engine_platform.as_ref().and_then(|ep| parts.iter().position(|p| p.platforms.iter().any(|q| ep.matches(q)))).unwrap_or(0);
 
     let mut renderer = Renderer::new(mode);
     let mut streams = Vec::new();
@@ -251,7 +240,7 @@ pub async fn run(
     // Per-platform manifests in the order the platforms were asked for.
     let mut manifests: Vec<v1::ManifestRef> = results.values().flat_map(|r| r.manifests.clone()).collect();
     manifests.sort_by_key(|m| {
-        Platform::parse(&m.platform).ok().and_then(|p| requested.iter().position(|q| serves(&p, q))).unwrap_or(usize::MAX)
+        Platform::parse(&m.platform).ok().and_then(|p| requested.iter().position(|q| q.matches(&p))).unwrap_or(usize::MAX)
     });
     let mut seen = std::collections::HashSet::new();
     manifests.retain(|m| seen.insert(m.platform.clone()));

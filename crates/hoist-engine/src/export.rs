@@ -12,7 +12,7 @@ use std::sync::Arc;
 use hoist_oci::compress::Compression;
 use hoist_oci::digest::Digest;
 use hoist_oci::export::{export_layer, recompress_blob};
-use hoist_oci::image::{media, Descriptor, Index, Manifest, PlatformSpec};
+use hoist_oci::image::{media, Descriptor, Index, Manifest};
 use hoist_oci::layer::{write_layer_tar, TarOptions};
 use hoist_oci::reference::Reference;
 use hoist_oci::registry::{BlobPush, BlobSource, RegistryClient};
@@ -212,11 +212,7 @@ impl Engine {
                         media_type: media::OCI_MANIFEST.into(),
                         digest: e.manifest_digest.clone(),
                         size: e.manifest_bytes.len() as u64,
-                        platform: Some(PlatformSpec {
-                            architecture: e.platform.architecture.clone(),
-                            os: e.platform.os.clone(),
-                            variant: Some(e.platform.variant_arg()).filter(|v| !v.is_empty()),
-                        }),
+                        platform: Some(e.platform.canonical()),
                         annotations: None,
                     })
                     .collect(),

@@ -7,86 +7,14 @@
 //! display text, line numbers) are marked `#[serde(skip)]`.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 /// Index of a stage in [`BuildGraph::stages`].
 pub type StageId = usize;
 
-/// An OCI platform (`os/arch[/variant]`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-}
-
-/// Error for a platform string that is not `os/arch[/variant]`.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid platform {0:?}: expected os/arch[/variant], e.g. linux/amd64")]
-pub struct PlatformError(pub String);
-
-impl Platform {
-    /// The platform of the machine this code runs on (normalized the OCI way).
-    pub fn host() -> Platform {
-        let architecture = match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            "x86" => "386",
-            "arm" => "arm",
-            "powerpc64" => "ppc64le",
-            "s390x" => "s390x",
-            "riscv64" => "riscv64",
-            other => other,
-        };
-        let variant = (architecture == "arm64").then(|| "v8".to_string());
-        Platform { os: "linux".into(), architecture: architecture.into(), variant }
-    }
-
-    /// Parse `os/arch[/variant]`, normalizing aliases (`x86_64`→`amd64`, `aarch64`→`arm64`,
-    /// arm64 without variant → `v8`, arm without variant → `v7`).
-    pub fn parse(s: &str) -> Result<Platform, PlatformError> {
-        let parts: Vec<&str> = s.trim().split('/').collect();
-        if parts.len() < 2 || parts.len() > 3 || parts.iter().any(|p| p.is_empty()) {
-            return Err(PlatformError(s.to_string()));
-        }
-        let os = parts[0].to_ascii_lowercase();
-        let (architecture, mut variant) = match parts[1].to_ascii_lowercase().as_str() {
-            "x86_64" | "x86-64" | "amd64" => ("amd64".to_string(), None),
-            "aarch64" | "arm64" => ("arm64".to_string(), Some("v8".to_string())),
-            "armhf" | "arm" => ("arm".to_string(), Some("v7".to_string())),
-            "armel" => ("arm".to_string(), Some("v6".to_string())),
-            "i386" | "386" => ("386".to_string(), None),
-            other => (other.to_string(), None),
-        };
-        if let Some(v) = parts.get(2) {
-            variant = Some(v.to_ascii_lowercase());
-        }
-        Ok(Platform { os, architecture, variant })
-    }
-
-    /// The TARGETVARIANT / BUILDVARIANT value: empty for arm64/v8 as BuildKit does.
-    pub fn variant_arg(&self) -> String {
-        match (&*self.architecture, self.variant.as_deref()) {
-            ("arm64", Some("v8")) => String::new(),
-            (_, v) => v.unwrap_or("").to_string(),
-        }
-    }
-}
-
-impl fmt::Display for Platform {
-    /// `linux/amd64`, `linux/arm/v7`; arm64's default `v8` is not printed.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        let v = self.variant_arg();
-        if !v.is_empty() {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
-}
+/// The one platform type, with its parsing and matching rules: hoist-oci's.
+pub use hoist_oci::registry::{Platform, PlatformError};
 
 /// The frontend's output: the stages needed for the target, in dependency order
 /// (a stage only refers to stages with a smaller id).

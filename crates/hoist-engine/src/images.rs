@@ -11,7 +11,7 @@ use hoist_oci::digest::Digest;
 use hoist_oci::export::extract_blob;
 use hoist_oci::image::{ImageConfig, Manifest};
 use hoist_oci::reference::Reference;
-use hoist_oci::registry::{self, RegistryClient};
+use hoist_oci::registry::RegistryClient;
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -28,10 +28,6 @@ pub(crate) struct BuildResolver {
     pull: bool,
     resolved: tokio::sync::Mutex<HashMap<(String, String), ResolvedImage>>,
     urls: Mutex<HashMap<String, (Digest, Arc<tempfile::NamedTempFile>)>>,
-}
-
-fn to_oci_platform(p: &Platform) -> registry::Platform {
-    registry::Platform::new(&p.os, &p.architecture, p.variant.as_deref())
 }
 
 impl BuildResolver {
@@ -67,7 +63,7 @@ impl BuildResolver {
                 }
             }
         }
-        let m = self.registry.resolve(&r, &to_oci_platform(platform)).await.map_err(|e| e.to_string())?;
+        let m = self.registry.resolve(&r, platform).await.map_err(|e| e.to_string())?;
         let store = self.engine.store();
         store.put(&m.manifest_bytes).map_err(|e| e.to_string())?;
         store.put(&m.config_bytes).map_err(|e| e.to_string())?;

@@ -334,11 +334,7 @@ pub fn select_platform(images: &[BuiltImage], platform: &str) -> Result<Vec<Buil
         return Ok(images.to_vec());
     }
     let want = Platform::parse(platform).map_err(|e| e.to_string())?;
-    let same = |p: &Platform| p.os == want.os && p.architecture == want.architecture;
-    if let Some(i) = images.iter().find(|i| same(&i.platform) && (want.variant.is_none() || i.platform.variant == want.variant)) {
-        return Ok(vec![i.clone()]);
-    }
-    if let Some(i) = images.iter().find(|i| same(&i.platform)) {
+    if let Some(i) = images.iter().find(|i| want.matches(&i.platform)) {
         return Ok(vec![i.clone()]);
     }
     match images {

@@ -1210,7 +1210,7 @@ fn host_image(images: &[BuiltImage]) -> Result<&BuiltImage, Status> {
     let host = Platform::host();
     images
         .iter()
-        .find(|i| i.platform.os == host.os && i.platform.architecture == host.architecture)
+        .find(|i| host.matches(&i.platform))
         .or_else(|| images.first())
         .ok_or_else(|| Status::internal("the build produced no image"))
 }

@@ -86,19 +86,7 @@ pub struct IndexEntry {
     pub size: Option<u64>,
     /// Its platform.
     #[serde(default)]
-    pub platform: Option<EntryPlatform>,
-}
-
-/// The platform object of an index entry.
-#[derive(Debug, Clone, Deserialize)]
-pub struct EntryPlatform {
-    /// `amd64`, `arm64`, ...
-    pub architecture: String,
-    /// `linux`, ...
-    pub os: String,
-    /// `v8`, ...
-    #[serde(default)]
-    pub variant: Option<String>,
+    pub platform: Option<Platform>,
 }
 
 #[derive(Deserialize)]
@@ -109,10 +97,6 @@ struct IndexDoc {
 /// The entries of an index document.
 pub fn index_entries(body: &[u8]) -> Result<Vec<IndexEntry>, String> {
     serde_json::from_slice::<IndexDoc>(body).map(|d| d.manifests).map_err(|e| format!("the index is not valid: {e}"))
-}
-
-fn entry_platform(e: &IndexEntry) -> Option<Platform> {
-    e.platform.as_ref().map(|p| Platform::new(&p.os, &p.architecture, p.variant.as_deref()))
 }
 
 /// A chosen entry: digest, size, media type and platform.
@@ -136,7 +120,7 @@ pub fn choose(entries: &[IndexEntry], wanted: &Platform) -> Result<Chosen, Vec<P
     let matching: Vec<(&IndexEntry, Platform)> = entries
         .iter()
         .filter(usable)
-        .filter_map(|e| Some((e, entry_platform(e)?)))
+        .filter_map(|e| Some((e, e.platform.clone()?)))
         .filter(|(e, p)| wanted.matches(p) && e.digest.parse::<Digest>().is_ok())
         .collect();
     let exact = matching.iter().find(|(_, p)| p.variant.as_deref() == wanted.variant.as_deref() && wanted.variant.is_some());
@@ -144,8 +128,12 @@ pub fn choose(entries: &[IndexEntry], wanted: &Platform) -> Result<Chosen, Vec<P
         let digest = e.digest.parse::<Digest>().map_err(|_| Vec::new())?;
         return Ok(Chosen { digest, size: e.size, media_type: e.media_type.clone(), platform: p.clone() });
     }
-    let mut available: Vec<Platform> =
-        entries.iter().filter(usable).filter_map(entry_platform).filter(|p| p.os != "unknown" && p.architecture != "unknown").collect();
+    let mut available: Vec<Platform> = entries
+        .iter()
+        .filter(usable)
+        .filter_map(|e| e.platform.clone())
+        .filter(|p| p.os != "unknown" && p.architecture != "unknown")
+        .collect();
     available.dedup();
     Err(available)
 }
@@ -206,7 +194,7 @@ mod tests {
         assert_eq!(choose(&entries, &"linux/amd64".parse().unwrap()).unwrap().digest.as_str(), d('a'));
         let err = choose(&entries, &"linux/s390x".parse().unwrap()).unwrap_err();
         let shown: Vec<String> = err.iter().map(|p| p.to_string()).collect();
-        assert_eq!(shown, ["linux/amd64", "linux/arm64/v8"]);
+        assert_eq!(shown, ["linux/amd64", "linux/arm64"]);
     }
 
     #[test]
@@ -219,7 +207,10 @@ mod tests {
         ]);
         let entries = index_entries(&body).unwrap();
         assert_eq!(choose(&entries, &"linux/arm64/v8".parse().unwrap()).unwrap().digest.as_str(), d('d'));
-        assert_eq!(choose(&entries, &"linux/arm64".parse().unwrap()).unwrap().digest.as_str(), d('c'));
+        // `linux/arm64` is `linux/arm64/v8`: the entry that spells the variant wins.
+        assert_eq!(choose(&entries, &"linux/arm64".parse().unwrap()).unwrap().digest.as_str(), d('d'));
+        let unspelled = &entries[..3];
+        assert_eq!(choose(unspelled, &"linux/arm64".parse().unwrap()).unwrap().digest.as_str(), d('c'), "else the first that matches");
         assert!(choose(&entries, &"linux/arm/v7".parse().unwrap()).is_err());
     }
 }

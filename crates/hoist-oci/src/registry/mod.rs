@@ -1455,7 +1455,7 @@ mod tests {
             wanted: "linux/s390x".parse().unwrap(),
             available: vec!["linux/amd64".parse().unwrap(), "linux/arm64/v8".parse().unwrap()],
         };
-        assert_eq!(e.to_string(), "127.0.0.1:5000/x:1 has no manifest for platform linux/s390x; available: linux/amd64, linux/arm64/v8");
+        assert_eq!(e.to_string(), "127.0.0.1:5000/x:1 has no manifest for platform linux/s390x; available: linux/amd64, linux/arm64");
     }
 
     /// The engine spawns these futures on tokio's multi-threaded runtime.
