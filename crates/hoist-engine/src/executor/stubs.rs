@@ -3,20 +3,17 @@
 //! that did not exist in the rootfs, created for the run and removed afterwards (as BuildKit
 //! does) so that the step's layer does not contain them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
 
 use super::ExecError;
-
-/// Symlinks followed while resolving one path before giving up (Linux allows 40).
-const MAX_SYMLINKS: usize = 40;
 
 /// A path resolved inside a root: the deepest existing part and what is missing below it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,62 +34,24 @@ impl Resolved {
     }
 }
 
-/// Resolve the absolute container path `path` inside `root`: `..` stops at the root, and
-/// symlinks (absolute or relative) are followed inside the root. The last component is
-/// followed too when it is a symlink (mount targets are followed, as runc does).
+/// Resolve the absolute container path `path` inside `root` with the engine's one in-root
+/// resolver ([`crate::rootfs::resolve_components`]: `..` stops at the root, symlinks are
+/// followed inside it, the last one too, as runc does for mount targets), then split the
+/// result into the directories that exist and the components to create.
 pub(crate) fn resolve_in_root(root: &Path, path: &str) -> Result<Resolved, ExecError> {
     let invalid = |reason: String| ExecError::InvalidPath { path: path.to_string(), reason };
-    let mut queue: VecDeque<OsString> = components(Path::new(path));
-    let mut cur: Vec<OsString> = Vec::new();
-    let mut links = 0;
-    while let Some(c) = queue.pop_front() {
-        if c == ".." {
-            cur.pop();
-            continue;
-        }
-        let mut host = root.to_path_buf();
-        host.extend(&cur);
-        host.push(&c);
-        let meta = match host.symlink_metadata() {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let mut missing: Vec<OsString> = vec![c];
-                for rest in queue {
-                    if rest == ".." {
-                        if missing.pop().is_none() {
-                            cur.pop();
-                        }
-                    } else {
-                        missing.push(rest);
-                    }
-                }
-                let mut existing = root.to_path_buf();
-                existing.extend(&cur);
-                return Ok(Resolved { existing, missing });
-            }
-            Err(e) => return Err(invalid(format!("cannot inspect {}: {e}", host.display()))),
-        };
-        if meta.file_type().is_symlink() {
-            links += 1;
-            if links > MAX_SYMLINKS {
-                return Err(invalid(format!("more than {MAX_SYMLINKS} symbolic links (a loop?)")));
-            }
-            let target = fs::read_link(&host).map_err(|e| invalid(format!("cannot read link {}: {e}", host.display())))?;
-            if target.is_absolute() {
-                cur.clear();
-            }
-            let mut spliced = components(&target);
-            spliced.extend(queue);
-            queue = spliced;
-            continue;
-        }
-        if !meta.is_dir() && !queue.is_empty() {
-            return Err(invalid(format!("{} is not a directory", display_container(&cur, &c))));
-        }
-        cur.push(c);
-    }
+    let comps = crate::rootfs::resolve_components(root, path.as_bytes(), true).map_err(|e| invalid(e.to_string()))?;
     let mut existing = root.to_path_buf();
-    existing.extend(&cur);
+    for (i, c) in comps.iter().enumerate() {
+        let next = existing.join(c);
+        match next.symlink_metadata() {
+            Ok(m) if m.is_dir() => existing = next,
+            Ok(_) if i + 1 == comps.len() => return Ok(Resolved { existing: next, missing: Vec::new() }),
+            Ok(_) => return Err(invalid(format!("{} is not a directory", display_container(&comps[..i], c)))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Resolved { existing, missing: comps[i..].to_vec() }),
+            Err(e) => return Err(invalid(format!("cannot inspect {}: {e}", next.display()))),
+        }
+    }
     Ok(Resolved { existing, missing: Vec::new() })
 }
 
@@ -101,17 +60,6 @@ fn display_container(cur: &[OsString], c: &OsStr) -> String {
     p.extend(cur);
     p.push(c);
     p.display().to_string()
-}
-
-/// Normal components of a path (`.` and empty ones dropped, `..` kept).
-fn components(p: &Path) -> VecDeque<OsString> {
-    p.components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            Component::ParentDir => Some(OsString::from("..")),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Create the working directory `cwd` inside `root` if it is missing (mode 0755, every created
