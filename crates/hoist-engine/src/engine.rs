@@ -46,6 +46,20 @@ pub enum EngineError {
     /// The builder has a per-build memory limit and cannot set up the build's cgroup.
     #[error("cannot hold the build to its memory limit (hoist serve --build-memory): {0}")]
     BuildMemory(String),
+    /// The error of another stage (or step) this one waited for, shared by every waiter:
+    /// a failed `RUN` in a base stage stays a step error wherever it surfaces.
+    #[error(transparent)]
+    Stage(Arc<EngineError>),
+}
+
+impl EngineError {
+    /// The error itself, through any [`EngineError::Stage`] wrapping.
+    pub fn root(&self) -> &EngineError {
+        match self {
+            EngineError::Stage(e) => e.root(),
+            other => other,
+        }
+    }
 }
 
 /// Where the engine keeps its state and how it runs steps.

@@ -204,7 +204,7 @@ impl Build {
             stages.get(id).cloned()
         };
         match fut {
-            Some(f) => f.await.map_err(|e| EngineError::Export(e.to_string())),
+            Some(f) => f.await.map_err(EngineError::Stage),
             None => Err(EngineError::Export(format!("internal error: stage {id} is not in the graph"))),
         }
     }
@@ -327,17 +327,7 @@ pub(crate) async fn build_platform(
 }
 
 fn unwrap_arc(e: Arc<EngineError>) -> EngineError {
-    Arc::try_unwrap(e).unwrap_or_else(|e| match &*e {
-        EngineError::Frontend(m) => EngineError::Frontend(m.clone()),
-        EngineError::Step { location, instruction, message } => {
-            EngineError::Step { location: location.clone(), instruction: instruction.clone(), message: message.clone() }
-        }
-        EngineError::Image(m) => EngineError::Image(m.clone()),
-        EngineError::Export(m) => EngineError::Export(m.clone()),
-        EngineError::State { path, message } => EngineError::State { path: path.clone(), message: message.clone() },
-        EngineError::Cancelled => EngineError::Cancelled,
-        EngineError::BuildMemory(m) => EngineError::BuildMemory(m.clone()),
-    })
+    Arc::try_unwrap(e).unwrap_or_else(EngineError::Stage)
 }
 
 /// `SOURCE_DATE_EPOCH` of the build args when it is a valid (non-negative) number of seconds.
@@ -603,9 +593,10 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
         .await;
     let diff = out.map_err(|e| {
         let e = unwrap_arc(e);
-        match e {
-            EngineError::Step { .. } | EngineError::Cancelled => e,
-            other => step_error(b, step, other),
+        if matches!(e.root(), EngineError::Step { .. } | EngineError::Cancelled) {
+            e
+        } else {
+            step_error(b, step, e)
         }
     })?;
     if let Some(d) = &diff {

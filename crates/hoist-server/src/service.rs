@@ -662,9 +662,9 @@ struct OutputsReport {
 }
 
 fn engine_status(e: EngineError) -> Status {
-    match e {
+    match e.root() {
         EngineError::Cancelled => Status::cancelled("build cancelled"),
-        EngineError::Frontend(m) => Status::invalid_argument(bounded_message(m)),
+        EngineError::Frontend(m) => Status::invalid_argument(bounded_message(m.clone())),
         other => Status::aborted(bounded_message(other.to_string())),
     }
 }
@@ -1298,5 +1298,19 @@ mod forward_tests {
         assert!(s.message().starts_with("Dockerfile:2: ") && s.message().ends_with("cut]"));
         let short = engine_status(EngineError::Frontend("Dockerfile:1: x".into()));
         assert_eq!(short.message(), "Dockerfile:1: x");
+    }
+
+    /// An error another stage's waiter sees is that stage's error: a cancelled base stage is
+    /// a cancelled build, a failed RUN keeps its Dockerfile line, a frontend error its code.
+    #[test]
+    fn errors_of_other_stages_keep_their_kind() {
+        use std::sync::Arc;
+        let shared = |e: EngineError| EngineError::Stage(Arc::new(EngineError::Stage(Arc::new(e))));
+        assert_eq!(engine_status(shared(EngineError::Cancelled)).code(), tonic::Code::Cancelled);
+        let s = engine_status(shared(EngineError::Frontend("Dockerfile:3: bad".into())));
+        assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, "Dockerfile:3: bad"));
+        let step = EngineError::Step { location: "Dockerfile:2".into(), instruction: "RUN exit 3".into(), message: "exit code 3".into() };
+        let s = engine_status(shared(step));
+        assert_eq!((s.code(), s.message()), (tonic::Code::Aborted, "Dockerfile:2: RUN exit 3: exit code 3"));
     }
 }
