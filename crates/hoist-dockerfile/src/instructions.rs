@@ -421,291 +421,307 @@ fn levenshtein(a: &str, b: &str) -> usize {
 fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
     let cmd_upper = node.cmd.to_ascii_uppercase();
     let c = cmd_upper.as_str();
-    let args = &node.args;
-    let flags = &node.flags;
+    match node.keyword().as_str() {
+        "env" | "label" => parse_env_label(node, c),
+        "maintainer" => parse_single_arg(node, c, Instruction::Maintainer),
+        "add" | "copy" => parse_copy_add(node, c),
+        "from" => parse_from(node, c),
+        "onbuild" => parse_onbuild(node, c),
+        "workdir" => parse_single_arg(node, c, Instruction::Workdir),
+        "run" => parse_run(node, c),
+        "cmd" | "entrypoint" => parse_cmd_entrypoint(node, c),
+        "healthcheck" => parse_healthcheck(node, c),
+        "expose" => parse_expose(node, c),
+        "user" => parse_single_arg(node, c, Instruction::User),
+        "volume" => parse_volume(node, c),
+        "stopsignal" => parse_single_arg(node, c, Instruction::StopSignal),
+        "arg" => parse_arg(node, c),
+        "shell" => parse_shell(node, c),
+        _ => Err(unknown_instruction(&node.cmd)),
+    }
+}
+
+/// ENV and LABEL: no flags, key/value pairs.
+fn parse_env_label(node: &Node, c: &str) -> Result<Instruction, String> {
+    parse_flags(c, &node.flags, &[])?;
+    let kv = kvps(&node.args, c)?;
+    Ok(if c == "ENV" { Instruction::Env(kv) } else { Instruction::Label(kv) })
+}
+
+/// MAINTAINER, WORKDIR, USER and STOPSIGNAL: exactly one argument, no flags.
+fn parse_single_arg(node: &Node, c: &str, make: fn(String) -> Instruction) -> Result<Instruction, String> {
+    if node.args.len() != 1 {
+        return Err(format!("{c} requires exactly one argument"));
+    }
+    parse_flags(c, &node.flags, &[])?;
+    Ok(make(node.args[0].clone()))
+}
+
+/// COPY and ADD: each with its own flags, then sources (paths or heredocs) and a destination.
+fn parse_copy_add(node: &Node, c: &str) -> Result<Instruction, String> {
     use FlagType::*;
-    Ok(match node.keyword().as_str() {
-        "env" | "label" => {
-            parse_flags(c, flags, &[])?;
-            let kv = kvps(args, c)?;
-            if c == "ENV" {
-                Instruction::Env(kv)
-            } else {
-                Instruction::Label(kv)
-            }
-        }
-        "maintainer" => {
-            if args.len() != 1 {
-                return Err("MAINTAINER requires exactly one argument".into());
-            }
-            parse_flags(c, flags, &[])?;
-            Instruction::Maintainer(args[0].clone())
-        }
-        "add" | "copy" => {
-            let is_add = c == "ADD";
-            if args.len() < 2 {
-                return Err(format!("{c} requires at least two arguments, but only one was provided. Destination could not be determined"));
-            }
-            let f = if is_add {
-                parse_flags(
-                    c,
-                    flags,
-                    &[
-                        spec("exclude", Strings),
-                        spec("chown", String),
-                        spec("chmod", String),
-                        spec("link", Bool),
-                        spec("keep-git-dir", Bool),
-                        spec("checksum", String),
-                        spec("unpack", Bool),
-                    ],
-                )?
-            } else {
-                parse_flags(
-                    c,
-                    flags,
-                    &[
-                        spec("exclude", Strings),
-                        spec("parents", Bool),
-                        spec("chown", String),
-                        spec("from", String),
-                        spec("chmod", String),
-                        spec("link", Bool),
-                    ],
-                )?
-            };
-            let (sources, contents, dest) = sources_and_dest(node, c)?;
-            Instruction::Copy(CopyInstr {
-                is_add,
-                sources,
-                contents,
-                dest,
-                from: nonempty(f.get("from")),
-                chown: nonempty(f.get("chown")),
-                chmod: nonempty(f.get("chmod")),
-                link: f.bool("link"),
-                parents: f.bool("parents"),
-                excludes: f.all("exclude"),
-                checksum: nonempty(f.get("checksum")),
-                keep_git_dir: f.bool("keep-git-dir"),
-                unpack: f.used("unpack").then(|| f.bool("unpack")),
-            })
-        }
-        "from" => {
-            let name = match args.len() {
-                3 if args[1].eq_ignore_ascii_case("as") => {
-                    let n = args[2].to_lowercase();
-                    if !stage_name_valid(&n) {
-                        return Err(format!(
-                            "invalid name for build stage: {}, name can't start with a number or contain symbols",
-                            quote(&args[2])
-                        ));
-                    }
-                    Some(n)
-                }
-                1 => None,
-                _ => return Err("FROM requires either one or three arguments (FROM <image> [AS <name>])".into()),
-            };
-            let f = parse_flags(c, flags, &[spec("platform", String)])?;
-            Instruction::From(FromInstr { base: args[0].clone(), name, platform: nonempty(f.get("platform")) })
-        }
-        "onbuild" => {
-            if args.is_empty() {
-                return Err("ONBUILD requires at least one argument".into());
-            }
-            parse_flags(c, flags, &[])?;
-            let trigger = args[0].trim().to_ascii_uppercase();
-            match trigger.as_str() {
-                "ONBUILD" => return Err("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into()),
-                "MAINTAINER" | "FROM" => return Err(format!("{trigger} isn't allowed as an ONBUILD trigger")),
-                _ => {}
-            }
-            if let Some(sub) = &node.sub {
-                if !INSTRUCTIONS.contains(&trigger.as_str()) {
-                    return Err(unknown_instruction(&sub.cmd));
-                }
-            }
-            let orig = node.original.trim_start_matches(crate::gocompat::is_space);
-            let mut expr = match orig.get(..7) {
-                Some(p) if p.eq_ignore_ascii_case("onbuild") => orig[7..].trim_start_matches(crate::gocompat::is_space).to_string(),
-                _ => orig.to_string(),
-            };
-            for h in &node.heredocs {
-                expr.push('\n');
-                expr.push_str(&h.content);
-                expr.push_str(&h.name);
-            }
-            Instruction::Onbuild(expr)
-        }
-        "workdir" => {
-            if args.len() != 1 {
-                return Err("WORKDIR requires exactly one argument".into());
-            }
-            parse_flags(c, flags, &[])?;
-            Instruction::Workdir(args[0].clone())
-        }
-        "run" => {
-            let f = parse_flags(c, flags, &[spec("mount", Strings), spec("network", String), spec("security", String)])?;
-            let mounts = f.all("mount");
-            for m in &mounts {
-                precheck_mount(m)?;
-            }
-            let network = match f.get("network").unwrap_or("default") {
-                "default" => Network::Default,
-                "none" => Network::None,
-                "host" => Network::Host,
-                other => return Err(format!("unsupported network mode {} (expected default, none or host)", quote(other))),
-            };
-            let security = match f.get("security").unwrap_or("sandbox") {
-                "sandbox" => Security::Sandbox,
-                "insecure" => Security::Insecure,
-                other => return Err(format!("unsupported security mode {} (expected sandbox or insecure)", quote(other))),
-            };
-            Instruction::Run(RunInstr { cmd: cmdline(node, false), mounts, network, security })
-        }
-        "cmd" => {
-            parse_flags(c, flags, &[])?;
-            Instruction::Cmd(cmdline(node, false))
-        }
-        "entrypoint" => {
-            parse_flags(c, flags, &[])?;
-            Instruction::Entrypoint(cmdline(node, true))
-        }
-        "healthcheck" => {
-            if args.is_empty() {
-                return Err("HEALTHCHECK requires at least one argument (NONE or CMD <command>)".into());
-            }
-            let typ = args[0].to_ascii_uppercase();
-            let rest = &args[1..];
-            if typ == "NONE" {
-                if !rest.is_empty() {
-                    return Err("HEALTHCHECK NONE takes no arguments".into());
-                }
-                parse_flags(c, flags, &[])?;
-                Instruction::Healthcheck(HealthSpec {
-                    test: vec!["NONE".into()],
-                    interval: 0,
-                    timeout: 0,
-                    start_period: 0,
-                    start_interval: 0,
-                    retries: 0,
-                })
-            } else {
-                let f = parse_flags(
-                    c,
-                    flags,
-                    &[
-                        spec("interval", String),
-                        spec("timeout", String),
-                        spec("start-period", String),
-                        spec("start-interval", String),
-                        spec("retries", String),
-                    ],
-                )?;
-                if typ != "CMD" {
-                    return Err(format!("unknown type {} in HEALTHCHECK (expected CMD or NONE)", quote(&typ)));
-                }
-                let cmd: Vec<std::string::String> = if rest.is_empty() {
-                    Vec::new()
-                } else if node.json {
-                    rest.to_vec()
-                } else {
-                    vec![rest.join(" ")]
-                };
-                if cmd.is_empty() {
-                    return Err("missing command after HEALTHCHECK CMD".into());
-                }
-                let mut test: Vec<std::string::String> = vec![if node.json { "CMD".into() } else { "CMD-SHELL".into() }];
-                test.extend(cmd);
-                let retries = match f.get("retries").filter(|s| !s.is_empty()) {
-                    None => 0,
-                    Some(v) => {
-                        let r: i64 =
-                            v.parse::<i32>().map_err(|_| format!("--retries: invalid value {} (expected an integer)", quote(v)))?.into();
-                        if r < 0 {
-                            return Err(format!("--retries cannot be negative ({r})"));
-                        }
-                        r
-                    }
-                };
-                Instruction::Healthcheck(HealthSpec {
-                    test,
-                    interval: parse_interval("interval", f.get("interval"))?,
-                    timeout: parse_interval("timeout", f.get("timeout"))?,
-                    start_period: parse_interval("start-period", f.get("start-period"))?,
-                    start_interval: parse_interval("start-interval", f.get("start-interval"))?,
-                    retries,
-                })
-            }
-        }
-        "expose" => {
-            if args.is_empty() {
-                return Err("EXPOSE requires at least one argument".into());
-            }
-            parse_flags(c, flags, &[])?;
-            let mut ports = args.clone();
-            ports.sort();
-            Instruction::Expose(ports)
-        }
-        "user" => {
-            if args.len() != 1 {
-                return Err("USER requires exactly one argument".into());
-            }
-            parse_flags(c, flags, &[])?;
-            Instruction::User(args[0].clone())
-        }
-        "volume" => {
-            if args.is_empty() {
-                return Err("VOLUME requires at least one argument".into());
-            }
-            parse_flags(c, flags, &[])?;
-            let mut vols = Vec::new();
-            for v in args {
-                let v = v.trim();
-                if v.is_empty() {
-                    return Err("VOLUME specified can not be an empty string".into());
-                }
-                vols.push(v.to_string());
-            }
-            Instruction::Volume(vols)
-        }
-        "stopsignal" => {
-            if args.len() != 1 {
-                return Err("STOPSIGNAL requires exactly one argument".into());
-            }
-            parse_flags(c, flags, &[])?;
-            Instruction::StopSignal(args[0].clone())
-        }
-        "arg" => {
-            if args.is_empty() {
-                return Err("ARG requires at least one argument".into());
-            }
-            parse_flags(c, flags, &[])?;
-            let mut defs = Vec::with_capacity(args.len());
-            for a in args {
-                match a.split_once('=') {
-                    Some(("", _)) => return Err("ARG names can not be blank".into()),
-                    Some((k, v)) => defs.push(ArgDef { key: k.to_string(), default: Some(v.to_string()) }),
-                    None => defs.push(ArgDef { key: a.clone(), default: None }),
-                }
-            }
-            Instruction::Arg(defs)
-        }
-        "shell" => {
-            parse_flags(c, flags, &[])?;
-            if args.is_empty() {
-                return Err("SHELL requires at least one argument".into());
-            }
-            if !node.json {
+    let is_add = c == "ADD";
+    if node.args.len() < 2 {
+        return Err(format!("{c} requires at least two arguments, but only one was provided. Destination could not be determined"));
+    }
+    let f = if is_add {
+        parse_flags(
+            c,
+            &node.flags,
+            &[
+                spec("exclude", Strings),
+                spec("chown", String),
+                spec("chmod", String),
+                spec("link", Bool),
+                spec("keep-git-dir", Bool),
+                spec("checksum", String),
+                spec("unpack", Bool),
+            ],
+        )?
+    } else {
+        parse_flags(
+            c,
+            &node.flags,
+            &[
+                spec("exclude", Strings),
+                spec("parents", Bool),
+                spec("chown", String),
+                spec("from", String),
+                spec("chmod", String),
+                spec("link", Bool),
+            ],
+        )?
+    };
+    let (sources, contents, dest) = sources_and_dest(node, c)?;
+    Ok(Instruction::Copy(CopyInstr {
+        is_add,
+        sources,
+        contents,
+        dest,
+        from: nonempty(f.get("from")),
+        chown: nonempty(f.get("chown")),
+        chmod: nonempty(f.get("chmod")),
+        link: f.bool("link"),
+        parents: f.bool("parents"),
+        excludes: f.all("exclude"),
+        checksum: nonempty(f.get("checksum")),
+        keep_git_dir: f.bool("keep-git-dir"),
+        unpack: f.used("unpack").then(|| f.bool("unpack")),
+    }))
+}
+
+/// FROM: `<image> [AS <name>]`, `--platform`.
+fn parse_from(node: &Node, c: &str) -> Result<Instruction, String> {
+    let args = &node.args;
+    let name = match args.len() {
+        3 if args[1].eq_ignore_ascii_case("as") => {
+            let n = args[2].to_lowercase();
+            if !stage_name_valid(&n) {
                 return Err(format!(
-                    "SHELL requires the arguments to be in JSON form, e.g. SHELL [\"/bin/bash\", \"-c\"] (got {})",
-                    node.original.trim()
+                    "invalid name for build stage: {}, name can't start with a number or contain symbols",
+                    quote(&args[2])
                 ));
             }
-            Instruction::Shell(args.clone())
+            Some(n)
         }
-        _ => return Err(unknown_instruction(&node.cmd)),
-    })
+        1 => None,
+        _ => return Err("FROM requires either one or three arguments (FROM <image> [AS <name>])".into()),
+    };
+    let f = parse_flags(c, &node.flags, &[spec("platform", FlagType::String)])?;
+    Ok(Instruction::From(FromInstr { base: args[0].clone(), name, platform: nonempty(f.get("platform")) }))
+}
+
+/// ONBUILD: the trigger is checked, and kept as text (heredocs appended).
+fn parse_onbuild(node: &Node, c: &str) -> Result<Instruction, String> {
+    let args = &node.args;
+    if args.is_empty() {
+        return Err("ONBUILD requires at least one argument".into());
+    }
+    parse_flags(c, &node.flags, &[])?;
+    let trigger = args[0].trim().to_ascii_uppercase();
+    match trigger.as_str() {
+        "ONBUILD" => return Err("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into()),
+        "MAINTAINER" | "FROM" => return Err(format!("{trigger} isn't allowed as an ONBUILD trigger")),
+        _ => {}
+    }
+    if let Some(sub) = &node.sub {
+        if !INSTRUCTIONS.contains(&trigger.as_str()) {
+            return Err(unknown_instruction(&sub.cmd));
+        }
+    }
+    let orig = node.original.trim_start_matches(crate::gocompat::is_space);
+    let mut expr = match orig.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("onbuild") => orig[7..].trim_start_matches(crate::gocompat::is_space).to_string(),
+        _ => orig.to_string(),
+    };
+    for h in &node.heredocs {
+        expr.push('\n');
+        expr.push_str(&h.content);
+        expr.push_str(&h.name);
+    }
+    Ok(Instruction::Onbuild(expr))
+}
+
+/// RUN: `--mount` (prechecked, parsed after expansion), `--network`, `--security`.
+fn parse_run(node: &Node, c: &str) -> Result<Instruction, String> {
+    use FlagType::*;
+    let f = parse_flags(c, &node.flags, &[spec("mount", Strings), spec("network", String), spec("security", String)])?;
+    let mounts = f.all("mount");
+    for m in &mounts {
+        precheck_mount(m)?;
+    }
+    let network = match f.get("network").unwrap_or("default") {
+        "default" => Network::Default,
+        "none" => Network::None,
+        "host" => Network::Host,
+        other => return Err(format!("unsupported network mode {} (expected default, none or host)", quote(other))),
+    };
+    let security = match f.get("security").unwrap_or("sandbox") {
+        "sandbox" => Security::Sandbox,
+        "insecure" => Security::Insecure,
+        other => return Err(format!("unsupported security mode {} (expected sandbox or insecure)", quote(other))),
+    };
+    Ok(Instruction::Run(RunInstr { cmd: cmdline(node, false), mounts, network, security }))
+}
+
+/// CMD and ENTRYPOINT: no flags, the command line.
+fn parse_cmd_entrypoint(node: &Node, c: &str) -> Result<Instruction, String> {
+    parse_flags(c, &node.flags, &[])?;
+    Ok(if c == "CMD" { Instruction::Cmd(cmdline(node, false)) } else { Instruction::Entrypoint(cmdline(node, true)) })
+}
+
+/// HEALTHCHECK: `NONE` (no flags), or `CMD <command>` with its timing flags.
+fn parse_healthcheck(node: &Node, c: &str) -> Result<Instruction, String> {
+    let args = &node.args;
+    if args.is_empty() {
+        return Err("HEALTHCHECK requires at least one argument (NONE or CMD <command>)".into());
+    }
+    let typ = args[0].to_ascii_uppercase();
+    let rest = &args[1..];
+    if typ == "NONE" {
+        if !rest.is_empty() {
+            return Err("HEALTHCHECK NONE takes no arguments".into());
+        }
+        parse_flags(c, &node.flags, &[])?;
+        return Ok(Instruction::Healthcheck(HealthSpec {
+            test: vec!["NONE".into()],
+            interval: 0,
+            timeout: 0,
+            start_period: 0,
+            start_interval: 0,
+            retries: 0,
+        }));
+    }
+    let f = parse_flags(
+        c,
+        &node.flags,
+        &[
+            spec("interval", FlagType::String),
+            spec("timeout", FlagType::String),
+            spec("start-period", FlagType::String),
+            spec("start-interval", FlagType::String),
+            spec("retries", FlagType::String),
+        ],
+    )?;
+    if typ != "CMD" {
+        return Err(format!("unknown type {} in HEALTHCHECK (expected CMD or NONE)", quote(&typ)));
+    }
+    let cmd: Vec<String> = if rest.is_empty() {
+        Vec::new()
+    } else if node.json {
+        rest.to_vec()
+    } else {
+        vec![rest.join(" ")]
+    };
+    if cmd.is_empty() {
+        return Err("missing command after HEALTHCHECK CMD".into());
+    }
+    let mut test: Vec<String> = vec![if node.json { "CMD".into() } else { "CMD-SHELL".into() }];
+    test.extend(cmd);
+    let retries = parse_retries(f.get("retries"))?;
+    Ok(Instruction::Healthcheck(HealthSpec {
+        test,
+        interval: parse_interval("interval", f.get("interval"))?,
+        timeout: parse_interval("timeout", f.get("timeout"))?,
+        start_period: parse_interval("start-period", f.get("start-period"))?,
+        start_interval: parse_interval("start-interval", f.get("start-interval"))?,
+        retries,
+    }))
+}
+
+/// `HEALTHCHECK --retries`: a non-negative 32-bit integer; 0 when not set or empty.
+fn parse_retries(v: Option<&str>) -> Result<i64, String> {
+    match v.filter(|s| !s.is_empty()) {
+        None => Ok(0),
+        Some(v) => {
+            let r: i64 = v.parse::<i32>().map_err(|_| format!("--retries: invalid value {} (expected an integer)", quote(v)))?.into();
+            if r < 0 {
+                return Err(format!("--retries cannot be negative ({r})"));
+            }
+            Ok(r)
+        }
+    }
+}
+
+/// EXPOSE: no flags, the ports sorted.
+fn parse_expose(node: &Node, c: &str) -> Result<Instruction, String> {
+    if node.args.is_empty() {
+        return Err("EXPOSE requires at least one argument".into());
+    }
+    parse_flags(c, &node.flags, &[])?;
+    let mut ports = node.args.clone();
+    ports.sort();
+    Ok(Instruction::Expose(ports))
+}
+
+/// VOLUME: no flags, non-empty paths (trimmed).
+fn parse_volume(node: &Node, c: &str) -> Result<Instruction, String> {
+    if node.args.is_empty() {
+        return Err("VOLUME requires at least one argument".into());
+    }
+    parse_flags(c, &node.flags, &[])?;
+    let mut vols = Vec::new();
+    for v in &node.args {
+        let v = v.trim();
+        if v.is_empty() {
+            return Err("VOLUME specified can not be an empty string".into());
+        }
+        vols.push(v.to_string());
+    }
+    Ok(Instruction::Volume(vols))
+}
+
+/// ARG: no flags, `name[=default]` definitions.
+fn parse_arg(node: &Node, c: &str) -> Result<Instruction, String> {
+    let args = &node.args;
+    if args.is_empty() {
+        return Err("ARG requires at least one argument".into());
+    }
+    parse_flags(c, &node.flags, &[])?;
+    let mut defs = Vec::with_capacity(args.len());
+    for a in args {
+        match a.split_once('=') {
+            Some(("", _)) => return Err("ARG names can not be blank".into()),
+            Some((k, v)) => defs.push(ArgDef { key: k.to_string(), default: Some(v.to_string()) }),
+            None => defs.push(ArgDef { key: a.clone(), default: None }),
+        }
+    }
+    Ok(Instruction::Arg(defs))
+}
+
+/// SHELL: no flags, the shell in JSON form.
+fn parse_shell(node: &Node, c: &str) -> Result<Instruction, String> {
+    parse_flags(c, &node.flags, &[])?;
+    if node.args.is_empty() {
+        return Err("SHELL requires at least one argument".into());
+    }
+    if !node.json {
+        return Err(format!(
+            "SHELL requires the arguments to be in JSON form, e.g. SHELL [\"/bin/bash\", \"-c\"] (got {})",
+            node.original.trim()
+        ));
+    }
+    Ok(Instruction::Shell(node.args.clone()))
 }
 
 fn unknown_instruction(cmd: &str) -> String {
