@@ -203,6 +203,20 @@ impl IgnoreMatcher {
     }
 }
 
+impl IgnoreMatcher {
+    /// For patterns that select (COPY `--parents` includes): whether something strictly below
+    /// `rel_dir` could match, so that a walker may skip the directory when it cannot.
+    /// Conservative: true when unsure, and always with an exception pattern.
+    pub fn could_match_below(&self, rel_dir: &str) -> bool {
+        let dir = clean_path(rel_dir.trim_start_matches('/'));
+        if dir == "." {
+            return true;
+        }
+        let comps: Vec<&str> = dir.split('/').collect();
+        self.patterns.iter().any(|p| p.exclusion || p.may_match_below(&comps))
+    }
+}
+
 impl Pattern {
     fn matches_path(&self, path: &str) -> bool {
         if let Some(suffix) = &self.suffix {

@@ -44,6 +44,7 @@ use sha2::{Digest as _, Sha256};
 use crate::graph::{Chmod, CopyOp, CopySource, Source};
 use crate::rootfs::{self, RootfsError};
 use chmod::ModeSet;
+use hoist_dockerfile::IgnoreError;
 use pattern::{BadPattern, PatternMatcher};
 
 /// Limits on what one ADD may extract from an archive (decompression bombs).
@@ -147,8 +148,10 @@ pub enum CopyError {
         #[source]
         error: io::Error,
     },
-    #[error("--exclude/--parents pattern: {0}")]
+    #[error(transparent)]
     Pattern(#[from] BadPattern),
+    #[error("--exclude/--parents pattern: {0}")]
+    Exclude(#[from] IgnoreError),
     #[error(transparent)]
     Mode(#[from] chmod::BadMode),
     #[error("ADD {url}: the caller did not provide the downloaded file")]
@@ -422,7 +425,7 @@ fn walk(
         c.reverse();
         Ok(c)
     };
-    let exclusions = exclude.is_some_and(|e| e.exclusions());
+    let exclusions = exclude.is_some_and(|e| e.has_exclusions());
     let mut stack = vec![Frame {
         rel: String::new(),
         path: top.to_path_buf(),

@@ -1,10 +1,8 @@
-//! Path patterns of COPY/ADD: Go's `filepath.Match` (source wildcards) and moby's
-//! `patternmatcher` (`--exclude`, and the include pattern of `--parents`; the same semantics as
-//! `.dockerignore`).
-//!
-//! This is a local implementation: `hoist_dockerfile::IgnoreMatcher` (moby semantics, for
-//! `.dockerignore`) did not exist when this was written; both follow moby's rules, so they can
-//! be merged later.
+//! Path patterns of COPY/ADD: Go's `filepath.Match` (source wildcards) and `filepath.Clean`.
+//! `--exclude` and the include pattern of `--parents` use moby's `patternmatcher`, the same
+//! matcher as `.dockerignore`: [`PatternMatcher`] is `hoist_dockerfile::IgnoreMatcher`.
+
+pub use hoist_dockerfile::IgnoreMatcher as PatternMatcher;
 
 /// A malformed pattern.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -215,107 +213,6 @@ fn get_esc(chunk: &[char]) -> Result<(char, &[char]), &'static str> {
     Ok((r, rest))
 }
 
-/// One compiled moby pattern, as the regular expression moby builds from it.
-#[derive(Debug, Clone)]
-enum Tok {
-    Lit(char),
-    /// `*`: `[^/]*`
-    Star,
-    /// `?`: `[^/]`
-    One,
-    /// `**` followed by more pattern: `(.*/)?`
-    AnyDirs,
-    /// `**` at the end: `.*`
-    AnyTail,
-    /// `[...]` as a regexp class (may match `/`).
-    Class {
-        negated: bool,
-        ranges: Vec<(char, char)>,
-    },
-}
-
-#[derive(Debug, Clone)]
-struct Pattern {
-    exclusion: bool,
-    toks: Vec<Tok>,
-}
-
-/// moby's `patternmatcher`: patterns are cleaned (`filepath.Clean`), `!` negates, `**` spans
-/// directories, a path matches when it or one of its parent directories matches; the last
-/// matching pattern decides.
-#[derive(Debug, Clone, Default)]
-pub struct PatternMatcher {
-    patterns: Vec<Pattern>,
-    exclusions: bool,
-}
-
-impl PatternMatcher {
-    /// Compile patterns; blank ones are ignored, a lone `!` and malformed classes are errors.
-    pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<PatternMatcher, BadPattern> {
-        let mut pm = PatternMatcher::default();
-        for raw in patterns {
-            let raw = raw.as_ref();
-            let p = raw.trim();
-            if p.is_empty() {
-                continue;
-            }
-            let p = clean(p);
-            let (exclusion, body) = match p.strip_prefix('!') {
-                Some("") => return Err(bad(raw, "a lone \"!\" excludes nothing")),
-                Some(b) => (true, b.to_string()),
-                None => (false, p.clone()),
-            };
-            go_match(&body, ".").map_err(|e| BadPattern { pattern: raw.to_string(), reason: e.reason })?;
-            pm.exclusions |= exclusion;
-            pm.patterns.push(Pattern { exclusion, toks: compile(&body) });
-        }
-        Ok(pm)
-    }
-
-    /// No patterns at all.
-    pub fn is_empty(&self) -> bool {
-        self.patterns.is_empty()
-    }
-
-    /// Whether any pattern is an exclusion (`!...`).
-    pub fn exclusions(&self) -> bool {
-        self.exclusions
-    }
-
-    /// moby's `MatchesOrParentMatches`: `path` is relative and `/`-separated.
-    pub fn matches(&self, path: &str) -> bool {
-        let path = clean(path);
-        let chars: Vec<char> = path.chars().collect();
-        let parents: Vec<usize> = chars.iter().enumerate().filter(|(_, c)| **c == '/').map(|(i, _)| i).collect();
-        let mut matched = false;
-        for p in &self.patterns {
-            if p.exclusion != matched {
-                continue;
-            }
-            let mut m = full_match(&p.toks, &chars);
-            if !m {
-                m = parents.iter().any(|&end| full_match(&p.toks, &chars[..end]));
-            }
-            if m {
-                matched = !p.exclusion;
-            }
-        }
-        matched
-    }
-
-    /// Whether some path strictly below directory `dir` could match an including pattern
-    /// (used to skip directories that cannot contain anything selected). Conservative: true
-    /// when unsure.
-    pub fn could_match_below(&self, dir: &str) -> bool {
-        let mut prefix: Vec<char> = clean(dir).chars().collect();
-        if prefix == ['.'] {
-            return true;
-        }
-        prefix.push('/');
-        self.patterns.iter().any(|p| p.exclusion || prefix_match(&p.toks, &prefix))
-    }
-}
-
 /// Go's `filepath.Clean` for `/`-separated paths.
 pub fn clean(p: &str) -> String {
     if p.is_empty() {
@@ -341,149 +238,6 @@ pub fn clean(p: &str) -> String {
         (true, _) => format!("/{body}"),
         (false, true) => ".".to_string(),
         (false, false) => body,
-    }
-}
-
-fn compile(p: &str) -> Vec<Tok> {
-    let chars: Vec<char> = p.chars().collect();
-    let mut toks = Vec::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        i += 1;
-        match c {
-            '*' if chars.get(i) == Some(&'*') => {
-                i += 1;
-                if chars.get(i) == Some(&'/') {
-                    i += 1;
-                }
-                toks.push(if i >= chars.len() { Tok::AnyTail } else { Tok::AnyDirs });
-            }
-            '*' => toks.push(Tok::Star),
-            '?' => toks.push(Tok::One),
-            '\\' => match chars.get(i) {
-                Some(n) => {
-                    toks.push(Tok::Lit(*n));
-                    i += 1;
-                }
-                None => toks.push(Tok::Lit('\\')),
-            },
-            '[' => {
-                let mut negated = false;
-                if chars.get(i) == Some(&'^') {
-                    negated = true;
-                    i += 1;
-                }
-                let mut ranges = Vec::new();
-                let mut first = true;
-                while i < chars.len() && (chars[i] != ']' || first) {
-                    first = false;
-                    let mut lo = chars[i];
-                    i += 1;
-                    if lo == '\\' && i < chars.len() {
-                        lo = chars[i];
-                        i += 1;
-                    }
-                    let mut hi = lo;
-                    if chars.get(i) == Some(&'-') && chars.get(i + 1).is_some_and(|c| *c != ']') {
-                        hi = chars[i + 1];
-                        i += 2;
-                        if hi == '\\' && i < chars.len() {
-                            hi = chars[i];
-                            i += 1;
-                        }
-                    }
-                    ranges.push((lo, hi));
-                }
-                i += 1; // the closing ']' (validated by go_match at construction)
-                toks.push(Tok::Class { negated, ranges });
-            }
-            c => toks.push(Tok::Lit(c)),
-        }
-    }
-    toks
-}
-
-fn tok_matches_char(t: &Tok, c: char) -> bool {
-    match t {
-        Tok::Lit(l) => *l == c,
-        Tok::One => c != '/',
-        Tok::Class { negated, ranges } => ranges.iter().any(|(lo, hi)| *lo <= c && c <= *hi) != *negated,
-        _ => false,
-    }
-}
-
-/// Whole-string match of a compiled pattern (an NFA simulation: linear in
-/// tokens × characters).
-fn full_match(toks: &[Tok], s: &[char]) -> bool {
-    run(toks, s, false)
-}
-
-/// Whether some string starting with `s` matches.
-fn prefix_match(toks: &[Tok], s: &[char]) -> bool {
-    run(toks, s, true)
-}
-
-fn run(toks: &[Tok], s: &[char], prefix: bool) -> bool {
-    // An NFA over token positions. `at[i]`: before token i. `inside[i]`: within the `.*` of an
-    // `AnyDirs` group at token i, which must still be closed by a '/'.
-    let n = toks.len();
-    let mut at = vec![false; n + 1];
-    let mut inside = vec![false; n + 1];
-    at[0] = true;
-    close(toks, &mut at);
-    for &c in s {
-        let mut nat = vec![false; n + 1];
-        let mut ninside = vec![false; n + 1];
-        for ti in 0..n {
-            if inside[ti] {
-                ninside[ti] = true;
-                if c == '/' {
-                    nat[ti + 1] = true;
-                }
-            }
-            if !at[ti] {
-                continue;
-            }
-            match &toks[ti] {
-                Tok::Star => {
-                    if c != '/' {
-                        nat[ti] = true;
-                    }
-                }
-                Tok::AnyTail => nat[ti] = true,
-                Tok::AnyDirs => {
-                    ninside[ti] = true;
-                    if c == '/' {
-                        nat[ti + 1] = true;
-                    }
-                }
-                t => {
-                    if tok_matches_char(t, c) {
-                        nat[ti + 1] = true;
-                    }
-                }
-            }
-        }
-        close(toks, &mut nat);
-        if !nat.iter().chain(ninside.iter()).any(|b| *b) {
-            return false;
-        }
-        at = nat;
-        inside = ninside;
-    }
-    if prefix {
-        return at.iter().chain(inside.iter()).any(|b| *b);
-    }
-    at[n]
-}
-
-/// Epsilon moves: `*`, `**` and an empty `(.*/)?` may match nothing.
-fn close(toks: &[Tok], at: &mut [bool]) {
-    for ti in 0..toks.len() {
-        if at[ti] && matches!(toks[ti], Tok::Star | Tok::AnyTail | Tok::AnyDirs) {
-            at[ti + 1] = true;
-        }
     }
 }
 
@@ -670,7 +424,7 @@ mod tests {
         for p in ["[", "!", "a[b", "[a-"] {
             assert!(PatternMatcher::new(&[p]).is_err(), "{p}");
         }
-        assert!(PatternMatcher::new(&["", "  "]).unwrap().is_empty());
+        assert!(PatternMatcher::new(&["", "  "]).unwrap().patterns().is_empty());
     }
 
     #[test]

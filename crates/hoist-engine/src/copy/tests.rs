@@ -590,7 +590,7 @@ fn exclude_patterns() {
     let got: Vec<String> = snapshot(&e.dest.join("mydir")).into_keys().collect();
     assert_eq!(got, ["hom2.md", "y.bin"]);
     let o = CopyOp { exclude: vec!["[".into()], ..op(&["docs"], "/d5/") };
-    assert!(matches!(e.run(&o), Err(CopyError::Pattern(_))));
+    assert!(matches!(e.run(&o), Err(CopyError::Exclude(_))));
 }
 
 #[test]
