@@ -200,15 +200,18 @@ impl OutputSink {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
         let d = dest.clone();
         let handle = std::thread::spawn(move || -> anyhow::Result<u64> {
-            let reader = ChannelReader { rx, buf: Vec::new(), pos: 0 };
+            let mut reader = ChannelReader { rx, buf: Vec::new(), pos: 0 };
             let root = rustix::process::geteuid().is_root();
             let opts = hoist_oci::layer::ExtractOptions {
                 whiteouts: hoist_oci::layer::WhiteoutMode::Keep,
                 same_owner: root,
                 ..Default::default()
             };
-            let stats = hoist_oci::layer::extract_layer_tar(reader, &d, &opts)
+            let stats = hoist_oci::layer::extract_layer_tar(&mut reader, &d, &opts)
                 .with_context(|| format!("--output type=local: writing into {}", d.display()))?;
+            // The extraction stops at the end-of-archive marker; the padding after it may
+            // still be on its way: take it, or the sink would see the stream cut short.
+            std::io::copy(&mut reader, &mut std::io::sink()).context("--output type=local: reading the rest of the stream")?;
             Ok(stats.entries)
         });
         Ok(OutputSink::Local { tx: Some(tx), handle: Some(handle), dest })
@@ -229,11 +232,21 @@ impl OutputSink {
         match self {
             OutputSink::File { file, path, .. } => file.write_all(&data).with_context(|| format!("writing {}", path.display())),
             OutputSink::Stdout { .. } => io::stdout().lock().write_all(&data).context("writing the output to stdout"),
-            OutputSink::Local { tx, dest, .. } => {
-                let tx = tx.clone().ok_or_else(|| anyhow!("output closed"))?;
-                tokio::task::spawn_blocking(move || tx.send(data))
-                    .await?
-                    .map_err(|_| anyhow!("--output type=local: extraction into {} stopped", dest.display()))
+            OutputSink::Local { tx, dest, handle } => {
+                let sender = tx.clone().ok_or_else(|| anyhow!("output closed"))?;
+                if tokio::task::spawn_blocking(move || sender.send(data)).await?.is_ok() {
+                    return Ok(());
+                }
+                // The extraction ended early: its own error says why.
+                tx.take();
+                match handle.take() {
+                    Some(h) => match tokio::task::spawn_blocking(move || h.join()).await? {
+                        Ok(Err(e)) => Err(e),
+                        Ok(Ok(_)) => Err(anyhow!("--output type=local: extraction into {} ended before the output did", dest.display())),
+                        Err(_) => Err(anyhow!("--output type=local: extraction into {} panicked", dest.display())),
+                    },
+                    None => Err(anyhow!("--output type=local: extraction into {} stopped", dest.display())),
+                }
             }
             OutputSink::Load { .. } => {
                 let _ = data;
@@ -293,6 +306,31 @@ impl OutputSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (CI, under load): the extraction stops at the end-of-archive marker, and
+    /// when the padding after it arrived in a later chunk, the sink failed with "extraction
+    /// stopped" although every file was written.
+    #[tokio::test]
+    async fn a_local_output_takes_the_padding_that_follows_the_archive() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "hello.txt", &b"hello"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = OutputSink::local(dir.path().join("out")).unwrap();
+        // The archive with the first zero block of its end marker, then the rest alone.
+        sink.write(tar[..1024].to_vec()).await.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        sink.write(tar[1024..].to_vec()).await.unwrap();
+        sink.write(vec![0; 8192]).await.unwrap();
+        sink.finish().await.unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("out/hello.txt")).unwrap(), "hello");
+    }
 
     #[test]
     fn output_specs() {
