@@ -63,6 +63,8 @@ pub struct Reclaimable {
     pub last_used: u64,
     /// What dropping it frees.
     pub bytes: u64,
+    /// In use: it counts against the limit but is not dropped.
+    pub pinned: bool,
 }
 
 /// A project's share of the builder's storage (contexts are counted by the server).
@@ -186,6 +188,9 @@ impl Engine {
                 break;
             }
             if !is_record {
+                if others[i].pinned {
+                    continue;
+                }
                 total = total.saturating_sub(others[i].bytes);
                 drop_others.push(i);
                 continue;
@@ -225,8 +230,8 @@ mod tests {
         let layer = Digest::of(b"a layer of 1000 bytes");
         engine.index().put_step("p", "k1", Some(layer.clone()), 1000).unwrap();
         engine.index().put_step("other", "k1", Some(Digest::of(b"another project's layer")), 5000).unwrap();
-        let old = Reclaimable { last_used: 1, bytes: 300 };
-        let new = Reclaimable { last_used: u64::MAX, bytes: 200 };
+        let old = Reclaimable { last_used: 1, bytes: 300, pinned: false };
+        let new = Reclaimable { last_used: u64::MAX, bytes: 200, pinned: false };
         // Under the limit: nothing goes.
         assert_eq!(engine.collect("p", 1500, &[old, new]).unwrap(), (0, vec![]));
         // 1500 bytes over a limit of 1000: the old item goes first, then the cache record
@@ -236,5 +241,11 @@ mod tests {
         assert_eq!(freed, 1300);
         assert!(engine.index().step("p", "k1").unwrap().is_none(), "the record was dropped");
         assert!(engine.index().step("other", "k1").unwrap().is_some(), "other projects are untouched");
+        // An item in use (the context of the build that just ended) counts but stays.
+        engine.index().put_step("p", "k2", Some(layer.clone()), 1000).unwrap();
+        let busy = Reclaimable { last_used: 1, bytes: 300, pinned: true };
+        let (_, others) = engine.collect("p", 1000, &[busy]).unwrap();
+        assert!(others.is_empty(), "an item in use stays");
+        assert!(engine.index().step("p", "k2").unwrap().is_none(), "it counts: 1300 bytes > 1000, so the record went");
     }
 }

@@ -160,6 +160,8 @@ pub struct SessionInfo {
     pub last_used: u64,
     /// What removing it frees: the content of the files no other session refers to.
     pub bytes: u64,
+    /// A build is using it now: it counts, but cannot be removed.
+    pub busy: bool,
 }
 
 /// Context files and session directories of one project.
@@ -361,7 +363,7 @@ impl ContextStore {
         unique_size(&self.root)
     }
 
-    /// The session directories no build is using now.
+    /// The session directories, those builds are using now marked busy.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         use std::os::unix::fs::MetadataExt;
         let busy: Vec<String> = {
@@ -372,29 +374,30 @@ impl ContextStore {
         let Ok(rd) = fs::read_dir(self.root.join("sessions")) else { return Vec::new() };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.contains(".build-") || busy.contains(&e.path().display().to_string()) {
+            if name.contains(".build-") {
                 continue;
             }
+            let in_use = busy.contains(&e.path().display().to_string());
             let used = fs::metadata(e.path().join("used")).or_else(|_| e.metadata()).map(|m| m.mtime().max(0) as u64).unwrap_or(0);
-            found.push((name, used, recorded(&e.path())));
+            found.push((name, used, recorded(&e.path()), in_use));
         }
         // A blob is freed with the last session that refers to it.
         let mut refs: HashMap<&str, usize> = HashMap::new();
-        for (_, _, rec) in &found {
+        for (_, _, rec, _) in &found {
             for r in rec.values().filter(|r| !r.digest.is_empty()) {
                 *refs.entry(r.digest.as_str()).or_default() += 1;
             }
         }
         found
             .iter()
-            .map(|(name, used, rec)| {
+            .map(|(name, used, rec, in_use)| {
                 let mut seen = std::collections::HashSet::new();
                 let bytes = rec
                     .values()
                     .filter(|r| !r.digest.is_empty() && refs.get(r.digest.as_str()) == Some(&1) && seen.insert(r.digest.as_str()))
                     .map(|r| r.size)
                     .sum();
-                SessionInfo { name: name.clone(), last_used: *used, bytes }
+                SessionInfo { name: name.clone(), last_used: *used, bytes, busy: *in_use }
             })
             .collect()
     }

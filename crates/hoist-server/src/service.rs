@@ -471,11 +471,11 @@ impl BuilderService {
                 items.push(Item::Build(id));
                 reclaim.push(r);
             }
-            if contexts_idle {
-                for s in store.sessions() {
-                    items.push(Item::Session(s.name));
-                    reclaim.push(hoist_engine::gc::Reclaimable { last_used: s.last_used, bytes: s.bytes });
-                }
+            // Sessions in use (or all, while another build of the project runs) count
+            // against the limit but stay.
+            for s in store.sessions() {
+                items.push(Item::Session(s.name));
+                reclaim.push(hoist_engine::gc::Reclaimable { last_used: s.last_used, bytes: s.bytes, pinned: s.busy || !contexts_idle });
             }
             let (f, drop) = engine.collect(&project, limit, &reclaim).map_err(engine_status)?;
             freed += f;
@@ -513,7 +513,7 @@ fn build_items(engine: &hoist_engine::Engine, project: &str) -> Vec<(String, hoi
             let id = v["id"].as_str()?.to_string();
             let log = std::fs::metadata(dir.join(format!("{id}.log"))).map(|m| m.len()).unwrap_or(0);
             let started = v["started"].as_i64().unwrap_or(0).max(0) as u64;
-            Some((id, hoist_engine::gc::Reclaimable { last_used: started, bytes: log + 512 }))
+            Some((id, hoist_engine::gc::Reclaimable { last_used: started, bytes: log + 512, pinned: false }))
         })
         .collect()
 }
