@@ -74,7 +74,7 @@ pub fn reachable(dockerfile: &str) -> Reach {
                         if m.contains('$') {
                             return Reach::All;
                         }
-                        let Ok(mount) = parse_mount(m, &mut |s: &str| Ok::<String, String>(s.to_string())) else { return Reach::All };
+                        let Ok(mount) = parse_mount(m, &mut |s: &str| Ok(s.to_string())) else { return Reach::All };
                         if mount.kind == MountType::Bind && mount.from.is_empty() {
                             match selector(&mount.source) {
                                 Some(s) => {

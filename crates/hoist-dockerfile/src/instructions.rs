@@ -5,8 +5,11 @@
 //! stages. Unknown instructions and unknown flags are errors naming the line and what was
 //! expected. Values are not expanded here; [`crate::shell`] does that when the graph is built.
 
-use crate::gocompat::{self, parse_bool, parse_duration, parse_uint, quote};
+use std::num::ParseIntError;
+
+use crate::gocompat::{self, parse_bool, parse_duration, parse_uint, quote, DurationError};
 use crate::parser::{parse_heredoc, Dockerfile, Heredoc, Node};
+use crate::shell::ShellError;
 
 /// An instruction-level error with its line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -16,6 +19,193 @@ pub struct InstructionError {
     pub line: usize,
     /// What was wrong and what was expected.
     pub message: String,
+}
+
+/// What is wrong with one instruction; becomes an [`InstructionError`] with its line. `cmd`
+/// fields hold the keyword uppercased.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Invalid {
+    #[error("arg should start with -- : {0}")]
+    FlagPrefix(String),
+    /// `known`: the flags the instruction takes.
+    #[error("unknown flag --{name} for {cmd} ({})", expected_flags(.cmd, .known))]
+    UnknownFlag { name: String, cmd: String, known: Vec<&'static str> },
+    #[error("duplicate flag specified: --{0}")]
+    DuplicateFlag(String),
+    /// `--flag=` on a boolean flag.
+    #[error("missing a value on flag: --{0}")]
+    EmptyBool(String),
+    #[error("expecting boolean value for flag --{name}, not: {value}")]
+    NotBool { name: String, value: String },
+    /// `--flag` without `=` on a string flag.
+    #[error("missing a value on flag: --{0} (expected --{0}=<value>)")]
+    MissingValue(String),
+    #[error("{0} requires at least one argument")]
+    NoArguments(String),
+    #[error("{0} requires exactly one argument")]
+    NotOneArgument(String),
+    #[error("{0} requires at least two arguments, but only one was provided. Destination could not be determined")]
+    NoDestination(String),
+    #[error("bad input to {0}, too many arguments")]
+    TooManyArguments(String),
+    #[error("{0} names can not be blank")]
+    BlankName(String),
+    /// A HEALTHCHECK duration flag (`name` without `--`) that is not a Go duration.
+    #[error("--{name}: {source}")]
+    Duration { name: &'static str, source: DurationError },
+    #[error("Interval {} cannot be less than 1ms", quote(.0))]
+    IntervalTooShort(&'static str),
+    #[error("{0} cannot accept a heredoc as a destination")]
+    HeredocDestination(String),
+    /// The `AS` name as written.
+    #[error("invalid name for build stage: {}, name can't start with a number or contain symbols", quote(.0))]
+    StageName(String),
+    #[error("FROM requires either one or three arguments (FROM <image> [AS <name>])")]
+    FromArguments,
+    #[error("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed")]
+    OnbuildChain,
+    #[error("{0} isn't allowed as an ONBUILD trigger")]
+    OnbuildTrigger(String),
+    /// `cmd` as written; `suggestion` is the nearest keyword, if one is close.
+    #[error("unknown instruction {}{}", quote(&.cmd.to_ascii_uppercase()), did_you_mean(*.suggestion))]
+    UnknownInstruction { cmd: String, suggestion: Option<&'static str> },
+    #[error("unsupported network mode {} (expected default, none or host)", quote(.0))]
+    Network(String),
+    #[error("unsupported security mode {} (expected sandbox or insecure)", quote(.0))]
+    Security(String),
+    #[error("HEALTHCHECK requires at least one argument (NONE or CMD <command>)")]
+    HealthcheckArguments,
+    #[error("HEALTHCHECK NONE takes no arguments")]
+    HealthcheckNoneArguments,
+    /// The type word uppercased.
+    #[error("unknown type {} in HEALTHCHECK (expected CMD or NONE)", quote(.0))]
+    HealthcheckType(String),
+    #[error("missing command after HEALTHCHECK CMD")]
+    HealthcheckCommand,
+    #[error("--retries: invalid value {} (expected an integer)", quote(.value))]
+    Retries { value: String, source: ParseIntError },
+    #[error("--retries cannot be negative ({0})")]
+    NegativeRetries(i64),
+    #[error("VOLUME specified can not be an empty string")]
+    EmptyVolume,
+    /// The instruction text, trimmed.
+    #[error("SHELL requires the arguments to be in JSON form, e.g. SHELL [\"/bin/bash\", \"-c\"] (got {0})")]
+    ShellNotJson(String),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+}
+
+/// What an unknown flag's error says was expected.
+fn expected_flags(cmd: &str, known: &[&str]) -> String {
+    if known.is_empty() {
+        format!("{cmd} takes no flags")
+    } else {
+        let names: Vec<String> = known.iter().map(|n| format!("--{n}")).collect();
+        format!("expected one of {}", names.join(", "))
+    }
+}
+
+fn did_you_mean(suggestion: Option<&str>) -> String {
+    suggestion.map(|s| format!(" (did you mean {s}?)")).unwrap_or_default()
+}
+
+/// A `RUN --mount` value that cannot be used; the message says what is wrong and what is
+/// allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountError {
+    /// A quoted CSV field is not closed, or text follows its closing quote (holds the whole
+    /// value).
+    #[error("failed to parse csv mounts: extraneous or missing \" in quoted-field: {0}")]
+    CsvQuote(String),
+    /// A `"` inside an unquoted CSV field (holds the whole value).
+    #[error("failed to parse csv mounts: bare \" in non-quoted-field: {0}")]
+    CsvBareQuote(String),
+    /// `from=` names a variable; checked before expansion, as BuildKit does.
+    #[error("'from' doesn't support variable expansion, define alias stage instead")]
+    FromVariable,
+    /// Expanding a value failed.
+    #[error(transparent)]
+    Expand(#[from] ShellError),
+    /// A key the mount's type does not take (`size` on a bind mount); `kind` is the type name.
+    #[error("unexpected key '{key}' for mount type '{kind}'")]
+    KeyForType { key: String, kind: &'static str },
+    /// A bare word that is not one of the valueless keys (`ro`, `rw`, `required`).
+    #[error("invalid field '{0}' must be a key=value pair")]
+    NotKeyValue(String),
+    /// A `type=` other than bind, cache, tmpfs, secret or ssh (the expanded value).
+    #[error("unsupported mount type {} (expected bind, cache, tmpfs, secret or ssh)", quote(.0))]
+    UnsupportedType(String),
+    /// A boolean or size key with a value that does not parse.
+    #[error("invalid value for {key}: {value}")]
+    InvalidValue { key: String, value: String },
+    /// A `sharing=` other than shared, private or locked.
+    #[error("unsupported sharing value {} (expected shared, private or locked)", quote(.0))]
+    UnsupportedSharing(String),
+    /// `mode` (octal), `uid` or `gid` that is not a 32-bit number.
+    #[error("invalid value {value} for {key}")]
+    InvalidNumber { key: &'static str, value: String },
+    /// A key no mount type takes; `field` is the whole `key=value`.
+    #[error(
+        "unexpected key '{key}' in '{field}' (expected type, from, source, target, readonly, readwrite, id, sharing, required, size, mode, uid, gid, env)"
+    )]
+    UnknownKey { key: String, field: String },
+    /// `mode`, `uid` or `gid` on a bind or tmpfs mount.
+    #[error("{key} not allowed for {} type mounts", quote(.kind))]
+    FileInfoNotAllowed { key: &'static str, kind: &'static str },
+    /// A secret mount with `from=`.
+    #[error("secret mount should not have a from")]
+    SecretFrom,
+    /// A secret mount with `sharing=`.
+    #[error("secret mount should not define sharing")]
+    SecretSharing,
+    /// A secret mount with none of `source`, `target` and `id`.
+    #[error("invalid secret mount. one of source, target required")]
+    SecretTarget,
+    /// A secret mount with both `source` and `id`.
+    #[error("both source and id can't be set")]
+    SecretSourceAndId,
+    /// `sharing=` on a mount that is not a cache mount (holds the type name).
+    #[error("invalid cache sharing set for {0} mount")]
+    SharingNotCache(&'static str),
+}
+
+/// A `--chmod` value that is neither octal nor a symbolic mode (holds the value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChmodError {
+    /// All digits, but not octal or above 07777.
+    #[error("invalid chmod parameter: '{0}'. it should be octal string and between 0 and 07777")]
+    Octal(String),
+    /// Not a symbolic mode (`u+x,g-w`).
+    #[error("invalid chmod parameter: '{0}'. expected octal (0755) or symbolic mode (u+x,g-w)")]
+    Symbolic(String),
+}
+
+/// A STOPSIGNAL value that names no signal (holds the value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignalError {
+    /// The number 0.
+    #[error("invalid signal: {0}")]
+    Zero(String),
+    /// Neither a number nor a Linux signal name.
+    #[error("invalid signal: {0} (expected a signal name such as SIGTERM, or a number)")]
+    Unknown(String),
+}
+
+/// An EXPOSE port spec that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortSpecError {
+    /// A protocol other than tcp, udp or sctp (lowercased).
+    #[error("invalid proto: {0} (expected tcp, udp or sctp)")]
+    Proto(String),
+    /// No port before the protocol (holds the whole spec).
+    #[error("no port specified: {0}<empty>")]
+    NoPort(String),
+    /// A port or range end that is not a number from 0 to 65535; `port` is the port part.
+    #[error("invalid containerPort: {port}")]
+    Port { port: String, source: ParseIntError },
+    /// A range whose end is below its start.
+    #[error("invalid range specified for container port: {0}")]
+    Range(String),
 }
 
 /// All instruction keywords, uppercase.
@@ -238,19 +428,11 @@ fn spec(name: &'static str, ty: FlagType) -> FlagSpec {
 }
 
 /// BuildKit's `BFlags.Parse`, with errors that list what was expected.
-fn parse_flags(cmd: &str, flags: &[String], specs: &[FlagSpec]) -> Result<FlagValues, String> {
+fn parse_flags(cmd: &str, flags: &[String], specs: &[FlagSpec]) -> Result<FlagValues, Invalid> {
     let mut out = FlagValues::default();
-    let expected = || {
-        if specs.is_empty() {
-            format!("{cmd} takes no flags")
-        } else {
-            let names: Vec<String> = specs.iter().map(|s| format!("--{}", s.name)).collect();
-            format!("expected one of {}", names.join(", "))
-        }
-    };
     for arg in flags {
         let Some(body) = arg.strip_prefix("--") else {
-            return Err(format!("arg should start with -- : {arg}"));
+            return Err(Invalid::FlagPrefix(arg.clone()));
         };
         if body.is_empty() {
             return Ok(out);
@@ -260,24 +442,28 @@ fn parse_flags(cmd: &str, flags: &[String], specs: &[FlagSpec]) -> Result<FlagVa
             None => (body, None),
         };
         let Some(s) = specs.iter().find(|s| s.name == name) else {
-            return Err(format!("unknown flag --{name} for {cmd} ({})", expected()));
+            return Err(Invalid::UnknownFlag {
+                name: name.to_string(),
+                cmd: cmd.to_string(),
+                known: specs.iter().map(|s| s.name).collect(),
+            });
         };
         let idx = out.values.iter().position(|(n, _)| *n == s.name);
         if idx.is_some() && s.ty != FlagType::Strings {
-            return Err(format!("duplicate flag specified: --{name}"));
+            return Err(Invalid::DuplicateFlag(name.to_string()));
         }
         let v = match s.ty {
             FlagType::Bool => match value {
-                Some("") => return Err(format!("missing a value on flag: --{name}")),
+                Some("") => return Err(Invalid::EmptyBool(name.to_string())),
                 None => "true".to_string(),
                 Some(v) => match v.to_ascii_lowercase().as_str() {
                     "true" => "true".into(),
                     "false" => "false".into(),
-                    _ => return Err(format!("expecting boolean value for flag --{name}, not: {v}")),
+                    _ => return Err(Invalid::NotBool { name: name.to_string(), value: v.to_string() }),
                 },
             },
             FlagType::String | FlagType::Strings => match value {
-                None => return Err(format!("missing a value on flag: --{name} (expected --{name}=<value>)")),
+                None => return Err(Invalid::MissingValue(name.to_string())),
                 Some(v) => v.to_string(),
             },
         };
@@ -305,17 +491,17 @@ fn cmdline(node: &Node, empty_as_nil: bool) -> CmdLine {
     CmdLine { args, prepend_shell: !node.json, files: node.heredocs.clone() }
 }
 
-fn kvps(args: &[String], cmd: &str) -> Result<Vec<KeyValue>, String> {
+fn kvps(args: &[String], cmd: &str) -> Result<Vec<KeyValue>, Invalid> {
     if args.is_empty() {
-        return Err(format!("{cmd} requires at least one argument"));
+        return Err(Invalid::NoArguments(cmd.to_string()));
     }
     if args.len() % 3 != 0 {
-        return Err(format!("bad input to {cmd}, too many arguments"));
+        return Err(Invalid::TooManyArguments(cmd.to_string()));
     }
     let mut out = Vec::with_capacity(args.len() / 3);
     for c in args.chunks(3) {
         if c[0].is_empty() {
-            return Err(format!("{cmd} names can not be blank"));
+            return Err(Invalid::BlankName(cmd.to_string()));
         }
         out.push(KeyValue { key: c[0].clone(), value: c[1].clone(), legacy: c[2].is_empty() });
     }
@@ -327,26 +513,26 @@ fn stage_name_valid(s: &str) -> bool {
     matches!(chars.next(), Some('a'..='z')) && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
 }
 
-fn parse_interval(name: &str, v: Option<&str>) -> Result<i64, String> {
+fn parse_interval(name: &'static str, v: Option<&str>) -> Result<i64, Invalid> {
     let Some(v) = v.filter(|s| !s.is_empty()) else {
         return Ok(0);
     };
-    let d = parse_duration(v).map_err(|e| format!("--{name}: {e}"))?;
+    let d = parse_duration(v).map_err(|source| Invalid::Duration { name, source })?;
     if d == 0 {
         return Ok(0);
     }
     if d < 1_000_000 {
-        return Err(format!("Interval {} cannot be less than 1ms", quote(name)));
+        return Err(Invalid::IntervalTooShort(name));
     }
     Ok(d)
 }
 
 /// Parse the `SourcesAndDest` of COPY/ADD: heredoc sources become contents.
-fn sources_and_dest(node: &Node, cmd: &str) -> Result<(Vec<String>, Vec<SourceContent>, String), String> {
+fn sources_and_dest(node: &Node, cmd: &str) -> Result<(Vec<String>, Vec<SourceContent>, String), Invalid> {
     let (srcs, dest) = node.args.split_at(node.args.len() - 1);
     let dest = dest[0].clone();
     if !node.json && parse_heredoc(&dest).ok().flatten().is_some() {
-        return Err(format!("{cmd} cannot accept a heredoc as a destination"));
+        return Err(Invalid::HeredocDestination(cmd.to_string()));
     }
     let mut sources = Vec::new();
     let mut contents = Vec::new();
@@ -369,14 +555,14 @@ fn sources_and_dest(node: &Node, cmd: &str) -> Result<(Vec<String>, Vec<SourceCo
 
 /// Check that a `--mount` value is CSV and that `from` has no variable, as BuildKit does
 /// before expansion.
-fn precheck_mount(value: &str) -> Result<(), String> {
+fn precheck_mount(value: &str) -> Result<(), MountError> {
     let fields = csv_fields(value)?;
     for f in fields {
         if let Some((k, v)) = f.split_once('=') {
             if k.eq_ignore_ascii_case("from") {
                 if let Some(i) = v.find('$') {
                     if i != v.len() - 1 {
-                        return Err("'from' doesn't support variable expansion, define alias stage instead".into());
+                        return Err(MountError::FromVariable);
                     }
                 }
             }
@@ -387,8 +573,7 @@ fn precheck_mount(value: &str) -> Result<(), String> {
 
 /// Convert one parsed node to a typed instruction.
 pub fn parse_instruction(node: &Node) -> Result<Instr, InstructionError> {
-    let err = |m: String| InstructionError { line: node.start_line, message: m };
-    let instruction = parse_instruction_inner(node).map_err(err)?;
+    let instruction = parse_instruction_inner(node).map_err(|e| InstructionError { line: node.start_line, message: e.to_string() })?;
     Ok(Instr {
         instruction,
         cmd: node.cmd.clone(),
@@ -418,7 +603,7 @@ fn levenshtein(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
+fn parse_instruction_inner(node: &Node) -> Result<Instruction, Invalid> {
     let cmd_upper = node.cmd.to_ascii_uppercase();
     let c = cmd_upper.as_str();
     match node.keyword().as_str() {
@@ -442,27 +627,27 @@ fn parse_instruction_inner(node: &Node) -> Result<Instruction, String> {
 }
 
 /// ENV and LABEL: no flags, key/value pairs.
-fn parse_env_label(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_env_label(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     parse_flags(c, &node.flags, &[])?;
     let kv = kvps(&node.args, c)?;
     Ok(if c == "ENV" { Instruction::Env(kv) } else { Instruction::Label(kv) })
 }
 
 /// MAINTAINER, WORKDIR, USER and STOPSIGNAL: exactly one argument, no flags.
-fn parse_single_arg(node: &Node, c: &str, make: fn(String) -> Instruction) -> Result<Instruction, String> {
+fn parse_single_arg(node: &Node, c: &str, make: fn(String) -> Instruction) -> Result<Instruction, Invalid> {
     if node.args.len() != 1 {
-        return Err(format!("{c} requires exactly one argument"));
+        return Err(Invalid::NotOneArgument(c.to_string()));
     }
     parse_flags(c, &node.flags, &[])?;
     Ok(make(node.args[0].clone()))
 }
 
 /// COPY and ADD: each with its own flags, then sources (paths or heredocs) and a destination.
-fn parse_copy_add(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_copy_add(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     use FlagType::*;
     let is_add = c == "ADD";
     if node.args.len() < 2 {
-        return Err(format!("{c} requires at least two arguments, but only one was provided. Destination could not be determined"));
+        return Err(Invalid::NoDestination(c.to_string()));
     }
     let f = if is_add {
         parse_flags(
@@ -511,37 +696,34 @@ fn parse_copy_add(node: &Node, c: &str) -> Result<Instruction, String> {
 }
 
 /// FROM: `<image> [AS <name>]`, `--platform`.
-fn parse_from(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_from(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     let args = &node.args;
     let name = match args.len() {
         3 if args[1].eq_ignore_ascii_case("as") => {
             let n = args[2].to_lowercase();
             if !stage_name_valid(&n) {
-                return Err(format!(
-                    "invalid name for build stage: {}, name can't start with a number or contain symbols",
-                    quote(&args[2])
-                ));
+                return Err(Invalid::StageName(args[2].clone()));
             }
             Some(n)
         }
         1 => None,
-        _ => return Err("FROM requires either one or three arguments (FROM <image> [AS <name>])".into()),
+        _ => return Err(Invalid::FromArguments),
     };
     let f = parse_flags(c, &node.flags, &[spec("platform", FlagType::String)])?;
     Ok(Instruction::From(FromInstr { base: args[0].clone(), name, platform: nonempty(f.get("platform")) }))
 }
 
 /// ONBUILD: the trigger is checked, and kept as text (heredocs appended).
-fn parse_onbuild(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_onbuild(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     let args = &node.args;
     if args.is_empty() {
-        return Err("ONBUILD requires at least one argument".into());
+        return Err(Invalid::NoArguments("ONBUILD".into()));
     }
     parse_flags(c, &node.flags, &[])?;
     let trigger = args[0].trim().to_ascii_uppercase();
     match trigger.as_str() {
-        "ONBUILD" => return Err("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into()),
-        "MAINTAINER" | "FROM" => return Err(format!("{trigger} isn't allowed as an ONBUILD trigger")),
+        "ONBUILD" => return Err(Invalid::OnbuildChain),
+        "MAINTAINER" | "FROM" => return Err(Invalid::OnbuildTrigger(trigger)),
         _ => {}
     }
     if let Some(sub) = &node.sub {
@@ -563,7 +745,7 @@ fn parse_onbuild(node: &Node, c: &str) -> Result<Instruction, String> {
 }
 
 /// RUN: `--mount` (prechecked, parsed after expansion), `--network`, `--security`.
-fn parse_run(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_run(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     use FlagType::*;
     let f = parse_flags(c, &node.flags, &[spec("mount", Strings), spec("network", String), spec("security", String)])?;
     let mounts = f.all("mount");
@@ -574,33 +756,33 @@ fn parse_run(node: &Node, c: &str) -> Result<Instruction, String> {
         "default" => Network::Default,
         "none" => Network::None,
         "host" => Network::Host,
-        other => return Err(format!("unsupported network mode {} (expected default, none or host)", quote(other))),
+        other => return Err(Invalid::Network(other.to_string())),
     };
     let security = match f.get("security").unwrap_or("sandbox") {
         "sandbox" => Security::Sandbox,
         "insecure" => Security::Insecure,
-        other => return Err(format!("unsupported security mode {} (expected sandbox or insecure)", quote(other))),
+        other => return Err(Invalid::Security(other.to_string())),
     };
     Ok(Instruction::Run(RunInstr { cmd: cmdline(node, false), mounts, network, security }))
 }
 
 /// CMD and ENTRYPOINT: no flags, the command line.
-fn parse_cmd_entrypoint(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_cmd_entrypoint(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     parse_flags(c, &node.flags, &[])?;
     Ok(if c == "CMD" { Instruction::Cmd(cmdline(node, false)) } else { Instruction::Entrypoint(cmdline(node, true)) })
 }
 
 /// HEALTHCHECK: `NONE` (no flags), or `CMD <command>` with its timing flags.
-fn parse_healthcheck(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_healthcheck(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     let args = &node.args;
     if args.is_empty() {
-        return Err("HEALTHCHECK requires at least one argument (NONE or CMD <command>)".into());
+        return Err(Invalid::HealthcheckArguments);
     }
     let typ = args[0].to_ascii_uppercase();
     let rest = &args[1..];
     if typ == "NONE" {
         if !rest.is_empty() {
-            return Err("HEALTHCHECK NONE takes no arguments".into());
+            return Err(Invalid::HealthcheckNoneArguments);
         }
         parse_flags(c, &node.flags, &[])?;
         return Ok(Instruction::Healthcheck(HealthSpec {
@@ -624,7 +806,7 @@ fn parse_healthcheck(node: &Node, c: &str) -> Result<Instruction, String> {
         ],
     )?;
     if typ != "CMD" {
-        return Err(format!("unknown type {} in HEALTHCHECK (expected CMD or NONE)", quote(&typ)));
+        return Err(Invalid::HealthcheckType(typ));
     }
     let cmd: Vec<String> = if rest.is_empty() {
         Vec::new()
@@ -634,7 +816,7 @@ fn parse_healthcheck(node: &Node, c: &str) -> Result<Instruction, String> {
         vec![rest.join(" ")]
     };
     if cmd.is_empty() {
-        return Err("missing command after HEALTHCHECK CMD".into());
+        return Err(Invalid::HealthcheckCommand);
     }
     let mut test: Vec<String> = vec![if node.json { "CMD".into() } else { "CMD-SHELL".into() }];
     test.extend(cmd);
@@ -650,13 +832,13 @@ fn parse_healthcheck(node: &Node, c: &str) -> Result<Instruction, String> {
 }
 
 /// `HEALTHCHECK --retries`: a non-negative 32-bit integer; 0 when not set or empty.
-fn parse_retries(v: Option<&str>) -> Result<i64, String> {
+fn parse_retries(v: Option<&str>) -> Result<i64, Invalid> {
     match v.filter(|s| !s.is_empty()) {
         None => Ok(0),
         Some(v) => {
-            let r: i64 = v.parse::<i32>().map_err(|_| format!("--retries: invalid value {} (expected an integer)", quote(v)))?.into();
+            let r: i64 = v.parse::<i32>().map_err(|source| Invalid::Retries { value: v.to_string(), source })?.into();
             if r < 0 {
-                return Err(format!("--retries cannot be negative ({r})"));
+                return Err(Invalid::NegativeRetries(r));
             }
             Ok(r)
         }
@@ -664,9 +846,9 @@ fn parse_retries(v: Option<&str>) -> Result<i64, String> {
 }
 
 /// EXPOSE: no flags, the ports sorted.
-fn parse_expose(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_expose(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     if node.args.is_empty() {
-        return Err("EXPOSE requires at least one argument".into());
+        return Err(Invalid::NoArguments("EXPOSE".into()));
     }
     parse_flags(c, &node.flags, &[])?;
     let mut ports = node.args.clone();
@@ -675,16 +857,16 @@ fn parse_expose(node: &Node, c: &str) -> Result<Instruction, String> {
 }
 
 /// VOLUME: no flags, non-empty paths (trimmed).
-fn parse_volume(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_volume(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     if node.args.is_empty() {
-        return Err("VOLUME requires at least one argument".into());
+        return Err(Invalid::NoArguments("VOLUME".into()));
     }
     parse_flags(c, &node.flags, &[])?;
     let mut vols = Vec::new();
     for v in &node.args {
         let v = v.trim();
         if v.is_empty() {
-            return Err("VOLUME specified can not be an empty string".into());
+            return Err(Invalid::EmptyVolume);
         }
         vols.push(v.to_string());
     }
@@ -692,16 +874,16 @@ fn parse_volume(node: &Node, c: &str) -> Result<Instruction, String> {
 }
 
 /// ARG: no flags, `name[=default]` definitions.
-fn parse_arg(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_arg(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     let args = &node.args;
     if args.is_empty() {
-        return Err("ARG requires at least one argument".into());
+        return Err(Invalid::NoArguments("ARG".into()));
     }
     parse_flags(c, &node.flags, &[])?;
     let mut defs = Vec::with_capacity(args.len());
     for a in args {
         match a.split_once('=') {
-            Some(("", _)) => return Err("ARG names can not be blank".into()),
+            Some(("", _)) => return Err(Invalid::BlankName("ARG".into())),
             Some((k, v)) => defs.push(ArgDef { key: k.to_string(), default: Some(v.to_string()) }),
             None => defs.push(ArgDef { key: a.clone(), default: None }),
         }
@@ -710,26 +892,19 @@ fn parse_arg(node: &Node, c: &str) -> Result<Instruction, String> {
 }
 
 /// SHELL: no flags, the shell in JSON form.
-fn parse_shell(node: &Node, c: &str) -> Result<Instruction, String> {
+fn parse_shell(node: &Node, c: &str) -> Result<Instruction, Invalid> {
     parse_flags(c, &node.flags, &[])?;
     if node.args.is_empty() {
-        return Err("SHELL requires at least one argument".into());
+        return Err(Invalid::NoArguments("SHELL".into()));
     }
     if !node.json {
-        return Err(format!(
-            "SHELL requires the arguments to be in JSON form, e.g. SHELL [\"/bin/bash\", \"-c\"] (got {})",
-            node.original.trim()
-        ));
+        return Err(Invalid::ShellNotJson(node.original.trim().to_string()));
     }
     Ok(Instruction::Shell(node.args.clone()))
 }
 
-fn unknown_instruction(cmd: &str) -> String {
-    let mut m = format!("unknown instruction {}", quote(&cmd.to_ascii_uppercase()));
-    if let Some(s) = suggestion(cmd) {
-        m.push_str(&format!(" (did you mean {s}?)"));
-    }
-    m
+fn unknown_instruction(cmd: &str) -> Invalid {
+    Invalid::UnknownInstruction { cmd: cmd.to_string(), suggestion: suggestion(cmd) }
 }
 
 /// Group instructions into stages; ARGs before the first FROM are meta args.
@@ -802,7 +977,7 @@ pub struct Mount {
 
 /// Split a CSV record (Go's `encoding/csv` rules for one line: `"` quotes fields, `""` is a
 /// literal quote inside quotes).
-pub fn csv_fields(s: &str) -> Result<Vec<String>, String> {
+pub fn csv_fields(s: &str) -> Result<Vec<String>, MountError> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let chars: Vec<char> = s.chars().collect();
@@ -818,7 +993,7 @@ pub fn csv_fields(s: &str) -> Result<Vec<String>, String> {
             i += 1;
             loop {
                 match chars.get(i) {
-                    None => return Err(format!("failed to parse csv mounts: extraneous or missing \" in quoted-field: {s}")),
+                    None => return Err(MountError::CsvQuote(s.to_string())),
                     Some('"') if chars.get(i + 1) == Some(&'"') => {
                         cur.push('"');
                         i += 2;
@@ -836,7 +1011,7 @@ pub fn csv_fields(s: &str) -> Result<Vec<String>, String> {
             match chars.get(i) {
                 None => {}
                 Some(',') => {}
-                Some(_) => return Err(format!("failed to parse csv mounts: extraneous or missing \" in quoted-field: {s}")),
+                Some(_) => return Err(MountError::CsvQuote(s.to_string())),
             }
             at_field_start = false;
             continue;
@@ -848,7 +1023,7 @@ pub fn csv_fields(s: &str) -> Result<Vec<String>, String> {
             continue;
         }
         if c == '"' {
-            return Err(format!("failed to parse csv mounts: bare \" in non-quoted-field: {s}"));
+            return Err(MountError::CsvBareQuote(s.to_string()));
         }
         cur.push(c);
         at_field_start = false;
@@ -880,7 +1055,7 @@ pub fn ram_in_bytes(s: &str) -> Option<u64> {
 
 /// Parse a `--mount` value after expanding each value with `expand` (BuildKit's
 /// `parseMount` with an expander). Errors say what was wrong and what is allowed.
-pub fn parse_mount(value: &str, expand: &mut dyn FnMut(&str) -> Result<String, String>) -> Result<Mount, String> {
+pub fn parse_mount(value: &str, expand: &mut dyn FnMut(&str) -> Result<String, ShellError>) -> Result<Mount, MountError> {
     let fields = csv_fields(value)?;
     let mut m = Mount {
         kind: MountType::Bind,
@@ -924,15 +1099,15 @@ pub fn parse_mount(value: &str, expand: &mut dyn FnMut(&str) -> Result<String, S
                     if matches!(m.kind, MountType::Secret | MountType::Ssh) {
                         m.required = true;
                     } else {
-                        return Err(format!("unexpected key '{key}' for mount type '{}'", type_name(&m)));
+                        return Err(MountError::KeyForType { key, kind: type_name(&m) });
                     }
                 }
-                _ => return Err(format!("invalid field '{field}' must be a key=value pair")),
+                _ => return Err(MountError::NotKeyValue(field.clone())),
             }
             continue;
         };
         let v = expand(val)?;
-        let bad = |k: &str, v: &str| format!("invalid value for {k}: {v}");
+        let bad = |k: &str, v: &str| MountError::InvalidValue { key: k.to_string(), value: v.to_string() };
         match key.as_str() {
             "type" => {
                 m.kind = match v.to_ascii_lowercase().as_str() {
@@ -941,12 +1116,7 @@ pub fn parse_mount(value: &str, expand: &mut dyn FnMut(&str) -> Result<String, S
                     "tmpfs" => MountType::Tmpfs,
                     "secret" => MountType::Secret,
                     "ssh" => MountType::Ssh,
-                    _ => {
-                        return Err(format!(
-                            "unsupported mount type {} (expected bind, cache, tmpfs, secret or ssh)",
-                            quote(&v)
-                        ))
-                    }
+                    _ => return Err(MountError::UnsupportedType(v)),
                 }
             }
             "from" => m.from = v,
@@ -964,14 +1134,14 @@ pub fn parse_mount(value: &str, expand: &mut dyn FnMut(&str) -> Result<String, S
                 if matches!(m.kind, MountType::Secret | MountType::Ssh) {
                     m.required = parse_bool(&v).ok_or_else(|| bad(&key, &v))?;
                 } else {
-                    return Err(format!("unexpected key '{key}' for mount type '{}'", type_name(&m)));
+                    return Err(MountError::KeyForType { key, kind: type_name(&m) });
                 }
             }
             "size" => {
                 if m.kind == MountType::Tmpfs {
                     m.size_limit = ram_in_bytes(&v).ok_or_else(|| bad(&key, &v))?;
                 } else {
-                    return Err(format!("unexpected key '{key}' for mount type '{}'", type_name(&m)));
+                    return Err(MountError::KeyForType { key, kind: type_name(&m) });
                 }
             }
             "id" => m.id = v,
@@ -980,32 +1150,23 @@ pub fn parse_mount(value: &str, expand: &mut dyn FnMut(&str) -> Result<String, S
                     "shared" => Sharing::Shared,
                     "private" => Sharing::Private,
                     "locked" => Sharing::Locked,
-                    _ => {
-                        return Err(format!(
-                            "unsupported sharing value {} (expected shared, private or locked)",
-                            quote(&v)
-                        ))
-                    }
+                    _ => return Err(MountError::UnsupportedSharing(v)),
                 })
             }
             "mode" => {
-                m.mode = Some(parse_uint(&v, 8, 32).ok_or_else(|| format!("invalid value {v} for mode"))? as u32)
+                m.mode = Some(parse_uint(&v, 8, 32).ok_or_else(|| MountError::InvalidNumber { key: "mode", value: v.clone() })? as u32)
             }
-            "uid" => m.uid = Some(parse_uint(&v, 10, 32).ok_or_else(|| format!("invalid value {v} for uid"))? as u32),
-            "gid" => m.gid = Some(parse_uint(&v, 10, 32).ok_or_else(|| format!("invalid value {v} for gid"))? as u32),
+            "uid" => m.uid = Some(parse_uint(&v, 10, 32).ok_or_else(|| MountError::InvalidNumber { key: "uid", value: v.clone() })? as u32),
+            "gid" => m.gid = Some(parse_uint(&v, 10, 32).ok_or_else(|| MountError::InvalidNumber { key: "gid", value: v.clone() })? as u32),
             "env" => m.env = Some(v),
-            _ => {
-                return Err(format!(
-                    "unexpected key '{key}' in '{field}' (expected type, from, source, target, readonly, readwrite, id, sharing, required, size, mode, uid, gid, env)"
-                ))
-            }
+            _ => return Err(MountError::UnknownKey { key, field: field.clone() }),
         }
     }
     let file_info = matches!(m.kind, MountType::Secret | MountType::Ssh | MountType::Cache);
     if !file_info {
         for (set, what) in [(m.mode.is_some(), "mode"), (m.uid.is_some(), "uid"), (m.gid.is_some(), "gid")] {
             if set {
-                return Err(format!("{what} not allowed for {} type mounts", quote(type_name(&m))));
+                return Err(MountError::FileInfoNotAllowed { key: what, kind: type_name(&m) });
             }
         }
     }
@@ -1014,20 +1175,20 @@ pub fn parse_mount(value: &str, expand: &mut dyn FnMut(&str) -> Result<String, S
     }
     if m.kind == MountType::Secret {
         if !m.from.is_empty() {
-            return Err("secret mount should not have a from".into());
+            return Err(MountError::SecretFrom);
         }
         if m.sharing.is_some() {
-            return Err("secret mount should not define sharing".into());
+            return Err(MountError::SecretSharing);
         }
         if m.source.is_empty() && m.target.is_empty() && m.id.is_empty() {
-            return Err("invalid secret mount. one of source, target required".into());
+            return Err(MountError::SecretTarget);
         }
         if !m.source.is_empty() && !m.id.is_empty() {
-            return Err("both source and id can't be set".into());
+            return Err(MountError::SecretSourceAndId);
         }
     }
     if m.sharing.is_some() && m.kind != MountType::Cache {
-        return Err(format!("invalid cache sharing set for {} mount", type_name(&m)));
+        return Err(MountError::SharingNotCache(type_name(&m)));
     }
     Ok(m)
 }
@@ -1040,8 +1201,8 @@ pub enum ChmodSpec {
 }
 
 /// Parse `--chmod`: octal up to 07777, or a symbolic expression (`u+x,g-w`, `a=rX`).
-pub fn parse_chmod(s: &str) -> Result<ChmodSpec, String> {
-    let non_octal = || format!("invalid chmod parameter: '{s}'. it should be octal string and between 0 and 07777");
+pub fn parse_chmod(s: &str) -> Result<ChmodSpec, ChmodError> {
+    let non_octal = || ChmodError::Octal(s.to_string());
     if let Some(v) = parse_uint(s, 8, 32) {
         if v > 0o7777 {
             return Err(non_octal());
@@ -1055,11 +1216,11 @@ pub fn parse_chmod(s: &str) -> Result<ChmodSpec, String> {
         let who_len = clause.chars().take_while(|c| matches!(c, 'u' | 'g' | 'o' | 'a')).count();
         let mut rest = &clause[who_len..];
         if rest.is_empty() {
-            return Err(format!("invalid chmod parameter: '{s}'. expected octal (0755) or symbolic mode (u+x,g-w)"));
+            return Err(ChmodError::Symbolic(s.to_string()));
         }
         while !rest.is_empty() {
             let Some(op) = rest.chars().next().filter(|c| matches!(c, '+' | '-' | '=')) else {
-                return Err(format!("invalid chmod parameter: '{s}'. expected octal (0755) or symbolic mode (u+x,g-w)"));
+                return Err(ChmodError::Symbolic(s.to_string()));
             };
             rest = &rest[op.len_utf8()..];
             let perm_len = rest.chars().take_while(|c| matches!(c, 'r' | 'w' | 'x' | 'X' | 's' | 't' | 'u' | 'g' | 'o')).count();
@@ -1071,10 +1232,10 @@ pub fn parse_chmod(s: &str) -> Result<ChmodSpec, String> {
 
 /// Validate a STOPSIGNAL value like moby's `signal.ParseSignal` (Linux signal names with or
 /// without `SIG`, `RTMIN+n`/`RTMAX-n`, or a non-zero number).
-pub fn validate_signal(raw: &str) -> Result<(), String> {
+pub fn validate_signal(raw: &str) -> Result<(), SignalError> {
     if let Ok(n) = raw.parse::<i64>() {
         if n == 0 {
-            return Err(format!("invalid signal: {raw}"));
+            return Err(SignalError::Zero(raw.to_string()));
         }
         return Ok(());
     }
@@ -1097,13 +1258,13 @@ pub fn validate_signal(raw: &str) -> Result<(), String> {
     if NAMES.contains(&name) || rt_ok("RTMIN", '+', 15) || rt_ok("RTMAX", '-', 14) {
         Ok(())
     } else {
-        Err(format!("invalid signal: {raw} (expected a signal name such as SIGTERM, or a number)"))
+        Err(SignalError::Unknown(raw.to_string()))
     }
 }
 
 /// Parse an EXPOSE port spec (`80`, `80/udp`, `8000-8010/tcp`, `ip:host:container`) into
 /// `port/proto` keys, as `nat.ParsePortSpecs` does.
-pub fn parse_port_spec(raw: &str) -> Result<Vec<String>, String> {
+pub fn parse_port_spec(raw: &str) -> Result<Vec<String>, PortSpecError> {
     let (ip_host, container) = match raw.rfind(':') {
         Some(i) => (&raw[..i], &raw[i + 1..]),
         None => ("", raw),
@@ -1115,12 +1276,12 @@ pub fn parse_port_spec(raw: &str) -> Result<Vec<String>, String> {
         None => (container, "tcp".to_string()),
     };
     if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(format!("invalid proto: {proto} (expected tcp, udp or sctp)"));
+        return Err(PortSpecError::Proto(proto));
     }
     if port.is_empty() {
-        return Err(format!("no port specified: {raw}<empty>"));
+        return Err(PortSpecError::NoPort(raw.to_string()));
     }
-    let parse = |s: &str| s.parse::<u16>().map_err(|_| format!("invalid containerPort: {port}"));
+    let parse = |s: &str| s.parse::<u16>().map_err(|source| PortSpecError::Port { port: port.to_string(), source });
     let (start, end) = match port.split_once('-') {
         Some((a, b)) => (parse(a)?, parse(b)?),
         None => {
@@ -1129,7 +1290,7 @@ pub fn parse_port_spec(raw: &str) -> Result<Vec<String>, String> {
         }
     };
     if end < start {
-        return Err(format!("invalid range specified for container port: {port}"));
+        return Err(PortSpecError::Range(port.to_string()));
     }
     Ok((start..=end).map(|p| format!("{p}/{proto}")).collect())
 }

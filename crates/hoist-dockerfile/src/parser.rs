@@ -6,7 +6,8 @@
 //! it spans. Nothing is expanded here.
 
 use crate::gocompat::is_space;
-use crate::shell::{Lexer, NoEnv};
+use crate::gocompat::quote;
+use crate::shell::{Lexer, NoEnv, ShellError};
 
 /// A syntax error with the 1-based line where it was found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -16,6 +17,34 @@ pub struct ParseError {
     pub line: usize,
     /// What was wrong and what was expected.
     pub message: String,
+}
+
+/// A here-document word that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeredocError {
+    /// The delimiter word does not lex (an unclosed quote, a bad substitution).
+    #[error(transparent)]
+    Lex(#[from] ShellError),
+    /// Lexing the delimiter with and without quotes gave different word counts.
+    #[error("internal lexing of heredoc produced inconsistent results: {0}")]
+    Inconsistent(String),
+}
+
+/// What is wrong with one instruction line; becomes a [`ParseError`] with the line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum LineError {
+    #[error("when using JSON array syntax, arrays must be comprised of strings only")]
+    NotStringArray,
+    /// ENV or LABEL in the legacy form with a key and no value.
+    #[error("{0} must have two arguments")]
+    TwoArguments(&'static str),
+    /// A word of an ENV or LABEL `name=value` list without `=`.
+    #[error("syntax error - can't find = in {}. Must be of the form: name=value", quote(.0))]
+    MissingEquals(String),
+    #[error("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed")]
+    OnbuildChain,
+    #[error(transparent)]
+    Heredoc(#[from] HeredocError),
 }
 
 fn perr(line: usize, message: impl Into<String>) -> ParseError {
@@ -282,9 +311,9 @@ pub fn parse_limited(input: &str, max_instructions: usize) -> Result<Dockerfile,
                 ),
             ));
         }
-        let mut node = node_from_line(&line, &d, std::mem::take(&mut comments)).map_err(|m| perr(start_line, m))?;
+        let mut node = node_from_line(&line, &d, std::mem::take(&mut comments)).map_err(|e| perr(start_line, e.to_string()))?;
         if can_contain_heredoc(&node) && line.contains("<<") {
-            let docs = heredocs_from_line(&line).map_err(|m| perr(start_line, m))?;
+            let docs = heredocs_from_line(&line).map_err(|e| perr(start_line, e.to_string()))?;
             for mut doc in docs {
                 let mut terminated = false;
                 while i < lines.len() {
@@ -330,7 +359,7 @@ fn can_contain_heredoc(node: &Node) -> bool {
 }
 
 /// Find the here-documents named on an instruction line.
-fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
+fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, HeredocError> {
     let mut lex = Lexer::new('\\');
     lex.raw_quotes = true;
     lex.raw_escapes = true;
@@ -347,7 +376,7 @@ fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
 
 /// Recognise a here-document word (`<<EOF`, `<<-EOF`, `<<'EOF'`, `3<<EOF`), as BuildKit's
 /// `ParseHeredoc`: `Ok(None)` when the word is not one.
-pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
+pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, HeredocError> {
     let digits = word.chars().take_while(|c| c.is_ascii_digit()).count();
     let Some(rest) = word[digits..].strip_prefix("<<") else {
         return Ok(None);
@@ -362,14 +391,14 @@ pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
     let fd = if digits == 0 { 0 } else { word[..digits].parse::<u32>().unwrap_or(u32::MAX) };
     let mut lex = Lexer::new('\\');
     lex.skip_unset_env = true;
-    let plain = lex.process_words(rest, &NoEnv).map_err(|e| e.to_string())?;
+    let plain = lex.process_words(rest, &NoEnv)?;
     if plain.len() != 1 {
         return Ok(None);
     }
     lex.raw_quotes = true;
-    let raw = lex.process_words(rest, &NoEnv).map_err(|e| e.to_string())?;
+    let raw = lex.process_words(rest, &NoEnv)?;
     if raw.len() != plain.len() {
-        return Err(format!("internal lexing of heredoc produced inconsistent results: {rest}"));
+        return Err(HeredocError::Inconsistent(rest.to_string()));
     }
     let count = |s: &str| s.chars().filter(|&c| c == '\'' || c == '"').count();
     let expand = count(&plain[0]) == count(&raw[0]);
@@ -377,7 +406,7 @@ pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
 }
 
 /// Split `INSTRUCTION [--flags] args` and parse the arguments the way the instruction wants.
-fn node_from_line(line: &str, d: &Directives, comments: Vec<String>) -> Result<Node, String> {
+fn node_from_line(line: &str, d: &Directives, comments: Vec<String>) -> Result<Node, LineError> {
     let trimmed = line.trim_matches(is_space);
     let (cmd, rest) = match trimmed.find(['\t', '\u{b}', '\u{c}', '\r', ' ']) {
         Some(p) => (&trimmed[..p], trimmed[p..].trim_start_matches(['\t', '\u{b}', '\u{c}', '\r', ' '])),
@@ -430,7 +459,7 @@ fn node_from_line(line: &str, d: &Directives, comments: Vec<String>) -> Result<N
             // Refused before recursing: `ONBUILD ONBUILD ONBUILD ...` must not nest deeply.
             let first = args_str.split(is_space).next().unwrap_or("");
             if first.eq_ignore_ascii_case("onbuild") {
-                return Err("chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into());
+                return Err(LineError::OnbuildChain);
             }
             let sub = node_from_line(args_str, d, Vec::new())?;
             node.args.push(sub.cmd.clone());
@@ -451,11 +480,9 @@ fn split_whitespace(s: &str) -> Vec<String> {
     s.split(['\t', '\u{b}', '\u{c}', '\r', ' ']).filter(|w| !w.is_empty()).map(str::to_string).collect()
 }
 
-const NOT_STRING_ARRAY: &str = "when using JSON array syntax, arrays must be comprised of strings only";
-
 /// `Ok(Some)` for a JSON array of strings, `Ok(None)` when not JSON, `Err` for a JSON array
 /// with non-string items.
-fn parse_json(rest: &str) -> Result<Option<Vec<String>>, String> {
+fn parse_json(rest: &str) -> Result<Option<Vec<String>>, LineError> {
     let rest = rest.trim_start_matches(is_space);
     if !rest.starts_with('[') {
         return Ok(None);
@@ -466,7 +493,7 @@ fn parse_json(rest: &str) -> Result<Option<Vec<String>>, String> {
             for it in items {
                 match it {
                     serde_json::Value::String(s) => out.push(s),
-                    _ => return Err(NOT_STRING_ARRAY.into()),
+                    _ => return Err(LineError::NotStringArray),
                 }
             }
             Ok(Some(out))
@@ -475,7 +502,7 @@ fn parse_json(rest: &str) -> Result<Option<Vec<String>>, String> {
     }
 }
 
-fn parse_maybe_json(rest: &str) -> Result<(Vec<String>, bool), String> {
+fn parse_maybe_json(rest: &str) -> Result<(Vec<String>, bool), LineError> {
     if rest.is_empty() {
         return Ok((Vec::new(), false));
     }
@@ -485,7 +512,7 @@ fn parse_maybe_json(rest: &str) -> Result<(Vec<String>, bool), String> {
     }
 }
 
-fn parse_maybe_json_to_list(rest: &str) -> Result<(Vec<String>, bool), String> {
+fn parse_maybe_json_to_list(rest: &str) -> Result<(Vec<String>, bool), LineError> {
     match parse_json(rest)? {
         Some(v) => Ok((v, true)),
         None => Ok((split_whitespace(rest), false)),
@@ -576,7 +603,7 @@ pub fn parse_words(rest: &str, escape: char) -> Vec<String> {
 }
 
 /// ENV/LABEL arguments as `key, value, sep` triples; `sep` is "" for the legacy `KEY value`.
-fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<String>, String> {
+fn parse_name_val(rest: &str, key: &'static str, escape: char) -> Result<Vec<String>, LineError> {
     let words = parse_words(rest, escape);
     if words.is_empty() {
         return Ok(Vec::new());
@@ -584,7 +611,7 @@ fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<String>, St
     if !words[0].contains('=') {
         let p = rest.find(['\t', '\u{b}', '\u{c}', '\r', ' ']);
         let Some(p) = p else {
-            return Err(format!("{key} must have two arguments"));
+            return Err(LineError::TwoArguments(key));
         };
         let name = &rest[..p];
         let value = rest[p..].trim_start_matches(['\t', '\u{b}', '\u{c}', '\r', ' ']);
@@ -593,7 +620,7 @@ fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<String>, St
     let mut out = Vec::with_capacity(words.len() * 3);
     for w in words {
         let Some((k, v)) = w.split_once('=') else {
-            return Err(format!("syntax error - can't find = in {}. Must be of the form: name=value", crate::gocompat::quote(&w)));
+            return Err(LineError::MissingEquals(w));
         };
         out.push(k.to_string());
         out.push(v.to_string());

@@ -147,7 +147,7 @@ impl Lexer {
         };
         match sw.process_stop_on(None, self.raw_escapes) {
             Ok((result, words)) => Ok(Expansion { result, words, matched: sw.matched, unmatched: sw.unmatched }),
-            Err(message) => Err(ShellError { source_text: word.to_string(), message }),
+            Err(e) => Err(ShellError { source_text: word.to_string(), message: e.to_string() }),
         }
     }
 }
@@ -207,7 +207,44 @@ impl Words {
     }
 }
 
-type LexResult<T> = Result<T, String>;
+/// Why an expansion failed; [`ShellError::message`] is its text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum LexError {
+    #[error("unexpected end of statement while looking for matching {0}")]
+    Unterminated(char),
+    #[error("unexpected end of statement while looking for matching single-quote")]
+    UnterminatedSingleQuote,
+    #[error("unexpected end of statement while looking for matching double-quote")]
+    UnterminatedDoubleQuote,
+    #[error(
+        "variable expansion produces more than {cap} bytes (the builder allows {growth} bytes more than the word as written): expected a smaller value"
+    )]
+    TooLarge { cap: usize, growth: usize },
+    #[error("variable expansion produces more than {0} bytes: expected a smaller value")]
+    ReplacementTooLarge(usize),
+    #[error("variable substitutions are nested more than {} levels deep: expected a flatter expression", MAX_NESTING)]
+    TooDeep,
+    #[error("syntax error: missing '}}'")]
+    MissingBrace,
+    #[error("syntax error: missing '/' in ${{}}")]
+    MissingSlash,
+    #[error("syntax error: bad substitution")]
+    BadSubstitution,
+    #[error("unsupported modifier ({0}) in substitution")]
+    UnsupportedModifier(String),
+    /// `${name?message}` / `${name:?message}` on an unset (or empty) variable.
+    #[error("{name}: {message}")]
+    Required { name: String, message: String },
+    /// `escape` is U+FFFD when the pattern ends with the backslash.
+    #[error("invalid pattern ({pattern}) in substitution: invalid escape '\\{escape}'")]
+    InvalidPattern { pattern: String, escape: char },
+    #[error(
+        "pattern substitution is too expensive on this value (the builder bounds pattern matching work): expected a simpler pattern or a shorter value"
+    )]
+    TooExpensive,
+}
+
+type LexResult<T> = Result<T, LexError>;
 
 impl ShellWord<'_> {
     fn peek(&self) -> Option<char> {
@@ -270,7 +307,7 @@ impl ShellWord<'_> {
             }
         }
         if let Some(s) = stop {
-            return Err(format!("unexpected end of statement while looking for matching {s}"));
+            return Err(LexError::Unterminated(s));
         }
         Ok((result, words.finish()))
     }
@@ -283,7 +320,7 @@ impl ShellWord<'_> {
         }
         loop {
             match self.next() {
-                None => return Err("unexpected end of statement while looking for matching single-quote".into()),
+                None => return Err(LexError::UnterminatedSingleQuote),
                 Some('\'') => {
                     if self.lex.raw_quotes {
                         result.push('\'');
@@ -303,7 +340,7 @@ impl ShellWord<'_> {
         }
         loop {
             match self.peek() {
-                None => return Err("unexpected end of statement while looking for matching double-quote".into()),
+                None => return Err(LexError::UnterminatedDoubleQuote),
                 Some('"') => {
                     self.next();
                     if self.lex.raw_quotes {
@@ -353,17 +390,14 @@ impl ShellWord<'_> {
     /// Fail once a result grows past the cap.
     fn check_size(&self, len: usize) -> LexResult<()> {
         if len > self.cap {
-            return Err(format!(
-                "variable expansion produces more than {} bytes (the builder allows {} bytes more than the word as written): expected a smaller value",
-                self.cap, self.lex.max_growth
-            ));
+            return Err(LexError::TooLarge { cap: self.cap, growth: self.lex.max_growth });
         }
         Ok(())
     }
 
     fn process_dollar(&mut self) -> LexResult<String> {
         if self.depth >= MAX_NESTING {
-            return Err(format!("variable substitutions are nested more than {MAX_NESTING} levels deep: expected a flatter expression"));
+            return Err(LexError::TooDeep);
         }
         self.depth += 1;
         let r = self.process_dollar_inner();
@@ -388,15 +422,15 @@ impl ShellWord<'_> {
         }
         self.next();
         match self.peek() {
-            None => return Err("syntax error: missing '}'".into()),
-            Some('{' | '}' | ':') => return Err("syntax error: bad substitution".into()),
+            None => return Err(LexError::MissingBrace),
+            Some('{' | '}' | ':') => return Err(LexError::BadSubstitution),
             _ => {}
         }
         let name = self.process_name();
         let first = self.next();
         if first.is_none() {
             // BuildKit reports "unsupported modifier (\u{fffd})" here; say what is missing
-            return Err("syntax error: missing '}'".into());
+            return Err(LexError::MissingBrace);
         }
         let mut chs: String = first.map(String::from).unwrap_or_default();
         let mut null_is_unset = false;
@@ -417,13 +451,13 @@ impl ShellWord<'_> {
                 }
                 let raw = matches!(ch, Some('#' | '%'));
                 if null_is_unset && raw {
-                    return Err(format!("unsupported modifier ({chs}) in substitution"));
+                    return Err(LexError::UnsupportedModifier(chs));
                 }
                 let word = match self.process_stop_on(Some('}'), raw) {
                     Ok((w, _)) => w,
                     Err(e) => {
                         if self.peek().is_none() {
-                            return Err("syntax error: missing '}'".into());
+                            return Err(LexError::MissingBrace);
                         }
                         return Err(e);
                     }
@@ -440,11 +474,11 @@ impl ShellWord<'_> {
                     Some('?') => {
                         if !set {
                             let m = if word.is_empty() { "is not allowed to be unset".to_string() } else { word };
-                            return Err(format!("{name}: {m}"));
+                            return Err(LexError::Required { name, message: m });
                         }
                         if null_is_unset && value.is_empty() {
                             let m = if word.is_empty() { "is not allowed to be empty".to_string() } else { word };
-                            return Err(format!("{name}: {m}"));
+                            return Err(LexError::Required { name, message: m });
                         }
                         Ok(value)
                     }
@@ -459,7 +493,7 @@ impl ShellWord<'_> {
                             trim_prefix(&pat, &value, greedy, &mut self.budget)
                         }
                     }
-                    _ => Err(format!("unsupported modifier ({chs}) in substitution")),
+                    _ => Err(LexError::UnsupportedModifier(chs)),
                 }
             }
             Some('/') => {
@@ -471,7 +505,7 @@ impl ShellWord<'_> {
                     Ok((w, _)) => w,
                     Err(e) => {
                         if self.peek().is_none() {
-                            return Err("syntax error: missing '/' in ${}".into());
+                            return Err(LexError::MissingSlash);
                         }
                         return Err(e);
                     }
@@ -480,7 +514,7 @@ impl ShellWord<'_> {
                     Ok((w, _)) => w,
                     Err(e) => {
                         if self.peek().is_none() {
-                            return Err("syntax error: missing '}'".into());
+                            return Err(LexError::MissingBrace);
                         }
                         return Err(e);
                     }
@@ -494,7 +528,7 @@ impl ShellWord<'_> {
                 };
                 replace(&pattern, &value, &replacement, replace_all, self.cap, &mut self.budget)
             }
-            _ => Err(format!("unsupported modifier ({chs}) in substitution")),
+            _ => Err(LexError::UnsupportedModifier(chs)),
         }
     }
 
@@ -554,8 +588,8 @@ fn compile_pattern(pattern: &str) -> LexResult<Vec<Tok>> {
                         out.push(Tok::Lit(n));
                         i += 1;
                     }
-                    Some(&n) => return Err(format!("invalid escape '\\{n}'")),
-                    None => return Err("invalid escape '\\\u{fffd}'".into()),
+                    Some(&n) => return Err(LexError::InvalidPattern { pattern: pattern.to_string(), escape: n }),
+                    None => return Err(LexError::InvalidPattern { pattern: pattern.to_string(), escape: '\u{fffd}' }),
                 }
             }
             c => out.push(Tok::Lit(c)),
@@ -567,10 +601,7 @@ fn compile_pattern(pattern: &str) -> LexResult<Vec<Tok>> {
 /// Take `cost` steps of pattern-matching work from `budget`.
 fn spend(budget: &mut u64, cost: u64) -> LexResult<()> {
     if cost > *budget {
-        return Err(
-            "pattern substitution is too expensive on this value (the builder bounds pattern matching work): expected a simpler pattern or a shorter value"
-                .into(),
-        );
+        return Err(LexError::TooExpensive);
     }
     *budget -= cost;
     Ok(())
@@ -622,12 +653,8 @@ fn match_ends(toks: &[Tok], text: &[char], start: usize, budget: &mut u64) -> Le
     Ok(cur)
 }
 
-fn pattern_error(pattern: &str, e: String) -> String {
-    format!("invalid pattern ({pattern}) in substitution: {e}")
-}
-
 fn trim_prefix(pattern: &str, value: &str, greedy: bool, budget: &mut u64) -> LexResult<String> {
-    let toks = compile_pattern(pattern).map_err(|e| pattern_error(pattern, e))?;
+    let toks = compile_pattern(pattern)?;
     let text: Vec<char> = value.chars().collect();
     let ends = match_ends(&toks, &text, 0, budget)?;
     let pick = if greedy { (0..=text.len()).rev().find(|&j| ends[j]) } else { (0..=text.len()).find(|&j| ends[j]) };
@@ -639,7 +666,7 @@ fn trim_prefix(pattern: &str, value: &str, greedy: bool, budget: &mut u64) -> Le
 
 /// Suffix matching is prefix matching of the reversed pattern on the reversed value: one pass.
 fn trim_suffix(pattern: &str, value: &str, greedy: bool, budget: &mut u64) -> LexResult<String> {
-    let mut toks = compile_pattern(pattern).map_err(|e| pattern_error(pattern, e))?;
+    let mut toks = compile_pattern(pattern)?;
     toks.reverse();
     let text: Vec<char> = value.chars().collect();
     let n = text.len();
@@ -759,9 +786,9 @@ fn expand_template(repl: &str, matched: &str) -> String {
 }
 
 fn replace(pattern: &str, value: &str, replacement: &str, all: bool, cap: usize, budget: &mut u64) -> LexResult<String> {
-    let toks = compile_pattern(pattern).map_err(|e| pattern_error(pattern, e))?;
+    let toks = compile_pattern(pattern)?;
     let text: Vec<char> = value.chars().collect();
-    let too_big = || format!("variable expansion produces more than {cap} bytes: expected a smaller value");
+    let too_big = || LexError::ReplacementTooLarge(cap);
     if !all {
         return Ok(match find_match(&toks, &text, 0, budget)? {
             Some((s, e)) => {

@@ -1,10 +1,11 @@
 use super::*;
 use crate::parser::parse;
+use crate::DockerfileError;
 
-fn instr(line: &str) -> Result<Instruction, String> {
-    let df = parse(&format!("FROM x\n{line}\n")).map_err(|e| e.message)?;
+fn instr(line: &str) -> Result<Instruction, DockerfileError> {
+    let df = parse(&format!("FROM x\n{line}\n"))?;
     let node = df.nodes.last().expect("node");
-    parse_instruction(node).map(|i| i.instruction).map_err(|e| e.message)
+    Ok(parse_instruction(node)?.instruction)
 }
 
 fn ok(line: &str) -> Instruction {
@@ -14,7 +15,7 @@ fn ok(line: &str) -> Instruction {
 fn err(line: &str) -> String {
     match instr(line) {
         Ok(i) => panic!("{line:?} should fail, got {i:?}"),
-        Err(e) => e,
+        Err(e) => e.message().to_string(),
     }
 }
 
@@ -323,7 +324,7 @@ fn run_heredocs_are_files() {
     assert_eq!(r.cmd.files[0].content, "echo hi\n");
 }
 
-fn mount(v: &str) -> Result<Mount, String> {
+fn mount(v: &str) -> Result<Mount, MountError> {
     parse_mount(v, &mut |w: &str| Ok(w.replace("$T", "/t")))
 }
 
@@ -385,7 +386,7 @@ fn mount_errors() {
         ("type=bind,bogus", "invalid field 'bogus' must be a key=value pair"),
     ];
     for (v, want) in cases {
-        let e = mount(v).unwrap_err();
+        let e = mount(v).unwrap_err().to_string();
         assert!(e.starts_with(want), "{v}: {e}");
     }
 }
@@ -440,7 +441,7 @@ fn chmod_values() {
     for (v, want) in cases {
         assert_eq!(parse_chmod(v).map_err(|_| ()), *want, "{v}");
     }
-    assert!(parse_chmod("10000").unwrap_err().contains("between 0 and 07777"));
+    assert!(parse_chmod("10000").unwrap_err().to_string().contains("between 0 and 07777"));
 }
 
 #[test]
@@ -472,7 +473,7 @@ fn port_specs() {
     for (v, want) in cases {
         match (parse_port_spec(v), want) {
             (Ok(got), Ok(w)) => assert_eq!(got, s(w), "{v}"),
-            (Err(e), Err(w)) => assert!(e.starts_with(w), "{v}: {e}"),
+            (Err(e), Err(w)) => assert!(e.to_string().starts_with(w), "{v}: {e}"),
             (got, w) => panic!("{v}: got {got:?}, want {w:?}"),
         }
     }

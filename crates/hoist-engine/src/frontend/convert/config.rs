@@ -229,7 +229,7 @@ impl Converter<'_> {
         }
         let mut set = BTreeSet::new();
         for w in &words {
-            for p in ins::parse_port_spec(w).map_err(|e| self.invalid(line, e))? {
+            for p in ins::parse_port_spec(w).map_err(|e| self.invalid(line, e.to_string()))? {
                 set.insert(p);
             }
         }
@@ -263,7 +263,7 @@ impl Converter<'_> {
 
     pub(super) fn dispatch_stop_signal(&self, st: &mut State, line: usize, s: &str) -> R<()> {
         let s = self.expand(s, &st.env, line)?;
-        ins::validate_signal(&s).map_err(|e| self.invalid(line, e))?;
+        ins::validate_signal(&s).map_err(|e| self.invalid(line, e.to_string()))?;
         st.cfg.stop_signal = Some(s.clone());
         self.history(st, format!("STOPSIGNAL {s}"), false, false);
         Ok(())

@@ -115,7 +115,7 @@ impl Converter<'_> {
         }
         let chmod = match &x.chmod {
             None => None,
-            Some(s) => Some(match ins::parse_chmod(s).map_err(|e| self.invalid(line, e))? {
+            Some(s) => Some(match ins::parse_chmod(s).map_err(|e| self.invalid(line, e.to_string()))? {
                 ChmodSpec::Octal(v) => Chmod::Octal(v),
                 ChmodSpec::Symbolic(v) => Chmod::Symbolic(v),
             }),

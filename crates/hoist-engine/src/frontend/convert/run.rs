@@ -138,7 +138,7 @@ impl Converter<'_> {
         for (i, raw) in r.mounts.iter().enumerate() {
             let env = &st.env;
             let lex = self.lex;
-            let mut expander = |w: &str| lex.process_word(w, env).map_err(|e| e.to_string());
+            let mut expander = |w: &str| lex.process_word(w, env);
             let m = ins::parse_mount(raw, &mut expander).map_err(|e| self.invalid(line, format!("--mount={raw}: {e}")))?;
             let from = match cmd.sources.get(i).copied().flatten() {
                 Some(src) if !m.from.is_empty() => Some(self.source_of(infos, si, src, line, "mount from", out_id)?),

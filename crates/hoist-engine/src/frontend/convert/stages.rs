@@ -218,7 +218,7 @@ impl Converter<'_> {
             Instruction::Run(r) => {
                 let mut out = Vec::with_capacity(r.mounts.len());
                 for m in &r.mounts {
-                    let fields = ins::csv_fields(m).map_err(|e| self.invalid(line, e))?;
+                    let fields = ins::csv_fields(m).map_err(|e| self.invalid(line, e.to_string()))?;
                     let from = fields.iter().find_map(|f| {
                         let (k, v) = f.split_once('=')?;
                         k.eq_ignore_ascii_case("from").then(|| v.to_string())
