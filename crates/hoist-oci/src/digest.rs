@@ -13,8 +13,8 @@ use sha2::{Digest as _, Sha256};
 #[serde(try_from = "String", into = "String")]
 pub struct Digest(String);
 
-/// A string that is not a valid sha256 digest.
-#[derive(Debug, thiserror::Error)]
+/// A string that is not a valid sha256 digest (holds the string).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid digest {0:?}: expected sha256:<64 lowercase hex digits>")]
 pub struct DigestError(pub String);
 

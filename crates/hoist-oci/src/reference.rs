@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestError};
 
 /// The registry name Docker Hub references normalize to.
 pub const DOCKER_HUB: &str = "docker.io";
@@ -31,7 +31,69 @@ pub struct ReferenceError {
     /// The reference as given.
     pub reference: String,
     /// What is wrong with it.
-    pub reason: String,
+    pub reason: ReferenceReason,
+}
+
+/// What is wrong with a reference. Strings held are the offending part as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceReason {
+    /// The reference is the empty string.
+    #[error("the reference is empty")]
+    Empty,
+    /// Whitespace anywhere in the reference.
+    #[error("a reference cannot contain whitespace")]
+    Whitespace,
+    /// The part after `@` is not a sha256 digest.
+    #[error("{digest:?} is not a valid digest (expected sha256:<64 lowercase hex digits>)")]
+    Digest {
+        /// The text after `@`.
+        digest: String,
+        /// The digest parser's error.
+        source: DigestError,
+    },
+    /// Nothing names the repository (`:tag`, `host/`).
+    #[error("the repository name is empty")]
+    EmptyRepository,
+    /// The name (registry and repository) is longer than 255 characters.
+    #[error("the name is longer than {MAX_NAME_LEN} characters")]
+    NameTooLong,
+    /// A `[` in the registry without its `]`.
+    #[error("registry {0:?} has an unclosed '['")]
+    UnclosedBracket(String),
+    /// The text in `[...]` is not an IPv6 address.
+    #[error("registry {0:?} is not a valid IPv6 address")]
+    BadIpv6(String),
+    /// Something other than `:port` after `]`.
+    #[error("registry {0:?} has text after ']' that is not a port")]
+    TextAfterBracket(String),
+    /// The port is empty, not decimal, or above 65535.
+    #[error("registry {0:?} has an invalid port")]
+    BadPort(String),
+    /// The registry is only a port (`:5000`).
+    #[error("registry {0:?} has an empty host name")]
+    EmptyHost(String),
+    /// A host label that is empty, has a character other than letters, digits and `-`,
+    /// or starts or ends with `-`.
+    #[error("registry {0:?} is not a valid host name")]
+    BadHost(String),
+    /// An uppercase letter in the repository path.
+    #[error("the repository name must be lowercase")]
+    Uppercase,
+    /// `a//b` or a trailing `/`.
+    #[error("the repository name has an empty path component")]
+    EmptyComponent,
+    /// A path component that is not `[a-z0-9]+` joined by `.`, `_`, `__` or dashes.
+    #[error("path component {0:?} must be lowercase letters and digits separated by '.', '_', '__' or '-'")]
+    BadComponent(String),
+    /// `name:` with nothing after the colon.
+    #[error("the tag is empty")]
+    EmptyTag,
+    /// A tag longer than 128 characters.
+    #[error("the tag is longer than {MAX_TAG_LEN} characters")]
+    TagTooLong,
+    /// A tag not matching `[A-Za-z0-9_][A-Za-z0-9_.-]*`.
+    #[error("tag {0:?} must start with a letter, digit or '_' and contain only letters, digits, '_', '.' and '-'")]
+    BadTag(String),
 }
 
 /// A normalized image reference.
@@ -55,19 +117,18 @@ pub struct Reference {
 impl Reference {
     /// Parse and normalize a reference (see the module documentation).
     pub fn parse(input: &str) -> Result<Reference, ReferenceError> {
-        let err = |reason: &str| ReferenceError { reference: input.to_string(), reason: reason.to_string() };
+        let err = |reason: ReferenceReason| ReferenceError { reference: input.to_string(), reason };
         if input.is_empty() {
-            return Err(err("the reference is empty"));
+            return Err(err(ReferenceReason::Empty));
         }
         if input.trim() != input || input.chars().any(char::is_whitespace) {
-            return Err(err("a reference cannot contain whitespace"));
+            return Err(err(ReferenceReason::Whitespace));
         }
 
         let (name_tag, digest) = match input.split_once('@') {
             Some((name_tag, digest)) => {
-                let digest = digest
-                    .parse::<Digest>()
-                    .map_err(|_| err(&format!("{digest:?} is not a valid digest (expected sha256:<64 lowercase hex digits>)")))?;
+                let digest =
+                    digest.parse::<Digest>().map_err(|source| err(ReferenceReason::Digest { digest: digest.to_string(), source }))?;
                 (name_tag, Some(digest))
             }
             None => (input, None),
@@ -80,17 +141,17 @@ impl Reference {
             _ => (name_tag, None),
         };
         if name.is_empty() {
-            return Err(err("the repository name is empty"));
+            return Err(err(ReferenceReason::EmptyRepository));
         }
         if name.len() > MAX_NAME_LEN {
-            return Err(err(&format!("the name is longer than {MAX_NAME_LEN} characters")));
+            return Err(err(ReferenceReason::NameTooLong));
         }
 
         let (registry, remainder) = split_registry(name);
         let registry = match registry {
             None => DOCKER_HUB.to_string(),
             Some(r) => {
-                validate_registry(r).map_err(|reason| err(&reason))?;
+                validate_registry(r).map_err(err)?;
                 if r == "index.docker.io" {
                     DOCKER_HUB.to_string()
                 } else {
@@ -99,20 +160,20 @@ impl Reference {
             }
         };
         if remainder.is_empty() {
-            return Err(err("the repository name is empty"));
+            return Err(err(ReferenceReason::EmptyRepository));
         }
         if remainder.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(err("the repository name must be lowercase"));
+            return Err(err(ReferenceReason::Uppercase));
         }
         for component in remainder.split('/') {
-            validate_path_component(component).map_err(|reason| err(&reason))?;
+            validate_path_component(component).map_err(err)?;
         }
         let repository =
             if registry == DOCKER_HUB && !remainder.contains('/') { format!("library/{remainder}") } else { remainder.to_string() };
 
         let tag = match tag {
             Some(tag) => {
-                validate_tag(tag).map_err(|reason| err(&reason))?;
+                validate_tag(tag).map_err(err)?;
                 Some(tag.to_string())
             }
             None if digest.is_none() => Some(DEFAULT_TAG.to_string()),
@@ -194,18 +255,18 @@ fn split_registry(name: &str) -> (Option<&str>, &str) {
     }
 }
 
-fn validate_registry(registry: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("registry {registry:?} {why}"));
+fn validate_registry(registry: &str) -> Result<(), ReferenceReason> {
+    let bad = |why: fn(String) -> ReferenceReason| Err(why(registry.to_string()));
     let (host, port) = if let Some(rest) = registry.strip_prefix('[') {
-        let Some((v6, after)) = rest.split_once(']') else { return bad("has an unclosed '['") };
+        let Some((v6, after)) = rest.split_once(']') else { return bad(ReferenceReason::UnclosedBracket) };
         if v6.parse::<std::net::Ipv6Addr>().is_err() {
-            return bad("is not a valid IPv6 address");
+            return bad(ReferenceReason::BadIpv6);
         }
         match after {
             "" => (None, None),
             p => match p.strip_prefix(':') {
                 Some(port) => (None, Some(port)),
-                None => return bad("has text after ']' that is not a port"),
+                None => return bad(ReferenceReason::TextAfterBracket),
             },
         }
     } else {
@@ -216,12 +277,12 @@ fn validate_registry(registry: &str) -> Result<(), String> {
     };
     if let Some(port) = port {
         if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.parse::<u16>().is_err() {
-            return bad("has an invalid port");
+            return bad(ReferenceReason::BadPort);
         }
     }
     if let Some(host) = host {
         if host.is_empty() {
-            return bad("has an empty host name");
+            return bad(ReferenceReason::EmptyHost);
         }
         for label in host.split('.') {
             let ok = !label.is_empty()
@@ -229,7 +290,7 @@ fn validate_registry(registry: &str) -> Result<(), String> {
                 && !label.starts_with('-')
                 && !label.ends_with('-');
             if !ok {
-                return bad("is not a valid host name");
+                return bad(ReferenceReason::BadHost);
             }
         }
     }
@@ -237,10 +298,10 @@ fn validate_registry(registry: &str) -> Result<(), String> {
 }
 
 /// `[a-z0-9]+ (separator [a-z0-9]+)*` with separator `.`, `_`, `__` or `-+`.
-fn validate_path_component(component: &str) -> Result<(), String> {
-    let bad = || Err(format!("path component {component:?} must be lowercase letters and digits separated by '.', '_', '__' or '-'"));
+fn validate_path_component(component: &str) -> Result<(), ReferenceReason> {
+    let bad = || Err(ReferenceReason::BadComponent(component.to_string()));
     if component.is_empty() {
-        return Err("the repository name has an empty path component".to_string());
+        return Err(ReferenceReason::EmptyComponent);
     }
     let bytes = component.as_bytes();
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
@@ -267,17 +328,17 @@ fn validate_path_component(component: &str) -> Result<(), String> {
 }
 
 /// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-fn validate_tag(tag: &str) -> Result<(), String> {
+fn validate_tag(tag: &str) -> Result<(), ReferenceReason> {
     let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
     let bytes = tag.as_bytes();
     if bytes.is_empty() {
-        return Err("the tag is empty".to_string());
+        return Err(ReferenceReason::EmptyTag);
     }
     if bytes.len() > MAX_TAG_LEN {
-        return Err(format!("the tag is longer than {MAX_TAG_LEN} characters"));
+        return Err(ReferenceReason::TagTooLong);
     }
     if !word(bytes[0]) || !bytes.iter().all(|&b| word(b) || b == b'.' || b == b'-') {
-        return Err(format!("tag {tag:?} must start with a letter, digit or '_' and contain only letters, digits, '_', '.' and '-'"));
+        return Err(ReferenceReason::BadTag(tag.to_string()));
     }
     Ok(())
 }

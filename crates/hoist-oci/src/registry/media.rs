@@ -40,6 +40,26 @@ pub fn is_index(media_type: &str) -> bool {
     media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
 }
 
+/// Why a manifest or index document cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    /// The manifest document does not parse as JSON.
+    #[error("the manifest is not valid JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// A Docker schema 1 manifest (by `schemaVersion` or media type).
+    #[error("it is a Docker schema 1 manifest, which is not supported; push the image again with a current client")]
+    Schema1,
+    /// A declared media type that is neither a manifest nor an index we understand.
+    #[error("unsupported manifest media type {0:?}")]
+    UnsupportedMediaType(String),
+    /// No media type, and neither `manifests` nor `config` and `layers`.
+    #[error("the document is neither an image manifest nor an index")]
+    UnknownShape,
+    /// The index document does not parse (not JSON, or no `manifests` list).
+    #[error("the index is not valid: {0}")]
+    InvalidIndex(#[source] serde_json::Error),
+}
+
 #[derive(Deserialize)]
 struct Probe {
     #[serde(rename = "schemaVersion")]
@@ -54,22 +74,22 @@ struct Probe {
 /// Classify a manifest document from the response's `Content-Type` and its own
 /// `mediaType` (which wins, as it is covered by the digest). Returns the kind and the media
 /// type to record, or a reason it cannot be used.
-pub fn classify(content_type: Option<&str>, body: &[u8]) -> Result<(ManifestKind, String), String> {
-    let probe: Probe = serde_json::from_slice(body).map_err(|e| format!("the manifest is not valid JSON: {e}"))?;
+pub fn classify(content_type: Option<&str>, body: &[u8]) -> Result<(ManifestKind, String), MediaError> {
+    let probe: Probe = serde_json::from_slice(body).map_err(MediaError::NotJson)?;
     let header = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     let declared = probe.media_type.clone().or(header.filter(|h| {
         h.starts_with("application/vnd.") // ignore generic application/json, octet-stream
     }));
     if probe.schema_version == Some(1) || declared.as_deref().is_some_and(|m| DOCKER_SCHEMA1.contains(&m)) {
-        return Err("it is a Docker schema 1 manifest, which is not supported; push the image again with a current client".into());
+        return Err(MediaError::Schema1);
     }
     match declared {
         Some(m) if is_manifest(&m) => Ok((ManifestKind::Manifest, m)),
         Some(m) if is_index(&m) => Ok((ManifestKind::Index, m)),
-        Some(m) => Err(format!("unsupported manifest media type {m:?}")),
+        Some(m) => Err(MediaError::UnsupportedMediaType(m)),
         None if probe.manifests.is_some() => Ok((ManifestKind::Index, OCI_INDEX.to_string())),
         None if probe.layers.is_some() && probe.config.is_some() => Ok((ManifestKind::Manifest, OCI_MANIFEST.to_string())),
-        None => Err("the document is neither an image manifest nor an index".into()),
+        None => Err(MediaError::UnknownShape),
     }
 }
 
@@ -95,8 +115,8 @@ struct IndexDoc {
 }
 
 /// The entries of an index document.
-pub fn index_entries(body: &[u8]) -> Result<Vec<IndexEntry>, String> {
-    serde_json::from_slice::<IndexDoc>(body).map(|d| d.manifests).map_err(|e| format!("the index is not valid: {e}"))
+pub fn index_entries(body: &[u8]) -> Result<Vec<IndexEntry>, MediaError> {
+    serde_json::from_slice::<IndexDoc>(body).map(|d| d.manifests).map_err(MediaError::InvalidIndex)
 }
 
 /// A chosen entry: digest, size, media type and platform.
@@ -176,10 +196,13 @@ mod tests {
         assert_eq!(classify(Some(DOCKER_MANIFEST_LIST), list).unwrap().0, ManifestKind::Index);
         assert_eq!(classify(None, list).unwrap(), (ManifestKind::Index, OCI_INDEX.into()));
         let v1 = br#"{"schemaVersion":1,"name":"x","fsLayers":[]}"#;
-        assert!(classify(Some("application/vnd.docker.distribution.manifest.v1+prettyjws"), v1).unwrap_err().contains("schema 1"));
-        assert!(classify(None, b"not json").unwrap_err().contains("not valid JSON"));
+        assert!(classify(Some("application/vnd.docker.distribution.manifest.v1+prettyjws"), v1)
+            .unwrap_err()
+            .to_string()
+            .contains("schema 1"));
+        assert!(classify(None, b"not json").unwrap_err().to_string().contains("not valid JSON"));
         let art = br#"{"mediaType":"application/vnd.oci.artifact.manifest.v1+json"}"#;
-        assert!(classify(None, art).unwrap_err().contains("unsupported manifest media type"));
+        assert!(classify(None, art).unwrap_err().to_string().contains("unsupported manifest media type"));
     }
 
     #[test]

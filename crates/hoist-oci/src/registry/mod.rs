@@ -89,6 +89,12 @@ pub enum RegistryError {
     /// A manifest or configuration that cannot be used.
     #[error("{image}: invalid {what}: {reason}")]
     Invalid { image: String, what: String, reason: String },
+    /// A manifest or index document that is not one we can use (see [`media::MediaError`]).
+    #[error("{image}: invalid {what}: {source}")]
+    InvalidDocument { image: String, what: String, source: media::MediaError },
+    /// A manifest or configuration that is not the JSON its type requires.
+    #[error("{image}: invalid {what}: {source}")]
+    InvalidJson { image: String, what: String, source: serde_json::Error },
     /// The index has no manifest for the requested platform.
     #[error("{image} has no manifest for platform {wanted}; available: {}", list_platforms(.available))]
     NoMatchingPlatform { image: String, wanted: Platform, available: Vec<Platform> },
@@ -515,7 +521,11 @@ impl RegistryClient {
             ManifestKind::Manifest => (None, None, top),
             ManifestKind::Index => {
                 let invalid = |reason: String| RegistryError::Invalid { image: image.clone(), what: "index".into(), reason };
-                let entries = media::index_entries(&top.bytes).map_err(invalid)?;
+                let entries = media::index_entries(&top.bytes).map_err(|source| RegistryError::InvalidDocument {
+                    image: image.clone(),
+                    what: "index".into(),
+                    source,
+                })?;
                 let chosen = media::choose(&entries, platform).map_err(|available| RegistryError::NoMatchingPlatform {
                     image: image.clone(),
                     wanted: platform.clone(),
@@ -540,13 +550,17 @@ impl RegistryClient {
         };
 
         let invalid = |reason: String| RegistryError::Invalid { image: image.clone(), what: "manifest".into(), reason };
-        let parsed: ImageManifest = serde_json::from_slice(&manifest.bytes).map_err(|e| invalid(e.to_string()))?;
+        let parsed: ImageManifest = serde_json::from_slice(&manifest.bytes).map_err(|source| RegistryError::InvalidJson {
+            image: image.clone(),
+            what: "manifest".into(),
+            source,
+        })?;
         let config_digest: Digest = parsed.config().digest().to_string().parse().map_err(|e| invalid(format!("config: {e}")))?;
         let config_bytes = self.fetch_blob_bytes(reference, &config_digest, "image config", CONFIG_LIMIT).await?;
-        let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| RegistryError::Invalid {
+        let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|source| RegistryError::InvalidJson {
             image: image.clone(),
             what: "image config".into(),
-            reason: e.to_string(),
+            source,
         })?;
 
         let diff_ids = config.rootfs().diff_ids();
@@ -612,10 +626,10 @@ impl RegistryClient {
                 return Err(RegistryError::DigestMismatch { image: t.image, what: what.into(), expected, actual: digest });
             }
         }
-        let (kind, media_type) = media::classify(content_type.as_deref(), &body).map_err(|reason| RegistryError::Invalid {
+        let (kind, media_type) = media::classify(content_type.as_deref(), &body).map_err(|source| RegistryError::InvalidDocument {
             image: t.image.clone(),
             what: "manifest".into(),
-            reason,
+            source,
         })?;
         Ok(FetchedManifest { digest, media_type, kind, bytes: body })
     }
@@ -939,7 +953,7 @@ impl RegistryClient {
                 what: "index".into(),
                 reason: "the document is an image manifest, not an index".into(),
             }),
-            Err(reason) => Err(RegistryError::Invalid { image: reference.to_string(), what: "index".into(), reason }),
+            Err(source) => Err(RegistryError::InvalidDocument { image: reference.to_string(), what: "index".into(), source }),
         }
     }
 
