@@ -16,7 +16,12 @@ pub enum IgnoreError {
     IllegalExclusion,
     /// Unbalanced `[`, a bad range or a trailing `\`.
     #[error("syntax error in pattern {pattern:?}: {reason}")]
-    BadPattern { pattern: String, reason: String },
+    BadPattern {
+        /// The pattern as written.
+        pattern: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

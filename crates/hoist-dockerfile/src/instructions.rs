@@ -128,7 +128,12 @@ pub enum MountError {
     Expand(#[from] ShellError),
     /// A key the mount's type does not take (`size` on a bind mount); `kind` is the type name.
     #[error("unexpected key '{key}' for mount type '{kind}'")]
-    KeyForType { key: String, kind: &'static str },
+    KeyForType {
+        /// The key, lowercased.
+        key: String,
+        /// The mount type (`bind`, `cache`, ...).
+        kind: &'static str,
+    },
     /// A bare word that is not one of the valueless keys (`ro`, `rw`, `required`).
     #[error("invalid field '{0}' must be a key=value pair")]
     NotKeyValue(String),
@@ -137,21 +142,41 @@ pub enum MountError {
     UnsupportedType(String),
     /// A boolean or size key with a value that does not parse.
     #[error("invalid value for {key}: {value}")]
-    InvalidValue { key: String, value: String },
+    InvalidValue {
+        /// The key, lowercased.
+        key: String,
+        /// The value after expansion.
+        value: String,
+    },
     /// A `sharing=` other than shared, private or locked.
     #[error("unsupported sharing value {} (expected shared, private or locked)", quote(.0))]
     UnsupportedSharing(String),
     /// `mode` (octal), `uid` or `gid` that is not a 32-bit number.
     #[error("invalid value {value} for {key}")]
-    InvalidNumber { key: &'static str, value: String },
+    InvalidNumber {
+        /// `mode`, `uid` or `gid`.
+        key: &'static str,
+        /// The value after expansion.
+        value: String,
+    },
     /// A key no mount type takes; `field` is the whole `key=value`.
     #[error(
         "unexpected key '{key}' in '{field}' (expected type, from, source, target, readonly, readwrite, id, sharing, required, size, mode, uid, gid, env)"
     )]
-    UnknownKey { key: String, field: String },
+    UnknownKey {
+        /// The key, lowercased.
+        key: String,
+        /// The whole `key=value` field as written.
+        field: String,
+    },
     /// `mode`, `uid` or `gid` on a bind or tmpfs mount.
     #[error("{key} not allowed for {} type mounts", quote(.kind))]
-    FileInfoNotAllowed { key: &'static str, kind: &'static str },
+    FileInfoNotAllowed {
+        /// `mode`, `uid` or `gid`.
+        key: &'static str,
+        /// The mount type (`bind` or `tmpfs`).
+        kind: &'static str,
+    },
     /// A secret mount with `from=`.
     #[error("secret mount should not have a from")]
     SecretFrom,
@@ -202,7 +227,12 @@ pub enum PortSpecError {
     NoPort(String),
     /// A port or range end that is not a number from 0 to 65535; `port` is the port part.
     #[error("invalid containerPort: {port}")]
-    Port { port: String, source: ParseIntError },
+    Port {
+        /// The port or range as written (`80`, `8000-x`).
+        port: String,
+        /// Why a number in it did not parse as a `u16`.
+        source: ParseIntError,
+    },
     /// A range whose end is below its start.
     #[error("invalid range specified for container port: {0}")]
     Range(String),
@@ -233,7 +263,10 @@ pub const INSTRUCTIONS: [&str; 18] = [
 /// A key/value pair of ENV or LABEL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
+    /// The name as written (only checked to be non-empty).
     pub key: String,
+    /// The value as written: quotes and variables are kept, for expansion when the graph is
+    /// built.
     pub value: String,
     /// Written in the legacy `KEY value` form (no `=`).
     pub legacy: bool,
@@ -242,7 +275,10 @@ pub struct KeyValue {
 /// One `ARG name[=default]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArgDef {
+    /// The argument's name.
     pub key: String,
+    /// The default after `=`, as written (unexpanded); `None` for a bare `ARG name`, whose
+    /// value then comes from the build arguments or an earlier ARG.
     pub default: Option<String>,
 }
 
@@ -271,21 +307,31 @@ pub struct SourceContent {
 /// COPY or ADD.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyInstr {
+    /// ADD rather than COPY (ADD also fetches URLs and unpacks local archives).
     pub is_add: bool,
     /// Path sources (may contain wildcards, URLs for ADD).
     pub sources: Vec<String>,
     /// Heredoc sources.
     pub contents: Vec<SourceContent>,
+    /// The destination as written; a trailing `/` means a directory.
     pub dest: String,
     /// `--from` (COPY only).
     pub from: Option<String>,
+    /// `--chown=user[:group]` as written (names or ids, unexpanded).
     pub chown: Option<String>,
+    /// `--chmod` as written; see [`parse_chmod`] for the forms (checked after expansion).
     pub chmod: Option<String>,
+    /// `--link`: the files become an independent layer that does not depend on the layers
+    /// below.
     pub link: bool,
+    /// `--parents` (COPY only): keep the source's parent directories under `dest` (from a
+    /// `/./` pivot when the source has one).
     pub parents: bool,
+    /// `--exclude` patterns (`.dockerignore` syntax), in order.
     pub excludes: Vec<String>,
     /// `--checksum` (ADD only).
     pub checksum: Option<String>,
+    /// `--keep-git-dir` (ADD of a Git URL only): keep the `.git` directory.
     pub keep_git_dir: bool,
     /// `--unpack[=bool]` (ADD only); `None` when not given.
     pub unpack: Option<bool>,
@@ -294,25 +340,33 @@ pub struct CopyInstr {
 /// `RUN --network`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Network {
+    /// `default` (also when the flag is absent): the sandbox's own network.
     Default,
+    /// `none`: no network but loopback.
     None,
+    /// `host`: the host's network namespace (needs the `network.host` entitlement).
     Host,
 }
 
 /// `RUN --security`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Security {
+    /// `sandbox` (also when the flag is absent): the usual confinement.
     Sandbox,
+    /// `insecure`: run with elevated privileges (needs the `security.insecure` entitlement).
     Insecure,
 }
 
 /// RUN.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunInstr {
+    /// The command to run.
     pub cmd: CmdLine,
     /// `--mount` values as written; see [`parse_mount`] (parsed again after expansion).
     pub mounts: Vec<String>,
+    /// `--network`.
     pub network: Network,
+    /// `--security`.
     pub security: Security,
 }
 
@@ -321,65 +375,98 @@ pub struct RunInstr {
 pub struct HealthSpec {
     /// `["NONE"]`, `["CMD", ...]` or `["CMD-SHELL", cmd]`.
     pub test: Vec<String>,
-    /// Nanoseconds; 0 = not set.
+    /// `--interval`: time between checks, in nanoseconds; 0 = not set (the runtime's
+    /// default). Set values are at least 1 ms, as are the other durations.
     pub interval: i64,
+    /// `--timeout`: how long one check may run, in nanoseconds; 0 = not set.
     pub timeout: i64,
+    /// `--start-period`: time after start during which failures do not count, in
+    /// nanoseconds; 0 = not set.
     pub start_period: i64,
+    /// `--start-interval`: time between checks during the start period, in nanoseconds;
+    /// 0 = not set.
     pub start_interval: i64,
+    /// `--retries`: consecutive failures before the container is unhealthy; 0 = not set.
+    /// Never negative.
     pub retries: i64,
 }
 
 /// FROM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FromInstr {
+    /// The base as written: an image reference, a stage name or `scratch` (unexpanded).
     pub base: String,
     /// `AS name`, lowercased.
     pub name: Option<String>,
+    /// `--platform` as written (unexpanded), e.g. `linux/arm64` or `$BUILDPLATFORM`.
     pub platform: Option<String>,
 }
 
 /// A typed instruction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Instruction {
+    /// FROM: starts a stage.
     From(FromInstr),
+    /// ARG: one or more definitions.
     Arg(Vec<ArgDef>),
+    /// ENV: one or more variables.
     Env(Vec<KeyValue>),
+    /// LABEL: one or more labels.
     Label(Vec<KeyValue>),
+    /// RUN.
     Run(RunInstr),
+    /// COPY or ADD (told by [`CopyInstr::is_add`]).
     Copy(CopyInstr),
+    /// WORKDIR: the path as written.
     Workdir(String),
+    /// USER: `user[:group]` as written.
     User(String),
+    /// EXPOSE: the port specs as written, sorted; see [`parse_port_spec`] (checked after
+    /// expansion).
     Expose(Vec<String>),
+    /// VOLUME: the paths, trimmed, none empty.
     Volume(Vec<String>),
+    /// ENTRYPOINT.
     Entrypoint(CmdLine),
+    /// CMD.
     Cmd(CmdLine),
+    /// SHELL: the shell and its arguments (JSON form only, at least one item).
     Shell(Vec<String>),
+    /// STOPSIGNAL: the signal as written; see [`validate_signal`] (checked after expansion).
     StopSignal(String),
+    /// HEALTHCHECK.
     Healthcheck(HealthSpec),
     /// The trigger expression (the text after ONBUILD, heredocs appended).
     Onbuild(String),
+    /// MAINTAINER (deprecated): the text as written.
     Maintainer(String),
 }
 
 /// An instruction with its location and source text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instr {
+    /// The typed instruction.
     pub instruction: Instruction,
     /// The keyword as written.
     pub cmd: String,
     /// The instruction text (logical line, trimmed).
     pub code: String,
+    /// First line, 1-based.
     pub start_line: usize,
+    /// Last line, 1-based, counting continuation and here-document lines.
     pub end_line: usize,
 }
 
 /// A stage: its FROM and the instructions that follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stage {
+    /// The stage's FROM.
     pub from: FromInstr,
     /// The FROM instruction text.
     pub code: String,
+    /// The FROM's first line, 1-based.
     pub line: usize,
+    /// The instructions after the FROM, up to the next FROM, in order.
     pub commands: Vec<Instr>,
 }
 
@@ -388,6 +475,7 @@ pub struct Stage {
 pub struct Stages {
     /// ARGs before the first FROM.
     pub meta_args: Vec<Instr>,
+    /// The stages in file order.
     pub stages: Vec<Stage>,
 }
 
@@ -940,38 +1028,61 @@ pub fn parse_stages(df: &Dockerfile) -> Result<Stages, InstructionError> {
 /// `RUN --mount` types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MountType {
+    /// `bind` (the default): files of a stage, an image or the context (read-only unless
+    /// `rw`).
     Bind,
+    /// `cache`: a persistent directory shared between builds, keyed by `id` (default: the
+    /// target).
     Cache,
+    /// `tmpfs`: an empty in-memory file system.
     Tmpfs,
+    /// `secret`: a secret as a file (or an environment variable with `env=`).
     Secret,
+    /// `ssh`: a socket forwarding the client's ssh agent.
     Ssh,
 }
 
 /// `--mount=type=cache,sharing=...`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sharing {
+    /// `shared` (the default): concurrent builds use the cache at the same time.
     Shared,
+    /// `private`: a concurrent build gets a new copy instead.
     Private,
+    /// `locked`: a concurrent build waits until the cache is released.
     Locked,
 }
 
 /// A parsed `RUN --mount` value (BuildKit's `instructions.Mount`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
+    /// `type=`.
     pub kind: MountType,
+    /// `from=`: the stage or image whose files are mounted; empty = the build context
+    /// (bind) or a new cache (cache).
     pub from: String,
+    /// `source=` (`src`): the path within `from`; for a secret, another spelling of `id`.
     pub source: String,
+    /// `target=` (`dst`, `destination`): the mount point in the container.
     pub target: String,
+    /// Read-only: `ro`/`readonly` or `rw`/`readwrite`, else the type's default (read-only
+    /// but for cache and tmpfs).
     pub read_only: bool,
+    /// `size=` of a tmpfs mount, in bytes; 0 = no limit.
     pub size_limit: u64,
     /// `id=` (cache and secret ids, ssh id).
     pub id: String,
+    /// `sharing=` (cache only); `None` when not given.
     pub sharing: Option<Sharing>,
+    /// `required` (secret and ssh only): fail when the client does not provide it.
     pub required: bool,
     /// `env=` of a secret mount (`Some("")` = default name).
     pub env: Option<String>,
+    /// `mode=` (octal) of the mounted file or directory (secret, ssh, cache).
     pub mode: Option<u32>,
+    /// `uid=` of the mounted file or directory (secret, ssh, cache).
     pub uid: Option<u32>,
+    /// `gid=` of the mounted file or directory (secret, ssh, cache).
     pub gid: Option<u32>,
 }
 
@@ -1196,7 +1307,9 @@ pub fn parse_mount(value: &str, expand: &mut dyn FnMut(&str) -> Result<String, S
 /// A `--chmod` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChmodSpec {
+    /// A numeric mode, at most `0o7777`.
     Octal(u32),
+    /// A symbolic expression as written (`u+x,g-w`), applied to each file's mode.
     Symbolic(String),
 }
 

@@ -6,11 +6,12 @@
 //! - [`instructions`]: typed instructions and stages, flag values, `RUN --mount` parsing;
 //! - [`shell`]: variable expansion and word splitting (BuildKit's shell lexer);
 //! - [`limits`]: size, NUL, UTF-8, line-length and instruction-count checks of raw bytes;
-//! - [`print`]: printing a parsed Dockerfile back to text;
+//! - [`print`](mod@print): printing a parsed Dockerfile back to text;
 //! - [`ignore`]: the `.dockerignore` matcher (moby's pattern matcher);
 //! - [`gocompat`]: Go formatting and parsing helpers whose output users see.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod gocompat;
 pub mod ignore;
@@ -36,8 +37,10 @@ pub fn parse_dockerfile(text: &str) -> Result<(Dockerfile, Stages), DockerfileEr
 /// Either kind of syntax error, with its line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DockerfileError {
+    /// A syntax error: directives, continuations, argument forms, here-documents.
     #[error(transparent)]
     Parse(#[from] ParseError),
+    /// An instruction whose arguments or flags are invalid, or one before the first FROM.
     #[error(transparent)]
     Instruction(#[from] InstructionError),
 }
