@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hoist_oci::digest::Digest;
@@ -123,11 +124,52 @@ pub struct RecordRef {
 pub struct CacheIndex {
     db: redb::Database,
     path: String,
+    clock: Arc<dyn Clock>,
 }
 
-/// Seconds since the epoch.
+/// Seconds since the epoch, by the system clock.
 pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Where the engine reads the time its records carry (when a step was made, last used, a
+/// tag resolved): the system clock in a builder, a [`ManualClock`] in tests of what the
+/// times decide (least-recently-used collection, the times in images).
+pub trait Clock: Send + Sync {
+    /// Seconds since the Unix epoch.
+    fn now(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> u64 {
+        now()
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Debug, Default)]
+pub struct ManualClock(std::sync::atomic::AtomicU64);
+
+impl ManualClock {
+    /// A clock that reads `secs`.
+    pub fn at(secs: u64) -> ManualClock {
+        ManualClock(secs.into())
+    }
+
+    /// Move the clock `secs` forward.
+    pub fn advance(&self, secs: u64) {
+        self.0.fetch_add(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 fn nskey(ns: &str, key: &str) -> String {
@@ -139,11 +181,16 @@ fn prefix_end(ns: &str) -> (String, String) {
 }
 
 impl CacheIndex {
-    /// Open or create the index at `path`.
+    /// Open or create the index at `path`, with the system clock.
     pub fn open(path: &Path) -> Result<CacheIndex, CacheError> {
+        Self::open_with_clock(path, Arc::new(SystemClock))
+    }
+
+    /// Open or create the index at `path`; record times come from `clock`.
+    pub fn open_with_clock(path: &Path, clock: Arc<dyn Clock>) -> Result<CacheIndex, CacheError> {
         let p = path.display().to_string();
         let db = redb::Database::create(path).map_err(|e| CacheError::Db { path: p.clone(), source: e.into() })?;
-        let idx = CacheIndex { db, path: p };
+        let idx = CacheIndex { db, path: p, clock };
         // Create the tables so that readers never see "table does not exist".
         idx.write(|txn| {
             for t in [STEPS, PULLS, LAYER_BLOBS, TAGS, BUILDS, SAVED, SOURCES] {
@@ -152,6 +199,11 @@ impl CacheIndex {
             Ok(())
         })?;
         Ok(idx)
+    }
+
+    /// The time by the index's clock (seconds since the epoch).
+    pub fn now(&self) -> u64 {
+        self.clock.now()
     }
 
     fn db_err(&self, e: impl Into<redb::Error>) -> CacheError {
@@ -212,7 +264,7 @@ impl CacheIndex {
 
     /// Record what a step produced. Its `created` is the layer's time in images.
     pub fn put_step(&self, ns: &str, key: &str, diff_id: Option<Digest>, size: u64) -> Result<(), CacheError> {
-        let t = now();
+        let t = self.now();
         self.put(STEPS, &nskey(ns, key), &StepRecord { diff_id, created: t, last_used: t, size })
     }
 
@@ -240,7 +292,7 @@ impl CacheIndex {
         if steps.is_empty() && pulls.is_empty() {
             return Ok(());
         }
-        let t = now();
+        let t = self.now();
         self.write(|txn| {
             for (table, keys) in [(STEPS, steps), (PULLS, pulls)] {
                 let mut tab = txn.open_table(table)?;
@@ -265,7 +317,7 @@ impl CacheIndex {
 
     /// Record that a project uses a pulled base image.
     pub fn put_pull(&self, ns: &str, manifest_digest: &str, layers: Vec<Digest>, size: u64) -> Result<(), CacheError> {
-        self.put(PULLS, &nskey(ns, manifest_digest), &PullRecord { layers, size, last_used: now() })
+        self.put(PULLS, &nskey(ns, manifest_digest), &PullRecord { layers, size, last_used: self.now() })
     }
 
     /// Every blob known for a layer.
@@ -301,7 +353,7 @@ impl CacheIndex {
         self.put(
             TAGS,
             &nskey(ns, &format!("{reference}|{platform}")),
-            &TagRecord { manifest_digest: manifest_digest.clone(), resolved: now() },
+            &TagRecord { manifest_digest: manifest_digest.clone(), resolved: self.now() },
         )
     }
 
@@ -449,7 +501,7 @@ impl CacheIndex {
     /// Mark a saved result as used now (it is then pruned last).
     pub fn touch_saved(&self, ns: &str, build_id: &str) -> Result<(), CacheError> {
         if let Some(mut r) = self.get::<SavedRecord>(SAVED, &nskey(ns, build_id))? {
-            r.last_used = now();
+            r.last_used = self.now();
             self.put(SAVED, &nskey(ns, build_id), &r)?;
         }
         Ok(())

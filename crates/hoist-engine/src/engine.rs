@@ -18,13 +18,14 @@ use hoist_oci::registry::RegistryClient;
 use hoist_oci::store::ContentStore;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::CacheIndex;
+use crate::cache::{CacheIndex, Clock, SystemClock};
 use crate::cachemount::CacheMounts;
 use crate::context::Context;
 use crate::executor::{Executor, RuncConfig, RuncExecutor};
 use crate::graph::{FrontendOptions, NetworkMode, Platform};
+use crate::images::{ImageSource, Registries};
 use crate::progress::{Event, Progress};
-use crate::snapshot::Snapshotter;
+use crate::snapshot::{Mounter, OverlayMounter, Snapshotter};
 use crate::solver::{self, Inflight};
 
 /// Errors of a build, each saying what failed and where.
@@ -142,11 +143,28 @@ pub struct BuildOutcome {
     pub leases: Arc<crate::gc::LeaseSet>,
 }
 
+/// The parts of an engine that touch the machine or the world, injected so that the logic
+/// between them (solver, cache, in-flight sharing, cancellation, collection, export) runs in
+/// plain unit tests: [`Engine::open`] uses runc, overlayfs, registries and the system clock;
+/// tests use [`crate::testing`]'s fakes ([`Engine::with_parts`]).
+#[derive(Clone)]
+pub struct EngineParts {
+    /// Runs RUN steps.
+    pub executor: Arc<dyn Executor>,
+    /// Mounts the layer stacks steps run on.
+    pub mounter: Arc<dyn Mounter>,
+    /// Where base images come from.
+    pub images: Arc<dyn ImageSource>,
+    /// The time records carry.
+    pub clock: Arc<dyn Clock>,
+}
+
 pub(crate) struct Inner {
     pub root: PathBuf,
     pub store: ContentStore,
     pub snapshots: Snapshotter,
     pub executor: Arc<dyn Executor>,
+    pub images: Arc<dyn ImageSource>,
     pub index: CacheIndex,
     pub inflight: Inflight,
     pub cache_mounts: CacheMounts,
@@ -189,12 +207,12 @@ fn state_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
 }
 
 impl Engine {
-    /// Open (creating if needed) the engine state under `config.root`, recovering from a
-    /// crash: leftover mounts, temporary directories and containers are removed.
+    /// Open (creating if needed) the engine state under `config.root` with the machine's
+    /// parts (runc, overlayfs, registries, the system clock), recovering from a crash:
+    /// leftover mounts, temporary directories and containers are removed.
     pub fn open(config: &EngineConfig) -> Result<Engine, EngineError> {
-        let root = config.root.clone();
-        make_private(&root).map_err(|e| state_err(&root, e))?;
-        let store = ContentStore::open(root.join("content")).map_err(|e| state_err(&root, e))?;
+        let root = &config.root;
+        make_private(root).map_err(|e| state_err(root, e))?;
         // The executor first: it kills containers a crashed builder left, before the
         // snapshotter removes their mounts.
         let exec_root = root.join("executor");
@@ -206,9 +224,24 @@ impl Engine {
             let probe = crate::executor::BuildCgroup::create(&crate::executor::random_build_name(), limit);
             drop(probe.map_err(|e| EngineError::BuildMemory(e.to_string()))?);
         }
-        let snapshots = Snapshotter::new(root.join("snapshots")).map_err(|e| state_err(&root, e))?;
+        let parts = EngineParts {
+            executor: Arc::new(executor),
+            mounter: Arc::new(OverlayMounter::new()),
+            images: Arc::new(Registries),
+            clock: Arc::new(SystemClock),
+        };
+        Self::with_parts(config, parts)
+    }
+
+    /// Open the engine state under `config.root` (`config.runtime` is not used) with the
+    /// given parts.
+    pub fn with_parts(config: &EngineConfig, parts: EngineParts) -> Result<Engine, EngineError> {
+        let root = config.root.clone();
+        make_private(&root).map_err(|e| state_err(&root, e))?;
+        let store = ContentStore::open(root.join("content")).map_err(|e| state_err(&root, e))?;
+        let snapshots = Snapshotter::with_mounter(root.join("snapshots"), parts.mounter).map_err(|e| state_err(&root, e))?;
         let index_path = root.join("cache.redb");
-        let index = CacheIndex::open(&index_path).map_err(|e| state_err(&index_path, e))?;
+        let index = CacheIndex::open_with_clock(&index_path, parts.clock).map_err(|e| state_err(&index_path, e))?;
         std::fs::create_dir_all(root.join("cachemounts")).map_err(|e| state_err(&root, e))?;
         let cache_mounts = CacheMounts::new(root.join("cachemounts"));
         // What the parts above created is brought to 0700/0600 too.
@@ -218,7 +251,8 @@ impl Engine {
                 root,
                 store,
                 snapshots,
-                executor: Arc::new(executor),
+                executor: parts.executor,
+                images: parts.images,
                 index,
                 inflight: Inflight::default(),
                 cache_mounts,

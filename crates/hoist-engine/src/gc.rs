@@ -219,14 +219,8 @@ mod tests {
     /// records, logs) counts against its limit and goes in one LRU order with the cache.
     #[test]
     fn collection_drops_the_oldest_of_records_and_other_items_until_the_project_fits() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(&crate::EngineConfig {
-            root: dir.path().to_path_buf(),
-            runtime: None,
-            insecure_registries: vec![],
-            limits: Default::default(),
-        })
-        .expect("opening an engine needs an OCI runtime (runc) on PATH");
+        let t = crate::testing::TestEngine::new();
+        let engine = &t.engine;
         let layer = Digest::of(b"a layer of 1000 bytes");
         engine.index().put_step("p", "k1", Some(layer.clone()), 1000).unwrap();
         engine.index().put_step("other", "k1", Some(Digest::of(b"another project's layer")), 5000).unwrap();

@@ -11,7 +11,8 @@ use hoist_oci::digest::Digest;
 use hoist_oci::export::extract_blob;
 use hoist_oci::image::{ImageConfig, Manifest};
 use hoist_oci::reference::Reference;
-use hoist_oci::registry::RegistryClient;
+use hoist_oci::registry::{RegistryClient, RegistryError};
+use hoist_oci::store::ContentStore;
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +20,57 @@ use crate::cache::BlobRecord;
 use crate::engine::{Engine, EngineError};
 use crate::frontend::ImageResolver;
 use crate::graph::{Platform, ResolvedImage};
+
+/// An image as the engine takes it from a source: the platform's manifest and config,
+/// byte for byte (their digests are what cache keys and exports name).
+#[derive(Debug, Clone)]
+pub struct SourceImage {
+    /// Digest of the platform's image manifest.
+    pub manifest_digest: Digest,
+    /// The manifest's exact bytes.
+    pub manifest_bytes: Vec<u8>,
+    /// The image config's exact bytes.
+    pub config_bytes: Vec<u8>,
+}
+
+/// Where base images come from. A builder reads registries through the build's
+/// [`RegistryClient`] (it carries the credentials the client forwarded); tests serve images
+/// from memory ([`crate::testing::MemoryImages`]).
+#[async_trait::async_trait]
+pub trait ImageSource: Send + Sync {
+    /// The manifest and config of `reference` for `platform`.
+    async fn resolve(&self, registry: &RegistryClient, reference: &Reference, platform: &Platform) -> Result<SourceImage, RegistryError>;
+    /// Put the blob `digest` of `reference` into `store` (nothing when it is there); its size.
+    async fn fetch_blob(
+        &self,
+        registry: &RegistryClient,
+        reference: &Reference,
+        digest: &Digest,
+        store: &ContentStore,
+    ) -> Result<u64, RegistryError>;
+}
+
+/// The [`ImageSource`] of a builder: registries.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Registries;
+
+#[async_trait::async_trait]
+impl ImageSource for Registries {
+    async fn resolve(&self, registry: &RegistryClient, reference: &Reference, platform: &Platform) -> Result<SourceImage, RegistryError> {
+        let m = registry.resolve(reference, platform).await?;
+        Ok(SourceImage { manifest_digest: m.manifest_digest, manifest_bytes: m.manifest_bytes, config_bytes: m.config_bytes })
+    }
+
+    async fn fetch_blob(
+        &self,
+        registry: &RegistryClient,
+        reference: &Reference,
+        digest: &Digest,
+        store: &ContentStore,
+    ) -> Result<u64, RegistryError> {
+        registry.fetch_blob(reference, digest, store).await
+    }
+}
 
 /// Resolves and pulls images for one build.
 pub(crate) struct BuildResolver {
@@ -63,12 +115,15 @@ impl BuildResolver {
                 }
             }
         }
-        let m = self.registry.resolve(&r, platform).await.map_err(|e| e.to_string())?;
+        let m = self.engine.inner.images.resolve(&self.registry, &r, platform).await.map_err(|e| e.to_string())?;
         let store = self.engine.store();
-        store.put(&m.manifest_bytes).map_err(|e| e.to_string())?;
-        store.put(&m.config_bytes).map_err(|e| e.to_string())?;
+        let manifest_digest = store.put(&m.manifest_bytes).map_err(|e| e.to_string())?;
+        if manifest_digest != m.manifest_digest {
+            return Err(format!("image {canonical}: the manifest's digest is {manifest_digest}, not {}", m.manifest_digest));
+        }
+        let config_digest = store.put(&m.config_bytes).map_err(|e| e.to_string())?;
         let config: ImageConfig =
-            serde_json::from_slice(&m.config_bytes).map_err(|e| format!("image {canonical}: invalid config {}: {e}", m.config_digest))?;
+            serde_json::from_slice(&m.config_bytes).map_err(|e| format!("image {canonical}: invalid config {config_digest}: {e}"))?;
         index.put_tag(ns, &canonical, &pkey, &m.manifest_digest).map_err(|e| e.to_string())?;
         Ok(ResolvedImage { reference: canonical, manifest_digest: m.manifest_digest.to_string(), config })
     }
@@ -181,7 +236,7 @@ async fn pull_one(
     let err = |m: String| EngineError::Image(format!("image {reference}: layer {}: {m}", desc.digest));
     let store = engine.store().clone();
     if !store.contains(&desc.digest) {
-        registry.fetch_blob(&reference, &desc.digest, &store).await.map_err(|e| err(e.to_string()))?;
+        engine.inner.images.fetch_blob(&registry, &reference, &desc.digest, &store).await.map_err(|e| err(e.to_string()))?;
     }
     let snaps = engine.snapshots().clone();
     let media_type = desc.media_type.clone();

@@ -25,6 +25,8 @@ pub mod snapshot;
 mod solver;
 pub mod sshforward;
 mod steps;
+pub mod testing;
 
-pub use engine::{BuildOutcome, BuildRequest, BuildSecrets, BuiltImage, Engine, EngineConfig, EngineError};
+pub use engine::{BuildOutcome, BuildRequest, BuildSecrets, BuiltImage, Engine, EngineConfig, EngineError, EngineParts};
+pub use images::{ImageSource, Registries, SourceImage};
 pub use limits::Limits;

@@ -604,7 +604,7 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
     }
     // The record's time (this build's, or that of the build it shared the step with).
     let created =
-        engine.index().step(&b.req.namespace, &op_key).map_err(|e| step_error(b, step, e))?.map_or_else(crate::cache::now, |r| r.created);
+        engine.index().step(&b.req.namespace, &op_key).map_err(|e| step_error(b, step, e))?.map_or_else(|| engine.index().now(), |r| r.created);
     state.key = next_key;
     Ok((diff, false, created))
 }

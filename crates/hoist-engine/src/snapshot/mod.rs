@@ -35,7 +35,7 @@ use hoist_oci::digest::Digest;
 use rustix::fs::{FlockOperation, RenameFlags, CWD};
 use rustix::io::Errno;
 
-pub use mount::{CopyMounter, MountError, Mounter, OverlayMount, OverlayMounter, UpperDirs};
+pub use mount::{CopyMounter, KernelMounts, MountError, MountSyscalls, Mounter, OverlayMount, OverlayMounter, RecordingSyscalls, UpperDirs};
 
 /// Errors of the snapshot store.
 #[derive(Debug, thiserror::Error)]

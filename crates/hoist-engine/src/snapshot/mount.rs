@@ -2,9 +2,10 @@
 //! on rustix) and a copying fake ([`CopyMounter`]) that lets the snapshot logic be tested
 //! without root. Also reads `/proc/self/mountinfo` for crash recovery.
 
+use std::ffi::{CStr, CString, OsStr};
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -83,6 +84,89 @@ pub trait Mounter: Send + Sync {
     fn unmount(&self, target: &Path) -> Result<(), MountError>;
 }
 
+/// The kernel calls [`OverlayMounter`] makes, one method per call, so that its choices (new
+/// mount API or `mount(2)`, the `volatile` retry, the option-length limit, lazy unmount) are
+/// tested with injected errors ([`RecordingSyscalls`]) without root. [`KernelMounts`] makes
+/// them.
+pub trait MountSyscalls: Send + Sync {
+    /// `fsopen(fstype, FSOPEN_CLOEXEC)`.
+    fn fsopen(&self, fstype: &str) -> Result<OwnedFd, Errno>;
+    /// `fsconfig(FSCONFIG_SET_STRING, key, value)`.
+    fn fsconfig_set_string(&self, fs: BorrowedFd<'_>, key: &str, value: &OsStr) -> Result<(), Errno>;
+    /// `fsconfig(FSCONFIG_SET_FLAG, key)`.
+    fn fsconfig_set_flag(&self, fs: BorrowedFd<'_>, key: &str) -> Result<(), Errno>;
+    /// `fsconfig(FSCONFIG_CMD_CREATE)`.
+    fn fsconfig_create(&self, fs: BorrowedFd<'_>) -> Result<(), Errno>;
+    /// `fsmount(fs, FSMOUNT_CLOEXEC, readonly ? MOUNT_ATTR_RDONLY : 0)`.
+    fn fsmount(&self, fs: BorrowedFd<'_>, readonly: bool) -> Result<OwnedFd, Errno>;
+    /// `move_mount(mnt, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)`.
+    fn move_mount(&self, mnt: BorrowedFd<'_>, target: &Path) -> Result<(), Errno>;
+    /// The messages the kernel left in an fs context (`e overlayfs: ...`).
+    fn fs_log(&self, fs: BorrowedFd<'_>) -> Vec<String>;
+    /// `open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC)`.
+    fn open_path(&self, dir: &Path) -> Result<OwnedFd, Errno>;
+    /// `mount("overlay", target, "overlay", readonly ? MS_RDONLY : 0, data)`.
+    fn mount(&self, target: &Path, readonly: bool, data: &CStr) -> Result<(), Errno>;
+    /// `umount2(target, detach ? MNT_DETACH : 0)`.
+    fn unmount(&self, target: &Path, detach: bool) -> Result<(), Errno>;
+}
+
+/// [`MountSyscalls`] of the running kernel.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KernelMounts;
+
+impl MountSyscalls for KernelMounts {
+    fn fsopen(&self, fstype: &str) -> Result<OwnedFd, Errno> {
+        rustix::mount::fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC)
+    }
+
+    fn fsconfig_set_string(&self, fs: BorrowedFd<'_>, key: &str, value: &OsStr) -> Result<(), Errno> {
+        rustix::mount::fsconfig_set_string(fs, key, value)
+    }
+
+    fn fsconfig_set_flag(&self, fs: BorrowedFd<'_>, key: &str) -> Result<(), Errno> {
+        rustix::mount::fsconfig_set_flag(fs, key)
+    }
+
+    fn fsconfig_create(&self, fs: BorrowedFd<'_>) -> Result<(), Errno> {
+        rustix::mount::fsconfig_create(fs)
+    }
+
+    fn fsmount(&self, fs: BorrowedFd<'_>, readonly: bool) -> Result<OwnedFd, Errno> {
+        let attrs = if readonly { MountAttrFlags::MOUNT_ATTR_RDONLY } else { MountAttrFlags::empty() };
+        rustix::mount::fsmount(fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+    }
+
+    fn move_mount(&self, mnt: BorrowedFd<'_>, target: &Path) -> Result<(), Errno> {
+        rustix::mount::move_mount(mnt, "", CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+    }
+
+    fn fs_log(&self, fs: BorrowedFd<'_>) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        for _ in 0..16 {
+            match rustix::io::read(fs, &mut buf[..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).trim().to_string()),
+            }
+        }
+        out
+    }
+
+    fn open_path(&self, dir: &Path) -> Result<OwnedFd, Errno> {
+        rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+    }
+
+    fn mount(&self, target: &Path, readonly: bool, data: &CStr) -> Result<(), Errno> {
+        let flags = if readonly { MountFlags::RDONLY } else { MountFlags::empty() };
+        rustix::mount::mount("overlay", target, "overlay", flags, data)
+    }
+
+    fn unmount(&self, target: &Path, detach: bool) -> Result<(), Errno> {
+        rustix::mount::unmount(target, if detach { UnmountFlags::DETACH } else { UnmountFlags::empty() })
+    }
+}
+
 const API_UNKNOWN: u8 = 0;
 const API_NEW: u8 = 1;
 const API_LEGACY: u8 = 2;
@@ -93,11 +177,17 @@ const API_LEGACY: u8 = 2;
 /// directory is passed as `/proc/self/fd/N` of an `O_PATH` descriptor, so that long state
 /// paths and `:`/`,` in them neither overflow the one-page option string nor break parsing
 /// (about 200 layers fit).
-#[derive(Debug)]
 pub struct OverlayMounter {
+    sys: std::sync::Arc<dyn MountSyscalls>,
     api: AtomicU8,
     /// Set once `mount(2)` refused [`OVERLAY_VOLATILE`].
     no_volatile: AtomicBool,
+}
+
+impl std::fmt::Debug for OverlayMounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OverlayMounter").field("api", &self.api).field("no_volatile", &self.no_volatile).finish()
+    }
 }
 
 impl Default for OverlayMounter {
@@ -109,56 +199,65 @@ impl Default for OverlayMounter {
 impl OverlayMounter {
     /// A mounter that picks the best API the kernel supports (probed on first use).
     pub fn new() -> Self {
-        OverlayMounter { api: AtomicU8::new(API_UNKNOWN), no_volatile: AtomicBool::new(false) }
+        Self::with_syscalls(std::sync::Arc::new(KernelMounts))
     }
 
     /// A mounter that always uses `mount(2)` (for tests of the fallback).
     pub fn legacy() -> Self {
-        OverlayMounter { api: AtomicU8::new(API_LEGACY), no_volatile: AtomicBool::new(false) }
+        let m = Self::new();
+        m.api.store(API_LEGACY, Ordering::Relaxed);
+        m
+    }
+
+    /// A mounter making its kernel calls through `sys`.
+    pub fn with_syscalls(sys: std::sync::Arc<dyn MountSyscalls>) -> Self {
+        OverlayMounter { sys, api: AtomicU8::new(API_UNKNOWN), no_volatile: AtomicBool::new(false) }
+    }
+
+    /// `message` with the messages the kernel left in the fs context appended.
+    fn with_fs_log(&self, fs: &OwnedFd, message: String) -> String {
+        self.sys.fs_log(fs.as_fd()).iter().fold(message, |m, log| format!("{m} ({log})"))
     }
 
     fn mount_new_api(&self, m: &OverlayMount) -> Result<bool, MountError> {
         let err = |message: String| MountError::Mount { target: m.target.clone(), message };
-        let fs = match rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
+        let sys = &self.sys;
+        let fs = match sys.fsopen("overlay") {
             Ok(fd) => fd,
             Err(Errno::NOSYS) => return Ok(false),
             Err(e) => return Err(err(format!("fsopen(overlay): {e}"))),
         };
         for (i, lower) in m.lowers.iter().enumerate() {
-            if let Err(e) = rustix::mount::fsconfig_set_string(&fs, "lowerdir+", lower) {
+            if let Err(e) = sys.fsconfig_set_string(fs.as_fd(), "lowerdir+", lower.as_os_str()) {
                 if i == 0 && e == Errno::INVAL {
                     // Kernel older than 6.8: no `lowerdir+`.
                     return Ok(false);
                 }
-                return Err(err(with_fs_log(&fs, format!("lower {}: {e}", lower.display()))));
+                return Err(err(self.with_fs_log(&fs, format!("lower {}: {e}", lower.display()))));
             }
         }
         if let Some(up) = &m.upper {
             for (key, dir) in [("upperdir", &up.upper), ("workdir", &up.work)] {
-                rustix::mount::fsconfig_set_string(&fs, key, dir)
-                    .map_err(|e| err(with_fs_log(&fs, format!("{key} {}: {e}", dir.display()))))?;
+                sys.fsconfig_set_string(fs.as_fd(), key, dir.as_os_str())
+                    .map_err(|e| err(self.with_fs_log(&fs, format!("{key} {}: {e}", dir.display()))))?;
             }
-            rustix::mount::fsconfig_set_flag(&fs, OVERLAY_VOLATILE)
-                .map_err(|e| err(with_fs_log(&fs, format!("{OVERLAY_VOLATILE}: {e}"))))?;
+            sys.fsconfig_set_flag(fs.as_fd(), OVERLAY_VOLATILE)
+                .map_err(|e| err(self.with_fs_log(&fs, format!("{OVERLAY_VOLATILE}: {e}"))))?;
         }
         for (key, value) in OVERLAY_OPTIONS {
-            rustix::mount::fsconfig_set_string(&fs, key, value).map_err(|e| err(with_fs_log(&fs, format!("{key}={value}: {e}"))))?;
+            sys.fsconfig_set_string(fs.as_fd(), key, OsStr::new(value))
+                .map_err(|e| err(self.with_fs_log(&fs, format!("{key}={value}: {e}"))))?;
         }
-        rustix::mount::fsconfig_create(&fs).map_err(|e| err(with_fs_log(&fs, e.to_string())))?;
-        let attrs = if m.readonly { MountAttrFlags::MOUNT_ATTR_RDONLY } else { MountAttrFlags::empty() };
-        let mnt = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
-            .map_err(|e| err(with_fs_log(&fs, format!("fsmount: {e}"))))?;
-        rustix::mount::move_mount(&mnt, "", CWD, &m.target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
-            .map_err(|e| err(format!("move_mount: {e}")))?;
+        sys.fsconfig_create(fs.as_fd()).map_err(|e| err(self.with_fs_log(&fs, e.to_string())))?;
+        let mnt = sys.fsmount(fs.as_fd(), m.readonly).map_err(|e| err(self.with_fs_log(&fs, format!("fsmount: {e}"))))?;
+        sys.move_mount(mnt.as_fd(), &m.target).map_err(|e| err(format!("move_mount: {e}")))?;
         Ok(true)
     }
 
     fn mount_legacy(&self, m: &OverlayMount) -> Result<(), MountError> {
         let err = |message: String| MountError::Mount { target: m.target.clone(), message };
-        let open = |p: &Path| -> Result<OwnedFd, MountError> {
-            rustix::fs::open(p, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-                .map_err(|e| err(format!("open {}: {e}", p.display())))
-        };
+        let open =
+            |p: &Path| -> Result<OwnedFd, MountError> { self.sys.open_path(p).map_err(|e| err(format!("open {}: {e}", p.display()))) };
         let mut fds = Vec::new();
         let mut data = String::from("lowerdir=");
         for (i, lower) in m.lowers.iter().enumerate() {
@@ -186,9 +285,8 @@ impl OverlayMounter {
         if data.len() >= 4095 {
             return Err(MountError::TooManyLowers { target: m.target.clone(), count: m.lowers.len() });
         }
-        let flags = if m.readonly { MountFlags::RDONLY } else { MountFlags::empty() };
-        let c_data = std::ffi::CString::new(data.as_str()).map_err(|_| err("NUL byte in mount options".into()))?;
-        match rustix::mount::mount("overlay", &m.target, "overlay", flags, c_data.as_c_str()) {
+        let c_data = CString::new(data.as_str()).map_err(|_| err("NUL byte in mount options".into()))?;
+        match self.sys.mount(&m.target, m.readonly, c_data.as_c_str()) {
             Ok(()) => {}
             Err(Errno::INVAL) if volatile => {
                 // A kernel older than 5.10 has no `volatile`: mount without it from now on.
@@ -200,24 +298,6 @@ impl OverlayMounter {
         drop(fds);
         Ok(())
     }
-}
-
-/// Append the messages the kernel left in an fs context (`e overlayfs: ...`) to `base`.
-fn with_fs_log(fs: &OwnedFd, base: String) -> String {
-    let mut out = base;
-    let mut buf = [0u8; 1024];
-    for _ in 0..16 {
-        match rustix::io::read(fs, &mut buf[..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let msg = String::from_utf8_lossy(&buf[..n]);
-                out.push_str(" (");
-                out.push_str(msg.trim());
-                out.push(')');
-            }
-        }
-    }
-    out
 }
 
 impl Mounter for OverlayMounter {
@@ -236,19 +316,101 @@ impl Mounter for OverlayMounter {
     }
 
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
-        match rustix::mount::unmount(target, UnmountFlags::empty()) {
+        let failed = |e: Errno| MountError::Unmount { target: target.to_path_buf(), source: e.into() };
+        match self.sys.unmount(target, false) {
             Ok(()) => Ok(()),
             // Not a mount point (already unmounted) or gone.
             Err(Errno::INVAL) | Err(Errno::NOENT) => Ok(()),
-            Err(Errno::BUSY) => rustix::mount::unmount(target, UnmountFlags::DETACH)
-                .map_err(|e| MountError::Unmount { target: target.to_path_buf(), source: e.into() }),
-            Err(e) => Err(MountError::Unmount { target: target.to_path_buf(), source: e.into() }),
+            Err(Errno::BUSY) => self.sys.unmount(target, true).map_err(failed),
+            Err(e) => Err(failed(e)),
         }
     }
 }
 
+/// [`MountSyscalls`] that succeed without touching the kernel (descriptors are of
+/// `/dev/null`), record every call as text (`fsopen overlay`, `fsconfig lowerdir+=/l`,
+/// `mount /t lowerdir=...`, `unmount /t detach`) and fail the calls a test names.
+#[derive(Debug, Default)]
+pub struct RecordingSyscalls {
+    calls: Mutex<Vec<String>>,
+    faults: Mutex<Vec<(String, Errno, usize)>>,
+}
+
+impl RecordingSyscalls {
+    /// Calls so far, as text.
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Fail the next `times` calls whose text starts with `prefix` with `errno`.
+    pub fn fail(&self, prefix: &str, errno: Errno, times: usize) {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner()).push((prefix.to_string(), errno, times));
+    }
+
+    fn call(&self, text: String) -> Result<(), Errno> {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).push(text.clone());
+        match faults.iter_mut().find(|(p, _, n)| *n > 0 && text.starts_with(p.as_str())) {
+            Some((_, errno, n)) => {
+                *n -= 1;
+                Err(*errno)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn fd(&self, text: String) -> Result<OwnedFd, Errno> {
+        self.call(text)?;
+        rustix::fs::open("/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+    }
+}
+
+impl MountSyscalls for RecordingSyscalls {
+    fn fsopen(&self, fstype: &str) -> Result<OwnedFd, Errno> {
+        self.fd(format!("fsopen {fstype}"))
+    }
+
+    fn fsconfig_set_string(&self, _: BorrowedFd<'_>, key: &str, value: &OsStr) -> Result<(), Errno> {
+        self.call(format!("fsconfig {key}={}", value.to_string_lossy()))
+    }
+
+    fn fsconfig_set_flag(&self, _: BorrowedFd<'_>, key: &str) -> Result<(), Errno> {
+        self.call(format!("fsconfig {key}"))
+    }
+
+    fn fsconfig_create(&self, _: BorrowedFd<'_>) -> Result<(), Errno> {
+        self.call("fsconfig create".into())
+    }
+
+    fn fsmount(&self, _: BorrowedFd<'_>, readonly: bool) -> Result<OwnedFd, Errno> {
+        self.fd(format!("fsmount{}", if readonly { " ro" } else { "" }))
+    }
+
+    fn move_mount(&self, _: BorrowedFd<'_>, target: &Path) -> Result<(), Errno> {
+        self.call(format!("move_mount {}", target.display()))
+    }
+
+    fn fs_log(&self, _: BorrowedFd<'_>) -> Vec<String> {
+        vec!["e overlayfs: recorded".into()]
+    }
+
+    fn open_path(&self, dir: &Path) -> Result<OwnedFd, Errno> {
+        self.fd(format!("open {}", dir.display()))
+    }
+
+    fn mount(&self, target: &Path, readonly: bool, data: &CStr) -> Result<(), Errno> {
+        self.call(format!("mount {}{} {}", target.display(), if readonly { " ro" } else { "" }, data.to_string_lossy()))
+    }
+
+    fn unmount(&self, target: &Path, detach: bool) -> Result<(), Errno> {
+        self.call(format!("unmount {}{}", target.display(), if detach { " detach" } else { "" }))
+    }
+}
+
 /// A fake [`Mounter`] for tests without root: "mounting" copies the lowers (bottom first,
-/// applying 0/0 whiteouts) and the upper into the target; "unmounting" empties the target.
+/// applying 0/0 whiteouts) and the upper into the target; "unmounting" writes what changed
+/// in the target into the upper directory, as overlayfs would have (deletions as whiteouts,
+/// which needs CAP_MKNOD), and empties the target.
 /// It records what is mounted so that tests can check that every mount is released.
 #[derive(Debug, Default)]
 pub struct CopyMounter {
@@ -289,17 +451,72 @@ impl Mounter for CopyMounter {
         let fake = |source: io::Error| MountError::Fake { target: target.to_path_buf(), source };
         let mut mounted = self.mounted.lock().map_err(|_| fake(io::Error::other("poisoned lock")))?;
         let Some(i) = mounted.iter().position(|x| x.target == target) else { return Ok(()) };
-        mounted.remove(i);
-        for entry in fs::read_dir(target).map_err(fake)? {
-            let p = entry.map_err(fake)?.path();
-            if p.symlink_metadata().map_err(fake)?.is_dir() {
-                fs::remove_dir_all(&p).map_err(fake)?;
-            } else {
-                fs::remove_file(&p).map_err(fake)?;
+        let m = mounted.remove(i);
+        if let Some(up) = &m.upper {
+            // What overlayfs would have put in the upper directory: every change made in
+            // the target since the mount, against the lowers it was made of.
+            let base = tempfile::tempdir_in(&up.work).map_err(fake)?;
+            for layer in m.lowers.iter().rev().chain(std::iter::once(&up.upper)) {
+                copy_layer(layer, base.path()).map_err(fake)?;
             }
+            record_changes(target, base.path(), &up.upper).map_err(fake)?;
         }
-        Ok(())
+        empty_dir(target).map_err(fake)
     }
+}
+
+fn empty_dir(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        remove_any(&entry?.path())?;
+    }
+    Ok(())
+}
+
+/// Write into `upper` what differs in `changed` from `base`, in overlay format: new and
+/// changed files, directories whose mode changed, whiteouts for what is gone.
+fn record_changes(changed: &Path, base: &Path, upper: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(changed)? {
+        let entry = entry?;
+        let (now, before, out) = (entry.path(), base.join(entry.file_name()), upper.join(entry.file_name()));
+        let meta = now.symlink_metadata()?;
+        let old = before.symlink_metadata().ok();
+        if meta.is_dir() && old.as_ref().is_some_and(|o| o.is_dir()) {
+            let moved = old.as_ref().is_some_and(|o| o.permissions() != meta.permissions());
+            if moved || !out.is_dir() {
+                fs::create_dir_all(&out)?;
+                fs::set_permissions(&out, meta.permissions())?;
+            }
+            record_changes(&now, &before, &out)?;
+            if !moved && fs::read_dir(&out)?.next().is_none() {
+                fs::remove_dir(&out)?;
+            }
+            continue;
+        }
+        let same = old.as_ref().is_some_and(|o| {
+            o.file_type() == meta.file_type()
+                && o.permissions() == meta.permissions()
+                && if meta.file_type().is_symlink() {
+                    fs::read_link(&now).ok() == fs::read_link(&before).ok()
+                } else {
+                    !meta.is_file() || fs::read(&now).ok() == fs::read(&before).ok()
+                }
+        });
+        if !same {
+            remove_any(&out)?;
+            if meta.is_dir() {
+                fs::create_dir(&out)?;
+                fs::set_permissions(&out, meta.permissions())?;
+            }
+            copy_layer_entry(&now, &out, &meta)?;
+        }
+    }
+    for entry in fs::read_dir(base)? {
+        let name = entry?.file_name();
+        if changed.join(&name).symlink_metadata().is_err() {
+            rustix::fs::mknodat(CWD, upper.join(&name), rustix::fs::FileType::CharacterDevice, Mode::empty(), 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// True for an overlay whiteout: a character device with device number 0/0.
@@ -330,14 +547,23 @@ fn copy_layer(src: &Path, dst: &Path) -> io::Result<()> {
             copy_layer(&from, &to)?;
         } else {
             remove_any(&to)?;
-            if meta.file_type().is_symlink() {
-                std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
-            } else if meta.is_file() {
-                fs::copy(&from, &to)?;
-            }
+            copy_layer_entry(&from, &to, &meta)?;
         }
     }
     Ok(())
+}
+
+/// Copy one entry: a file or symlink, or a directory's contents into the existing `to`.
+fn copy_layer_entry(from: &Path, to: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    if meta.is_dir() {
+        copy_layer(from, to)
+    } else if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(from)?, to)
+    } else if meta.is_file() {
+        fs::copy(from, to).map(drop)
+    } else {
+        Ok(())
+    }
 }
 
 fn remove_any(p: &Path) -> io::Result<()> {
@@ -441,6 +667,141 @@ mod tests {
         assert!(m.mounted().is_empty());
         assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
         m.unmount(&target).unwrap();
+    }
+
+    fn recorded() -> (std::sync::Arc<RecordingSyscalls>, OverlayMounter) {
+        let sys = std::sync::Arc::new(RecordingSyscalls::default());
+        (sys.clone(), OverlayMounter::with_syscalls(sys))
+    }
+
+    fn writable(lowers: &[&str]) -> OverlayMount {
+        OverlayMount {
+            lowers: lowers.iter().map(PathBuf::from).collect(),
+            upper: Some(UpperDirs { upper: "/s/u".into(), work: "/s/w".into() }),
+            target: "/s/m".into(),
+            readonly: false,
+        }
+    }
+
+    /// The `/proc/self/fd/N` options of a recorded `mount(2)` with the numbers taken out.
+    fn without_fd_numbers(call: &str) -> String {
+        let mut out = String::new();
+        let mut digits = false;
+        for c in call.chars() {
+            if c.is_ascii_digit() && (digits || out.ends_with("/fd/")) {
+                digits = true;
+                continue;
+            }
+            digits = false;
+            out.push(c);
+        }
+        out.replace("/fd/", "/fd/N")
+    }
+
+    #[test]
+    fn the_new_mount_api_gets_one_lowerdir_per_layer_then_upper_work_and_volatile() {
+        let (sys, m) = recorded();
+        m.mount_overlay(&writable(&["/l/top", "/l/bottom"])).unwrap();
+        assert_eq!(
+            sys.calls(),
+            [
+                "fsopen overlay",
+                "fsconfig lowerdir+=/l/top",
+                "fsconfig lowerdir+=/l/bottom",
+                "fsconfig upperdir=/s/u",
+                "fsconfig workdir=/s/w",
+                "fsconfig volatile",
+                "fsconfig index=off",
+                "fsconfig redirect_dir=off",
+                "fsconfig metacopy=off",
+                "fsconfig create",
+                "fsmount",
+                "move_mount /s/m",
+            ]
+        );
+    }
+
+    #[test]
+    fn without_the_new_api_it_falls_back_to_mount2_once_and_for_all() {
+        for (call, errno) in [("fsopen", Errno::NOSYS), ("fsconfig lowerdir+", Errno::INVAL)] {
+            let (sys, m) = recorded();
+            sys.fail(call, errno, 1);
+            let read_only = OverlayMount { upper: None, readonly: true, ..writable(&["/l/a", "/l/b"]) };
+            m.mount_overlay(&read_only).unwrap();
+            let calls = sys.calls();
+            let mount = calls.last().unwrap();
+            assert_eq!(
+                without_fd_numbers(mount),
+                "mount /s/m ro lowerdir=/proc/self/fd/N:/proc/self/fd/N,index=off,redirect_dir=off,metacopy=off"
+            );
+            assert!(calls.contains(&"open /l/a".to_string()) && calls.contains(&"open /l/b".to_string()));
+            // The next mount goes straight to mount(2).
+            let before = calls.len();
+            m.mount_overlay(&writable(&["/l/a"])).unwrap();
+            let next = &sys.calls()[before..];
+            assert!(next.iter().all(|c| !c.starts_with("fs")), "{next:?}");
+            assert!(next.last().unwrap().ends_with(",volatile"), "{next:?}");
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_volatile_gets_mounts_without_it_from_then_on() {
+        let (sys, m) = recorded();
+        sys.fail("fsopen", Errno::NOSYS, 1);
+        sys.fail("mount ", Errno::INVAL, 1);
+        m.mount_overlay(&writable(&["/l/a"])).unwrap();
+        let mounts: Vec<String> = sys.calls().into_iter().filter(|c| c.starts_with("mount ")).collect();
+        assert_eq!(mounts.len(), 2, "one retry");
+        assert!(mounts[0].ends_with(",volatile") && !mounts[1].contains("volatile"), "{mounts:?}");
+        m.mount_overlay(&writable(&["/l/a"])).unwrap();
+        assert!(!sys.calls().last().unwrap().contains("volatile"));
+        // Any other error is reported, not retried.
+        sys.fail("mount ", Errno::PERM, 1);
+        let err = m.mount_overlay(&writable(&["/l/a"])).unwrap_err().to_string();
+        assert!(err.contains("mount(2)") && err.contains("/s/m"), "{err}");
+    }
+
+    #[test]
+    fn too_many_lowers_for_one_option_page_is_an_error_before_mount2() {
+        let (sys, m) = recorded();
+        sys.fail("fsopen", Errno::NOSYS, 1);
+        let lowers: Vec<String> = (0..400).map(|i| format!("/l/{i}")).collect();
+        let lowers: Vec<&str> = lowers.iter().map(String::as_str).collect();
+        match m.mount_overlay(&writable(&lowers)) {
+            Err(MountError::TooManyLowers { count: 400, .. }) => {}
+            other => panic!("expected TooManyLowers, got {other:?}"),
+        }
+        assert!(sys.calls().iter().all(|c| !c.starts_with("mount ")));
+        // The new API has no such limit.
+        let (sys, m) = recorded();
+        m.mount_overlay(&writable(&lowers)).unwrap();
+        assert_eq!(sys.calls().iter().filter(|c| c.starts_with("fsconfig lowerdir+")).count(), 400);
+    }
+
+    #[test]
+    fn a_refused_layer_is_named_with_the_kernels_own_message() {
+        let (sys, m) = recorded();
+        sys.fail("fsconfig lowerdir+=/l/b", Errno::NOENT, 1);
+        let err = m.mount_overlay(&writable(&["/l/a", "/l/b"])).unwrap_err().to_string();
+        assert!(err.contains("lower /l/b") && err.contains("e overlayfs: recorded"), "{err}");
+        assert!(sys.calls().iter().all(|c| !c.starts_with("mount ")), "an error on a later lower is not a missing API");
+    }
+
+    #[test]
+    fn a_busy_mount_is_detached_and_a_missing_one_is_not_an_error() {
+        let (sys, m) = recorded();
+        sys.fail("unmount /s/m", Errno::BUSY, 1);
+        m.unmount(Path::new("/s/m")).unwrap();
+        assert_eq!(sys.calls(), ["unmount /s/m", "unmount /s/m detach"]);
+        for errno in [Errno::INVAL, Errno::NOENT] {
+            let (sys, m) = recorded();
+            sys.fail("unmount", errno, 1);
+            m.unmount(Path::new("/s/m")).unwrap();
+            assert_eq!(sys.calls().len(), 1);
+        }
+        let (sys, m) = recorded();
+        sys.fail("unmount", Errno::PERM, 1);
+        assert!(matches!(m.unmount(Path::new("/s/m")), Err(MountError::Unmount { .. })));
     }
 
     #[test]

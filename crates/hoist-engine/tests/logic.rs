@@ -1,0 +1,223 @@
+//! The engine's logic on fakes (no root, no runc, no registry): the solver, cache hits after
+//! misses, steps shared between concurrent builds, cancellation, leases against collection,
+//! least-recently-used collection by the clock, and base images. The real parts have their
+//! own tests (exec.rs, network.rs, the e2e suites of hoist-cli).
+
+use hoist_engine::progress::{Event, Progress};
+use hoist_engine::testing::TestEngine;
+use hoist_engine::{BuildOutcome, EngineError};
+use tokio_util::sync::CancellationToken;
+
+/// Start a build in its own task.
+fn spawn(
+    t: &TestEngine,
+    req: hoist_engine::BuildRequest,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<Result<BuildOutcome, EngineError>> {
+    let engine = t.engine.clone();
+    tokio::spawn(async move { engine.build(req, Progress::discard(), cancel).await })
+}
+
+fn assert_cancelled(r: Result<BuildOutcome, EngineError>) {
+    match r {
+        Err(e) => assert!(matches!(e.root(), EngineError::Cancelled), "{e:?}"),
+        Ok(_) => panic!("the cancelled build succeeded"),
+    }
+}
+
+fn layers(o: &BuildOutcome) -> Vec<hoist_oci::digest::Digest> {
+    o.images[0].diff_ids().to_vec()
+}
+
+#[tokio::test]
+async fn a_rebuild_reuses_every_step_and_a_changed_file_reruns_only_what_follows_it() {
+    let t = TestEngine::new();
+    let dockerfile = "FROM scratch\nRUN write /first 1\nCOPY a.txt /\nRUN write /second 2\n";
+    let first = t.build(t.request("team", dockerfile, &[("a.txt", "v1")])).await.unwrap();
+    assert_eq!((first.steps_run, first.steps_cached, first.containers_run), (3, 0, 2));
+    assert_eq!(t.executor.scripts(), ["write /first 1", "write /second 2"]);
+    assert_eq!(layers(&first).len(), 3, "{:#?}", first.images[0].config.history);
+
+    let again = t.build(t.request("team", dockerfile, &[("a.txt", "v1")])).await.unwrap();
+    assert_eq!((again.steps_run, again.steps_cached, again.containers_run), (0, 3, 0));
+    assert_eq!(again.images[0].config_digest, first.images[0].config_digest, "the same image, byte for byte");
+    assert_eq!(t.executor.runs().len(), 2, "nothing ran again");
+
+    let changed = t.build(t.request("team", dockerfile, &[("a.txt", "v2")])).await.unwrap();
+    assert_eq!((changed.steps_run, changed.steps_cached), (2, 1), "the RUN before the COPY stays cached");
+    assert_eq!(t.executor.scripts(), ["write /first 1", "write /second 2", "write /second 2"]);
+    assert_eq!(layers(&changed)[0], layers(&first)[0]);
+    assert_ne!(layers(&changed)[1], layers(&first)[1]);
+
+    // Another project shares no cache records with this one.
+    let other = t.build(t.request("other", dockerfile, &[("a.txt", "v1")])).await.unwrap();
+    assert_eq!(other.steps_cached, 0);
+    assert_eq!(layers(&other), layers(&first), "but the same steps make the same layers");
+}
+
+#[tokio::test]
+async fn a_step_sees_its_parents_files_and_its_layer_holds_only_what_it_wrote() {
+    let t = TestEngine::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let req = t.request("team", "FROM scratch\nCOPY a.txt /\nRUN cat /a.txt; write /b.txt made\n", &[("a.txt", "from the context")]);
+    let out = t.engine.build(req, Progress::new(tx), CancellationToken::new()).await.unwrap();
+    let mut stdout = String::new();
+    while let Ok(ev) = rx.try_recv() {
+        if let Event::Log { stream: 1, data, .. } = ev {
+            stdout.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert_eq!(stdout, "from the context");
+    let run_layer = t.engine.snapshots().layer_dir(&layers(&out)[1]);
+    assert_eq!(std::fs::read_to_string(run_layer.join("b.txt")).unwrap(), "made");
+    assert!(!run_layer.join("a.txt").exists(), "the parent's file is not copied into the RUN's layer");
+    assert!(t.mounter.mounted().is_empty(), "every mount was released");
+}
+
+#[tokio::test]
+async fn a_failing_step_names_its_line_and_its_exit_code_and_caches_nothing() {
+    let t = TestEngine::new();
+    let dockerfile = "FROM scratch\nRUN write /ok 1\nRUN exit 3\n";
+    let err = t.build(t.request("team", dockerfile, &[])).await.err().expect("the build fails");
+    match err.root() {
+        EngineError::Step { location, message, .. } => {
+            assert_eq!(location, "Dockerfile:3");
+            assert!(message.contains("exit code: 3"), "{message}");
+        }
+        other => panic!("expected a step error, got {other:?}"),
+    }
+    assert!(t.mounter.mounted().is_empty(), "the failed step's mount was released");
+    // The step before it was recorded; the failed one runs again next time.
+    let _ = t.build(t.request("team", dockerfile, &[])).await;
+    assert_eq!(t.executor.scripts(), ["write /ok 1", "exit 3", "exit 3"]);
+}
+
+#[tokio::test]
+async fn a_failed_run_in_a_base_stage_is_a_step_error_where_it_surfaces() {
+    let t = TestEngine::new();
+    let dockerfile = "FROM scratch AS base\nRUN exit 2\nFROM base\nRUN write /x 1\n";
+    let err = t.build(t.request("team", dockerfile, &[])).await.err().expect("the build fails");
+    assert!(matches!(err.root(), EngineError::Step { location, .. } if location == "Dockerfile:2"), "{err:?}");
+}
+
+#[tokio::test]
+async fn identical_steps_of_concurrent_builds_run_once_even_when_one_build_is_cancelled() {
+    let t = TestEngine::new();
+    let dockerfile = "FROM scratch\nRUN hold; write /slow done\n";
+    let cancel_a = CancellationToken::new();
+    let a = spawn(&t, t.request("team", dockerfile, &[]), cancel_a.clone());
+    let b = spawn(&t, t.request("team", dockerfile, &[]), CancellationToken::new());
+    t.executor.wait_started(1).await;
+    // Both builds are waiting on the one running step; cancelling the first leaves it to
+    // the second.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    cancel_a.cancel();
+    assert_cancelled(a.await.unwrap());
+    t.executor.release();
+    let b = b.await.unwrap().unwrap();
+    assert_eq!(t.executor.runs().len(), 1, "one run for both builds");
+    assert_eq!(b.steps_run, 1);
+    assert!(t.mounter.mounted().is_empty());
+}
+
+#[tokio::test]
+async fn cancelling_a_build_stops_its_step_keeps_nothing_and_releases_every_mount() {
+    let t = TestEngine::new();
+    let dockerfile = "FROM scratch\nRUN write /a 1\nRUN hold; write /b 2\n";
+    let cancel = CancellationToken::new();
+    let build = spawn(&t, t.request("team", dockerfile, &[]), cancel.clone());
+    t.executor.wait_started(2).await;
+    cancel.cancel();
+    assert_cancelled(build.await.unwrap());
+    assert!(t.mounter.mounted().is_empty(), "the held step's mount was released");
+    t.executor.release();
+    let again = t.build(t.request("team", dockerfile, &[])).await.unwrap();
+    assert_eq!((again.steps_cached, again.steps_run), (1, 1), "the finished step was kept, the cancelled one runs again");
+}
+
+#[tokio::test]
+async fn layers_of_a_build_in_use_survive_a_reset_until_the_outcome_is_dropped() {
+    let t = TestEngine::new();
+    let out = t.build(t.request("team", "FROM scratch\nRUN write /a 1\n", &[])).await.unwrap();
+    let layer = layers(&out)[0].clone();
+    t.engine.reset("team").unwrap();
+    assert!(t.engine.snapshots().has_layer(&layer), "the outcome leases its layers");
+    assert!(t.engine.index().records("team").unwrap().is_empty());
+    drop(out);
+    assert_eq!(t.engine.sweep().unwrap(), 1);
+    assert!(!t.engine.snapshots().has_layer(&layer));
+}
+
+#[tokio::test]
+async fn collection_drops_the_least_recently_used_build_by_the_clock() {
+    let t = TestEngine::new();
+    let old = t.build(t.request("team", "FROM scratch\nRUN write /old 1\n", &[])).await.unwrap();
+    t.clock.advance(3600);
+    let new = t.build(t.request("team", "FROM scratch\nRUN write /new 2\n", &[])).await.unwrap();
+    t.clock.advance(3600);
+    // Using the old build's step again makes it the most recent.
+    let reused = t.build(t.request("team", "FROM scratch\nRUN write /old 1\n", &[])).await.unwrap();
+    assert_eq!(reused.steps_cached, 1);
+    let (old_layer, new_layer) = (layers(&old)[0].clone(), layers(&new)[0].clone());
+    drop((old, new, reused));
+    let usage = t.engine.usage("team").unwrap();
+    assert_eq!(usage.layers, 2);
+    // Room for one layer: the one used an hour ago goes, the one used now stays.
+    let (freed, _) = t.engine.collect("team", usage.layer_bytes - 1, &[]).unwrap();
+    assert!(freed > 0);
+    assert!(t.engine.snapshots().has_layer(&old_layer), "used last: kept");
+    assert!(!t.engine.snapshots().has_layer(&new_layer), "least recently used: dropped");
+}
+
+#[tokio::test]
+async fn a_base_image_is_fetched_once_and_its_files_and_env_reach_the_steps() {
+    let t = TestEngine::new();
+    t.images.add("base:1", &[&[("etc/greeting", "hello")], &[("etc/second", "x")]], &["GREETING=from-base"]);
+    let dockerfile = "FROM base:1\nRUN cat /etc/greeting; write /out 1\n";
+    let first = t.build(t.request("team", dockerfile, &[])).await.unwrap();
+    assert_eq!(t.images.fetched().len(), 2, "both layers");
+    assert_eq!(layers(&first).len(), 3, "{:#?}", first.images[0].config.history);
+    let run = &t.executor.runs()[0];
+    assert!(run.env.iter().any(|e| e == "GREETING=from-base"), "{:?}", run.env);
+    assert!(first.images[0].config.config.env.as_ref().is_some_and(|e| e.iter().any(|v| v == "GREETING=from-base")));
+
+    // Another project using the same base: resolved again, nothing fetched again.
+    let other = t.build(t.request("other", dockerfile, &[])).await.unwrap();
+    assert_eq!(t.images.fetched().len(), 2);
+    assert_eq!(layers(&other), layers(&first));
+
+    let missing = t.build(t.request("team", "FROM nothere:1\n", &[])).await.err().expect("an unknown image fails");
+    assert!(missing.to_string().contains("nothere"), "{missing}");
+}
+
+#[tokio::test]
+async fn secrets_reach_the_step_through_a_mount_and_never_its_layer() {
+    let t = TestEngine::new();
+    let mut req = t.request("team", "FROM scratch\nRUN --mount=type=secret,id=tok cat /run/secrets/tok; write /done 1\n", &[]);
+    req.secrets.secrets.insert("tok".into(), b"s3cret".to_vec());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let out = t.engine.build(req, Progress::new(tx), CancellationToken::new()).await.unwrap();
+    let mut logs = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        if let Event::Log { data, .. } = ev {
+            logs.extend_from_slice(&data);
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&logs), "s3cret");
+    let layer = t.engine.snapshots().layer_dir(&layers(&out)[0]);
+    assert!(!layer.join("run/secrets/tok").exists());
+}
+
+#[tokio::test]
+async fn a_file_a_step_removes_becomes_a_whiteout_in_its_layer() {
+    if !hoist_oci::testing::needs_root() {
+        return;
+    }
+    let t = TestEngine::new();
+    let out =
+        t.build(t.request("team", "FROM scratch\nCOPY a.txt b.txt /\nRUN rm /a.txt\n", &[("a.txt", "1"), ("b.txt", "2")])).await.unwrap();
+    let layer = t.engine.snapshots().layer_dir(&layers(&out)[1]);
+    let meta = std::fs::symlink_metadata(layer.join("a.txt")).unwrap();
+    assert!(hoist_engine::snapshot::mount::is_whiteout(&meta), "a 0/0 character device");
+    assert_eq!(std::fs::read_dir(&layer).unwrap().count(), 1, "and nothing else");
+}
