@@ -27,17 +27,41 @@ pub const DOCKER_HUB_AUTH_KEY: &str = "https://index.docker.io/v1/";
 pub enum AuthError {
     /// The config file exists but cannot be read.
     #[error("cannot read docker config {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why reading it failed.
+        source: io::Error,
+    },
     /// The config file is not valid JSON or has an unexpected shape.
     #[error("docker config {path} is not valid: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The `auth` entry of a registry is not base64 of `user:password`, or disagrees with
     /// the `username`/`password` fields next to it.
     #[error("docker config {path}: the credentials for {registry} are malformed: {reason}")]
-    Malformed { path: PathBuf, registry: String, reason: String },
+    Malformed {
+        /// The config file.
+        path: PathBuf,
+        /// The registry key of the entry, as written in the file.
+        registry: String,
+        /// What is wrong with the entry.
+        reason: String,
+    },
     /// A credential helper could not be run or failed.
     #[error("credential helper docker-credential-{helper} failed for {registry}: {reason}")]
-    Helper { helper: String, registry: String, reason: String },
+    Helper {
+        /// The helper's name: the program is `docker-credential-<helper>`.
+        helper: String,
+        /// The registry the credentials were asked for.
+        registry: String,
+        /// How it failed.
+        reason: String,
+    },
 }
 
 /// A credential for one registry.
@@ -46,7 +70,12 @@ pub enum AuthError {
 pub enum Credential {
     /// A user name and password (or personal access token), sent as Basic auth or to the
     /// token server.
-    UsernamePassword { username: String, password: String },
+    UsernamePassword {
+        /// The user name.
+        username: String,
+        /// The password or access token (`Debug` shows `<redacted>`).
+        password: String,
+    },
     /// An OAuth2 refresh token (`identitytoken` in the config, `<token>` from a helper),
     /// exchanged at the token server for access tokens.
     IdentityToken(String),

@@ -56,25 +56,48 @@ pub enum CompressError {
     UnknownCompression(String),
     /// A compression level out of range or not a number.
     #[error("invalid compression-level {value:?} for {compression}: expected an integer in {range}")]
-    InvalidLevel { compression: &'static str, value: String, range: String },
+    InvalidLevel {
+        /// `gzip` or `zstd`.
+        compression: &'static str,
+        /// The level as given.
+        value: String,
+        /// The levels allowed, as a Rust range (`0..=9`).
+        range: String,
+    },
     /// An output attribute without `=`.
     #[error("invalid output option {0:?}: expected key=value")]
     InvalidOption(String),
     /// The media type promises compression the data does not have.
     #[error("blob has media type {media_type} but its data does not start with the {expected} magic bytes")]
-    MagicMismatch { media_type: String, expected: &'static str },
+    MagicMismatch {
+        /// The blob's media type.
+        media_type: String,
+        /// The compression it names (`gzip`, `zstd`).
+        expected: &'static str,
+    },
     /// A compressor or decompressor could not be started.
     #[error("setting up {what}: {source}")]
-    Setup { what: &'static str, source: io::Error },
+    Setup {
+        /// The compressor or step (`zstd`, `parallel gzip`, `reading magic bytes`).
+        what: &'static str,
+        /// Why it failed.
+        source: io::Error,
+    },
 }
 
 /// How a new layer is compressed on export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     /// gzip (deflate) at `level` 0..=9, compressed in parallel by [`ParallelGzip`].
-    Gzip { level: u32 },
+    Gzip {
+        /// Compression level: 0 (none) to 9 (smallest).
+        level: u32,
+    },
     /// zstd at `level` (1..=22, negative levels are the fast modes), with worker threads.
-    Zstd { level: i32 },
+    Zstd {
+        /// Compression level, as zstd's: higher is smaller and slower.
+        level: i32,
+    },
     /// A plain tar.
     Uncompressed,
 }

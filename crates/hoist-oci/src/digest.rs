@@ -89,6 +89,7 @@ pub struct HashingWriter<W> {
 }
 
 impl<W: Write> HashingWriter<W> {
+    /// A writer to `inner` that has counted and hashed nothing yet.
     pub fn new(inner: W) -> Self {
         HashingWriter { inner, hasher: Sha256::new(), count: 0 }
     }

@@ -19,22 +19,32 @@ pub struct Empty {}
 /// The whole config blob (`application/vnd.oci.image.config.v1+json`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
+    /// When the image was built (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,
+    /// The `MAINTAINER`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author: Option<String>,
+    /// CPU architecture, in Go's spelling (`amd64`, `arm64`).
     #[serde(default)]
     pub architecture: String,
+    /// Operating system (`linux`).
     #[serde(default)]
     pub os: String,
+    /// `os.version`: the OS build the image needs (Windows images only).
     #[serde(default, rename = "os.version", skip_serializing_if = "Option::is_none")]
     pub os_version: Option<String>,
+    /// CPU variant (`v7` for 32-bit arm, `v8` for arm64), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
+    /// How containers of the image run.
     #[serde(default)]
     pub config: RunConfig,
+    /// The layers, as uncompressed digests.
     #[serde(default)]
     pub rootfs: RootFs,
+    /// One entry per build step, oldest first; entries without `empty_layer` match the
+    /// layers in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<History>,
 }
@@ -43,30 +53,45 @@ pub struct ImageConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct RunConfig {
+    /// `USER`: `user[:group]`, names or numeric ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// `EXPOSE`: `port/proto` keys (`80/tcp`).
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "null_as_none")]
     pub exposed_ports: Option<BTreeMap<String, Empty>>,
+    /// `ENV`: `KEY=value` entries, one per key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<Vec<String>>,
+    /// `ENTRYPOINT`; a shell-form one is stored with the shell prepended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entrypoint: Option<Vec<String>>,
+    /// `CMD` (the arguments of the entrypoint when there is one); a shell-form one is stored
+    /// with the shell prepended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
+    /// `VOLUME`: mount point paths.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "null_as_none")]
     pub volumes: Option<BTreeMap<String, Empty>>,
+    /// `WORKDIR`: an absolute path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
+    /// `LABEL`s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
+    /// `STOPSIGNAL`: the signal as written (`SIGTERM`, `9`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
+    /// Docker's `ArgsEscaped`: the command line is one pre-escaped string (Windows images).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args_escaped: Option<bool>,
+    /// `HEALTHCHECK`; `test: ["NONE"]` turns off one inherited from the base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<Healthcheck>,
+    /// `ONBUILD` triggers, each the instruction text after `ONBUILD`, run by builds that use
+    /// this image as a base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_build: Option<Vec<String>>,
+    /// `SHELL`: the shell that shell-form commands run with; `None` is `/bin/sh -c`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shell: Option<Vec<String>>,
 }
@@ -78,14 +103,19 @@ pub struct Healthcheck {
     /// `["NONE"]`, `["CMD", args...]` or `["CMD-SHELL", command]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub test: Vec<String>,
+    /// Time between checks, in nanoseconds; 0 = inherit (the runtime's default).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub interval: i64,
+    /// How long one check may run, in nanoseconds; 0 = inherit.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub timeout: i64,
+    /// Time after start during which failures do not count, in nanoseconds; 0 = inherit.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub start_period: i64,
+    /// Time between checks during the start period, in nanoseconds; 0 = inherit.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub start_interval: i64,
+    /// Consecutive failures before the container is unhealthy; 0 = inherit.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retries: i64,
 }
@@ -105,8 +135,10 @@ where
 /// `rootfs`: the layers' diff_ids, bottom first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootFs {
+    /// `type`: always `layers`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The digest of each layer's uncompressed tar, bottom first.
     #[serde(default)]
     pub diff_ids: Vec<Digest>,
 }
@@ -120,29 +152,44 @@ impl Default for RootFs {
 /// One history entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct History {
+    /// When the step ran (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,
+    /// The `MAINTAINER` at the time, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author: Option<String>,
+    /// The step, as Docker shows it (`RUN /bin/sh -c make`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// A free-form note (BuildKit writes `buildkit.dockerfile.v0`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    /// The step made no layer (ENV, LABEL, ...).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub empty_layer: bool,
 }
 
 /// Media types hoist writes and reads.
 pub mod media {
+    /// OCI image manifest.
     pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    /// OCI image index.
     pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    /// OCI image configuration.
     pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    /// OCI layer, uncompressed tar.
     pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+    /// OCI layer, gzip-compressed tar.
     pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    /// OCI layer, zstd-compressed tar.
     pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+    /// Docker image manifest, schema 2.
     pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    /// Docker manifest list (the Docker index).
     pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    /// Docker image configuration (same JSON as OCI's).
     pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+    /// Docker layer, gzip-compressed tar.
     pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
     /// The OCI media type of a layer with the same encoding as `media_type` (Docker's
@@ -161,12 +208,17 @@ pub mod media {
 /// A content descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Descriptor {
+    /// What the content is (one of [`media`]'s types, or another).
     #[serde(rename = "mediaType")]
     pub media_type: String,
+    /// The content's digest.
     pub digest: Digest,
+    /// The content's size in bytes.
     pub size: u64,
+    /// The image's platform (entries of an index).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<crate::registry::Platform>,
+    /// Arbitrary metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
 }
@@ -174,13 +226,18 @@ pub struct Descriptor {
 /// An image manifest (OCI or Docker schema 2: same shape).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Always 2.
     #[serde(rename = "schemaVersion")]
     pub schema_version: u32,
+    /// [`media::OCI_MANIFEST`] or [`media::DOCKER_MANIFEST`]; may be absent in OCI manifests.
     #[serde(rename = "mediaType", default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// The image configuration blob.
     pub config: Descriptor,
+    /// The layer blobs, bottom first.
     #[serde(default)]
     pub layers: Vec<Descriptor>,
+    /// Arbitrary metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
 }
@@ -207,11 +264,15 @@ impl Manifest {
 /// An image index / manifest list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Index {
+    /// Always 2.
     #[serde(rename = "schemaVersion")]
     pub schema_version: u32,
+    /// [`media::OCI_INDEX`] or [`media::DOCKER_LIST`]; may be absent in OCI indexes.
     #[serde(rename = "mediaType", default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// The manifests, each with its platform.
     pub manifests: Vec<Descriptor>,
+    /// Arbitrary metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
 }

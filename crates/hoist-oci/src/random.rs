@@ -1,5 +1,5 @@
 //! Random bytes for names, ids and tokens, from the kernel (`getrandom(2)`). There is no
-//! fallback: a failure is an error (or, for [`hex`], a panic), never predictable bytes.
+//! fallback: a failure is an error (or, for [`hex`](fn@hex), a panic), never predictable bytes.
 
 use std::io;
 

@@ -17,12 +17,27 @@ use crate::digest::Digest;
 /// Errors of the content store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A file system operation on the store failed.
     #[error("content store {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The file or directory operated on.
+        path: PathBuf,
+        /// The operating system's error.
+        source: io::Error,
+    },
+    /// No blob with this digest is stored.
     #[error("blob {0} is not in the content store")]
     NotFound(Digest),
+    /// Data written for a blob hashed to another digest; nothing was stored.
     #[error("digest mismatch: expected {expected}, got {actual} ({size} bytes); the data was discarded")]
-    DigestMismatch { expected: Digest, actual: Digest, size: u64 },
+    DigestMismatch {
+        /// The digest the data was written under.
+        expected: Digest,
+        /// The digest of the data received.
+        actual: Digest,
+        /// Bytes received.
+        size: u64,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {

@@ -65,31 +65,73 @@ const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
 pub enum LayerError {
     /// The layer directory (or a file in it) could not be read.
     #[error("layer directory {path}: {source}")]
-    ReadDir { path: PathBuf, source: io::Error },
+    ReadDir {
+        /// The directory or file.
+        path: PathBuf,
+        /// Why reading it failed.
+        source: io::Error,
+    },
     /// The path to archive is not a directory.
     #[error("layer directory {path} is not a directory")]
-    NotADirectory { path: PathBuf },
+    NotADirectory {
+        /// The path given.
+        path: PathBuf,
+    },
     /// A file changed size while it was archived.
     #[error("{path} changed while it was archived ({what}); archive only a directory nothing writes to")]
-    Changed { path: PathBuf, what: String },
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// How it changed (`grew beyond 10 bytes`).
+        what: String,
+    },
     /// The upperdir uses an overlayfs feature a layer cannot express (metacopy, redirect_dir).
     #[error("{path}: {reason}")]
-    Unsupported { path: PathBuf, reason: String },
+    Unsupported {
+        /// The file or directory using the feature.
+        path: PathBuf,
+        /// The feature and why it is refused.
+        reason: String,
+    },
     /// The output writer failed.
     #[error("writing the layer tar: {0}")]
     Write(io::Error),
     /// The tar stream is malformed or could not be read.
     #[error("reading the layer tar{}: {source}", after.as_ref().map(|e| format!(" after entry {e:?}")).unwrap_or_default())]
-    ReadTar { after: Option<String>, source: io::Error },
+    ReadTar {
+        /// The last entry read, when known.
+        after: Option<String>,
+        /// The read or tar format error.
+        source: io::Error,
+    },
     /// An entry is invalid or hostile (escaping hardlink, symlink loop, ...).
     #[error("tar entry {entry:?}: {reason}")]
-    BadEntry { entry: String, reason: String },
+    BadEntry {
+        /// The entry's path in the tar.
+        entry: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A filesystem operation failed while extracting an entry.
     #[error("extracting tar entry {entry:?} into {dir}: {op}: {source}")]
-    Extract { entry: String, dir: PathBuf, op: &'static str, source: io::Error },
+    Extract {
+        /// The entry's path in the tar.
+        entry: String,
+        /// The directory extracted into.
+        dir: PathBuf,
+        /// The operation that failed (`create file`, `chown`, ...).
+        op: &'static str,
+        /// The operating system's error.
+        source: io::Error,
+    },
     /// A limit of [`ExtractOptions`] was exceeded.
     #[error("layer tar exceeds the {limit} limit of {max}: refusing to extract more (a decompression bomb?)")]
-    Limit { limit: &'static str, max: u64 },
+    Limit {
+        /// Which limit: `max bytes` or `max entries`.
+        limit: &'static str,
+        /// Its value (bytes or entries).
+        max: u64,
+    },
 }
 
 /// Options of [`write_layer_tar`].

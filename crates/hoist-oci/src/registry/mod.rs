@@ -67,46 +67,146 @@ pub const CONFIG_LIMIT: usize = 32 << 20;
 pub enum RegistryError {
     /// No connection could be made.
     #[error("registry {registry} is unreachable: {reason}")]
-    Unreachable { registry: String, reason: String },
+    Unreachable {
+        /// The registry name (`docker.io`, `ghcr.io`, `localhost:5000`).
+        registry: String,
+        /// The connection error.
+        reason: String,
+    },
     /// A connection failed or timed out during a request.
     #[error("registry {registry}: {what} failed: {reason}")]
-    Transport { registry: String, what: String, reason: String },
+    Transport {
+        /// The registry name (`docker.io`, `ghcr.io`, `localhost:5000`).
+        registry: String,
+        /// The request (`blob sha256:... of <image>`, `pushing manifest ...`).
+        what: String,
+        /// The transport error.
+        reason: String,
+    },
     /// The registry or its token server refused the credentials (or their absence).
     #[error("registry {registry} denied {what}: {reason}; check the credentials for {registry} (docker login {registry})")]
-    Unauthorized { registry: String, what: String, reason: String },
+    Unauthorized {
+        /// The registry name (`docker.io`, `ghcr.io`, `localhost:5000`).
+        registry: String,
+        /// The request (`blob sha256:... of <image>`, `pushing manifest ...`).
+        what: String,
+        /// The registry's or token server's explanation.
+        reason: String,
+    },
     /// The manifest, tag or blob does not exist.
     #[error("{what} was not found in registry {registry}: {reason}")]
-    NotFound { registry: String, what: String, reason: String },
+    NotFound {
+        /// The registry name (`docker.io`, `ghcr.io`, `localhost:5000`).
+        registry: String,
+        /// The request (`blob sha256:... of <image>`, `pushing manifest ...`).
+        what: String,
+        /// The registry's explanation.
+        reason: String,
+    },
     /// Any other error status.
     #[error("registry {registry}: {what} failed with HTTP {status}: {reason}")]
-    Status { registry: String, what: String, status: u16, reason: String, retry_after: Option<Duration> },
+    Status {
+        /// The registry name (`docker.io`, `ghcr.io`, `localhost:5000`).
+        registry: String,
+        /// The request (`blob sha256:... of <image>`, `pushing manifest ...`).
+        what: String,
+        /// The HTTP status code.
+        status: u16,
+        /// The registry's explanation (its error codes and messages, or the body).
+        reason: String,
+        /// The `Retry-After` the registry sent (seconds form only); retries wait this long.
+        retry_after: Option<Duration>,
+    },
     /// The registry did not follow the protocol (missing Location, bad token answer, ...).
     #[error("registry {registry} answered unexpectedly: {reason}")]
-    Protocol { registry: String, reason: String },
+    Protocol {
+        /// The registry name (`docker.io`, `ghcr.io`, `localhost:5000`).
+        registry: String,
+        /// What was wrong with the answer.
+        reason: String,
+    },
     /// Content whose digest is not the one asked for; nothing was stored.
     #[error("digest mismatch for {what} of {image}: expected {expected}, got {actual}; the data was discarded")]
-    DigestMismatch { image: String, what: String, expected: Digest, actual: Digest },
+    DigestMismatch {
+        /// The image reference, canonical form.
+        image: String,
+        /// What was fetched (`manifest`, `blob`, `image config`).
+        what: String,
+        /// The digest asked for.
+        expected: Digest,
+        /// The digest of what was received.
+        actual: Digest,
+    },
     /// A manifest or configuration that cannot be used.
     #[error("{image}: invalid {what}: {reason}")]
-    Invalid { image: String, what: String, reason: String },
+    Invalid {
+        /// The image reference, canonical form.
+        image: String,
+        /// What is invalid (`manifest`, `index`, `manifest to push`).
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A manifest or index document that is not one we can use (see [`media::MediaError`]).
     #[error("{image}: invalid {what}: {source}")]
-    InvalidDocument { image: String, what: String, source: media::MediaError },
+    InvalidDocument {
+        /// The image reference, canonical form.
+        image: String,
+        /// `manifest` or `index`.
+        what: String,
+        /// What is wrong with it.
+        source: media::MediaError,
+    },
     /// A manifest or configuration that is not the JSON its type requires.
     #[error("{image}: invalid {what}: {source}")]
-    InvalidJson { image: String, what: String, source: serde_json::Error },
+    InvalidJson {
+        /// The image reference, canonical form.
+        image: String,
+        /// `manifest` or `image config`.
+        what: String,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
     /// The index has no manifest for the requested platform.
     #[error("{image} has no manifest for platform {wanted}; available: {}", list_platforms(.available))]
-    NoMatchingPlatform { image: String, wanted: Platform, available: Vec<Platform> },
+    NoMatchingPlatform {
+        /// The image reference, canonical form.
+        image: String,
+        /// The platform asked for.
+        wanted: Platform,
+        /// The platforms the index offers (attestations left out).
+        available: Vec<Platform>,
+    },
     /// A manifest or configuration larger than the limit.
     #[error("{image}: the {what} is larger than {limit} bytes")]
-    TooLarge { image: String, what: String, limit: usize },
+    TooLarge {
+        /// The image reference, canonical form.
+        image: String,
+        /// What was fetched (`manifest`, `image config`).
+        what: String,
+        /// The limit in bytes (such as [`MANIFEST_LIMIT`] or [`CONFIG_LIMIT`]).
+        limit: usize,
+    },
     /// The content store failed.
     #[error("{image}: {source}")]
-    Store { image: String, source: StoreError },
+    Store {
+        /// The image reference, canonical form.
+        image: String,
+        /// The store's error.
+        source: StoreError,
+    },
     /// A blob to push is not the size the caller said.
     #[error("blob {digest} to push to {image} is {actual} bytes, not {expected}")]
-    SizeMismatch { image: String, digest: Digest, expected: u64, actual: u64 },
+    SizeMismatch {
+        /// The image reference, canonical form.
+        image: String,
+        /// The blob.
+        digest: Digest,
+        /// The size the caller gave, in bytes.
+        expected: u64,
+        /// The size of the source, in bytes.
+        actual: u64,
+    },
     /// The client could not be built.
     #[error("cannot build the registry client: {0}")]
     Config(String),
