@@ -33,13 +33,22 @@ pub enum AuthError {
         /// Why reading it failed.
         source: io::Error,
     },
-    /// The config file is not valid JSON or has an unexpected shape.
+    /// The config file has an unexpected shape (not an object, or `auths`, `credsStore` or
+    /// `credHelpers` not as Docker writes them).
     #[error("docker config {path} is not valid: {reason}")]
     Invalid {
         /// The config file.
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The config file is not JSON.
+    #[error("docker config {path} is not valid: {source}")]
+    Json {
+        /// The config file.
+        path: PathBuf,
+        /// The JSON error, with its line and column.
+        source: serde_json::Error,
     },
     /// The `auth` entry of a registry is not base64 of `user:password`, or disagrees with
     /// the `username`/`password` fields next to it.
@@ -195,15 +204,15 @@ pub fn credentials_in(config_path: &Path, registry: &str) -> Result<Option<Crede
     };
     // Parse once ourselves for an error message with line and column: docker_credential
     // reports every parse failure as the same opaque error.
-    let value: serde_json::Value = serde_json::from_reader(BufReader::new(file))
-        .map_err(|e| AuthError::Invalid { path: config_path.to_path_buf(), reason: e.to_string() })?;
+    let value: serde_json::Value =
+        serde_json::from_reader(BufReader::new(file)).map_err(|source| AuthError::Json { path: config_path.to_path_buf(), source })?;
     if !value.is_object() {
         return Err(AuthError::Invalid { path: config_path.to_path_buf(), reason: "expected a JSON object".into() });
     }
     // Docker keeps Docker Hub credentials under its v1 index URL, other registries under
     // their host name (auths keys with a scheme are matched by docker_credential).
     let server = if registry == DOCKER_HUB { DOCKER_HUB_AUTH_KEY } else { registry };
-    let bytes = serde_json::to_vec(&value).map_err(|e| AuthError::Invalid { path: config_path.to_path_buf(), reason: e.to_string() })?;
+    let bytes = serde_json::to_vec(&value).map_err(|source| AuthError::Json { path: config_path.to_path_buf(), source })?;
     match docker_credential::get_credential_from_reader(bytes.as_slice(), server) {
         Ok(DockerCredential::UsernamePassword(username, password)) => {
             if username.is_empty() && password.is_empty() {
