@@ -35,15 +35,27 @@ pub struct ContextEntry {
     pub hardlink: Option<String>,
 }
 
-/// Writes a context's files (blocking) and returns the directory holding them; its error
-/// says why the files are not there.
-pub type Materializer = Box<dyn FnOnce() -> Result<PathBuf, String> + Send>;
+/// Why a context's files (or more of them) are not there. The builder service that writes
+/// them owns the cause; it is kept as the source.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(transparent)]
+pub struct Unavailable(std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl Unavailable {
+    /// Wrap the cause (any error, or a message).
+    pub fn new(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Unavailable {
+        Unavailable(std::sync::Arc::from(cause.into()))
+    }
+}
+
+/// Writes a context's files (blocking) and returns the directory holding them.
+pub type Materializer = Box<dyn FnOnce() -> Result<PathBuf, Unavailable> + Send>;
 
 /// A build context.
 pub struct Context {
     entries: BTreeMap<String, ContextEntry>,
     materializer: Mutex<Option<Materializer>>,
-    dir: OnceLock<Result<PathBuf, String>>,
+    dir: OnceLock<Result<PathBuf, Unavailable>>,
     digest: OnceLock<Option<Digest>>,
 }
 
@@ -77,10 +89,10 @@ impl Context {
 
     /// The directory holding the context's files, written first if it is not yet (once;
     /// concurrent callers wait for it). Blocking.
-    pub fn files(&self) -> Result<&Path, String> {
+    pub fn files(&self) -> Result<&Path, Unavailable> {
         let dir = self.dir.get_or_init(|| match self.materializer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(materialize) => materialize(),
-            None => Err("an earlier attempt to write the context's files panicked".into()),
+            None => Err(Unavailable::new("an earlier attempt to write the context's files panicked")),
         });
         dir.as_ref().map(PathBuf::as_path).map_err(Clone::clone)
     }
@@ -204,7 +216,7 @@ pub fn needed(graph: &crate::graph::BuildGraph) -> std::collections::BTreeSet<St
 #[async_trait::async_trait]
 pub trait ContextFetcher: Send + Sync {
     /// The build's context with `paths` (selectors) added.
-    async fn extend(&self, paths: Vec<String>) -> Result<std::sync::Arc<Context>, String>;
+    async fn extend(&self, paths: Vec<String>) -> Result<std::sync::Arc<Context>, Unavailable>;
 }
 
 fn normalize(rel: &str) -> &str {
@@ -267,8 +279,8 @@ mod tests {
             assert_eq!(t.join().unwrap().unwrap(), PathBuf::from("/x"));
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        let failing = Context::lazy([], Box::new(|| Err("context file sha256:x was not uploaded".into())));
-        assert!(failing.files().unwrap_err().contains("not uploaded"));
+        let failing = Context::lazy([], Box::new(|| Err(Unavailable::new("context file sha256:x was not uploaded"))));
+        assert!(failing.files().unwrap_err().to_string().contains("not uploaded"));
         assert!(failing.files().is_err(), "the failure stays");
     }
 

@@ -31,13 +31,21 @@ use crate::solver::{self, Inflight};
 /// Errors of a build, each saying what failed and where.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{0}")]
-    Frontend(String),
+    /// The Dockerfile cannot be turned into a build graph.
+    #[error(transparent)]
+    Frontend(#[from] crate::frontend::FrontendError),
+    /// A step needs an entitlement the build may not use.
+    #[error(transparent)]
+    Entitlement(#[from] crate::entitlements::EntitlementError),
+    /// The client did not send the context paths the steps read.
+    #[error("fetching more of the build context from the client: {0}")]
+    Context(#[source] crate::context::Unavailable),
     /// A step failed; `location` is `Dockerfile:LINE`.
     #[error("{location}: {instruction}: {message}")]
     Step { location: String, instruction: String, message: String },
-    #[error("{0}")]
-    Image(String),
+    /// A base image cannot be resolved or pulled.
+    #[error("image {reference}: {source}")]
+    Image { reference: String, source: Box<crate::images::ImageError> },
     #[error("{0}")]
     Export(String),
     #[error("builder state at {path}: {message}")]
@@ -46,7 +54,7 @@ pub enum EngineError {
     Cancelled,
     /// The builder has a per-build memory limit and cannot set up the build's cgroup.
     #[error("cannot hold the build to its memory limit (hoist serve --build-memory): {0}")]
-    BuildMemory(String),
+    BuildMemory(#[source] crate::executor::CgroupError),
     /// The error of another stage (or step) this one waited for, shared by every waiter:
     /// a failed `RUN` in a base stage stays a step error wherever it surfaces.
     #[error(transparent)]
@@ -222,7 +230,7 @@ impl Engine {
             // A builder that cannot limit builds' memory refuses to start, rather than fail
             // every build: make (and remove) one build cgroup now.
             let probe = crate::executor::BuildCgroup::create(&crate::executor::random_build_name(), limit);
-            drop(probe.map_err(|e| EngineError::BuildMemory(e.to_string()))?);
+            drop(probe.map_err(EngineError::BuildMemory)?);
         }
         let parts = EngineParts {
             executor: Arc::new(executor),
@@ -305,8 +313,7 @@ impl Engine {
         // limit; steps that outlive the build (shared with another build in flight) hold it.
         let cgroup = match self.inner.limits.build_memory {
             Some(limit) => Some(Arc::new(
-                crate::executor::BuildCgroup::create(&crate::executor::random_build_name(), limit)
-                    .map_err(|e| EngineError::BuildMemory(e.to_string()))?,
+                crate::executor::BuildCgroup::create(&crate::executor::random_build_name(), limit).map_err(EngineError::BuildMemory)?,
             )),
             None => None,
         };

@@ -22,6 +22,31 @@ pub enum Entitlement {
 #[error("unknown entitlement {0:?}: expected network.host or security.insecure")]
 pub struct UnknownEntitlement(pub String);
 
+/// Why an entitlement may not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// The builder does not grant it to the project.
+    #[error(
+        "the {entitlement} entitlement is not granted to project {project:?} on this builder (its operator can grant it with \
+         `hoist serve --allow-entitlement {entitlement}` or `hoist project allow {project} {entitlement}`)"
+    )]
+    NotGranted { entitlement: Entitlement, project: String },
+    /// The client did not ask for it.
+    #[error("the {0} entitlement was not requested: pass --allow {0} to hoist build")]
+    NotRequested(Entitlement),
+}
+
+/// A build that needs an entitlement it may not use, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntitlementError {
+    /// The build-wide `--network=host`.
+    #[error("--network=host: {0}")]
+    BuildNetwork(#[source] Denied),
+    /// A step (`Dockerfile:7: RUN --security=insecure: ...`).
+    #[error("{file}:{line}: {what}: {source}")]
+    Step { file: String, line: usize, what: &'static str, source: Denied },
+}
+
 impl Entitlement {
     /// Every entitlement.
     pub const ALL: [Entitlement; 2] = [Entitlement::NetworkHost, Entitlement::SecurityInsecure];
@@ -69,25 +94,21 @@ impl Entitlements {
     }
 
     /// Whether `e` may be used; otherwise what is missing and how to get it.
-    pub fn check(&self, e: Entitlement) -> Result<(), String> {
+    pub fn check(&self, e: Entitlement) -> Result<(), Denied> {
         if !self.granted.contains(&e) {
-            return Err(format!(
-                "the {e} entitlement is not granted to project {:?} on this builder (its operator can grant it with \
-                 `hoist serve --allow-entitlement {e}` or `hoist project allow {} {e}`)",
-                self.project, self.project
-            ));
+            return Err(Denied::NotGranted { entitlement: e, project: self.project.clone() });
         }
         if !self.requested.contains(&e) {
-            return Err(format!("the {e} entitlement was not requested: pass --allow {e} to hoist build"));
+            return Err(Denied::NotRequested(e));
         }
         Ok(())
     }
 
     /// Check a build before it runs: the build-wide network and every RUN of `graph`.
     /// The error names the Dockerfile line (`Dockerfile:7: RUN --security=insecure: ...`).
-    pub fn check_graph(&self, graph: &BuildGraph, network: NetworkMode, dockerfile_name: &str) -> Result<(), String> {
+    pub fn check_graph(&self, graph: &BuildGraph, network: NetworkMode, dockerfile_name: &str) -> Result<(), EntitlementError> {
         if network == NetworkMode::Host {
-            self.check(Entitlement::NetworkHost).map_err(|m| format!("--network=host: {m}"))?;
+            self.check(Entitlement::NetworkHost).map_err(EntitlementError::BuildNetwork)?;
         }
         for stage in &graph.stages {
             for step in &stage.steps {
@@ -98,7 +119,12 @@ impl Entitlements {
                 ];
                 for (needed, e, what) in needs {
                     if needed {
-                        self.check(e).map_err(|m| format!("{dockerfile_name}:{}: {what}: {m}", step.line))?;
+                        self.check(e).map_err(|source| EntitlementError::Step {
+                            file: dockerfile_name.to_string(),
+                            line: step.line,
+                            what,
+                            source,
+                        })?;
                     }
                 }
             }
@@ -116,8 +142,12 @@ mod tests {
 
     #[async_trait::async_trait]
     impl crate::frontend::ImageResolver for NoImages {
-        async fn resolve(&self, reference: &str, _: &crate::graph::Platform) -> Result<crate::graph::ResolvedImage, String> {
-            Err(format!("no image {reference} in this test"))
+        async fn resolve(
+            &self,
+            reference: &str,
+            _: &crate::graph::Platform,
+        ) -> Result<crate::graph::ResolvedImage, crate::images::ImageError> {
+            unreachable!("the tests' Dockerfiles use FROM scratch, not {reference}")
         }
     }
 
@@ -144,21 +174,22 @@ mod tests {
         let g = graph("FROM scratch\nRUN true\nRUN --security=insecure true\n");
         use Entitlement::*;
         assert!(ents(&[], &[]).check_graph(&graph("FROM scratch\nRUN --network=none true\n"), NetworkMode::Default, "Dockerfile").is_ok());
-        let e = ents(&[SecurityInsecure], &[]).check_graph(&g, NetworkMode::Default, "Dockerfile").unwrap_err();
+        let e = ents(&[SecurityInsecure], &[]).check_graph(&g, NetworkMode::Default, "Dockerfile").unwrap_err().to_string();
         assert!(
             e.starts_with("Dockerfile:3: RUN --security=insecure: ") && e.contains("hoist serve --allow-entitlement security.insecure"),
             "{e}"
         );
         assert!(e.contains("hoist project allow web security.insecure"), "{e}");
-        let e = ents(&[], &[SecurityInsecure]).check_graph(&g, NetworkMode::Default, "Dockerfile").unwrap_err();
+        let e = ents(&[], &[SecurityInsecure]).check_graph(&g, NetworkMode::Default, "Dockerfile").unwrap_err().to_string();
         assert!(e.contains("--allow security.insecure"), "{e}");
         assert!(ents(&[SecurityInsecure], &[SecurityInsecure]).check_graph(&g, NetworkMode::Default, "Dockerfile").is_ok());
         let host = graph("FROM scratch\nRUN --network=host true\n");
         assert!(ents(&[SecurityInsecure], &[SecurityInsecure])
             .check_graph(&host, NetworkMode::Default, "Dockerfile")
             .unwrap_err()
+            .to_string()
             .starts_with("Dockerfile:2: RUN --network=host"));
-        let e = ents(&[], &[]).check_graph(&graph("FROM scratch\nRUN true\n"), NetworkMode::Host, "Dockerfile").unwrap_err();
+        let e = ents(&[], &[]).check_graph(&graph("FROM scratch\nRUN true\n"), NetworkMode::Host, "Dockerfile").unwrap_err().to_string();
         assert!(e.starts_with("--network=host: "), "{e}");
         assert!(Entitlements::all("x").check_graph(&host, NetworkMode::Host, "Dockerfile").is_ok());
     }

@@ -21,6 +21,74 @@ use crate::engine::{Engine, EngineError};
 use crate::frontend::ImageResolver;
 use crate::graph::{Platform, ResolvedImage};
 
+/// Why a base image (or one of its layers) cannot be used. [`EngineError::Image`] names the
+/// image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The reference does not parse.
+    #[error(transparent)]
+    Reference(#[from] hoist_oci::reference::ReferenceError),
+    /// A digest that does not parse.
+    #[error(transparent)]
+    Digest(#[from] hoist_oci::digest::DigestError),
+    /// The registry (or the image source) failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The content store failed.
+    #[error(transparent)]
+    Store(#[from] hoist_oci::store::StoreError),
+    /// The cache index failed.
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    /// The source's manifest bytes are not those of the digest it named.
+    #[error("the manifest's digest is {got}, not {want}")]
+    ManifestDigest { got: Digest, want: Digest },
+    /// A manifest or config that is not valid JSON of its kind.
+    #[error("invalid {what} {digest}: {source}")]
+    Json { what: &'static str, digest: Digest, source: serde_json::Error },
+    /// Manifest and config disagree on the number of layers.
+    #[error("manifest lists {manifest} layers but its config lists {config} diff_ids")]
+    LayerCount { manifest: usize, config: usize },
+    /// One layer of the image.
+    #[error("layer {blob}: {source}")]
+    Layer { blob: Digest, source: Box<ImageError> },
+    /// A layer blob whose content is not the layer the config names.
+    #[error("uncompressed digest {got} does not match the config's diff_id {want}; the blob was discarded")]
+    DiffId { got: Digest, want: Digest },
+    /// Extracting a layer failed (or went past the builder's limits).
+    #[error(transparent)]
+    Extract(#[from] hoist_oci::export::ExportError),
+    /// Storing an extracted layer failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The task extracting a layer failed.
+    #[error("internal error: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why an `ADD <url>` source cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    /// The download failed.
+    #[error("downloading {url}: {source}")]
+    Http { url: String, source: reqwest::Error },
+    /// The server answered with an error status.
+    #[error("downloading {url}: server answered {status}")]
+    Status { url: String, status: reqwest::StatusCode },
+    /// Writing the download failed.
+    #[error("downloading {url}: {source}")]
+    Io { url: String, source: std::io::Error },
+    /// Larger than the builder allows.
+    #[error(
+        "downloading {url}: more than {} (the builder's limit, hoist serve --max-archive-bytes): expected a smaller file",
+        crate::limits::human_bytes(*max)
+    )]
+    TooLarge { url: String, max: u64 },
+    /// `ADD --checksum` does not match.
+    #[error("checksum of {url} is {got}, but --checksum expects {want}")]
+    Checksum { url: String, got: Digest, want: String },
+}
+
 /// An image as the engine takes it from a source: the platform's manifest and config,
 /// byte for byte (their digests are what cache keys and exports name).
 #[derive(Debug, Clone)]
@@ -102,8 +170,8 @@ impl BuildResolver {
         Some(ResolvedImage { reference: reference.to_string(), manifest_digest: manifest_digest.to_string(), config })
     }
 
-    async fn resolve_uncached(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
-        let r = Reference::parse(reference).map_err(|e| e.to_string())?;
+    async fn resolve_uncached(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, ImageError> {
+        let r = Reference::parse(reference)?;
         let canonical = r.to_string();
         let pkey = platform.to_string();
         let index = self.engine.index();
@@ -115,44 +183,47 @@ impl BuildResolver {
                 }
             }
         }
-        let m = self.engine.inner.images.resolve(&self.registry, &r, platform).await.map_err(|e| e.to_string())?;
+        let m = self.engine.inner.images.resolve(&self.registry, &r, platform).await?;
         let store = self.engine.store();
-        let manifest_digest = store.put(&m.manifest_bytes).map_err(|e| e.to_string())?;
+        let manifest_digest = store.put(&m.manifest_bytes)?;
         if manifest_digest != m.manifest_digest {
-            return Err(format!("image {canonical}: the manifest's digest is {manifest_digest}, not {}", m.manifest_digest));
+            return Err(ImageError::ManifestDigest { got: manifest_digest, want: m.manifest_digest });
         }
-        let config_digest = store.put(&m.config_bytes).map_err(|e| e.to_string())?;
+        let config_digest = store.put(&m.config_bytes)?;
         let config: ImageConfig =
-            serde_json::from_slice(&m.config_bytes).map_err(|e| format!("image {canonical}: invalid config {config_digest}: {e}"))?;
-        index.put_tag(ns, &canonical, &pkey, &m.manifest_digest).map_err(|e| e.to_string())?;
+            serde_json::from_slice(&m.config_bytes).map_err(|source| ImageError::Json { what: "config", digest: config_digest, source })?;
+        index.put_tag(ns, &canonical, &pkey, &m.manifest_digest)?;
         Ok(ResolvedImage { reference: canonical, manifest_digest: m.manifest_digest.to_string(), config })
     }
 
     /// Make every layer of `img` available as a snapshot; returns how many were fetched and
     /// the total size of the image's layer blobs. The caller leases the layers first.
     pub(crate) async fn pull_layers(&self, img: &ResolvedImage, cancel: &CancellationToken) -> Result<(usize, u64), EngineError> {
+        let image_err = |source: ImageError| EngineError::Image { reference: img.reference.clone(), source: Box::new(source) };
+        self.pull_layers_inner(img, cancel).await.map_err(|e| match e {
+            Pull::Image(e) => image_err(e),
+            Pull::Shared(e) => EngineError::Stage(e),
+        })
+    }
+
+    async fn pull_layers_inner(&self, img: &ResolvedImage, cancel: &CancellationToken) -> Result<(usize, u64), Pull> {
         let store = self.engine.store().clone();
-        let image_err = |m: String| EngineError::Image(format!("image {}: {m}", img.reference));
-        let manifest_digest: Digest = img.manifest_digest.parse().map_err(|e: hoist_oci::digest::DigestError| image_err(e.to_string()))?;
-        let manifest: Manifest = serde_json::from_slice(&store.read(&manifest_digest).map_err(|e| image_err(e.to_string()))?)
-            .map_err(|e| image_err(format!("invalid manifest {}: {e}", img.manifest_digest)))?;
+        let manifest_digest: Digest = img.manifest_digest.parse().map_err(ImageError::from)?;
+        let manifest: Manifest = serde_json::from_slice(&store.read(&manifest_digest).map_err(ImageError::from)?)
+            .map_err(|source| ImageError::Json { what: "manifest", digest: manifest_digest.clone(), source })?;
         let diff_ids = &img.config.rootfs.diff_ids;
         if manifest.layers.len() != diff_ids.len() {
-            return Err(image_err(format!(
-                "manifest lists {} layers but its config lists {} diff_ids",
-                manifest.layers.len(),
-                diff_ids.len()
-            )));
+            return Err(ImageError::LayerCount { manifest: manifest.layers.len(), config: diff_ids.len() }.into());
         }
-        let reference = Reference::parse(&img.reference).map_err(|e| image_err(e.to_string()))?;
+        let reference = Reference::parse(&img.reference).map_err(ImageError::from)?;
         let mut jobs = Vec::new();
         let total: u64 = manifest.layers.iter().map(|l| l.size).sum();
         for (desc, diff_id) in manifest.layers.iter().zip(diff_ids) {
             let record = BlobRecord { digest: desc.digest.clone(), size: desc.size, media_type: desc.media_type.clone(), original: true };
             if self.engine.snapshots().has_layer(diff_id) {
-                let known = self.engine.index().layer_blobs(diff_id).map_err(|e| image_err(e.to_string()))?;
+                let known = self.engine.index().layer_blobs(diff_id).map_err(ImageError::from)?;
                 if !known.iter().any(|b| b.digest == desc.digest) {
-                    self.engine.index().add_layer_blob(diff_id, record).map_err(|e| image_err(e.to_string()))?;
+                    self.engine.index().add_layer_blob(diff_id, record).map_err(ImageError::from)?;
                 }
                 continue;
             }
@@ -168,7 +239,11 @@ impl BuildResolver {
                     .inner
                     .inflight
                     .run(&key, cancel, move |_c| async move {
-                        pull_one(worker, registry, reference, desc, diff_id.clone(), record).await.map_err(Arc::new)?;
+                        let blob = desc.digest.clone();
+                        pull_one(worker, registry, reference.clone(), desc, diff_id.clone(), record).await.map_err(|e| {
+                            let source = ImageError::Layer { blob, source: Box::new(e) };
+                            Arc::new(EngineError::Image { reference: reference.to_string(), source: Box::new(source) })
+                        })?;
                         Ok(Some(diff_id))
                     })
                     .await;
@@ -178,37 +253,36 @@ impl BuildResolver {
         let n = jobs.len();
         let results = futures::future::join_all(jobs).await;
         for r in results {
-            r.map_err(|e| image_err(e.to_string()))?;
+            r.map_err(Pull::Shared)?;
         }
         Ok((n, total))
     }
 
     /// Download a URL (once per build), verifying `checksum` (`sha256:...`) when given.
-    pub(crate) async fn fetch_url(&self, url: &str, checksum: Option<&str>) -> Result<(Digest, Arc<tempfile::NamedTempFile>), String> {
+    pub(crate) async fn fetch_url(&self, url: &str, checksum: Option<&str>) -> Result<(Digest, Arc<tempfile::NamedTempFile>), UrlError> {
         if let Some(hit) = self.urls.lock().unwrap_or_else(|e| e.into_inner()).get(url).cloned() {
             verify_checksum(url, &hit.0, checksum)?;
             return Ok(hit);
         }
-        let resp = reqwest::get(url).await.map_err(|e| format!("downloading {url}: {e}"))?;
+        let http = |source| UrlError::Http { url: url.to_string(), source };
+        let io = |source| UrlError::Io { url: url.to_string(), source };
+        let resp = reqwest::get(url).await.map_err(http)?;
         if !resp.status().is_success() {
-            return Err(format!("downloading {url}: server answered {}", resp.status()));
+            return Err(UrlError::Status { url: url.to_string(), status: resp.status() });
         }
-        let mut file = tempfile::NamedTempFile::new().map_err(|e| format!("downloading {url}: {e}"))?;
+        let mut file = tempfile::NamedTempFile::new().map_err(io)?;
         let mut hasher = Sha256::new();
         let mut stream = resp.bytes_stream();
         let max = self.engine.limits().archive.max_bytes;
         let mut got: u64 = 0;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| format!("downloading {url}: {e}"))?;
+            let chunk = chunk.map_err(http)?;
             got += chunk.len() as u64;
             if got > max {
-                return Err(format!(
-                    "downloading {url}: more than {} (the builder's limit, hoist serve --max-archive-bytes): expected a smaller file",
-                    crate::limits::human_bytes(max)
-                ));
+                return Err(UrlError::TooLarge { url: url.to_string(), max });
             }
             hasher.update(&chunk);
-            file.write_all(&chunk).map_err(|e| format!("downloading {url}: {e}"))?;
+            file.write_all(&chunk).map_err(io)?;
         }
         let digest = Digest::from_hasher(hasher);
         verify_checksum(url, &digest, checksum)?;
@@ -218,10 +292,22 @@ impl BuildResolver {
     }
 }
 
-fn verify_checksum(url: &str, got: &Digest, want: Option<&str>) -> Result<(), String> {
+fn verify_checksum(url: &str, got: &Digest, want: Option<&str>) -> Result<(), UrlError> {
     match want {
-        Some(w) if w != got.as_str() => Err(format!("checksum of {url} is {got}, but --checksum expects {w}")),
+        Some(w) if w != got.as_str() => Err(UrlError::Checksum { url: url.to_string(), got: got.clone(), want: w.to_string() }),
         _ => Ok(()),
+    }
+}
+
+/// A pull's failure: of this image, or of a layer pull another build started.
+enum Pull {
+    Image(ImageError),
+    Shared(Arc<EngineError>),
+}
+
+impl From<ImageError> for Pull {
+    fn from(e: ImageError) -> Pull {
+        Pull::Image(e)
     }
 }
 
@@ -232,11 +318,10 @@ async fn pull_one(
     desc: hoist_oci::image::Descriptor,
     diff_id: Digest,
     record: BlobRecord,
-) -> Result<(), EngineError> {
-    let err = |m: String| EngineError::Image(format!("image {reference}: layer {}: {m}", desc.digest));
+) -> Result<(), ImageError> {
     let store = engine.store().clone();
     if !store.contains(&desc.digest) {
-        engine.inner.images.fetch_blob(&registry, &reference, &desc.digest, &store).await.map_err(|e| err(e.to_string()))?;
+        engine.inner.images.fetch_blob(&registry, &reference, &desc.digest, &store).await?;
     }
     let snaps = engine.snapshots().clone();
     let media_type = desc.media_type.clone();
@@ -244,27 +329,25 @@ async fn pull_one(
     let want = diff_id.clone();
     // A base image is as untrusted as a Dockerfile: its layers are extracted within limits.
     let limits = engine.limits().layer_extract_options();
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let tmp = snaps.temp_dir().map_err(|e| e.to_string())?;
-        let got = extract_blob(&store, &blob, &media_type, tmp.path(), &limits).map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || -> Result<(), ImageError> {
+        let tmp = snaps.temp_dir()?;
+        let got = extract_blob(&store, &blob, &media_type, tmp.path(), &limits)?;
         if got != want {
             // A corrupt blob: drop it so the next build fetches it again.
             let _ = store.remove(&blob);
-            return Err(format!("uncompressed digest {got} does not match the config's diff_id {want}; the blob was discarded"));
+            return Err(ImageError::DiffId { got, want });
         }
-        snaps.commit(tmp, &want).map_err(|e| e.to_string())?;
+        snaps.commit(tmp, &want)?;
         Ok(())
     })
-    .await
-    .map_err(|e| err(e.to_string()))?
-    .map_err(err)?;
-    engine.index().add_layer_blob(&diff_id, record).map_err(|e| err(e.to_string()))?;
+    .await??;
+    engine.index().add_layer_blob(&diff_id, record)?;
     Ok(())
 }
 
 #[async_trait::async_trait]
 impl ImageResolver for BuildResolver {
-    async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
+    async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, ImageError> {
         let key = (reference.to_string(), platform.to_string());
         let mut resolved = self.resolved.lock().await;
         if let Some(hit) = resolved.get(&key) {

@@ -236,13 +236,11 @@ pub(crate) async fn build_platform(
     let resolver = Arc::new(BuildResolver::new(engine.clone(), req.namespace.clone(), req.registry.clone(), req.pull));
     let mut opts = req.frontend.clone();
     opts.target_platform = Some(platform.clone());
-    let graph = frontend::build_graph_limited(&req.dockerfile, &opts, &engine.limits().dockerfile, resolver.as_ref())
-        .await
-        .map_err(|e| EngineError::Frontend(e.to_string()))?;
+    let graph = frontend::build_graph_limited(&req.dockerfile, &opts, &engine.limits().dockerfile, resolver.as_ref()).await?;
     for w in &graph.warnings {
         Engine::warn(&progress, w.clone());
     }
-    req.entitlements.check_graph(&graph, req.network, &opts.dockerfile_name).map_err(EngineError::Frontend)?;
+    req.entitlements.check_graph(&graph, req.network, &opts.dockerfile_name)?;
     // Paths the steps read that the client did not send (a base image's ONBUILD COPY, or
     // whatever its reading of the Dockerfile missed) are asked for before anything runs.
     let missing: Vec<String> = crate::context::needed(&graph).into_iter().filter(|s| !req.context_reach.covers(s)).collect();
@@ -255,10 +253,7 @@ pub(crate) async fn build_platform(
                     missing.iter().map(|m| if m.is_empty() { "." } else { m }).collect::<Vec<_>>().join(", ")
                 ),
             );
-            fetcher
-                .extend(missing)
-                .await
-                .map_err(|e| EngineError::Frontend(format!("fetching more of the build context from the client: {e}")))?
+            fetcher.extend(missing).await.map_err(EngineError::Context)?
         }
         _ => req.context.clone(),
     };
@@ -370,7 +365,7 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
             b.engine
                 .index()
                 .put_pull(&ns, &img.manifest_digest, layers.clone(), size)
-                .map_err(|e| EngineError::Image(format!("image {}: recording the pull: {e}", img.reference)))?;
+                .map_err(|e| EngineError::Image { reference: img.reference.clone(), source: Box::new(e.into()) })?;
             StageState { key: cachekey::base_key(&ns, &b.platform, &layers), layers, history: img.config.history.clone() }
         }
     };
@@ -603,8 +598,11 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
         b.leases.add(d);
     }
     // The record's time (this build's, or that of the build it shared the step with).
-    let created =
-        engine.index().step(&b.req.namespace, &op_key).map_err(|e| step_error(b, step, e))?.map_or_else(|| engine.index().now(), |r| r.created);
+    let created = engine
+        .index()
+        .step(&b.req.namespace, &op_key)
+        .map_err(|e| step_error(b, step, e))?
+        .map_or_else(|| engine.index().now(), |r| r.created);
     state.key = next_key;
     Ok((diff, false, created))
 }

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use hoist_engine::context::{Context, ContextEntry, EntryKind, Materializer};
+use hoist_engine::context::{Context, ContextEntry, EntryKind, Materializer, Unavailable};
 use hoist_oci::digest::Digest;
 use hoist_oci::store::{BlobWriter, ContentStore};
 use hoist_proto::v1;
@@ -547,14 +547,14 @@ impl ContextStore {
                 drop(read);
                 let (dir, held) = match lock.try_write_owned() {
                     Ok(write) => {
-                        let n = update_dir(&dir2, &blobs, &entries).map_err(|e| e.to_string())?;
+                        let n = update_dir(&dir2, &blobs, &entries).map_err(Unavailable::new)?;
                         written2.store(n, std::sync::atomic::Ordering::Relaxed);
                         (dir2.clone(), Held::Shared(write.downgrade()))
                     }
                     Err(_) => {
                         let private = dir2.with_extension(format!("build-{}", hoist_oci::random::hex(8)));
                         let held = Held::Private(private.clone());
-                        let n = update_dir(&private, &blobs, &entries).map_err(|e| e.to_string())?;
+                        let n = update_dir(&private, &blobs, &entries).map_err(Unavailable::new)?;
                         written2.store(n, std::sync::atomic::Ordering::Relaxed);
                         (private, held)
                     }

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hoist_engine::context::{Context, ContextFetcher};
+use hoist_engine::context::{Context, ContextFetcher, Unavailable};
 use hoist_proto::v1::{self, build_event};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -67,7 +67,7 @@ impl ContextRequests {
 
 #[tonic::async_trait]
 impl ContextFetcher for ContextRequests {
-    async fn extend(&self, paths: Vec<String>) -> Result<Arc<Context>, String> {
+    async fn extend(&self, paths: Vec<String>) -> Result<Arc<Context>, Unavailable> {
         // One request at a time (the platforms of a build ask for the same paths).
         let mut state = self.state.lock().await;
         let new: Vec<String> = paths.into_iter().filter(|p| !state.asked.contains(p)).collect();
@@ -77,17 +77,17 @@ impl ContextFetcher for ContextRequests {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.replies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
-        let events = self.events.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or("the build is over")?;
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| Unavailable::new("the build is over"))?;
         let request = v1::BuildEvent { event: Some(build_event::Event::ContextRequest(v1::ContextRequest { id, paths: new.clone() })) };
-        events.send(Ok(request)).await.map_err(|_| "the client went away".to_string())?;
+        events.send(Ok(request)).await.map_err(|_| Unavailable::new("the client went away"))?;
         drop(events);
         let reply = rx
             .await
-            .map_err(|_| "the client did not answer (a client older than the builder cannot send more of the context)".to_string())?;
+            .map_err(|_| Unavailable::new("the client did not answer (a client older than the builder cannot send more of the context)"))?;
         if !reply.error.is_empty() {
-            return Err(reply.error);
+            return Err(Unavailable::new(reply.error));
         }
-        let extended = self.store.extend(&state.current, &reply.context_id).map_err(|e| e.to_string())?;
+        let extended = self.store.extend(&state.current, &reply.context_id).map_err(Unavailable::new)?;
         let extended = Arc::new(extended);
         let previous = std::mem::replace(&mut state.current, extended.clone());
         state.earlier.push(previous);

@@ -664,7 +664,11 @@ struct OutputsReport {
 fn engine_status(e: EngineError) -> Status {
     match e.root() {
         EngineError::Cancelled => Status::cancelled("build cancelled"),
-        EngineError::Frontend(m) => Status::invalid_argument(bounded_message(m.clone())),
+        // What the client sent cannot be built: a Dockerfile error, a missing entitlement,
+        // context paths the client did not send.
+        e @ (EngineError::Frontend(_) | EngineError::Entitlement(_) | EngineError::Context(_)) => {
+            Status::invalid_argument(bounded_message(e.to_string()))
+        }
         other => Status::aborted(bounded_message(other.to_string())),
     }
 }
@@ -1230,6 +1234,7 @@ async fn stream_output(
 #[cfg(test)]
 mod forward_tests {
     use super::*;
+    use hoist_engine::frontend::FrontendError;
 
     /// Regression (issue 7): engine events went through an unbounded channel to a client
     /// that may read slowly, so `RUN yes` grew the builder's memory without bound.
@@ -1292,11 +1297,11 @@ mod forward_tests {
     /// gRPC trailers, and the client dropped the connection ("too_many_continuations").
     #[test]
     fn huge_error_messages_are_cut_to_fit_a_status() {
-        let m = format!("Dockerfile:2: {}", "é".repeat(100_000));
-        let s = engine_status(EngineError::Frontend(m));
+        let syntax = |line, message: String| FrontendError::Syntax { file: "Dockerfile".into(), line, message };
+        let s = engine_status(syntax(2, "é".repeat(100_000)).into());
         assert!(s.message().len() < MAX_STATUS_MESSAGE + 100);
         assert!(s.message().starts_with("Dockerfile:2: ") && s.message().ends_with("cut]"));
-        let short = engine_status(EngineError::Frontend("Dockerfile:1: x".into()));
+        let short = engine_status(syntax(1, "x".into()).into());
         assert_eq!(short.message(), "Dockerfile:1: x");
     }
 
@@ -1307,7 +1312,8 @@ mod forward_tests {
         use std::sync::Arc;
         let shared = |e: EngineError| EngineError::Stage(Arc::new(EngineError::Stage(Arc::new(e))));
         assert_eq!(engine_status(shared(EngineError::Cancelled)).code(), tonic::Code::Cancelled);
-        let s = engine_status(shared(EngineError::Frontend("Dockerfile:3: bad".into())));
+        let bad = FrontendError::Syntax { file: "Dockerfile".into(), line: 3, message: "bad".into() };
+        let s = engine_status(shared(bad.into()));
         assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, "Dockerfile:3: bad"));
         let step = EngineError::Step { location: "Dockerfile:2".into(), instruction: "RUN exit 3".into(), message: "exit code 3".into() };
         let s = engine_status(shared(step));

@@ -25,13 +25,13 @@ pub use convert::is_git_source;
 pub trait ImageResolver: Send + Sync {
     /// Resolve `reference` (as written after expansion, e.g. "busybox",
     /// "127.0.0.1:5000/library/busybox:latest") for `platform`: fetch manifest (index →
-    /// platform manifest) and config. Errors are shown to the user as is.
-    async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String>;
+    /// platform manifest) and config.
+    async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, crate::images::ImageError>;
 }
 
 /// Why a Dockerfile could not be turned into a build graph. Every variant's message starts
 /// with the Dockerfile name and, when known, the line: `Dockerfile:7: unknown instruction "RUNN"`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FrontendError {
     /// The file is empty.
     #[error("{file}: the Dockerfile cannot be empty")]
@@ -51,8 +51,8 @@ pub enum FrontendError {
     #[error("{file}:{line}: {message}")]
     Invalid { file: String, line: usize, message: String },
     /// A base image could not be resolved.
-    #[error("{file}:{line}: failed to resolve image {reference:?} for {platform}: {message}")]
-    Resolve { file: String, line: usize, reference: String, platform: String, message: String },
+    #[error("{file}:{line}: failed to resolve image {reference:?} for {platform}: {source}")]
+    Resolve { file: String, line: usize, reference: String, platform: String, source: std::sync::Arc<crate::images::ImageError> },
     /// `--target` names no stage.
     #[error("{file}: target stage {target:?} could not be found (stages: {available})")]
     TargetNotFound { file: String, target: String, available: String },

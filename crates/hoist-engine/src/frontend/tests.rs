@@ -20,7 +20,7 @@ struct Fake {
 
 #[async_trait::async_trait]
 impl ImageResolver for Fake {
-    async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
+    async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, crate::images::ImageError> {
         self.calls.lock().unwrap().push((reference.to_string(), platform.to_string()));
         match self.images.get(reference) {
             Some(c) => Ok(ResolvedImage {
@@ -28,7 +28,12 @@ impl ImageResolver for Fake {
                 manifest_digest: format!("sha256:{:064x}", reference.len()),
                 config: c.clone(),
             }),
-            None => Err(format!("pull access denied for {reference}: repository does not exist")),
+            None => Err(hoist_oci::registry::RegistryError::NotFound {
+                registry: "docker.io".into(),
+                what: format!("image {reference}"),
+                reason: "repository does not exist".into(),
+            }
+            .into()),
         }
     }
 }
@@ -755,7 +760,7 @@ fn base_image_problems() {
     let e = err("FROM doesnotexist\n");
     assert_eq!(
         e,
-        "Dockerfile:1: failed to resolve image \"doesnotexist\" for linux/amd64: pull access denied for doesnotexist: repository does not exist"
+        "Dockerfile:1: failed to resolve image \"doesnotexist\" for linux/amd64: image doesnotexist was not found in registry docker.io: repository does not exist"
     );
     let e = err("ARG IMG\nFROM $IMG\n");
     assert!(e.starts_with("Dockerfile:2: base name ($IMG) should not be blank"), "{e}");

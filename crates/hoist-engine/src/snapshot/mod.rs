@@ -35,7 +35,9 @@ use hoist_oci::digest::Digest;
 use rustix::fs::{FlockOperation, RenameFlags, CWD};
 use rustix::io::Errno;
 
-pub use mount::{CopyMounter, KernelMounts, MountError, MountSyscalls, Mounter, OverlayMount, OverlayMounter, RecordingSyscalls, UpperDirs};
+pub use mount::{
+    CopyMounter, KernelMounts, MountError, MountSyscalls, Mounter, OverlayMount, OverlayMounter, RecordingSyscalls, UpperDirs,
+};
 
 /// Errors of the snapshot store.
 #[derive(Debug, thiserror::Error)]

@@ -454,9 +454,9 @@ impl Mounter for CopyMounter {
         let m = mounted.remove(i);
         if let Some(up) = &m.upper {
             // What overlayfs would have put in the upper directory: every change made in
-            // the target since the mount, against the lowers it was made of.
+            // the target, against the lowers it was made of.
             let base = tempfile::tempdir_in(&up.work).map_err(fake)?;
-            for layer in m.lowers.iter().rev().chain(std::iter::once(&up.upper)) {
+            for layer in m.lowers.iter().rev() {
                 copy_layer(layer, base.path()).map_err(fake)?;
             }
             record_changes(target, base.path(), &up.upper).map_err(fake)?;

@@ -4,6 +4,7 @@
 //! resolution, the ONBUILD triggers of a base, and the state each stage starts from.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use hoist_dockerfile::gocompat::quote;
 use hoist_dockerfile::instructions::{self as ins, Instr, Instruction};
@@ -362,18 +363,22 @@ impl Converter<'_> {
                 unique.push((r.clone(), p.clone()));
             }
         }
-        let results = futures::future::join_all(unique.iter().map(|(r, p)| resolver.resolve(r, p))).await;
+        let results: Vec<_> = futures::future::join_all(unique.iter().map(|(r, p)| resolver.resolve(r, p)))
+            .await
+            .into_iter()
+            .map(|r| r.map_err(Arc::new))
+            .collect();
         for (si, r, p) in wanted {
             let idx = unique.iter().position(|(ur, up)| *ur == r && *up == p).unwrap_or(0);
             match &results[idx] {
                 Ok(img) => infos[si].resolved = Some(img.clone()),
-                Err(message) => {
+                Err(source) => {
                     return Err(FrontendError::Resolve {
                         file: self.file.clone(),
                         line: infos[si].line,
                         reference: r.clone(),
                         platform: p.to_string(),
-                        message: message.clone(),
+                        source: source.clone(),
                     })
                 }
             }
