@@ -28,6 +28,9 @@ use crate::progress::{Event, Progress};
 use crate::snapshot::{Mounter, OverlayMounter, Snapshotter};
 use crate::solver::{self, Inflight};
 
+/// Why a step failed: the error of the part that failed, kept as the source, or a message.
+pub type StepCause = Box<dyn std::error::Error + Send + Sync>;
+
 /// Errors of a build, each saying what failed and where.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -40,9 +43,10 @@ pub enum EngineError {
     /// The client did not send the context paths the steps read.
     #[error("fetching more of the build context from the client: {0}")]
     Context(#[source] crate::context::Unavailable),
-    /// A step failed; `location` is `Dockerfile:LINE`.
-    #[error("{location}: {instruction}: {message}")]
-    Step { location: String, instruction: String, message: String },
+    /// A step failed; `location` is `Dockerfile:LINE`, `source` what failed (the part's own
+    /// error, or a message).
+    #[error("{location}: {instruction}: {source}")]
+    Step { location: String, instruction: String, source: StepCause },
     /// A base image cannot be resolved or pulled.
     #[error("image {reference}: {source}")]
     Image { reference: String, source: Box<crate::images::ImageError> },

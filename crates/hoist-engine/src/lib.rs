@@ -27,6 +27,6 @@ pub mod sshforward;
 mod steps;
 pub mod testing;
 
-pub use engine::{BuildOutcome, BuildRequest, BuildSecrets, BuiltImage, Engine, EngineConfig, EngineError, EngineParts};
+pub use engine::{BuildOutcome, BuildRequest, BuildSecrets, BuiltImage, Engine, EngineConfig, EngineError, EngineParts, StepCause};
 pub use images::{ImageSource, Registries, SourceImage};
 pub use limits::Limits;

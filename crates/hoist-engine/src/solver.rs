@@ -182,17 +182,14 @@ pub(crate) struct Build {
 
 impl Build {
     /// The commit git source `g` names for this build.
-    pub async fn git_commit(&self, g: &crate::graph::GitSource) -> Result<String, String> {
+    pub async fn git_commit(&self, g: &crate::graph::GitSource) -> Result<String, crate::StepCause> {
         let mut known = self.git_commits.lock().await;
         if let Some(c) = known.get(g) {
             return Ok(c.clone());
         }
         let r = crate::git::GitRef { url: g.url.clone(), reference: g.reference.clone(), subdir: None };
-        let scratch = tempfile::tempdir_in(self.engine.root()).map_err(|e| e.to_string())?;
-        let commit = tokio::task::spawn_blocking(move || crate::git::resolve(&r, scratch.path()))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let scratch = tempfile::tempdir_in(self.engine.root())?;
+        let commit = tokio::task::spawn_blocking(move || crate::git::resolve(&r, scratch.path())).await??;
         known.insert(g.clone(), commit.clone());
         Ok(commit)
     }
@@ -445,9 +442,9 @@ async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: Str
     })
 }
 
-fn step_error(b: &Build, step: &Step, message: impl std::fmt::Display) -> EngineError {
+fn step_error(b: &Build, step: &Step, cause: impl Into<crate::StepCause>) -> EngineError {
     let name = if b.req.frontend.dockerfile_name.is_empty() { "Dockerfile" } else { &b.req.frontend.dockerfile_name };
-    EngineError::Step { location: format!("{name}:{}", step.line), instruction: step.display.clone(), message: message.to_string() }
+    EngineError::Step { location: format!("{name}:{}", step.line), instruction: step.display.clone(), source: cause.into() }
 }
 
 /// The step's inputs besides its parent: content digests of what it reads.

@@ -22,6 +22,7 @@ use crate::progress::Event;
 use crate::rootfs;
 use crate::snapshot::{ActiveMount, SnapshotError, Uncommitted};
 use crate::solver::Build;
+use crate::StepCause;
 
 /// What a step needs to run.
 pub(crate) struct StepEnv {
@@ -32,13 +33,9 @@ pub(crate) struct StepEnv {
 }
 
 impl StepEnv {
-    fn err(&self, message: impl std::fmt::Display) -> EngineError {
+    fn err(&self, cause: impl Into<StepCause>) -> EngineError {
         let name = if self.build.req.frontend.dockerfile_name.is_empty() { "Dockerfile" } else { &self.build.req.frontend.dockerfile_name };
-        EngineError::Step {
-            location: format!("{name}:{}", self.step.line),
-            instruction: self.step.display.clone(),
-            message: message.to_string(),
-        }
+        EngineError::Step { location: format!("{name}:{}", self.step.line), instruction: self.step.display.clone(), source: cause.into() }
     }
 }
 
@@ -49,7 +46,7 @@ async fn context_files(env: &StepEnv) -> Result<PathBuf, EngineError> {
 }
 
 /// Run `blocking` on the blocking pool, mapping both failure kinds to step errors.
-async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+async fn blocking<T: Send + 'static, E: Into<StepCause> + Send + 'static>(
     env: &StepEnv,
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, EngineError> {
@@ -82,14 +79,14 @@ async fn commit_dir(env: &StepEnv, src: Uncommitted, lease: &LeaseSet) -> Result
         Uncommitted::Temp(t) => t.path().to_path_buf(),
     };
     let epoch = env.build.source_date_epoch;
-    let (diff_id, size, empty) = blocking(env, move || -> Result<_, String> {
+    let (diff_id, size, empty) = blocking(env, move || -> Result<_, StepCause> {
         // With SOURCE_DATE_EPOCH the clamp is made on disk, so that every later tar of this
         // layer (blob export, docker archive, rootfs) gives the same bytes without knowing
         // the epoch; the tar option then changes nothing but says what the diff_id means.
         if let Some(epoch) = epoch {
             clamp_mtimes(&dir, epoch).map_err(|e| format!("clamping mtimes to SOURCE_DATE_EPOCH in {}: {e}", dir.display()))?;
         }
-        diff_id_of(&dir, &TarOptions { source_date_epoch: epoch }).map_err(|e| e.to_string())
+        Ok(diff_id_of(&dir, &TarOptions { source_date_epoch: epoch })?)
     })
     .await?;
     if empty {
@@ -442,13 +439,13 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Pro
     };
     let op = c.clone();
     let limits = b.engine.limits().archive.clone();
-    let result = blocking(env, move || -> Result<(), String> {
+    let result = blocking(env, move || -> Result<(), StepCause> {
         let owner = match &op.chown {
-            Some(spec) => Some(rootfs::lookup_chown(&users_root, spec).map_err(|e| e.to_string())?),
+            Some(spec) => Some(rootfs::lookup_chown(&users_root, spec)?),
             None => None,
         };
         let params = CopyParams { op: &op, src_root: &src_root, dest_root: &dest_root, owner, urls: &urls, limits };
-        copy::copy(&params).map_err(|e| e.to_string())?;
+        copy::copy(&params)?;
         Ok(())
     })
     .await;
@@ -468,14 +465,14 @@ async fn execute_mkdir(env: &StepEnv, m: &MkdirOp, lease: &LeaseSet) -> Result<P
     let active = prepare(env, env.parent_layers.clone(), false).await?;
     let merged = active.merged().to_path_buf();
     let op = m.clone();
-    blocking(env, move || -> Result<(), String> {
+    blocking(env, move || -> Result<(), StepCause> {
         let owner = if op.user.is_empty() {
             None
         } else {
-            let ids = rootfs::lookup_user(&merged, &op.user).map_err(|e| e.to_string())?;
+            let ids = rootfs::lookup_user(&merged, &op.user)?;
             Some((ids.uid, ids.gid))
         };
-        rootfs::create_dir_all_in_root(&merged, &op.path, 0o755, owner).map_err(|e| e.to_string())?;
+        rootfs::create_dir_all_in_root(&merged, &op.path, 0o755, owner)?;
         Ok(())
     })
     .await?;

@@ -80,9 +80,9 @@ async fn a_failing_step_names_its_line_and_its_exit_code_and_caches_nothing() {
     let dockerfile = "FROM scratch\nRUN write /ok 1\nRUN exit 3\n";
     let err = t.build(t.request("team", dockerfile, &[])).await.err().expect("the build fails");
     match err.root() {
-        EngineError::Step { location, message, .. } => {
+        EngineError::Step { location, source, .. } => {
             assert_eq!(location, "Dockerfile:3");
-            assert!(message.contains("exit code: 3"), "{message}");
+            assert!(source.to_string().contains("exit code: 3"), "{source}");
         }
         other => panic!("expected a step error, got {other:?}"),
     }

@@ -1315,7 +1315,7 @@ mod forward_tests {
         let bad = FrontendError::Syntax { file: "Dockerfile".into(), line: 3, message: "bad".into() };
         let s = engine_status(shared(bad.into()));
         assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, "Dockerfile:3: bad"));
-        let step = EngineError::Step { location: "Dockerfile:2".into(), instruction: "RUN exit 3".into(), message: "exit code 3".into() };
+        let step = EngineError::Step { location: "Dockerfile:2".into(), instruction: "RUN exit 3".into(), source: "exit code 3".into() };
         let s = engine_status(shared(step));
         assert_eq!((s.code(), s.message()), (tonic::Code::Aborted, "Dockerfile:2: RUN exit 3: exit code 3"));
     }

@@ -24,9 +24,9 @@ fn go_atoi(s: &str) -> Option<i64> {
 
 /// Minimal check of an image reference (`reference.ParseNormalizedNamed`): non-empty, no
 /// whitespace, lowercase repository path.
-fn validate_reference(r: &str) -> Result<(), String> {
+fn validate_reference(r: &str) -> Result<(), InvalidReference> {
     if r.is_empty() || r.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("invalid reference format: {}", quote(r)));
+        return Err(InvalidReference::Format(quote(r)));
     }
     let name = r.split('@').next().unwrap_or(r);
     let (host, path) = match name.split_once('/') {
@@ -39,12 +39,21 @@ fn validate_reference(r: &str) -> Result<(), String> {
         _ => path,
     };
     if repo.chars().any(|c| c.is_ascii_uppercase()) {
-        return Err(format!("invalid reference format: repository name ({repo}) must be lowercase"));
+        return Err(InvalidReference::Uppercase(repo.to_string()));
     }
     if repo.is_empty() || !repo.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/')) {
-        return Err(format!("invalid reference format: {}", quote(r)));
+        return Err(InvalidReference::Format(quote(r)));
     }
     Ok(())
+}
+
+/// Why a base name is not an image reference (Docker's words).
+#[derive(Debug, thiserror::Error)]
+enum InvalidReference {
+    #[error("invalid reference format: {0}")]
+    Format(String),
+    #[error("invalid reference format: repository name ({0}) must be lowercase")]
+    Uppercase(String),
 }
 
 /// Stages reachable from `target` through bases and command sources.
