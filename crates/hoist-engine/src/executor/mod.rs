@@ -33,7 +33,7 @@ use crate::graph::{NetworkMode, SecurityMode};
 
 pub use cgroup::{random_build_name, remove_leftover_build_cgroups, BuildCgroup, CgroupError, CgroupLayout, CgroupVersion, Hierarchy};
 pub use emulation::{check_emulation, qemu_arch};
-pub use network::{Ipv4Subnet, SandboxNetConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
+pub use network::{Ipv4Subnet, NetError, SandboxNetConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET};
 pub use spec::{DEFAULT_HOSTNAME, DOCKER_DEFAULT_CAPS};
 
 /// Default `pids.max` of a step's cgroup: bounds fork storms.
@@ -200,10 +200,10 @@ pub enum ExecError {
     Emulation { platform: String, reason: String },
     /// The sandboxed network of a default-network step cannot be set up.
     #[error(
-        "cannot set up the sandboxed network of the RUN step: {reason}; RUN --network=none (no network) \
+        "cannot set up the sandboxed network of the RUN step: {source}; RUN --network=none (no network) \
          or --network=host (needs the network.host entitlement) does without it"
     )]
-    Network { reason: String },
+    Network { source: NetError },
     /// oci-spec rejected the config (a bug).
     #[error("cannot build the OCI runtime config: {0}")]
     Spec(#[from] oci_spec::OciSpecError),
@@ -664,7 +664,7 @@ impl Executor for RuncExecutor {
             let id = spec.id.clone();
             let lease = tokio::task::spawn_blocking(move || net.acquire(&id))
                 .await
-                .map_err(|e| ExecError::Network { reason: format!("the setup task failed: {e}") })??;
+                .map_err(|e| ExecError::Network { source: NetError::Task(e) })??;
             guard.net = Some(lease);
         }
         self.prepare_bundle(&spec, &bundle, &mut guard)?;

@@ -23,7 +23,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -55,6 +55,79 @@ pub const NAT_CHAIN: &str = "HOIST-POSTROUTING";
 pub(crate) const JUMPS: [(&str, &str, &str); 3] =
     [("filter", "INPUT", INPUT_CHAIN), ("filter", "FORWARD", FORWARD_CHAIN), ("nat", "POSTROUTING", NAT_CHAIN)];
 
+/// Why a subnet or bridge name is refused, or the sandboxed network of a RUN step cannot
+/// be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Text that is not `<IPv4 address>/<prefix>`.
+    #[error("{text:?} is not an IPv4 subnet like 10.213.0.0/16")]
+    SubnetSyntax { text: String },
+    /// A prefix outside /8 to /30.
+    #[error("{network}/{prefix}: the prefix must be between /8 and /30 (a gateway and at least one step)")]
+    SubnetPrefix { network: Ipv4Addr, prefix: u8 },
+    /// A network address with host bits set; `fixed` is the network it is in.
+    #[error("{network}/{prefix} has host bits set: did you mean {fixed}/{prefix}?")]
+    SubnetHostBits { network: Ipv4Addr, prefix: u8, fixed: Ipv4Addr },
+    /// A subnet overlapping loopback, link-local, multicast or reserved addresses.
+    #[error("{subnet} overlaps {reserved}, which cannot be a network of steps")]
+    SubnetReserved { subnet: Ipv4Subnet, reserved: Ipv4Subnet },
+    /// A bridge name that is not a valid interface name.
+    #[error("bridge name {bridge:?}: must be 1 to 15 characters of [A-Za-z0-9_.-]")]
+    BridgeName { bridge: String },
+    /// An interface of the bridge's name exists and is not a bridge.
+    #[error("interface {bridge} exists and is not a bridge: configure another bridge name")]
+    NotABridge { bridge: String },
+    /// The builder is not root.
+    #[error("the builder is not running as root (it creates a bridge, network namespaces and iptables rules)")]
+    NotRoot,
+    /// A tool the sandbox needs is not on `PATH`.
+    #[error("`{tool}` is not on PATH (install {package})")]
+    MissingTool { tool: &'static str, package: &'static str },
+    /// `ip` or `iptables` exited with an error.
+    #[error("`{tool} {}` failed: {output}", args.join(" "))]
+    Tool {
+        /// `ip` or `iptables`.
+        tool: &'static str,
+        /// Its arguments (without `-w`).
+        args: Vec<String>,
+        /// How it exited.
+        status: ExitStatus,
+        /// Its stderr, or its stdout if that is empty, or the exit status if both are.
+        output: String,
+    },
+    /// `ip -batch` exited with an error.
+    #[error("`ip -batch` failed: {output} (commands: {})", batch.trim().replace('\n', "; "))]
+    Batch {
+        /// The commands, one a line.
+        batch: String,
+        /// How it exited.
+        status: ExitStatus,
+        /// Its stderr, or its stdout if that is empty, or the exit status if both are.
+        output: String,
+    },
+    /// A system call or file operation failed (`context` says what it was doing).
+    #[error("cannot {context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    /// Every address of the subnet is held by a running step.
+    #[error("all {count} addresses of {subnet} are in use by running steps")]
+    NoFreeAddress { count: u32, subnet: Ipv4Subnet },
+    /// A step's veth is still there after deleting it.
+    #[error("{name} still exists after `ip link del`")]
+    LinkRemains { name: String },
+    /// The thread that creates a step's namespace panicked.
+    #[error("the network namespace thread panicked")]
+    ThreadPanicked,
+    /// The blocking task setting up a step's network failed (panicked or was cancelled).
+    #[error("the setup task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl NetError {
+    fn io(context: impl Into<String>, source: impl Into<std::io::Error>) -> NetError {
+        NetError::Io { context: context.into(), source: source.into() }
+    }
+}
+
 /// An IPv4 subnet such as `10.213.0.0/16`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Ipv4Subnet {
@@ -82,20 +155,20 @@ const RESERVED: [Ipv4Subnet; 4] = [
 impl Ipv4Subnet {
     /// A subnet for sandboxed steps: a /8 to /30 (room for the gateway and at least one
     /// step), no host bits set, not loopback, link-local, multicast or reserved.
-    pub fn new(network: Ipv4Addr, prefix: u8) -> Result<Ipv4Subnet, String> {
+    pub fn new(network: Ipv4Addr, prefix: u8) -> Result<Ipv4Subnet, NetError> {
         if !(8..=30).contains(&prefix) {
-            return Err(format!("{network}/{prefix}: the prefix must be between /8 and /30 (a gateway and at least one step)"));
+            return Err(NetError::SubnetPrefix { network, prefix });
         }
         let bits = u32::from(network);
         if bits & !mask(prefix) != 0 {
             let fixed = Ipv4Addr::from(bits & mask(prefix));
-            return Err(format!("{network}/{prefix} has host bits set: did you mean {fixed}/{prefix}?"));
+            return Err(NetError::SubnetHostBits { network, prefix, fixed });
         }
         let s = Ipv4Subnet { network, prefix };
         let last = Ipv4Addr::from(bits | !mask(prefix));
         for bad in RESERVED {
             if bad.contains(network) || bad.contains(last) || s.contains(bad.network) {
-                return Err(format!("{s} overlaps {bad}, which cannot be a network of steps"));
+                return Err(NetError::SubnetReserved { subnet: s, reserved: bad });
             }
         }
         Ok(s)
@@ -139,10 +212,10 @@ impl std::fmt::Display for Ipv4Subnet {
 }
 
 impl FromStr for Ipv4Subnet {
-    type Err = String;
+    type Err = NetError;
 
-    fn from_str(s: &str) -> Result<Ipv4Subnet, String> {
-        let bad = || format!("{s:?} is not an IPv4 subnet like 10.213.0.0/16");
+    fn from_str(s: &str) -> Result<Ipv4Subnet, NetError> {
+        let bad = || NetError::SubnetSyntax { text: s.to_string() };
         let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
         Ipv4Subnet::new(addr.parse().map_err(|_| bad())?, prefix.parse().map_err(|_| bad())?)
     }
@@ -166,11 +239,11 @@ impl Default for SandboxNetConfig {
 
 impl SandboxNetConfig {
     /// Check the bridge name (a valid interface name) and the subnet.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), NetError> {
         let b = &self.bridge;
         let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
         if b.is_empty() || b.len() > 15 || !b.chars().all(ok_char) || b == "." || b == ".." {
-            return Err(format!("bridge name {b:?}: must be 1 to 15 characters of [A-Za-z0-9_.-]"));
+            return Err(NetError::BridgeName { bridge: b.clone() });
         }
         Ipv4Subnet::new(self.subnet.network, self.subnet.prefix).map(|_| ())
     }
@@ -308,7 +381,7 @@ impl IpLock {
     }
 
     /// The first free address at or after index `start` (wrapping), and its index.
-    pub(crate) fn take_any(dir: &Path, subnet: Ipv4Subnet, start: u32) -> Result<(IpLock, u32), String> {
+    pub(crate) fn take_any(dir: &Path, subnet: Ipv4Subnet, start: u32) -> Result<(IpLock, u32), NetError> {
         let n = subnet.step_count();
         for k in 0..n {
             let i = (start % n + k) % n;
@@ -316,10 +389,10 @@ impl IpLock {
             match IpLock::try_take(dir, ip) {
                 Ok(Some(l)) => return Ok((l, i)),
                 Ok(None) => continue,
-                Err(e) => return Err(format!("cannot lock {}: {e}", dir.join(ip.to_string()).display())),
+                Err(e) => return Err(NetError::io(format!("lock {}", dir.join(ip.to_string()).display()), e)),
             }
         }
-        Err(format!("all {n} addresses of {subnet} are in use by running steps"))
+        Err(NetError::NoFreeAddress { count: n, subnet })
     }
 }
 
@@ -348,12 +421,13 @@ struct Tools {
     iptables: PathBuf,
 }
 
-fn tools() -> Result<Tools, String> {
+fn tools() -> Result<Tools, NetError> {
     if !rustix::process::geteuid().is_root() {
-        return Err("the builder is not running as root (it creates a bridge, network namespaces and iptables rules)".into());
+        return Err(NetError::NotRoot);
     }
-    let find =
-        |name: &str, pkg: &str| super::lookup_executable(Path::new(name)).ok_or_else(|| format!("`{name}` is not on PATH (install {pkg})"));
+    let find = |tool: &'static str, package: &'static str| {
+        super::lookup_executable(Path::new(tool)).ok_or(NetError::MissingTool { tool, package })
+    };
     Ok(Tools { ip: find("ip", "iproute2")?, iptables: find("iptables", "iptables")? })
 }
 
@@ -369,31 +443,36 @@ fn output_text(o: &std::process::Output) -> String {
 }
 
 /// Run `ip -batch -` with `batch` on stdin.
-fn ip_batch(ip: &Path, batch: &str) -> Result<(), String> {
+fn ip_batch(ip: &Path, batch: &str) -> Result<(), NetError> {
     let mut child = Command::new(ip)
         .args(["-batch", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", ip.display()))?;
+        .map_err(|e| NetError::io(format!("run {}", ip.display()), e))?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(batch.as_bytes());
     }
-    let out = child.wait_with_output().map_err(|e| format!("cannot wait for {}: {e}", ip.display()))?;
+    let out = child.wait_with_output().map_err(|e| NetError::io(format!("wait for {}", ip.display()), e))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("`ip -batch` failed: {} (commands: {})", output_text(&out), batch.trim().replace('\n', "; ")))
+        Err(NetError::Batch { batch: batch.to_string(), status: out.status, output: output_text(&out) })
     }
 }
 
-fn ip_cmd(ip: &Path, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(ip).args(args).stdin(Stdio::null()).output().map_err(|e| format!("cannot run {}: {e}", ip.display()))?;
+fn ip_cmd(ip: &Path, args: &[&str]) -> Result<(), NetError> {
+    let out = Command::new(ip).args(args).stdin(Stdio::null()).output().map_err(|e| NetError::io(format!("run {}", ip.display()), e))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("`ip {}` failed: {}", args.join(" "), output_text(&out)))
+        Err(NetError::Tool {
+            tool: "ip",
+            args: args.iter().map(|a| a.to_string()).collect(),
+            status: out.status,
+            output: output_text(&out),
+        })
     }
 }
 
@@ -414,12 +493,13 @@ impl Iptables<'_> {
         Command::new(self.0).arg("-w").args(["-t", table]).args(args).stdin(Stdio::null()).output()
     }
 
-    fn ok(&self, table: &str, args: &[&str]) -> Result<(), String> {
-        let out = self.run(table, args).map_err(|e| format!("cannot run {}: {e}", self.0.display()))?;
+    fn ok(&self, table: &str, args: &[&str]) -> Result<(), NetError> {
+        let out = self.run(table, args).map_err(|e| NetError::io(format!("run {}", self.0.display()), e))?;
         if out.status.success() {
             Ok(())
         } else {
-            Err(format!("`iptables -t {table} {}` failed: {}", args.join(" "), output_text(&out)))
+            let args = ["-t", table].iter().chain(args).map(|a| a.to_string()).collect();
+            Err(NetError::Tool { tool: "iptables", args, status: out.status, output: output_text(&out) })
         }
     }
 
@@ -433,7 +513,7 @@ impl Iptables<'_> {
         self.check(r.table, &a)
     }
 
-    fn rule_op(&self, op: &'static str, r: &Rule) -> Result<(), String> {
+    fn rule_op(&self, op: &'static str, r: &Rule) -> Result<(), NetError> {
         let mut a = vec![op, r.chain];
         a.extend(r.args.iter().map(String::as_str));
         self.ok(r.table, &a)
@@ -478,8 +558,8 @@ impl SandboxNet {
         }
     }
 
-    fn err(reason: impl Into<String>) -> ExecError {
-        ExecError::Network { reason: reason.into() }
+    fn err(source: NetError) -> ExecError {
+        ExecError::Network { source }
     }
 
     /// The host side, set up if this process has not yet done it, the bridge is gone, or
@@ -500,10 +580,10 @@ impl SandboxNet {
         Ok(tools)
     }
 
-    fn setup(&self, tools: &Tools) -> Result<(), String> {
+    fn setup(&self, tools: &Tools) -> Result<(), NetError> {
         use rustix::fs::{flock, FlockOperation};
         let ips = self.run_dir.join("ips");
-        std::fs::create_dir_all(&ips).map_err(|e| format!("cannot create {}: {e}", ips.display()))?;
+        std::fs::create_dir_all(&ips).map_err(|e| NetError::io(format!("create {}", ips.display()), e))?;
         let lock_path = self.run_dir.join("setup.lock");
         let lock = OpenOptions::new()
             .read(true)
@@ -512,13 +592,13 @@ impl SandboxNet {
             .truncate(false)
             .mode(0o600)
             .open(&lock_path)
-            .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
-        flock(&lock, FlockOperation::LockExclusive).map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
+            .map_err(|e| NetError::io(format!("open {}", lock_path.display()), e))?;
+        flock(&lock, FlockOperation::LockExclusive).map_err(|e| NetError::io(format!("lock {}", lock_path.display()), e))?;
         sweep_ip_locks(&ips);
 
         let fwd = "/proc/sys/net/ipv4/ip_forward";
         if std::fs::read_to_string(fwd).map(|s| s.trim() != "1").unwrap_or(true) {
-            std::fs::write(fwd, "1").map_err(|e| format!("cannot enable IPv4 forwarding ({fwd}): {e}"))?;
+            std::fs::write(fwd, "1").map_err(|e| NetError::io(format!("enable IPv4 forwarding ({fwd})"), e))?;
         }
 
         let (bridge, subnet) = (&self.config.bridge, self.config.subnet);
@@ -526,7 +606,7 @@ impl SandboxNet {
             tracing::info!(%bridge, %subnet, "creating the bridge of sandboxed RUN steps");
             ip_cmd(&tools.ip, &["link", "add", "name", bridge, "type", "bridge"])?;
         } else if !Path::new("/sys/class/net").join(bridge).join("bridge").exists() {
-            return Err(format!("interface {bridge} exists and is not a bridge: configure another bridge name"));
+            return Err(NetError::NotABridge { bridge: bridge.clone() });
         }
         disable_ipv6(bridge);
         ip_batch(&tools.ip, &bridge_batch(bridge, subnet))?;
@@ -594,20 +674,20 @@ impl SandboxNet {
         let (path, ip_bin) = (lease.netns.clone(), tools.ip.clone());
         let inner = std::thread::Builder::new()
             .name("hoist-netns".into())
-            .spawn(move || -> Result<(), String> {
+            .spawn(move || -> Result<(), NetError> {
                 // SAFETY: only this short-lived thread's network namespace changes; it opens
                 // no file descriptor that another thread uses.
                 unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
-                    .map_err(|e| format!("cannot create a network namespace: {e}"))?;
+                    .map_err(|e| NetError::io("create a network namespace", e))?;
                 rustix::mount::mount_bind("/proc/thread-self/ns/net", &path)
-                    .map_err(|e| format!("cannot bind the network namespace at {}: {e}", path.display()))?;
+                    .map_err(|e| NetError::io(format!("bind the network namespace at {}", path.display()), e))?;
                 // eth0 is created without IPv6 (loopback keeps ::1).
                 disable_ipv6("default");
                 ip_batch(&ip_bin, &batch)
             })
             .map_err(|e| ExecError::io("start a thread", e))?
             .join()
-            .map_err(|_| Self::err("the network namespace thread panicked"))?;
+            .map_err(|_| Self::err(NetError::ThreadPanicked))?;
         inner.map_err(Self::err)?;
         disable_ipv6(&lease.host_veth);
         ip_batch(&tools.ip, &port_batch(&lease.host_veth, &self.config.bridge)).map_err(Self::err)?;
@@ -672,7 +752,7 @@ impl Drop for Lease {
 
 /// Delete a link by name; fine if it is gone, also when the kernel removed it meanwhile
 /// (with its namespace).
-fn delete_link(ip: &Path, name: &str) -> Result<(), String> {
+fn delete_link(ip: &Path, name: &str) -> Result<(), NetError> {
     if !link_exists(name) {
         return Ok(());
     }
@@ -684,7 +764,7 @@ fn delete_link(ip: &Path, name: &str) -> Result<(), String> {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    res.and(Err(format!("{name} still exists after `ip link del`")))
+    res.and(Err(NetError::LinkRemains { name: name.to_string() }))
 }
 
 #[cfg(test)]
@@ -714,14 +794,32 @@ mod tests {
 
     #[test]
     fn bad_subnets_are_refused_with_a_reason() {
-        assert!("10.213.0.1/16".parse::<Ipv4Subnet>().unwrap_err().contains("did you mean 10.213.0.0/16"));
+        assert!("10.213.0.1/16".parse::<Ipv4Subnet>().unwrap_err().to_string().contains("did you mean 10.213.0.0/16"));
         assert!("10.0.0.0/31".parse::<Ipv4Subnet>().is_err());
         assert!("10.0.0.0/4".parse::<Ipv4Subnet>().is_err());
-        assert!("127.1.0.0/16".parse::<Ipv4Subnet>().unwrap_err().contains("127.0.0.0/8"));
+        assert!("127.1.0.0/16".parse::<Ipv4Subnet>().unwrap_err().to_string().contains("127.0.0.0/8"));
         assert!("169.254.0.0/24".parse::<Ipv4Subnet>().is_err());
         assert!("224.0.0.0/8".parse::<Ipv4Subnet>().is_err());
         assert!("10.213.0.0".parse::<Ipv4Subnet>().is_err());
         assert!("nonsense/8".parse::<Ipv4Subnet>().is_err());
+        assert!(matches!("10.213.0.1/16".parse::<Ipv4Subnet>(), Err(NetError::SubnetHostBits { .. })));
+        assert!(matches!("10.0.0.0/31".parse::<Ipv4Subnet>(), Err(NetError::SubnetPrefix { prefix: 31, .. })));
+        assert!(matches!("10.213.0.0".parse::<Ipv4Subnet>(), Err(NetError::SubnetSyntax { .. })));
+        assert_eq!("10.213.0.0".parse::<Ipv4Subnet>().unwrap_err().to_string(), "\"10.213.0.0\" is not an IPv4 subnet like 10.213.0.0/16");
+    }
+
+    #[test]
+    fn failures_keep_their_source() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        let e = IpLock::take_any(&gone, s("10.9.0.0/29"), 0).unwrap_err();
+        let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).expect("the io::Error is the source");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+        assert!(e.to_string().starts_with(&format!("cannot lock {}: ", gone.join("10.9.0.2").display())), "{e}");
+        let exec = SandboxNet::err(e);
+        assert!(exec.to_string().contains(": cannot lock ") && exec.to_string().contains("--network=none"), "{exec}");
+        assert!(matches!(exec.source().and_then(|s| s.downcast_ref::<NetError>()), Some(NetError::Io { .. })));
     }
 
     #[test]
@@ -812,7 +910,7 @@ mod tests {
         let d = IpLock::try_take(dir.path(), Ipv4Addr::new(10, 9, 0, 4)).unwrap().expect("a stale file's lock is free");
         let all: Vec<IpLock> = std::iter::from_fn(|| IpLock::take_any(dir.path(), net, 0).ok().map(|(l, _)| l)).collect();
         assert_eq!(all.iter().map(|l| l.ip().to_string()).collect::<Vec<_>>(), ["10.9.0.2", "10.9.0.5"]);
-        assert!(IpLock::take_any(dir.path(), net, 0).unwrap_err().contains("all 5 addresses of 10.9.0.0/29 are in use"));
+        assert!(IpLock::take_any(dir.path(), net, 0).unwrap_err().to_string().contains("all 5 addresses of 10.9.0.0/29 are in use"));
         drop((b, c, d, all));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         // Sweeping removes free files and keeps held ones.
