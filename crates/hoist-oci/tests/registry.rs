@@ -599,7 +599,7 @@ async fn resolve_oci_index_by_tag_and_by_digest() {
     assert_eq!(r.media_type, OCI_MANIFEST);
     assert_eq!(r.config_digest, amd.config.digest);
     assert_eq!(r.config_bytes, amd.config.bytes);
-    assert_eq!(r.config.architecture().to_string(), "amd64");
+    assert_eq!(r.config.architecture, "amd64");
     assert_eq!(r.platform, Some("linux/amd64".parse().unwrap()));
     let layer_digests: Vec<&Digest> = r.layers.iter().map(|l| &l.digest).collect();
     assert_eq!(layer_digests, amd.layers.iter().map(|l| &l.digest).collect::<Vec<_>>());
@@ -609,7 +609,7 @@ async fn resolve_oci_index_by_tag_and_by_digest() {
     // arm64 without a variant matches the arm64/v8 entry
     let r = c.resolve(&reg.reference("team/app:1.0"), &"linux/arm64".parse().unwrap()).await.unwrap();
     assert_eq!(r.manifest_digest, arm.manifest.digest);
-    assert_eq!(r.config.architecture().to_string(), "arm64");
+    assert_eq!(r.config.architecture, "arm64");
 
     // by the index digest
     let by_digest = reg.reference(&format!("team/app@{}", idx.digest));

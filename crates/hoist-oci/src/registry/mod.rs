@@ -41,7 +41,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use oci_spec::image::{ImageConfiguration, ImageManifest};
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use tokio::io::AsyncReadExt;
@@ -391,13 +390,13 @@ pub struct ResolvedManifest {
     /// Digest of the platform's image manifest.
     pub manifest_digest: Digest,
     /// The manifest, parsed.
-    pub manifest: ImageManifest,
+    pub manifest: crate::image::Manifest,
     /// The manifest's exact bytes.
     pub manifest_bytes: Vec<u8>,
     /// The manifest's media type (OCI or Docker schema 2).
     pub media_type: String,
     /// The image configuration, parsed.
-    pub config: ImageConfiguration,
+    pub config: crate::image::ImageConfig,
     /// Its exact bytes.
     pub config_bytes: Vec<u8>,
     /// Its digest (verified).
@@ -650,32 +649,34 @@ impl RegistryClient {
         };
 
         let invalid = |reason: String| RegistryError::Invalid { image: image.clone(), what: "manifest".into(), reason };
-        let parsed: ImageManifest = serde_json::from_slice(&manifest.bytes).map_err(|source| RegistryError::InvalidJson {
+        let parsed: crate::image::Manifest = serde_json::from_slice(&manifest.bytes).map_err(|source| RegistryError::InvalidJson {
             image: image.clone(),
             what: "manifest".into(),
             source,
         })?;
-        let config_digest: Digest = parsed.config().digest().to_string().parse().map_err(|e| invalid(format!("config: {e}")))?;
+        let config_digest = parsed.config.digest.clone();
         let config_bytes = self.fetch_blob_bytes(reference, &config_digest, "image config", CONFIG_LIMIT).await?;
-        let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|source| RegistryError::InvalidJson {
+        let config: crate::image::ImageConfig = serde_json::from_slice(&config_bytes).map_err(|source| RegistryError::InvalidJson {
             image: image.clone(),
             what: "image config".into(),
             source,
         })?;
 
-        let diff_ids = config.rootfs().diff_ids();
-        if diff_ids.len() != parsed.layers().len() {
-            return Err(invalid(format!("it has {} layers but the config lists {} diff_ids", parsed.layers().len(), diff_ids.len())));
+        let diff_ids = &config.rootfs.diff_ids;
+        if diff_ids.len() != parsed.layers.len() {
+            return Err(invalid(format!("it has {} layers but the config lists {} diff_ids", parsed.layers.len(), diff_ids.len())));
         }
-        let mut layers = Vec::with_capacity(diff_ids.len());
-        for (layer, diff_id) in parsed.layers().iter().zip(diff_ids) {
-            layers.push(LayerDescriptor {
-                digest: layer.digest().to_string().parse().map_err(|e| invalid(format!("layer: {e}")))?,
-                size: layer.size(),
-                media_type: layer.media_type().to_string(),
-                diff_id: diff_id.parse().map_err(|e| invalid(format!("config diff_id: {e}")))?,
-            });
-        }
+        let layers = parsed
+            .layers
+            .iter()
+            .zip(diff_ids)
+            .map(|(layer, diff_id)| LayerDescriptor {
+                digest: layer.digest.clone(),
+                size: layer.size,
+                media_type: layer.media_type.clone(),
+                diff_id: diff_id.clone(),
+            })
+            .collect();
 
         Ok(ResolvedManifest {
             reference: reference.clone(),
