@@ -15,7 +15,9 @@ use crate::graph::CacheSharing;
 #[derive(Debug, thiserror::Error)]
 #[error("cache mount {id:?}: {message}")]
 pub struct CacheMountError {
+    /// The cache id (`RUN --mount=type=cache,id=...`).
     pub id: String,
+    /// What failed (creating, seeding or locking the directory).
     pub message: String,
 }
 

@@ -14,8 +14,11 @@ use sha2::{Digest as _, Sha256};
 /// Kind of a context entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
+    /// A regular file.
     File,
+    /// A directory.
     Dir,
+    /// A symbolic link (its target in [`ContextEntry::link_target`]).
     Symlink,
 }
 
@@ -24,12 +27,15 @@ pub enum EntryKind {
 pub struct ContextEntry {
     /// Relative, slash-separated path.
     pub path: String,
+    /// What the entry is.
     pub kind: EntryKind,
     /// Permission and special bits.
     pub mode: u32,
+    /// Size in bytes (of a file's content).
     pub size: u64,
     /// Digest of a file's bytes.
     pub digest: Option<Digest>,
+    /// A symlink's target, as stored in the link.
     pub link_target: Option<String>,
     /// A file hard-linked to another file of the context: that file's path.
     pub hardlink: Option<String>,

@@ -4,7 +4,7 @@
 //! A build runs the frontend once per platform, then solves the graph: every stage is a task
 //! (independent stages run in parallel), every step is keyed ([`crate::cachekey`]) and either
 //! reused from the cache index or run. Identical steps in flight from concurrent builds run
-//! once ([`crate::solver::Inflight`]).
+//! once (`solver::Inflight`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,14 +46,36 @@ pub enum EngineError {
     /// A step failed; `location` is `Dockerfile:LINE`, `source` what failed (the part's own
     /// error, or a message).
     #[error("{location}: {instruction}: {source}")]
-    Step { location: String, instruction: String, source: StepCause },
+    Step {
+        /// `<dockerfile name>:<line>` of the instruction.
+        location: String,
+        /// The instruction as progress shows it, e.g. `RUN make -j2`.
+        instruction: String,
+        /// What failed.
+        source: StepCause,
+    },
     /// A base image cannot be resolved or pulled.
     #[error("image {reference}: {source}")]
-    Image { reference: String, source: Box<crate::images::ImageError> },
+    Image {
+        /// The image's normalized reference, e.g. `docker.io/library/alpine:3.20`.
+        reference: String,
+        /// Why it cannot be used.
+        source: Box<crate::images::ImageError>,
+    },
+    /// Storing a result failed (an image config, a cache record), an exporter or garbage
+    /// collection failed, or an internal error; the message says which.
     #[error("{0}")]
     Export(String),
+    /// The engine's state root (content store, snapshots, cache index, executor state)
+    /// cannot be created, opened or made private when the engine opens.
     #[error("builder state at {path}: {message}")]
-    State { path: PathBuf, message: String },
+    State {
+        /// The directory or file that failed.
+        path: PathBuf,
+        /// The underlying error.
+        message: String,
+    },
+    /// The build's cancellation token fired; running steps were killed.
     #[error("build cancelled")]
     Cancelled,
     /// The builder has a per-build memory limit and cannot set up the build's cgroup.
@@ -91,7 +113,9 @@ pub struct EngineConfig {
 /// Secrets and ssh agents a build may mount; both come from the client.
 #[derive(Debug, Clone, Default)]
 pub struct BuildSecrets {
+    /// Secret values by id (`--secret id=...`), for `RUN --mount=type=secret`.
     pub secrets: HashMap<String, Vec<u8>>,
+    /// The ssh agents the client forwards, for `RUN --mount=type=ssh`.
     pub ssh: crate::sshforward::SshAgents,
 }
 
@@ -100,23 +124,32 @@ pub struct BuildSecrets {
 pub struct BuildRequest {
     /// Cache namespace (the project).
     pub namespace: String,
+    /// The Dockerfile's bytes.
     pub dockerfile: Vec<u8>,
+    /// Build args, target stage, labels and the Dockerfile's name for the frontend.
     pub frontend: FrontendOptions,
     /// Target platforms; empty = the host's.
     pub platforms: Vec<Platform>,
+    /// The build context COPY/ADD and bind mounts read from.
     pub context: Arc<Context>,
     /// What of the context the client sent ([`crate::context::Reach::All`]: everything).
     pub context_reach: crate::context::Reach,
     /// Asks the client for context paths steps read beyond `context_reach`; without one,
     /// such a step sees no file there.
     pub context_fetcher: Option<Arc<dyn crate::context::ContextFetcher>>,
+    /// `--no-cache`: run every step instead of reusing cache records (new records are still
+    /// written).
     pub no_cache: bool,
+    /// `--pull`: resolve base image references at the registry even when this namespace
+    /// already has them.
     pub pull: bool,
     /// `docker build --network`: the default for RUN steps without `--network`.
     pub network: NetworkMode,
     /// What steps may do beyond the sandbox; checked before any step runs.
     pub entitlements: crate::entitlements::Entitlements,
+    /// `--add-host` entries as `(hostname, ip)`, added to /etc/hosts of RUN steps.
     pub add_hosts: Vec<(String, String)>,
+    /// Secrets and ssh agents the steps may mount.
     pub secrets: BuildSecrets,
     /// Registry access for this build (credentials the client forwarded).
     pub registry: RegistryClient,
@@ -129,10 +162,13 @@ pub struct BuildRequest {
 /// One built image (one platform).
 #[derive(Debug, Clone)]
 pub struct BuiltImage {
+    /// The platform the image was built for.
     pub platform: Platform,
+    /// The image configuration, with its rootfs diff ids and history.
     pub config: ImageConfig,
     /// Serialized config (its digest is the image id).
     pub config_bytes: Vec<u8>,
+    /// Digest of `config_bytes` (stored in the content store).
     pub config_digest: Digest,
 }
 
@@ -146,12 +182,18 @@ impl BuiltImage {
 /// The result of a build. It holds the build's layers against garbage collection until
 /// dropped, so keep it while exporting.
 pub struct BuildOutcome {
+    /// One image per requested platform, in the order of [`BuildRequest::platforms`].
     pub images: Vec<BuiltImage>,
+    /// Steps (all platforms) executed by this build or by an identical step in flight in
+    /// another build.
     pub steps_run: u32,
+    /// Steps (all platforms) reused from the cache index.
     pub steps_cached: u32,
     /// RUN steps that started a container.
     pub containers_run: u32,
+    /// Wall-clock time of the build, in seconds.
     pub seconds: f64,
+    /// The leases on the build's layers; garbage collection keeps them while this lives.
     pub leases: Arc<crate::gc::LeaseSet>,
 }
 

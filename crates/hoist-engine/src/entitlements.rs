@@ -30,7 +30,12 @@ pub enum Denied {
         "the {entitlement} entitlement is not granted to project {project:?} on this builder (its operator can grant it with \
          `hoist serve --allow-entitlement {entitlement}` or `hoist project allow {project} {entitlement}`)"
     )]
-    NotGranted { entitlement: Entitlement, project: String },
+    NotGranted {
+        /// The entitlement.
+        entitlement: Entitlement,
+        /// The build's project ([`Entitlements::project`]).
+        project: String,
+    },
     /// The client did not ask for it.
     #[error("the {0} entitlement was not requested: pass --allow {0} to hoist build")]
     NotRequested(Entitlement),
@@ -44,7 +49,16 @@ pub enum EntitlementError {
     BuildNetwork(#[source] Denied),
     /// A step (`Dockerfile:7: RUN --security=insecure: ...`).
     #[error("{file}:{line}: {what}: {source}")]
-    Step { file: String, line: usize, what: &'static str, source: Denied },
+    Step {
+        /// The Dockerfile's name, e.g. `Dockerfile`.
+        file: String,
+        /// The step's line (1-based).
+        line: usize,
+        /// The flag that needs the entitlement, e.g. `RUN --network=host`.
+        what: &'static str,
+        /// Why it may not be used.
+        source: Denied,
+    },
 }
 
 impl Entitlement {

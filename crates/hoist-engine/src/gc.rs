@@ -70,9 +70,15 @@ pub struct Reclaimable {
 /// A project's share of the builder's storage (contexts are counted by the server).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProjectUsage {
+    /// Distinct layers the project's cache records refer to (layers shared with other
+    /// projects included).
     pub layers: u64,
+    /// Bytes of those layers, each counted once, as the records give them (uncompressed tar
+    /// size for built layers, a share of the image's blob size for pulled ones).
     pub layer_bytes: u64,
+    /// Cache index records of the project: step results, base image pulls, saved outputs.
     pub records: u64,
+    /// Bytes on disk under the project's `RUN --mount=type=cache` directories.
     pub cache_mount_bytes: u64,
 }
 

@@ -22,14 +22,35 @@ pub struct GitRef {
 /// Errors of git sources; each names the repository.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
+    /// The source is not a network repository URL (e.g. `file://`, a local path, or an
+    /// argument-like or whitespace-containing URL); holds the source as written.
     #[error("git source {0:?}: only https://, http://, git:// and ssh:// repositories (or user@host:path) can be added")]
     Transport(String),
+    /// A git command failed, or the ref is malformed.
     #[error("git source {url}: {message}")]
-    Git { url: String, message: String },
+    Git {
+        /// The repository URL.
+        url: String,
+        /// git's last error line, or what else failed (an invalid ref, git not installed,
+        /// a file operation).
+        message: String,
+    },
+    /// `git ls-remote` lists no tag or branch of that name.
     #[error("git source {url}: no ref {reference:?} in the repository")]
-    NoRef { url: String, reference: String },
+    NoRef {
+        /// The repository URL.
+        url: String,
+        /// The ref asked for (`HEAD` when none was given).
+        reference: String,
+    },
+    /// The checked-out tree (with `.git` if kept) is larger than the ADD archive limit.
     #[error("git source {url}: the checkout is larger than the builder accepts for ADD ({max} bytes; hoist serve --max-archive-bytes)")]
-    TooLarge { url: String, max: u64 },
+    TooLarge {
+        /// The repository URL.
+        url: String,
+        /// The limit in bytes.
+        max: u64,
+    },
 }
 
 impl GitRef {

@@ -4,6 +4,10 @@
 //! exporters. Kernel- and process-touching code sits behind the [`snapshot::Mounter`] and
 //! [`executor::Executor`] traits so that the logic above them is unit-tested without root.
 
+#![warn(missing_docs)]
+
+// documented once the exporter rework lands (issue 16)
+#[allow(missing_docs)]
 pub mod cache;
 pub mod cachekey;
 pub mod cachemount;
@@ -12,6 +16,8 @@ pub mod copy;
 pub mod engine;
 pub mod entitlements;
 pub mod executor;
+// documented once the exporter rework lands (issue 16)
+#[allow(missing_docs)]
 pub mod export;
 pub mod frontend;
 pub mod gc;

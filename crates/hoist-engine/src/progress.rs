@@ -10,11 +10,32 @@ use tokio::sync::mpsc;
 #[derive(Debug, Clone)]
 pub enum Event {
     /// A vertex (a base image resolution, or a step) started.
-    Started { id: u32, name: String },
+    Started {
+        /// The vertex's id, unique within the build; later events of the vertex carry it.
+        id: u32,
+        /// What is shown, e.g. `[build 2/5] RUN make` or `[base] FROM docker.io/...@sha256:...`.
+        name: String,
+    },
     /// A vertex finished: from cache, by running, or with an error.
-    Completed { id: u32, cached: bool, seconds: f64, error: Option<String> },
+    Completed {
+        /// The vertex's id from [`Event::Started`].
+        id: u32,
+        /// The result came from the cache (no container ran, no layer was pulled).
+        cached: bool,
+        /// Wall-clock time since the vertex started, in seconds.
+        seconds: f64,
+        /// The vertex's error message if it failed.
+        error: Option<String>,
+    },
     /// Output of a running step (`stream` 1 = stdout, 2 = stderr).
-    Log { id: u32, stream: u8, data: Bytes },
+    Log {
+        /// The vertex's id from [`Event::Started`].
+        id: u32,
+        /// 1 for stdout, 2 for stderr.
+        stream: u8,
+        /// The bytes as they arrived (not split at lines).
+        data: Bytes,
+    },
     /// A non-fatal finding worth showing (unused build arg, ...).
     Warning(String),
 }

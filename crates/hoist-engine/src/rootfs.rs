@@ -32,16 +32,32 @@ pub const MAX_USER_FILE_BYTES: u64 = 16 << 20;
 pub enum RootfsError {
     /// A symlink chain longer than [`MAX_SYMLINK_FOLLOWS`] (or a loop).
     #[error("too many levels of symbolic links resolving {path} in {root}")]
-    TooManyLinks { path: String, root: PathBuf },
+    TooManyLinks {
+        /// The path being resolved, as seen inside the root.
+        path: String,
+        /// The root (host path).
+        root: PathBuf,
+    },
     /// A path component that must be a directory is something else.
     #[error("cannot create {path} in {root}: {component} exists and is not a directory")]
-    NotADirectory { path: String, component: String, root: PathBuf },
+    NotADirectory {
+        /// The path being resolved, as seen inside the root.
+        path: String,
+        /// The offending prefix of it, e.g. `/a/b/f`.
+        component: String,
+        /// The root (host path).
+        root: PathBuf,
+    },
     /// An I/O error on a path inside the root (`path` is shown as seen from inside the root).
     #[error("{op} {path} in {root}: {source}")]
     Io {
+        /// What was being done, e.g. `open` or `read`.
         op: &'static str,
+        /// The path, as seen inside the root.
         path: String,
+        /// The root (host path).
         root: PathBuf,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
@@ -53,10 +69,24 @@ pub enum RootfsError {
     UnknownGroup(String),
     /// A numeric id outside 0..=2147483647 (runc's range).
     #[error("invalid user {spec:?}: {what} {id} is out of range (expected 0 to 2147483647)")]
-    IdOutOfRange { spec: String, what: &'static str, id: i64 },
+    IdOutOfRange {
+        /// The `USER` (or `--chown`) value as written.
+        spec: String,
+        /// `uid` or `gid`.
+        what: &'static str,
+        /// The id found (written, or from /etc/passwd or /etc/group).
+        id: i64,
+    },
     /// An /etc/passwd or /etc/group larger than [`MAX_USER_FILE_BYTES`].
     #[error("{file} in {root} is larger than {limit} bytes; refusing to parse it")]
-    UserFileTooLarge { file: &'static str, root: PathBuf, limit: u64 },
+    UserFileTooLarge {
+        /// `/etc/passwd` or `/etc/group`.
+        file: &'static str,
+        /// The root (host path).
+        root: PathBuf,
+        /// The limit in bytes ([`MAX_USER_FILE_BYTES`]).
+        limit: u64,
+    },
 }
 
 fn io_err(op: &'static str, path: impl Into<String>, root: &Path, source: io::Error) -> RootfsError {
@@ -220,7 +250,10 @@ pub(crate) fn create_resolved_dirs(
 /// The identity a `RUN` step runs as.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserIds {
+    /// Numeric user id.
     pub uid: u32,
+    /// Numeric primary group id: the named group, else the user's group in /etc/passwd (0 for
+    /// a numeric user not listed there).
     pub gid: u32,
     /// Supplementary groups: the /etc/group entries that list the user by name (only when the
     /// spec names no group, as runc does).

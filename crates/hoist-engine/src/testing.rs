@@ -5,7 +5,7 @@
 //!   and records every step it was given; a [`CopyMounter`] turns what it changed into the
 //!   step's layer.
 //! - [`MemoryImages`] serves base images from memory.
-//! - [`ManualClock`](crate::cache::ManualClock) moves only when told to.
+//! - [`ManualClock`] moves only when told to.
 //!
 //! ```
 //! use hoist_engine::testing::TestEngine;

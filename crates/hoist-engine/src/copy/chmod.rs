@@ -39,6 +39,7 @@ pub struct ModeSet {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid chmod {mode:?}: expected octal digits or a symbolic mode like u+x,g-w,o=r")]
 pub struct BadMode {
+    /// The mode as written.
     pub mode: String,
 }
 

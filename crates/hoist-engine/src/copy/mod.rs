@@ -23,8 +23,8 @@
 //! - An existing directory at the destination is merged into; a file never replaces a
 //!   directory and a directory never goes through a non-directory (errors); nothing is ever
 //!   written through a symlink found at the destination.
-//! - ADD extracts local tar archives (see [`archive`]), copies URL downloads with mode 0600
-//!   and heredocs (`COPY <<EOF`) as 0644 files.
+//! - ADD extracts local tar archives (see the `archive` module), copies URL downloads with
+//!   mode 0600 and heredocs (`COPY <<EOF`) as 0644 files.
 
 mod archive;
 pub mod chmod;
@@ -82,6 +82,7 @@ impl Default for CopyLimits {
 
 /// Everything [`copy`] needs for one COPY/ADD step.
 pub struct CopyParams<'a> {
+    /// The step: sources, destination, `--chmod`, `--exclude`, `--parents`, unpacking.
     pub op: &'a CopyOp,
     /// The build context directory, or the source stage's (read-only) rootfs.
     pub src_root: &'a Path,
@@ -104,6 +105,7 @@ pub struct CopyStats {
     pub files: u64,
     /// Directories created or merged into.
     pub dirs: u64,
+    /// Symbolic links created (copied as links, never followed).
     pub symlinks: u64,
     /// Hard links made (to a file copied earlier in the same source, or within an archive).
     pub hardlinks: u64,
@@ -122,44 +124,96 @@ pub struct CopyStats {
 /// root) and what was expected; the caller adds the Dockerfile line.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
+    /// A source path (or the directory before its first wildcard) does not exist.
     #[error("{source_path:?} not found in {from}")]
-    SourceNotFound { source_path: String, from: String },
+    SourceNotFound {
+        /// The source as written in the step.
+        source_path: String,
+        /// Where it was looked up, e.g. `the build context` or `stage 1`.
+        from: String,
+    },
+    /// A source path cannot be resolved inside its root (a symlink loop, a file used as a
+    /// directory).
     #[error("cannot copy {source_path:?} from {from}: {error}")]
     SourceResolve {
+        /// The source as written in the step.
         source_path: String,
+        /// Where it was looked up, e.g. `the build context` or `stage 1`.
         from: String,
+        /// Why it cannot be resolved.
         #[source]
         error: Box<RootfsError>,
     },
+    /// The destination (or a directory on the way to it) cannot be resolved or created
+    /// inside the destination root.
     #[error("cannot prepare destination {dest:?}: {error}")]
     DestResolve {
+        /// The step's destination.
         dest: String,
+        /// Why it cannot be resolved.
         #[source]
         error: Box<RootfsError>,
     },
+    /// A directory is copied onto a path that exists and is not a directory.
     #[error("cannot copy a directory to {path}: it exists and is not a directory")]
-    NotADirectory { path: String },
+    NotADirectory {
+        /// The path inside the destination root.
+        path: String,
+    },
+    /// A file is copied onto a path that is an existing directory.
     #[error("cannot copy a file to {path}: a directory is in the way")]
-    DirectoryInTheWay { path: String },
+    DirectoryInTheWay {
+        /// The path inside the destination root.
+        path: String,
+    },
+    /// A filesystem call failed while reading a source or writing the destination.
     #[error("{op} {path}: {error}")]
     Io {
+        /// What was being done, e.g. `lstat` or `read directory`.
         op: &'static str,
+        /// The path, as seen inside its root.
         path: String,
+        /// The OS error.
         #[source]
         error: io::Error,
     },
+    /// A malformed source wildcard. Not returned by [`copy`] today: like fsutil, it treats a
+    /// malformed wildcard as matching nothing.
     #[error(transparent)]
     Pattern(#[from] BadPattern),
+    /// An `--exclude` pattern, or the include pattern of a `--parents` source, is malformed.
     #[error("--exclude/--parents pattern: {0}")]
     Exclude(#[from] IgnoreError),
+    /// A symbolic `--chmod` is malformed.
     #[error(transparent)]
     Mode(#[from] chmod::BadMode),
+    /// An `ADD <url>` source is missing from [`CopyParams::urls`] (a caller bug).
     #[error("ADD {url}: the caller did not provide the downloaded file")]
-    UrlNotDownloaded { url: String },
+    UrlNotDownloaded {
+        /// The source URL.
+        url: String,
+    },
+    /// An archive ADD extracts cannot be opened, decompressed or read, or has an entry that
+    /// cannot be written.
     #[error("ADD {archive}: entry {entry:?}: {reason}")]
-    Archive { archive: String, entry: String, reason: String },
+    Archive {
+        /// The archive, as seen inside its source root.
+        archive: String,
+        /// The entry's name in the archive; empty when the archive itself is at fault.
+        entry: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An archive ADD extracts goes over a [`CopyLimits`] bound (bytes, entries or
+    /// compression ratio); nothing more is extracted.
     #[error("ADD {archive}: refusing to extract: {reason}")]
-    ArchiveLimit { archive: String, reason: String },
+    ArchiveLimit {
+        /// The archive, as seen inside its source root.
+        archive: String,
+        /// Which limit, and its value.
+        reason: String,
+    },
+    /// A worker thread of a parallel copy panicked.
     #[error("a copy worker thread panicked")]
     Panicked,
 }

@@ -8,7 +8,9 @@ pub use hoist_dockerfile::IgnoreMatcher as PatternMatcher;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid pattern {pattern:?}: {reason}")]
 pub struct BadPattern {
+    /// The pattern as written.
     pub pattern: String,
+    /// What is malformed, e.g. an unclosed class or a trailing `\`.
     pub reason: &'static str,
 }
 

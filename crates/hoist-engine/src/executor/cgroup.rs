@@ -42,7 +42,12 @@ const UNIFIED_MOUNTPOINT: &str = "/sys/fs/cgroup";
 pub enum CgroupError {
     /// `/proc/self/cgroup` or `/proc/self/mountinfo` cannot be read.
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// No mounted hierarchy has the memory controller.
     #[error(
         "no cgroup hierarchy with the memory controller is mounted (see /proc/self/mountinfo): \
@@ -54,19 +59,38 @@ pub enum CgroupError {
         "the memory controller is not available in {path}/cgroup.controllers: enable it for the \
          builder's parent cgroup (e.g. Delegate=yes in its systemd unit), or run hoist serve without --build-memory"
     )]
-    V2MemoryUnavailable { path: PathBuf },
+    V2MemoryUnavailable {
+        /// The builder's parent cgroup directory (whose `cgroup.controllers` lacks `memory`).
+        path: PathBuf,
+    },
     /// The builder's cgroup in the memory hierarchy is not below that hierarchy's mount.
+    /// (Not returned today: such a hierarchy is skipped when the layout is read, which ends in
+    /// [`CgroupError::NoMemoryController`].)
     #[error(
         "the builder's memory cgroup {cgroup} is not below the root {root} of the hierarchy mounted at {mount}: \
          run the builder where its cgroup is visible (its own cgroup namespace), or without --build-memory"
     )]
-    NotVisible { cgroup: String, root: String, mount: PathBuf },
+    NotVisible {
+        /// The builder's cgroup, as `/proc/self/cgroup` names it.
+        cgroup: String,
+        /// The hierarchy's root, as `/proc/self/mountinfo` gives it.
+        root: String,
+        /// Where the hierarchy is mounted.
+        mount: PathBuf,
+    },
     /// A build cgroup name that cannot be a single path component.
     #[error("invalid build cgroup name {0:?}: use letters, digits, '_', '.' and '-' (at most 64)")]
     InvalidName(String),
     /// A cgroup file operation failed.
     #[error("cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        /// What was being done, e.g. `read` or `create`.
+        action: &'static str,
+        /// The cgroup file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError {

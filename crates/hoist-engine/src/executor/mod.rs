@@ -111,9 +111,21 @@ impl RunSpec {
 pub enum ExecMount {
     /// Bind a host file or directory (recursively) at `target`; `readonly` remounts it ro.
     /// A missing target is created as a file or directory like the source, and removed after.
-    Bind { source: PathBuf, target: String, readonly: bool },
+    Bind {
+        /// The host path; must exist.
+        source: PathBuf,
+        /// Absolute path inside the container.
+        target: String,
+        /// Mount it read-only.
+        readonly: bool,
+    },
     /// A fresh tmpfs at `target` (`size` in bytes; kernel default when `None`).
-    Tmpfs { target: String, size: Option<u64> },
+    Tmpfs {
+        /// Absolute path inside the container.
+        target: String,
+        /// Size limit in bytes; `None` is the kernel default.
+        size: Option<u64>,
+    },
 }
 
 impl ExecMount {
@@ -167,7 +179,12 @@ pub enum ExecError {
     RuntimeNotFound,
     /// The configured runtime (config or `HOIST_RUNTIME`) does not exist.
     #[error("OCI runtime {path} (from {from}) is not an executable file: install runc or fix {from}")]
-    RuntimeMissing { path: PathBuf, from: &'static str },
+    RuntimeMissing {
+        /// The configured runtime.
+        path: PathBuf,
+        /// Where it was configured: `the builder configuration` or `HOIST_RUNTIME`.
+        from: &'static str,
+    },
     /// crun refuses hybrid cgroup setups (like this lab's).
     #[error(
         "crun cannot run containers with this machine's hybrid cgroups (v1 controllers next to a \
@@ -176,34 +193,72 @@ pub enum ExecError {
     CrunHybridCgroups,
     /// The cancellation token fired; every process of the step was killed.
     #[error("{command} was cancelled; its processes were killed")]
-    Cancelled { command: String },
+    Cancelled {
+        /// The step's command, e.g. `process "/bin/sh -c make"`.
+        command: String,
+    },
     /// `RunSpec::timeout` passed; every process of the step was killed.
     #[error("{command} did not finish within {} and was killed", fmt_duration(*.timeout))]
-    Timeout { command: String, timeout: Duration },
+    Timeout {
+        /// The step's command, e.g. `process "/bin/sh -c make"`.
+        command: String,
+        /// The limit that passed ([`RunSpec::timeout`]).
+        timeout: Duration,
+    },
     /// The runtime could not start the process (e.g. the executable does not exist).
     #[error("cannot start {command}: {message}")]
-    Start { command: String, message: String },
+    Start {
+        /// The step's command, e.g. `process "/bin/sh -c make"`.
+        command: String,
+        /// The runtime's errors, joined with `; `.
+        message: String,
+    },
     /// A runtime command other than `run` failed.
     #[error("`{runtime} {action}` failed: {message}")]
-    Runtime { runtime: String, action: String, message: String },
+    Runtime {
+        /// The runtime binary's path.
+        runtime: String,
+        /// The runtime subcommand, e.g. `list`.
+        action: String,
+        /// The runtime's standard error.
+        message: String,
+    },
     /// A path of the step cannot be used (relative, escaping through a file, symlink loop).
     #[error("invalid path {path:?}: {reason}")]
-    InvalidPath { path: String, reason: String },
+    InvalidPath {
+        /// The path (inside the container, or on the host for a rootfs or bind source).
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The spec is malformed (bad id, empty command, id already running).
     #[error("invalid step: {0}")]
     Invalid(String),
     /// A file operation of the executor failed.
     #[error("cannot {context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        /// What the executor was doing, e.g. `run runc list`.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The platform cannot run here (see [`check_emulation`]).
     #[error("cannot run {platform} steps: {reason}")]
-    Emulation { platform: String, reason: String },
+    Emulation {
+        /// The step's platform, e.g. `linux/arm64`.
+        platform: String,
+        /// Why it cannot run (not linux, no binfmt_misc handler, ...).
+        reason: String,
+    },
     /// The sandboxed network of a default-network step cannot be set up.
     #[error(
         "cannot set up the sandboxed network of the RUN step: {source}; RUN --network=none (no network) \
          or --network=host (needs the network.host entitlement) does without it"
     )]
-    Network { source: NetError },
+    Network {
+        /// What failed.
+        source: NetError,
+    },
     /// oci-spec rejected the config (a bug).
     #[error("cannot build the OCI runtime config: {0}")]
     Spec(#[from] oci_spec::OciSpecError),

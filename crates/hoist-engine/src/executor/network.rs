@@ -61,28 +61,59 @@ pub(crate) const JUMPS: [(&str, &str, &str); 3] =
 pub enum NetError {
     /// Text that is not `<IPv4 address>/<prefix>`.
     #[error("{text:?} is not an IPv4 subnet like 10.213.0.0/16")]
-    SubnetSyntax { text: String },
+    SubnetSyntax {
+        /// The text as given.
+        text: String,
+    },
     /// A prefix outside /8 to /30.
     #[error("{network}/{prefix}: the prefix must be between /8 and /30 (a gateway and at least one step)")]
-    SubnetPrefix { network: Ipv4Addr, prefix: u8 },
+    SubnetPrefix {
+        /// The network address.
+        network: Ipv4Addr,
+        /// The prefix length given.
+        prefix: u8,
+    },
     /// A network address with host bits set; `fixed` is the network it is in.
     #[error("{network}/{prefix} has host bits set: did you mean {fixed}/{prefix}?")]
-    SubnetHostBits { network: Ipv4Addr, prefix: u8, fixed: Ipv4Addr },
+    SubnetHostBits {
+        /// The address as given.
+        network: Ipv4Addr,
+        /// The prefix length.
+        prefix: u8,
+        /// The address with its host bits cleared.
+        fixed: Ipv4Addr,
+    },
     /// A subnet overlapping loopback, link-local, multicast or reserved addresses.
     #[error("{subnet} overlaps {reserved}, which cannot be a network of steps")]
-    SubnetReserved { subnet: Ipv4Subnet, reserved: Ipv4Subnet },
+    SubnetReserved {
+        /// The subnet given.
+        subnet: Ipv4Subnet,
+        /// The reserved range it overlaps.
+        reserved: Ipv4Subnet,
+    },
     /// A bridge name that is not a valid interface name.
     #[error("bridge name {bridge:?}: must be 1 to 15 characters of [A-Za-z0-9_.-]")]
-    BridgeName { bridge: String },
+    BridgeName {
+        /// The name given.
+        bridge: String,
+    },
     /// An interface of the bridge's name exists and is not a bridge.
     #[error("interface {bridge} exists and is not a bridge: configure another bridge name")]
-    NotABridge { bridge: String },
+    NotABridge {
+        /// The interface name.
+        bridge: String,
+    },
     /// The builder is not root.
     #[error("the builder is not running as root (it creates a bridge, network namespaces and iptables rules)")]
     NotRoot,
     /// A tool the sandbox needs is not on `PATH`.
     #[error("`{tool}` is not on PATH (install {package})")]
-    MissingTool { tool: &'static str, package: &'static str },
+    MissingTool {
+        /// The command: `ip` or `iptables`.
+        tool: &'static str,
+        /// The package that provides it: `iproute2` or `iptables`.
+        package: &'static str,
+    },
     /// `ip` or `iptables` exited with an error.
     #[error("`{tool} {}` failed: {output}", args.join(" "))]
     Tool {
@@ -107,13 +138,26 @@ pub enum NetError {
     },
     /// A system call or file operation failed (`context` says what it was doing).
     #[error("cannot {context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        /// What was being done, e.g. `run /usr/sbin/ip`.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// Every address of the subnet is held by a running step.
     #[error("all {count} addresses of {subnet} are in use by running steps")]
-    NoFreeAddress { count: u32, subnet: Ipv4Subnet },
+    NoFreeAddress {
+        /// How many step addresses the subnet has.
+        count: u32,
+        /// The steps' subnet.
+        subnet: Ipv4Subnet,
+    },
     /// A step's veth is still there after deleting it.
     #[error("{name} still exists after `ip link del`")]
-    LinkRemains { name: String },
+    LinkRemains {
+        /// The veth interface's name.
+        name: String,
+    },
     /// The thread that creates a step's namespace panicked.
     #[error("the network namespace thread panicked")]
     ThreadPanicked,

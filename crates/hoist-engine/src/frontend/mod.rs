@@ -35,27 +35,73 @@ pub trait ImageResolver: Send + Sync {
 pub enum FrontendError {
     /// The file is empty.
     #[error("{file}: the Dockerfile cannot be empty")]
-    Empty { file: String },
+    Empty {
+        /// The Dockerfile's name ([`FrontendOptions::dockerfile_name`], default `Dockerfile`).
+        file: String,
+    },
     /// The file has ARGs but no FROM.
     #[error("{file}: the Dockerfile contains no stages to build (expected a FROM instruction)")]
-    NoStages { file: String },
+    NoStages {
+        /// The Dockerfile's name ([`FrontendOptions::dockerfile_name`], default `Dockerfile`).
+        file: String,
+    },
     /// Syntax: parser directives, continuations, heredocs, unknown instructions or flags,
     /// wrong argument counts.
     #[error("{file}:{line}: {message}")]
-    Syntax { file: String, line: usize, message: String },
+    Syntax {
+        /// The Dockerfile's name ([`FrontendOptions::dockerfile_name`], default `Dockerfile`).
+        file: String,
+        /// The line the error points at (1-based).
+        line: usize,
+        /// What is wrong, as BuildKit words it.
+        message: String,
+    },
     /// Variable expansion failed (`${X:?must be set}`, unbalanced quotes, bad substitution).
     #[error("{file}:{line}: {message}")]
-    Expansion { file: String, line: usize, message: String },
+    Expansion {
+        /// The Dockerfile's name ([`FrontendOptions::dockerfile_name`], default `Dockerfile`).
+        file: String,
+        /// The line the error points at (1-based).
+        line: usize,
+        /// What failed to expand, and why.
+        message: String,
+    },
     /// A value is invalid once expanded (platform, mount, chmod, port, signal, stage
     /// reference, cycle...).
     #[error("{file}:{line}: {message}")]
-    Invalid { file: String, line: usize, message: String },
+    Invalid {
+        /// The Dockerfile's name ([`FrontendOptions::dockerfile_name`], default `Dockerfile`).
+        file: String,
+        /// The line the error points at (1-based).
+        line: usize,
+        /// Which value is invalid, and why.
+        message: String,
+    },
     /// A base image could not be resolved.
     #[error("{file}:{line}: failed to resolve image {reference:?} for {platform}: {source}")]
-    Resolve { file: String, line: usize, reference: String, platform: String, source: std::sync::Arc<crate::images::ImageError> },
+    Resolve {
+        /// The Dockerfile's name ([`FrontendOptions::dockerfile_name`], default `Dockerfile`).
+        file: String,
+        /// The line of the `FROM` (or `--from`) that names the image.
+        line: usize,
+        /// The image reference as written after expansion.
+        reference: String,
+        /// The platform it was resolved for, e.g. `linux/amd64`.
+        platform: String,
+        /// Why it failed (shared by every stage that names the same image).
+        source: std::sync::Arc<crate::images::ImageError>,
+    },
     /// `--target` names no stage.
     #[error("{file}: target stage {target:?} could not be found (stages: {available})")]
-    TargetNotFound { file: String, target: String, available: String },
+    TargetNotFound {
+        /// The Dockerfile's name ([`FrontendOptions::dockerfile_name`], default `Dockerfile`).
+        file: String,
+        /// The `--target` value.
+        target: String,
+        /// The stage names there are, comma-separated (or the index range when no stage is
+        /// named).
+        available: String,
+    },
 }
 
 impl FrontendError {

@@ -44,7 +44,14 @@ pub use mount::{
 pub enum SnapshotError {
     /// A file operation on the store failed.
     #[error("cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        /// What was being done, e.g. `create` or `rename`.
+        action: &'static str,
+        /// The file or directory in the store.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// Mounting or unmounting failed.
     #[error(transparent)]
     Mount(#[from] MountError),

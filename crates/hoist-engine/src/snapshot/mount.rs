@@ -56,22 +56,45 @@ pub struct OverlayMount {
 pub enum MountError {
     /// The kernel refused the mount (its own messages are included).
     #[error("cannot mount overlay on {target}: {message}")]
-    Mount { target: PathBuf, message: String },
+    Mount {
+        /// The mount point.
+        target: PathBuf,
+        /// The error, with the kernel's messages.
+        message: String,
+    },
     /// Unmounting failed even lazily.
     #[error("cannot unmount {target}: {source}")]
-    Unmount { target: PathBuf, source: io::Error },
+    Unmount {
+        /// The mount point.
+        target: PathBuf,
+        /// The OS error (of the lazy retry, when the first attempt found the mount busy).
+        source: io::Error,
+    },
     /// An overlay without lower directories.
     #[error("overlay on {target} needs at least one lower directory")]
-    NoLowers { target: PathBuf },
+    NoLowers {
+        /// The mount point.
+        target: PathBuf,
+    },
     /// Too many lowers for `mount(2)` (only without the new mount API).
     #[error(
         "overlay on {target}: {count} lower directories do not fit in one mount(2) option page \
          on this kernel (the new mount API of Linux 6.8+ has no such limit)"
     )]
-    TooManyLowers { target: PathBuf, count: usize },
+    TooManyLowers {
+        /// The mount point.
+        target: PathBuf,
+        /// How many lower directories were given.
+        count: usize,
+    },
     /// The test double failed to copy.
     #[error("fake mount on {target}: {source}")]
-    Fake { target: PathBuf, source: io::Error },
+    Fake {
+        /// The mount point.
+        target: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
 }
 
 /// Mounts and unmounts overlay filesystems. Kernel access sits behind this trait so that the
