@@ -39,6 +39,9 @@ pub enum EngineError {
     Image(String),
     #[error("{0}")]
     Export(String),
+    /// An output that does not fit: a bad spec, or images it cannot take.
+    #[error(transparent)]
+    Output(#[from] crate::export::OutputError),
     #[error("builder state at {path}: {message}")]
     State { path: PathBuf, message: String },
     #[error("build cancelled")]
