@@ -223,7 +223,12 @@ fn bad_compression_options_are_clear_errors_and_the_builder_keeps_serving() {
         ("compression=zstd,compression-level=fast", &["compression-level", "fast", "zstd"]),
         ("compression=zstd,force-compression=maybe", &["force-compression", "maybe"]),
     ];
-    let mut pid = None;
+    // The client refuses them before it sends anything; the builder (started by a good
+    // build first) must not notice them.
+    let first = build_oci(&h, ctx.path(), &out.path().join("first.tar"), "");
+    assert_eq!(archive_layers(&first).len(), 3);
+    let pid = h.daemon_pid();
+    assert!(pid.is_some(), "the embedded builder is running");
     for (opts, needles) in cases {
         let o = h.build(&["-o", &format!("type=oci,dest={},{opts}", dest.display()), ctx.path().to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&o.stderr);
@@ -232,10 +237,8 @@ fn bad_compression_options_are_clear_errors_and_the_builder_keeps_serving() {
             assert!(stderr.contains(n), "the error for {opts} names {n:?}:\n{stderr}");
         }
         assert!(!stderr.contains("RUN seq"), "{opts} is refused before the build runs:\n{stderr}");
-        assert!(pid.is_none() || pid == h.daemon_pid(), "the builder survived {opts}");
-        pid = h.daemon_pid();
+        assert_eq!(h.daemon_pid(), pid, "the builder survived {opts}");
     }
-    assert!(pid.is_some(), "the embedded builder is running");
     // An ordinary build on the same builder still works.
     let ok = build_oci(&h, ctx.path(), &out.path().join("ok.tar"), "");
     assert_eq!(archive_layers(&ok).len(), 3);

@@ -20,9 +20,9 @@ use bollard::Docker;
 use bytes::Bytes;
 use futures::StreamExt;
 use hoist_client::{v1, Client};
+use hoist_oci::archive;
 use hoist_oci::digest::{chain_id, Digest};
 use hoist_oci::image::{ImageConfig, Manifest};
-use hoist_oci::reference::Reference;
 use tokio::sync::mpsc;
 
 use crate::build::human_bytes;
@@ -149,15 +149,7 @@ fn pick_manifest<'a>(session: &'a v1::ExportSession, platform: &str) -> anyhow::
 
 /// `name:tag` → (repository as the engine names it, tag).
 fn repo_and_tag(t: &str) -> anyhow::Result<(String, String)> {
-    let r = Reference::parse(t).with_context(|| format!("invalid tag {t:?}"))?;
-    if r.digest.is_some() && r.tag.is_none() {
-        bail!("{t}: an image in the engine can be named by a tag, not a digest");
-    }
-    let tag = r.tag.clone().unwrap_or_else(|| "latest".into());
-    let bare = Reference { tag: Some(tag.clone()), digest: None, ..r };
-    let familiar = bare.familiar();
-    let repo = familiar.strip_suffix(&format!(":{tag}")).unwrap_or(&familiar).to_string();
-    Ok((repo, tag))
+    Ok(archive::repo_and_tag(t)?)
 }
 
 /// Load `session`'s image into `engine` with `tags`, then release the session.
@@ -398,20 +390,16 @@ async fn load_archive(
         bail!("manifest {} has {} layers but its config lists {}", chosen.digest, manifest.layers.len(), diff_ids.len());
     }
     let present = engine_chains(&engine.docker).await;
-    let mut layer_paths = Vec::new();
+    let entry = archive::ArchiveImage::new(&manifest.config.digest, &diff_ids, tags)?;
     let mut send = Vec::new();
-    for (i, (l, d)) in manifest.layers.iter().zip(&diff_ids).enumerate() {
-        let path = format!("{}/layer.tar", d.hex());
+    for (i, (l, path)) in manifest.layers.iter().zip(&entry.layers).enumerate() {
         let have = chain_id(&diff_ids[..=i]).is_some_and(|c| present.contains(&c));
         if !have {
             send.push((path.clone(), l.digest.clone(), l.size));
         }
-        layer_paths.push(path);
     }
-    let repo_tags: Vec<String> =
-        tags.iter().map(|t| repo_and_tag(t).map(|(r, tag)| format!("{r}:{tag}"))).collect::<anyhow::Result<_>>()?;
-    let config_name = format!("{}.json", manifest.config.digest.hex());
-    let manifest_json = serde_json::to_vec(&serde_json::json!([{ "Config": config_name, "RepoTags": repo_tags, "Layers": layer_paths }]))?;
+    let config_name = entry.config.clone();
+    let manifest_json = archive::manifest_json(&[entry])?;
     let layers_moved = send.len() as u64;
     let layer_bytes: u64 = send.iter().map(|(_, _, s)| *s).sum();
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);

@@ -107,7 +107,7 @@ pub async fn run(
             if !(o.is_push() || o.is_load()) {
                 bail!(
                     "output type={} is not supported when platforms are built on several builders (use --push or --load, or one builder)",
-                    o.kind
+                    o.type_name()
                 );
             }
         }
@@ -148,9 +148,7 @@ pub async fn run(
                 continue;
             }
             // A push: this builder's manifests by digest; the client pushes the index.
-            let mut p = o.to_proto();
-            p.attrs.insert("push-by-digest".into(), "true".into());
-            outs.push(p);
+            outs.push(o.by_digest().to_proto());
             part.outputs.push(i);
         }
         req.outputs = outs;

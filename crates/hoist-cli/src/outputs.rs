@@ -8,114 +8,266 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _};
 use hoist_client::{v1, Client};
+use hoist_oci::compress::Compression;
 use tokio::task::JoinHandle;
+use v1::output::Kind;
 
 use crate::load::{DockerEngine, LoadReport};
 
-/// One `--output` (or `--push` / `--load`).
+/// Where the client puts an output.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    /// Nowhere: it stays on the builder or goes to a registry.
+    Builder,
+    /// A file (`dest=PATH`).
+    File(PathBuf),
+    /// Standard output (`dest=-`).
+    Stdout,
+    /// A directory the tar is extracted into (`type=local`).
+    Dir(PathBuf),
+    /// The local Docker engine (`--load`, `type=docker` without dest).
+    Engine,
+}
+
+/// One `--output` (or `--push` / `--load` / `--save`): what the builder makes, as the typed
+/// wire message, and where the client puts it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutputSpec {
-    pub kind: String,
-    pub attrs: BTreeMap<String, String>,
+    pub kind: Kind,
+    pub dest: Dest,
+}
+
+/// The keys each `type=` takes.
+const IMAGE_KEYS: &[&str] = &["name", "push", "push-by-digest", "compression", "compression-level", "force-compression"];
+const DOCKER_KEYS: &[&str] = &["name", "dest", "compression", "compression-level", "force-compression"];
+const OCI_KEYS: &[&str] = &["name", "dest", "compression", "compression-level", "force-compression"];
+const ROOTFS_KEYS: &[&str] = &["dest"];
+
+/// A `-o` option's attributes, which say which one is bad.
+struct Attrs<'a> {
+    spec: &'a str,
+    kind: &'a str,
+    map: BTreeMap<&'a str, &'a str>,
+}
+
+impl<'a> Attrs<'a> {
+    fn check_keys(&self, allowed: &[&str]) -> anyhow::Result<()> {
+        for k in self.map.keys() {
+            if !allowed.contains(k) {
+                bail!("--output {:?}: unknown key {k:?} for type={} (it takes {})", self.spec, self.kind, allowed.join(", "));
+            }
+        }
+        Ok(())
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.map.get("name").map(|n| n.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()).unwrap_or_default()
+    }
+
+    /// A boolean as BuildKit reads it (Go's `strconv.ParseBool`); absent is false.
+    fn bool(&self, key: &str) -> anyhow::Result<bool> {
+        match self.map.get(key).map(|v| v.trim()) {
+            None => Ok(false),
+            Some(v) => hoist_dockerfile::gocompat::parse_bool(v)
+                .ok_or_else(|| anyhow!("--output {:?}: invalid {key} {v:?}: expected true or false", self.spec)),
+        }
+    }
+
+    /// `compression=`, `compression-level=`, `force-compression=`; `None` when none is given.
+    fn compression(&self) -> anyhow::Result<Option<v1::LayerCompression>> {
+        let keys = ["compression", "compression-level", "force-compression"];
+        if !keys.iter().any(|k| self.map.contains_key(k)) {
+            return Ok(None);
+        }
+        let c = Compression::from_attrs(self.map.iter().map(|(k, v)| (*k, *v))).with_context(|| format!("--output {:?}", self.spec))?;
+        Ok(Some(layer_compression(c, self.bool("force-compression")?)))
+    }
+
+    fn dest(&self) -> anyhow::Result<Dest> {
+        match self.map.get("dest") {
+            None => bail!("--output {:?}: dest= is required for type={}", self.spec, self.kind),
+            Some(&"") => bail!("--output {:?}: dest= is empty; name a file, or - for stdout", self.spec),
+            Some(&"-") => Ok(Dest::Stdout),
+            Some(d) => Ok(Dest::File(PathBuf::from(d))),
+        }
+    }
+}
+
+/// The wire form of a layer compression.
+pub fn layer_compression(c: Compression, force: bool) -> v1::LayerCompression {
+    let (t, level) = match c {
+        Compression::Gzip { level } => (v1::CompressionType::CompressionGzip, Some(level as i32)),
+        Compression::Zstd { level } => (v1::CompressionType::CompressionZstd, Some(level)),
+        Compression::Uncompressed => (v1::CompressionType::CompressionUncompressed, None),
+    };
+    v1::LayerCompression { r#type: t as i32, level, force }
 }
 
 impl OutputSpec {
     /// Parse `type=local,dest=out`, a bare path (local), or `-` (a tar on stdout).
     pub fn parse(s: &str) -> anyhow::Result<OutputSpec> {
         if s == "-" {
-            return Ok(OutputSpec { kind: "tar".into(), attrs: [("dest".to_string(), "-".to_string())].into_iter().collect() });
+            return Ok(OutputSpec { kind: Kind::Tar(v1::TarOutput {}), dest: Dest::Stdout });
         }
         if !s.contains('=') {
-            return Ok(OutputSpec { kind: "local".into(), attrs: [("dest".to_string(), s.to_string())].into_iter().collect() });
+            return Ok(OutputSpec { kind: Kind::Local(v1::LocalOutput {}), dest: Dest::Dir(PathBuf::from(s)) });
         }
         let mut kind = None;
-        let mut attrs = BTreeMap::new();
+        let mut map = BTreeMap::new();
         for part in s.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(|| anyhow!("--output {s:?}: expected key=value pairs, got {part:?}"))?;
+            let k = k.trim();
             if k == "type" {
-                kind = Some(v.to_string());
-            } else {
-                attrs.insert(k.to_string(), v.to_string());
+                if kind.replace(v.trim()).is_some() {
+                    bail!("--output {s:?}: type= is given twice");
+                }
+            } else if map.insert(k, v).is_some() {
+                bail!("--output {s:?}: key {k:?} is given twice");
             }
         }
         let kind = kind.ok_or_else(|| anyhow!("--output {s:?}: type= is required (image, registry, docker, oci, tar or local)"))?;
-        match kind.as_str() {
-            "image" | "registry" => {}
-            "docker" => {}
-            "oci" | "tar" | "local" => {
-                if !attrs.contains_key("dest") {
-                    bail!("--output {s:?}: dest= is required for type={kind}");
+        let a = Attrs { spec: s, kind, map };
+        Ok(match kind {
+            "image" | "registry" => {
+                a.check_keys(IMAGE_KEYS)?;
+                let image = v1::ImageOutput {
+                    names: a.names(),
+                    push: kind == "registry" || a.bool("push")?,
+                    push_by_digest: a.bool("push-by-digest")?,
+                    compression: a.compression()?,
+                };
+                OutputSpec { kind: Kind::Image(image), dest: Dest::Builder }
+            }
+            "docker" => {
+                a.check_keys(DOCKER_KEYS)?;
+                if a.map.contains_key("dest") {
+                    OutputSpec { kind: Kind::Docker(v1::DockerArchiveOutput { names: a.names() }), dest: a.dest()? }
+                } else {
+                    // No file: load it into the local engine, as buildx does.
+                    let export = v1::ClientExportOutput { names: a.names(), platform: String::new(), compression: a.compression()? };
+                    OutputSpec { kind: Kind::ClientExport(export), dest: Dest::Engine }
                 }
             }
+            "oci" => {
+                a.check_keys(OCI_KEYS)?;
+                OutputSpec { kind: Kind::Oci(v1::OciArchiveOutput { names: a.names(), compression: a.compression()? }), dest: a.dest()? }
+            }
+            "tar" => {
+                a.check_keys(ROOTFS_KEYS)?;
+                OutputSpec { kind: Kind::Tar(v1::TarOutput {}), dest: a.dest()? }
+            }
+            "local" => {
+                a.check_keys(ROOTFS_KEYS)?;
+                let dest = match a.dest()? {
+                    Dest::File(d) => Dest::Dir(d),
+                    other => other,
+                };
+                OutputSpec { kind: Kind::Local(v1::LocalOutput {}), dest }
+            }
             other => bail!("--output {s:?}: unknown type {other:?} (expected image, registry, docker, oci, tar or local)"),
-        }
-        Ok(OutputSpec { kind, attrs })
+        })
     }
 
     /// `--push`.
     pub fn push(tags: &[String]) -> OutputSpec {
-        OutputSpec {
-            kind: "image".into(),
-            attrs: [("name".to_string(), tags.join(",")), ("push".to_string(), "true".to_string())].into_iter().collect(),
-        }
+        let image = v1::ImageOutput { names: tags.to_vec(), push: true, push_by_digest: false, compression: None };
+        OutputSpec { kind: Kind::Image(image), dest: Dest::Builder }
     }
 
     /// `--load`.
     pub fn load() -> OutputSpec {
-        OutputSpec { kind: "load".into(), attrs: BTreeMap::new() }
+        let export = v1::ClientExportOutput { names: Vec::new(), platform: String::new(), compression: None };
+        OutputSpec { kind: Kind::ClientExport(export), dest: Dest::Engine }
     }
 
     /// `--save`: keep the result on the builder for `hoist pull`.
     pub fn save(tags: &[String]) -> OutputSpec {
-        OutputSpec { kind: "save".into(), attrs: [("name".to_string(), tags.join(","))].into_iter().collect() }
+        OutputSpec { kind: Kind::Save(v1::SaveOutput { names: tags.to_vec() }), dest: Dest::Builder }
     }
 
-    /// Whether this output pushes an image (`type=image,push=true`).
+    /// Whether this output pushes an image.
     pub fn is_push(&self) -> bool {
-        self.kind == "image" && self.attrs.get("push").and_then(|v| hoist_dockerfile::gocompat::parse_bool(v.trim())) == Some(true)
+        matches!(&self.kind, Kind::Image(i) if i.push)
     }
 
     /// Whether this output loads into the local Docker engine.
     pub fn is_load(&self) -> bool {
-        self.kind == "load" || (self.kind == "docker" && !self.attrs.contains_key("dest"))
+        self.dest == Dest::Engine
+    }
+
+    /// The `type=` of this output, for messages.
+    pub fn type_name(&self) -> &'static str {
+        match &self.kind {
+            Kind::Image(_) => "image",
+            Kind::Docker(_) => "docker",
+            Kind::Oci(_) => "oci",
+            Kind::Tar(_) => "tar",
+            Kind::Local(_) => "local",
+            Kind::Save(_) => "save",
+            Kind::ClientExport(_) => "docker",
+        }
+    }
+
+    /// A push of this builder's manifests by digest only (the client pushes the index).
+    pub fn by_digest(&self) -> OutputSpec {
+        let mut o = self.clone();
+        if let Kind::Image(i) = &mut o.kind {
+            i.push_by_digest = true;
+        }
+        o
     }
 
     /// The wire form.
     pub fn to_proto(&self) -> v1::Output {
-        v1::Output { r#type: self.kind.clone(), attrs: self.attrs.clone().into_iter().collect() }
+        v1::Output { kind: Some(self.kind.clone()) }
     }
 
-    /// The wire form once the sink is open: a load asks the builder for an export session
-    /// of the engine's platform, with new layers uncompressed when the builder is on this
-    /// machine (nothing to save on a loopback link) and gzip otherwise.
+    /// The wire form once the sink is open: a load asks the builder for an export of the
+    /// engine's platform, with new layers uncompressed when the builder is on this machine
+    /// (nothing to save on a loopback link) and gzip otherwise, unless the output says.
     pub fn to_proto_for(&self, sink: Option<&OutputSink>, local_builder: bool) -> v1::Output {
-        match sink {
-            Some(OutputSink::Load { engine, .. }) => {
-                let mut attrs: std::collections::HashMap<String, String> = self.attrs.clone().into_iter().collect();
-                attrs.remove("dest");
-                attrs.entry("compression".into()).or_insert_with(|| if local_builder { "uncompressed" } else { "gzip" }.into());
-                attrs.insert("platform".into(), engine.platform.clone());
-                v1::Output { r#type: "proxy".into(), attrs }
+        match (&self.kind, sink) {
+            (Kind::ClientExport(c), Some(OutputSink::Load { engine, .. })) => {
+                let mut c = c.clone();
+                c.platform = engine.platform.clone();
+                c.compression.get_or_insert_with(|| {
+                    layer_compression(if local_builder { Compression::Uncompressed } else { Compression::default() }, false)
+                });
+                v1::Output { kind: Some(Kind::ClientExport(c)) }
             }
             _ => self.to_proto(),
         }
     }
 
+    /// The names this output gives the image: its own, else the build's tags.
+    fn names_or<'a>(&'a self, tags: &'a [String]) -> &'a [String] {
+        let own = match &self.kind {
+            Kind::Image(i) => &i.names,
+            Kind::Docker(d) => &d.names,
+            Kind::Oci(o) => &o.names,
+            Kind::Save(s) => &s.names,
+            Kind::ClientExport(c) => &c.names,
+            Kind::Tar(_) | Kind::Local(_) => return tags,
+        };
+        if own.is_empty() {
+            tags
+        } else {
+            own
+        }
+    }
+
     /// Prepare to receive this output; `None` for outputs that stay on the builder.
     pub async fn open(&self, tags: &[String]) -> anyhow::Result<Option<OutputSink>> {
-        let dest = self.attrs.get("dest").cloned();
-        Ok(Some(match (self.kind.as_str(), dest) {
-            ("image" | "registry", _) => return Ok(None),
-            ("save", _) => return Ok(None),
-            ("load", _) | ("docker", None) => OutputSink::load(tags).await?,
-            (_, Some(d)) if d == "-" => OutputSink::Stdout { describe: format!("type={} to stdout", self.kind) },
-            ("local", Some(d)) => OutputSink::local(PathBuf::from(d))?,
-            (_, Some(d)) => {
-                let path = PathBuf::from(&d);
-                let file = std::fs::File::create(&path).with_context(|| format!("--output type={},dest={d}", self.kind))?;
-                OutputSink::File { file: io::BufWriter::new(file), path, kind: self.kind.clone() }
+        let kind = self.type_name();
+        Ok(Some(match &self.dest {
+            Dest::Builder => return Ok(None),
+            Dest::Engine => OutputSink::load(self.names_or(tags)).await?,
+            Dest::Stdout => OutputSink::Stdout { describe: format!("type={kind} to stdout") },
+            Dest::Dir(d) => OutputSink::local(d.clone())?,
+            Dest::File(path) => {
+                let file = std::fs::File::create(path).with_context(|| format!("--output type={kind},dest={}", path.display()))?;
+                OutputSink::File { file: io::BufWriter::new(file), path: path.clone(), kind: kind.to_string() }
             }
-            (kind, None) => bail!("output type={kind} needs dest="),
         }))
     }
 }
@@ -332,43 +484,151 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir.path().join("out/hello.txt")).unwrap(), "hello");
     }
 
+    fn kind(s: &str) -> Kind {
+        OutputSpec::parse(s).unwrap().kind
+    }
+
+    fn err(s: &str) -> String {
+        format!("{:#}", OutputSpec::parse(s).unwrap_err())
+    }
+
+    fn gz(level: i32, force: bool) -> Option<v1::LayerCompression> {
+        Some(v1::LayerCompression { r#type: v1::CompressionType::CompressionGzip as i32, level: Some(level), force })
+    }
+
     #[test]
-    fn output_specs() {
+    fn output_strings_map_to_typed_outputs() {
+        assert_eq!(
+            kind("type=image,name=r/x:1,push=1,compression=zstd,compression-level=19,force-compression=true"),
+            Kind::Image(v1::ImageOutput {
+                names: vec!["r/x:1".into()],
+                push: true,
+                push_by_digest: false,
+                compression: Some(v1::LayerCompression {
+                    r#type: v1::CompressionType::CompressionZstd as i32,
+                    level: Some(19),
+                    force: true
+                }),
+            })
+        );
+        assert_eq!(
+            kind("type=registry,name=r/x"),
+            Kind::Image(v1::ImageOutput { names: vec!["r/x".into()], push: true, push_by_digest: false, compression: None }),
+            "type=registry pushes"
+        );
         assert!(OutputSpec::parse("type=image,name=r/x,push=1").unwrap().is_push(), "push is a Go boolean");
         assert!(!OutputSpec::parse("type=image,name=r/x,push=false").unwrap().is_push());
-        assert!(!OutputSpec::parse("type=oci,dest=o.tar,push=true").unwrap().is_push());
-        let o = OutputSpec::parse("type=oci,dest=out.tar,compression=zstd").unwrap();
-        assert_eq!(o.kind, "oci");
-        assert_eq!(o.attrs["compression"], "zstd");
-        assert_eq!(OutputSpec::parse("outdir").unwrap().kind, "local");
-        assert_eq!(OutputSpec::parse("-").unwrap().attrs["dest"], "-");
-        assert!(OutputSpec::parse("type=local").is_err(), "local needs dest");
-        assert!(OutputSpec::parse("type=bogus,dest=x").is_err());
-        assert!(OutputSpec::parse("dest=x").is_err(), "type is required");
+        assert!(matches!(kind("type=image,push-by-digest=true"), Kind::Image(i) if i.push_by_digest && !i.push));
+        let oci = OutputSpec::parse("type=oci,dest=out.tar,compression=gzip,compression-level=1").unwrap();
+        assert_eq!(oci.kind, Kind::Oci(v1::OciArchiveOutput { names: vec![], compression: gz(1, false) }));
+        assert_eq!(oci.dest, Dest::File("out.tar".into()));
+        assert_eq!(
+            kind("type=oci,dest=o.tar,compression=uncompressed"),
+            Kind::Oci(v1::OciArchiveOutput {
+                names: vec![],
+                compression: Some(v1::LayerCompression {
+                    r#type: v1::CompressionType::CompressionUncompressed as i32,
+                    level: None,
+                    force: false
+                }),
+            })
+        );
+        assert_eq!(
+            kind("type=oci,dest=o.tar,force-compression=1"),
+            Kind::Oci(v1::OciArchiveOutput { names: vec![], compression: gz(6, true) })
+        );
+        let docker = OutputSpec::parse("type=docker,dest=-,name=app:1").unwrap();
+        assert_eq!((docker.kind, docker.dest), (Kind::Docker(v1::DockerArchiveOutput { names: vec!["app:1".into()] }), Dest::Stdout));
+        let tar = OutputSpec::parse("type=tar,dest=fs.tar").unwrap();
+        assert_eq!((tar.kind, tar.dest), (Kind::Tar(v1::TarOutput {}), Dest::File("fs.tar".into())));
+        let local = OutputSpec::parse("type=local,dest=out").unwrap();
+        assert_eq!((local.kind, local.dest), (Kind::Local(v1::LocalOutput {}), Dest::Dir("out".into())));
+        assert_eq!(OutputSpec::parse("outdir").unwrap().dest, Dest::Dir("outdir".into()), "a bare path is a local output");
+        assert_eq!(OutputSpec::parse("-").unwrap(), OutputSpec { kind: Kind::Tar(v1::TarOutput {}), dest: Dest::Stdout });
+    }
+
+    #[test]
+    fn load_push_and_save_flags_map_to_typed_outputs() {
         let p = OutputSpec::push(&["a:1".into(), "b:2".into()]);
-        assert_eq!(p.attrs["name"], "a:1,b:2");
-        assert!(OutputSpec::load().is_load());
-        assert!(OutputSpec::parse("type=docker").unwrap().is_load(), "type=docker without dest loads");
+        assert_eq!(
+            p.kind,
+            Kind::Image(v1::ImageOutput { names: vec!["a:1".into(), "b:2".into()], push: true, push_by_digest: false, compression: None })
+        );
+        assert!(p.is_push() && !p.is_load());
+        assert!(matches!(p.by_digest().kind, Kind::Image(i) if i.push && i.push_by_digest), "a multi-builder push goes by digest");
+        let l = OutputSpec::load();
+        assert!(l.is_load() && !l.is_push());
+        assert!(matches!(l.to_proto().kind, Some(Kind::ClientExport(_))), "--load is a client export");
+        let docker = OutputSpec::parse("type=docker").unwrap();
+        assert!(docker.is_load(), "type=docker without dest loads");
+        assert!(matches!(docker.kind, Kind::ClientExport(_)));
         assert!(!OutputSpec::parse("type=docker,dest=x.tar").unwrap().is_load());
-        assert_eq!(OutputSpec::save(&["a:1".into()]).to_proto().r#type, "save");
+        assert_eq!(OutputSpec::save(&["a:1".into()]).to_proto().kind, Some(Kind::Save(v1::SaveOutput { names: vec!["a:1".into()] })));
+        // Without a sink, a load's wire form is the spec's own.
+        assert_eq!(
+            OutputSpec::parse("type=oci,dest=x.tar").unwrap().to_proto_for(None, true).kind.map(|k| matches!(k, Kind::Oci(_))),
+            Some(true)
+        );
+    }
+
+    /// Regression (issue 6): `force-compression=maybe` (or `=1`) was silently taken as false.
+    #[test]
+    fn force_compression_is_a_boolean_and_bad_values_name_the_option() {
+        assert!(matches!(kind("type=oci,dest=x,compression=zstd,force-compression=1"), Kind::Oci(o) if o.compression.unwrap().force));
+        assert!(matches!(kind("type=oci,dest=x,force-compression=False"), Kind::Oci(o) if !o.compression.unwrap().force));
+        let e = err("type=oci,dest=x,force-compression=maybe");
+        assert!(e.contains("force-compression") && e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn bad_outputs_name_the_bad_key_or_value() {
+        for (spec, needles) in [
+            ("type=local", &["dest=", "type=local"][..]),
+            ("type=oci", &["dest=", "type=oci"]),
+            ("type=tar,dest=", &["dest= is empty"]),
+            ("type=bogus,dest=x", &["unknown type", "\"bogus\""]),
+            ("dest=x", &["type= is required"]),
+            ("type=oci,dest=x,push=true", &["unknown key \"push\"", "type=oci"]),
+            ("type=image,dest=x", &["unknown key \"dest\"", "type=image"]),
+            ("type=local,dest=x,compression=zstd", &["unknown key \"compression\""]),
+            ("type=image,name=a,name=b", &["\"name\" is given twice"]),
+            ("type=image,type=oci", &["type= is given twice"]),
+            ("type=image,push", &["key=value", "\"push\""]),
+            ("type=image,push=maybe", &["push", "maybe"]),
+            ("type=image,push-by-digest=2", &["push-by-digest", "\"2\""]),
+            ("type=image,compression=lz4", &["lz4"]),
+            ("type=oci,dest=x,compression=gzip,compression-level=99", &["compression-level", "99", "0..=9"]),
+            ("type=oci,dest=x,compression=zstd,compression-level=fast", &["compression-level", "fast", "zstd"]),
+        ] {
+            let e = err(spec);
+            for n in needles {
+                assert!(e.contains(n), "the error for {spec:?} names {n:?}: {e}");
+            }
+        }
     }
 
     /// A load asks the builder for an export of the engine's platform: plain tar layers
     /// from a builder on this machine, gzip from a remote one.
     #[test]
     fn a_load_requests_an_export_for_the_engine() {
-        let Ok(docker) = bollard::Docker::connect_with_local_defaults() else { return };
-        let engine = DockerEngine { docker, platform: "linux/arm64/v8".into(), remote: None };
+        let docker = bollard::Docker::connect_with_local_defaults();
+        if !hoist_oci::testing::needs("a Docker client configuration", docker.is_ok()) {
+            return;
+        }
+        let engine = DockerEngine { docker: docker.unwrap(), platform: "linux/arm64/v8".into(), remote: None };
         let sink = OutputSink::Load { engine, tags: vec![], task: None };
-        let local = OutputSpec::load().to_proto_for(Some(&sink), true);
-        assert_eq!(local.r#type, "proxy");
-        assert_eq!(local.attrs["compression"], "uncompressed");
-        assert_eq!(local.attrs["platform"], "linux/arm64/v8");
-        let remote = OutputSpec::load().to_proto_for(Some(&sink), false);
-        assert_eq!(remote.attrs["compression"], "gzip");
-        let docker = OutputSpec::parse("type=docker,compression=zstd").unwrap().to_proto_for(Some(&sink), false);
-        assert_eq!((docker.r#type.as_str(), docker.attrs["compression"].as_str()), ("proxy", "zstd"), "an explicit compression wins");
+        let export = |o: v1::Output| match o.kind {
+            Some(Kind::ClientExport(c)) => c,
+            other => panic!("a load is a client export, not {other:?}"),
+        };
+        let local = export(OutputSpec::load().to_proto_for(Some(&sink), true));
+        assert_eq!(local.platform, "linux/arm64/v8");
+        assert_eq!(local.compression.unwrap().r#type, v1::CompressionType::CompressionUncompressed as i32);
+        let remote = export(OutputSpec::load().to_proto_for(Some(&sink), false));
+        assert_eq!(remote.compression, gz(6, false));
+        let docker = export(OutputSpec::parse("type=docker,compression=zstd").unwrap().to_proto_for(Some(&sink), false));
+        assert_eq!(docker.compression.unwrap().r#type, v1::CompressionType::CompressionZstd as i32, "an explicit compression wins");
         let file = OutputSpec::parse("type=oci,dest=x.tar").unwrap().to_proto_for(None, true);
-        assert_eq!(file.r#type, "oci");
+        assert!(matches!(file.kind, Some(Kind::Oci(_))));
     }
 }

@@ -5,6 +5,7 @@
 use anyhow::Context as _;
 use clap::Args;
 use hoist_client::v1;
+use hoist_oci::compress::Compression;
 
 use crate::conn::ConnArgs;
 use crate::load::DockerEngine;
@@ -30,7 +31,12 @@ pub async fn run(args: PullArgs) -> anyhow::Result<()> {
     let mut client = args.conn.connect(None).await?;
     let local = args.conn.builder_is_local()?;
     let platform = args.platform.clone().unwrap_or_else(|| engine.platform.clone());
-    let req = v1::OpenSavedRequest { name: args.name.clone(), platform, compression: if local { "uncompressed" } else { "gzip" }.into() };
+    let compression = if local { Compression::Uncompressed } else { Compression::default() };
+    let req = v1::OpenSavedRequest {
+        name: args.name.clone(),
+        platform,
+        compression: Some(crate::outputs::layer_compression(compression, false)),
+    };
     let session = client
         .open_saved(req)
         .await

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 const STEPS: TableDefinition<&str, &[u8]> = TableDefinition::new("steps");
 const PULLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pulls");
 const LAYER_BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("layer_blobs");
+/// diff_id → bytes of the layer's plain tar, counted when its diff_id was computed.
+const LAYER_TARS: TableDefinition<&str, &[u8]> = TableDefinition::new("layer_tars");
 const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 const BUILDS: TableDefinition<&str, &[u8]> = TableDefinition::new("builds");
 const SAVED: TableDefinition<&str, &[u8]> = TableDefinition::new("saved");
@@ -193,7 +195,7 @@ impl CacheIndex {
         let idx = CacheIndex { db, path: p, clock };
         // Create the tables so that readers never see "table does not exist".
         idx.write(|txn| {
-            for t in [STEPS, PULLS, LAYER_BLOBS, TAGS, BUILDS, SAVED, SOURCES] {
+            for t in [STEPS, PULLS, LAYER_BLOBS, LAYER_TARS, TAGS, BUILDS, SAVED, SOURCES] {
                 txn.open_table(t)?;
             }
             Ok(())
@@ -335,12 +337,24 @@ impl CacheIndex {
         self.put(LAYER_BLOBS, diff_id.as_str(), &blobs)
     }
 
-    /// Forget every blob of a layer (GC).
+    /// Forget every blob of a layer and its tar size (GC).
     pub fn remove_layer_blobs(&self, diff_id: &Digest) -> Result<(), CacheError> {
         self.write(|txn| {
             txn.open_table(LAYER_BLOBS)?.remove(diff_id.as_str())?;
+            txn.open_table(LAYER_TARS)?.remove(diff_id.as_str())?;
             Ok(())
         })
+    }
+
+    /// The size of a layer's plain tar (what its diff_id hashes), when it was recorded.
+    pub fn layer_tar_size(&self, diff_id: &Digest) -> Result<Option<u64>, CacheError> {
+        self.get(LAYER_TARS, diff_id.as_str())
+    }
+
+    /// Record the size of a layer's plain tar (the pass that computed its diff_id counted it),
+    /// so that serving the layer uncompressed needs no pass to learn its size.
+    pub fn put_layer_tar_size(&self, diff_id: &Digest, size: u64) -> Result<(), CacheError> {
+        self.put(LAYER_TARS, diff_id.as_str(), &size)
     }
 
     /// The manifest a reference resolved to for a platform in a namespace.
@@ -548,6 +562,25 @@ mod tests {
         assert_eq!(idx.tag("other", "r/busybox:latest", "linux/amd64").unwrap(), None);
         idx.remove_step("p", "k1").unwrap();
         assert_eq!(idx.step("p", "k1").unwrap(), None);
+    }
+
+    #[test]
+    fn a_layers_tar_size_persists_and_goes_with_its_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.redb");
+        let d = Digest::of(b"layer");
+        {
+            let idx = CacheIndex::open(&path).unwrap();
+            assert_eq!(idx.layer_tar_size(&d).unwrap(), None);
+            idx.put_layer_tar_size(&d, 3072).unwrap();
+            idx.add_layer_blob(&d, BlobRecord { digest: Digest::of(b"gz"), size: 2, media_type: "x".into(), original: false }).unwrap();
+        }
+        let idx = CacheIndex::open(&path).unwrap();
+        assert_eq!(idx.layer_tar_size(&d).unwrap(), Some(3072));
+        assert_eq!(idx.layer_tar_size(&Digest::of(b"other")).unwrap(), None);
+        idx.remove_layer_blobs(&d).unwrap();
+        assert_eq!(idx.layer_tar_size(&d).unwrap(), None, "GC forgets it with the layer");
+        assert!(idx.layer_blobs(&d).unwrap().is_empty());
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub enum EngineError {
     /// collection failed, or an internal error; the message says which.
     #[error("{0}")]
     Export(String),
+    /// An output that does not fit: a bad spec, or images it cannot take.
+    #[error(transparent)]
+    Output(#[from] crate::export::OutputError),
     /// The engine's state root (content store, snapshots, cache index, executor state)
     /// cannot be created, opened or made private when the engine opens.
     #[error("builder state at {path}: {message}")]

@@ -95,6 +95,14 @@ async fn commit_dir(env: &StepEnv, src: Uncommitted, lease: &LeaseSet) -> Result
     lease.add(&diff_id);
     let d = diff_id.clone();
     blocking(env, move || snaps.commit(src, &d)).await?;
+    // The pass above counted the layer's tar: an uncompressed export serves it with no
+    // second pass to learn its size. Losing the record costs only that pass.
+    let engine = env.build.engine.clone();
+    let d = diff_id.clone();
+    let recorded = tokio::task::spawn_blocking(move || engine.index().put_layer_tar_size(&d, size)).await;
+    if let Ok(Err(e)) = recorded {
+        tracing::warn!(%diff_id, "recording the layer's tar size: {e}");
+    }
     Ok(Some((diff_id, size)))
 }
 

@@ -176,7 +176,7 @@ impl Compression {
                 Ok(Compression::Gzip { level })
             }
             "zstd" => {
-                let range = zstd::compression_level_range();
+                let range = zstd_level_range();
                 let level = match level {
                     None => DEFAULT_ZSTD_LEVEL,
                     Some(v) => match v.parse::<i32>() {
@@ -203,6 +203,11 @@ impl Compression {
             Compression::Uncompressed => CompressWriter::Plain(inner),
         })
     }
+}
+
+/// The zstd compression levels [`Compression::Zstd`] takes (negative ones are the fast modes).
+pub fn zstd_level_range() -> std::ops::RangeInclusive<i32> {
+    zstd::compression_level_range()
 }
 
 /// Parses `gzip`, `zstd`, `uncompressed`, or a comma-separated list of output attributes

@@ -1,30 +1,20 @@
-//! Export sessions and saved results: images a build (`--load`) or `hoist pull` exported
-//! for one client, kept on the builder — with a GC lease on their layers — while the client
-//! reads their blobs with `ReadBlob`; and `--save`, which keeps a result for the project.
+//! Export sessions: images a build (`--load`) or `hoist pull` exported for one client
+//! ([`ClientExport`], made by the engine), kept on the builder — with the engine's lease on
+//! their layers — while the client reads their blobs with `ReadBlob`.
 //!
 //! A session belongs to the project that opened it and names exactly the blobs of its
 //! images: a blob outside that set, or a session of another project, is "not found", so a
 //! project can never read another project's blobs by guessing digests or session ids.
-//!
-//! Uncompressed exports (for a client on the builder's machine) write no blob: a new
-//! layer's plain tar is its diff_id, and its bytes are streamed from the snapshot when the
-//! client reads them, so a first `--load` of a big layer costs one pass over its files, not
-//! a copy of the layer into the content store. Base layers keep their original blobs.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hoist_engine::cache::{SavedImage, SavedRecord};
-use hoist_engine::export::ExportedSet;
+use hoist_engine::export::{ClientExport, ServedBlob};
 use hoist_engine::gc::LeaseSet;
-use hoist_engine::graph::Platform;
-use hoist_engine::{BuiltImage, Engine};
-use hoist_oci::compress::Compression;
+use hoist_engine::Engine;
 use hoist_oci::digest::Digest;
-use hoist_oci::image::{media, Descriptor, ImageConfig};
-use hoist_oci::layer::{write_layer_tar, TarOptions};
+use hoist_oci::image::media;
 use hoist_proto::v1;
 
 /// Errors of export sessions and saved results.
@@ -36,29 +26,14 @@ pub enum ExportError {
     NotInSession { session: String, digest: String },
     #[error("project {project:?} has {limit} export sessions open; wait for them to finish or expire")]
     TooMany { project: String, limit: usize },
-    #[error("no saved image {0:?} in this project (save one with `hoist build --save -t NAME`)")]
-    NoSaved(String),
-    #[error("saved image {name:?}: {message}")]
-    SavedBroken { name: String, message: String },
-    #[error("{0}")]
-    Store(String),
-    #[error("layer {digest}: {message}")]
-    Layer { digest: String, message: String },
+    #[error("reading config {digest} of the export: {message}")]
+    Store { digest: Digest, message: String },
 }
 
 /// How long a session lives without a read.
 pub const IDLE: Duration = Duration::from_secs(600);
 /// Sessions one project may hold at once.
 pub const MAX_PER_PROJECT: usize = 64;
-
-/// Where a blob of a session comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BlobSource {
-    /// The content store.
-    Store,
-    /// The plain tar of this layer directory, made while it is read.
-    Snapshot(PathBuf),
-}
 
 /// One export: its project, the blobs it may serve (digest → size and source), and the
 /// lease that keeps its layers from garbage collection.
@@ -68,7 +43,7 @@ pub struct Session {
     pub token_id: Option<String>,
     /// Cancelled when the session is revoked; reads in progress stop.
     pub revoked: tokio_util::sync::CancellationToken,
-    pub blobs: HashMap<Digest, (u64, BlobSource)>,
+    pub blobs: HashMap<Digest, (u64, ServedBlob)>,
     last_used: Mutex<Instant>,
     _lease: LeaseSet,
 }
@@ -96,34 +71,23 @@ fn random_id() -> String {
 }
 
 impl Exports {
-    /// Open a session over `set` for `project`, leasing every layer of `images`; blobs in
-    /// `snapshots` are streamed from their layer directories.
+    /// Open a session over `export` for `project`; it holds the export's lease.
     pub fn open(
         &self,
         engine: &Engine,
         project: &str,
         token_id: Option<&str>,
-        images: &[BuiltImage],
-        set: &ExportedSet,
-        snapshots: &HashMap<Digest, PathBuf>,
+        export: ClientExport,
     ) -> Result<v1::ExportSession, ExportError> {
         self.reap();
-        let lease = engine.lease_set();
-        for img in images {
-            for d in img.diff_ids() {
-                lease.add(d);
-            }
-        }
-        let mut blobs = HashMap::new();
+        let ClientExport { set, blobs, lease } = export;
         let mut documents = Vec::new();
         let mut manifests = Vec::new();
         for img in &set.images {
-            blobs.insert(img.config_digest.clone(), (img.config_size, BlobSource::Store));
-            for l in &img.manifest.layers {
-                let source = snapshots.get(&l.digest).map(|d| BlobSource::Snapshot(d.clone())).unwrap_or(BlobSource::Store);
-                blobs.insert(l.digest.clone(), (l.size, source));
-            }
-            let config = engine.store().read(&img.config_digest).map_err(|e| ExportError::Store(e.to_string()))?;
+            let config = engine
+                .store()
+                .read(&img.config_digest)
+                .map_err(|e| ExportError::Store { digest: img.config_digest.clone(), message: e.to_string() })?;
             documents.push(v1::ExportDocument {
                 digest: img.config_digest.to_string(),
                 media_type: media::OCI_CONFIG.into(),
@@ -174,7 +138,7 @@ impl Exports {
     }
 
     /// The session `id` of `project`, and the size and source of `digest` in it.
-    pub fn blob(&self, project: &str, id: &str, digest: &str) -> Result<(Arc<Session>, Digest, u64, BlobSource), ExportError> {
+    pub fn blob(&self, project: &str, id: &str, digest: &str) -> Result<(Arc<Session>, Digest, u64, ServedBlob), ExportError> {
         self.reap();
         let session = {
             let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -231,92 +195,6 @@ impl Exports {
     }
 }
 
-/// Export `images` for a client to read: as [`Engine::export_images`] does, except that
-/// an uncompressed export stores no new blob — a layer without a stored plain-tar or
-/// original blob is served from its snapshot (digest = diff_id, size counted by one pass).
-/// Returns the set and the layers to stream from snapshots.
-pub async fn export_for_client(
-    engine: &Engine,
-    images: &[BuiltImage],
-    compression: Compression,
-    force: bool,
-) -> Result<(ExportedSet, HashMap<Digest, PathBuf>), ExportError> {
-    let store_err = |e: &dyn std::fmt::Display| ExportError::Store(e.to_string());
-    if compression != Compression::Uncompressed || force {
-        let set = engine.export_images(images, compression, force).await.map_err(|e| store_err(&e))?;
-        return Ok((set, HashMap::new()));
-    }
-    let mut snapshots = HashMap::new();
-    let mut all_layers = Vec::new();
-    for img in images {
-        let mut layers = Vec::new();
-        for d in img.diff_ids() {
-            let known = engine.index().layer_blobs(d).map_err(|e| store_err(&e))?;
-            let stored = |b: &&hoist_engine::cache::BlobRecord| engine.store().contains(&b.digest);
-            let blob = known
-                .iter()
-                .filter(stored)
-                .find(|b| media::oci_layer(&b.media_type) == media::OCI_LAYER)
-                .or_else(|| known.iter().filter(stored).find(|b| b.original));
-            let (digest, size, media_type) = match blob {
-                Some(b) => (b.digest.clone(), b.size, media::oci_layer(&b.media_type).to_string()),
-                None => {
-                    let dir = engine.snapshots().layer_dir(d);
-                    let counted = dir.clone();
-                    let size = tokio::task::spawn_blocking(move || write_layer_tar(&counted, std::io::sink(), &TarOptions::default()))
-                        .await
-                        .map_err(|e| store_err(&e))?
-                        .map_err(|e| ExportError::Layer { digest: d.to_string(), message: e.to_string() })?
-                        .bytes;
-                    snapshots.insert(d.clone(), dir);
-                    (d.clone(), size, media::OCI_LAYER.to_string())
-                }
-            };
-            layers.push(Descriptor { media_type, digest, size, platform: None, annotations: None });
-        }
-        all_layers.push(layers);
-    }
-    let set = engine.assemble_images(images, all_layers).map_err(|e| store_err(&e))?;
-    Ok((set, snapshots))
-}
-
-/// A `Write` that drops the first `skip` bytes and hands the rest on in chunks.
-pub struct SkipChunks<F: FnMut(Vec<u8>) -> std::io::Result<()>> {
-    pub skip: u64,
-    pub buf: Vec<u8>,
-    pub chunk: usize,
-    pub send: F,
-    /// Bytes seen (skipped ones included).
-    pub seen: u64,
-}
-
-impl<F: FnMut(Vec<u8>) -> std::io::Result<()>> SkipChunks<F> {
-    /// Send what is buffered.
-    pub fn flush_chunk(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            let b = std::mem::take(&mut self.buf);
-            (self.send)(b)?;
-        }
-        Ok(())
-    }
-}
-
-impl<F: FnMut(Vec<u8>) -> std::io::Result<()>> std::io::Write for SkipChunks<F> {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let start = self.seen;
-        self.seen += data.len() as u64;
-        let from = self.skip.saturating_sub(start).min(data.len() as u64) as usize;
-        self.buf.extend_from_slice(&data[from..]);
-        if self.buf.len() >= self.chunk {
-            self.flush_chunk()?;
-        }
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The `ManifestRef` of one exported image.
 pub fn manifest_ref(img: &hoist_engine::export::ExportedImage) -> v1::ManifestRef {
     v1::ManifestRef {
@@ -328,81 +206,13 @@ pub fn manifest_ref(img: &hoist_engine::export::ExportedImage) -> v1::ManifestRe
     }
 }
 
-/// The images of `images` for `platform` ("" = all): the matching one, else the only one.
-pub fn select_platform(images: &[BuiltImage], platform: &str) -> Result<Vec<BuiltImage>, String> {
-    if platform.is_empty() {
-        return Ok(images.to_vec());
-    }
-    let want = Platform::parse(platform).map_err(|e| e.to_string())?;
-    if let Some(i) = images.iter().find(|i| want.matches(&i.platform)) {
-        return Ok(vec![i.clone()]);
-    }
-    match images {
-        [only] => Ok(vec![only.clone()]),
-        [] => Err("the build produced no image".into()),
-        _ => Err(format!(
-            "the build has no image for {want} (it built {})",
-            images.iter().map(|i| i.platform.to_string()).collect::<Vec<_>>().join(", ")
-        )),
-    }
-}
-
-/// Keep `images` as the project's saved result of build `build_id`.
-pub fn save(engine: &Engine, project: &str, build_id: &str, tags: &[String], images: &[BuiltImage]) -> Result<SavedRecord, ExportError> {
-    let mut layers: Vec<(Digest, u64)> = Vec::new();
-    let mut saved = Vec::new();
-    for img in images {
-        engine.store().put(&img.config_bytes).map_err(|e| ExportError::Store(e.to_string()))?;
-        saved.push(SavedImage { platform: img.platform.to_string(), config_digest: img.config_digest.clone() });
-        for d in img.diff_ids() {
-            if layers.iter().any(|(l, _)| l == d) {
-                continue;
-            }
-            layers.push((d.clone(), layer_size(engine, d)));
-        }
-    }
-    let now = hoist_engine::cache::now();
-    let record = SavedRecord { build_id: build_id.to_string(), tags: tags.to_vec(), images: saved, layers, created: now, last_used: now };
-    engine.index().put_saved(project, &record).map_err(|e| ExportError::Store(e.to_string()))?;
-    Ok(record)
-}
-
-/// The uncompressed size of a layer: its plain tar blob when there is one, else the
-/// largest blob, else the size of its directory.
-fn layer_size(engine: &Engine, d: &Digest) -> u64 {
-    let blobs = engine.index().layer_blobs(d).unwrap_or_default();
-    if let Some(b) = blobs.iter().find(|b| media::oci_layer(&b.media_type) == media::OCI_LAYER) {
-        return b.size;
-    }
-    match blobs.iter().map(|b| b.size).max() {
-        Some(s) => s,
-        None => hoist_engine::gc::dir_size(&engine.snapshots().layer_dir(d)),
-    }
-}
-
-/// The images of a project's saved result `name` (a build id or a tag).
-pub fn load_saved(engine: &Engine, project: &str, name: &str) -> Result<(SavedRecord, Vec<BuiltImage>), ExportError> {
-    let record = engine
-        .index()
-        .find_saved(project, name)
-        .map_err(|e| ExportError::Store(e.to_string()))?
-        .ok_or_else(|| ExportError::NoSaved(name.to_string()))?;
-    let broken = |message: String| ExportError::SavedBroken { name: name.to_string(), message };
-    let mut images = Vec::new();
-    for s in &record.images {
-        let bytes = engine.store().read(&s.config_digest).map_err(|e| broken(format!("its config {}: {e}", s.config_digest)))?;
-        let config: ImageConfig =
-            serde_json::from_slice(&bytes).map_err(|e| broken(format!("its config {} is invalid: {e}", s.config_digest)))?;
-        let platform = Platform::parse(&s.platform).map_err(|e| broken(e.to_string()))?;
-        images.push(BuiltImage { platform, config, config_bytes: bytes, config_digest: s.config_digest.clone() });
-    }
-    let _ = engine.index().touch_saved(project, &record.build_id);
-    Ok((record, images))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hoist_engine::export::LayerCompression;
+    use hoist_engine::graph::Platform;
+    use hoist_engine::BuiltImage;
+    use hoist_oci::image::ImageConfig;
 
     fn image(platform: &str) -> BuiltImage {
         let config: ImageConfig = serde_json::from_value(serde_json::json!({
@@ -411,43 +221,6 @@ mod tests {
         .unwrap();
         let bytes = serde_json::to_vec(&config).unwrap();
         BuiltImage { platform: Platform::parse(platform).unwrap(), config, config_digest: Digest::of(&bytes), config_bytes: bytes }
-    }
-
-    #[test]
-    fn skip_chunks_drops_the_offset_and_chunks_the_rest() {
-        use std::io::Write;
-        let mut got: Vec<Vec<u8>> = Vec::new();
-        {
-            let mut w = SkipChunks {
-                skip: 5,
-                buf: Vec::new(),
-                chunk: 4,
-                send: |b: Vec<u8>| -> std::io::Result<()> {
-                    got.push(b);
-                    Ok(())
-                },
-                seen: 0,
-            };
-            w.write_all(b"abc").unwrap();
-            w.write_all(b"defghij").unwrap();
-            w.write_all(b"kl").unwrap();
-            w.flush_chunk().unwrap();
-            assert_eq!(w.seen, 12);
-        }
-        assert_eq!(got.concat(), b"fghijkl");
-        assert!(got.iter().all(|c| !c.is_empty()));
-    }
-
-    #[test]
-    fn platform_selection_prefers_the_match_then_the_only_image() {
-        let both = [image("linux/amd64"), image("linux/arm64")];
-        assert_eq!(select_platform(&both, "linux/arm64").unwrap()[0].platform.architecture, "arm64");
-        assert_eq!(select_platform(&both, "linux/amd64").unwrap()[0].platform.architecture, "amd64");
-        assert_eq!(select_platform(&both, "").unwrap().len(), 2);
-        let err = select_platform(&both, "linux/s390x").unwrap_err();
-        assert!(err.contains("linux/amd64, linux/arm64"), "{err}");
-        assert_eq!(select_platform(&both[1..], "linux/amd64").unwrap()[0].platform.architecture, "arm64", "the only image");
-        assert!(select_platform(&both, "bogus").is_err());
     }
 
     #[test]
@@ -468,18 +241,14 @@ mod tests {
         };
         let img = image("linux/amd64");
         engine.store().put(&img.config_bytes).unwrap();
-        let set = futures::executor::block_on(engine.export_images(
-            std::slice::from_ref(&img),
-            hoist_oci::compress::Compression::Uncompressed,
-            false,
-        ))
-        .unwrap();
+        let plain = LayerCompression { compression: hoist_oci::compress::Compression::Uncompressed, force: false };
+        let export = || futures::executor::block_on(engine.export_for_client(std::slice::from_ref(&img), plain)).unwrap();
         let exports = Exports::default();
-        let s = exports.open(&engine, "p1", Some("tok1"), std::slice::from_ref(&img), &set, &HashMap::new()).unwrap();
+        let s = exports.open(&engine, "p1", Some("tok1"), export()).unwrap();
         assert_eq!(s.documents.len(), 2, "config and manifest travel with the session");
         let cfg = img.config_digest.to_string();
         let (_, d, size, source) = exports.blob("p1", &s.id, &cfg).unwrap();
-        assert_eq!((d, size, source), (img.config_digest.clone(), img.config_bytes.len() as u64, BlobSource::Store));
+        assert_eq!((d, size, source), (img.config_digest.clone(), img.config_bytes.len() as u64, ServedBlob::Store));
         assert!(matches!(exports.blob("p2", &s.id, &cfg), Err(ExportError::NoSession(_))), "another project");
         let other = Digest::of(b"someone else's layer").to_string();
         assert!(matches!(exports.blob("p1", &s.id, &other), Err(ExportError::NotInSession { .. })), "a guessed digest");
@@ -489,8 +258,8 @@ mod tests {
         assert!(matches!(exports.blob("p1", &s.id, &cfg), Err(ExportError::NoSession(_))));
         assert!(exports.is_empty());
         // A revoked token's sessions end, and reads in progress see it.
-        let s = exports.open(&engine, "p1", Some("tok1"), std::slice::from_ref(&img), &set, &HashMap::new()).unwrap();
-        let other = exports.open(&engine, "p1", Some("tok2"), std::slice::from_ref(&img), &set, &HashMap::new()).unwrap();
+        let s = exports.open(&engine, "p1", Some("tok1"), export()).unwrap();
+        let other = exports.open(&engine, "p1", Some("tok2"), export()).unwrap();
         let (held, ..) = exports.blob("p1", &s.id, &cfg).unwrap();
         assert_eq!(exports.revoke(&["tok1".to_string()].into()), 1);
         assert!(held.revoked.is_cancelled());

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod context;
 pub mod exports;
 pub mod fetch;
+pub mod outputs;
 pub mod running;
 pub mod service;
 pub mod ssh;

@@ -9,13 +9,12 @@ use futures::{Stream, StreamExt};
 use std::collections::BTreeSet;
 
 use hoist_engine::entitlements::{Entitlement, Entitlements};
+use hoist_engine::export::{ExportStream, ExportTarget, Exporter, OutputError};
 use hoist_engine::graph::{FrontendOptions, NetworkMode, Platform};
 use hoist_engine::progress::{Event, Progress};
 use hoist_engine::sshforward::SshForwarder;
 use hoist_engine::{BuildRequest, BuildSecrets, BuiltImage, Engine, EngineError};
 use hoist_oci::auth::{Credential, Credentials};
-use hoist_oci::compress::Compression;
-use hoist_oci::reference::Reference;
 use hoist_oci::registry::{RegistryClient, RegistryOptions};
 use hoist_proto::v1::{self, build_event, builder_server::Builder};
 use tokio::sync::mpsc;
@@ -202,71 +201,25 @@ impl Builder for BuilderService {
         let (tx, rx) = mpsc::channel::<Result<v1::BlobData, Status>>(4);
         let revoked = session.revoked.clone();
         let offset = req.offset;
-        if let crate::exports::BlobSource::Snapshot(dir) = source {
-            // A new layer's plain tar, made as it is read (its digest is its diff_id).
-            tokio::task::spawn_blocking(move || {
-                let _session = session;
-                let mut first = true;
-                let chunk_tx = tx.clone();
-                let mut w = crate::exports::SkipChunks {
-                    skip: offset,
-                    buf: Vec::new(),
-                    chunk: BLOB_CHUNK,
-                    send: move |data: Vec<u8>| {
-                        let msg = v1::BlobData { data, size: if first { size } else { 0 } };
-                        first = false;
-                        chunk_tx.blocking_send(Ok(msg)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
-                    },
-                    seen: 0,
-                };
-                let r = hoist_oci::layer::write_layer_tar(&dir, &mut w, &hoist_oci::layer::TarOptions::default());
-                let r = r.map_err(|e| e.to_string()).and_then(|_| w.flush_chunk().map_err(|e| e.to_string()));
-                match r {
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(format!("reading layer {digest}: {e}"))));
-                    }
-                    Ok(()) if w.seen != size => {
-                        let _ = tx.blocking_send(Err(Status::data_loss(format!(
-                            "layer {digest} changed on the builder: it now tars to {} bytes, not {size}",
-                            w.seen
-                        ))));
-                    }
-                    Ok(()) => {}
-                }
-            });
-            return Ok(Response::new(until_revoked(rx, revoked)));
-        }
-        let mut file = self.engine.store().open_blob(&digest).map_err(|e| Status::not_found(format!("blob {digest}: {e}")))?;
+        let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Seek, SeekFrom};
             // The session (and its lease) lives as long as the read.
             let _session = session;
-            if let Err(e) = file.seek(SeekFrom::Start(offset)) {
-                let _ = tx.blocking_send(Err(Status::internal(format!("reading blob {digest}: {e}"))));
-                return;
-            }
+            let chunk_tx = tx.clone();
             let mut first = true;
-            let mut left = size - offset;
-            loop {
-                let mut buf = vec![0u8; (BLOB_CHUNK as u64).min(left) as usize];
-                let n = match file.read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(format!("reading blob {digest}: {e}"))));
-                        return;
-                    }
-                };
-                if n == 0 && left > 0 {
-                    let _ = tx.blocking_send(Err(Status::data_loss(format!("blob {digest} is shorter than its {size} bytes"))));
-                    return;
-                }
-                buf.truncate(n);
-                left -= n as u64;
-                let msg = v1::BlobData { data: buf, size: if first { size } else { 0 } };
-                first = false;
-                if tx.blocking_send(Ok(msg)).is_err() || left == 0 {
-                    return;
-                }
+            let mut w = ChunkWriter {
+                buf: Vec::new(),
+                chunk: BLOB_CHUNK,
+                send: move |data: Vec<u8>| {
+                    let msg = v1::BlobData { data, size: if first { size } else { 0 } };
+                    first = false;
+                    chunk_tx.blocking_send(Ok(msg)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+                },
+            };
+            let r = engine.write_served_blob(&digest, &source, size, offset, &mut w);
+            let r = r.and_then(|_| w.flush_chunk().map_err(|e| EngineError::Export(format!("sending blob {digest}: {e}"))));
+            if let Err(e) = r {
+                let _ = tx.blocking_send(Err(Status::data_loss(bounded_message(e.to_string()))));
             }
         });
         Ok(Response::new(until_revoked(rx, revoked)))
@@ -281,20 +234,22 @@ impl Builder for BuilderService {
     async fn open_saved(&self, req: Request<v1::OpenSavedRequest>) -> Result<Response<v1::ExportSession>, Status> {
         let who = caller(self, &req)?;
         let req = req.into_inner();
-        let compression =
-            Compression::from_attrs([("compression", if req.compression.is_empty() { "gzip" } else { req.compression.as_str() })])
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let layers = crate::outputs::layer_compression(req.compression.as_ref())
+            .map_err(|e| Status::invalid_argument(format!("hoist pull: {e}")))?;
+        let platform = match req.platform.trim() {
+            "" => None,
+            p => Some(Platform::parse(p).map_err(|e| Status::invalid_argument(format!("hoist pull --platform: {e}")))?),
+        };
         let engine = self.engine.clone();
         let project = who.project.clone();
         let name = req.name.clone();
-        let (record, images) = tokio::task::spawn_blocking(move || crate::exports::load_saved(&engine, &project, &name))
+        let (record, images) = tokio::task::spawn_blocking(move || engine.load_saved(&project, &name))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(export_status)?;
-        let images = crate::exports::select_platform(&images, &req.platform).map_err(Status::failed_precondition)?;
-        let (set, snapshots) = crate::exports::export_for_client(&self.engine, &images, compression, false).await.map_err(export_status)?;
-        let mut session =
-            self.exports.open(&self.engine, &who.project, who.token_id.as_deref(), &images, &set, &snapshots).map_err(export_status)?;
+            .map_err(engine_status)?;
+        let images = hoist_engine::export::select_platform(&images, platform.as_ref()).map_err(|e| engine_status(e.into()))?;
+        let export = self.engine.export_for_client(&images, layers).await.map_err(engine_status)?;
+        let mut session = self.exports.open(&self.engine, &who.project, who.token_id.as_deref(), export).map_err(export_status)?;
         session.build_id = record.build_id;
         session.tags = record.tags;
         Ok(Response::new(session))
@@ -631,9 +586,9 @@ fn parse_network(s: &str) -> Result<NetworkMode, Status> {
 
 fn export_status(e: ExportError) -> Status {
     match e {
-        ExportError::NoSession(_) | ExportError::NotInSession { .. } | ExportError::NoSaved(_) => Status::not_found(e.to_string()),
+        ExportError::NoSession(_) | ExportError::NotInSession { .. } => Status::not_found(e.to_string()),
         ExportError::TooMany { .. } => Status::resource_exhausted(e.to_string()),
-        ExportError::SavedBroken { .. } | ExportError::Store(_) | ExportError::Layer { .. } => Status::internal(e.to_string()),
+        ExportError::Store { .. } => Status::internal(e.to_string()),
     }
 }
 
@@ -668,6 +623,15 @@ fn engine_status(e: EngineError) -> Status {
         // context paths the client did not send.
         e @ (EngineError::Frontend(_) | EngineError::Entitlement(_) | EngineError::Context(_)) => {
             Status::invalid_argument(bounded_message(e.to_string()))
+        }
+        EngineError::Output(o) => {
+            let m = bounded_message(o.to_string());
+            match o {
+                OutputError::NoImage | OutputError::NoImageFor { .. } => Status::failed_precondition(m),
+                OutputError::NoSaved(_) => Status::not_found(m),
+                OutputError::SavedBroken { .. } => Status::internal(m),
+                _ => Status::invalid_argument(m),
+            }
         }
         other => Status::aborted(bounded_message(other.to_string())),
     }
@@ -798,6 +762,12 @@ impl OutputWriter {
         self.tx
             .blocking_send(Ok(event(build_event::Event::Output(v1::OutputData { output: self.index, data, eof }))))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+    }
+}
+
+impl ExportStream for OutputWriter {
+    fn close(mut self: Box<Self>) -> io::Result<()> {
+        self.send(true)
     }
 }
 
@@ -998,16 +968,19 @@ impl BuilderService {
         let mut granted = self.entitlements.clone();
         granted.extend(self.auth.entitlements_of(&who.project));
         let entitlements = Entitlements { requested, granted, project: who.project.clone() };
-        // Bad output options fail now, not after the whole build (BuildKit, too, resolves its
+        // Bad outputs fail now, not after the whole build (BuildKit, too, resolves its
         // exporters before solving). The first output that makes blobs of the image's layers
         // has them made while the build runs.
-        let mut eager_blobs = None;
-        for out in &req.outputs {
-            let c = output_compression(&out.attrs)?;
-            if matches!(out.r#type.as_str(), "image" | "registry" | "oci") {
-                eager_blobs = eager_blobs.or(Some(c));
-            }
-        }
+        let exporters = req
+            .outputs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let spec = crate::outputs::output_spec(i, o).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                spec.resolve(&req.tags).map_err(|e| Status::invalid_argument(format!("output {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let eager_blobs = exporters.iter().find_map(|e| e.eager_blobs()).map(|l| (l.compression, l.force));
         let build = BuildRequest {
             namespace: who.project.clone(),
             dockerfile: req.dockerfile.clone(),
@@ -1048,13 +1021,13 @@ impl BuilderService {
         let mut manifest_digest = String::new();
         let mut names = Vec::new();
         let mut report = OutputsReport::default();
-        for (i, out) in req.outputs.iter().enumerate() {
-            let d = self.output(i as u32, out, &req, &outcome.images, &registry, &tx, who, build_id, &mut report).await?;
+        for (i, exporter) in exporters.iter().enumerate() {
+            let d = self.output(i as u32, exporter, &outcome.images, &registry, &tx, who, build_id, &mut report).await?;
             if let Some(d) = d {
                 manifest_digest = d;
             }
-            if let Some(n) = out.attrs.get("name") {
-                names.push(n.clone());
+            if let Some(n) = exporter.own_names() {
+                names.push(n.join(","));
             }
         }
         let image_id = outcome.images.first().map(|i| i.config_digest.to_string()).unwrap_or_default();
@@ -1093,8 +1066,7 @@ impl BuilderService {
     async fn output(
         &self,
         index: u32,
-        out: &v1::Output,
-        req: &v1::BuildRequest,
+        exporter: &Exporter,
         images: &[BuiltImage],
         registry: &RegistryClient,
         tx: &mpsc::Sender<Result<v1::BuildEvent, Status>>,
@@ -1102,133 +1074,68 @@ impl BuilderService {
         build_id: &str,
         report: &mut OutputsReport,
     ) -> Result<Option<String>, Status> {
-        let attrs = &out.attrs;
-        let (compression, force) = output_compression(attrs)?;
-        let tags: Vec<String> = match attrs.get("name") {
-            Some(n) => n.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-            None => req.tags.clone(),
+        let target = ExportTarget {
+            registry,
+            namespace: &who.project,
+            build_id,
+            stream: Box::new(OutputWriter { index, tx: tx.clone(), buf: Vec::new() }),
         };
-        let engine = self.engine.clone();
-        match out.r#type.as_str() {
-            "image" | "registry" => {
-                let set = engine.export_images(images, compression, force).await.map_err(engine_status)?;
-                report.manifests.extend(set.images.iter().map(crate::exports::manifest_ref));
-                let push = out.r#type == "registry" || bool_attr(attrs, "push")?;
-                if push {
-                    if tags.is_empty() {
-                        return Err(Status::invalid_argument("--push needs at least one -t/--tag (or name= in --output)"));
-                    }
-                    let refs = tags
-                        .iter()
-                        .map(|t| Reference::parse(t).map_err(|e| Status::invalid_argument(e.to_string())))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let by_digest = bool_attr(attrs, "push-by-digest")?;
-                    let outcomes = engine.push_all(&set, &refs, registry, by_digest).await;
-                    report.pushes.extend(outcomes.iter().map(|o| v1::PushReport {
-                        reference: o.reference.to_string(),
-                        blobs_uploaded: o.blobs_uploaded,
-                        bytes_uploaded: o.bytes_uploaded,
-                        blobs_existed: o.blobs_existed,
-                        blobs_mounted: o.blobs_mounted,
-                        manifests: o.manifests,
-                        manifests_existed: o.manifests_existed,
-                        seconds: o.seconds,
-                        error: o.error.clone().unwrap_or_default(),
-                    }));
-                    hoist_engine::export::push_result(&outcomes).map_err(engine_status)?;
-                }
-                Ok(Some(set.top_digest().to_string()))
-            }
-            "proxy" => {
-                let chosen = crate::exports::select_platform(images, attrs.get("platform").map(String::as_str).unwrap_or(""))
-                    .map_err(Status::failed_precondition)?;
-                let (set, snapshots) =
-                    crate::exports::export_for_client(&engine, &chosen, compression, force).await.map_err(export_status)?;
-                let mut session =
-                    self.exports.open(&engine, &who.project, who.token_id.as_deref(), &chosen, &set, &snapshots).map_err(export_status)?;
-                session.output = index;
-                session.build_id = build_id.to_string();
-                session.tags = tags.clone();
-                tx.send(Ok(event(build_event::Event::Export(session)))).await.map_err(|_| Status::cancelled("the client went away"))?;
-                Ok(Some(set.top_digest().to_string()))
-            }
-            "save" => {
-                let (project, id, images) = (who.project.clone(), build_id.to_string(), images.to_vec());
-                tokio::task::spawn_blocking(move || crate::exports::save(&engine, &project, &id, &tags, &images))
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .map_err(export_status)?;
-                report.saved = build_id.to_string();
-                Ok(None)
-            }
-            "docker" | "load" => {
-                let image = host_image(images)?.clone();
-                // docker load wants name:tag in RepoTags.
-                let tags = tags
-                    .iter()
-                    .map(|t| Reference::parse(t).map(|r| r.familiar()).map_err(|e| Status::invalid_argument(e.to_string())))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let w = OutputWriter { index, tx: tx.clone(), buf: Vec::new() };
-                stream_output(move |mut w| engine.write_docker_archive(&image, &tags, &mut w).map(|_| w), w).await?;
-                Ok(None)
-            }
-            "oci" => {
-                let set = engine.export_images(images, compression, force).await.map_err(engine_status)?;
-                let d = set.top_digest().to_string();
-                let w = OutputWriter { index, tx: tx.clone(), buf: Vec::new() };
-                stream_output(move |mut w| engine.write_oci_archive(&set, &tags, &mut w).map(|_| w), w).await?;
-                Ok(Some(d))
-            }
-            "tar" | "local" => {
-                let image = host_image(images)?.clone();
-                let w = OutputWriter { index, tx: tx.clone(), buf: Vec::new() };
-                stream_output(move |mut w| engine.write_rootfs_tar(&image, &mut w).map(|_| w), w).await?;
-                Ok(None)
-            }
-            other => Err(Status::invalid_argument(format!(
-                "output type {other:?} is not supported: use image, registry, docker, oci, tar, local, proxy or save"
-            ))),
+        let done = exporter.export(&self.engine, images, target).await.map_err(engine_status)?;
+        report.manifests.extend(done.manifests.iter().map(crate::exports::manifest_ref));
+        report.pushes.extend(done.pushes.iter().map(|o| v1::PushReport {
+            reference: o.reference.to_string(),
+            blobs_uploaded: o.blobs_uploaded,
+            bytes_uploaded: o.bytes_uploaded,
+            blobs_existed: o.blobs_existed,
+            blobs_mounted: o.blobs_mounted,
+            manifests: o.manifests,
+            manifests_existed: o.manifests_existed,
+            seconds: o.seconds,
+            error: o.error.clone().unwrap_or_default(),
+        }));
+        if done.saved.is_some() {
+            report.saved = build_id.to_string();
         }
+        if let Some(export) = done.client {
+            let mut session = self.exports.open(&self.engine, &who.project, who.token_id.as_deref(), export).map_err(export_status)?;
+            session.output = index;
+            session.build_id = build_id.to_string();
+            session.tags = exporter.names().to_vec();
+            tx.send(Ok(event(build_event::Event::Export(session)))).await.map_err(|_| Status::cancelled("the client went away"))?;
+        }
+        Ok(done.digest.map(|d| d.to_string()))
     }
 }
 
-/// The layer compression an output asks for: `compression=`, `compression-level=` and
-/// `force-compression=`.
-fn output_compression(attrs: &HashMap<String, String>) -> Result<(Compression, bool), Status> {
-    let compression = Compression::from_attrs(attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok((compression, bool_attr(attrs, "force-compression")?))
+/// A `Write` that hands what is written on in chunks of `chunk` bytes.
+struct ChunkWriter<F: FnMut(Vec<u8>) -> io::Result<()>> {
+    buf: Vec<u8>,
+    chunk: usize,
+    send: F,
 }
 
-/// A boolean output attribute as BuildKit reads it (Go's `strconv.ParseBool`); absent is false.
-fn bool_attr(attrs: &HashMap<String, String>, key: &str) -> Result<bool, Status> {
-    match attrs.get(key).map(|v| v.trim()) {
-        None => Ok(false),
-        Some(v) => hoist_dockerfile::gocompat::parse_bool(v)
-            .ok_or_else(|| Status::invalid_argument(format!("invalid {key} {v:?}: expected true or false"))),
+impl<F: FnMut(Vec<u8>) -> io::Result<()>> ChunkWriter<F> {
+    /// Send what is buffered.
+    fn flush_chunk(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let b = std::mem::take(&mut self.buf);
+            (self.send)(b)?;
+        }
+        Ok(())
     }
 }
 
-/// The image of the host's platform (or the only one).
-fn host_image(images: &[BuiltImage]) -> Result<&BuiltImage, Status> {
-    let host = Platform::host();
-    images
-        .iter()
-        .find(|i| host.matches(&i.platform))
-        .or_else(|| images.first())
-        .ok_or_else(|| Status::internal("the build produced no image"))
-}
-
-async fn stream_output(
-    f: impl FnOnce(OutputWriter) -> Result<OutputWriter, EngineError> + Send + 'static,
-    w: OutputWriter,
-) -> Result<(), Status> {
-    tokio::task::spawn_blocking(move || -> Result<(), Status> {
-        let mut w = f(w).map_err(engine_status)?;
-        w.send(true).map_err(|e| Status::cancelled(e.to_string()))
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))?
+impl<F: FnMut(Vec<u8>) -> io::Result<()>> Write for ChunkWriter<F> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= self.chunk {
+            self.flush_chunk()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -1276,21 +1183,6 @@ mod forward_tests {
         assert!(log_bytes <= max + (64 << 10) * 4, "{log_bytes} bytes were queued");
         assert!(log_bytes >= 64 << 10, "some output got through");
         assert!(log.lock().unwrap().text.len() < 2 << 20, "the build log stays bounded");
-    }
-
-    /// Regression (issue 6): `force-compression=maybe` (or `=1`) was silently taken as false.
-    #[test]
-    fn force_compression_is_a_boolean_and_bad_values_name_the_option() {
-        let attrs = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>();
-        let (c, force) = output_compression(&attrs(&[("compression", "zstd"), ("force-compression", "1")])).unwrap();
-        assert_eq!((c, force), (Compression::Zstd { level: 3 }, true));
-        assert!(!output_compression(&attrs(&[("force-compression", "False")])).unwrap().1);
-        assert!(!output_compression(&attrs(&[])).unwrap().1);
-        let e = output_compression(&attrs(&[("force-compression", "maybe")])).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().contains("force-compression") && e.message().contains("maybe"), "{}", e.message());
-        let e = output_compression(&attrs(&[("compression", "lz4")])).unwrap_err();
-        assert!(e.message().contains("lz4"), "{}", e.message());
     }
 
     /// Regression (issue 7): an error quoting a 120 KiB Dockerfile line went out whole in the

@@ -1,5 +1,7 @@
 //! Exporters: layer blobs (compressed once, reused), manifests and indexes, docker and OCI
-//! archives, the flattened root filesystem, and pushes to registries.
+//! archives, the flattened root filesystem, pushes to registries, exports a client reads
+//! blob by blob ([`client`]) — and the one interface over them all: an [`OutputSpec`]
+//! resolves to an [`Exporter`] that exports ([`spec`]).
 //!
 //! Base image layers keep the blobs the registry served, so their digests stay the ones
 //! engines and registries already know; a new layer is compressed the first time an
@@ -9,6 +11,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::sync::Arc;
 
+use hoist_oci::archive;
 use hoist_oci::compress::Compression;
 use hoist_oci::digest::Digest;
 use hoist_oci::export::{export_layer, recompress_blob};
@@ -21,7 +24,13 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::BlobRecord;
 use crate::engine::{BuiltImage, Engine, EngineError};
 
-fn export_err(m: impl std::fmt::Display) -> EngineError {
+pub mod client;
+pub mod spec;
+
+pub use client::{select_platform, ClientExport, ServedBlob};
+pub use spec::{ExportOutcome, ExportStream, ExportTarget, Exporter, LayerCompression, OutputError, OutputSpec};
+
+pub(crate) fn export_err(m: impl std::fmt::Display) -> EngineError {
     EngineError::Export(m.to_string())
 }
 
@@ -357,14 +366,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Write `image` as a `docker save` archive (what `docker load` reads) tagged `tags`.
+    /// Write `image` as a `docker save` archive (what `docker load` reads) tagged `tags`
+    /// (any reference form: they are named `repository:tag` as the engine names images).
     /// New layers go in uncompressed, base layers as their original blobs (docker load
     /// decompresses them). Blocking.
     pub fn write_docker_archive(&self, image: &BuiltImage, tags: &[String], out: impl Write) -> Result<(), EngineError> {
         let mut tar = tar::Builder::new(out);
-        let mut layer_paths = Vec::new();
         for d in image.diff_ids() {
-            let path = format!("{}/layer.tar", d.hex());
+            let path = archive::layer_path(d);
             let dir = self.snapshots().layer_dir(d);
             let original =
                 self.index().layer_blobs(d).map_err(export_err)?.into_iter().find(|b| b.original && self.store().contains(&b.digest));
@@ -384,12 +393,10 @@ impl Engine {
                     producer.join().map_err(|_| export_err("layer writer panicked"))?.map_err(export_err)?;
                 }
             }
-            layer_paths.push(path);
         }
-        let config_name = format!("{}.json", image.config_digest.hex());
-        append(&mut tar, &config_name, image.config_bytes.len() as u64, image.config_bytes.as_slice())?;
-        let manifest = serde_json::json!([{ "Config": config_name, "RepoTags": tags, "Layers": layer_paths }]);
-        let bytes = serde_json::to_vec(&manifest).map_err(export_err)?;
+        let entry = archive::ArchiveImage::new(&image.config_digest, image.diff_ids(), tags).map_err(export_err)?;
+        append(&mut tar, &entry.config, image.config_bytes.len() as u64, image.config_bytes.as_slice())?;
+        let bytes = archive::manifest_json(&[entry]).map_err(export_err)?;
         append(&mut tar, "manifest.json", bytes.len() as u64, bytes.as_slice())?;
         tar.into_inner().map_err(export_err)?.flush().map_err(export_err)?;
         Ok(())
