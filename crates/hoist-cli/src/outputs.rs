@@ -43,6 +43,28 @@ const DOCKER_KEYS: &[&str] = &["name", "dest", "compression", "compression-level
 const OCI_KEYS: &[&str] = &["name", "dest", "compression", "compression-level", "force-compression"];
 const ROOTFS_KEYS: &[&str] = &["dest"];
 
+/// Exporter options buildx takes that hoist does not implement: accepted (with a warning)
+/// rather than refused, so that scripts written for `docker buildx build` run unchanged.
+const BUILDX_KEYS: &[&str] = &[
+    "oci-mediatypes",
+    "oci-artifact",
+    "unpack",
+    "store",
+    "dangling-name-prefix",
+    "name-canonical",
+    "buildinfo",
+    "buildinfo-attrs",
+    "rewrite-timestamp",
+    "registry.insecure",
+    "insecure",
+    "tar",
+    "platform-split",
+];
+
+fn is_buildx_key(k: &str) -> bool {
+    BUILDX_KEYS.contains(&k) || k.starts_with("annotation")
+}
+
 /// A `-o` option's attributes, which say which one is bad.
 struct Attrs<'a> {
     spec: &'a str,
@@ -53,9 +75,16 @@ struct Attrs<'a> {
 impl<'a> Attrs<'a> {
     fn check_keys(&self, allowed: &[&str]) -> anyhow::Result<()> {
         for k in self.map.keys() {
-            if !allowed.contains(k) {
-                bail!("--output {:?}: unknown key {k:?} for type={} (it takes {})", self.spec, self.kind, allowed.join(", "));
+            if allowed.contains(k) {
+                continue;
             }
+            if is_buildx_key(k) {
+                // A CI script written for buildx keeps working; the user is told what hoist
+                // does not do.
+                eprintln!("hoist: --output {:?}: {k}= is a buildx option hoist does not support yet; it is ignored", self.spec);
+                continue;
+            }
+            bail!("--output {:?}: unknown key {k:?} for type={} (it takes {})", self.spec, self.kind, allowed.join(", "));
         }
         Ok(())
     }
@@ -578,6 +607,16 @@ mod tests {
         assert!(matches!(kind("type=oci,dest=x,force-compression=False"), Kind::Oci(o) if !o.compression.unwrap().force));
         let e = err("type=oci,dest=x,force-compression=maybe");
         assert!(e.contains("force-compression") && e.contains("maybe"), "{e}");
+    }
+
+    /// A script written for buildx keeps working: its exporter options hoist lacks are
+    /// ignored (with a warning), while a typo is still an error.
+    #[test]
+    fn buildx_options_hoist_lacks_are_accepted_and_typos_are_not() {
+        let k = kind("type=image,name=r/app,push=true,oci-mediatypes=true,annotation.org.opencontainers.image.title=x,store=false");
+        assert!(matches!(k, Kind::Image(i) if i.push && i.names == ["r/app"]));
+        assert!(matches!(kind("type=oci,dest=x,tar=true"), Kind::Oci(_)));
+        assert!(err("type=image,name=r/app,pushh=true").contains("unknown key \"pushh\""));
     }
 
     #[test]
