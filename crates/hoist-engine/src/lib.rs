@@ -6,8 +6,6 @@
 
 #![warn(missing_docs)]
 
-// documented once the exporter rework lands (issue 16)
-#[allow(missing_docs)]
 pub mod cache;
 pub mod cachekey;
 pub mod cachemount;
@@ -16,8 +14,6 @@ pub mod copy;
 pub mod engine;
 pub mod entitlements;
 pub mod executor;
-// documented once the exporter rework lands (issue 16)
-#[allow(missing_docs)]
 pub mod export;
 pub mod frontend;
 pub mod gc;

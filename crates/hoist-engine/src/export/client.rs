@@ -34,6 +34,7 @@ pub enum ServedBlob {
 /// Images exported for a client: their manifests (and index) in the content store, every
 /// blob the client may read with its size and source, and a lease on their layers.
 pub struct ClientExport {
+    /// The manifests (and index) of the exported images.
     pub set: ExportedSet,
     /// Digest → (size, source), for every config and layer of the set.
     pub blobs: HashMap<Digest, (u64, ServedBlob)>,

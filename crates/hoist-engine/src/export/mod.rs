@@ -37,17 +37,24 @@ pub(crate) fn export_err(m: impl std::fmt::Display) -> EngineError {
 /// An image ready to be written or pushed: its manifest and every blob it references.
 #[derive(Debug, Clone)]
 pub struct ExportedImage {
+    /// The image's platform.
     pub platform: crate::graph::Platform,
+    /// Its config's digest (the image id).
     pub config_digest: Digest,
+    /// Its config's size in bytes.
     pub config_size: u64,
+    /// The manifest, parsed.
     pub manifest: Manifest,
+    /// The manifest's exact bytes (stored in the content store).
     pub manifest_bytes: Vec<u8>,
+    /// Their digest.
     pub manifest_digest: Digest,
 }
 
 /// The result of exporting all platforms of a build.
 #[derive(Debug, Clone)]
 pub struct ExportedSet {
+    /// One image per platform, in build order.
     pub images: Vec<ExportedImage>,
     /// For several platforms: the index over them.
     pub index: Option<(Vec<u8>, Digest)>,
@@ -66,8 +73,11 @@ impl ExportedSet {
 /// What a push to one reference did.
 #[derive(Debug, Clone)]
 pub struct PushOutcome {
+    /// Where it pushed.
     pub reference: Reference,
+    /// Blobs uploaded.
     pub blobs_uploaded: u64,
+    /// Bytes of the uploaded blobs.
     pub bytes_uploaded: u64,
     /// Blobs the repository already had (HEAD).
     pub blobs_existed: u64,
@@ -77,6 +87,7 @@ pub struct PushOutcome {
     pub manifests: u64,
     /// Manifests and indexes the reference already named (HEAD): not pushed again.
     pub manifests_existed: u64,
+    /// Wall time of the push.
     pub seconds: f64,
     /// Why the push failed (naming the reference, hence the registry).
     pub error: Option<String>,

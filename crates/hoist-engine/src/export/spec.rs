@@ -25,19 +25,41 @@ use crate::{BuiltImage, Engine, EngineError};
 pub enum OutputError {
     /// A name that is not an image reference.
     #[error("output name {name:?}: {reason}")]
-    BadName { name: String, reason: String },
+    BadName {
+        /// The name as given.
+        name: String,
+        /// Why it is not a reference.
+        reason: String,
+    },
     /// A push with nowhere to push to.
     #[error("--push needs at least one -t/--tag (or name= in --output)")]
     PushWithoutName,
     /// A compression level out of range for its algorithm.
     #[error("invalid compression-level {level} for {compression}: expected an integer in {range}")]
-    BadLevel { compression: &'static str, level: i32, range: String },
+    BadLevel {
+        /// The algorithm (`gzip`, `zstd`).
+        compression: &'static str,
+        /// The level asked for.
+        level: i32,
+        /// The levels it takes, e.g. `0..=9`.
+        range: String,
+    },
     /// A platform that does not parse.
     #[error("output platform {platform:?}: {reason}")]
-    BadPlatform { platform: String, reason: String },
+    BadPlatform {
+        /// The platform as given.
+        platform: String,
+        /// Why it does not parse.
+        reason: String,
+    },
     /// The build made no image for the platform the output asks for.
     #[error("the build has no image for {platform} (it built {built})")]
-    NoImageFor { platform: String, built: String },
+    NoImageFor {
+        /// The platform the output asks for.
+        platform: String,
+        /// The platforms the build made, comma-separated.
+        built: String,
+    },
     /// The build made no image at all.
     #[error("the build produced no image")]
     NoImage,
@@ -46,12 +68,18 @@ pub enum OutputError {
     NoSaved(String),
     /// A saved result whose images cannot be read back.
     #[error("saved image {name:?}: {message}")]
-    SavedBroken { name: String, message: String },
+    SavedBroken {
+        /// The name `hoist pull` was given.
+        name: String,
+        /// What is missing or unreadable.
+        message: String,
+    },
 }
 
 /// How an output makes blobs of the image's new layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LayerCompression {
+    /// Algorithm and level of new layer blobs.
     pub compression: Compression,
     /// Re-compress base layers too (their original blobs are kept otherwise).
     pub force: bool,
@@ -85,19 +113,46 @@ fn zstd_levels() -> std::ops::RangeInclusive<i32> {
 pub enum OutputSpec {
     /// Image manifests (and an index for several platforms) in the content store; with
     /// `push`, pushed to every name (by digest only, moving no tag, with `push_by_digest`).
-    Image { names: Vec<String>, push: bool, push_by_digest: bool, layers: LayerCompression },
+    Image {
+        /// Names (references) to push to and to record.
+        names: Vec<String>,
+        /// Push to every name.
+        push: bool,
+        /// Push the manifests by digest only, moving no tag.
+        push_by_digest: bool,
+        /// How layer blobs are made.
+        layers: LayerCompression,
+    },
     /// A `docker save` archive of the host platform's image, streamed.
-    DockerArchive { names: Vec<String> },
+    DockerArchive {
+        /// The `RepoTags` of the archive.
+        names: Vec<String>,
+    },
     /// An OCI image layout tar, streamed.
-    OciArchive { names: Vec<String>, layers: LayerCompression },
+    OciArchive {
+        /// The `org.opencontainers.image.ref.name` annotations of the layout's index.
+        names: Vec<String>,
+        /// How layer blobs are made.
+        layers: LayerCompression,
+    },
     /// The host platform's flattened root filesystem as a tar, streamed (`type=tar`, and
     /// `type=local`, which the client extracts).
     Rootfs,
     /// Keep the result on the builder for the project (`--save`, read by `hoist pull`).
-    Save { names: Vec<String> },
+    Save {
+        /// The tags `hoist pull` finds it by (besides its build id).
+        names: Vec<String>,
+    },
     /// Export the images for the client to read blob by blob (`--load`): the platform's
     /// image only when one is given.
-    Client { names: Vec<String>, platform: Option<String>, layers: LayerCompression },
+    Client {
+        /// The names the client gives the loaded image.
+        names: Vec<String>,
+        /// Only the image of this platform (`os/arch[/variant]`); all when `None`.
+        platform: Option<String>,
+        /// How layer blobs are made (plain tar for a builder on the client's machine).
+        layers: LayerCompression,
+    },
 }
 
 /// An output spec resolved against a build's tags: names checked, ready to export.
@@ -128,9 +183,11 @@ pub trait ExportStream: Write + Send {
 
 /// What an export needs besides the images.
 pub struct ExportTarget<'a> {
+    /// Registry access for pushes (the credentials the client forwarded).
     pub registry: &'a RegistryClient,
     /// The project the result is kept for (`Save`).
     pub namespace: &'a str,
+    /// The build's id (names a saved result).
     pub build_id: &'a str,
     /// Where a streaming output writes (unused by the others).
     pub stream: Box<dyn ExportStream>,
