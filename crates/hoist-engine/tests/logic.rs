@@ -221,3 +221,96 @@ async fn a_file_a_step_removes_becomes_a_whiteout_in_its_layer() {
     assert!(hoist_engine::snapshot::mount::is_whiteout(&meta), "a 0/0 character device");
     assert_eq!(std::fs::read_dir(&layer).unwrap().count(), 1, "and nothing else");
 }
+
+/// An [`hoist_engine::export::ExportStream`] into memory.
+struct Memory(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Memory {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl hoist_engine::export::ExportStream for Memory {
+    fn close(self: Box<Self>) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Export `out`'s images with `spec`; the streamed bytes, as tar entries (path → bytes).
+async fn export(t: &TestEngine, out: &BuildOutcome, spec: hoist_engine::export::OutputSpec) -> std::collections::BTreeMap<String, Vec<u8>> {
+    use std::io::Read;
+    let bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let registry = hoist_oci::registry::RegistryClient::new(Default::default()).unwrap();
+    let target = hoist_engine::export::ExportTarget {
+        registry: &registry,
+        namespace: "team",
+        build_id: "b1",
+        stream: Box::new(Memory(bytes.clone())),
+    };
+    spec.resolve(&["app:1".to_string()]).unwrap().export(&t.engine, &out.images, target).await.unwrap();
+    let bytes = bytes.lock().unwrap().clone();
+    let mut entries = std::collections::BTreeMap::new();
+    for e in tar::Archive::new(bytes.as_slice()).entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        entries.insert(path, data);
+    }
+    entries
+}
+
+#[tokio::test]
+async fn exports_of_a_build_hold_its_layers_byte_for_byte() {
+    use hoist_engine::export::{LayerCompression, OutputSpec};
+    use hoist_oci::digest::Digest;
+    let t = TestEngine::new();
+    t.images.add("base:1", &[&[("etc/os", "base")]], &[]);
+    let out = t.build(t.request("team", "FROM base:1\nCOPY a.txt /\nRUN write /b.txt b\n", &[("a.txt", "a")])).await.unwrap();
+    let diff_ids = layers(&out);
+
+    // docker save format: manifest.json names the tag and every layer is the plain tar of
+    // its diff_id.
+    let docker = export(&t, &out, OutputSpec::DockerArchive { names: vec![] }).await;
+    let manifest: serde_json::Value = serde_json::from_slice(&docker["manifest.json"]).unwrap();
+    assert_eq!(manifest[0]["RepoTags"], serde_json::json!(["app:1"]));
+    let layer_paths: Vec<String> = serde_json::from_value(manifest[0]["Layers"].clone()).unwrap();
+    let got: Vec<Digest> = layer_paths.iter().map(|p| Digest::of(&docker[p])).collect();
+    assert_eq!(got, diff_ids);
+
+    // OCI layout: every blob is named by its digest; the manifest's layers gunzip to the
+    // diff_ids.
+    let gzip = LayerCompression::new(hoist_oci::compress::Compression::Gzip { level: 6 }, false).unwrap();
+    let oci = export(&t, &out, OutputSpec::OciArchive { names: vec![], layers: gzip }).await;
+    for (path, data) in oci.iter().filter(|(p, _)| p.starts_with("blobs/sha256/") && !p.ends_with('/')) {
+        assert_eq!(Digest::of(data).hex(), path.trim_start_matches("blobs/sha256/"), "{path}");
+    }
+    let index: serde_json::Value = serde_json::from_slice(&oci["index.json"]).unwrap();
+    let blob = |d: &serde_json::Value| oci[&format!("blobs/sha256/{}", d.as_str().unwrap().trim_start_matches("sha256:"))].clone();
+    let image_manifest: serde_json::Value = serde_json::from_slice(&blob(&index["manifests"][0]["digest"])).unwrap();
+    let unzipped: Vec<Digest> = image_manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let data = blob(&l["digest"]);
+            if !l["mediaType"].as_str().unwrap().ends_with("+gzip") {
+                return Digest::of(&data);
+            }
+            let mut plain = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(data.as_slice()), &mut plain).unwrap();
+            Digest::of(&plain)
+        })
+        .collect();
+    assert_eq!(unzipped, diff_ids);
+    let types: Vec<&str> = image_manifest["layers"].as_array().unwrap().iter().map(|l| l["mediaType"].as_str().unwrap()).collect();
+    assert!(types[0].ends_with(".tar") && types[1..].iter().all(|t| t.ends_with("+gzip")), "the base keeps its blob: {types:?}");
+
+    // The same export twice is the same bytes.
+    assert_eq!(export(&t, &out, OutputSpec::OciArchive { names: vec![], layers: gzip }).await, oci);
+}
