@@ -23,33 +23,64 @@ pub const DEFAULT_MAX_BUILDS: u32 = 4;
 /// Errors of the project/token store and of authentication.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
+    /// Reading, parsing, locking or writing the store failed, or no token could be
+    /// generated (then `path` is empty).
     #[error("auth store {path}: {message}")]
-    Store { path: PathBuf, message: String },
+    Store {
+        /// The store file (`auth.json`).
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A project name [`valid_project_name`] refuses (the name as given).
     #[error("invalid project name {0:?}: use 1-63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit")]
     BadName(String),
+    /// Creating a project whose name is taken.
     #[error("project {0:?} already exists")]
     ProjectExists(String),
+    /// The project named (or the one of a token) is not in the store.
     #[error("project {0:?} does not exist (create it with `hoist project create {0}` on the builder)")]
     NoProject(String),
+    /// Revoking by an id or name no unrevoked token has.
     #[error("no token matches {0:?}")]
     NoToken(String),
+    /// Revoking by a name that tokens of several projects have, without naming the project.
     #[error("tokens named {name:?} exist in several projects ({projects}): pass --project to say which")]
-    AmbiguousToken { name: String, projects: String },
+    AmbiguousToken {
+        /// The token name.
+        name: String,
+        /// The projects with a token of that name, comma-separated.
+        projects: String,
+    },
+    /// An entitlement name the engine does not know.
     #[error("{0}")]
     Entitlement(#[from] hoist_engine::entitlements::UnknownEntitlement),
+    /// A request without a token on a listener that is not trusted.
     #[error("a token is required: pass --token, set HOIST_TOKEN or run `hoist login`")]
     Missing,
+    /// A token whose hash no record has.
     #[error("the token is not valid for this builder (no project has it): check --token / HOIST_TOKEN / hoist login")]
     Invalid,
+    /// A token that was revoked.
     #[error("the token {name:?} was revoked; ask for a new one")]
-    Revoked { name: String },
+    Revoked {
+        /// The token's name.
+        name: String,
+    },
+    /// The client named a project other than its token's.
     #[error("the token belongs to project {token_project:?}, not {requested:?}")]
-    WrongProject { token_project: String, requested: String },
+    WrongProject {
+        /// The project the token belongs to.
+        token_project: String,
+        /// The project the client named.
+        requested: String,
+    },
 }
 
 /// A project.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Project {
+    /// When it was created, in seconds since the Unix epoch.
     pub created: u64,
     /// Automatic GC keeps the project's cache under this many bytes.
     #[serde(default = "default_limit")]
@@ -76,11 +107,16 @@ fn default_builds() -> u32 {
 pub struct TokenRecord {
     /// Short id: the first 12 hex digits of the hash.
     pub id: String,
+    /// The name given when it was issued (unique only within its project).
     pub name: String,
+    /// The project it authenticates for.
     pub project: String,
     /// SHA-256 (hex) of the token.
     pub hash: String,
+    /// When it was issued, in seconds since the Unix epoch.
     pub created: u64,
+    /// Refused from now on; the record is kept so that using the token reports it revoked
+    /// (by name) rather than invalid.
     #[serde(default)]
     pub revoked: bool,
 }
@@ -88,8 +124,10 @@ pub struct TokenRecord {
 /// The whole store.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthFile {
+    /// Projects by name.
     #[serde(default)]
     pub projects: BTreeMap<String, Project>,
+    /// Every token ever issued, revoked ones included.
     #[serde(default)]
     pub tokens: Vec<TokenRecord>,
 }
@@ -97,6 +135,7 @@ pub struct AuthFile {
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
+    /// The project the request acts in (its cache, quotas and sessions).
     pub project: String,
     /// Token name, or "local" for the trusted unix socket.
     pub who: String,

@@ -22,19 +22,44 @@ use sha2::{Digest as _, Sha256};
 /// Errors of context sync.
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
+    /// A manifest, session name or upload the builder refuses: a bad or repeated path, a
+    /// parent that is no directory of the context, an invalid hard link, a bad digest, or
+    /// an upload whose content does not match its digest.
     #[error("context manifest: {0}")]
     Manifest(String),
+    /// A context id that is not prepared: never issued, already taken by a build, or forgotten (each
+    /// project keeps only its newest prepared contexts).
     #[error("context {0} is unknown or expired: send the manifest again")]
     UnknownContext(String),
+    /// A file of the context is not in the store: the client was asked for it and did not
+    /// upload it, or it was gone when the session's tree was written.
     #[error("context file {digest} was not uploaded")]
-    MissingBlob { digest: String },
+    MissingBlob {
+        /// The file's content digest.
+        digest: String,
+    },
+    /// A filesystem operation on the store or a session directory failed.
     #[error("context store {path}: {message}")]
-    Io { path: PathBuf, message: String },
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        message: String,
+    },
     /// The context is larger than the builder accepts.
     #[error(
         "the build context has {what} {got}, more than the builder accepts ({max}; hoist serve {flag}): exclude files with .dockerignore"
     )]
-    TooLarge { what: &'static str, got: u64, max: u64, flag: &'static str },
+    TooLarge {
+        /// What is counted: `"entries:"` or `"bytes of files:"`.
+        what: &'static str,
+        /// How many the manifest has.
+        got: u64,
+        /// The limit ([`ContextLimits`]).
+        max: u64,
+        /// The `hoist serve` flag that sets the limit.
+        flag: &'static str,
+    },
 }
 
 /// Most contexts prepared but not yet built, per project (older ones are forgotten).
@@ -181,7 +206,9 @@ pub struct ContextStore {
 /// A build's context: its session directory is brought to the manifest the first time a
 /// step reads files from it, and then held against other builds' updates until dropped.
 pub struct MaterializedContext {
+    /// The context the engine builds from: its entries, and its files once written.
     pub context: Arc<Context>,
+    /// What syncing it took.
     pub stats: SyncStats,
     written: Arc<std::sync::atomic::AtomicU64>,
     _held: Arc<Mutex<Option<Held>>>,

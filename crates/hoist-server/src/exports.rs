@@ -20,14 +20,33 @@ use hoist_proto::v1;
 /// Errors of export sessions and saved results.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
+    /// The session id is unknown, expired, released, or another project's.
     #[error("export session {0:?} does not exist (it expired or was released); run the command again")]
     NoSession(String),
+    /// A digest that is not one of the session's blobs (or no digest at all).
     #[error("blob {digest} is not part of export session {session}")]
-    NotInSession { session: String, digest: String },
+    NotInSession {
+        /// The session id.
+        session: String,
+        /// The digest asked for, as given.
+        digest: String,
+    },
+    /// Opening a session when the project already has [`MAX_PER_PROJECT`] open.
     #[error("project {project:?} has {limit} export sessions open; wait for them to finish or expire")]
-    TooMany { project: String, limit: usize },
+    TooMany {
+        /// The project.
+        project: String,
+        /// [`MAX_PER_PROJECT`].
+        limit: usize,
+    },
+    /// An exported image's config could not be read from the content store.
     #[error("reading config {digest} of the export: {message}")]
-    Store { digest: Digest, message: String },
+    Store {
+        /// The config blob.
+        digest: Digest,
+        /// The content store's error.
+        message: String,
+    },
 }
 
 /// How long a session lives without a read.
@@ -38,11 +57,13 @@ pub const MAX_PER_PROJECT: usize = 64;
 /// One export: its project, the blobs it may serve (digest → size and source), and the
 /// lease that keeps its layers from garbage collection.
 pub struct Session {
+    /// The project that opened it; only it can read or release it.
     pub project: String,
     /// The token that opened it: the session ends when that token is revoked.
     pub token_id: Option<String>,
     /// Cancelled when the session is revoked; reads in progress stop.
     pub revoked: tokio_util::sync::CancellationToken,
+    /// The blobs it may serve: digest → size in bytes and where the bytes come from.
     pub blobs: HashMap<Digest, (u64, ServedBlob)>,
     last_used: Mutex<Instant>,
     _lease: LeaseSet,

@@ -4,6 +4,7 @@
 //! outputs.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod context;
@@ -24,14 +25,26 @@ pub use service::BuilderService;
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// A listen address that is neither `unix:` with a path nor `tcp://host:port` (the
+    /// address as given).
     #[error("invalid listen address {0:?}: expected unix:///path/to.sock or tcp://host:port")]
     Address(String),
+    /// Plain TCP bound to a non-loopback address (the one bound) with neither TLS nor
+    /// [`ServeOptions::allow_insecure_tcp`].
     #[error("refusing to listen on {0} without TLS: plain TCP is only allowed on loopback (pass --insecure to override)")]
     NotLoopback(String),
+    /// Binding the unix socket or TCP listener failed.
     #[error("listening on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        /// The socket path or `host:port`.
+        addr: String,
+        /// Why it could not be bound.
+        source: std::io::Error,
+    },
+    /// The gRPC transport failed while serving.
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A TLS file could not be read, or the TLS configuration was refused.
     #[error("TLS: {0}")]
     Tls(String),
 }
@@ -39,7 +52,9 @@ pub enum ServeError {
 /// TLS files of the server.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
+    /// The server's certificate (chain), PEM.
     pub cert: PathBuf,
+    /// The private key of `cert`, PEM.
     pub key: PathBuf,
     /// Require client certificates signed by this CA.
     pub client_ca: Option<PathBuf>,
@@ -48,9 +63,12 @@ pub struct TlsFiles {
 /// How the server runs.
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
+    /// Registries every build reaches over plain HTTP (`--insecure-registry`), besides those
+    /// a request names.
     pub insecure_registries: Vec<String>,
     /// Allow plain TCP on a non-loopback address.
     pub allow_insecure_tcp: bool,
+    /// Serve TLS with these files (then any TCP address is allowed); `None`: plaintext.
     pub tls: Option<TlsFiles>,
     /// Platforms the builder announces as native (`hoist serve --platforms`); empty = the
     /// host's. Clients with several builders route each platform to one announcing it.
@@ -66,7 +84,10 @@ pub struct ServeOptions {
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
+    /// A unix socket at this path, connectable only by its owner (mode 0600); a file
+    /// already there is replaced.
     Unix(PathBuf),
+    /// A TCP address, `host:port`.
     Tcp(String),
 }
 

@@ -13,10 +13,20 @@ pub enum WireOutputError {
     NoKind(usize),
     /// A compression type this builder does not know.
     #[error("output {index}: unknown layer compression type {value}")]
-    UnknownCompression { index: usize, value: i32 },
+    UnknownCompression {
+        /// The output's position in the request, from 0.
+        index: usize,
+        /// The wire `CompressionType` number.
+        value: i32,
+    },
     /// A spec the engine refuses.
     #[error("output {index}: {source}")]
-    Spec { index: usize, source: OutputError },
+    Spec {
+        /// The output's position in the request, from 0.
+        index: usize,
+        /// The engine's error.
+        source: OutputError,
+    },
 }
 
 /// The engine spec of output `index` of a request.
@@ -42,8 +52,10 @@ pub fn output_spec(index: usize, out: &v1::Output) -> Result<OutputSpec, WireOut
 /// A layer compression the engine cannot take (before it is placed at an output).
 #[derive(Debug, thiserror::Error)]
 pub enum CompressionError {
+    /// A wire `CompressionType` number this builder does not know.
     #[error("unknown layer compression type {0}")]
     Unknown(i32),
+    /// A compression the engine refuses, such as a level out of its range.
     #[error(transparent)]
     Spec(OutputError),
 }
