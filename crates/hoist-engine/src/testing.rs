@@ -248,6 +248,17 @@ impl ImageSource for MemoryImages {
     }
 }
 
+/// An image of `platform` (`os/arch`) without layers, as a build returns it.
+pub fn empty_image(platform: &str) -> crate::BuiltImage {
+    let p = Platform::parse(platform).expect("a valid platform");
+    let config: hoist_oci::image::ImageConfig = serde_json::from_value(serde_json::json!({
+        "architecture": p.architecture, "os": p.os, "rootfs": {"type": "layers", "diff_ids": []}
+    }))
+    .expect("an image config");
+    let bytes = serde_json::to_vec(&config).expect("a serialized config");
+    crate::BuiltImage { platform: p, config, config_digest: Digest::of(&bytes), config_bytes: bytes }
+}
+
 /// A context of `files` (`(path, content)`) written into `dir`.
 pub fn context(dir: &Path, files: &[(&str, &str)]) -> Context {
     let mut entries = Vec::new();

@@ -231,41 +231,17 @@ pub fn manifest_ref(img: &hoist_engine::export::ExportedImage) -> v1::ManifestRe
 mod tests {
     use super::*;
     use hoist_engine::export::LayerCompression;
-    use hoist_engine::graph::Platform;
-    use hoist_engine::BuiltImage;
-    use hoist_oci::image::ImageConfig;
-
-    fn image(platform: &str) -> BuiltImage {
-        let config: ImageConfig = serde_json::from_value(serde_json::json!({
-            "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}
-        }))
-        .unwrap();
-        let bytes = serde_json::to_vec(&config).unwrap();
-        BuiltImage { platform: Platform::parse(platform).unwrap(), config, config_digest: Digest::of(&bytes), config_bytes: bytes }
-    }
 
     #[test]
     fn sessions_serve_only_their_blobs_to_their_project() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(&hoist_engine::EngineConfig {
-            root: dir.path().to_path_buf(),
-            runtime: None,
-            insecure_registries: vec![],
-            limits: Default::default(),
-        });
-        let engine = match engine {
-            Ok(e) => e,
-            Err(e) => {
-                hoist_oci::testing::needs(&format!("an OCI runtime, for the engine to open ({e})"), false);
-                return;
-            }
-        };
-        let img = image("linux/amd64");
+        let t = hoist_engine::testing::TestEngine::new();
+        let engine = &t.engine;
+        let img = hoist_engine::testing::empty_image("linux/amd64");
         engine.store().put(&img.config_bytes).unwrap();
         let plain = LayerCompression { compression: hoist_oci::compress::Compression::Uncompressed, force: false };
         let export = || futures::executor::block_on(engine.export_for_client(std::slice::from_ref(&img), plain)).unwrap();
         let exports = Exports::default();
-        let s = exports.open(&engine, "p1", Some("tok1"), export()).unwrap();
+        let s = exports.open(engine, "p1", Some("tok1"), export()).unwrap();
         assert_eq!(s.documents.len(), 2, "config and manifest travel with the session");
         let cfg = img.config_digest.to_string();
         let (_, d, size, source) = exports.blob("p1", &s.id, &cfg).unwrap();
@@ -279,8 +255,8 @@ mod tests {
         assert!(matches!(exports.blob("p1", &s.id, &cfg), Err(ExportError::NoSession(_))));
         assert!(exports.is_empty());
         // A revoked token's sessions end, and reads in progress see it.
-        let s = exports.open(&engine, "p1", Some("tok1"), export()).unwrap();
-        let other = exports.open(&engine, "p1", Some("tok2"), export()).unwrap();
+        let s = exports.open(engine, "p1", Some("tok1"), export()).unwrap();
+        let other = exports.open(engine, "p1", Some("tok2"), export()).unwrap();
         let (held, ..) = exports.blob("p1", &s.id, &cfg).unwrap();
         assert_eq!(exports.revoke(&["tok1".to_string()].into()), 1);
         assert!(held.revoked.is_cancelled());

@@ -264,12 +264,7 @@ mod tests {
     use super::*;
 
     fn image(platform: &str) -> BuiltImage {
-        let config: ImageConfig = serde_json::from_value(serde_json::json!({
-            "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}
-        }))
-        .unwrap();
-        let bytes = serde_json::to_vec(&config).unwrap();
-        BuiltImage { platform: Platform::parse(platform).unwrap(), config, config_digest: Digest::of(&bytes), config_bytes: bytes }
+        crate::testing::empty_image(platform)
     }
 
     #[test]
