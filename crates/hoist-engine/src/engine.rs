@@ -62,10 +62,32 @@ pub enum EngineError {
         /// Why it cannot be used.
         source: Box<crate::images::ImageError>,
     },
-    /// Storing a result failed (an image config, a cache record), an exporter or garbage
-    /// collection failed, or an internal error; the message says which.
-    #[error("{0}")]
-    Export(String),
+    /// An exporter failed.
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
+    /// The cache index failed.
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    /// The content store failed.
+    #[error(transparent)]
+    Store(#[from] hoist_oci::store::StoreError),
+    /// The snapshot store failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// Garbage collection could not remove a project's cache mounts.
+    #[error("garbage collection: removing {path}: {source}")]
+    Collect {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A task of the engine failed (a bug).
+    #[error("internal error: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// Something that cannot happen did (a bug); the message says what.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// An output that does not fit: a bad spec, or images it cannot take.
     #[error(transparent)]
     Output(#[from] crate::export::OutputError),

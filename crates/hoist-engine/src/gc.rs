@@ -82,10 +82,6 @@ pub struct ProjectUsage {
     pub cache_mount_bytes: u64,
 }
 
-fn gc_err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Export(format!("garbage collection: {e}"))
-}
-
 /// Bytes under a directory (not following symlinks, not crossing into other mounts).
 pub fn dir_size(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -120,7 +116,7 @@ impl Engine {
 
     /// A project's usage.
     pub fn usage(&self, ns: &str) -> Result<ProjectUsage, EngineError> {
-        let u = self.index().usage(ns).map_err(gc_err)?;
+        let u = self.index().usage(ns)?;
         Ok(ProjectUsage {
             layers: u.layers.len() as u64,
             layer_bytes: u.layer_bytes(),
@@ -132,10 +128,10 @@ impl Engine {
     /// Drop everything the project has in the index and its cache mounts, then sweep.
     pub fn reset(&self, ns: &str) -> Result<u64, EngineError> {
         let before = self.usage(ns)?;
-        self.index().reset(ns).map_err(gc_err)?;
+        self.index().reset(ns)?;
         let dir = self.cache_mounts().namespace_dir(ns);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| gc_err(format!("removing {}: {e}", dir.display())))?;
+            std::fs::remove_dir_all(&dir).map_err(|source| EngineError::Collect { path: dir.clone(), source })?;
         }
         self.sweep()?;
         Ok(before.layer_bytes + before.cache_mount_bytes)
@@ -143,8 +139,8 @@ impl Engine {
 
     /// Delete layers that no record refers to and no build holds. Returns how many.
     pub fn sweep(&self) -> Result<u64, EngineError> {
-        let referenced = self.index().referenced_layers().map_err(gc_err)?;
-        let layers = self.snapshots().layers().map_err(gc_err)?;
+        let referenced = self.index().referenced_layers()?;
+        let layers = self.snapshots().layers()?;
         // Holding the lease map makes "not leased" hold for the whole deletion.
         let map = self.inner.leases.map.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = 0;
@@ -152,11 +148,11 @@ impl Engine {
             if referenced.contains(&d) || map.contains_key(&d) {
                 continue;
             }
-            self.snapshots().remove_layer(&d).map_err(gc_err)?;
-            for b in self.index().layer_blobs(&d).map_err(gc_err)? {
-                self.store().remove(&b.digest).map_err(gc_err)?;
+            self.snapshots().remove_layer(&d)?;
+            for b in self.index().layer_blobs(&d)? {
+                self.store().remove(&b.digest)?;
             }
-            self.index().remove_layer_blobs(&d).map_err(gc_err)?;
+            self.index().remove_layer_blobs(&d)?;
             removed += 1;
         }
         Ok(removed)
@@ -168,7 +164,7 @@ impl Engine {
     /// the project fits; cache mounts count but are only dropped by a reset. Returns the
     /// bytes freed and the indices of `others` the caller must drop.
     pub fn collect(&self, ns: &str, limit_bytes: u64, others: &[Reclaimable]) -> Result<(u64, Vec<usize>), EngineError> {
-        let mut records = self.index().records(ns).map_err(gc_err)?;
+        let mut records = self.index().records(ns)?;
         let mut sizes: HashMap<Digest, (u64, usize)> = HashMap::new();
         for r in &records {
             for (d, s) in &r.layers {
@@ -211,7 +207,7 @@ impl Engine {
             }
             drop_records.push(records[i].clone());
         }
-        self.index().remove_records(&drop_records).map_err(gc_err)?;
+        self.index().remove_records(&drop_records)?;
         self.sweep()?;
         Ok((before - total, drop_others))
     }

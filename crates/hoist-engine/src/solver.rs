@@ -106,7 +106,7 @@ impl Inflight {
                     let shared: SharedStep = async move {
                         match handle.await {
                             Ok(out) => out,
-                            Err(e) => Err(Arc::new(EngineError::Export(format!("internal error: step task failed: {e}")))),
+                            Err(e) => Err(Arc::new(EngineError::Task(e))),
                         }
                     }
                     .boxed()
@@ -202,7 +202,7 @@ impl Build {
         };
         match fut {
             Some(f) => f.await.map_err(EngineError::Stage),
-            None => Err(EngineError::Export(format!("internal error: stage {id} is not in the graph"))),
+            None => Err(EngineError::Internal(format!("stage {id} is not in the graph"))),
         }
     }
 
@@ -578,7 +578,7 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
                 Some((d, size)) => (Some(d), size),
                 None => (None, 0),
             };
-            engine2.index().put_step(&ns, &key_for_index, d.clone(), size).map_err(|e| Arc::new(EngineError::Export(e.to_string())))?;
+            engine2.index().put_step(&ns, &key_for_index, d.clone(), size).map_err(|e| Arc::new(e.into()))?;
             drop(lease);
             Ok(d)
         })
@@ -677,8 +677,8 @@ fn image_of(b: &Build, stage: &Stage, state: &StageState) -> Result<BuiltImage, 
         // A base image whose history does not match its layers: keep layers authoritative.
         config.history.retain(|h| h.created_by.is_some());
     }
-    let config_bytes = serde_json::to_vec(&config).map_err(|e| EngineError::Export(format!("serializing the image config: {e}")))?;
-    let config_digest = b.engine.store().put(&config_bytes).map_err(|e| EngineError::Export(e.to_string()))?;
+    let config_bytes = serde_json::to_vec(&config).map_err(crate::export::ExportError::from)?;
+    let config_digest = b.engine.store().put(&config_bytes)?;
     Ok(BuiltImage { platform: b.platform.clone(), config, config_bytes, config_digest })
 }
 

@@ -217,7 +217,10 @@ impl Builder for BuilderService {
                 },
             };
             let r = engine.write_served_blob(&digest, &source, size, offset, &mut w);
-            let r = r.and_then(|_| w.flush_chunk().map_err(|e| EngineError::Export(format!("sending blob {digest}: {e}"))));
+            let r = r.and_then(|_| {
+                w.flush_chunk()
+                    .map_err(|source| hoist_engine::export::ExportError::Io { what: format!("sending blob {digest}"), source }.into())
+            });
             if let Err(e) = r {
                 let _ = tx.blocking_send(Err(Status::data_loss(bounded_message(e.to_string()))));
             }

@@ -15,7 +15,7 @@ use hoist_oci::image::{media, Descriptor, ImageConfig};
 use hoist_oci::layer::{write_layer_tar, TarOptions};
 
 use super::spec::{LayerCompression, OutputError};
-use super::{export_err, ExportedSet};
+use super::{ExportError, ExportedSet};
 use crate::cache::{BlobRecord, SavedImage, SavedRecord};
 use crate::gc::LeaseSet;
 use crate::graph::Platform;
@@ -104,7 +104,7 @@ impl Engine {
     /// Layer `diff_id` for an uncompressed export: a stored plain-tar blob, else the original
     /// blob of a base layer, else the layer's tar made from its snapshot when read.
     async fn plain_layer(&self, diff_id: &Digest) -> Result<(Descriptor, ServedBlob), EngineError> {
-        let known = self.index().layer_blobs(diff_id).map_err(export_err)?;
+        let known = self.index().layer_blobs(diff_id)?;
         let stored = |b: &&BlobRecord| self.store().contains(&b.digest);
         let blob = known
             .iter()
@@ -122,7 +122,7 @@ impl Engine {
             return Ok((desc, ServedBlob::Store));
         }
         if !self.snapshots().has_layer(diff_id) {
-            return Err(export_err(format!("layer {diff_id} is neither stored as a blob nor as a snapshot")));
+            return Err(ExportError::LayerMissing(diff_id.clone()).into());
         }
         let size = self.layer_tar_size(diff_id).await?;
         let desc = Descriptor { media_type: media::OCI_LAYER.into(), digest: diff_id.clone(), size, platform: None, annotations: None };
@@ -133,20 +133,25 @@ impl Engine {
     /// computed; for a layer committed before sizes were recorded, counted once (one pass
     /// over its files) and recorded.
     pub async fn layer_tar_size(&self, diff_id: &Digest) -> Result<u64, EngineError> {
-        if let Some(size) = self.index().layer_tar_size(diff_id).map_err(export_err)? {
+        if let Some(size) = self.index().layer_tar_size(diff_id)? {
+            return Ok(size);
+        }
+        let (engine, d) = (self.clone(), diff_id.clone());
+        tokio::task::spawn_blocking(move || engine.layer_tar_size_blocking(&d)).await?
+    }
+
+    /// [`Engine::layer_tar_size`], blocking.
+    pub fn layer_tar_size_blocking(&self, diff_id: &Digest) -> Result<u64, EngineError> {
+        if let Some(size) = self.index().layer_tar_size(diff_id)? {
             return Ok(size);
         }
         let dir = self.snapshots().layer_dir(diff_id);
-        let (digest, size, _) = tokio::task::spawn_blocking(move || hoist_oci::export::diff_id_of(&dir, &TarOptions::default()))
-            .await
-            .map_err(export_err)?
-            .map_err(|e| export_err(format!("layer {diff_id}: {e}")))?;
+        let (digest, size, _) = hoist_oci::export::diff_id_of(&dir, &TarOptions::default())
+            .map_err(|source| ExportError::Blob { diff_id: diff_id.clone(), source })?;
         if digest != *diff_id {
-            return Err(export_err(format!(
-                "layer {diff_id} changed on disk (its content now hashes to {digest}); run `hoist cache reset`"
-            )));
+            return Err(ExportError::LayerChanged { diff_id: diff_id.clone(), now: digest }.into());
         }
-        self.index().put_layer_tar_size(diff_id, size).map_err(export_err)?;
+        self.index().put_layer_tar_size(diff_id, size)?;
         Ok(size)
     }
 
@@ -162,21 +167,23 @@ impl Engine {
     ) -> Result<(), EngineError> {
         match served {
             ServedBlob::Store => {
-                let mut file = self.store().open_blob(digest).map_err(|e| export_err(format!("blob {digest}: {e}")))?;
-                file.seek(SeekFrom::Start(offset)).map_err(|e| export_err(format!("reading blob {digest}: {e}")))?;
+                let mut file = self.store().open_blob(digest)?;
+                let reading = |source| ExportError::Io { what: format!("reading blob {digest}"), source };
+                file.seek(SeekFrom::Start(offset)).map_err(reading)?;
                 let want = size.saturating_sub(offset);
-                let n = io::copy(&mut file.take(want), out).map_err(|e| export_err(format!("reading blob {digest}: {e}")))?;
+                let n = io::copy(&mut file.take(want), out).map_err(reading)?;
                 if n != want {
-                    return Err(export_err(format!("blob {digest} is shorter than its {size} bytes")));
+                    return Err(ExportError::BlobShort { digest: digest.clone(), size }.into());
                 }
                 Ok(())
             }
             ServedBlob::LayerTar => {
                 let dir = self.snapshots().layer_dir(digest);
                 let mut w = SkipWriter { skip: offset, seen: 0, out };
-                write_layer_tar(&dir, &mut w, &TarOptions::default()).map_err(|e| export_err(format!("reading layer {digest}: {e}")))?;
+                write_layer_tar(&dir, &mut w, &TarOptions::default())
+                    .map_err(|source| ExportError::Tar { diff_id: digest.clone(), source })?;
                 if w.seen != size {
-                    return Err(export_err(format!("layer {digest} changed on the builder: it now tars to {} bytes, not {size}", w.seen)));
+                    return Err(ExportError::TarSizeChanged { diff_id: digest.clone(), now: w.seen, recorded: size }.into());
                 }
                 Ok(())
             }
@@ -189,7 +196,7 @@ impl Engine {
         let mut layers: Vec<(Digest, u64)> = Vec::new();
         let mut saved = Vec::new();
         for img in images {
-            self.store().put(&img.config_bytes).map_err(export_err)?;
+            self.store().put(&img.config_bytes)?;
             saved.push(SavedImage { platform: img.platform.to_string(), config_digest: img.config_digest.clone() });
             for d in img.diff_ids() {
                 if layers.iter().any(|(l, _)| l == d) {
@@ -201,7 +208,7 @@ impl Engine {
         let now = crate::cache::now();
         let record =
             SavedRecord { build_id: build_id.to_string(), tags: tags.to_vec(), images: saved, layers, created: now, last_used: now };
-        self.index().put_saved(namespace, &record).map_err(export_err)?;
+        self.index().put_saved(namespace, &record)?;
         Ok(record)
     }
 
@@ -224,7 +231,7 @@ impl Engine {
     /// The images of project `namespace`'s saved result `name` (a build id or a tag).
     /// Blocking.
     pub fn load_saved(&self, namespace: &str, name: &str) -> Result<(SavedRecord, Vec<BuiltImage>), EngineError> {
-        let record = self.index().find_saved(namespace, name).map_err(export_err)?.ok_or_else(|| OutputError::NoSaved(name.to_string()))?;
+        let record = self.index().find_saved(namespace, name)?.ok_or_else(|| OutputError::NoSaved(name.to_string()))?;
         let broken = |message: String| OutputError::SavedBroken { name: name.to_string(), message };
         let mut images = Vec::new();
         for s in &record.images {

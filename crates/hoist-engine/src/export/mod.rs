@@ -30,8 +30,91 @@ pub mod spec;
 pub use client::{select_platform, ClientExport, ServedBlob};
 pub use spec::{ExportOutcome, ExportStream, ExportTarget, Exporter, LayerCompression, OutputError, OutputSpec};
 
-pub(crate) fn export_err(m: impl std::fmt::Display) -> EngineError {
-    EngineError::Export(m.to_string())
+/// Why an export failed (besides the stores it reads: [`EngineError::Cache`],
+/// [`EngineError::Store`], [`EngineError::Snapshot`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A layer of the image is gone from the builder.
+    #[error("layer {0} is neither stored as a blob nor as a snapshot")]
+    LayerMissing(Digest),
+    /// A layer's files changed since it was made.
+    #[error("layer {diff_id} changed on disk (its content now hashes to {now}); run `hoist cache reset`")]
+    LayerChanged {
+        /// The layer.
+        diff_id: Digest,
+        /// What its files hash to now.
+        now: Digest,
+    },
+    /// A layer's tar is not the size recorded for it (its files changed while served).
+    #[error("layer {diff_id} changed on the builder: it now tars to {now} bytes, not {recorded}")]
+    TarSizeChanged {
+        /// The layer.
+        diff_id: Digest,
+        /// Bytes its tar has now.
+        now: u64,
+        /// Bytes recorded for it.
+        recorded: u64,
+    },
+    /// A blob the export needs is not in the content store.
+    #[error("blob {0} missing")]
+    BlobMissing(Digest),
+    /// A stored blob shorter than its recorded size.
+    #[error("blob {digest} is shorter than its {size} bytes")]
+    BlobShort {
+        /// The blob.
+        digest: Digest,
+        /// Its recorded size.
+        size: u64,
+    },
+    /// Writing a layer's tar failed.
+    #[error("layer {diff_id}: {source}")]
+    Tar {
+        /// The layer.
+        diff_id: Digest,
+        /// What failed.
+        source: hoist_oci::layer::LayerError,
+    },
+    /// Making or re-compressing a layer blob failed.
+    #[error("layer {diff_id}: {source}")]
+    Blob {
+        /// The layer.
+        diff_id: Digest,
+        /// What failed.
+        source: hoist_oci::export::ExportError,
+    },
+    /// Writing the flattened root filesystem failed.
+    #[error("writing the root filesystem: {0}")]
+    Rootfs(#[source] hoist_oci::layer::LayerError),
+    /// A docker archive's metadata cannot be written.
+    #[error(transparent)]
+    Archive(#[from] archive::ArchiveError),
+    /// A manifest or index cannot be serialized (a bug).
+    #[error("serializing a manifest: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Reading or writing bytes failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being read or written.
+        what: String,
+        /// What failed.
+        source: io::Error,
+    },
+    /// The thread writing a layer's tar panicked.
+    #[error("the layer writer panicked")]
+    WriterPanicked,
+    /// Some pushes failed.
+    #[error("{}{}", failed.join("; "), if pushed.is_empty() { String::new() } else { format!(" (pushed to {} successfully)", pushed.join(", ")) })]
+    Push {
+        /// What failed, one message per reference (each naming it).
+        failed: Vec<String>,
+        /// The references pushed.
+        pushed: Vec<String>,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> EngineError {
+    let what = what.into();
+    move |source| ExportError::Io { what, source }.into()
 }
 
 /// An image ready to be written or pushed: its manifest and every blob it references.
@@ -112,16 +195,12 @@ impl Default for PushOutcome {
 /// Ok when every push succeeded, else an error naming each failed reference and what the
 /// others did.
 pub fn push_result(outcomes: &[PushOutcome]) -> Result<(), EngineError> {
-    let failed: Vec<&str> = outcomes.iter().filter_map(|o| o.error.as_deref()).collect();
+    let failed: Vec<String> = outcomes.iter().filter_map(|o| o.error.clone()).collect();
     if failed.is_empty() {
         return Ok(());
     }
-    let ok: Vec<String> = outcomes.iter().filter(|o| o.error.is_none()).map(|o| o.reference.to_string()).collect();
-    let mut msg = failed.join("; ");
-    if !ok.is_empty() {
-        msg.push_str(&format!(" (pushed to {} successfully)", ok.join(", ")));
-    }
-    Err(export_err(msg))
+    let pushed = outcomes.iter().filter(|o| o.error.is_none()).map(|o| o.reference.to_string()).collect();
+    Err(ExportError::Push { failed, pushed }.into())
 }
 
 impl Engine {
@@ -129,7 +208,7 @@ impl Engine {
     /// one in `compression`, made now if it does not exist yet.
     pub async fn layer_blob(&self, diff_id: &Digest, compression: Compression, force: bool) -> Result<BlobRecord, EngineError> {
         let want = compression.media_type();
-        let known = self.index().layer_blobs(diff_id).map_err(export_err)?;
+        let known = self.index().layer_blobs(diff_id)?;
         let usable = |b: &BlobRecord| self.store().contains(&b.digest);
         if let Some(b) = known.iter().find(|b| media::oci_layer(&b.media_type) == want && usable(b)) {
             return Ok(b.clone());
@@ -152,8 +231,9 @@ impl Engine {
                     let store = engine.store().clone();
                     let dir = engine.snapshots().layer_dir(&d);
                     if source.is_none() && !dir.is_dir() {
-                        return Err(Arc::new(export_err(format!("layer {d} is neither stored as a blob nor as a snapshot"))));
+                        return Err(Arc::new(ExportError::LayerMissing(d).into()));
                     }
+                    let d2 = d.clone();
                     let exported = tokio::task::spawn_blocking(move || match source {
                         Some((blob, media_type)) => {
                             recompress_blob(&store, &blob, &media_type, compression).map(|r| (r.diff_id, r.digest, r.size, r.media_type))
@@ -162,25 +242,20 @@ impl Engine {
                             .map(|l| (l.diff_id, l.digest, l.size, l.media_type)),
                     })
                     .await
-                    .map_err(|e| Arc::new(export_err(e)))?
-                    .map_err(|e| Arc::new(export_err(e)))?;
+                    .map_err(|e| Arc::new(e.into()))?
+                    .map_err(|source| Arc::new(ExportError::Blob { diff_id: d2, source }.into()))?;
                     let (exported_diff_id, digest, size, media_type) = exported;
                     if exported_diff_id != d {
-                        return Err(Arc::new(export_err(format!(
-                            "layer {d} changed on disk (its content now hashes to {exported_diff_id}); run `hoist cache reset`"
-                        ))));
+                        return Err(Arc::new(ExportError::LayerChanged { diff_id: d, now: exported_diff_id }.into()));
                     }
                     let rec = BlobRecord { digest, size, media_type, original: false };
-                    engine.index().add_layer_blob(&d, rec).map_err(|e| Arc::new(export_err(e)))?;
+                    engine.index().add_layer_blob(&d, rec).map_err(|e| Arc::new(e.into()))?;
                     Ok(Some(d))
                 })
                 .await;
-        out.map_err(export_err)?;
-        let known = self.index().layer_blobs(diff_id).map_err(export_err)?;
-        known
-            .into_iter()
-            .find(|b| media::oci_layer(&b.media_type) == want)
-            .ok_or_else(|| export_err(format!("layer {diff_id}: blob missing after export")))
+        out.map_err(EngineError::Stage)?;
+        let known = self.index().layer_blobs(diff_id)?;
+        known.into_iter().find(|b| media::oci_layer(&b.media_type) == want).ok_or_else(|| ExportError::LayerMissing(diff_id.clone()).into())
     }
 
     /// Build manifests (and an index for several platforms) for `images`, making blobs as
@@ -210,9 +285,9 @@ impl Engine {
         let mut out = Vec::new();
         for (img, layers) in images.iter().zip(layers) {
             let manifest = Manifest::oci(img.config_digest.clone(), img.config_bytes.len() as u64, layers);
-            let manifest_bytes = serde_json::to_vec(&manifest).map_err(export_err)?;
-            let manifest_digest = self.store().put(&manifest_bytes).map_err(export_err)?;
-            self.store().put(&img.config_bytes).map_err(export_err)?;
+            let manifest_bytes = serde_json::to_vec(&manifest).map_err(ExportError::from)?;
+            let manifest_digest = self.store().put(&manifest_bytes)?;
+            self.store().put(&img.config_bytes)?;
             out.push(ExportedImage {
                 platform: img.platform.clone(),
                 config_digest: img.config_digest.clone(),
@@ -238,8 +313,8 @@ impl Engine {
                     .collect(),
                 annotations: None,
             };
-            let bytes = serde_json::to_vec(&idx).map_err(export_err)?;
-            let d = self.store().put(&bytes).map_err(export_err)?;
+            let bytes = serde_json::to_vec(&idx).map_err(ExportError::from)?;
+            let d = self.store().put(&bytes)?;
             Some((bytes, d))
         } else {
             None
@@ -386,30 +461,35 @@ impl Engine {
         for d in image.diff_ids() {
             let path = archive::layer_path(d);
             let dir = self.snapshots().layer_dir(d);
-            let original =
-                self.index().layer_blobs(d).map_err(export_err)?.into_iter().find(|b| b.original && self.store().contains(&b.digest));
+            let original = self.index().layer_blobs(d)?.into_iter().find(|b| b.original && self.store().contains(&b.digest));
             match original {
                 Some(b) => {
-                    let f = self.store().open_blob(&b.digest).map_err(export_err)?;
+                    let f = self.store().open_blob(&b.digest)?;
                     append(&mut tar, &path, b.size, f)?;
                 }
                 None => {
-                    // Two passes: the size first (tar headers need it), then the bytes.
-                    let mut counter = CountingSink(0);
-                    write_layer_tar(&dir, &mut counter, &TarOptions::default()).map_err(export_err)?;
+                    // The tar header needs the size: the one recorded when the layer was
+                    // made (counted once for a layer older than the record), then the bytes.
+                    let size = self.layer_tar_size_blocking(d)?;
                     let (reader, mut writer) = os_pipe()?;
                     let dir2 = dir.clone();
                     let producer = std::thread::spawn(move || write_layer_tar(&dir2, &mut writer, &TarOptions::default()));
-                    append(&mut tar, &path, counter.0, reader)?;
-                    producer.join().map_err(|_| export_err("layer writer panicked"))?.map_err(export_err)?;
+                    append(&mut tar, &path, size, reader)?;
+                    let stats = producer
+                        .join()
+                        .map_err(|_| ExportError::WriterPanicked)?
+                        .map_err(|source| ExportError::Tar { diff_id: d.clone(), source })?;
+                    if stats.bytes != size {
+                        return Err(ExportError::TarSizeChanged { diff_id: d.clone(), now: stats.bytes, recorded: size }.into());
+                    }
                 }
             }
         }
-        let entry = archive::ArchiveImage::new(&image.config_digest, image.diff_ids(), tags).map_err(export_err)?;
+        let entry = archive::ArchiveImage::new(&image.config_digest, image.diff_ids(), tags).map_err(ExportError::from)?;
         append(&mut tar, &entry.config, image.config_bytes.len() as u64, image.config_bytes.as_slice())?;
-        let bytes = archive::manifest_json(&[entry]).map_err(export_err)?;
+        let bytes = archive::manifest_json(&[entry]).map_err(ExportError::from)?;
         append(&mut tar, "manifest.json", bytes.len() as u64, bytes.as_slice())?;
-        tar.into_inner().map_err(export_err)?.flush().map_err(export_err)?;
+        tar.into_inner().map_err(io_err("finishing the archive"))?.flush().map_err(io_err("sending the archive"))?;
         Ok(())
     }
 
@@ -431,8 +511,8 @@ impl Engine {
             blobs.insert(d.clone(), ());
         }
         for d in blobs.keys() {
-            let size = self.store().size(d).map_err(export_err)?.ok_or_else(|| export_err(format!("blob {d} missing")))?;
-            let f = self.store().open_blob(d).map_err(export_err)?;
+            let size = self.store().size(d)?.ok_or_else(|| ExportError::BlobMissing(d.clone()))?;
+            let f = self.store().open_blob(d)?;
             append(&mut tar, &format!("blobs/sha256/{}", d.hex()), size, f)?;
         }
         let (media_type, digest, size) = match &set.index {
@@ -460,16 +540,16 @@ impl Engine {
                 .collect()
         };
         let index = Index { schema_version: 2, media_type: Some(media::OCI_INDEX.into()), manifests: entries, annotations: None };
-        let bytes = serde_json::to_vec(&index).map_err(export_err)?;
+        let bytes = serde_json::to_vec(&index).map_err(ExportError::from)?;
         append(&mut tar, "index.json", bytes.len() as u64, bytes.as_slice())?;
-        tar.into_inner().map_err(export_err)?.flush().map_err(export_err)?;
+        tar.into_inner().map_err(io_err("finishing the archive"))?.flush().map_err(io_err("sending the archive"))?;
         Ok(())
     }
 
     /// Write the flattened root filesystem of `image` as a tar. Blocking.
     pub fn write_rootfs_tar(&self, image: &BuiltImage, out: impl Write) -> Result<(), EngineError> {
-        let view = self.snapshots().view(image.diff_ids()).map_err(export_err)?;
-        write_layer_tar(view.merged(), out, &TarOptions::default()).map_err(export_err)?;
+        let view = self.snapshots().view(image.diff_ids())?;
+        write_layer_tar(view.merged(), out, &TarOptions::default()).map_err(ExportError::Rootfs)?;
         Ok(())
     }
 }
@@ -481,20 +561,8 @@ fn ref_name(tag: &str) -> String {
     }
 }
 
-struct CountingSink(u64);
-
-impl Write for CountingSink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len() as u64;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 fn os_pipe() -> Result<(std::fs::File, std::fs::File), EngineError> {
-    let (r, w) = rustix::pipe::pipe().map_err(export_err)?;
+    let (r, w) = rustix::pipe::pipe().map_err(|e| ExportError::Io { what: "making a pipe".into(), source: e.into() })?;
     Ok((std::fs::File::from(r), std::fs::File::from(w)))
 }
 
@@ -504,7 +572,7 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, path: &str, size: u64, data: impl
     h.set_mode(0o644);
     h.set_mtime(0);
     h.set_entry_type(tar::EntryType::Regular);
-    tar.append_data(&mut h, path, data).map_err(|e| export_err(format!("writing {path}: {e}")))
+    tar.append_data(&mut h, path, data).map_err(io_err(format!("writing {path}")))
 }
 
 /// Push a manifest (`media_type`) or index (`None`) to `target` unless it already names

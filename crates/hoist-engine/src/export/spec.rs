@@ -14,7 +14,7 @@ use hoist_oci::reference::Reference;
 use hoist_oci::registry::RegistryClient;
 
 use super::client::{select_platform, ClientExport};
-use super::{export_err, push_result, ExportedImage, PushOutcome};
+use super::{push_result, ExportError, ExportedImage, PushOutcome};
 use crate::cache::SavedRecord;
 use crate::graph::Platform;
 use crate::{BuiltImage, Engine, EngineError};
@@ -311,8 +311,7 @@ impl Exporter {
             }
             Resolved::Save => {
                 let (engine, ns, id, images) = (engine.clone(), target.namespace.to_string(), target.build_id.to_string(), images.to_vec());
-                let record =
-                    tokio::task::spawn_blocking(move || engine.save_result(&ns, &id, &tags, &images)).await.map_err(export_err)??;
+                let record = tokio::task::spawn_blocking(move || engine.save_result(&ns, &id, &tags, &images)).await??;
                 Ok(ExportOutcome { saved: Some(record), ..Default::default() })
             }
             Resolved::Client { platform, layers } => {
@@ -337,10 +336,9 @@ async fn stream(
 ) -> Result<(), EngineError> {
     tokio::task::spawn_blocking(move || {
         f(&mut out)?;
-        out.close().map_err(|e| export_err(format!("sending the output: {e}")))
+        out.close().map_err(|source| ExportError::Io { what: "sending the output".into(), source }.into())
     })
-    .await
-    .map_err(export_err)?
+    .await?
 }
 
 #[cfg(test)]
