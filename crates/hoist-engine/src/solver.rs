@@ -469,12 +469,12 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
                     if let Some(Ok(Some(d))) = memo.as_ref().map(|m| engine.index().source_digest(&ns, m)) {
                         return Ok(d);
                     }
-                    let dir = ctx.files().map_err(|e| e.to_string())?;
-                    let d = crate::copy::source_digest(dir, &op, &|p: &str| ctx.file_digest(p)).map_err(|e| e.to_string())?;
+                    let dir = ctx.files()?;
+                    let d = crate::copy::source_digest(dir, &op, &|p: &str| ctx.file_digest(p))?;
                     if let Some(Err(e)) = memo.as_ref().map(|m| engine.index().put_source_digest(&ns, m, &d)) {
                         tracing::warn!("remembering a COPY's sources: {e}");
                     }
-                    Ok::<_, String>(d)
+                    Ok::<_, crate::StepCause>(d)
                 })
                 .await
                 .map_err(|e| step_error(b, step, e))?

@@ -410,7 +410,7 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Pro
             let dir = tempfile::Builder::new().prefix("git-").tempdir_in(b.engine.root()).map_err(|e| env.err(e))?;
             let r = crate::git::GitRef { url: g.url.clone(), reference: g.reference.clone(), subdir: None };
             let (path, keep, max) = (dir.path().to_path_buf(), c.keep_git_dir, b.engine.limits().archive.max_bytes);
-            blocking(env, move || crate::git::checkout(&r, &commit, &path, keep, max).map_err(|e| e.to_string())).await?;
+            blocking(env, move || crate::git::checkout(&r, &commit, &path, keep, max)).await?;
             let p = dir.path().to_path_buf();
             held_dirs.push(dir);
             p
