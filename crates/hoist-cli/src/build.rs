@@ -7,14 +7,15 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context as _};
 use clap::Args;
-use futures::StreamExt;
+use hoist_client::build::{BuildOutcome, BuildPart};
+use hoist_client::human_bytes;
+use hoist_client::outputs::{finish_sinks, OutputSink, OutputSpec};
 use hoist_client::session::AgentSource;
-use hoist_client::sync::{self, StatCache};
-use hoist_client::v1::{self, build_event};
+use hoist_client::sync::{self, SentContext};
+use hoist_client::v1;
 use hoist_dockerfile::IgnoreMatcher;
 
 use crate::conn::ConnArgs;
-use crate::outputs::{OutputSink, OutputSpec};
 use crate::progress::{Mode, Renderer};
 
 /// `hoist build [OPTIONS] PATH | -`
@@ -386,26 +387,7 @@ fn cache_root() -> PathBuf {
     }
 }
 
-/// What was sent of a build's context, and how to send more if the builder asks.
-pub(crate) struct SentContext {
-    pub(crate) id: String,
-    pub(crate) stats: sync::SyncStats,
-    /// The paths walked, when the client sent only part of the context.
-    pub(crate) reach: Option<Vec<String>>,
-    pub(crate) provider: Option<std::sync::Arc<dyn hoist_client::session::ContextProvider>>,
-}
-
-impl SentContext {
-    /// Tell the builder what was sent (it asks for the rest when a step needs it).
-    pub(crate) fn describe(&self, req: &mut v1::BuildRequest) {
-        req.context_id = self.id.clone();
-        req.context_partial = self.reach.is_some();
-        req.context_reach = self.reach.clone().unwrap_or_default();
-    }
-}
-
-/// Walk the context (what the Dockerfile can read, after .dockerignore) and send the
-/// builder the files it lacks.
+/// Sync the context of `inputs` to a builder, shown as the client-side vertex `label`.
 pub(crate) async fn sync_context(
     client: &mut hoist_client::Client,
     inputs: &Inputs,
@@ -413,39 +395,49 @@ pub(crate) async fn sync_context(
     renderer: &mut Renderer,
     label: &str,
 ) -> anyhow::Result<SentContext> {
-    let Some(dir) = &inputs.context_dir else {
-        return Ok(SentContext { id: String::new(), stats: Default::default(), reach: None, provider: None });
-    };
+    let Some(dir) = &inputs.context_dir else { return Ok(SentContext::default()) };
     let t = Instant::now();
     let id = renderer.internal(label);
-    let dir2 = dir.clone();
-    let ignore2 = ignore.cloned();
-    let stdin_ctx = inputs._tmp.is_some();
-    // Only what the Dockerfile can read is walked, hashed and sent; the builder asks for
-    // anything else a step turns out to read.
-    let mut reach = hoist_client::reach::reachable(&String::from_utf8_lossy(&inputs.dockerfile));
-    let (walked, reach) = tokio::task::spawn_blocking(move || {
-        let mut cache = if stdin_ctx { StatCache::none() } else { StatCache::load(&cache_root(), &dir2) };
-        sync::walk(&dir2, ignore2.as_ref(), &mut reach, &mut cache).map(|w| (w, reach))
-    })
-    .await??;
-    let session = sync::session_key(dir);
-    let (cid, stats) = sync::sync(client, session.clone(), &walked).await?;
+    // A context from stdin is new each time: no stat cache.
+    let cache = if inputs._tmp.is_some() { None } else { Some(cache_root()) };
+    let sent = sync::sync_context(client, dir, &inputs.dockerfile, ignore, cache.as_deref()).await?;
     renderer.internal_done(
         id,
         t.elapsed().as_secs_f64(),
-        &format!("transferred {} files ({})", stats.uploaded_files, human_bytes(stats.uploaded_bytes)),
+        &format!("transferred {} files ({})", sent.stats.uploaded_files, human_bytes(sent.stats.uploaded_bytes)),
     );
-    let provider = sync::DirContext { dir: dir.clone(), ignore: ignore.cloned(), session };
-    Ok(SentContext {
-        id: cid,
-        stats,
-        reach: match reach {
-            hoist_client::reach::Reach::All => None,
-            hoist_client::reach::Reach::Paths(p) => Some(p.into_iter().collect()),
-        },
-        provider: Some(std::sync::Arc::new(provider)),
-    })
+    Ok(sent)
+}
+
+/// Run a build's parts with the shared event loop, Ctrl-C cancelling it, then finish the
+/// outputs that outlive the stream (a load); `None` when the build was cancelled.
+pub(crate) async fn run_parts(
+    parts: Vec<BuildPart>,
+    sinks: &mut [Option<OutputSink>],
+    renderer: &mut Renderer,
+    mode: Mode,
+) -> anyhow::Result<Option<Vec<v1::BuildResult>>> {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let outcome = hoist_client::build::build(parts, sinks, renderer, ctrl_c).await;
+    renderer.finish();
+    match outcome? {
+        BuildOutcome::Cancelled => {
+            eprintln!("hoist: build cancelled");
+            Ok(None)
+        }
+        BuildOutcome::Finished(results) => {
+            for note in finish_sinks(sinks).await? {
+                if mode != Mode::Quiet {
+                    eprintln!("hoist: {note}");
+                }
+            }
+            Ok(Some(results))
+        }
+    }
 }
 
 /// The build request of `args` (outputs are filled in by the caller).
@@ -504,7 +496,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     let mode = if args.quiet { Mode::Quiet } else { Mode::parse(&args.progress, std::io::stderr().is_terminal())? };
     let mut outputs = Vec::new();
     for o in &args.outputs {
-        outputs.push(OutputSpec::parse(o)?);
+        outputs.push(crate::outputs::parse(o)?);
     }
     // The load first: the builder exports it at once and the engine pulls it while the
     // builder pushes.
@@ -547,65 +539,10 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     }
     let local_builder = args.conn.builder_is_local()?;
     req.outputs = outputs.iter().zip(&sinks).map(|(o, s)| o.to_proto_for(s.as_ref(), local_builder)).collect();
-    let mut stream = hoist_client::session::start_build(&mut client, req, agents, sent.provider.clone()).await?;
-    // One Ctrl-C listener for the whole stream: a fresh one per event would miss a signal
-    // that arrives while an event is handled (tokio keeps none for absent listeners).
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let mut result = None;
-    loop {
-        let next = tokio::select! {
-            n = stream.next() => n,
-            _ = &mut ctrl_c => {
-                renderer.finish();
-                eprintln!("hoist: build cancelled");
-                return Ok(130);
-            }
-        };
-        let Some(msg) = next else { break };
-        let ev = match msg {
-            Ok(ev) => ev,
-            Err(status) => {
-                renderer.finish();
-                for s in sinks.iter_mut().flatten() {
-                    s.abort();
-                }
-                bail!("{}", status.message());
-            }
-        };
-        match ev.event {
-            Some(build_event::Event::Output(o)) => {
-                let sink = sinks
-                    .get_mut(o.output as usize)
-                    .and_then(|s| s.as_mut())
-                    .ok_or_else(|| anyhow!("builder sent data for an unknown output"))?;
-                sink.write(o.data).await?;
-                if o.eof {
-                    let note = sinks[o.output as usize].take().map(|s| s.finish());
-                    if let Some(note) = note {
-                        let msg = note.await?;
-                        renderer.note(&msg);
-                    }
-                }
-            }
-            Some(build_event::Event::Export(session)) => {
-                let sink = sinks
-                    .get_mut(session.output as usize)
-                    .and_then(|s| s.as_mut())
-                    .ok_or_else(|| anyhow!("builder sent an export for an unknown output"))?;
-                sink.start_export(&client, session)?;
-            }
-            Some(build_event::Event::Result(r)) => {
-                result = Some(r);
-                break;
-            }
-            Some(other) => renderer.event(other),
-            None => {}
-        }
-    }
-    renderer.finish();
-    let result = result.ok_or_else(|| anyhow!("the builder closed the connection before the build finished"))?;
-    finish_sinks(&mut sinks, mode).await?;
+    let label = args.conn.addr()?.map(|a| a.to_string()).unwrap_or_else(|| "embedded".to_string());
+    let part = BuildPart { label, client, request: req, agents, context: sent.provider.clone(), outputs: (0..outputs.len()).collect() };
+    let Some(results) = run_parts(vec![part], &mut sinks, &mut renderer, mode).await? else { return Ok(130) };
+    let result = results.into_iter().next().ok_or_else(|| anyhow!("the builder sent no result"))?;
     if mode != Mode::Quiet {
         for p in &result.pushes {
             eprintln!("hoist: {}", push_line(p));
@@ -650,26 +587,6 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Finish every client-side output the builder sent (a load waits for the engine), saying
-/// what each did; an output the builder never sent is an error.
-pub async fn finish_sinks(sinks: &mut [Option<OutputSink>], mode: Mode) -> anyhow::Result<()> {
-    for s in sinks.iter_mut() {
-        if s.as_ref().is_some_and(|s| s.started()) {
-            if let Some(sink) = s.take() {
-                let note = sink.finish().await?;
-                if mode != Mode::Quiet {
-                    eprintln!("hoist: {note}");
-                }
-            }
-        }
-    }
-    if let Some(s) = sinks.iter_mut().flatten().next() {
-        s.abort();
-        bail!("the builder did not send the output {}", s.describe());
-    }
-    Ok(())
-}
-
 /// One line saying what a push to one reference did.
 pub fn push_line(p: &v1::PushReport) -> String {
     if !p.error.is_empty() {
@@ -692,22 +609,6 @@ pub fn push_line(p: &v1::PushReport) -> String {
         p.manifests,
         if p.manifests_existed > 0 { format!(" ({} unchanged)", p.manifests_existed) } else { String::new() }
     )
-}
-
-/// `1.2 MB`-style sizes.
-pub fn human_bytes(n: u64) -> String {
-    let units = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u + 1 < units.len() {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
 }
 
 #[cfg(test)]

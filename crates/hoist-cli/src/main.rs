@@ -6,12 +6,10 @@
 mod build;
 mod conn;
 mod limits;
-mod load;
 mod manage;
 mod multi;
 mod outputs;
 mod progress;
-mod proxy;
 mod pull;
 
 use std::path::PathBuf;

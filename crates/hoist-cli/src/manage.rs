@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use hoist_client::v1;
 use hoist_server::auth::AuthStore;
 
-use crate::build::human_bytes;
 use crate::conn::{ClientConfig, ConnArgs};
+use hoist_client::human_bytes;
 
 /// `hoist project ...` (on the builder's machine).
 #[derive(Subcommand, Debug)]

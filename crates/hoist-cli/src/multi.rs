@@ -9,19 +9,19 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context as _};
-use futures::StreamExt;
+use hoist_client::build::BuildPart;
+use hoist_client::outputs::{OutputSink, OutputSpec};
 use hoist_client::session::AgentSource;
-use hoist_client::v1::{self, build_event};
-use hoist_client::BuilderAddr;
+use hoist_client::v1;
+use hoist_client::{human_bytes, BuilderAddr};
 use hoist_dockerfile::IgnoreMatcher;
 use hoist_engine::graph::Platform;
 use hoist_oci::digest::Digest;
 use hoist_oci::image::{media, Descriptor, Index};
 use hoist_oci::reference::Reference;
 
-use crate::build::{finish_sinks, human_bytes, make_request, push_line, sync_context, BuildArgs, Inputs};
+use crate::build::{make_request, push_line, run_parts, sync_context, BuildArgs, Inputs};
 use crate::conn::addr_is_local;
-use crate::outputs::{OutputSink, OutputSpec};
 use crate::progress::{Mode, Renderer};
 
 /// For each builder, the platforms it builds: each platform goes to the first builder that
@@ -59,8 +59,6 @@ struct Part {
     addr: BuilderAddr,
     client: hoist_client::Client,
     platforms: Vec<Platform>,
-    /// Output index in this builder's request → index into the overall outputs.
-    outputs: Vec<usize>,
 }
 
 /// Run a build over several builders; returns the exit code.
@@ -95,7 +93,7 @@ pub async fn run(
             .with_context(|| format!("builder {addr}"))?
             .into_inner();
         announced.push(info.platforms.iter().filter_map(|p| Platform::parse(p).ok()).collect::<Vec<_>>());
-        parts.push(Part { addr, client, platforms: Vec::new(), outputs: Vec::new() });
+        parts.push(Part { addr, client, platforms: Vec::new() });
     }
     for (part, platforms) in parts.iter_mut().zip(route(&requested, &announced)) {
         part.platforms = platforms;
@@ -126,7 +124,7 @@ pub async fn run(
         engine_platform.as_ref().and_then(|ep| parts.iter().position(|p| p.platforms.iter().any(|q| ep.matches(q)))).unwrap_or(0);
 
     let mut renderer = Renderer::new(mode);
-    let mut streams = Vec::new();
+    let mut build_parts = Vec::new();
     for (k, part) in parts.iter_mut().enumerate() {
         let label = format!("[internal] load build context ({})", part.addr);
         let sent = sync_context(&mut part.client, inputs, ignore, &mut renderer, &label).await?;
@@ -134,106 +132,37 @@ pub async fn run(
         req.platforms = part.platforms.iter().map(|p| p.to_string()).collect();
         let local = addr_is_local(Some(&part.addr));
         let mut outs = Vec::new();
+        // Output index in this builder's request → index into the overall outputs.
+        let mut map = Vec::new();
         for (i, (o, s)) in outputs.iter().zip(&sinks).enumerate() {
             if !combined {
                 outs.push(o.to_proto_for(s.as_ref(), local));
-                part.outputs.push(i);
+                map.push(i);
                 continue;
             }
             if o.is_load() {
                 if k == load_part {
                     outs.push(o.to_proto_for(s.as_ref(), local));
-                    part.outputs.push(i);
+                    map.push(i);
                 }
                 continue;
             }
             // A push: this builder's manifests by digest; the client pushes the index.
             outs.push(o.by_digest().to_proto());
-            part.outputs.push(i);
+            map.push(i);
         }
         req.outputs = outs;
-        let addr = part.addr.clone();
-        let stream = hoist_client::session::start_build(&mut part.client, req, agents.clone(), sent.provider.clone())
-            .await
-            .with_context(|| format!("builder {addr}"))?;
-        streams.push(stream.map(move |m| (k, m)).boxed());
+        build_parts.push(BuildPart {
+            label: part.addr.to_string(),
+            client: part.client.clone(),
+            request: req,
+            agents: agents.clone(),
+            context: sent.provider.clone(),
+            outputs: map,
+        });
     }
-
-    let mut merged = futures::stream::select_all(streams);
-    let mut results: HashMap<usize, v1::BuildResult> = HashMap::new();
-    // Vertex ids of different builders must not collide in the display.
-    let shift = |k: usize, id: u32| id + (k as u32) * 1_000_000;
-    // One Ctrl-C listener for the whole stream: a fresh one per event would miss a signal
-    // that arrives while an event is handled (tokio keeps none for absent listeners).
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    loop {
-        let next = tokio::select! {
-            n = merged.next() => n,
-            _ = &mut ctrl_c => {
-                renderer.finish();
-                eprintln!("hoist: build cancelled");
-                return Ok(130);
-            }
-        };
-        let Some((k, msg)) = next else { break };
-        let ev = match msg {
-            Ok(ev) => ev,
-            Err(status) => {
-                renderer.finish();
-                for s in sinks.iter_mut().flatten() {
-                    s.abort();
-                }
-                bail!("builder {}: {}", parts[k].addr, status.message());
-            }
-        };
-        match ev.event {
-            Some(build_event::Event::Output(o)) => {
-                let i = *parts[k].outputs.get(o.output as usize).ok_or_else(|| anyhow!("builder sent data for an unknown output"))?;
-                let sink = sinks.get_mut(i).and_then(|s| s.as_mut()).ok_or_else(|| anyhow!("builder sent data for an unknown output"))?;
-                sink.write(o.data).await?;
-                if o.eof {
-                    if let Some(sink) = sinks[i].take() {
-                        let note = sink.finish().await?;
-                        renderer.note(&note);
-                    }
-                }
-            }
-            Some(build_event::Event::Export(session)) => {
-                let i = *parts[k]
-                    .outputs
-                    .get(session.output as usize)
-                    .ok_or_else(|| anyhow!("builder sent an export for an unknown output"))?;
-                let sink =
-                    sinks.get_mut(i).and_then(|s| s.as_mut()).ok_or_else(|| anyhow!("builder sent an export for an unknown output"))?;
-                sink.start_export(&parts[k].client, session)?;
-            }
-            Some(build_event::Event::Result(r)) => {
-                results.insert(k, r);
-            }
-            Some(build_event::Event::Started(mut s)) => {
-                s.id = shift(k, s.id);
-                renderer.event(build_event::Event::Started(s));
-            }
-            Some(build_event::Event::Completed(mut c)) => {
-                c.id = shift(k, c.id);
-                renderer.event(build_event::Event::Completed(c));
-            }
-            Some(build_event::Event::Log(mut l)) => {
-                l.id = shift(k, l.id);
-                renderer.event(build_event::Event::Log(l));
-            }
-            Some(other) => renderer.event(other),
-            None => {}
-        }
-    }
-    renderer.finish();
-    for (k, part) in parts.iter().enumerate() {
-        if !results.contains_key(&k) {
-            bail!("builder {} closed the connection before the build finished", part.addr);
-        }
-    }
-    finish_sinks(&mut sinks, mode).await?;
+    let Some(results) = run_parts(build_parts, &mut sinks, &mut renderer, mode).await? else { return Ok(130) };
+    let results: HashMap<usize, v1::BuildResult> = results.into_iter().enumerate().collect();
 
     // Per-platform manifests in the order the platforms were asked for.
     let mut manifests: Vec<v1::ManifestRef> = results.values().flat_map(|r| r.manifests.clone()).collect();

@@ -210,3 +210,13 @@ impl Renderer {
         let _ = self.start;
     }
 }
+
+impl hoist_client::build::BuildObserver for Renderer {
+    fn event(&mut self, event: build_event::Event) {
+        Renderer::event(self, event);
+    }
+
+    fn note(&mut self, line: &str) {
+        Renderer::note(self, line);
+    }
+}

@@ -8,7 +8,7 @@ use hoist_client::v1;
 use hoist_oci::compress::Compression;
 
 use crate::conn::ConnArgs;
-use crate::load::DockerEngine;
+use hoist_client::load::DockerEngine;
 
 /// `hoist pull`.
 #[derive(Args, Debug)]
@@ -35,7 +35,7 @@ pub async fn run(args: PullArgs) -> anyhow::Result<()> {
     let req = v1::OpenSavedRequest {
         name: args.name.clone(),
         platform,
-        compression: Some(crate::outputs::layer_compression(compression, false)),
+        compression: Some(hoist_client::outputs::layer_compression(compression, false)),
     };
     let session = client
         .open_saved(req)
@@ -44,7 +44,7 @@ pub async fn run(args: PullArgs) -> anyhow::Result<()> {
         .with_context(|| format!("hoist pull {}", args.name))?
         .into_inner();
     let tags = if args.tags.is_empty() { session.tags.clone() } else { args.tags.clone() };
-    let report = crate::load::load(&client, &engine, &session, &tags).await.with_context(|| format!("hoist pull {}", args.name))?;
+    let report = hoist_client::load::load(&client, &engine, &session, &tags).await.with_context(|| format!("hoist pull {}", args.name))?;
     eprintln!("hoist: {} (saved by build {})", report.line("pull"), session.build_id);
     println!("{}", report.image_id);
     Ok(())

@@ -50,26 +50,41 @@ pub enum AgentError {
     /// The file could not be read (missing, unreadable, a directory...).
     #[error("cannot read the ssh key file {}: {source}; check the path given to --ssh", path.display())]
     Read {
+        /// The key file.
         path: PathBuf,
+        /// Why it could not be read.
         #[source]
         source: io::Error,
     },
     /// The file holds no private key this agent can parse.
     #[error("{} is not a private key: {reason}", path.display())]
-    NotAPrivateKey { path: PathBuf, reason: String },
+    NotAPrivateKey {
+        /// The key file.
+        path: PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
     /// The key is encrypted; the agent has no way to ask for the passphrase.
     #[error(
         "the ssh key {} is protected by a passphrase: load it into ssh-agent with `ssh-add {}` and pass --ssh ID=$SSH_AUTH_SOCK instead of the key file",
         path.display(),
         path.display()
     )]
-    Encrypted { path: PathBuf },
+    Encrypted {
+        /// The key file.
+        path: PathBuf,
+    },
     /// A private key of a type the agent cannot sign with.
     #[error(
         "the ssh key {} is {kind}, which this agent cannot sign with: use an ed25519, ecdsa or rsa key, or load it into ssh-agent and pass --ssh ID=$SSH_AUTH_SOCK",
         path.display()
     )]
-    Unsupported { path: PathBuf, kind: String },
+    Unsupported {
+        /// The key file.
+        path: PathBuf,
+        /// The key's algorithm.
+        kind: String,
+    },
 }
 
 /// One key: its public blob (what the peer names it by), its comment, and the private half.

@@ -1,9 +1,20 @@
-//! hoist-client owns the client side of the builder API: finding or starting a builder
-//! (the embedded one on a unix socket, or a remote `hoist serve`), context sync, and the
-//! build call whose event stream the CLI renders, with the client's side of the build
-//! session (ssh agents it forwards, in-process agents for key files).
+//! hoist-client is the library a hoist client is made of (the `hoist` CLI, an IDE plugin,
+//! a bake runner): finding or starting a builder and connecting to it ([`connect`],
+//! [`connect_embedded`]), context sync ([`sync`]), the build event loop that one builder
+//! and several share ([`build`]: merged streams, output routing, results, cancellation),
+//! the client's side of the build session ([`session`]: ssh agents it forwards, in-process
+//! agents for key files, context the builder asks for), and the outputs the client
+//! receives ([`outputs`]: files, stdout, directories, and a load into the local Docker
+//! engine through [`load`] and the loopback registry of [`proxy`]). Screens and argument
+//! parsing are the caller's.
+
+#![warn(missing_docs)]
 
 pub mod agent;
+pub mod build;
+pub mod load;
+pub mod outputs;
+pub mod proxy;
 pub mod reach;
 pub mod session;
 pub mod sync;
@@ -23,13 +34,21 @@ pub use hoist_proto::v1;
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// Walking, reading or sending the build context failed (the message names the path).
     #[error("{0}")]
     Context(String),
+    /// The builder could not be reached (or started, for the embedded one).
     #[error("cannot reach the builder at {addr}: {message}")]
-    Connect { addr: String, message: String },
+    Connect {
+        /// The builder's address.
+        addr: String,
+        /// Why it could not be reached.
+        message: String,
+    },
     /// The builder answered with an error; the message is the builder's.
     #[error("{0}")]
     Builder(String),
+    /// A builder address that does not parse.
     #[error("invalid builder address {0:?}: expected unix:///path/to.sock or tcp://host:port")]
     Address(String),
 }
@@ -44,7 +63,9 @@ impl ClientError {
 /// Where the builder is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuilderAddr {
+    /// A unix socket (`unix:///path/to.sock`): the embedded builder, or one on this machine.
     Unix(PathBuf),
+    /// Plain TCP (`tcp://host:port`), refused off loopback unless insecure is allowed.
     Tcp(String),
     /// TCP with TLS (`tls://host:port`).
     Tls(String),
@@ -59,8 +80,9 @@ pub struct ConnectOptions {
     pub project: Option<String>,
     /// CA certificate (PEM) to trust for a `tls://` builder (default: public roots).
     pub tls_ca: Option<PathBuf>,
-    /// Client certificate and key (PEM) for builders that require one.
+    /// Client certificate (PEM) for builders that require one.
     pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`.
     pub tls_key: Option<PathBuf>,
     /// Allow plain `tcp://` to a builder that is not on loopback (tokens, secrets and
     /// registry passwords then travel in clear).
@@ -138,19 +160,23 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// TLS settings for `tls://host:port`: the CA to trust (default: public roots) and an
 /// optional client certificate.
-fn client_tls(addr: &str, opts: &ConnectOptions) -> Result<ClientTlsConfig, String> {
+fn client_tls(addr: &str, opts: &ConnectOptions) -> Result<ClientTlsConfig, ClientError> {
     let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(|c| c == '[' || c == ']').to_string();
     let mut tls = ClientTlsConfig::new().domain_name(host);
+    let read = |what: String, p: &Path| {
+        std::fs::read(p)
+            .map_err(|e| ClientError::Connect { addr: format!("tls://{addr}"), message: format!("reading {what}{}: {e}", p.display()) })
+    };
     match &opts.tls_ca {
         Some(ca) => {
-            let pem = std::fs::read(ca).map_err(|e| format!("reading the CA certificate {}: {e}", ca.display()))?;
+            let pem = read("the CA certificate ".into(), ca)?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
         }
         None => tls = tls.with_webpki_roots(),
     }
     if let (Some(c), Some(k)) = (&opts.tls_cert, &opts.tls_key) {
-        let cert = std::fs::read(c).map_err(|e| format!("reading {}: {e}", c.display()))?;
-        let key = std::fs::read(k).map_err(|e| format!("reading {}: {e}", k.display()))?;
+        let cert = read(String::new(), c)?;
+        let key = read(String::new(), k)?;
         tls = tls.identity(Identity::from_pem(cert, key));
     }
     Ok(tls)
@@ -181,7 +207,7 @@ pub async fn connect(addr: &BuilderAddr, opts: &ConnectOptions) -> Result<Client
                 .http2_keep_alive_interval(Duration::from_secs(20))
                 .keep_alive_while_idle(true);
             if let BuilderAddr::Tls(a) = addr {
-                endpoint = endpoint.tls_config(client_tls(a, opts).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+                endpoint = endpoint.tls_config(client_tls(a, opts)?).map_err(|e| err(&e))?;
             }
             endpoint.connect().await.map_err(terr)?
         }
@@ -205,6 +231,22 @@ pub async fn connect(addr: &BuilderAddr, opts: &ConnectOptions) -> Result<Client
         project: opts.project.as_deref().map(|p| meta(p, "project name")).transpose()?,
     };
     Ok(BuilderClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+}
+
+/// `1.2 MB`-style sizes (decimal units, as Docker prints them).
+pub fn human_bytes(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 /// The socket of the embedded builder for a state root.

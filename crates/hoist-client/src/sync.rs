@@ -25,9 +25,11 @@ pub struct SyncStats {
     pub entries: u64,
     /// Files whose content was read and hashed (not answered by the stat cache).
     pub hashed_files: u64,
+    /// The bytes of those files.
     pub hashed_bytes: u64,
     /// Files the builder asked for and that were uploaded.
     pub uploaded_files: u64,
+    /// The bytes of those files.
     pub uploaded_bytes: u64,
 }
 
@@ -84,8 +86,11 @@ impl StatCache {
 
 /// The walked context: the manifest, and where each digest's bytes are.
 pub struct WalkedContext {
+    /// The manifest: every entry walked, in order.
     pub entries: Vec<v1::ContextEntry>,
+    /// File digest → a path with those bytes.
     pub files: HashMap<String, PathBuf>,
+    /// What the walk did.
     pub stats: SyncStats,
 }
 
@@ -416,8 +421,11 @@ fn read_full(f: &mut fs::File, buf: &mut [u8]) -> io::Result<usize> {
 /// send at first (a base image's ONBUILD COPY, or anything its reading of the Dockerfile
 /// missed): the paths are walked (after `.dockerignore`) and synced under the same session.
 pub struct DirContext {
+    /// The context directory.
     pub dir: PathBuf,
+    /// Its `.dockerignore` rules.
     pub ignore: Option<IgnoreMatcher>,
+    /// The sync session (see [`session_key`]).
     pub session: String,
 }
 
@@ -431,6 +439,65 @@ impl crate::session::ContextProvider for DirContext {
             .map_err(|e| ClientError::Context(e.to_string()))??;
         Ok(sync(client, self.session.clone(), &walked).await?.0)
     }
+}
+
+/// What was sent of a build's context, and how to send more if the builder asks.
+#[derive(Clone, Default)]
+pub struct SentContext {
+    /// The prepared context's id on the builder ("" when the build has no context).
+    pub id: String,
+    /// What the walk and the upload did.
+    pub stats: SyncStats,
+    /// The paths walked, when the client sent only part of the context.
+    pub reach: Option<Vec<String>>,
+    /// Sends the rest of the context when the builder asks.
+    pub provider: Option<std::sync::Arc<dyn crate::session::ContextProvider>>,
+}
+
+impl SentContext {
+    /// Tell the builder what was sent (it asks for the rest when a step needs it).
+    pub fn describe(&self, req: &mut v1::BuildRequest) {
+        req.context_id = self.id.clone();
+        req.context_partial = self.reach.is_some();
+        req.context_reach = self.reach.clone().unwrap_or_default();
+    }
+}
+
+/// Walk the context `dir` (only what `dockerfile` can read, after `ignore`) and send the
+/// builder the files it lacks. `stat_cache` is the directory of the stat caches (`None`:
+/// hash every file, for a context that is new each time, e.g. one extracted from stdin).
+pub async fn sync_context(
+    client: &mut Client,
+    dir: &Path,
+    dockerfile: &[u8],
+    ignore: Option<&IgnoreMatcher>,
+    stat_cache: Option<&Path>,
+) -> Result<SentContext, ClientError> {
+    let (dir2, ignore2, cache_root) = (dir.to_path_buf(), ignore.cloned(), stat_cache.map(Path::to_path_buf));
+    // Only what the Dockerfile can read is walked, hashed and sent; the builder asks for
+    // anything else a step turns out to read.
+    let mut reach = crate::reach::reachable(&String::from_utf8_lossy(dockerfile));
+    let (walked, reach) = tokio::task::spawn_blocking(move || {
+        let mut cache = match &cache_root {
+            Some(root) => StatCache::load(root, &dir2),
+            None => StatCache::none(),
+        };
+        walk(&dir2, ignore2.as_ref(), &mut reach, &mut cache).map(|w| (w, reach))
+    })
+    .await
+    .map_err(|e| ClientError::Context(format!("walking the context {}: {e}", dir.display())))??;
+    let session = session_key(dir);
+    let (id, stats) = sync(client, session.clone(), &walked).await?;
+    let provider = DirContext { dir: dir.to_path_buf(), ignore: ignore.cloned(), session };
+    Ok(SentContext {
+        id,
+        stats,
+        reach: match reach {
+            Reach::All => None,
+            Reach::Paths(p) => Some(p.into_iter().collect()),
+        },
+        provider: Some(std::sync::Arc::new(provider)),
+    })
 }
 
 #[cfg(test)]

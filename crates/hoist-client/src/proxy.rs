@@ -15,9 +15,32 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use hoist_client::{v1, Client};
 use hoist_oci::digest::Digest;
 use tokio_util::sync::CancellationToken;
+
+use crate::{v1, Client};
+
+/// Why an export session cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A digest the builder sent does not parse.
+    #[error("the builder sent an invalid digest {0:?}")]
+    InvalidDigest(String),
+    /// A document's bytes do not hash to its digest.
+    #[error("the builder sent document {0} whose bytes do not match its digest")]
+    Mismatch(Digest),
+    /// The session lacks a manifest it names.
+    #[error("the builder's export session lacks manifest {0}")]
+    MissingManifest(Digest),
+    /// A manifest of the session is not a valid image manifest.
+    #[error("manifest {digest} from the builder is invalid: {error}")]
+    InvalidManifest {
+        /// The manifest's digest.
+        digest: Digest,
+        /// Why it does not parse.
+        error: serde_json::Error,
+    },
+}
 
 /// What the registry serves: one repository, its tag, the documents of an export session
 /// and the sizes of its blobs.
@@ -77,9 +100,13 @@ impl Served {
 #[allow(clippy::large_enum_variant)] // one per proxy
 pub enum BlobBackend {
     /// An export session on the builder.
-    Builder { client: Client, session: String },
+    Builder {
+        /// The builder that holds the session.
+        client: Client,
+        /// The export session's id.
+        session: String,
+    },
     /// Bytes in memory (tests).
-    #[allow(dead_code)]
     Memory(Arc<HashMap<Digest, bytes::Bytes>>),
 }
 
@@ -286,27 +313,27 @@ fn blob_response(head: bool, size: u64, offset: u64, digest: &Digest, body: Body
 }
 
 /// The content of an export session served under `repository:tag`.
-pub fn content_of(session: &v1::ExportSession, repository: &str, tag: &str) -> anyhow::Result<Content> {
-    use anyhow::Context as _;
+pub fn content_of(session: &v1::ExportSession, repository: &str, tag: &str) -> Result<Content, ProxyError> {
+    let parse = |d: &str| d.parse::<Digest>().map_err(|_| ProxyError::InvalidDigest(d.to_string()));
     let mut documents = HashMap::new();
     for d in &session.documents {
-        let digest: Digest = d.digest.parse().with_context(|| format!("the builder sent an invalid digest {:?}", d.digest))?;
+        let digest = parse(&d.digest)?;
         if Digest::of(&d.data) != digest {
-            anyhow::bail!("the builder sent document {digest} whose bytes do not match its digest");
+            return Err(ProxyError::Mismatch(digest));
         }
         documents.insert(digest, (d.media_type.clone(), bytes::Bytes::from(d.data.clone())));
     }
-    let top: Digest = session.digest.parse().with_context(|| format!("the builder sent an invalid digest {:?}", session.digest))?;
+    let top = parse(&session.digest)?;
     if !documents.contains_key(&top) {
-        anyhow::bail!("the builder's export session lacks its top manifest {top}");
+        return Err(ProxyError::MissingManifest(top));
     }
     let mut blobs = HashMap::new();
     let mut layers = std::collections::HashSet::new();
     for m in &session.manifests {
-        let d: Digest = m.digest.parse()?;
-        let (_, bytes) = documents.get(&d).with_context(|| format!("the export session lacks manifest {d}"))?;
+        let d = parse(&m.digest)?;
+        let (_, bytes) = documents.get(&d).ok_or_else(|| ProxyError::MissingManifest(d.clone()))?;
         let manifest: hoist_oci::image::Manifest =
-            serde_json::from_slice(bytes).with_context(|| format!("manifest {d} from the builder is invalid"))?;
+            serde_json::from_slice(bytes).map_err(|error| ProxyError::InvalidManifest { digest: d.clone(), error })?;
         for l in &manifest.layers {
             blobs.insert(l.digest.clone(), l.size);
             layers.insert(l.digest.clone());
@@ -403,7 +430,7 @@ mod tests {
         reg.stop().await;
     }
 
-    /// A minimal HTTP/1.1 client over a TcpStream (the CLI has no HTTP client dependency).
+    /// A minimal HTTP/1.1 client over a TcpStream (the crate has no HTTP client dependency).
     mod reqwest_like {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -15,22 +15,71 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context as _};
 use bollard::Docker;
 use bytes::Bytes;
 use futures::StreamExt;
-use hoist_client::{v1, Client};
-use hoist_oci::archive;
+use hoist_oci::archive::{self, ArchiveError};
 use hoist_oci::digest::{chain_id, Digest};
 use hoist_oci::image::{ImageConfig, Manifest};
 use tokio::sync::mpsc;
 
-use crate::build::human_bytes;
-use crate::proxy::{content_of, BlobBackend, LoopbackRegistry};
+use crate::human_bytes;
+use crate::proxy::{content_of, BlobBackend, LoopbackRegistry, ProxyError};
+use crate::{v1, Client};
+
+/// Why a load failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The Docker engine did not answer, or refused a request.
+    #[error("{what}: {error}")]
+    Engine {
+        /// What was asked of the engine.
+        what: String,
+        /// The engine's (or its client's) error.
+        error: bollard::errors::Error,
+    },
+    /// The engine could not pull the image from the loopback registry.
+    #[error("the Docker engine failed to pull the image from hoist's loopback registry: {0}")]
+    Pull(String),
+    /// The engine refused the `docker load` archive.
+    #[error("the Docker engine refused the image archive: {0}")]
+    Archive(String),
+    /// The export session is not a loadable image.
+    #[error("{0}")]
+    Export(String),
+    /// The export session cannot be served as a registry.
+    #[error(transparent)]
+    Content(#[from] ProxyError),
+    /// A tag or archive entry is invalid.
+    #[error(transparent)]
+    Name(#[from] ArchiveError),
+    /// The builder failed to send a layer.
+    #[error("reading layer {digest} from the builder: {message}")]
+    Blob {
+        /// The layer's digest.
+        digest: String,
+        /// The builder's message.
+        message: String,
+    },
+    /// A local resource (the loopback listener, the archive writer) failed.
+    #[error("{what}: {error}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        error: std::io::Error,
+    },
+}
+
+fn engine_err(what: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> LoadError {
+    let what = what.into();
+    move |error| LoadError::Engine { what, error }
+}
 
 /// The local Docker engine.
 #[derive(Clone)]
 pub struct DockerEngine {
+    /// The engine's API client.
     pub docker: Docker,
     /// `os/arch[/variant]` of the engine.
     pub platform: String,
@@ -54,18 +103,18 @@ pub fn engine_is_remote(docker_host: Option<&str>) -> Option<String> {
 }
 
 impl DockerEngine {
-    /// Connect to the engine of `DOCKER_HOST` (default: the local socket).
-    pub async fn connect(what: &str) -> anyhow::Result<DockerEngine> {
-        let docker = Docker::connect_with_local_defaults().with_context(|| format!("{what}: connecting to the Docker engine"))?;
+    /// Connect to the engine of `DOCKER_HOST` (default: the local socket); `what` (the
+    /// flag or command that needs it) starts the error messages.
+    pub async fn connect(what: &str) -> Result<DockerEngine, LoadError> {
+        let docker = Docker::connect_with_local_defaults().map_err(engine_err(format!("{what}: connecting to the Docker engine")))?;
         let docker = docker
             .negotiate_version()
             .await
-            .with_context(|| format!("{what}: the Docker engine does not answer (is dockerd running? DOCKER_HOST?)"))?;
-        let v = docker.version().await.with_context(|| format!("{what}: asking the Docker engine its version"))?;
+            .map_err(engine_err(format!("{what}: the Docker engine does not answer (is dockerd running? DOCKER_HOST?)")))?;
+        let v = docker.version().await.map_err(engine_err(format!("{what}: asking the Docker engine its version")))?;
         let os = v.os.unwrap_or_else(|| "linux".into());
-        let arch = v.arch.unwrap_or_else(|| hoist_engine::graph::Platform::host().architecture);
-        let platform =
-            hoist_engine::graph::Platform::parse(&format!("{os}/{arch}")).map(|p| p.to_string()).unwrap_or(format!("{os}/{arch}"));
+        let arch = v.arch.unwrap_or_else(|| hoist_oci::Platform::host().architecture);
+        let platform = hoist_oci::Platform::parse(&format!("{os}/{arch}")).map(|p| p.to_string()).unwrap_or(format!("{os}/{arch}"));
         let remote = engine_is_remote(std::env::var("DOCKER_HOST").ok().as_deref());
         Ok(DockerEngine { docker, platform, remote })
     }
@@ -85,21 +134,29 @@ pub enum LoadPath {
 /// What a load did.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
+    /// How the image got into the engine.
     pub path: LoadPath,
     /// Why the archive path was taken.
     pub why: Option<String>,
+    /// The names given to the image.
     pub tags: Vec<String>,
+    /// The image's id (its config's digest).
     pub image_id: String,
+    /// Layers of the image.
     pub layers: u64,
-    /// Layers whose bytes moved to the engine, and those bytes.
+    /// Layers whose bytes moved to the engine.
     pub layers_moved: u64,
+    /// The bytes of those layers.
     pub layer_bytes_moved: u64,
-    /// Everything sent to the engine (layers, config, archive framing).
+    /// Blobs sent to the engine (layers, config).
     pub blobs_served: u64,
+    /// Everything sent to the engine (layers, config, archive framing).
     pub bytes_served: u64,
-    /// What the engine's pull progress said (registry path).
+    /// Layers the engine's pull progress said it pulled (registry path).
     pub engine_pulled: u64,
+    /// Layers the engine's pull progress said it had (registry path).
     pub engine_existing: u64,
+    /// How long the load took.
     pub seconds: f64,
 }
 
@@ -133,34 +190,35 @@ impl LoadReport {
 }
 
 /// The manifest of `session` for `platform` (its only one, or the matching one).
-fn pick_manifest<'a>(session: &'a v1::ExportSession, platform: &str) -> anyhow::Result<&'a v1::ManifestRef> {
+fn pick_manifest<'a>(session: &'a v1::ExportSession, platform: &str) -> Result<&'a v1::ManifestRef, LoadError> {
+    let none = || LoadError::Export("the builder exported no image".into());
     match session.manifests.as_slice() {
-        [] => bail!("the builder exported no image"),
+        [] => Err(none()),
         [only] => Ok(only),
         many => {
             let want = hoist_oci::Platform::parse(platform).ok();
             many.iter()
                 .find(|m| hoist_oci::Platform::parse(&m.platform).is_ok_and(|p| want.as_ref().is_some_and(|w| w.matches(&p))))
                 .or(many.first())
-                .ok_or_else(|| anyhow!("the builder exported no image"))
+                .ok_or_else(none)
         }
     }
 }
 
 /// `name:tag` → (repository as the engine names it, tag).
-fn repo_and_tag(t: &str) -> anyhow::Result<(String, String)> {
+fn repo_and_tag(t: &str) -> Result<(String, String), LoadError> {
     Ok(archive::repo_and_tag(t)?)
 }
 
 /// Load `session`'s image into `engine` with `tags`, then release the session.
-pub async fn load(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> anyhow::Result<LoadReport> {
+pub async fn load(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> Result<LoadReport, LoadError> {
     let r = load_inner(client, engine, session, tags).await;
     let mut c = client.clone();
     let _ = c.release_export(v1::ReleaseExportRequest { session: session.id.clone() }).await;
     r
 }
 
-async fn load_inner(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> anyhow::Result<LoadReport> {
+async fn load_inner(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> Result<LoadReport, LoadError> {
     for t in tags {
         repo_and_tag(t)?;
     }
@@ -177,7 +235,7 @@ async fn load_inner(client: &Client, engine: &DockerEngine, session: &v1::Export
         let tagging = tags.iter().map(|t| async move {
             let (repo, tag) = repo_and_tag(t)?;
             let opts = bollard::query_parameters::TagImageOptions { repo: Some(repo), tag: Some(tag) };
-            docker.tag_image(id, Some(opts)).await.map_err(|e| anyhow!("tagging image {id} as {t}: {e}"))
+            docker.tag_image(id, Some(opts)).await.map_err(engine_err(format!("tagging image {id} as {t}")))
         });
         for r in futures::future::join_all(tagging).await {
             r?;
@@ -218,12 +276,12 @@ async fn load_inner(client: &Client, engine: &DockerEngine, session: &v1::Export
 enum RegistryLoadError {
     /// The engine could not connect to the loopback registry.
     Unreachable(String),
-    Other(anyhow::Error),
+    Other(LoadError),
 }
 
-impl From<anyhow::Error> for RegistryLoadError {
-    fn from(e: anyhow::Error) -> Self {
-        RegistryLoadError::Other(e)
+impl<E: Into<LoadError>> From<E> for RegistryLoadError {
+    fn from(e: E) -> Self {
+        RegistryLoadError::Other(e.into())
     }
 }
 
@@ -246,7 +304,8 @@ async fn load_registry(
     let temp_tag = "load";
     let content = content_of(session, &repository, temp_tag)?;
     let chosen = pick_manifest(session, &engine.platform)?;
-    let manifest_digest: Digest = chosen.digest.parse().map_err(|_| anyhow!("the builder sent an invalid manifest digest"))?;
+    let manifest_digest: Digest =
+        chosen.digest.parse().map_err(|_| LoadError::Export(format!("the builder sent an invalid manifest digest {:?}", chosen.digest)))?;
     let layer_count = content
         .documents
         .get(&manifest_digest)
@@ -255,7 +314,7 @@ async fn load_registry(
         .unwrap_or(0);
     let registry = LoopbackRegistry::start(content, BlobBackend::Builder { client: client.clone(), session: session.id.clone() })
         .await
-        .map_err(|e| anyhow!("starting the loopback registry: {e}"))?;
+        .map_err(|error| LoadError::Io { what: "starting the loopback registry".into(), error })?;
     let from = format!("127.0.0.1:{}/{repository}", registry.addr.port());
     // Pulled by the digest of the engine's platform's manifest: the engine keeps just that
     // one digest reference, which is the one temporary name to remove afterwards.
@@ -289,11 +348,7 @@ async fn load_registry(
     let (layers_moved, layer_bytes, blobs, bytes) = registry.served.totals();
     registry.stop().await;
     if let Some(m) = failure {
-        return Err(if unreachable_message(&m) {
-            RegistryLoadError::Unreachable(m)
-        } else {
-            RegistryLoadError::Other(anyhow!("the Docker engine failed to pull the image from hoist's loopback registry: {m}"))
-        });
+        return Err(if unreachable_message(&m) { RegistryLoadError::Unreachable(m) } else { RegistryLoadError::Other(LoadError::Pull(m)) });
     }
     let engine_existing = last.values().filter(|s| s.as_str() == "Already exists").count() as u64;
     let engine_pulled = last.values().filter(|s| s.as_str() == "Pull complete").count() as u64;
@@ -303,7 +358,7 @@ async fn load_registry(
     let tagging = tags.iter().map(|t| async move {
         let (repo, tag) = repo_and_tag(t)?;
         let opts = bollard::query_parameters::TagImageOptions { repo: Some(repo), tag: Some(tag) };
-        docker.tag_image(temp, Some(opts)).await.map_err(|e| anyhow!("tagging the loaded image as {t}: {e}"))
+        docker.tag_image(temp, Some(opts)).await.map_err(engine_err(format!("tagging the loaded image as {t}")))
     });
     for r in futures::future::join_all(tagging).await {
         r?;
@@ -312,7 +367,7 @@ async fn load_registry(
     let noprune = bollard::query_parameters::RemoveImageOptionsBuilder::new().noprune(true).build();
     match docker.remove_image(&temp_ref, Some(noprune), None).await {
         Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
-        Err(e) => return Err(anyhow!("removing the temporary reference {temp_ref}: {e}").into()),
+        Err(e) => return Err(engine_err(format!("removing the temporary reference {temp_ref}"))(e).into()),
     }
     Ok(LoadReport {
         path: LoadPath::Registry,
@@ -350,9 +405,9 @@ async fn engine_chains(docker: &Docker) -> HashSet<Digest> {
     out
 }
 
-fn tar_header(path: &str, size: u64) -> anyhow::Result<Bytes> {
+fn tar_header(path: &str, size: u64) -> Result<Bytes, LoadError> {
     let mut h = tar::Header::new_ustar();
-    h.set_path(path).with_context(|| format!("archive path {path}"))?;
+    h.set_path(path).map_err(|error| LoadError::Io { what: format!("archive path {path}"), error })?;
     h.set_size(size);
     h.set_mode(0o644);
     h.set_mtime(0);
@@ -373,21 +428,29 @@ async fn load_archive(
     session: &v1::ExportSession,
     tags: &[String],
     why: String,
-) -> anyhow::Result<LoadReport> {
+) -> Result<LoadReport, LoadError> {
     let started = Instant::now();
     let chosen = pick_manifest(session, &engine.platform)?;
     let doc = |d: &str| session.documents.iter().find(|x| x.digest == d).map(|x| x.data.clone());
-    let manifest_bytes = doc(&chosen.digest).ok_or_else(|| anyhow!("the export session lacks manifest {}", chosen.digest))?;
-    let manifest: Manifest = serde_json::from_slice(&manifest_bytes).context("the builder's manifest is invalid")?;
+    let bad = |m: String| LoadError::Export(m);
+    let manifest_bytes = doc(&chosen.digest).ok_or_else(|| bad(format!("the export session lacks manifest {}", chosen.digest)))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&manifest_bytes).map_err(|e| bad(format!("the builder's manifest {} is invalid: {e}", chosen.digest)))?;
     let config_bytes =
-        doc(manifest.config.digest.as_str()).ok_or_else(|| anyhow!("the export session lacks config {}", manifest.config.digest))?;
+        doc(manifest.config.digest.as_str()).ok_or_else(|| bad(format!("the export session lacks config {}", manifest.config.digest)))?;
     if Digest::of(&config_bytes) != manifest.config.digest {
-        bail!("the builder sent config {} whose bytes do not match its digest", manifest.config.digest);
+        return Err(bad(format!("the builder sent config {} whose bytes do not match its digest", manifest.config.digest)));
     }
-    let config: ImageConfig = serde_json::from_slice(&config_bytes).context("the builder's image config is invalid")?;
+    let config: ImageConfig = serde_json::from_slice(&config_bytes)
+        .map_err(|e| bad(format!("the builder's image config {} is invalid: {e}", manifest.config.digest)))?;
     let diff_ids = config.rootfs.diff_ids.clone();
     if diff_ids.len() != manifest.layers.len() {
-        bail!("manifest {} has {} layers but its config lists {}", chosen.digest, manifest.layers.len(), diff_ids.len());
+        return Err(bad(format!(
+            "manifest {} has {} layers but its config lists {}",
+            chosen.digest,
+            manifest.layers.len(),
+            diff_ids.len()
+        )));
     }
     let present = engine_chains(&engine.docker).await;
     let entry = archive::ArchiveImage::new(&manifest.config.digest, &diff_ids, tags)?;
@@ -406,11 +469,11 @@ async fn load_archive(
     let mut c = client.clone();
     let session_id = session.id.clone();
     let producer = tokio::spawn(async move {
-        let result: anyhow::Result<u64> = async {
+        let result: Result<u64, LoadError> = async {
             let mut total = 0u64;
             let put = |b: Bytes| {
                 let tx = tx.clone();
-                async move { tx.send(Ok(b)).await.map_err(|_| anyhow!("the Docker engine stopped reading the archive")) }
+                async move { tx.send(Ok(b)).await.map_err(|_| LoadError::Archive("the Docker engine stopped reading the archive".into())) }
             };
             for (path, digest, size) in send {
                 let h = tar_header(&path, size)?;
@@ -419,16 +482,16 @@ async fn load_archive(
                 let mut stream = c
                     .read_blob(v1::ReadBlobRequest { session: session_id.clone(), digest: digest.to_string(), offset: 0 })
                     .await
-                    .map_err(|s| anyhow!("reading layer {digest} from the builder: {}", s.message()))?
+                    .map_err(|s| LoadError::Blob { digest: digest.to_string(), message: s.message().to_string() })?
                     .into_inner();
                 let mut got = 0u64;
                 while let Some(m) = stream.next().await {
-                    let m = m.map_err(|s| anyhow!("reading layer {digest} from the builder: {}", s.message()))?;
+                    let m = m.map_err(|s| LoadError::Blob { digest: digest.to_string(), message: s.message().to_string() })?;
                     got += m.data.len() as u64;
                     put(Bytes::from(m.data)).await?;
                 }
                 if got != size {
-                    bail!("the builder sent {got} bytes of layer {digest}, expected {size}");
+                    return Err(LoadError::Export(format!("the builder sent {got} bytes of layer {digest}, expected {size}")));
                 }
                 let p = padding(size);
                 total += size + p.len() as u64;
@@ -468,9 +531,9 @@ async fn load_archive(
             Err(e) => failure = Some(e.to_string()),
         }
     }
-    let sent = producer.await.map_err(|e| anyhow!("the archive writer failed: {e}"))?;
+    let sent = producer.await.map_err(|e| LoadError::Io { what: "the archive writer failed".into(), error: std::io::Error::other(e) })?;
     if let Some(e) = failure {
-        bail!("the Docker engine refused the image archive: {e}");
+        return Err(LoadError::Archive(e));
     }
     let bytes_served = sent?;
     Ok(LoadReport {
