@@ -1,5 +1,7 @@
 //! The `hoist` binary: `hoist build` (a drop-in for `docker build`), `hoist serve` (the
-//! builder), and their glue to the local Docker engine and the user's registry credentials.
+//! builder) and the management commands. It parses arguments, renders progress and prints
+//! summaries; connecting, context sync, the build loop and the outputs (the load into the
+//! local Docker engine among them) are hoist-client's.
 
 #![forbid(unsafe_code)]
 
