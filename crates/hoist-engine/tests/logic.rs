@@ -314,3 +314,103 @@ async fn exports_of_a_build_hold_its_layers_byte_for_byte() {
     // The same export twice is the same bytes.
     assert_eq!(export(&t, &out, OutputSpec::OciArchive { names: vec![], layers: gzip }).await, oci);
 }
+
+#[tokio::test]
+async fn concurrent_builds_on_one_base_fetch_each_of_its_blobs_once() {
+    let t = TestEngine::new();
+    t.images.add("base:1", &[&[("a", "1")], &[("b", "2")], &[("c", "3")]], &[]);
+    let builds: Vec<_> = (0..3)
+        .map(|i| spawn(&t, t.request(&format!("p{i}"), &format!("FROM base:1\nRUN write /x{i} {i}\n"), &[]), CancellationToken::new()))
+        .collect();
+    for b in builds {
+        b.await.unwrap().unwrap();
+    }
+    let mut fetched = t.images.fetched();
+    fetched.sort();
+    fetched.dedup();
+    assert_eq!((t.images.fetched().len(), fetched.len()), (3, 3), "three layers, each fetched once for three projects");
+}
+
+#[tokio::test]
+async fn a_build_for_two_platforms_makes_two_images_and_an_index() {
+    use hoist_engine::export::{LayerCompression, OutputSpec};
+    let t = TestEngine::new();
+    let mut req = t.request("team", "FROM scratch\nARG TARGETARCH\nCOPY a.txt /\nLABEL arch=$TARGETARCH\n", &[("a.txt", "a")]);
+    req.platforms = vec!["linux/amd64".parse().unwrap(), "linux/arm64".parse().unwrap()];
+    let out = t.build(req).await.unwrap();
+    let archs: Vec<&str> = out.images.iter().map(|i| i.platform.architecture.as_str()).collect();
+    assert_eq!(archs, ["amd64", "arm64"]);
+    assert_eq!(out.images[0].diff_ids(), out.images[1].diff_ids(), "the same COPY makes the same layer");
+    let labels: Vec<_> = out.images.iter().map(|i| i.config.config.labels.as_ref().and_then(|l| l.get("arch").cloned())).collect();
+    assert_eq!(labels, [Some("amd64".to_string()), Some("arm64".to_string())]);
+    assert_eq!(out.steps_run, 2, "the COPY is shared between the platforms; each label is its own");
+    let spec = OutputSpec::Image { names: vec![], push: false, push_by_digest: false, layers: LayerCompression::default() };
+    let registry = hoist_oci::registry::RegistryClient::new(Default::default()).unwrap();
+    let target = hoist_engine::export::ExportTarget {
+        registry: &registry,
+        namespace: "team",
+        build_id: "b1",
+        stream: Box::new(Memory(Default::default())),
+    };
+    let exported = spec.resolve(&[]).unwrap().export(&t.engine, &out.images, target).await.unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&t.engine.store().read(&exported.digest.unwrap()).unwrap()).unwrap();
+    let platforms: Vec<&str> =
+        index["manifests"].as_array().unwrap().iter().map(|m| m["platform"]["architecture"].as_str().unwrap()).collect();
+    assert_eq!(platforms, ["amd64", "arm64"]);
+}
+
+#[tokio::test]
+async fn new_layers_of_the_target_are_compressed_while_the_build_runs_and_other_stages_are_not() {
+    let t = TestEngine::new();
+    let mut req = t.request(
+        "team",
+        "FROM scratch AS tools\nRUN write /tool t\nFROM scratch\nCOPY --from=tools /tool /bin/tool\nRUN write /app a\n",
+        &[],
+    );
+    req.eager_blobs = Some((hoist_oci::compress::Compression::Gzip { level: 1 }, false));
+    let out = t.build(req).await.unwrap();
+    let image = layers(&out);
+    assert_eq!(image.len(), 2);
+    // The compression runs behind the build: wait for it (bounded).
+    let compressed = |d: &hoist_oci::digest::Digest| t.engine.index().layer_blobs(d).unwrap();
+    for _ in 0..200 {
+        if image.iter().all(|d| !compressed(d).is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    for d in &image {
+        let blobs = compressed(d);
+        assert!(
+            blobs.len() == 1 && blobs[0].media_type.ends_with("+gzip"),
+            "layer {d} of the image has its gzip blob before any export asked"
+        );
+    }
+    let all = t.engine.snapshots().layers().unwrap();
+    let tool = all.iter().map(|(d, _)| d).find(|d| !image.contains(d)).expect("the tools stage's layer");
+    assert!(compressed(tool).is_empty(), "a stage outside the image is not compressed");
+}
+
+#[tokio::test]
+async fn no_cache_reruns_every_step_and_a_record_whose_layer_is_gone_is_a_miss() {
+    let t = TestEngine::new();
+    let dockerfile = "FROM scratch\nRUN write /a 1\nRUN write /b 2\n";
+    let first = t.build(t.request("team", dockerfile, &[])).await.unwrap();
+    let mut req = t.request("team", dockerfile, &[]);
+    req.no_cache = true;
+    let again = t.build(req).await.unwrap();
+    assert_eq!((again.steps_run, again.steps_cached), (2, 0));
+    assert_eq!(t.executor.runs().len(), 4);
+    drop((first, again));
+    // The first step's layer disappears (a crash mid-collection): that record is a miss, the
+    // step runs again and the build is whole.
+    let lost = t.build(t.request("team", dockerfile, &[])).await.unwrap();
+    let gone = layers(&lost)[0].clone();
+    drop(lost);
+    assert!(t.engine.snapshots().remove_layer(&gone).unwrap());
+    let before = t.executor.scripts().len();
+    let healed = t.build(t.request("team", dockerfile, &[])).await.unwrap();
+    assert_eq!(t.executor.scripts()[before], "write /a 1", "the lost layer's step ran again");
+    assert!(healed.steps_run >= 1);
+    assert!(healed.images[0].diff_ids().iter().all(|d| t.engine.snapshots().has_layer(d)), "every layer of the image is there");
+}
