@@ -162,10 +162,9 @@ pub async fn run(
         });
     }
     let Some(results) = run_parts(build_parts, &mut sinks, &mut renderer, mode).await? else { return Ok(130) };
-    let results: HashMap<usize, v1::BuildResult> = results.into_iter().enumerate().collect();
 
     // Per-platform manifests in the order the platforms were asked for.
-    let mut manifests: Vec<v1::ManifestRef> = results.values().flat_map(|r| r.manifests.clone()).collect();
+    let mut manifests: Vec<v1::ManifestRef> = results.iter().flat_map(|r| r.manifests.clone()).collect();
     manifests.sort_by_key(|m| {
         Platform::parse(&m.platform).ok().and_then(|p| requested.iter().position(|q| q.matches(&p))).unwrap_or(usize::MAX)
     });
@@ -179,10 +178,10 @@ pub async fn run(
         push_index(args, &index).await?;
         index_digest = Some(digest);
     }
-    let image_id = results.get(&0).map(|r| r.image_id.clone()).unwrap_or_default();
+    let image_id = results.first().map(|r| r.image_id.clone()).unwrap_or_default();
     let top = match &index_digest {
         Some(d) => d.to_string(),
-        None => results.get(&0).map(|r| r.manifest_digest.clone()).unwrap_or_default(),
+        None => results.first().map(|r| r.manifest_digest.clone()).unwrap_or_default(),
     };
     if let Some(path) = &args.iidfile {
         std::fs::write(path, &image_id).with_context(|| format!("writing --iidfile {}", path.display()))?;
@@ -200,8 +199,8 @@ pub async fn run(
     if args.quiet {
         println!("{image_id}");
     } else if mode != Mode::Quiet {
-        for k in 0..parts.len() {
-            for p in &results[&k].pushes {
+        for r in &results {
+            for p in &r.pushes {
                 eprintln!("hoist: {}", push_line(p));
             }
         }
@@ -212,7 +211,7 @@ pub async fn run(
             .iter()
             .enumerate()
             .map(|(k, p)| {
-                let r = &results[&k];
+                let r = &results[k];
                 format!(
                     "{} on {} ({} steps run, {} cached, {} containers, context {} files sent ({}), build {})",
                     p.platforms.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","),
