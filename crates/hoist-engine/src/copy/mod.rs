@@ -45,7 +45,7 @@ use crate::graph::{Chmod, CopyOp, CopySource, Source};
 use crate::rootfs::{self, RootfsError};
 use chmod::ModeSet;
 use hoist_dockerfile::IgnoreError;
-use pattern::{BadPattern, PatternMatcher};
+use pattern::PatternMatcher;
 
 /// Limits on what one ADD may extract from an archive (decompression bombs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,10 +177,6 @@ pub enum CopyError {
         #[source]
         error: io::Error,
     },
-    /// A malformed source wildcard. Not returned by [`copy`] today: like fsutil, it treats a
-    /// malformed wildcard as matching nothing.
-    #[error(transparent)]
-    Pattern(#[from] BadPattern),
     /// An `--exclude` pattern, or the include pattern of a `--parents` source, is malformed.
     #[error("--exclude/--parents pattern: {0}")]
     Exclude(#[from] IgnoreError),

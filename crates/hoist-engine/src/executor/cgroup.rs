@@ -63,21 +63,6 @@ pub enum CgroupError {
         /// The builder's parent cgroup directory (whose `cgroup.controllers` lacks `memory`).
         path: PathBuf,
     },
-    /// The builder's cgroup in the memory hierarchy is not below that hierarchy's mount.
-    /// (Not returned today: such a hierarchy is skipped when the layout is read, which ends in
-    /// [`CgroupError::NoMemoryController`].)
-    #[error(
-        "the builder's memory cgroup {cgroup} is not below the root {root} of the hierarchy mounted at {mount}: \
-         run the builder where its cgroup is visible (its own cgroup namespace), or without --build-memory"
-    )]
-    NotVisible {
-        /// The builder's cgroup, as `/proc/self/cgroup` names it.
-        cgroup: String,
-        /// The hierarchy's root, as `/proc/self/mountinfo` gives it.
-        root: String,
-        /// Where the hierarchy is mounted.
-        mount: PathBuf,
-    },
     /// A build cgroup name that cannot be a single path component.
     #[error("invalid build cgroup name {0:?}: use letters, digits, '_', '.' and '-' (at most 64)")]
     InvalidName(String),
