@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use hoist_oci::compress::Compression;
 use hoist_oci::digest::Digest;
 use hoist_oci::image::ImageConfig;
 use hoist_oci::registry::RegistryClient;
@@ -178,10 +177,10 @@ pub struct BuildRequest {
     pub secrets: BuildSecrets,
     /// Registry access for this build (credentials the client forwarded).
     pub registry: RegistryClient,
-    /// When an output needs the image's layers as blobs (compression, force-compression):
+    /// When an output needs the image's layers as blobs (its layer compression):
     /// a new layer of the target image is compressed as soon as its step ends, while
     /// later steps run, instead of after the build ([`Engine::layer_blob`]).
-    pub eager_blobs: Option<(Compression, bool)>,
+    pub eager_blobs: Option<crate::export::LayerCompression>,
 }
 
 /// One built image (one platform).

@@ -425,12 +425,12 @@ async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: Str
     }
     Ok(match diff {
         Some(d) => {
-            if let (false, true, Some((compression, force))) = (cached, in_target, b.req.eager_blobs) {
+            if let (false, true, Some(layers)) = (cached, in_target, b.req.eager_blobs) {
                 // Shared with the export's own call of the same layer (one in-flight key);
                 // an error here shows up again there.
                 let (engine, d) = (b.engine.clone(), d.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = engine.layer_blob(&d, compression, force).await {
+                    if let Err(e) = engine.layer_blob(&d, layers.compression, layers.force).await {
                         tracing::debug!(layer = %d, "compressing early: {e}");
                     }
                 });

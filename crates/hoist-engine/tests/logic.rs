@@ -367,7 +367,8 @@ async fn new_layers_of_the_target_are_compressed_while_the_build_runs_and_other_
         "FROM scratch AS tools\nRUN write /tool t\nFROM scratch\nCOPY --from=tools /tool /bin/tool\nRUN write /app a\n",
         &[],
     );
-    req.eager_blobs = Some((hoist_oci::compress::Compression::Gzip { level: 1 }, false));
+    req.eager_blobs =
+        Some(hoist_engine::export::LayerCompression::new(hoist_oci::compress::Compression::Gzip { level: 1 }, false).unwrap());
     let out = t.build(req).await.unwrap();
     let image = layers(&out);
     assert_eq!(image.len(), 2);

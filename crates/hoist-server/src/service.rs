@@ -983,7 +983,7 @@ impl BuilderService {
                 spec.resolve(&req.tags).map_err(|e| Status::invalid_argument(format!("output {i}: {e}")))
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        let eager_blobs = exporters.iter().find_map(|e| e.eager_blobs()).map(|l| (l.compression, l.force));
+        let eager_blobs = exporters.iter().find_map(|e| e.eager_blobs());
         let build = BuildRequest {
             namespace: who.project.clone(),
             dockerfile: req.dockerfile.clone(),
