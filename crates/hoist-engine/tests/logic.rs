@@ -51,8 +51,7 @@ async fn a_rebuild_reuses_every_step_and_a_changed_file_reruns_only_what_follows
 
     // Another project shares no cache records with this one.
     let other = t.build(t.request("other", dockerfile, &[("a.txt", "v1")])).await.unwrap();
-    assert_eq!(other.steps_cached, 0);
-    assert_eq!(layers(&other), layers(&first), "but the same steps make the same layers");
+    assert_eq!((other.steps_cached, other.steps_run), (0, 3));
 }
 
 #[tokio::test]
@@ -184,7 +183,7 @@ async fn a_base_image_is_fetched_once_and_its_files_and_env_reach_the_steps() {
     // Another project using the same base: resolved again, nothing fetched again.
     let other = t.build(t.request("other", dockerfile, &[])).await.unwrap();
     assert_eq!(t.images.fetched().len(), 2);
-    assert_eq!(layers(&other), layers(&first));
+    assert_eq!(layers(&other)[..2], layers(&first)[..2], "the base's layers are the same ones");
 
     let missing = t.build(t.request("team", "FROM nothere:1\n", &[])).await.err().expect("an unknown image fails");
     assert!(missing.to_string().contains("nothere"), "{missing}");
