@@ -34,7 +34,7 @@ enum Command {
     /// Load an image a build kept with --save (by build id or tag) into the local Docker engine.
     Pull(pull::PullArgs),
     /// Run a builder (the embedded builder is this, on a unix socket).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Projects of a builder (run on the builder's machine).
     #[command(subcommand)]
     Project(manage::ProjectCmd),
@@ -90,6 +90,11 @@ struct ServeArgs {
     /// host's. Clients with several builders send each platform to one announcing it.
     #[arg(long, value_delimiter = ',')]
     platforms: Vec<String>,
+    /// The fleet's shared cache: s3://bucket/prefix (endpoint, region and credentials from
+    /// AWS_* variables and ~/.aws) or file:///dir. Every node given the same store shares
+    /// its build cache; each node's disk stays the first tier.
+    #[arg(long = "cache-store", env = "HOIST_CACHE_STORE")]
+    cache_store: Option<String>,
     #[command(flatten)]
     limits: limits::LimitArgs,
 }
@@ -111,7 +116,7 @@ fn main() {
         match cli.command {
             Command::Build(args) => build::run(*args).await,
             Command::Pull(args) => pull::run(args).await.map(|_| 0),
-            Command::Serve(args) => serve(args).await.map(|_| 0),
+            Command::Serve(args) => serve(*args).await.map(|_| 0),
             Command::Project(c) => manage::project(c).map(|_| 0),
             Command::Token(c) => manage::token(c).map(|_| 0),
             Command::Login(a) => manage::login(a).await.map(|_| 0),
@@ -134,6 +139,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         runtime: args.runtime.clone(),
         insecure_registries: args.insecure_registries.clone(),
         limits: args.limits.limits(),
+        cache_store: args.cache_store.clone(),
     })
     .with_context(|| format!("opening builder state in {}", args.root.display()))?;
     let listen = args.listen.clone().unwrap_or_else(|| format!("unix://{}", hoist_client::embedded_socket(&args.root).display()));
@@ -181,7 +187,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         entitlements,
         embedded: args.embedded,
     };
-    hoist_server::serve(&listen, engine, opts, shutdown).await?;
+    hoist_server::serve(&listen, engine.clone(), opts, shutdown).await?;
+    // What builds queued for the shared tier goes up before the node exits.
+    engine.flush_shared().await;
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
 }

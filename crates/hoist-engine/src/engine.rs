@@ -105,6 +105,9 @@ pub enum EngineError {
     /// The builder has a per-build memory limit and cannot set up the build's cgroup.
     #[error("cannot hold the build to its memory limit (hoist serve --build-memory): {0}")]
     BuildMemory(#[source] crate::executor::CgroupError),
+    /// The shared tier (`--cache-store`) cannot be opened or used.
+    #[error(transparent)]
+    Shared(#[from] crate::shared::SharedError),
     /// The error of another stage (or step) this one waited for, shared by every waiter:
     /// a failed `RUN` in a base stage stays a step error wherever it surfaces.
     #[error(transparent)]
@@ -132,6 +135,8 @@ pub struct EngineConfig {
     pub insecure_registries: Vec<String>,
     /// What every build is held to (Dockerfile, context, archives, RUN time, output).
     pub limits: crate::limits::Limits,
+    /// The shared tier's store (`--cache-store`: `s3://bucket/prefix`, `file:///dir`).
+    pub cache_store: Option<String>,
 }
 
 /// Secrets and ssh agents a build may mount; both come from the client.
@@ -235,6 +240,8 @@ pub struct EngineParts {
     pub images: Arc<dyn ImageSource>,
     /// The time records carry.
     pub clock: Arc<dyn Clock>,
+    /// The shared tier of a fleet's cache, when there is one.
+    pub shared: Option<crate::shared::SharedStore>,
 }
 
 pub(crate) struct Inner {
@@ -248,6 +255,7 @@ pub(crate) struct Inner {
     pub cache_mounts: CacheMounts,
     pub leases: Arc<crate::gc::Leases>,
     pub limits: crate::limits::Limits,
+    pub shared: Option<Arc<crate::shared::SharedTier>>,
 }
 
 /// The build engine. Cheap to clone; all clones share state.
@@ -307,6 +315,7 @@ impl Engine {
             mounter: Arc::new(OverlayMounter::new()),
             images: Arc::new(Registries),
             clock: Arc::new(SystemClock),
+            shared: config.cache_store.as_deref().map(crate::shared::SharedStore::from_url).transpose()?,
         };
         Self::with_parts(config, parts)
     }
@@ -336,8 +345,22 @@ impl Engine {
                 cache_mounts,
                 leases: Arc::default(),
                 limits: config.limits.clone(),
+                shared: parts.shared.map(|s| Arc::new(crate::shared::SharedTier::new(s))),
             }),
         })
+    }
+
+    /// The shared tier, when the engine has one.
+    pub fn shared(&self) -> Option<&Arc<crate::shared::SharedTier>> {
+        self.inner.shared.as_ref()
+    }
+
+    /// Wait until every write to the shared tier queued so far has ended (before a builder
+    /// exits, and before a build that pushes or saves reports done).
+    pub async fn flush_shared(&self) {
+        if let Some(t) = self.shared() {
+            t.flush().await;
+        }
     }
 
     /// The state root.

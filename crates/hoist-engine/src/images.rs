@@ -323,11 +323,19 @@ async fn pull_one(
     if !store.contains(&desc.digest) {
         engine.inner.images.fetch_blob(&registry, &reference, &desc.digest, &store).await?;
     }
+    unpack_layer(&engine, record, &diff_id).await
+}
+
+/// Extract the stored blob of `record` as the snapshot of layer `diff_id`, checking that it
+/// is that layer, and remember the blob as one of the layer's.
+pub(crate) async fn unpack_layer(engine: &Engine, record: BlobRecord, diff_id: &Digest) -> Result<(), ImageError> {
+    let store = engine.store().clone();
     let snaps = engine.snapshots().clone();
-    let media_type = desc.media_type.clone();
-    let blob = desc.digest.clone();
+    let media_type = record.media_type.clone();
+    let blob = record.digest.clone();
     let want = diff_id.clone();
-    // A base image is as untrusted as a Dockerfile: its layers are extracted within limits.
+    // A base image (or another node's upload) is as untrusted as a Dockerfile: its layers
+    // are extracted within limits.
     let limits = engine.limits().layer_extract_options();
     tokio::task::spawn_blocking(move || -> Result<(), ImageError> {
         let tmp = snaps.temp_dir()?;
@@ -341,7 +349,7 @@ async fn pull_one(
         Ok(())
     })
     .await??;
-    engine.index().add_layer_blob(&diff_id, record)?;
+    engine.index().add_layer_blob(diff_id, record)?;
     Ok(())
 }
 

@@ -23,6 +23,7 @@ mod images;
 pub mod limits;
 pub mod progress;
 pub mod rootfs;
+pub mod shared;
 pub mod snapshot;
 mod solver;
 pub mod sshforward;

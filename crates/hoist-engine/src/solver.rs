@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -12,6 +12,7 @@ use hoist_oci::digest::Digest;
 use hoist_oci::image::{History, ImageConfig, RootFs};
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::StepRecord;
 use crate::cachekey::{self, CacheKey};
 use crate::engine::{BuildRequest, BuiltImage, Engine, EngineError};
 use crate::executor::BuildCgroup;
@@ -20,6 +21,7 @@ use crate::gc::LeaseSet;
 use crate::graph::{Base, BuildGraph, Op, Platform, Source, Stage, StageId, Step};
 use crate::images::BuildResolver;
 use crate::progress::{Event, Progress};
+use crate::shared::Entry;
 use crate::steps::{self, StepEnv};
 
 /// Counts of steps run and reused in one build.
@@ -145,6 +147,9 @@ pub(crate) struct StageState {
 
 type SharedStage = Shared<BoxFuture<'static, Result<Arc<StageState>, Arc<EngineError>>>>;
 
+/// A step result found in the shared tier, its layer being fetched.
+type RemoteHit = Shared<BoxFuture<'static, Result<Entry, Arc<EngineError>>>>;
+
 /// Everything a stage task needs.
 pub(crate) struct Build {
     pub engine: Engine,
@@ -178,6 +183,11 @@ pub(crate) struct Build {
     pub cgroup: Option<Arc<BuildCgroup>>,
     /// The build context: the request's, extended with what the client was asked for.
     pub context: Arc<crate::context::Context>,
+    /// Step results the shared tier has that this node lacked, by cache key
+    /// ([`lookahead`]).
+    pub remote: Mutex<HashMap<String, RemoteHit>>,
+    /// The build was told the shared tier failed.
+    pub shared_warned: AtomicBool,
 }
 
 impl Build {
@@ -192,6 +202,12 @@ impl Build {
         let commit = tokio::task::spawn_blocking(move || crate::git::resolve(&r, scratch.path())).await??;
         known.insert(g.clone(), commit.clone());
         Ok(commit)
+    }
+
+    /// Whether stage `id` has finished without error (its key is known).
+    fn stage_ready(&self, id: StageId) -> bool {
+        let stages = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        stages.get(id).and_then(|s| s.peek()).is_some_and(|r| r.is_ok())
     }
 
     /// Wait for another stage's result.
@@ -284,6 +300,8 @@ pub(crate) async fn build_platform(
         git_commits: Default::default(),
         in_target,
         cgroup,
+        remote: Mutex::default(),
+        shared_warned: AtomicBool::new(false),
     });
     {
         let mut stages = build.stages.lock().unwrap_or_else(|e| e.into_inner());
@@ -368,9 +386,14 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
     };
     let total = stage.steps.len();
     let mut entries = stage.history.iter();
+    // Steps up to this one were looked up in the shared tier.
+    let mut looked = 0;
     for (i, step) in stage.steps.iter().enumerate() {
         if b.cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
+        }
+        if i >= looked && !b.req.no_cache && b.engine.shared().is_some() {
+            looked = i + lookahead(&b, &state.key, &stage.steps[i..]).await.max(1);
         }
         // History entries of config-only instructions before this step.
         for h in entries.by_ref() {
@@ -531,32 +554,124 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
     Ok(inputs)
 }
 
+/// The cache key of a step after the state keyed `parent` (what its record is under), and
+/// the key of the state after it (they differ for `COPY --link`, whose record does not
+/// depend on its parent).
+fn step_keys(b: &Build, parent: &str, step: &Step, inputs: &[(&'static str, String)]) -> (CacheKey, CacheKey) {
+    let link = matches!(&step.op, Op::Copy(c) if c.link);
+    let op_key = cachekey::step_key(&b.req.namespace, &b.platform, (!link).then_some(parent), &step.op, inputs);
+    let next_key = if link {
+        cachekey::step_key(&b.req.namespace, &b.platform, Some(parent), &step.op, &[("link", op_key.clone())])
+    } else {
+        op_key.clone()
+    };
+    (op_key, next_key)
+}
+
+/// This node's record of step `key` when its layer is here too (the layer leased first).
+fn local_record(b: &Build, key: &str) -> Result<Option<StepRecord>, crate::cache::CacheError> {
+    let Some(rec) = b.engine.index().step(&b.req.namespace, key)? else { return Ok(None) };
+    let usable = match &rec.diff_id {
+        None => true,
+        Some(d) => {
+            b.leases.add(d);
+            b.engine.snapshots().has_layer(d)
+        }
+    };
+    Ok(usable.then_some(rec))
+}
+
+/// Whether a step's key can be computed now, without waiting for another stage or
+/// downloading anything.
+fn keyable_now(b: &Build, step: &Step) -> bool {
+    match &step.op {
+        Op::Copy(c) => {
+            let from = match &c.from {
+                Source::Context => true,
+                Source::Stage(j) => b.stage_ready(*j),
+                Source::Git(_) => false,
+            };
+            from && !c.sources.iter().any(|s| matches!(s, crate::graph::CopySource::Url { checksum: None, .. }))
+        }
+        Op::Run(r) => r.mounts.iter().all(|m| match &m.kind {
+            crate::graph::MountKind::Bind { from: Source::Stage(j), .. }
+            | crate::graph::MountKind::Cache { from: Some(Source::Stage(j)), .. } => b.stage_ready(*j),
+            _ => true,
+        }),
+        Op::Mkdir(_) => true,
+    }
+}
+
+/// Look up, in one batch of parallel requests to the shared tier, the keys of `steps` (after
+/// the state keyed `parent`) that can be computed now and that this node has no usable
+/// record of; the layers of the hits start downloading at once, side by side. Returns how
+/// many steps were keyed: the steps after them are looked up when the solver reaches them.
+async fn lookahead(b: &Arc<Build>, parent: &str, steps: &[Step]) -> usize {
+    let Some(tier) = b.engine.shared().cloned() else { return steps.len() };
+    let mut parent = parent.to_string();
+    let mut wanted = Vec::new();
+    let mut keyed = 0;
+    for step in steps {
+        if !keyable_now(b, step) {
+            break;
+        }
+        // An error here is the step's own, reported when the solver reaches it.
+        let Ok(inputs) = step_inputs(b, step).await else { break };
+        let (op_key, next) = step_keys(b, &parent, step, &inputs);
+        if !matches!(local_record(b, &op_key), Ok(Some(_))) {
+            wanted.push(op_key);
+        }
+        parent = next;
+        keyed += 1;
+    }
+    if wanted.is_empty() {
+        return keyed;
+    }
+    let engine = b.engine.clone();
+    let found = tier.lookup(&b.req.namespace, &wanted, &|d| engine.snapshots().has_layer(d)).await;
+    if let Some(msg) = found.failed {
+        if !b.shared_warned.swap(true, Ordering::Relaxed) {
+            Engine::warn(&b.progress, msg);
+        }
+    }
+    let mut remote = b.remote.lock().unwrap_or_else(|e| e.into_inner());
+    for (key, entry) in found.hits {
+        if let Some(d) = &entry.diff_id {
+            b.leases.add(d);
+        }
+        let engine = b.engine.clone();
+        let hit: RemoteHit = async move { engine.import_entry(&entry).await.map(|()| entry).map_err(Arc::new) }.boxed().shared();
+        tokio::spawn(hit.clone());
+        remote.insert(key, hit);
+    }
+    keyed
+}
+
 /// Returns the step's layer (if any), whether it came from the cache, and when its cache
 /// record was made.
 async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u32) -> Result<(Option<Digest>, bool, u64), EngineError> {
     let inputs = step_inputs(b, step).await?;
-    let link = matches!(&step.op, Op::Copy(c) if c.link);
-    let parent = if link { None } else { Some(state.key.as_str()) };
-    let op_key = cachekey::step_key(&b.req.namespace, &b.platform, parent, &step.op, &inputs);
+    let (op_key, next_key) = step_keys(b, &state.key, step, &inputs);
     let engine = &b.engine;
-    let next_key = if link {
-        cachekey::step_key(&b.req.namespace, &b.platform, Some(&state.key), &step.op, &[("link", op_key.clone())])
-    } else {
-        op_key.clone()
-    };
     if !b.req.no_cache {
-        if let Some(rec) = engine.index().step(&b.req.namespace, &op_key).map_err(|e| step_error(b, step, e))? {
-            let usable = match &rec.diff_id {
-                None => true,
-                Some(d) => {
-                    b.leases.add(d);
-                    engine.snapshots().has_layer(d)
+        if let Some(rec) = local_record(b, &op_key).map_err(|e| step_error(b, step, e))? {
+            b.touched.lock().unwrap_or_else(|e| e.into_inner()).push(op_key);
+            state.key = next_key;
+            return Ok((rec.diff_id, true, rec.created));
+        }
+        let remote = b.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(&op_key);
+        if let Some(hit) = remote {
+            match hit.await {
+                Ok(entry) => {
+                    let rec =
+                        StepRecord { diff_id: entry.diff_id, created: entry.created, last_used: engine.index().now(), size: entry.size };
+                    engine.index().put_step_record(&b.req.namespace, &op_key, &rec).map_err(|e| step_error(b, step, e))?;
+                    state.key = next_key;
+                    return Ok((rec.diff_id, true, rec.created));
                 }
-            };
-            if usable {
-                b.touched.lock().unwrap_or_else(|e| e.into_inner()).push(op_key);
-                state.key = next_key;
-                return Ok((rec.diff_id, true, rec.created));
+                Err(e) => {
+                    Engine::warn(&b.progress, format!("{}: the shared cache's result cannot be used ({e}); running the step", step.display))
+                }
             }
         }
     }
@@ -564,6 +679,7 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
     let key_for_index = op_key.clone();
     let engine2 = engine.clone();
     let ns = b.req.namespace.clone();
+    let compression = b.req.eager_blobs.map(|l| l.compression).unwrap_or_default();
     // In-flight work is shared across projects only when the keys match, and keys include
     // the namespace, so another project's build never waits on (or sees) this one.
     let inflight_key = format!("{ns}\0{op_key}");
@@ -578,8 +694,9 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
                 Some((d, size)) => (Some(d), size),
                 None => (None, 0),
             };
-            engine2.index().put_step(&ns, &key_for_index, d.clone(), size).map_err(|e| Arc::new(e.into()))?;
+            let record = engine2.index().put_step(&ns, &key_for_index, d.clone(), size).map_err(|e| Arc::new(e.into()))?;
             drop(lease);
+            engine2.share_step(&ns, &key_for_index, &record, compression).await;
             Ok(d)
         })
         .await;

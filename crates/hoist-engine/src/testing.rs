@@ -298,6 +298,12 @@ pub struct TestEngine {
 impl TestEngine {
     /// A fresh engine with default limits.
     pub fn new() -> TestEngine {
+        Self::with_shared(None)
+    }
+
+    /// A fresh engine with default limits and `shared` as its shared tier (a fleet's nodes
+    /// are engines with one store, e.g. `object_store`'s `InMemory`).
+    pub fn with_shared(shared: Option<crate::shared::SharedStore>) -> TestEngine {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mounter = Arc::new(CopyMounter::new());
         let executor = Arc::new(FakeExecutor::new());
@@ -308,8 +314,10 @@ impl TestEngine {
             runtime: None,
             insecure_registries: Vec::new(),
             limits: crate::Limits::default(),
+            cache_store: None,
         };
-        let parts = EngineParts { executor: executor.clone(), mounter: mounter.clone(), images: images.clone(), clock: clock.clone() };
+        let parts =
+            EngineParts { executor: executor.clone(), mounter: mounter.clone(), images: images.clone(), clock: clock.clone(), shared };
         let engine = crate::Engine::with_parts(&config, parts).expect("an engine on fakes");
         TestEngine { engine, executor, mounter, images, clock, dir }
     }

@@ -1033,6 +1033,10 @@ impl BuilderService {
                 names.push(n.join(","));
             }
         }
+        if exporters.iter().any(Exporter::keeps_result) {
+            // A pushed or saved result is in the fleet's shared tier before the build is done.
+            self.engine.flush_shared().await;
+        }
         let image_id = outcome.images.first().map(|i| i.config_digest.to_string()).unwrap_or_default();
         let mut metadata = serde_json::json!({
             "containerimage.config.digest": image_id,

@@ -63,10 +63,18 @@ impl CacheIndex {
         self.get(STEPS, &nskey(ns, key))
     }
 
-    /// Record what a step produced. Its `created` is the layer's time in images.
-    pub fn put_step(&self, ns: &str, key: &str, diff_id: Option<Digest>, size: u64) -> Result<(), CacheError> {
+    /// Record what a step produced, now; the record is returned. Its `created` is the
+    /// layer's time in images.
+    pub fn put_step(&self, ns: &str, key: &str, diff_id: Option<Digest>, size: u64) -> Result<StepRecord, CacheError> {
         let t = self.now();
-        self.put(STEPS, &nskey(ns, key), &StepRecord { diff_id, created: t, last_used: t, size })
+        let record = StepRecord { diff_id, created: t, last_used: t, size };
+        self.put_step_record(ns, key, &record)?;
+        Ok(record)
+    }
+
+    /// Record what a step produced as another node recorded it (its time kept).
+    pub fn put_step_record(&self, ns: &str, key: &str, record: &StepRecord) -> Result<(), CacheError> {
+        self.put(STEPS, &nskey(ns, key), record)
     }
 
     /// The source digest a COPY computed earlier for the same sources of the same context.

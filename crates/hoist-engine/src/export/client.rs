@@ -293,6 +293,7 @@ mod tests {
             runtime: None,
             insecure_registries: vec![],
             limits: Default::default(),
+            cache_store: None,
         })
         .expect("opening an engine needs an OCI runtime (runc) on PATH")
     }

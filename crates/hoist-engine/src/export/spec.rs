@@ -266,6 +266,12 @@ impl Exporter {
         }
     }
 
+    /// Whether the output keeps the result beyond the build (a push, `--save`): its steps'
+    /// results go to the fleet's shared tier before the build reports done.
+    pub fn keeps_result(&self) -> bool {
+        matches!(&self.kind, Resolved::Image { push: true, .. } | Resolved::Save)
+    }
+
     /// The names the output gives the image (its own, else the build's tags).
     pub fn names(&self) -> &[String] {
         &self.names

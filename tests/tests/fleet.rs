@@ -1,0 +1,59 @@
+//! End-to-end: several `hoist serve` nodes with their own state roots sharing one cache
+//! store (issue 13). The engine's side on fakes is crates/hoist-engine/tests/fleet.rs.
+
+mod common;
+
+use common::*;
+
+/// Files below `dir`, recursively (the file store's objects).
+fn objects(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_teammate_routed_to_another_node_gets_every_step_from_the_shared_store_and_the_same_image() {
+    if !lab_available() {
+        return;
+    }
+    let store = tempfile::Builder::new().prefix("fleet-store-").tempdir_in(test_tmp()).unwrap();
+    let url = format!("file://{}", store.path().display());
+    let a = Server::start_with(&["--cache-store", &url]);
+    let b = Server::start_with(&["--cache-store", &url]);
+    let alice = Teammate::new(&a, &a.admin(&["project", "create", "web", "--token-name", "alice"]));
+    let bob = Teammate::new(&b, &b.admin(&["project", "create", "web", "--token-name", "bob"]));
+    let dockerfile = format!("FROM {}\nRUN echo one > /one\nCOPY app.txt /app/\nRUN cat /app/app.txt /one > /both\n", busybox());
+    let files = [("Dockerfile", dockerfile.as_str()), ("app.txt", "hello fleet\n")];
+    let (a_dir, b_dir) = (context(&files), context(&files));
+    let tag = format!("{}/{}:1", registry(), unique("fleet"));
+    let (a_iid, b_iid) = (a_dir.path().join("iid"), b_dir.path().join("iid"));
+
+    // A pushed result is in the shared store when the build reports done.
+    let first = alice.build_ok(&["-t", &tag, "--push", "--iidfile", a_iid.to_str().unwrap(), a_dir.path().to_str().unwrap()]);
+    assert_eq!(count_before(&first, "steps run"), 3, "{first}");
+    let entries: Vec<String> = objects(store.path()).into_iter().filter(|p| p.starts_with("ac/web/")).collect();
+    assert_eq!(entries.len(), 3, "one entry per step: {:?}", objects(store.path()));
+    assert!(objects(store.path()).iter().filter(|p| p.starts_with("cas/sha256/")).count() >= 2, "the RUN and COPY layers' blobs");
+
+    let second = bob.build_ok(&["--iidfile", b_iid.to_str().unwrap(), b_dir.path().to_str().unwrap()]);
+    assert_eq!(count_before(&second, "steps run"), 0, "{second}");
+    assert_eq!(count_before(&second, "cached"), 3, "{second}");
+    assert_eq!(count_before(&second, "containers"), 0, "node B ran no container: {second}");
+    assert_eq!(std::fs::read_to_string(&b_iid).unwrap(), std::fs::read_to_string(&a_iid).unwrap(), "the same image id on both nodes");
+    // B's result is usable: loaded into the engine, it runs with A's files.
+    let loaded = bob.build_ok(&["-t", &unique("fleet-load"), "--load", b_dir.path().to_str().unwrap()]);
+    assert_eq!(count_before(&loaded, "steps run"), 0, "{loaded}");
+    let image = std::fs::read_to_string(&b_iid).unwrap();
+    let out = docker_ok(&["run", "--rm", image.trim(), "cat", "/both"]);
+    assert_eq!(out, "hello fleet\none\n");
+}
