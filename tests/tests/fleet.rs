@@ -21,6 +21,14 @@ fn objects(dir: &std::path::Path) -> Vec<String> {
     out
 }
 
+/// `hoist <args> --cache-store <url>`: an admin command on the fleet's shared store, from
+/// no node in particular; its stdout.
+fn fleet_admin(url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(hoist_bin()).args(args).args(["--cache-store", url]).env_remove("HOIST_ROOT").output().unwrap();
+    assert!(out.status.success(), "hoist {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 #[test]
 fn a_teammate_routed_to_another_node_gets_every_step_from_the_shared_store_and_the_same_image() {
     if !lab_available() {
@@ -30,8 +38,9 @@ fn a_teammate_routed_to_another_node_gets_every_step_from_the_shared_store_and_t
     let url = format!("file://{}", store.path().display());
     let a = Server::start_with(&["--cache-store", &url]);
     let b = Server::start_with(&["--cache-store", &url]);
-    let alice = Teammate::new(&a, &a.admin(&["project", "create", "web", "--token-name", "alice"]));
-    let bob = Teammate::new(&b, &b.admin(&["project", "create", "web", "--token-name", "bob"]));
+    // Projects and tokens live in the shared store: made once, valid on every node.
+    let alice = Teammate::new(&a, &fleet_admin(&url, &["project", "create", "web", "--token-name", "alice"]));
+    let bob = Teammate::new(&b, &fleet_admin(&url, &["token", "create", "web", "--name", "bob"]));
     let dockerfile = format!("FROM {}\nRUN echo one > /one\nCOPY app.txt /app/\nRUN cat /app/app.txt /one > /both\n", busybox());
     let files = [("Dockerfile", dockerfile.as_str()), ("app.txt", "hello fleet\n")];
     let (a_dir, b_dir) = (context(&files), context(&files));
@@ -56,4 +65,43 @@ fn a_teammate_routed_to_another_node_gets_every_step_from_the_shared_store_and_t
     let image = std::fs::read_to_string(&b_iid).unwrap();
     let out = docker_ok(&["run", "--rm", image.trim(), "cat", "/both"]);
     assert_eq!(out, "hello fleet\none\n");
+}
+
+#[test]
+fn a_token_made_on_one_node_works_on_the_others_and_its_revocation_reaches_them() {
+    if !lab_available() {
+        return;
+    }
+    let store = tempfile::Builder::new().prefix("fleet-store-").tempdir_in(test_tmp()).unwrap();
+    let url = format!("file://{}", store.path().display());
+    let a = Server::start_with(&["--cache-store", &url]);
+    let b = Server::start_with(&["--cache-store", &url]);
+    // Made through node A's own command line (its HOIST_ROOT and the fleet's store).
+    let out = std::process::Command::new(hoist_bin())
+        .args(["project", "create", "web", "--token-name", "carol", "--cache-store", &url])
+        .env("HOIST_ROOT", a.root.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let files = [("Dockerfile", "FROM scratch\nCOPY f /\n"), ("f", "x")];
+    let dir = context(&files);
+    for node in [&a, &b] {
+        Teammate::new(node, &token).build_ok(&[dir.path().to_str().unwrap()]);
+    }
+    fleet_admin(&url, &["token", "revoke", "carol"]);
+    // Every node learns of it within seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for node in [&b, &a] {
+        loop {
+            let out = Teammate::new(node, &token).build(&[dir.path().to_str().unwrap()]);
+            if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(err.contains("revoked"), "{err}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "node {} still takes the revoked token", node.addr());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
 }

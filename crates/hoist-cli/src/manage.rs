@@ -12,7 +12,26 @@ use hoist_server::auth::AuthStore;
 use crate::conn::{ClientConfig, ConnArgs};
 use hoist_client::human_bytes;
 
-/// `hoist project ...` (on the builder's machine).
+/// Where projects and tokens are: the builder's state root, or a fleet's shared store.
+#[derive(Args, Debug)]
+pub struct AuthArgs {
+    /// The builder's state directory.
+    #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
+    root: PathBuf,
+    /// A fleet's shared store (as `hoist serve --cache-store`): projects and tokens are
+    /// there, for every node, instead of in --root.
+    #[arg(long = "cache-store", env = "HOIST_CACHE_STORE")]
+    cache_store: Option<String>,
+}
+
+impl AuthArgs {
+    fn open(&self) -> anyhow::Result<AuthStore> {
+        let shared = self.cache_store.as_deref().map(hoist_engine::shared::SharedStore::from_url).transpose()?;
+        Ok(AuthStore::open(&self.root, shared.as_ref()))
+    }
+}
+
+/// `hoist project ...` (on the builder's machine, or anywhere with the fleet's store).
 #[derive(Subcommand, Debug)]
 pub enum ProjectCmd {
     /// Create a project and print its first token.
@@ -21,8 +40,8 @@ pub enum ProjectCmd {
         /// Name of the first token (shown in build records).
         #[arg(long = "token-name", default_value = "default")]
         token_name: String,
-        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
-        root: PathBuf,
+        #[command(flatten)]
+        store: AuthArgs,
     },
     /// Set a project's cache size limit (automatic GC, e.g. 20GB) and how many builds it
     /// runs at once (--builds; default 4, more wait for a slot).
@@ -35,32 +54,32 @@ pub enum ProjectCmd {
         /// Builds the project runs at once.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         builds: Option<u32>,
-        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
-        root: PathBuf,
+        #[command(flatten)]
+        store: AuthArgs,
     },
     /// Grant a project an entitlement (network.host, security.insecure): its builds may then
     /// use it when they ask with `hoist build --allow`.
     Allow {
         name: String,
         entitlement: String,
-        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
-        root: PathBuf,
+        #[command(flatten)]
+        store: AuthArgs,
     },
     /// Take back an entitlement granted with `hoist project allow`.
     Deny {
         name: String,
         entitlement: String,
-        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
-        root: PathBuf,
+        #[command(flatten)]
+        store: AuthArgs,
     },
     /// List projects.
     Ls {
-        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
-        root: PathBuf,
+        #[command(flatten)]
+        store: AuthArgs,
     },
 }
 
-/// `hoist token ...` (on the builder's machine).
+/// `hoist token ...` (on the builder's machine, or anywhere with the fleet's store).
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
     /// Issue a new token for a project and print it.
@@ -68,8 +87,8 @@ pub enum TokenCmd {
         project: String,
         #[arg(long, default_value = "default")]
         name: String,
-        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
-        root: PathBuf,
+        #[command(flatten)]
+        store: AuthArgs,
     },
     /// Revoke a token by id or name; its running builds and exports end within a second.
     Revoke {
@@ -78,13 +97,13 @@ pub enum TokenCmd {
         /// that name).
         #[arg(long)]
         project: Option<String>,
-        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
-        root: PathBuf,
+        #[command(flatten)]
+        store: AuthArgs,
     },
     /// List tokens (never the tokens themselves).
     Ls {
-        #[arg(long, env = "HOIST_ROOT", default_value = "/var/lib/hoist")]
-        root: PathBuf,
+        #[command(flatten)]
+        store: AuthArgs,
     },
 }
 
@@ -149,13 +168,13 @@ pub struct LoginArgs {
 
 pub fn project(cmd: ProjectCmd) -> anyhow::Result<()> {
     match cmd {
-        ProjectCmd::Create { name, token_name, root } => {
-            let token = AuthStore::new(&root).create_project(&name, &token_name)?;
+        ProjectCmd::Create { name, token_name, store } => {
+            let token = store.open()?.create_project(&name, &token_name)?;
             eprintln!("created project {name:?}; its token (shown once):");
             println!("{token}");
         }
-        ProjectCmd::Limit { name, size, builds, root } => {
-            let store = AuthStore::new(&root);
+        ProjectCmd::Limit { name, size, builds, store } => {
+            let store = store.open()?;
             if let Some(bytes) = size {
                 store.set_limit(&name, bytes)?;
                 eprintln!("project {name:?}: storage limit {}", human_bytes(bytes));
@@ -165,16 +184,16 @@ pub fn project(cmd: ProjectCmd) -> anyhow::Result<()> {
                 eprintln!("project {name:?}: {n} builds at once");
             }
         }
-        ProjectCmd::Allow { name, entitlement, root } => {
-            AuthStore::new(&root).set_entitlement(&name, &entitlement, true)?;
+        ProjectCmd::Allow { name, entitlement, store } => {
+            store.open()?.set_entitlement(&name, &entitlement, true)?;
             eprintln!("project {name:?}: {entitlement} granted (builds ask for it with --allow {entitlement})");
         }
-        ProjectCmd::Deny { name, entitlement, root } => {
-            AuthStore::new(&root).set_entitlement(&name, &entitlement, false)?;
+        ProjectCmd::Deny { name, entitlement, store } => {
+            store.open()?.set_entitlement(&name, &entitlement, false)?;
             eprintln!("project {name:?}: {entitlement} no longer granted");
         }
-        ProjectCmd::Ls { root } => {
-            let f = AuthStore::new(&root).load()?;
+        ProjectCmd::Ls { store } => {
+            let f = store.open()?.load()?;
             for (name, p) in f.projects {
                 let ents = if p.entitlements.is_empty() { String::new() } else { format!("\tallow {}", p.entitlements.join(",")) };
                 println!("{name}\tlimit {}\tbuilds {}{ents}", human_bytes(p.limit_bytes), p.max_builds);
@@ -186,16 +205,16 @@ pub fn project(cmd: ProjectCmd) -> anyhow::Result<()> {
 
 pub fn token(cmd: TokenCmd) -> anyhow::Result<()> {
     match cmd {
-        TokenCmd::Create { project, name, root } => {
-            let token = AuthStore::new(&root).create_token(&project, &name)?;
+        TokenCmd::Create { project, name, store } => {
+            let token = store.open()?.create_token(&project, &name)?;
             println!("{token}");
         }
-        TokenCmd::Revoke { id_or_name, project, root } => {
-            let n = AuthStore::new(&root).revoke(&id_or_name, project.as_deref())?;
+        TokenCmd::Revoke { id_or_name, project, store } => {
+            let n = store.open()?.revoke(&id_or_name, project.as_deref())?;
             eprintln!("revoked {n} token(s)");
         }
-        TokenCmd::Ls { root } => {
-            for t in AuthStore::new(&root).load()?.tokens {
+        TokenCmd::Ls { store } => {
+            for t in store.open()?.load()?.tokens {
                 println!("{}\t{}\t{}\t{}", t.id, t.project, t.name, if t.revoked { "revoked" } else { "active" });
             }
         }

@@ -1,14 +1,23 @@
 //! Projects and tokens. A project is a cache namespace; a token belongs to one project and
-//! is stored only as its SHA-256 hash. The store is a JSON file in the builder's state
-//! root (`auth.json`), written atomically under a lock by the admin commands
-//! (`hoist project create`, `hoist token ...`) and re-read by the server when it changes.
+//! is stored only as its SHA-256 hash. The store is one JSON document, `auth.json`:
+//! - in the builder's state root, written atomically under a lock by the admin commands
+//!   (`hoist project create`, `hoist token ...`) and re-read by the server when it changes;
+//! - for a fleet (`--cache-store`), in the shared store, so that every node reads one set:
+//!   in the store's directory (`file://`), or as an object next to the cache (`s3://`),
+//!   changed with conditional writes (a concurrent change is retried on the new version)
+//!   and re-read by every node every [`REFRESH`], so a token created or revoked anywhere
+//!   holds everywhere within seconds.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hoist_engine::shared::SharedStore;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -144,10 +153,34 @@ pub struct Caller {
     pub token_id: Option<String>,
 }
 
-/// The project/token store of a state root.
+/// How often a node re-reads a shared store's projects and tokens.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// The project/token store of a builder (see the module docs).
 pub struct AuthStore {
+    /// The file, or the object's URL-like name (for messages).
     path: PathBuf,
-    cache: RwLock<(Option<SystemTime>, AuthFile)>,
+    backend: Backend,
+}
+
+enum Backend {
+    /// A file: re-read when its modification time changes.
+    File { cache: RwLock<(Option<SystemTime>, AuthFile)> },
+    /// An object of a shared store.
+    Shared(SharedAuth),
+}
+
+struct SharedAuth {
+    store: SharedStore,
+    /// The node's own `auth.json`: it seeds a shared store that has none yet, so a
+    /// builder's projects and tokens come along when it becomes the first node of a fleet.
+    seed: PathBuf,
+    object: object_store::path::Path,
+    /// The last contents read.
+    cache: RwLock<Option<AuthFile>>,
+    /// A refresher keeps `cache` current ([`AuthStore::keep_fresh`]): reads never wait for
+    /// the store.
+    fresh: AtomicBool,
 }
 
 fn now() -> u64 {
@@ -173,21 +206,116 @@ fn new_token() -> Result<String, std::io::Error> {
     Ok(format!("hst_{}", hex::encode(buf)))
 }
 
+/// Run `fut` to its end from synchronous code (an admin command, or a server that has no
+/// fresh copy yet), on a runtime of its own.
+fn block_on<T: Send>(fut: impl std::future::Future<Output = T> + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime for the auth store").block_on(fut))
+            .join()
+            .expect("the auth store's thread")
+    })
+}
+
 impl AuthStore {
     /// The store of the state root `root`.
     pub fn new(root: &Path) -> AuthStore {
-        AuthStore { path: root.join("auth.json"), cache: RwLock::new((None, AuthFile::default())) }
+        AuthStore { path: root.join("auth.json"), backend: Backend::File { cache: RwLock::default() } }
+    }
+
+    /// The store of a builder with state root `root` and, for a fleet, the shared store
+    /// `shared` (`--cache-store`): then projects and tokens live there instead.
+    pub fn open(root: &Path, shared: Option<&SharedStore>) -> AuthStore {
+        let Some(shared) = shared else { return AuthStore::new(root) };
+        if let Some(dir) = shared.local_dir() {
+            return AuthStore::new(&dir);
+        }
+        let object = shared.path(["auth.json"]);
+        AuthStore {
+            path: PathBuf::from(format!("{}/auth.json", shared.name().trim_end_matches('/'))),
+            backend: Backend::Shared(SharedAuth {
+                store: shared.clone(),
+                seed: root.join("auth.json"),
+                object,
+                cache: RwLock::default(),
+                fresh: AtomicBool::new(false),
+            }),
+        }
     }
 
     fn err(&self, m: impl std::fmt::Display) -> AuthError {
         AuthError::Store { path: self.path.clone(), message: m.to_string() }
     }
 
-    /// The current contents (re-read when the file changed).
+    /// Keep a shared store's copy current: read it now (seeding a store that has none with
+    /// this node's own projects and tokens), then every [`REFRESH`] in the background (until
+    /// the returned task is aborted). Nothing to do for a file.
+    pub async fn keep_fresh(self: &Arc<Self>) -> Result<Option<tokio::task::JoinHandle<()>>, AuthError> {
+        let Backend::Shared(s) = &self.backend else { return Ok(None) };
+        let (mut file, version) = self.fetch(s).await?;
+        if let (None, Ok(bytes)) = (version, fs::read(&s.seed)) {
+            let seed: AuthFile = serde_json::from_slice(&bytes).map_err(|e| self.err(format!("{}: corrupt: {e}", s.seed.display())))?;
+            let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+            match s.store.store().put_opts(&s.object, PutPayload::from(bytes), opts).await {
+                Ok(_) => file = seed,
+                Err(object_store::Error::AlreadyExists { .. }) => file = self.fetch(s).await?.0,
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        *s.cache.write().unwrap_or_else(|e| e.into_inner()) = Some(file);
+        s.fresh.store(true, Ordering::Release);
+        let me = self.clone();
+        Ok(Some(tokio::spawn(async move {
+            let mut warned = false;
+            loop {
+                tokio::time::sleep(REFRESH).await;
+                let Backend::Shared(s) = &me.backend else { return };
+                match me.fetch(s).await {
+                    Ok((file, _)) => {
+                        *s.cache.write().unwrap_or_else(|e| e.into_inner()) = Some(file);
+                        warned = false;
+                    }
+                    Err(e) if !warned => {
+                        tracing::warn!("re-reading projects and tokens: {e}; using the last copy");
+                        warned = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        })))
+    }
+
+    /// The shared object and its version.
+    async fn fetch(&self, s: &SharedAuth) -> Result<(AuthFile, Option<UpdateVersion>), AuthError> {
+        match s.store.store().get(&s.object).await {
+            Ok(r) => {
+                let version = UpdateVersion { e_tag: r.meta.e_tag.clone(), version: r.meta.version.clone() };
+                let bytes = r.bytes().await.map_err(|e| self.err(e))?;
+                let file = serde_json::from_slice(&bytes).map_err(|e| self.err(format!("corrupt: {e}")))?;
+                Ok((file, Some(version)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok((AuthFile::default(), None)),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// The current contents (re-read when the file changed; a shared store's last copy).
     pub fn load(&self) -> Result<AuthFile, AuthError> {
+        let cache = match &self.backend {
+            Backend::File { cache } => cache,
+            Backend::Shared(s) => {
+                if s.fresh.load(Ordering::Acquire) {
+                    if let Some(f) = s.cache.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                        return Ok(f.clone());
+                    }
+                }
+                let (file, _) = block_on(self.fetch(s))?;
+                *s.cache.write().unwrap_or_else(|e| e.into_inner()) = Some(file.clone());
+                return Ok(file);
+            }
+        };
         let mtime = fs::metadata(&self.path).and_then(|m| m.modified()).ok();
         {
-            let c = self.cache.read().unwrap_or_else(|e| e.into_inner());
+            let c = cache.read().unwrap_or_else(|e| e.into_inner());
             if c.0 == mtime && mtime.is_some() {
                 return Ok(c.1.clone());
             }
@@ -197,12 +325,47 @@ impl AuthStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => AuthFile::default(),
             Err(e) => return Err(self.err(e)),
         };
-        *self.cache.write().unwrap_or_else(|e| e.into_inner()) = (mtime, file.clone());
+        *cache.write().unwrap_or_else(|e| e.into_inner()) = (mtime, file.clone());
         Ok(file)
     }
 
-    /// Change the store under an exclusive lock, writing it atomically.
-    fn update<T>(&self, f: impl FnOnce(&mut AuthFile) -> Result<T, AuthError>) -> Result<T, AuthError> {
+    /// Change the store: a file under an exclusive lock, written atomically; a shared
+    /// object with a conditional write, `f` applied again to the newer version when another
+    /// writer came first.
+    fn update<T: Send>(&self, f: impl FnMut(&mut AuthFile) -> Result<T, AuthError> + Send) -> Result<T, AuthError> {
+        match &self.backend {
+            Backend::File { .. } => self.update_file(f),
+            Backend::Shared(s) => block_on(self.update_shared(s, f)),
+        }
+    }
+
+    async fn update_shared<T>(&self, s: &SharedAuth, mut f: impl FnMut(&mut AuthFile) -> Result<T, AuthError>) -> Result<T, AuthError> {
+        for _ in 0..20 {
+            let (mut file, version) = self.fetch(s).await?;
+            let out = f(&mut file)?;
+            let bytes = serde_json::to_vec_pretty(&file).map_err(|e| self.err(e))?;
+            let mode = match version {
+                Some(v) => PutMode::Update(v),
+                None => PutMode::Create,
+            };
+            let put = s.store.store().put_opts(&s.object, PutPayload::from(bytes.clone()), PutOptions { mode, ..Default::default() }).await;
+            match put {
+                Ok(_) => {}
+                // Another writer came first: apply the change to what it wrote.
+                Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => continue,
+                // A store without conditional writes: the last writer wins.
+                Err(object_store::Error::NotImplemented { .. }) => {
+                    s.store.store().put(&s.object, PutPayload::from(bytes)).await.map_err(|e| self.err(e))?;
+                }
+                Err(e) => return Err(self.err(e)),
+            }
+            *s.cache.write().unwrap_or_else(|e| e.into_inner()) = Some(file);
+            return Ok(out);
+        }
+        Err(self.err("too many concurrent changes; try again"))
+    }
+
+    fn update_file<T>(&self, mut f: impl FnMut(&mut AuthFile) -> Result<T, AuthError>) -> Result<T, AuthError> {
         if let Some(dir) = self.path.parent() {
             fs::create_dir_all(dir).map_err(|e| self.err(e))?;
         }
@@ -384,6 +547,78 @@ fn add_token(f: &mut AuthFile, project: &str, name: &str) -> Result<String, std:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shared_pair() -> (AuthStore, AuthStore, Arc<object_store::memory::InMemory>, tempfile::TempDir) {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let shared = SharedStore::new(store.clone(), "fleet", "s3://bucket/fleet");
+        let roots = tempfile::tempdir().unwrap();
+        let a = AuthStore::open(&roots.path().join("a"), Some(&shared));
+        let b = AuthStore::open(&roots.path().join("b"), Some(&shared));
+        (a, b, store, roots)
+    }
+
+    #[test]
+    fn a_fleets_nodes_read_one_set_of_projects_and_tokens() {
+        let (a, b, store, roots) = shared_pair();
+        let token = a.create_project("web", "alice").unwrap();
+        assert_eq!(b.authenticate(Some(&token), None, false).unwrap().project, "web", "created on A, valid on B");
+        let bob = b.create_token("web", "bob").unwrap();
+        assert_eq!(a.authenticate(Some(&bob), None, false).unwrap().who, "bob");
+        b.revoke("alice", None).unwrap();
+        assert!(matches!(a.authenticate(Some(&token), None, false), Err(AuthError::Revoked { .. })), "revoked on B, refused on A");
+        assert!(!roots.path().join("a/auth.json").exists(), "nothing on a node's disk");
+        let raw = futures::executor::block_on(async {
+            store.get(&object_store::path::Path::from("fleet/auth.json")).await.unwrap().bytes().await.unwrap()
+        });
+        let raw = String::from_utf8(raw.to_vec()).unwrap();
+        assert!(!raw.contains(&token) && !raw.contains(&bob), "only hashes are stored");
+    }
+
+    #[test]
+    fn concurrent_changes_from_several_nodes_are_all_kept() {
+        let (a, b, _store, _roots) = shared_pair();
+        a.create_project("web", "first").unwrap();
+        let tokens: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let node = if i % 2 == 0 { &a } else { &b };
+                    s.spawn(move || node.create_token("web", &format!("t{i}")).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for t in &tokens {
+            a.authenticate(Some(t), None, false).unwrap();
+        }
+        assert_eq!(b.load().unwrap().tokens.len(), 9);
+    }
+
+    #[tokio::test]
+    async fn the_first_node_of_a_fleet_brings_its_projects_and_tokens() {
+        let roots = tempfile::tempdir().unwrap();
+        let token = AuthStore::new(roots.path()).create_project("web", "alice").unwrap();
+        let shared = SharedStore::new(Arc::new(object_store::memory::InMemory::new()), "", "s3://bucket");
+        let node = Arc::new(AuthStore::open(roots.path(), Some(&shared)));
+        let refresh = node.keep_fresh().await.unwrap().unwrap();
+        refresh.abort();
+        let other = AuthStore::open(&roots.path().join("elsewhere"), Some(&shared));
+        assert_eq!(other.authenticate(Some(&token), None, false).unwrap().project, "web");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_kept_fresh_learns_of_a_revocation_within_seconds() {
+        let (a, b, _store, _roots) = shared_pair();
+        let token = a.create_project("web", "alice").unwrap();
+        let b = Arc::new(b);
+        let _refresh = b.keep_fresh().await.unwrap().expect("a shared store is refreshed");
+        assert!(b.authenticate(Some(&token), None, false).is_ok());
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || a.revoke("alice", None).unwrap()).await.unwrap();
+        while b.authenticate(Some(&token), None, false).is_ok() {
+            assert!(started.elapsed() < REFRESH * 3, "the revocation did not reach node B");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     #[test]
     fn tokens_authenticate_their_project_only() {

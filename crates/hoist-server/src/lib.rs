@@ -47,6 +47,9 @@ pub enum ServeError {
     /// A TLS file could not be read, or the TLS configuration was refused.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The fleet's projects and tokens cannot be read from the shared store.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }
 
 /// TLS files of the server.
@@ -121,7 +124,10 @@ pub async fn serve(
     let service = BuilderService::new(engine, opts.insecure_registries.clone(), trusted)
         .with_platforms(opts.platforms.clone())
         .with_entitlements(opts.entitlements.clone());
-    // A revoked token's builds and exports end within a second.
+    // A fleet's projects and tokens are read now and then every few seconds.
+    let refresh = service.auth().keep_fresh().await?;
+    let _stop_refresh = refresh.map(AbortOnDrop);
+    // A revoked token's builds and exports end within a second (of this node learning it).
     let enforcer = service.clone();
     let revocations = tokio::spawn(async move {
         loop {

@@ -66,7 +66,7 @@ impl BuilderService {
     /// A service over `engine`. `trusted`: accept requests without a token (only for the
     /// embedded builder's unix socket, which only its owner can open).
     pub fn new(engine: Engine, insecure_registries: Vec<String>, trusted: bool) -> BuilderService {
-        let auth = Arc::new(AuthStore::new(engine.root()));
+        let auth = Arc::new(AuthStore::open(engine.root(), engine.shared().map(|t| t.store())));
         BuilderService {
             engine,
             contexts: Arc::new(Mutex::new(HashMap::new())),
@@ -90,6 +90,11 @@ impl BuilderService {
     pub fn with_entitlements(mut self, entitlements: BTreeSet<Entitlement>) -> BuilderService {
         self.entitlements.extend(entitlements);
         self
+    }
+
+    /// The projects and tokens the service authenticates with.
+    pub fn auth(&self) -> &Arc<AuthStore> {
+        &self.auth
     }
 
     /// End what revoked tokens are doing: their running builds are cancelled and their

@@ -147,6 +147,11 @@ impl SharedStore {
         &self.name
     }
 
+    /// The directory of a `file://` store.
+    pub fn local_dir(&self) -> Option<std::path::PathBuf> {
+        self.name.strip_prefix("file://").map(std::path::PathBuf::from)
+    }
+
     /// The object store itself.
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
