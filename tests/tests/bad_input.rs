@@ -60,6 +60,11 @@ fn ctrl_c_during_a_run_kills_the_step_and_cleans_up() {
         }
     }
     let sleep_cmd = format!("sleep 3{}", std::process::id() % 100 + 300);
+    // The shell printed the marker; it starts `sleep` next (a moment later on a busy machine).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while processes_with(&sleep_cmd).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(!processes_with(&sleep_cmd).is_empty(), "the step's process runs");
     Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let t = Instant::now();
