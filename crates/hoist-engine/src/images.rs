@@ -321,7 +321,12 @@ async fn pull_one(
 ) -> Result<(), ImageError> {
     let store = engine.store().clone();
     if !store.contains(&desc.digest) {
-        engine.inner.images.fetch_blob(&registry, &reference, &desc.digest, &store).await?;
+        // Another node of the fleet may have pulled it: its bytes come from the shared tier.
+        let blob = crate::shared::BlobDesc { digest: desc.digest.clone(), size: desc.size, media_type: desc.media_type.clone() };
+        if !engine.base_blob_from_shared(&blob).await {
+            engine.inner.images.fetch_blob(&registry, &reference, &desc.digest, &store).await?;
+            engine.share_base_blob(blob).await;
+        }
     }
     unpack_layer(&engine, record, &diff_id).await
 }

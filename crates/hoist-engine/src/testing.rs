@@ -304,10 +304,15 @@ impl TestEngine {
     /// A fresh engine with default limits and `shared` as its shared tier (a fleet's nodes
     /// are engines with one store, e.g. `object_store`'s `InMemory`).
     pub fn with_shared(shared: Option<crate::shared::SharedStore>) -> TestEngine {
+        Self::with_shared_images(shared, Arc::new(MemoryImages::new()))
+    }
+
+    /// As [`TestEngine::with_shared`], with base images from `images` (one "registry" for
+    /// the nodes of a fleet).
+    pub fn with_shared_images(shared: Option<crate::shared::SharedStore>, images: Arc<MemoryImages>) -> TestEngine {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mounter = Arc::new(CopyMounter::new());
         let executor = Arc::new(FakeExecutor::new());
-        let images = Arc::new(MemoryImages::new());
         let clock = Arc::new(ManualClock::at(1_000_000));
         let config = EngineConfig {
             root: dir.path().join("state"),

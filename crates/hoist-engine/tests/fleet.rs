@@ -266,3 +266,22 @@ async fn the_first_result_of_a_key_stays_so_every_later_reader_gets_one_image() 
     assert_eq!((third.steps_cached, fourth.steps_cached), (4, 4));
     assert_eq!(third.images[0].config_digest, fourth.images[0].config_digest, "one image for everyone after the race");
 }
+
+#[tokio::test]
+async fn a_base_image_one_node_pulled_comes_to_the_others_from_the_shared_tier() {
+    let store = Arc::new(Watched::default());
+    let registry = Arc::new(hoist_engine::testing::MemoryImages::new());
+    registry.add("base:1", &[&[("etc/os", "base")], &[("etc/more", "more")]], &[]);
+    let node = || TestEngine::with_shared_images(Some(SharedStore::new(store.clone(), "team", "memory://team")), registry.clone());
+    let (a, b) = (node(), node());
+    let dockerfile = "FROM base:1\nRUN cat /etc/os; write /x 1\n";
+    let (first, _) = build(&a, dockerfile).await;
+    assert_eq!(registry.fetched().len(), 2, "node A pulled both layers");
+    a.engine.flush_shared().await;
+    let (second, _) = build(&b, dockerfile).await;
+    assert_eq!(registry.fetched().len(), 2, "node B pulled nothing from the registry");
+    assert_eq!(second.images[0].config_digest, first.images[0].config_digest);
+    for d in second.images[0].diff_ids() {
+        assert!(b.engine.snapshots().has_layer(d), "layer {d} is on node B");
+    }
+}

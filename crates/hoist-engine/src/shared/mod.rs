@@ -410,6 +410,22 @@ impl SharedTier {
         Ok(())
     }
 
+    /// Put blob `blob` into `content` from the store if the store has it (a base image
+    /// layer another node pulled); false when it has not, or fails (warned about once).
+    pub async fn try_fetch_blob(&self, blob: &BlobDesc, content: &ContentStore) -> bool {
+        if self.is_down() {
+            return false;
+        }
+        match self.fetch_blob(blob, content).await {
+            Ok(()) => true,
+            Err(SharedError::Store(object_store::Error::NotFound { .. })) => false,
+            Err(e) => {
+                self.failed(&e);
+                false
+            }
+        }
+    }
+
     /// Upload blob `blob` from `content` unless the store has it (create-if-absent: a blob
     /// another node wrote first stays as it is).
     pub async fn put_blob(&self, blob: &BlobDesc, content: &ContentStore) -> Result<(), SharedError> {

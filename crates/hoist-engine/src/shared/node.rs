@@ -36,6 +36,23 @@ impl Engine {
             .await;
     }
 
+    /// Put base image blob `blob` into the content store from the shared tier, when another
+    /// node pulled it; false when this node must pull it itself.
+    pub(crate) async fn base_blob_from_shared(&self, blob: &BlobDesc) -> bool {
+        match self.shared() {
+            Some(tier) => tier.try_fetch_blob(blob, self.store()).await,
+            None => false,
+        }
+    }
+
+    /// Queue base image blob `blob` (pulled from its registry) for the shared tier, so other
+    /// nodes need not pull it.
+    pub(crate) async fn share_base_blob(&self, blob: BlobDesc) {
+        let Some(tier) = self.shared().cloned() else { return };
+        let engine = self.clone();
+        tier.clone().write_behind(async move { tier.put_blob(&blob, engine.store()).await }).await;
+    }
+
     /// Make `entry` (found in the shared tier) usable here: its layer fetched and extracted
     /// unless this node has it. Concurrent imports of one layer (and pulls of it) run once.
     pub(crate) async fn import_entry(&self, entry: &Entry) -> Result<(), EngineError> {
