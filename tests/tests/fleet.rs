@@ -65,6 +65,18 @@ fn a_teammate_routed_to_another_node_gets_every_step_from_the_shared_store_and_t
     let image = std::fs::read_to_string(&b_iid).unwrap();
     let out = docker_ok(&["run", "--rm", image.trim(), "cat", "/both"]);
     assert_eq!(out, "hello fleet\none\n");
+
+    // `hoist cache du` tells both tiers apart; a reset empties the project's share of both.
+    let du = alice.cmd().args(["cache", "du"]).output().unwrap();
+    let du = String::from_utf8_lossy(&du.stdout).into_owned();
+    assert!(du.contains(&format!("shared store:   {url}")), "{du}");
+    assert!(du.contains("entries:      3 "), "{du}");
+    let reset = alice.cmd().args(["cache", "reset"]).output().unwrap();
+    assert!(reset.status.success(), "{}", String::from_utf8_lossy(&reset.stderr));
+    assert!(String::from_utf8_lossy(&reset.stdout).contains("entries:      0 "));
+    assert!(!objects(store.path()).iter().any(|p| p.starts_with("ac/web/")), "{:?}", objects(store.path()));
+    let after = alice.build_ok(&[a_dir.path().to_str().unwrap()]);
+    assert_eq!(count_before(&after, "steps run"), 3, "node A's own cache was reset too: {after}");
 }
 
 #[test]

@@ -262,6 +262,13 @@ fn print_usage(u: &v1::CacheUsageReply) {
     if u.freed_bytes > 0 {
         println!("freed:          {}", human_bytes(u.freed_bytes));
     }
+    if !u.shared_store.is_empty() {
+        println!("shared store:   {}", u.shared_store);
+        println!("  entries:      {} ({} of blobs)", u.shared_entries, human_bytes(u.shared_bytes));
+        if u.shared_freed_bytes > 0 {
+            println!("  freed:        {}", human_bytes(u.shared_freed_bytes));
+        }
+    }
 }
 
 pub async fn cache(cmd: CacheCmd) -> anyhow::Result<()> {

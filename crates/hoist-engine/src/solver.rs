@@ -655,6 +655,9 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
     let engine = &b.engine;
     if !b.req.no_cache {
         if let Some(rec) = local_record(b, &op_key).map_err(|e| step_error(b, step, e))? {
+            if let Some(tier) = engine.shared() {
+                tier.touch(&b.req.namespace, &op_key).await;
+            }
             b.touched.lock().unwrap_or_else(|e| e.into_inner()).push(op_key);
             state.key = next_key;
             return Ok((rec.diff_id, true, rec.created));
@@ -666,6 +669,9 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
                     let rec =
                         StepRecord { diff_id: entry.diff_id, created: entry.created, last_used: engine.index().now(), size: entry.size };
                     engine.index().put_step_record(&b.req.namespace, &op_key, &rec).map_err(|e| step_error(b, step, e))?;
+                    if let Some(tier) = engine.shared() {
+                        tier.touch(&b.req.namespace, &op_key).await;
+                    }
                     state.key = next_key;
                     return Ok((rec.diff_id, true, rec.created));
                 }

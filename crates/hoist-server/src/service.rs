@@ -44,6 +44,8 @@ pub struct BuilderService {
     entitlements: BTreeSet<Entitlement>,
     /// Running builds: per-project slots, cancellation on revocation.
     running: Arc<crate::running::Running>,
+    /// When this node last collected each project's share of the shared store.
+    shared_collected: Arc<Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 fn auth_status(e: AuthError) -> Status {
@@ -77,6 +79,7 @@ impl BuilderService {
             platforms: Vec::new(),
             entitlements: if trusted { Entitlement::ALL.into() } else { BTreeSet::new() },
             running: Arc::default(),
+            shared_collected: Arc::default(),
         }
     }
 
@@ -272,7 +275,13 @@ impl Builder for BuilderService {
         let who = caller(self, &req)?;
         let keep = req.into_inner().keep_bytes;
         let freed = self.collect(&who.project, keep).await?;
-        Ok(Response::new(self.usage_reply(&who.project, freed).await?))
+        let shared_freed = match self.engine.shared() {
+            Some(t) => t.collect(&who.project, keep, SHARED_GRACE).await.map_err(|e| engine_status(e.into()))?.freed_bytes,
+            None => 0,
+        };
+        let mut reply = self.usage_reply(&who.project, freed).await?;
+        reply.shared_freed_bytes = shared_freed;
+        Ok(Response::new(reply))
     }
 
     async fn cache_reset(&self, req: Request<v1::CacheUsageRequest>) -> Result<Response<v1::CacheUsageReply>, Status> {
@@ -286,6 +295,9 @@ impl Builder for BuilderService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(engine_status)?;
+        if let Some(t) = self.engine.shared() {
+            t.reset(&who.project).await.map_err(|e| engine_status(e.into()))?;
+        }
         Ok(Response::new(self.usage_reply(&who.project, freed + context_bytes).await?))
     }
 
@@ -379,7 +391,37 @@ impl Builder for BuilderService {
     }
 }
 
+/// Blobs in the shared store younger than this are never collected: an upload whose entry
+/// is still to come, or that started during a collection.
+pub const SHARED_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How often one node collects a project's share of the shared store after its builds.
+const SHARED_COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl BuilderService {
+    /// Keep `project` under its limit in the shared store too: in the background, at most
+    /// once an hour per node (a collection reads every entry).
+    fn collect_shared_now_and_then(&self, project: &str) {
+        let Some(tier) = self.engine.shared().cloned() else { return };
+        {
+            let mut last = self.shared_collected.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            if last.get(project).is_some_and(|t| now.duration_since(*t) < SHARED_COLLECT_EVERY) {
+                return;
+            }
+            last.insert(project.to_string(), now);
+        }
+        let (project, limit) = (project.to_string(), self.auth.limit_of(project));
+        tokio::spawn(async move {
+            match tier.collect(&project, limit, SHARED_GRACE).await {
+                Ok(c) if c.entries > 0 => {
+                    tracing::info!("shared store: project {project}: removed {} entries, {} bytes", c.entries, c.freed_bytes)
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("collecting project {project} in the shared store: {e}"),
+            }
+        });
+    }
+
     async fn usage_reply(&self, project: &str, freed: u64) -> Result<v1::CacheUsageReply, Status> {
         let store = self.context_store(project)?;
         let engine = self.engine.clone();
@@ -393,6 +435,10 @@ impl BuilderService {
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(engine_status)?;
+        let shared = match self.engine.shared() {
+            Some(t) => Some((t.store().name().to_string(), t.usage(project).await.map_err(|e| engine_status(e.into()))?)),
+            None => None,
+        };
         Ok(v1::CacheUsageReply {
             project: project.to_string(),
             layers: u.layers,
@@ -406,6 +452,10 @@ impl BuilderService {
             build_records: builds,
             build_log_bytes: log_bytes,
             total_bytes: u.layer_bytes + u.cache_mount_bytes + context_bytes + log_bytes,
+            shared_store: shared.as_ref().map(|(name, _)| name.clone()).unwrap_or_default(),
+            shared_entries: shared.as_ref().map_or(0, |(_, u)| u.entries),
+            shared_bytes: shared.as_ref().map_or(0, |(_, u)| u.bytes()),
+            shared_freed_bytes: 0,
         })
     }
 
@@ -861,6 +911,7 @@ impl BuilderService {
         if let Err(e) = self.collect(&who.project, self.auth.limit_of(&who.project)).await {
             tracing::warn!("collecting project {}: {}", who.project, e.message());
         }
+        self.collect_shared_now_and_then(&who.project);
         result
     }
 

@@ -204,6 +204,8 @@ pub struct SharedTier {
     store: SharedStore,
     /// `project\0key` → when it was found missing.
     missing: Mutex<HashMap<String, Instant>>,
+    /// `project\0key` → when this node last marked it used ([`SharedTier::touch`]).
+    touched: Mutex<HashMap<String, Instant>>,
     /// Set when the store failed: until then, nothing is asked of it.
     down_until: Mutex<Option<Instant>>,
     queue: Arc<Semaphore>,
@@ -229,6 +231,7 @@ impl SharedTier {
         SharedTier {
             store,
             missing: Mutex::default(),
+            touched: Mutex::default(),
             down_until: Mutex::default(),
             queue: Arc::new(Semaphore::new(QUEUE)),
             uploads: Semaphore::new(UPLOADS),
@@ -534,12 +537,175 @@ impl SharedTier {
         }
     }
 
-    /// Every entry key of project `ns` in the store.
-    pub async fn entry_keys(&self, ns: &str) -> Result<Vec<String>, SharedError> {
-        let prefix = self.store.path(["ac", ns]);
-        let metas: Vec<_> = self.store.store.list(Some(&prefix)).try_collect().await?;
-        Ok(metas.into_iter().filter_map(|m| m.location.filename().map(str::to_string)).collect())
+    /// Mark entry `key` of project `ns` as used now (its object rewritten, so the store's
+    /// time of it is its last use), at most once a [`TOUCH_EVERY`] per node: collection
+    /// keeps what builds use. Queued behind the build.
+    pub async fn touch(self: &Arc<Self>, ns: &str, key: &str) {
+        let id = Self::missing_key(ns, key);
+        {
+            let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if touched.get(&id).is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY) {
+                return;
+            }
+            touched.insert(id, now);
+        }
+        let (tier, path) = (self.clone(), self.store.entry_path(ns, key));
+        self.write_behind(async move {
+            let old = match tier.store.store.head(&path).await {
+                Ok(meta) => meta,
+                Err(object_store::Error::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(SharedError::from(e)),
+            };
+            let age = chrono::Utc::now().signed_duration_since(old.last_modified);
+            if age.to_std().is_ok_and(|a| a < TOUCH_EVERY) {
+                return Ok(());
+            }
+            let bytes = tier.store.store.get(&path).await?.bytes().await?;
+            tier.requests.entry_puts.fetch_add(1, Ordering::Relaxed);
+            tier.store.store.put(&path, PutPayload::from(bytes)).await?;
+            Ok(())
+        })
+        .await;
     }
+
+    /// The entries of project `ns` (newest use first) with their store times; entries that
+    /// do not parse are left out.
+    async fn entries(&self, ns: &str) -> Result<Vec<(object_store::ObjectMeta, Entry)>, SharedError> {
+        let prefix = self.store.path(["ac", ns]);
+        let metas: Vec<object_store::ObjectMeta> = self.store.store.list(Some(&prefix)).try_collect().await?;
+        let read: Vec<Result<Option<(object_store::ObjectMeta, Entry)>, SharedError>> = futures::stream::iter(metas)
+            .map(|m| async move {
+                self.requests.entry_gets.fetch_add(1, Ordering::Relaxed);
+                let bytes = match self.store.store.get(&m.location).await {
+                    Ok(r) => r.bytes().await?,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                };
+                Ok(serde_json::from_slice::<Entry>(&bytes).ok().map(|e| (m, e)))
+            })
+            .buffer_unordered(LOOKUP_PARALLEL)
+            .collect()
+            .await;
+        let mut out: Vec<_> = read.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().flatten().collect();
+        out.sort_by(|a, b| b.0.last_modified.cmp(&a.0.last_modified));
+        Ok(out)
+    }
+
+    /// Project `ns`'s share of the store: its entries and the distinct blobs they name.
+    pub async fn usage(&self, ns: &str) -> Result<SharedUsage, SharedError> {
+        let mut u = SharedUsage::default();
+        for (_, e) in self.entries(ns).await? {
+            u.entries += 1;
+            if let Some(b) = e.blob {
+                u.blobs.insert(b.digest, b.size);
+            }
+        }
+        Ok(u)
+    }
+
+    /// Bring project `ns` under `limit` bytes of blobs in the store: its least recently used
+    /// entries go first; then blobs no entry of any project names and older than `grace`
+    /// (an upload whose entry is not written yet, or that started during collection, stays).
+    pub async fn collect(&self, ns: &str, limit: u64, grace: Duration) -> Result<SharedCollected, SharedError> {
+        let started = chrono::Utc::now();
+        let mut out = SharedCollected::default();
+        let mut kept = SharedUsage::default();
+        let mut doomed = Vec::new();
+        for (meta, e) in self.entries(ns).await? {
+            let extra = e.blob.as_ref().filter(|b| !kept.blobs.contains_key(&b.digest)).map_or(0, |b| b.size);
+            if kept.bytes() + extra <= limit {
+                kept.entries += 1;
+                if let Some(b) = e.blob {
+                    kept.blobs.insert(b.digest, b.size);
+                }
+            } else {
+                doomed.push(meta.location);
+            }
+        }
+        out.entries = doomed.len() as u64;
+        self.delete_all(doomed).await?;
+        out.freed_bytes = self.sweep_blobs(started, grace).await?;
+        Ok(out)
+    }
+
+    /// Remove every entry of project `ns` (their blobs go with the next sweep of any
+    /// collection, when no other project names them); returns how many.
+    pub async fn reset(&self, ns: &str) -> Result<u64, SharedError> {
+        let prefix = self.store.path(["ac", ns]);
+        let metas: Vec<object_store::ObjectMeta> = self.store.store.list(Some(&prefix)).try_collect().await?;
+        let n = metas.len() as u64;
+        self.delete_all(metas.into_iter().map(|m| m.location).collect()).await?;
+        Ok(n)
+    }
+
+    async fn delete_all(&self, paths: Vec<StorePath>) -> Result<(), SharedError> {
+        let stream = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
+        let deleted: Vec<_> = self.store.store.delete_stream(stream).collect().await;
+        for d in deleted {
+            match d {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Delete blobs that no entry names and that were written before `started - grace`;
+    /// returns their bytes.
+    async fn sweep_blobs(&self, started: chrono::DateTime<chrono::Utc>, grace: Duration) -> Result<u64, SharedError> {
+        let mut named = std::collections::HashSet::new();
+        let projects = self.store.store.list_with_delimiter(Some(&self.store.path(["ac"]))).await?;
+        for p in projects.common_prefixes {
+            let Some(ns) = p.filename() else { continue };
+            for (_, e) in self.entries(ns).await? {
+                if let Some(b) = e.blob {
+                    named.insert(b.digest.hex().to_string());
+                }
+            }
+        }
+        let cutoff = started - chrono::Duration::from_std(grace).unwrap_or_default();
+        let blobs: Vec<object_store::ObjectMeta> = self.store.store.list(Some(&self.store.path(["cas"]))).try_collect().await?;
+        let mut freed = 0;
+        let mut doomed = Vec::new();
+        for b in blobs {
+            let unnamed = b.location.filename().is_some_and(|hex| !named.contains(hex));
+            if unnamed && b.last_modified < cutoff {
+                freed += b.size;
+                doomed.push(b.location);
+            }
+        }
+        self.delete_all(doomed).await?;
+        Ok(freed)
+    }
+}
+
+/// How often a node marks an entry it uses as used.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// A project's share of the shared tier.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedUsage {
+    /// Entries (step results).
+    pub entries: u64,
+    /// Distinct blobs the entries name, with their sizes.
+    pub blobs: std::collections::BTreeMap<Digest, u64>,
+}
+
+impl SharedUsage {
+    /// Bytes of the blobs.
+    pub fn bytes(&self) -> u64 {
+        self.blobs.values().sum()
+    }
+}
+
+/// What a collection of the shared tier removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedCollected {
+    /// Entries removed.
+    pub entries: u64,
+    /// Bytes of the blobs removed.
+    pub freed_bytes: u64,
 }
 
 /// Why a write behind a build failed: the store (back off), or the local side.
@@ -648,6 +814,51 @@ mod tests {
         t.put_blob(&blob, &content).await.unwrap();
         let got = t.store().store().get(&t.store().blob_path(&digest)).await.unwrap().bytes().await.unwrap();
         assert_eq!(Digest::of(&got), digest);
+    }
+
+    #[tokio::test]
+    async fn collection_keeps_the_recently_used_and_blobs_that_are_named_or_new() {
+        let (t, _d, content) = tier();
+        let mut blobs = Vec::new();
+        for (i, key) in ["old", "mid", "new"].iter().enumerate() {
+            let bytes = vec![i as u8; 100];
+            let digest = content.put(&bytes).unwrap();
+            let blob = BlobDesc { digest, size: 100, media_type: "gzip".into() };
+            t.put_blob(&blob, &content).await.unwrap();
+            t.put_entry("web", key, &Entry { diff_id: Some(Digest::of(&bytes)), blob: Some(blob.clone()), created: 1, size: 100 })
+                .await
+                .unwrap();
+            blobs.push(blob);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Another project names the oldest blob too.
+        t.put_entry("api", "k", &Entry { diff_id: None, blob: Some(blobs[0].clone()), created: 1, size: 100 }).await.unwrap();
+        // "mid" was used lately: it is newer than "new" now.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mid = t.store().entry_path("web", "mid");
+        let bytes = t.store().store().get(&mid).await.unwrap().bytes().await.unwrap();
+        t.store().store().put(&mid, PutPayload::from(bytes)).await.unwrap();
+        assert_eq!(t.usage("web").await.unwrap().bytes(), 300);
+
+        let done = t.collect("web", 200, Duration::ZERO).await.unwrap();
+        assert_eq!(done.entries, 1);
+        let u = t.usage("web").await.unwrap();
+        assert_eq!((u.entries, u.bytes()), (2, 200));
+        let found = t.lookup("web", &["old", "mid", "new"].map(String::from), &|_| false).await;
+        assert!(found.hits.contains_key("mid") && found.hits.contains_key("new") && !found.hits.contains_key("old"));
+        assert!(t.has_blob(&blobs[0].digest).await.unwrap(), "another project names it");
+
+        // A blob nobody names goes, unless it is younger than the grace period (an upload
+        // whose entry comes next).
+        let orphan = BlobDesc { digest: content.put(b"orphan").unwrap(), size: 6, media_type: "gzip".into() };
+        t.put_blob(&orphan, &content).await.unwrap();
+        t.collect("web", 200, Duration::from_secs(3600)).await.unwrap();
+        assert!(t.has_blob(&orphan.digest).await.unwrap(), "within the grace period");
+        assert_eq!(t.reset("api").await.unwrap(), 1);
+        let done = t.collect("web", 200, Duration::ZERO).await.unwrap();
+        assert_eq!(done.freed_bytes, 106, "the orphan and the blob no project names any more");
+        assert!(!t.has_blob(&blobs[0].digest).await.unwrap());
+        assert!(t.has_blob(&blobs[2].digest).await.unwrap());
     }
 
     #[tokio::test]
