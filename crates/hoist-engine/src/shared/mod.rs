@@ -588,7 +588,7 @@ impl SharedTier {
             .collect()
             .await;
         let mut out: Vec<_> = read.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().flatten().collect();
-        out.sort_by(|a, b| b.0.last_modified.cmp(&a.0.last_modified));
+        out.sort_by_key(|(m, _)| std::cmp::Reverse(m.last_modified));
         Ok(out)
     }
 
