@@ -117,3 +117,29 @@ fn a_token_made_on_one_node_works_on_the_others_and_its_revocation_reaches_them(
         }
     }
 }
+
+/// The builder image's Dockerfile (packaging/builder) builds with hoist itself, and its
+/// entrypoint runs `hoist serve` with its state in the volume. The lab's base image has no
+/// glibc for the real binary, so a script stands in for it and reports how it was started.
+#[test]
+fn the_builder_image_builds_with_hoist_and_starts_hoist_serve() {
+    if !lab_available() {
+        return;
+    }
+    let dockerfile =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/builder/Dockerfile")).unwrap();
+    let stand_in = "#!/bin/sh\necho \"started: hoist $* root=$HOIST_ROOT\"\n";
+    let dir = context(&[("Dockerfile", &dockerfile), ("hoist", stand_in)]);
+    std::fs::set_permissions(dir.path().join("hoist"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let tag = unique("hoist-builder");
+    let h = Hoist::new();
+    h.build_ok(&["--build-arg", &format!("BASE={}", busybox()), "-t", &tag, "--load", dir.path().to_str().unwrap()]);
+    let out = docker_ok(&["run", "--rm", &tag]);
+    assert_eq!(
+        out.trim(),
+        "started: hoist serve --listen tcp://0.0.0.0:7420 --tls-cert /etc/hoist/tls/cert.pem --tls-key /etc/hoist/tls/key.pem root=/var/lib/hoist"
+    );
+    let volumes = docker_ok(&["image", "inspect", "--format", "{{json .Config.Volumes}}", &tag]);
+    assert!(volumes.contains("/var/lib/hoist"), "{volumes}");
+    let _ = docker().args(["rmi", &tag]).output();
+}
