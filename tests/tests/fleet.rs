@@ -143,3 +143,46 @@ fn the_builder_image_builds_with_hoist_and_starts_hoist_serve() {
     assert!(volumes.contains("/var/lib/hoist"), "{volumes}");
     let _ = docker().args(["rmi", &tag]).output();
 }
+
+/// Ten teammates at once, five per node, build one project with shared steps: every build
+/// succeeds, each node's builds agree, and afterwards a node that joins gets one result per
+/// step (the first one written), whichever node wrote it.
+#[test]
+fn ten_concurrent_builds_across_two_nodes_all_succeed_and_leave_one_result_per_step() {
+    if !lab_available() {
+        return;
+    }
+    let store = tempfile::Builder::new().prefix("fleet-store-").tempdir_in(test_tmp()).unwrap();
+    let url = format!("file://{}", store.path().display());
+    let nodes = [Server::start_with(&["--cache-store", &url]), Server::start_with(&["--cache-store", &url])];
+    let token = fleet_admin(&url, &["project", "create", "web", "--token-name", "team"]);
+    let dockerfile =
+        format!("FROM {}\nRUN echo base > /base\nCOPY app.txt /app/\nRUN sleep 1 && cat /app/app.txt /base > /both\n", busybox());
+    let files = [("Dockerfile", dockerfile.as_str()), ("app.txt", "ten at once\n")];
+    let ids: Vec<(usize, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|i| {
+                let (node, files, token) = (&nodes[i % 2], &files, &token);
+                s.spawn(move || {
+                    let dir = context(files);
+                    let iid = dir.path().join("iid");
+                    Teammate::new(node, token).build_ok(&["--iidfile", iid.to_str().unwrap(), dir.path().to_str().unwrap()]);
+                    (i % 2, std::fs::read_to_string(iid).unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for n in 0..2 {
+        let on: Vec<&String> = ids.iter().filter(|(k, _)| *k == n).map(|(_, id)| id).collect();
+        assert!(on.windows(2).all(|w| w[0] == w[1]), "node {n}'s builds differ: {on:?}");
+    }
+    // Whatever raced, the store holds one entry per step and a new node gets all of them.
+    let entries = objects(store.path()).into_iter().filter(|p| p.starts_with("ac/web/")).count();
+    assert_eq!(entries, 3);
+    let late = Server::start_with(&["--cache-store", &url]);
+    let dir = context(&files);
+    let out = Teammate::new(&late, &token).build_ok(&[dir.path().to_str().unwrap()]);
+    assert_eq!(count_before(&out, "steps run"), 0, "{out}");
+    assert_eq!(count_before(&out, "containers"), 0, "{out}");
+}

@@ -488,13 +488,17 @@ impl ContextStore {
         Ok(())
     }
 
-    /// Whether a prepared context asked the client for blob `digest` and the store still
-    /// lacks it: an upload of anything else is refused, so a client cannot fill the disk
-    /// with content no build of it needs.
-    pub fn expects(&self, digest: &str) -> bool {
+    /// Whether a prepared context asked the client for blob `digest`: an upload of anything
+    /// else is refused, so a client cannot fill the disk with content no build of it needs.
+    /// (It may have arrived since, from another client asked for it too.)
+    pub fn asked_for(&self, digest: &str) -> bool {
         let Ok(d) = digest.parse::<Digest>() else { return false };
-        let asked = self.pending.lock().unwrap_or_else(|e| e.into_inner()).values().any(|p| p.asked.contains(&d));
-        asked && !self.blobs.contains(&d)
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).values().any(|p| p.asked.contains(&d))
+    }
+
+    /// Whether the store has blob `digest`.
+    pub fn has_blob(&self, digest: &str) -> bool {
+        digest.parse::<Digest>().is_ok_and(|d| self.blobs.contains(&d))
     }
 
     /// Start receiving one blob.
@@ -1112,13 +1116,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
         let wanted = Digest::of(b"wanted").to_string();
-        assert!(!store.expects(&wanted), "nothing prepared yet");
+        assert!(!store.asked_for(&wanted), "nothing prepared yet");
         store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"wanted", 0o644)] }).unwrap();
-        assert!(store.expects(&wanted));
-        assert!(!store.expects(Digest::of(b"never asked").as_str()));
-        assert!(!store.expects("sha256:nonsense"));
+        assert!(store.asked_for(&wanted) && !store.has_blob(&wanted));
+        assert!(!store.asked_for(Digest::of(b"never asked").as_str()));
+        assert!(!store.asked_for("sha256:nonsense"));
         upload(&store, b"wanted");
-        assert!(!store.expects(&wanted), "not twice");
+        assert!(store.has_blob(&wanted), "a second upload (a client asked at the same time) is read and dropped");
     }
 
     /// Regression (issue 12): a setuid context file was hard-linked to its blob, so the

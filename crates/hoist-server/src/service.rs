@@ -153,7 +153,9 @@ impl Builder for BuilderService {
         let who = caller(self, &req)?;
         let store = self.context_store(&who.project)?;
         let mut stream = req.into_inner();
-        let mut current: Option<(String, hoist_oci::store::BlobWriter)> = None;
+        // The blob being received, and where it goes (`None`: another client delivered it
+        // first, so its bytes are read and dropped).
+        let mut current: Option<(String, Option<hoist_oci::store::BlobWriter>)> = None;
         let (mut blobs, mut bytes) = (0u64, 0u64);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
@@ -165,15 +167,19 @@ impl Builder for BuilderService {
             }
             if current.is_none() {
                 // Only content a prepared context asked for is stored.
-                if !store.expects(&chunk.digest) {
+                if !store.asked_for(&chunk.digest) {
                     return Err(Status::failed_precondition(format!(
                         "blob {} was not asked for: upload only the digests PrepareContext answered with",
                         chunk.digest
                     )));
                 }
-                current = Some((chunk.digest.clone(), store.blob_writer().map_err(|e| Status::internal(e.to_string()))?));
+                let writer = match store.has_blob(&chunk.digest) {
+                    true => None,
+                    false => Some(store.blob_writer().map_err(|e| Status::internal(e.to_string()))?),
+                };
+                current = Some((chunk.digest.clone(), writer));
             }
-            if let Some((_, w)) = current.as_mut() {
+            if let Some((_, Some(w))) = current.as_mut() {
                 w.write_all(&chunk.data).map_err(|e| Status::internal(format!("storing context file {}: {e}", chunk.digest)))?;
             }
             bytes += chunk.data.len() as u64;
@@ -185,7 +191,9 @@ impl Builder for BuilderService {
             }
             if chunk.last {
                 if let Some((d, w)) = current.take() {
-                    store.commit_blob(w, &d).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    if let Some(w) = w {
+                        store.commit_blob(w, &d).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    }
                     blobs += 1;
                 }
             }
