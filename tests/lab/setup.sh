@@ -6,15 +6,21 @@
 #   REG   registry address (default 127.0.0.1:5000)
 #   DOCKER_DATA_ROOT  dockerd's --data-root when this starts it (bench/fs.sh sets it)
 #   LAB_DEBIAN=1 also debootstraps debian/python/gcc images (benchmarks need them).
+#   S3    address of the S3 server (moto) for the shared cache store tests (default 127.0.0.1:9000)
+#   MOTO_VENV  where moto is installed (default /opt/hoist-moto)
 set -euo pipefail
 LAB=${LAB:-/var/lib/hoist-lab}
 REG=${REG:-127.0.0.1:5000}
+S3=${S3:-127.0.0.1:9000}
+MOTO_VENV=${MOTO_VENV:-/opt/hoist-moto}
+MOTO_VERSION=5.2.6
 mkdir -p "$LAB"
 log() { echo "[lab] $*" >&2; }
 
 # openssh-client/openssl: the ssh agent tests; iproute2/iptables: RUN's sandbox network and
-# the tests' own network namespaces; util-linux: setpriv/unshare; procps: kill/pgrep.
-pkgs="docker.io containerd runc crun buildah skopeo docker-registry qemu-user-static binfmt-support busybox-static pigz umoci jq curl apache2-utils openssh-client openssl iproute2 iptables util-linux procps bzip2 git"
+# the tests' own network namespaces; util-linux: setpriv/unshare; procps: kill/pgrep;
+# python3-venv: moto's venv (below).
+pkgs="docker.io containerd runc crun buildah skopeo docker-registry qemu-user-static binfmt-support busybox-static pigz umoci jq curl apache2-utils openssh-client openssl iproute2 iptables util-linux procps bzip2 git python3-venv"
 [ "${LAB_DEBIAN:-0}" = 1 ] && pkgs="$pkgs debootstrap"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -48,6 +54,25 @@ http: {addr: $REG}
 YML
   setsid docker-registry serve "$LAB/registry.yml" >"$LAB/registry.log" 2>&1 < /dev/null &
   for _ in $(seq 30); do curl -fsS "http://$REG/v2/" >/dev/null 2>&1 && break; sleep 0.5; done
+fi
+
+# S3 on loopback for the shared cache store tests (tests/tests/fleet_s3.rs): moto's server,
+# from PyPI into a venv once (about 10 s), pinned so the store hoist is tested against does
+# not change under it. Only S3 and the server's own needs are installed, not every
+# service's (moto[server] would be twice the time and disk). Its state is in memory: the
+# tests make their own buckets.
+moto_ok() { curl -fsS -m 5 "http://$S3/" 2>/dev/null | grep -q ListAllMyBucketsResult; }
+if [ "$("$MOTO_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("moto"))' 2>/dev/null)" != "$MOTO_VERSION" ]; then
+  log "installing moto $MOTO_VERSION in $MOTO_VENV"
+  rm -rf "$MOTO_VENV"
+  /usr/bin/python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install -q --no-cache-dir "moto[s3]==$MOTO_VERSION" flask flask-cors
+fi
+if ! moto_ok; then
+  log "starting moto (S3) on $S3"
+  setsid "$MOTO_VENV/bin/moto_server" -H "${S3%:*}" -p "${S3##*:}" >"$LAB/moto.log" 2>&1 < /dev/null &
+  for _ in $(seq 60); do moto_ok && break; sleep 0.5; done
+  moto_ok || { tail -20 "$LAB/moto.log"; exit 1; }
 fi
 
 have_image() { skopeo inspect --tls-verify=false "docker://$REG/$1" >/dev/null 2>&1; }
@@ -102,4 +127,4 @@ if [ "${LAB_DEBIAN:-0}" = 1 ]; then
   deb_image python:3.11-slim "python3"
   deb_image gcc:12 "gcc,libc6-dev,make"
 fi
-log "ready: registry http://$REG, docker $(/usr/bin/docker version -f '{{.Server.Version}}')"
+log "ready: registry http://$REG, S3 (moto $MOTO_VERSION) http://$S3, docker $(/usr/bin/docker version -f '{{.Server.Version}}')"
