@@ -7,15 +7,15 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context as _};
 use clap::Args;
-use hoist_client::build::{BuildOutcome, BuildPart};
-use hoist_client::human_bytes;
+use hoist_client::build::{BuildError, BuildErrorKind, BuildOutcome, BuildPart, StartedPart};
 use hoist_client::outputs::{finish_sinks, OutputSink, OutputSpec};
 use hoist_client::session::AgentSource;
 use hoist_client::sync::{self, SentContext};
 use hoist_client::v1;
+use hoist_client::{human_bytes, BuilderAddr};
 use hoist_dockerfile::IgnoreMatcher;
 
-use crate::conn::ConnArgs;
+use crate::conn::{addr_is_local, ConnArgs};
 use crate::progress::{Mode, Renderer};
 
 /// `hoist build [OPTIONS] PATH | -`
@@ -409,22 +409,123 @@ pub(crate) async fn sync_context(
     Ok(sent)
 }
 
+/// The connection to a builder broke during a build (the builder died, or the network went
+/// away) — not an error the builder reported: a fleet builds again on the next builder.
+#[derive(Debug)]
+pub(crate) struct Lost {
+    /// Which part of the build ran on that builder (its index in the parts given).
+    pub(crate) part: usize,
+    /// The builder.
+    pub(crate) builder: String,
+    /// What the client saw.
+    pub(crate) why: String,
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the connection to builder {} was lost during the build: {}", self.builder, self.why)
+    }
+}
+
+impl std::error::Error for Lost {}
+
+/// gRPC's UNAVAILABLE status code.
+const UNAVAILABLE: i32 = 14;
+
+/// Whether a gRPC status (its code, and its `source()`) says that the builder could not be
+/// reached or the connection to it broke, rather than that the builder reported an error:
+/// UNAVAILABLE, or any status made on this side from an error of the connection (a status
+/// the builder sent has no source).
+pub(crate) fn connection_failed(code: i32, source: Option<&(dyn std::error::Error + 'static)>) -> bool {
+    code == UNAVAILABLE || source.is_some()
+}
+
+/// How long a builder has to answer `Info` before it counts as not answering.
+pub(crate) const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why `client`'s builder does not answer now (`None`: it does).
+pub(crate) async fn not_answering(client: &mut hoist_client::Client) -> Option<String> {
+    match tokio::time::timeout(ANSWER_WITHIN, client.info(v1::InfoRequest {})).await {
+        Err(_) => Some(format!("no answer within {}s", ANSWER_WITHIN.as_secs())),
+        Ok(Ok(_)) => None,
+        Ok(Err(s)) if connection_failed(s.code().into(), std::error::Error::source(&s)) => Some(s.message().to_string()),
+        Ok(Err(_)) => None,
+    }
+}
+
+/// `e` (a failed context transfer or build start on part `part`), as [`Lost`] when the
+/// builder no longer answers.
+pub(crate) async fn lost_if_gone(e: anyhow::Error, client: &mut hoist_client::Client, part: usize, builder: &str) -> anyhow::Error {
+    match not_answering(client).await {
+        Some(why) => Lost { part, builder: builder.to_string(), why: format!("{e:#} ({why})") }.into(),
+        None => e,
+    }
+}
+
 /// Run a build's parts with the shared event loop, Ctrl-C cancelling it, then finish the
-/// outputs that outlive the stream (a load); `None` when the build was cancelled.
+/// outputs that outlive the stream (a load); `None` when the build was cancelled. A part
+/// whose connection broke (see [`connection_failed`]) or whose stream ended without a result
+/// fails the build with [`Lost`]; errors the builders report are returned as they are.
 pub(crate) async fn run_parts(
     parts: Vec<BuildPart>,
     sinks: &mut [Option<OutputSink>],
     renderer: &mut Renderer,
     mode: Mode,
 ) -> anyhow::Result<Option<Vec<v1::BuildResult>>> {
+    use futures::StreamExt as _;
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
     };
-    let outcome = hoist_client::build::build(parts, sinks, renderer, ctrl_c).await;
+    let several = parts.len() > 1;
+    let labels: Vec<String> = parts.iter().map(|p| p.label.clone()).collect();
+    // Per part: what broke its connection, if something did.
+    let mut broken = Vec::with_capacity(parts.len());
+    let mut started = Vec::with_capacity(parts.len());
+    for (k, mut p) in parts.into_iter().enumerate() {
+        match hoist_client::session::start_build(&mut p.client, p.request, p.agents, p.context).await {
+            Ok(events) => {
+                let cut = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+                let seen = cut.clone();
+                let events = events.inspect(move |item| {
+                    if let Err(s) = item {
+                        if connection_failed(s.code().into(), std::error::Error::source(s)) {
+                            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.message().to_string());
+                        }
+                    }
+                });
+                broken.push(cut);
+                started.push(StartedPart { label: p.label, client: p.client, events: Box::pin(events), outputs: p.outputs });
+            }
+            Err(e) => {
+                for s in sinks.iter_mut().flatten() {
+                    s.abort();
+                }
+                renderer.finish();
+                let e = BuildError { builder: several.then(|| p.label.clone()), kind: BuildErrorKind::Start(e) };
+                return Err(lost_if_gone(e.into(), &mut p.client, k, &p.label).await);
+            }
+        }
+    }
+    let outcome = hoist_client::build::drive(started, sinks, renderer, ctrl_c).await;
     renderer.finish();
-    match outcome? {
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            let k = e.builder.as_ref().and_then(|b| labels.iter().position(|l| l == b)).unwrap_or(0);
+            let why = match &e.kind {
+                BuildErrorKind::Closed => Some(e.kind.to_string()),
+                BuildErrorKind::Failed(_) => broken[k].lock().unwrap_or_else(|e| e.into_inner()).take(),
+                _ => None,
+            };
+            return Err(match why {
+                Some(why) => Lost { part: k, builder: labels[k].clone(), why }.into(),
+                None => e.into(),
+            });
+        }
+    };
+    match outcome {
         BuildOutcome::Cancelled => {
             eprintln!("hoist: build cancelled");
             Ok(None)
@@ -489,8 +590,27 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, sent: &SentContext
     Ok(req)
 }
 
+/// What every attempt at a build shares: the arguments, the inputs read once, the outputs
+/// and the ssh agents.
+pub(crate) struct Job<'a> {
+    /// The flags.
+    pub(crate) args: &'a BuildArgs,
+    /// Context directory and Dockerfile.
+    pub(crate) inputs: &'a Inputs,
+    /// The context's .dockerignore.
+    pub(crate) ignore: Option<&'a IgnoreMatcher>,
+    /// Every output (-o, --load, --push, --save), in that order.
+    pub(crate) outputs: &'a [OutputSpec],
+    /// The agents of `--ssh`, by id.
+    pub(crate) agents: &'a HashMap<String, AgentSource>,
+    /// How progress is shown.
+    pub(crate) mode: Mode,
+    /// When `hoist build` started (for the summary).
+    pub(crate) started: Instant,
+}
+
 /// Run `hoist build`; returns the process exit code.
-pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
+pub async fn run(mut args: BuildArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
     unsupported(&args)?;
     let mode = if args.quiet { Mode::Quiet } else { Mode::parse(&args.progress, std::io::stderr().is_terminal())? };
@@ -515,32 +635,67 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
     let inputs = read_inputs(&args)?;
     let ignore = ignore_matcher(&inputs)?;
     let agents = ssh_agents(&args)?;
+    args.conn.resolve_builders(inputs.context_dir.as_deref())?;
+    let mut addrs = args.conn.addrs()?;
+    // A builder listed twice is one builder.
+    let mut listed = std::collections::HashSet::new();
+    addrs.retain(|a| listed.insert(a.to_string()));
+    let job = Job { args: &args, inputs: &inputs, ignore: ignore.as_ref(), outputs: &outputs, agents: &agents, mode, started };
 
-    // Several builders: each platform goes to one that builds it natively.
-    if args.conn.addrs()?.len() > 1 {
-        return crate::multi::run(&args, &inputs, ignore.as_ref(), outputs, agents, mode, started).await;
+    // A fleet: each platform goes to one of its builders (crate::multi).
+    if addrs.len() > 1 {
+        return crate::multi::run(&job, addrs).await;
     }
+    let addr = addrs.into_iter().next();
+    let client = args.conn.connect_to(addr.clone(), inputs.context_dir.as_deref()).await?;
+    on_builder(&job, addr.as_ref(), client, None).await
+}
 
-    let mut client = args.conn.connect(inputs.context_dir.as_deref()).await?;
-
+/// Run the whole build on one builder (`addr`, `None`: the embedded one) through `client`;
+/// returns the exit code. `fleet`: the builder was chosen among several for these platforms
+/// (the request names them, as the platforms were routed by them; the summary names the
+/// builder). Fails with [`Lost`] when the connection to the builder breaks.
+pub(crate) async fn on_builder(
+    job: &Job<'_>,
+    addr: Option<&BuilderAddr>,
+    mut client: hoist_client::Client,
+    fleet: Option<&[hoist_engine::graph::Platform]>,
+) -> anyhow::Result<i32> {
+    let (args, inputs, outputs, mode) = (job.args, job.inputs, job.outputs, job.mode);
+    let label = addr.map(|a| a.to_string()).unwrap_or_else(|| "embedded".to_string());
     let mut renderer = Renderer::new(mode);
-    let sent = sync_context(&mut client, &inputs, ignore.as_ref(), &mut renderer, "[internal] load build context").await?;
+    let sent = match sync_context(&mut client, inputs, job.ignore, &mut renderer, "[internal] load build context").await {
+        Ok(sent) => sent,
+        Err(e) => {
+            renderer.finish();
+            return Err(lost_if_gone(e, &mut client, 0, &label).await);
+        }
+    };
     let sync_stats = sent.stats;
-    let mut req = make_request(&args, &inputs, &sent)?;
-    if args.conn.addr()?.is_none() {
+    let mut req = make_request(args, inputs, &sent)?;
+    if let Some(platforms) = fleet {
+        req.platforms = platforms.iter().map(|p| p.to_string()).collect();
+    }
+    if addr.is_none() {
         // The embedded builder is the user's own machine: the host network needs no --allow
         // (docker build --network=host needs none either). security.insecure still does.
         req.entitlements.push(hoist_engine::entitlements::Entitlement::NetworkHost.name().to_string());
     }
 
     let mut sinks: Vec<Option<OutputSink>> = Vec::new();
-    for o in &outputs {
+    for o in outputs {
         sinks.push(o.open(&args.tags).await?);
     }
-    let local_builder = args.conn.builder_is_local()?;
+    let local_builder = addr_is_local(addr);
     req.outputs = outputs.iter().zip(&sinks).map(|(o, s)| o.to_proto_for(s.as_ref(), local_builder)).collect();
-    let label = args.conn.addr()?.map(|a| a.to_string()).unwrap_or_else(|| "embedded".to_string());
-    let part = BuildPart { label, client, request: req, agents, context: sent.provider.clone(), outputs: (0..outputs.len()).collect() };
+    let part = BuildPart {
+        label: label.clone(),
+        client,
+        request: req,
+        agents: job.agents.clone(),
+        context: sent.provider.clone(),
+        outputs: (0..outputs.len()).collect(),
+    };
     let Some(results) = run_parts(vec![part], &mut sinks, &mut renderer, mode).await? else { return Ok(130) };
     let result = results.into_iter().next().ok_or_else(|| anyhow!("the builder sent no result"))?;
     if mode != Mode::Quiet {
@@ -567,9 +722,10 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
         println!("{}", result.image_id);
     } else if mode != Mode::Quiet {
         eprintln!(
-            "hoist: built {} in {:.1}s: {} steps run, {} cached, {} containers; context: {} entries, {} files hashed, {} files sent ({}); build {} in project {}",
+            "hoist: built {} in {:.1}s{}: {} steps run, {} cached, {} containers; context: {} entries, {} files hashed, {} files sent ({}); build {} in project {}",
             result.image_id,
-            started.elapsed().as_secs_f64(),
+            job.started.elapsed().as_secs_f64(),
+            if fleet.is_some() { format!(" on {label}") } else { String::new() },
             result.steps_run,
             result.steps_cached,
             result.containers_run,
@@ -613,8 +769,20 @@ pub fn push_line(p: &v1::PushReport) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::with_source_date_epoch;
+    use super::{connection_failed, with_source_date_epoch};
     use std::collections::HashMap;
+
+    /// A build is run again on another builder only when the connection broke: a status
+    /// the builder sent (no source) is its verdict, whatever its code.
+    #[test]
+    fn only_a_broken_connection_counts_as_lost() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        assert!(connection_failed(14, None), "UNAVAILABLE");
+        assert!(connection_failed(2, Some(&reset)), "made here from an error of the connection");
+        assert!(!connection_failed(2, None), "UNKNOWN from the builder: a failed RUN");
+        assert!(!connection_failed(13, None), "INTERNAL from the builder");
+        assert!(!connection_failed(3, None), "INVALID_ARGUMENT: a bad Dockerfile");
+    }
 
     #[test]
     fn source_date_epoch_from_the_environment_becomes_a_build_arg_unless_given() {

@@ -1,6 +1,7 @@
-//! Choosing and reaching a builder: `--builder`/`HOIST_BUILDER` (default: the embedded one),
-//! the project (`--project`/`HOIST_PROJECT`, or `hoist.json` in the context or its
-//! parents), the token (`--token`/`HOIST_TOKEN`, or the one `hoist login` saved), and TLS.
+//! Choosing and reaching a builder: `--builder`/`HOIST_BUILDER` (else the `builders` of
+//! `hoist.json`, else the embedded one), the project (`--project`/`HOIST_PROJECT`, or
+//! `hoist.json` in the context or its parents), the token (`--token`/`HOIST_TOKEN`, or the
+//! one `hoist login` saved), and TLS.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,9 +14,12 @@ use serde::{Deserialize, Serialize};
 /// Flags every command that talks to a builder takes.
 #[derive(Args, Debug, Clone)]
 pub struct ConnArgs {
-    /// The builder: tcp://host:port, tls://host:port or unix:///path (default: the embedded
-    /// one). Several (repeated, or comma-separated): `hoist build` sends each platform to a
-    /// builder that announces it as native, else to the first; other commands use the first.
+    /// The builder: tcp://host:port, tls://host:port or unix:///path (default: the
+    /// `builders` of hoist.json, else the embedded one). Several (repeated, or
+    /// comma-separated) are a fleet: `hoist build` sends a project's builds for one platform
+    /// to one of them, chosen by rendezvous hashing of (project, platform) among those that
+    /// announce the platform as native, and falls over to the next when it does not answer;
+    /// other commands use the first.
     #[arg(long = "builder", env = "HOIST_BUILDER", value_delimiter = ',')]
     pub builders: Vec<String>,
     /// State directory of the embedded builder.
@@ -83,7 +87,8 @@ impl ClientConfig {
         use std::os::unix::fs::OpenOptionsExt;
         let dir = config_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tmp = dir.join("config.json.tmp");
+        // A file of this process's own: builds that save at once must not write into one.
+        let tmp = dir.join(format!("config.json.{}.tmp", std::process::id()));
         let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(self)?)?;
         std::fs::rename(&tmp, dir.join("config.json"))?;
@@ -99,37 +104,99 @@ pub fn addr_is_local(addr: Option<&BuilderAddr>) -> bool {
     }
 }
 
-/// `hoist.json`: which project a directory tree builds in (like depot.json).
-#[derive(Debug, Deserialize)]
-struct ProjectFile {
-    project: String,
+/// `hoist.json`: which project a directory tree builds in (like depot.json), and the
+/// builders of the team's fleet.
+#[derive(Debug, Default, Deserialize)]
+pub struct ProjectFile {
+    /// The project (cache namespace).
+    #[serde(default)]
+    pub project: Option<String>,
+    /// The builders (as `--builder`), used when neither `--builder` nor `HOIST_BUILDER` is
+    /// given.
+    #[serde(default)]
+    pub builders: Vec<String>,
 }
 
-/// The project named by the nearest `hoist.json` at or above `dir`.
-pub fn project_from_file(dir: &Path) -> anyhow::Result<Option<String>> {
+/// The nearest `hoist.json` at or above `dir`, if any.
+pub fn project_file(dir: &Path) -> anyhow::Result<Option<ProjectFile>> {
     let mut cur = Some(dir);
     while let Some(d) = cur {
         let f = d.join("hoist.json");
         if f.is_file() {
             let text = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
-            let p: ProjectFile =
-                serde_json::from_slice(&text).with_context(|| format!("{}: expected {{\"project\": \"NAME\"}}", f.display()))?;
-            return Ok(Some(p.project));
+            let p: ProjectFile = serde_json::from_slice(&text).with_context(|| {
+                format!("{}: expected {{\"project\": \"NAME\", \"builders\": [\"tcp://host:port\", ...]}}", f.display())
+            })?;
+            return Ok(Some(p));
         }
         cur = d.parent();
     }
     Ok(None)
 }
 
+/// The project named by the nearest `hoist.json` at or above `dir`.
+pub fn project_from_file(dir: &Path) -> anyhow::Result<Option<String>> {
+    Ok(project_file(dir)?.and_then(|p| p.project))
+}
+
+/// Where `hoist.json` is looked for: `dir`, else the current directory.
+fn start_dir(dir: Option<&Path>) -> PathBuf {
+    match dir {
+        Some(d) => d.to_path_buf(),
+        None => std::env::current_dir().unwrap_or_default(),
+    }
+}
+
 impl ConnArgs {
+    /// Take the builders of the `hoist.json` at or above `dir` (else the current directory)
+    /// when neither `--builder` nor `HOIST_BUILDER` named any.
+    pub fn resolve_builders(&mut self, dir: Option<&Path>) -> anyhow::Result<()> {
+        if self.builders.iter().all(|b| b.trim().is_empty()) {
+            if let Some(f) = project_file(&start_dir(dir))? {
+                self.builders = f.builders;
+            }
+        }
+        Ok(())
+    }
+
+    /// The builders named: `--builder`/`HOIST_BUILDER`, else hoist.json's in the current
+    /// directory or its parents (see [`ConnArgs::resolve_builders`] for another directory).
+    fn named(&self) -> anyhow::Result<Vec<String>> {
+        let given: Vec<String> = self.builders.iter().map(|b| b.trim().to_string()).filter(|b| !b.is_empty()).collect();
+        if !given.is_empty() {
+            return Ok(given);
+        }
+        let Some(f) = project_file(&start_dir(None))? else { return Ok(Vec::new()) };
+        Ok(f.builders.iter().map(|b| b.trim().to_string()).filter(|b| !b.is_empty()).collect())
+    }
+
     /// The (first) builder's address, `None` for the embedded one.
     pub fn addr(&self) -> anyhow::Result<Option<BuilderAddr>> {
-        self.builders.iter().map(|b| b.trim()).find(|b| !b.is_empty()).map(BuilderAddr::parse).transpose().map_err(Into::into)
+        Ok(self.addrs()?.into_iter().next())
     }
 
     /// Every builder given (empty: the embedded one only).
     pub fn addrs(&self) -> anyhow::Result<Vec<BuilderAddr>> {
-        self.builders.iter().map(|b| b.trim()).filter(|b| !b.is_empty()).map(|b| BuilderAddr::parse(b).map_err(Into::into)).collect()
+        self.named()?.iter().map(|b| BuilderAddr::parse(b).map_err(Into::into)).collect()
+    }
+
+    /// The project the client names: `--project`/`HOIST_PROJECT`, else the nearest
+    /// hoist.json at or above `dir` (else the current directory). `None`: the token's.
+    pub fn project_for(&self, dir: Option<&Path>) -> anyhow::Result<Option<String>> {
+        match &self.project {
+            Some(p) => Ok(Some(p.clone())),
+            None => project_from_file(&start_dir(dir)),
+        }
+    }
+
+    /// The token for builder `addr`: `--token`/`HOIST_TOKEN`, else the one `hoist login`
+    /// saved for it.
+    pub fn token_for(&self, addr: Option<&BuilderAddr>) -> anyhow::Result<Option<String>> {
+        Ok(match (&self.token, addr) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(a)) => ClientConfig::load()?.tokens.get(&a.to_string()).cloned(),
+            (None, None) => None,
+        })
     }
 
     /// Whether the (first) builder runs on this machine (embedded, a unix socket, or
@@ -147,21 +214,8 @@ impl ConnArgs {
 
     /// Connect to builder `addr` (`None`: the embedded one).
     pub async fn connect_to(&self, addr: Option<BuilderAddr>, dir: Option<&Path>) -> anyhow::Result<Client> {
-        let mut project = self.project.clone();
-        if project.is_none() {
-            let start = match dir {
-                Some(d) => d.to_path_buf(),
-                None => std::env::current_dir().unwrap_or_default(),
-            };
-            project = project_from_file(&start)?;
-        }
-        let token = match &self.token {
-            Some(t) => Some(t.clone()),
-            None => match &addr {
-                Some(a) => ClientConfig::load()?.tokens.get(&a.to_string()).cloned(),
-                None => None,
-            },
-        };
+        let project = self.project_for(dir)?;
+        let token = self.token_for(addr.as_ref())?;
         let opts = ConnectOptions {
             token,
             project,
@@ -213,5 +267,33 @@ mod tests {
         }
         let bad = Cli::parse_from(["x", "--builder", "nonsense"]).conn;
         assert!(bad.addrs().is_err());
+    }
+
+    /// hoist.json names the fleet when neither --builder nor HOIST_BUILDER does; either of
+    /// those wins over it. A file with only a project (the older form) still reads.
+    #[test]
+    fn builders_come_from_hoist_json_unless_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("app/src");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(dir.path().join("hoist.json"), r#"{"project": "web", "builders": ["tcp://10.0.0.1:7420", "tcp://10.0.0.2:7420"]}"#)
+            .unwrap();
+        let mut c = Cli::parse_from(["x", "--builder", "tcp://127.0.0.1:9"]).conn;
+        c.resolve_builders(Some(&sub)).unwrap();
+        assert_eq!(c.addrs().unwrap(), vec![BuilderAddr::Tcp("127.0.0.1:9".into())], "--builder wins");
+        c.builders.clear();
+        c.resolve_builders(Some(&sub)).unwrap();
+        assert_eq!(c.addrs().unwrap(), vec![BuilderAddr::Tcp("10.0.0.1:7420".into()), BuilderAddr::Tcp("10.0.0.2:7420".into())]);
+        c.project = None;
+        assert_eq!(c.project_for(Some(&sub)).unwrap().as_deref(), Some("web"));
+        c.project = Some("api".into());
+        assert_eq!(c.project_for(Some(&sub)).unwrap().as_deref(), Some("api"), "--project wins");
+
+        std::fs::write(dir.path().join("hoist.json"), r#"{"project": "web"}"#).unwrap();
+        assert_eq!(project_from_file(&sub).unwrap().as_deref(), Some("web"));
+        assert!(project_file(&sub).unwrap().unwrap().builders.is_empty());
+        std::fs::write(dir.path().join("hoist.json"), r#"{"builders": "tcp://10.0.0.1:7420"}"#).unwrap();
+        let e = format!("{:#}", project_file(&sub).unwrap_err());
+        assert!(e.contains("hoist.json") && e.contains("\"builders\": ["), "{e}");
     }
 }

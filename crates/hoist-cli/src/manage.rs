@@ -242,11 +242,11 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let mut client = hoist_client::connect(&addr, &opts).await?;
-    let usage = client.cache_usage(v1::CacheUsageRequest {}).await.map_err(hoist_client::ClientError::from_status)?.into_inner();
+    let info = client.info(v1::InfoRequest {}).await.map_err(hoist_client::ClientError::from_status)?.into_inner();
     let mut cfg = ClientConfig::load()?;
     cfg.tokens.insert(addr.to_string(), token);
     cfg.save()?;
-    eprintln!("logged in to {addr} (project {:?})", usage.project);
+    eprintln!("logged in to {addr} (project {:?})", info.project);
     Ok(())
 }
 

@@ -178,6 +178,8 @@ struct SharedAuth {
     object: object_store::path::Path,
     /// The last contents read.
     cache: RwLock<Option<AuthFile>>,
+    /// When an unknown token last made the node read the store ([`AuthStore::reread_now`]).
+    reread: std::sync::Mutex<Option<std::time::Instant>>,
     /// A refresher keeps `cache` current ([`AuthStore::keep_fresh`]): reads never wait for
     /// the store.
     fresh: AtomicBool,
@@ -237,6 +239,7 @@ impl AuthStore {
                 seed: root.join("auth.json"),
                 object,
                 cache: RwLock::default(),
+                reread: Default::default(),
                 fresh: AtomicBool::new(false),
             }),
         }
@@ -282,6 +285,22 @@ impl AuthStore {
                 }
             }
         })))
+    }
+
+    /// Read a shared store now, unless it was read this way less than a second ago (an
+    /// unknown token must not make every request a store read). `None` for a file.
+    fn reread_now(&self) -> Result<Option<AuthFile>, AuthError> {
+        let Backend::Shared(s) = &self.backend else { return Ok(None) };
+        {
+            let mut last = s.reread.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return Ok(None);
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let (file, _) = block_on(self.fetch(s))?;
+        *s.cache.write().unwrap_or_else(|e| e.into_inner()) = Some(file.clone());
+        Ok(Some(file))
     }
 
     /// The shared object and its version.
@@ -512,8 +531,15 @@ impl AuthStore {
             }
             return Err(AuthError::Missing);
         };
-        let file = self.load()?;
         let hash = hash_token(token);
+        let mut file = self.load()?;
+        if !file.tokens.iter().any(|t| t.hash == hash) {
+            // A token made on another node moments ago: a fleet's node reads the store
+            // again now rather than at its next refresh (at most once a second).
+            if let Some(newer) = self.reread_now()? {
+                file = newer;
+            }
+        }
         let rec = file.tokens.iter().find(|t| t.hash == hash).ok_or(AuthError::Invalid)?;
         if rec.revoked {
             return Err(AuthError::Revoked { name: rec.name.clone() });
@@ -612,6 +638,13 @@ mod tests {
         let b = Arc::new(b);
         let _refresh = b.keep_fresh().await.unwrap().expect("a shared store is refreshed");
         assert!(b.authenticate(Some(&token), None, false).is_ok());
+        // A token made on A after B's last read works on B at once.
+        let a = Arc::new(a);
+        let a2 = a.clone();
+        let fresh = tokio::task::spawn_blocking(move || a2.create_token("web", "new").unwrap()).await.unwrap();
+        let b2 = b.clone();
+        tokio::task::spawn_blocking(move || assert_eq!(b2.authenticate(Some(&fresh), None, false).unwrap().who, "new")).await.unwrap();
+        let a = Arc::try_unwrap(a).ok().unwrap();
         let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || a.revoke("alice", None).unwrap()).await.unwrap();
         while b.authenticate(Some(&token), None, false).is_ok() {

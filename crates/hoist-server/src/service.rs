@@ -134,11 +134,12 @@ fn event(e: build_event::Event) -> v1::BuildEvent {
 #[tonic::async_trait]
 impl Builder for BuilderService {
     async fn info(&self, req: Request<v1::InfoRequest>) -> Result<Response<v1::InfoReply>, Status> {
-        caller(self, &req)?;
+        let who = caller(self, &req)?;
         Ok(Response::new(v1::InfoReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
             platforms: if self.platforms.is_empty() { vec![Platform::host().to_string()] } else { self.platforms.clone() },
             root: self.engine.root().display().to_string(),
+            project: who.project,
         }))
     }
 
