@@ -113,7 +113,7 @@ fn a_build_whose_node_dies_midway_runs_again_on_the_next_node_and_a_failed_step_
     if !lab_available() {
         return;
     }
-    let (_store, a, b, token) = fleet();
+    let (store, a, b, token) = fleet();
     let alice = teammate(&[&a, &b], &token);
     let base = format!("FROM {}\nRUN echo one > /one\n", busybox());
     let warm = context(&[("Dockerfile", base.as_str())]);
@@ -174,4 +174,18 @@ fn a_build_whose_node_dies_midway_runs_again_on_the_next_node_and_a_failed_step_
     assert_eq!(count_before(&err, "steps run"), 1, "{err}");
     assert_eq!(count_before(&err, "cached"), 1, "{err}");
     assert_eq!(builds_on(&other, &token), vec![("ok".to_string(), 1)]);
+
+    // The killed node left no entry that names a blob the store lacks.
+    let entries = std::fs::read_dir(store.path().join("ac/web")).unwrap();
+    for e in entries.flatten() {
+        let entry: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+        if let Some(digest) = entry["blob"]["digest"].as_str() {
+            let hex = digest.strip_prefix("sha256:").unwrap();
+            assert!(store.path().join("cas/sha256").join(hex).is_file(), "entry {} names missing blob {digest}", e.path().display());
+        }
+    }
+    // It restarts on its state and serves again: the build it lost is there from the store.
+    gone.spawn();
+    let again = teammate(&[&gone], &token).build_ok(&[slow.path().to_str().unwrap()]);
+    assert_eq!(count_before(&again, "steps run"), 0, "{again}");
 }
