@@ -5,42 +5,16 @@ mod common;
 
 use common::*;
 
-/// Files below `dir`, recursively (the file store's objects).
-fn objects(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
-            }
-        }
-    }
-    out
-}
-
-/// `hoist <args> --cache-store <url>`: an admin command on the fleet's shared store, from
-/// no node in particular; its stdout.
-fn fleet_admin(url: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(hoist_bin()).args(args).args(["--cache-store", url]).env_remove("HOIST_ROOT").output().unwrap();
-    assert!(out.status.success(), "hoist {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[test]
 fn a_teammate_routed_to_another_node_gets_every_step_from_the_shared_store_and_the_same_image() {
     if !lab_available() {
         return;
     }
-    let store = tempfile::Builder::new().prefix("fleet-store-").tempdir_in(test_tmp()).unwrap();
-    let url = format!("file://{}", store.path().display());
-    let a = Server::start_with(&["--cache-store", &url]);
-    let b = Server::start_with(&["--cache-store", &url]);
+    let store = FleetStore::new();
+    let (a, b) = (store.node(), store.node());
     // Projects and tokens live in the shared store: made once, valid on every node.
-    let alice = Teammate::new(&a, &fleet_admin(&url, &["project", "create", "web", "--token-name", "alice"]));
-    let bob = Teammate::new(&b, &fleet_admin(&url, &["token", "create", "web", "--name", "bob"]));
+    let alice = Teammate::new(&a, &store.admin(&["project", "create", "web", "--token-name", "alice"]));
+    let bob = Teammate::new(&b, &store.admin(&["token", "create", "web", "--name", "bob"]));
     let dockerfile = format!("FROM {}\nRUN echo one > /one\nCOPY app.txt /app/\nRUN cat /app/app.txt /one > /both\n", busybox());
     let files = [("Dockerfile", dockerfile.as_str()), ("app.txt", "hello fleet\n")];
     let (a_dir, b_dir) = (context(&files), context(&files));
@@ -50,9 +24,9 @@ fn a_teammate_routed_to_another_node_gets_every_step_from_the_shared_store_and_t
     // A pushed result is in the shared store when the build reports done.
     let first = alice.build_ok(&["-t", &tag, "--push", "--iidfile", a_iid.to_str().unwrap(), a_dir.path().to_str().unwrap()]);
     assert_eq!(count_before(&first, "steps run"), 3, "{first}");
-    let entries: Vec<String> = objects(store.path()).into_iter().filter(|p| p.starts_with("ac/web/")).collect();
-    assert_eq!(entries.len(), 3, "one entry per step: {:?}", objects(store.path()));
-    assert!(objects(store.path()).iter().filter(|p| p.starts_with("cas/sha256/")).count() >= 2, "the RUN and COPY layers' blobs");
+    let entries: Vec<String> = store.objects().into_iter().filter(|p| p.starts_with("ac/web/")).collect();
+    assert_eq!(entries.len(), 3, "one entry per step: {:?}", store.objects());
+    assert!(store.objects().iter().filter(|p| p.starts_with("cas/sha256/")).count() >= 2, "the RUN and COPY layers' blobs");
 
     let second = bob.build_ok(&["--iidfile", b_iid.to_str().unwrap(), b_dir.path().to_str().unwrap()]);
     assert_eq!(count_before(&second, "steps run"), 0, "{second}");
@@ -69,12 +43,12 @@ fn a_teammate_routed_to_another_node_gets_every_step_from_the_shared_store_and_t
     // `hoist cache du` tells both tiers apart; a reset empties the project's share of both.
     let du = alice.cmd().args(["cache", "du"]).output().unwrap();
     let du = String::from_utf8_lossy(&du.stdout).into_owned();
-    assert!(du.contains(&format!("shared store:   {url}")), "{du}");
+    assert!(du.contains(&format!("shared store:   {}", store.url)), "{du}");
     assert!(du.contains("entries:      3 "), "{du}");
     let reset = alice.cmd().args(["cache", "reset"]).output().unwrap();
     assert!(reset.status.success(), "{}", String::from_utf8_lossy(&reset.stderr));
     assert!(String::from_utf8_lossy(&reset.stdout).contains("entries:      0 "));
-    assert!(!objects(store.path()).iter().any(|p| p.starts_with("ac/web/")), "{:?}", objects(store.path()));
+    assert!(!store.objects().iter().any(|p| p.starts_with("ac/web/")), "{:?}", store.objects());
     let after = alice.build_ok(&[a_dir.path().to_str().unwrap()]);
     assert_eq!(count_before(&after, "steps run"), 3, "node A's own cache was reset too: {after}");
 }
@@ -84,13 +58,11 @@ fn a_token_made_on_one_node_works_on_the_others_and_its_revocation_reaches_them(
     if !lab_available() {
         return;
     }
-    let store = tempfile::Builder::new().prefix("fleet-store-").tempdir_in(test_tmp()).unwrap();
-    let url = format!("file://{}", store.path().display());
-    let a = Server::start_with(&["--cache-store", &url]);
-    let b = Server::start_with(&["--cache-store", &url]);
+    let store = FleetStore::new();
+    let (a, b) = (store.node(), store.node());
     // Made through node A's own command line (its HOIST_ROOT and the fleet's store).
     let out = std::process::Command::new(hoist_bin())
-        .args(["project", "create", "web", "--token-name", "carol", "--cache-store", &url])
+        .args(["project", "create", "web", "--token-name", "carol", "--cache-store", &store.url])
         .env("HOIST_ROOT", a.root.path())
         .output()
         .unwrap();
@@ -101,7 +73,7 @@ fn a_token_made_on_one_node_works_on_the_others_and_its_revocation_reaches_them(
     for node in [&a, &b] {
         Teammate::new(node, &token).build_ok(&[dir.path().to_str().unwrap()]);
     }
-    fleet_admin(&url, &["token", "revoke", "carol"]);
+    store.admin(&["token", "revoke", "carol"]);
     // Every node learns of it within seconds.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     for node in [&b, &a] {
@@ -152,10 +124,9 @@ fn ten_concurrent_builds_across_two_nodes_all_succeed_and_leave_one_result_per_s
     if !lab_available() {
         return;
     }
-    let store = tempfile::Builder::new().prefix("fleet-store-").tempdir_in(test_tmp()).unwrap();
-    let url = format!("file://{}", store.path().display());
-    let nodes = [Server::start_with(&["--cache-store", &url]), Server::start_with(&["--cache-store", &url])];
-    let token = fleet_admin(&url, &["project", "create", "web", "--token-name", "team"]);
+    let store = FleetStore::new();
+    let nodes = [store.node(), store.node()];
+    let token = store.admin(&["project", "create", "web", "--token-name", "team"]);
     let dockerfile =
         format!("FROM {}\nRUN echo base > /base\nCOPY app.txt /app/\nRUN sleep 1 && cat /app/app.txt /base > /both\n", busybox());
     let files = [("Dockerfile", dockerfile.as_str()), ("app.txt", "ten at once\n")];
@@ -178,9 +149,9 @@ fn ten_concurrent_builds_across_two_nodes_all_succeed_and_leave_one_result_per_s
         assert!(on.windows(2).all(|w| w[0] == w[1]), "node {n}'s builds differ: {on:?}");
     }
     // Whatever raced, the store holds one entry per step and a new node gets all of them.
-    let entries = objects(store.path()).into_iter().filter(|p| p.starts_with("ac/web/")).count();
+    let entries = store.objects().into_iter().filter(|p| p.starts_with("ac/web/")).count();
     assert_eq!(entries, 3);
-    let late = Server::start_with(&["--cache-store", &url]);
+    let late = store.node();
     let dir = context(&files);
     let out = Teammate::new(&late, &token).build_ok(&[dir.path().to_str().unwrap()]);
     assert_eq!(count_before(&out, "steps run"), 0, "{out}");

@@ -15,19 +15,10 @@ use common::*;
 /// Two nodes sharing a `file://` store, and a token of project "web": created with the
 /// store named (HOIST_CACHE_STORE), the project and its token live in the store, valid on
 /// both nodes.
-fn fleet() -> (tempfile::TempDir, Server, Server, String) {
-    let store = tempfile::Builder::new().prefix("fleet-routing-store-").tempdir_in(test_tmp()).unwrap();
-    let url = format!("file://{}", store.path().display());
-    let a = Server::start_with(&["--cache-store", &url]);
-    let b = Server::start_with(&["--cache-store", &url]);
-    let out = std::process::Command::new(hoist_bin())
-        .args(["project", "create", "web", "--token-name", "alice"])
-        .env("HOIST_ROOT", a.root.path())
-        .env("HOIST_CACHE_STORE", &url)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "hoist project create: {}", String::from_utf8_lossy(&out.stderr));
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+fn fleet() -> (FleetStore, Server, Server, String) {
+    let store = FleetStore::new();
+    let (a, b) = (store.node(), store.node());
+    let token = store.admin(&["project", "create", "web", "--token-name", "alice"]);
     (store, a, b, token)
 }
 
@@ -176,12 +167,12 @@ fn a_build_whose_node_dies_midway_runs_again_on_the_next_node_and_a_failed_step_
     assert_eq!(builds_on(&other, &token), vec![("ok".to_string(), 1)]);
 
     // The killed node left no entry that names a blob the store lacks.
-    let entries = std::fs::read_dir(store.path().join("ac/web")).unwrap();
+    let entries = std::fs::read_dir(store.dir.path().join("ac/web")).unwrap();
     for e in entries.flatten() {
         let entry: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
         if let Some(digest) = entry["blob"]["digest"].as_str() {
             let hex = digest.strip_prefix("sha256:").unwrap();
-            assert!(store.path().join("cas/sha256").join(hex).is_file(), "entry {} names missing blob {digest}", e.path().display());
+            assert!(store.dir.path().join("cas/sha256").join(hex).is_file(), "entry {} names missing blob {digest}", e.path().display());
         }
     }
     // It restarts on its state and serves again: the build it lost is there from the store.

@@ -279,6 +279,49 @@ impl Drop for Server {
     }
 }
 
+/// A directory the nodes of a fleet share as their cache store (`--cache-store file://…`).
+pub struct FleetStore {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+}
+
+impl FleetStore {
+    pub fn new() -> FleetStore {
+        let dir = tempfile::Builder::new().prefix("fleet-store-").tempdir_in(test_tmp()).unwrap();
+        let url = format!("file://{}", dir.path().display());
+        FleetStore { dir, url }
+    }
+
+    /// A new node (`hoist serve` with its own root) on this store.
+    pub fn node(&self) -> Server {
+        Server::start_with(&["--cache-store", &self.url])
+    }
+
+    /// `hoist <args> --cache-store <url>`: an admin command on the store (projects and
+    /// tokens of the fleet), from no node in particular; its stdout.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let out = Command::new(hoist_bin()).args(args).args(["--cache-store", &self.url]).env_remove("HOIST_ROOT").output().unwrap();
+        assert!(out.status.success(), "hoist {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The paths of the store's objects (`ac/…`, `cas/sha256/…`, `auth.json`).
+    pub fn objects(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.dir.path().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    out.push(e.path().strip_prefix(self.dir.path()).unwrap().display().to_string());
+                }
+            }
+        }
+        out
+    }
+}
+
 /// A teammate: a client with its own home (config, stat cache) talking to a server.
 pub struct Teammate {
     pub home: tempfile::TempDir,
