@@ -157,3 +157,23 @@ fn ten_concurrent_builds_across_two_nodes_all_succeed_and_leave_one_result_per_s
     assert_eq!(count_before(&out, "steps run"), 0, "{out}");
     assert_eq!(count_before(&out, "containers"), 0, "{out}");
 }
+
+/// What a build queued for the shared store goes up before its node exits: a node stopped
+/// right after a build (no --push, so nothing waited for the store) leaves every step to
+/// the others. (20 MB of noise: its blob takes long enough to compress that a node that
+/// did not wait would exit first.)
+#[test]
+fn a_node_stopped_right_after_a_build_has_written_its_results_to_the_store() {
+    if !lab_available() {
+        return;
+    }
+    let store = FleetStore::new();
+    let (mut a, b) = (store.node(), store.node());
+    let token = store.admin(&["project", "create", "web", "--token-name", "ci"]);
+    let dockerfile = format!("FROM {}\nRUN head -c 20000000 /dev/urandom > /noise\nRUN echo two > /two\n", busybox());
+    let dir = context(&[("Dockerfile", dockerfile.as_str())]);
+    Teammate::new(&a, &token).build_ok(&[dir.path().to_str().unwrap()]);
+    a.stop();
+    let out = Teammate::new(&b, &token).build_ok(&[dir.path().to_str().unwrap()]);
+    assert_eq!(count_before(&out, "steps run"), 0, "{out}");
+}
