@@ -6,7 +6,8 @@
 //!
 //! Prints a table (median seconds, ratios to BuildKit), the overhead outside RUN steps, the
 //! builder's peak RSS, gzip throughput, and each goal met or missed; writes everything as
-//! JSON with `--json`. Needs root and the lab (tests/lab/setup.sh with LAB_DEBIAN=1).
+//! JSON with `--json`. Needs root and the lab (tests/lab/setup.sh with LAB_DEBIAN=1);
+//! `teammate-other-node` also needs the lab's S3 server (moto on 127.0.0.1:9000).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,7 +23,8 @@ use hoist_bench::stats::{median, ratio};
 use hoist_bench::workloads::{self, Workload};
 use serde_json::json;
 
-const SCENARIOS: &[&str] = &["cold", "warm", "incremental", "teammate", "teammate-load", "teammate-push", "load", "push", "docker-archive"];
+const SCENARIOS: &[&str] =
+    &["cold", "warm", "incremental", "teammate", "teammate-load", "teammate-push", "teammate-other-node", "load", "push", "docker-archive"];
 const TOOLS: &[&str] = &["hoist", "buildkit", "buildah"];
 
 #[derive(Parser, Debug)]
@@ -38,7 +40,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Scenarios (default all): cold, warm, incremental, teammate, teammate-load,
-    /// teammate-push, load, push, docker-archive.
+    /// teammate-push, teammate-other-node, load, push, docker-archive.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Builders (default all): hoist, buildkit, buildah.
@@ -66,6 +68,14 @@ struct Args {
     /// bridge, Docker's) or `host` (`--network=host`; hoist's builder grants network.host).
     #[arg(long, default_value = "default", value_parser = ["default", "host"])]
     network: String,
+    /// S3 server (host:port, plain HTTP) for hoist's fleet in teammate-other-node: the lab's
+    /// moto (tests/lab/setup.sh). The scenario makes a bucket of its own there and removes it.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    s3: String,
+    /// That S3 server's request log (moto's: one line per request), for counting the requests
+    /// of one node.
+    #[arg(long, default_value = "/var/lib/hoist-lab/moto.log")]
+    s3_log: PathBuf,
 }
 
 /// One measurement.
@@ -83,6 +93,14 @@ struct Sample {
     done: usize,
     cached: usize,
     note: String,
+    /// Further figures of the scenario, by name (the JSON's `figures`).
+    figures: Vec<(&'static str, f64)>,
+}
+
+impl Sample {
+    fn figure(&self, name: &str) -> Option<f64> {
+        self.figures.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
 }
 
 type Key = (String, String, String); // workload, scenario, tool
@@ -97,10 +115,12 @@ impl Results {
         let r = r.map_err(|e| format!("{e:#}"));
         match &r {
             Ok(s) => eprintln!(
-                "  {w:<11} {scenario:<14} {tool:<9} {:>8.2}s{}{}",
+                "  {w:<11} {scenario:<14} {tool:<9} {:>8.2}s{}{}{}",
                 s.secs,
                 s.overhead.map(|o| format!("  overhead {o:.2}s")).unwrap_or_default(),
-                s.rss_kib.map(|k| format!("  rss {} MiB", k / 1024)).unwrap_or_default()
+                s.rss_kib.map(|k| format!("  rss {} MiB", k / 1024)).unwrap_or_default(),
+                // the scenarios whose note carries figures of their own
+                if scenario == "teammate-other-node" { format!("\n      {}", s.note) } else { String::new() }
             ),
             Err(e) => eprintln!("  {w:<11} {scenario:<14} {tool:<9} FAILED: {}", e.lines().next().unwrap_or("")),
         }
@@ -124,6 +144,11 @@ impl Results {
 
     fn rss(&self, w: &str, scenario: &str, tool: &str) -> Option<u64> {
         self.ok(w, scenario, tool).iter().filter_map(|s| s.rss_kib).max()
+    }
+
+    /// Median of a figure of the samples (see [`Sample::figures`]).
+    fn figure(&self, w: &str, scenario: &str, tool: &str, name: &str) -> Option<f64> {
+        median(&self.ok(w, scenario, tool).iter().filter_map(|s| s.figure(name)).collect::<Vec<_>>())
     }
 
     fn failed(&self, w: &str, scenario: &str, tool: &str) -> Option<String> {
@@ -374,6 +399,251 @@ impl Drop for Registry {
     }
 }
 
+/// The AWS settings hoist reads (crates/hoist-engine/src/shared/url.rs), pointed at the
+/// lab's S3 server `addr`. moto takes any non-empty key; these are no real credentials.
+fn lab_s3_env(c: &mut Command, addr: &str) {
+    c.env("AWS_ENDPOINT_URL", format!("http://{addr}"))
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "hoist-bench")
+        .env("AWS_SECRET_ACCESS_KEY", "hoist-bench");
+    for var in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "HOIST_CACHE_STORE"] {
+        c.env_remove(var);
+    }
+}
+
+/// Percent-encoding of everything but RFC 3986's unreserved characters (and `/` if `path`).
+fn pct(s: &str, path: bool) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'/' if path => "/".to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The text between `<tag>` and `</tag>` of each element `tag` in `xml`.
+fn xml_elements<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(at) = rest.find(&open) {
+        let from = &rest[at + open.len()..];
+        let Some(end) = from.find(&close) else { break };
+        out.push(&from[..end]);
+        rest = &from[end + close.len()..];
+    }
+    out
+}
+
+/// A bucket of one scenario run's own on the lab's S3 server (moto, started by
+/// tests/lab/setup.sh), so that nothing of an earlier run is found and its requests can be
+/// told from everyone else's in the server's log; emptied and removed when dropped.
+struct S3Bucket {
+    addr: String,
+    name: String,
+}
+
+impl S3Bucket {
+    fn create(addr: &str) -> anyhow::Result<S3Bucket> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let ok = Command::new("curl")
+            .args(["-fsS", "-m", "5", &format!("http://{addr}/")])
+            .output()
+            .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ListAllMyBucketsResult"))
+            .unwrap_or(false);
+        if !ok {
+            bail!("no S3 server (moto) at http://{addr} (--s3); run tests/lab/setup.sh as root");
+        }
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let bucket = S3Bucket { addr: addr.to_string(), name: format!("hoist-bench-{secs}-{}-{n}", std::process::id()) };
+        let (code, body) = bucket.request("PUT", "", &[])?;
+        if code != 200 {
+            bail!("creating bucket {} on http://{addr}: HTTP {code}: {body}", bucket.name);
+        }
+        Ok(bucket)
+    }
+
+    fn curl(&self, method: &str) -> Command {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-m", "60", "-X", method, "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "hoist-bench:hoist-bench"])
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]);
+        c
+    }
+
+    /// A signed request for `path` in the bucket (`""`: the bucket itself, `?...`: a query on
+    /// it, `/key`: an object); the HTTP status and the body.
+    fn request(&self, method: &str, path: &str, extra: &[&str]) -> anyhow::Result<(u16, String)> {
+        let mut c = self.curl(method);
+        c.args(["-w", "\n%{http_code}"]).args(extra).arg(format!("http://{}/{}{path}", self.addr, self.name));
+        let text = run_quiet(c)?;
+        let (body, code) = text.rsplit_once('\n').ok_or_else(|| anyhow!("curl {method} {path}: no status"))?;
+        Ok((code.trim().parse().context("curl's status")?, body.to_string()))
+    }
+
+    /// `s3://` URL of `prefix` in the bucket.
+    fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.name)
+    }
+
+    /// Every object's key (ListObjectsV2, page by page).
+    fn keys(&self) -> anyhow::Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let query = match &token {
+                Some(t) => format!("?list-type=2&continuation-token={}", pct(t, false)),
+                None => "?list-type=2".to_string(),
+            };
+            let (code, xml) = self.request("GET", &query, &[])?;
+            if code != 200 {
+                bail!("listing bucket {}: HTTP {code}: {xml}", self.name);
+            }
+            for contents in xml_elements(&xml, "Contents") {
+                if let Some(k) = xml_elements(contents, "Key").first() {
+                    keys.push(k.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"));
+                }
+            }
+            token = xml_elements(&xml, "NextContinuationToken").first().map(|t| t.to_string());
+            if xml_elements(&xml, "IsTruncated").first() != Some(&"true") || token.is_none() {
+                return Ok(keys);
+            }
+        }
+    }
+
+    /// Delete every object, then the bucket.
+    fn remove(&self) -> anyhow::Result<()> {
+        let keys = self.keys()?;
+        // one curl for many objects (each URL is signed on its own)
+        for chunk in keys.chunks(200) {
+            let mut c = self.curl("DELETE");
+            for k in chunk {
+                c.arg(format!("http://{}/{}/{}", self.addr, self.name, pct(k, true)));
+            }
+            run_quiet(c)?;
+        }
+        let (code, body) = self.request("DELETE", "", &[])?;
+        if code != 204 && code != 200 {
+            bail!("removing bucket {}: HTTP {code}: {body}", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for S3Bucket {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            eprintln!("hoist-bench: warning: bucket {} on http://{} is left: {e:#}", self.name, self.addr);
+        }
+    }
+}
+
+/// The requests one bucket got in a span of time, from the S3 server's request log: moto's
+/// server (werkzeug) writes one line per request, `127.0.0.1 - - [date] "GET /bucket/key
+/// HTTP/1.1" 200 -`, with the request in color codes unless the status is 200.
+struct S3Requests {
+    total: usize,
+    /// By kind: the method, or `LIST` for a listing (GET on the bucket).
+    by_kind: BTreeMap<String, usize>,
+    /// Reads of the projects and tokens (`auth.json`), which every node repeats every 2 s.
+    auth: usize,
+}
+
+impl S3Requests {
+    /// The log's length now: where a later [`S3Requests::between`] starts.
+    fn mark(log: &Path) -> Option<u64> {
+        std::fs::metadata(log).ok().map(|m| m.len())
+    }
+
+    /// The requests for `bucket` logged after `from` (a [`S3Requests::mark`]) up to `to`.
+    fn between(log: &Path, from: u64, to: u64, bucket: &str) -> Option<S3Requests> {
+        let mut f = std::fs::File::open(log).ok()?;
+        // the log started over (moto restarted): nothing of the span is left to count
+        if std::fs::metadata(log).ok()?.len() < to || to < from {
+            return None;
+        }
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from)).ok()?;
+        let mut text = Vec::new();
+        f.take(to - from).read_to_end(&mut text).ok()?;
+        let mut r = S3Requests { total: 0, by_kind: BTreeMap::new(), auth: 0 };
+        for line in String::from_utf8_lossy(&text).lines() {
+            let line = strip_ansi(line);
+            // "METHOD /path HTTP/1.1"
+            let Some(request) = line.split('"').nth(1) else { continue };
+            let mut parts = request.split(' ');
+            let (Some(method), Some(path)) = (parts.next(), parts.next()) else { continue };
+            let Some(rest) = path.strip_prefix('/').and_then(|p| p.strip_prefix(bucket)) else { continue };
+            let kind = if rest.is_empty() || rest.starts_with('?') {
+                if method == "GET" {
+                    "LIST"
+                } else {
+                    method
+                }
+            } else if rest.starts_with('/') {
+                method
+            } else {
+                continue; // another bucket whose name starts with this one's
+            };
+            if rest.split('?').next().unwrap_or("").ends_with("/auth.json") {
+                r.auth += 1;
+            }
+            r.total += 1;
+            *r.by_kind.entry(kind.to_string()).or_default() += 1;
+        }
+        Some(r)
+    }
+
+    fn describe(&self) -> String {
+        let kinds: Vec<String> = self.by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        format!("{} S3 requests ({}; {} of them auth.json re-reads)", self.total, kinds.join(", "), self.auth)
+    }
+}
+
+/// `line` without terminal color codes (`ESC [ ... letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A `hoist serve` the benchmark started, on a root and a port of its own; stopped, and its
+/// root removed, when dropped.
+struct Serve {
+    child: Child,
+    root: PathBuf,
+    port: u16,
+}
+
+impl Serve {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn addr(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        stop_pid(self.pid());
+        let _ = self.child.wait();
+        remove_tree(&self.root);
+    }
+}
+
 /// Copy a context to `dest` as a teammate's fresh checkout (new mtimes).
 fn checkout_copy(src: &Path, dest: &Path) -> anyhow::Result<()> {
     remove_tree(dest);
@@ -424,6 +694,12 @@ trait Builder {
     fn teammate_push(&mut self, _w: &Workload, _checkout: &Path, _reg: &Registry, _log: &Path) -> Option<anyhow::Result<Sample>> {
         None
     }
+    /// A teammate builds on another machine than the one the first client built on, and pushes
+    /// the result to `reg`, which holds what the first client pushed (hoist: another node of
+    /// a fleet sharing an S3 store; BuildKit: a registry cache, see its implementation).
+    fn teammate_other_node(&mut self, _w: &Workload, _checkout: &Path, _reg: &Registry, _log: &Path) -> Option<anyhow::Result<Sample>> {
+        None
+    }
     /// hoist only: export the cached image as a docker archive (see [`docker_archive`]).
     fn docker_archive(&mut self, _w: &Workload, _workdir: &Path, _log: &Path) -> Option<anyhow::Result<Sample>> {
         None
@@ -439,6 +715,9 @@ struct Hoist {
     n: u32,
     /// `--network=...` for every build (empty: the default).
     network: Vec<String>,
+    /// The S3 server (host:port) of teammate-other-node's fleet, and its request log.
+    s3: String,
+    s3_log: PathBuf,
 }
 
 impl Hoist {
@@ -479,8 +758,143 @@ impl Hoist {
             .env_remove("HOIST_BUILDER")
             .env_remove("HOIST_TOKEN")
             .env_remove("HOIST_PROJECT")
+            .env_remove("HOIST_CACHE_STORE")
             .env_remove("SOURCE_DATE_EPOCH");
         c
+    }
+
+    /// A client of the builder at `addr` with its own `home` and `token`: `hoist build
+    /// --progress=plain -t tag`, the build's flags and context to be added.
+    fn client(&self, home: &Path, addr: &str, token: &str, tag: &str) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("HOME", home)
+            .env("HOIST_CONFIG_DIR", home.join("config"))
+            .env("HOIST_CACHE_DIR", home.join("cache"))
+            .env("HOIST_BUILDER", addr)
+            .env("HOIST_TOKEN", token)
+            .env_remove("HOIST_ROOT")
+            .env_remove("HOIST_PROJECT")
+            .env_remove("HOIST_CACHE_STORE")
+            .env_remove("SOURCE_DATE_EPOCH")
+            .args(["build", "--progress=plain", "-t", tag])
+            .args(&self.network);
+        c
+    }
+
+    /// `hoist serve` on a fresh `root` and a free port, in the fleet sharing `store` if any.
+    fn serve(&self, root: &Path, store: Option<&str>) -> anyhow::Result<Serve> {
+        remove_tree(root);
+        std::fs::create_dir_all(root)?;
+        let port = free_port()?;
+        let slog = std::fs::File::create(root.join("serve.log"))?;
+        let mut c = self.cmd(root);
+        c.args(["serve", "--root", &root.display().to_string(), "--listen", &format!("tcp://127.0.0.1:{port}")])
+            .args(if self.network.is_empty() { &[][..] } else { &["--allow-entitlement", "network.host"][..] })
+            .stdout(slog.try_clone()?)
+            .stderr(slog);
+        if let Some(url) = store {
+            lab_s3_env(&mut c, &self.s3);
+            c.args(["--cache-store", url]);
+        }
+        let child = c.spawn().context("starting hoist serve")?;
+        let serve = Serve { child, root: root.to_path_buf(), port };
+        if !wait_port(port, 30) {
+            bail!("hoist serve did not start (see {})", root.join("serve.log").display());
+        }
+        Ok(serve)
+    }
+
+    /// `hoist <args>` on the projects and tokens of `root`, or of the fleet's `store` (where
+    /// a fleet keeps them); its stdout.
+    fn admin(&self, root: &Path, store: Option<&str>, args: &[&str]) -> anyhow::Result<String> {
+        let mut c = self.cmd(root);
+        c.args(args);
+        if let Some(url) = store {
+            lab_s3_env(&mut c, &self.s3);
+            c.args(["--cache-store", url]);
+        }
+        Ok(run_quiet(c)?.trim().to_string())
+    }
+
+    /// teammate-other-node: alice builds on node A of a fleet (two `hoist serve`, each with
+    /// its own root, sharing a store in a bucket of this run's own on the lab's S3 server)
+    /// and pushes, so the store is complete when her build is done; then bob (another home,
+    /// another token, a fresh checkout) builds the same on node B and pushes to the same tag,
+    /// as in teammate-push; bob's build is measured. Then the same first build as alice's on
+    /// a node without a store, for the cost of the shared tier on a first build. Node A is
+    /// stopped before bob builds, so that the store's log shows node B's requests alone.
+    fn other_node(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
+        self.cleanup();
+        self.n += 1;
+        let dir = self.base.join(format!("fleet-{}", self.n));
+        let r = self.other_node_in(&dir, w, checkout, reg, log);
+        remove_tree(&dir);
+        r
+    }
+
+    fn other_node_in(&self, dir: &Path, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
+        let tag = format!("{}/hoist-bench/{}:teammate", reg.host(), w.name);
+        // Dropped in the reverse order: the nodes stop before the bucket is emptied.
+        let bucket = S3Bucket::create(&self.s3)?;
+        let url = bucket.url("bench/cache");
+        let store = Some(url.as_str());
+        // The fleet's project and tokens live in the store: made before the nodes start.
+        let (root_a, root_b) = (dir.join("node-a"), dir.join("node-b"));
+        let token_a = self.admin(&root_a, store, &["project", "create", "bench", "--token-name", "alice"])?;
+        let token_b = self.admin(&root_a, store, &["token", "create", "bench", "--name", "bob"])?;
+
+        let node_a = self.serve(&root_a, store)?;
+        let mut a = self.client(&dir.join("home-alice"), &node_a.addr(), &token_a, &tag);
+        a.arg("--push").arg(&w.dir);
+        let alice = run_timed(a, log)?;
+        drop(node_a);
+
+        let node_b = self.serve(&root_b, store)?;
+        reset_hwm(node_b.pid());
+        let from = S3Requests::mark(&self.s3_log);
+        let mut b = self.client(&dir.join("home-bob"), &node_b.addr(), &token_b, &tag);
+        b.arg("--push").arg(checkout);
+        let t = run_timed(b, log)?;
+        let rss = vm_hwm(node_b.pid());
+        // moto writes a request's line when it has answered it: give the last ones a moment
+        std::thread::sleep(Duration::from_millis(200));
+        let to = S3Requests::mark(&self.s3_log);
+        let requests = from.zip(to).and_then(|(from, to)| S3Requests::between(&self.s3_log, from, to, &bucket.name));
+        drop(node_b);
+
+        // The same first build on a node without a store, pushed to a registry of its own
+        // (alice's registry would already hold the layers). It runs last, so that any warmth
+        // it finds (page cache, the lab registry's base images) flatters the ratio against
+        // the shared tier, not for it.
+        let own_reg = Registry::start(&self.base)?;
+        let own_tag = format!("{}/hoist-bench/{}:hoist", own_reg.host(), w.name);
+        let root_c = dir.join("node-alone");
+        let node_c = self.serve(&root_c, None)?;
+        let token_c = self.admin(&root_c, None, &["project", "create", "bench", "--token-name", "alice"])?;
+        let mut c = self.client(&dir.join("home-alone"), &node_c.addr(), &token_c, &own_tag);
+        c.arg("--push").arg(&w.dir);
+        let alone = run_timed(c, log)?;
+        drop(node_c);
+
+        let mut s = from_progress(&t, true);
+        s.rss_kib = rss;
+        let factor = alice.secs / alone.secs;
+        s.note = format!(
+            "node B: {}, peak RSS {}; alice {:.2}s with store / {:.2}s without ({factor:.2}x)",
+            requests.as_ref().map(S3Requests::describe).unwrap_or_else(|| format!("S3 requests n/a (no log at {})", self.s3_log.display())),
+            rss.map(|k| format!("{} MiB", k / 1024)).unwrap_or_else(|| "n/a".into()),
+            alice.secs,
+            alone.secs,
+        );
+        s.figures = vec![("alice_secs_with_store", alice.secs), ("alice_secs_without_store", alone.secs), ("alice_store_factor", factor)];
+        if let Some(r) = &requests {
+            s.figures.push(("node_b_s3_requests", r.total as f64));
+            s.figures.push(("node_b_s3_auth_rereads", r.auth as f64));
+        }
+        if let Some(k) = rss {
+            s.figures.push(("node_b_peak_rss_kib", k as f64));
+        }
+        Ok(s)
     }
 
     fn run_build(&mut self, dir: &Path, extra: &[String], log: &Path) -> anyhow::Result<Sample> {
@@ -529,21 +943,8 @@ impl Hoist {
             };
             let token_a = admin(&["project", "create", "bench", "--token-name", "alice"])?;
             let token_b = admin(&["token", "create", "bench", "--name", "bob"])?;
-            let client = |who: &str, token: &str| {
-                let home = root.join(format!("home-{who}"));
-                let mut c = Command::new(&self.bin);
-                c.env("HOME", &home)
-                    .env("HOIST_CONFIG_DIR", home.join("config"))
-                    .env("HOIST_CACHE_DIR", home.join("cache"))
-                    .env("HOIST_BUILDER", format!("tcp://127.0.0.1:{port}"))
-                    .env("HOIST_TOKEN", token)
-                    .env_remove("HOIST_ROOT")
-                    .env_remove("HOIST_PROJECT")
-                    .env_remove("SOURCE_DATE_EPOCH")
-                    .args(["build", "--progress=plain", "-t", tag])
-                    .args(&self.network);
-                c
-            };
+            let client =
+                |who: &str, token: &str| self.client(&root.join(format!("home-{who}")), &format!("tcp://127.0.0.1:{port}"), token, tag);
             let mut a = client("alice", &token_a);
             a.args(alice_extra).arg(&w.dir);
             run_timed(a, log)?;
@@ -617,6 +1018,10 @@ impl Builder for Hoist {
         Some(self.teammate_with(w, checkout, &["--push"], &["--push"], &tag, log))
     }
 
+    fn teammate_other_node(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> Option<anyhow::Result<Sample>> {
+        Some(self.other_node(w, checkout, reg, log))
+    }
+
     fn teammate_load(&mut self, w: &Workload, checkout: &Path, log: &Path) -> Option<anyhow::Result<Sample>> {
         let rmi = || {
             let mut c = docker();
@@ -677,6 +1082,44 @@ impl BuildKit {
     fn dockerd_pid() -> Option<i32> {
         std::fs::read_to_string("/var/run/docker.pid").ok()?.trim().parse().ok()
     }
+
+    /// The teammate scenario; also the first client's build and push (export) times.
+    fn teammate_timed(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> anyhow::Result<(Sample, f64, f64)> {
+        // Issue 4's comparison: the teammate pushed an image with inline cache; this client
+        // starts from an empty local cache and builds with --cache-from.
+        self.reset()?;
+        let cache = format!("{}/hoist-bench/{}:cache", reg.host(), w.name);
+        let a = self.docker_build(&w.dir, &cache, &["--build-arg", "BUILDKIT_INLINE_CACHE=1"], log)?;
+        let p = run_timed(
+            {
+                let mut c = docker();
+                c.args(["push", &cache]);
+                c
+            },
+            log,
+        )?;
+        self.reset()?;
+        let t = self.docker_build(checkout, &Self::tag(w), &["--cache-from", &cache], log)?;
+        Ok((from_progress(&t, true), a.secs, p.secs))
+    }
+
+    /// The teammate scenario with the result pushed to `reg` (as `teammate_timed`).
+    fn teammate_pushed(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> anyhow::Result<(Sample, f64, f64)> {
+        let tag = format!("{}/hoist-bench/{}:teammate", reg.host(), w.name);
+        let r = self.teammate_timed(w, checkout, reg, log).and_then(|(mut s, a, ap)| {
+            let mut tag_cmd = docker();
+            tag_cmd.args(["tag", &Self::tag(w), &tag]);
+            run_quiet(tag_cmd)?;
+            let mut push = docker();
+            push.args(["push", &tag]);
+            let p = run_timed(push, log)?;
+            s.note = format!("build {:.2}s + push {:.2}s", s.secs, p.secs);
+            s.secs += p.secs;
+            Ok((s, a, ap))
+        });
+        self.images.push(tag);
+        r
+    }
 }
 
 impl Builder for BuildKit {
@@ -735,38 +1178,32 @@ impl Builder for BuildKit {
     }
 
     fn teammate(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
-        // Issue 4's comparison: the teammate pushed an image with inline cache; this client
-        // starts from an empty local cache and builds with --cache-from.
-        self.reset()?;
-        let cache = format!("{}/hoist-bench/{}:cache", reg.host(), w.name);
-        self.docker_build(&w.dir, &cache, &["--build-arg", "BUILDKIT_INLINE_CACHE=1"], log)?;
-        run_timed(
-            {
-                let mut c = docker();
-                c.args(["push", &cache]);
-                c
-            },
-            log,
-        )?;
-        self.reset()?;
-        let t = self.docker_build(checkout, &Self::tag(w), &["--cache-from", &cache], log)?;
-        Ok(from_progress(&t, true))
+        self.teammate_timed(w, checkout, reg, log).map(|(s, _, _)| s)
     }
 
     fn teammate_push(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> Option<anyhow::Result<Sample>> {
-        let tag = format!("{}/hoist-bench/{}:teammate", reg.host(), w.name);
-        let r = self.teammate(w, checkout, reg, log).and_then(|mut s| {
-            let mut tag_cmd = docker();
-            tag_cmd.args(["tag", &Self::tag(w), &tag]);
-            run_quiet(tag_cmd)?;
-            let mut push = docker();
-            push.args(["push", &tag]);
-            let p = run_timed(push, log)?;
-            s.note = format!("build {:.2}s + push {:.2}s", s.secs, p.secs);
-            s.secs += p.secs;
-            Ok(s)
+        Some(self.teammate_pushed(w, checkout, reg, log).map(|(s, _, _)| s))
+    }
+
+    fn teammate_other_node(&mut self, w: &Workload, checkout: &Path, reg: &Registry, log: &Path) -> Option<anyhow::Result<Sample>> {
+        // BuildKit shares a cache between machines through a registry. The closest match to
+        // a fleet's shared store would be `--cache-to type=registry,mode=max` (every stage's
+        // layers, intermediate ones included), but only buildx's builder takes --cache-to:
+        // the Docker CLI here is 20.10's classic `docker build` (DOCKER_BUILDKIT=1), and
+        // buildx cannot be installed on this machine. Its only export is inline cache
+        // (`BUILDKIT_INLINE_CACHE=1`, mode=min: the final image's layers), so mode=max is not
+        // measured. What is: teammate-push's run, an engine wiped (build cache and images)
+        // standing for the other machine, with alice's export (her push of the inline-cache
+        // image) in the note.
+        let r = self.teammate_pushed(w, checkout, reg, log).map(|(mut s, build, export)| {
+            s.note = format!("{}; alice: build {build:.2}s + export (push with inline cache) {export:.2}s", s.note);
+            s.figures = vec![("alice_build_secs", build), ("alice_export_secs", export)];
+            s
         });
-        self.images.push(tag);
+        // Leave nothing of the scenario in the engine: its images and build cache.
+        if let Err(e) = self.reset() {
+            eprintln!("hoist-bench: warning: cleaning up BuildKit after teammate-other-node: {e:#}");
+        }
         Some(r)
     }
 
@@ -1010,15 +1447,21 @@ fn main() -> anyhow::Result<()> {
         eprintln!("   {}", w.description);
         descriptions.insert(name.clone(), w.description.clone());
         let checkout = workdir.join("teammate-checkout").join(name);
-        if want("teammate") || want("teammate-load") || want("teammate-push") {
+        if want("teammate") || want("teammate-load") || want("teammate-push") || want("teammate-other-node") {
             checkout_copy(&w.dir, &checkout)?;
         }
         let mut builders: Vec<Box<dyn Builder>> = Vec::new();
         for t in &tools {
             builders.push(match t.as_str() {
-                "hoist" => {
-                    Box::new(Hoist { bin: hoist_bin.clone(), base: workdir.join("hoist"), root: None, n: 0, network: network.clone() })
-                }
+                "hoist" => Box::new(Hoist {
+                    bin: hoist_bin.clone(),
+                    base: workdir.join("hoist"),
+                    root: None,
+                    n: 0,
+                    network: network.clone(),
+                    s3: args.s3.clone(),
+                    s3_log: args.s3_log.clone(),
+                }),
                 "buildkit" => Box::new(BuildKit { base: workdir.join("buildkit"), images: Vec::new(), n: 0, network: network.clone() }),
                 _ => Box::new(Buildah { base: workdir.join("buildah"), root: None, n: 0 }),
             });
@@ -1087,6 +1530,15 @@ fn main() -> anyhow::Result<()> {
                     w.restore()?;
                     if let Some(r) = b.teammate_load(&w, &checkout, &log("teammate-load")) {
                         results.add(name, "teammate-load", tool, r);
+                    }
+                }
+                if want("teammate-other-node") {
+                    w.restore()?;
+                    if let Some(r) = Registry::start(&workdir)
+                        .map(|reg| b.teammate_other_node(&w, &checkout, &reg, &log("teammate-other-node")))
+                        .transpose()
+                    {
+                        results.add(name, "teammate-other-node", tool, r.and_then(|r| r));
                     }
                 }
             }
@@ -1213,6 +1665,19 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
             g.parallel_mbps / g.single_mbps
         );
     }
+    if scenarios.iter().any(|s| s == "teammate-other-node") {
+        let _ = writeln!(
+            out,
+            "\nteammate-other-node (hoist: bob on node B of a fleet sharing an S3 store, alice built on node A; BuildKit: inline-cache image, engine wiped):"
+        );
+        for w in workloads {
+            for t in ["hoist", "buildkit"] {
+                for s in r.ok(w, "teammate-other-node", t) {
+                    let _ = writeln!(out, "- {w} {t}: {:.2}s; {}", s.secs, s.note);
+                }
+            }
+        }
+    }
     for w in workloads {
         for s in scenarios {
             for t in tools {
@@ -1281,6 +1746,19 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
             true,
         );
     }
+    if scenarios.iter().any(|s| s == "teammate-other-node") {
+        let _ = writeln!(out, "\nGoals (issue 13, a fleet sharing a cache store)\n");
+        for w in workloads {
+            let with = r.figure(w, "teammate-other-node", "hoist", "alice_secs_with_store");
+            let without = r.figure(w, "teammate-other-node", "hoist", "alice_secs_without_store");
+            out += &goal(
+                &format!("{w}: first build with the shared tier / the same on a node without it, hoist"),
+                ratio(with, without),
+                1.1,
+                true,
+            );
+        }
+    }
     out
 }
 
@@ -1303,6 +1781,7 @@ fn to_json(
                 Ok(s) => json!({
                     "seconds": s.secs, "overhead_seconds": s.overhead, "run_covered_seconds": s.run_covered,
                     "peak_rss_kib": s.rss_kib, "steps_done": s.done, "steps_cached": s.cached, "note": s.note,
+                    "figures": s.figures.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
                 }),
                 Err(e) => json!({ "error": e }),
             })
