@@ -603,16 +603,18 @@ fn keyable_now(b: &Build, step: &Step) -> bool {
 }
 
 /// Look up, in one batch of parallel requests to the shared tier, the keys of `steps` (after
-/// the state keyed `parent`) that can be computed now and that this node has no usable
-/// record of; the layers of the hits start downloading at once, side by side. Returns how
+/// the state keyed `parent`) that can be computed now (the first always) and that this node
+/// has no usable record of; the layers of the hits start downloading at once, side by side. Returns how
 /// many steps were keyed: the steps after them are looked up when the solver reaches them.
 async fn lookahead(b: &Arc<Build>, parent: &str, steps: &[Step]) -> usize {
     let Some(tier) = b.engine.shared().cloned() else { return steps.len() };
     let mut parent = parent.to_string();
     let mut wanted = Vec::new();
     let mut keyed = 0;
-    for step in steps {
-        if !keyable_now(b, step) {
+    for (i, step) in steps.iter().enumerate() {
+        // The first step is the one the solver is at: it is keyed even when that means
+        // waiting for another stage (the step would wait for it anyway).
+        if i > 0 && !keyable_now(b, step) {
             break;
         }
         // An error here is the step's own, reported when the solver reaches it.

@@ -285,3 +285,18 @@ async fn a_base_image_one_node_pulled_comes_to_the_others_from_the_shared_tier()
         assert!(b.engine.snapshots().has_layer(d), "layer {d} is on node B");
     }
 }
+
+/// Regression: a step that waits for another stage (`COPY --from`) was keyed only when the
+/// solver reached it, and never looked up in the shared tier, so every other node ran it.
+#[tokio::test]
+async fn a_step_that_waits_for_another_stage_is_looked_up_too() {
+    let store = Arc::new(Watched::default());
+    let (a, b) = fleet(&store);
+    let dockerfile = "FROM scratch AS build\nRUN write /out built\nFROM scratch\nCOPY --from=build /out /app/out\nRUN write /two 2\n";
+    let (alice, _) = build(&a, dockerfile).await;
+    assert_eq!(alice.steps_run, 3);
+    a.engine.flush_shared().await;
+    let (bob, _) = build(&b, dockerfile).await;
+    assert_eq!((bob.steps_run, bob.steps_cached), (0, 3));
+    assert_eq!(bob.images[0].config_digest, alice.images[0].config_digest);
+}

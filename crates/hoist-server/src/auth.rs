@@ -172,6 +172,8 @@ enum Backend {
 
 struct SharedAuth {
     store: SharedStore,
+    /// The node's copy of the last contents read (`auth.shared.json` in its root).
+    copy: PathBuf,
     /// The node's own `auth.json`: it seeds a shared store that has none yet, so a
     /// builder's projects and tokens come along when it becomes the first node of a fleet.
     seed: PathBuf,
@@ -237,6 +239,7 @@ impl AuthStore {
             backend: Backend::Shared(SharedAuth {
                 store: shared.clone(),
                 seed: root.join("auth.json"),
+                copy: root.join("auth.shared.json"),
                 object,
                 cache: RwLock::default(),
                 reread: Default::default(),
@@ -254,8 +257,18 @@ impl AuthStore {
     /// the returned task is aborted). Nothing to do for a file.
     pub async fn keep_fresh(self: &Arc<Self>) -> Result<Option<tokio::task::JoinHandle<()>>, AuthError> {
         let Backend::Shared(s) = &self.backend else { return Ok(None) };
-        let (mut file, version) = self.fetch(s).await?;
-        if let (None, Ok(bytes)) = (version, fs::read(&s.seed)) {
+        let (mut file, version) = match self.fetch(s).await {
+            Ok(read) => read,
+            // The store is down: a node that has read it before goes on with its copy.
+            Err(e) => match fs::read(&s.copy).ok().and_then(|b| serde_json::from_slice::<AuthFile>(&b).ok()) {
+                Some(copy) => {
+                    tracing::warn!("{e}; using the copy of projects and tokens in {} until the store answers", s.copy.display());
+                    (copy, Some(UpdateVersion { e_tag: None, version: None }))
+                }
+                None => return Err(e),
+            },
+        };
+        if let (None, Ok(bytes)) = (&version, fs::read(&s.seed)) {
             let seed: AuthFile = serde_json::from_slice(&bytes).map_err(|e| self.err(format!("{}: corrupt: {e}", s.seed.display())))?;
             let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
             match s.store.store().put_opts(&s.object, PutPayload::from(bytes), opts).await {
@@ -264,7 +277,7 @@ impl AuthStore {
                 Err(e) => return Err(self.err(e)),
             }
         }
-        *s.cache.write().unwrap_or_else(|e| e.into_inner()) = Some(file);
+        self.keep(s, file);
         s.fresh.store(true, Ordering::Release);
         let me = self.clone();
         Ok(Some(tokio::spawn(async move {
@@ -274,7 +287,7 @@ impl AuthStore {
                 let Backend::Shared(s) = &me.backend else { return };
                 match me.fetch(s).await {
                     Ok((file, _)) => {
-                        *s.cache.write().unwrap_or_else(|e| e.into_inner()) = Some(file);
+                        me.keep(s, file);
                         warned = false;
                     }
                     Err(e) if !warned => {
@@ -285,6 +298,19 @@ impl AuthStore {
                 }
             }
         })))
+    }
+
+    /// Make `file` (just read from the store) the node's current copy, in memory and, when
+    /// it changed, on disk: a node restarted while the store is down still knows the
+    /// fleet's projects and tokens.
+    fn keep(&self, s: &SharedAuth, file: AuthFile) {
+        let mut cache = s.cache.write().unwrap_or_else(|e| e.into_inner());
+        if cache.as_ref() != Some(&file) {
+            if let Err(e) = write_private(&s.copy, &file) {
+                tracing::warn!("keeping a copy of projects and tokens in {}: {e}", s.copy.display());
+            }
+        }
+        *cache = Some(file);
     }
 
     /// Read a shared store now, unless it was read this way less than a second ago (an
@@ -397,14 +423,7 @@ impl AuthStore {
             Err(e) => return Err(self.err(e)),
         };
         let out = f(&mut file)?;
-        let tmp = self.path.with_extension("tmp");
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut t = fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).map_err(|e| self.err(e))?;
-            t.write_all(&serde_json::to_vec_pretty(&file).map_err(|e| self.err(e))?).map_err(|e| self.err(e))?;
-            t.sync_all().map_err(|e| self.err(e))?;
-        }
-        fs::rename(&tmp, &self.path).map_err(|e| self.err(e))?;
+        write_private(&self.path, &file).map_err(|e| self.err(e))?;
         Ok(out)
     }
 
@@ -556,6 +575,20 @@ impl AuthStore {
     }
 }
 
+/// Write `file` to `path` atomically (a temporary file renamed over it), readable by its
+/// owner only.
+fn write_private(path: &Path, file: &AuthFile) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut t = fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+    t.write_all(&serde_json::to_vec_pretty(file)?)?;
+    t.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
 fn add_token(f: &mut AuthFile, project: &str, name: &str) -> Result<String, std::io::Error> {
     let token = new_token()?;
     let hash = hash_token(&token);
@@ -617,6 +650,38 @@ mod tests {
             a.authenticate(Some(t), None, false).unwrap();
         }
         assert_eq!(b.load().unwrap().tokens.len(), 9);
+    }
+
+    /// An S3 store whose endpoint refuses connections.
+    fn unreachable() -> SharedStore {
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name("bucket")
+            .with_endpoint("http://127.0.0.1:1")
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("k")
+            .with_secret_access_key("s")
+            .with_retry(object_store::RetryConfig { max_retries: 0, ..Default::default() })
+            .build()
+            .unwrap();
+        SharedStore::new(Arc::new(s3), "fleet", "s3://bucket/fleet")
+    }
+
+    #[tokio::test]
+    async fn a_node_restarted_while_the_store_is_down_goes_on_with_its_copy() {
+        let (a, _b, store, roots) = shared_pair();
+        let token = a.create_project("web", "alice").unwrap();
+        let node = || SharedStore::new(store.clone(), "fleet", "s3://bucket/fleet");
+        let first = Arc::new(AuthStore::open(&roots.path().join("n"), Some(&node())));
+        first.keep_fresh().await.unwrap().unwrap().abort();
+        // Restarted, the store unreachable: the copy from its last read holds.
+        let restarted = Arc::new(AuthStore::open(&roots.path().join("n"), Some(&unreachable())));
+        restarted.keep_fresh().await.unwrap().unwrap().abort();
+        assert_eq!(restarted.authenticate(Some(&token), None, false).unwrap().project, "web");
+        // A node that never read the store has nothing to go on: it says why.
+        let fresh = Arc::new(AuthStore::open(&roots.path().join("never"), Some(&unreachable())));
+        let e = fresh.keep_fresh().await.unwrap_err().to_string();
+        assert!(e.contains("s3://bucket/fleet/auth.json"), "{e}");
     }
 
     #[tokio::test]

@@ -407,15 +407,22 @@ pub const SHARED_GRACE: std::time::Duration = std::time::Duration::from_secs(360
 const SHARED_COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl BuilderService {
-    /// Keep `project` under its limit in the shared store too: in the background, at most
-    /// once an hour per node (a collection reads every entry).
+    /// Keep `project` under its limit in the shared store too: in the background, once an
+    /// hour of builds per node (a collection reads every entry).
     fn collect_shared_now_and_then(&self, project: &str) {
         let Some(tier) = self.engine.shared().cloned() else { return };
         {
             let mut last = self.shared_collected.lock().unwrap_or_else(|e| e.into_inner());
             let now = std::time::Instant::now();
-            if last.get(project).is_some_and(|t| now.duration_since(*t) < SHARED_COLLECT_EVERY) {
-                return;
+            // The first build of a project on this node starts the clock: a node that lives
+            // for a few builds (a CI burst) leaves collection to the long-lived ones.
+            match last.get(project) {
+                Some(t) if now.duration_since(*t) < SHARED_COLLECT_EVERY => return,
+                Some(_) => {}
+                None => {
+                    last.insert(project.to_string(), now);
+                    return;
+                }
             }
             last.insert(project.to_string(), now);
         }

@@ -350,12 +350,20 @@ impl SharedTier {
     async fn get_entry(&self, ns: &str, key: &str) -> Result<Option<Entry>, SharedError> {
         let path = self.store.entry_path(ns, key);
         self.requests.entry_gets.fetch_add(1, Ordering::Relaxed);
-        let bytes = match self.store.store.get(&path).await {
-            Ok(r) => r.bytes().await?,
+        let (bytes, written) = match self.store.store.get(&path).await {
+            Ok(r) => {
+                let written = r.meta.last_modified;
+                (r.bytes().await?, written)
+            }
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        serde_json::from_slice(&bytes).map(Some).map_err(|source| SharedError::Entry { path: path.to_string(), source })
+        let entry = serde_json::from_slice(&bytes).map_err(|source| SharedError::Entry { path: path.to_string(), source })?;
+        // Written (or marked used) within a day: marking it used now would change nothing.
+        if chrono::Utc::now().signed_duration_since(written).to_std().is_ok_and(|age| age < TOUCH_EVERY) {
+            self.touched.lock().unwrap_or_else(|e| e.into_inner()).insert(Self::missing_key(ns, key), Instant::now());
+        }
+        Ok(Some(entry))
     }
 
     async fn has_blob(&self, digest: &Digest) -> Result<bool, SharedError> {

@@ -51,11 +51,11 @@ pub(super) fn open(url: &str) -> Result<SharedStore, SharedError> {
     }
     // A store that does not answer is noticed in seconds, not minutes: builds go on
     // without it (the local tier) rather than wait.
-    let mut client = ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(300));
+    let mut client = ClientOptions::new().with_connect_timeout(Duration::from_secs(3)).with_timeout(Duration::from_secs(300));
     if endpoint_http || settings.get("aws_allow_http").is_some_and(|v| v == "true") {
         client = client.with_allow_http(true);
     }
-    let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(30), ..Default::default() };
+    let retry = RetryConfig { max_retries: 2, retry_timeout: Duration::from_secs(15), ..Default::default() };
     let s3 = builder.with_client_options(client).with_retry(retry).build().map_err(|e| bad(e.to_string()))?;
     Ok(SharedStore::new(Arc::new(s3), prefix, url))
 }
