@@ -469,6 +469,8 @@ fn each_platform_goes_to_a_builder_that_announces_it() {
     for (s, t) in [(&amd, &ta), (&arm, &tb)] {
         let out = cmd().args(["login", "--builder", &s.addr(), "--token", t]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // The builder's Info names the token's project.
+        assert!(String::from_utf8_lossy(&out.stderr).contains("(project \"web\")"), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let reg = Registry::start();
     let ctx = context(&[(

@@ -188,16 +188,6 @@ pub struct StoreRequests {
     pub entry_puts: AtomicU64,
 }
 
-impl StoreRequests {
-    /// Every request so far.
-    pub fn total(&self) -> u64 {
-        [&self.entry_gets, &self.blob_heads, &self.blob_gets, &self.blob_puts, &self.entry_puts]
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum()
-    }
-}
-
 /// A node's use of its shared store: lookups, fetches, writes behind builds, and the state
 /// that keeps a failing or missing store cheap (negative cache, back-off).
 pub struct SharedTier {
@@ -556,6 +546,10 @@ impl SharedTier {
             if touched.get(&id).is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY) {
                 return;
             }
+            if touched.len() >= TOUCHED_KEPT {
+                // What is older than a day would be marked again anyway.
+                touched.retain(|_, t| now.duration_since(*t) < TOUCH_EVERY);
+            }
             touched.insert(id, now);
         }
         let (tier, path) = (self.clone(), self.store.entry_path(ns, key));
@@ -690,6 +684,8 @@ impl SharedTier {
 
 /// How often a node marks an entry it uses as used.
 pub const TOUCH_EVERY: Duration = Duration::from_secs(24 * 3600);
+/// How many keys' marks a node remembers before it forgets those older than a day.
+const TOUCHED_KEPT: usize = 100_000;
 
 /// A project's share of the shared tier.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -867,6 +863,28 @@ mod tests {
         assert_eq!(done.freed_bytes, 106, "the orphan and the blob no project names any more");
         assert!(!t.has_blob(&blobs[0].digest).await.unwrap());
         assert!(t.has_blob(&blobs[2].digest).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_entry_used_is_marked_at_most_daily_so_its_store_time_is_its_last_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let t = Arc::new(SharedTier::new(SharedStore::new(Arc::new(fs), "", "file://")));
+        t.put_entry("web", "old", &Entry { diff_id: None, blob: None, created: 1, size: 0 }).await.unwrap();
+        let file = dir.path().join("ac/web/old");
+        let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+        std::fs::File::options().write(true).open(&file).unwrap().set_modified(two_days_ago).unwrap();
+        t.touch("web", "old").await;
+        t.flush().await;
+        let marked = std::fs::metadata(&file).unwrap().modified().unwrap();
+        assert!(marked > two_days_ago + Duration::from_secs(24 * 3600), "rewritten: its time is now");
+        // Marked again within the day: nothing is asked of the store.
+        std::fs::File::options().write(true).open(&file).unwrap().set_modified(two_days_ago).unwrap();
+        let puts = t.requests.entry_puts.load(Ordering::Relaxed);
+        t.touch("web", "old").await;
+        t.flush().await;
+        assert_eq!(t.requests.entry_puts.load(Ordering::Relaxed), puts);
+        assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), two_days_ago);
     }
 
     #[tokio::test]
