@@ -186,6 +186,9 @@ pub struct BuildRequest {
     /// a new layer of the target image is compressed as soon as its step ends, while
     /// later steps run, instead of after the build ([`Engine::layer_blob`]).
     pub eager_blobs: Option<crate::export::LayerCompression>,
+    /// What the outputs need of the result's layers ([`crate::export::Exporter::needs`]):
+    /// on a fleet node, a layer found in the shared tier is fetched only as far as that.
+    pub needs: crate::LayerNeeds,
 }
 
 /// One built image (one platform).

@@ -137,18 +137,22 @@ impl Engine {
         Ok(before.layer_bytes + before.cache_mount_bytes)
     }
 
-    /// Delete layers that no record refers to and no build holds. Returns how many.
+    /// Delete layers (snapshots, and blobs of layers known only by their blobs) that no
+    /// record refers to and no build holds. Returns how many.
     pub fn sweep(&self) -> Result<u64, EngineError> {
         let referenced = self.index().referenced_layers()?;
-        let layers = self.snapshots().layers()?;
+        let mut layers: std::collections::BTreeSet<Digest> = self.snapshots().layers()?.into_iter().map(|(d, _)| d).collect();
+        layers.extend(self.index().blob_layers()?);
         // Holding the lease map makes "not leased" hold for the whole deletion.
         let map = self.inner.leases.map.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = 0;
-        for (d, _) in layers {
+        for d in layers {
             if referenced.contains(&d) || map.contains_key(&d) {
                 continue;
             }
-            self.snapshots().remove_layer(&d)?;
+            if self.snapshots().has_layer(&d) {
+                self.snapshots().remove_layer(&d)?;
+            }
             for b in self.index().layer_blobs(&d)? {
                 self.store().remove(&b.digest)?;
             }

@@ -1,6 +1,6 @@
 //! Base images for one build: resolving references (a tag resolved before is reused unless
-//! `--pull`), pulling and extracting missing layers (each layer once, in parallel, verified),
-//! and fetching `ADD <url>` sources.
+//! `--pull`), knowing their layers (pulled and extracted, verified, when a step or an output
+//! needs them: [`crate::layers`]), and fetching `ADD <url>` sources.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -14,12 +14,12 @@ use hoist_oci::reference::Reference;
 use hoist_oci::registry::{RegistryClient, RegistryError};
 use hoist_oci::store::ContentStore;
 use sha2::{Digest as _, Sha256};
-use tokio_util::sync::CancellationToken;
 
 use crate::cache::BlobRecord;
 use crate::engine::{Engine, EngineError};
 use crate::frontend::ImageResolver;
 use crate::graph::{Platform, ResolvedImage};
+use crate::layers::LayerOrigins;
 
 /// Why a base image (or one of its layers) cannot be used. [`EngineError::Image`] names the
 /// image.
@@ -147,6 +147,7 @@ pub(crate) struct BuildResolver {
     registry: RegistryClient,
     pull: bool,
     resolved: tokio::sync::Mutex<HashMap<(String, String), ResolvedImage>>,
+    origins: LayerOrigins,
     urls: Mutex<HashMap<String, (Digest, Arc<tempfile::NamedTempFile>)>>,
 }
 
@@ -158,6 +159,7 @@ impl BuildResolver {
             registry,
             pull,
             resolved: tokio::sync::Mutex::new(HashMap::new()),
+            origins: LayerOrigins::default(),
             urls: Mutex::new(HashMap::new()),
         }
     }
@@ -196,66 +198,35 @@ impl BuildResolver {
         Ok(ResolvedImage { reference: canonical, manifest_digest: m.manifest_digest.to_string(), config })
     }
 
-    /// Make every layer of `img` available as a snapshot; returns how many were fetched and
-    /// the total size of the image's layer blobs. The caller leases the layers first.
-    pub(crate) async fn pull_layers(&self, img: &ResolvedImage, cancel: &CancellationToken) -> Result<(usize, u64), EngineError> {
-        let image_err = |source: ImageError| EngineError::Image { reference: img.reference.clone(), source: Box::new(source) };
-        self.pull_layers_inner(img, cancel).await.map_err(|e| match e {
-            Pull::Image(e) => image_err(e),
-            Pull::Shared(e) => EngineError::Stage(e),
-        })
+    /// Know the layers of `img` without fetching them: each layer's blob (as the registry
+    /// serves it) recorded, and where to pull it from when a step or an output needs its
+    /// files ([`Engine::ensure_layers`] with [`BuildResolver::origins`]). Returns the total
+    /// size of the image's layer blobs. The caller leases the layers first.
+    pub(crate) fn register_layers(&self, img: &ResolvedImage) -> Result<u64, EngineError> {
+        self.register_layers_inner(img).map_err(|e| EngineError::Image { reference: img.reference.clone(), source: Box::new(e) })
     }
 
-    async fn pull_layers_inner(&self, img: &ResolvedImage, cancel: &CancellationToken) -> Result<(usize, u64), Pull> {
-        let store = self.engine.store().clone();
-        let manifest_digest: Digest = img.manifest_digest.parse().map_err(ImageError::from)?;
-        let manifest: Manifest = serde_json::from_slice(&store.read(&manifest_digest).map_err(ImageError::from)?)
+    fn register_layers_inner(&self, img: &ResolvedImage) -> Result<u64, ImageError> {
+        let store = self.engine.store();
+        let manifest_digest: Digest = img.manifest_digest.parse()?;
+        let manifest: Manifest = serde_json::from_slice(&store.read(&manifest_digest)?)
             .map_err(|source| ImageError::Json { what: "manifest", digest: manifest_digest.clone(), source })?;
         let diff_ids = &img.config.rootfs.diff_ids;
         if manifest.layers.len() != diff_ids.len() {
-            return Err(ImageError::LayerCount { manifest: manifest.layers.len(), config: diff_ids.len() }.into());
+            return Err(ImageError::LayerCount { manifest: manifest.layers.len(), config: diff_ids.len() });
         }
-        let reference = Reference::parse(&img.reference).map_err(ImageError::from)?;
-        let mut jobs = Vec::new();
-        let total: u64 = manifest.layers.iter().map(|l| l.size).sum();
+        let reference = Reference::parse(&img.reference)?;
         for (desc, diff_id) in manifest.layers.iter().zip(diff_ids) {
             let record = BlobRecord { digest: desc.digest.clone(), size: desc.size, media_type: desc.media_type.clone(), original: true };
-            if self.engine.snapshots().has_layer(diff_id) {
-                let known = self.engine.index().layer_blobs(diff_id).map_err(ImageError::from)?;
-                if !known.iter().any(|b| b.digest == desc.digest) {
-                    self.engine.index().add_layer_blob(diff_id, record).map_err(ImageError::from)?;
-                }
-                continue;
-            }
-            let engine = self.engine.clone();
-            let registry = self.registry.clone();
-            let reference = reference.clone();
-            let diff_id = diff_id.clone();
-            let desc = desc.clone();
-            let key = format!("pull:{diff_id}");
-            let worker = engine.clone();
-            jobs.push(async move {
-                let (out, _) = engine
-                    .inner
-                    .inflight
-                    .run(&key, cancel, move |_c| async move {
-                        let blob = desc.digest.clone();
-                        pull_one(worker, registry, reference.clone(), desc, diff_id.clone(), record).await.map_err(|e| {
-                            let source = ImageError::Layer { blob, source: Box::new(e) };
-                            Arc::new(EngineError::Image { reference: reference.to_string(), source: Box::new(source) })
-                        })?;
-                        Ok(Some(diff_id))
-                    })
-                    .await;
-                out
-            });
+            self.engine.index().add_layer_blob(diff_id, record)?;
+            self.origins.add(diff_id, &self.registry, &reference, desc);
         }
-        let n = jobs.len();
-        let results = futures::future::join_all(jobs).await;
-        for r in results {
-            r.map_err(Pull::Shared)?;
-        }
-        Ok((n, total))
+        Ok(manifest.layers.iter().map(|l| l.size).sum())
+    }
+
+    /// Where the layers of the build's base images come from.
+    pub(crate) fn origins(&self) -> &LayerOrigins {
+        &self.origins
     }
 
     /// Download a URL (once per build), verifying `checksum` (`sha256:...`) when given.
@@ -297,38 +268,6 @@ fn verify_checksum(url: &str, got: &Digest, want: Option<&str>) -> Result<(), Ur
         Some(w) if w != got.as_str() => Err(UrlError::Checksum { url: url.to_string(), got: got.clone(), want: w.to_string() }),
         _ => Ok(()),
     }
-}
-
-/// A pull's failure: of this image, or of a layer pull another build started.
-enum Pull {
-    Image(ImageError),
-    Shared(Arc<EngineError>),
-}
-
-impl From<ImageError> for Pull {
-    fn from(e: ImageError) -> Pull {
-        Pull::Image(e)
-    }
-}
-
-async fn pull_one(
-    engine: Engine,
-    registry: RegistryClient,
-    reference: Reference,
-    desc: hoist_oci::image::Descriptor,
-    diff_id: Digest,
-    record: BlobRecord,
-) -> Result<(), ImageError> {
-    let store = engine.store().clone();
-    if !store.contains(&desc.digest) {
-        // Another node of the fleet may have pulled it: its bytes come from the shared tier.
-        let blob = crate::shared::BlobDesc { digest: desc.digest.clone(), size: desc.size, media_type: desc.media_type.clone() };
-        if !engine.base_blob_from_shared(&blob).await {
-            engine.inner.images.fetch_blob(&registry, &reference, &desc.digest, &store).await?;
-            engine.share_base_blob(blob).await;
-        }
-    }
-    unpack_layer(&engine, record, &diff_id).await
 }
 
 /// Extract the stored blob of `record` as the snapshot of layer `diff_id`, checking that it

@@ -20,6 +20,7 @@ pub mod gc;
 pub mod git;
 pub mod graph;
 mod images;
+pub mod layers;
 pub mod limits;
 pub mod progress;
 pub mod rootfs;
@@ -32,4 +33,5 @@ pub mod testing;
 
 pub use engine::{BuildOutcome, BuildRequest, BuildSecrets, BuiltImage, Engine, EngineConfig, EngineError, EngineParts, StepCause};
 pub use images::{ImageSource, Registries, SourceImage};
+pub use layers::LayerNeeds;
 pub use limits::Limits;

@@ -147,8 +147,8 @@ pub(crate) struct StageState {
 
 type SharedStage = Shared<BoxFuture<'static, Result<Arc<StageState>, Arc<EngineError>>>>;
 
-/// A step result found in the shared tier, its layer being fetched.
-type RemoteHit = Shared<BoxFuture<'static, Result<Entry, Arc<EngineError>>>>;
+/// A step result found in the shared tier (its layer's blob there; fetched when needed).
+type RemoteHit = Entry;
 
 /// Everything a stage task needs.
 pub(crate) struct Build {
@@ -202,6 +202,11 @@ impl Build {
         let commit = tokio::task::spawn_blocking(move || crate::git::resolve(&r, scratch.path())).await??;
         known.insert(g.clone(), commit.clone());
         Ok(commit)
+    }
+
+    /// Make the files of `layers` (a step runs on them): see [`Engine::ensure_layers`].
+    pub(crate) async fn ensure_layers(&self, layers: &[Digest]) -> Result<usize, EngineError> {
+        self.engine.ensure_layers(layers, Some(self.resolver.origins()), &self.cancel).await
     }
 
     /// Whether stage `id` has finished without error (its key is known).
@@ -332,6 +337,9 @@ pub(crate) async fn build_platform(
         tracing::warn!("marking cache records as used: {e}");
     }
     let state = result.map_err(unwrap_arc)?;
+    // The outputs get the layers as far as they need them (a fleet node may hold some only
+    // as blobs in the shared tier, or a base layer not at all yet).
+    build.engine.provide_layers(&state.layers, build.req.needs, build.resolver.origins(), &build.cancel).await?;
     let stage = &build.graph.stages[target];
     image_of(&build, stage, &state)
 }
@@ -362,20 +370,10 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
             StageState { key: s.key.clone(), layers: s.layers.clone(), history: s.history.clone() }
         }
         Base::Image(img) => {
-            let vid = b.vertices.next();
-            let name = format!("[{label}] FROM {}@{}", img.reference, img.manifest_digest);
-            b.progress.send(Event::Started { id: vid, name });
-            let t = Instant::now();
             for d in &img.config.rootfs.diff_ids {
                 b.leases.add(d);
             }
-            let res = b.resolver.pull_layers(img, &b.cancel).await;
-            let (cached, err) = match &res {
-                Ok((pulled, _)) => (*pulled == 0, None),
-                Err(e) => (false, Some(e.to_string())),
-            };
-            b.progress.send(Event::Completed { id: vid, cached, seconds: t.elapsed().as_secs_f64(), error: err });
-            let (_, size) = res?;
+            let size = b.resolver.register_layers(img)?;
             let layers = img.config.rootfs.diff_ids.clone();
             b.engine
                 .index()
@@ -384,16 +382,36 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
             StageState { key: cachekey::base_key(&ns, &b.platform, &layers), layers, history: img.config.history.clone() }
         }
     };
-    let total = stage.steps.len();
-    let mut entries = stage.history.iter();
     // Steps up to this one were looked up in the shared tier.
     let mut looked = 0;
+    let mut first_hit = false;
+    if !b.req.no_cache && b.engine.shared().is_some() && !stage.steps.is_empty() {
+        let (keyed, hit) = lookahead(&b, &state.key, &stage.steps).await;
+        (looked, first_hit) = (keyed.max(1), hit);
+    }
+    if let Base::Image(img) = &stage.base {
+        // The base's files are needed at once unless the first step's result is known (a
+        // fleet node then fetches them only if a later step runs): BuildKit's lazy pull.
+        let vid = b.vertices.next();
+        b.progress.send(Event::Started { id: vid, name: format!("[{label}] FROM {}@{}", img.reference, img.manifest_digest) });
+        let t = Instant::now();
+        let lazy = first_hit || (stage.steps.is_empty() && b.engine.shared().is_some());
+        let res = if lazy { Ok(0) } else { b.ensure_layers(&state.layers).await };
+        let (cached, err) = match &res {
+            Ok(pulled) => (*pulled == 0, None),
+            Err(e) => (false, Some(e.to_string())),
+        };
+        b.progress.send(Event::Completed { id: vid, cached, seconds: t.elapsed().as_secs_f64(), error: err });
+        res?;
+    }
+    let total = stage.steps.len();
+    let mut entries = stage.history.iter();
     for (i, step) in stage.steps.iter().enumerate() {
         if b.cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
         if i >= looked && !b.req.no_cache && b.engine.shared().is_some() {
-            looked = i + lookahead(&b, &state.key, &stage.steps[i..]).await.max(1);
+            looked = i + lookahead(&b, &state.key, &stage.steps[i..]).await.0.max(1);
         }
         // History entries of config-only instructions before this step.
         for h in entries.by_ref() {
@@ -568,14 +586,14 @@ fn step_keys(b: &Build, parent: &str, step: &Step, inputs: &[(&'static str, Stri
     (op_key, next_key)
 }
 
-/// This node's record of step `key` when its layer is here too (the layer leased first).
+/// This node's record of step `key` when its layer is at hand too (the layer leased first).
 fn local_record(b: &Build, key: &str) -> Result<Option<StepRecord>, crate::cache::CacheError> {
     let Some(rec) = b.engine.index().step(&b.req.namespace, key)? else { return Ok(None) };
     let usable = match &rec.diff_id {
         None => true,
         Some(d) => {
             b.leases.add(d);
-            b.engine.snapshots().has_layer(d)
+            b.engine.layer_at_hand(d)
         }
     };
     Ok(usable.then_some(rec))
@@ -604,13 +622,14 @@ fn keyable_now(b: &Build, step: &Step) -> bool {
 
 /// Look up, in one batch of parallel requests to the shared tier, the keys of `steps` (after
 /// the state keyed `parent`) that can be computed now (the first always) and that this node
-/// has no usable record of; the layers of the hits start downloading at once, side by side. Returns how
-/// many steps were keyed: the steps after them are looked up when the solver reaches them.
-async fn lookahead(b: &Arc<Build>, parent: &str, steps: &[Step]) -> usize {
-    let Some(tier) = b.engine.shared().cloned() else { return steps.len() };
+/// has no usable record of. Returns how many steps were keyed (the steps after them are
+/// looked up when the solver reaches them) and whether the first one's result is known.
+async fn lookahead(b: &Arc<Build>, parent: &str, steps: &[Step]) -> (usize, bool) {
+    let Some(tier) = b.engine.shared().cloned() else { return (steps.len(), false) };
     let mut parent = parent.to_string();
     let mut wanted = Vec::new();
     let mut keyed = 0;
+    let mut first = None;
     for (i, step) in steps.iter().enumerate() {
         // The first step is the one the solver is at: it is keyed even when that means
         // waiting for another stage (the step would wait for it anyway).
@@ -620,17 +639,22 @@ async fn lookahead(b: &Arc<Build>, parent: &str, steps: &[Step]) -> usize {
         // An error here is the step's own, reported when the solver reaches it.
         let Ok(inputs) = step_inputs(b, step).await else { break };
         let (op_key, next) = step_keys(b, &parent, step, &inputs);
-        if !matches!(local_record(b, &op_key), Ok(Some(_))) {
+        let local = matches!(local_record(b, &op_key), Ok(Some(_)));
+        if i == 0 {
+            first = Some((op_key.clone(), local));
+        }
+        if !local {
             wanted.push(op_key);
         }
         parent = next;
         keyed += 1;
     }
+    let first_hit = |remote: &HashMap<String, RemoteHit>| first.as_ref().is_some_and(|(k, local)| *local || remote.contains_key(k));
     if wanted.is_empty() {
-        return keyed;
+        return (keyed, first_hit(&HashMap::new()));
     }
     let engine = b.engine.clone();
-    let found = tier.lookup(&b.req.namespace, &wanted, &|d| engine.snapshots().has_layer(d)).await;
+    let found = tier.lookup(&b.req.namespace, &wanted, &|d| engine.layer_at_hand(d)).await;
     if let Some(msg) = found.failed {
         if !b.shared_warned.swap(true, Ordering::Relaxed) {
             Engine::warn(&b.progress, msg);
@@ -641,12 +665,10 @@ async fn lookahead(b: &Arc<Build>, parent: &str, steps: &[Step]) -> usize {
         if let Some(d) = &entry.diff_id {
             b.leases.add(d);
         }
-        let engine = b.engine.clone();
-        let hit: RemoteHit = async move { engine.import_entry(&entry).await.map(|()| entry).map_err(Arc::new) }.boxed().shared();
-        tokio::spawn(hit.clone());
-        remote.insert(key, hit);
+        b.engine.import_entry(&entry).map_err(|e| tracing::warn!("recording a shared cache entry: {e}")).ok();
+        remote.insert(key, entry);
     }
-    keyed
+    (keyed, first_hit(&remote))
 }
 
 /// Returns the step's layer (if any), whether it came from the cache, and when its cache
@@ -665,22 +687,14 @@ async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u3
             return Ok((rec.diff_id, true, rec.created));
         }
         let remote = b.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(&op_key);
-        if let Some(hit) = remote {
-            match hit.await {
-                Ok(entry) => {
-                    let rec =
-                        StepRecord { diff_id: entry.diff_id, created: entry.created, last_used: engine.index().now(), size: entry.size };
-                    engine.index().put_step_record(&b.req.namespace, &op_key, &rec).map_err(|e| step_error(b, step, e))?;
-                    if let Some(tier) = engine.shared() {
-                        tier.touch(&b.req.namespace, &op_key).await;
-                    }
-                    state.key = next_key;
-                    return Ok((rec.diff_id, true, rec.created));
-                }
-                Err(e) => {
-                    Engine::warn(&b.progress, format!("{}: the shared cache's result cannot be used ({e}); running the step", step.display))
-                }
+        if let Some(entry) = remote {
+            let rec = StepRecord { diff_id: entry.diff_id, created: entry.created, last_used: engine.index().now(), size: entry.size };
+            engine.index().put_step_record(&b.req.namespace, &op_key, &rec).map_err(|e| step_error(b, step, e))?;
+            if let Some(tier) = engine.shared() {
+                tier.touch(&b.req.namespace, &op_key).await;
             }
+            state.key = next_key;
+            return Ok((rec.diff_id, true, rec.created));
         }
     }
     let env = StepEnv { build: b.clone(), parent_layers: state.layers.clone(), step: step.clone(), vertex: vid };

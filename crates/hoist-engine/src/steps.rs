@@ -145,7 +145,10 @@ async fn finish_mount(env: &StepEnv, mut active: ActiveMount, lease: &LeaseSet) 
     commit_dir(env, Uncommitted::Mount(active), lease).await
 }
 
+/// Mount `layers` (a view, or a writable stack), their files made first if this node holds
+/// them only as blobs ([`crate::layers`]).
 async fn prepare(env: &StepEnv, layers: Vec<Digest>, view: bool) -> Result<ActiveMount, EngineError> {
+    env.build.ensure_layers(&layers).await?;
     let snaps = env.build.engine.snapshots().clone();
     blocking(env, move || -> Result<ActiveMount, SnapshotError> {
         if view {

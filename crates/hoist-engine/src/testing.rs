@@ -349,6 +349,7 @@ impl TestEngine {
             secrets: Default::default(),
             registry: RegistryClient::new(Default::default()).expect("a registry client"),
             eager_blobs: None,
+            needs: Default::default(),
         }
     }
 

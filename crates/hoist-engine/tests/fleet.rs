@@ -14,7 +14,8 @@ use futures::TryStreamExt;
 use hoist_engine::progress::{Event, Progress};
 use hoist_engine::shared::SharedStore;
 use hoist_engine::testing::TestEngine;
-use hoist_engine::BuildOutcome;
+use hoist_engine::{BuildOutcome, LayerNeeds};
+use hoist_oci::compress::Compression;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
@@ -299,4 +300,82 @@ async fn a_step_that_waits_for_another_stage_is_looked_up_too() {
     let (bob, _) = build(&b, dockerfile).await;
     assert_eq!((bob.steps_run, bob.steps_cached), (0, 3));
     assert_eq!(bob.images[0].config_digest, alice.images[0].config_digest);
+}
+
+/// Issue 13: a node takes a hit's layer only as far as the build's outputs need it. A
+/// pushed result needs descriptors: nothing comes down (no blob, no base layer) and nothing
+/// is extracted; a step run on top needs its parents' files, fetched then; an output that
+/// reads files fetches them itself; a reset forgets layers known only by their blobs.
+#[tokio::test]
+async fn a_hit_is_fetched_only_as_far_as_its_outputs_need() {
+    let store = Arc::new(Watched::default());
+    let registry = Arc::new(hoist_engine::testing::MemoryImages::new());
+    registry.add("base:1", &[&[("etc/os", "base")], &[("etc/more", "more")]], &[]);
+    let node = || TestEngine::with_shared_images(Some(SharedStore::new(store.clone(), "team", "memory://team")), registry.clone());
+    let (a, b) = (node(), node());
+    let dockerfile = "FROM base:1\nRUN write /one 1\nCOPY a.txt /\n";
+    let (alice, _) = build(&a, dockerfile).await;
+    a.engine.flush_shared().await;
+    assert_eq!(registry.fetched().len(), 2, "node A pulled the base");
+
+    let tier = b.engine.shared().expect("a shared tier").clone();
+    let descriptors = |dockerfile: &str| {
+        let mut req = b.request("web", dockerfile, &[("a.txt", "hello")]);
+        req.needs = LayerNeeds::Descriptors;
+        req
+    };
+    let bob = b.build(descriptors(dockerfile)).await.unwrap();
+    assert_eq!((bob.steps_run, bob.steps_cached), (0, 2));
+    assert_eq!(bob.images[0].config_digest, alice.images[0].config_digest);
+    assert_eq!(tier.requests.blob_gets.load(Ordering::Relaxed), 0, "no blob came down from the store");
+    assert_eq!(registry.fetched().len(), 2, "nor from the base's registry");
+    for d in bob.images[0].diff_ids() {
+        assert!(!b.engine.snapshots().has_layer(d), "layer {d} was not extracted");
+        assert!(b.engine.layer_at_hand(d), "layer {d} is known to be in the shared tier");
+    }
+    // A push's manifest names the blobs the store has (no re-compression, no download).
+    let set = b.engine.export_images(&bob.images, Compression::default(), false).await.unwrap();
+    let want = a.engine.export_images(&alice.images, Compression::default(), false).await.unwrap();
+    assert_eq!(set.images[0].manifest_digest, want.images[0].manifest_digest);
+    assert_eq!(tier.requests.blob_gets.load(Ordering::Relaxed), 0);
+
+    // A step on top runs on its parents' files: they come down now, the base's from the
+    // shared tier too.
+    let on_top = b.build(descriptors(&format!("{dockerfile}RUN cat /etc/os; cat /a.txt; cat /one; write /two 2\n"))).await.unwrap();
+    assert_eq!((on_top.steps_run, on_top.steps_cached), (1, 2));
+    for d in on_top.images[0].diff_ids() {
+        assert!(b.engine.snapshots().has_layer(d), "layer {d} is on node B now");
+    }
+    assert_eq!(registry.fetched().len(), 2, "the base came from the shared tier");
+    assert_eq!(tier.requests.blob_gets.load(Ordering::Relaxed), 4, "each layer under the step, once");
+
+    // A reset forgets every layer of the project, those known only by their blobs too.
+    let c = node();
+    let carol = c.build({
+        let mut req = c.request("web", dockerfile, &[("a.txt", "hello")]);
+        req.needs = LayerNeeds::Descriptors;
+        req
+    });
+    let carol = carol.await.unwrap();
+    let layers = carol.images[0].diff_ids().to_vec();
+    assert!(layers.iter().all(|d| !c.engine.index().layer_blobs(d).unwrap().is_empty()));
+    // An output that reads files gets them.
+    assert_eq!(c.engine.ensure_output_layers(&layers).await.unwrap(), 4);
+    assert!(layers.iter().all(|d| c.engine.snapshots().has_layer(d)));
+    drop(carol);
+    c.engine.reset("web").unwrap();
+    for d in &layers {
+        assert!(!c.engine.snapshots().has_layer(d) && c.engine.index().layer_blobs(d).unwrap().is_empty(), "{d} is gone");
+    }
+    let d = c.build({
+        let mut req = c.request("web", dockerfile, &[("a.txt", "hello")]);
+        req.needs = LayerNeeds::Descriptors;
+        req
+    });
+    let again = d.await.unwrap();
+    assert!(again.images[0].diff_ids().iter().all(|d| !c.engine.snapshots().has_layer(d)));
+    let before = c.engine.index().blob_layers().unwrap().len();
+    drop(again);
+    c.engine.reset("web").unwrap();
+    assert!(c.engine.index().blob_layers().unwrap().len() < before, "blob-only layers were swept");
 }

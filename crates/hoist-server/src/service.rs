@@ -1056,6 +1056,7 @@ impl BuilderService {
             })
             .collect::<Result<Vec<_>, Status>>()?;
         let eager_blobs = exporters.iter().find_map(|e| e.eager_blobs());
+        let needs = exporters.iter().map(Exporter::needs).max().unwrap_or(hoist_engine::LayerNeeds::Descriptors);
         let build = BuildRequest {
             namespace: who.project.clone(),
             dockerfile: req.dockerfile.clone(),
@@ -1079,6 +1080,7 @@ impl BuilderService {
             secrets,
             registry: registry.clone(),
             eager_blobs,
+            needs,
         };
 
         // Progress: engine events → stream events.

@@ -134,6 +134,11 @@ impl CacheIndex {
         Ok(self.get(LAYER_BLOBS, diff_id.as_str())?.unwrap_or_default())
     }
 
+    /// Every layer with a blob recorded (fetched or not).
+    pub fn blob_layers(&self) -> Result<Vec<Digest>, CacheError> {
+        Ok(self.scan::<Vec<BlobRecord>>(LAYER_BLOBS, None)?.into_iter().filter_map(|(k, _)| k.parse().ok()).collect())
+    }
+
     /// Remember a blob of a layer (idempotent).
     pub fn add_layer_blob(&self, diff_id: &Digest, blob: BlobRecord) -> Result<(), CacheError> {
         let mut blobs = self.layer_blobs(diff_id)?;

@@ -209,7 +209,10 @@ impl Engine {
     pub async fn layer_blob(&self, diff_id: &Digest, compression: Compression, force: bool) -> Result<BlobRecord, EngineError> {
         let want = compression.media_type();
         let known = self.index().layer_blobs(diff_id)?;
-        let usable = |b: &BlobRecord| self.store().contains(&b.digest);
+        // A blob this node holds only in the fleet's shared tier serves as well: an output
+        // that needs its bytes fetches it ([`Engine::push_all`]).
+        let here = |b: &BlobRecord| self.store().contains(&b.digest);
+        let usable = |b: &BlobRecord| here(b) || self.shared().is_some_and(|t| t.seen_recently(&b.digest));
         if let Some(b) = known.iter().find(|b| media::oci_layer(&b.media_type) == want && usable(b)) {
             return Ok(b.clone());
         }
@@ -223,16 +226,21 @@ impl Engine {
         let d = diff_id.clone();
         // A stored blob of the layer is re-compressed (its tar is the layer's exact bytes; an
         // extracted base layer re-tars differently); else the snapshot is tarred.
-        let source = known.iter().find(|b| usable(b)).map(|b| (b.digest.clone(), b.media_type.clone()));
+        let source = known.iter().find(|b| here(b)).map(|b| (b.digest.clone(), b.media_type.clone()));
         let (out, _) =
             self.inner
                 .inflight
                 .run(&key, &CancellationToken::new(), move |_| async move {
                     let store = engine.store().clone();
                     let dir = engine.snapshots().layer_dir(&d);
-                    if source.is_none() && !dir.is_dir() {
-                        return Err(Arc::new(ExportError::LayerMissing(d).into()));
-                    }
+                    let source = match source {
+                        None if !dir.is_dir() => {
+                            // Held only as a blob elsewhere (the shared tier): fetched to re-compress.
+                            let b = engine.stored_layer_blob(&d, None).await.map_err(Arc::new)?;
+                            Some((b.digest, b.media_type))
+                        }
+                        s => s,
+                    };
                     let d2 = d.clone();
                     let exported = tokio::task::spawn_blocking(move || match source {
                         Some((blob, media_type)) => {
@@ -395,17 +403,25 @@ impl Engine {
         registry: &RegistryClient,
         by_digest: bool,
         outcome: &mut PushOutcome,
-    ) -> Result<(), hoist_oci::registry::RegistryError> {
+    ) -> Result<(), PushError> {
         let store = self.store();
-        let mut blobs: BTreeMap<Digest, u64> = BTreeMap::new();
+        let mut blobs: BTreeMap<Digest, (u64, Option<&Descriptor>)> = BTreeMap::new();
         for img in &set.images {
-            blobs.insert(img.config_digest.clone(), img.config_size);
+            blobs.insert(img.config_digest.clone(), (img.config_size, None));
             for l in &img.manifest.layers {
-                blobs.insert(l.digest.clone(), l.size);
+                blobs.insert(l.digest.clone(), (l.size, Some(l)));
             }
         }
-        let uploads = blobs.iter().map(|(d, size)| async move {
-            registry.ensure_blob(reference, d, *size, BlobSource::Store(store), mount_from).await.map(|r| (r, *size))
+        let uploads = blobs.iter().map(|(d, (size, layer))| async move {
+            if let (Some(layer), false) = (layer, store.contains(d)) {
+                // A layer this node holds only in the shared tier: fetched only if the
+                // registry lacks it.
+                if registry.blob_exists(reference, d).await? {
+                    return Ok((BlobPush::Existed, *size));
+                }
+                self.fetch_shared_blob(layer).await.map_err(|e| PushError::Fetch(Box::new(e)))?;
+            }
+            Ok((registry.ensure_blob(reference, d, *size, BlobSource::Store(store), mount_from).await?, *size))
         });
         let mut first_error = None;
         for r in futures::future::join_all(uploads).await {
@@ -552,6 +568,16 @@ impl Engine {
         write_layer_tar(view.merged(), out, &TarOptions::default()).map_err(ExportError::Rootfs)?;
         Ok(())
     }
+}
+
+/// Why a push to one reference failed.
+#[derive(Debug, thiserror::Error)]
+enum PushError {
+    #[error(transparent)]
+    Registry(#[from] hoist_oci::registry::RegistryError),
+    /// Fetching a layer's blob from the shared tier to upload it.
+    #[error("{0}")]
+    Fetch(Box<EngineError>),
 }
 
 fn ref_name(tag: &str) -> String {

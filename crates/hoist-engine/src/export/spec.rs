@@ -17,7 +17,7 @@ use super::client::{select_platform, ClientExport};
 use super::{push_result, ExportError, ExportedImage, PushOutcome};
 use crate::cache::SavedRecord;
 use crate::graph::Platform;
-use crate::{BuiltImage, Engine, EngineError};
+use crate::{BuiltImage, Engine, EngineError, LayerNeeds};
 
 /// Errors of output specs: found when an output is resolved (before the build), or when the
 /// build's images do not fit it.
@@ -272,6 +272,16 @@ impl Exporter {
         matches!(&self.kind, Resolved::Image { push: true, .. } | Resolved::Save)
     }
 
+    /// What the output needs of the result's layers: a push only their descriptors (it
+    /// fetches what the registry lacks), a kept result their blobs, the others their files.
+    pub fn needs(&self) -> LayerNeeds {
+        match &self.kind {
+            Resolved::Image { push: true, .. } => LayerNeeds::Descriptors,
+            Resolved::Image { .. } | Resolved::Save => LayerNeeds::Blobs,
+            _ => LayerNeeds::Files,
+        }
+    }
+
     /// The names the output gives the image (its own, else the build's tags).
     pub fn names(&self) -> &[String] {
         &self.names
@@ -298,11 +308,14 @@ impl Exporter {
             }
             Resolved::DockerArchive => {
                 let image = host_image(images)?.clone();
+                engine.ensure_output_layers(image.diff_ids()).await?;
                 let engine = engine.clone();
                 stream(target.stream, move |w| engine.write_docker_archive(&image, &tags, w)).await?;
                 Ok(ExportOutcome { streamed: true, ..Default::default() })
             }
             Resolved::OciArchive { layers } => {
+                let all: Vec<Digest> = images.iter().flat_map(|i| i.diff_ids().iter().cloned()).collect();
+                engine.ensure_output_layers(&all).await?;
                 let set = engine.export_images(images, layers.compression, layers.force).await?;
                 let digest = set.top_digest().clone();
                 let engine = engine.clone();
@@ -311,6 +324,7 @@ impl Exporter {
             }
             Resolved::Rootfs => {
                 let image = host_image(images)?.clone();
+                engine.ensure_output_layers(image.diff_ids()).await?;
                 let engine = engine.clone();
                 stream(target.stream, move |w| engine.write_rootfs_tar(&image, w)).await?;
                 Ok(ExportOutcome { streamed: true, ..Default::default() })
@@ -322,6 +336,8 @@ impl Exporter {
             }
             Resolved::Client { platform, layers } => {
                 let chosen = select_platform(images, platform.as_ref())?;
+                let all: Vec<Digest> = chosen.iter().flat_map(|i| i.diff_ids().iter().cloned()).collect();
+                engine.ensure_output_layers(&all).await?;
                 let client = engine.export_for_client(&chosen, *layers).await?;
                 Ok(ExportOutcome { digest: Some(client.set.top_digest().clone()), client: Some(client), ..Default::default() })
             }

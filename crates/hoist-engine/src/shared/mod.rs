@@ -45,6 +45,9 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(10);
 const DOWN_FOR: Duration = Duration::from_secs(30);
 /// Blobs up to this size go up in one request; larger ones in parts.
 const SINGLE_PUT: u64 = 32 << 20;
+/// How long a blob seen in the store is taken to be there without asking again (a layer
+/// this node holds only there counts as at hand for that long).
+const PRESENT_FOR: Duration = Duration::from_secs(600);
 
 /// Errors of the shared tier.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +199,8 @@ pub struct SharedTier {
     missing: Mutex<HashMap<String, Instant>>,
     /// `project\0key` → when this node last marked it used ([`SharedTier::touch`]).
     touched: Mutex<HashMap<String, Instant>>,
+    /// Blobs seen in the store (HEAD, read or written) → when.
+    present: Mutex<HashMap<Digest, Instant>>,
     /// Set when the store failed: until then, nothing is asked of it.
     down_until: Mutex<Option<Instant>>,
     queue: Arc<Semaphore>,
@@ -222,6 +227,7 @@ impl SharedTier {
             store,
             missing: Mutex::default(),
             touched: Mutex::default(),
+            present: Mutex::default(),
             down_until: Mutex::default(),
             queue: Arc::new(Semaphore::new(QUEUE)),
             uploads: Semaphore::new(UPLOADS),
@@ -359,9 +365,45 @@ impl SharedTier {
     async fn has_blob(&self, digest: &Digest) -> Result<bool, SharedError> {
         self.requests.blob_heads.fetch_add(1, Ordering::Relaxed);
         match self.store.store.head(&self.store.blob_path(digest)).await {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.seen(digest);
+                Ok(true)
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    fn seen(&self, digest: &Digest) {
+        let mut present = self.present.lock().unwrap_or_else(|e| e.into_inner());
+        if present.len() > 100_000 {
+            let now = Instant::now();
+            present.retain(|_, t| now.duration_since(*t) < PRESENT_FOR);
+        }
+        present.insert(digest.clone(), Instant::now());
+    }
+
+    /// Whether blob `digest` was seen in the store a short while ago (no request).
+    pub fn seen_recently(&self, digest: &Digest) -> bool {
+        let present = self.present.lock().unwrap_or_else(|e| e.into_inner());
+        present.get(digest).is_some_and(|t| t.elapsed() < PRESENT_FOR)
+    }
+
+    /// Whether the store has blob `digest`: seen a short while ago, else asked (HEAD). A
+    /// store that fails (or is down) has nothing.
+    pub async fn knows_blob(&self, digest: &Digest) -> bool {
+        if self.seen_recently(digest) {
+            return true;
+        }
+        if self.is_down() {
+            return false;
+        }
+        match self.has_blob(digest).await {
+            Ok(found) => found,
+            Err(e) => {
+                self.failed(&e);
+                false
+            }
         }
     }
 
@@ -442,7 +484,10 @@ impl SharedTier {
             let bytes = tokio::fs::read(&file).await.map_err(read_err)?;
             let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
             return match self.store.store.put_opts(&path, PutPayload::from(bytes), opts).await {
-                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {
+                    self.seen(&blob.digest);
+                    Ok(())
+                }
                 Err(e) => Err(e.into()),
             };
         }
@@ -463,6 +508,7 @@ impl SharedTier {
             parts.write(&buf[..n]);
         }
         parts.finish().await?;
+        self.seen(&blob.digest);
         Ok(())
     }
 
@@ -642,6 +688,8 @@ impl SharedTier {
     }
 
     async fn delete_all(&self, paths: Vec<StorePath>) -> Result<(), SharedError> {
+        // Blobs seen before may be among them.
+        self.present.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let stream = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
         let deleted: Vec<_> = self.store.store.delete_stream(stream).collect().await;
         for d in deleted {

@@ -1,13 +1,10 @@
 //! The engine's side of the shared tier: a step's result shared after it ran, and an entry
-//! found in the store made a local cache record (its layer fetched and extracted).
-
-use std::sync::Arc;
+//! found in the store made a local cache record (its layer fetched when needed:
+//! [`crate::layers`]).
 
 use hoist_oci::compress::Compression;
-use hoist_oci::digest::Digest;
-use tokio_util::sync::CancellationToken;
 
-use super::{BlobDesc, Entry, SharedError, WriteError};
+use super::{BlobDesc, Entry, WriteError};
 use crate::cache::{BlobRecord, StepRecord};
 use crate::engine::{Engine, EngineError};
 
@@ -36,15 +33,6 @@ impl Engine {
             .await;
     }
 
-    /// Put base image blob `blob` into the content store from the shared tier, when another
-    /// node pulled it; false when this node must pull it itself.
-    pub(crate) async fn base_blob_from_shared(&self, blob: &BlobDesc) -> bool {
-        match self.shared() {
-            Some(tier) => tier.try_fetch_blob(blob, self.store()).await,
-            None => false,
-        }
-    }
-
     /// Queue base image blob `blob` (pulled from its registry) for the shared tier, so other
     /// nodes need not pull it.
     pub(crate) async fn share_base_blob(&self, blob: BlobDesc) {
@@ -53,31 +41,12 @@ impl Engine {
         tier.clone().write_behind(async move { tier.put_blob(&blob, engine.store()).await }).await;
     }
 
-    /// Make `entry` (found in the shared tier) usable here: its layer fetched and extracted
-    /// unless this node has it. Concurrent imports of one layer (and pulls of it) run once.
-    pub(crate) async fn import_entry(&self, entry: &Entry) -> Result<(), EngineError> {
+    /// Make `entry` (found in the shared tier, its blob there) usable here: its layer's blob
+    /// recorded, to be fetched and extracted only when a step or an output needs it.
+    pub(crate) fn import_entry(&self, entry: &Entry) -> Result<(), EngineError> {
         let (Some(diff_id), Some(blob)) = (&entry.diff_id, &entry.blob) else { return Ok(()) };
-        if self.snapshots().has_layer(diff_id) {
-            return Ok(());
-        }
-        let Some(tier) = self.shared().cloned() else {
-            return Err(EngineError::Internal("an entry of a shared tier this engine does not have".into()));
-        };
-        let (engine, d, blob) = (self.clone(), diff_id.clone(), blob.clone());
-        let key = format!("pull:{diff_id}");
-        let (out, _) = self
-            .inner
-            .inflight
-            .run(&key, &CancellationToken::new(), move |_| async move {
-                let shared_err = |e: SharedError| Arc::new(EngineError::Shared(e));
-                tier.fetch_blob(&blob, engine.store()).await.map_err(shared_err)?;
-                let record = BlobRecord { digest: blob.digest.clone(), size: blob.size, media_type: blob.media_type, original: false };
-                crate::images::unpack_layer(&engine, record, &d)
-                    .await
-                    .map_err(|e| shared_err(SharedError::Layer { blob: blob.digest, source: Box::new(e) }))?;
-                Ok(Some(d))
-            })
-            .await;
-        out.map(|_: Option<Digest>| ()).map_err(EngineError::Stage)
+        let record = BlobRecord { digest: blob.digest.clone(), size: blob.size, media_type: blob.media_type.clone(), original: false };
+        self.index().add_layer_blob(diff_id, record)?;
+        Ok(())
     }
 }
