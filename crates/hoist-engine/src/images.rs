@@ -209,8 +209,11 @@ impl BuildResolver {
     fn register_layers_inner(&self, img: &ResolvedImage) -> Result<u64, ImageError> {
         let store = self.engine.store();
         let manifest_digest: Digest = img.manifest_digest.parse()?;
-        let manifest: Manifest = serde_json::from_slice(&store.read(&manifest_digest)?)
-            .map_err(|source| ImageError::Json { what: "manifest", digest: manifest_digest.clone(), source })?;
+        let manifest: Manifest = serde_json::from_slice(&store.read(&manifest_digest)?).map_err(|source| ImageError::Json {
+            what: "manifest",
+            digest: manifest_digest.clone(),
+            source,
+        })?;
         let diff_ids = &img.config.rootfs.diff_ids;
         if manifest.layers.len() != diff_ids.len() {
             return Err(ImageError::LayerCount { manifest: manifest.layers.len(), config: diff_ids.len() });
