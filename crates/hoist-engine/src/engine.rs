@@ -359,10 +359,18 @@ impl Engine {
     }
 
     /// Wait until every write to the shared tier queued so far has ended (before a builder
-    /// exits, and before a build that pushes or saves reports done).
+    /// exits).
     pub async fn flush_shared(&self) {
         if let Some(t) = self.shared() {
             t.flush().await;
+        }
+    }
+
+    /// Wait until every step result queued for the shared tier so far is written (before a
+    /// build that pushes or saves reports done).
+    pub async fn flush_shared_results(&self) {
+        if let Some(t) = self.shared() {
+            t.flush_results().await;
         }
     }
 

@@ -1109,7 +1109,7 @@ impl BuilderService {
         }
         if exporters.iter().any(Exporter::keeps_result) {
             // A pushed or saved result is in the fleet's shared tier before the build is done.
-            self.engine.flush_shared().await;
+            self.engine.flush_shared_results().await;
         }
         let image_id = outcome.images.first().map(|i| i.config_digest.to_string()).unwrap_or_default();
         let mut metadata = serde_json::json!({

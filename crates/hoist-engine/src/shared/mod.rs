@@ -206,6 +206,8 @@ pub struct SharedTier {
     queue: Arc<Semaphore>,
     uploads: Semaphore,
     pending: AtomicUsize,
+    /// Of them, step results.
+    pending_results: AtomicUsize,
     idle: Notify,
     /// What was asked of the store.
     pub requests: StoreRequests,
@@ -232,6 +234,7 @@ impl SharedTier {
             queue: Arc::new(Semaphore::new(QUEUE)),
             uploads: Semaphore::new(UPLOADS),
             pending: AtomicUsize::new(0),
+            pending_results: AtomicUsize::new(0),
             idle: Notify::new(),
             requests: StoreRequests::default(),
         }
@@ -541,9 +544,28 @@ impl SharedTier {
         Ok(())
     }
 
-    /// Run `write` behind the caller: it waits only while the queue is full. A failed write
-    /// is warned about (once per outage) and dropped: the local tier still has the result.
+    /// Run `write` (a step's result) behind the caller: it waits only while the queue is
+    /// full. A failed write is warned about (once per outage) and dropped: the local tier
+    /// still has the result.
     pub async fn write_behind<F, E>(self: &Arc<Self>, write: F)
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<WriteError>,
+    {
+        self.queue_write(write, true).await
+    }
+
+    /// [`SharedTier::write_behind`] for a write no build waits for ([`SharedTier::flush_results`]):
+    /// a base image's blob, a mark of use.
+    pub async fn write_behind_background<F, E>(self: &Arc<Self>, write: F)
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<WriteError>,
+    {
+        self.queue_write(write, false).await
+    }
+
+    async fn queue_write<F, E>(self: &Arc<Self>, write: F, result: bool)
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<WriteError>,
@@ -553,6 +575,9 @@ impl SharedTier {
         }
         let permit = self.queue.clone().acquire_owned().await.expect("the write queue is never closed");
         self.pending.fetch_add(1, Ordering::AcqRel);
+        if result {
+            self.pending_results.fetch_add(1, Ordering::AcqRel);
+        }
         let tier = self.clone();
         tokio::spawn(async move {
             if let Err(e) = write.await {
@@ -564,17 +589,29 @@ impl SharedTier {
                 }
             }
             drop(permit);
-            if tier.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-                tier.idle.notify_waiters();
+            if result {
+                tier.pending_results.fetch_sub(1, Ordering::AcqRel);
             }
+            tier.pending.fetch_sub(1, Ordering::AcqRel);
+            tier.idle.notify_waiters();
         });
     }
 
-    /// Wait until every write queued so far has ended.
+    /// Wait until every write queued so far has ended (before a node exits).
     pub async fn flush(&self) {
+        self.wait_for(&self.pending).await
+    }
+
+    /// Wait until every step result queued so far is written (before a build that pushes or
+    /// saves reports done); base image blobs and marks of use may still be going up.
+    pub async fn flush_results(&self) {
+        self.wait_for(&self.pending_results).await
+    }
+
+    async fn wait_for(&self, pending: &AtomicUsize) {
         loop {
             let idle = self.idle.notified();
-            if self.pending.load(Ordering::Acquire) == 0 {
+            if pending.load(Ordering::Acquire) == 0 {
                 return;
             }
             idle.await;
@@ -599,7 +636,7 @@ impl SharedTier {
             touched.insert(id, now);
         }
         let (tier, path) = (self.clone(), self.store.entry_path(ns, key));
-        self.write_behind(async move {
+        self.write_behind_background(async move {
             let old = match tier.store.store.head(&path).await {
                 Ok(meta) => meta,
                 Err(object_store::Error::NotFound { .. }) => return Ok(()),
@@ -951,7 +988,23 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!flushed.is_finished(), "a write is still queued");
+        // A build waits for results only: a background write (a base image's blob) does not
+        // hold it, but a node's exit waits for it too.
+        let (btx, brx) = tokio::sync::oneshot::channel::<()>();
+        t.write_behind_background(async move {
+            let _ = brx.await;
+            Ok::<_, SharedError>(())
+        })
+        .await;
+        let results = tokio::spawn({
+            let t = t.clone();
+            async move { t.flush_results().await }
+        });
         tx.send(()).unwrap();
+        results.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!flushed.is_finished(), "the background write is still queued");
+        btx.send(()).unwrap();
         flushed.await.unwrap();
     }
 }

@@ -38,7 +38,7 @@ impl Engine {
     pub(crate) async fn share_base_blob(&self, blob: BlobDesc) {
         let Some(tier) = self.shared().cloned() else { return };
         let engine = self.clone();
-        tier.clone().write_behind(async move { tier.put_blob(&blob, engine.store()).await }).await;
+        tier.clone().write_behind_background(async move { tier.put_blob(&blob, engine.store()).await }).await;
     }
 
     /// Make `entry` (found in the shared tier, its blob there) usable here: its layer's blob
