@@ -33,16 +33,17 @@ fn a_teammate_routed_to_another_node_gets_every_step_from_the_shared_store_and_t
     assert_eq!(count_before(&second, "cached"), 3, "{second}");
     assert_eq!(count_before(&second, "containers"), 0, "node B ran no container: {second}");
     assert_eq!(std::fs::read_to_string(&b_iid).unwrap(), std::fs::read_to_string(&a_iid).unwrap(), "the same image id on both nodes");
-    // A build without outputs needs no layer's files: node B extracted none, the base's
-    // neither.
+    // A build without outputs needs no layer's files: node B extracted none of the hits'
+    // (the base's one layer may have come with the fetch that starts while the first step is
+    // looked up).
     let layers_on_b = || std::fs::read_dir(b.root.path().join("snapshots/layers")).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(layers_on_b(), 0, "node B holds the hits' layers only in the store");
+    assert!(layers_on_b() <= 1, "node B holds the hits' layers only in the store");
     // A push fetches from the store only what the registry lacks: a new repository gets
     // every blob, and pulled from there the image runs with A's files.
     let other = format!("{}/{}:1", registry(), unique("fleet-other"));
     let pushed = bob.build_ok(&["-t", &other, "--push", b_dir.path().to_str().unwrap()]);
     assert_eq!(count_before(&pushed, "steps run"), 0, "{pushed}");
-    assert_eq!(layers_on_b(), 0, "a push extracts nothing");
+    assert!(layers_on_b() <= 1, "a push extracts nothing");
     docker_ok(&["pull", &other]);
     assert_eq!(docker_ok(&["run", "--rm", &other, "cat", "/both"]), "hello fleet\none\n");
     // B's result is usable: loaded into the engine, it runs with A's files.

@@ -101,17 +101,24 @@ impl Engine {
         let (out, _) = self
             .inner
             .inflight
-            .run(&format!("pull:{diff_id}"), cancel, move |_| async move {
-                let record = engine.stored_layer_blob(&d, origin.as_ref()).await.map_err(Arc::new)?;
-                let blob = record.digest.clone();
-                crate::images::unpack_layer(&engine, record, &d).await.map_err(|e| {
-                    let source = ImageError::Layer { blob: blob.clone(), source: Box::new(e) };
-                    Arc::new(match &origin {
-                        Some(o) => EngineError::Image { reference: o.reference.to_string(), source: Box::new(source) },
-                        None => SharedError::Layer { blob, source: Box::new(source) }.into(),
-                    })
-                })?;
-                Ok(Some(d))
+            .run(&format!("pull:{diff_id}"), cancel, move |stop| async move {
+                let work = async {
+                    let record = engine.stored_layer_blob(&d, origin.as_ref()).await.map_err(Arc::new)?;
+                    let blob = record.digest.clone();
+                    crate::images::unpack_layer(&engine, record, &d).await.map_err(|e| {
+                        let source = ImageError::Layer { blob: blob.clone(), source: Box::new(e) };
+                        Arc::new(match &origin {
+                            Some(o) => EngineError::Image { reference: o.reference.to_string(), source: Box::new(source) },
+                            None => SharedError::Layer { blob, source: Box::new(source) }.into(),
+                        })
+                    })?;
+                    Ok(Some(d.clone()))
+                };
+                // Nobody waits any more (a prefetch the build no longer needs): stop.
+                tokio::select! {
+                    out = work => out,
+                    _ = stop.cancelled() => Err(Arc::new(EngineError::Cancelled)),
+                }
             })
             .await;
         out.map(|_| ()).map_err(EngineError::Stage)

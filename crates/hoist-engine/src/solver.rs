@@ -384,19 +384,30 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
     };
     // Steps up to this one were looked up in the shared tier.
     let mut looked = 0;
-    let mut first_hit = false;
-    if !b.req.no_cache && b.engine.shared().is_some() && !stage.steps.is_empty() {
-        let (keyed, hit) = lookahead(&b, &state.key, &stage.steps).await;
-        (looked, first_hit) = (keyed.max(1), hit);
-    }
+    let fleet = !b.req.no_cache && b.engine.shared().is_some();
     if let Base::Image(img) = &stage.base {
-        // The base's files are needed at once unless the first step's result is known (a
-        // fleet node then fetches them only if a later step runs): BuildKit's lazy pull.
         let vid = b.vertices.next();
         b.progress.send(Event::Started { id: vid, name: format!("[{label}] FROM {}@{}", img.reference, img.manifest_digest) });
         let t = Instant::now();
-        let lazy = first_hit || (stage.steps.is_empty() && b.engine.shared().is_some());
-        let res = if lazy { Ok(0) } else { b.ensure_layers(&state.layers).await };
+        let res = if fleet {
+            // The base's layers are fetched while the first step is looked up (and while
+            // it waits for another stage); a node that finds the first step's result stops,
+            // and fetches them only if a later step runs on them (BuildKit's lazy pull).
+            // A step that needs them joins the fetch.
+            if !stage.steps.is_empty() {
+                let stop = b.cancel.child_token();
+                let (b2, layers, stop2) = (b.clone(), state.layers.clone(), stop.clone());
+                tokio::spawn(async move { b2.engine.ensure_layers(&layers, Some(b2.resolver.origins()), &stop2).await });
+                let (keyed, first_hit) = lookahead(&b, &state.key, &stage.steps).await;
+                looked = keyed;
+                if first_hit {
+                    stop.cancel();
+                }
+            }
+            Ok(0)
+        } else {
+            b.ensure_layers(&state.layers).await
+        };
         let (cached, err) = match &res {
             Ok(pulled) => (*pulled == 0, None),
             Err(e) => (false, Some(e.to_string())),
@@ -410,7 +421,7 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
         if b.cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
-        if i >= looked && !b.req.no_cache && b.engine.shared().is_some() {
+        if i >= looked && fleet {
             looked = i + lookahead(&b, &state.key, &stage.steps[i..]).await.0.max(1);
         }
         // History entries of config-only instructions before this step.

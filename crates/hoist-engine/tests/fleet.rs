@@ -327,17 +327,22 @@ async fn a_hit_is_fetched_only_as_far_as_its_outputs_need() {
     let bob = b.build(descriptors(dockerfile)).await.unwrap();
     assert_eq!((bob.steps_run, bob.steps_cached), (0, 2));
     assert_eq!(bob.images[0].config_digest, alice.images[0].config_digest);
-    assert_eq!(tier.requests.blob_gets.load(Ordering::Relaxed), 0, "no blob came down from the store");
-    assert_eq!(registry.fetched().len(), 2, "nor from the base's registry");
+    // The base's fetch starts while the first step is looked up and stops when it is found
+    // (here the in-memory store may have served some of it by then).
+    let gets = tier.requests.blob_gets.load(Ordering::Relaxed);
+    assert!(gets <= 2, "at most the base's two blobs came down: {gets}");
+    assert_eq!(registry.fetched().len(), 2, "nothing from the base's registry");
     for d in bob.images[0].diff_ids() {
-        assert!(!b.engine.snapshots().has_layer(d), "layer {d} was not extracted");
-        assert!(b.engine.layer_at_hand(d), "layer {d} is known to be in the shared tier");
+        assert!(b.engine.layer_at_hand(d), "layer {d} is known to be here or in the shared tier");
+    }
+    for d in &bob.images[0].diff_ids()[2..] {
+        assert!(!b.engine.snapshots().has_layer(d), "the hit's layer {d} was not fetched");
     }
     // A push's manifest names the blobs the store has (no re-compression, no download).
     let set = b.engine.export_images(&bob.images, Compression::default(), false).await.unwrap();
     let want = a.engine.export_images(&alice.images, Compression::default(), false).await.unwrap();
     assert_eq!(set.images[0].manifest_digest, want.images[0].manifest_digest);
-    assert_eq!(tier.requests.blob_gets.load(Ordering::Relaxed), 0);
+    assert_eq!(tier.requests.blob_gets.load(Ordering::Relaxed), gets);
 
     // A step on top runs on its parents' files: they come down now, the base's from the
     // shared tier too.
@@ -347,7 +352,8 @@ async fn a_hit_is_fetched_only_as_far_as_its_outputs_need() {
         assert!(b.engine.snapshots().has_layer(d), "layer {d} is on node B now");
     }
     assert_eq!(registry.fetched().len(), 2, "the base came from the shared tier");
-    assert_eq!(tier.requests.blob_gets.load(Ordering::Relaxed), 4, "each layer under the step, once");
+    let gets_after = tier.requests.blob_gets.load(Ordering::Relaxed);
+    assert!(gets_after - gets <= 4, "each layer under the step, once: {gets} then {gets_after}");
 
     // A reset forgets every layer of the project, those known only by their blobs too.
     let c = node();
@@ -360,7 +366,8 @@ async fn a_hit_is_fetched_only_as_far_as_its_outputs_need() {
     let layers = carol.images[0].diff_ids().to_vec();
     assert!(layers.iter().all(|d| !c.engine.index().layer_blobs(d).unwrap().is_empty()));
     // An output that reads files gets them.
-    assert_eq!(c.engine.ensure_output_layers(&layers).await.unwrap(), 4);
+    let made = c.engine.ensure_output_layers(&layers).await.unwrap();
+    assert!((2..=4).contains(&made), "the hit's two layers at least (the base's may have come with the prefetch): {made}");
     assert!(layers.iter().all(|d| c.engine.snapshots().has_layer(d)));
     drop(carol);
     c.engine.reset("web").unwrap();
@@ -373,7 +380,7 @@ async fn a_hit_is_fetched_only_as_far_as_its_outputs_need() {
         req
     });
     let again = d.await.unwrap();
-    assert!(again.images[0].diff_ids().iter().all(|d| !c.engine.snapshots().has_layer(d)));
+    assert!(again.images[0].diff_ids()[2..].iter().all(|d| !c.engine.snapshots().has_layer(d)), "the hit's layers are blobs elsewhere");
     let before = c.engine.index().blob_layers().unwrap().len();
     drop(again);
     c.engine.reset("web").unwrap();

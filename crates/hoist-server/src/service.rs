@@ -1055,6 +1055,9 @@ impl BuilderService {
                 spec.resolve(&req.tags).map_err(|e| Status::invalid_argument(format!("output {i}: {e}")))
             })
             .collect::<Result<Vec<_>, Status>>()?;
+        // Background writes to the fleet's store (base image blobs) wait for the build and
+        // its exports.
+        let _busy = self.engine.shared().map(|t| t.busy());
         let eager_blobs = exporters.iter().find_map(|e| e.eager_blobs());
         let needs = exporters.iter().map(Exporter::needs).max().unwrap_or(hoist_engine::LayerNeeds::Descriptors);
         let build = BuildRequest {

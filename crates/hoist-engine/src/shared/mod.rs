@@ -45,6 +45,8 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(10);
 const DOWN_FOR: Duration = Duration::from_secs(30);
 /// Blobs up to this size go up in one request; larger ones in parts.
 const SINGLE_PUT: u64 = 32 << 20;
+/// How long a background write waits for the node's builds to end before it goes anyway.
+const BACKGROUND_WAIT: Duration = Duration::from_secs(30);
 /// How long a blob seen in the store is taken to be there without asking again (a layer
 /// this node holds only there counts as at hand for that long).
 const PRESENT_FOR: Duration = Duration::from_secs(600);
@@ -209,8 +211,22 @@ pub struct SharedTier {
     /// Of them, step results.
     pending_results: AtomicUsize,
     idle: Notify,
+    /// Builds running on the node ([`SharedTier::busy`]); background writes wait for none.
+    busy: AtomicUsize,
+    quiet: Notify,
     /// What was asked of the store.
     pub requests: StoreRequests,
+}
+
+/// A build running on the node ([`SharedTier::busy`]).
+pub struct BusyGuard(Arc<SharedTier>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.quiet.notify_waiters();
+        }
+    }
 }
 
 /// The result of a batch of lookups.
@@ -236,6 +252,8 @@ impl SharedTier {
             pending: AtomicUsize::new(0),
             pending_results: AtomicUsize::new(0),
             idle: Notify::new(),
+            busy: AtomicUsize::new(0),
+            quiet: Notify::new(),
             requests: StoreRequests::default(),
         }
     }
@@ -580,6 +598,10 @@ impl SharedTier {
         }
         let tier = self.clone();
         tokio::spawn(async move {
+            if !result {
+                // Behind the node's builds: a base image's blob going up must not slow them.
+                let _ = tokio::time::timeout(BACKGROUND_WAIT, tier.quiet()).await;
+            }
             if let Err(e) = write.await {
                 match e.into() {
                     WriteError::Store(e) => {
@@ -595,6 +617,23 @@ impl SharedTier {
             tier.pending.fetch_sub(1, Ordering::AcqRel);
             tier.idle.notify_waiters();
         });
+    }
+
+    /// Note a build running on the node until the guard is dropped: background writes wait
+    /// (up to half a minute) until no build runs.
+    pub fn busy(self: &Arc<Self>) -> BusyGuard {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        BusyGuard(self.clone())
+    }
+
+    async fn quiet(&self) {
+        loop {
+            let quiet = self.quiet.notified();
+            if self.busy.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            quiet.await;
+        }
     }
 
     /// Wait until every write queued so far has ended (before a node exits).
@@ -825,6 +864,7 @@ impl From<crate::EngineError> for WriteError {
 mod tests {
     use super::*;
     use object_store::memory::InMemory;
+    use std::sync::atomic::AtomicBool;
 
     fn tier() -> (SharedTier, tempfile::TempDir, ContentStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -1000,6 +1040,22 @@ mod tests {
             let t = t.clone();
             async move { t.flush_results().await }
         });
+        // A background write waits while a build runs.
+        let busy = t.busy();
+        let started = Arc::new(AtomicBool::new(false));
+        t.write_behind_background({
+            let started = started.clone();
+            async move {
+                started.store(true, Ordering::SeqCst);
+                Ok::<_, SharedError>(())
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!started.load(Ordering::SeqCst), "it waits for the build");
+        drop(busy);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(started.load(Ordering::SeqCst), "and goes when it ends");
         tx.send(()).unwrap();
         results.await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
