@@ -147,9 +147,6 @@ pub(crate) struct StageState {
 
 type SharedStage = Shared<BoxFuture<'static, Result<Arc<StageState>, Arc<EngineError>>>>;
 
-/// A step result found in the shared tier (its layer's blob there; fetched when needed).
-type RemoteHit = Entry;
-
 /// Everything a stage task needs.
 pub(crate) struct Build {
     pub engine: Engine,
@@ -185,7 +182,7 @@ pub(crate) struct Build {
     pub context: Arc<crate::context::Context>,
     /// Step results the shared tier has that this node lacked, by cache key
     /// ([`lookahead`]).
-    pub remote: Mutex<HashMap<String, RemoteHit>>,
+    pub remote: Mutex<HashMap<String, Entry>>,
     /// The build was told the shared tier failed.
     pub shared_warned: AtomicBool,
 }
@@ -660,7 +657,7 @@ async fn lookahead(b: &Arc<Build>, parent: &str, steps: &[Step]) -> (usize, bool
         parent = next;
         keyed += 1;
     }
-    let first_hit = |remote: &HashMap<String, RemoteHit>| first.as_ref().is_some_and(|(k, local)| *local || remote.contains_key(k));
+    let first_hit = |remote: &HashMap<String, Entry>| first.as_ref().is_some_and(|(k, local)| *local || remote.contains_key(k));
     if wanted.is_empty() {
         return (keyed, first_hit(&HashMap::new()));
     }
@@ -676,8 +673,13 @@ async fn lookahead(b: &Arc<Build>, parent: &str, steps: &[Step]) -> (usize, bool
         if let Some(d) = &entry.diff_id {
             b.leases.add(d);
         }
-        b.engine.import_entry(&entry).map_err(|e| tracing::warn!("recording a shared cache entry: {e}")).ok();
-        remote.insert(key, entry);
+        // Not recorded, it is a miss: the step runs.
+        match b.engine.import_entry(&entry) {
+            Ok(()) => {
+                remote.insert(key, entry);
+            }
+            Err(e) => tracing::warn!("recording a shared cache entry: {e}"),
+        }
     }
     (keyed, first_hit(&remote))
 }

@@ -294,6 +294,11 @@ impl Exporter {
 
     /// Export `images` to where this output goes.
     pub async fn export(&self, engine: &Engine, images: &[BuiltImage], target: ExportTarget<'_>) -> Result<ExportOutcome, EngineError> {
+        if self.needs() == LayerNeeds::Files {
+            // A fleet node may hold some layers only as blobs (a saved result, say).
+            let layers: Vec<Digest> = images.iter().flat_map(|i| i.diff_ids().iter().cloned()).collect();
+            engine.ensure_output_layers(&layers).await?;
+        }
         let tags = self.names.clone();
         match &self.kind {
             Resolved::Image { refs, push, by_digest, layers } => {
@@ -308,14 +313,11 @@ impl Exporter {
             }
             Resolved::DockerArchive => {
                 let image = host_image(images)?.clone();
-                engine.ensure_output_layers(image.diff_ids()).await?;
                 let engine = engine.clone();
                 stream(target.stream, move |w| engine.write_docker_archive(&image, &tags, w)).await?;
                 Ok(ExportOutcome { streamed: true, ..Default::default() })
             }
             Resolved::OciArchive { layers } => {
-                let all: Vec<Digest> = images.iter().flat_map(|i| i.diff_ids().iter().cloned()).collect();
-                engine.ensure_output_layers(&all).await?;
                 let set = engine.export_images(images, layers.compression, layers.force).await?;
                 let digest = set.top_digest().clone();
                 let engine = engine.clone();
@@ -324,7 +326,6 @@ impl Exporter {
             }
             Resolved::Rootfs => {
                 let image = host_image(images)?.clone();
-                engine.ensure_output_layers(image.diff_ids()).await?;
                 let engine = engine.clone();
                 stream(target.stream, move |w| engine.write_rootfs_tar(&image, w)).await?;
                 Ok(ExportOutcome { streamed: true, ..Default::default() })
@@ -336,8 +337,6 @@ impl Exporter {
             }
             Resolved::Client { platform, layers } => {
                 let chosen = select_platform(images, platform.as_ref())?;
-                let all: Vec<Digest> = chosen.iter().flat_map(|i| i.diff_ids().iter().cloned()).collect();
-                engine.ensure_output_layers(&all).await?;
                 let client = engine.export_for_client(&chosen, *layers).await?;
                 Ok(ExportOutcome { digest: Some(client.set.top_digest().clone()), client: Some(client), ..Default::default() })
             }
