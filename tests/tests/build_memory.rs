@@ -31,6 +31,7 @@ fn a_build_over_its_memory_limit_fails_naming_the_limit_and_one_under_it_succeed
         port: free_port(),
         child: None,
         extra: vec!["--build-memory".into(), "64MB".into()],
+        env: Vec::new(),
     };
     server.spawn();
     let mate = Teammate::new(&server, &server.admin(&["project", "create", "mem"]));

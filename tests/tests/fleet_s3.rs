@@ -276,3 +276,97 @@ fn the_lab_s3_refuses_stale_conditional_writes_with_412_and_answers_404_for_a_mi
     assert_eq!(bucket.request("GET", "/cas/sha256/0000", &[]).0, 404);
     assert_eq!(bucket.request("HEAD", "/ac/web/k", &["-I"]).0, 200);
 }
+
+/// A TCP relay from a port on loopback to the lab's S3 server that can be cut: the store
+/// as a node reaches it, to take away mid-run.
+struct Relay {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start() -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let relay = Relay { port: listener.local_addr().unwrap().port(), cut: Default::default(), conns: Default::default() };
+        let (cut, conns) = (relay.cut.clone(), relay.conns.clone());
+        std::thread::spawn(move || {
+            // Cut: the listener goes (connections are refused) and open ones are shut.
+            while !cut.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let server = std::net::TcpStream::connect(s3_addr()).unwrap();
+                conns.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        relay
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The store lost mid-run (a real node, a real S3 client): builds go on with the node's own
+/// cache and say so once, and what the store held before is still there for the others.
+#[test]
+fn a_node_that_loses_its_store_builds_on_with_its_own_cache_and_says_so_once() {
+    if !lab_available() || !s3_available() {
+        return;
+    }
+    use_lab_s3();
+    let bucket = Bucket::create();
+    let url = bucket.url("team/cache");
+    let alice = fleet_admin(&url, &["project", "create", "web", "--token-name", "alice"]);
+    let relay = Relay::start();
+    let mut a = Server {
+        root: tempfile::Builder::new().prefix("hoist-server-").tempdir_in(test_tmp()).unwrap(),
+        port: free_port(),
+        child: None,
+        extra: vec!["--cache-store".into(), url.clone()],
+        env: vec![("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{}", relay.port))],
+    };
+    a.spawn();
+    let alice = Teammate::new(&a, &alice);
+    let dockerfile = format!("FROM {}\nRUN echo one > /one\nCOPY app.txt /app/\nRUN cat /app/app.txt /one > /both\n", busybox());
+    let dir = context(&[("Dockerfile", dockerfile.as_str()), ("app.txt", "before\n")]);
+    let tag = format!("{}/{}:1", registry(), unique("fleet-outage"));
+    let first = alice.build_ok(&["-t", &tag, "--push", dir.path().to_str().unwrap()]);
+    assert_eq!(count_before(&first, "steps run"), 3, "{first}");
+    let entries = || bucket.list("team/cache/ac/web/").len();
+    assert_eq!(entries(), 3, "the pushed result is in the store");
+
+    relay.cut();
+    std::fs::write(dir.path().join("app.txt"), "after\n").unwrap();
+    let warning = "building with this node's cache only";
+    let second = alice.build_ok(&[dir.path().to_str().unwrap()]);
+    assert_eq!((count_before(&second, "steps run"), count_before(&second, "cached")), (2, 1), "{second}");
+    assert_eq!(second.matches(warning).count(), 1, "one warning: {second}");
+    let third = alice.build_ok(&[dir.path().to_str().unwrap()]);
+    assert_eq!(count_before(&third, "cached"), 3, "the node's own cache kept the new results: {third}");
+    assert!(!third.contains(warning), "the store is left alone for a while, and said nothing of: {third}");
+
+    // Nothing was lost: another node reaches the store and gets alice's first result.
+    let bob = fleet_admin(&url, &["token", "create", "web", "--name", "bob"]);
+    let b = Server::start_with(&["--cache-store", &url]);
+    let bob = Teammate::new(&b, &bob);
+    std::fs::write(dir.path().join("app.txt"), "before\n").unwrap();
+    let fourth = bob.build_ok(&[dir.path().to_str().unwrap()]);
+    assert_eq!(count_before(&fourth, "cached"), 3, "{fourth}");
+    assert_eq!(entries(), 3);
+}

@@ -451,6 +451,7 @@ fn each_platform_goes_to_a_builder_that_announces_it() {
         port: free_port(),
         child: None,
         extra: vec!["--platforms".into(), "linux/arm64".into()],
+        env: Vec::new(),
     };
     arm.spawn();
     let (ta, tb) = (amd.admin(&["project", "create", "web"]), arm.admin(&["project", "create", "web"]));

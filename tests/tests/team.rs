@@ -272,6 +272,7 @@ fn tls_and_the_loopback_rule() {
         port,
         child: None,
         extra: vec!["--tls-cert".into(), cert.display().to_string(), "--tls-key".into(), key.display().to_string()],
+        env: Vec::new(),
     };
     server.spawn();
     let token = server.admin(&["project", "create", "secure"]);

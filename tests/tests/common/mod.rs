@@ -199,6 +199,8 @@ pub struct Server {
     pub port: u16,
     pub child: Option<std::process::Child>,
     pub extra: Vec<String>,
+    /// Environment variables of the process besides the test's own.
+    pub env: Vec<(String, String)>,
 }
 
 /// A free TCP port on loopback.
@@ -215,7 +217,7 @@ impl Server {
     /// Start a server with extra `hoist serve` flags.
     pub fn start_with(extra: &[&str]) -> Server {
         let root = tempfile::Builder::new().prefix("hoist-server-").tempdir_in(test_tmp()).expect("server root");
-        let mut s = Server { root, port: free_port(), child: None, extra: extra.iter().map(|e| e.to_string()).collect() };
+        let mut s = Server { root, port: free_port(), child: None, extra: extra.iter().map(|e| e.to_string()).collect(), env: Vec::new() };
         s.spawn();
         s
     }
@@ -226,6 +228,7 @@ impl Server {
         let child = Command::new(hoist_bin())
             .args(["serve", "--root", self.root.path().to_str().unwrap(), "--listen", &format!("tcp://127.0.0.1:{}", self.port)])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
