@@ -406,26 +406,34 @@ pub const SHARED_GRACE: std::time::Duration = std::time::Duration::from_secs(360
 /// How often one node collects a project's share of the shared store after its builds.
 const SHARED_COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// Whether a build of `project` now should start a collection of its share of the shared
+/// store (`last`: when this node last did, per project). The first build of a project on
+/// this node starts the clock: a node that lives for a few builds (a CI burst) leaves
+/// collection to the long-lived ones.
+fn collection_due(last: &mut HashMap<String, std::time::Instant>, project: &str, now: std::time::Instant) -> bool {
+    match last.get(project) {
+        Some(t) if now.duration_since(*t) < SHARED_COLLECT_EVERY => false,
+        Some(_) => {
+            last.insert(project.to_string(), now);
+            true
+        }
+        None => {
+            last.insert(project.to_string(), now);
+            false
+        }
+    }
+}
+
 impl BuilderService {
     /// Keep `project` under its limit in the shared store too: in the background, once an
     /// hour of builds per node (a collection reads every entry).
     fn collect_shared_now_and_then(&self, project: &str) {
         let Some(tier) = self.engine.shared().cloned() else { return };
-        {
-            let mut last = self.shared_collected.lock().unwrap_or_else(|e| e.into_inner());
-            let now = std::time::Instant::now();
-            // The first build of a project on this node starts the clock: a node that lives
-            // for a few builds (a CI burst) leaves collection to the long-lived ones.
-            match last.get(project) {
-                Some(t) if now.duration_since(*t) < SHARED_COLLECT_EVERY => return,
-                Some(_) => {}
-                None => {
-                    last.insert(project.to_string(), now);
-                    return;
-                }
-            }
-            last.insert(project.to_string(), now);
+        let mut last = self.shared_collected.lock().unwrap_or_else(|e| e.into_inner());
+        if !collection_due(&mut last, project, std::time::Instant::now()) {
+            return;
         }
+        drop(last);
         let (project, limit) = (project.to_string(), self.auth.limit_of(project));
         tokio::spawn(async move {
             match tier.collect(&project, limit, SHARED_GRACE).await {
@@ -1294,5 +1302,26 @@ mod forward_tests {
         let step = EngineError::Step { location: "Dockerfile:2".into(), instruction: "RUN exit 3".into(), source: "exit code 3".into() };
         let s = engine_status(shared(step));
         assert_eq!((s.code(), s.message()), (tonic::Code::Aborted, "Dockerfile:2: RUN exit 3: exit code 3"));
+    }
+}
+
+#[cfg(test)]
+mod collection_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Issue 13: a node collects a project's share of the shared store at most hourly, the
+    /// first build of the project on the node starting the clock, each project on its own.
+    #[test]
+    fn shared_collection_runs_hourly_per_project_from_the_first_build() {
+        let mut last = HashMap::new();
+        let t0 = Instant::now();
+        assert!(!collection_due(&mut last, "web", t0), "the first build starts the clock");
+        assert!(!collection_due(&mut last, "web", t0 + Duration::from_secs(60)));
+        assert!(!collection_due(&mut last, "api", t0 + Duration::from_secs(60)), "each project has its own clock");
+        assert!(collection_due(&mut last, "web", t0 + SHARED_COLLECT_EVERY), "an hour later");
+        assert!(!collection_due(&mut last, "web", t0 + SHARED_COLLECT_EVERY + Duration::from_secs(1)), "then not again for an hour");
+        assert!(collection_due(&mut last, "web", t0 + 2 * SHARED_COLLECT_EVERY));
+        assert!(collection_due(&mut last, "api", t0 + 2 * SHARED_COLLECT_EVERY));
     }
 }
