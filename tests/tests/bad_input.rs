@@ -221,7 +221,7 @@ fn bad_flags_are_clear_errors() {
     let ctx = context(&[("Dockerfile", "FROM scratch\n")]);
     let dir = ctx.path().to_str().unwrap();
     for (args, needle) in [
-        (vec!["--cache-from", "x", dir], "--cache-from"),
+        (vec!["--squash", dir], "--squash"),
         (vec!["--progress", "fancy", dir], "--progress"),
         (vec!["-o", "type=bogus,dest=x", dir], "bogus"),
         (vec!["--build-arg", "=x", dir], "--build-arg"),

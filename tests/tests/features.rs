@@ -581,3 +581,58 @@ fn heredocs_in_every_position() {
     assert_eq!((mode("many/one.txt"), mode("tool.sh")), (0o644, 0o755));
     assert_eq!(read("added"), "added world\n");
 }
+
+/// Issue 14: flags of buildx CI scripts that need nothing new of the builder are accepted
+/// and do what buildx does: `--cache-from`/`--cache-to` (a note: the shared cache serves),
+/// `--no-cache-filter`, `BUILDKIT_PROGRESS` and `--progress=none`, and `--metadata-file`
+/// with buildx's keys.
+#[test]
+fn buildx_flags_of_ci_scripts_are_accepted() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let marker = unique("flags");
+    let dockerfile = format!("FROM {} AS first\nRUN echo {marker} > /one\nFROM first AS second\nRUN echo two > /two\n", busybox());
+    let ctx = context(&[("Dockerfile", &dockerfile)]);
+    let dir = ctx.path().to_str().unwrap();
+
+    let out = h.build_ok(&["--cache-from", "type=registry,ref=registry.invalid/cache", "--cache-to", "type=inline", dir]);
+    assert_eq!(out.matches("--cache-from/--cache-to are not needed").count(), 1, "{out}");
+    assert_eq!(count_before(&out, "steps run"), 2, "{out}");
+
+    let out = h.build_ok(&["--no-cache-filter", "SECOND", dir]);
+    assert_eq!((count_before(&out, "steps run"), count_before(&out, "cached")), (1, 1), "only the named stage ran: {out}");
+
+    let run = |progress: &str, args: &[&str]| {
+        let out = h.cmd().arg("build").args(args).arg(dir).env("BUILDKIT_PROGRESS", progress).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let raw = run("rawjson", &[]);
+    assert!(raw.lines().any(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.get("vertex").is_some())), "{raw}");
+    let none = run("plain", &["--progress=none"]);
+    assert!(!none.contains("steps run") && !none.contains("FROM"), "the flag wins over the variable, and none prints nothing: {none}");
+
+    let tag = format!("{}/{}:1", registry(), unique("metadata"));
+    let out_dir = tempfile::tempdir_in(test_tmp()).unwrap();
+    let meta = out_dir.path().join("meta.json");
+    let out = h.build_ok(&["-t", &tag, "--push", "--metadata-file", meta.to_str().unwrap(), dir]);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let digest = m["containerimage.digest"].as_str().expect("containerimage.digest").to_string();
+    let desc = &m["containerimage.descriptor"];
+    assert_eq!(desc["digest"], digest.as_str(), "{m}");
+    assert_eq!(desc["mediaType"], "application/vnd.oci.image.manifest.v1+json", "{m}");
+    let (repo, _) = tag.split_once('/').unwrap().1.rsplit_once(':').unwrap();
+    let manifest = Command::new("curl")
+        .args(["-fsS", "-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+        .arg(format!("http://{}/v2/{repo}/manifests/{digest}", registry()))
+        .output()
+        .unwrap();
+    assert!(manifest.status.success(), "{}", String::from_utf8_lossy(&manifest.stderr));
+    assert_eq!(desc["size"], manifest.stdout.len(), "{m}");
+    assert_eq!(m["image.name"], tag.as_str());
+    let build_ref = m["buildx.build.ref"].as_str().expect("buildx.build.ref");
+    let id = build_ref.rsplit('/').next().unwrap();
+    assert!(build_ref.starts_with("hoist/") && out.contains(&format!("build {id} in project")), "{build_ref}: {out}");
+}

@@ -41,6 +41,9 @@ pub struct BuildArgs {
     /// Do not use the cache.
     #[arg(long)]
     pub no_cache: bool,
+    /// Do not use the cache for these stages (by name), as buildx does.
+    #[arg(long = "no-cache-filter", value_delimiter = ',')]
+    pub no_cache_filter: Vec<String>,
     /// Always check the registry for newer versions of base images.
     #[arg(long)]
     pub pull: bool,
@@ -73,8 +76,8 @@ pub struct BuildArgs {
     /// Print only the image ID.
     #[arg(short = 'q', long)]
     pub quiet: bool,
-    /// Progress output: auto, plain, tty, rawjson or quiet.
-    #[arg(long, default_value = "auto")]
+    /// Progress output: auto, plain, tty, rawjson, quiet or none.
+    #[arg(long, env = "BUILDKIT_PROGRESS", default_value = "auto")]
     pub progress: String,
     /// Output destination: type=image|registry|docker|oci|tar|local[,dest=PATH][,...], or a directory.
     #[arg(short = 'o', long = "output")]
@@ -106,11 +109,14 @@ pub struct BuildArgs {
     #[arg(long, hide = true)]
     pub isolation: Option<String>,
 
-    // Known docker build flags hoist does not support yet: rejected with a clear message.
-    #[arg(long = "cache-from", hide = true)]
+    /// Accepted with a note: the builder's cache, shared by the project, serves instead.
+    #[arg(long = "cache-from")]
     pub cache_from: Vec<String>,
-    #[arg(long = "cache-to", hide = true)]
+    /// Accepted with a note: every build's results go to the builder's shared cache.
+    #[arg(long = "cache-to")]
     pub cache_to: Vec<String>,
+
+    // Known docker build flags hoist does not support yet: rejected with a clear message.
     #[arg(long, hide = true)]
     pub squash: bool,
     #[arg(short = 'm', long, hide = true)]
@@ -127,12 +133,6 @@ pub struct BuildArgs {
 
 fn unsupported(args: &BuildArgs) -> anyhow::Result<()> {
     let mut bad = Vec::new();
-    if !args.cache_from.is_empty() {
-        bad.push("--cache-from");
-    }
-    if !args.cache_to.is_empty() {
-        bad.push("--cache-to");
-    }
     if args.squash {
         bad.push("--squash");
     }
@@ -152,11 +152,7 @@ fn unsupported(args: &BuildArgs) -> anyhow::Result<()> {
         bad.push("--cpu-shares");
     }
     if !bad.is_empty() {
-        bail!(
-            "{} {} not supported by hoist yet (the shared builder cache replaces --cache-from/--cache-to)",
-            bad.join(", "),
-            if bad.len() == 1 { "is" } else { "are" }
-        );
+        bail!("{} {} not supported by hoist yet", bad.join(", "), if bad.len() == 1 { "is" } else { "are" });
     }
     Ok(())
 }
@@ -573,6 +569,7 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, sent: &SentContext
         target: args.target.clone().unwrap_or_default(),
         platforms: args.platform.clone(),
         no_cache: args.no_cache,
+        no_cache_filter: args.no_cache_filter.clone(),
         pull: args.pull,
         labels: key_values(&args.labels, "--label")?.into_iter().collect(),
         network: args.network.clone().unwrap_or_default(),
@@ -614,6 +611,9 @@ pub async fn run(mut args: BuildArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
     unsupported(&args)?;
     let mode = if args.quiet { Mode::Quiet } else { Mode::parse(&args.progress, std::io::stderr().is_terminal())? };
+    if !args.cache_from.is_empty() || !args.cache_to.is_empty() {
+        eprintln!("hoist: note: --cache-from/--cache-to are not needed: the builder's cache, shared by everyone in the project, serves every build");
+    }
     let mut outputs = Vec::new();
     for o in &args.outputs {
         outputs.push(crate::outputs::parse(o)?);

@@ -33,8 +33,8 @@ impl Mode {
             "plain" => Mode::Plain,
             "tty" => Mode::Tty,
             "rawjson" => Mode::RawJson,
-            "quiet" => Mode::Quiet,
-            other => bail!("--progress {other:?}: expected auto, plain, tty, rawjson or quiet"),
+            "quiet" | "none" => Mode::Quiet,
+            other => bail!("--progress {other:?}: expected auto, plain, tty, rawjson, quiet or none"),
         })
     }
 }

@@ -169,6 +169,9 @@ pub struct BuildRequest {
     /// `--no-cache`: run every step instead of reusing cache records (new records are still
     /// written).
     pub no_cache: bool,
+    /// `--no-cache-filter`: stages (by name, any case) whose steps run instead of reusing
+    /// cache records.
+    pub no_cache_stages: Vec<String>,
     /// `--pull`: resolve base image references at the registry even when this namespace
     /// already has them.
     pub pull: bool,

@@ -381,7 +381,9 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
     };
     // Steps up to this one were looked up in the shared tier.
     let mut looked = 0;
-    let fleet = !b.req.no_cache && b.engine.shared().is_some();
+    // `--no-cache`, or `--no-cache-filter` naming this stage: its steps run.
+    let no_cache = b.req.no_cache || stage.name.as_ref().is_some_and(|n| b.req.no_cache_stages.iter().any(|s| s.eq_ignore_ascii_case(n)));
+    let fleet = !no_cache && b.engine.shared().is_some();
     if let Base::Image(img) = &stage.base {
         let vid = b.vertices.next();
         b.progress.send(Event::Started { id: vid, name: format!("[{label}] FROM {}@{}", img.reference, img.manifest_digest) });
@@ -427,7 +429,7 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
                 state.history.push(history(&b, h, true, None));
             } else {
                 let name = format!("[{label} {}/{}] {}", i + 1, total, step.display);
-                let made = run_step(&b, &mut state, step, name, b.in_target[id]).await?;
+                let made = run_step(&b, &mut state, step, name, b.in_target[id], no_cache).await?;
                 // A layer's time is when its cache record was made (the step first ran), so
                 // a cached rebuild gives the same image.
                 state.history.push(history(&b, h, made.is_none(), made.map(time_string)));
@@ -456,11 +458,18 @@ fn history(b: &Build, h: &crate::graph::HistoryEntry, empty: bool, created: Opti
 /// Key, look up, and run if needed; returns the time of the step's cache record when the
 /// step added a layer. A new layer of the target image starts compressing right away when
 /// an output will want it.
-async fn run_step(b: &Arc<Build>, state: &mut StageState, step: &Step, name: String, in_target: bool) -> Result<Option<i64>, EngineError> {
+async fn run_step(
+    b: &Arc<Build>,
+    state: &mut StageState,
+    step: &Step,
+    name: String,
+    in_target: bool,
+    no_cache: bool,
+) -> Result<Option<i64>, EngineError> {
     let vid = b.vertices.next();
     b.progress.send(Event::Started { id: vid, name });
     let started = Instant::now();
-    let result = keyed_step(b, state, step, vid).await;
+    let result = keyed_step(b, state, step, vid, no_cache).await;
     let (cached, err) = match &result {
         Ok((_, cached, _)) => (*cached, None),
         Err(e) => (false, Some(e.to_string())),
@@ -686,11 +695,17 @@ async fn lookahead(b: &Arc<Build>, parent: &str, steps: &[Step]) -> (usize, bool
 
 /// Returns the step's layer (if any), whether it came from the cache, and when its cache
 /// record was made.
-async fn keyed_step(b: &Arc<Build>, state: &mut StageState, step: &Step, vid: u32) -> Result<(Option<Digest>, bool, u64), EngineError> {
+async fn keyed_step(
+    b: &Arc<Build>,
+    state: &mut StageState,
+    step: &Step,
+    vid: u32,
+    no_cache: bool,
+) -> Result<(Option<Digest>, bool, u64), EngineError> {
     let inputs = step_inputs(b, step).await?;
     let (op_key, next_key) = step_keys(b, &state.key, step, &inputs);
     let engine = &b.engine;
-    if !b.req.no_cache {
+    if !no_cache {
         if let Some(rec) = local_record(b, &op_key).map_err(|e| step_error(b, step, e))? {
             if let Some(tier) = engine.shared() {
                 tier.touch(&b.req.namespace, &op_key).await;

@@ -342,6 +342,7 @@ impl TestEngine {
             context_reach: Default::default(),
             context_fetcher: None,
             no_cache: false,
+            no_cache_stages: Vec::new(),
             pull: false,
             network: NetworkMode::Default,
             entitlements: Default::default(),

@@ -1084,6 +1084,7 @@ impl BuilderService {
             context_reach,
             context_fetcher: fetcher,
             no_cache: req.no_cache,
+            no_cache_stages: req.no_cache_filter.clone(),
             pull: req.pull,
             network,
             entitlements,
@@ -1128,7 +1129,19 @@ impl BuilderService {
         });
         if !manifest_digest.is_empty() {
             metadata["containerimage.digest"] = serde_json::json!(manifest_digest);
+            // As buildx writes it: the manifest (or index) the outputs made.
+            let stored = manifest_digest.parse().ok().and_then(|d| self.engine.store().read(&d).ok());
+            if let Some(bytes) = stored {
+                let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["mediaType"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| hoist_oci::image::media::OCI_MANIFEST.to_string());
+                metadata["containerimage.descriptor"] =
+                    serde_json::json!({ "mediaType": media_type, "digest": manifest_digest, "size": bytes.len() });
+            }
         }
+        // What `hoist builds show` takes (buildx names the builder, node and build).
+        metadata["buildx.build.ref"] = serde_json::json!(format!("hoist/{}/{build_id}", who.project));
         if !names.is_empty() || !req.tags.is_empty() {
             let all: Vec<String> = if names.is_empty() { req.tags.clone() } else { names };
             metadata["image.name"] = serde_json::json!(all.join(","));
