@@ -242,6 +242,23 @@ fn dockerfile_and_context_from_stdin() {
     let r = child.wait_with_output().unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_eq!(std::fs::read_to_string(dest.join("g.txt")).unwrap(), "from-tar\n");
+
+    // The same tar gzipped (`docker build - < ctx.tar.gz`), as docker takes it: a context,
+    // not a Dockerfile.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tarball).unwrap();
+    let dest = out.path().join("c");
+    let mut child = h
+        .cmd()
+        .args(["build", "--progress=plain", "-o", &format!("type=local,dest={}", dest.display()), "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&gz.finish().unwrap()).unwrap();
+    let r = child.wait_with_output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read_to_string(dest.join("g.txt")).unwrap(), "from-tar\n");
 }
 
 /// A foreign platform runs under qemu emulation; the image says arm64.

@@ -17,6 +17,7 @@ use hoist_dockerfile::IgnoreMatcher;
 
 use crate::conn::{addr_is_local, ConnArgs};
 use crate::progress::{Mode, Renderer};
+use hoist_oci::compress::Algorithm;
 
 /// `hoist build [OPTIONS] PATH | -`
 #[derive(Args, Debug)]
@@ -305,7 +306,21 @@ fn read_inputs(args: &BuildArgs) -> anyhow::Result<Inputs> {
         stdin_used = true;
         let mut data = Vec::new();
         std::io::stdin().read_to_end(&mut data).context("reading the context from stdin")?;
+        // A compressed tar (gzip, bzip2, xz, zstd) is a context too, as docker takes it.
+        let compressed = Algorithm::sniff(&data[..data.len().min(6)]) != Algorithm::None;
+        if compressed {
+            let mut plain = Vec::new();
+            {
+                let what = "decompressing the context from stdin";
+                let mut reader = hoist_oci::compress::decompress_reader(data.as_slice(), None).context(what)?;
+                reader.read_to_end(&mut plain).context(what)?;
+            }
+            data = plain;
+        }
         let is_tar = data.len() >= 262 && &data[257..262] == b"ustar";
+        if compressed && !is_tar {
+            bail!("the compressed data on stdin is not a tar: expected a context archive (.tar, .tar.gz, .tar.bz2, .tar.xz, .tar.zst)");
+        }
         if is_tar {
             let tmp = tempfile::tempdir().context("creating a directory for the stdin context")?;
             tar::Archive::new(data.as_slice()).unpack(tmp.path()).context("extracting the context tar from stdin")?;
