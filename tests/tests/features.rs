@@ -652,4 +652,35 @@ fn buildx_flags_of_ci_scripts_are_accepted() {
     let build_ref = m["buildx.build.ref"].as_str().expect("buildx.build.ref");
     let id = build_ref.rsplit('/').next().unwrap();
     assert!(build_ref.starts_with("hoist/") && out.contains(&format!("build {id} in project")), "{build_ref}: {out}");
+
+    // --shm-size and --ulimit reach RUN steps (and their results: another limit runs again);
+    // a limit above the builder's own is refused, naming the flag.
+    let limits = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}
+RUN ulimit -n > /soft; ulimit -Hn > /hard; df -k /dev/shm | tail -1 | awk '{{print $2}}' > /shm
+",
+            busybox()
+        ),
+    )]);
+    let local = |name: &str, args: &[&str]| {
+        let dest = out_dir.path().join(name);
+        let mut all = vec!["-o".to_string(), format!("type=local,dest={}", dest.display())];
+        all.extend(args.iter().map(|a| a.to_string()));
+        all.push(limits.path().to_str().unwrap().to_string());
+        let out = h.build_ok(&all.iter().map(String::as_str).collect::<Vec<_>>());
+        let read = |f: &str| std::fs::read_to_string(dest.join(f)).unwrap().trim().to_string();
+        (out, read("soft"), read("hard"), read("shm"))
+    };
+    let (_, _, _, shm) = local("default", &[]);
+    assert_eq!(shm, "65536", "Docker's 64 MiB");
+    let (out, soft, hard, shm) = local("set", &["--shm-size", "128m", "--ulimit", "nofile=1000:2000"]);
+    assert_eq!((soft.as_str(), hard.as_str(), shm.as_str()), ("1000", "2000", "131072"));
+    assert_eq!(count_before(&out, "steps run"), 1, "{out}");
+    let (out, soft, _, _) = local("other", &["--shm-size", "128m", "--ulimit", "nofile=999:2000"]);
+    assert_eq!((soft.as_str(), count_before(&out, "steps run")), ("999", 1), "{out}");
+    let refused = h.build(&["--ulimit", "nofile=-1", limits.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("--ulimit") && stderr.contains("hard limit"), "{stderr}");
 }

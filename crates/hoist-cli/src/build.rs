@@ -117,15 +117,19 @@ pub struct BuildArgs {
     #[arg(long = "cache-to")]
     pub cache_to: Vec<String>,
 
+    /// Size of /dev/shm of RUN steps, e.g. 128m (default 64m).
+    #[arg(long = "shm-size", value_parser = crate::limits::parse_size)]
+    pub shm_size: Option<u64>,
+    /// Resource limit of RUN steps: name=soft[:hard], e.g. nofile=1024:2048 (up to the
+    /// builder's own limits).
+    #[arg(long)]
+    pub ulimit: Vec<String>,
+
     // Known docker build flags hoist does not support yet: rejected with a clear message.
     #[arg(long, hide = true)]
     pub squash: bool,
     #[arg(short = 'm', long, hide = true)]
     pub memory: Option<String>,
-    #[arg(long = "shm-size", hide = true)]
-    pub shm_size: Option<String>,
-    #[arg(long, hide = true)]
-    pub ulimit: Vec<String>,
     #[arg(long = "cgroup-parent", hide = true)]
     pub cgroup_parent: Option<String>,
     #[arg(long = "cpu-shares", hide = true)]
@@ -139,12 +143,6 @@ fn unsupported(args: &BuildArgs) -> anyhow::Result<()> {
     }
     if args.memory.is_some() {
         bad.push("--memory");
-    }
-    if args.shm_size.is_some() {
-        bad.push("--shm-size");
-    }
-    if !args.ulimit.is_empty() {
-        bad.push("--ulimit");
     }
     if args.cgroup_parent.is_some() {
         bad.push("--cgroup-parent");
@@ -585,6 +583,8 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, sent: &SentContext
         platforms: args.platform.clone(),
         no_cache: args.no_cache,
         no_cache_filter: args.no_cache_filter.clone(),
+        shm_size: args.shm_size.unwrap_or(0),
+        ulimits: args.ulimit.clone(),
         pull: args.pull,
         labels: key_values(&args.labels, "--label")?.into_iter().collect(),
         network: args.network.clone().unwrap_or_default(),

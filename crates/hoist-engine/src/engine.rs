@@ -179,6 +179,10 @@ pub struct BuildRequest {
     pub network: NetworkMode,
     /// What steps may do beyond the sandbox; checked before any step runs.
     pub entitlements: crate::entitlements::Entitlements,
+    /// `--shm-size`: the size of /dev/shm of RUN steps (default 64 MiB).
+    pub shm_size: Option<u64>,
+    /// `--ulimit`: resource limits of RUN steps.
+    pub ulimits: Vec<crate::executor::Ulimit>,
     /// `--add-host` entries as `(hostname, ip)`, added to /etc/hosts of RUN steps.
     pub add_hosts: Vec<(String, String)>,
     /// Secrets and ssh agents the steps may mount.

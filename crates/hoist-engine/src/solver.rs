@@ -575,6 +575,16 @@ async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, S
         // The layer's mtimes depend on it (see `Build::source_date_epoch`).
         inputs.push(("source-date-epoch", epoch.to_string()));
     }
+    if let Op::Run(_) = &step.op {
+        // They change what a RUN can do, so its result (as BuildKit's exec meta does); a
+        // build without them keeps its keys.
+        if let Some(size) = b.req.shm_size {
+            inputs.push(("shm-size", size.to_string()));
+        }
+        for u in &b.req.ulimits {
+            inputs.push(("ulimit", format!("{}={}:{}", u.name, u.soft, u.hard)));
+        }
+    }
     if let Op::Copy(c) = &step.op {
         for s in &c.sources {
             if let crate::graph::CopySource::Url { url, checksum } = s {

@@ -313,6 +313,8 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
         extra_hosts: b.req.add_hosts.clone(),
         timeout: b.engine.limits().run_timeout,
         cgroup_parent: b.cgroup.as_ref().map(|c| c.parent().to_string()),
+        shm_size: b.req.shm_size,
+        ulimits: b.req.ulimits.clone(),
     };
     let (tx, mut rx) = mpsc::channel::<LogChunk>(256);
     let progress = b.progress.clone();

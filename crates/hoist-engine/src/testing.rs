@@ -347,6 +347,8 @@ impl TestEngine {
             network: NetworkMode::Default,
             entitlements: Default::default(),
             add_hosts: Vec::new(),
+            shm_size: None,
+            ulimits: Vec::new(),
             secrets: Default::default(),
             registry: RegistryClient::new(Default::default()).expect("a registry client"),
             eager_blobs: None,

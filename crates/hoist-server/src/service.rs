@@ -1067,6 +1067,11 @@ impl BuilderService {
         // its exports.
         let _busy = self.engine.shared().map(|t| t.busy());
         let eager_blobs = exporters.iter().find_map(|e| e.eager_blobs());
+        let ulimits = req
+            .ulimits
+            .iter()
+            .map(|u| hoist_engine::executor::Ulimit::parse(u).map_err(|e| Status::invalid_argument(format!("--ulimit {e}"))))
+            .collect::<Result<Vec<_>, Status>>()?;
         let needs = exporters.iter().map(Exporter::needs).max().unwrap_or(hoist_engine::LayerNeeds::Descriptors);
         let build = BuildRequest {
             namespace: who.project.clone(),
@@ -1085,6 +1090,8 @@ impl BuilderService {
             context_fetcher: fetcher,
             no_cache: req.no_cache,
             no_cache_stages: req.no_cache_filter.clone(),
+            shm_size: (req.shm_size > 0).then_some(req.shm_size),
+            ulimits,
             pull: req.pull,
             network,
             entitlements,

@@ -29,6 +29,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc::Sender;
 use tokio_util::sync::CancellationToken;
 
+use oci_spec::runtime::PosixRlimitType;
+
 use crate::graph::{NetworkMode, SecurityMode};
 
 pub use cgroup::{random_build_name, remove_leftover_build_cgroups, BuildCgroup, CgroupError, CgroupLayout, CgroupVersion, Hierarchy};
@@ -81,6 +83,77 @@ pub struct RunSpec {
     /// ([`BuildCgroup::parent`], `hoist/<build>`): the step's cgroupsPath is
     /// `<parent>/<id>`. `None`: `hoist/<id>`.
     pub cgroup_parent: Option<String>,
+    /// Size of /dev/shm in bytes (`--shm-size`); `None`: 64 MiB, as Docker's default.
+    pub shm_size: Option<u64>,
+    /// Resource limits of the process (`--ulimit`), replacing the builder's default of each.
+    pub ulimits: Vec<Ulimit>,
+}
+
+/// A resource limit of a step's process, as `--ulimit name=soft[:hard]` gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ulimit {
+    /// Docker's name of the resource: `nofile`, `nproc`, `core`, …
+    pub name: String,
+    /// The resource as the OCI config names it.
+    pub kind: PosixRlimitType,
+    /// The soft limit.
+    pub soft: u64,
+    /// The hard limit.
+    pub hard: u64,
+}
+
+/// Docker's ulimit names with the resource each is.
+const ULIMITS: [(&str, rustix::process::Resource, PosixRlimitType); 16] = {
+    use rustix::process::Resource as R;
+    use PosixRlimitType as T;
+    [
+        ("as", R::As, T::RlimitAs),
+        ("core", R::Core, T::RlimitCore),
+        ("cpu", R::Cpu, T::RlimitCpu),
+        ("data", R::Data, T::RlimitData),
+        ("fsize", R::Fsize, T::RlimitFsize),
+        ("locks", R::Locks, T::RlimitLocks),
+        ("memlock", R::Memlock, T::RlimitMemlock),
+        ("msgqueue", R::Msgqueue, T::RlimitMsgqueue),
+        ("nice", R::Nice, T::RlimitNice),
+        ("nofile", R::Nofile, T::RlimitNofile),
+        ("nproc", R::Nproc, T::RlimitNproc),
+        ("rss", R::Rss, T::RlimitRss),
+        ("rtprio", R::Rtprio, T::RlimitRtprio),
+        ("rttime", R::Rttime, T::RlimitRttime),
+        ("sigpending", R::Sigpending, T::RlimitSigpending),
+        ("stack", R::Stack, T::RlimitStack),
+    ]
+};
+
+impl Ulimit {
+    /// Parse Docker's `name=soft[:hard]` (`-1`: unlimited; hard defaults to soft). A limit
+    /// above the builder's own hard limit of that resource is refused: a step cannot raise
+    /// what the builder cannot.
+    pub fn parse(s: &str) -> Result<Ulimit, String> {
+        let (name, value) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected name=soft[:hard]"))?;
+        let (resource, kind) = ULIMITS
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, r, k)| (*r, *k))
+            .ok_or_else(|| format!("{s:?}: unknown resource {name:?} (expected one of {})", ULIMITS.map(|(n, _, _)| n).join(", ")))?;
+        let number = |v: &str| match v {
+            "-1" => Ok(u64::MAX),
+            v => v.parse::<u64>().map_err(|_| format!("{s:?}: {v:?} is not a number")),
+        };
+        let (soft, hard) = match value.split_once(':') {
+            Some((soft, hard)) => (number(soft)?, number(hard)?),
+            None => (number(value)?, number(value)?),
+        };
+        if soft > hard {
+            return Err(format!("{s:?}: the soft limit is above the hard limit"));
+        }
+        let builder = rustix::process::getrlimit(resource).maximum.unwrap_or(u64::MAX);
+        if hard > builder {
+            return Err(format!("{s:?}: above the builder's own hard limit of {name} ({builder})"));
+        }
+        Ok(Ulimit { name: name.to_string(), kind, soft, hard })
+    }
 }
 
 impl RunSpec {
@@ -102,6 +175,8 @@ impl RunSpec {
             extra_hosts: Vec::new(),
             timeout: None,
             cgroup_parent: None,
+            shm_size: None,
+            ulimits: Vec::new(),
         }
     }
 }

@@ -151,13 +151,14 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount,
 }
 
 /// The system mounts every container gets (Docker's default set, without /sys/fs/cgroup).
-pub(crate) fn system_mounts(security: SecurityMode) -> Result<Vec<Mount>, ExecError> {
+pub(crate) fn system_mounts(security: SecurityMode, shm_size: Option<u64>) -> Result<Vec<Mount>, ExecError> {
     let sys_mode = if security == SecurityMode::Insecure { "rw" } else { "ro" };
+    let shm = format!("size={}", shm_size.unwrap_or(64 << 20));
     Ok(vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
         mount("/dev", "tmpfs", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k"])?,
         mount("/dev/pts", "devpts", "devpts", &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"])?,
-        mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"])?,
+        mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", &shm])?,
         mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"])?,
         mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", sys_mode])?,
     ])
@@ -210,7 +211,13 @@ pub(crate) fn build_spec(run: &RunSpec, ctx: &SpecContext) -> Result<Spec, ExecE
         .ambient(Capabilities::new())
         .build()?;
     let user = UserBuilder::default().uid(run.uid).gid(run.gid).additional_gids(run.additional_gids.clone()).build()?;
-    let rlimits = vec![PosixRlimitBuilder::default().typ(PosixRlimitType::RlimitNofile).hard(ctx.nofile).soft(ctx.nofile).build()?];
+    let mut rlimits = Vec::new();
+    if !run.ulimits.iter().any(|u| u.name == "nofile") {
+        rlimits.push(PosixRlimitBuilder::default().typ(PosixRlimitType::RlimitNofile).hard(ctx.nofile).soft(ctx.nofile).build()?);
+    }
+    for u in &run.ulimits {
+        rlimits.push(PosixRlimitBuilder::default().typ(u.kind).soft(u.soft).hard(u.hard).build()?);
+    }
     let process = ProcessBuilder::default()
         .terminal(false)
         .user(user)
@@ -258,7 +265,7 @@ pub(crate) fn build_spec(run: &RunSpec, ctx: &SpecContext) -> Result<Spec, ExecE
         .build()?;
     linux.set_seccomp(seccomp);
 
-    let mut mounts = system_mounts(run.security)?;
+    let mut mounts = system_mounts(run.security, run.shm_size)?;
     let as_str = |p: &Path| {
         p.to_str()
             .map(str::to_string)
@@ -400,6 +407,45 @@ mod tests {
         assert_eq!(v["linux"]["cgroupsPath"], "hoist/x");
         assert_eq!(v["root"]["path"], "/rootfs");
         assert_eq!(v["hostname"], DEFAULT_HOSTNAME);
+    }
+
+    /// Issue 14: `--shm-size` sizes /dev/shm; `--ulimit` replaces the default of its
+    /// resource and adds the others.
+    #[test]
+    fn shm_size_and_ulimits_reach_the_spec() {
+        let v = json(&build_spec(&run(), &ctx()).unwrap());
+        let shm = |v: &serde_json::Value| {
+            let m = v["mounts"].as_array().unwrap().iter().find(|m| m["destination"] == "/dev/shm").unwrap().clone();
+            m["options"].as_array().unwrap().iter().filter_map(|o| o.as_str().map(str::to_string)).find(|o| o.starts_with("size=")).unwrap()
+        };
+        assert_eq!(shm(&v), format!("size={}", 64 << 20), "Docker's default");
+        let mut r = run();
+        r.shm_size = Some(128 << 20);
+        r.ulimits = vec![super::super::Ulimit::parse("nofile=100:200").unwrap(), super::super::Ulimit::parse("core=0").unwrap()];
+        let v = json(&build_spec(&r, &ctx()).unwrap());
+        assert_eq!(shm(&v), format!("size={}", 128 << 20));
+        let limits = v["process"]["rlimits"].as_array().unwrap();
+        assert_eq!(limits.len(), 2, "{limits:?}");
+        assert_eq!((&limits[0]["type"], &limits[0]["soft"], &limits[0]["hard"]), (&"RLIMIT_NOFILE".into(), &100.into(), &200.into()));
+        assert_eq!((&limits[1]["type"], &limits[1]["soft"], &limits[1]["hard"]), (&"RLIMIT_CORE".into(), &0.into(), &0.into()));
+    }
+
+    #[test]
+    fn ulimits_parse_as_docker_writes_them_and_never_above_the_builders_own() {
+        use super::super::Ulimit;
+        let u = Ulimit::parse("nproc=10:20").unwrap();
+        assert_eq!((u.name.as_str(), u.soft, u.hard), ("nproc", 10, 20));
+        assert_eq!(Ulimit::parse("core=-1").map(|u| (u.soft, u.hard)), Ok((u64::MAX, u64::MAX)));
+        for (bad, needle) in [
+            ("nofile", "name=soft[:hard]"),
+            ("bogus=1", "unknown resource"),
+            ("nofile=x", "not a number"),
+            ("nofile=20:10", "soft limit is above"),
+            ("nofile=-1", "builder's own hard limit"),
+        ] {
+            let err = Ulimit::parse(bad).unwrap_err();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
     }
 
     #[test]
