@@ -126,31 +126,36 @@ const ULIMITS: [(&str, rustix::process::Resource, PosixRlimitType); 16] = {
     ]
 };
 
+/// Why a `--ulimit` value cannot be used (the message names the value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UlimitError(String);
+
 impl Ulimit {
     /// Parse Docker's `name=soft[:hard]` (`-1`: unlimited; hard defaults to soft). A limit
     /// above the builder's own hard limit of that resource is refused: a step cannot raise
     /// what the builder cannot.
-    pub fn parse(s: &str) -> Result<Ulimit, String> {
-        let (name, value) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected name=soft[:hard]"))?;
-        let (resource, kind) = ULIMITS
-            .iter()
-            .find(|(n, _, _)| *n == name)
-            .map(|(_, r, k)| (*r, *k))
-            .ok_or_else(|| format!("{s:?}: unknown resource {name:?} (expected one of {})", ULIMITS.map(|(n, _, _)| n).join(", ")))?;
+    pub fn parse(s: &str) -> Result<Ulimit, UlimitError> {
+        let err = |m: String| UlimitError(m);
+        let (name, value) = s.split_once('=').ok_or_else(|| err(format!("{s:?}: expected name=soft[:hard]")))?;
+        let (resource, kind) =
+            ULIMITS.iter().find(|(n, _, _)| *n == name).map(|(_, r, k)| (*r, *k)).ok_or_else(|| {
+                err(format!("{s:?}: unknown resource {name:?} (expected one of {})", ULIMITS.map(|(n, _, _)| n).join(", ")))
+            })?;
         let number = |v: &str| match v {
             "-1" => Ok(u64::MAX),
-            v => v.parse::<u64>().map_err(|_| format!("{s:?}: {v:?} is not a number")),
+            v => v.parse::<u64>().map_err(|_| err(format!("{s:?}: {v:?} is not a number"))),
         };
         let (soft, hard) = match value.split_once(':') {
             Some((soft, hard)) => (number(soft)?, number(hard)?),
             None => (number(value)?, number(value)?),
         };
         if soft > hard {
-            return Err(format!("{s:?}: the soft limit is above the hard limit"));
+            return Err(err(format!("{s:?}: the soft limit is above the hard limit")));
         }
         let builder = rustix::process::getrlimit(resource).maximum.unwrap_or(u64::MAX);
         if hard > builder {
-            return Err(format!("{s:?}: above the builder's own hard limit of {name} ({builder})"));
+            return Err(err(format!("{s:?}: above the builder's own hard limit of {name} ({builder})")));
         }
         Ok(Ulimit { name: name.to_string(), kind, soft, hard })
     }
