@@ -684,3 +684,23 @@ RUN ulimit -n > /soft; ulimit -Hn > /hard; df -k /dev/shm | tail -1 | awk '{{pri
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && stderr.contains("--ulimit") && stderr.contains("hard limit"), "{stderr}");
 }
+
+/// Issue 14: shell completions and the man page come from the CLI's own definition.
+#[test]
+fn completions_and_man_page_describe_the_cli() {
+    let run = |args: &[&str]| {
+        let out = Command::new(hoist_bin()).args(args).output().unwrap();
+        assert!(out.status.success(), "hoist {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let bash = run(&["completion", "bash"]);
+    assert!(bash.contains("_hoist()") && bash.contains("--no-cache-filter") && bash.contains("--ulimit"), "{bash}");
+    let fish = run(&["completion", "fish"]);
+    assert!(fish.contains("complete -c hoist") && fish.contains("no-cache-filter"), "{fish}");
+    let zsh = run(&["completion", "zsh"]);
+    assert!(zsh.starts_with("#compdef hoist"), "{zsh}");
+    let man = run(&["man"]);
+    assert!(man.contains(".TH hoist") && man.contains("build"), "{man}");
+    let bad = Command::new(hoist_bin()).args(["completion", "tcsh"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("tcsh"));
+}

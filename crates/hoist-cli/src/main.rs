@@ -49,6 +49,13 @@ enum Command {
     /// The project's build records.
     #[command(subcommand)]
     Builds(manage::BuildsCmd),
+    /// Print a shell completion script: `hoist completion bash > /etc/bash_completion.d/hoist`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print hoist's man page (roff): `hoist man > /usr/local/share/man/man1/hoist.1`.
+    Man,
 }
 
 #[derive(Args, Debug)]
@@ -101,6 +108,21 @@ struct ServeArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // Printed from the CLI's own definition, so they always match it.
+    match cli.command {
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "hoist", &mut std::io::stdout());
+            return;
+        }
+        Command::Man => {
+            if let Err(e) = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout()) {
+                eprintln!("error: writing the man page: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        _ => {}
+    }
     // Two TLS stacks link rustls (tonic with ring, reqwest); pick one provider for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOIST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -122,6 +144,7 @@ fn main() {
             Command::Login(a) => manage::login(a).await.map(|_| 0),
             Command::Cache(c) => manage::cache(c).await.map(|_| 0),
             Command::Builds(c) => manage::builds(c).await.map(|_| 0),
+            Command::Completion { .. } | Command::Man => Ok(0),
         }
     });
     match code {
