@@ -207,17 +207,24 @@ fn dockerfile_and_context_from_stdin() {
     let h = Hoist::new();
     let ctx = context(&[("f.txt", "stdin-df\n")]);
     let out = tempfile::tempdir_in(test_tmp()).unwrap();
-    let dest = out.path().join("a");
-    let mut child = h
-        .cmd()
-        .args(["build", "--progress=plain", "-f", "-", "-o", &format!("type=local,dest={}", dest.display()), ctx.path().to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(format!("FROM {}\nCOPY f.txt /f.txt\n", busybox()).as_bytes()).unwrap();
-    let r = child.wait_with_output().unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // `hoist build ARGS -o type=local,dest=OUT/NAME` with `stdin` on its stdin; the
+    // output directory.
+    let build = |name: &str, args: &[&str], stdin: &[u8]| {
+        let dest = out.path().join(name);
+        let mut child = h
+            .cmd()
+            .args(["build", "--progress=plain", "-o", &format!("type=local,dest={}", dest.display())])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let r = child.wait_with_output().unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        dest
+    };
+    let dest = build("a", &["-f", "-", ctx.path().to_str().unwrap()], format!("FROM {}\nCOPY f.txt /f.txt\n", busybox()).as_bytes());
     assert_eq!(std::fs::read_to_string(dest.join("f.txt")).unwrap(), "stdin-df\n");
 
     // A tar with a Dockerfile and a file.
@@ -230,34 +237,14 @@ fn dockerfile_and_context_from_stdin() {
         b.append_data(&mut hdr, name, content.as_bytes()).unwrap();
     }
     let tarball = b.into_inner().unwrap();
-    let dest = out.path().join("b");
-    let mut child = h
-        .cmd()
-        .args(["build", "--progress=plain", "-o", &format!("type=local,dest={}", dest.display()), "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(&tarball).unwrap();
-    let r = child.wait_with_output().unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let dest = build("b", &["-"], &tarball);
     assert_eq!(std::fs::read_to_string(dest.join("g.txt")).unwrap(), "from-tar\n");
 
     // The same tar gzipped (`docker build - < ctx.tar.gz`), as docker takes it: a context,
     // not a Dockerfile.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&tarball).unwrap();
-    let dest = out.path().join("c");
-    let mut child = h
-        .cmd()
-        .args(["build", "--progress=plain", "-o", &format!("type=local,dest={}", dest.display()), "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(&gz.finish().unwrap()).unwrap();
-    let r = child.wait_with_output().unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let dest = build("c", &["-"], &gz.finish().unwrap());
     assert_eq!(std::fs::read_to_string(dest.join("g.txt")).unwrap(), "from-tar\n");
 }
 
