@@ -298,7 +298,7 @@ pub(crate) struct Inputs {
     dockerfile_path: Option<PathBuf>,
 }
 
-fn read_inputs(args: &BuildArgs) -> anyhow::Result<Inputs> {
+pub(crate) fn read_inputs(args: &BuildArgs) -> anyhow::Result<Inputs> {
     let mut stdin_used = false;
     let (context_dir, tmp, stdin_dockerfile) = if args.context == "-" {
         stdin_used = true;
@@ -363,7 +363,7 @@ fn read_inputs(args: &BuildArgs) -> anyhow::Result<Inputs> {
     Ok(Inputs { context_dir, _tmp: tmp, dockerfile, dockerfile_name: name, dockerfile_path: path })
 }
 
-fn ignore_matcher(inputs: &Inputs) -> anyhow::Result<Option<IgnoreMatcher>> {
+pub(crate) fn ignore_matcher(inputs: &Inputs) -> anyhow::Result<Option<IgnoreMatcher>> {
     let Some(dir) = &inputs.context_dir else { return Ok(None) };
     let df = inputs.dockerfile_path.clone().unwrap_or_else(|| dir.join("Dockerfile"));
     for candidate in hoist_dockerfile::ignore_file_candidates(dir, &df) {
