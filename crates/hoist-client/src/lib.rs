@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod build;
+pub mod docker_host;
 pub mod load;
 pub mod outputs;
 pub mod proxy;

@@ -1,12 +1,15 @@
-//! Getting an exported image into the local Docker engine (`--load`, `hoist pull`).
+//! Getting an exported image into the user's Docker engine (`--load`, `hoist pull`): the
+//! one [`crate::docker_host`] chooses as the Docker CLI does (`DOCKER_HOST`, the current
+//! Docker context, else the local socket).
 //!
 //! The fast path: serve the builder's export session as a registry on loopback
 //! ([`crate::proxy`]) and ask the engine to pull from it (`POST /images/create`); the
 //! engine skips every layer it already has ("Already exists"), so only new layers move.
 //! Then the image gets each `-t` and the temporary reference is removed.
 //!
-//! When the engine cannot reach this machine's loopback (`DOCKER_HOST` names another
-//! machine or a VM, or the pull fails to connect), when there is no tag to give the image,
+//! When the engine cannot reach this machine's loopback (`DOCKER_HOST` or the context names
+//! another machine — tcp:// or ssh:// — or the engine is in a VM and the pull fails to
+//! connect), when there is no tag to give the image,
 //! or when `HOIST_LOAD_VIA=archive` says so, it is loaded as a `docker load` archive
 //! instead — one that still carries only the layers the engine lacks (the engine reuses a
 //! layer whose chain it already has and never opens its file). Either way the report says
@@ -23,6 +26,7 @@ use hoist_oci::digest::{chain_id, Digest};
 use hoist_oci::image::{ImageConfig, Manifest};
 use tokio::sync::mpsc;
 
+use crate::docker_host::{DockerHostError, Endpoint};
 use crate::human_bytes;
 use crate::proxy::{content_of, BlobBackend, LoopbackRegistry, ProxyError};
 use crate::{v1, Client};
@@ -37,6 +41,14 @@ pub enum LoadError {
         what: String,
         /// The engine's (or its client's) error.
         error: bollard::errors::Error,
+    },
+    /// The engine's endpoint (`DOCKER_HOST`, the Docker context) cannot be used.
+    #[error("{what}: {error}")]
+    Host {
+        /// What needed the engine.
+        what: String,
+        /// Why (naming the variable, context or file).
+        error: DockerHostError,
     },
     /// The engine could not pull the image from the loopback registry.
     #[error("the Docker engine failed to pull the image from hoist's loopback registry: {0}")]
@@ -83,40 +95,28 @@ pub struct DockerEngine {
     pub docker: Docker,
     /// `os/arch[/variant]` of the engine.
     pub platform: String,
-    /// Why the engine cannot pull from this machine's loopback (None: it can).
+    /// Why the engine cannot pull from this machine's loopback (None: it can): it is on
+    /// another machine ([`Endpoint::remote`]); the load then sends an archive and says so.
     pub remote: Option<String>,
 }
 
-/// Whether `DOCKER_HOST` (its value) names an engine on this machine.
-pub fn engine_is_remote(docker_host: Option<&str>) -> Option<String> {
-    let host = docker_host.map(str::trim).filter(|h| !h.is_empty())?;
-    if host.starts_with("unix://") || host.starts_with("npipe://") {
-        return None;
-    }
-    let rest =
-        host.strip_prefix("tcp://").or_else(|| host.strip_prefix("http://")).or_else(|| host.strip_prefix("https://")).unwrap_or(host);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    if hoist_oci::registry::is_loopback(authority) {
-        return None;
-    }
-    Some(format!("DOCKER_HOST={host} is not this machine, so the engine cannot reach hoist's loopback registry"))
-}
-
 impl DockerEngine {
-    /// Connect to the engine of `DOCKER_HOST` (default: the local socket); `what` (the
-    /// flag or command that needs it) starts the error messages.
+    /// Connect to the engine the Docker CLI would use ([`crate::docker_host`]: `DOCKER_HOST`,
+    /// else the current Docker context, else the local socket); `what` (the flag or command
+    /// that needs it) starts the error messages.
     pub async fn connect(what: &str) -> Result<DockerEngine, LoadError> {
-        let docker = Docker::connect_with_local_defaults().map_err(engine_err(format!("{what}: connecting to the Docker engine")))?;
-        let docker = docker
-            .negotiate_version()
-            .await
-            .map_err(engine_err(format!("{what}: the Docker engine does not answer (is dockerd running? DOCKER_HOST?)")))?;
-        let v = docker.version().await.map_err(engine_err(format!("{what}: asking the Docker engine its version")))?;
+        let host_err = |error| LoadError::Host { what: what.to_string(), error };
+        let endpoint = Endpoint::from_env().map_err(host_err)?;
+        let docker = endpoint.connect().map_err(host_err)?;
+        let at = &endpoint.origin;
+        let docker = docker.negotiate_version().await.map_err(engine_err(format!(
+            "{what}: the Docker engine of {at} does not answer (is dockerd running? set DOCKER_HOST or `docker context use` to choose another)"
+        )))?;
+        let v = docker.version().await.map_err(engine_err(format!("{what}: asking the Docker engine of {at} its version")))?;
         let os = v.os.unwrap_or_else(|| "linux".into());
         let arch = v.arch.unwrap_or_else(|| hoist_oci::Platform::host().architecture);
         let platform = hoist_oci::Platform::parse(&format!("{os}/{arch}")).map(|p| p.to_string()).unwrap_or(format!("{os}/{arch}"));
-        let remote = engine_is_remote(std::env::var("DOCKER_HOST").ok().as_deref());
-        Ok(DockerEngine { docker, platform, remote })
+        Ok(DockerEngine { docker, platform, remote: endpoint.remote() })
     }
 }
 
@@ -555,18 +555,6 @@ async fn load_archive(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn docker_host_locality() {
-        assert_eq!(engine_is_remote(None), None);
-        assert_eq!(engine_is_remote(Some("")), None);
-        assert_eq!(engine_is_remote(Some("unix:///var/run/docker.sock")), None);
-        assert_eq!(engine_is_remote(Some("tcp://127.0.0.1:2375")), None);
-        assert_eq!(engine_is_remote(Some("tcp://localhost:2375")), None);
-        let why = engine_is_remote(Some("tcp://10.1.2.3:2376")).unwrap();
-        assert!(why.contains("DOCKER_HOST=tcp://10.1.2.3:2376"), "{why}");
-        assert!(engine_is_remote(Some("ssh://user@host")).is_some());
-    }
 
     #[test]
     fn tags_split_into_repository_and_tag() {
