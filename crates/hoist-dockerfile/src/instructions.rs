@@ -676,7 +676,7 @@ fn suggestion(word: &str) -> Option<&'static str> {
     INSTRUCTIONS.iter().copied().filter(|c| levenshtein(c, &w) <= 2).min_by_key(|c| levenshtein(c, &w))
 }
 
-fn levenshtein(a: &str, b: &str) -> usize {
+pub(crate) fn levenshtein(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();

@@ -1,6 +1,7 @@
 //! hoist-dockerfile: the Dockerfile language, with BuildKit's Dockerfile frontend as the
 //! reference for every behaviour. Pure code, no I/O, fuzzed:
 //!
+//! - [`checks`]: BuildKit's Dockerfile checks (`--check`, `# check=skip=...`);
 //! - [`parser`]: directives, comments, continuations, argument forms, flags, here-documents,
 //!   with the lines of every instruction;
 //! - [`instructions`]: typed instructions and stages, flag values, `RUN --mount` parsing;
@@ -13,6 +14,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod checks;
 pub mod gocompat;
 pub mod ignore;
 pub mod instructions;
