@@ -11,6 +11,7 @@ mod limits;
 mod manage;
 mod multi;
 mod outputs;
+mod plugin;
 mod progress;
 mod pull;
 
@@ -56,6 +57,9 @@ enum Command {
     },
     /// Print hoist's man page (roff): `hoist man > /usr/local/share/man/man1/hoist.1`.
     Man,
+    /// Make `docker build`, `docker buildx build` and `docker hoist build` run on hoist
+    /// (Docker CLI plugins in ~/.docker/cli-plugins and the `builder` alias); --uninstall undoes it.
+    ConfigureDocker(plugin::ConfigureArgs),
 }
 
 #[derive(Args, Debug)]
@@ -107,7 +111,11 @@ struct ServeArgs {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // Run as a Docker CLI plugin (docker-hoist, docker-buildx): the hoist command it stands for.
+    let cli = match plugin::hoist_args(<Cli as clap::CommandFactory>::command) {
+        Some(args) => Cli::parse_from(args),
+        None => Cli::parse(),
+    };
     // Printed from the CLI's own definition, so they always match it.
     match cli.command {
         Command::Completion { shell } => {
@@ -144,6 +152,7 @@ fn main() {
             Command::Login(a) => manage::login(a).await.map(|_| 0),
             Command::Cache(c) => manage::cache(c).await.map(|_| 0),
             Command::Builds(c) => manage::builds(c).await.map(|_| 0),
+            Command::ConfigureDocker(a) => plugin::configure_docker(a).map(|_| 0),
             Command::Completion { .. } | Command::Man => Ok(0),
         }
     });
