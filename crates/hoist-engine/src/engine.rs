@@ -209,6 +209,9 @@ pub struct BuiltImage {
     pub config_bytes: Vec<u8>,
     /// Digest of `config_bytes` (stored in the content store).
     pub config_digest: Digest,
+    /// The images the build read for it (base images, `COPY --from` images), with the
+    /// digests they resolved to: its provenance's materials. Empty when not known.
+    pub materials: Vec<crate::export::provenance::Material>,
 }
 
 impl BuiltImage {

@@ -227,6 +227,22 @@ impl BuildResolver {
         Ok(manifest.layers.iter().map(|l| l.size).sum())
     }
 
+    /// The images resolved so far, with the platform each was resolved for, in a stable
+    /// order (by reference, then platform): the provenance's materials.
+    pub(crate) async fn materials(&self) -> Vec<crate::export::provenance::Material> {
+        let resolved = self.resolved.lock().await;
+        let mut out: Vec<_> = resolved
+            .iter()
+            .filter_map(|((_, platform), img)| {
+                let platform = Platform::parse(platform).ok()?;
+                Some(crate::export::provenance::Material { reference: img.reference.clone(), platform, digest: img.manifest_digest.parse().ok()? })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.reference, a.platform.to_string()).cmp(&(&b.reference, b.platform.to_string())));
+        out.dedup();
+        out
+    }
+
     /// Where the layers of the build's base images come from.
     pub(crate) fn origins(&self) -> &LayerOrigins {
         &self.origins

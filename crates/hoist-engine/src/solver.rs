@@ -272,8 +272,8 @@ pub(crate) async fn build_platform(
         }
         _ => req.context.clone(),
     };
-    let epoch_created = source_date_epoch(&req).map(time_string);
-    let source_date_epoch = source_date_epoch(&req);
+    let epoch_created = source_date_epoch(&req.frontend).map(time_string);
+    let source_date_epoch = source_date_epoch(&req.frontend);
     let mut in_target = vec![false; graph.stages.len()];
     let mut next = Some(graph.target);
     while let Some(id) = next.filter(|&id| id < in_target.len() && !in_target[id]) {
@@ -338,7 +338,10 @@ pub(crate) async fn build_platform(
     // as blobs in the shared tier, or a base layer not at all yet).
     build.engine.provide_layers(&state.layers, build.req.needs, build.resolver.origins(), &build.cancel).await?;
     let stage = &build.graph.stages[target];
-    image_of(&build, stage, &state)
+    let mut image = image_of(&build, stage, &state)?;
+    // The images the build read, for its provenance.
+    image.materials = build.resolver.materials().await;
+    Ok(image)
 }
 
 fn unwrap_arc(e: Arc<EngineError>) -> EngineError {
@@ -346,12 +349,12 @@ fn unwrap_arc(e: Arc<EngineError>) -> EngineError {
 }
 
 /// `SOURCE_DATE_EPOCH` of the build args when it is a valid (non-negative) number of seconds.
-fn source_date_epoch(req: &BuildRequest) -> Option<i64> {
-    req.frontend.build_args.get("SOURCE_DATE_EPOCH").and_then(|s| s.trim().parse::<i64>().ok()).filter(|s| *s >= 0)
+pub(crate) fn source_date_epoch(frontend: &crate::graph::FrontendOptions) -> Option<i64> {
+    frontend.build_args.get("SOURCE_DATE_EPOCH").and_then(|s| s.trim().parse::<i64>().ok()).filter(|s| *s >= 0)
 }
 
 /// An image time (RFC 3339, UTC, as BuildKit writes it) of seconds since the epoch.
-fn time_string(secs: i64) -> String {
+pub(crate) fn time_string(secs: i64) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp(secs, 0).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
@@ -856,7 +859,7 @@ fn image_of(b: &Build, stage: &Stage, state: &StageState) -> Result<BuiltImage, 
     }
     let config_bytes = serde_json::to_vec(&config).map_err(crate::export::ExportError::from)?;
     let config_digest = b.engine.store().put(&config_bytes)?;
-    Ok(BuiltImage { platform: b.platform.clone(), config, config_bytes, config_digest })
+    Ok(BuiltImage { platform: b.platform.clone(), config, config_bytes, config_digest, materials: Vec::new() })
 }
 
 #[cfg(test)]

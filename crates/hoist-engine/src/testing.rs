@@ -256,7 +256,7 @@ pub fn empty_image(platform: &str) -> crate::BuiltImage {
     }))
     .expect("an image config");
     let bytes = serde_json::to_vec(&config).expect("a serialized config");
-    crate::BuiltImage { platform: p, config, config_digest: Digest::of(&bytes), config_bytes: bytes }
+    crate::BuiltImage { platform: p, config, config_digest: Digest::of(&bytes), config_bytes: bytes, materials: Vec::new() }
 }
 
 /// A context of `files` (`(path, content)`) written into `dir`.

@@ -24,10 +24,14 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::BlobRecord;
 use crate::engine::{BuiltImage, Engine, EngineError};
 
+pub mod annotations;
 pub mod client;
+pub mod provenance;
 pub mod spec;
 
+pub use annotations::{AnnotationError, Annotations};
 pub use client::{select_platform, ClientExport, ServedBlob};
+pub use provenance::Provenance;
 pub use spec::{ExportOutcome, ExportStream, ExportTarget, Exporter, LayerCompression, OutputError, OutputSpec};
 
 /// Why an export failed (besides the stores it reads: [`EngineError::Cache`],
@@ -139,8 +143,25 @@ pub struct ExportedImage {
 pub struct ExportedSet {
     /// One image per platform, in build order.
     pub images: Vec<ExportedImage>,
-    /// For several platforms: the index over them.
+    /// For several platforms (or attestations, or annotations that live in an index): the
+    /// index over them.
     pub index: Option<(Vec<u8>, Digest)>,
+    /// The attestation manifests listed in the index (platform `unknown/unknown`), one per
+    /// image, in the order of `images`.
+    pub attestations: Vec<ExportedImage>,
+    /// The annotations of the descriptor of what a tag points at (`index-descriptor:`, or
+    /// `manifest-descriptor:` without an index): an OCI layout's `index.json` has them.
+    pub top_annotations: Option<BTreeMap<String, String>>,
+}
+
+/// What image outputs add to a build's images besides layers and configs: annotations
+/// and the provenance attestation.
+#[derive(Debug, Clone, Default)]
+pub struct ImageMeta {
+    /// `--annotation`s.
+    pub annotations: Annotations,
+    /// The provenance to attach, if any.
+    pub provenance: Option<Provenance>,
 }
 
 impl ExportedSet {
@@ -269,6 +290,19 @@ impl Engine {
     /// Build manifests (and an index for several platforms) for `images`, making blobs as
     /// needed. Everything is stored in the content store.
     pub async fn export_images(&self, images: &[BuiltImage], compression: Compression, force: bool) -> Result<ExportedSet, EngineError> {
+        self.export_images_with(images, compression, force, &ImageMeta::default(), &[]).await
+    }
+
+    /// [`Engine::export_images`] with `meta`'s annotations and attestations, for an image
+    /// named `names` (the subjects of its attestations).
+    pub async fn export_images_with(
+        &self,
+        images: &[BuiltImage],
+        compression: Compression,
+        force: bool,
+        meta: &ImageMeta,
+        names: &[String],
+    ) -> Result<ExportedSet, EngineError> {
         let mut layers = Vec::new();
         for img in images {
             let mut of_image = Vec::new();
@@ -284,42 +318,60 @@ impl Engine {
             }
             layers.push(of_image);
         }
-        self.assemble_images(images, layers)
+        self.assemble(images, layers, meta, names)
     }
 
     /// Store the manifest of each image (with `layers[i]` for `images[i]`), its config and,
     /// for several platforms, an index over them.
     pub fn assemble_images(&self, images: &[BuiltImage], layers: Vec<Vec<Descriptor>>) -> Result<ExportedSet, EngineError> {
+        self.assemble(images, layers, &ImageMeta::default(), &[])
+    }
+
+    /// [`Engine::assemble_images`] with `meta`'s annotations and attestations; an index is
+    /// made for several platforms, for attestations and for annotations that live in one.
+    /// The image manifests carry only their `manifest:` annotations: an attestation never
+    /// changes them.
+    fn assemble(&self, images: &[BuiltImage], layers: Vec<Vec<Descriptor>>, meta: &ImageMeta, names: &[String]) -> Result<ExportedSet, EngineError> {
+        use annotations::Level;
+        let built: Vec<crate::graph::Platform> = images.iter().map(|i| i.platform.clone()).collect();
+        meta.annotations.check_platforms(&built).map_err(OutputError::from)?;
         let mut out = Vec::new();
         for (img, layers) in images.iter().zip(layers) {
-            let manifest = Manifest::oci(img.config_digest.clone(), img.config_bytes.len() as u64, layers);
-            let manifest_bytes = serde_json::to_vec(&manifest).map_err(ExportError::from)?;
-            let manifest_digest = self.store().put(&manifest_bytes)?;
+            let mut manifest = Manifest::oci(img.config_digest.clone(), img.config_bytes.len() as u64, layers);
+            manifest.annotations = meta.annotations.at(Level::Manifest, Some(&img.platform));
             self.store().put(&img.config_bytes)?;
-            out.push(ExportedImage {
-                platform: img.platform.clone(),
-                config_digest: img.config_digest.clone(),
-                config_size: img.config_bytes.len() as u64,
-                manifest,
-                manifest_bytes,
-                manifest_digest,
-            });
+            out.push(self.store_manifest(img.platform.clone(), manifest)?);
         }
-        let index = if out.len() > 1 {
+        let mut attestations = Vec::new();
+        if let Some(p) = &meta.provenance {
+            for (img, exported) in images.iter().zip(&out) {
+                let statement = p.statement(names, &img.platform, &exported.manifest_digest, &img.materials);
+                attestations.push(self.store_attestation(&statement, provenance::PREDICATE_TYPE)?);
+            }
+        }
+        let index = if out.len() > 1 || !attestations.is_empty() || meta.annotations.need_index() {
+            let images = out.iter().map(|e| Descriptor {
+                media_type: media::OCI_MANIFEST.into(),
+                digest: e.manifest_digest.clone(),
+                size: e.manifest_bytes.len() as u64,
+                platform: Some(e.platform.canonical()),
+                annotations: meta.annotations.at(Level::ManifestDescriptor, Some(&e.platform)),
+            });
+            let attestations = attestations.iter().zip(&out).map(|(a, img)| Descriptor {
+                media_type: media::OCI_MANIFEST.into(),
+                digest: a.manifest_digest.clone(),
+                size: a.manifest_bytes.len() as u64,
+                platform: Some(a.platform.clone()),
+                annotations: Some(BTreeMap::from([
+                    (provenance::REFERENCE_DIGEST.to_string(), img.manifest_digest.to_string()),
+                    (provenance::REFERENCE_TYPE.to_string(), provenance::ATTESTATION_MANIFEST.to_string()),
+                ])),
+            });
             let idx = Index {
                 schema_version: 2,
                 media_type: Some(media::OCI_INDEX.into()),
-                manifests: out
-                    .iter()
-                    .map(|e| Descriptor {
-                        media_type: media::OCI_MANIFEST.into(),
-                        digest: e.manifest_digest.clone(),
-                        size: e.manifest_bytes.len() as u64,
-                        platform: Some(e.platform.canonical()),
-                        annotations: None,
-                    })
-                    .collect(),
-                annotations: None,
+                manifests: images.chain(attestations).collect(),
+                annotations: meta.annotations.at(Level::Index, None),
             };
             let bytes = serde_json::to_vec(&idx).map_err(ExportError::from)?;
             let d = self.store().put(&bytes)?;
@@ -327,7 +379,48 @@ impl Engine {
         } else {
             None
         };
-        Ok(ExportedSet { images: out, index })
+        let top_annotations = match &index {
+            Some(_) => meta.annotations.at(Level::IndexDescriptor, None),
+            None => out.first().and_then(|e| meta.annotations.at(Level::ManifestDescriptor, Some(&e.platform))),
+        };
+        Ok(ExportedSet { images: out, index, attestations, top_annotations })
+    }
+
+    /// Store `manifest` (of an image of `platform`).
+    fn store_manifest(&self, platform: crate::graph::Platform, manifest: Manifest) -> Result<ExportedImage, EngineError> {
+        let manifest_bytes = serde_json::to_vec(&manifest).map_err(ExportError::from)?;
+        let manifest_digest = self.store().put(&manifest_bytes)?;
+        Ok(ExportedImage {
+            platform,
+            config_digest: manifest.config.digest.clone(),
+            config_size: manifest.config.size,
+            manifest,
+            manifest_bytes,
+            manifest_digest,
+        })
+    }
+
+    /// Store an in-toto `statement` as BuildKit stores attestations: a manifest of platform
+    /// `unknown/unknown` whose config lists the statement as its one layer.
+    fn store_attestation(&self, statement: &[u8], predicate_type: &str) -> Result<ExportedImage, EngineError> {
+        let digest = self.store().put(statement)?;
+        let unknown = crate::graph::Platform::new("unknown", "unknown", None);
+        let config = hoist_oci::image::ImageConfig {
+            architecture: unknown.architecture.clone(),
+            os: unknown.os.clone(),
+            rootfs: hoist_oci::image::RootFs { kind: "layers".into(), diff_ids: vec![digest.clone()] },
+            ..Default::default()
+        };
+        let config_bytes = serde_json::to_vec(&config).map_err(ExportError::from)?;
+        let config_digest = self.store().put(&config_bytes)?;
+        let layer = Descriptor {
+            media_type: provenance::MEDIA_TYPE.into(),
+            digest,
+            size: statement.len() as u64,
+            platform: None,
+            annotations: Some(BTreeMap::from([(provenance::PREDICATE_TYPE_ANNOTATION.to_string(), predicate_type.to_string())])),
+        };
+        self.store_manifest(unknown, Manifest::oci(config_digest, config_bytes.len() as u64, vec![layer]))
     }
 
     /// Push an exported set to every reference; returns an error listing each failed
@@ -412,6 +505,13 @@ impl Engine {
                 blobs.insert(l.digest.clone(), (l.size, Some(l)));
             }
         }
+        // Attestation blobs (config, statement) are always in the store.
+        for a in &set.attestations {
+            blobs.insert(a.config_digest.clone(), (a.config_size, None));
+            for l in &a.manifest.layers {
+                blobs.insert(l.digest.clone(), (l.size, None));
+            }
+        }
         let uploads = blobs.iter().map(|(d, (size, layer))| async move {
             if let (Some(layer), false) = (layer, store.contains(d)) {
                 // A layer this node holds only in the shared tier: fetched only if the
@@ -448,7 +548,7 @@ impl Engine {
                 outcome.manifests_existed += 1;
             }
         };
-        for img in &set.images {
+        for img in set.images.iter().chain(&set.attestations) {
             if set.index.is_some() || by_digest {
                 let target = by_digest_ref(&img.manifest_digest);
                 count(push_manifest_once(registry, &target, &img.manifest_bytes, Some(media::OCI_MANIFEST), &img.manifest_digest).await?);
@@ -516,7 +616,7 @@ impl Engine {
         let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
         append(&mut tar, "oci-layout", layout.len() as u64, &layout[..])?;
         let mut blobs: BTreeMap<Digest, ()> = BTreeMap::new();
-        for img in &set.images {
+        for img in set.images.iter().chain(&set.attestations) {
             blobs.insert(img.config_digest.clone(), ());
             blobs.insert(img.manifest_digest.clone(), ());
             for l in &img.manifest.layers {
@@ -535,23 +635,16 @@ impl Engine {
             Some((bytes, d)) => (media::OCI_INDEX, d.clone(), bytes.len() as u64),
             None => (media::OCI_MANIFEST, set.images[0].manifest_digest.clone(), set.images[0].manifest_bytes.len() as u64),
         };
+        let top = set.top_annotations.clone();
         let entries: Vec<Descriptor> = if tags.is_empty() {
-            vec![Descriptor { media_type: media_type.into(), digest, size, platform: None, annotations: None }]
+            vec![Descriptor { media_type: media_type.into(), digest, size, platform: None, annotations: top }]
         } else {
             tags.iter()
-                .map(|t| Descriptor {
-                    media_type: media_type.into(),
-                    digest: digest.clone(),
-                    size,
-                    platform: None,
-                    annotations: Some(
-                        [
-                            ("io.containerd.image.name".to_string(), t.clone()),
-                            ("org.opencontainers.image.ref.name".to_string(), ref_name(t)),
-                        ]
-                        .into_iter()
-                        .collect(),
-                    ),
+                .map(|t| {
+                    let mut annotations = top.clone().unwrap_or_default();
+                    annotations.insert("io.containerd.image.name".to_string(), t.clone());
+                    annotations.insert("org.opencontainers.image.ref.name".to_string(), ref_name(t));
+                    Descriptor { media_type: media_type.into(), digest: digest.clone(), size, platform: None, annotations: Some(annotations) }
                 })
                 .collect()
         };

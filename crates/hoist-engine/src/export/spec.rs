@@ -66,6 +66,9 @@ pub enum OutputError {
     /// No saved result of that name.
     #[error("no saved image {0:?} in this project (save one with `hoist build --save -t NAME`)")]
     NoSaved(String),
+    /// An `--annotation` that does not fit the build's images.
+    #[error(transparent)]
+    Annotation(#[from] super::annotations::AnnotationError),
     /// A saved result whose images cannot be read back.
     #[error("saved image {name:?}: {message}")]
     SavedBroken {
@@ -163,6 +166,8 @@ pub struct Exporter {
     names: Vec<String>,
     /// Whether the spec named its images itself.
     named: bool,
+    /// Annotations and attestations of image outputs (pushes, OCI archives).
+    meta: std::sync::Arc<super::ImageMeta>,
 }
 
 #[derive(Debug, Clone)]
@@ -252,11 +257,24 @@ impl OutputSpec {
                 Resolved::Client { platform, layers: *layers }
             }
         };
-        Ok(Exporter { kind, names, named })
+        Ok(Exporter { kind, names, named, meta: Default::default() })
     }
 }
 
 impl Exporter {
+    /// The output with the build's annotations and attestations (those of `meta` that the
+    /// output can hold: image outputs and OCI archives hold both, the others neither).
+    pub fn with_meta(self, meta: std::sync::Arc<super::ImageMeta>) -> Exporter {
+        Exporter { meta, ..self }
+    }
+
+    /// Whether the output keeps OCI annotations and attestations (an image output or an OCI
+    /// archive; a Docker engine's classic image store, a docker archive or a filesystem
+    /// does not).
+    pub fn holds_meta(&self) -> bool {
+        matches!(&self.kind, Resolved::Image { .. } | Resolved::OciArchive { .. })
+    }
+
     /// The blobs this output makes of the image's layers, when it makes any: the build makes
     /// them while it runs, as each layer is done.
     pub fn eager_blobs(&self) -> Option<LayerCompression> {
@@ -302,7 +320,7 @@ impl Exporter {
         let tags = self.names.clone();
         match &self.kind {
             Resolved::Image { refs, push, by_digest, layers } => {
-                let set = engine.export_images(images, layers.compression, layers.force).await?;
+                let set = engine.export_images_with(images, layers.compression, layers.force, &self.meta, &tags).await?;
                 let mut outcome = ExportOutcome { digest: Some(set.top_digest().clone()), ..Default::default() };
                 if *push {
                     outcome.pushes = engine.push_all(&set, refs, target.registry, *by_digest).await;
@@ -318,7 +336,7 @@ impl Exporter {
                 Ok(ExportOutcome { streamed: true, ..Default::default() })
             }
             Resolved::OciArchive { layers } => {
-                let set = engine.export_images(images, layers.compression, layers.force).await?;
+                let set = engine.export_images_with(images, layers.compression, layers.force, &self.meta, &tags).await?;
                 let digest = set.top_digest().clone();
                 let engine = engine.clone();
                 stream(target.stream, move |w| engine.write_oci_archive(&set, &tags, w)).await?;
