@@ -235,7 +235,11 @@ impl BuildResolver {
             .iter()
             .filter_map(|((_, platform), img)| {
                 let platform = Platform::parse(platform).ok()?;
-                Some(crate::export::provenance::Material { reference: img.reference.clone(), platform, digest: img.manifest_digest.parse().ok()? })
+                Some(crate::export::provenance::Material {
+                    reference: img.reference.clone(),
+                    platform,
+                    digest: img.manifest_digest.parse().ok()?,
+                })
             })
             .collect();
         out.sort_by(|a, b| (&a.reference, a.platform.to_string()).cmp(&(&b.reference, b.platform.to_string())));

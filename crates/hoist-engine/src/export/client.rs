@@ -239,7 +239,13 @@ impl Engine {
             let config: ImageConfig =
                 serde_json::from_slice(&bytes).map_err(|e| broken(format!("its config {} is invalid: {e}", s.config_digest)))?;
             let platform = Platform::parse(&s.platform).map_err(|e| broken(e.to_string()))?;
-            images.push(BuiltImage { platform, config, config_bytes: bytes, config_digest: s.config_digest.clone(), materials: Vec::new() });
+            images.push(BuiltImage {
+                platform,
+                config,
+                config_bytes: bytes,
+                config_digest: s.config_digest.clone(),
+                materials: Vec::new(),
+            });
         }
         let _ = self.index().touch_saved(namespace, &record.build_id);
         Ok((record, images))

@@ -331,7 +331,13 @@ impl Engine {
     /// made for several platforms, for attestations and for annotations that live in one.
     /// The image manifests carry only their `manifest:` annotations: an attestation never
     /// changes them.
-    fn assemble(&self, images: &[BuiltImage], layers: Vec<Vec<Descriptor>>, meta: &ImageMeta, names: &[String]) -> Result<ExportedSet, EngineError> {
+    fn assemble(
+        &self,
+        images: &[BuiltImage],
+        layers: Vec<Vec<Descriptor>>,
+        meta: &ImageMeta,
+        names: &[String],
+    ) -> Result<ExportedSet, EngineError> {
         use annotations::Level;
         let built: Vec<crate::graph::Platform> = images.iter().map(|i| i.platform.clone()).collect();
         meta.annotations.check_platforms(&built).map_err(OutputError::from)?;
@@ -644,7 +650,13 @@ impl Engine {
                     let mut annotations = top.clone().unwrap_or_default();
                     annotations.insert("io.containerd.image.name".to_string(), t.clone());
                     annotations.insert("org.opencontainers.image.ref.name".to_string(), ref_name(t));
-                    Descriptor { media_type: media_type.into(), digest: digest.clone(), size, platform: None, annotations: Some(annotations) }
+                    Descriptor {
+                        media_type: media_type.into(),
+                        digest: digest.clone(),
+                        size,
+                        platform: None,
+                        annotations: Some(annotations),
+                    }
                 })
                 .collect()
         };
