@@ -267,26 +267,11 @@ pub(crate) fn ssh_agents(args: &BuildArgs) -> anyhow::Result<HashMap<String, Age
     Ok(agents)
 }
 
-/// Registries whose credentials the build may need: those of the tags and of FROM lines.
-fn registries_involved(tags: &[String], dockerfile: &[u8]) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for t in tags {
-        if let Ok(r) = hoist_oci::reference::Reference::parse(t) {
-            out.insert(r.registry.clone());
-        }
-    }
-    let text = String::from_utf8_lossy(dockerfile);
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if words.next().is_some_and(|w| w.eq_ignore_ascii_case("from")) {
-            if let Some(image) = words.find(|w| !w.starts_with("--")) {
-                if let Ok(r) = hoist_oci::reference::Reference::parse(image) {
-                    out.insert(r.registry.clone());
-                }
-            }
-        }
-    }
-    out
+/// Registries whose credentials go with the request: those of the tags (push targets).
+/// Every other registry the build touches (base images, `COPY --from`, `-o name=`) asks the
+/// client when the builder first needs it (a CredentialRequest on the build stream).
+fn tag_registries(tags: &[String]) -> BTreeSet<String> {
+    tags.iter().filter_map(|t| hoist_oci::reference::Reference::parse(t).ok()).map(|r| r.registry).collect()
 }
 
 /// The context directory and Dockerfile, whatever form they came in.
@@ -562,7 +547,7 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, sent: &SentContext
         let e = hoist_engine::entitlements::Entitlement::parse(a).map_err(|e| anyhow!("--allow: {e}"))?;
         entitlements.push(e.name().to_string());
     }
-    let registries = registries_involved(&args.tags, &inputs.dockerfile);
+    let registries = tag_registries(&args.tags);
     let creds = hoist_oci::auth::Credentials::from_docker_config(registries.iter().map(|s| s.as_str()))
         .context("reading registry credentials from the docker config")?;
     let credentials = creds
@@ -596,6 +581,7 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, sent: &SentContext
         tags: args.tags.clone(),
         insecure_registries: args.insecure_registries.clone(),
         entitlements,
+        answers_credentials: true,
         ..Default::default()
     };
     sent.describe(&mut req);

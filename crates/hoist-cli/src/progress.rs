@@ -193,7 +193,8 @@ impl Renderer {
             | build_event::Event::Result(_)
             | build_event::Event::Export(_)
             | build_event::Event::Ssh(_)
-            | build_event::Event::ContextRequest(_) => {}
+            | build_event::Event::ContextRequest(_)
+            | build_event::Event::CredentialRequest(_) => {}
         }
     }
 

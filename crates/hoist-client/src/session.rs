@@ -108,6 +108,23 @@ async fn relay(conn: u64, agent: Box<dyn AgentIo>, mut from_builder: mpsc::Recei
     tokio::join!(to_builder, to_agent);
 }
 
+/// The answer to the builder's request for a registry's credential: the user's Docker
+/// config (and its credential helpers) for that registry only.
+fn credential_reply(r: v1::CredentialRequest) -> v1::CredentialReply {
+    use hoist_oci::auth::Credential;
+    let (credential, error) = match hoist_oci::auth::credentials_for(&r.host) {
+        Ok(None) => (None, String::new()),
+        Ok(Some(Credential::UsernamePassword { username, password })) => {
+            (Some(v1::RegistryCredential { host: r.host.clone(), username, password, identity_token: String::new() }), String::new())
+        }
+        Ok(Some(Credential::IdentityToken(token))) => {
+            (Some(v1::RegistryCredential { host: r.host.clone(), identity_token: token, ..Default::default() }), String::new())
+        }
+        Err(e) => (None, e.to_string()),
+    };
+    v1::CredentialReply { id: r.id, credential, error }
+}
+
 /// Start `req` on the builder; `agents` serves its `--ssh` ids and `context` the context
 /// paths the builder asks for. The stream yields the builder's events (ssh frames and
 /// context requests are handled here and never appear in it).
@@ -131,6 +148,14 @@ pub async fn start_build(
         while let Some(msg) = inbound.next().await {
             let frame = match msg {
                 Ok(v1::BuildEvent { event: Some(build_event::Event::Ssh(f)) }) => f,
+                Ok(v1::BuildEvent { event: Some(build_event::Event::CredentialRequest(r)) }) => {
+                    let out = out_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let reply = credential_reply(r);
+                        let _ = out.blocking_send(v1::BuildClientMessage { msg: Some(build_client_message::Msg::Credential(reply)) });
+                    });
+                    continue;
+                }
                 Ok(v1::BuildEvent { event: Some(build_event::Event::ContextRequest(r)) }) => {
                     let (provider, mut c, out) = (context.clone(), requests_client.clone(), out_tx.clone());
                     tokio::spawn(async move {

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod context;
+pub mod credentials;
 pub mod exports;
 pub mod fetch;
 pub mod outputs;

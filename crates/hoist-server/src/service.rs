@@ -367,7 +367,11 @@ impl Builder for BuilderService {
         });
         // What the client sends after the request: its ends of agent connections, and the
         // context paths the builder asked it for.
-        let session = Arc::new(ClientSession { ssh: Arc::new(crate::ssh::SshRelay::new(tx.clone())), context: std::sync::OnceLock::new() });
+        let session = Arc::new(ClientSession {
+            ssh: Arc::new(crate::ssh::SshRelay::new(tx.clone())),
+            context: std::sync::OnceLock::new(),
+            credentials: Arc::new(crate::credentials::CredentialRequests::new(tx.clone())),
+        });
         let dispatch_session = session.clone();
         let dispatch = tokio::spawn(async move {
             while let Ok(Some(m)) = incoming.message().await {
@@ -378,6 +382,7 @@ impl Builder for BuilderService {
                             c.deliver(r);
                         }
                     }
+                    Some(v1::build_client_message::Msg::Credential(r)) => dispatch_session.credentials.deliver(r),
                     _ => {}
                 }
             }
@@ -560,12 +565,14 @@ fn build_items(engine: &hoist_engine::Engine, project: &str) -> Vec<(String, hoi
 struct ClientSession {
     ssh: Arc<crate::ssh::SshRelay>,
     context: std::sync::OnceLock<Arc<crate::fetch::ContextRequests>>,
+    credentials: Arc<crate::credentials::CredentialRequests>,
 }
 
 impl ClientSession {
     /// The build is over: nothing of the session holds the event stream open.
     fn close(&self) {
         self.ssh.close();
+        self.credentials.close();
         if let Some(c) = self.context.get() {
             c.close();
         }
@@ -1026,7 +1033,8 @@ impl BuilderService {
         }
         let mut insecure = self.insecure_registries.clone();
         insecure.extend(req.insecure_registries.iter().cloned());
-        let registry = RegistryClient::new(RegistryOptions { credentials, insecure, ..Default::default() })
+        let source = req.answers_credentials.then(|| session.credentials.clone() as Arc<dyn hoist_oci::registry::CredentialSource>);
+        let registry = RegistryClient::new(RegistryOptions { credentials, source, insecure, ..Default::default() })
             .map_err(|e| Status::internal(e.to_string()))?;
         let mut secrets = BuildSecrets::default();
         for s in &req.secrets {

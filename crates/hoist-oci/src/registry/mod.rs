@@ -286,6 +286,9 @@ impl RetryPolicy {
 pub struct RegistryOptions {
     /// Credentials per registry (forwarded by the client; never read from files here).
     pub credentials: Credentials,
+    /// Asked, once per registry, for the credential of a registry that asks for one and is
+    /// not in `credentials` (a builder asks its client over the build stream).
+    pub source: Option<Arc<dyn CredentialSource>>,
     /// Registries (`host:port` or `host`) reached over plain HTTP besides loopback ones.
     pub insecure: Vec<String>,
     /// Retries of transient failures.
@@ -305,6 +308,7 @@ impl Default for RegistryOptions {
     fn default() -> Self {
         RegistryOptions {
             credentials: Credentials::new(),
+            source: None,
             insecure: Vec::new(),
             retry: RetryPolicy::default(),
             chunk_size: None,
@@ -312,6 +316,20 @@ impl Default for RegistryOptions {
             read_timeout: Duration::from_secs(120),
             user_agent: format!("hoist/{}", env!("CARGO_PKG_VERSION")),
         }
+    }
+}
+
+/// Where a client gets the credential of a registry it has none for, when the registry
+/// asks for one: the builder's end of the build stream asks the user's client, which
+/// answers from its Docker config for that registry only.
+pub trait CredentialSource: Send + Sync {
+    /// The credential of `registry` (`None`: go anonymous).
+    fn credential<'a>(&'a self, registry: &'a str) -> futures::future::BoxFuture<'a, Option<Credential>>;
+}
+
+impl std::fmt::Debug for dyn CredentialSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CredentialSource")
     }
 }
 
@@ -486,6 +504,9 @@ type Slot<T> = Arc<AsyncMutex<Option<T>>>;
 struct Inner {
     http: reqwest::Client,
     credentials: Credentials,
+    source: Option<Arc<dyn CredentialSource>>,
+    /// Per registry: what `source` answered, asked once.
+    asked: Mutex<HashMap<String, Slot<Option<Credential>>>>,
     insecure: Vec<String>,
     retry: RetryPolicy,
     chunk_size: Option<u64>,
@@ -563,6 +584,8 @@ impl RegistryClient {
             inner: Arc::new(Inner {
                 http,
                 credentials: options.credentials,
+                source: options.source,
+                asked: Mutex::new(HashMap::new()),
                 insecure: options.insecure,
                 retry: RetryPolicy { attempts: options.retry.attempts.max(1), ..options.retry },
                 chunk_size: options.chunk_size.filter(|&c| c > 0),
@@ -1254,18 +1277,47 @@ impl RegistryClient {
     /// The challenge of a registry and the Authorization header for `t`'s scopes.
     async fn authorization(&self, t: &Target<'_>, renew: bool) -> Result<(Challenge, Option<String>), RegistryError> {
         let challenge = self.challenge(t).await?;
-        let credential = self.inner.credentials.get(t.registry);
         let header = match &challenge {
             Challenge::Anonymous => None,
-            Challenge::Basic => match credential {
-                Some(Credential::UsernamePassword { username, password }) => Some(basic_header(username, password)),
+            Challenge::Basic => match self.credential(t.registry).await {
+                Some(Credential::UsernamePassword { username, password }) => Some(basic_header(&username, &password)),
                 _ => None,
             },
             Challenge::Bearer { realm, service } => {
-                Some(format!("Bearer {}", self.token(t, realm, service.as_deref(), credential, renew).await?))
+                let credential = self.credential(t.registry).await;
+                Some(format!("Bearer {}", self.token(t, realm, service.as_deref(), credential.as_ref(), renew).await?))
             }
         };
         Ok((challenge, header))
+    }
+
+    /// The credential of a registry that asked for one: the given one, else what the
+    /// source answers (asked once per registry; concurrent requests wait for that answer).
+    async fn credential(&self, registry: &str) -> Option<Credential> {
+        if let Some(c) = self.inner.credentials.get(registry) {
+            return Some(c.clone());
+        }
+        let source = self.inner.source.as_ref()?;
+        let cell = {
+            let mut map = self.inner.asked.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(registry.to_string()).or_default().clone()
+        };
+        let mut guard = cell.lock().await;
+        if let Some(answer) = guard.as_ref() {
+            return answer.clone();
+        }
+        let answer = source.credential(registry).await;
+        *guard = Some(answer.clone());
+        answer
+    }
+
+    /// Whether a credential for `registry` was given or answered (without asking).
+    fn has_credential(&self, registry: &str) -> bool {
+        if self.inner.credentials.get(registry).is_some() {
+            return true;
+        }
+        let cell = self.inner.asked.lock().unwrap_or_else(|e| e.into_inner()).get(registry).cloned();
+        cell.is_some_and(|c| c.try_lock().is_ok_and(|g| matches!(*g, Some(Some(_)))))
     }
 
     async fn challenge(&self, t: &Target<'_>) -> Result<Challenge, RegistryError> {
@@ -1336,11 +1388,8 @@ impl RegistryClient {
         let (registry, what) = (t.registry.to_string(), what.to_string());
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                let who = if self.inner.credentials.get(t.registry).is_some() {
-                    "with the given credentials"
-                } else {
-                    "anonymously (no credentials for it)"
-                };
+                let who =
+                    if self.has_credential(t.registry) { "with the given credentials" } else { "anonymously (no credentials for it)" };
                 RegistryError::Unauthorized { registry, what, reason: format!("{status} {who}: {message}") }
             }
             StatusCode::NOT_FOUND => RegistryError::NotFound { registry, what, reason: message },
