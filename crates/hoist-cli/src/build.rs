@@ -77,6 +77,13 @@ pub struct BuildArgs {
     /// Print only the image ID.
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    /// What to run: build (the default) or check (run the Dockerfile checks and build
+    /// nothing; check,format=json; check,ignorestatus=true).
+    #[arg(long)]
+    pub call: Option<String>,
+    /// Shorthand for --call=check.
+    #[arg(long)]
+    pub check: bool,
     /// Progress output: auto, plain, tty, rawjson, quiet or none.
     #[arg(long, env = "BUILDKIT_PROGRESS", default_value = "auto")]
     pub progress: String,
@@ -289,28 +296,11 @@ pub(crate) fn read_inputs(args: &BuildArgs) -> anyhow::Result<Inputs> {
         stdin_used = true;
         let mut data = Vec::new();
         std::io::stdin().read_to_end(&mut data).context("reading the context from stdin")?;
-        // A compressed tar (gzip, bzip2, xz, zstd) is a context too, as docker takes it.
-        let compressed = Algorithm::sniff(&data[..data.len().min(6)]) != Algorithm::None;
-        if compressed {
-            let mut plain = Vec::new();
-            {
-                let what = "decompressing the context from stdin";
-                let mut reader = hoist_oci::compress::decompress_reader(data.as_slice(), None).context(what)?;
-                reader.read_to_end(&mut plain).context(what)?;
-            }
-            data = plain;
-        }
-        let is_tar = data.len() >= 262 && &data[257..262] == b"ustar";
-        if compressed && !is_tar {
-            bail!("the compressed data on stdin is not a tar: expected a context archive (.tar, .tar.gz, .tar.bz2, .tar.xz, .tar.zst)");
-        }
-        if is_tar {
-            let tmp = tempfile::tempdir().context("creating a directory for the stdin context")?;
-            tar::Archive::new(data.as_slice()).unpack(tmp.path()).context("extracting the context tar from stdin")?;
-            (Some(tmp.path().to_path_buf()), Some(tmp), None)
-        } else {
-            // A Dockerfile on stdin: no context.
-            (None, None, Some(data))
+        archive_or_dockerfile(data, "stdin")?
+    } else if let Some(remote) = crate::remote::Remote::parse(&args.context) {
+        match remote.fetch()? {
+            crate::remote::Fetched::Dir(tmp, dir) => (Some(dir), Some(tmp), None),
+            crate::remote::Fetched::Data(data) => archive_or_dockerfile(data, &args.context)?,
         }
     } else {
         let dir = PathBuf::from(&args.context);
@@ -364,6 +354,38 @@ pub(crate) fn ignore_matcher(inputs: &Inputs) -> anyhow::Result<Option<IgnoreMat
             }
             Err(_) => {}
         }
+/// A context directory, the temporary directory holding it, or a Dockerfile without one.
+type ContextParts = (Option<PathBuf>, Option<tempfile::TempDir>, Option<Vec<u8>>);
+
+/// The context in `data` (read from `from`: stdin or a URL), as docker takes it: a tar,
+/// plain or compressed, is extracted into a temporary directory; anything else is a
+/// Dockerfile with no context.
+fn archive_or_dockerfile(mut data: Vec<u8>, from: &str) -> anyhow::Result<ContextParts> {
+    // A compressed tar (gzip, bzip2, xz, zstd) is a context too, as docker takes it.
+    let compressed = Algorithm::sniff(&data[..data.len().min(6)]) != Algorithm::None;
+    if compressed {
+        let mut plain = Vec::new();
+        {
+            let what = || format!("decompressing the context from {from}");
+            let mut reader = hoist_oci::compress::decompress_reader(data.as_slice(), None).with_context(what)?;
+            reader.read_to_end(&mut plain).with_context(what)?;
+        }
+        data = plain;
+    }
+    let is_tar = data.len() >= 262 && &data[257..262] == b"ustar";
+    if compressed && !is_tar {
+        bail!("the compressed data from {from} is not a tar: expected a context archive (.tar, .tar.gz, .tar.bz2, .tar.xz, .tar.zst)");
+    }
+    if is_tar {
+        let tmp = tempfile::tempdir().with_context(|| format!("creating a directory for the context from {from}"))?;
+        tar::Archive::new(data.as_slice()).unpack(tmp.path()).with_context(|| format!("extracting the context tar from {from}"))?;
+        Ok((Some(tmp.path().to_path_buf()), Some(tmp), None))
+    } else {
+        // A Dockerfile: no context.
+        Ok((None, None, Some(data)))
+    }
+}
+
     }
     Ok(None)
 }
@@ -660,6 +682,9 @@ pub(crate) async fn on_builder(
     job: &Job<'_>,
     addr: Option<&BuilderAddr>,
     mut client: hoist_client::Client,
+    if let Some(code) = crate::check::hook(&args, &inputs.dockerfile, mode)? {
+        return Ok(code);
+    }
     fleet: Option<&[hoist_engine::graph::Platform]>,
 ) -> anyhow::Result<i32> {
     let (args, inputs, outputs, mode) = (job.args, job.inputs, job.outputs, job.mode);

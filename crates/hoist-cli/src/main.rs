@@ -9,6 +9,7 @@ mod build;
 mod conn;
 mod limits;
 mod manage;
+mod check;
 mod multi;
 mod outputs;
 mod plugin;
@@ -17,6 +18,7 @@ mod pull;
 
 use std::path::PathBuf;
 
+mod remote;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
