@@ -132,6 +132,22 @@ pub struct BuildArgs {
     #[arg(long)]
     pub ulimit: Vec<String>,
 
+    /// Add an annotation to the image: [TYPE[,TYPE][\[PLATFORM\]]:]KEY=VALUE, TYPE manifest
+    /// (default), manifest-descriptor, index or index-descriptor (pushed images and OCI
+    /// archives keep them).
+    #[arg(long = "annotation")]
+    pub annotations: Vec<String>,
+    /// Provenance attestation: true, false or mode=min|max[,builder-id=ID] (default: mode=min
+    /// on pushed images and OCI archives).
+    #[arg(long)]
+    pub provenance: Option<String>,
+    /// SBOM attestation: accepted, with a warning (hoist does not produce SBOMs yet).
+    #[arg(long)]
+    pub sbom: Option<String>,
+    /// Attestation: type=provenance[,mode=min|max,...] or type=sbom, as buildx takes it.
+    #[arg(long)]
+    pub attest: Vec<String>,
+
     // Known docker build flags hoist does not support yet: rejected with a clear message.
     #[arg(long, hide = true)]
     pub squash: bool,
@@ -603,6 +619,8 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, sent: &SentContext
         tags: args.tags.clone(),
         insecure_registries: args.insecure_registries.clone(),
         entitlements,
+        annotations: args.annotations.clone(),
+        provenance: crate::attest::attestations(args)?.0,
         answers_credentials: true,
         ..Default::default()
     };
@@ -654,6 +672,11 @@ pub async fn run(mut args: BuildArgs) -> anyhow::Result<i32> {
     }
     if args.push && args.tags.is_empty() {
         bail!("--push needs at least one -t/--tag naming where to push");
+    }
+    for note in crate::attest::notes(&args, &outputs)? {
+        if mode != Mode::Quiet {
+            eprintln!("hoist: {note}");
+        }
     }
     let inputs = read_inputs(&args)?;
     let ignore = ignore_matcher(&inputs)?;

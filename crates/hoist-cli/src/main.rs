@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod attest;
 mod build;
 mod conn;
 mod limits;

@@ -1,7 +1,11 @@
 //! Wire outputs to engine output specs: each kind of `v1::Output` maps to one
-//! [`OutputSpec`]; the engine's exporter does the rest.
+//! [`OutputSpec`]; the engine's exporter does the rest. Also the request's annotations and
+//! provenance, which image outputs add ([`image_meta`]).
 
-use hoist_engine::export::{LayerCompression, OutputError, OutputSpec};
+use hoist_engine::export::annotations::{AnnotationError, Annotations};
+use hoist_engine::export::provenance::{Mode, Provenance};
+use hoist_engine::export::{ImageMeta, LayerCompression, OutputError, OutputSpec};
+use hoist_engine::graph::FrontendOptions;
 use hoist_oci::compress::{Compression, DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL};
 use hoist_proto::v1;
 
@@ -47,6 +51,45 @@ pub fn output_spec(index: usize, out: &v1::Output) -> Result<OutputSpec, WireOut
             layers: layers(&c.compression)?,
         },
     })
+}
+
+/// Most bytes of a provenance `builder-id=`.
+const MAX_BUILDER_ID: usize = 1024;
+
+/// Annotations or a provenance request the builder refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// A bad `--annotation`.
+    #[error(transparent)]
+    Annotation(#[from] AnnotationError),
+    /// A provenance mode other than min or max.
+    #[error("--provenance mode={0:?}: expected min or max")]
+    Mode(String),
+    /// A builder id too long or with control characters.
+    #[error("--provenance builder-id: at most {MAX_BUILDER_ID} bytes without control characters")]
+    BuilderId,
+}
+
+/// The annotations and provenance attestation of a request's image outputs, checked (the
+/// strings come from the client). No provenance message is buildx's default: `mode=min`.
+pub fn image_meta(annotations: &[String], provenance: Option<&v1::Provenance>, frontend: &FrontendOptions) -> Result<ImageMeta, MetaError> {
+    let annotations = Annotations::parse(annotations)?;
+    let provenance = match provenance {
+        Some(p) if p.disabled => None,
+        None => Some(Provenance::new(Mode::Min, String::new(), false, frontend)),
+        Some(p) => {
+            let mode = match p.mode.as_str() {
+                "" | "min" => Mode::Min,
+                "max" | "full" => Mode::Max,
+                other => return Err(MetaError::Mode(other.chars().take(64).collect())),
+            };
+            if p.builder_id.len() > MAX_BUILDER_ID || p.builder_id.chars().any(char::is_control) {
+                return Err(MetaError::BuilderId);
+            }
+            Some(Provenance::new(mode, p.builder_id.clone(), p.reproducible, frontend))
+        }
+    };
+    Ok(ImageMeta { annotations, provenance })
 }
 
 /// A layer compression the engine cannot take (before it is placed at an output).
@@ -142,6 +185,24 @@ mod tests {
         );
         let all = wire(Kind::ClientExport(v1::ClientExportOutput { names: vec![], platform: String::new(), compression: None }));
         assert!(matches!(output_spec(0, &all).unwrap(), OutputSpec::Client { platform: None, .. }), "empty platform: all");
+    }
+
+    #[test]
+    fn provenance_is_min_by_default_and_checked() {
+        let f = FrontendOptions { dockerfile_name: "Dockerfile".into(), ..Default::default() };
+        let meta = image_meta(&[], None, &f).unwrap();
+        assert_eq!(meta.provenance.map(|p| p.mode), Some(Mode::Min), "buildx's default");
+        let off = v1::Provenance { disabled: true, ..Default::default() };
+        assert!(image_meta(&[], Some(&off), &f).unwrap().provenance.is_none());
+        let max = v1::Provenance { mode: "max".into(), builder_id: "https://ci/1".into(), ..Default::default() };
+        let p = image_meta(&[], Some(&max), &f).unwrap().provenance.unwrap();
+        assert_eq!((p.mode, p.builder_id.as_str()), (Mode::Max, "https://ci/1"));
+        let e = image_meta(&[], Some(&v1::Provenance { mode: "everything".into(), ..Default::default() }), &f).unwrap_err();
+        assert!(e.to_string().contains("\"everything\""), "{e}");
+        let e = image_meta(&[], Some(&v1::Provenance { builder_id: "a\u{1b}[2J".into(), ..Default::default() }), &f).unwrap_err();
+        assert!(matches!(e, MetaError::BuilderId), "{e}");
+        let e = image_meta(&["k=v\nx".into()], None, &f).unwrap_err();
+        assert!(e.to_string().contains("--annotation") && e.to_string().contains("control character"), "{e}");
     }
 
     #[test]

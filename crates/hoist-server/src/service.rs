@@ -1109,6 +1109,12 @@ impl BuilderService {
             eager_blobs,
             needs,
         };
+        // Annotations and the provenance attestation of image outputs, checked before the
+        // build runs.
+        let meta = crate::outputs::image_meta(&req.annotations, req.provenance.as_ref(), &build.frontend)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let meta = Arc::new(meta);
+        let exporters: Vec<Exporter> = exporters.into_iter().map(|e| e.with_meta(meta.clone())).collect();
 
         // Progress: engine events → stream events.
         let (ptx, prx) = mpsc::unbounded_channel::<Event>();

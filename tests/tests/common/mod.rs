@@ -11,6 +11,9 @@ pub fn registry() -> String {
     std::env::var("HOIST_TEST_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".to_string())
 }
 
+/// buildx's (and hoist's) switch for the default provenance attestation.
+pub const NO_DEFAULT_ATTESTATIONS: &str = "BUILDX_NO_DEFAULT_ATTESTATIONS";
+
 /// The base image every test builds on.
 pub fn busybox() -> String {
     format!("{}/library/busybox:latest", registry())
@@ -80,6 +83,10 @@ impl Hoist {
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(hoist_bin());
         c.env("HOIST_ROOT", self.root.path()).env("HOIST_CACHE_DIR", self.cache.path()).env_remove("HOIST_BUILDER");
+        // Pushed and OCI images come without the default provenance attestation (so as a plain
+        // manifest, not an index), as the tests written before it expect; attest.rs removes
+        // this to test the default.
+        c.env(NO_DEFAULT_ATTESTATIONS, "1");
         c
     }
 
@@ -354,7 +361,8 @@ impl Teammate {
             .env("HOIST_BUILDER", &self.builder)
             .env("HOIST_TOKEN", &self.token)
             .env_remove("HOIST_ROOT")
-            .env_remove("HOIST_PROJECT");
+            .env_remove("HOIST_PROJECT")
+            .env(NO_DEFAULT_ATTESTATIONS, "1");
         c
     }
 
