@@ -354,22 +354,6 @@ pub(crate) fn read_inputs(args: &BuildArgs) -> anyhow::Result<Inputs> {
     Ok(Inputs { context_dir, _tmp: tmp, dockerfile, dockerfile_name: name, dockerfile_path: path })
 }
 
-pub(crate) fn ignore_matcher(inputs: &Inputs) -> anyhow::Result<Option<IgnoreMatcher>> {
-    let Some(dir) = &inputs.context_dir else { return Ok(None) };
-    let df = inputs.dockerfile_path.clone().unwrap_or_else(|| dir.join("Dockerfile"));
-    for candidate in hoist_dockerfile::ignore_file_candidates(dir, &df) {
-        match std::fs::read_to_string(&candidate) {
-            Ok(text) => {
-                let m = IgnoreMatcher::from_file_text(&text).with_context(|| format!("{}", candidate.display()))?;
-                return Ok(Some(m));
-            }
-            // An ignore file that cannot be read must not be skipped: the files it excludes
-            // (secrets, often) would be sent to the builder.
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                anyhow::bail!("{}: invalid UTF-8: expected a text file of patterns", candidate.display())
-            }
-            Err(_) => {}
-        }
 /// A context directory, the temporary directory holding it, or a Dockerfile without one.
 type ContextParts = (Option<PathBuf>, Option<tempfile::TempDir>, Option<Vec<u8>>);
 
@@ -402,6 +386,22 @@ fn archive_or_dockerfile(mut data: Vec<u8>, from: &str) -> anyhow::Result<Contex
     }
 }
 
+pub(crate) fn ignore_matcher(inputs: &Inputs) -> anyhow::Result<Option<IgnoreMatcher>> {
+    let Some(dir) = &inputs.context_dir else { return Ok(None) };
+    let df = inputs.dockerfile_path.clone().unwrap_or_else(|| dir.join("Dockerfile"));
+    for candidate in hoist_dockerfile::ignore_file_candidates(dir, &df) {
+        match std::fs::read_to_string(&candidate) {
+            Ok(text) => {
+                let m = IgnoreMatcher::from_file_text(&text).with_context(|| format!("{}", candidate.display()))?;
+                return Ok(Some(m));
+            }
+            // An ignore file that cannot be read must not be skipped: the files it excludes
+            // (secrets, often) would be sent to the builder.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                anyhow::bail!("{}: invalid UTF-8: expected a text file of patterns", candidate.display())
+            }
+            Err(_) => {}
+        }
     }
     Ok(None)
 }
@@ -679,6 +679,9 @@ pub async fn run(mut args: BuildArgs) -> anyhow::Result<i32> {
         }
     }
     let inputs = read_inputs(&args)?;
+    if let Some(code) = crate::check::hook(&args, &inputs.dockerfile, mode)? {
+        return Ok(code);
+    }
     let ignore = ignore_matcher(&inputs)?;
     let agents = ssh_agents(&args)?;
     args.conn.resolve_builders(inputs.context_dir.as_deref())?;
@@ -705,9 +708,6 @@ pub(crate) async fn on_builder(
     job: &Job<'_>,
     addr: Option<&BuilderAddr>,
     mut client: hoist_client::Client,
-    if let Some(code) = crate::check::hook(&args, &inputs.dockerfile, mode)? {
-        return Ok(code);
-    }
     fleet: Option<&[hoist_engine::graph::Platform]>,
 ) -> anyhow::Result<i32> {
     let (args, inputs, outputs, mode) = (job.args, job.inputs, job.outputs, job.mode);
