@@ -7,19 +7,19 @@
 
 mod attest;
 mod build;
+mod check;
 mod conn;
 mod limits;
 mod manage;
-mod check;
 mod multi;
 mod outputs;
 mod plugin;
 mod progress;
 mod pull;
+mod remote;
 
 use std::path::PathBuf;
 
-mod remote;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
