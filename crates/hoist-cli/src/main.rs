@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod attest;
+mod bake;
 mod build;
 mod check;
 mod conn;
@@ -35,6 +36,8 @@ struct Cli {
 enum Command {
     /// Build an image from a Dockerfile (accepts docker build's flags).
     Build(Box<build::BuildArgs>),
+    /// Build the targets of a bake file (HCL, JSON) or the services of a compose file.
+    Bake(Box<bake::BakeArgs>),
     /// Load an image a build kept with --save (by build id or tag) into the local Docker engine.
     Pull(pull::PullArgs),
     /// Run a builder (the embedded builder is this, on a unix socket).
@@ -148,6 +151,7 @@ fn main() {
     let code = rt.block_on(async move {
         match cli.command {
             Command::Build(args) => build::run(*args).await,
+            Command::Bake(args) => bake::run(*args).await,
             Command::Pull(args) => pull::run(args).await.map(|_| 0),
             Command::Serve(args) => serve(*args).await.map(|_| 0),
             Command::Project(c) => manage::project(c).map(|_| 0),
