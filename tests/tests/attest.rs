@@ -238,6 +238,18 @@ fn annotations_land_where_their_type_says() {
     let m = archive.json(inner["manifests"][0]["digest"].as_str().unwrap());
     assert_eq!(m["annotations"]["m"], "1", "{m}");
 
+    // The default provenance is buildx's inline-only one: a one-platform OCI archive without
+    // an index stays a plain manifest; asked for, it gets the attestation.
+    let plain = out.path().join("plain.tar");
+    build_ok(&h, &["-o", &format!("type=oci,dest={}", plain.display()), dir]);
+    let top = &OciArchive::read(&plain).index["manifests"][0];
+    assert_eq!(top["mediaType"], "application/vnd.oci.image.manifest.v1+json", "{top}");
+    let asked = out.path().join("asked.tar");
+    build_ok(&h, &["-o", &format!("type=oci,dest={}", asked.display()), "--provenance=mode=min", dir]);
+    let archive = OciArchive::read(&asked);
+    let inner = archive.json(archive.index["manifests"][0]["digest"].as_str().unwrap());
+    assert_eq!(inner["manifests"][1]["annotations"]["vnd.docker.reference.type"], "attestation-manifest", "{inner}");
+
     // --load cannot keep them: a note, and the build goes on.
     let loaded = unique("annotate-load");
     let stderr = build_ok(&h, &["--load", "-t", &loaded, "--annotation", "k=v", dir]);

@@ -75,8 +75,13 @@ pub enum MetaError {
 pub fn image_meta(annotations: &[String], provenance: Option<&v1::Provenance>, frontend: &FrontendOptions) -> Result<ImageMeta, MetaError> {
     let annotations = Annotations::parse(annotations)?;
     let provenance = match provenance {
-        Some(p) if p.disabled => None,
-        None => Some(Provenance::new(Mode::Min, String::new(), false, frontend)),
+        Some(p) if p.disabled => ImageMeta::default(),
+        // buildx's default: `mode=min,inline-only=true`.
+        None => ImageMeta {
+            provenance: Some(Provenance::new(Mode::Min, String::new(), false, frontend)),
+            inline_only: true,
+            ..Default::default()
+        },
         Some(p) => {
             let mode = match p.mode.as_str() {
                 "" | "min" => Mode::Min,
@@ -86,10 +91,10 @@ pub fn image_meta(annotations: &[String], provenance: Option<&v1::Provenance>, f
             if p.builder_id.len() > MAX_BUILDER_ID || p.builder_id.chars().any(char::is_control) {
                 return Err(MetaError::BuilderId);
             }
-            Some(Provenance::new(mode, p.builder_id.clone(), p.reproducible, frontend))
+            ImageMeta { provenance: Some(Provenance::new(mode, p.builder_id.clone(), p.reproducible, frontend)), ..Default::default() }
         }
     };
-    Ok(ImageMeta { annotations, provenance })
+    Ok(ImageMeta { annotations, provenance: provenance.provenance, inline_only: provenance.inline_only })
 }
 
 /// A layer compression the engine cannot take (before it is placed at an output).
@@ -191,11 +196,13 @@ mod tests {
     fn provenance_is_min_by_default_and_checked() {
         let f = FrontendOptions { dockerfile_name: "Dockerfile".into(), ..Default::default() };
         let meta = image_meta(&[], None, &f).unwrap();
-        assert_eq!(meta.provenance.map(|p| p.mode), Some(Mode::Min), "buildx's default");
+        assert_eq!((meta.provenance.map(|p| p.mode), meta.inline_only), (Some(Mode::Min), true), "buildx's default");
         let off = v1::Provenance { disabled: true, ..Default::default() };
         assert!(image_meta(&[], Some(&off), &f).unwrap().provenance.is_none());
         let max = v1::Provenance { mode: "max".into(), builder_id: "https://ci/1".into(), ..Default::default() };
-        let p = image_meta(&[], Some(&max), &f).unwrap().provenance.unwrap();
+        let meta = image_meta(&[], Some(&max), &f).unwrap();
+        assert!(!meta.inline_only, "asked for: every image output carries it");
+        let p = meta.provenance.unwrap();
         assert_eq!((p.mode, p.builder_id.as_str()), (Mode::Max, "https://ci/1"));
         let e = image_meta(&[], Some(&v1::Provenance { mode: "everything".into(), ..Default::default() }), &f).unwrap_err();
         assert!(e.to_string().contains("\"everything\""), "{e}");

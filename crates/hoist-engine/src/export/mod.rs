@@ -162,6 +162,19 @@ pub struct ImageMeta {
     pub annotations: Annotations,
     /// The provenance to attach, if any.
     pub provenance: Option<Provenance>,
+    /// The provenance is buildx's default (`inline-only`): an OCI archive carries it only
+    /// when it holds an index anyway (several platforms), as BuildKit's OCI exporter does.
+    pub inline_only: bool,
+}
+
+impl ImageMeta {
+    /// What an OCI archive of `images` carries of this.
+    pub(crate) fn for_archive(&self, images: usize) -> std::borrow::Cow<'_, ImageMeta> {
+        if self.inline_only && self.provenance.is_some() && images < 2 && !self.annotations.need_index() {
+            return std::borrow::Cow::Owned(ImageMeta { provenance: None, ..self.clone() });
+        }
+        std::borrow::Cow::Borrowed(self)
+    }
 }
 
 impl ExportedSet {

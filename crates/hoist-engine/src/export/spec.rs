@@ -336,7 +336,8 @@ impl Exporter {
                 Ok(ExportOutcome { streamed: true, ..Default::default() })
             }
             Resolved::OciArchive { layers } => {
-                let set = engine.export_images_with(images, layers.compression, layers.force, &self.meta, &tags).await?;
+                let meta = self.meta.for_archive(images.len());
+                let set = engine.export_images_with(images, layers.compression, layers.force, &meta, &tags).await?;
                 let digest = set.top_digest().clone();
                 let engine = engine.clone();
                 stream(target.stream, move |w| engine.write_oci_archive(&set, &tags, w)).await?;
