@@ -582,8 +582,11 @@ pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, sent: &SentContext
     let ssh = args.ssh.iter().map(|s| v1::SshForward { id: s.split_once('=').map_or(s.as_str(), |(id, _)| id).to_string() }).collect();
     let mut entitlements: Vec<String> = Vec::new();
     for a in args.allow.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
-        let e = hoist_engine::entitlements::Entitlement::parse(a).map_err(|e| anyhow!("--allow: {e}"))?;
-        entitlements.push(e.name().to_string());
+        // Checked here with the builder's own parser when it is linked in; the client alone
+        // sends the names and the builder refuses an unknown one, naming it.
+        #[cfg(feature = "builder")]
+        let a = hoist_engine::entitlements::Entitlement::parse(a).map_err(|e| anyhow!("--allow: {e}"))?.name();
+        entitlements.push(a.to_string());
     }
     let registries = tag_registries(&args.tags);
     let creds = hoist_oci::auth::Credentials::from_docker_config(registries.iter().map(|s| s.as_str()))
@@ -708,7 +711,7 @@ pub(crate) async fn on_builder(
     job: &Job<'_>,
     addr: Option<&BuilderAddr>,
     mut client: hoist_client::Client,
-    fleet: Option<&[hoist_engine::graph::Platform]>,
+    fleet: Option<&[hoist_oci::Platform]>,
 ) -> anyhow::Result<i32> {
     let (args, inputs, outputs, mode) = (job.args, job.inputs, job.outputs, job.mode);
     let label = addr.map(|a| a.to_string()).unwrap_or_else(|| "embedded".to_string());
@@ -725,6 +728,7 @@ pub(crate) async fn on_builder(
     if let Some(platforms) = fleet {
         req.platforms = platforms.iter().map(|p| p.to_string()).collect();
     }
+    #[cfg(feature = "builder")]
     if addr.is_none() {
         // The embedded builder is the user's own machine: the host network needs no --allow
         // (docker build --network=host needs none either). security.insecure still does.

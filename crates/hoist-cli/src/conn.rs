@@ -1,7 +1,8 @@
 //! Choosing and reaching a builder: `--builder`/`HOIST_BUILDER` (else the `builders` of
 //! `hoist.json`, else the embedded one), the project (`--project`/`HOIST_PROJECT`, or
 //! `hoist.json` in the context or its parents), the token (`--token`/`HOIST_TOKEN`, or the
-//! one `hoist login` saved), and TLS.
+//! one `hoist login` saved), and TLS. The client alone (no `builder` feature) has no
+//! embedded builder and says so when none is named.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,12 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use hoist_client::{BuilderAddr, Client, ConnectOptions};
 use serde::{Deserialize, Serialize};
+
+/// What the client alone (built without the `builder` feature) says when no builder is named.
+#[cfg(not(feature = "builder"))]
+const NO_EMBEDDED_BUILDER: &str = "no builder given, and this hoist is the client alone, built without the embedded builder \
+     (cargo feature `builder`): pass --builder tls://HOST:PORT (or set HOIST_BUILDER, or `builders` in hoist.json) and a token \
+     (HOIST_TOKEN, or `hoist login --builder ...`)";
 
 /// Flags every command that talks to a builder takes.
 #[derive(Args, Debug, Clone)]
@@ -229,11 +236,21 @@ impl ConnArgs {
         }
         Ok(match addr {
             Some(a) => hoist_client::connect(&a, &opts).await?,
-            None => {
-                let exe = std::env::current_exe().context("locating the hoist binary")?;
-                hoist_client::connect_embedded(&self.root, &exe, &opts).await?
-            }
+            None => self.connect_embedded(&opts).await?,
         })
+    }
+
+    /// Start (or reach) the embedded builder.
+    #[cfg(feature = "builder")]
+    async fn connect_embedded(&self, opts: &ConnectOptions) -> anyhow::Result<Client> {
+        let exe = std::env::current_exe().context("locating the hoist binary")?;
+        Ok(hoist_client::connect_embedded(&self.root, &exe, opts).await?)
+    }
+
+    /// The client alone has no embedded builder: say what to give instead.
+    #[cfg(not(feature = "builder"))]
+    async fn connect_embedded(&self, _opts: &ConnectOptions) -> anyhow::Result<Client> {
+        bail!(NO_EMBEDDED_BUILDER)
     }
 }
 

@@ -5,11 +5,14 @@
 
 use std::time::Duration;
 
+#[cfg(feature = "builder")]
 use clap::Args;
+#[cfg(feature = "builder")]
 use hoist_engine::limits::Limits;
 
 /// Limits of `hoist serve`; sizes take `K`/`M`/`G` (or `KiB`/`MiB`/`GiB`) suffixes, durations
 /// `s`/`m`/`h`.
+#[cfg(feature = "builder")]
 #[derive(Args, Debug, Clone, Default)]
 pub struct LimitArgs {
     /// Largest Dockerfile [default: 2MiB].
@@ -60,10 +63,12 @@ pub struct LimitArgs {
     build_memory: Option<u64>,
 }
 
+#[cfg(feature = "builder")]
 fn usize_of(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
+#[cfg(feature = "builder")]
 impl LimitArgs {
     /// The limits: the defaults with every given flag applied.
     pub fn limits(&self) -> Limits {
@@ -136,6 +141,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// `90`, `90s`, `15m`, `2h`, `500ms` → a duration (`0` is refused: leave the flag out for none).
+#[cfg_attr(not(feature = "builder"), allow(dead_code))]
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
@@ -173,6 +179,7 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 
+    #[cfg(feature = "builder")]
     #[test]
     fn flags_override_only_what_they_name() {
         let a = LimitArgs {

@@ -1,5 +1,6 @@
 //! The `hoist` binary: `hoist build` (a drop-in for `docker build`), `hoist serve` (the
-//! builder) and the management commands. It parses arguments, renders progress and prints
+//! builder; only with the `builder` feature, the default — without it, the client alone)
+//! and the management commands. It parses arguments, renders progress and prints
 //! summaries; connecting, context sync, the build loop and the outputs (the load into the
 //! local Docker engine among them) are hoist-client's.
 
@@ -19,10 +20,14 @@ mod progress;
 mod pull;
 mod remote;
 
+#[cfg(feature = "builder")]
 use std::path::PathBuf;
 
+#[cfg(feature = "builder")]
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+#[cfg(feature = "builder")]
+use clap::Args;
+use clap::{Parser, Subcommand};
 
 /// Build container images fast, with a cache the whole team shares.
 #[derive(Parser, Debug)]
@@ -41,11 +46,14 @@ enum Command {
     /// Load an image a build kept with --save (by build id or tag) into the local Docker engine.
     Pull(pull::PullArgs),
     /// Run a builder (the embedded builder is this, on a unix socket).
+    #[cfg(feature = "builder")]
     Serve(Box<ServeArgs>),
     /// Projects of a builder (run on the builder's machine).
+    #[cfg(feature = "builder")]
     #[command(subcommand)]
     Project(manage::ProjectCmd),
     /// Access tokens of a builder (run on the builder's machine).
+    #[cfg(feature = "builder")]
     #[command(subcommand)]
     Token(manage::TokenCmd),
     /// Save a token for a builder.
@@ -68,6 +76,7 @@ enum Command {
     ConfigureDocker(plugin::ConfigureArgs),
 }
 
+#[cfg(feature = "builder")]
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// Where to listen: unix:///path/to.sock or tcp://host:port.
@@ -153,8 +162,11 @@ fn main() {
             Command::Build(args) => build::run(*args).await,
             Command::Bake(args) => bake::run(*args).await,
             Command::Pull(args) => pull::run(args).await.map(|_| 0),
+            #[cfg(feature = "builder")]
             Command::Serve(args) => serve(*args).await.map(|_| 0),
+            #[cfg(feature = "builder")]
             Command::Project(c) => manage::project(c).map(|_| 0),
+            #[cfg(feature = "builder")]
             Command::Token(c) => manage::token(c).map(|_| 0),
             Command::Login(a) => manage::login(a).await.map(|_| 0),
             Command::Cache(c) => manage::cache(c).await.map(|_| 0),
@@ -172,6 +184,7 @@ fn main() {
     }
 }
 
+#[cfg(feature = "builder")]
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let engine = hoist_engine::Engine::open(&hoist_engine::EngineConfig {
         root: args.root.clone(),
@@ -239,6 +252,7 @@ mod tests {
 
     /// Every size flag reads units the same way, Docker's: `10GB` and `10GiB` are both
     /// 10 × 2^30 bytes (once `project limit` read `10GB` as 10^10 and `serve` as 10 GiB).
+    #[cfg(feature = "builder")]
     #[test]
     fn every_size_flag_reads_units_alike() {
         const TEN_GIB: u64 = 10 << 30;

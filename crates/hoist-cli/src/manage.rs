@@ -7,12 +7,14 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 use hoist_client::v1;
+#[cfg(feature = "builder")]
 use hoist_server::auth::AuthStore;
 
 use crate::conn::{ClientConfig, ConnArgs};
 use hoist_client::human_bytes;
 
 /// Where projects and tokens are: the builder's state root, or a fleet's shared store.
+#[cfg(feature = "builder")]
 #[derive(Args, Debug)]
 pub struct AuthArgs {
     /// The builder's state directory.
@@ -24,6 +26,7 @@ pub struct AuthArgs {
     cache_store: Option<String>,
 }
 
+#[cfg(feature = "builder")]
 impl AuthArgs {
     fn open(&self) -> anyhow::Result<AuthStore> {
         let shared = self.cache_store.as_deref().map(hoist_engine::shared::SharedStore::from_url).transpose()?;
@@ -32,6 +35,7 @@ impl AuthArgs {
 }
 
 /// `hoist project ...` (on the builder's machine, or anywhere with the fleet's store).
+#[cfg(feature = "builder")]
 #[derive(Subcommand, Debug)]
 pub enum ProjectCmd {
     /// Create a project and print its first token.
@@ -80,6 +84,7 @@ pub enum ProjectCmd {
 }
 
 /// `hoist token ...` (on the builder's machine, or anywhere with the fleet's store).
+#[cfg(feature = "builder")]
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
     /// Issue a new token for a project and print it.
@@ -166,6 +171,7 @@ pub struct LoginArgs {
     pub insecure: bool,
 }
 
+#[cfg(feature = "builder")]
 pub fn project(cmd: ProjectCmd) -> anyhow::Result<()> {
     match cmd {
         ProjectCmd::Create { name, token_name, store } => {
@@ -203,6 +209,7 @@ pub fn project(cmd: ProjectCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "builder")]
 pub fn token(cmd: TokenCmd) -> anyhow::Result<()> {
     match cmd {
         TokenCmd::Create { project, name, store } => {

@@ -23,10 +23,10 @@ use hoist_client::build::BuildPart;
 use hoist_client::outputs::{Dest, OutputSink, OutputSpec};
 use hoist_client::v1;
 use hoist_client::{human_bytes, BuilderAddr, Client, ClientError};
-use hoist_engine::graph::Platform;
 use hoist_oci::digest::Digest;
 use hoist_oci::image::{media, Descriptor, Index};
 use hoist_oci::reference::Reference;
+use hoist_oci::Platform;
 
 use crate::build::{
     connection_failed, lost_if_gone, make_request, push_line, run_parts, sync_context, BuildArgs, Job, Lost, ANSWER_WITHIN,
