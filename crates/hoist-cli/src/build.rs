@@ -30,6 +30,10 @@ pub struct BuildArgs {
     /// Name of the Dockerfile (default: PATH/Dockerfile); `-` reads it from stdin.
     #[arg(short = 'f', long = "file")]
     pub file: Option<String>,
+    /// Additional build context (NAME=VALUE): a directory, docker-image://REF or a git/https
+    /// URL, read by `FROM NAME`, `COPY --from=NAME` and `RUN --mount=from=NAME`.
+    #[arg(long = "build-context")]
+    pub build_contexts: Vec<String>,
     /// Set a build-time variable (KEY=VALUE, or KEY to take it from the environment).
     #[arg(long = "build-arg")]
     pub build_args: Vec<String>,
@@ -304,6 +308,8 @@ pub(crate) struct Inputs {
     pub(crate) dockerfile: Vec<u8>,
     dockerfile_name: String,
     dockerfile_path: Option<PathBuf>,
+    /// `--build-context`, parsed (URLs fetched) once.
+    pub(crate) named: Vec<(String, crate::named::Named)>,
 }
 
 pub(crate) fn read_inputs(args: &BuildArgs) -> anyhow::Result<Inputs> {
@@ -351,7 +357,8 @@ pub(crate) fn read_inputs(args: &BuildArgs) -> anyhow::Result<Inputs> {
             (data, "Dockerfile".to_string(), Some(p))
         }
     };
-    Ok(Inputs { context_dir, _tmp: tmp, dockerfile, dockerfile_name: name, dockerfile_path: path })
+    let named = crate::named::parse(&args.build_contexts)?;
+    Ok(Inputs { context_dir, _tmp: tmp, dockerfile, dockerfile_name: name, dockerfile_path: path, named })
 }
 
 /// A context directory, the temporary directory holding it, or a Dockerfile without one.
@@ -360,7 +367,7 @@ type ContextParts = (Option<PathBuf>, Option<tempfile::TempDir>, Option<Vec<u8>>
 /// The context in `data` (read from `from`: stdin or a URL), as docker takes it: a tar,
 /// plain or compressed, is extracted into a temporary directory; anything else is a
 /// Dockerfile with no context.
-fn archive_or_dockerfile(mut data: Vec<u8>, from: &str) -> anyhow::Result<ContextParts> {
+pub(crate) fn archive_or_dockerfile(mut data: Vec<u8>, from: &str) -> anyhow::Result<ContextParts> {
     // A compressed tar (gzip, bzip2, xz, zstd) is a context too, as docker takes it.
     let compressed = Algorithm::sniff(&data[..data.len().min(6)]) != Algorithm::None;
     if compressed {
@@ -389,7 +396,17 @@ fn archive_or_dockerfile(mut data: Vec<u8>, from: &str) -> anyhow::Result<Contex
 pub(crate) fn ignore_matcher(inputs: &Inputs) -> anyhow::Result<Option<IgnoreMatcher>> {
     let Some(dir) = &inputs.context_dir else { return Ok(None) };
     let df = inputs.dockerfile_path.clone().unwrap_or_else(|| dir.join("Dockerfile"));
-    for candidate in hoist_dockerfile::ignore_file_candidates(dir, &df) {
+    read_ignore(hoist_dockerfile::ignore_file_candidates(dir, &df))
+}
+
+/// The `.dockerignore` of a named context's directory.
+pub(crate) fn ignore_file_in(dir: &Path) -> anyhow::Result<Option<IgnoreMatcher>> {
+    read_ignore([dir.join(".dockerignore")])
+}
+
+/// The first ignore file of `candidates` that exists.
+fn read_ignore(candidates: impl IntoIterator<Item = PathBuf>) -> anyhow::Result<Option<IgnoreMatcher>> {
+    for candidate in candidates {
         match std::fs::read_to_string(&candidate) {
             Ok(text) => {
                 let m = IgnoreMatcher::from_file_text(&text).with_context(|| format!("{}", candidate.display()))?;
@@ -406,7 +423,7 @@ pub(crate) fn ignore_matcher(inputs: &Inputs) -> anyhow::Result<Option<IgnoreMat
     Ok(None)
 }
 
-fn cache_root() -> PathBuf {
+pub(crate) fn cache_root() -> PathBuf {
     if let Ok(d) = std::env::var("HOIST_CACHE_DIR") {
         return PathBuf::from(d);
     }
@@ -427,12 +444,17 @@ pub(crate) async fn sync_context(
     renderer: &mut Renderer,
     label: &str,
 ) -> anyhow::Result<SentContext> {
-    let Some(dir) = &inputs.context_dir else { return Ok(SentContext::default()) };
+    let Some(dir) = &inputs.context_dir else {
+        let mut sent = SentContext::default();
+        crate::named::send(client, &inputs.named, &mut sent).await?;
+        return Ok(sent);
+    };
     let t = Instant::now();
     let id = renderer.internal(label);
     // A context from stdin is new each time: no stat cache.
     let cache = if inputs._tmp.is_some() { None } else { Some(cache_root()) };
-    let sent = sync::sync_context(client, dir, &inputs.dockerfile, ignore, cache.as_deref()).await?;
+    let mut sent = sync::sync_context(client, dir, &inputs.dockerfile, ignore, cache.as_deref()).await?;
+    crate::named::send(client, &inputs.named, &mut sent).await?;
     renderer.internal_done(
         id,
         t.elapsed().as_secs_f64(),

@@ -14,6 +14,7 @@ mod conn;
 mod limits;
 mod manage;
 mod multi;
+mod named;
 mod outputs;
 mod plugin;
 mod progress;

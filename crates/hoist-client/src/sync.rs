@@ -452,6 +452,8 @@ pub struct SentContext {
     pub reach: Option<Vec<String>>,
     /// Sends the rest of the context when the builder asks.
     pub provider: Option<std::sync::Arc<dyn crate::session::ContextProvider>>,
+    /// The named contexts of `--build-context`, as sent.
+    pub named: std::collections::BTreeMap<String, v1::NamedContext>,
 }
 
 impl SentContext {
@@ -460,6 +462,7 @@ impl SentContext {
         req.context_id = self.id.clone();
         req.context_partial = self.reach.is_some();
         req.context_reach = self.reach.clone().unwrap_or_default();
+        req.named_contexts = self.named.clone().into_iter().collect();
     }
 }
 
@@ -473,10 +476,31 @@ pub async fn sync_context(
     ignore: Option<&IgnoreMatcher>,
     stat_cache: Option<&Path>,
 ) -> Result<SentContext, ClientError> {
-    let (dir2, ignore2, cache_root) = (dir.to_path_buf(), ignore.cloned(), stat_cache.map(Path::to_path_buf));
     // Only what the Dockerfile can read is walked, hashed and sent; the builder asks for
     // anything else a step turns out to read.
-    let mut reach = crate::reach::reachable(&String::from_utf8_lossy(dockerfile));
+    let reach = crate::reach::reachable(&String::from_utf8_lossy(dockerfile));
+    sync_reach(client, dir, reach, ignore, stat_cache).await
+}
+
+/// Send the whole directory `dir` (after `ignore`) as a context: a named context of
+/// `--build-context`, which steps read as a stage's files.
+pub async fn sync_whole(
+    client: &mut Client,
+    dir: &Path,
+    ignore: Option<&IgnoreMatcher>,
+    stat_cache: Option<&Path>,
+) -> Result<SentContext, ClientError> {
+    sync_reach(client, dir, Reach::All, ignore, stat_cache).await
+}
+
+async fn sync_reach(
+    client: &mut Client,
+    dir: &Path,
+    mut reach: Reach,
+    ignore: Option<&IgnoreMatcher>,
+    stat_cache: Option<&Path>,
+) -> Result<SentContext, ClientError> {
+    let (dir2, ignore2, cache_root) = (dir.to_path_buf(), ignore.cloned(), stat_cache.map(Path::to_path_buf));
     let (walked, reach) = tokio::task::spawn_blocking(move || {
         let mut cache = match &cache_root {
             Some(root) => StatCache::load(root, &dir2),
@@ -497,6 +521,7 @@ pub async fn sync_context(
             Reach::Paths(p) => Some(p.into_iter().collect()),
         },
         provider: Some(std::sync::Arc::new(provider)),
+        named: Default::default(),
     })
 }
 

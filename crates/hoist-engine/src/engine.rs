@@ -166,6 +166,8 @@ pub struct BuildRequest {
     /// Asks the client for context paths steps read beyond `context_reach`; without one,
     /// such a step sees no file there.
     pub context_fetcher: Option<Arc<dyn crate::context::ContextFetcher>>,
+    /// The directories of `--build-context NAME=DIR`, by name ([`crate::graph::Source::Named`]).
+    pub named_contexts: std::collections::BTreeMap<String, Arc<Context>>,
     /// `--no-cache`: run every step instead of reusing cache records (new records are still
     /// written).
     pub no_cache: bool,

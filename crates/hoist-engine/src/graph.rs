@@ -114,6 +114,9 @@ pub enum Source {
     Stage(StageId),
     /// `ADD <git url>`: the repository at a ref (only as a COPY/ADD source).
     Git(GitSource),
+    /// A directory the client sent as a named context (`--build-context NAME=DIR`); the
+    /// frontend copies it into the implicit stage that `FROM NAME`/`--from=NAME` read.
+    Named(String),
 }
 
 /// A git repository at a ref (`URL#REF:SUBDIR`), as written after ADD.
@@ -375,4 +378,16 @@ pub struct FrontendOptions {
     pub build_platform: Option<Platform>,
     /// `--label` values, applied to the final stage's config.
     pub labels: BTreeMap<String, String>,
+    /// `--build-context NAME=...`: what `FROM NAME`, `COPY --from=NAME` and
+    /// `RUN --mount=from=NAME` read instead of the image or the stage of that name.
+    pub named_contexts: BTreeMap<String, NamedContext>,
+}
+
+/// A named context (`--build-context`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamedContext {
+    /// `docker-image://REF`: this image instead.
+    Image(String),
+    /// A directory the client sent: a stage holding its files ([`Source::Named`]).
+    Local,
 }

@@ -508,14 +508,24 @@ fn step_error(b: &Build, step: &Step, cause: impl Into<crate::StepCause>) -> Eng
     EngineError::Step { location: format!("{name}:{}", step.line), instruction: step.display.clone(), source: cause.into() }
 }
 
+/// The files a COPY from the build context or a named context reads.
+pub(crate) fn source_context(b: &Build, from: &Source) -> Result<Arc<crate::context::Context>, String> {
+    match from {
+        Source::Named(name) => {
+            b.req.named_contexts.get(name).cloned().ok_or_else(|| format!("the client sent no build context named {name:?}"))
+        }
+        _ => Ok(b.context.clone()),
+    }
+}
+
 /// The step's inputs besides its parent: content digests of what it reads.
 async fn step_inputs(b: &Arc<Build>, step: &Step) -> Result<Vec<(&'static str, String)>, EngineError> {
     let mut inputs = Vec::new();
     let stage_input = |inputs: &mut Vec<(&'static str, String)>, key: &str| inputs.push(("stage", key.to_string()));
     match &step.op {
         Op::Copy(c) => match &c.from {
-            Source::Context => {
-                let ctx = b.context.clone();
+            Source::Context | Source::Named(_) => {
+                let ctx = source_context(b, &c.from).map_err(|e| step_error(b, step, e))?;
                 let op = c.clone();
                 let engine = b.engine.clone();
                 let ns = b.req.namespace.clone();
@@ -635,7 +645,7 @@ fn keyable_now(b: &Build, step: &Step) -> bool {
     match &step.op {
         Op::Copy(c) => {
             let from = match &c.from {
-                Source::Context => true,
+                Source::Context | Source::Named(_) => true,
                 Source::Stage(j) => b.stage_ready(*j),
                 Source::Git(_) => false,
             };

@@ -45,6 +45,12 @@ async fn context_files(env: &StepEnv) -> Result<PathBuf, EngineError> {
     blocking(env, move || ctx.files().map(Path::to_path_buf).map_err(|e| format!("build context: {e}"))).await
 }
 
+/// The directory of a named context (`--build-context NAME=DIR`).
+async fn named_files(env: &StepEnv, from: &Source) -> Result<PathBuf, EngineError> {
+    let ctx = crate::solver::source_context(&env.build, from).map_err(|e| env.err(e))?;
+    blocking(env, move || ctx.files().map(Path::to_path_buf).map_err(|e| format!("named build context: {e}"))).await
+}
+
 /// Run `blocking` on the blocking pool, mapping both failure kinds to step errors.
 async fn blocking<T: Send + 'static, E: Into<StepCause> + Send + 'static>(
     env: &StepEnv,
@@ -186,7 +192,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
         match &m.kind {
             MountKind::Bind { from, source, readwrite } => {
                 let root = match from {
-                    Source::Git(_) => return Err(env.err("a RUN mount cannot come from a git source")),
+                    Source::Git(_) | Source::Named(_) => return Err(env.err("a RUN mount cannot come from a git source")),
                     Source::Context => context_files(env).await?,
                     Source::Stage(j) => {
                         let s = b.stage(*j).await?;
@@ -214,7 +220,7 @@ async fn execute_run(env: &StepEnv, run: &RunOp, cancel: CancellationToken, leas
             MountKind::Cache { id, sharing, from, source, readonly, mode, uid, gid } => {
                 let seed = match from {
                     None => None,
-                    Some(Source::Git(_)) => return Err(env.err("a cache mount cannot come from a git source")),
+                    Some(Source::Git(_) | Source::Named(_)) => return Err(env.err("a cache mount cannot come from a git source")),
                     Some(Source::Context) => {
                         Some(rootfs::resolve_in_root(&context_files(env).await?, source, true).map_err(|e| env.err(e))?)
                     }
@@ -402,6 +408,7 @@ async fn execute_copy(env: &StepEnv, c: &CopyOp, lease: &LeaseSet) -> Result<Pro
     let mut held_dirs = Vec::new();
     let src_root = match &c.from {
         Source::Context => context_files(env).await?,
+        Source::Named(_) => named_files(env, &c.from).await?,
         Source::Stage(j) => {
             let s = b.stage(*j).await?;
             let v = prepare(env, s.layers.clone(), true).await?;

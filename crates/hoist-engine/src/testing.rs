@@ -341,6 +341,7 @@ impl TestEngine {
             context: Arc::new(context(&ctx, files)),
             context_reach: Default::default(),
             context_fetcher: None,
+            named_contexts: Default::default(),
             no_cache: false,
             no_cache_stages: Vec::new(),
             pull: false,

@@ -984,6 +984,30 @@ impl BuilderService {
         } else {
             Some(Arc::new(store.materialize(&req.context_id).await.map_err(|e| Status::failed_precondition(e.to_string()))?))
         };
+        // `--build-context`: images by reference, directories uploaded as contexts of their own
+        // (held for the build like the main one).
+        let mut named_kinds = std::collections::BTreeMap::new();
+        let mut named_contexts = std::collections::BTreeMap::new();
+        let mut named_held = Vec::new();
+        for (name, c) in &req.named_contexts {
+            if name.is_empty() || name.len() > 256 || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Status::invalid_argument(format!("--build-context {name:?}: expected a name without spaces")));
+            }
+            match &c.kind {
+                Some(v1::named_context::Kind::Image(r)) => {
+                    hoist_oci::reference::Reference::parse(r)
+                        .map_err(|e| Status::invalid_argument(format!("--build-context {name}=docker-image://{r}: {e}")))?;
+                    named_kinds.insert(name.clone(), hoist_engine::graph::NamedContext::Image(r.clone()));
+                }
+                Some(v1::named_context::Kind::ContextId(id)) => {
+                    let m = store.materialize(id).await.map_err(|e| Status::failed_precondition(format!("--build-context {name}: {e}")))?;
+                    named_contexts.insert(name.clone(), m.context.clone());
+                    named_held.push(m);
+                    named_kinds.insert(name.clone(), hoist_engine::graph::NamedContext::Local);
+                }
+                None => return Err(Status::invalid_argument(format!("--build-context {name}: no value"))),
+            }
+        }
         // Paths steps read beyond what the client sent are asked of it during the build.
         let fetcher = materialized.as_ref().map(|m| {
             let f = Arc::new(crate::fetch::ContextRequests::new(tx.clone(), store.clone(), m.clone()));
@@ -1091,11 +1115,13 @@ impl BuilderService {
                 target_platform: None,
                 build_platform: None,
                 labels: req.labels.clone().into_iter().collect(),
+                named_contexts: named_kinds,
             },
             platforms,
             context,
             context_reach,
             context_fetcher: fetcher,
+            named_contexts,
             no_cache: req.no_cache,
             no_cache_stages: req.no_cache_filter.clone(),
             shm_size: (req.shm_size > 0).then_some(req.shm_size),
@@ -1123,6 +1149,7 @@ impl BuilderService {
         let _ = forward.await;
         let outcome = outcome.map_err(engine_status)?;
         drop(materialized);
+        drop(named_held);
         record.steps_run = outcome.steps_run;
         record.steps_cached = outcome.steps_cached;
         record.containers_run = outcome.containers_run;

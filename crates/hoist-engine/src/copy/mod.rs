@@ -276,6 +276,7 @@ fn describe_from(from: &Source) -> String {
         Source::Context => "the build context".to_string(),
         Source::Stage(i) => format!("stage {i}"),
         Source::Git(g) => format!("git repository {}", g.url),
+        Source::Named(n) => format!("build context {n:?}"),
     }
 }
 

@@ -972,3 +972,50 @@ fn the_syntax_directive_accepts_the_standard_frontend_only() {
         assert!(e.starts_with("Dockerfile:1: # syntax=") && e.contains("another frontend"), "{bad}: {e}");
     }
 }
+
+fn with_named(pairs: &[(&str, crate::graph::NamedContext)]) -> FrontendOptions {
+    let mut o = opts();
+    o.named_contexts = pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    o
+}
+
+#[test]
+fn a_named_image_context_replaces_the_image_a_stage_or_a_copy_names() {
+    use crate::graph::NamedContext::Image;
+    let df = "FROM base AS build\nRUN make\nFROM alpine\nCOPY --from=tools /bin/x /x\nCOPY --from=build /out /out\n";
+    let o = with_named(&[("alpine", Image("busybox".into())), ("tools", Image("app".into())), ("build", Image("busybox".into()))]);
+    let g = build_with(df, &o).unwrap();
+    let images: Vec<&str> = g
+        .stages
+        .iter()
+        .filter_map(|s| match &s.base {
+            Base::Image(r) => Some(r.reference.as_str()),
+            _ => None,
+        })
+        .collect();
+    // `tools` became image `app`; `alpine` and the replaced stage `build` became busybox.
+    assert!(images.contains(&"app") && images.contains(&"busybox") && !images.contains(&"alpine"), "{images:?}");
+    assert!(!g.stages.iter().any(|s| s.name.as_deref() == Some("build") && !s.steps.is_empty()), "the replaced stage runs nothing");
+}
+
+#[test]
+fn a_named_directory_context_is_a_stage_of_its_files() {
+    use crate::graph::NamedContext::Local;
+    let df = "FROM busybox AS first\nCOPY --from=assets /a /a\nRUN --mount=from=assets,target=/m true\nFROM vendor\nCOPY --from=first /a /a\nRUN ls\n";
+    let g = build_with(df, &with_named(&[("assets", Local), ("vendor", Local)])).unwrap();
+    let loads: Vec<&Stage> = g
+        .stages
+        .iter()
+        .filter(|s| matches!(s.steps.first().map(|st| &st.op), Some(Op::Copy(CopyOp { from: Source::Named(_), .. }))))
+        .collect();
+    assert_eq!(loads.len(), 2, "one stage per named directory, shared by COPY and the mount: {:#?}", g.stages);
+    assert!(loads.iter().all(|s| matches!(s.base, Base::Scratch)));
+    // FROM vendor: its files, then the stage's own RUN on top.
+    let t = target(&g);
+    assert!(matches!(t.steps.first().map(|st| &st.op), Some(Op::Copy(CopyOp { from: Source::Named(n), .. })) if n == "vendor"));
+    assert_eq!(runs(t).len(), 1);
+    // COPY --from=assets and the mount read the implicit stage.
+    let first = g.stages.iter().find(|s| s.name.as_deref() == Some("first")).unwrap();
+    assert!(copies(first).iter().all(|c| matches!(c.from, Source::Stage(_))));
+    assert!(runs(first)[0].mounts.iter().all(|m| matches!(m.kind, MountKind::Bind { from: Source::Stage(_), .. })));
+}

@@ -75,6 +75,9 @@ struct Info {
     implicit: bool,
     onbuild_init: bool,
     resolved: Option<ResolvedImage>,
+    /// The stage is the named context of this name (`--build-context NAME=DIR`): scratch
+    /// with the directory's files.
+    local: Option<String>,
 }
 
 impl Info {
@@ -307,6 +310,27 @@ impl<'a> Converter<'a> {
     fn dispatch_stage(&mut self, infos: &[Info], si: usize, states: &HashMap<usize, State>, out_id: &HashMap<usize, usize>) -> R<State> {
         let mut st = self.init_state(infos, si, states, out_id)?;
         let inf = &infos[si];
+        if let Some(name) = &inf.local {
+            // The named context's files, as a layer of their own.
+            st.steps.push(Step {
+                line: inf.line,
+                display: format!("[context {name}] load"),
+                op: crate::graph::Op::Copy(crate::graph::CopyOp {
+                    from: crate::graph::Source::Named(name.clone()),
+                    sources: vec![crate::graph::CopySource::Path(".".into())],
+                    dest: "/".into(),
+                    chown: None,
+                    chmod: None,
+                    link: false,
+                    exclude: Vec::new(),
+                    parents: false,
+                    unpack: false,
+                    keep_git_dir: false,
+                    is_add: false,
+                }),
+            });
+            self.history(&mut st, format!("COPY {name} / # named context"), true, false);
+        }
         if inf.implicit {
             return Ok(st);
         }

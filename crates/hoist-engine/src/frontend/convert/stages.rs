@@ -11,7 +11,7 @@ use hoist_dockerfile::instructions::{self as ins, Instr, Instruction};
 
 use super::config::{normalize_workdir, Cfg};
 use super::{split_kv, Cmd, Converter, EnvList, FrontendError, ImageResolver, Info, State, DEFAULT_PATH, R};
-use crate::graph::{Base, Platform, Source};
+use crate::graph::{Base, NamedContext, Platform, Source};
 
 /// Go's `strconv.Atoi`, for `COPY --from=<index>`.
 fn go_atoi(s: &str) -> Option<i64> {
@@ -98,6 +98,35 @@ impl Converter<'_> {
                 None => None,
                 Some(p) => Some(self.expand_platform(p, st.line)?),
             };
+            // A named context of the stage's own name replaces the stage; one of the name
+            // after FROM replaces that image (or stage) for this stage (buildx's semantics).
+            let overrides = st.from.name.as_deref().and_then(|n| self.opts.named_contexts.get(n).map(|c| (n, c)));
+            let named = overrides.or_else(|| self.opts.named_contexts.get_key_value(base_name.as_str()).map(|(n, c)| (n.as_str(), c)));
+            if let Some((name, context)) = named {
+                let (base_name, local) = match context {
+                    NamedContext::Image(r) => (r.clone(), None),
+                    NamedContext::Local => ("scratch".to_string(), Some(name.to_string())),
+                };
+                let commands = if overrides.is_some() {
+                    Vec::new()
+                } else {
+                    st.commands.iter().map(|c| Cmd { instr: c.clone(), sources: Vec::new(), onbuild: false }).collect()
+                };
+                infos.push(Info {
+                    name: st.from.name.clone(),
+                    dockerfile_index: Some(i),
+                    base_name,
+                    explicit_platform,
+                    line: st.line,
+                    commands,
+                    base: None,
+                    implicit: false,
+                    onbuild_init: false,
+                    resolved: None,
+                    local,
+                });
+                continue;
+            }
             let base = infos.iter().position(|inf| inf.name.as_deref() == Some(base_name.as_str()));
             if base.is_none() {
                 if let Some(later) = stages[i..].iter().find(|s| s.from.name.as_deref() == Some(base_name.as_str())) {
@@ -119,6 +148,7 @@ impl Converter<'_> {
                 implicit: false,
                 onbuild_init: false,
                 resolved: None,
+                local: None,
             });
         }
         Ok(infos)
@@ -200,13 +230,20 @@ impl Converter<'_> {
         if let Some(p) = infos.iter().position(|i| !i.implicit && i.name.as_deref() == Some(lower.as_str())) {
             return Ok(p);
         }
-        if let Some(p) = infos.iter().position(|i| i.implicit && i.base_name == from) {
+        // A named context of that name (not a stage's: that stage was replaced above).
+        let (base_name, local) = match self.opts.named_contexts.get(from) {
+            Some(NamedContext::Image(r)) => (r.clone(), None),
+            Some(NamedContext::Local) => ("scratch".to_string(), Some(from.to_string())),
+            None => (from.to_string(), None),
+        };
+        if let Some(p) = infos.iter().position(|i| i.implicit && i.base_name == base_name && i.local == local) {
             return Ok(p);
         }
         infos.push(Info {
             name: None,
             dockerfile_index: None,
-            base_name: from.to_string(),
+            local,
+            base_name,
             explicit_platform: None,
             line,
             commands: Vec::new(),

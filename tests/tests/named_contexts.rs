@@ -1,0 +1,75 @@
+//! `--build-context NAME=VALUE` (buildx's named contexts), for real: an image that replaces
+//! the one `FROM NAME` names, directories read by `COPY --from`, `RUN --mount=from` and
+//! `FROM`, a directory's own `.dockerignore`, and a changed file in a named directory
+//! making a new result.
+//!
+//! Needs: the lab (tests/lab/setup.sh).
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn named_contexts_replace_images_and_stages_and_bring_directories() {
+    if !lab_available() {
+        return;
+    }
+    // `base` and `tools` are not images anywhere: only the named contexts make them.
+    let main = context(&[(
+        "Dockerfile",
+        "FROM vendor AS v\n\
+         COPY --from=assets hello.txt /again.txt\n\
+         FROM base\n\
+         COPY --from=assets hello.txt /from-assets.txt\n\
+         RUN --mount=from=assets,target=/m cp /m/hello.txt /mounted.txt\n\
+         COPY --from=tools /bin/busybox /tools-busybox\n\
+         COPY --from=assets / /assets-all/\n\
+         COPY --from=v / /v/\n",
+    )]);
+    let assets = context(&[("hello.txt", "hello one\n"), ("secret.txt", "do not send\n"), (".dockerignore", "secret.txt\n")]);
+    let vendor = context(&[("v.txt", "vendored\n")]);
+    let h = Hoist::new();
+    let build = |dest: &Path| {
+        h.build_ok(&[
+            "--build-context",
+            &format!("base=docker-image://{}", busybox()),
+            "--build-context",
+            &format!("tools=docker-image://{}", busybox()),
+            "--build-context",
+            &format!("assets={}", assets.path().display()),
+            "--build-context",
+            &format!("vendor={}", vendor.path().display()),
+            "-o",
+            &format!("type=local,dest={}", dest.display()),
+            main.path().to_str().unwrap(),
+        ])
+    };
+    let out = tempfile::tempdir().unwrap();
+    build(out.path());
+    let o = out.path();
+    assert_eq!(read(&o.join("from-assets.txt")), "hello one\n", "COPY --from a named directory");
+    assert_eq!(read(&o.join("mounted.txt")), "hello one\n", "RUN --mount=from a named directory");
+    assert!(o.join("tools-busybox").is_file(), "COPY --from a named image");
+    assert!(o.join("bin/busybox").is_file(), "FROM a named image");
+    assert!(!o.join("assets-all/secret.txt").exists(), "the directory's .dockerignore is honoured");
+    assert_eq!(read(&o.join("v/v.txt")), "vendored\n", "FROM a named directory");
+    assert_eq!(read(&o.join("v/again.txt")), "hello one\n", "a stage on a named directory runs its own steps");
+
+    // A changed file in a named directory is a new result (its content is in the cache key).
+    std::fs::write(assets.path().join("hello.txt"), "hello two\n").unwrap();
+    let out2 = tempfile::tempdir().unwrap();
+    build(out2.path());
+    assert_eq!(read(&out2.path().join("from-assets.txt")), "hello two\n");
+    assert_eq!(read(&out2.path().join("mounted.txt")), "hello two\n");
+
+    // A value that is neither a directory nor a known scheme is named in the error.
+    let bad = h.build(&["--build-context", "x=/does/not/exist", main.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("--build-context x=/does/not/exist: not a directory"), "{stderr}");
+}
