@@ -133,8 +133,10 @@ impl GitContext {
             git(repo, &["checkout", "-q", "--detach", "FETCH_HEAD"]).with_context(|| format!("checking out {}", self.what()))?;
         }
         if repo.join(".gitmodules").exists() {
-            git(repo, &["submodule", "update", "-q", "--init", "--recursive", "--depth=1"])
-                .with_context(|| format!("fetching the submodules of {}", self.what()))?;
+            let submodules = ["submodule", "update", "-q", "--init", "--recursive"];
+            if git(repo, &[&submodules[..], &["--depth=1"]].concat()).is_err() {
+                git(repo, &submodules).with_context(|| format!("fetching the submodules of {}", self.what()))?;
+            }
         }
         // BuildKit drops .git from a git context (it is not part of the sources).
         std::fs::remove_dir_all(repo.join(".git")).with_context(|| format!("removing .git from {}", self.what()))?;
