@@ -280,3 +280,43 @@ fn the_client_alone_builds_on_a_remote_builder() {
     assert!(out.status.success(), "{}\nserver log:\n{}", stderr(&out), server.log());
     assert_runs(&tag, &marker);
 }
+
+/// `DOCKER_HOST=ssh://…` runs `ssh [flags] -- HOST docker system dial-stdio` per connection,
+/// as the Docker CLI does. No sshd here: an `ssh` first on PATH records its arguments and
+/// runs the real `docker system dial-stdio` on this machine, so the bytes still go through
+/// the Docker CLI's own stdio bridge to the lab's engine. The host is not loopback, so the
+/// engine counts as remote: the image goes as an archive, and the summary says why.
+#[test]
+fn load_through_docker_host_ssh() {
+    if !lab_available() {
+        return;
+    }
+    let bin = tempfile::tempdir().unwrap();
+    let log = bin.path().join("ssh.log");
+    let script = format!(
+        "#!/bin/sh\necho \"$@\" >> {log}\nwhile [ \"$1\" != \"--\" ]; do shift; done\nshift 3\nunset DOCKER_HOST DOCKER_CONTEXT\nexec /usr/bin/docker \"$@\"\n",
+        log = log.display()
+    );
+    let ssh = bin.path().join("ssh");
+    std::fs::write(&ssh, script).unwrap();
+    std::fs::set_permissions(&ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
+    let h = Hoist::new();
+    let marker = unique("ssh");
+    let ctx = new_image_context(&marker);
+    let tag = format!("hoist-e2e/{marker}:1");
+    let out = load_with(&h, &[("DOCKER_HOST", "ssh://me@build.example:2222"), ("PATH", &path)], &tag, ctx.path());
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let calls = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        calls.lines().next().is_some_and(|l| l == "-o ConnectTimeout=30 -T -l me -p 2222 -- build.example docker system dial-stdio"),
+        "ssh was not run as the Docker CLI runs it:\n{calls}\n{err}"
+    );
+    assert!(
+        err.contains("as a docker load archive")
+            && err.contains("archive because the engine (DOCKER_HOST=ssh://me@build.example:2222) is on another machine"),
+        "{err}"
+    );
+    assert_runs(&tag, &marker);
+}
