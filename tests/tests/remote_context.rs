@@ -217,3 +217,33 @@ fn tarball_and_dockerfile_urls() {
         "{stderr}"
     );
 }
+
+/// Submodules are part of a git context, as with docker build.
+#[test]
+fn git_context_with_a_submodule() {
+    if !lab_available() {
+        return;
+    }
+    let served = tempfile::Builder::new().prefix("git-served-").tempdir_in(test_tmp()).unwrap();
+    let base = serve_dir(served.path().to_path_buf());
+    let work = tempfile::Builder::new().prefix("git-work-").tempdir_in(test_tmp()).unwrap();
+    let (lib, top) = (work.path().join("lib"), work.path().join("top"));
+    std::fs::create_dir_all(&lib).unwrap();
+    std::fs::create_dir_all(&top).unwrap();
+    git(&lib, &["init", "-q"]);
+    std::fs::write(lib.join("lib.txt"), "from-submodule\n").unwrap();
+    git(&lib, &["add", "-A"]);
+    git(&lib, &["commit", "-q", "-m", "lib"]);
+    git(served.path(), &["clone", "-q", "--bare", &lib.display().to_string(), "lib.git"]);
+    git(&served.path().join("lib.git"), &["update-server-info"]);
+    git(&top, &["init", "-q"]);
+    std::fs::write(top.join("Dockerfile"), format!("FROM {}\nCOPY lib/lib.txt /lib.txt\n", busybox())).unwrap();
+    git(&top, &["submodule", "add", "-q", &format!("{base}/lib.git"), "lib"]);
+    git(&top, &["add", "-A"]);
+    git(&top, &["commit", "-q", "-m", "top"]);
+    git(served.path(), &["clone", "-q", "--bare", &top.display().to_string(), "top.git"]);
+    git(&served.path().join("top.git"), &["update-server-info"]);
+    let h = Hoist::new();
+    let tmp = tempfile::tempdir_in(test_tmp()).unwrap();
+    assert_eq!(build_files(&h, tmp.path(), &[&format!("{base}/top.git")], &["lib.txt"]), ["from-submodule\n"]);
+}
