@@ -192,3 +192,30 @@ fn without_a_previous_buildx_its_other_commands_fail_clearly_and_uninstall_leave
     let left: Vec<_> = std::fs::read_dir(user.config_dir().join("cli-plugins")).unwrap().collect();
     assert!(left.is_empty(), "nothing of hoist's is left: {left:?}");
 }
+
+/// Docker Desktop lists its own plugin directory in `cliPluginsExtraDirs`, which the Docker CLI
+/// searches before ~/.docker/cli-plugins: its buildx would run instead of hoist's shim.
+#[test]
+fn a_buildx_in_cli_plugins_extra_dirs_does_not_shadow_hoist_and_still_runs_the_rest() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let user = DockerHome::new();
+    let desktop = user.home.path().join("Docker.app/cli-plugins");
+    std::fs::create_dir_all(&desktop).unwrap();
+    std::fs::write(desktop.join("docker-buildx"), USER_BUILDX.replace("user buildx", "desktop buildx")).unwrap();
+    std::fs::set_permissions(desktop.join("docker-buildx"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let before = serde_json::json!({"cliPluginsExtraDirs": [desktop], "credsStore": "desktop-x"});
+    std::fs::write(user.config_dir().join("config.json"), serde_json::to_vec(&before).unwrap()).unwrap();
+    assert!(ok(user.docker(&h, &["buildx", "ls"]), "docker buildx ls").contains("desktop buildx: buildx ls"));
+
+    user.hoist_ok(&h, &["configure-docker"]);
+    let help = ok(user.docker(&h, &["buildx", "build", "--help"]), "docker buildx build --help");
+    assert!(help.contains("hoist build"), "hoist's shim runs `docker buildx build`, not Docker Desktop's buildx:\n{help}");
+    assert!(ok(user.docker(&h, &["buildx", "ls"]), "docker buildx ls").contains("desktop buildx: buildx ls"), "and Desktop's the rest");
+
+    user.hoist_ok(&h, &["configure-docker", "--uninstall"]);
+    assert_eq!(user.config(), before, "the config is as it was");
+    assert!(ok(user.docker(&h, &["buildx", "ls"]), "docker buildx ls").contains("desktop buildx: buildx ls"));
+}

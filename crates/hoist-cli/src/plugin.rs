@@ -207,8 +207,7 @@ fn delegate(args: &[OsString]) -> ! {
     if let Some(dir) = config.as_deref().and_then(Path::parent) {
         keep_dirs.push(dir.join("cli-plugins").join(KEEP_DIR));
     }
-    let extra = config.as_deref().and_then(|c| read_config(c).ok().flatten()).map(|c| extra_plugin_dirs(&c)).unwrap_or_default();
-    let dirs: Vec<PathBuf> = keep_dirs.into_iter().chain(extra).chain(SYSTEM_PLUGIN_DIRS.iter().map(PathBuf::from)).collect();
+    let dirs = buildx_dirs(keep_dirs, &config.as_deref().and_then(|c| read_config(c).ok().flatten()).unwrap_or_default());
     let me = std::env::current_exe().ok();
     match previous_buildx(&dirs, me.as_deref()) {
         Some(buildx) => {
@@ -236,10 +235,12 @@ fn previous_buildx(dirs: &[PathBuf], me: Option<&Path>) -> Option<PathBuf> {
     dirs.iter().map(|d| d.join("docker-buildx")).find(|p| p.is_file() && std::fs::canonicalize(p).ok() != me)
 }
 
-/// `cliPluginsExtraDirs` of a Docker config: searched before the user's plugin directory.
-fn extra_plugin_dirs(config: &Map<String, Value>) -> Vec<PathBuf> {
-    let dirs = config.get("cliPluginsExtraDirs").and_then(Value::as_array);
-    dirs.into_iter().flatten().filter_map(Value::as_str).map(PathBuf::from).collect()
+/// Where the previous buildx is looked for: the directories hoist kept the user's in, then
+/// the Docker CLI's other plugin directories in its order (`cliPluginsExtraDirs` of the
+/// config, the system's).
+fn buildx_dirs(keep_dirs: Vec<PathBuf>, config: &Map<String, Value>) -> Vec<PathBuf> {
+    let extra = config.get("cliPluginsExtraDirs").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str);
+    keep_dirs.into_iter().chain(extra.map(PathBuf::from)).chain(SYSTEM_PLUGIN_DIRS.iter().map(PathBuf::from)).collect()
 }
 
 /// What `hoist configure-docker` changed in the Docker config, to put back.
@@ -251,6 +252,9 @@ struct State {
     had_aliases: bool,
     /// Its `aliases.builder`, if any.
     builder_alias: Option<String>,
+    /// Whether hoist put the plugin directory first in `cliPluginsExtraDirs`.
+    #[serde(default)]
+    extra_dir_added: bool,
 }
 
 impl State {
@@ -260,8 +264,34 @@ impl State {
             config_existed: config.is_some(),
             had_aliases: aliases.is_some(),
             builder_alias: aliases.and_then(|a| a.get("builder")).and_then(Value::as_str).map(str::to_string),
+            extra_dir_added: false,
         }
     }
+}
+
+/// The Docker CLI searches `cliPluginsExtraDirs` before the user's plugin directory. When one
+/// of them holds a plugin of hoist's names (Docker Desktop's buildx), `dir` goes first in that
+/// list so that hoist's run. True when it was added.
+fn put_first_in_extra_dirs(config: &mut Map<String, Value>, dir: &Path) -> bool {
+    let Some(Value::Array(dirs)) = config.get_mut("cliPluginsExtraDirs") else { return false };
+    let dir = dir.to_string_lossy();
+    if dirs.first().and_then(Value::as_str) == Some(&*dir) {
+        return false;
+    }
+    let shadowed = dirs.iter().filter_map(Value::as_str).any(|d| PLUGINS.iter().any(|p| Path::new(d).join(p).is_file()));
+    if shadowed {
+        dirs.insert(0, Value::from(&*dir));
+    }
+    shadowed
+}
+
+/// Undo [`put_first_in_extra_dirs`]; true when `dir` was there.
+fn remove_from_extra_dirs(config: &mut Map<String, Value>, dir: &Path) -> bool {
+    let Some(Value::Array(dirs)) = config.get_mut("cliPluginsExtraDirs") else { return false };
+    let dir = dir.to_string_lossy();
+    let Some(i) = dirs.iter().position(|d| d.as_str() == Some(&*dir)) else { return false };
+    dirs.remove(i);
+    true
 }
 
 /// Point the `builder` alias at buildx (hoist's shim).
@@ -335,6 +365,10 @@ fn write_config(path: &Path, config: &Map<String, Value>) -> anyhow::Result<()> 
     written.with_context(|| format!("writing {}", path.display()))
 }
 
+fn write_state(path: &Path, state: &State) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(state)?).with_context(|| format!("writing {}", path.display()))
+}
+
 fn read_state(path: &Path) -> anyhow::Result<Option<State>> {
     match std::fs::read(path) {
         Ok(b) => serde_json::from_slice(&b).map(Some).with_context(|| format!("{} is not valid JSON", path.display())),
@@ -370,10 +404,14 @@ fn install(config_path: &Path, dir: &Path, me: &Path) -> anyhow::Result<()> {
     let mut config = read_config(config_path)?;
     // The first run records the state before it; a later one finds its own links and alias.
     let state_path = keep.join("state.json");
-    if read_state(&state_path)?.is_none() {
-        let state = serde_json::to_vec_pretty(&State::of(config.as_ref()))?;
-        std::fs::write(&state_path, state).with_context(|| format!("writing {}", state_path.display()))?;
-    }
+    let mut state = match read_state(&state_path)? {
+        Some(s) => s,
+        None => {
+            let s = State::of(config.as_ref());
+            write_state(&state_path, &s)?;
+            s
+        }
+    };
     for name in PLUGINS {
         let path = dir.join(name);
         if is_hoist_link(&path, me) {
@@ -385,11 +423,14 @@ fn install(config_path: &Path, dir: &Path, me: &Path) -> anyhow::Result<()> {
     }
     let config = config.get_or_insert_with(Map::new);
     set_builder_alias(config, config_path)?;
+    let first = put_first_in_extra_dirs(config, dir);
+    if first {
+        state.extra_dir_added = true;
+        write_state(&state_path, &state)?;
+    }
     write_config(config_path, config)?;
 
-    let extra = extra_plugin_dirs(config);
-    let buildx =
-        previous_buildx(&[vec![keep.clone()], extra.clone(), SYSTEM_PLUGIN_DIRS.iter().map(PathBuf::from).collect()].concat(), Some(me));
+    let buildx = previous_buildx(&buildx_dirs(vec![keep], config), Some(me));
     println!("hoist is a Docker CLI plugin in {} (symlinks to {}):", dir.display(), me.display());
     println!("  docker hoist build ...   docker-hoist");
     println!("  docker buildx build ...  docker-buildx, hoist's shim");
@@ -398,15 +439,10 @@ fn install(config_path: &Path, dir: &Path, me: &Path) -> anyhow::Result<()> {
         Some(b) => println!("buildx's other commands (ls, inspect, create, use, prune, ...) run {}", b.display()),
         None => println!("buildx's other commands (ls, inspect, create, ...) fail: no buildx was installed"),
     }
-    println!("undo: hoist configure-docker --uninstall");
-    for shadow in extra.iter().flat_map(|d| PLUGINS.map(|p| d.join(p))).filter(|p| p.is_file()) {
-        eprintln!(
-            "warning: the Docker CLI runs {} instead of hoist's: cliPluginsExtraDirs in {} comes before {}",
-            shadow.display(),
-            config_path.display(),
-            dir.display()
-        );
+    if first {
+        println!("  and {} goes first in cliPluginsExtraDirs: the docker-buildx of a directory there ran before", dir.display());
     }
+    println!("undo: hoist configure-docker --uninstall");
     Ok(())
 }
 
@@ -438,18 +474,21 @@ fn uninstall(config_path: &Path, dir: &Path, me: &Path) -> anyhow::Result<()> {
         }
     }
     if let Some(mut config) = read_config(config_path)? {
-        if restore_builder_alias(&mut config, &state) {
+        let restored = restore_builder_alias(&mut config, &state);
+        let removed = state.extra_dir_added && remove_from_extra_dirs(&mut config, dir);
+        if restored || removed {
             if !state.config_existed && config.is_empty() {
                 std::fs::remove_file(config_path).with_context(|| format!("removing {}", config_path.display()))?;
             } else {
                 write_config(config_path, &config)?;
             }
-            match &state.builder_alias {
-                Some(a) => println!("restored \"aliases\": {{\"builder\": {a:?}}} in {}", config_path.display()),
-                None => println!("removed the \"builder\" alias from {}", config_path.display()),
+        }
+        match (&state.builder_alias, restored) {
+            (_, false) => {
+                eprintln!("warning: the \"builder\" alias in {} was changed since hoist configure-docker; it stays", config_path.display())
             }
-        } else {
-            eprintln!("warning: the \"builder\" alias in {} was changed since hoist configure-docker; it stays", config_path.display());
+            (Some(a), true) => println!("restored \"aliases\": {{\"builder\": {a:?}}} in {}", config_path.display()),
+            (None, true) => println!("removed the \"builder\" alias from {}", config_path.display()),
         }
     }
     std::fs::remove_file(&state_path).with_context(|| format!("removing {}", state_path.display()))?;
@@ -558,6 +597,24 @@ mod tests {
         assert_eq!(previous_buildx(&dirs, Some(&me)), Some(c.join("docker-buildx")), "hoist's own link is skipped");
         assert_eq!(previous_buildx(&dirs[..2], Some(&me)), None);
         assert_eq!(previous_buildx(&dirs, None), Some(b.join("docker-buildx")));
+    }
+
+    #[test]
+    fn a_plugin_dir_of_cli_plugins_extra_dirs_with_a_buildx_does_not_shadow_hoists() {
+        let d = tempfile::tempdir().unwrap();
+        let (desktop, other, mine) = (d.path().join("desktop"), d.path().join("other"), d.path().join("mine"));
+        std::fs::create_dir(&desktop).unwrap();
+        std::fs::write(desktop.join("docker-buildx"), "").unwrap();
+        let before = serde_json::json!({"cliPluginsExtraDirs": [other, desktop]});
+        let mut c = before.as_object().unwrap().clone();
+        assert!(put_first_in_extra_dirs(&mut c, &mine));
+        assert_eq!(c["cliPluginsExtraDirs"], serde_json::json!([mine, other, desktop]));
+        assert!(!put_first_in_extra_dirs(&mut c, &mine), "once");
+        assert!(remove_from_extra_dirs(&mut c, &mine));
+        assert_eq!(Value::Object(c), before);
+        let mut none = serde_json::json!({"cliPluginsExtraDirs": [other]}).as_object().unwrap().clone();
+        assert!(!put_first_in_extra_dirs(&mut none, &mine), "nothing shadows hoist's plugins there");
+        assert!(!put_first_in_extra_dirs(&mut Map::new(), &mine));
     }
 
     #[test]
