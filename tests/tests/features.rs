@@ -588,6 +588,7 @@ fn heredocs_in_every_position() {
 
 /// Issue 14: flags of buildx CI scripts that need nothing new of the builder are accepted
 /// and do what buildx does: `--cache-from`/`--cache-to` (a note: the shared cache serves),
+/// `--cgroup-parent` (a note: steps stay in the builder's per-build cgroup),
 /// `--no-cache-filter`, `BUILDKIT_PROGRESS` and `--progress=none`, and `--metadata-file`
 /// with buildx's keys.
 #[test]
@@ -601,8 +602,17 @@ fn buildx_flags_of_ci_scripts_are_accepted() {
     let ctx = context(&[("Dockerfile", &dockerfile)]);
     let dir = ctx.path().to_str().unwrap();
 
-    let out = h.build_ok(&["--cache-from", "type=registry,ref=registry.invalid/cache", "--cache-to", "type=inline", dir]);
+    let out = h.build_ok(&[
+        "--cache-from",
+        "type=registry,ref=registry.invalid/cache",
+        "--cache-to",
+        "type=inline",
+        "--cgroup-parent",
+        "ci.slice",
+        dir,
+    ]);
     assert_eq!(out.matches("--cache-from/--cache-to are not needed").count(), 1, "{out}");
+    assert_eq!(out.matches("--cgroup-parent ci.slice is not applied").count(), 1, "{out}");
     assert_eq!(count_before(&out, "steps run"), 2, "{out}");
 
     let out = h.build_ok(&["--no-cache-filter", "SECOND", dir]);

@@ -157,7 +157,9 @@ pub struct BuildArgs {
     pub squash: bool,
     #[arg(short = 'm', long, hide = true)]
     pub memory: Option<String>,
-    #[arg(long = "cgroup-parent", hide = true)]
+    /// Accepted with a note: RUN steps run in the builder's own cgroup for the build, whose
+    /// limits the builder sets (a client may not place steps in another cgroup).
+    #[arg(long = "cgroup-parent")]
     pub cgroup_parent: Option<String>,
     #[arg(long = "cpu-shares", hide = true)]
     pub cpu_shares: Option<String>,
@@ -170,9 +172,6 @@ fn unsupported(args: &BuildArgs) -> anyhow::Result<()> {
     }
     if args.memory.is_some() {
         bad.push("--memory");
-    }
-    if args.cgroup_parent.is_some() {
-        bad.push("--cgroup-parent");
     }
     if args.cpu_shares.is_some() {
         bad.push("--cpu-shares");
@@ -679,6 +678,11 @@ pub async fn run(mut args: BuildArgs) -> anyhow::Result<i32> {
     let mode = if args.quiet { Mode::Quiet } else { Mode::parse(&args.progress, std::io::stderr().is_terminal())? };
     if !args.cache_from.is_empty() || !args.cache_to.is_empty() {
         eprintln!("hoist: note: --cache-from/--cache-to are not needed: the builder's cache, shared by everyone in the project, serves every build");
+    }
+    if let Some(parent) = &args.cgroup_parent {
+        eprintln!(
+            "hoist: note: --cgroup-parent {parent} is not applied: each RUN step is placed in the cgroup the builder makes for the build, with the limits of hoist serve (--build-memory)"
+        );
     }
     let mut outputs = Vec::new();
     for o in &args.outputs {
