@@ -120,15 +120,12 @@ pub(crate) fn notes(args: &BuildArgs, outputs: &[OutputSpec]) -> anyhow::Result<
         return Ok(notes);
     }
     let what = dropping.join(", ");
+    // Docker 20.10's classic image store has no place for either.
     if !args.annotations.is_empty() {
-        notes.push(format!(
-            "note: --annotation: {what} cannot keep OCI annotations (Docker's classic image store drops them); they go to pushed images and OCI archives only"
-        ));
+        notes.push(format!("note: --annotation: {what} cannot keep OCI annotations; pushed images and OCI archives get them"));
     }
     if provenance.as_ref().is_some_and(|p| !p.disabled) {
-        notes.push(format!(
-            "note: --provenance: {what} cannot keep attestations (Docker's classic image store has no place for them); they go to pushed images and OCI archives only"
-        ));
+        notes.push(format!("note: --provenance: {what} cannot keep attestations; pushed images and OCI archives get them"));
     }
     Ok(notes)
 }

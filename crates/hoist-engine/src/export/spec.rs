@@ -268,13 +268,6 @@ impl Exporter {
         Exporter { meta, ..self }
     }
 
-    /// Whether the output keeps OCI annotations and attestations (an image output or an OCI
-    /// archive; a Docker engine's classic image store, a docker archive or a filesystem
-    /// does not).
-    pub fn holds_meta(&self) -> bool {
-        matches!(&self.kind, Resolved::Image { .. } | Resolved::OciArchive { .. })
-    }
-
     /// The blobs this output makes of the image's layers, when it makes any: the build makes
     /// them while it runs, as each layer is done.
     pub fn eager_blobs(&self) -> Option<LayerCompression> {
