@@ -67,6 +67,18 @@ pub struct BakeArgs {
     /// and fs.write= are accepted and need nothing here (files are read by this client).
     #[arg(long = "allow", value_delimiter = ',')]
     pub allow: Vec<String>,
+    /// Provenance attestation of every target, as `hoist build --provenance`.
+    #[arg(long)]
+    pub provenance: Option<String>,
+    /// SBOM attestation of every target, as `hoist build --sbom`.
+    #[arg(long)]
+    pub sbom: Option<String>,
+    /// What every target runs: build, or check (as `--set=*.call=check`).
+    #[arg(long)]
+    pub call: Option<String>,
+    /// Shorthand for --call=check.
+    #[arg(long)]
+    pub check: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -139,6 +151,14 @@ pub struct Target {
     pub ulimits: Option<Vec<String>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub extra_hosts: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attest: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entitlements: Option<Vec<String>>,
 }
 
 /// An attribute's value as a file gives it, before it is put into a [`Target`].
@@ -152,7 +172,7 @@ pub enum Val {
 }
 
 /// Attributes buildx knows that hoist bake accepts and does not use (a warning says so).
-const IGNORED_ATTRS: &[&str] = &["annotations", "attest", "entitlements", "call", "policy", "resources"];
+const IGNORED_ATTRS: &[&str] = &["policy", "resources"];
 
 fn want_str(key: &str, v: Val) -> Result<Option<String>, String> {
     match v {
@@ -221,6 +241,10 @@ impl Target {
             "shm-size" => self.shm_size = want_str(key, v)?,
             "ulimits" => self.ulimits = want_list(key, v)?,
             "extra-hosts" => self.extra_hosts = want_map(key, v)?,
+            "annotations" => self.annotations = want_list(key, v)?,
+            "attest" => self.attest = want_list(key, v)?,
+            "call" => self.call = want_str(key, v)?,
+            "entitlements" => self.entitlements = want_list(key, v)?,
             k if IGNORED_ATTRS.contains(&k) => {
                 eprintln!("hoist bake: target {:?}: {k} is not supported by hoist bake yet; it is ignored", self.name)
             }
@@ -263,6 +287,10 @@ impl Target {
         over(&mut self.no_cache, &t2.no_cache);
         over(&mut self.network, &t2.network);
         over(&mut self.shm_size, &t2.shm_size);
+        over(&mut self.call, &t2.call);
+        join(&mut self.annotations, &t2.annotations);
+        join(&mut self.attest, &t2.attest);
+        join(&mut self.entitlements, &t2.entitlements);
         join(&mut self.cache_from, &t2.cache_from);
         join(&mut self.secret, &t2.secret);
         join(&mut self.ssh, &t2.ssh);
@@ -518,6 +546,7 @@ impl Override {
             "target" => t.target = Some(value),
             "network" => t.network = Some(value),
             "shm-size" => t.shm_size = Some(value),
+            "call" => t.call = Some(value),
             "args" => drop(t.args.insert(sub, value)),
             "labels" => drop(t.labels.insert(sub, value)),
             "contexts" => drop(t.contexts.insert(sub, value)),
@@ -531,6 +560,9 @@ impl Override {
             "ssh" => list(&mut t.ssh),
             "no-cache-filter" => list(&mut t.no_cache_filter),
             "ulimits" => list(&mut t.ulimits),
+            "annotations" => list(&mut t.annotations),
+            "attest" => list(&mut t.attest),
+            "entitlements" => list(&mut t.entitlements),
             "no-cache" => t.no_cache = Some(flag(&value)?),
             "pull" => t.pull = Some(flag(&value)?),
             "push" => {
@@ -544,7 +576,7 @@ impl Override {
                 }
             }
             other => bail!(
-                "unknown key {other:?} (expected one of context, dockerfile, args.NAME, labels.NAME, contexts.NAME, tags, platform, output, target, cache-from, cache-to, secrets, ssh, no-cache, pull, push, load, network, no-cache-filter, shm-size, ulimits)"
+                "unknown key {other:?} (expected one of context, dockerfile, args.NAME, labels.NAME, contexts.NAME, tags, platform, output, target, cache-from, cache-to, secrets, ssh, no-cache, pull, push, load, network, no-cache-filter, shm-size, ulimits, annotations, attest, call, entitlements)"
             ),
         }
         Ok(())
@@ -644,8 +676,18 @@ fn build_argv(t: &Target, bake: &BakeArgs, progress: &str, inline: Option<&Path>
     if let Some(m) = metadata {
         flag("--metadata-file", &m.display().to_string());
     }
-    for e in bake.allow.iter().filter(|e| !e.starts_with("fs")) {
+    // buildx's fs entitlements are about which files bake may read: this client reads
+    // what the files name, so they need nothing here.
+    let mut allow: Vec<&String> = bake.allow.iter().chain(t.entitlements.iter().flatten()).filter(|e| !e.starts_with("fs")).collect();
+    allow.sort();
+    allow.dedup();
+    for e in allow {
         flag("--allow", e);
+    }
+    for (f, v) in [("--provenance", &bake.provenance), ("--sbom", &bake.sbom)] {
+        if let Some(v) = v {
+            flag(f, v);
+        }
     }
     let context = t.context.clone().unwrap_or_else(|| ".".into());
     match (inline, &t.dockerfile) {
@@ -667,7 +709,9 @@ fn build_argv(t: &Target, bake: &BakeArgs, progress: &str, inline: Option<&Path>
     for (k, v) in &t.extra_hosts {
         flag("--add-host", &format!("{k}:{v}"));
     }
-    let lists: [(&str, &Option<Vec<String>>); 7] = [
+    let lists: [(&str, &Option<Vec<String>>); 9] = [
+        ("--annotation", &t.annotations),
+        ("--attest", &t.attest),
         ("--tag", &t.tags),
         ("--cache-from", &t.cache_from),
         ("--cache-to", &t.cache_to),
@@ -687,7 +731,7 @@ fn build_argv(t: &Target, bake: &BakeArgs, progress: &str, inline: Option<&Path>
     if let Some(f) = t.no_cache_filter.as_ref().filter(|f| !f.is_empty()) {
         flag("--no-cache-filter", &f.join(","));
     }
-    for (f, v) in [("--target", &t.target), ("--network", &t.network), ("--shm-size", &t.shm_size)] {
+    for (f, v) in [("--target", &t.target), ("--network", &t.network), ("--shm-size", &t.shm_size), ("--call", &t.call)] {
         if let Some(v) = v {
             flag(f, v);
         }
@@ -768,6 +812,9 @@ pub async fn run(mut bake: BakeArgs) -> anyhow::Result<i32> {
         if on {
             sets.extend(Override::parse_all(&[format!("*.{o}=true")])?);
         }
+    }
+    if let Some(call) = bake.call.clone().or_else(|| bake.check.then(|| "check".to_string())) {
+        sets.extend(Override::parse_all(&[format!("*.call={call}")])?);
     }
     let (groups, targets) = cfg.resolve(&bake.targets, &sets)?;
     if bake.print {

@@ -75,7 +75,7 @@ target "tools" {
 fn hcl_file_with_variables_functions_inherits_and_groups() {
     let d = tempfile::tempdir().unwrap();
     let f = write(d.path(), "docker-bake.hcl", HCL);
-    let cfg = load_with(&[f.clone()], &[]).unwrap();
+    let cfg = load_with(std::slice::from_ref(&f), &[]).unwrap();
     let t = resolve(&cfg, &[], &[]).unwrap();
     assert_eq!(t.keys().collect::<Vec<_>>(), ["app", "tools"], "the default group, nested groups expanded, each target once");
     let app = &t["app"];
@@ -226,7 +226,7 @@ fn compose_services_become_targets() {
     image: postgres
 "#,
     );
-    let cfg = load_with(&[f.clone()], &[("FROM_ENV", "yes")]).unwrap();
+    let cfg = load_with(std::slice::from_ref(&f), &[("FROM_ENV", "yes")]).unwrap();
     let t = resolve(&cfg, &[], &[]).unwrap();
     assert_eq!(t.keys().collect::<Vec<_>>(), ["api", "web"], "services without build: are not targets");
     let api = &t["api"];
@@ -277,6 +277,9 @@ fn targets_become_hoist_build_flags() {
         platforms: Some(vec!["linux/amd64".into(), "linux/arm64".into()]),
         target: Some("run".into()),
         output: Some(vec!["type=registry".into(), "type=docker".into(), "type=local,dest=out".into()]),
+        entitlements: Some(vec!["network.host".into(), "fs.read=/y".into()]),
+        annotations: Some(vec!["index:org.x=1".into()]),
+        call: Some("check".into()),
         ..Target::default()
     };
     let a = build_args(&t, &bake, "plain", None, Some(Path::new("/tmp/m.json"))).unwrap();
@@ -290,7 +293,9 @@ fn targets_become_hoist_build_flags() {
     assert!(a.push && a.load && a.pull && !a.no_cache);
     assert_eq!(a.outputs, ["type=local,dest=out"]);
     assert_eq!(a.insecure_registries, ["r:1"]);
-    assert_eq!(a.allow, ["network.host"], "buildx's fs entitlements need nothing here");
+    assert_eq!(a.allow, ["network.host"], "buildx's fs entitlements need nothing here; the file's and the flag's are one");
+    assert_eq!(a.annotations, ["index:org.x=1"]);
+    assert_eq!(a.call.as_deref(), Some("check"));
     let inline =
         build_args(&Target { dockerfile_inline: Some("FROM x".into()), ..t }, &bake, "plain", Some(Path::new("/tmp/i")), None).unwrap();
     assert_eq!(inline.file.as_deref(), Some("/tmp/i"));
