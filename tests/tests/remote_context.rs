@@ -77,6 +77,7 @@ fn make_repo() -> (tempfile::TempDir, String) {
     std::fs::write(w.join("app/Dockerfile"), format!("FROM {}\nCOPY who /who\nCOPY v /v\n", busybox())).unwrap();
     std::fs::write(w.join("app/v"), "app-dir\n").unwrap();
     std::fs::write(w.join("v"), "tagged\n").unwrap();
+    std::fs::write(w.join("git.Dockerfile"), format!("FROM {}\nCOPY .git/HEAD /githead\n", busybox())).unwrap();
     git(w, &["add", "-A"]);
     git(w, &["commit", "-q", "-m", "tagged"]);
     git(w, &["tag", "-a", "v1", "-m", "v1"]);
@@ -186,9 +187,16 @@ fn git_context_over_git_daemon() {
     let tmp = tempfile::tempdir_in(test_tmp()).unwrap();
     let url = format!("git://127.0.0.1:{port}/repo.git#v1:app");
     let got = build_files(&h, tmp.path(), &[&url], &["v", "who"]);
+    // .git is dropped unless BUILDKIT_CONTEXT_KEEP_GIT_DIR asks for it, as with BuildKit.
+    let repo = format!("git://127.0.0.1:{port}/repo.git#v1");
+    let kept =
+        build_files(&h, tmp.path(), &["-f", "git.Dockerfile", "--build-arg", "BUILDKIT_CONTEXT_KEEP_GIT_DIR=1", &repo], &["githead"]);
+    let dropped = build(&h, tmp.path(), &["-f", "git.Dockerfile", &repo]);
     let _ = daemon.kill();
     let _ = daemon.wait();
     assert_eq!(got, ["app-dir\n", "root-context\n"]);
+    assert!(!kept[0].is_empty(), "HEAD of the kept .git");
+    assert!(!dropped.status.success(), "COPY .git/HEAD without BUILDKIT_CONTEXT_KEEP_GIT_DIR");
 }
 
 #[test]

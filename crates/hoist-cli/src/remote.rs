@@ -4,7 +4,8 @@
 //!   `git://host/repo`, `ssh://user@host/repo`, `user@host:repo.git` (buildx's
 //!   `ParseGitRef`): fetched with the `git` CLI into a temporary directory, shallow when the
 //!   server allows it, at `ref` (a branch, a tag or a commit; default: the remote's HEAD),
-//!   submodules included, without `.git`; the context is `subdir` in it;
+//!   submodules included, without `.git` (unless `BUILDKIT_CONTEXT_KEEP_GIT_DIR=1`); the
+//!   context is `subdir` in it;
 //! - any other `http(s)://` URL: a tar archive (plain or compressed) is the context, anything
 //!   else is a Dockerfile with an empty context — the rules of a context on stdin.
 //!
@@ -78,9 +79,11 @@ impl Remote {
 
     /// Fetch the context (blocking; on the runtime's multi-thread scheduler). Errors name
     /// the URL (and the ref).
-    pub(crate) fn fetch(&self) -> anyhow::Result<Fetched> {
+    /// `build_args` (`--build-arg`): `BUILDKIT_CONTEXT_KEEP_GIT_DIR=1` keeps `.git` in a git
+    /// context, as with BuildKit.
+    pub(crate) fn fetch(&self, build_args: &[String]) -> anyhow::Result<Fetched> {
         match self {
-            Remote::Git(g) => g.fetch(),
+            Remote::Git(g) => g.fetch(keep_git_dir(build_args)),
             Remote::Http(url) => {
                 tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(fetch_http(url))).map(Fetched::Data)
             }
@@ -111,7 +114,7 @@ impl GitContext {
         }
     }
 
-    fn fetch(&self) -> anyhow::Result<Fetched> {
+    fn fetch(&self, keep_git_dir: bool) -> anyhow::Result<Fetched> {
         let tmp = tempfile::Builder::new().prefix("hoist-git-context").tempdir().context("creating a directory for the git context")?;
         let repo = tmp.path();
         git(repo, &["init", "-q"]).with_context(|| self.what())?;
@@ -138,14 +141,22 @@ impl GitContext {
                 git(repo, &submodules).with_context(|| format!("fetching the submodules of {}", self.what()))?;
             }
         }
-        // BuildKit drops .git from a git context (it is not part of the sources).
-        std::fs::remove_dir_all(repo.join(".git")).with_context(|| format!("removing .git from {}", self.what()))?;
+        // BuildKit drops .git from a git context unless asked to keep it.
+        if !keep_git_dir {
+            std::fs::remove_dir_all(repo.join(".git")).with_context(|| format!("removing .git from {}", self.what()))?;
+        }
         let dir = repo.join(&self.subdir);
         if !dir.is_dir() {
             bail!("{}: subdirectory {:?} not found in the repository", self.what(), self.subdir);
         }
         Ok(Fetched::Dir(tmp, dir))
     }
+}
+
+/// `--build-arg BUILDKIT_CONTEXT_KEEP_GIT_DIR=1|true` (the last one given wins).
+fn keep_git_dir(build_args: &[String]) -> bool {
+    let value = build_args.iter().rev().find_map(|a| a.strip_prefix("BUILDKIT_CONTEXT_KEEP_GIT_DIR="));
+    matches!(value, Some("1" | "t" | "T" | "true" | "TRUE" | "True"))
 }
 
 fn is_commit_id(s: &str) -> bool {
@@ -171,7 +182,12 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
 /// GET `url`: the body of an archive or a Dockerfile.
 async fn fetch_http(url: &str) -> anyhow::Result<Vec<u8>> {
     let what = || format!("fetching the context {url}");
-    let resp = reqwest::Client::new().get(url).send().await.with_context(what)?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .read_timeout(std::time::Duration::from_secs(120))
+        .build()
+        .with_context(what)?;
+    let resp = client.get(url).send().await.with_context(what)?;
     let status = resp.status();
     if !status.is_success() {
         bail!("{}: the server answered {status}", what());
@@ -202,5 +218,8 @@ mod tests {
         for local in [".", "dir", "./a@b:c", "/abs/path", "a b@c:d"] {
             assert_eq!(Remote::parse(local), None, "{local}");
         }
+        assert!(keep_git_dir(&["BUILDKIT_CONTEXT_KEEP_GIT_DIR=1".into()]));
+        assert!(!keep_git_dir(&["BUILDKIT_CONTEXT_KEEP_GIT_DIR=1".into(), "BUILDKIT_CONTEXT_KEEP_GIT_DIR=false".into()]));
+        assert!(!keep_git_dir(&[]));
     }
 }
