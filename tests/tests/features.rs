@@ -701,3 +701,25 @@ fn completions_and_man_page_describe_the_cli() {
     let bad = Command::new(hoist_bin()).args(["completion", "tcsh"]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("tcsh"));
 }
+
+/// Issue 14: a failing RUN is reported as buildx reports it: the tail of the step's log,
+/// then the Dockerfile around the instruction, then the error.
+#[test]
+fn a_failing_run_shows_its_log_tail_and_the_dockerfile_excerpt() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let dockerfile = format!("FROM {}\nRUN echo preparing\nRUN echo out-line; echo err-line >&2; exit 3\nRUN echo after\n", busybox());
+    let ctx = context(&[("Dockerfile", &dockerfile)]);
+    let out = h.build(&[ctx.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let report = stderr.split("------\n > ").nth(1).unwrap_or_else(|| panic!("no failure report:\n{stderr}"));
+    assert!(report.starts_with("[stage-0 2/3] RUN echo out-line; echo err-line >&2; exit 3:\n"), "{report}");
+    let (tail, rest) = report.split_once("------\n").unwrap();
+    assert!(tail.contains(" out-line\n") && tail.contains(" err-line\n"), "the log's tail: {tail}");
+    assert!(rest.starts_with("Dockerfile:3\n--------------------\n"), "{rest}");
+    assert!(rest.contains("  3 | >>> RUN echo out-line;") && rest.contains("  4 |     RUN echo after\n"), "{rest}");
+    assert!(rest.contains("error: Dockerfile:3: RUN echo out-line"), "then the error: {rest}");
+}

@@ -594,6 +594,19 @@ pub(crate) async fn run_parts(
     }
 }
 
+/// Print buildx's report of a failed step before its error: the tail of the step's log and
+/// the Dockerfile around the instruction.
+pub(crate) fn report_failure<T>(r: anyhow::Result<T>, renderer: &Renderer, inputs: &Inputs) -> anyhow::Result<T> {
+    if let Err(e) = &r {
+        if let Some(BuildError { kind: BuildErrorKind::Failed(message), .. }) = e.downcast_ref::<BuildError>() {
+            if let Some(report) = renderer.failure_report(message, &inputs.dockerfile_name, &inputs.dockerfile) {
+                eprint!("{report}");
+            }
+        }
+    }
+    r
+}
+
 /// The build request of `args` (outputs are filled in by the caller).
 pub(crate) fn make_request(args: &BuildArgs, inputs: &Inputs, sent: &SentContext) -> anyhow::Result<v1::BuildRequest> {
     let mut secrets = Vec::new();
@@ -775,7 +788,8 @@ pub(crate) async fn on_builder(
         context: sent.provider.clone(),
         outputs: (0..outputs.len()).collect(),
     };
-    let Some(results) = run_parts(vec![part], &mut sinks, &mut renderer, mode).await? else { return Ok(130) };
+    let parts = run_parts(vec![part], &mut sinks, &mut renderer, mode).await;
+    let Some(results) = report_failure(parts, &renderer, inputs)? else { return Ok(130) };
     let result = results.into_iter().next().ok_or_else(|| anyhow!("the builder sent no result"))?;
     if mode != Mode::Quiet {
         for p in &result.pushes {

@@ -29,7 +29,7 @@ use hoist_oci::reference::Reference;
 use hoist_oci::Platform;
 
 use crate::build::{
-    connection_failed, lost_if_gone, make_request, push_line, run_parts, sync_context, BuildArgs, Job, Lost, ANSWER_WITHIN,
+    connection_failed, lost_if_gone, make_request, push_line, report_failure, run_parts, sync_context, BuildArgs, Job, Lost, ANSWER_WITHIN,
 };
 use crate::conn::{addr_is_local, ConnArgs};
 use crate::progress::{Mode, Renderer};
@@ -333,7 +333,8 @@ async fn combined(job: &Job<'_>, requested: &[Platform], plan: &Plan, nodes: &[N
             outputs: map,
         });
     }
-    let Some(results) = run_parts(build_parts, &mut sinks, &mut renderer, mode).await? else { return Ok(130) };
+    let ran = run_parts(build_parts, &mut sinks, &mut renderer, mode).await;
+    let Some(results) = report_failure(ran, &renderer, inputs)? else { return Ok(130) };
 
     // Per-platform manifests in the order the platforms were asked for.
     let mut manifests: Vec<v1::ManifestRef> = results.iter().flat_map(|r| r.manifests.clone()).collect();

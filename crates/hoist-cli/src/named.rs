@@ -42,7 +42,7 @@ pub(crate) fn parse(specs: &[String]) -> anyhow::Result<Vec<(String, Named)>> {
         } else if value.starts_with("target:") {
             bail!("--build-context {name}={value}: target: contexts exist only in bake files");
         } else if let Some(remote) = crate::remote::Remote::parse(value) {
-            match remote.fetch().with_context(|| format!("--build-context {name}={value}"))? {
+            match remote.fetch(&[]).with_context(|| format!("--build-context {name}={value}"))? {
                 crate::remote::Fetched::Dir(tmp, dir) => Named::Dir(dir, Some(tmp)),
                 crate::remote::Fetched::Data(data) => match crate::build::archive_or_dockerfile(data, value)? {
                     (Some(dir), tmp, None) => Named::Dir(dir, tmp),

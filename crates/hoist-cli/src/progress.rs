@@ -44,7 +44,12 @@ struct Vertex {
     started: Instant,
     bar: Option<ProgressBar>,
     partial: Vec<u8>,
+    /// The last lines of its log (with their times), for the report of a failed step.
+    tail: std::collections::VecDeque<String>,
 }
+
+/// Lines of a failed step's log the report repeats (buildx shows its last lines too).
+const TAIL_LINES: usize = 10;
 
 /// Renders build events to stderr.
 pub struct Renderer {
@@ -53,12 +58,14 @@ pub struct Renderer {
     vertices: HashMap<u32, Vertex>,
     multi: Option<MultiProgress>,
     next_internal: u32,
+    /// The first step that failed: its name and the tail of its log.
+    failed: Option<(String, Vec<String>)>,
 }
 
 impl Renderer {
     pub fn new(mode: Mode) -> Renderer {
         let multi = (mode == Mode::Tty).then(MultiProgress::new);
-        Renderer { mode, start: Instant::now(), vertices: HashMap::new(), multi, next_internal: 10_000 }
+        Renderer { mode, start: Instant::now(), vertices: HashMap::new(), multi, next_internal: 10_000, failed: None }
     }
 
     fn line(&self, s: &str) {
@@ -113,7 +120,7 @@ impl Renderer {
             Mode::RawJson => eprintln!("{}", serde_json::json!({ "vertex": id, "started": name })),
             _ => {}
         }
-        self.vertices.insert(id, Vertex { name, started: Instant::now(), bar, partial: Vec::new() });
+        self.vertices.insert(id, Vertex { name, started: Instant::now(), bar, partial: Vec::new(), tail: Default::default() });
     }
 
     fn completed(&mut self, id: u32, cached: bool, seconds: f64, error: &str) {
@@ -126,6 +133,13 @@ impl Renderer {
             if !v.partial.is_empty() && self.mode == Mode::Plain {
                 let elapsed = v.started.elapsed().as_secs_f64();
                 self.line(&format!("#{id} {elapsed:.3} {}", String::from_utf8_lossy(&v.partial)));
+            }
+            if !error.is_empty() && self.failed.is_none() {
+                let mut tail: Vec<String> = v.tail.iter().cloned().collect();
+                if !v.partial.is_empty() {
+                    tail.push(format!("{:.3} {}", v.started.elapsed().as_secs_f64(), String::from_utf8_lossy(&v.partial)));
+                }
+                self.failed = Some((name.clone(), tail));
             }
         }
         let status = if !error.is_empty() {
@@ -165,6 +179,12 @@ impl Renderer {
                 b.set_message(format!("{} | {}", v.name, last.chars().take(60).collect::<String>()));
             }
         }
+        for l in &lines {
+            if v.tail.len() == TAIL_LINES {
+                v.tail.pop_front();
+            }
+            v.tail.push_back(format!("{elapsed:.3} {l}"));
+        }
         for l in lines {
             self.line(&format!("#{id} {elapsed:.3} {l}"));
         }
@@ -198,6 +218,27 @@ impl Renderer {
         }
     }
 
+    /// buildx's report of a failed step, printed before the error: the tail of the step's
+    /// log, then the Dockerfile around the failing instruction (`error` names it as
+    /// `FILE:LINE: ...`). `None` when no step failed or the error names no line of `file`.
+    pub fn failure_report(&self, error: &str, file: &str, dockerfile: &[u8]) -> Option<String> {
+        if matches!(self.mode, Mode::Quiet | Mode::RawJson) {
+            return None;
+        }
+        let mut out = String::new();
+        if let Some((name, tail)) = &self.failed {
+            out.push_str(&format!("------\n > {name}:\n"));
+            for l in tail {
+                out.push_str(l);
+                out.push('\n');
+            }
+            out.push_str("------\n");
+        }
+        let line: usize = error.strip_prefix(file)?.strip_prefix(':')?.split(':').next()?.parse().ok()?;
+        out.push_str(&dockerfile_excerpt(file, &String::from_utf8_lossy(dockerfile), line)?);
+        Some(out)
+    }
+
     /// Stop live output.
     pub fn finish(&mut self) {
         for (_, v) in self.vertices.drain() {
@@ -219,5 +260,60 @@ impl hoist_client::build::BuildObserver for Renderer {
 
     fn note(&mut self, line: &str) {
         Renderer::note(self, line);
+    }
+}
+
+/// The Dockerfile around `line` (1-based) as buildx prints it: up to four lines before, the
+/// instruction marked `>>>` (with its continuation lines), and two after.
+fn dockerfile_excerpt(file: &str, text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    if line == 0 || line > lines.len() {
+        return None;
+    }
+    let mut last = line;
+    while last < lines.len() && lines[last - 1].trim_end().ends_with('\\') {
+        last += 1;
+    }
+    let (from, to) = (line.saturating_sub(4).max(1), (last + 2).min(lines.len()));
+    let width = to.to_string().len().max(3);
+    let mut out = format!("{file}:{line}\n--------------------\n");
+    for (n, text) in lines.iter().enumerate().take(to).skip(from - 1).map(|(i, t)| (i + 1, t)) {
+        let mark = if (line..=last).contains(&n) { ">>>" } else { "   " };
+        out.push_str(&format!("{n:>width$} | {mark} {text}\n"));
+    }
+    out.push_str("--------------------\n");
+    Some(out)
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    #[test]
+    fn the_excerpt_marks_the_instruction_and_its_continuations() {
+        let df = "FROM a\nRUN one\nRUN two \\\n  more\nRUN three\nRUN four\nRUN five\n";
+        let ex = dockerfile_excerpt("Dockerfile", df, 3).unwrap();
+        assert_eq!(
+            ex,
+            "Dockerfile:3\n--------------------\n  1 |     FROM a\n  2 |     RUN one\n  3 | >>> RUN two \\\n  4 | >>>   more\n  5 |     RUN three\n  6 |     RUN four\n--------------------\n"
+        );
+        assert!(dockerfile_excerpt("Dockerfile", df, 99).is_none());
+    }
+
+    #[test]
+    fn the_report_has_the_failed_steps_log_tail_and_the_excerpt() {
+        let mut r = Renderer::new(Mode::Plain);
+        r.started(1, "[stage-0 2/2] RUN make".into());
+        for i in 0..15 {
+            r.log(1, 1, format!("line {i}\n").as_bytes());
+        }
+        r.log(1, 2, b"no newline");
+        r.completed(1, false, 0.1, "Dockerfile:2: RUN make: exit code: 2");
+        let report = r.failure_report("Dockerfile:2: RUN make: exit code: 2", "Dockerfile", b"FROM a\nRUN make\n").unwrap();
+        assert!(report.starts_with("------\n > [stage-0 2/2] RUN make:\n"), "{report}");
+        assert!(!report.contains("line 4\n") && report.contains("line 5\n") && report.contains("line 14\n"), "the last lines: {report}");
+        assert!(report.contains("no newline\n------\nDockerfile:2\n"), "{report}");
+        assert!(report.contains("  2 | >>> RUN make\n"), "{report}");
+        assert!(r.failure_report("an error naming no line", "Dockerfile", b"FROM a\n").is_none());
     }
 }
