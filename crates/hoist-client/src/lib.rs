@@ -4,9 +4,10 @@
 //! and several share ([`build`]: merged streams, output routing, results, cancellation),
 //! the client's side of the build session ([`session`]: ssh agents it forwards, in-process
 //! agents for key files, context the builder asks for), and the outputs the client
-//! receives ([`outputs`]: files, stdout, directories, and a load into the local Docker
-//! engine through [`load`] and the loopback registry of [`proxy`]). Screens and argument
-//! parsing are the caller's.
+//! receives ([`outputs`]: files, stdout, directories, and a load into the user's Docker
+//! engine through [`load`] and the loopback registry of [`proxy`]; [`docker_host`] picks
+//! that engine as the Docker CLI does: `DOCKER_HOST`, contexts, TLS, ssh). Screens and
+//! argument parsing are the caller's.
 
 #![warn(missing_docs)]
 
