@@ -209,3 +209,47 @@ fn a_failing_target_fails_the_run_and_the_others_finish() {
     assert!(!out.status.success());
     assert!(stderr.contains("unknown target \"nope\" (defined: bad, default, good)"), "{stderr}");
 }
+
+/// What Compose v2 runs for `docker compose build` (Compose cannot be installed here, so its
+/// invocation is replayed): `bake --file - --progress rawjson --metadata-file F --allow
+/// fs.read=DIR` with its JSON on stdin (absolute context, `call`, `shm-size` in bytes,
+/// `output: ["type=docker"]`). The image lands in the engine and the metadata file has the
+/// digest and name under the target, which Compose reads.
+#[test]
+fn compose_v2_bake_invocation_on_stdin() {
+    use std::io::Write;
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let image = format!("hoist-test/{}:1", unique("bake-stdin"));
+    let ctx = context(&[("Dockerfile", &format!("FROM {}\nARG MSG\nRUN echo \"$MSG\" > /msg\n", busybox()))]);
+    let dir = ctx.path().display().to_string();
+    let json = serde_json::json!({
+        "group": {"default": {"targets": ["svc"]}},
+        "target": {"svc": {
+            "context": dir, "dockerfile": "Dockerfile", "args": {"MSG": "from compose"},
+            "tags": [image], "output": ["type=docker"], "call": "build", "shm-size": 67108864
+        }}
+    });
+    let meta = ctx.path().join("meta.json");
+    let mut child = h
+        .cmd()
+        .args(["bake", "--file", "-", "--progress", "rawjson", "--metadata-file", meta.to_str().unwrap(), "--allow"])
+        .arg(format!("fs.read={dir}"))
+        .current_dir(ctx.path())
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(json.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(run_in(&image, "cat /msg"), "from compose");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let digest = m["svc"]["containerimage.digest"].as_str().unwrap_or_default();
+    assert!(digest.starts_with("sha256:"), "{m}");
+    assert_eq!(m["svc"]["image.name"], serde_json::json!(image), "{m}");
+    let _ = docker().args(["rmi", &image]).output();
+}
