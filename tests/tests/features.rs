@@ -632,6 +632,10 @@ fn buildx_flags_of_ci_scripts_are_accepted() {
     let out_dir = tempfile::tempdir_in(test_tmp()).unwrap();
     let meta = out_dir.path().join("meta.json");
     let out = h.build_ok(&["-t", &tag, "--push", "--metadata-file", meta.to_str().unwrap(), dir]);
+    // The push is a step of its own, as in buildx, with a line per blob.
+    let push = out.split(&format!("[push] pushing {tag}\n")).nth(1).unwrap_or_else(|| panic!("no push step: {out}"));
+    assert!(push.lines().any(|l| l.contains(" uploaded sha256:")), "{push}");
+    assert!(push.lines().any(|l| l.starts_with('#') && l.ends_with("DONE 0.0s") || l.contains(" DONE ")), "{push}");
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
     let digest = m["containerimage.digest"].as_str().expect("containerimage.digest").to_string();
     let desc = &m["containerimage.descriptor"];

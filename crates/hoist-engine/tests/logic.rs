@@ -250,6 +250,8 @@ async fn export(t: &TestEngine, out: &BuildOutcome, spec: hoist_engine::export::
         namespace: "team",
         build_id: "b1",
         stream: Box::new(Memory(bytes.clone())),
+        progress: hoist_engine::progress::Progress::discard(),
+        first_vertex: 0,
     };
     spec.resolve(&["app:1".to_string()]).unwrap().export(&t.engine, &out.images, target).await.unwrap();
     let bytes = bytes.lock().unwrap().clone();
@@ -350,6 +352,8 @@ async fn a_build_for_two_platforms_makes_two_images_and_an_index() {
         namespace: "team",
         build_id: "b1",
         stream: Box::new(Memory(Default::default())),
+        progress: hoist_engine::progress::Progress::discard(),
+        first_vertex: 0,
     };
     let exported = spec.resolve(&[]).unwrap().export(&t.engine, &out.images, target).await.unwrap();
     let index: serde_json::Value = serde_json::from_slice(&t.engine.store().read(&exported.digest.unwrap()).unwrap()).unwrap();

@@ -579,6 +579,9 @@ impl ClientSession {
     }
 }
 
+/// The id of the first push vertex of the first output (each output's pushes get 1000).
+const PUSH_VERTICES: u32 = 20_000;
+
 /// Create `dir` (and missing parents) only root can enter.
 fn private_dir(dir: &std::path::Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -1145,9 +1148,17 @@ impl BuilderService {
         // Progress: engine events → stream events.
         let (ptx, prx) = mpsc::unbounded_channel::<Event>();
         let forward = tokio::spawn(forward_events(prx, tx.clone(), log, MAX_QUEUED_LOG));
-        let outcome = self.engine.build(build, Progress::new(ptx), cancel.clone()).await;
-        let _ = forward.await;
-        let outcome = outcome.map_err(engine_status)?;
+        // The outputs show their pushes on it too; the forwarder ends when it is dropped.
+        let progress = Progress::new(ptx);
+        let outcome = self.engine.build(build, progress.clone(), cancel.clone()).await;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                drop(progress);
+                let _ = forward.await;
+                return Err(engine_status(e));
+            }
+        };
         drop(materialized);
         drop(named_held);
         record.steps_run = outcome.steps_run;
@@ -1159,7 +1170,7 @@ impl BuilderService {
         let mut names = Vec::new();
         let mut report = OutputsReport::default();
         for (i, exporter) in exporters.iter().enumerate() {
-            let d = self.output(i as u32, exporter, &outcome.images, &registry, &tx, who, build_id, &mut report).await?;
+            let d = self.output(i as u32, exporter, &outcome.images, &registry, &tx, &progress, who, build_id, &mut report).await?;
             if let Some(d) = d {
                 manifest_digest = d;
             }
@@ -1167,6 +1178,8 @@ impl BuilderService {
                 names.push(n.join(","));
             }
         }
+        drop(progress);
+        let _ = forward.await;
         if exporters.iter().any(Exporter::keeps_result) {
             // A pushed or saved result is in the fleet's shared tier before the build is done.
             self.engine.flush_shared_results().await;
@@ -1223,6 +1236,7 @@ impl BuilderService {
         images: &[BuiltImage],
         registry: &RegistryClient,
         tx: &mpsc::Sender<Result<v1::BuildEvent, Status>>,
+        progress: &Progress,
         who: &Caller,
         build_id: &str,
         report: &mut OutputsReport,
@@ -1232,6 +1246,9 @@ impl BuilderService {
             namespace: &who.project,
             build_id,
             stream: Box::new(OutputWriter { index, tx: tx.clone(), buf: Vec::new() }),
+            progress: progress.clone(),
+            // After the build's own vertices and the client's (10001 on).
+            first_vertex: PUSH_VERTICES.saturating_add(index.saturating_mul(1000)),
         };
         let done = exporter.export(&self.engine, images, target).await.map_err(engine_status)?;
         report.manifests.extend(done.manifests.iter().map(crate::exports::manifest_ref));

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::BlobRecord;
 use crate::engine::{BuiltImage, Engine, EngineError};
+use crate::progress::{Event, Progress};
 
 pub mod annotations;
 pub mod client;
@@ -184,6 +185,32 @@ impl ExportedSet {
             Some((_, d)) => d,
             None => &self.images[0].manifest_digest,
         }
+    }
+}
+
+/// Where [`Engine::push_all`] shows its progress.
+pub struct PushProgress<'a> {
+    /// The build's progress sink.
+    pub progress: &'a Progress,
+    /// The vertex id of the first reference; the `i`-th is `first_vertex + i`.
+    pub first_vertex: u32,
+}
+
+impl PushProgress<'_> {
+    fn vertex(&self, i: usize) -> PushVertex<'_> {
+        PushVertex { progress: self.progress, id: self.first_vertex.saturating_add(i as u32) }
+    }
+}
+
+/// The vertex of one reference's push.
+struct PushVertex<'a> {
+    progress: &'a Progress,
+    id: u32,
+}
+
+impl PushVertex<'_> {
+    fn line(&self, text: &str) {
+        self.progress.send(Event::Log { id: self.id, stream: 1, data: bytes::Bytes::from(format!("{text}\n")) });
     }
 }
 
@@ -445,11 +472,13 @@ impl Engine {
     /// Push an exported set to every reference; returns an error listing each failed
     /// reference (the others still complete). See [`Engine::push_all`].
     pub async fn push(&self, set: &ExportedSet, references: &[Reference], registry: &RegistryClient) -> Result<(), EngineError> {
-        let outcomes = self.push_all(set, references, registry, false).await;
+        let outcomes =
+            self.push_all(set, references, registry, false, &PushProgress { progress: &Progress::discard(), first_vertex: 0 }).await;
         push_result(&outcomes)
     }
 
-    /// Push an exported set to every reference and say what each push did.
+    /// Push an exported set to every reference and say what each push did (and show it:
+    /// a vertex per reference, a line per blob).
     ///
     /// Registries are pushed to in parallel. Within one registry the first repository gets
     /// the blobs first and the other repositories then mount them from it (cross-repository
@@ -462,6 +491,7 @@ impl Engine {
         references: &[Reference],
         registry: &RegistryClient,
         by_digest: bool,
+        shown: &PushProgress<'_>,
     ) -> Vec<PushOutcome> {
         // Registries in order of first appearance, each with its references.
         let mut groups: Vec<(String, Vec<(usize, Reference)>)> = Vec::new();
@@ -475,12 +505,12 @@ impl Engine {
             let mut out = Vec::new();
             let mut refs = refs.into_iter();
             let Some((i, first)) = refs.next() else { return out };
-            let first_outcome = self.push_one(set, first.clone(), None, registry.clone(), by_digest).await;
+            let first_outcome = self.push_one(set, first.clone(), None, registry.clone(), by_digest, shown.vertex(i)).await;
             let mount_from = first_outcome.error.is_none().then_some(first);
             out.push((i, first_outcome));
             let rest = refs.map(|(i, r)| {
                 let mount_from = mount_from.clone();
-                async move { (i, self.push_one(set, r, mount_from, registry.clone(), by_digest).await) }
+                async move { (i, self.push_one(set, r, mount_from, registry.clone(), by_digest, shown.vertex(i)).await) }
             });
             out.extend(futures::future::join_all(rest).await);
             out
@@ -497,13 +527,17 @@ impl Engine {
         mount_from: Option<Reference>,
         registry: RegistryClient,
         by_digest: bool,
+        vertex: PushVertex<'_>,
     ) -> PushOutcome {
         let started = std::time::Instant::now();
+        vertex.progress.send(Event::Started { id: vertex.id, name: format!("[push] pushing {reference}") });
         let mut outcome = PushOutcome { reference: reference.clone(), ..PushOutcome::default() };
-        if let Err(e) = self.push_one_inner(set, &reference, mount_from.as_ref(), &registry, by_digest, &mut outcome).await {
+        let result = self.push_one_inner(set, &reference, mount_from.as_ref(), &registry, by_digest, &mut outcome, &vertex).await;
+        if let Err(e) = result {
             outcome.error = Some(format!("pushing {reference}: {e}"));
         }
         outcome.seconds = started.elapsed().as_secs_f64();
+        vertex.progress.send(Event::Completed { id: vertex.id, cached: false, seconds: outcome.seconds, error: outcome.error.clone() });
         outcome
     }
 
@@ -515,6 +549,7 @@ impl Engine {
         registry: &RegistryClient,
         by_digest: bool,
         outcome: &mut PushOutcome,
+        vertex: &PushVertex<'_>,
     ) -> Result<(), PushError> {
         let store = self.store();
         let mut blobs: BTreeMap<Digest, (u64, Option<&Descriptor>)> = BTreeMap::new();
@@ -540,7 +575,14 @@ impl Engine {
                 }
                 self.fetch_shared_blob(layer).await.map_err(|e| PushError::Fetch(Box::new(e)))?;
             }
-            Ok((registry.ensure_blob(reference, d, *size, BlobSource::Store(store), mount_from).await?, *size))
+            let pushed = registry.ensure_blob(reference, d, *size, BlobSource::Store(store), mount_from).await?;
+            let how = match pushed {
+                BlobPush::Existed => "already there",
+                BlobPush::Mounted => "mounted",
+                BlobPush::Uploaded => "uploaded",
+            };
+            vertex.line(&format!("{how} {d} ({})", crate::limits::human_bytes(*size)));
+            Ok((pushed, *size))
         });
         let mut first_error = None;
         for r in futures::future::join_all(uploads).await {

@@ -196,6 +196,11 @@ pub struct ExportTarget<'a> {
     pub build_id: &'a str,
     /// Where a streaming output writes (unused by the others).
     pub stream: Box<dyn ExportStream>,
+    /// Where a push shows its progress: one vertex per reference, numbered from
+    /// `first_vertex`.
+    pub progress: crate::progress::Progress,
+    /// The id of the first push vertex (after the build's own).
+    pub first_vertex: u32,
 }
 
 /// What an export did.
@@ -316,7 +321,8 @@ impl Exporter {
                 let set = engine.export_images_with(images, layers.compression, layers.force, &self.meta, &tags).await?;
                 let mut outcome = ExportOutcome { digest: Some(set.top_digest().clone()), ..Default::default() };
                 if *push {
-                    outcome.pushes = engine.push_all(&set, refs, target.registry, *by_digest).await;
+                    let shown = crate::export::PushProgress { progress: &target.progress, first_vertex: target.first_vertex };
+                    outcome.pushes = engine.push_all(&set, refs, target.registry, *by_digest, &shown).await;
                     push_result(&outcome.pushes)?;
                 }
                 outcome.manifests = set.images;
