@@ -145,8 +145,10 @@ impl OutputSpec {
             (Kind::ClientExport(c), Some(OutputSink::Load { engine, .. })) => {
                 let mut c = c.clone();
                 c.platform = engine.platform.clone();
+                // Uncompressed only where no network is crossed: a builder and an engine here.
+                let nearby = local_builder && engine.remote.is_none();
                 c.compression.get_or_insert_with(|| {
-                    layer_compression(if local_builder { Compression::Uncompressed } else { Compression::default() }, false)
+                    layer_compression(if nearby { Compression::Uncompressed } else { Compression::default() }, false)
                 });
                 v1::Output { kind: Some(Kind::ClientExport(c)) }
             }
