@@ -541,6 +541,7 @@ impl Engine {
         outcome
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn push_one_inner(
         &self,
         set: &ExportedSet,
