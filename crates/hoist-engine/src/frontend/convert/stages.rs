@@ -102,41 +102,26 @@ impl Converter<'_> {
             // after FROM replaces that image (or stage) for this stage (buildx's semantics).
             let overrides = st.from.name.as_deref().and_then(|n| self.opts.named_contexts.get(n).map(|c| (n, c)));
             let named = overrides.or_else(|| self.opts.named_contexts.get_key_value(base_name.as_str()).map(|(n, c)| (n.as_str(), c)));
-            if let Some((name, context)) = named {
-                let (base_name, local) = match context {
-                    NamedContext::Image(r) => (r.clone(), None),
-                    NamedContext::Local => ("scratch".to_string(), Some(name.to_string())),
-                };
-                let commands = if overrides.is_some() {
-                    Vec::new()
-                } else {
-                    st.commands.iter().map(|c| Cmd { instr: c.clone(), sources: Vec::new(), onbuild: false }).collect()
-                };
-                infos.push(Info {
-                    name: st.from.name.clone(),
-                    dockerfile_index: Some(i),
-                    base_name,
-                    explicit_platform,
-                    line: st.line,
-                    commands,
-                    base: None,
-                    implicit: false,
-                    onbuild_init: false,
-                    resolved: None,
-                    local,
-                });
-                continue;
-            }
-            let base = infos.iter().position(|inf| inf.name.as_deref() == Some(base_name.as_str()));
-            if base.is_none() {
-                if let Some(later) = stages[i..].iter().find(|s| s.from.name.as_deref() == Some(base_name.as_str())) {
-                    self.warnings.push(format!(
-                        "{}:{}: FROM {base_name} refers to the stage defined on line {} later in the file; BuildKit uses the image {base_name:?} instead",
-                        self.file, st.line, later.line
-                    ));
+            let (base_name, base, local) = match named {
+                Some((_, NamedContext::Image(r))) => (r.clone(), None, None),
+                Some((name, NamedContext::Local)) => ("scratch".to_string(), None, Some(name.to_string())),
+                None => {
+                    let base = infos.iter().position(|inf| inf.name.as_deref() == Some(base_name.as_str()));
+                    if base.is_none() {
+                        if let Some(later) = stages[i..].iter().find(|s| s.from.name.as_deref() == Some(base_name.as_str())) {
+                            self.warnings.push(format!(
+                                "{}:{}: FROM {base_name} refers to the stage defined on line {} later in the file; BuildKit uses the image {base_name:?} instead",
+                                self.file, st.line, later.line
+                            ));
+                        }
+                    }
+                    (base_name, base, None)
                 }
-            }
-            let commands = st.commands.iter().map(|c| Cmd { instr: c.clone(), sources: Vec::new(), onbuild: false }).collect();
+            };
+            let commands = match overrides {
+                Some(_) => Vec::new(),
+                None => st.commands.iter().map(|c| Cmd { instr: c.clone(), sources: Vec::new(), onbuild: false }).collect(),
+            };
             infos.push(Info {
                 name: st.from.name.clone(),
                 dockerfile_index: Some(i),
@@ -148,7 +133,7 @@ impl Converter<'_> {
                 implicit: false,
                 onbuild_init: false,
                 resolved: None,
-                local: None,
+                local,
             });
         }
         Ok(infos)
