@@ -1,7 +1,8 @@
 //! hoist-server owns the builder service (`hoist serve`, also the embedded builder): the
 //! gRPC API over a unix socket or TCP, context sync (the per-project context store and
 //! session directories), and running builds on the engine with streamed progress and
-//! outputs.
+//! outputs; what a build asks its client for on the build stream (context paths, registry
+//! credentials, ssh agent connections).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
