@@ -253,3 +253,65 @@ fn compose_v2_bake_invocation_on_stdin() {
     assert_eq!(m["svc"]["image.name"], serde_json::json!(image), "{m}");
     let _ = docker().args(["rmi", &image]).output();
 }
+
+/// A TCP relay on loopback to `to` that counts the connections it accepts.
+fn counting_relay(to: String) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let server = std::net::TcpStream::connect(&to).unwrap();
+            for (mut from, mut into) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (port, count)
+}
+
+/// The targets of one project share one connection to the builder (one session), however
+/// many there are: three targets, one TCP connection through a relay that counts them.
+#[test]
+fn the_targets_of_a_project_share_one_connection_to_the_builder() {
+    if !lab_available() {
+        return;
+    }
+    let server = Server::start();
+    let token = server.admin(&["project", "create", "bake-session"]);
+    let addr = server.addr();
+    let (port, connections) = counting_relay(addr.trim_start_matches("tcp://").to_string());
+    let mut mate = Teammate::new(&server, &token);
+    mate.builder = format!("tcp://127.0.0.1:{port}");
+    let marker = unique("session");
+    let ctx = context(&[
+        ("Dockerfile", &format!("FROM {}\nARG N\nRUN echo {marker}-$N > /n\n", busybox())),
+        (
+            "docker-bake.hcl",
+            r#"
+group "default" {
+  targets = ["a", "b", "c"]
+}
+target "a" {
+  args = { N = "1" }
+}
+target "b" {
+  args = { N = "2" }
+}
+target "c" {
+  args = { N = "3" }
+}
+"#,
+        ),
+    ]);
+    let out = mate.cmd().arg("bake").arg("--progress=plain").current_dir(ctx.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("3 of 3 targets built"), "{stderr}");
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one connection for the three targets:\n{stderr}");
+}

@@ -685,7 +685,13 @@ pub(crate) struct Job<'a> {
 }
 
 /// Run `hoist build`; returns the process exit code.
-pub async fn run(mut args: BuildArgs) -> anyhow::Result<i32> {
+pub async fn run(args: BuildArgs) -> anyhow::Result<i32> {
+    run_on(args, None).await
+}
+
+/// `hoist build` on `shared`, a connection to the one builder `args` name, when given (the
+/// targets of `hoist bake` share one per project), else on a connection of its own.
+pub(crate) async fn run_on(mut args: BuildArgs, shared: Option<hoist_client::Client>) -> anyhow::Result<i32> {
     let started = Instant::now();
     unsupported(&args)?;
     let mode = if args.quiet { Mode::Quiet } else { Mode::parse(&args.progress, std::io::stderr().is_terminal())? };
@@ -738,7 +744,10 @@ pub async fn run(mut args: BuildArgs) -> anyhow::Result<i32> {
         return crate::multi::run(&job, addrs).await;
     }
     let addr = addrs.into_iter().next();
-    let client = args.conn.connect_to(addr.clone(), inputs.context_dir.as_deref()).await?;
+    let client = match shared {
+        Some(c) => c,
+        None => args.conn.connect_to(addr.clone(), inputs.context_dir.as_deref()).await?,
+    };
     on_builder(&job, addr.as_ref(), client, None).await
 }
 

@@ -842,12 +842,16 @@ pub async fn run(mut bake: BakeArgs) -> anyhow::Result<i32> {
         jobs.push((name.clone(), build_args(t, &bake, &progress, inline.as_deref(), metadata.as_deref())?));
     }
     bake.conn.resolve_builders(Some(&cwd))?;
-    presync_shared_contexts(&bake.conn, &jobs, &progress, terminal).await?;
+    let mut sessions = connect_projects(&jobs).await?;
+    presync_shared_contexts(&jobs, &mut sessions, &progress, terminal).await?;
     let started = Instant::now();
-    let builds = jobs.into_iter().map(|(name, args)| async move {
-        let t = Instant::now();
-        let r = crate::build::run(args).await;
-        (name, t.elapsed().as_secs_f64(), r)
+    let builds = jobs.into_iter().map(|(name, args)| {
+        let shared = session_of(&args, &sessions);
+        async move {
+            let t = Instant::now();
+            let r = crate::build::run_on(args, shared).await;
+            (name, t.elapsed().as_secs_f64(), r)
+        }
     });
     let results = futures::future::join_all(builds).await;
     let mut failed = 0;
@@ -882,11 +886,56 @@ pub async fn run(mut bake: BakeArgs) -> anyhow::Result<i32> {
     Ok(if failed > 0 { 1 } else { 0 })
 }
 
+/// One connection per builder and project, shared by the targets that build there (a
+/// connection carries its project, and a context's `hoist.json` may name another project or
+/// builder). Targets with a URL context, known only once fetched, and fleets (each platform
+/// routed to its own builder) connect on their own.
+type Sessions = HashMap<SessionKey, hoist_client::Client>;
+
+/// The builder (`None`: the embedded one) and the project a target connects with.
+type SessionKey = (Option<String>, Option<String>);
+
+/// Where target `args` would connect, as `hoist build` resolves it; `None` when it does not
+/// share a connection.
+fn session_key(args: &BuildArgs) -> Option<(SessionKey, PathBuf, Option<hoist_client::BuilderAddr>)> {
+    let dir = std::fs::canonicalize(&args.context).ok()?;
+    let mut conn = args.conn.clone();
+    conn.resolve_builders(Some(&dir)).ok()?;
+    let addrs = conn.addrs().ok()?;
+    if addrs.len() > 1 {
+        return None;
+    }
+    let project = conn.project_for(Some(&dir)).ok()?;
+    let addr = addrs.into_iter().next();
+    Some(((addr.as_ref().map(ToString::to_string), project), dir, addr))
+}
+
+async fn connect_projects(jobs: &[(String, BuildArgs)]) -> anyhow::Result<Sessions> {
+    let mut sessions = Sessions::new();
+    for (_, a) in jobs {
+        let Some((key, dir, addr)) = session_key(a) else { continue };
+        if let std::collections::hash_map::Entry::Vacant(slot) = sessions.entry(key) {
+            slot.insert(a.conn.connect_to(addr, Some(&dir)).await?);
+        }
+    }
+    Ok(sessions)
+}
+
+/// The shared connection a target builds on, if it has one.
+fn session_of(args: &BuildArgs, sessions: &Sessions) -> Option<hoist_client::Client> {
+    sessions.get(&session_key(args)?.0).cloned()
+}
+
 /// Targets that share a context directory would each find the same files missing on the
 /// builder if they synced at once, and upload them twice: sync those contexts first, one
-/// target after the other over one connection (each sends only what the builder still
-/// lacks), so that the builds, started together, find every file there.
-async fn presync_shared_contexts(conn: &ConnArgs, jobs: &[(String, BuildArgs)], progress: &str, terminal: bool) -> anyhow::Result<()> {
+/// target after the other over the project's connection (each sends only what the builder
+/// still lacks), so that the builds, started together, find every file there.
+async fn presync_shared_contexts(
+    jobs: &[(String, BuildArgs)],
+    sessions: &mut Sessions,
+    progress: &str,
+    terminal: bool,
+) -> anyhow::Result<()> {
     let mut by_dir: HashMap<PathBuf, usize> = HashMap::new();
     for (_, a) in jobs {
         if let Ok(d) = std::fs::canonicalize(&a.context) {
@@ -894,26 +943,21 @@ async fn presync_shared_contexts(conn: &ConnArgs, jobs: &[(String, BuildArgs)], 
         }
     }
     let shared: BTreeSet<PathBuf> = by_dir.into_iter().filter(|(_, n)| *n > 1).map(|(d, _)| d).collect();
-    let addrs = conn.addrs()?;
-    // A fleet routes each build by its platforms: nothing to share up front.
-    if shared.is_empty() || addrs.len() > 1 {
+    if shared.is_empty() || sessions.is_empty() {
         return Ok(());
     }
     let mode = crate::progress::Mode::parse(progress, terminal)?;
     let mut renderer = crate::progress::Renderer::new(mode);
-    let mut client = None;
     for (name, a) in jobs {
         let Ok(dir) = std::fs::canonicalize(&a.context) else { continue };
         if !shared.contains(&dir) {
             continue;
         }
+        let Some(client) = session_key(a).and_then(|(key, ..)| sessions.get_mut(&key)) else { continue };
         let inputs = crate::build::read_inputs(a)?;
         let ignore = crate::build::ignore_matcher(&inputs)?;
-        let c = match &mut client {
-            Some(c) => c,
-            None => client.insert(conn.connect_to(addrs.first().cloned(), Some(&dir)).await?),
-        };
-        crate::build::sync_context(c, &inputs, ignore.as_ref(), &mut renderer, &format!("[{name}] load build context (shared)")).await?;
+        crate::build::sync_context(client, &inputs, ignore.as_ref(), &mut renderer, &format!("[{name}] load build context (shared)"))
+            .await?;
     }
     renderer.finish();
     Ok(())
