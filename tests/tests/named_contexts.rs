@@ -73,3 +73,42 @@ fn named_contexts_replace_images_and_stages_and_bring_directories() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && stderr.contains("--build-context x=/does/not/exist: not a directory"), "{stderr}");
 }
+
+/// `oci-layout://DIR[:TAG|@DIGEST]`: the image of an OCI layout on the client (here one
+/// hoist exported) is uploaded and built on, by tag and by digest, and never pulled: also
+/// with `--pull`. A tag the layout lacks is named with the ones it has.
+#[test]
+fn an_oci_layout_image_is_a_named_context() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let base = context(&[("Dockerfile", &format!("FROM {}\nRUN echo from-the-layout > /marker\n", busybox()))]);
+    let tmp = tempfile::tempdir_in(test_tmp()).unwrap();
+    let tar = tmp.path().join("layout.tar");
+    h.build_ok(&["-t", "layout-base:v1", "-o", &format!("type=oci,dest={}", tar.display()), base.path().to_str().unwrap()]);
+    let layout = tmp.path().join("layout");
+    std::fs::create_dir(&layout).unwrap();
+    let untar = std::process::Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(&layout).status().unwrap();
+    assert!(untar.success());
+    let index: serde_json::Value = serde_json::from_str(&read(&layout.join("index.json"))).unwrap();
+    let digest = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+
+    let main = context(&[("Dockerfile", "FROM base\nRUN cat /marker > /seen\n")]);
+    for value in [format!("{}:v1", layout.display()), format!("{}@{digest}", layout.display())] {
+        let out = tempfile::tempdir().unwrap();
+        h.build_ok(&[
+            "--pull",
+            "--build-context",
+            &format!("base=oci-layout://{value}"),
+            "-o",
+            &format!("type=local,dest={}", out.path().display()),
+            main.path().to_str().unwrap(),
+        ]);
+        assert_eq!(read(&out.path().join("seen")), "from-the-layout\n", "FROM the layout's image ({value})");
+        assert!(out.path().join("bin/busybox").is_file(), "with its base layers ({value})");
+    }
+    let bad = h.build(&["--build-context", &format!("base=oci-layout://{}:v2", layout.display()), main.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains(r#"no image tagged "v2" (its tags: v1)"#), "{stderr}");
+}

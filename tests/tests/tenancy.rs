@@ -709,3 +709,84 @@ fn plain_tcp_to_a_builder_off_loopback_is_refused_by_the_client() {
     assert!(!out.status.success());
     assert!(e.contains("in clear") && e.contains("tls://192.0.2.77:7420") && e.contains("--insecure"), "{e}");
 }
+
+/// B names what A uploaded: a context A prepared (as a `--build-context` directory and as
+/// an OCI layout), and the reference under which A's layout image was imported. Each is
+/// refused, and A still uses its own.
+#[test]
+fn another_projects_contexts_and_layout_images_are_not_reachable() {
+    if !lab_available() {
+        return;
+    }
+    let t = Tenants::new(&[]);
+    // A builds on an image of an OCI layout holding its secret.
+    let tmp = tempfile::tempdir_in(test_tmp()).unwrap();
+    let tar = tmp.path().join("layout.tar");
+    let ctx = context(&[("Dockerfile", &format!("FROM {}\nRUN echo {A_SECRET} > /layout-secret\n", busybox()))]);
+    t.a.build_ok(&["-o", &format!("type=oci,dest={}", tar.display()), ctx.path().to_str().unwrap()]);
+    let layout = tmp.path().join("layout");
+    std::fs::create_dir(&layout).unwrap();
+    assert!(Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(&layout).status().unwrap().success());
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let named = format!("base=oci-layout://{}", layout.display());
+    let (o, a_fs) = build_fs(&t.a, "FROM base\nRUN cat /layout-secret > /seen\n", &[], &["--build-context", &named]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read(&a_fs, "seen").trim(), A_SECRET);
+
+    // B names the reference A's layout image was imported under.
+    let (o, _) = build_fs(&t.b, &format!("FROM oci-layout.invalid/context@{digest}\nRUN cat /layout-secret\n"), &[], &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("the OCI layout has no image for") && !e.contains(A_SECRET), "{e}");
+
+    // B names a context A prepared (and has not used yet), as a directory and as a layout.
+    let manifest = hoist_client::v1::ContextManifest {
+        session: "a-session".into(),
+        entries: vec![hoist_client::v1::ContextEntry {
+            path: "d".into(),
+            kind: hoist_client::v1::EntryKind::Dir as i32,
+            mode: 0o755,
+            ..Default::default()
+        }],
+    };
+    let a_id = with_raw_client(&t.server, &t.a.token, async |c| c.prepare_context(manifest).await.unwrap().into_inner().context_id);
+    use hoist_client::v1::named_context::Kind;
+    for kind in
+        [Kind::ContextId(a_id.clone()), Kind::OciLayout(hoist_client::v1::OciLayout { context_id: a_id.clone(), digest: digest.clone() })]
+    {
+        let req = hoist_client::v1::BuildRequest {
+            dockerfile: b"FROM x\n".to_vec(),
+            named_contexts: [("x".to_string(), hoist_client::v1::NamedContext { kind: Some(kind) })].into(),
+            ..Default::default()
+        };
+        let msg = hoist_client::v1::BuildClientMessage { msg: Some(hoist_client::v1::build_client_message::Msg::Request(req)) };
+        let e = with_raw_client(&t.server, &t.b.token, async |c| {
+            let mut events = match c.build(tokio_stream::iter([msg])).await {
+                Ok(s) => s.into_inner(),
+                Err(e) => return e,
+            };
+            loop {
+                match events.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("B's build with A's context id finished"),
+                    Err(e) => return e,
+                }
+            }
+        });
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("is unknown or expired"), "{}", e.message());
+    }
+    // A's prepared context is still A's to use.
+    let req = hoist_client::v1::BuildRequest { context_id: a_id, dockerfile: b"FROM scratch\nCOPY d /d\n".to_vec(), ..Default::default() };
+    let msg = hoist_client::v1::BuildClientMessage { msg: Some(hoist_client::v1::build_client_message::Msg::Request(req)) };
+    let finished = with_raw_client(&t.server, &t.a.token, async |c| {
+        let mut events = c.build(tokio_stream::iter([msg])).await.unwrap().into_inner();
+        let mut ok = false;
+        while let Some(ev) = events.message().await.unwrap() {
+            ok |= matches!(ev.event, Some(hoist_client::v1::build_event::Event::Result(_)));
+        }
+        ok
+    });
+    assert!(finished, "A's build with its own context id finished");
+    t.assert_a_intact();
+}

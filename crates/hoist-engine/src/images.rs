@@ -61,6 +61,9 @@ pub enum ImageError {
     /// Storing an extracted layer failed.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// An image of `--build-context NAME=oci-layout://` has no manifest for the platform.
+    #[error("the OCI layout has no image for {platform}")]
+    NotInLayout { platform: String },
     /// The task extracting a layer failed.
     #[error("internal error: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -178,6 +181,13 @@ impl BuildResolver {
         let pkey = platform.to_string();
         let index = self.engine.index();
         let ns = &self.namespace;
+        if crate::layout::is_layout(&r) {
+            // Imported from the client's OCI layout for this project; never pulled.
+            let found = index.tag(ns, &canonical, &crate::layout::platform_key(platform))?;
+            return found
+                .and_then(|t| self.load_local(&canonical, &t.manifest_digest))
+                .ok_or_else(|| ImageError::NotInLayout { platform: platform.to_string() });
+        }
         if !self.pull {
             if let Ok(Some(t)) = index.tag(ns, &canonical, &pkey) {
                 if let Some(img) = self.load_local(&canonical, &t.manifest_digest) {

@@ -21,6 +21,7 @@ pub mod git;
 pub mod graph;
 mod images;
 pub mod layers;
+pub mod layout;
 pub mod limits;
 pub mod progress;
 pub mod rootfs;

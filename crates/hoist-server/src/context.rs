@@ -501,6 +501,11 @@ impl ContextStore {
         digest.parse::<Digest>().is_ok_and(|d| self.blobs.contains(&d))
     }
 
+    /// Open blob `digest` (a file's content) for reading.
+    pub fn open_blob(&self, digest: &Digest) -> Option<std::fs::File> {
+        self.blobs.open_blob(digest).ok()
+    }
+
     /// Start receiving one blob.
     pub fn blob_writer(&self) -> Result<BlobWriter, ContextError> {
         self.blobs.writer().map_err(|e| ContextError::Io { path: self.root.clone(), message: e.to_string() })

@@ -969,6 +969,24 @@ impl BuilderService {
         }
     }
 
+    /// Import the image of an uploaded OCI layout (`--build-context NAME=oci-layout://`)
+    /// for `project`: only files of the upload at `blobs/<algorithm>/<hex>` whose content
+    /// has that digest are read. Returns the reference the build resolves it by.
+    async fn import_layout(&self, store: &Arc<ContextStore>, project: &str, layout: &v1::OciLayout) -> Result<String, String> {
+        let digest: hoist_oci::digest::Digest = layout.digest.parse().map_err(|e| format!("{e}"))?;
+        let m = store.materialize(&layout.context_id).await.map_err(|e| e.to_string())?;
+        let (engine, store, project) = (self.engine.clone(), store.clone(), project.to_string());
+        tokio::task::spawn_blocking(move || {
+            let blobs = |d: &hoist_oci::digest::Digest| {
+                let path = format!("blobs/{}", d.to_string().replacen(':', "/", 1));
+                (m.context.file_digest(&path).as_ref() == Some(d)).then(|| store.open_blob(d)).flatten()
+            };
+            engine.import_layout(&project, &digest, &blobs).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn build_inner(
         &self,
@@ -1007,6 +1025,12 @@ impl BuilderService {
                     named_contexts.insert(name.clone(), m.context.clone());
                     named_held.push(m);
                     named_kinds.insert(name.clone(), hoist_engine::graph::NamedContext::Local);
+                }
+                Some(v1::named_context::Kind::OciLayout(l)) => {
+                    let reference = self.import_layout(&store, &who.project, l).await.map_err(|e| {
+                        Status::failed_precondition(format!("--build-context {name}=oci-layout:// (image {}): {e}", l.digest))
+                    })?;
+                    named_kinds.insert(name.clone(), hoist_engine::graph::NamedContext::Image(reference));
                 }
                 None => return Err(Status::invalid_argument(format!("--build-context {name}: no value"))),
             }
