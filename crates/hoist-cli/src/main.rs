@@ -124,6 +124,10 @@ struct ServeArgs {
     cache_store: Option<String>,
     #[command(flatten)]
     limits: limits::LimitArgs,
+    /// Serve the web UI (build insights) on this host:port instead of on --listen; it
+    /// must be loopback unless --insecure (always, for the embedded builder).
+    #[arg(long = "ui-listen", env = "HOIST_UI_LISTEN")]
+    ui_listen: Option<String>,
 }
 
 fn main() {
@@ -239,6 +243,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         platforms,
         entitlements,
         embedded: args.embedded,
+        ui_listen: args.ui_listen,
     };
     hoist_server::serve(&listen, engine.clone(), opts, shutdown).await?;
     // What builds queued for the shared tier goes up before the node exits.

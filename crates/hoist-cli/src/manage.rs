@@ -146,9 +146,19 @@ pub enum BuildsCmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// One build, with its log.
+    /// One build: its steps with durations and cache status, and its log.
     Show {
         id: String,
+        /// Print the record (with its steps and their logs) as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Print a one-time sign-in link to the builder's web UI (valid a few minutes), for a
+    /// build or (without ID) the project's builds.
+    Open {
+        id: Option<String>,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -323,8 +333,12 @@ pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        BuildsCmd::Show { id, conn } => {
+        BuildsCmd::Show { id, json, conn } => {
             let b = conn.connect(None).await?.get_build(v1::GetBuildRequest { id }).await.map_err(status)?.into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+                return Ok(());
+            }
             println!("id:             {}", b.id);
             println!("started:        {}", when(b.started));
             println!("seconds:        {:.1}", b.seconds);
@@ -349,7 +363,48 @@ pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
             if !b.tags.is_empty() {
                 println!("tags:           {}", b.tags.join(", "));
             }
+            if !b.steps.is_empty() {
+                println!("\nSTEP\tSTART\tDURATION\tCACHE\tSTAGE\tINSTRUCTION");
+                for s in &b.steps {
+                    let state = if !s.error.is_empty() {
+                        "failed"
+                    } else if s.cached {
+                        "cached"
+                    } else {
+                        "ran"
+                    };
+                    let secs = |ms: u64| format!("{:.1}s", ms as f64 / 1000.0);
+                    println!(
+                        "#{}\t{}\t{}\t{state}\t{}\t{}",
+                        s.id,
+                        secs(s.start_ms),
+                        secs(s.end_ms.saturating_sub(s.start_ms)),
+                        s.stage,
+                        s.name
+                    );
+                }
+            }
             println!("\n{}", b.log);
+        }
+        BuildsCmd::Open { id, conn } => {
+            let addr = conn.addr()?;
+            let r = conn
+                .connect(None)
+                .await?
+                .open_ui(v1::OpenUiRequest { build_id: id.unwrap_or_default() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let base = match (r.base.is_empty(), addr) {
+                (false, _) => r.base,
+                (true, Some(hoist_client::BuilderAddr::Tcp(a))) => format!("http://{a}"),
+                (true, Some(hoist_client::BuilderAddr::Tls(a))) => format!("https://{a}"),
+                (true, _) => anyhow::bail!(
+                    "this builder serves its web UI on no TCP address: start it with --ui-listen 127.0.0.1:PORT (HOIST_UI_LISTEN for the embedded builder)"
+                ),
+            };
+            println!("{base}{}", r.path);
+            eprintln!("(a one-time link, valid for {} s)", r.valid_seconds);
         }
     }
     Ok(())

@@ -13,9 +13,11 @@ pub mod credentials;
 pub mod exports;
 pub mod fetch;
 pub mod outputs;
+mod records;
 pub mod running;
 pub mod service;
 pub mod ssh;
+pub mod ui;
 
 use std::path::PathBuf;
 
@@ -84,6 +86,9 @@ pub struct ServeOptions {
     /// a token, and it grants every entitlement (it is its user's own machine). Any other
     /// listener requires tokens.
     pub embedded: bool,
+    /// Serve the web UI on this `host:port` (plain HTTP) instead of on the gRPC listener.
+    /// Only loopback for the embedded builder, and without [`ServeOptions::allow_insecure_tcp`].
+    pub ui_listen: Option<String>,
 }
 
 /// Where to listen.
@@ -141,13 +146,37 @@ pub async fn serve(
         }
     });
     let _stop_revocations = AbortOnDrop(revocations);
+    // The web UI: on its own listener, or beside gRPC on the same one (HTTP/1.1 for browsers).
+    let tls = opts.tls.is_some();
+    let ui = ui::router(service.clone());
+    let mut ui_beside_grpc = Some(ui);
+    let _stop_ui = match &opts.ui_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
+            let local = listener.local_addr().map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
+            if !local.ip().is_loopback() && (opts.embedded || !opts.allow_insecure_tcp) {
+                return Err(ServeError::NotLoopback(format!("{local} (--ui-listen)")));
+            }
+            service.ui.set_base(format!("http://{local}"));
+            let ui = ui_beside_grpc.take().unwrap_or_default();
+            Some(AbortOnDrop(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, ui).await {
+                    tracing::warn!("the web UI stopped: {e}");
+                }
+            })))
+        }
+        None => {
+            service.ui.set_secure(tls);
+            None
+        }
+    };
     let svc = BuilderServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     let mut builder = tonic::transport::Server::builder()
+        .accept_http1(ui_beside_grpc.is_some())
         // Vanished clients are noticed (and their builds cancelled) within a minute.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .tcp_keepalive(Some(std::time::Duration::from_secs(30)));
-    let tls = opts.tls.is_some();
     if let Some(t) = &opts.tls {
         let cert = std::fs::read(&t.cert).map_err(|e| ServeError::Tls(format!("reading {}: {e}", t.cert.display())))?;
         let key = std::fs::read(&t.key).map_err(|e| ServeError::Tls(format!("reading {}: {e}", t.key.display())))?;
@@ -158,7 +187,11 @@ pub async fn serve(
         }
         builder = builder.tls_config(cfg).map_err(|e| ServeError::Tls(e.to_string()))?;
     }
-    let router = builder.add_service(svc);
+    let mut routes = tonic::service::Routes::new(svc).into_axum_router();
+    if let Some(ui) = ui_beside_grpc {
+        routes = routes.merge(ui);
+    }
+    let router = builder.add_routes(routes.into());
     let allow_insecure_tcp = opts.allow_insecure_tcp || tls;
     match listen {
         Listen::Unix(path) => {

@@ -46,6 +46,8 @@ pub struct BuilderService {
     running: Arc<crate::running::Running>,
     /// When this node last collected each project's share of the shared store.
     shared_collected: Arc<Mutex<HashMap<String, std::time::Instant>>>,
+    /// The web UI's sign-in codes and sessions.
+    pub(crate) ui: Arc<crate::ui::Access>,
 }
 
 fn auth_status(e: AuthError) -> Status {
@@ -80,6 +82,7 @@ impl BuilderService {
             entitlements: if trusted { Entitlement::ALL.into() } else { BTreeSet::new() },
             running: Arc::default(),
             shared_collected: Arc::default(),
+            ui: Arc::default(),
         }
     }
 
@@ -122,6 +125,27 @@ impl BuilderService {
         let store = Arc::new(ContextStore::open(root).map_err(|e| Status::internal(e.to_string()))?.with_limits(limits));
         map.insert(project.to_string(), store.clone());
         Ok(store)
+    }
+}
+
+impl BuilderService {
+    /// A project's build records, newest first (without logs).
+    pub(crate) fn builds_of(&self, project: &str, limit: usize) -> Result<Vec<v1::BuildRecord>, Status> {
+        let builds = self.engine.index().builds(project, limit).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(builds.into_iter().map(record_from_json).collect())
+    }
+
+    /// One build record of `project`, with its log and each step's; another project's build
+    /// id is simply not found.
+    pub(crate) fn build_of(&self, project: &str, id: &str) -> Result<Option<v1::BuildRecord>, Status> {
+        let Some(value) = self.engine.index().build(project, id).map_err(|e| Status::internal(e.to_string()))? else {
+            return Ok(None);
+        };
+        let mut rec = record_from_json(value);
+        let path = self.engine.root().join("builds").join(project).join(format!("{}.log", rec.id));
+        rec.log = std::fs::read_to_string(path).unwrap_or_default();
+        crate::records::split_log(&rec.log, &mut rec.steps);
+        Ok(Some(rec))
     }
 }
 
@@ -316,31 +340,29 @@ impl Builder for BuilderService {
             0 => 50,
             n => n as usize,
         };
-        let builds = self
-            .engine
-            .index()
-            .builds(&who.project, limit)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .into_iter()
-            .map(record_from_json)
-            .collect();
-        Ok(Response::new(v1::ListBuildsReply { builds }))
+        Ok(Response::new(v1::ListBuildsReply { builds: self.builds_of(&who.project, limit)? }))
     }
 
     async fn get_build(&self, req: Request<v1::GetBuildRequest>) -> Result<Response<v1::BuildRecord>, Status> {
         let who = caller(self, &req)?;
         let id = req.into_inner().id;
-        // Another project's build id is simply not found.
-        let value = self
-            .engine
-            .index()
-            .build(&who.project, &id)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::not_found(format!("no build {id:?} in project {:?}", who.project)))?;
-        let mut rec = record_from_json(value);
-        let path = self.engine.root().join("builds").join(&who.project).join(format!("{id}.log"));
-        rec.log = std::fs::read_to_string(path).unwrap_or_default();
+        let rec =
+            self.build_of(&who.project, &id)?.ok_or_else(|| Status::not_found(format!("no build {id:?} in project {:?}", who.project)))?;
         Ok(Response::new(rec))
+    }
+
+    async fn open_ui(&self, req: Request<v1::OpenUiRequest>) -> Result<Response<v1::OpenUiReply>, Status> {
+        let who = caller(self, &req)?;
+        let build_id = req.into_inner().build_id;
+        if !build_id.is_empty() && self.build_of(&who.project, &build_id)?.is_none() {
+            return Err(Status::not_found(format!("no build {build_id:?} in project {:?}", who.project)));
+        }
+        let code = self.ui.new_code(&who, &build_id, std::time::Instant::now());
+        Ok(Response::new(v1::OpenUiReply {
+            path: format!("/ui/signin?code={code}"),
+            base: self.ui.base().unwrap_or_default(),
+            valid_seconds: crate::ui::CODE_TTL.as_secs() as u32,
+        }))
     }
 
     async fn build(&self, req: Request<Streaming<v1::BuildClientMessage>>) -> Result<Response<Self::BuildStream>, Status> {
@@ -599,6 +621,8 @@ fn build_id(t: std::time::SystemTime) -> String {
 struct BuildLog {
     text: String,
     names: HashMap<u32, String>,
+    /// Per-step facts of the record (issue 17).
+    steps: crate::records::StepRecorder,
 }
 
 const MAX_LOG: usize = 1 << 20;
@@ -606,8 +630,14 @@ const MAX_LOG: usize = 1 << 20;
 impl BuildLog {
     fn add(&mut self, ev: &Event) {
         if self.text.len() > MAX_LOG {
+            self.steps.add(ev, 0);
             return;
         }
+        let lines = match ev {
+            Event::Log { data, .. } => String::from_utf8_lossy(data).lines().count() as u64,
+            _ => 1,
+        };
+        self.steps.add(ev, lines);
         match ev {
             Event::Started { id, name } => {
                 self.names.insert(*id, name.clone());
@@ -634,37 +664,17 @@ impl BuildLog {
     }
 }
 
+/// A build record as kept in the index: without its log (kept in a file of its own).
 fn record_json(r: &v1::BuildRecord) -> serde_json::Value {
-    serde_json::json!({
-        "id": r.id, "started": r.started, "seconds": r.seconds, "who": r.who, "status": r.status,
-        "error": r.error, "steps_run": r.steps_run, "steps_cached": r.steps_cached,
-        "containers_run": r.containers_run, "context_entries": r.context_entries,
-        "context_files_sent": r.context_files_sent, "context_bytes_sent": r.context_bytes_sent,
-        "image_id": r.image_id, "manifest_digest": r.manifest_digest, "tags": r.tags,
-    })
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("log");
+    }
+    v
 }
 
 fn record_from_json(v: serde_json::Value) -> v1::BuildRecord {
-    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-    let u = |k: &str| v[k].as_u64().unwrap_or(0);
-    v1::BuildRecord {
-        id: s("id"),
-        started: v["started"].as_i64().unwrap_or(0),
-        seconds: v["seconds"].as_f64().unwrap_or(0.0),
-        who: s("who"),
-        status: s("status"),
-        error: s("error"),
-        steps_run: u("steps_run") as u32,
-        steps_cached: u("steps_cached") as u32,
-        containers_run: u("containers_run") as u32,
-        context_entries: u("context_entries"),
-        context_files_sent: u("context_files_sent"),
-        context_bytes_sent: u("context_bytes_sent"),
-        image_id: s("image_id"),
-        manifest_digest: s("manifest_digest"),
-        tags: v["tags"].as_array().map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect()).unwrap_or_default(),
-        log: String::new(),
-    }
+    serde_json::from_value(v).unwrap_or_default()
 }
 
 fn parse_network(s: &str) -> Result<NetworkMode, Status> {
@@ -906,7 +916,7 @@ impl BuilderService {
                 },
             )
             .await;
-        let log = Arc::new(Mutex::new(BuildLog::default()));
+        let log = Arc::new(Mutex::new(BuildLog { steps: crate::records::StepRecorder::new(t0), ..Default::default() }));
         let mut record = v1::BuildRecord {
             id: id.clone(),
             started: started.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
@@ -939,7 +949,11 @@ impl BuilderService {
                 record.error = s.message().to_string();
             }
         }
-        self.save_record(&who.project, &record, &log.lock().unwrap_or_else(|e| e.into_inner()).text);
+        {
+            let log = log.lock().unwrap_or_else(|e| e.into_inner());
+            record.steps = log.steps.steps();
+            self.save_record(&who.project, &record, &log.text);
+        }
         // Automatic GC keeps the project under its limit (also after a failed build: its
         // record, log and context count too).
         if let Err(e) = self.collect(&who.project, self.auth.limit_of(&who.project)).await {

@@ -1,0 +1,243 @@
+//! The builder's web UI (build insights): server-rendered pages of a project's builds and of
+//! one build's steps on a time axis, served on the gRPC listener (HTTP/1.1 and HTTP/2) or on
+//! `hoist serve --ui-listen`. A project token signs in (or a one-time code from
+//! `hoist builds open`) and gets a session cookie; a session sees only its project.
+
+mod pages;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::get;
+
+use crate::auth::Caller;
+use crate::service::BuilderService;
+
+/// How long a sign-in code of `hoist builds open` is valid.
+pub const CODE_TTL: Duration = Duration::from_secs(300);
+/// How long a session lasts.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// The session cookie.
+const COOKIE: &str = "hoist_session";
+
+/// Sign-in codes and sessions of the UI, kept in memory (a restart signs everyone out).
+#[derive(Default)]
+pub struct Access {
+    inner: Mutex<Grants>,
+    base: std::sync::OnceLock<String>,
+    secure: std::sync::OnceLock<bool>,
+}
+
+#[derive(Default)]
+struct Grants {
+    codes: HashMap<String, Grant>,
+    sessions: HashMap<String, Grant>,
+}
+
+/// Who a code or session is for, until when; a code also names the build it opens.
+#[derive(Clone)]
+struct Grant {
+    caller: Caller,
+    build_id: String,
+    expires: Instant,
+}
+
+impl Access {
+    /// A one-time sign-in code for `caller` (to open `build_id`, or the builds page when
+    /// empty), valid for [`CODE_TTL`] from `now`.
+    pub(crate) fn new_code(&self, caller: &Caller, build_id: &str, now: Instant) -> String {
+        let code = hoist_oci::random::hex(24);
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.codes.retain(|_, c| c.expires > now);
+        g.codes.insert(code.clone(), Grant { caller: caller.clone(), build_id: build_id.into(), expires: now + CODE_TTL });
+        code
+    }
+
+    /// Exchange a code (once) for a new session: its id and the build the code opens.
+    fn redeem(&self, code: &str, now: Instant) -> Option<(String, String)> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let grant = g.codes.remove(code).filter(|c| c.expires > now)?;
+        let build = grant.build_id.clone();
+        drop(g);
+        Some((self.new_session(grant.caller, now), build))
+    }
+
+    fn new_session(&self, caller: Caller, now: Instant) -> String {
+        let id = hoist_oci::random::hex(32);
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.sessions.retain(|_, s| s.expires > now);
+        g.sessions.insert(id.clone(), Grant { caller, build_id: String::new(), expires: now + SESSION_TTL });
+        id
+    }
+
+    /// The caller of an unexpired session.
+    fn session(&self, id: &str, now: Instant) -> Option<Caller> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.sessions.get(id).filter(|s| s.expires > now).map(|s| s.caller.clone())
+    }
+
+    fn end(&self, id: &str) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).sessions.remove(id);
+    }
+
+    /// `http://host:port` of the UI's own listener, if it has one.
+    pub(crate) fn base(&self) -> Option<String> {
+        self.base.get().cloned()
+    }
+
+    /// The UI listens on `base` (`--ui-listen`), not on the gRPC listener.
+    pub(crate) fn set_base(&self, base: String) {
+        let _ = self.base.set(base);
+    }
+
+    /// Cookies are sent only over TLS (the listener has it).
+    pub(crate) fn set_secure(&self, secure: bool) {
+        let _ = self.secure.set(secure);
+    }
+}
+
+/// The UI's routes, all under `/ui`.
+pub fn router(service: BuilderService) -> axum::Router {
+    axum::Router::new()
+        .route("/ui", get(|| async { Redirect::to("/ui/builds") }))
+        .route("/ui/signin", get(signin_page).post(signin))
+        .route("/ui/signout", axum::routing::post(signout))
+        .route("/ui/builds", get(builds_page))
+        .route("/ui/builds/{id}", get(build_page))
+        .with_state(service)
+}
+
+/// The signed-in caller, unless the session is missing, expired, or its token revoked.
+fn signed_in(svc: &BuilderService, headers: &HeaderMap) -> Option<Caller> {
+    let id = session_cookie(headers)?;
+    let caller = svc.ui.session(&id, Instant::now())?;
+    if let Some(t) = &caller.token_id {
+        if svc.auth().revoked_ids().contains(t) {
+            svc.ui.end(&id);
+            return None;
+        }
+    }
+    Some(caller)
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(COOKIE).and_then(|v| v.strip_prefix('=')).map(str::to_string))
+}
+
+/// A response that sets the session cookie and goes to `to`.
+fn with_session(svc: &BuilderService, id: &str, to: &str) -> Response {
+    let secure = if svc.ui.secure.get().copied().unwrap_or(false) { "; Secure" } else { "" };
+    let cookie = format!("{COOKIE}={id}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}{secure}", SESSION_TTL.as_secs());
+    ([(header::SET_COOKIE, cookie)], Redirect::to(to)).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct CodeQuery {
+    code: Option<String>,
+}
+
+async fn signin_page(State(svc): State<BuilderService>, Query(q): Query<CodeQuery>) -> Response {
+    let Some(code) = q.code else { return Html(pages::signin(None)).into_response() };
+    match svc.ui.redeem(&code, Instant::now()) {
+        Some((session, build)) if build.is_empty() => with_session(&svc, &session, "/ui/builds"),
+        Some((session, build)) => with_session(&svc, &session, &format!("/ui/builds/{build}")),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            Html(pages::signin(Some("this sign-in link was used already or has expired: run `hoist builds open` again"))),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TokenForm {
+    token: String,
+}
+
+async fn signin(State(svc): State<BuilderService>, Form(f): Form<TokenForm>) -> Response {
+    // The UI never trusts a request without a token, even on the embedded builder.
+    match svc.auth().authenticate(Some(f.token.trim()), None, false) {
+        Ok(caller) => {
+            let id = svc.ui.new_session(caller, Instant::now());
+            with_session(&svc, &id, "/ui/builds")
+        }
+        Err(e) => (StatusCode::UNAUTHORIZED, Html(pages::signin(Some(&e.to_string())))).into_response(),
+    }
+}
+
+async fn signout(State(svc): State<BuilderService>, headers: HeaderMap) -> Response {
+    if let Some(id) = session_cookie(&headers) {
+        svc.ui.end(&id);
+    }
+    ([(header::SET_COOKIE, format!("{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"))], Redirect::to("/ui/signin"))
+        .into_response()
+}
+
+async fn builds_page(State(svc): State<BuilderService>, headers: HeaderMap, Query(f): Query<pages::Filter>) -> Response {
+    let Some(caller) = signed_in(&svc, &headers) else { return Redirect::to("/ui/signin").into_response() };
+    match svc.builds_of(&caller.project, 200) {
+        Ok(builds) => Html(pages::builds(&caller, &builds, &f)).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string()).into_response(),
+    }
+}
+
+async fn build_page(State(svc): State<BuilderService>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let Some(caller) = signed_in(&svc, &headers) else { return Redirect::to("/ui/signin").into_response() };
+    match svc.build_of(&caller.project, &id) {
+        Ok(Some(b)) => Html(pages::build(&caller, &b)).into_response(),
+        // Another project's build is not found, and the page says nothing of it.
+        Ok(None) => (StatusCode::NOT_FOUND, Html(pages::not_found(&caller))).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller() -> Caller {
+        Caller { project: "a".into(), who: "ci".into(), token_id: Some("t1".into()) }
+    }
+
+    #[test]
+    fn a_code_is_redeemed_once_and_not_after_it_expired() {
+        let a = Access::default();
+        let t0 = Instant::now();
+        let code = a.new_code(&caller(), "b1", t0);
+        let (session, build) = a.redeem(&code, t0 + Duration::from_secs(10)).expect("a fresh code");
+        assert_eq!(build, "b1");
+        assert_eq!(a.session(&session, t0).map(|c| c.project), Some("a".into()));
+        assert!(a.redeem(&code, t0 + Duration::from_secs(11)).is_none(), "a code works once");
+        let late = a.new_code(&caller(), "", t0);
+        assert!(a.redeem(&late, t0 + CODE_TTL + Duration::from_secs(1)).is_none(), "an expired code");
+    }
+
+    #[test]
+    fn sessions_expire_and_end() {
+        let a = Access::default();
+        let t0 = Instant::now();
+        let s = a.new_session(caller(), t0);
+        assert!(a.session(&s, t0 + SESSION_TTL - Duration::from_secs(1)).is_some());
+        assert!(a.session(&s, t0 + SESSION_TTL + Duration::from_secs(1)).is_none());
+        assert!(a.session("not-a-session", t0).is_none());
+        a.end(&s);
+        assert!(a.session(&s, t0).is_none());
+    }
+
+    #[test]
+    fn the_session_cookie_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "x=1; hoist_session=abc; hoist_sessionx=no".parse().unwrap());
+        assert_eq!(session_cookie(&h).as_deref(), Some("abc"));
+        assert_eq!(session_cookie(&HeaderMap::new()), None);
+    }
+}
