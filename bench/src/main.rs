@@ -24,7 +24,7 @@ use hoist_bench::workloads::{self, Workload};
 use serde_json::json;
 
 const SCENARIOS: &[&str] =
-    &["cold", "warm", "incremental", "teammate", "teammate-load", "teammate-push", "teammate-other-node", "load", "push", "docker-archive"];
+    &["cold", "warm", "incremental", "teammate", "teammate-load", "teammate-push", "teammate-other-node", "load", "warm-load", "incremental-load", "push", "docker-archive"];
 const TOOLS: &[&str] = &["hoist", "buildkit", "buildah"];
 
 #[derive(Parser, Debug)]
@@ -40,7 +40,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Scenarios (default all): cold, warm, incremental, teammate, teammate-load,
-    /// teammate-push, teammate-other-node, load, push, docker-archive.
+    /// teammate-push, teammate-other-node, load, warm-load, incremental-load, push,
+    /// docker-archive.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Builders (default all): hoist, buildkit, buildah.
@@ -680,6 +681,12 @@ trait Builder {
     fn build(&mut self, w: &Workload, log: &Path) -> anyhow::Result<Sample>;
     /// Cold build ending with the image in the local Docker engine.
     fn load(&mut self, w: &Workload, log: &Path) -> anyhow::Result<Sample>;
+    /// After [`Builder::load`]: the same build with `--load` again, on the warm cache and
+    /// into the engine that holds the previous result (`None` where the default output is
+    /// the engine already: docker build's warm and incremental builds are these).
+    fn load_again(&mut self, _w: &Workload, _log: &Path) -> Option<anyhow::Result<Sample>> {
+        None
+    }
     /// Cold build and push to the empty registry `reg`.
     fn push(&mut self, w: &Workload, reg: &Registry, log: &Path) -> anyhow::Result<Sample>;
     /// Someone else built `w` (sharing through `reg` where the tool needs a registry);
@@ -994,12 +1001,11 @@ impl Builder for Hoist {
             c
         })
         .context("--load left no image in the engine")?;
-        run_ignore({
-            let mut c = docker();
-            c.args(["rmi", "-f", &Self::tag(w)]);
-            c
-        });
         Ok(s)
+    }
+
+    fn load_again(&mut self, w: &Workload, log: &Path) -> Option<anyhow::Result<Sample>> {
+        Some(self.run_build(&w.dir, &["--load".into(), "-t".into(), Self::tag(w)], log))
     }
 
     fn push(&mut self, w: &Workload, reg: &Registry, log: &Path) -> anyhow::Result<Sample> {
@@ -1474,7 +1480,12 @@ fn main() -> anyhow::Result<()> {
                 let b = &mut builders[(k + run) % n];
                 let tool = b.name();
                 let log = |scenario: &str| logs.join(format!("{name}-{tool}-{scenario}-{run}.log"));
-                if want("cold") || want("warm") || want("incremental") || (want("docker-archive") && tool == "hoist" && name == "biglayer")
+                let engine_loads = tool == "buildkit" && (want("load") || want("warm-load") || want("incremental-load"));
+                if want("cold")
+                    || want("warm")
+                    || want("incremental")
+                    || engine_loads
+                    || (want("docker-archive") && tool == "hoist" && name == "biglayer")
                 {
                     w.restore()?;
                     let r = b.reset().and_then(|_| b.build(&w, &log("cold")));
@@ -1483,14 +1494,27 @@ fn main() -> anyhow::Result<()> {
                         // docker build's default already ends with the image in the engine.
                         results.add(name, "load", tool, r.as_ref().map(|s| s.clone()).map_err(|e| anyhow!("{e:#}")));
                     }
-                    results.add(name, "cold", tool, r);
+                    if want("cold") || !engine_loads {
+                        results.add(name, "cold", tool, r);
+                    }
+                    // docker build's warm and incremental builds end in the engine: they are
+                    // its warm-load and incremental-load too.
+                    let engine_is_output = tool == "buildkit";
                     if cold_ok {
-                        if want("warm") {
-                            results.add(name, "warm", tool, b.build(&w, &log("warm")));
+                        if want("warm") || (engine_is_output && want("warm-load")) {
+                            let r = b.build(&w, &log("warm"));
+                            if engine_is_output && want("warm-load") {
+                                results.add(name, "warm-load", tool, r.as_ref().map(|s| s.clone()).map_err(|e| anyhow!("{e:#}")));
+                            }
+                            results.add(name, "warm", tool, r);
                         }
-                        if want("incremental") {
+                        if want("incremental") || (engine_is_output && want("incremental-load")) {
                             w.touch(run as u32 + 1)?;
-                            results.add(name, "incremental", tool, b.build(&w, &log("incremental")));
+                            let r = b.build(&w, &log("incremental"));
+                            if engine_is_output && want("incremental-load") {
+                                results.add(name, "incremental-load", tool, r.as_ref().map(|s| s.clone()).map_err(|e| anyhow!("{e:#}")));
+                            }
+                            results.add(name, "incremental", tool, r);
                             w.restore()?;
                         }
                         if want("docker-archive") && name == "biglayer" {
@@ -1500,9 +1524,23 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                 }
-                if want("load") && tool != "buildkit" {
+                if (want("load") || want("warm-load") || want("incremental-load")) && tool != "buildkit" {
                     w.restore()?;
-                    results.add(name, "load", tool, b.load(&w, &log("load")));
+                    let r = b.load(&w, &log("load"));
+                    let loaded = r.is_ok();
+                    results.add(name, "load", tool, r);
+                    if loaded && want("warm-load") {
+                        if let Some(r) = b.load_again(&w, &log("warm-load")) {
+                            results.add(name, "warm-load", tool, r);
+                        }
+                    }
+                    if loaded && want("incremental-load") {
+                        w.touch(run as u32 + 1)?;
+                        if let Some(r) = b.load_again(&w, &log("incremental-load")) {
+                            results.add(name, "incremental-load", tool, r);
+                        }
+                        w.restore()?;
+                    }
                 }
                 if want("push") {
                     w.restore()?;
@@ -1745,6 +1783,14 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
             0.2,
             true,
         );
+    }
+    if scenarios.iter().any(|s| s.ends_with("load")) {
+        let _ = writeln!(out, "\nGoals (issue 18, the edit-rebuild-run loop: the image ends in the local engine)\n");
+        for w in workloads {
+            for (s, what, max) in [("load", "cold build", 1.0), ("incremental-load", "incremental build", 0.7), ("warm-load", "warm build", 0.3)] {
+                out += &goal(&format!("{w}: {what} + --load, hoist / BuildKit"), ratio(r.secs(w, s, "hoist"), r.secs(w, s, "buildkit")), max, true);
+            }
+        }
     }
     if scenarios.iter().any(|s| s == "teammate-other-node") {
         let _ = writeln!(out, "\nGoals (issue 13, a fleet sharing a cache store)\n");
