@@ -19,8 +19,9 @@ log() { echo "[lab] $*" >&2; }
 
 # openssh-client/openssl: the ssh agent tests; iproute2/iptables: RUN's sandbox network and
 # the tests' own network namespaces; util-linux: setpriv/unshare; procps: kill/pgrep;
-# python3-venv: moto's venv (below).
-pkgs="docker.io containerd runc crun buildah skopeo docker-registry qemu-user-static binfmt-support busybox-static pigz umoci jq curl apache2-utils openssh-client openssl iproute2 iptables util-linux procps bzip2 git python3-venv"
+# python3-venv: moto's venv (below); chromium/chromium-driver: the web UI's browser test
+# (tests/tests/ui.rs starts chromedriver itself).
+pkgs="docker.io containerd runc crun buildah skopeo docker-registry qemu-user-static binfmt-support busybox-static pigz umoci jq curl apache2-utils openssh-client openssl iproute2 iptables util-linux procps bzip2 git python3-venv chromium chromium-driver"
 [ "${LAB_DEBIAN:-0}" = 1 ] && pkgs="$pkgs debootstrap"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -1,0 +1,240 @@
+//! End-to-end: the builder's web UI (issue 17) in a real browser — headless Chromium driven
+//! through WebDriver (chromedriver, started here on a loopback port) — against a real
+//! `hoist serve` whose UI shares the gRPC port, after real two-stage builds.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+
+/// Whether chromium and chromedriver are installed (tests/lab/setup.sh installs them); in CI
+/// they must be: a missing browser fails the test instead of skipping it.
+fn browser_available() -> bool {
+    let ok = ["chromium", "chromedriver"].iter().all(|b| Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()));
+    if !ok {
+        let msg = "chromium/chromedriver not installed; run tests/lab/setup.sh as root";
+        if std::env::var("CI").is_ok() {
+            panic!("{msg}");
+        }
+        eprintln!("SKIP: {msg}");
+    }
+    ok
+}
+
+/// chromedriver on a free loopback port, stopped when dropped.
+struct Driver {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Driver {
+    fn start() -> Driver {
+        let port = free_port();
+        let child = Command::new("chromedriver")
+            .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting chromedriver");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Driver { child, port }
+    }
+
+    async fn browser(&self) -> Client {
+        // Two rustls providers are compiled in (ring, ours; aws-lc-rs, hyper-rustls'): pick ours.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]}),
+        );
+        ClientBuilder::rustls()
+            .expect("rustls")
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", self.port))
+            .await
+            .expect("a chromium session")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Status line and body of a GET with the session cookie, over plain HTTP/1.1 (a browser
+/// does not show status codes to WebDriver).
+fn http_get(port: u16, path: &str, session: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: hoist_session={session}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status in {out:?}"));
+    (code, out)
+}
+
+fn dockerfile() -> String {
+    let b = busybox();
+    format!(
+        "FROM {b} AS deps\nRUN echo deps-ready > /deps && sleep 1\nFROM {b}\nCOPY --from=deps /deps /deps\nCOPY app.txt /app.txt\nRUN printf '\\033[32mbuilt\\033[0m %s\\n' \"$(cat /app.txt)\" && sleep 0.3\n"
+    )
+}
+
+/// The newest build id of a teammate's project.
+fn newest_build(t: &Teammate) -> String {
+    let out = t.cmd().args(["builds", "ls"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.split('\t').next()).expect("a build").to_string()
+}
+
+async fn sign_in(c: &Client, port: u16, token: &str) {
+    c.goto(&format!("http://127.0.0.1:{port}/ui/builds")).await.unwrap();
+    assert!(c.current_url().await.unwrap().path().ends_with("/ui/signin"), "signed out, the builds page sends to sign-in");
+    c.find(Locator::Id("token")).await.unwrap().send_keys(token).await.unwrap();
+    c.find(Locator::Id("go")).await.unwrap().click().await.unwrap();
+    c.wait().for_element(Locator::Id("builds")).await.expect("the builds page after sign-in");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_waterfall_of_a_two_stage_build_in_a_browser_and_only_for_its_project() {
+    if !lab_available() || !browser_available() {
+        return;
+    }
+    let server = Server::start();
+    let token_a = server.admin(&["project", "create", "alpha", "--token-name", "alice"]);
+    let token_b = server.admin(&["project", "create", "beta", "--token-name", "bob"]);
+    let alice = Teammate::new(&server, &token_a);
+    let dir = context(&[("Dockerfile", &dockerfile()), ("app.txt", "v1")]);
+    let ctx = dir.path().to_str().unwrap();
+    alice.build_ok(&["-t", "ui-test:v1", ctx]);
+    let first = newest_build(&alice);
+    // The second build: the first stage from the cache, the second stage's last steps run.
+    std::fs::write(dir.path().join("app.txt"), "v2").unwrap();
+    alice.build_ok(&["-t", "ui-test:v2", ctx]);
+    let id = newest_build(&alice);
+    assert_ne!(id, first);
+
+    // The record's steps, as scripts read them.
+    let out = alice.cmd().args(["builds", "show", &id, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).expect("builds show --json prints JSON");
+    let steps = rec["steps"].as_array().expect("steps").clone();
+    let step = |prefix: &str| {
+        steps.iter().find(|s| s["name"].as_str().unwrap().starts_with(prefix)).unwrap_or_else(|| panic!("no step {prefix}: {rec}")).clone()
+    };
+    assert_eq!(step("RUN echo deps-ready")["stage"], "deps");
+    assert_eq!(step("RUN echo deps-ready")["cached"], true);
+    assert_eq!(step("COPY app.txt")["cached"], false);
+    let run = step("RUN printf");
+    assert_eq!(run["cached"], false);
+    assert_eq!(run["log"], "\u{1b}[32mbuilt\u{1b}[0m v2\n", "the step's own log, as it printed it");
+    assert!(run["end_ms"].as_u64().unwrap() - run["start_ms"].as_u64().unwrap() >= 300, "it slept 0.3 s: {run}");
+    let table = alice.cmd().args(["builds", "show", &id]).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.lines().any(|l| l.contains("\tcached\tdeps\tRUN echo deps-ready")), "{table}");
+    assert!(table.lines().any(|l| l.contains("\tran\tstage-1\tRUN printf")), "{table}");
+
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    let port = server.port;
+
+    // Sign in with project A's token: its builds, newest first, with the filter.
+    sign_in(&c, port, &token_a).await;
+    let rows = c.find_all(Locator::Css("#builds tbody tr")).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows[0].text().await.unwrap().contains(&id), "newest first");
+    assert!(rows[0].text().await.unwrap().contains("ui-test:v2"));
+    c.goto(&format!("http://127.0.0.1:{port}/ui/builds?tag=v1")).await.unwrap();
+    let rows = c.find_all(Locator::Css("#builds tbody tr")).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].text().await.unwrap().contains(&first));
+    c.goto(&format!("http://127.0.0.1:{port}/ui/builds?status=failed")).await.unwrap();
+    assert!(c.find_all(Locator::Css("#builds tbody tr")).await.unwrap().is_empty(), "both builds succeeded");
+
+    // The build: every step on the waterfall with its duration and cached state.
+    c.goto(&format!("http://127.0.0.1:{port}/ui/builds/{id}")).await.unwrap();
+    let items = c.find_all(Locator::Css("#waterfall li.step")).await.unwrap();
+    assert_eq!(items.len(), steps.len(), "a bar per step");
+    for (li, s) in items.iter().zip(&steps) {
+        let name = li.find(Locator::Css(".name")).await.unwrap().text().await.unwrap();
+        assert_eq!(name, s["name"].as_str().unwrap());
+        let duration = li.find(Locator::Css(".duration")).await.unwrap().text().await.unwrap();
+        let ms = s["end_ms"].as_u64().unwrap() - s["start_ms"].as_u64().unwrap();
+        assert_eq!(duration, format!("{:.1}s", ms as f64 / 1000.0), "{name}");
+        let state = li.find(Locator::Css(".state")).await.unwrap().text().await.unwrap();
+        assert_eq!(state, if s["cached"].as_bool().unwrap() { "cached" } else { "ran" }, "{name}");
+        let bar = li.find(Locator::Css(".bar")).await.unwrap();
+        assert!(bar.is_displayed().await.unwrap(), "{name}: its bar is drawn");
+        let style = bar.attr("style").await.unwrap().unwrap_or_default();
+        assert!(style.contains("left:") && style.contains("width:"), "{name}: {style}");
+    }
+    // The longest step's bar is the widest on the page.
+    let widths = futures_widths(&c).await;
+    let longest = steps.iter().enumerate().max_by_key(|(_, s)| s["end_ms"].as_u64().unwrap() - s["start_ms"].as_u64().unwrap()).unwrap().0;
+    assert_eq!(widths.iter().cloned().fold(f64::MIN, f64::max), widths[longest], "{widths:?}");
+
+    // A step's log: collapsed, then opened, ANSI colours gone.
+    let run_li = c.find(Locator::XPath("//li[contains(@class,'step')][.//code[starts-with(.,'RUN printf')]]")).await.unwrap();
+    let pre = run_li.find(Locator::Css("details pre")).await.unwrap();
+    assert!(!pre.is_displayed().await.unwrap(), "the log starts collapsed");
+    run_li.find(Locator::Css("details summary")).await.unwrap().click().await.unwrap();
+    assert!(pre.is_displayed().await.unwrap(), "the log opens");
+    let log = pre.text().await.unwrap();
+    assert!(log.contains("built v2") && !log.contains('\u{1b}') && !log.contains("[32m"), "{log:?}");
+
+    // Project B's token: A's build is not found, and the page holds nothing of it.
+    c.find(Locator::Css("nav form button")).await.unwrap().click().await.unwrap();
+    sign_in(&c, port, &token_b).await;
+    assert!(c.find_all(Locator::Css("#builds tbody tr")).await.unwrap().is_empty(), "B has no builds");
+    c.goto(&format!("http://127.0.0.1:{port}/ui/builds/{id}")).await.unwrap();
+    let page = c.source().await.unwrap();
+    assert!(page.contains("not found"), "{page}");
+    for secret in [id.as_str(), "deps-ready", "RUN printf", "ui-test", "alice"] {
+        assert!(!page.contains(secret), "B's page shows {secret:?}: {page}");
+    }
+    let session_b = c.get_named_cookie("hoist_session").await.expect("B's session cookie");
+    assert_eq!(session_b.http_only(), Some(true));
+    assert_eq!(format!("{:?}", session_b.same_site()), "Some(Strict)");
+    let (code, body) = http_get(port, &format!("/ui/builds/{id}"), session_b.value());
+    assert_eq!(code, 404, "{body}");
+    assert!(!body.contains("deps-ready") && !body.contains(&id), "{body}");
+    let (code, _) = http_get(port, &format!("/ui/builds/{id}"), "not-a-session");
+    assert_eq!(code, 303, "no session: to sign-in");
+
+    // `hoist builds open`: a one-time link straight to the build, in a browser without a
+    // session; used twice, it is refused.
+    c.delete_all_cookies().await.unwrap();
+    let out = alice.cmd().args(["builds", "open", &id]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let link = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(link.starts_with(&format!("http://127.0.0.1:{port}/ui/signin?code=")), "{link}");
+    c.goto(&link).await.unwrap();
+    assert_eq!(c.find(Locator::Id("build-id")).await.expect("the build's page").text().await.unwrap(), id);
+    c.delete_all_cookies().await.unwrap();
+    c.goto(&link).await.unwrap();
+    assert!(c.find(Locator::Id("error")).await.expect("refused").text().await.unwrap().contains("used already"));
+    let out = Teammate::new(&server, &token_b).cmd().args(["builds", "open", &id]).output().unwrap();
+    assert!(!out.status.success(), "B gets no link to A's build");
+    c.close().await.unwrap();
+}
+
+/// The widths (percent) of the waterfall's bars, in order.
+async fn futures_widths(c: &Client) -> Vec<f64> {
+    let mut out = Vec::new();
+    for bar in c.find_all(Locator::Css("#waterfall .bar")).await.unwrap() {
+        let style = bar.attr("style").await.unwrap().unwrap_or_default();
+        let w = style.split("width:").nth(1).and_then(|w| w.trim_end_matches([';', '%']).parse().ok());
+        out.push(w.unwrap_or_else(|| panic!("no width in {style:?}")));
+    }
+    out
+}
