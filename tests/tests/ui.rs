@@ -238,3 +238,45 @@ async fn futures_widths(c: &Client) -> Vec<f64> {
     }
     out
 }
+
+/// The embedded builder (the one `hoist build` starts) serves its UI only when
+/// HOIST_UI_LISTEN names a loopback address: another address keeps it from starting at all.
+/// Its pages open with `hoist builds open` (it has no tokens to sign in with).
+#[test]
+fn the_embedded_builders_ui_is_on_loopback_only() {
+    if !lab_available() {
+        return;
+    }
+    let dir = context(&[("Dockerfile", &format!("FROM {}\nRUN echo embedded-ui\n", busybox()))]);
+    let ctx = dir.path().to_str().unwrap();
+
+    let h = Hoist::new();
+    let out = h.cmd().env("HOIST_UI_LISTEN", "0.0.0.0:0").args(["build", "--progress=plain", ctx]).output().unwrap();
+    assert!(!out.status.success(), "an embedded builder with its UI on every address must not start");
+    let log = std::fs::read_to_string(h.root.path().join("hoistd.log")).unwrap_or_default();
+    assert!(log.contains("plain TCP is only allowed on loopback"), "the builder's log says why: {log}");
+    drop(h);
+
+    let h = Hoist::new();
+    let port = free_port();
+    let out = h.cmd().env("HOIST_UI_LISTEN", format!("127.0.0.1:{port}")).args(["build", "--progress=plain", ctx]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ls = h.cmd().args(["builds", "ls"]).output().unwrap();
+    let id = String::from_utf8_lossy(&ls.stdout).lines().nth(1).and_then(|l| l.split('\t').next()).expect("a build").to_string();
+    let out = h.cmd().args(["builds", "open", &id]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let link = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let path = link.strip_prefix(&format!("http://127.0.0.1:{port}")).unwrap_or_else(|| panic!("a link to the loopback UI: {link}"));
+    let (code, head) = http_get(port, path, "");
+    assert_eq!(code, 303, "{head}");
+    let session = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: hoist_session=").or_else(|| l.strip_prefix("Set-Cookie: hoist_session=")))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("a session cookie: {head}"));
+    let (code, page) = http_get(port, &format!("/ui/builds/{id}"), session);
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("RUN echo embedded-ui"), "{page}");
+    // Without a session: to sign-in.
+    assert_eq!(http_get(port, &format!("/ui/builds/{id}"), "").0, 303);
+}
