@@ -280,3 +280,82 @@ fn the_embedded_builders_ui_is_on_loopback_only() {
     // Without a session: to sign-in.
     assert_eq!(http_get(port, &format!("/ui/builds/{id}"), "").0, 303);
 }
+
+/// A running build's page follows it without a reload (server-sent events on the same
+/// listener) and shows its record once it is over.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_build_updates_in_the_browser_until_it_finishes() {
+    if !lab_available() || !browser_available() {
+        return;
+    }
+    let server = Server::start();
+    let token = server.admin(&["project", "create", "live", "--token-name", "carol"]);
+    let carol = Teammate::new(&server, &token);
+    let dir = context(&[("Dockerfile", &format!("FROM {}\nRUN echo live-start && sleep 6 && echo live-end\n", busybox()))]);
+    let mut build = carol
+        .cmd()
+        .args(["build", "--progress=plain", dir.path().to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    let port = server.port;
+    sign_in(&c, port, &token).await;
+    // The running build is listed, and its page says it runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let link = loop {
+        c.goto(&format!("http://127.0.0.1:{port}/ui/builds?status=running")).await.unwrap();
+        if let Ok(a) = c.find(Locator::Css("#builds tbody tr.running a")).await {
+            break a.attr("href").await.unwrap().expect("a link");
+        }
+        assert!(Instant::now() < deadline, "the build never showed as running");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    c.goto(&format!("http://127.0.0.1:{port}{link}")).await.unwrap();
+    assert_eq!(c.find(Locator::Id("status")).await.unwrap().text().await.unwrap(), "running");
+    // Mark this page: the updates below come without a reload.
+    c.execute("window.hoistMarker = 1;", vec![]).await.unwrap();
+    let step = Locator::XPath("//li[contains(@class,'step')][.//code[starts-with(.,'RUN echo live-start')]]");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(li) = c.find(step).await {
+            let class = li.attr("class").await.unwrap().unwrap_or_default();
+            let log = match li.find(Locator::Css("details pre")).await {
+                Ok(pre) => pre.prop("textContent").await.unwrap().unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if class.contains("running") && log.contains("live-start") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the running step and its first output never showed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let marker = c.execute("return window.hoistMarker === 1;", vec![]).await.unwrap();
+    assert_eq!(marker, serde_json::json!(true), "the page was updated in place, not reloaded");
+    assert_eq!(c.find(Locator::Id("status")).await.unwrap().text().await.unwrap(), "running", "not over yet");
+
+    // It finishes: the page shows the finished record.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(s) = c.find(Locator::Id("status")).await {
+            if s.text().await.unwrap_or_default() == "ok" {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the page never showed the finished build");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(build.wait().unwrap().success());
+    let li = c.find(step).await.unwrap();
+    assert_eq!(li.find(Locator::Css(".state")).await.unwrap().text().await.unwrap(), "ran");
+    let duration = li.find(Locator::Css(".duration")).await.unwrap().text().await.unwrap();
+    let secs: f64 = duration.trim_end_matches('s').parse().unwrap();
+    assert!(secs >= 6.0, "it slept 6 s: {duration}");
+    let log = li.find(Locator::Css("details pre")).await.unwrap().prop("textContent").await.unwrap().unwrap_or_default();
+    assert!(log.contains("live-start") && log.contains("live-end"), "{log:?}");
+    c.close().await.unwrap();
+}

@@ -2,7 +2,7 @@
 //! instruction text, stage, start and end (ms from the build's start), cached or ran, and
 //! which lines of the build's log are its output.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use hoist_engine::progress::Event;
@@ -14,6 +14,7 @@ pub(crate) struct StepRecorder {
     t0: Option<Instant>,
     steps: Vec<v1::BuildStep>,
     index: HashMap<u32, usize>,
+    completed: HashSet<u32>,
 }
 
 impl StepRecorder {
@@ -37,6 +38,7 @@ impl StepRecorder {
             }
             Event::Completed { id, cached, error, .. } => {
                 let now = self.ms();
+                self.completed.insert(*id);
                 if let Some(s) = self.index.get(id).map(|&i| &mut self.steps[i]) {
                     s.end_ms = now;
                     s.cached = *cached;
@@ -57,6 +59,17 @@ impl StepRecorder {
     /// The steps, in the order they started.
     pub(crate) fn steps(&self) -> Vec<v1::BuildStep> {
         self.steps.clone()
+    }
+
+    /// The steps so far, each with whether it still runs (then it ends now).
+    pub(crate) fn live(&self) -> Vec<(v1::BuildStep, bool)> {
+        let now = self.ms();
+        let step = |s: &v1::BuildStep| {
+            let running = !self.completed.contains(&s.id);
+            let end_ms = if running { now.max(s.start_ms) } else { s.end_ms };
+            (v1::BuildStep { end_ms, ..s.clone() }, running)
+        };
+        self.steps.iter().map(step).collect()
     }
 }
 
@@ -112,6 +125,10 @@ mod tests {
         r.add(&Event::Log { id: 1, stream: 1, data: "one\ntwo\n".into() }, 2);
         r.add(&Event::Completed { id: 2, cached: true, seconds: 0.0, error: None }, 1);
         r.add(&Event::Completed { id: 1, cached: false, seconds: 0.0, error: Some("boom".into()) }, 1);
+        let live = r.live();
+        assert!(live.iter().all(|(_, running)| !running), "every step completed");
+        r.add(&Event::Started { id: 3, name: "[b 2/2] RUN z".into() }, 1);
+        assert_eq!(r.live().iter().map(|(s, running)| (s.id, *running)).collect::<Vec<_>>(), [(1, false), (2, false), (3, true)]);
         let s = r.steps();
         assert_eq!(
             (s[0].stage.as_str(), s[0].name.as_str(), s[0].cached, s[0].error.as_str(), s[0].log_lines),

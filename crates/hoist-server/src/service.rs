@@ -924,6 +924,16 @@ impl BuilderService {
             tags: req.tags.clone(),
             ..Default::default()
         };
+        // The web UI shows the build while it runs.
+        let live_log = log.clone();
+        let _live = self.ui.live(
+            &who.project,
+            &record,
+            Arc::new(move || {
+                let log = live_log.lock().unwrap_or_else(|e| e.into_inner());
+                (log.steps.live(), log.text.clone())
+            }),
+        );
         let result = match &slot {
             Some(_) => self.build_inner(who, &id, req, tx, cancel, session, log.clone(), &mut record).await,
             None => Err(Status::cancelled("build cancelled while it waited for a slot")),

@@ -6,13 +6,16 @@
 mod pages;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
+
+use hoist_proto::v1;
 
 use crate::auth::Caller;
 use crate::service::BuilderService;
@@ -30,6 +33,30 @@ pub struct Access {
     inner: Mutex<Grants>,
     base: std::sync::OnceLock<String>,
     secure: std::sync::OnceLock<bool>,
+    /// Builds running now, by (project, id).
+    live: Mutex<HashMap<(String, String), Live>>,
+}
+
+/// What a running build's record looks like now: its steps (each with whether it still
+/// runs) and its log so far.
+pub(crate) type Snapshot = Arc<dyn Fn() -> (Vec<(v1::BuildStep, bool)>, String) + Send + Sync>;
+
+/// A running build: the facts known at its start, and how to see the rest.
+struct Live {
+    record: v1::BuildRecord,
+    snapshot: Snapshot,
+}
+
+/// Shows a build as running until dropped.
+pub(crate) struct LiveGuard {
+    access: Arc<Access>,
+    key: (String, String),
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.access.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+    }
 }
 
 #[derive(Default)]
@@ -84,6 +111,40 @@ impl Access {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).sessions.remove(id);
     }
 
+    /// Show `record` (its id, start, who, tags) of `project` as running, its steps and log
+    /// from `snapshot`, until the guard is dropped.
+    pub(crate) fn live(self: &Arc<Self>, project: &str, record: &v1::BuildRecord, snapshot: Snapshot) -> LiveGuard {
+        let key = (project.to_string(), record.id.clone());
+        let live = Live { record: v1::BuildRecord { status: "running".into(), ..record.clone() }, snapshot };
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), live);
+        LiveGuard { access: self.clone(), key }
+    }
+
+    /// A running build of `project` as it is now, and which of its steps still run.
+    fn running(&self, project: &str, id: &str) -> Option<(v1::BuildRecord, Vec<bool>)> {
+        let (mut rec, snapshot) = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            let l = live.get(&(project.to_string(), id.to_string()))?;
+            (l.record.clone(), l.snapshot.clone())
+        };
+        let (steps, log) = snapshot();
+        let running = steps.iter().map(|(_, r)| *r).collect();
+        rec.steps = steps.into_iter().map(|(s, _)| s).collect();
+        crate::records::split_log(&log, &mut rec.steps);
+        rec.log = log;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        rec.seconds = (now - rec.started as f64).max(0.0);
+        Some((rec, running))
+    }
+
+    /// The running builds of `project`, newest first.
+    fn running_of(&self, project: &str) -> Vec<v1::BuildRecord> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = live.iter().filter(|((p, _), _)| p == project).map(|(_, l)| l.record.clone()).collect();
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        out
+    }
+
     /// `http://host:port` of the UI's own listener, if it has one.
     pub(crate) fn base(&self) -> Option<String> {
         self.base.get().cloned()
@@ -108,6 +169,7 @@ pub fn router(service: BuilderService) -> axum::Router {
         .route("/ui/signout", axum::routing::post(signout))
         .route("/ui/builds", get(builds_page))
         .route("/ui/builds/{id}", get(build_page))
+        .route("/ui/builds/{id}/events", get(build_events))
         .with_state(service)
 }
 
@@ -185,19 +247,49 @@ async fn signout(State(svc): State<BuilderService>, headers: HeaderMap) -> Respo
 async fn builds_page(State(svc): State<BuilderService>, headers: HeaderMap, Query(f): Query<pages::Filter>) -> Response {
     let Some(caller) = signed_in(&svc, &headers) else { return Redirect::to("/ui/signin").into_response() };
     match svc.builds_of(&caller.project, 200) {
-        Ok(builds) => Html(pages::builds(&caller, &builds, &f)).into_response(),
+        Ok(builds) => {
+            let all: Vec<_> = svc.ui.running_of(&caller.project).into_iter().chain(builds).collect();
+            Html(pages::builds(&caller, &all, &f)).into_response()
+        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string()).into_response(),
     }
 }
 
 async fn build_page(State(svc): State<BuilderService>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let Some(caller) = signed_in(&svc, &headers) else { return Redirect::to("/ui/signin").into_response() };
+    if let Some((b, running)) = svc.ui.running(&caller.project, &id) {
+        return Html(pages::build(&caller, &b, &running)).into_response();
+    }
     match svc.build_of(&caller.project, &id) {
-        Ok(Some(b)) => Html(pages::build(&caller, &b)).into_response(),
+        Ok(Some(b)) => Html(pages::build(&caller, &b, &[])).into_response(),
         // Another project's build is not found, and the page says nothing of it.
         Ok(None) => (StatusCode::NOT_FOUND, Html(pages::not_found(&caller))).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string()).into_response(),
     }
+}
+
+/// A running build's waterfall, every half second while it runs, then `done`.
+async fn build_events(State(svc): State<BuilderService>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let Some(caller) = signed_in(&svc, &headers) else { return StatusCode::UNAUTHORIZED.into_response() };
+    if svc.ui.running(&caller.project, &id).is_none() && !matches!(svc.build_of(&caller.project, &id), Ok(Some(_))) {
+        return (StatusCode::NOT_FOUND, Html(pages::not_found(&caller))).into_response();
+    }
+    let updates = futures::stream::unfold(false, move |ended| {
+        let (svc, project, id) = (svc.clone(), caller.project.clone(), id.clone());
+        async move {
+            if ended {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let ev = match svc.ui.running(&project, &id) {
+                Some((b, running)) => (SseEvent::default().data(pages::waterfall(&b.steps, &running)), false),
+                // (an event without data is never dispatched)
+                None => (SseEvent::default().event("done").data("over"), true),
+            };
+            Some((Ok::<_, std::convert::Infallible>(ev.0), ev.1))
+        }
+    });
+    Sse::new(updates).keep_alive(KeepAlive::default()).into_response()
 }
 
 #[cfg(test)]
@@ -231,6 +323,22 @@ mod tests {
         assert!(a.session("not-a-session", t0).is_none());
         a.end(&s);
         assert!(a.session(&s, t0).is_none());
+    }
+
+    #[test]
+    fn a_running_build_is_seen_by_its_project_until_it_ends() {
+        let a = Arc::new(Access::default());
+        let rec = v1::BuildRecord { id: "b1".into(), who: "ci".into(), ..Default::default() };
+        let step = v1::BuildStep { id: 1, name: "RUN x".into(), log_lines: 1, ..Default::default() };
+        let guard = a.live("p", &rec, Arc::new(move || (vec![(step.clone(), true)], "#1 [s 1/1] RUN x\n#1 out\n".into())));
+        let (b, running) = a.running("p", "b1").expect("running");
+        assert_eq!((b.status.as_str(), running), ("running", vec![true]));
+        assert_eq!(b.steps[0].log, "out\n", "the step's log so far");
+        assert!(a.running("other", "b1").is_none(), "another project sees nothing of it");
+        assert_eq!(a.running_of("p").len(), 1);
+        assert!(a.running_of("other").is_empty());
+        drop(guard);
+        assert!(a.running("p", "b1").is_none() && a.running_of("p").is_empty());
     }
 
     #[test]

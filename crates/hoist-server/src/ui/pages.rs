@@ -138,7 +138,7 @@ const MIN_WIDTH: f64 = 0.5;
 
 /// The bars of `steps` over a time axis from 0 to the latest end (at least 1 ms): each at
 /// its start, as wide as it took, never narrower than [`MIN_WIDTH`] nor past the end.
-pub(super) fn waterfall(steps: &[v1::BuildStep]) -> Vec<Bar> {
+pub(super) fn bars(steps: &[v1::BuildStep]) -> Vec<Bar> {
     let span = steps.iter().map(|s| s.end_ms).max().unwrap_or(0).max(1) as f64;
     steps
         .iter()
@@ -182,8 +182,9 @@ pub(super) fn strip_ansi(text: &str) -> String {
     out
 }
 
-/// One build: its facts, and a waterfall of its steps with their logs.
-pub(super) fn build(who: &Caller, b: &v1::BuildRecord) -> String {
+/// One build: its facts, and a waterfall of its steps with their logs; `running` says which
+/// steps still run (a running build's page follows it without a reload).
+pub(super) fn build(who: &Caller, b: &v1::BuildRecord, running: &[bool]) -> String {
     let mut body = format!(
         r#"<h1>build <span id="build-id">{id}</span></h1><dl class="facts"><dt>status</dt><dd id="status" class="{status}">{status}</dd><dt>started</dt><dd>{started} UTC</dd><dt>duration</dt><dd>{secs:.1}s</dd><dt>who</dt><dd>{who}</dd><dt>steps</dt><dd>{run} run, {cached} cached</dd><dt>context</dt><dd>{files} files sent ({sent}) of {entries}</dd><dt>tags</dt><dd>{tags}</dd><dt>image</dt><dd><code>{image}</code></dd></dl>"#,
         id = esc(&b.id),
@@ -202,9 +203,30 @@ pub(super) fn build(who: &Caller, b: &v1::BuildRecord) -> String {
     if !b.error.is_empty() {
         let _ = write!(body, r#"<p class="error">{}</p>"#, esc(&b.error));
     }
-    body.push_str(r#"<h2>steps</h2><ol id="waterfall" class="waterfall">"#);
-    for (s, bar) in b.steps.iter().zip(waterfall(&b.steps)) {
-        let state = if !s.error.is_empty() {
+    body.push_str("<h2>steps</h2>");
+    body.push_str(&waterfall(&b.steps, running));
+    if b.status == "running" {
+        body.push_str(LIVE_SCRIPT);
+    }
+    page(&format!("build {}", b.id), Some(who), &body)
+}
+
+/// Replaces the waterfall with each update of the build's event stream; reloads when the
+/// build is over (its record is then complete).
+const LIVE_SCRIPT: &str = r#"<script>
+const updates = new EventSource(location.pathname + "/events");
+updates.onmessage = (e) => { document.getElementById("waterfall").outerHTML = e.data; };
+updates.addEventListener("done", () => { updates.close(); location.reload(); });
+</script>"#;
+
+/// The waterfall of `steps`: a bar per step on the time axis, its instruction, duration and
+/// state (running, cached, ran, failed), and its log collapsed.
+pub(super) fn waterfall(steps: &[v1::BuildStep], running: &[bool]) -> String {
+    let mut body = String::from(r#"<ol id="waterfall" class="waterfall">"#);
+    for (i, (s, bar)) in steps.iter().zip(bars(steps)).enumerate() {
+        let state = if running.get(i).copied().unwrap_or(false) {
+            "running"
+        } else if !s.error.is_empty() {
             "failed"
         } else if s.cached {
             "cached"
@@ -235,7 +257,7 @@ pub(super) fn build(who: &Caller, b: &v1::BuildRecord) -> String {
         );
     }
     body.push_str("</ol>");
-    page(&format!("build {}", b.id), Some(who), &body)
+    body
 }
 
 #[cfg(test)]
@@ -248,14 +270,14 @@ mod tests {
 
     #[test]
     fn bars_sit_at_their_start_and_are_as_wide_as_they_took() {
-        let bars = waterfall(&[step(1, 0, 500, false), step(2, 500, 1000, false), step(3, 250, 250, true)]);
-        assert_eq!(bars[0], Bar { left: 0.0, width: 50.0 });
-        assert_eq!(bars[1], Bar { left: 50.0, width: 50.0 });
-        assert_eq!(bars[2], Bar { left: 25.0, width: MIN_WIDTH }, "a cached step is still seen");
-        let end = waterfall(&[step(1, 1000, 1000, true)]);
+        let b = bars(&[step(1, 0, 500, false), step(2, 500, 1000, false), step(3, 250, 250, true)]);
+        assert_eq!(b[0], Bar { left: 0.0, width: 50.0 });
+        assert_eq!(b[1], Bar { left: 50.0, width: 50.0 });
+        assert_eq!(b[2], Bar { left: 25.0, width: MIN_WIDTH }, "a cached step is still seen");
+        let end = bars(&[step(1, 1000, 1000, true)]);
         assert!(end[0].left + end[0].width <= 100.0, "never past the end: {:?}", end[0]);
-        assert!(waterfall(&[]).is_empty());
-        assert_eq!(waterfall(&[step(1, 0, 0, true)])[0], Bar { left: 0.0, width: MIN_WIDTH }, "a build of no time");
+        assert!(bars(&[]).is_empty());
+        assert_eq!(bars(&[step(1, 0, 0, true)])[0], Bar { left: 0.0, width: MIN_WIDTH }, "a build of no time");
     }
 
     #[test]
@@ -285,7 +307,7 @@ mod tests {
         s.log = "<b>\u{1b}[32mok\u{1b}[0m</b>\n".into();
         s.log_lines = 1;
         let b = v1::BuildRecord { id: "x".into(), steps: vec![s], ..Default::default() };
-        let html = build(&who, &b);
+        let html = build(&who, &b, &[]);
         assert!(!html.contains("<script>") && html.contains("RUN echo &#39;&lt;script&gt;&#39;"), "{html}");
         assert!(html.contains("&lt;b&gt;ok&lt;/b&gt;"), "{html}");
         assert!(html.contains("&lt;me&gt;"));
