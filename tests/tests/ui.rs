@@ -161,6 +161,29 @@ async fn the_waterfall_of_a_two_stage_build_in_a_browser_and_only_for_its_projec
     c.goto(&format!("http://127.0.0.1:{port}/ui/builds?status=failed")).await.unwrap();
     assert!(c.find_all(Locator::Css("#builds tbody tr")).await.unwrap().is_empty(), "both builds succeeded");
 
+    // The project page: today's hit rate over both builds, and the slowest steps that ran.
+    let ls = alice.cmd().args(["builds", "ls"]).output().unwrap();
+    let (mut run, mut cached) = (0u32, 0u32);
+    for l in String::from_utf8_lossy(&ls.stdout).lines().skip(1) {
+        let cols: Vec<&str> = l.split('\t').collect();
+        run += cols[5].parse::<u32>().unwrap();
+        cached += cols[6].parse::<u32>().unwrap();
+    }
+    assert!(cached > 0 && run > 0, "{}", String::from_utf8_lossy(&ls.stdout));
+    c.find(Locator::LinkText("project")).await.unwrap().click().await.unwrap();
+    let day = c.find(Locator::Css("#days tbody tr")).await.expect("a day").text().await.unwrap();
+    let rate = (f64::from(cached) * 100.0 / f64::from(run + cached)).round();
+    assert!(day.contains(&format!(" 2 {run} {cached} {rate:.0}%")), "{day:?}: 2 builds, {run} run, {cached} cached");
+    let mut last = f64::MAX;
+    let mut names = Vec::new();
+    for row in c.find_all(Locator::Css("#slowest tbody tr")).await.unwrap() {
+        let d: f64 = row.find(Locator::Css(".duration")).await.unwrap().text().await.unwrap().trim_end_matches('s').parse().unwrap();
+        assert!(d <= last, "slowest first");
+        last = d;
+        names.push(row.find(Locator::Css(".name")).await.unwrap().text().await.unwrap());
+    }
+    assert!(names.iter().any(|n| n.starts_with("RUN echo deps-ready")), "{names:?}");
+
     // The build: every step on the waterfall with its duration and cached state.
     c.goto(&format!("http://127.0.0.1:{port}/ui/builds/{id}")).await.unwrap();
     let items = c.find_all(Locator::Css("#waterfall li.step")).await.unwrap();

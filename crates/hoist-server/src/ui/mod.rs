@@ -168,6 +168,7 @@ pub fn router(service: BuilderService) -> axum::Router {
         .route("/ui/signin", get(signin_page).post(signin))
         .route("/ui/signout", axum::routing::post(signout))
         .route("/ui/builds", get(builds_page))
+        .route("/ui/project", get(project_page))
         .route("/ui/builds/{id}", get(build_page))
         .route("/ui/builds/{id}/events", get(build_events))
         .with_state(service)
@@ -251,6 +252,17 @@ async fn builds_page(State(svc): State<BuilderService>, headers: HeaderMap, Quer
             let all: Vec<_> = svc.ui.running_of(&caller.project).into_iter().chain(builds).collect();
             Html(pages::builds(&caller, &all, &f)).into_response()
         }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string()).into_response(),
+    }
+}
+
+/// The builds the project page sums up.
+const PROJECT_BUILDS: usize = 200;
+
+async fn project_page(State(svc): State<BuilderService>, headers: HeaderMap) -> Response {
+    let Some(caller) = signed_in(&svc, &headers) else { return Redirect::to("/ui/signin").into_response() };
+    match svc.builds_of(&caller.project, PROJECT_BUILDS) {
+        Ok(builds) => Html(pages::project(&caller, &builds)).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string()).into_response(),
     }
 }

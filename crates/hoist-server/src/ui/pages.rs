@@ -27,7 +27,7 @@ fn esc(s: &str) -> String {
 fn page(title: &str, who: Option<&Caller>, body: &str) -> String {
     let nav = match who {
         Some(c) => format!(
-            r#"<nav><a href="/ui/builds">builds</a> <span class="who">project <b id="project">{}</b> as {}</span> <form method="post" action="/ui/signout"><button>sign out</button></form></nav>"#,
+            r#"<nav><a href="/ui/builds">builds</a> <a href="/ui/project">project</a> <span class="who">project <b id="project">{}</b> as {}</span> <form method="post" action="/ui/signout"><button>sign out</button></form></nav>"#,
             esc(&c.project),
             esc(&c.who)
         ),
@@ -211,6 +211,67 @@ pub(super) fn build(who: &Caller, b: &v1::BuildRecord, running: &[bool]) -> Stri
     page(&format!("build {}", b.id), Some(who), &body)
 }
 
+/// A day's builds of a project: how many, and steps run and cached.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Day {
+    pub day: String,
+    pub builds: u32,
+    pub run: u32,
+    pub cached: u32,
+}
+
+/// Per UTC day, newest first: builds and their steps run and cached.
+pub(super) fn days(builds: &[v1::BuildRecord]) -> Vec<Day> {
+    let mut days: std::collections::BTreeMap<String, Day> = std::collections::BTreeMap::new();
+    for b in builds {
+        let day = when(b.started).chars().take(10).collect::<String>();
+        let d = days.entry(day.clone()).or_insert_with(|| Day { day, ..Default::default() });
+        d.builds += 1;
+        d.run += b.steps_run;
+        d.cached += b.steps_cached;
+    }
+    days.into_values().rev().collect()
+}
+
+/// The `n` slowest steps that ran (not from the cache) across `builds`: (build id, step).
+pub(super) fn slowest(builds: &[v1::BuildRecord], n: usize) -> Vec<(&str, &v1::BuildStep)> {
+    let mut all: Vec<_> = builds.iter().flat_map(|b| b.steps.iter().filter(|s| !s.cached).map(move |s| (b.id.as_str(), s))).collect();
+    all.sort_by_key(|(_, s)| std::cmp::Reverse(s.end_ms.saturating_sub(s.start_ms)));
+    all.truncate(n);
+    all
+}
+
+/// The project page: cache hit rate per day and the slowest steps of recent builds.
+pub(super) fn project(who: &Caller, builds: &[v1::BuildRecord]) -> String {
+    let mut body = format!(
+        r#"<h1>project {}</h1><p>Over the last {} builds.</p><h2>cache hits per day</h2><table id="days"><thead><tr><th>day (UTC)</th><th>builds</th><th>steps run</th><th>cached</th><th>hit rate</th></tr></thead><tbody>"#,
+        esc(&who.project),
+        builds.len()
+    );
+    for d in days(builds) {
+        let total = d.run + d.cached;
+        let rate = if total == 0 { "-".to_string() } else { format!("{:.0}%", f64::from(d.cached) * 100.0 / f64::from(total)) };
+        let _ = write!(
+            body,
+            r#"<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class="rate">{rate}</td></tr>"#,
+            d.day, d.builds, d.run, d.cached
+        );
+    }
+    body.push_str(r#"</tbody></table><h2>slowest steps</h2><table id="slowest"><thead><tr><th>duration</th><th>stage</th><th>instruction</th><th>build</th></tr></thead><tbody>"#);
+    for (id, s) in slowest(builds, 10) {
+        let _ = write!(
+            body,
+            r#"<tr><td class="duration">{}</td><td>{}</td><td><code class="name">{}</code></td><td><a href="/ui/builds/{id}">{id}</a></td></tr>"#,
+            seconds(s.end_ms.saturating_sub(s.start_ms)),
+            esc(&s.stage),
+            esc(&s.name),
+            id = esc(id),
+        );
+    }
+    body.push_str("</tbody></table>");
+    page("project", Some(who), &body)
+}
+
 /// Replaces the waterfall with each update of the build's event stream; reloads when the
 /// build is over (its record is then complete).
 const LIVE_SCRIPT: &str = r#"<script>
@@ -290,6 +351,28 @@ mod tests {
         assert!(!f("other", ""));
         assert!(!f("", "failed"));
         assert!(!f("app", "o"), "a status matches exactly");
+    }
+
+    #[test]
+    fn hit_rate_per_day_and_the_slowest_steps_that_ran() {
+        let rec = |id: &str, started: i64, run: u32, cached: u32, steps: Vec<v1::BuildStep>| v1::BuildRecord {
+            id: id.into(),
+            started,
+            steps_run: run,
+            steps_cached: cached,
+            steps,
+            ..Default::default()
+        };
+        let builds = [
+            rec("b3", 86_400 + 10, 1, 3, vec![step(1, 0, 9000, true), step(2, 0, 300, false)]),
+            rec("b2", 86_400, 0, 4, vec![]),
+            rec("b1", 5, 4, 0, vec![step(1, 0, 2000, false), step(2, 2000, 2100, false)]),
+        ];
+        let d = days(&builds);
+        assert_eq!(d[0], Day { day: "1970-01-02".into(), builds: 2, run: 1, cached: 7 });
+        assert_eq!(d[1], Day { day: "1970-01-01".into(), builds: 1, run: 4, cached: 0 });
+        let slow: Vec<_> = slowest(&builds, 2).into_iter().map(|(id, s)| (id, s.id)).collect();
+        assert_eq!(slow, [("b1", 1), ("b3", 2)], "cached steps are not slow steps");
     }
 
     #[test]
