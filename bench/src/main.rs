@@ -23,8 +23,20 @@ use hoist_bench::stats::{median, ratio};
 use hoist_bench::workloads::{self, Workload};
 use serde_json::json;
 
-const SCENARIOS: &[&str] =
-    &["cold", "warm", "incremental", "teammate", "teammate-load", "teammate-push", "teammate-other-node", "load", "warm-load", "incremental-load", "push", "docker-archive"];
+const SCENARIOS: &[&str] = &[
+    "cold",
+    "warm",
+    "incremental",
+    "teammate",
+    "teammate-load",
+    "teammate-push",
+    "teammate-other-node",
+    "load",
+    "warm-load",
+    "incremental-load",
+    "push",
+    "docker-archive",
+];
 const TOOLS: &[&str] = &["hoist", "buildkit", "buildah"];
 
 #[derive(Parser, Debug)]
@@ -1787,8 +1799,15 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
     if scenarios.iter().any(|s| s.ends_with("load")) {
         let _ = writeln!(out, "\nGoals (issue 18, the edit-rebuild-run loop: the image ends in the local engine)\n");
         for w in workloads {
-            for (s, what, max) in [("load", "cold build", 1.0), ("incremental-load", "incremental build", 0.7), ("warm-load", "warm build", 0.3)] {
-                out += &goal(&format!("{w}: {what} + --load, hoist / BuildKit"), ratio(r.secs(w, s, "hoist"), r.secs(w, s, "buildkit")), max, true);
+            for (s, what, max) in
+                [("load", "cold build", 1.0), ("incremental-load", "incremental build", 0.7), ("warm-load", "warm build", 0.3)]
+            {
+                out += &goal(
+                    &format!("{w}: {what} + --load, hoist / BuildKit"),
+                    ratio(r.secs(w, s, "hoist"), r.secs(w, s, "buildkit")),
+                    max,
+                    true,
+                );
             }
         }
     }

@@ -135,7 +135,8 @@ pub fn parse(s: &str) -> anyhow::Result<OutputSpec> {
                 OutputSpec { kind: Kind::Docker(v1::DockerArchiveOutput { names: a.names() }), dest: a.dest()? }
             } else {
                 // No file: load it into the local engine, as buildx does.
-                let export = v1::ClientExportOutput { names: a.names(), platform: String::new(), compression: a.compression()? };
+                let export =
+                    v1::ClientExportOutput { names: a.names(), platform: String::new(), compression: a.compression()?, early: false };
                 OutputSpec { kind: Kind::ClientExport(export), dest: Dest::Engine }
             }
         }

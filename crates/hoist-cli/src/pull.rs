@@ -44,7 +44,8 @@ pub async fn run(args: PullArgs) -> anyhow::Result<()> {
         .with_context(|| format!("hoist pull {}", args.name))?
         .into_inner();
     let tags = if args.tags.is_empty() { session.tags.clone() } else { args.tags.clone() };
-    let report = hoist_client::load::load(&client, &engine, &session, &tags).await.with_context(|| format!("hoist pull {}", args.name))?;
+    let report =
+        hoist_client::load::load(&client, &engine, &session, &tags, None).await.with_context(|| format!("hoist pull {}", args.name))?;
     eprintln!("hoist: {} (saved by build {})", report.line("pull"), session.build_id);
     println!("{}", report.image_id);
     Ok(())

@@ -168,6 +168,9 @@ where
     let r = run(parts, sinks, observer, cancel).await;
     if !matches!(r, Ok(BuildOutcome::Finished(_))) {
         abort_all(sinks);
+        for s in sinks.iter_mut().flatten() {
+            s.clean_up().await;
+        }
     }
     r
 }

@@ -152,6 +152,10 @@ pub struct LoadReport {
     pub blobs_served: u64,
     /// Everything sent to the engine (layers, config, archive framing).
     pub bytes_served: u64,
+    /// Layers (and their bytes) the engine imported while the build ran ([`EarlyLoads`]).
+    pub early_layers: u64,
+    /// The bytes of those layers.
+    pub early_bytes: u64,
     /// Layers the engine's pull progress said it pulled (registry path).
     pub engine_pulled: u64,
     /// Layers the engine's pull progress said it had (registry path).
@@ -182,6 +186,9 @@ impl LoadReport {
         if self.path == LoadPath::Registry {
             s.push_str(&format!(" (engine: {} pulled, {} already exist)", self.engine_pulled, self.engine_existing));
         }
+        if self.early_layers > 0 {
+            s.push_str(&format!("; {} layer(s) ({}) imported while building", self.early_layers, human_bytes(self.early_bytes)));
+        }
         if let Some(why) = &self.why {
             s.push_str(&format!(" [archive because {why}]"));
         }
@@ -210,12 +217,129 @@ fn repo_and_tag(t: &str) -> Result<(String, String), LoadError> {
     Ok(archive::repo_and_tag(t)?)
 }
 
-/// Load `session`'s image into `engine` with `tags`, then release the session.
-pub async fn load(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> Result<LoadReport, LoadError> {
-    let r = load_inner(client, engine, session, tags).await;
-    let mut c = client.clone();
-    let _ = c.release_export(v1::ReleaseExportRequest { session: session.id.clone() }).await;
+/// Load `session`'s image into `engine` with `tags`, then release the session. `early`
+/// (the provisional images imported while the build ran) is settled first — the import
+/// under way finishes, so the final pull finds its layers — and removed afterwards.
+pub async fn load(
+    client: &Client,
+    engine: &DockerEngine,
+    session: &v1::ExportSession,
+    tags: &[String],
+    early: Option<EarlyLoads>,
+) -> Result<LoadReport, LoadError> {
+    let early = match early {
+        Some(e) => Some(e.settle().await),
+        None => None,
+    };
+    let mut r = load_inner(client, engine, session, tags).await;
+    if let Some(done) = early {
+        if let Ok(report) = &mut r {
+            report.early_layers = done.layers;
+            report.early_bytes = done.bytes;
+        }
+        // The final image holds their layers now (or the load failed): the provisional
+        // names go either way.
+        for temp_ref in &done.refs {
+            if let Err(e) = remove_temp_ref(&engine.docker, temp_ref).await {
+                r = r.and(Err(e));
+            }
+        }
+    }
+    release(client, &session.id).await;
     r
+}
+
+async fn release(client: &Client, session: &str) {
+    let mut c = client.clone();
+    let _ = c.release_export(v1::ReleaseExportRequest { session: session.to_string() }).await;
+}
+
+/// Provisional images of the image's lower layers (`ExportSession.provisional`) that the
+/// engine imports while the build goes on, one at a time, the newest offered first: when
+/// the build ends, only the layers above them move. Each leaves a temporary reference in
+/// the engine, removed by [`load`] or [`EarlyLoads::discard`].
+pub struct EarlyLoads {
+    tx: mpsc::UnboundedSender<v1::ExportSession>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    done: std::sync::Arc<std::sync::Mutex<EarlyDone>>,
+}
+
+/// What the provisional imports did.
+#[derive(Debug, Default, Clone)]
+pub struct EarlyDone {
+    /// Temporary references made (or being made) in the engine.
+    pub refs: Vec<String>,
+    /// Layers the engine pulled, and their bytes.
+    pub layers: u64,
+    /// The bytes of those layers.
+    pub bytes: u64,
+}
+
+impl EarlyLoads {
+    /// Start taking provisional sessions for `engine`.
+    pub fn start(client: Client, engine: DockerEngine) -> EarlyLoads {
+        let (tx, mut rx) = mpsc::unbounded_channel::<v1::ExportSession>();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let done = std::sync::Arc::new(std::sync::Mutex::new(EarlyDone::default()));
+        let (stop2, done2) = (stop.clone(), done.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    s = rx.recv() => s,
+                    _ = stop2.cancelled() => None,
+                };
+                let Some(mut session) = next else { break };
+                while let Ok(newer) = rx.try_recv() {
+                    release(&client, &session.id).await;
+                    session = newer;
+                }
+                if stop2.is_cancelled() {
+                    release(&client, &session.id).await;
+                    break;
+                }
+                let record = |r: &str| done2.lock().unwrap_or_else(|e| e.into_inner()).refs.push(r.to_string());
+                // Early imports only save time: one that fails leaves its layers to the
+                // final load.
+                if let Ok(p) = pull_session(&client, &engine, &session, record).await {
+                    let mut d = done2.lock().unwrap_or_else(|e| e.into_inner());
+                    d.layers += p.served.0;
+                    d.bytes += p.served.1;
+                }
+                release(&client, &session.id).await;
+            }
+            rx.close();
+            while let Ok(s) = rx.try_recv() {
+                release(&client, &s.id).await;
+            }
+        });
+        EarlyLoads { tx, stop, task, done }
+    }
+
+    /// Offer a provisional session (the newest replaces any not yet started).
+    pub fn offer(&self, session: v1::ExportSession) {
+        let _ = self.tx.send(session);
+    }
+
+    /// Take no more; let the import under way finish.
+    async fn settle(self) -> EarlyDone {
+        self.stop.cancel();
+        let _ = self.task.await;
+        let d = self.done.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        d
+    }
+
+    /// The build failed or was cancelled: stop the import under way and remove every
+    /// provisional image from `engine`.
+    pub async fn discard(self, engine: &DockerEngine) {
+        self.stop.cancel();
+        self.task.abort();
+        let _ = self.task.await;
+        let refs = self.done.lock().unwrap_or_else(|e| e.into_inner()).refs.clone();
+        for r in refs {
+            let _ = remove_temp_ref(&engine.docker, &r).await;
+        }
+    }
 }
 
 async fn load_inner(client: &Client, engine: &DockerEngine, session: &v1::ExportSession, tags: &[String]) -> Result<LoadReport, LoadError> {
@@ -250,6 +374,8 @@ async fn load_inner(client: &Client, engine: &DockerEngine, session: &v1::Export
             layer_bytes_moved: 0,
             blobs_served: 0,
             bytes_served: 0,
+            early_layers: 0,
+            early_bytes: 0,
             engine_pulled: 0,
             engine_existing: 0,
             seconds: started.elapsed().as_secs_f64(),
@@ -292,13 +418,27 @@ fn unreachable_message(m: &str) -> bool {
         .any(|p| m.contains(p))
 }
 
-async fn load_registry(
+/// What one pull from the loopback registry did.
+struct Pulled {
+    /// The temporary reference the engine keeps the image under.
+    temp_ref: String,
+    /// (distinct layers fetched, layer bytes sent, blob GETs, all blob bytes sent).
+    served: (u64, u64, u64, u64),
+    /// Layers the engine pulled, and those it had.
+    engine_pulled: u64,
+    engine_existing: u64,
+    /// Layers of the image.
+    layers: u64,
+}
+
+/// Have the engine pull `session`'s image (the engine's platform) from a loopback registry
+/// serving it, by digest. `named` learns the temporary reference before the pull starts.
+async fn pull_session(
     client: &Client,
     engine: &DockerEngine,
     session: &v1::ExportSession,
-    tags: &[String],
-) -> Result<LoadReport, RegistryLoadError> {
-    let started = Instant::now();
+    named: impl FnOnce(&str),
+) -> Result<Pulled, RegistryLoadError> {
     let docker = &engine.docker;
     let repository = format!("hoist-load/{}", hoist_oci::random::hex(8));
     let temp_tag = "load";
@@ -306,7 +446,7 @@ async fn load_registry(
     let chosen = pick_manifest(session, &engine.platform)?;
     let manifest_digest: Digest =
         chosen.digest.parse().map_err(|_| LoadError::Export(format!("the builder sent an invalid manifest digest {:?}", chosen.digest)))?;
-    let layer_count = content
+    let layers = content
         .documents
         .get(&manifest_digest)
         .and_then(|(_, b)| serde_json::from_slice::<Manifest>(b).ok())
@@ -319,6 +459,7 @@ async fn load_registry(
     // Pulled by the digest of the engine's platform's manifest: the engine keeps just that
     // one digest reference, which is the one temporary name to remove afterwards.
     let temp_ref = format!("{from}@{}", chosen.digest);
+    named(&temp_ref);
     let opts = bollard::query_parameters::CreateImageOptions {
         from_image: Some(from.clone()),
         tag: Some(chosen.digest.clone()),
@@ -345,13 +486,37 @@ async fn load_registry(
         }
     }
     drop(stream);
-    let (layers_moved, layer_bytes, blobs, bytes) = registry.served.totals();
+    let served = registry.served.totals();
     registry.stop().await;
     if let Some(m) = failure {
         return Err(if unreachable_message(&m) { RegistryLoadError::Unreachable(m) } else { RegistryLoadError::Other(LoadError::Pull(m)) });
     }
     let engine_existing = last.values().filter(|s| s.as_str() == "Already exists").count() as u64;
     let engine_pulled = last.values().filter(|s| s.as_str() == "Pull complete").count() as u64;
+    Ok(Pulled { temp_ref, served, engine_pulled, engine_existing, layers })
+}
+
+/// Remove a temporary reference the engine keeps an image under (gone already: fine).
+async fn remove_temp_ref(docker: &Docker, temp_ref: &str) -> Result<(), LoadError> {
+    let noprune = bollard::query_parameters::RemoveImageOptionsBuilder::new().noprune(true).build();
+    match docker.remove_image(temp_ref, Some(noprune), None).await {
+        Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+        Err(e) => Err(engine_err(format!("removing the temporary reference {temp_ref}"))(e)),
+    }
+}
+
+async fn load_registry(
+    client: &Client,
+    engine: &DockerEngine,
+    session: &v1::ExportSession,
+    tags: &[String],
+) -> Result<LoadReport, RegistryLoadError> {
+    let started = Instant::now();
+    let docker = &engine.docker;
+    let chosen = pick_manifest(session, &engine.platform)?;
+    let pulled = pull_session(client, engine, session, |_| {}).await?;
+    let (layers_moved, layer_bytes, blobs, bytes) = pulled.served;
+    let temp_ref = pulled.temp_ref;
     // The image id is its config's digest (the engine verified it while pulling).
     let image_id = chosen.config_digest.clone();
     let temp = temp_ref.as_str();
@@ -364,23 +529,21 @@ async fn load_registry(
         r?;
     }
     // The temporary name goes (the tags keep the image).
-    let noprune = bollard::query_parameters::RemoveImageOptionsBuilder::new().noprune(true).build();
-    match docker.remove_image(&temp_ref, Some(noprune), None).await {
-        Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
-        Err(e) => return Err(engine_err(format!("removing the temporary reference {temp_ref}"))(e).into()),
-    }
+    remove_temp_ref(docker, &temp_ref).await?;
     Ok(LoadReport {
         path: LoadPath::Registry,
         why: None,
         tags: tags.to_vec(),
         image_id,
-        layers: layer_count,
+        layers: pulled.layers,
         layers_moved,
         layer_bytes_moved: layer_bytes,
         blobs_served: blobs,
         bytes_served: bytes,
-        engine_pulled,
-        engine_existing,
+        early_layers: 0,
+        early_bytes: 0,
+        engine_pulled: pulled.engine_pulled,
+        engine_existing: pulled.engine_existing,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -546,6 +709,8 @@ async fn load_archive(
         layer_bytes_moved: layer_bytes,
         blobs_served: layers_moved + 1,
         bytes_served,
+        early_layers: 0,
+        early_bytes: 0,
         engine_pulled: 0,
         engine_existing: 0,
         seconds: started.elapsed().as_secs_f64(),
@@ -592,6 +757,8 @@ mod tests {
             layer_bytes_moved: 2048,
             blobs_served: 2,
             bytes_served: 3000,
+            early_layers: 0,
+            early_bytes: 0,
             engine_pulled: 1,
             engine_existing: 3,
             seconds: 0.25,

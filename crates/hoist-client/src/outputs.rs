@@ -91,7 +91,7 @@ impl OutputSpec {
 
     /// `--load`.
     pub fn load() -> OutputSpec {
-        let export = v1::ClientExportOutput { names: Vec::new(), platform: String::new(), compression: None };
+        let export = v1::ClientExportOutput { names: Vec::new(), platform: String::new(), compression: None, early: false };
         OutputSpec { kind: Kind::ClientExport(export), dest: Dest::Engine }
     }
 
@@ -142,9 +142,14 @@ impl OutputSpec {
     /// (nothing to save on a loopback link) and gzip otherwise, unless the output says.
     pub fn to_proto_for(&self, sink: Option<&OutputSink>, local_builder: bool) -> v1::Output {
         match (&self.kind, sink) {
-            (Kind::ClientExport(c), Some(OutputSink::Load { engine, .. })) => {
+            (Kind::ClientExport(c), Some(OutputSink::Load { engine, tags, .. })) => {
                 let mut c = c.clone();
                 c.platform = engine.platform.clone();
+                // The engine imports the lower layers while the build runs when it pulls
+                // from this machine's loopback ([`crate::load`]); `HOIST_LOAD_EARLY=0` waits
+                // for the whole image.
+                let env = |k: &str, v: &str| std::env::var(k).is_ok_and(|x| x == v);
+                c.early = engine.remote.is_none() && !tags.is_empty() && !env("HOIST_LOAD_VIA", "archive") && !env("HOIST_LOAD_EARLY", "0");
                 // Uncompressed only where no network is crossed: a builder and an engine here.
                 let nearby = local_builder && engine.remote.is_none();
                 c.compression.get_or_insert_with(|| {
@@ -223,6 +228,8 @@ pub enum OutputSink {
         tags: Vec<String>,
         /// The running load.
         task: Option<JoinHandle<Result<LoadReport, LoadError>>>,
+        /// Provisional images imported while the build runs (`early` exports).
+        early: Option<crate::load::EarlyLoads>,
     },
 }
 
@@ -254,19 +261,26 @@ impl Read for ChannelReader {
 impl OutputSink {
     async fn load(tags: &[String]) -> Result<OutputSink, OutputError> {
         let engine = DockerEngine::connect("--load").await.map_err(OutputError::Engine)?;
-        Ok(OutputSink::Load { engine, tags: tags.to_vec(), task: None })
+        Ok(OutputSink::Load { engine, tags: tags.to_vec(), task: None, early: None })
     }
 
     /// The builder exported the images of this output: load them (in the background, so
     /// that the build's other outputs, e.g. a push, proceed meanwhile).
     pub fn start_export(&mut self, client: &Client, session: v1::ExportSession) -> Result<(), OutputError> {
         match self {
-            OutputSink::Load { engine, tags, task } => {
+            OutputSink::Load { engine, tags, task, early } => {
+                if session.provisional {
+                    // (One that comes after the image is not used; the builder drops it.)
+                    if task.is_none() {
+                        early.get_or_insert_with(|| crate::load::EarlyLoads::start(client.clone(), engine.clone())).offer(session);
+                    }
+                    return Ok(());
+                }
                 if task.is_some() {
                     return Err(OutputError::Unexpected("the builder exported the --load image twice".into()));
                 }
-                let (client, engine, tags) = (client.clone(), engine.clone(), tags.clone());
-                *task = Some(tokio::spawn(async move { crate::load::load(&client, &engine, &session, &tags).await }));
+                let (client, engine, tags, early) = (client.clone(), engine.clone(), tags.clone(), early.take());
+                *task = Some(tokio::spawn(async move { crate::load::load(&client, &engine, &session, &tags, early).await }));
                 Ok(())
             }
             other => {
@@ -391,6 +405,16 @@ impl OutputSink {
             OutputSink::Stdout { .. } => {}
         }
     }
+
+    /// After [`OutputSink::abort`]: remove what a load imported before the build failed
+    /// (its provisional images).
+    pub async fn clean_up(&mut self) {
+        if let OutputSink::Load { engine, early, .. } = self {
+            if let Some(e) = early.take() {
+                e.discard(engine).await;
+            }
+        }
+    }
 }
 
 /// Finish every sink whose output the builder sent but did not end (a load waits for the
@@ -409,6 +433,7 @@ pub async fn finish_sinks(sinks: &mut [Option<OutputSink>]) -> Result<Vec<String
         let what = s.describe();
         for s in sinks.iter_mut().flatten() {
             s.abort();
+            s.clean_up().await;
         }
         return Err(OutputError::Missing(what));
     }
@@ -457,7 +482,7 @@ mod tests {
             return;
         }
         let engine = DockerEngine { docker: docker.unwrap(), platform: "linux/arm64/v8".into(), remote: None };
-        let sink = OutputSink::Load { engine, tags: vec![], task: None };
+        let sink = OutputSink::Load { engine, tags: vec![], task: None, early: None };
         let export = |o: v1::Output| match o.kind {
             Some(Kind::ClientExport(c)) => c,
             other => panic!("a load is a client export, not {other:?}"),
@@ -467,8 +492,19 @@ mod tests {
         assert_eq!(local.compression.unwrap().r#type, v1::CompressionType::CompressionUncompressed as i32);
         let remote = export(OutputSpec::load().to_proto_for(Some(&sink), false));
         assert_eq!(remote.compression, gz(6, false));
+        assert!(!local.early, "an untagged image comes as an archive: nothing to import early");
+        let OutputSink::Load { engine, .. } = sink else { unreachable!() };
+        let tagged = OutputSink::Load { engine: engine.clone(), tags: vec!["app:1".into()], task: None, early: None };
+        assert!(
+            export(OutputSpec::load().to_proto_for(Some(&tagged), true)).early,
+            "a tagged load into this machine's engine imports early"
+        );
+        let far = DockerEngine { remote: Some("DOCKER_HOST names another machine".into()), ..engine };
+        let far = OutputSink::Load { engine: far, tags: vec!["app:1".into()], task: None, early: None };
+        assert!(!export(OutputSpec::load().to_proto_for(Some(&far), true)).early, "a remote engine gets an archive");
+        let sink = tagged;
         let zstd = v1::LayerCompression { r#type: v1::CompressionType::CompressionZstd as i32, level: None, force: false };
-        let own = v1::ClientExportOutput { names: vec![], platform: String::new(), compression: Some(zstd) };
+        let own = v1::ClientExportOutput { names: vec![], platform: String::new(), compression: Some(zstd), early: false };
         let docker = export(OutputSpec { kind: Kind::ClientExport(own), dest: Dest::Engine }.to_proto_for(Some(&sink), false));
         assert_eq!(docker.compression.unwrap().r#type, v1::CompressionType::CompressionZstd as i32, "an explicit compression wins");
         let oci =

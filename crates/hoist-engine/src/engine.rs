@@ -195,9 +195,23 @@ pub struct BuildRequest {
     /// a new layer of the target image is compressed as soon as its step ends, while
     /// later steps run, instead of after the build ([`Engine::layer_blob`]).
     pub eager_blobs: Option<crate::export::LayerCompression>,
+    /// Where to announce the target image's lower layers as soon as they are final (its
+    /// base once pulled, then the layers up to each step of it that ran), so that an output
+    /// can start moving them while the build goes on (`--load`'s early import).
+    pub early_layers: Option<tokio::sync::mpsc::UnboundedSender<EarlyLayers>>,
     /// What the outputs need of the result's layers ([`crate::export::Exporter::needs`]):
     /// on a fleet node, a layer found in the shared tier is fetched only as far as that.
     pub needs: crate::LayerNeeds,
+}
+
+/// Final lower layers of a target image ([`BuildRequest::early_layers`]): `diff_ids` (bottom
+/// first) are the bottom of the image built for `platform`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlyLayers {
+    /// The platform of the image.
+    pub platform: Platform,
+    /// Its lowest layers, bottom first.
+    pub diff_ids: Vec<Digest>,
 }
 
 /// One built image (one platform).

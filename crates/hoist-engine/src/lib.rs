@@ -32,7 +32,9 @@ pub mod sshforward;
 mod steps;
 pub mod testing;
 
-pub use engine::{BuildOutcome, BuildRequest, BuildSecrets, BuiltImage, Engine, EngineConfig, EngineError, EngineParts, StepCause};
+pub use engine::{
+    BuildOutcome, BuildRequest, BuildSecrets, BuiltImage, EarlyLayers, Engine, EngineConfig, EngineError, EngineParts, StepCause,
+};
 pub use images::{ImageSource, Registries, SourceImage};
 pub use layers::LayerNeeds;
 pub use limits::Limits;

@@ -416,6 +416,10 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
         };
         b.progress.send(Event::Completed { id: vid, cached, seconds: t.elapsed().as_secs_f64(), error: err });
         res?;
+        // Layers new to this builder are likely new to the client's engine too.
+        if b.in_target[id] && !cached {
+            announce_early(&b, &state.layers);
+        }
     }
     let total = stage.steps.len();
     let mut entries = stage.history.iter();
@@ -444,6 +448,15 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
         state.history.push(history(&b, h, true, None));
     }
     Ok(state)
+}
+
+/// Tell [`crate::BuildRequest::early_layers`] that `layers` are final lower layers of the
+/// target image (after a pulled base or a step that ran: what is new here is likely new to
+/// the engine that will load the image).
+fn announce_early(b: &Build, layers: &[Digest]) {
+    if let (Some(tx), false) = (&b.req.early_layers, layers.is_empty()) {
+        let _ = tx.send(crate::EarlyLayers { platform: b.platform.clone(), diff_ids: layers.to_vec() });
+    }
 }
 
 /// A new history entry; `created` is its layer's time (`None` for an entry without a
@@ -497,6 +510,10 @@ async fn run_step(
                 });
             }
             state.layers.push(d);
+            // A cached step's layer is likely in the client's engine from an earlier load.
+            if in_target && !cached {
+                announce_early(b, &state.layers);
+            }
             Some(created as i64)
         }
         None => None,

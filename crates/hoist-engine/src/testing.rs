@@ -353,6 +353,7 @@ impl TestEngine {
             secrets: Default::default(),
             registry: RegistryClient::new(Default::default()).expect("a registry client"),
             eager_blobs: None,
+            early_layers: None,
             needs: Default::default(),
         }
     }

@@ -418,3 +418,34 @@ async fn no_cache_reruns_every_step_and_a_record_whose_layer_is_gone_is_a_miss()
     assert!(healed.steps_run >= 1);
     assert!(healed.images[0].diff_ids().iter().all(|d| t.engine.snapshots().has_layer(d)), "every layer of the image is there");
 }
+
+#[tokio::test]
+async fn the_targets_lower_layers_are_announced_as_they_become_final_and_only_when_new() {
+    let t = TestEngine::new();
+    let dockerfile =
+        "FROM scratch AS tools\nRUN write /tool t\nFROM scratch\nRUN write /one 1\nCOPY --from=tools /tool /bin/tool\nRUN write /app a\n";
+    let announced = |req: &mut hoist_engine::BuildRequest| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        req.early_layers = Some(tx);
+        rx
+    };
+    let mut req = t.request("team", dockerfile, &[]);
+    let mut rx = announced(&mut req);
+    let out = t.build(req).await.unwrap();
+    let image = layers(&out);
+    assert_eq!(image.len(), 3);
+    let mut seen = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        assert_eq!(e.platform, out.images[0].platform);
+        seen.push(e.diff_ids);
+    }
+    // Each announcement is the image's bottom, one layer more each time; the tools
+    // stage's layer (not in the image) is never announced.
+    assert_eq!(seen, vec![image[..1].to_vec(), image[..2].to_vec(), image.to_vec()]);
+
+    // A rebuild from the cache announces nothing: the engine that loaded the image has it.
+    let mut req = t.request("team", dockerfile, &[]);
+    let mut rx = announced(&mut req);
+    t.build(req).await.unwrap();
+    assert!(rx.try_recv().is_err(), "cached steps are not announced");
+}

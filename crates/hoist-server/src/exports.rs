@@ -87,6 +87,74 @@ pub struct Exports {
 }
 
 /// A random 128-bit id, hex.
+/// Provisional sessions of an `early` client export (`--load`): each time the build
+/// announces final lower layers of the image for `platform`, a session of a provisional
+/// image of them ([`Engine::provisional_image`]) is opened and sent as output `output`, so
+/// that the client's engine imports them while the build goes on. Only the newest
+/// announcement waiting is taken; nothing is sent once `stop` is cancelled (the build
+/// ended: the real export follows).
+pub(crate) struct EarlyExports {
+    /// The engine and the sessions.
+    pub engine: Engine,
+    /// Where sessions are kept.
+    pub exports: Arc<Exports>,
+    /// The caller's project and token.
+    pub project: String,
+    /// The caller's token id.
+    pub token_id: Option<String>,
+    /// The output's index in the request.
+    pub output: u32,
+    /// The platform of the export (`None`: any).
+    pub platform: Option<hoist_engine::graph::Platform>,
+    /// The export's layer compression.
+    pub layers: hoist_engine::export::LayerCompression,
+}
+
+impl EarlyExports {
+    /// Run until `rx` ends or `stop` is cancelled, sending sessions on `tx`.
+    pub(crate) async fn run(
+        self,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<hoist_engine::EarlyLayers>,
+        tx: tokio::sync::mpsc::Sender<Result<v1::BuildEvent, tonic::Status>>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let wanted = |e: &hoist_engine::EarlyLayers| self.platform.as_ref().is_none_or(|p| p.matches(&e.platform));
+        loop {
+            let first = tokio::select! {
+                n = rx.recv() => n,
+                _ = stop.cancelled() => None,
+            };
+            let Some(mut next) = first.filter(&wanted) else {
+                if stop.is_cancelled() || rx.is_closed() && rx.is_empty() {
+                    return;
+                }
+                continue;
+            };
+            while let Ok(n) = rx.try_recv() {
+                if wanted(&n) {
+                    next = n;
+                }
+            }
+            let session = async {
+                let img = self.engine.provisional_image(&next).ok()?;
+                let export = self.engine.export_for_client(&[img], self.layers).await.ok()?;
+                self.exports.open(&self.engine, &self.project, self.token_id.as_deref(), export).ok()
+            };
+            let Some(mut session) = session.await else { continue };
+            if stop.is_cancelled() {
+                self.exports.release(&self.project, &session.id);
+                return;
+            }
+            session.output = self.output;
+            session.provisional = true;
+            let ev = v1::BuildEvent { event: Some(v1::build_event::Event::Export(session)) };
+            if tx.send(Ok(ev)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 fn random_id() -> String {
     hoist_oci::random::hex(16)
 }
@@ -155,6 +223,7 @@ impl Exports {
             idle_seconds: IDLE.as_secs(),
             build_id: String::new(),
             tags: Vec::new(),
+            provisional: false,
         })
     }
 

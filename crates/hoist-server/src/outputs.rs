@@ -53,6 +53,21 @@ pub fn output_spec(index: usize, out: &v1::Output) -> Result<OutputSpec, WireOut
     })
 }
 
+/// The client export that asked for provisional sessions (`early`): its index, platform
+/// and layer compression.
+pub fn early_export(outputs: &[v1::Output]) -> Option<(u32, Option<hoist_engine::graph::Platform>, LayerCompression)> {
+    outputs.iter().enumerate().find_map(|(i, o)| match &o.kind {
+        Some(v1::output::Kind::ClientExport(c)) if c.early => {
+            let platform = match c.platform.as_str() {
+                "" => None,
+                p => Some(hoist_engine::graph::Platform::parse(p).ok()?),
+            };
+            Some((i as u32, platform, layer_compression(c.compression.as_ref()).ok()?))
+        }
+        _ => None,
+    })
+}
+
 /// Most bytes of a provenance `builder-id=`.
 const MAX_BUILDER_ID: usize = 1024;
 
@@ -179,7 +194,11 @@ mod tests {
             names: vec![],
             platform: "linux/arm64".into(),
             compression: compression(v1::CompressionType::CompressionUncompressed, None, false),
+            early: true,
         }));
+        let (index, platform, layers) = early_export(&[save.clone(), client.clone()]).expect("the early client export");
+        assert_eq!((index, platform.map(|p| p.to_string())), (1, Some("linux/arm64".to_string())));
+        assert_eq!(layers.compression, hoist_oci::compress::Compression::Uncompressed);
         assert_eq!(
             output_spec(0, &client).unwrap(),
             OutputSpec::Client {
@@ -188,7 +207,9 @@ mod tests {
                 layers: LayerCompression { compression: Compression::Uncompressed, force: false },
             }
         );
-        let all = wire(Kind::ClientExport(v1::ClientExportOutput { names: vec![], platform: String::new(), compression: None }));
+        let all =
+            wire(Kind::ClientExport(v1::ClientExportOutput { names: vec![], platform: String::new(), compression: None, early: false }));
+        assert!(early_export(std::slice::from_ref(&all)).is_none(), "only an export that asks gets provisional sessions");
         assert!(matches!(output_spec(0, &all).unwrap(), OutputSpec::Client { platform: None, .. }), "empty platform: all");
     }
 

@@ -1156,6 +1156,25 @@ impl BuilderService {
             .map(|u| hoist_engine::executor::Ulimit::parse(u).map_err(|e| Status::invalid_argument(format!("--ulimit {e}"))))
             .collect::<Result<Vec<_>, Status>>()?;
         let needs = exporters.iter().map(Exporter::needs).max().unwrap_or(hoist_engine::LayerNeeds::Descriptors);
+        // `--load` into an engine on this machine: the image's lower layers go to the client
+        // as soon as they are final, while the build goes on.
+        let early_stop = CancellationToken::new();
+        let (early_layers, early_task) = match crate::outputs::early_export(&req.outputs) {
+            Some((output, platform, layers)) => {
+                let (etx, erx) = mpsc::unbounded_channel();
+                let early = crate::exports::EarlyExports {
+                    engine: self.engine.clone(),
+                    exports: self.exports.clone(),
+                    project: who.project.clone(),
+                    token_id: who.token_id.clone(),
+                    output,
+                    platform,
+                    layers,
+                };
+                (Some(etx), Some(tokio::spawn(early.run(erx, tx.clone(), early_stop.clone()))))
+            }
+            None => (None, None),
+        };
         let build = BuildRequest {
             namespace: who.project.clone(),
             dockerfile: req.dockerfile.clone(),
@@ -1184,6 +1203,7 @@ impl BuilderService {
             secrets,
             registry: registry.clone(),
             eager_blobs,
+            early_layers,
             needs,
         };
         // Annotations and the provenance attestation of image outputs, checked before the
@@ -1199,6 +1219,10 @@ impl BuilderService {
         // The outputs show their pushes on it too; the forwarder ends when it is dropped.
         let progress = Progress::new(ptx);
         let outcome = self.engine.build(build, progress.clone(), cancel.clone()).await;
+        early_stop.cancel();
+        if let Some(t) = early_task {
+            let _ = t.await;
+        }
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {

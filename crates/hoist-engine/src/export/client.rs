@@ -64,7 +64,37 @@ pub fn select_platform(images: &[BuiltImage], platform: Option<&Platform>) -> Re
     }
 }
 
+/// The label of a provisional image ([`Engine::provisional_image`]): when it was made, in
+/// Unix seconds.
+pub const PROVISIONAL_LABEL: &str = "dev.hoist.provisional";
+
 impl Engine {
+    /// A provisional image of `early`'s layers: a config with nothing but the platform, the
+    /// layers and [`PROVISIONAL_LABEL`], stored. An engine that imports it while the build
+    /// goes on already has those layers when the real image comes.
+    pub fn provisional_image(&self, early: &crate::EarlyLayers) -> Result<BuiltImage, EngineError> {
+        let p = &early.platform;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let config = ImageConfig {
+            architecture: p.architecture.clone(),
+            os: p.os.clone(),
+            variant: p.variant.clone(),
+            config: hoist_oci::image::RunConfig {
+                labels: Some([(PROVISIONAL_LABEL.to_string(), now.to_string())].into_iter().collect()),
+                ..Default::default()
+            },
+            rootfs: hoist_oci::image::RootFs { kind: "layers".into(), diff_ids: early.diff_ids.clone() },
+            ..Default::default()
+        };
+        let config_bytes =
+            serde_json::to_vec(&config).map_err(|e| ExportError::Io { what: "a provisional config".into(), source: e.into() })?;
+        let config_digest = self
+            .store()
+            .put(&config_bytes)
+            .map_err(|e| ExportError::Io { what: "a provisional config".into(), source: io::Error::other(e) })?;
+        Ok(BuiltImage { platform: p.clone(), config, config_bytes, config_digest, materials: Vec::new() })
+    }
+
     /// Export `images` for a client to read: as [`Engine::export_images`] does, except that
     /// an uncompressed export (not forced) stores no new blob — a layer without a stored
     /// plain-tar or original blob is served from its snapshot (digest = diff_id), its size
