@@ -106,6 +106,13 @@ fn dockerfile(marker: &str, last: &str) -> String {
     format!("FROM {}\nRUN head -c 20000000 /dev/urandom > /big && echo {marker} > /marker\nRUN {last}\n", busybox())
 }
 
+/// `hoist build --load -t TAG CTX` talking to the engine through `relay`.
+fn load_through(h: &Hoist, relay: &EngineRelay, tag: &str, ctx: &tempfile::TempDir) -> Command {
+    let mut c = h.cmd();
+    c.env("DOCKER_HOST", relay.host()).args(["build", "--progress=plain", "--load", "-t", tag, ctx.path().to_str().unwrap()]);
+    c
+}
+
 #[test]
 fn lower_layers_are_imported_while_the_build_runs_and_nothing_provisional_remains() {
     if !lab_available() {
@@ -115,12 +122,7 @@ fn lower_layers_are_imported_while_the_build_runs_and_nothing_provisional_remain
     let relay = EngineRelay::start();
     let tag = format!("{}:1", unique("early-load"));
     let ctx = context(&[("Dockerfile", &dockerfile("ok", "sleep 4 && echo done > /done"))]);
-    let out = h
-        .cmd()
-        .env("DOCKER_HOST", relay.host())
-        .args(["build", "--progress=plain", "--load", "-t", &tag, ctx.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = load_through(&h, &relay, &tag, &ctx).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let line = stderr.lines().find(|l| l.contains("--load: loaded")).unwrap_or_else(|| panic!("no load line:\n{stderr}"));
@@ -140,12 +142,7 @@ fn lower_layers_are_imported_while_the_build_runs_and_nothing_provisional_remain
     let ctx = context(&[("Dockerfile", &dockerfile("fails", "sleep 4 && exit 3"))]);
     let relay = EngineRelay::start();
     let tag = format!("{}:1", unique("early-fail"));
-    let out = h
-        .cmd()
-        .env("DOCKER_HOST", relay.host())
-        .args(["build", "--progress=plain", "--load", "-t", &tag, ctx.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = load_through(&h, &relay, &tag, &ctx).output().unwrap();
     assert!(!out.status.success());
     let pulled = relay.pulled();
     assert!(!pulled.is_empty(), "the lower layers were imported before the step failed");
@@ -162,14 +159,7 @@ fn ctrl_c_after_an_early_import_leaves_nothing_provisional() {
     let relay = EngineRelay::start();
     let tag = format!("{}:1", unique("early-ctrl-c"));
     let ctx = context(&[("Dockerfile", &dockerfile("ctrl-c", "sleep 60"))]);
-    let mut child = h
-        .cmd()
-        .env("DOCKER_HOST", relay.host())
-        .args(["build", "--progress=plain", "--load", "-t", &tag, ctx.path().to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = load_through(&h, &relay, &tag, &ctx).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let seen = Arc::new(Mutex::new(String::new()));
     let seen2 = seen.clone();
