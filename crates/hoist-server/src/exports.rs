@@ -86,7 +86,6 @@ pub struct Exports {
     map: Mutex<HashMap<String, Arc<Session>>>,
 }
 
-/// A random 128-bit id, hex.
 /// Provisional sessions of an `early` client export (`--load`): each time the build
 /// announces final lower layers of the image for `platform`, a session of a provisional
 /// image of them ([`Engine::provisional_image`]) is opened and sent as output `output`, so
@@ -94,11 +93,11 @@ pub struct Exports {
 /// announcement waiting is taken; nothing is sent once `stop` is cancelled (the build
 /// ended: the real export follows).
 pub(crate) struct EarlyExports {
-    /// The engine and the sessions.
+    /// The engine that built the image.
     pub engine: Engine,
     /// Where sessions are kept.
     pub exports: Arc<Exports>,
-    /// The caller's project and token.
+    /// The caller's project.
     pub project: String,
     /// The caller's token id.
     pub token_id: Option<String>,
@@ -155,6 +154,7 @@ impl EarlyExports {
     }
 }
 
+/// A random 128-bit id, hex.
 fn random_id() -> String {
     hoist_oci::random::hex(16)
 }
