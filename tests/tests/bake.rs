@@ -315,3 +315,35 @@ target "c" {
     assert!(stderr.contains("3 of 3 targets built"), "{stderr}");
     assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one connection for the three targets:\n{stderr}");
 }
+
+/// `contexts = { base = "target:base" }`: the target named is built first (here only for
+/// that: it was not asked for) and the other builds on its result, as with buildx.
+#[test]
+fn a_target_context_builds_on_another_targets_result() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let ctx = context(&[
+        ("base.Dockerfile", &format!("FROM {}\nRUN echo made-by-base > /base.txt\n", busybox())),
+        ("app.Dockerfile", "FROM base\nRUN cat /base.txt > /seen.txt\n"),
+    ]);
+    let out = tempfile::tempdir_in(test_tmp()).unwrap();
+    let hcl = format!(
+        "target \"base\" {{\n  dockerfile = \"base.Dockerfile\"\n}}\n\
+         target \"app\" {{\n  dockerfile = \"app.Dockerfile\"\n  contexts = {{ base = \"target:base\" }}\n  output = [\"type=local,dest={}\"]\n}}\n",
+        out.path().display()
+    );
+    std::fs::write(ctx.path().join("docker-bake.hcl"), hcl).unwrap();
+    let stderr = bake_ok(&h, ctx.path(), &["app"], &[]);
+    assert_eq!(std::fs::read_to_string(out.path().join("seen.txt")).unwrap(), "made-by-base\n", "{stderr}");
+    assert!(stderr.contains("[base] done") && stderr.contains("[app] done"), "{stderr}");
+    assert!(stderr.find("[base] done") < stderr.find("[app] done"), "base first:\n{stderr}");
+
+    // A target whose base fails is not built, and says why.
+    std::fs::write(ctx.path().join("base.Dockerfile"), format!("FROM {}\nRUN exit 7\n", busybox())).unwrap();
+    let failed = bake(&h, ctx.path(), &["app"], &[]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{stderr}");
+    assert!(stderr.contains("[app] failed: not built: it builds on target \"base\", which failed"), "{stderr}");
+}

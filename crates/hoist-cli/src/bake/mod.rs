@@ -445,6 +445,24 @@ impl Config {
         for n in &names {
             targets.insert(n.clone(), self.resolve_target(n, sets, &mut Vec::new())?);
         }
+        // A `target:NAME` context builds NAME first; a target built only for that has no
+        // outputs of its own.
+        let mut pending: Vec<String> = names.clone();
+        while let Some(n) = pending.pop() {
+            let deps: Vec<String> = targets[&n].contexts.values().filter_map(|v| v.strip_prefix("target:")).map(str::to_string).collect();
+            for dep in deps {
+                if self.target(&dep).is_none() {
+                    bail!("target {n:?}: context target:{dep} names no target (defined: {})", self.names());
+                }
+                if !targets.contains_key(&dep) {
+                    let mut t = self.resolve_target(&dep, sets, &mut Vec::new())?;
+                    t.output = None;
+                    targets.insert(dep.clone(), t);
+                    pending.push(dep);
+                }
+            }
+        }
+        build_order(&targets)?;
         let mut shown: BTreeMap<String, Group> = groups.iter().filter_map(|g| self.group(g)).map(|g| (g.name.clone(), g.clone())).collect();
         if !(expanded.len() == 1 && expanded[0] == "default" && shown.contains_key("default")) {
             let mut listed = expanded.clone();
@@ -453,6 +471,32 @@ impl Config {
         }
         Ok((shown, targets))
     }
+}
+
+/// The targets a target's `target:NAME` contexts name.
+fn target_deps(t: &Target) -> BTreeSet<&str> {
+    t.contexts.values().filter_map(|v| v.strip_prefix("target:")).collect()
+}
+
+/// The targets in rounds: each round's targets need only targets of earlier rounds (through
+/// `target:` contexts), and build together.
+fn build_order(targets: &BTreeMap<String, Target>) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    let mut rounds = Vec::new();
+    while done.len() < targets.len() {
+        let round: Vec<String> = targets
+            .iter()
+            .filter(|(n, t)| !done.contains(n.as_str()) && target_deps(t).iter().all(|d| done.contains(d)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if round.is_empty() {
+            let left: Vec<&str> = targets.keys().map(String::as_str).filter(|n| !done.contains(n)).collect();
+            bail!("the targets {} need each other through target: contexts", left.join(", "));
+        }
+        done.extend(targets.keys().map(String::as_str).filter(|n| round.contains(&n.to_string())));
+        rounds.push(round);
+    }
+    Ok(rounds)
 }
 
 /// `*` and `?` wildcards, as Go's path.Match on names without `/`.
@@ -776,14 +820,7 @@ fn build_args(t: &Target, bake: &BakeArgs, progress: &str, inline: Option<&Path>
     let parsed = OneBuild::try_parse_from(std::iter::once("hoist".to_string()).chain(argv)).map_err(|e| {
         let e = e.to_string();
         let e = e.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
-        if !t.contexts.is_empty() && e.contains("--build-context") {
-            anyhow!(
-                "target {:?}: named contexts (contexts = {{...}}) need `hoist build --build-context`, which this hoist does not have yet",
-                t.name
-            )
-        } else {
-            anyhow!("target {:?}: {e}", t.name)
-        }
+        anyhow!("target {:?}: {e}", t.name)
     })?;
     let OneBuildCmd::Build(mut args) = parsed.build;
     args.conn = bake.conn.clone();
@@ -828,8 +865,24 @@ pub async fn run(mut bake: BakeArgs) -> anyhow::Result<i32> {
         _ => bake.progress.clone(),
     };
     let tmp = tempfile::tempdir().context("creating a directory for inline Dockerfiles")?;
+    let rounds = build_order(&targets)?;
+    // A target another one builds on (`target:NAME`) also goes to an OCI layout, which the
+    // other reads as `oci-layout://`.
+    let needed: BTreeSet<String> = targets.values().flat_map(|t| target_deps(t)).map(str::to_string).collect();
+    let layout = |name: &str| tmp.path().join(format!("{name}.layout"));
+    let layout_tar = |name: &str| tmp.path().join(format!("{name}.oci.tar"));
     let mut jobs = Vec::new();
     for (name, t) in &targets {
+        let mut t = t.clone();
+        for v in t.contexts.values_mut() {
+            if let Some(dep) = v.strip_prefix("target:") {
+                *v = format!("oci-layout://{}", layout(dep).display());
+            }
+        }
+        if needed.contains(name) {
+            t.output.get_or_insert_with(Vec::new).push(format!("type=oci,dest={}", layout_tar(name).display()));
+        }
+        let t = &t;
         let inline = match &t.dockerfile_inline {
             Some(text) => {
                 let p = tmp.path().join(format!("{name}.Dockerfile"));
@@ -843,17 +896,40 @@ pub async fn run(mut bake: BakeArgs) -> anyhow::Result<i32> {
     }
     bake.conn.resolve_builders(Some(&cwd))?;
     let mut sessions = connect_projects(&jobs).await?;
-    presync_shared_contexts(&jobs, &mut sessions, &progress, terminal).await?;
+    // (The first round's: later ones read layouts that do not exist yet.)
+    let first: Vec<&(String, BuildArgs)> = jobs.iter().filter(|(n, _)| rounds[0].contains(n)).collect();
+    presync_shared_contexts(&first, &mut sessions, &progress, terminal).await?;
     let started = Instant::now();
-    let builds = jobs.into_iter().map(|(name, args)| {
-        let shared = session_of(&args, &sessions);
-        async move {
-            let t = Instant::now();
-            let r = crate::build::run_on(args, shared).await;
-            (name, t.elapsed().as_secs_f64(), r)
+    let mut jobs: HashMap<String, BuildArgs> = jobs.into_iter().collect();
+    let mut results = Vec::new();
+    let mut broken: BTreeSet<String> = BTreeSet::new();
+    for round in &rounds {
+        let builds = round.iter().map(|name| {
+            let args = jobs.remove(name);
+            let shared = args.as_ref().and_then(|a| session_of(a, &sessions));
+            let failed_dep = targets.get(name).and_then(|t| target_deps(t).into_iter().find(|d| broken.contains(*d))).map(str::to_string);
+            let (name, layout, layout_tar) = (name.clone(), layout(name), layout_tar(name));
+            let needed = needed.contains(&name);
+            async move {
+                let t = Instant::now();
+                let r = match (args, failed_dep) {
+                    (_, Some(dep)) => Err(anyhow!("not built: it builds on target {dep:?}, which failed")),
+                    (None, None) => Err(anyhow!("internal error: no build for target {name:?}")),
+                    (Some(args), None) => match crate::build::run_on(args, shared).await {
+                        Ok(0) if needed => unpack_layout(&layout_tar, &layout).map(|_| 0),
+                        r => r,
+                    },
+                };
+                (name, t.elapsed().as_secs_f64(), r)
+            }
+        });
+        for r in futures::future::join_all(builds).await {
+            if !matches!(r.2, Ok(0)) {
+                broken.insert(r.0.clone());
+            }
+            results.push(r);
         }
-    });
-    let results = futures::future::join_all(builds).await;
+    }
     let mut failed = 0;
     for (name, secs, r) in &results {
         let tags = targets.get(name).and_then(|t| t.tags.clone()).unwrap_or_default();
@@ -884,6 +960,12 @@ pub async fn run(mut bake: BakeArgs) -> anyhow::Result<i32> {
     }
     eprintln!("hoist bake: {} of {} targets built in {:.1}s", results.len() - failed, results.len(), started.elapsed().as_secs_f64());
     Ok(if failed > 0 { 1 } else { 0 })
+}
+
+/// Extract the OCI layout a target was exported to (for the targets that build on it).
+fn unpack_layout(tar: &Path, dir: &Path) -> anyhow::Result<()> {
+    let f = std::fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?;
+    tar::Archive::new(f).unpack(dir).with_context(|| format!("extracting the OCI layout {}", tar.display()))
 }
 
 /// One connection per builder and project, shared by the targets that build there (a
@@ -931,13 +1013,13 @@ fn session_of(args: &BuildArgs, sessions: &Sessions) -> Option<hoist_client::Cli
 /// target after the other over the project's connection (each sends only what the builder
 /// still lacks), so that the builds, started together, find every file there.
 async fn presync_shared_contexts(
-    jobs: &[(String, BuildArgs)],
+    jobs: &[&(String, BuildArgs)],
     sessions: &mut Sessions,
     progress: &str,
     terminal: bool,
 ) -> anyhow::Result<()> {
     let mut by_dir: HashMap<PathBuf, usize> = HashMap::new();
-    for (_, a) in jobs {
+    for (_, a) in jobs.iter().copied() {
         if let Ok(d) = std::fs::canonicalize(&a.context) {
             *by_dir.entry(d).or_default() += 1;
         }
@@ -948,7 +1030,7 @@ async fn presync_shared_contexts(
     }
     let mode = crate::progress::Mode::parse(progress, terminal)?;
     let mut renderer = crate::progress::Renderer::new(mode);
-    for (name, a) in jobs {
+    for (name, a) in jobs.iter().copied() {
         let Ok(dir) = std::fs::canonicalize(&a.context) else { continue };
         if !shared.contains(&dir) {
             continue;

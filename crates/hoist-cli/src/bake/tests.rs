@@ -320,3 +320,26 @@ fn glob_matches_as_path_match() {
     assert!(!glob("app-*", "api"));
     assert!(!glob("a", "ab"));
 }
+
+#[test]
+fn target_contexts_build_the_named_target_first_and_cycles_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let hcl = "target \"base\" {\n  tags = [\"b:1\"]\n  output = [\"type=docker\"]\n}\n\
+               target \"mid\" {\n  contexts = { base = \"target:base\" }\n}\n\
+               target \"app\" {\n  contexts = { mid = \"target:mid\" }\n}\n";
+    let cfg = load_with(&[write(d.path(), "docker-bake.hcl", hcl)], &[]).unwrap();
+    let t = resolve(&cfg, &["app"], &[]).unwrap();
+    assert_eq!(t.keys().collect::<Vec<_>>(), ["app", "base", "mid"], "what app builds on is built too");
+    assert_eq!(t["base"].output, None, "a target built only for another has no outputs of its own");
+    assert_eq!(build_order(&t).unwrap(), [vec!["base".to_string()], vec!["mid".to_string()], vec!["app".to_string()]]);
+    // Asked for itself, a target keeps its outputs.
+    let t = resolve(&cfg, &["app", "base"], &[]).unwrap();
+    assert_eq!(t["base"].output.as_deref(), Some(&["type=docker".to_string()][..]));
+
+    let cyc = "target \"a\" {\n  contexts = { x = \"target:b\" }\n}\ntarget \"b\" {\n  contexts = { y = \"target:a\" }\n}\n";
+    let e = err(resolve(&load_with(&[write(d.path(), "cycle.hcl", cyc)], &[]).unwrap(), &["a"], &[]));
+    assert!(e.contains("the targets a, b need each other through target: contexts"), "{e}");
+    let ghost = "target \"a\" {\n  contexts = { x = \"target:ghost\" }\n}\n";
+    let e = err(resolve(&load_with(&[write(d.path(), "ghost.hcl", ghost)], &[]).unwrap(), &["a"], &[]));
+    assert!(e.contains("target \"a\": context target:ghost names no target"), "{e}");
+}
