@@ -776,6 +776,41 @@ fn another_projects_contexts_and_layout_images_are_not_reachable() {
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
         assert!(e.message().contains("is unknown or expired"), "{}", e.message());
     }
+    // B names A's image by digest in a layout of its own that lacks its blobs: the
+    // builder's store has them (A imported them), but they are not B's to use.
+    let b_manifest = hoist_client::v1::ContextManifest {
+        session: "b-session".into(),
+        entries: vec![hoist_client::v1::ContextEntry {
+            path: "blobs".into(),
+            kind: hoist_client::v1::EntryKind::Dir as i32,
+            mode: 0o755,
+            ..Default::default()
+        }],
+    };
+    let b_id = with_raw_client(&t.server, &t.b.token, async |c| c.prepare_context(b_manifest).await.unwrap().into_inner().context_id);
+    let kind = Kind::OciLayout(hoist_client::v1::OciLayout { context_id: b_id, digest: digest.clone() });
+    let req = hoist_client::v1::BuildRequest {
+        dockerfile: b"FROM x\nRUN cat /layout-secret\n".to_vec(),
+        named_contexts: [("x".to_string(), hoist_client::v1::NamedContext { kind: Some(kind) })].into(),
+        ..Default::default()
+    };
+    let msg = hoist_client::v1::BuildClientMessage { msg: Some(hoist_client::v1::build_client_message::Msg::Request(req)) };
+    let e = with_raw_client(&t.server, &t.b.token, async |c| match c.build(tokio_stream::iter([msg])).await {
+        Err(e) => e,
+        Ok(s) => {
+            let mut events = s.into_inner();
+            loop {
+                match events.message().await {
+                    Ok(Some(ev)) => assert!(!format!("{ev:?}").contains(A_SECRET), "B saw A's secret"),
+                    Ok(None) => panic!("B's build on A's image by digest finished"),
+                    Err(e) => return e,
+                }
+            }
+        }
+    });
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&format!("blob {digest} is not in the layout")), "{}", e.message());
+
     // A's prepared context is still A's to use.
     let req = hoist_client::v1::BuildRequest { context_id: a_id, dockerfile: b"FROM scratch\nCOPY d /d\n".to_vec(), ..Default::default() };
     let msg = hoist_client::v1::BuildClientMessage { msg: Some(hoist_client::v1::build_client_message::Msg::Request(req)) };

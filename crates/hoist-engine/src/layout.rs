@@ -120,11 +120,13 @@ impl Engine {
         Ok(self.store().read(digest).map_err(ImageError::from)?)
     }
 
-    /// Copy blob `digest` from the upload into the content store (verified).
+    /// Copy blob `digest` from the upload into the content store (verified). The upload
+    /// must hold it even when the store has it already: a blob another project put there is
+    /// not this project's to use by naming its digest.
     fn copy_blob(&self, digest: &Digest, blobs: &LayoutBlobs<'_>) -> Result<(), LayoutError> {
         let store = self.store();
+        let mut file = blobs(digest).ok_or_else(|| LayoutError::Missing(digest.clone()))?;
         if !store.contains(digest) {
-            let mut file = blobs(digest).ok_or_else(|| LayoutError::Missing(digest.clone()))?;
             let mut w = store.writer().map_err(ImageError::from)?;
             io::copy(&mut file, &mut w).map_err(|source| LayoutError::Read { digest: digest.clone(), source })?;
             w.commit(Some(digest)).map_err(ImageError::from)?;

@@ -123,12 +123,10 @@ impl EarlyExports {
                 n = rx.recv() => n,
                 _ = stop.cancelled() => None,
             };
-            let Some(mut next) = first.filter(&wanted) else {
-                if stop.is_cancelled() || rx.is_closed() && rx.is_empty() {
-                    return;
-                }
+            let Some(mut next) = first else { return };
+            if !wanted(&next) {
                 continue;
-            };
+            }
             while let Ok(n) = rx.try_recv() {
                 if wanted(&n) {
                     next = n;
