@@ -38,6 +38,41 @@ pub enum Event {
     },
     /// A non-fatal finding worth showing (unused build arg, ...).
     Warning(String),
+    /// What a vertex's cache key was made of, sent before its [`Event::Completed`] (a step
+    /// that failed may have none): the builder keeps it in the build record, to tell a later
+    /// build why a step missed the cache. Not shown to clients.
+    Key(Box<StepKey>),
+}
+
+/// The inputs of a step's cache key (or, for a base image vertex, the key of the state it
+/// starts its stage with).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepKey {
+    /// The vertex's id from [`Event::Started`].
+    pub id: u32,
+    /// The Dockerfile line of the instruction (1-based; 0 for a base image).
+    pub line: u32,
+    /// The key its cache record is under (empty for a base image).
+    pub cache_key: String,
+    /// The key of the state it ran on (its parent step's, or its stage base's).
+    pub parent_key: String,
+    /// The key of the state after it (what the next step, or a stage copying from this
+    /// one, names as its parent or input).
+    pub state_key: String,
+    /// A digest of the operation as it runs (the instruction with its variables expanded,
+    /// its environment, user, workdir...).
+    pub op: String,
+    /// Its other inputs by kind: `sources` (the files a COPY reads), `context` (a bind
+    /// mount of the context), `stage` (the key of a stage it reads), `git`, `url`, ...
+    pub inputs: Vec<(String, String)>,
+    /// The build args in the step's environment, each `NAME=` a digest of its value.
+    pub args: Vec<String>,
+    /// The cache was not consulted (`--no-cache`, `--no-cache-filter`).
+    pub no_cache: bool,
+    /// The size of its layer (uncompressed), or of a base image's layers.
+    pub layer_bytes: u64,
+    /// For a base image: how many of its layers were pulled.
+    pub pulled_layers: u64,
 }
 
 /// Where events go. Sending never fails the build: a vanished receiver just drops events.

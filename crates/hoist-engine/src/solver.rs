@@ -20,7 +20,7 @@ use crate::frontend;
 use crate::gc::LeaseSet;
 use crate::graph::{Base, BuildGraph, Op, Platform, Source, Stage, StageId, Step};
 use crate::images::BuildResolver;
-use crate::progress::{Event, Progress};
+use crate::progress::{Event, Progress, StepKey};
 use crate::shared::Entry;
 use crate::steps::{self, StepEnv};
 
@@ -363,6 +363,8 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
     let stage = &b.graph.stages[id];
     let label = b.stage_label(stage, id);
     let ns = b.req.namespace.clone();
+    // The base image's size (its layers', compressed), for the build record.
+    let mut base_bytes = 0;
     let mut state = match &stage.base {
         Base::Scratch => StageState { key: cachekey::base_key(&ns, &b.platform, &[]), layers: Vec::new(), history: Vec::new() },
         Base::Stage(j) => {
@@ -374,6 +376,7 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
                 b.leases.add(d);
             }
             let size = b.resolver.register_layers(img)?;
+            base_bytes = size;
             let layers = img.config.rootfs.diff_ids.clone();
             b.engine
                 .index()
@@ -414,6 +417,9 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
             Ok(pulled) => (*pulled == 0, None),
             Err(e) => (false, Some(e.to_string())),
         };
+        let pulled_layers = res.as_ref().map_or(0, |p| *p as u64);
+        let key = StepKey { id: vid, state_key: state.key.clone(), layer_bytes: base_bytes, pulled_layers, ..Default::default() };
+        b.progress.send(Event::Key(Box::new(key)));
         b.progress.send(Event::Completed { id: vid, cached, seconds: t.elapsed().as_secs_f64(), error: err });
         res?;
         // Layers new to this builder are likely new to the client's engine too.
@@ -643,6 +649,46 @@ fn step_keys(b: &Build, parent: &str, step: &Step, inputs: &[(&'static str, Stri
     (op_key, next_key)
 }
 
+/// Tell the build record what step `vid`'s key was made of (see [`StepKey`]).
+#[allow(clippy::too_many_arguments)]
+fn report_key(
+    b: &Build,
+    vid: u32,
+    step: &Step,
+    parent: &str,
+    op_key: &str,
+    next_key: &str,
+    inputs: &[(&'static str, String)],
+    no_cache: bool,
+    layer_bytes: u64,
+) {
+    let short = |v: &str| Digest::of(v.as_bytes()).to_string();
+    let args = match &step.op {
+        Op::Run(r) => r
+            .env
+            .iter()
+            .filter_map(|e| e.split_once('='))
+            .filter(|(k, v)| b.req.frontend.build_args.get(*k).is_some_and(|a| a == v))
+            .map(|(k, v)| format!("{k}={}", short(v)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let op = serde_json::to_vec(&step.op).map(|j| Digest::of(&j).to_string()).unwrap_or_default();
+    b.progress.send(Event::Key(Box::new(StepKey {
+        id: vid,
+        line: step.line as u32,
+        cache_key: op_key.to_string(),
+        parent_key: parent.to_string(),
+        state_key: next_key.to_string(),
+        op,
+        inputs: inputs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        args,
+        no_cache,
+        layer_bytes,
+        pulled_layers: 0,
+    })));
+}
+
 /// This node's record of step `key` when its layer is at hand too (the layer leased first).
 fn local_record(b: &Build, key: &str) -> Result<Option<StepRecord>, crate::cache::CacheError> {
     let Some(rec) = b.engine.index().step(&b.req.namespace, key)? else { return Ok(None) };
@@ -745,11 +791,13 @@ async fn keyed_step(
     let inputs = step_inputs(b, step).await?;
     let (op_key, next_key) = step_keys(b, &state.key, step, &inputs);
     let engine = &b.engine;
+    let report = |layer_bytes: u64| report_key(b, vid, step, &state.key, &op_key, &next_key, &inputs, no_cache, layer_bytes);
     if !no_cache {
         if let Some(rec) = local_record(b, &op_key).map_err(|e| step_error(b, step, e))? {
             if let Some(tier) = engine.shared() {
                 tier.touch(&b.req.namespace, &op_key).await;
             }
+            report(rec.size);
             b.touched.lock().unwrap_or_else(|e| e.into_inner()).push(op_key);
             state.key = next_key;
             return Ok((rec.diff_id, true, rec.created));
@@ -761,6 +809,7 @@ async fn keyed_step(
             if let Some(tier) = engine.shared() {
                 tier.touch(&b.req.namespace, &op_key).await;
             }
+            report(rec.size);
             state.key = next_key;
             return Ok((rec.diff_id, true, rec.created));
         }
@@ -802,11 +851,9 @@ async fn keyed_step(
         b.leases.add(d);
     }
     // The record's time (this build's, or that of the build it shared the step with).
-    let created = engine
-        .index()
-        .step(&b.req.namespace, &op_key)
-        .map_err(|e| step_error(b, step, e))?
-        .map_or_else(|| engine.index().now(), |r| r.created);
+    let record = engine.index().step(&b.req.namespace, &op_key).map_err(|e| step_error(b, step, e))?;
+    report(record.as_ref().map_or(0, |r| r.size));
+    let created = record.map_or_else(|| engine.index().now(), |r| r.created);
     state.key = next_key;
     Ok((diff, false, created))
 }

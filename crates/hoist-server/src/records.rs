@@ -1,6 +1,8 @@
 //! What a build record keeps of each step (for `hoist builds show` and the web UI): its
 //! instruction text, stage, start and end (ms from the build's start), cached or ran, and
-//! which lines of the build's log are its output.
+//! which lines of the build's log are its output; what its cache key was made of, and from
+//! that, once the build is over: why it missed the cache (compared with the project's earlier
+//! builds of the same step), the vertices it waited for, and the critical path.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -50,6 +52,20 @@ impl StepRecorder {
                 if let Some(s) = self.index.get(id).map(|&i| &mut self.steps[i]) {
                     s.log_lines += log_lines;
                     s.end_ms = s.end_ms.max(now);
+                }
+            }
+            Event::Key(k) => {
+                if let Some(s) = self.index.get(&k.id).map(|&i| &mut self.steps[i]) {
+                    s.line = k.line;
+                    s.cache_key = k.cache_key.clone();
+                    s.parent_key = k.parent_key.clone();
+                    s.state_key = k.state_key.clone();
+                    s.op_digest = k.op.clone();
+                    s.inputs = k.inputs.iter().map(|(kind, v)| format!("{kind} {v}")).collect();
+                    s.args = k.args.clone();
+                    s.no_cache = k.no_cache;
+                    s.layer_bytes = k.layer_bytes;
+                    s.pulled_layers = k.pulled_layers;
                 }
             }
             Event::Warning(_) => {}
@@ -104,6 +120,195 @@ pub(crate) fn split_log(log: &str, steps: &mut [v1::BuildStep]) {
     }
 }
 
+/// Most bytes of a Dockerfile kept in a build record.
+pub(crate) const MAX_DOCKERFILE: usize = 64 << 10;
+
+/// The Dockerfile as a record keeps it: at most [`MAX_DOCKERFILE`] bytes (cut at a line), and
+/// whether it was cut.
+pub(crate) fn dockerfile_text(bytes: &[u8]) -> (String, bool) {
+    let text = String::from_utf8_lossy(bytes);
+    if text.len() <= MAX_DOCKERFILE {
+        return (text.into_owned(), false);
+    }
+    let mut cut = MAX_DOCKERFILE;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let cut = text[..cut].rfind('\n').map_or(cut, |n| n + 1);
+    (text[..cut].to_string(), true)
+}
+
+/// Fill in what is known once the build is over: each step's dependencies, the critical
+/// path, and why each step that ran missed the cache (`previous`: the project's earlier
+/// records, newest first).
+pub(crate) fn finish(steps: &mut [v1::BuildStep], previous: &[v1::BuildRecord]) {
+    link(steps);
+    let critical: HashSet<u32> = critical_path(steps).into_iter().collect();
+    for i in 0..steps.len() {
+        steps[i].critical = critical.contains(&steps[i].id);
+        if let Some((reason, detail)) = miss_reason(&steps[i], steps, previous) {
+            steps[i].miss_reason = reason.into();
+            steps[i].miss_detail = detail;
+        }
+    }
+}
+
+/// The vertex whose state is `key`: of `stage` if one is (two stages on the same base image
+/// start from the same state), else the last to start.
+fn by_state<'a>(steps: &'a [v1::BuildStep], key: &str, stage: &str) -> Option<&'a v1::BuildStep> {
+    if key.is_empty() {
+        return None;
+    }
+    let mut found = steps.iter().rev().filter(|s| s.state_key == key);
+    let first = found.next()?;
+    Some(std::iter::once(first).chain(found).find(|s| s.stage == stage).unwrap_or(first))
+}
+
+/// Each keyed step's `deps`: the vertex it ran on (the step above, or its stage's base
+/// image) and those of the stages it reads (`COPY --from`, `RUN --mount=from=`).
+pub(crate) fn link(steps: &mut [v1::BuildStep]) {
+    let deps: Vec<Vec<u32>> = steps
+        .iter()
+        .map(|s| {
+            let stage_inputs = s.inputs.iter().filter_map(|i| i.strip_prefix("stage "));
+            let parent = by_state(steps, &s.parent_key, &s.stage);
+            let mut d: Vec<u32> = parent
+                .into_iter()
+                .chain(stage_inputs.filter_map(|k| by_state(steps, k, "")))
+                .map(|v| v.id)
+                .filter(|id| *id != s.id)
+                .collect();
+            d.dedup();
+            d
+        })
+        .collect();
+    for (s, d) in steps.iter_mut().zip(deps) {
+        s.deps = d;
+    }
+}
+
+/// The critical path: from the keyed vertex that ended last, back along the dependency that
+/// ended last each time, to a vertex that waited for none. Ids in build order.
+pub(crate) fn critical_path(steps: &[v1::BuildStep]) -> Vec<u32> {
+    let by_id: HashMap<u32, &v1::BuildStep> = steps.iter().map(|s| (s.id, s)).collect();
+    let keyed = steps.iter().filter(|s| !s.state_key.is_empty());
+    // (the first of equals: `max_by_key` takes the last)
+    let Some(mut at) = keyed.rev().max_by_key(|s| s.end_ms) else { return Vec::new() };
+    let mut path = vec![at.id];
+    while let Some(next) = at.deps.iter().filter_map(|d| by_id.get(d)).filter(|d| !path.contains(&d.id)).max_by_key(|d| d.end_ms) {
+        path.push(next.id);
+        at = next;
+    }
+    path.reverse();
+    path
+}
+
+/// The digest part of a base image vertex's name (`FROM ref@sha256:...`).
+fn base_digest(name: &str) -> &str {
+    name.rsplit_once('@').map_or(name, |(_, d)| d)
+}
+
+fn short(d: &str) -> &str {
+    let hex = d.strip_prefix("sha256:").unwrap_or(d);
+    &hex[..hex.len().min(12)]
+}
+
+/// Why step `s` (of a build whose vertices are `current`) missed the cache, compared with
+/// the newest of `previous` (newest first) that built the same step: the same stage and
+/// instruction or, failing that, the same stage and Dockerfile line. `None` for a step that
+/// came from the cache or was not keyed (it failed first, or it is no step).
+pub(crate) fn miss_reason(s: &v1::BuildStep, current: &[v1::BuildStep], previous: &[v1::BuildRecord]) -> Option<(&'static str, String)> {
+    if s.cached || s.cache_key.is_empty() {
+        return None;
+    }
+    if s.no_cache {
+        return Some(("no-cache", "the cache was not used (--no-cache or --no-cache-filter)".into()));
+    }
+    let keyed = |p: &&v1::BuildStep| !p.cache_key.is_empty() && p.stage == s.stage;
+    let find = |same: &dyn Fn(&v1::BuildStep) -> bool| {
+        previous.iter().find_map(|r| r.steps.iter().filter(keyed).find(|p| same(p)).map(|p| (r, p)))
+    };
+    let Some((rec, p)) = find(&|p| p.name == s.name).or_else(|| find(&|p| s.line > 0 && p.line == s.line)) else {
+        return Some(("first", "no earlier build of this step in this project".into()));
+    };
+    if p.op_digest != s.op_digest {
+        let mut changed: Vec<&str> = s
+            .args
+            .iter()
+            .chain(&p.args)
+            .filter(|a| !(s.args.contains(a) && p.args.contains(a)))
+            .filter_map(|a| a.split_once('=').map(|(k, _)| k))
+            .collect();
+        changed.sort_unstable();
+        changed.dedup();
+        if !changed.is_empty() {
+            let names = changed.join(", ");
+            let plural = if changed.len() > 1 { "s" } else { "" };
+            return Some(("build-arg", format!("build-arg{plural} {names} changed")));
+        }
+        if p.name != s.name {
+            return Some(("instruction", format!("the instruction changed (was `{}`)", p.name)));
+        }
+        return Some(("instruction", "the instruction's environment changed (an ENV, ARG, USER, WORKDIR or SHELL above it)".into()));
+    }
+    // Its own inputs first; then what it builds on: its base image, the stages it reads, the
+    // step above.
+    let mut kinds: Vec<&str> = s
+        .inputs
+        .iter()
+        .chain(&p.inputs)
+        .filter(|i| !(s.inputs.contains(i) && p.inputs.contains(i)))
+        .map(|i| i.split_once(' ').map_or(i.as_str(), |(k, _)| k))
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    if let Some(kind) = kinds.iter().find(|k| **k != "stage") {
+        return Some(match *kind {
+            "sources" => ("context", "the files it copies changed".into()),
+            "context" => ("context", "the context files it mounts changed".into()),
+            "git" => ("input", "the git ref it adds names another commit".into()),
+            "url" => ("input", "the file it downloads changed".into()),
+            other => ("input", format!("its {other} changed")),
+        });
+    }
+    let parent = by_state(current, &s.parent_key, &s.stage);
+    if p.parent_key != s.parent_key {
+        if let Some(base) = parent.filter(|v| v.cache_key.is_empty()) {
+            let old = by_state(&rec.steps, &p.parent_key, &p.stage).map(|b| base_digest(&b.name).to_string());
+            let new = base_digest(&base.name);
+            return Some((
+                "base",
+                match old {
+                    Some(old) if old != new => format!("the base image changed ({} → {})", short(&old), short(new)),
+                    _ => "the base image changed".into(),
+                },
+            ));
+        }
+    }
+    if kinds.contains(&"stage") {
+        let read = s
+            .inputs
+            .iter()
+            .filter_map(|i| i.strip_prefix("stage "))
+            .filter(|k| !p.inputs.iter().any(|i| i.strip_prefix("stage ") == Some(*k)));
+        let names: Vec<String> = read.filter_map(|k| by_state(current, k, "")).map(|v| format!("`{}`", v.stage)).collect();
+        let detail =
+            if names.is_empty() { "a stage it reads changed".into() } else { format!("the stage it reads changed ({})", names.join(", ")) };
+        return Some(("stage", detail));
+    }
+    if p.parent_key != s.parent_key {
+        let Some(parent) = parent else { return Some(("parent", "the steps above it changed".into())) };
+        if parent.cached {
+            return Some(("parent", format!("the step above changed: `{}` (cached from another build)", parent.name)));
+        }
+        return Some(("parent", format!("the step above ran: `{}`", parent.name)));
+    }
+    if p.cache_key == s.cache_key {
+        return Some(("evicted", format!("the same inputs as build {}: its cache record was collected since", rec.id)));
+    }
+    Some(("input", "its cache key changed".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +353,206 @@ mod tests {
         split_log(log, &mut steps);
         assert_eq!(steps[0].log, "one\nDONE 0.5s\n", "its own output, though it looks like a status");
         assert_eq!(steps[1].log, "");
+    }
+    /// A keyed step: id, stage, instruction, parent state, own inputs; its key and state
+    /// are made of them.
+    fn keyed(id: u32, stage: &str, name: &str, parent: &str, inputs: &[&str]) -> v1::BuildStep {
+        let op = format!("op:{name}");
+        let key = format!("k({parent}|{op}|{})", inputs.join(","));
+        v1::BuildStep {
+            id,
+            stage: stage.into(),
+            name: name.into(),
+            line: id,
+            cache_key: key.clone(),
+            parent_key: parent.into(),
+            state_key: key,
+            op_digest: op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn base(id: u32, stage: &str, digest: &str) -> v1::BuildStep {
+        v1::BuildStep {
+            id,
+            stage: stage.into(),
+            name: format!("FROM busybox@{digest}"),
+            state_key: format!("base:{digest}"),
+            ..Default::default()
+        }
+    }
+
+    /// A two-stage build: `deps` (from the base, one RUN) and `app` (from the base, COPY
+    /// --from=deps, COPY of context files `ctx`, RUN).
+    fn build(digest: &str, ctx: &str) -> Vec<v1::BuildStep> {
+        let b = base(1, "deps", digest);
+        let d = keyed(2, "deps", "RUN make deps", &b.state_key, &[]);
+        let b2 = base(3, "app", digest);
+        let c1 = keyed(4, "app", "COPY --from=deps /deps /deps", &b2.state_key, &[&format!("stage {}", d.state_key)]);
+        let c2 = keyed(5, "app", "COPY app.txt /app.txt", &c1.state_key, &[&format!("sources {ctx}")]);
+        let r = keyed(6, "app", "RUN build", &c2.state_key, &[]);
+        vec![b, d, b2, c1, c2, r]
+    }
+
+    fn record(id: &str, steps: Vec<v1::BuildStep>) -> v1::BuildRecord {
+        v1::BuildRecord { id: id.into(), steps, ..Default::default() }
+    }
+
+    fn reason(steps: &[v1::BuildStep], id: u32, previous: &[v1::BuildRecord]) -> Option<(&'static str, String)> {
+        miss_reason(steps.iter().find(|s| s.id == id).unwrap(), steps, previous)
+    }
+
+    #[test]
+    fn a_first_build_and_a_cached_step_have_no_earlier_cause() {
+        let steps = build("sha256:aaaa", "c1");
+        assert_eq!(reason(&steps, 6, &[]).unwrap().0, "first", "no earlier build");
+        let other = record("b0", vec![keyed(6, "other-stage", "RUN build", "x", &[])]);
+        assert_eq!(reason(&steps, 6, &[other]).unwrap().0, "first", "the same instruction in another stage is another step");
+        let mut cached = steps.clone();
+        cached[5].cached = true;
+        assert_eq!(reason(&cached, 6, &[]), None, "a cached step did not miss");
+        assert_eq!(reason(&steps, 1, &[]), None, "a base image is no step");
+        let mut unkeyed = steps.clone();
+        unkeyed[5].cache_key.clear();
+        assert_eq!(reason(&unkeyed, 6, &[]), None, "a step that failed before it was keyed: unknown");
+    }
+
+    #[test]
+    fn changed_context_files_and_the_steps_below() {
+        let before = record("b1", build("sha256:aaaa", "c1"));
+        let mut now = build("sha256:aaaa", "c2");
+        now[0].cached = true;
+        now[1].cached = true;
+        now[2].cached = true;
+        now[3].cached = true;
+        let (kind, detail) = reason(&now, 5, std::slice::from_ref(&before)).unwrap();
+        assert_eq!((kind, detail.as_str()), ("context", "the files it copies changed"));
+        let (kind, detail) = reason(&now, 6, std::slice::from_ref(&before)).unwrap();
+        assert_eq!(kind, "parent");
+        assert!(detail.contains("COPY app.txt"), "names the step above: {detail}");
+        // A context bind mount counts as context files too.
+        let mut m = now.clone();
+        m[5].inputs = vec!["context sha256:new".into()];
+        let mut b = before.clone();
+        b.steps[5].inputs = vec!["context sha256:old".into()];
+        b.steps[5].parent_key = m[5].parent_key.clone();
+        assert_eq!(reason(&m, 6, &[b]).unwrap().0, "context");
+    }
+
+    #[test]
+    fn a_new_base_image_digest() {
+        let before = record("b1", build("sha256:aaaaaaaaaaaaaaaa", "c1"));
+        let now = build("sha256:bbbbbbbbbbbbbbbb", "c1");
+        let (kind, detail) = reason(&now, 2, std::slice::from_ref(&before)).unwrap();
+        assert_eq!(kind, "base");
+        assert_eq!(detail, "the base image changed (aaaaaaaaaaaa → bbbbbbbbbbbb)");
+        assert_eq!(reason(&now, 4, std::slice::from_ref(&before)).unwrap().0, "base", "the first step of the other stage too");
+        assert_eq!(reason(&now, 5, std::slice::from_ref(&before)).unwrap().0, "parent");
+    }
+
+    #[test]
+    fn a_stage_it_reads_changed() {
+        let before = record("b1", build("sha256:aaaa", "c1"));
+        let mut now = build("sha256:aaaa", "c1");
+        // deps' RUN changed its instruction: its state differs, and the COPY --from reads it.
+        now[1] = keyed(2, "deps", "RUN make deps2", &now[0].state_key, &[]);
+        now[3] = keyed(4, "app", "COPY --from=deps /deps /deps", &now[2].state_key, &[&format!("stage {}", now[1].state_key)]);
+        let (kind, detail) = reason(&now, 4, std::slice::from_ref(&before)).unwrap();
+        assert_eq!(kind, "stage");
+        assert!(detail.contains("`deps`"), "{detail}");
+        // The RUN: matched by its line, its instruction changed.
+        let (kind, detail) = reason(&now, 2, std::slice::from_ref(&before)).unwrap();
+        assert_eq!(kind, "instruction");
+        assert!(detail.contains("was `RUN make deps`"), "{detail}");
+    }
+
+    #[test]
+    fn a_build_arg_or_the_environment_changed() {
+        let mut old = build("sha256:aaaa", "c1");
+        old[5].args = vec!["VERSION=sha256:1".into(), "KEEP=sha256:k".into()];
+        let before = record("b1", old);
+        let mut now = build("sha256:aaaa", "c1");
+        now[5].args = vec!["VERSION=sha256:2".into(), "KEEP=sha256:k".into()];
+        now[5].op_digest = "op:other".into();
+        assert_eq!(reason(&now, 6, std::slice::from_ref(&before)).unwrap(), ("build-arg", "build-arg VERSION changed".to_string()));
+        // The same instruction text and args, another operation: an ENV above it.
+        now[5].args = before.steps[5].args.clone();
+        let (kind, detail) = reason(&now, 6, std::slice::from_ref(&before)).unwrap();
+        assert_eq!(kind, "instruction");
+        assert!(detail.contains("environment"), "{detail}");
+    }
+
+    #[test]
+    fn the_newest_earlier_build_counts_and_a_collected_record_is_evicted() {
+        let old = record("b1", build("sha256:aaaa", "c0"));
+        let prev = record("b2", build("sha256:aaaa", "c1"));
+        let now = build("sha256:aaaa", "c1");
+        // Against b2 (newest first) nothing changed: its record was collected.
+        let (kind, detail) = reason(&now, 5, &[prev.clone(), old.clone()]).unwrap();
+        assert_eq!(kind, "evicted");
+        assert!(detail.contains("b2"), "{detail}");
+        assert_eq!(reason(&now, 5, &[old, prev]).unwrap().0, "context", "against b1, the files changed");
+        let mut nc = now.clone();
+        nc[4].no_cache = true;
+        assert_eq!(reason(&nc, 5, &[]).unwrap().0, "no-cache");
+    }
+
+    #[test]
+    fn dependencies_and_the_critical_path() {
+        let mut steps = build("sha256:aaaa", "c1");
+        // deps: base 0-100, RUN 100-5000; app: base 0-50, COPY --from 5000-5100, COPY 60-80
+        // (done early: no, it runs after the COPY --from), RUN 5100-6000; a push after all.
+        let times = [(0, 100), (100, 5000), (0, 50), (5000, 5100), (5100, 5150), (5150, 6000)];
+        for (s, (a, b)) in steps.iter_mut().zip(times) {
+            s.start_ms = a;
+            s.end_ms = b;
+        }
+        steps.push(v1::BuildStep {
+            id: 7,
+            name: "pushing r/x:1".into(),
+            stage: "push".into(),
+            start_ms: 6000,
+            end_ms: 9000,
+            ..Default::default()
+        });
+        link(&mut steps);
+        let deps: Vec<(u32, Vec<u32>)> = steps.iter().map(|s| (s.id, s.deps.clone())).collect();
+        assert_eq!(deps, [(1, vec![]), (2, vec![1]), (3, vec![]), (4, vec![3, 2]), (5, vec![4]), (6, vec![5]), (7, vec![])]);
+        assert_eq!(critical_path(&steps), [1, 2, 4, 5, 6], "through the slow stage it copies from, not its own base");
+        // Finished: the flags are set, and reasons only where a step ran.
+        steps[0].cached = true;
+        finish(&mut steps, &[]);
+        let critical: Vec<u32> = steps.iter().filter(|s| s.critical).map(|s| s.id).collect();
+        assert_eq!(critical, [1, 2, 4, 5, 6]);
+        assert!(steps[0].miss_reason.is_empty() && steps[6].miss_reason.is_empty());
+        assert_eq!(steps[5].miss_reason, "first");
+        assert!(critical_path(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_long_dockerfile_is_cut_at_a_line() {
+        let (text, cut) = dockerfile_text(b"FROM x\nRUN y\n");
+        assert_eq!((text.as_str(), cut), ("FROM x\nRUN y\n", false));
+        let long = "RUN echo 0123456789\n".repeat(MAX_DOCKERFILE / 10);
+        let (text, cut) = dockerfile_text(long.as_bytes());
+        assert!(cut && text.len() <= MAX_DOCKERFILE && text.ends_with('\n'));
+    }
+
+    #[test]
+    fn key_events_fill_in_a_step() {
+        let mut r = StepRecorder::new(Instant::now());
+        r.add(&Event::Started { id: 1, name: "[a 1/1] RUN x".into() }, 1);
+        let key = hoist_engine::progress::StepKey {
+            id: 1,
+            line: 3,
+            cache_key: "k".into(),
+            inputs: vec![("sources".into(), "sha256:1".into())],
+            layer_bytes: 42,
+            ..Default::default()
+        };
+        r.add(&Event::Key(Box::new(key)), 0);
+        let s = &r.steps()[0];
+        assert_eq!((s.line, s.cache_key.as_str(), s.inputs.clone(), s.layer_bytes), (3, "k", vec!["sources sha256:1".to_string()], 42));
     }
 }

@@ -473,7 +473,7 @@ impl BuilderService {
         });
     }
 
-    async fn usage_reply(&self, project: &str, freed: u64) -> Result<v1::CacheUsageReply, Status> {
+    pub(crate) async fn usage_reply(&self, project: &str, freed: u64) -> Result<v1::CacheUsageReply, Status> {
         let store = self.context_store(project)?;
         let engine = self.engine.clone();
         let p = project.to_string();
@@ -601,6 +601,9 @@ impl ClientSession {
     }
 }
 
+/// The earlier builds a build's steps are compared with, to tell why they missed the cache.
+const PREVIOUS_BUILDS: usize = 50;
+
 /// The id of the first push vertex of the first output (each output's pushes get 1000).
 const PUSH_VERTICES: u32 = 20_000;
 
@@ -635,6 +638,7 @@ impl BuildLog {
         }
         let lines = match ev {
             Event::Log { data, .. } => String::from_utf8_lossy(data).lines().count() as u64,
+            Event::Key(_) => 0,
             _ => 1,
         };
         self.steps.add(ev, lines);
@@ -657,6 +661,7 @@ impl BuildLog {
                 }
             }
             Event::Warning(w) => self.text.push_str(&format!("WARNING: {w}\n")),
+            Event::Key(_) => {}
         }
         if self.text.len() > MAX_LOG {
             self.text.push_str("[log truncated]\n");
@@ -759,15 +764,17 @@ fn bounded_message(m: String) -> String {
 /// (and the client told how much) instead of piling up in the builder's memory.
 const MAX_QUEUED_LOG: usize = 4 << 20;
 
-fn to_proto(ev: Event) -> build_event::Event {
-    match ev {
+/// The client's form of an event (a step's key is for the build record only).
+fn to_proto(ev: Event) -> Option<build_event::Event> {
+    Some(match ev {
         Event::Started { id, name } => build_event::Event::Started(v1::VertexStarted { id, name }),
         Event::Completed { id, cached, seconds, error } => {
             build_event::Event::Completed(v1::VertexCompleted { id, cached, seconds, error: error.unwrap_or_default() })
         }
         Event::Log { id, stream, data } => build_event::Event::Log(v1::VertexLog { id, stream: stream as u32, data: data.to_vec() }),
         Event::Warning(w) => build_event::Event::Warning(w),
-    }
+        Event::Key(_) => return None,
+    })
 }
 
 /// Queue the note that `n` bytes of vertex `id`'s output were dropped.
@@ -808,6 +815,9 @@ async fn forward_events(
                     continue;
                 };
                 log.lock().unwrap_or_else(|e| e.into_inner()).add(&ev);
+                if matches!(ev, Event::Key(_)) {
+                    continue;
+                }
                 match &ev {
                     Event::Log { id, data, .. } => {
                         if queued_log + data.len() > max_queued {
@@ -836,7 +846,9 @@ async fn forward_events(
                     if let Event::Log { data, .. } = &ev {
                         queued_log = queued_log.saturating_sub(data.len());
                     }
-                    permit.send(Ok(event(to_proto(ev))));
+                    if let Some(ev) = to_proto(ev) {
+                        permit.send(Ok(event(ev)));
+                    }
                 }
             }
         }
@@ -959,11 +971,18 @@ impl BuilderService {
                 record.error = s.message().to_string();
             }
         }
+        // Build insights: why steps missed (against the project's earlier builds), the
+        // critical path, and the project's storage now.
+        let t_record = std::time::Instant::now();
+        let previous = self.builds_of(&who.project, PREVIOUS_BUILDS).unwrap_or_default();
+        record.storage_bytes = self.usage_reply(&who.project, 0).await.map_or(0, |u| u.total_bytes);
         {
             let log = log.lock().unwrap_or_else(|e| e.into_inner());
             record.steps = log.steps.steps();
+            crate::records::finish(&mut record.steps, &previous);
             self.save_record(&who.project, &record, &log.text);
         }
+        tracing::debug!(build = %record.id, micros = t_record.elapsed().as_micros() as u64, "build record written");
         // Automatic GC keeps the project under its limit (also after a failed build: its
         // record, log and context count too).
         if let Err(e) = self.collect(&who.project, self.auth.limit_of(&who.project)).await {
@@ -1023,6 +1042,8 @@ impl BuilderService {
         log: Arc<Mutex<BuildLog>>,
         record: &mut v1::BuildRecord,
     ) -> Result<v1::BuildResult, Status> {
+        (record.dockerfile, record.dockerfile_truncated) = crate::records::dockerfile_text(&req.dockerfile);
+        record.dockerfile_name = if req.dockerfile_name.is_empty() { "Dockerfile".into() } else { req.dockerfile_name.clone() };
         let store = self.context_store(&who.project)?;
         let materialized = if req.context_id.is_empty() {
             None
@@ -1252,6 +1273,7 @@ impl BuilderService {
         }
         drop(progress);
         let _ = forward.await;
+        record.bytes_pushed = report.pushes.iter().map(|p| p.bytes_uploaded).sum();
         if exporters.iter().any(Exporter::keeps_result) {
             // A pushed or saved result is in the fleet's shared tier before the build is done.
             self.engine.flush_shared_results().await;
