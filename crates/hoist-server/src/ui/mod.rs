@@ -26,6 +26,9 @@ pub const CODE_TTL: Duration = Duration::from_secs(300);
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// The session cookie.
 const COOKIE: &str = "hoist_session";
+/// The pre-sign-in cookie: the sign-in form carries its value, and a POST without it (a form
+/// another site made the browser send) is refused.
+const CSRF_COOKIE: &str = "hoist_csrf";
 
 /// Sign-in codes and sessions of the UI, kept in memory (a restart signs everyone out).
 #[derive(Default)]
@@ -188,12 +191,36 @@ fn signed_in(svc: &BuilderService, headers: &HeaderMap) -> Option<Caller> {
 }
 
 fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    cookie(headers, COOKIE)
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix(COOKIE).and_then(|v| v.strip_prefix('=')).map(str::to_string))
+        .find_map(|c| c.trim().strip_prefix(name).and_then(|v| v.strip_prefix('=')).map(str::to_string))
+}
+
+/// Whether a sign-in POST carries the value of its pre-sign-in cookie.
+fn csrf_ok(cookie: Option<&str>, form: Option<&str>) -> bool {
+    match (cookie, form) {
+        (Some(c), Some(f)) if c.len() >= 32 => {
+            // (the same time whatever the first difference)
+            c.len() == f.len() && c.bytes().zip(f.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        }
+        _ => false,
+    }
+}
+
+/// The sign-in page with `status` and `error`: a new pre-sign-in cookie, and its value in
+/// the form.
+fn signin_form(svc: &BuilderService, status: StatusCode, error: Option<&str>) -> Response {
+    let token = hoist_oci::random::hex(16);
+    let secure = if svc.ui.secure.get().copied().unwrap_or(false) { "; Secure" } else { "" };
+    let cookie = format!("{CSRF_COOKIE}={token}; Path=/ui/signin; HttpOnly; SameSite=Strict; Max-Age=3600{secure}");
+    (status, [(header::SET_COOKIE, cookie)], Html(pages::signin(error, &token))).into_response()
 }
 
 /// A response that sets the session cookie and goes to `to`.
@@ -209,31 +236,35 @@ struct CodeQuery {
 }
 
 async fn signin_page(State(svc): State<BuilderService>, Query(q): Query<CodeQuery>) -> Response {
-    let Some(code) = q.code else { return Html(pages::signin(None)).into_response() };
+    let Some(code) = q.code else { return signin_form(&svc, StatusCode::OK, None) };
     match svc.ui.redeem(&code, Instant::now()) {
         Some((session, build)) if build.is_empty() => with_session(&svc, &session, "/ui/builds"),
         Some((session, build)) => with_session(&svc, &session, &format!("/ui/builds/{build}")),
-        None => (
+        None => signin_form(
+            &svc,
             StatusCode::UNAUTHORIZED,
-            Html(pages::signin(Some("this sign-in link was used already or has expired: run `hoist builds open` again"))),
-        )
-            .into_response(),
+            Some("this sign-in link was used already or has expired: run `hoist builds open` again"),
+        ),
     }
 }
 
 #[derive(serde::Deserialize)]
 struct TokenForm {
     token: String,
+    csrf: Option<String>,
 }
 
-async fn signin(State(svc): State<BuilderService>, Form(f): Form<TokenForm>) -> Response {
+async fn signin(State(svc): State<BuilderService>, headers: HeaderMap, Form(f): Form<TokenForm>) -> Response {
+    if !csrf_ok(cookie(&headers, CSRF_COOKIE).as_deref(), f.csrf.as_deref()) {
+        return signin_form(&svc, StatusCode::FORBIDDEN, Some("this sign-in form has expired or came from elsewhere: sign in again"));
+    }
     // The UI never trusts a request without a token, even on the embedded builder.
     match svc.auth().authenticate(Some(f.token.trim()), None, false) {
         Ok(caller) => {
             let id = svc.ui.new_session(caller, Instant::now());
             with_session(&svc, &id, "/ui/builds")
         }
-        Err(e) => (StatusCode::UNAUTHORIZED, Html(pages::signin(Some(&e.to_string())))).into_response(),
+        Err(e) => signin_form(&svc, StatusCode::UNAUTHORIZED, Some(&e.to_string())),
     }
 }
 
@@ -261,8 +292,12 @@ const PROJECT_BUILDS: usize = 200;
 
 async fn project_page(State(svc): State<BuilderService>, headers: HeaderMap) -> Response {
     let Some(caller) = signed_in(&svc, &headers) else { return Redirect::to("/ui/signin").into_response() };
+    let usage = svc.usage_reply(&caller.project, 0).await;
+    if let Err(e) = &usage {
+        tracing::warn!("the storage of project {}: {}", caller.project, e.message());
+    }
     match svc.builds_of(&caller.project, PROJECT_BUILDS) {
-        Ok(builds) => Html(pages::project(&caller, &builds)).into_response(),
+        Ok(builds) => Html(pages::project(&caller, &builds, usage.as_ref().ok())).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.message().to_string()).into_response(),
     }
 }
@@ -351,6 +386,20 @@ mod tests {
         assert!(a.running_of("other").is_empty());
         drop(guard);
         assert!(a.running("p", "b1").is_none() && a.running_of("p").is_empty());
+    }
+
+    #[test]
+    fn a_sign_in_post_must_carry_its_cookies_value() {
+        let t = hoist_oci::random::hex(16);
+        assert!(csrf_ok(Some(&t), Some(&t)));
+        assert!(!csrf_ok(Some(&t), None), "no token in the form");
+        assert!(!csrf_ok(None, Some(&t)), "no cookie");
+        assert!(!csrf_ok(Some(&t), Some(&hoist_oci::random::hex(16))), "another token");
+        assert!(!csrf_ok(Some(&t), Some(&t[..31])));
+        assert!(!csrf_ok(Some(""), Some("")), "empty is no token");
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, format!("hoist_session=s; hoist_csrf={t}").parse().unwrap());
+        assert_eq!(cookie(&h, CSRF_COOKIE), Some(t));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The UI's pages as HTML strings: sign-in, a project's builds, one build's waterfall.
+//! The UI's pages as HTML strings: sign-in, a project's builds, one build (its waterfall,
+//! Dockerfile and bytes moved), a project's trends and storage.
 
 use std::fmt::Write;
 
@@ -39,14 +40,15 @@ fn page(title: &str, who: Option<&Caller>, body: &str) -> String {
     )
 }
 
-/// The sign-in form, with an error if the last attempt failed.
-pub(super) fn signin(error: Option<&str>) -> String {
+/// The sign-in form (carrying `csrf`, the value of the pre-sign-in cookie), with an error if
+/// the last attempt failed.
+pub(super) fn signin(error: Option<&str>, csrf: &str) -> String {
     let error = error.map(|e| format!(r#"<p class="error" id="error">{}</p>"#, esc(e))).unwrap_or_default();
     page(
         "sign in",
         None,
         &format!(
-            r#"<h1>hoist builder</h1>{error}<form method="post" action="/ui/signin" id="signin"><label>project token <input type="password" name="token" id="token" autocomplete="off" required></label> <button id="go">sign in</button></form><p>Or run <code>hoist builds open</code> for a one-time link.</p>"#
+            r#"<h1>hoist builder</h1>{error}<form method="post" action="/ui/signin" id="signin"><input type="hidden" name="csrf" value="{csrf}"><label>project token <input type="password" name="token" id="token" autocomplete="off" required></label> <button id="go">sign in</button></form><p>Or run <code>hoist builds open</code> for a one-time link.</p>"#
         ),
     )
 }
@@ -203,12 +205,76 @@ pub(super) fn build(who: &Caller, b: &v1::BuildRecord, running: &[bool]) -> Stri
     if !b.error.is_empty() {
         let _ = write!(body, r#"<p class="error">{}</p>"#, esc(&b.error));
     }
-    body.push_str("<h2>steps</h2>");
+    body.push_str(r#"<h2>steps</h2><p class="legend">Bars marked <span class="critical-mark">●</span> are the critical path: the chain of steps, each waiting for the one before, that ended last.</p>"#);
     body.push_str(&waterfall(&b.steps, running));
     if b.status == "running" {
         body.push_str(LIVE_SCRIPT);
+    } else {
+        body.push_str(&bytes_moved(b));
+    }
+    if !b.dockerfile.is_empty() {
+        body.push_str(&dockerfile(b));
     }
     page(&format!("build {}", b.id), Some(who), &body)
+}
+
+/// What a build moved: what the builder knows of it, and what it does not.
+fn bytes_moved(b: &v1::BuildRecord) -> String {
+    let bases: Vec<&v1::BuildStep> = b.steps.iter().filter(|s| s.cache_key.is_empty() && !s.state_key.is_empty()).collect();
+    let pulled_layers: u64 = bases.iter().map(|s| s.pulled_layers).sum();
+    let base_bytes: u64 = bases.iter().map(|s| s.layer_bytes).sum();
+    let pulled = if bases.is_empty() {
+        "not recorded".to_string()
+    } else if pulled_layers == 0 {
+        "nothing: the base images were here".to_string()
+    } else {
+        format!("{pulled_layers} layers of base images ({} in all; layers already here were not pulled)", human_bytes(base_bytes))
+    };
+    let pushes = b.steps.iter().filter(|s| s.stage == "push").count();
+    let pushed =
+        if pushes == 0 { "nothing pushed".to_string() } else { format!("{} uploaded by {pushes} pushes", human_bytes(b.bytes_pushed)) };
+    format!(
+        r#"<h2>bytes moved</h2><dl class="facts" id="bytes"><dt>context upload</dt><dd id="bytes-context">{} in {} files (of {} entries)</dd><dt>layers pulled</dt><dd id="bytes-pulled">{pulled}</dd><dt>pushed</dt><dd id="bytes-pushed">{pushed}</dd><dt>loaded</dt><dd id="bytes-loaded">not recorded (the client's engine reads the image after the build)</dd></dl>"#,
+        human_bytes(b.context_bytes_sent),
+        b.context_files_sent,
+        b.context_entries,
+    )
+}
+
+/// The Dockerfile, each line linked to the steps it made (with their time and cache state).
+fn dockerfile(b: &v1::BuildRecord) -> String {
+    let mut out = format!(r#"<h2>{}</h2><ol id="dockerfile" class="dockerfile">"#, esc(&b.dockerfile_name));
+    for (i, line) in b.dockerfile.lines().enumerate() {
+        let n = i as u32 + 1;
+        let mut links = String::new();
+        for s in b.steps.iter().filter(|s| s.line == n) {
+            let _ = write!(
+                links,
+                r##" <a class="step-link {state}" href="#step-{id}" data-step="{id}">{dur} {state}</a>"##,
+                id = s.id,
+                state = state_of(s, false),
+                dur = seconds(s.end_ms.saturating_sub(s.start_ms)),
+            );
+        }
+        let _ = write!(out, r#"<li id="L{n}"><code>{}</code>{links}</li>"#, esc(line));
+    }
+    out.push_str("</ol>");
+    if b.dockerfile_truncated {
+        out.push_str("<p>(the rest of the Dockerfile was not kept)</p>");
+    }
+    out
+}
+
+fn state_of(s: &v1::BuildStep, running: bool) -> &'static str {
+    if running {
+        "running"
+    } else if !s.error.is_empty() {
+        "failed"
+    } else if s.cached {
+        "cached"
+    } else {
+        "ran"
+    }
 }
 
 /// A day's builds of a project: how many, and steps run and cached.
@@ -241,8 +307,36 @@ pub(super) fn slowest(builds: &[v1::BuildRecord], n: usize) -> Vec<(&str, &v1::B
     all
 }
 
-/// The project page: cache hit rate per day and the slowest steps of recent builds.
-pub(super) fn project(who: &Caller, builds: &[v1::BuildRecord]) -> String {
+/// The project's storage after each build (the builds that recorded it), oldest first, at
+/// most `n`: (build id, start, bytes).
+pub(super) fn storage_series(builds: &[v1::BuildRecord], n: usize) -> Vec<(&str, i64, u64)> {
+    let mut series: Vec<_> =
+        builds.iter().filter(|b| b.storage_bytes > 0).take(n).map(|b| (b.id.as_str(), b.started, b.storage_bytes)).collect();
+    series.reverse();
+    series
+}
+
+/// The project's storage by kind, as `hoist cache du` reports it.
+fn storage_by_kind(u: &v1::CacheUsageReply) -> String {
+    let row = |id: &str, kind: &str, what: String| format!(r#"<tr id="{id}"><td>{kind}</td><td>{what}</td></tr>"#);
+    let mut t = String::from(r#"<table id="storage"><thead><tr><th>kind</th><th>size</th></tr></thead><tbody>"#);
+    t.push_str(&row("storage-layers", "layers", format!("{} ({} layers)", human_bytes(u.layer_bytes), u.layers)));
+    t.push_str(&row("storage-contexts", "contexts", format!("{} ({} sessions)", human_bytes(u.context_bytes), u.context_sessions)));
+    t.push_str(&row("storage-mounts", "cache mounts", human_bytes(u.cache_mount_bytes)));
+    t.push_str(&row("storage-builds", "build records", format!("{} ({} records)", human_bytes(u.build_log_bytes), u.build_records)));
+    t.push_str(&row("storage-total", "total", human_bytes(u.total_bytes)));
+    let limit = if u.limit_bytes == 0 { "none".to_string() } else { human_bytes(u.limit_bytes) };
+    t.push_str(&row("storage-limit", "limit", limit));
+    if !u.shared_store.is_empty() {
+        t.push_str(&row("storage-shared", "shared store", format!("{} ({} entries)", human_bytes(u.shared_bytes), u.shared_entries)));
+    }
+    t.push_str("</tbody></table>");
+    t
+}
+
+/// The project page: storage over time and by kind, cache hit rate per day and the slowest
+/// steps of recent builds.
+pub(super) fn project(who: &Caller, builds: &[v1::BuildRecord], usage: Option<&v1::CacheUsageReply>) -> String {
     let mut body = format!(
         r#"<h1>project {}</h1><p>Over the last {} builds.</p><h2>cache hits per day</h2><table id="days"><thead><tr><th>day (UTC)</th><th>builds</th><th>steps run</th><th>cached</th><th>hit rate</th></tr></thead><tbody>"#,
         esc(&who.project),
@@ -269,6 +363,25 @@ pub(super) fn project(who: &Caller, builds: &[v1::BuildRecord]) -> String {
         );
     }
     body.push_str("</tbody></table>");
+    body.push_str("<h2>storage by kind</h2>");
+    match usage {
+        Some(u) => body.push_str(&storage_by_kind(u)),
+        None => body.push_str("<p>The storage could not be read.</p>"),
+    }
+    let series = storage_series(builds, 60);
+    let max = series.iter().map(|(_, _, b)| *b).max().unwrap_or(0).max(1) as f64;
+    body.push_str(r#"<h2>storage over time</h2><p>The project's storage when each build ended (before collection).</p><table id="storage-series"><thead><tr><th>build</th><th>ended (UTC)</th><th>storage</th><th></th></tr></thead><tbody>"#);
+    for (id, started, bytes) in series {
+        let _ = write!(
+            body,
+            r#"<tr><td><a href="/ui/builds/{id}">{id}</a></td><td>{}</td><td class="bytes">{}</td><td class="spark"><div style="width:{:.1}%"></div></td></tr>"#,
+            when(started),
+            human_bytes(bytes),
+            bytes as f64 * 100.0 / max,
+            id = esc(id),
+        );
+    }
+    body.push_str("</tbody></table>");
     page("project", Some(who), &body)
 }
 
@@ -285,14 +398,14 @@ updates.addEventListener("done", () => { updates.close(); location.reload(); });
 pub(super) fn waterfall(steps: &[v1::BuildStep], running: &[bool]) -> String {
     let mut body = String::from(r#"<ol id="waterfall" class="waterfall">"#);
     for (i, (s, bar)) in steps.iter().zip(bars(steps)).enumerate() {
-        let state = if running.get(i).copied().unwrap_or(false) {
-            "running"
-        } else if !s.error.is_empty() {
-            "failed"
-        } else if s.cached {
-            "cached"
+        let state = state_of(s, running.get(i).copied().unwrap_or(false));
+        let critical = if s.critical { " critical" } else { "" };
+        let size = if s.layer_bytes > 0 { human_bytes(s.layer_bytes) } else { String::new() };
+        let line = if s.line > 0 { format!(r##" <a class="line" href="#L{0}">line {0}</a>"##, s.line) } else { String::new() };
+        let miss = if s.miss_reason.is_empty() {
+            String::new()
         } else {
-            "ran"
+            format!(r#"<p class="miss" data-reason="{}">missed the cache: {}</p>"#, esc(&s.miss_reason), esc(&s.miss_detail))
         };
         let log = if s.log.is_empty() {
             String::new()
@@ -306,7 +419,7 @@ pub(super) fn waterfall(steps: &[v1::BuildStep], running: &[bool]) -> String {
         let error = if s.error.is_empty() { String::new() } else { format!(r#"<p class="error">{}</p>"#, esc(&s.error)) };
         let _ = write!(
             body,
-            r#"<li class="step {state}" data-id="{id}"><div class="label"><span class="stage">{stage}</span> <code class="name">{name}</code></div><div class="axis"><div class="bar" style="left:{left:.2}%;width:{width:.2}%" title="{start} → {end}"></div></div><div class="meta"><span class="duration">{dur}</span> <span class="state">{state}</span></div>{error}{log}</li>"#,
+            r#"<li class="step {state}{critical}" id="step-{id}" data-id="{id}"><div class="label"><span class="stage">{stage}</span> <code class="name">{name}</code></div><div class="axis"><div class="bar" style="left:{left:.2}%;width:{width:.2}%" title="{start} → {end}"></div></div><div class="meta"><span class="duration">{dur}</span> <span class="state">{state}</span> <span class="size">{size}</span>{line}</div>{miss}{error}{log}</li>"#,
             id = s.id,
             stage = esc(&s.stage),
             name = esc(&s.name),
@@ -394,5 +507,67 @@ mod tests {
         assert!(!html.contains("<script>") && html.contains("RUN echo &#39;&lt;script&gt;&#39;"), "{html}");
         assert!(html.contains("&lt;b&gt;ok&lt;/b&gt;"), "{html}");
         assert!(html.contains("&lt;me&gt;"));
+    }
+    #[test]
+    fn the_dockerfile_links_its_lines_to_their_steps_and_misses_are_shown() {
+        let who = Caller { project: "p".into(), who: "me".into(), token_id: None };
+        let mut from = step(1, 0, 100, false);
+        from.name = "FROM busybox@sha256:ab".into();
+        from.state_key = "base".into();
+        from.pulled_layers = 1;
+        from.layer_bytes = 2048;
+        let mut copy = step(2, 100, 300, false);
+        copy.line = 2;
+        copy.cache_key = "k".into();
+        copy.layer_bytes = 1536;
+        copy.critical = true;
+        copy.miss_reason = "context".into();
+        copy.miss_detail = "the files it copies changed".into();
+        let mut run = step(3, 300, 400, true);
+        run.line = 3;
+        let b = v1::BuildRecord {
+            id: "x".into(),
+            status: "ok".into(),
+            dockerfile: "FROM busybox\nCOPY a /a\nRUN <make>\n".into(),
+            dockerfile_name: "Dockerfile".into(),
+            steps: vec![from, copy, run],
+            ..Default::default()
+        };
+        let html = build(&who, &b, &[]);
+        assert!(
+            html.contains(
+                r##"<li id="L2"><code>COPY a /a</code> <a class="step-link ran" href="#step-2" data-step="2">0.2s ran</a></li>"##
+            ),
+            "{html}"
+        );
+        assert!(html.contains(r##"<li id="L3"><code>RUN &lt;make&gt;</code> <a class="step-link cached" href="#step-3""##), "{html}");
+        assert!(html.contains(r#"<li id="L1"><code>FROM busybox</code></li>"#), "no step for the FROM line: {html}");
+        assert!(html.contains(r#"<li class="step ran critical" id="step-2""#), "{html}");
+        assert!(html.contains(r#"<p class="miss" data-reason="context">missed the cache: the files it copies changed</p>"#), "{html}");
+        assert!(html.contains(r#"<span class="size">1.5 KiB</span>"#), "the layer's size: {html}");
+        assert!(html.contains("1 layers of base images (2.0 KiB in all"), "{html}");
+        assert!(html.contains(r#"<dd id="bytes-loaded">not recorded"#), "{html}");
+        assert_eq!(html.matches("missed the cache").count(), 1, "only the step that says why");
+    }
+
+    #[test]
+    fn storage_over_time_is_oldest_first_and_skips_builds_without_it() {
+        let rec =
+            |id: &str, started: i64, storage_bytes: u64| v1::BuildRecord { id: id.into(), started, storage_bytes, ..Default::default() };
+        let builds = [rec("b3", 30, 300), rec("b2", 20, 0), rec("b1", 10, 100), rec("b0", 0, 50)];
+        assert_eq!(storage_series(&builds, 10), [("b0", 0, 50), ("b1", 10, 100), ("b3", 30, 300)]);
+        assert_eq!(storage_series(&builds, 2), [("b1", 10, 100), ("b3", 30, 300)], "the newest n");
+        let who = Caller { project: "p".into(), who: "me".into(), token_id: None };
+        let u = v1::CacheUsageReply {
+            layers: 3,
+            layer_bytes: 3 << 20,
+            context_bytes: 1024,
+            total_bytes: (3 << 20) + 1024,
+            ..Default::default()
+        };
+        let html = project(&who, &builds, Some(&u));
+        assert!(html.contains(r#"<tr id="storage-layers"><td>layers</td><td>3.0 MiB (3 layers)</td></tr>"#), "{html}");
+        assert!(html.contains(r#"<tr id="storage-contexts"><td>contexts</td><td>1.0 KiB (0 sessions)</td></tr>"#), "{html}");
+        assert!(html.contains(r#"<td class="bytes">300 B</td><td class="spark"><div style="width:100.0%">"#), "{html}");
     }
 }
