@@ -156,7 +156,8 @@ pub enum BuildsCmd {
         conn: ConnArgs,
     },
     /// Print a one-time sign-in link to the builder's web UI (valid a few minutes), for a
-    /// build or (without ID) the project's builds.
+    /// build or (without ID) the project's builds, and open it in a browser where one exists
+    /// (macOS, or DISPLAY/WAYLAND_DISPLAY set; HOIST_NO_BROWSER=1 never opens one).
     Open {
         id: Option<String>,
         #[command(flatten)]
@@ -311,6 +312,37 @@ fn when(secs: i64) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp(secs, 0).map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()
 }
 
+/// The command that opens a link in a browser here, if there is one: `open` on macOS,
+/// `xdg-open` under a graphical session; none when HOIST_NO_BROWSER=1.
+fn browser_command(macos: bool, env: &dyn Fn(&str) -> Option<String>) -> Option<&'static str> {
+    let set = |k: &str| env(k).is_some_and(|v| !v.is_empty());
+    if env("HOIST_NO_BROWSER").is_some_and(|v| v == "1") {
+        return None;
+    }
+    if macos {
+        return Some("open");
+    }
+    (set("DISPLAY") || set("WAYLAND_DISPLAY")).then_some("xdg-open")
+}
+
+/// Open `link` in a browser where one exists; never fails (the link is printed anyway).
+fn open_browser(link: &str) {
+    let Some(cmd) = browser_command(cfg!(target_os = "macos"), &|k| std::env::var(k).ok()) else { return };
+    let spawned = std::process::Command::new(cmd)
+        .arg(link)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match spawned {
+        // (reaped in the background: the browser may outlive this command)
+        Ok(mut child) => {
+            std::thread::spawn(move || child.wait());
+        }
+        Err(e) => eprintln!("(could not run {cmd}: {e})"),
+    }
+}
+
 pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
     let status = hoist_client::ClientError::from_status;
     match cmd {
@@ -363,8 +395,11 @@ pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
             if !b.tags.is_empty() {
                 println!("tags:           {}", b.tags.join(", "));
             }
+            if b.bytes_pushed > 0 {
+                println!("pushed:         {}", human_bytes(b.bytes_pushed));
+            }
             if !b.steps.is_empty() {
-                println!("\nSTEP\tSTART\tDURATION\tCACHE\tSTAGE\tINSTRUCTION");
+                println!("\nSTEP\tSTART\tDURATION\tCACHE\tSTAGE\tINSTRUCTION\tLINE\tSIZE\tMISS");
                 for s in &b.steps {
                     let state = if !s.error.is_empty() {
                         "failed"
@@ -374,14 +409,21 @@ pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
                         "ran"
                     };
                     let secs = |ms: u64| format!("{:.1}s", ms as f64 / 1000.0);
+                    let line = if s.line > 0 { s.line.to_string() } else { "-".into() };
+                    let size = if s.layer_bytes > 0 { human_bytes(s.layer_bytes) } else { "-".into() };
+                    let miss = if s.miss_reason.is_empty() { "-".into() } else { format!("{}: {}", s.miss_reason, s.miss_detail) };
                     println!(
-                        "#{}\t{}\t{}\t{state}\t{}\t{}",
+                        "#{}\t{}\t{}\t{state}\t{}\t{}\t{line}\t{size}\t{miss}",
                         s.id,
                         secs(s.start_ms),
                         secs(s.end_ms.saturating_sub(s.start_ms)),
                         s.stage,
                         s.name
                     );
+                }
+                let critical: Vec<String> = b.steps.iter().filter(|s| s.critical).map(|s| format!("#{}", s.id)).collect();
+                if !critical.is_empty() {
+                    println!("\ncritical path:  {}", critical.join(" → "));
                 }
             }
             println!("\n{}", b.log);
@@ -403,9 +445,29 @@ pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
                     "this builder serves its web UI on no TCP address: start it with --ui-listen 127.0.0.1:PORT (HOIST_UI_LISTEN for the embedded builder)"
                 ),
             };
-            println!("{base}{}", r.path);
+            let link = format!("{base}{}", r.path);
+            println!("{link}");
             eprintln!("(a one-time link, valid for {} s)", r.valid_seconds);
+            open_browser(&link);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_browser_opens_only_where_one_exists() {
+        let env =
+            |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        assert_eq!(browser_command(false, &env(&[])), None, "no graphical session");
+        assert_eq!(browser_command(false, &env(&[("DISPLAY", "")])), None, "an empty DISPLAY");
+        assert_eq!(browser_command(false, &env(&[("DISPLAY", ":0")])), Some("xdg-open"));
+        assert_eq!(browser_command(false, &env(&[("WAYLAND_DISPLAY", "wayland-0")])), Some("xdg-open"));
+        assert_eq!(browser_command(true, &env(&[])), Some("open"));
+        assert_eq!(browser_command(true, &env(&[("HOIST_NO_BROWSER", "1")])), None);
+        assert_eq!(browser_command(false, &env(&[("DISPLAY", ":0"), ("HOIST_NO_BROWSER", "1")])), None);
+    }
 }
