@@ -1020,13 +1020,26 @@ impl Drop for KillOnDrop {
 }
 
 /// The pids cgroup directories of the steps running on a builder (one per container bundle;
-/// the executor names a step's cgroup `hoist/<container id>`), cgroup v1 or v2. Found without
-/// scanning /proc, which is slow while a fork storm runs.
+/// the executor names a step's cgroup `hoist/<container id>`, below the builder's own
+/// cgroup, which is this test's: on a host it is the root, in a container it is not),
+/// cgroup v1 or v2. Found without scanning /proc, which is slow while a fork storm runs.
 fn step_cgroups(root: &Path) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own_in =
+        |ctrl: &str| own.lines().find_map(|l| l.splitn(3, ':').nth(2).filter(|_| l.split(':').nth(1) == Some(ctrl))).unwrap_or("/");
+    let (pids, unified) = (own_in("pids").trim_end_matches('/'), own_in("").trim_end_matches('/'));
+    // runc's v2 manager places relative paths below the parent of the own cgroup.
+    let v2_parent = unified.rsplit_once('/').map_or("", |(p, _)| p);
     let mut out = Vec::new();
     for e in std::fs::read_dir(root.join("executor/bundles")).into_iter().flatten().flatten() {
         let id = e.file_name().to_string_lossy().into_owned();
-        for base in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let bases = [
+            format!("/sys/fs/cgroup/pids{pids}"),
+            format!("/sys/fs/cgroup{v2_parent}"),
+            format!("/sys/fs/cgroup/unified{unified}"),
+            "/sys/fs/cgroup/pids".into(),
+        ];
+        for base in bases {
             let d = PathBuf::from(format!("{base}/hoist/{id}"));
             if d.join("pids.current").exists() {
                 out.push(d);

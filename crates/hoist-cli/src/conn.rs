@@ -168,13 +168,26 @@ impl ConnArgs {
 
     /// The builders named: `--builder`/`HOIST_BUILDER`, else hoist.json's in the current
     /// directory or its parents (see [`ConnArgs::resolve_builders`] for another directory).
+    /// `docker-container` (the embedded builder, in a container) is not among them.
     fn named(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self.named_all()?.into_iter().filter(|b| b != crate::container::DRIVER).collect())
+    }
+
+    /// The builders named, `docker-container` included.
+    fn named_all(&self) -> anyhow::Result<Vec<String>> {
         let given: Vec<String> = self.builders.iter().map(|b| b.trim().to_string()).filter(|b| !b.is_empty()).collect();
         if !given.is_empty() {
             return Ok(given);
         }
         let Some(f) = project_file(&start_dir(None))? else { return Ok(Vec::new()) };
         Ok(f.builders.iter().map(|b| b.trim().to_string()).filter(|b| !b.is_empty()).collect())
+    }
+
+    /// Why the embedded builder runs in a container of the Docker engine
+    /// ([`crate::container`]), or `None` when it runs on the host.
+    #[cfg(feature = "builder")]
+    pub fn in_container(&self) -> anyhow::Result<Option<String>> {
+        Ok(crate::container::reason(self.named_all()?.iter().any(|b| b == crate::container::DRIVER)))
     }
 
     /// The (first) builder's address, `None` for the embedded one.
@@ -240,16 +253,24 @@ impl ConnArgs {
         })
     }
 
-    /// Start (or reach) the embedded builder.
+    /// Start (or reach) the embedded builder: on the host, or in a container of the Docker
+    /// engine when it cannot run on the host.
     #[cfg(feature = "builder")]
     async fn connect_embedded(&self, opts: &ConnectOptions) -> anyhow::Result<Client> {
+        if let Some(why) = self.in_container()? {
+            return crate::container::connect(opts, &why).await;
+        }
         let exe = std::env::current_exe().context("locating the hoist binary")?;
         Ok(hoist_client::connect_embedded(&self.root, &exe, opts).await?)
     }
 
-    /// The client alone has no embedded builder: say what to give instead.
+    /// The client alone has no embedded builder: a builder container when asked for
+    /// (`docker-container`, with `HOIST_BUILDER_IMAGE`), else say what to give instead.
     #[cfg(not(feature = "builder"))]
-    async fn connect_embedded(&self, _opts: &ConnectOptions) -> anyhow::Result<Client> {
+    async fn connect_embedded(&self, opts: &ConnectOptions) -> anyhow::Result<Client> {
+        if self.named_all()?.iter().any(|b| b == crate::container::DRIVER) || std::env::var_os("HOIST_BUILDER_IMAGE").is_some() {
+            return crate::container::connect(opts, "this hoist is the client alone").await;
+        }
         bail!(NO_EMBEDDED_BUILDER)
     }
 }

@@ -11,6 +11,7 @@ mod bake;
 mod build;
 mod check;
 mod conn;
+mod container;
 mod limits;
 mod manage;
 mod multi;
@@ -65,6 +66,10 @@ enum Command {
     /// The project's build records.
     #[command(subcommand)]
     Builds(manage::BuildsCmd),
+    /// The builder container (the embedded builder in the Docker engine, for users who
+    /// cannot run it on the host): status, stop, rm [--volume], logs.
+    #[command(subcommand)]
+    Builder(container::BuilderCmd),
     /// Print a shell completion script: `hoist completion bash > /etc/bash_completion.d/hoist`.
     Completion {
         /// bash, zsh, fish, elvish or powershell.
@@ -176,6 +181,7 @@ fn main() {
             Command::Login(a) => manage::login(a).await.map(|_| 0),
             Command::Cache(c) => manage::cache(c).await.map(|_| 0),
             Command::Builds(c) => manage::builds(c).await.map(|_| 0),
+            Command::Builder(c) => container::builder(c).await.map(|_| 0),
             Command::ConfigureDocker(a) => plugin::configure_docker(a).map(|_| 0),
             Command::Completion { .. } | Command::Man => Ok(0),
         }
@@ -233,8 +239,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let entitlements = hoist_engine::entitlements::Entitlement::parse_list(args.allow_entitlements.iter().map(String::as_str))
         .map_err(|e| anyhow::anyhow!("--allow-entitlement: {e}"))?;
-    if args.embedded && !matches!(listen, hoist_server::Listen::Unix(_)) {
-        anyhow::bail!("--embedded needs a unix socket (--listen unix:///path)");
+    // The embedded builder of a user in a container (the docker-container builder) is
+    // reached over TCP; a request must carry the owner token its client gave it.
+    let owner_token = std::env::var("HOIST_OWNER_TOKEN").ok().filter(|t| !t.is_empty());
+    if args.embedded && !matches!(listen, hoist_server::Listen::Unix(_)) && owner_token.is_none() {
+        anyhow::bail!("--embedded needs a unix socket (--listen unix:///path), or HOIST_OWNER_TOKEN on TCP");
     }
     let opts = hoist_server::ServeOptions {
         insecure_registries: args.insecure_registries,
@@ -243,6 +252,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         platforms,
         entitlements,
         embedded: args.embedded,
+        owner_token: if args.embedded { owner_token } else { None },
         ui_listen: args.ui_listen,
     };
     hoist_server::serve(&listen, engine.clone(), opts, shutdown).await?;

@@ -86,6 +86,9 @@ pub struct ServeOptions {
     /// a token, and it grants every entitlement (it is its user's own machine). Any other
     /// listener requires tokens.
     pub embedded: bool,
+    /// The owner token of an embedded builder on TCP (the docker-container builder): a
+    /// request carrying it is trusted as on the embedded builder's unix socket.
+    pub owner_token: Option<String>,
     /// Serve the web UI on this `host:port` (plain HTTP) instead of on the gRPC listener.
     /// Only loopback for the embedded builder, and without [`ServeOptions::allow_insecure_tcp`].
     pub ui_listen: Option<String>,
@@ -128,9 +131,12 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let trusted = opts.embedded && matches!(listen, Listen::Unix(_));
-    let service = BuilderService::new(engine, opts.insecure_registries.clone(), trusted)
+    let mut service = BuilderService::new(engine, opts.insecure_registries.clone(), trusted)
         .with_platforms(opts.platforms.clone())
         .with_entitlements(opts.entitlements.clone());
+    if let Some(t) = opts.owner_token.as_deref().filter(|t| !t.is_empty()) {
+        service = service.with_owner_token(t);
+    }
     // A fleet's projects and tokens are read now and then every few seconds.
     let refresh = service.auth().keep_fresh().await?;
     let _stop_refresh = refresh.map(AbortOnDrop);

@@ -35,6 +35,9 @@ pub struct BuilderService {
     auth: Arc<AuthStore>,
     /// Requests without a token are trusted (the embedded builder's unix socket).
     trusted: bool,
+    /// The SHA-256 of the owner token of an embedded builder reached over TCP (the
+    /// docker-container builder): a request with it is trusted as on the unix socket.
+    owner: Option<String>,
     /// Images exported for clients to read (--load, hoist pull).
     exports: Arc<Exports>,
     /// Platforms announced as native (empty: the host's).
@@ -63,6 +66,11 @@ fn caller<T>(svc: &BuilderService, req: &Request<T>) -> Result<Caller, Status> {
     let md = req.metadata();
     let token = md.get("authorization").and_then(|v| v.to_str().ok()).map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
     let project = md.get("x-hoist-project").and_then(|v| v.to_str().ok()).map(str::to_string);
+    if let (Some(owner), Some(t)) = (&svc.owner, token.as_deref()) {
+        if *owner == crate::auth::hash_token(t) {
+            return svc.auth.authenticate(None, project.as_deref(), true).map_err(auth_status);
+        }
+    }
     svc.auth.authenticate(token.as_deref(), project.as_deref(), svc.trusted).map_err(auth_status)
 }
 
@@ -77,6 +85,7 @@ impl BuilderService {
             insecure_registries,
             auth,
             trusted,
+            owner: None,
             exports: Arc::default(),
             platforms: Vec::new(),
             entitlements: if trusted { Entitlement::ALL.into() } else { BTreeSet::new() },
@@ -89,6 +98,15 @@ impl BuilderService {
     /// Announce `platforms` as native in `Info` (empty: the host's).
     pub fn with_platforms(mut self, platforms: Vec<String>) -> BuilderService {
         self.platforms = platforms;
+        self
+    }
+
+    /// Trust requests that carry `token` as the embedded builder's unix socket is trusted
+    /// (any project, every entitlement): the builder of one user reached over TCP, as the
+    /// docker-container builder is. Other requests still need a project token.
+    pub fn with_owner_token(mut self, token: &str) -> BuilderService {
+        self.owner = Some(crate::auth::hash_token(token));
+        self.entitlements = Entitlement::ALL.into();
         self
     }
 

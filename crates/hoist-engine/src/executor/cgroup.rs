@@ -146,12 +146,14 @@ fn unescape_octal(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A cgroup mount of mountinfo: fstype, mount root, mount point, super options.
+/// A cgroup mount of mountinfo: fstype, mount root, mount point, super options, and
+/// whether the mount itself is read-only.
 struct CgroupMount {
     v2: bool,
     root: String,
     mount: PathBuf,
     options: Vec<String>,
+    read_only: bool,
 }
 
 fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
@@ -173,6 +175,7 @@ fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
             root: unescape_octal(pre[3]),
             mount: PathBuf::from(unescape_octal(pre[4])),
             options: post[2].split(',').map(str::to_string).collect(),
+            read_only: pre.get(5).is_some_and(|o| o.split(',').any(|o| o == "ro")),
         });
     }
     out
@@ -274,6 +277,66 @@ impl CgroupLayout {
     pub fn dirs_of(&self, relative: &str) -> Vec<PathBuf> {
         self.hierarchies.iter().map(|h| join_cgroup(&h.base, relative)).collect()
     }
+}
+
+/// Make the cgroup hierarchies this process is in writable where they are mounted
+/// read-only, as a container engine mounts them in a container that is not privileged
+/// (the docker-container builder): each such mount is remounted read-write (a bind
+/// remount, which changes only that mount, keeping nosuid, nodev and noexec). Needs
+/// CAP_SYS_ADMIN and a mount policy that allows it. Returns what stays read-only, for the
+/// builder to say which limits it cannot apply (runc cannot place steps in those).
+pub fn make_hierarchies_writable() -> Vec<String> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let mut stuck = Vec::new();
+    for m in cgroup_mounts(&mountinfo).into_iter().filter(|m| m.read_only) {
+        use rustix::mount::MountFlags;
+        let flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        match rustix::mount::mount_remount(&m.mount, flags, c"") {
+            Ok(()) => tracing::info!(mount = %m.mount.display(), "remounted the read-only cgroup hierarchy read-write"),
+            Err(e) => stuck.push(format!("{} ({})", m.mount.display(), std::io::Error::from(e))),
+        }
+    }
+    stuck
+}
+
+/// The device rules of this process's own devices cgroup (v1 `devices.list`), when they
+/// do not allow every device: a step's cgroup cannot be given more than its parent has, so
+/// an insecure step gets these instead of `a *:* rwm`. `None`: every device is allowed
+/// (or there is no v1 devices hierarchy, as on cgroup v2, where runc filters with eBPF).
+pub fn own_device_rules(layout: &CgroupLayout) -> Option<Vec<DeviceRule>> {
+    let h = layout.hierarchies.iter().find(|h| h.version == CgroupVersion::V1 && h.has("devices"))?;
+    let text = std::fs::read_to_string(h.base.join("devices.list")).ok()?;
+    parse_device_list(&text)
+}
+
+/// One rule of a v1 `devices.list`: `c 1:3 rwm`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRule {
+    /// `c`, `b` or `a`.
+    pub kind: String,
+    /// The major number, `None` for `*`.
+    pub major: Option<i64>,
+    /// The minor number, `None` for `*`.
+    pub minor: Option<i64>,
+    /// `r`, `w`, `m` or a combination.
+    pub access: String,
+}
+
+/// The rules of a `devices.list`; `None` when it allows every device (`a *:* rwm`).
+pub fn parse_device_list(text: &str) -> Option<Vec<DeviceRule>> {
+    let mut rules = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line == "a *:* rwm" {
+            return None;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(kind), Some(numbers), Some(access)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let Some((major, minor)) = numbers.split_once(':') else { continue };
+        let num = |n: &str| if n == "*" { Some(None) } else { n.parse().ok().map(Some) };
+        let (Some(major), Some(minor)) = (num(major), num(minor)) else { continue };
+        rules.push(DeviceRule { kind: kind.to_string(), major, minor, access: access.to_string() });
+    }
+    Some(rules)
 }
 
 /// On cgroup v2, the directories whose `cgroup.subtree_control` must list `memory` for
@@ -750,6 +813,28 @@ mod tests {
         assert!(!l.unified_mode);
         assert!(l.memory().is_none());
         assert_eq!(l.hierarchies.len(), 2);
+    }
+
+    /// A container's cgroup mounts are read-only; the rest of mountinfo is left alone.
+    #[test]
+    fn read_only_cgroup_mounts_are_found() {
+        let mi = "1 0 0:1 /docker/x /sys/fs/cgroup/pids ro,nosuid,nodev,noexec,relatime - cgroup cgroup ro,pids\n\
+                  2 0 0:2 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory\n\
+                  3 0 0:3 / /proc ro,nosuid - proc proc ro\n";
+        let ro: Vec<PathBuf> = cgroup_mounts(mi).into_iter().filter(|m| m.read_only).map(|m| m.mount).collect();
+        assert_eq!(ro, vec![PathBuf::from("/sys/fs/cgroup/pids")]);
+    }
+
+    /// An unprivileged container's devices cgroup allows a few character devices; a step
+    /// below it gets those. A host's (or a privileged container's) allows all.
+    #[test]
+    fn device_lists_parse_and_allow_all_is_none() {
+        assert_eq!(parse_device_list("a *:* rwm\n"), None);
+        let rules = parse_device_list("c *:* m\nb *:* m\nc 1:3 rwm\nc 136:* rwm\nnonsense\n").unwrap();
+        assert_eq!(rules.len(), 4);
+        assert_eq!(rules[0], DeviceRule { kind: "c".into(), major: None, minor: None, access: "m".into() });
+        assert_eq!(rules[2], DeviceRule { kind: "c".into(), major: Some(1), minor: Some(3), access: "rwm".into() });
+        assert_eq!(rules[3].minor, None);
     }
 
     #[test]

@@ -420,6 +420,8 @@ pub struct RuncExecutor {
     cap_bounding: u64,
     nofile: u64,
     pids_limit: Option<i64>,
+    /// The own devices cgroup's rules when it does not allow every device.
+    parent_devices: Option<Vec<cgroup::DeviceRule>>,
     no_new_privileges: bool,
     kill_timeout: Duration,
     network: Arc<network::SandboxNet>,
@@ -444,6 +446,23 @@ impl RuncExecutor {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let cap_bounding = spec::parse_cap_mask(&status).unwrap_or(0);
         let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(1 << 20).min(1 << 20);
+        // In a container that is not privileged (the docker-container builder), the cgroup
+        // hierarchies are read-only and the devices cgroup allows only a few devices.
+        let stuck = cgroup::make_hierarchies_writable();
+        if !stuck.is_empty() {
+            tracing::warn!(
+                "cgroup hierarchies stay read-only: {}; steps cannot have cgroups there, so the limits they carry (memory, pids) \
+                 cannot be applied and the runtime may refuse to start steps (give the builder CAP_SYS_ADMIN and no AppArmor mount rule)",
+                stuck.join(", ")
+            );
+        }
+        let parent_devices = cgroup::CgroupLayout::current().ok().and_then(|l| cgroup::own_device_rules(&l));
+        if let Some(rules) = &parent_devices {
+            tracing::warn!(
+                "the builder's devices cgroup does not allow every device: security.insecure steps get only its {} rule(s), not all devices",
+                rules.len()
+            );
+        }
         let exec = RuncExecutor {
             runtime,
             runtime_root,
@@ -451,6 +470,7 @@ impl RuncExecutor {
             cap_bounding,
             nofile,
             pids_limit: config.pids_limit,
+            parent_devices,
             no_new_privileges: config.no_new_privileges,
             kill_timeout: config.kill_timeout,
             network: Arc::new(network::SandboxNet::new(config.sandbox_network.clone(), netns_dir)),
@@ -587,6 +607,7 @@ impl RuncExecutor {
             cap_bounding: self.cap_bounding,
             nofile: self.nofile,
             pids_limit: self.pids_limit,
+            parent_devices: self.parent_devices.clone(),
             no_new_privileges: self.no_new_privileges,
             cgroups_path: cgroup::step_cgroups_path(spec.cgroup_parent.as_deref(), &spec.id),
             netns: guard.net.as_ref().map(|n| n.netns().to_path_buf()),

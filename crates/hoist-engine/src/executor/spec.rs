@@ -6,9 +6,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceCgroupBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
-    LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
-    SpecBuilder, UserBuilder,
+    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder,
+    RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
 use super::seccomp;
@@ -112,6 +112,10 @@ pub(crate) struct SpecContext {
     /// RLIMIT_NOFILE for the process (soft = hard).
     pub nofile: u64,
     pub pids_limit: Option<i64>,
+    /// The device rules of the executor's own devices cgroup when it does not allow every
+    /// device (a builder in a container): an insecure step gets these, not `a *:* rwm`,
+    /// which its cgroup could not be given.
+    pub parent_devices: Option<Vec<super::cgroup::DeviceRule>>,
     pub no_new_privileges: bool,
     /// `linux.cgroupsPath` (relative: below the executor's own cgroup).
     pub cgroups_path: String,
@@ -246,7 +250,28 @@ pub(crate) fn build_spec(run: &RunSpec, ctx: &SpecContext) -> Result<Spec, ExecE
     }
 
     let insecure = run.security == SecurityMode::Insecure;
-    let devices = vec![LinuxDeviceCgroupBuilder::default().allow(insecure).access("rwm").build()?];
+    let devices = match (&ctx.parent_devices, insecure) {
+        (Some(rules), true) => {
+            let mut out = vec![LinuxDeviceCgroupBuilder::default().allow(false).access("rwm").build()?];
+            for r in rules {
+                let mut d = LinuxDeviceCgroupBuilder::default().allow(true).access(r.access.clone());
+                d = match r.kind.as_str() {
+                    "c" => d.typ(LinuxDeviceType::C),
+                    "b" => d.typ(LinuxDeviceType::B),
+                    _ => d.typ(LinuxDeviceType::A),
+                };
+                if let Some(m) = r.major {
+                    d = d.major(m);
+                }
+                if let Some(m) = r.minor {
+                    d = d.minor(m);
+                }
+                out.push(d.build()?);
+            }
+            out
+        }
+        _ => vec![LinuxDeviceCgroupBuilder::default().allow(insecure).access("rwm").build()?],
+    };
     let mut resources = LinuxResourcesBuilder::default().devices(devices);
     if let Some(limit) = ctx.pids_limit {
         resources = resources.pids(LinuxPidsBuilder::default().limit(limit).build()?);
@@ -344,6 +369,7 @@ mod tests {
             cap_bounding: 0x000001fffeffffff, // this lab: everything but CAP_SYS_RESOURCE
             nofile: 20000,
             pids_limit: Some(4096),
+            parent_devices: None,
             no_new_privileges: false,
             cgroups_path: "hoist/x".into(),
             netns: Some("/state/netns/x".into()),
@@ -488,6 +514,23 @@ mod tests {
         let v = json(&build_spec(&r, &ctx()).unwrap());
         assert!(v["linux"].get("maskedPaths").is_none_or(|m| m.as_array().unwrap().is_empty()));
         assert_eq!(v["linux"]["resources"]["devices"][0]["allow"], true);
+        // Below a devices cgroup that allows only some devices (a builder in a container),
+        // an insecure step gets exactly those: runc could not give it more.
+        let mut c = ctx();
+        c.parent_devices = super::super::cgroup::parse_device_list("c 1:3 rwm\nc 136:* rwm\n");
+        let v = json(&build_spec(&r, &c).unwrap());
+        let d = v["linux"]["resources"]["devices"].as_array().unwrap();
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert_eq!(d[0]["allow"], false);
+        assert_eq!(
+            (d[1]["allow"].clone(), d[1]["type"].clone(), d[1]["major"].clone(), d[1]["minor"].clone()),
+            (true.into(), "c".into(), 1.into(), 3.into())
+        );
+        assert!(d[2].get("minor").is_none_or(|m| m.is_null()), "a wildcard minor: {d:?}");
+        assert!(
+            !d.iter().any(|r| r["allow"] == true && r.get("major").is_none_or(|m| m.is_null()) && r["type"] == "a"),
+            "never all devices"
+        );
     }
 
     #[test]
