@@ -83,6 +83,30 @@ fn http_get(port: u16, path: &str, session: &str) -> (u16, String) {
     (code, out)
 }
 
+/// Status and response of a form POST to the sign-in page, with `cookie` (if any).
+fn http_post_signin(port: u16, form: &str, cookie: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let cookie = cookie.map(|c| format!("Cookie: {c}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "POST /ui/signin HTTP/1.1\r\nHost: 127.0.0.1\r\n{cookie}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
+        form.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status in {out:?}"));
+    (code, out)
+}
+
+/// The value of cookie `name` a response sets.
+fn set_cookie<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .filter_map(|l| l.strip_prefix("set-cookie: ").or_else(|| l.strip_prefix("Set-Cookie: ")))
+        .find_map(|c| c.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|c| c.split(';').next())
+}
+
 fn dockerfile() -> String {
     let b = busybox();
     format!(
@@ -143,10 +167,54 @@ async fn the_waterfall_of_a_two_stage_build_in_a_browser_and_only_for_its_projec
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.lines().any(|l| l.contains("\tcached\tdeps\tRUN echo deps-ready")), "{table}");
     assert!(table.lines().any(|l| l.contains("\tran\tstage-1\tRUN printf")), "{table}");
+    // Why steps missed: app.txt changed, so its COPY, and the RUN below it because of it;
+    // a cached step has no reason.
+    let copy = step("COPY app.txt");
+    assert_eq!(
+        (copy["miss_reason"].as_str(), copy["miss_detail"].as_str()),
+        (Some("context"), Some("the files it copies changed")),
+        "{copy}"
+    );
+    assert_eq!(run["miss_reason"], "parent", "{run}");
+    assert!(run["miss_detail"].as_str().unwrap().contains("COPY app.txt"), "{run}");
+    assert_eq!(step("RUN echo deps-ready")["miss_reason"], "", "a cached step did not miss");
+    assert_eq!((copy["line"].as_u64(), run["line"].as_u64()), (Some(5), Some(6)), "their Dockerfile lines");
+    assert_eq!(rec["dockerfile"], dockerfile(), "the record keeps the Dockerfile");
+    assert!(
+        table.lines().any(|l| l.contains("\tCOPY app.txt /app.txt\t5\t") && l.ends_with("\tcontext: the files it copies changed")),
+        "{table}"
+    );
+    // The critical path ends with the last step (it ended last), through the COPY it waited for.
+    let critical: Vec<u64> = steps.iter().filter(|s| s["critical"] == true).map(|s| s["id"].as_u64().unwrap()).collect();
+    assert!(critical.ends_with(&[copy["id"].as_u64().unwrap(), run["id"].as_u64().unwrap()]), "{critical:?}: {rec}");
+    assert!(table.contains("critical path:  "), "{table}");
+    // The first build's steps that ran had no earlier build to compare with.
+    let out = alice.cmd().args(["builds", "show", &first, "--json"]).output().unwrap();
+    let rec1: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reasons: Vec<&str> =
+        rec1["steps"].as_array().unwrap().iter().filter_map(|s| s["miss_reason"].as_str()).filter(|r| !r.is_empty()).collect();
+    assert!(!reasons.is_empty() && reasons.iter().all(|r| *r == "first"), "{reasons:?}");
 
     let driver = Driver::start();
     let c = driver.browser().await;
     let port = server.port;
+
+    // The sign-in form's POST must carry the value of its pre-sign-in cookie.
+    let form = format!("token={token_a}");
+    let (code, body) = http_post_signin(port, &form, None);
+    assert_eq!(code, 403, "a POST without the form's token: {body}");
+    assert!(set_cookie(&body, "hoist_session").is_none(), "{body}");
+    let (code, page) = http_get(port, "/ui/signin", "");
+    assert_eq!(code, 200);
+    let csrf = set_cookie(&page, "hoist_csrf").unwrap_or_else(|| panic!("a pre-sign-in cookie: {page}")).to_string();
+    assert!(page.contains(&format!(r#"name="csrf" value="{csrf}""#)), "{page}");
+    let (code, body) = http_post_signin(port, &format!("{form}&csrf={csrf}"), None);
+    assert_eq!(code, 403, "the form's token without its cookie: {body}");
+    let (code, body) = http_post_signin(port, &format!("{form}&csrf=0{}", &csrf[1..]), Some(&format!("hoist_csrf={csrf}")));
+    assert_eq!(code, 403, "another token than the cookie's: {body}");
+    let (code, body) = http_post_signin(port, &format!("{form}&csrf={csrf}"), Some(&format!("hoist_csrf={csrf}")));
+    assert_eq!(code, 303, "with both: signed in: {body}");
+    assert!(set_cookie(&body, "hoist_session").is_some(), "{body}");
 
     // Sign in with project A's token: its builds, newest first, with the filter.
     sign_in(&c, port, &token_a).await;
@@ -183,6 +251,17 @@ async fn the_waterfall_of_a_two_stage_build_in_a_browser_and_only_for_its_projec
         names.push(row.find(Locator::Css(".name")).await.unwrap().text().await.unwrap());
     }
     assert!(names.iter().any(|n| n.starts_with("RUN echo deps-ready")), "{names:?}");
+    // Storage by kind (as hoist cache du has it) and after each of the two builds.
+    let du = alice.cmd().args(["cache", "du"]).output().unwrap();
+    let du = String::from_utf8_lossy(&du.stdout).to_string();
+    let layers = du.lines().find_map(|l| l.strip_prefix("layers:")).expect("layers in cache du").trim().to_string();
+    let row = c.find(Locator::Id("storage-layers")).await.expect("storage by kind").text().await.unwrap();
+    // (the CLI counts in kB/MB, the page in KiB/MiB)
+    let count = layers.split_once(" (").unwrap_or_else(|| panic!("{layers:?}")).0;
+    assert!(row.starts_with("layers ") && row.ends_with(&format!(" ({count} layers)")), "{row:?}: as hoist cache du says: {du}");
+    let series = c.find_all(Locator::Css("#storage-series tbody tr")).await.unwrap();
+    assert_eq!(series.len(), 2, "a sample per build");
+    assert!(series[1].text().await.unwrap().contains(&id), "oldest first, this build last");
 
     // The build: every step on the waterfall with its duration and cached state.
     c.goto(&format!("http://127.0.0.1:{port}/ui/builds/{id}")).await.unwrap();
@@ -205,6 +284,28 @@ async fn the_waterfall_of_a_two_stage_build_in_a_browser_and_only_for_its_projec
     let widths = futures_widths(&c).await;
     let longest = steps.iter().enumerate().max_by_key(|(_, s)| s["end_ms"].as_u64().unwrap() - s["start_ms"].as_u64().unwrap()).unwrap().0;
     assert_eq!(widths.iter().cloned().fold(f64::MIN, f64::max), widths[longest], "{widths:?}");
+
+    // The miss reason on the page, the critical path marked, the Dockerfile linked to steps.
+    let copy_li = c.find(Locator::Id(&format!("step-{}", copy["id"]))).await.unwrap();
+    let miss = copy_li.find(Locator::Css(".miss")).await.expect("the COPY's miss reason");
+    assert_eq!(miss.attr("data-reason").await.unwrap().as_deref(), Some("context"));
+    assert!(miss.text().await.unwrap().contains("the files it copies changed"));
+    let deps_li = c.find(Locator::XPath("//li[contains(@class,'step')][.//code[starts-with(.,'RUN echo deps-ready')]]")).await.unwrap();
+    assert!(deps_li.find(Locator::Css(".miss")).await.is_err(), "a cached step shows no miss reason");
+    let mut marked = Vec::new();
+    for li in c.find_all(Locator::Css("#waterfall li.step.critical")).await.unwrap() {
+        marked.push(li.attr("data-id").await.unwrap().unwrap().parse::<u64>().unwrap());
+    }
+    assert_eq!(marked, critical, "the critical path is marked on the waterfall");
+    let link = c.find(Locator::Css("#dockerfile li#L5 a.step-link")).await.expect("line 5 links to its step");
+    let ms = copy["end_ms"].as_u64().unwrap() - copy["start_ms"].as_u64().unwrap();
+    assert_eq!(link.text().await.unwrap(), format!("{:.1}s ran", ms as f64 / 1000.0));
+    assert_eq!(c.find(Locator::Css("#dockerfile li#L5 code")).await.unwrap().text().await.unwrap(), "COPY app.txt /app.txt");
+    link.click().await.unwrap();
+    assert_eq!(c.current_url().await.unwrap().fragment(), Some(format!("step-{}", copy["id"]).as_str()), "the link goes to the step");
+    assert!(c.find_all(Locator::Css("#dockerfile li#L3 a")).await.unwrap().is_empty(), "a FROM line has no step");
+    let context = c.find(Locator::Id("bytes-context")).await.unwrap().text().await.unwrap();
+    assert!(context.ends_with(&format!("in {} files (of {} entries)", rec["context_files_sent"], rec["context_entries"])), "{context}");
 
     // A step's log: collapsed, then opened, ANSI colours gone.
     let run_li = c.find(Locator::XPath("//li[contains(@class,'step')][.//code[starts-with(.,'RUN printf')]]")).await.unwrap();
@@ -237,7 +338,7 @@ async fn the_waterfall_of_a_two_stage_build_in_a_browser_and_only_for_its_projec
     // `hoist builds open`: a one-time link straight to the build, in a browser without a
     // session; used twice, it is refused.
     c.delete_all_cookies().await.unwrap();
-    let out = alice.cmd().args(["builds", "open", &id]).output().unwrap();
+    let out = alice.cmd().env("HOIST_NO_BROWSER", "1").args(["builds", "open", &id]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let link = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(link.starts_with(&format!("http://127.0.0.1:{port}/ui/signin?code=")), "{link}");
@@ -286,7 +387,7 @@ fn the_embedded_builders_ui_is_on_loopback_only() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ls = h.cmd().args(["builds", "ls"]).output().unwrap();
     let id = String::from_utf8_lossy(&ls.stdout).lines().nth(1).and_then(|l| l.split('\t').next()).expect("a build").to_string();
-    let out = h.cmd().args(["builds", "open", &id]).output().unwrap();
+    let out = h.cmd().env("HOIST_NO_BROWSER", "1").args(["builds", "open", &id]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let link = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let path = link.strip_prefix(&format!("http://127.0.0.1:{port}")).unwrap_or_else(|| panic!("a link to the loopback UI: {link}"));
