@@ -38,6 +38,11 @@ const SCENARIOS: &[&str] = &[
     "docker-archive",
 ];
 const TOOLS: &[&str] = &["hoist", "buildkit", "buildah"];
+/// Tools that run only when named (`--tools`): hoist with its builder in a container of the
+/// engine (issue 19), beside the host's embedded builder.
+const MORE_TOOLS: &[&str] = &["hoist-container"];
+/// The builder container's name in the bench (its volume: `<name>-state`).
+const BENCH_CONTAINER: &str = "hoist-bench-builder";
 
 #[derive(Parser, Debug)]
 #[command(name = "hoist-bench", about = "hoist vs docker build (BuildKit) vs buildah, on real-looking workloads")]
@@ -48,7 +53,7 @@ struct Args {
     /// Runs per measurement; the table shows medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Workloads to run (default all): webapp, cproject, biglayer, context50k, parallel.
+    /// Workloads to run (default all): webapp, cproject, biglayer, context50k, parallel, context100k.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Scenarios (default all): cold, warm, incremental, teammate, teammate-load,
@@ -737,6 +742,10 @@ struct Hoist {
     /// The S3 server (host:port) of teammate-other-node's fleet, and its request log.
     s3: String,
     s3_log: PathBuf,
+    /// The builder runs in a container of the engine (`HOIST_BUILDER=docker-container`):
+    /// a fresh state is a fresh container and volume (the builder image stays, as it would
+    /// for a user: it is made once per hoist version).
+    container: bool,
 }
 
 impl Hoist {
@@ -768,13 +777,25 @@ impl Hoist {
             }
             remove_tree(&root);
         }
+        if self.container {
+            let vol = format!("{BENCH_CONTAINER}-state");
+            for args in [&["rm", "-f", BENCH_CONTAINER][..], &["volume", "rm", "-f", &vol][..]] {
+                let mut c = docker();
+                c.args(args);
+                run_ignore(c);
+            }
+        }
     }
 
     fn cmd(&self, root: &Path) -> Command {
         let mut c = Command::new(&self.bin);
+        if self.container {
+            c.env("HOIST_BUILDER", "docker-container").env("HOIST_BUILDER_NAME", BENCH_CONTAINER);
+        } else {
+            c.env_remove("HOIST_BUILDER");
+        }
         c.env("HOIST_ROOT", root)
             .env("HOIST_CACHE_DIR", root.join("client-cache"))
-            .env_remove("HOIST_BUILDER")
             .env_remove("HOIST_TOKEN")
             .env_remove("HOIST_PROJECT")
             .env_remove("HOIST_CACHE_STORE")
@@ -988,7 +1009,11 @@ impl Hoist {
 
 impl Builder for Hoist {
     fn name(&self) -> &'static str {
-        "hoist"
+        if self.container {
+            "hoist-container"
+        } else {
+            "hoist"
+        }
     }
 
     fn reset(&mut self) -> anyhow::Result<()> {
@@ -1413,8 +1438,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     for t in &tools {
-        if !TOOLS.contains(&t.as_str()) {
-            bail!("unknown tool {t:?} (expected {})", TOOLS.join(", "));
+        if !TOOLS.contains(&t.as_str()) && !MORE_TOOLS.contains(&t.as_str()) {
+            bail!("unknown tool {t:?} (expected {}, {})", TOOLS.join(", "), MORE_TOOLS.join(", "));
         }
     }
     let want = |s: &str| scenarios.iter().any(|x| x == s);
@@ -1434,7 +1459,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let hoist_bin = if tools.iter().any(|t| t == "hoist") { hoist_binary(&args)? } else { PathBuf::new() };
+    let hoist_bin = if tools.iter().any(|t| t.starts_with("hoist")) { hoist_binary(&args)? } else { PathBuf::new() };
     let network: Vec<String> = if args.network == "host" { vec!["--network=host".into()] } else { Vec::new() };
     let load_before = loadavg();
     let started = Instant::now();
@@ -1455,6 +1480,13 @@ fn main() -> anyhow::Result<()> {
         gzip_result = Some(r);
     }
 
+    if tools.iter().any(|t| t == "hoist-container") {
+        // The builder image is made once per hoist version, not per build: make it now.
+        let mut c = Command::new(&hoist_bin);
+        c.env("HOIST_BUILDER", "docker-container").env("HOIST_BUILDER_NAME", BENCH_CONTAINER).args(["cache", "du"]);
+        // (Each fresh state then removes the container and its volume, not the image.)
+        run_quiet(c).context("starting the builder container (hoist-container)")?;
+    }
     let mut results = Results::default();
     let mut descriptions = BTreeMap::new();
     let ctx_root = workdir.join("contexts");
@@ -1471,14 +1503,15 @@ fn main() -> anyhow::Result<()> {
         let mut builders: Vec<Box<dyn Builder>> = Vec::new();
         for t in &tools {
             builders.push(match t.as_str() {
-                "hoist" => Box::new(Hoist {
+                "hoist" | "hoist-container" => Box::new(Hoist {
                     bin: hoist_bin.clone(),
-                    base: workdir.join("hoist"),
+                    base: workdir.join(t.as_str()),
                     root: None,
                     n: 0,
                     network: network.clone(),
                     s3: args.s3.clone(),
                     s3_log: args.s3_log.clone(),
+                    container: t == "hoist-container",
                 }),
                 "buildkit" => Box::new(BuildKit { base: workdir.join("buildkit"), images: Vec::new(), n: 0, network: network.clone() }),
                 _ => Box::new(Buildah { base: workdir.join("buildah"), root: None, n: 0 }),
@@ -1670,6 +1703,29 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
                 fmt_r(ratio(cells[0], cells[1])),
                 fmt_r(ratio(cells[2], cells[1]))
             );
+        }
+    }
+    if has("hoist-container") {
+        let _ =
+            writeln!(out, "\nThe builder in a container of the engine (issue 19) beside the host's, seconds; ratio = tool / BuildKit\n");
+        let _ = writeln!(out, "| workload | scenario | hoist (host) | hoist (container) | BuildKit | host/BuildKit | container/BuildKit |");
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+        for w in workloads {
+            for s in scenarios {
+                let (h, c, b) = (r.secs(w, s, "hoist"), r.secs(w, s, "hoist-container"), r.secs(w, s, "buildkit"));
+                if c.is_none() {
+                    continue;
+                }
+                let _ = writeln!(
+                    out,
+                    "| {w} | {s} | {} | {} | {} | {} | {} |",
+                    fmt_s(h),
+                    fmt_s(c),
+                    fmt_s(b),
+                    fmt_r(ratio(h, b)),
+                    fmt_r(ratio(c, b))
+                );
+            }
         }
     }
     let _ = writeln!(out, "\nOverhead outside RUN steps, seconds (wall minus time covered by RUN steps)\n");

@@ -11,6 +11,7 @@
 //!   and libraries, each file's bytes run through a different byte permutation, so it
 //!   compresses like binaries and is never all zeros), then a small COPY.
 //! - `context50k`: a context of 50,000 small files copied in one COPY (busybox).
+//! - `context100k`: the same with 100,000 files (issue 18's `--load` case).
 //! - `parallel`: four independent CPU-bound stages merged at the end (busybox).
 
 use std::fmt::Write as _;
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 
 /// All workload names, in run order.
-pub const ALL: &[&str] = &["webapp", "cproject", "biglayer", "context50k", "parallel"];
+pub const ALL: &[&str] = &["webapp", "cproject", "biglayer", "context50k", "parallel", "context100k"];
 
 /// A generated build context.
 #[derive(Debug, Clone)]
@@ -152,7 +153,8 @@ pub fn generate(name: &str, root: &Path, registry: &str, scale: f64) -> anyhow::
         "webapp" => webapp(&dir, registry, scale, &mut rng, fresh)?,
         "cproject" => cproject(&dir, registry, scale, &mut rng, fresh)?,
         "biglayer" => biglayer(&dir, registry, scale, fresh)?,
-        "context50k" => context50k(&dir, registry, scale, &mut rng, fresh)?,
+        "context50k" => many_files(&dir, registry, scaled(50_000, scale), &mut rng, fresh)?,
+        "context100k" => many_files(&dir, registry, scaled(100_000, scale), &mut rng, fresh)?,
         "parallel" => parallel(&dir, registry, scale, fresh)?,
         other => anyhow::bail!("unknown workload {other:?} (expected one of {})", ALL.join(", ")),
     };
@@ -414,8 +416,7 @@ fn biglayer(dir: &Path, reg: &str, scale: f64, fresh: bool) -> anyhow::Result<(S
     Ok((format!("{mb} MiB layer of binary-like data (python:3.11-slim), then a small COPY"), "app/config.txt".into()))
 }
 
-fn context50k(dir: &Path, reg: &str, scale: f64, rng: &mut Rng, fresh: bool) -> anyhow::Result<(String, String)> {
-    let files = scaled(50_000, scale);
+fn many_files(dir: &Path, reg: &str, files: u64, rng: &mut Rng, fresh: bool) -> anyhow::Result<(String, String)> {
     let per_dir = 200;
     if fresh {
         for i in 0..files {

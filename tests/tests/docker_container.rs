@@ -131,7 +131,8 @@ fn a_docker_group_user_builds_in_a_builder_container_that_keeps_its_cache() {
     let addr = status.lines().find_map(|l| l.strip_prefix("address:   ")).unwrap().trim().to_string();
     let listening = String::from_utf8_lossy(&Command::new("ss").args(["-ltnH"]).output().unwrap().stdout).to_string();
     let port = addr.rsplit(':').next().unwrap();
-    let binds: Vec<&str> = listening.lines().filter_map(|l| l.split_whitespace().nth(3)).filter(|a| a.ends_with(&format!(":{port}"))).collect();
+    let binds: Vec<&str> =
+        listening.lines().filter_map(|l| l.split_whitespace().nth(3)).filter(|a| a.ends_with(&format!(":{port}"))).collect();
     assert_eq!(binds, vec![addr.as_str()], "{listening}");
     for token in [None, Some("hst_guess"), Some("hst_owner_0000")] {
         let mut c = Command::new(hoist_bin());
@@ -148,6 +149,35 @@ fn a_docker_group_user_builds_in_a_builder_container_that_keeps_its_cache() {
     let second = env.ok(&["build", "--progress=plain", "-t", &image2, "--load", ctx.to_str().unwrap()]);
     assert!(!second.contains("starting the builder"), "{second}");
     assert_eq!(count_before(&second, "steps run"), 0, "{second}");
+
+    // The cache and build records are there as on any builder.
+    let du = env.ok(&["cache", "du"]);
+    assert!(du.contains("default"), "{du}");
+    let builds = env.ok(&["builds", "ls"]);
+    assert!(builds.lines().count() >= 2, "both builds are recorded: {builds}");
+
+    // A client killed mid-build loses nothing: the builder goes on serving the cache.
+    let slow = env.dir.path().join("slow");
+    std::fs::create_dir_all(&slow).unwrap();
+    std::fs::write(slow.join("Dockerfile"), format!("FROM {}\nRUN sleep 20\n", busybox())).unwrap();
+    assert!(Command::new("chmod").args(["-R", "a+rX", slow.to_str().unwrap()]).status().unwrap().success());
+    let mut child = Command::new("runuser")
+        .args(["-u", USER, "--", "env", "-i"])
+        .arg(format!("HOME={}", env.home().display()))
+        .arg(format!("HOIST_BUILDER_NAME={}", env.name))
+        .arg(&bin)
+        .args(["build", "--progress=plain", slow.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let _ = Command::new("pkill").args(["-KILL", "-f", &format!("{} build --progress=plain {}", bin.display(), slow.display())]).status();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(container_state(&env.name).unwrap().starts_with("running"), "the builder outlives its client");
+    let after_kill = env.ok(&["build", "--progress=plain", "-t", &image2, "--load", ctx.to_str().unwrap()]);
+    assert_eq!(count_before(&after_kill, "steps run"), 0, "{after_kill}");
 
     // Stopped, it starts again and the cache is still there.
     let stopped = env.ok(&["builder", "stop"]);

@@ -2,25 +2,28 @@
 //! name): when the builder cannot run on the host (not root, not Linux, or
 //! `HOIST_BUILDER=docker-container`), `hoist build` runs it as the container
 //! `hoist-builder` in the user's Docker engine (the one `--load` uses: `DOCKER_HOST`, the
-//! current Docker context), its state in the volume `hoist-state`, reachable only on
-//! loopback (a port published on 127.0.0.1) and only with the owner token the client gave
-//! it when it created the container (an environment variable of the container, which only
-//! users of the engine can read — who can do anything with the engine anyway).
+//! current Docker context), its state in the volume `hoist-state`. It is reached on
+//! loopback only — with an engine on this Linux machine it shares the host's network and
+//! listens on `127.0.0.1:PORT` (registries on localhost stay reachable, its steps get the
+//! host builder's sandboxed network); with another engine (Docker Desktop's VM) its port is
+//! published on `127.0.0.1` — and only with the owner token the client gave it when it
+//! created the container (an environment variable of the container, which only users of
+//! the engine can read: they can do anything with the engine anyway).
 //!
 //! The image, `hoist-builder:<version>-<12 hex of the binary's SHA-256>`, is the builder
 //! image of `packaging/builder/Dockerfile`: `HOIST_BUILDER_IMAGE` names one in a registry;
 //! else the client makes it from itself — its own binary, and the host's `runc`, `ip` and
 //! `iptables` with the libraries they load — and loads it into the engine, with no
-//! network. A client of another version (another binary) replaces the container and
-//! keeps the volume.
+//! network. A client of another version (another binary) replaces the container and its
+//! image, and keeps the volume.
 //!
 //! Privileges: the default capabilities plus `SYS_ADMIN` (overlay and bind mounts, the
 //! steps' namespaces, remounting its cgroups read-write) and `NET_ADMIN` (the steps'
 //! bridge, veths and iptables rules); seccomp, AppArmor and the masking of `/proc` and
 //! `/sys` paths off, for this container only (runc mounts a fresh `/proc` and `/sys` for
 //! each step, which the kernel refuses below masked ones). Not `--privileged`: no other
-//! capability (this machine's engine cannot grant `CAP_SYS_RESOURCE`), and its devices
-//! cgroup stays the default, which the builder then gives insecure steps.
+//! capability (some engines cannot grant `CAP_SYS_RESOURCE`), and its devices cgroup stays
+//! the default, which the builder then gives insecure steps.
 
 use std::collections::HashMap;
 use std::io::Write as _;
