@@ -299,6 +299,52 @@ pub fn make_hierarchies_writable() -> Vec<String> {
     stuck
 }
 
+/// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`): a process whose
+/// `/proc/self/ns/cgroup` has another is in a cgroup namespace of its own (a container's).
+const INIT_CGROUP_NS_INO: u64 = 0xEFFF_FFFB;
+
+/// Whether the builder must leave the root of its cgroup namespace before steps can have
+/// cgroups: on cgroup v2 only, in a namespace of its own (a container with a private cgroup
+/// namespace, the default on v2), at that namespace's root, which then has processes and so
+/// cannot enable controllers for children. Never in the initial namespace (a host's root).
+pub fn must_leave_namespace_root(self_cgroup: &str, v2_only: bool, cgroup_ns_ino: u64) -> bool {
+    v2_only && cgroup_ns_ino != INIT_CGROUP_NS_INO && self_cgroup.trim() == "0::/"
+}
+
+/// On cgroup v2 in a container's own cgroup namespace: move the container's processes
+/// from the namespace's root into `init/` and enable the available controllers for the
+/// root's children, so that runc can create step cgroups (`hoist/…` below the parent of
+/// the own cgroup, now the root) with memory and pids limits. Returns what failed.
+pub fn leave_namespace_root() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let v2_only = Path::new(UNIFIED_MOUNTPOINT).join("cgroup.controllers").exists();
+    let ino = std::fs::metadata("/proc/self/ns/cgroup").map(|m| m.ino()).unwrap_or(INIT_CGROUP_NS_INO);
+    if !must_leave_namespace_root(&own, v2_only, ino) {
+        return None;
+    }
+    let root = Path::new(UNIFIED_MOUNTPOINT);
+    let init = root.join("init");
+    if let Err(e) = std::fs::create_dir(&init) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Some(format!("creating {}: {e}", init.display()));
+        }
+    }
+    let procs = std::fs::read_to_string(root.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter(|l| !l.trim().is_empty()) {
+        // A process that exited meanwhile is not an error.
+        let _ = std::fs::write(init.join("cgroup.procs"), pid.trim());
+    }
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    let mut failed = Vec::new();
+    for c in controllers.split_whitespace() {
+        if let Err(e) = std::fs::write(root.join("cgroup.subtree_control"), format!("+{c}")) {
+            failed.push(format!("{c} ({e})"));
+        }
+    }
+    (!failed.is_empty()).then(|| format!("controllers not enabled for steps: {}", failed.join(", ")))
+}
+
 /// The device rules of this process's own devices cgroup (v1 `devices.list`), when they
 /// do not allow every device: a step's cgroup cannot be given more than its parent has, so
 /// an insecure step gets these instead of `a *:* rwm`. `None`: every device is allowed
@@ -835,6 +881,17 @@ mod tests {
         assert_eq!(rules[0], DeviceRule { kind: "c".into(), major: None, minor: None, access: "m".into() });
         assert_eq!(rules[2], DeviceRule { kind: "c".into(), major: Some(1), minor: Some(3), access: "rwm".into() });
         assert_eq!(rules[3].minor, None);
+    }
+
+    /// Only a v2 container's namespace root is left; never a host's root, a v1 machine, or
+    /// a builder already below the root.
+    #[test]
+    fn only_the_root_of_a_private_v2_namespace_is_left() {
+        let private = INIT_CGROUP_NS_INO - 7;
+        assert!(must_leave_namespace_root("0::/\n", true, private));
+        assert!(!must_leave_namespace_root("0::/\n", true, INIT_CGROUP_NS_INO), "a host's root cgroup");
+        assert!(!must_leave_namespace_root("0::/init\n", true, private), "already below the root");
+        assert!(!must_leave_namespace_root("8:pids:/\n0::/\n", false, private), "v1 or hybrid");
     }
 
     #[test]

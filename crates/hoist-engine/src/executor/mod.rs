@@ -456,6 +456,9 @@ impl RuncExecutor {
                 stuck.join(", ")
             );
         }
+        if let Some(e) = cgroup::leave_namespace_root() {
+            tracing::warn!("cgroup v2 in a container: {e}; those limits cannot be applied to steps");
+        }
         let parent_devices = cgroup::CgroupLayout::current().ok().and_then(|l| cgroup::own_device_rules(&l));
         if let Some(rules) = &parent_devices {
             tracing::warn!(
