@@ -61,7 +61,8 @@ struct Args {
     /// docker-archive.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Builders (default all): hoist, buildkit, buildah.
+    /// Builders (default: hoist, buildkit, buildah). `hoist-container` (only when named) is
+    /// hoist with its builder in a container of the engine (HOIST_BUILDER=docker-container).
     #[arg(long, value_delimiter = ',')]
     tools: Vec<String>,
     /// Write the results as JSON here.
