@@ -57,12 +57,13 @@ impl StepRecorder {
             Event::Key(k) => {
                 if let Some(s) = self.index.get(&k.id).map(|&i| &mut self.steps[i]) {
                     s.line = k.line;
-                    s.cache_key = k.cache_key.clone();
-                    s.parent_key = k.parent_key.clone();
-                    s.state_key = k.state_key.clone();
-                    s.op_digest = k.op.clone();
-                    s.inputs = k.inputs.iter().map(|(kind, v)| format!("{kind} {v}")).collect();
-                    s.args = k.args.clone();
+                    s.cache_key = key_prefix(&k.cache_key);
+                    s.parent_key = key_prefix(&k.parent_key);
+                    s.state_key = key_prefix(&k.state_key);
+                    s.op_digest = key_prefix(&k.op);
+                    s.inputs = k.inputs.iter().map(|(kind, v)| format!("{kind} {}", key_prefix(v))).collect();
+                    s.args =
+                        k.args.iter().map(|a| a.split_once('=').map_or(a.clone(), |(n, v)| format!("{n}={}", key_prefix(v)))).collect();
                     s.no_cache = k.no_cache;
                     s.layer_bytes = k.layer_bytes;
                     s.pulled_layers = k.pulled_layers;
@@ -87,6 +88,23 @@ impl StepRecorder {
         };
         self.steps.iter().map(step).collect()
     }
+}
+
+/// Digits of a key or digest a record keeps.
+const KEY_DIGITS: usize = 16;
+
+/// The first [`KEY_DIGITS`] hex digits of a key or digest (`sha256:` dropped); other text
+/// (a git commit, a URL and its digest) is kept whole, up to 200 bytes.
+fn key_prefix(k: &str) -> String {
+    let hex = k.strip_prefix("sha256:").unwrap_or(k);
+    if hex.len() >= KEY_DIGITS && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return hex[..KEY_DIGITS].to_string();
+    }
+    let mut cut = k.len().min(200);
+    while !k.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    k[..cut].to_string()
 }
 
 /// `[build 2/5] RUN make` → (`build`, `RUN make`); `[base] FROM x` → (`base`, `FROM x`); a
@@ -543,16 +561,20 @@ mod tests {
     fn key_events_fill_in_a_step() {
         let mut r = StepRecorder::new(Instant::now());
         r.add(&Event::Started { id: 1, name: "[a 1/1] RUN x".into() }, 1);
+        let d = format!("sha256:{}", "ab".repeat(32));
         let key = hoist_engine::progress::StepKey {
             id: 1,
             line: 3,
-            cache_key: "k".into(),
-            inputs: vec![("sources".into(), "sha256:1".into())],
+            cache_key: "cd".repeat(32),
+            inputs: vec![("sources".into(), d.clone()), ("git".into(), "0123abc".into())],
+            args: vec![format!("V={d}")],
             layer_bytes: 42,
             ..Default::default()
         };
         r.add(&Event::Key(Box::new(key)), 0);
         let s = &r.steps()[0];
-        assert_eq!((s.line, s.cache_key.as_str(), s.inputs.clone(), s.layer_bytes), (3, "k", vec!["sources sha256:1".to_string()], 42));
+        assert_eq!((s.line, s.cache_key.as_str(), s.layer_bytes), (3, "cdcdcdcdcdcdcdcd", 42), "keys kept to 16 digits");
+        assert_eq!(s.inputs, ["sources abababababababab", "git 0123abc"], "other text kept whole");
+        assert_eq!(s.args, ["V=abababababababab"]);
     }
 }

@@ -989,11 +989,10 @@ impl BuilderService {
                 record.error = s.message().to_string();
             }
         }
-        // Build insights: why steps missed (against the project's earlier builds), the
-        // critical path, and the project's storage now.
+        // Build insights: why steps missed (against the project's earlier builds) and the
+        // critical path.
         let t_record = std::time::Instant::now();
         let previous = self.builds_of(&who.project, PREVIOUS_BUILDS).unwrap_or_default();
-        record.storage_bytes = self.usage_reply(&who.project, 0).await.map_or(0, |u| u.total_bytes);
         {
             let log = log.lock().unwrap_or_else(|e| e.into_inner());
             record.steps = log.steps.steps();
@@ -1007,7 +1006,25 @@ impl BuilderService {
             tracing::warn!("collecting project {}: {}", who.project, e.message());
         }
         self.collect_shared_now_and_then(&who.project);
+        // The project's storage after the build and its collection, for the project page:
+        // sampled off the build's path.
+        let (svc, project, id) = (self.clone(), who.project.clone(), record.id.clone());
+        tokio::spawn(async move { svc.sample_storage(&project, &id).await });
         result
+    }
+
+    /// Keep the project's storage now in build `id`'s record.
+    async fn sample_storage(&self, project: &str, id: &str) {
+        let Ok(u) = self.usage_reply(project, 0).await else { return };
+        let (engine, project, id) = (self.engine.clone(), project.to_string(), id.to_string());
+        let _ = tokio::task::spawn_blocking(move || {
+            let Ok(Some(mut v)) = engine.index().build(&project, &id) else { return };
+            v["storage_bytes"] = serde_json::json!(u.total_bytes);
+            if let Err(e) = engine.index().put_build(&project, &id, &v) {
+                tracing::warn!("saving build record {id}: {e}");
+            }
+        })
+        .await;
     }
 
     fn save_record(&self, project: &str, record: &v1::BuildRecord, log: &str) {

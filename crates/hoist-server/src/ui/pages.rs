@@ -370,7 +370,7 @@ pub(super) fn project(who: &Caller, builds: &[v1::BuildRecord], usage: Option<&v
     }
     let series = storage_series(builds, 60);
     let max = series.iter().map(|(_, _, b)| *b).max().unwrap_or(0).max(1) as f64;
-    body.push_str(r#"<h2>storage over time</h2><p>The project's storage when each build ended (before collection).</p><table id="storage-series"><thead><tr><th>build</th><th>ended (UTC)</th><th>storage</th><th></th></tr></thead><tbody>"#);
+    body.push_str(r#"<h2>storage over time</h2><p>The project's storage after each build (and its automatic collection).</p><table id="storage-series"><thead><tr><th>build</th><th>ended (UTC)</th><th>storage</th><th></th></tr></thead><tbody>"#);
     for (id, started, bytes) in series {
         let _ = write!(
             body,
