@@ -421,7 +421,10 @@ pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
                         s.name
                     );
                 }
-                let critical: Vec<String> = b.steps.iter().filter(|s| s.critical).map(|s| format!("#{}", s.id)).collect();
+                // (in the order they ended: each waited for the one before)
+                let mut critical: Vec<&v1::BuildStep> = b.steps.iter().filter(|s| s.critical).collect();
+                critical.sort_by_key(|s| s.end_ms);
+                let critical: Vec<String> = critical.iter().map(|s| format!("#{}", s.id)).collect();
                 if !critical.is_empty() {
                     println!("\ncritical path:  {}", critical.join(" → "));
                 }
