@@ -421,10 +421,15 @@ pub async fn builds(cmd: BuildsCmd) -> anyhow::Result<()> {
                         s.name
                     );
                 }
-                // (in the order they ended: each waited for the one before)
-                let mut critical: Vec<&v1::BuildStep> = b.steps.iter().filter(|s| s.critical).collect();
-                critical.sort_by_key(|s| s.end_ms);
-                let critical: Vec<String> = critical.iter().map(|s| format!("#{}", s.id)).collect();
+                // From its start: each step waited for the one before.
+                let on_path: Vec<&v1::BuildStep> = b.steps.iter().filter(|s| s.critical).collect();
+                let mut at = on_path.iter().copied().rev().find(|s| !on_path.iter().any(|o| o.deps.contains(&s.id)));
+                let mut critical = Vec::new();
+                while let Some(s) = at.filter(|s| !critical.contains(&format!("#{}", s.id))) {
+                    critical.push(format!("#{}", s.id));
+                    at = on_path.iter().copied().find(|o| s.deps.contains(&o.id));
+                }
+                critical.reverse();
                 if !critical.is_empty() {
                     println!("\ncritical path:  {}", critical.join(" → "));
                 }

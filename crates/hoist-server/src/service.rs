@@ -989,17 +989,21 @@ impl BuilderService {
                 record.error = s.message().to_string();
             }
         }
-        // Build insights: why steps missed (against the project's earlier builds) and the
-        // critical path.
+        // Build insights: why steps missed (against the project's earlier builds, read only
+        // when a step ran: a build from the cache has nothing to explain) and the critical path.
         let t_record = std::time::Instant::now();
-        let previous = self.builds_of(&who.project, PREVIOUS_BUILDS).unwrap_or_default();
-        {
-            let log = log.lock().unwrap_or_else(|e| e.into_inner());
-            record.steps = log.steps.steps();
-            crate::records::finish(&mut record.steps, &previous);
-            self.save_record(&who.project, &record, &log.text);
-        }
-        tracing::debug!(build = %record.id, micros = t_record.elapsed().as_micros() as u64, "build record written");
+        record.steps = log.lock().unwrap_or_else(|e| e.into_inner()).steps.steps();
+        let missed = record.steps.iter().any(|s| !s.cached && !s.no_cache && !s.cache_key.is_empty());
+        let previous = if missed { self.builds_of(&who.project, PREVIOUS_BUILDS).unwrap_or_default() } else { Vec::new() };
+        crate::records::finish(&mut record.steps, &previous);
+        let compared = t_record.elapsed();
+        self.save_record(&who.project, &record, &log.lock().unwrap_or_else(|e| e.into_inner()).text);
+        tracing::debug!(
+            build = %record.id,
+            compare_micros = compared.as_micros() as u64,
+            micros = t_record.elapsed().as_micros() as u64,
+            "build record written"
+        );
         // Automatic GC keeps the project under its limit (also after a failed build: its
         // record, log and context count too).
         if let Err(e) = self.collect(&who.project, self.auth.limit_of(&who.project)).await {
