@@ -303,7 +303,14 @@ async fn the_waterfall_of_a_two_stage_build_in_a_browser_and_only_for_its_projec
     assert_eq!(c.find(Locator::Css("#dockerfile li#L5 code")).await.unwrap().text().await.unwrap(), "COPY app.txt /app.txt");
     link.click().await.unwrap();
     assert_eq!(c.current_url().await.unwrap().fragment(), Some(format!("step-{}", copy["id"]).as_str()), "the link goes to the step");
-    assert!(c.find_all(Locator::Css("#dockerfile li#L3 a")).await.unwrap().is_empty(), "a FROM line has no step");
+    // A FROM line links to its base image's vertex.
+    let base = steps
+        .iter()
+        .find(|s| s["stage"] == "stage-1" && s["name"].as_str().unwrap().starts_with("FROM "))
+        .unwrap_or_else(|| panic!("no base image vertex of stage-1: {rec}"));
+    assert_eq!(base["line"], 3, "{base}");
+    let from = c.find(Locator::Css("#dockerfile li#L3 a.step-link")).await.expect("line 3 links to its base image");
+    assert_eq!(from.attr("data-step").await.unwrap(), Some(base["id"].to_string()));
     let context = c.find(Locator::Id("bytes-context")).await.unwrap().text().await.unwrap();
     assert!(context.ends_with(&format!("in {} files (of {} entries)", rec["context_files_sent"], rec["context_entries"])), "{context}");
 

@@ -73,6 +73,8 @@ pub struct StepKey {
     pub layer_bytes: u64,
     /// For a base image: how many of its layers were pulled.
     pub pulled_layers: u64,
+    /// For a base image: the position of its stage's `FROM` among the Dockerfile's (0-based).
+    pub from_index: Option<u32>,
 }
 
 /// Where events go. Sending never fails the build: a vanished receiver just drops events.

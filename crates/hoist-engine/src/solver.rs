@@ -418,7 +418,14 @@ async fn solve_stage(b: Arc<Build>, id: StageId) -> Result<StageState, EngineErr
             Err(e) => (false, Some(e.to_string())),
         };
         let pulled_layers = res.as_ref().map_or(0, |p| *p as u64);
-        let key = StepKey { id: vid, state_key: state.key.clone(), layer_bytes: base_bytes, pulled_layers, ..Default::default() };
+        let key = StepKey {
+            id: vid,
+            state_key: state.key.clone(),
+            layer_bytes: base_bytes,
+            pulled_layers,
+            from_index: stage.dockerfile_index.map(|i| i as u32),
+            ..Default::default()
+        };
         b.progress.send(Event::Key(Box::new(key)));
         b.progress.send(Event::Completed { id: vid, cached, seconds: t.elapsed().as_secs_f64(), error: err });
         res?;
@@ -686,6 +693,7 @@ fn report_key(
         no_cache,
         layer_bytes,
         pulled_layers: 0,
+        from_index: None,
     })));
 }
 

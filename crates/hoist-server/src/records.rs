@@ -67,6 +67,7 @@ impl StepRecorder {
                     s.no_cache = k.no_cache;
                     s.layer_bytes = k.layer_bytes;
                     s.pulled_layers = k.pulled_layers;
+                    s.from_index = k.from_index.map_or(0, |i| i + 1);
                 }
             }
             Event::Warning(_) => {}
@@ -156,10 +157,14 @@ pub(crate) fn dockerfile_text(bytes: &[u8]) -> (String, bool) {
     (text[..cut].to_string(), true)
 }
 
-/// Fill in what is known once the build is over: each step's dependencies, the critical
-/// path, and why each step that ran missed the cache (`previous`: the project's earlier
-/// records, newest first).
-pub(crate) fn finish(steps: &mut [v1::BuildStep], previous: &[v1::BuildRecord]) {
+/// Fill in what is known once the build is over: the Dockerfile lines of base images, each
+/// step's dependencies, the critical path, and why each step that ran missed the cache
+/// (`previous`: the project's earlier records, newest first).
+pub(crate) fn finish(steps: &mut [v1::BuildStep], previous: &[v1::BuildRecord], dockerfile: &str) {
+    let froms = from_lines(dockerfile);
+    for s in steps.iter_mut().filter(|s| s.from_index > 0 && s.line == 0) {
+        s.line = froms.get(s.from_index as usize - 1).copied().unwrap_or(0);
+    }
     link(steps);
     let critical: HashSet<u32> = critical_path(steps).into_iter().collect();
     for i in 0..steps.len() {
@@ -169,6 +174,55 @@ pub(crate) fn finish(steps: &mut [v1::BuildStep], previous: &[v1::BuildRecord]) 
             steps[i].miss_detail = detail;
         }
     }
+}
+
+/// The lines (1-based) of a Dockerfile's `FROM` instructions, in order: instruction lines
+/// only (not continuations, comments or heredoc bodies; the escape directive is heeded).
+pub(crate) fn from_lines(dockerfile: &str) -> Vec<u32> {
+    let mut escape = '\\';
+    let mut out = Vec::new();
+    let mut continued = false;
+    let mut heredoc: Option<(String, bool)> = None;
+    let mut directives = true;
+    for (i, line) in dockerfile.lines().enumerate() {
+        let t = line.trim();
+        if directives {
+            match t.strip_prefix('#').map(|d| d.trim().to_ascii_lowercase()) {
+                Some(d) if d.starts_with("escape=") => escape = d["escape=".len()..].trim().chars().next().unwrap_or(escape),
+                Some(d) if d.contains('=') && !d.contains(' ') => {}
+                _ => directives = false,
+            }
+        }
+        if let Some((end, dash)) = &heredoc {
+            let l = if *dash { line.trim_start_matches('\t') } else { line };
+            if l == end {
+                heredoc = None;
+            }
+            continue;
+        }
+        if t.starts_with('#') && !t.is_empty() {
+            continue;
+        }
+        let first = !continued;
+        continued = t.ends_with(escape);
+        if !first || t.is_empty() {
+            continue;
+        }
+        if t.split_whitespace().next().is_some_and(|w| w.eq_ignore_ascii_case("FROM")) {
+            out.push(i as u32 + 1);
+        }
+        // `RUN <<EOF`, `COPY <<-"EOF" /x`: the body up to the line `EOF` is no instruction.
+        if let Some(at) = t.find("<<") {
+            let rest = &t[at + 2..];
+            let (dash, rest) = rest.strip_prefix('-').map_or((false, rest), |r| (true, r));
+            let word: String =
+                rest.trim_matches(|c| c == '"' || c == '\'').chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if !word.is_empty() && !continued {
+                heredoc = Some((word, dash));
+            }
+        }
+    }
+    out
 }
 
 /// The vertex whose state is `key`: of `stage` if one is (two stages on the same base image
@@ -540,12 +594,24 @@ mod tests {
         assert_eq!(critical_path(&steps), [1, 2, 4, 5, 6], "through the slow stage it copies from, not its own base");
         // Finished: the flags are set, and reasons only where a step ran.
         steps[0].cached = true;
-        finish(&mut steps, &[]);
+        finish(&mut steps, &[], "");
         let critical: Vec<u32> = steps.iter().filter(|s| s.critical).map(|s| s.id).collect();
         assert_eq!(critical, [1, 2, 4, 5, 6]);
         assert!(steps[0].miss_reason.is_empty() && steps[6].miss_reason.is_empty());
         assert_eq!(steps[5].miss_reason, "first");
         assert!(critical_path(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_lines_of_from_instructions() {
+        let df = "# syntax=docker/dockerfile:1\nFROM a AS x\n# FROM not\nRUN echo \\\n  FROM not\nrun <<EOF\nFROM not either\nEOF\n  from b\n\nCOPY --from=x / /\nFROM c\n";
+        assert_eq!(from_lines(df), [2, 9, 12]);
+        let bt = "# escape=`\nFROM a\nRUN x `\nFROM not\nFROM b\n";
+        assert_eq!(from_lines(bt), [2, 5], "the escape directive");
+        // finish gives base image vertices their FROM's line
+        let mut steps = vec![v1::BuildStep { id: 1, from_index: 2, state_key: "s".into(), ..Default::default() }];
+        finish(&mut steps, &[], df);
+        assert_eq!(steps[0].line, 9);
     }
 
     #[test]

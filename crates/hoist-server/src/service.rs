@@ -995,7 +995,7 @@ impl BuilderService {
         record.steps = log.lock().unwrap_or_else(|e| e.into_inner()).steps.steps();
         let missed = record.steps.iter().any(|s| !s.cached && !s.no_cache && !s.cache_key.is_empty());
         let previous = if missed { self.builds_of(&who.project, PREVIOUS_BUILDS).unwrap_or_default() } else { Vec::new() };
-        crate::records::finish(&mut record.steps, &previous);
+        crate::records::finish(&mut record.steps, &previous, &record.dockerfile);
         let compared = t_record.elapsed();
         self.save_record(&who.project, &record, &log.lock().unwrap_or_else(|e| e.into_inner()).text);
         tracing::debug!(
