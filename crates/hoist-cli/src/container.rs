@@ -344,7 +344,7 @@ async fn ensure_image(docker: &Docker, tag: &str) -> anyhow::Result<()> {
     let (a, t) = (archive.clone(), tag.to_string());
     tokio::task::spawn_blocking(move || image_archive(&a, &t)).await??;
     let file = tokio::fs::File::open(&archive).await.with_context(|| format!("reading {}", archive.display()))?;
-    let body = tokio_util_stream(file);
+    let body = file_chunks(file);
     let mut s = docker.import_image_stream(q::ImportImageOptionsBuilder::new().quiet(true).build(), body, None);
     while let Some(r) = s.next().await {
         let info = r.with_context(|| format!("loading the builder image {tag} into the engine"))?;
@@ -356,7 +356,7 @@ async fn ensure_image(docker: &Docker, tag: &str) -> anyhow::Result<()> {
 }
 
 /// A file as a stream of chunks.
-fn tokio_util_stream(file: tokio::fs::File) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+fn file_chunks(file: tokio::fs::File) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
     futures::stream::unfold(file, |mut f| async move {
         use tokio::io::AsyncReadExt as _;
         let mut buf = vec![0u8; 1 << 20];

@@ -279,13 +279,21 @@ impl CgroupLayout {
     }
 }
 
-/// Make the cgroup hierarchies this process is in writable where they are mounted
-/// read-only, as a container engine mounts them in a container that is not privileged
+/// In a container (`/.dockerenv`, `/run/.containerenv` or `$container`), make the cgroup
+/// hierarchies writable where they are mounted read-only, as a container engine mounts
+/// them in a container that is not privileged
 /// (the docker-container builder): each such mount is remounted read-write (a bind
 /// remount, which changes only that mount, keeping nosuid, nodev and noexec). Needs
 /// CAP_SYS_ADMIN and a mount policy that allows it. Returns what stays read-only, for the
 /// builder to say which limits it cannot apply (runc cannot place steps in those).
 pub fn make_hierarchies_writable() -> Vec<String> {
+    // Only in a container: on a host, read-only cgroup mounts are the administrator's choice
+    // and the builder's mount namespace is the host's.
+    let in_container =
+        Path::new("/.dockerenv").exists() || Path::new("/run/.containerenv").exists() || std::env::var_os("container").is_some();
+    if !in_container {
+        return Vec::new();
+    }
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
     let mut stuck = Vec::new();
     for m in cgroup_mounts(&mountinfo).into_iter().filter(|m| m.read_only) {
