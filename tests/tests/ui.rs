@@ -314,7 +314,7 @@ async fn the_waterfall_of_a_two_stage_build_in_a_browser_and_only_for_its_projec
     let context = c.find(Locator::Id("bytes-context")).await.unwrap().text().await.unwrap();
     assert!(context.ends_with(&format!("in {} files (of {} entries)", rec["context_files_sent"], rec["context_entries"])), "{context}");
 
-    // A step's log: collapsed, then opened, ANSI colours gone.
+    // A step's log: collapsed, then opened, ANSI colours rendered, escapes gone.
     let run_li = c.find(Locator::XPath("//li[contains(@class,'step')][.//code[starts-with(.,'RUN printf')]]")).await.unwrap();
     let pre = run_li.find(Locator::Css("details pre")).await.unwrap();
     assert!(!pre.is_displayed().await.unwrap(), "the log starts collapsed");
@@ -322,6 +322,8 @@ async fn the_waterfall_of_a_two_stage_build_in_a_browser_and_only_for_its_projec
     assert!(pre.is_displayed().await.unwrap(), "the log opens");
     let log = pre.text().await.unwrap();
     assert!(log.contains("built v2") && !log.contains('\u{1b}') && !log.contains("[32m"), "{log:?}");
+    let green = pre.find(Locator::Css("span.ansi-f2")).await.expect("the step's green is rendered as green");
+    assert_eq!(green.text().await.unwrap(), "built");
 
     // Project B's token: A's build is not found, and the page holds nothing of it.
     c.find(Locator::Css("nav form button")).await.unwrap().click().await.unwrap();

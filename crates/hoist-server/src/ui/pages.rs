@@ -152,19 +152,56 @@ pub(super) fn bars(steps: &[v1::BuildStep]) -> Vec<Bar> {
         .collect()
 }
 
-/// `text` without ANSI escape sequences (colours, cursor moves) and carriage returns.
-pub(super) fn strip_ansi(text: &str) -> String {
+/// A step's log as HTML: escaped, with ANSI colours and bold rendered as spans
+/// (`ansi-b`, `ansi-fN` for the 16 colours), every other escape sequence (cursor moves,
+/// titles, links) and carriage returns dropped.
+pub(super) fn ansi_html(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
+    let (mut bold, mut fg): (bool, Option<u8>) = (false, None);
+    let mut open = false;
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
             '\u{1b}' => match chars.next() {
-                // CSI: parameters and intermediates up to a final byte @..~
+                // CSI: parameters and intermediates up to a final byte @..~; `m` sets colours.
                 Some('[') => {
+                    let mut params = String::new();
+                    let mut last = None;
                     for c in chars.by_ref() {
                         if ('@'..='~').contains(&c) {
+                            last = Some(c);
                             break;
                         }
+                        params.push(c);
+                    }
+                    if last != Some('m') {
+                        continue;
+                    }
+                    for p in params.split(';') {
+                        match p.parse::<u8>().unwrap_or(0) {
+                            0 => (bold, fg) = (false, None),
+                            1 => bold = true,
+                            22 => bold = false,
+                            n @ 30..=37 => fg = Some(n - 30),
+                            39 => fg = None,
+                            n @ 90..=97 => fg = Some(n - 90 + 8),
+                            _ => {}
+                        }
+                    }
+                    if open {
+                        out.push_str("</span>");
+                        open = false;
+                    }
+                    if bold || fg.is_some() {
+                        let mut class = Vec::new();
+                        if bold {
+                            class.push("ansi-b".to_string());
+                        }
+                        if let Some(f) = fg {
+                            class.push(format!("ansi-f{f}"));
+                        }
+                        let _ = write!(out, r#"<span class="{}">"#, class.join(" "));
+                        open = true;
                     }
                 }
                 // OSC: up to BEL or ESC \
@@ -178,8 +215,11 @@ pub(super) fn strip_ansi(text: &str) -> String {
                 _ => {}
             },
             '\r' => {}
-            c => out.push(c),
+            c => out.push_str(&esc(c.encode_utf8(&mut [0; 4]))),
         }
+    }
+    if open {
+        out.push_str("</span>");
     }
     out
 }
@@ -410,11 +450,7 @@ pub(super) fn waterfall(steps: &[v1::BuildStep], running: &[bool]) -> String {
         let log = if s.log.is_empty() {
             String::new()
         } else {
-            format!(
-                r#"<details class="log"><summary>log ({} lines)</summary><pre>{}</pre></details>"#,
-                s.log_lines,
-                esc(&strip_ansi(&s.log))
-            )
+            format!(r#"<details class="log"><summary>log ({} lines)</summary><pre>{}</pre></details>"#, s.log_lines, ansi_html(&s.log))
         };
         let error = if s.error.is_empty() { String::new() } else { format!(r#"<p class="error">{}</p>"#, esc(&s.error)) };
         let _ = write!(
@@ -489,10 +525,14 @@ mod tests {
     }
 
     #[test]
-    fn ansi_sequences_are_stripped() {
-        assert_eq!(strip_ansi("\u{1b}[1;31mred\u{1b}[0m plain\r\n"), "red plain\n");
-        assert_eq!(strip_ansi("a\u{1b}]0;title\u{7}b\u{1b}]8;;x\u{1b}\\c"), "abc");
-        assert_eq!(strip_ansi("trailing \u{1b}["), "trailing ");
+    fn ansi_colours_are_rendered_and_other_sequences_dropped() {
+        assert_eq!(ansi_html("\u{1b}[1;31mred\u{1b}[0m plain\r\n"), r#"<span class="ansi-b ansi-f1">red</span> plain"#.to_string() + "\n");
+        assert_eq!(
+            ansi_html("\u{1b}[92m<ok>\u{1b}[39m & \u{1b}[1mbold"),
+            r#"<span class="ansi-f10">&lt;ok&gt;</span> &amp; <span class="ansi-b">bold</span>"#
+        );
+        assert_eq!(ansi_html("a\u{1b}]0;title\u{7}b\u{1b}]8;;x\u{1b}\\c\u{1b}[2K"), "abc", "titles, links and cursor moves go");
+        assert_eq!(ansi_html("trailing \u{1b}["), "trailing ");
     }
 
     #[test]
