@@ -179,6 +179,31 @@ impl CacheIndex {
         Ok(out)
     }
 
+    /// The last `limit` entries of a namespace in key order, last first; only those are
+    /// read and parsed (ids that sort by time: the newest).
+    fn scan_last<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        ns: &str,
+        limit: usize,
+    ) -> Result<Vec<T>, CacheError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let t = txn.open_table(table).map_err(|e| self.db_err(e))?;
+        let (a, b) = prefix_end(ns);
+        let mut out = Vec::new();
+        for item in t.range(a.as_str()..b.as_str()).map_err(|e| self.db_err(e))?.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = item.map_err(|e| self.db_err(e))?;
+            // A corrupt entry is skipped rather than failing every listing.
+            if let Ok(val) = serde_json::from_slice(v.value()) {
+                out.push(val);
+            }
+        }
+        Ok(out)
+    }
+
     /// The namespace's records with the layers they keep, for pruning and usage.
     pub fn records(&self, ns: &str) -> Result<Vec<RecordRef>, CacheError> {
         let mut out = Vec::new();
@@ -299,6 +324,10 @@ mod tests {
         let builds = idx.builds("p1", 10).unwrap();
         assert_eq!(builds[0]["id"], "y", "newest first");
         assert!(idx.builds("p2", 10).unwrap().is_empty());
+        idx.put_build("p1", "0003-z", &serde_json::json!({"id": "z"})).unwrap();
+        idx.put_build("p10", "0004-w", &serde_json::json!({"id": "w"})).unwrap();
+        let newest: Vec<_> = idx.builds("p1", 2).unwrap().iter().map(|b| b["id"].as_str().unwrap().to_string()).collect();
+        assert_eq!(newest, ["z", "y"], "the newest two, not another namespace's");
         assert_eq!(idx.referenced_layers().unwrap().len(), 3);
         assert_eq!(idx.reset("p1").unwrap(), 3);
         assert_eq!(idx.usage("p1").unwrap().records, 0);

@@ -38,12 +38,9 @@ impl CacheIndex {
         self.put(BUILDS, &nskey(ns, id), record)
     }
 
-    /// A namespace's build records, newest first.
+    /// A namespace's newest `limit` build records, newest first (only those are read).
     pub fn builds(&self, ns: &str, limit: usize) -> Result<Vec<serde_json::Value>, CacheError> {
-        let mut all = self.scan::<serde_json::Value>(BUILDS, Some(ns))?;
-        all.reverse();
-        all.truncate(limit);
-        Ok(all.into_iter().map(|(_, v)| v).collect())
+        self.scan_last(BUILDS, ns, limit)
     }
 
     /// Forget build records of a namespace.
