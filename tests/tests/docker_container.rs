@@ -156,6 +156,14 @@ fn a_docker_group_user_builds_in_a_builder_container_that_keeps_its_cache() {
     let builds = env.ok(&["builds", "ls"]);
     assert!(builds.lines().count() >= 2, "both builds are recorded: {builds}");
 
+    // A sign-in link to the web UI names the builder's loopback address.
+    let open = env.ok(&["builds", "open"]);
+    let link = open.lines().find(|l| l.starts_with("http://")).unwrap_or_else(|| panic!("no link: {open}")).trim().to_string();
+    assert!(link.starts_with(&format!("http://{addr}/ui/")), "{link}");
+    let code = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &link]).output().unwrap();
+    let code = String::from_utf8_lossy(&code.stdout).to_string();
+    assert!(code.starts_with('2') || code.starts_with('3'), "the link signs in: {code} for {link}");
+
     // A client killed mid-build loses nothing: the builder goes on serving the cache.
     let slow = env.dir.path().join("slow");
     std::fs::create_dir_all(&slow).unwrap();

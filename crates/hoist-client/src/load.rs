@@ -498,10 +498,25 @@ async fn pull_session(
 
 /// Remove a temporary reference the engine keeps an image under (gone already: fine).
 async fn remove_temp_ref(docker: &Docker, temp_ref: &str) -> Result<(), LoadError> {
-    let noprune = bollard::query_parameters::RemoveImageOptionsBuilder::new().noprune(true).build();
-    match docker.remove_image(temp_ref, Some(noprune), None).await {
-        Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
-        Err(e) => Err(engine_err(format!("removing the temporary reference {temp_ref}"))(e)),
+    let gone = |e: &bollard::errors::Error| matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. });
+    let mut attempt = 0;
+    loop {
+        let noprune = bollard::query_parameters::RemoveImageOptionsBuilder::new().noprune(true).build();
+        let err = match docker.remove_image(temp_ref, Some(noprune), None).await {
+            Ok(_) => return Ok(()),
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => e,
+        };
+        // The engine can fail a removal that races another load's of the same image
+        // ("unrecognized image ID"): what counts is whether the reference is gone.
+        if docker.inspect_image(temp_ref).await.as_ref().is_err_and(gone) {
+            return Ok(());
+        }
+        attempt += 1;
+        if attempt == 3 {
+            return Err(engine_err(format!("removing the temporary reference {temp_ref}"))(err));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
     }
 }
 

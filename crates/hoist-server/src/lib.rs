@@ -176,6 +176,7 @@ pub async fn serve(
             None
         }
     };
+    let ui_access = service.ui.clone();
     let svc = BuilderServer::new(service).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     let mut builder = tonic::transport::Server::builder()
         .accept_http1(ui_beside_grpc.is_some())
@@ -194,6 +195,7 @@ pub async fn serve(
         builder = builder.tls_config(cfg).map_err(|e| ServeError::Tls(e.to_string()))?;
     }
     let mut routes = tonic::service::Routes::new(svc).into_axum_router();
+    let ui_on_grpc = ui_beside_grpc.is_some();
     if let Some(ui) = ui_beside_grpc {
         routes = routes.merge(ui);
     }
@@ -209,6 +211,11 @@ pub async fn serve(
             let local = listener.local_addr().map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
             if !local.ip().is_loopback() && !allow_insecure_tcp {
                 return Err(ServeError::NotLoopback(local.to_string()));
+            }
+            // Plain HTTP on loopback: sign-in links name this address (the builder in a
+            // container is reached on it, and its client names no address).
+            if ui_on_grpc && !tls && local.ip().is_loopback() {
+                ui_access.set_base(format!("http://{local}"));
             }
             router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown).await?;
         }

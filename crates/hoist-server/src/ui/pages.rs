@@ -545,7 +545,10 @@ mod tests {
         let b = v1::BuildRecord { id: "x".into(), steps: vec![s], ..Default::default() };
         let html = build(&who, &b, &[]);
         assert!(!html.contains("<script>") && html.contains("RUN echo &#39;&lt;script&gt;&#39;"), "{html}");
-        assert!(html.contains("&lt;b&gt;ok&lt;/b&gt;"), "{html}");
+        assert!(
+            html.contains(r#"&lt;b&gt;<span class="ansi-f2">ok</span>&lt;/b&gt;"#),
+            "the log's markup escaped, its colour rendered: {html}"
+        );
         assert!(html.contains("&lt;me&gt;"));
     }
     #[test]
