@@ -1865,6 +1865,16 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
                     max,
                     true,
                 );
+                // The floor in the same run: hoist's RUN steps alone (the same work in both
+                // tools), which no build and no load can go below.
+                let run_steps = r.secs(w, s, "hoist").zip(r.overhead(w, s, "hoist")).map(|(t, o)| t - o).filter(|t| *t > 0.0);
+                if let Some(t) = run_steps {
+                    let _ = writeln!(
+                        out,
+                        "  - floor: hoist's RUN steps alone took {t:.2}s = {} BuildKit's whole build",
+                        fmt_r(ratio(Some(t), r.secs(w, s, "buildkit")))
+                    );
+                }
             }
         }
     }

@@ -570,9 +570,15 @@ async fn engine_chains(docker: &Docker) -> HashSet<Digest> {
     else {
         return out;
     };
-    // Bounded: a very large image store costs at most this many inspections.
-    for img in images.iter().take(500) {
-        let Ok(i) = docker.inspect_image(&img.id).await else { continue };
+    // Bounded: a very large image store costs at most this many inspections, eight at a
+    // time (for a remote engine each is a round trip).
+    let inspect = |id: String| {
+        let docker = docker.clone();
+        async move { docker.inspect_image(&id).await }
+    };
+    let mut inspected = futures::stream::iter(images.into_iter().take(500).map(|i| inspect(i.id))).buffer_unordered(8);
+    while let Some(i) = inspected.next().await {
+        let Ok(i) = i else { continue };
         let diff_ids: Vec<Digest> = i.root_fs.and_then(|r| r.layers).unwrap_or_default().iter().filter_map(|d| d.parse().ok()).collect();
         for n in 1..=diff_ids.len() {
             if let Some(c) = chain_id(&diff_ids[..n]) {
