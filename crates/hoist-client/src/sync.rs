@@ -170,11 +170,13 @@ fn walk_once(
             child_bytes.extend_from_slice(name.as_encoded_bytes());
             // Matching (reach, .dockerignore) and the stat cache use the (lossy) text.
             let child_rel = String::from_utf8_lossy(&child_bytes).into_owned();
-            let child_abs = entry.path();
-            let m = fs::symlink_metadata(&child_abs).map_err(|e| ClientError::Context(format!("{}: {e}", child_abs.display())))?;
             if !reach.includes(&child_rel) {
                 continue;
             }
+            let child_abs = entry.path();
+            // Not following a symlink, and relative to the open directory (no walk of the
+            // whole path for each of 100,000 files).
+            let m = entry.metadata().map_err(|e| ClientError::Context(format!("{}: {e}", child_abs.display())))?;
             let ignored = ignore.is_some_and(|i| i.matches(&child_rel));
             if m.is_dir() {
                 if ignored && ignore.is_some_and(|i| i.can_skip_dir(&child_rel)) {

@@ -542,11 +542,13 @@ impl BuilderService {
                 Build(String),
                 Session(String),
             }
+            let t0 = std::time::Instant::now();
             let ctx_err = |e: crate::context::ContextError| Status::internal(e.to_string());
             let mut freed = 0;
             if contexts_idle {
                 freed += store.sweep_blobs().map_err(ctx_err)?;
             }
+            let t_sweep = t0.elapsed();
             let mut items = Vec::new();
             let mut reclaim = Vec::new();
             for (id, r) in build_items(&engine, &project) {
@@ -559,22 +561,37 @@ impl BuilderService {
                 items.push(Item::Session(s.name));
                 reclaim.push(hoist_engine::gc::Reclaimable { last_used: s.last_used, bytes: s.bytes, pinned: s.busy || !contexts_idle });
             }
+            let t_items = t0.elapsed();
             let (f, drop) = engine.collect(&project, limit, &reclaim).map_err(engine_status)?;
+            let t_engine = t0.elapsed();
             freed += f;
             let mut builds = Vec::new();
+            let mut sessions_removed = false;
             for i in drop {
                 match &items[i] {
                     Item::Build(id) => {
                         let _ = std::fs::remove_file(engine.root().join("builds").join(&project).join(format!("{id}.log")));
                         builds.push(id.clone());
                     }
-                    Item::Session(name) => store.remove_session(name).map_err(ctx_err)?,
+                    Item::Session(name) => {
+                        store.remove_session(name).map_err(ctx_err)?;
+                        sessions_removed = true;
+                    }
                 }
             }
             engine.index().remove_builds(&project, &builds).map_err(|e| Status::internal(e.to_string()))?;
-            if contexts_idle {
+            // The blobs of the sessions just removed (none removed: nothing new to free).
+            if contexts_idle && sessions_removed {
                 freed += store.sweep_blobs().map_err(ctx_err)?;
             }
+            tracing::debug!(
+                project,
+                sweep_micros = t_sweep.as_micros() as u64,
+                items_micros = (t_items - t_sweep).as_micros() as u64,
+                engine_micros = (t_engine - t_items).as_micros() as u64,
+                micros = t0.elapsed().as_micros() as u64,
+                "collected"
+            );
             Ok(freed)
         })
         .await
