@@ -505,10 +505,13 @@ impl ContextStore {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut keep: std::collections::HashSet<&str> = sessions.iter().flat_map(|s| s.iter().map(|(d, _)| d.as_str())).collect();
         keep.extend(pending.values().flat_map(|p| p.entries.iter().map(|e| e.digest.as_str())).filter(|d| !d.is_empty()));
-        let mut freed = 0;
         let mut listed = self.listed()?;
         let Some(set) = listed.as_mut() else { return Ok(0) };
         let unused: Vec<Digest> = set.iter().filter(|d| !keep.contains(d.as_str())).cloned().collect();
+        // Uploads check the prepared contexts: not held while files are deleted.
+        drop(keep);
+        drop(pending);
+        let mut freed = 0;
         for d in unused {
             // A blob's size is read only when it goes.
             let size = self.blobs.size(&d).ok().flatten().unwrap_or(0);
@@ -517,8 +520,6 @@ impl ContextStore {
                 freed += size;
             }
         }
-        drop(keep);
-        drop(pending);
         Ok(freed)
     }
 
