@@ -47,12 +47,30 @@ fn warm_rebuild_runs_nothing_and_rereads_nothing() {
     assert!(warm.contains("0 steps run, 4 cached"), "{warm}");
     assert!(warm.contains("0 files hashed"), "unchanged files must not be re-read: {warm}");
     assert!(warm.contains("0 files sent"), "{warm}");
+    assert!(warm.contains("entries (unchanged: named, not sent)"), "the manifest is the last one: {warm}");
     // Changing b.txt reruns only the steps that read it.
     std::fs::write(ctx.path().join("b.txt"), "b changed\n").unwrap();
     let inc = h.build_ok(&[dir]);
     assert!(inc.contains("2 steps run, 2 cached"), "{inc}");
     assert!(inc.contains("1 files hashed"), "{inc}");
     assert!(inc.contains("1 files sent"), "{inc}");
+    assert!(!inc.contains("named, not sent"), "{inc}");
+    // A builder that no longer has the manifest named (here: a name it never answered) is
+    // sent the manifest, and the build is the same.
+    let records: Vec<_> = std::fs::read_dir(h.cache.path().join("statcache"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sent"))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = std::fs::read_to_string(&records[0]).unwrap();
+    let (ours, _) = record.split_once(' ').unwrap();
+    std::fs::write(&records[0], format!("{ours} sha256:{}\n", "0".repeat(64))).unwrap();
+    let forgotten = h.build_ok(&[dir]);
+    assert!(forgotten.contains("0 steps run, 4 cached") && !forgotten.contains("named, not sent"), "{forgotten}");
+    let named = h.build_ok(&[dir]);
+    assert!(named.contains("0 steps run, 4 cached") && named.contains("named, not sent"), "{named}");
     // A mode-only change is a change (COPY keeps modes); changing it back finds the cache.
     use std::os::unix::fs::PermissionsExt;
     let a = ctx.path().join("a.txt");

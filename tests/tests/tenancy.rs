@@ -749,7 +749,14 @@ fn another_projects_contexts_and_layout_images_are_not_reachable() {
             ..Default::default()
         }],
     };
-    let a_id = with_raw_client(&t.server, &t.a.token, async |c| c.prepare_context(manifest).await.unwrap().into_inner().context_id);
+    let a_prep = with_raw_client(&t.server, &t.a.token, async |c| c.prepare_context(manifest).await.unwrap().into_inner());
+    let a_id = a_prep.context_id.clone();
+    // B names A's manifest by the digest A was answered (with A's session): not B's to name.
+    let known = hoist_client::v1::KnownManifest { session: "a-session".into(), manifest: a_prep.manifest.clone() };
+    let e = with_raw_client(&t.server, &t.b.token, async |c| c.prepare_known_context(known.clone()).await.unwrap_err());
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let again = with_raw_client(&t.server, &t.a.token, async |c| c.prepare_known_context(known).await.unwrap().into_inner());
+    assert_eq!(again.manifest, a_prep.manifest, "A names its own manifest");
     use hoist_client::v1::named_context::Kind;
     for kind in
         [Kind::ContextId(a_id.clone()), Kind::OciLayout(hoist_client::v1::OciLayout { context_id: a_id.clone(), digest: digest.clone() })]

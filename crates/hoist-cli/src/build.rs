@@ -824,7 +824,7 @@ pub(crate) async fn on_builder(
         println!("{}", result.image_id);
     } else if mode != Mode::Quiet {
         eprintln!(
-            "hoist: built {} in {:.1}s{}: {} steps run, {} cached, {} containers; context: {} entries, {} files hashed, {} files sent ({}); build {} in project {}",
+            "hoist: built {} in {:.1}s{}: {} steps run, {} cached, {} containers; context: {} entries{}, {} files hashed, {} files sent ({}); build {} in project {}",
             result.image_id,
             job.started.elapsed().as_secs_f64(),
             if fleet.is_some() { format!(" on {label}") } else { String::new() },
@@ -832,6 +832,7 @@ pub(crate) async fn on_builder(
             result.steps_cached,
             result.containers_run,
             sync_stats.entries,
+            if sync_stats.named { " (unchanged: named, not sent)" } else { "" },
             sync_stats.hashed_files,
             result.context_files_sent,
             human_bytes(result.context_bytes_sent),

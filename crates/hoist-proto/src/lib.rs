@@ -4,6 +4,9 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::all, missing_docs)]
 
+/// Encoding of the messages (both sides digest a manifest the same way).
+pub use prost::Message;
+
 /// Version 1 of the builder API.
 pub mod v1 {
     tonic::include_proto!("hoist.v1");

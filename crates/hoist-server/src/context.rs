@@ -65,6 +65,10 @@ pub enum ContextError {
 /// Most contexts prepared but not yet built, per project (older ones are forgotten).
 const MAX_PENDING: usize = 64;
 
+/// Most manifests kept per project to be named again ([`ContextStore::prepare_known`]):
+/// one per session, the least recently used forgotten first.
+const MAX_KNOWN: usize = 8;
+
 /// What one build context may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContextLimits {
@@ -170,10 +174,30 @@ pub struct SyncStats {
 
 struct Pending {
     session: String,
-    entries: Vec<v1::ContextEntry>,
+    entries: Arc<Vec<v1::ContextEntry>>,
     stats: SyncStats,
     /// What the client was asked to upload.
     asked: std::collections::HashSet<Digest>,
+}
+
+/// A manifest checked before, which its client may name by digest instead of sending it
+/// again while its context does not change.
+struct Known {
+    digest: String,
+    session: String,
+    entries: Arc<Vec<v1::ContextEntry>>,
+}
+
+/// A prepared context: its id, the file digests the client must upload, and the digest
+/// that names its manifest in [`ContextStore::prepare_known`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// The id a build names.
+    pub id: String,
+    /// The file digests the builder lacks.
+    pub missing: Vec<String>,
+    /// The manifest's digest.
+    pub manifest: String,
 }
 
 /// A session directory kept for a client (one per machine and context directory).
@@ -209,6 +233,9 @@ pub struct ContextStore {
     /// the commits and removals (only this store writes there). Every build used to list
     /// the directory three times, 50–100 ms each for 100,000 blobs.
     listed: Mutex<Option<std::collections::HashSet<Digest>>>,
+    /// Manifests checked before, most recently used last: checking and sending 100,000
+    /// entries again cost a warm build more than everything else it did.
+    known: Mutex<std::collections::VecDeque<Known>>,
 }
 
 /// The blobs (digest, size) a session directory's files are.
@@ -277,6 +304,64 @@ fn validate_path(p: &[u8]) -> Result<(), ContextError> {
     Ok(())
 }
 
+/// Check a client's manifest: within `limits`, every path relative and clean, once, below
+/// a directory of the manifest; hard links to files of the same content and mode; file
+/// digests well formed.
+fn check_manifest(entries: &[v1::ContextEntry], l: ContextLimits) -> Result<(), ContextError> {
+    let n = entries.len() as u64;
+    if n > l.max_entries {
+        return Err(ContextError::TooLarge { what: "entries:", got: n, max: l.max_entries, flag: "--max-context-entries" });
+    }
+    let total = entries.iter().filter(|e| e.kind == v1::EntryKind::File as i32).fold(0u64, |t, e| t.saturating_add(e.size));
+    if total > l.max_bytes {
+        return Err(ContextError::TooLarge { what: "bytes of files:", got: total, max: l.max_bytes, flag: "--max-context-bytes" });
+    }
+    let mut kinds: HashMap<Vec<u8>, i32> = HashMap::new();
+    for e in entries {
+        let p = path_bytes(e);
+        validate_path(&p)?;
+        if kinds.insert(p, e.kind).is_some() {
+            return Err(ContextError::Manifest(format!("path {:?} appears twice", e.path)));
+        }
+    }
+    // A hard link names another file of the manifest with the same content and mode,
+    // which is no link itself.
+    let by_path: HashMap<&str, &v1::ContextEntry> =
+        entries.iter().filter(|e| e.raw_path.is_empty()).map(|e| (e.path.as_str(), e)).collect();
+    for e in entries.iter().filter(|e| !e.hardlink.is_empty()) {
+        let ok = e.kind == v1::EntryKind::File as i32
+            && e.raw_path.is_empty()
+            && e.hardlink != e.path
+            && by_path.get(e.hardlink.as_str()).is_some_and(|t| {
+                t.kind == v1::EntryKind::File as i32 && t.hardlink.is_empty() && t.digest == e.digest && t.mode & 0o7777 == e.mode & 0o7777
+            });
+        if !ok {
+            return Err(ContextError::Manifest(format!("{:?}: invalid hard link to {:?}", e.path, e.hardlink)));
+        }
+    }
+    for e in entries {
+        // Every parent must be a directory of the manifest: never a symlink that a later
+        // entry would be written through.
+        let full = path_bytes(e);
+        let mut parent = full.as_slice();
+        while let Some(i) = parent.iter().rposition(|&b| b == b'/') {
+            let p = &parent[..i];
+            if kinds.get(p) != Some(&(v1::EntryKind::Dir as i32)) {
+                return Err(ContextError::Manifest(format!(
+                    "{:?}: its parent {:?} is not a directory of the context",
+                    e.path,
+                    String::from_utf8_lossy(p)
+                )));
+            }
+            parent = p;
+        }
+        if e.kind == v1::EntryKind::File as i32 {
+            e.digest.parse::<Digest>().map_err(|err| ContextError::Manifest(format!("{}: {err}", e.path)))?;
+        }
+    }
+    Ok(())
+}
+
 impl ContextStore {
     /// A context store under `root` (`<state>/contexts/<project>`).
     pub fn open(root: PathBuf) -> Result<ContextStore, ContextError> {
@@ -298,6 +383,7 @@ impl ContextStore {
             pending_order: Mutex::new(std::collections::VecDeque::new()),
             references: Mutex::new(HashMap::new()),
             listed: Mutex::new(None),
+            known: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -313,75 +399,50 @@ impl ContextStore {
     }
 
     /// Check a manifest and answer which file digests must be uploaded.
-    pub fn prepare(&self, manifest: v1::ContextManifest) -> Result<(String, Vec<String>), ContextError> {
+    pub fn prepare(&self, manifest: v1::ContextManifest) -> Result<Prepared, ContextError> {
+        check_manifest(&manifest.entries, self.limits)?;
+        let digest = Digest::of(&hoist_proto::Message::encode_to_vec(&manifest)).to_string();
+        let entries = Arc::new(manifest.entries);
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.retain(|k| k.session != manifest.session);
+        if known.len() >= MAX_KNOWN {
+            known.pop_front();
+        }
+        known.push_back(Known { digest: digest.clone(), session: manifest.session.clone(), entries: entries.clone() });
+        drop(known);
+        self.prepare_checked(manifest.session, entries, digest)
+    }
+
+    /// Prepare again the manifest of session `session` that [`ContextStore::prepare`]
+    /// answered with digest `manifest`; `None` when it is not kept (any more).
+    pub fn prepare_known(&self, session: &str, manifest: &str) -> Result<Option<Prepared>, ContextError> {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = known.iter().position(|k| k.session == session && k.digest == manifest) else { return Ok(None) };
+        let k = known.remove(i).expect("a found index");
+        let (digest, entries) = (k.digest.clone(), k.entries.clone());
+        known.push_back(k);
+        drop(known);
+        self.prepare_checked(session.to_string(), entries, digest).map(Some)
+    }
+
+    /// Prepare a checked manifest: ask for the files the store lacks.
+    fn prepare_checked(&self, session: String, entries: Arc<Vec<v1::ContextEntry>>, manifest: String) -> Result<Prepared, ContextError> {
         let _no_sweep = self.sweep.read().unwrap_or_else(|e| e.into_inner());
         let mut missing = Vec::new();
         let mut asked = std::collections::HashSet::new();
         let mut missing_bytes = 0;
-        let l = self.limits;
-        let n = manifest.entries.len() as u64;
-        if n > l.max_entries {
-            return Err(ContextError::TooLarge { what: "entries:", got: n, max: l.max_entries, flag: "--max-context-entries" });
-        }
-        let total = manifest.entries.iter().filter(|e| e.kind == v1::EntryKind::File as i32).fold(0u64, |t, e| t.saturating_add(e.size));
-        if total > l.max_bytes {
-            return Err(ContextError::TooLarge { what: "bytes of files:", got: total, max: l.max_bytes, flag: "--max-context-bytes" });
-        }
-        let mut kinds: HashMap<Vec<u8>, i32> = HashMap::new();
-        for e in &manifest.entries {
-            let p = path_bytes(e);
-            validate_path(&p)?;
-            if kinds.insert(p, e.kind).is_some() {
-                return Err(ContextError::Manifest(format!("path {:?} appears twice", e.path)));
-            }
-        }
-        // A hard link names another file of the manifest with the same content and mode,
-        // which is no link itself.
-        let by_path: HashMap<&str, &v1::ContextEntry> =
-            manifest.entries.iter().filter(|e| e.raw_path.is_empty()).map(|e| (e.path.as_str(), e)).collect();
-        for e in manifest.entries.iter().filter(|e| !e.hardlink.is_empty()) {
-            let ok = e.kind == v1::EntryKind::File as i32
-                && e.raw_path.is_empty()
-                && e.hardlink != e.path
-                && by_path.get(e.hardlink.as_str()).is_some_and(|t| {
-                    t.kind == v1::EntryKind::File as i32
-                        && t.hardlink.is_empty()
-                        && t.digest == e.digest
-                        && t.mode & 0o7777 == e.mode & 0o7777
-                });
-            if !ok {
-                return Err(ContextError::Manifest(format!("{:?}: invalid hard link to {:?}", e.path, e.hardlink)));
-            }
-        }
         let listed = self.listed()?;
         let present = |d: &Digest| listed.as_ref().is_some_and(|l| l.contains(d));
-        for e in &manifest.entries {
-            // Every parent must be a directory of the manifest: never a symlink that a later
-            // entry would be written through.
-            let full = path_bytes(e);
-            let mut parent = full.as_slice();
-            while let Some(i) = parent.iter().rposition(|&b| b == b'/') {
-                let p = &parent[..i];
-                if kinds.get(p) != Some(&(v1::EntryKind::Dir as i32)) {
-                    return Err(ContextError::Manifest(format!(
-                        "{:?}: its parent {:?} is not a directory of the context",
-                        e.path,
-                        String::from_utf8_lossy(p)
-                    )));
-                }
-                parent = p;
-            }
-            if e.kind == v1::EntryKind::File as i32 {
-                let d: Digest = e.digest.parse().map_err(|err| ContextError::Manifest(format!("{}: {err}", e.path)))?;
-                if !present(&d) && asked.insert(e.digest.as_str()) {
-                    missing.push(e.digest.clone());
-                    missing_bytes += e.size;
-                }
+        for e in entries.iter().filter(|e| e.kind == v1::EntryKind::File as i32) {
+            let d: Digest = e.digest.parse().map_err(|err| ContextError::Manifest(format!("{}: {err}", e.path)))?;
+            if !present(&d) && asked.insert(e.digest.as_str()) {
+                missing.push(e.digest.clone());
+                missing_bytes += e.size;
             }
         }
         drop(listed);
         let id = hoist_oci::random::hex(16);
-        let stats = SyncStats { entries: manifest.entries.len() as u64, missing: missing.len() as u64, missing_bytes };
+        let stats = SyncStats { entries: entries.len() as u64, missing: missing.len() as u64, missing_bytes };
         let asked = missing.iter().filter_map(|d| d.parse().ok()).collect();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut order = self.pending_order.lock().unwrap_or_else(|e| e.into_inner());
@@ -393,13 +454,13 @@ impl ContextStore {
             }
         }
         // The session is used now (for least-recently-used collection).
-        let dir = self.session_dir(&manifest.session);
+        let dir = self.session_dir(&session);
         if dir.is_dir() {
             let _ = fs::File::create(dir.join("used"));
         }
-        pending.insert(id.clone(), Pending { session: manifest.session, entries: manifest.entries, stats, asked });
+        pending.insert(id.clone(), Pending { session, entries, stats, asked });
         order.push_back(id.clone());
-        Ok((id, missing))
+        Ok(Prepared { id, missing, manifest })
     }
 
     /// Bytes of context files kept for the project (a file linked into a session tree is
@@ -591,8 +652,8 @@ impl ContextStore {
     pub fn extend(&self, base: &MaterializedContext, extra_id: &str) -> Result<MaterializedContext, ContextError> {
         let extra = self.take_pending(extra_id)?;
         let mut merged: BTreeMap<Vec<u8>, v1::ContextEntry> = base.entries.iter().map(|e| (path_bytes(e), e.clone())).collect();
-        for e in extra.entries {
-            merged.insert(path_bytes(&e), e);
+        for e in extra.entries.iter() {
+            merged.insert(path_bytes(e), e.clone());
         }
         let stats = SyncStats {
             entries: merged.len() as u64,
@@ -600,7 +661,7 @@ impl ContextStore {
             missing_bytes: base.stats.missing_bytes + extra.stats.missing_bytes,
         };
         // Parents sort before their children by path bytes.
-        Ok(self.materialize_entries(base.session.clone(), merged.into_values().collect(), stats))
+        Ok(self.materialize_entries(base.session.clone(), Arc::new(merged.into_values().collect()), stats))
     }
 
     /// A prepared context, once: its uploads must all have arrived.
@@ -617,7 +678,7 @@ impl ContextStore {
         Ok(pending)
     }
 
-    fn materialize_entries(&self, session: String, entries: Vec<v1::ContextEntry>, stats: SyncStats) -> MaterializedContext {
+    fn materialize_entries(&self, session: String, entries: Arc<Vec<v1::ContextEntry>>, stats: SyncStats) -> MaterializedContext {
         let pending = Pending { session, entries, stats, asked: Default::default() };
         let dir = self.session_dir(&pending.session);
         let lock = {
@@ -678,7 +739,7 @@ impl ContextStore {
             written,
             _held: held,
             session: pending.session,
-            entries: Arc::new(pending.entries),
+            entries: pending.entries,
         }
     }
 }
@@ -936,7 +997,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
         let m1 = v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("src/a", b"A", 0o644), file("b", b"B", 0o755)] };
-        let (id, missing) = store.prepare(m1).unwrap();
+        let Prepared { id, missing, .. } = store.prepare(m1).unwrap();
         assert_eq!(missing.len(), 2);
         upload(&store, b"A");
         upload(&store, b"B");
@@ -950,7 +1011,7 @@ mod tests {
 
         // Rename src/a → src/c, delete b: nothing to upload, the directory follows.
         let m2 = v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("src/c", b"A", 0o644)] };
-        let (id, missing) = store.prepare(m2).unwrap();
+        let Prepared { id, missing, .. } = store.prepare(m2).unwrap();
         assert!(missing.is_empty());
         let ctx = written_now(store.materialize(&id).await.unwrap()).await;
         assert!(root.join("src/c").exists());
@@ -967,17 +1028,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
         let m = |b: &[u8]| v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"A", 0o644), file("b", b, 0o644)] };
-        let (id, _) = store.prepare(m(b"B1")).unwrap();
+        let Prepared { id, .. } = store.prepare(m(b"B1")).unwrap();
         upload(&store, b"A");
         upload(&store, b"B1");
         drop(written_now(store.materialize(&id).await.unwrap()).await);
         assert_eq!(store.sweep_blobs().unwrap(), 0, "both blobs are in the tree");
         assert_eq!(store.sessions()[0].bytes, 3);
 
-        let (id, missing) = store.prepare(m(b"B2-longer")).unwrap();
+        let Prepared { id, missing, .. } = store.prepare(m(b"B2-longer")).unwrap();
         assert_eq!(missing, vec![Digest::of(b"B2-longer").to_string()]);
         upload(&store, b"B2-longer");
-        let (again, missing) = store.prepare(m(b"B2-longer")).unwrap();
+        let Prepared { id: again, missing, .. } = store.prepare(m(b"B2-longer")).unwrap();
         assert!(missing.is_empty(), "the store's listing knows the blob just uploaded");
         drop(store.materialize(&again).await.unwrap());
         let ctx = written_now(store.materialize(&id).await.unwrap()).await;
@@ -994,13 +1055,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
         let m = || v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"A", 0o644), file("b", b"B", 0o644)] };
-        let (id, _) = store.prepare(m()).unwrap();
+        let Prepared { id, .. } = store.prepare(m()).unwrap();
         upload(&store, b"A");
         upload(&store, b"B");
         drop(written_now(store.materialize(&id).await.unwrap()).await);
         let mut changed = m();
         changed.entries[1] = file("b", b"B2", 0o644);
-        let (id, missing) = store.prepare(changed).unwrap();
+        let Prepared { id, missing, .. } = store.prepare(changed).unwrap();
         assert_eq!(missing, vec![Digest::of(b"B2").to_string()]);
         upload(&store, b"B2");
         let ctx = written_now(store.materialize(&id).await.unwrap()).await;
@@ -1020,13 +1081,13 @@ mod tests {
         // More files than `prepare` stats one by one: the store is listed instead.
         let mut entries: Vec<_> = (0..300).map(|i| file(&format!("f{i:03}"), format!("f{i}").as_bytes(), 0o644)).collect();
         entries.extend([x.clone(), y]);
-        let (id, missing) = store.prepare(v1::ContextManifest { session: "s1".into(), entries: entries.clone() }).unwrap();
+        let Prepared { id, missing, .. } = store.prepare(v1::ContextManifest { session: "s1".into(), entries: entries.clone() }).unwrap();
         assert_eq!(missing.len(), 301, "300 distinct files and one shared content");
         for i in 0..300 {
             upload(&store, format!("f{i}").as_bytes());
         }
         upload(&store, b"same");
-        let (_, missing) = store.prepare(v1::ContextManifest { session: "probe".into(), entries }).unwrap();
+        let Prepared { id: _, missing, .. } = store.prepare(v1::ContextManifest { session: "probe".into(), entries }).unwrap();
         assert!(missing.is_empty(), "the listing sees every uploaded blob");
         let one = written_now(store.materialize(&id).await.unwrap()).await;
         let (mx, my) =
@@ -1040,7 +1101,7 @@ mod tests {
         z.path = "z".into();
         z.mode = 0o644;
         z.mtime = 3_000;
-        let (id2, missing) = store.prepare(v1::ContextManifest { session: "s2".into(), entries: vec![z] }).unwrap();
+        let Prepared { id: id2, missing, .. } = store.prepare(v1::ContextManifest { session: "s2".into(), entries: vec![z] }).unwrap();
         assert!(missing.is_empty());
         let two = written_now(store.materialize(&id2).await.unwrap()).await;
         let mz = fs::metadata(two.context.files().unwrap().join("z")).unwrap();
@@ -1061,7 +1122,7 @@ mod tests {
                 e
             })
             .collect();
-        let (id3, _) = store.prepare(v1::ContextManifest { session: "s3".into(), entries: many.clone() }).unwrap();
+        let Prepared { id: id3, .. } = store.prepare(v1::ContextManifest { session: "s3".into(), entries: many.clone() }).unwrap();
         let three = written_now(store.materialize(&id3).await.unwrap()).await;
         let blob_ino = fs::metadata(store.blobs.blob_path(&Digest::of(b"many"))).unwrap().ino();
         let mut linked = 0;
@@ -1080,9 +1141,9 @@ mod tests {
         upload(&store, b"b2");
         let m4 =
             |x: &[u8]| v1::ContextManifest { session: "s4".into(), entries: vec![file("x", x, 0o644), file("x.hoist-copy", b"b2", 0o644)] };
-        let (id4, _) = store.prepare(m4(b"b1")).unwrap();
+        let Prepared { id: id4, .. } = store.prepare(m4(b"b1")).unwrap();
         drop(written_now(store.materialize(&id4).await.unwrap()).await);
-        let (id4, _) = store.prepare(m4(b"same")).unwrap();
+        let Prepared { id: id4, .. } = store.prepare(m4(b"same")).unwrap();
         let four = written_now(store.materialize(&id4).await.unwrap()).await;
         let root4 = four.context.files().unwrap();
         assert_eq!(fs::read(root4.join("x")).unwrap(), b"same");
@@ -1098,21 +1159,21 @@ mod tests {
         upload(&store, b"1");
         upload(&store, b"2");
         // A build that never reads its files writes nothing.
-        let (id, _) = store.prepare(m(b"1")).unwrap();
+        let Prepared { id, .. } = store.prepare(m(b"1")).unwrap();
         drop(store.materialize(&id).await.unwrap());
         assert!(!store.session_dir("s").exists(), "nothing was written");
         // The first reader writes the session's tree and holds it.
-        let (id, _) = store.prepare(m(b"1")).unwrap();
+        let Prepared { id, .. } = store.prepare(m(b"1")).unwrap();
         let one = written_now(store.materialize(&id).await.unwrap()).await;
         let shared = one.context.files().unwrap().to_path_buf();
         assert_eq!(shared, store.session_dir("s").join("root"));
         // Another build of the session with the same manifest reads the same tree.
-        let (id, _) = store.prepare(m(b"1")).unwrap();
+        let Prepared { id, .. } = store.prepare(m(b"1")).unwrap();
         let same = written_now(store.materialize(&id).await.unwrap()).await;
         assert_eq!(same.context.files().unwrap(), shared);
         assert_eq!(same.written(), 0);
         // One with another manifest gets a tree of its own while the others read theirs...
-        let (id, _) = store.prepare(m(b"2")).unwrap();
+        let Prepared { id, .. } = store.prepare(m(b"2")).unwrap();
         let other = written_now(store.materialize(&id).await.unwrap()).await;
         let private = other.context.files().unwrap().to_path_buf();
         assert_ne!(private, shared);
@@ -1123,7 +1184,7 @@ mod tests {
         assert!(!private.exists());
         // Once nobody reads it, the session's tree follows the next manifest.
         drop((one, same));
-        let (id, _) = store.prepare(m(b"2")).unwrap();
+        let Prepared { id, .. } = store.prepare(m(b"2")).unwrap();
         let next = written_now(store.materialize(&id).await.unwrap()).await;
         assert_eq!(next.context.files().unwrap(), shared);
         assert_eq!(fs::read(shared.join("a")).unwrap(), b"2");
@@ -1140,7 +1201,7 @@ mod tests {
         f.raw_path = raw.clone();
         let mut l = v1::ContextEntry { path: "link".into(), kind: v1::EntryKind::Symlink as i32, ..Default::default() };
         l.raw_link_target = raw.clone();
-        let (id, _) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![f, l] }).unwrap();
+        let Prepared { id, .. } = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![f, l] }).unwrap();
         upload(&store, b"latin1");
         let ctx = written_now(store.materialize(&id).await.unwrap()).await;
         let p = ctx.context.files().unwrap().join(std::ffi::OsStr::from_bytes(&raw));
@@ -1184,7 +1245,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
         let m = || v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"A", 0o644)] };
-        let first = store.prepare(m()).unwrap().0;
+        let first = store.prepare(m()).unwrap().id;
         for _ in 0..MAX_PENDING + 10 {
             store.prepare(m()).unwrap();
         }
@@ -1192,11 +1253,50 @@ mod tests {
         assert!(!store.pending.lock().unwrap().contains_key(&first), "the oldest was forgotten");
     }
 
+    /// A client whose context has not changed names its manifest by the digest the builder
+    /// answered: only within the session that sent it, only while kept, and the blobs are
+    /// checked again each time.
+    #[tokio::test]
+    async fn a_known_manifest_is_named_not_sent_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
+        let m = |body: &[u8]| v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("src/a", body, 0o644)] };
+        let first = store.prepare(m(b"A")).unwrap();
+        assert_eq!(
+            first.manifest,
+            Digest::of(&hoist_proto::Message::encode_to_vec(&m(b"A"))).to_string(),
+            "the client digests the same way"
+        );
+        let again = store.prepare_known("s", &first.manifest).unwrap().expect("kept");
+        assert_ne!(again.id, first.id);
+        assert_eq!((again.manifest.as_str(), again.missing.as_slice()), (first.manifest.as_str(), first.missing.as_slice()));
+        upload(&store, b"A");
+        let again = store.prepare_known("s", &first.manifest).unwrap().expect("kept");
+        assert!(again.missing.is_empty(), "the uploaded blob is not asked for again");
+        let ctx = store.materialize(&again.id).await.unwrap();
+        assert_eq!(fs::read(ctx.context.files().unwrap().join("src/a")).unwrap(), b"A");
+        drop(ctx);
+        // Another session, or a digest the builder never answered, names nothing.
+        assert!(store.prepare_known("t", &first.manifest).unwrap().is_none());
+        assert!(store.prepare_known("s", Digest::of(b"forged").as_str()).unwrap().is_none());
+        // A new manifest of the session replaces the old one.
+        let second = store.prepare(m(b"B")).unwrap();
+        assert_ne!(second.manifest, first.manifest);
+        assert!(store.prepare_known("s", &first.manifest).unwrap().is_none());
+        assert!(store.prepare_known("s", &second.manifest).unwrap().is_some());
+        // At most MAX_KNOWN sessions' manifests are kept, the least recently used forgotten.
+        for i in 0..MAX_KNOWN {
+            store.prepare(v1::ContextManifest { session: format!("other-{i}"), entries: vec![dir("d")] }).unwrap();
+        }
+        assert!(store.prepare_known("s", &second.manifest).unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn a_missing_upload_is_an_error_not_an_empty_file() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
-        let (id, _) = store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"never sent", 0o644)] }).unwrap();
+        let Prepared { id, .. } =
+            store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![file("a", b"never sent", 0o644)] }).unwrap();
         let err = store.materialize(&id).await.err().unwrap();
         assert!(matches!(err, ContextError::MissingBlob { .. }), "{err}");
     }
@@ -1228,7 +1328,7 @@ mod tests {
             session: "s".into(),
             entries: vec![file("su", b"SU", 0o4755), file("sg", b"SG", 0o2755), file("plain", b"P", 0o755)],
         };
-        let (id, _) = store.prepare(m).unwrap();
+        let Prepared { id, .. } = store.prepare(m).unwrap();
         for c in [&b"SU"[..], b"SG", b"P"] {
             upload(&store, c);
         }
@@ -1250,15 +1350,15 @@ mod tests {
     async fn a_context_is_extended_with_the_paths_asked_for_later() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
-        let (id, _) =
+        let Prepared { id, .. } =
             store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("src/a", b"A", 0o644)] }).unwrap();
         upload(&store, b"A");
         let base = store.materialize(&id).await.unwrap();
-        let (more, missing) =
+        let Prepared { id: more, missing, .. } =
             store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("app.txt", b"APP", 0o600)] }).unwrap();
         assert_eq!(missing, vec![Digest::of(b"APP").to_string()]);
         assert!(store.extend(&base, &more).is_err(), "not before its upload arrived");
-        let (more, _) =
+        let Prepared { id: more, .. } =
             store.prepare(v1::ContextManifest { session: "s".into(), entries: vec![dir("src"), file("app.txt", b"APP", 0o600)] }).unwrap();
         upload(&store, b"APP");
         let extended = written_now(store.extend(&base, &more).unwrap()).await;
@@ -1279,7 +1379,7 @@ mod tests {
         let store = ContextStore::open(tmp.path().to_path_buf()).unwrap();
         let linked = |p: &str, to: &str| v1::ContextEntry { hardlink: to.into(), ..file(p, b"S", 0o640) };
         let m = |entries| v1::ContextManifest { session: "s".into(), entries };
-        let (id, _) = store.prepare(m(vec![file("a", b"S", 0o640), linked("b", "a"), file("c", b"S", 0o640)])).unwrap();
+        let Prepared { id, .. } = store.prepare(m(vec![file("a", b"S", 0o640), linked("b", "a"), file("c", b"S", 0o640)])).unwrap();
         upload(&store, b"S");
         let ctx = written_now(store.materialize(&id).await.unwrap()).await;
         let root = ctx.context.files().unwrap().to_path_buf();
@@ -1289,7 +1389,8 @@ mod tests {
         assert_eq!(fs::metadata(root.join("b")).unwrap().mode() & 0o777, 0o640);
         drop(ctx);
         // b becomes a file of its own, c a link: the tree follows.
-        let (id, missing) = store.prepare(m(vec![file("a", b"S", 0o640), file("b", b"S", 0o640), linked("c", "a")])).unwrap();
+        let Prepared { id, missing, .. } =
+            store.prepare(m(vec![file("a", b"S", 0o640), file("b", b"S", 0o640), linked("c", "a")])).unwrap();
         assert!(missing.is_empty());
         let ctx = written_now(store.materialize(&id).await.unwrap()).await;
         assert_ne!(ino("a"), ino("b"));

@@ -188,8 +188,18 @@ impl Builder for BuilderService {
     async fn prepare_context(&self, req: Request<v1::ContextManifest>) -> Result<Response<v1::PrepareContextReply>, Status> {
         let who = caller(self, &req)?;
         let store = self.context_store(&who.project)?;
-        let (context_id, missing) = store.prepare(req.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Response::new(v1::PrepareContextReply { context_id, missing }))
+        let p = store.prepare(req.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(v1::PrepareContextReply { context_id: p.id, missing: p.missing, manifest: p.manifest }))
+    }
+
+    async fn prepare_known_context(&self, req: Request<v1::KnownManifest>) -> Result<Response<v1::PrepareContextReply>, Status> {
+        let who = caller(self, &req)?;
+        let store = self.context_store(&who.project)?;
+        let m = req.into_inner();
+        match store.prepare_known(&m.session, &m.manifest).map_err(|e| Status::invalid_argument(e.to_string()))? {
+            Some(p) => Ok(Response::new(v1::PrepareContextReply { context_id: p.id, missing: p.missing, manifest: p.manifest })),
+            None => Err(Status::not_found(format!("manifest {} is not kept: send the manifest", m.manifest))),
+        }
     }
 
     async fn upload_blobs(&self, req: Request<Streaming<v1::BlobChunk>>) -> Result<Response<v1::UploadReply>, Status> {
