@@ -69,6 +69,9 @@ const MAX_PENDING: usize = 64;
 /// one per session, the least recently used forgotten first.
 const MAX_KNOWN: usize = 8;
 
+/// Most entries of those manifests, together (about 250 bytes of memory each).
+const MAX_KNOWN_ENTRIES: usize = 300_000;
+
 /// What one build context may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContextLimits {
@@ -405,10 +408,12 @@ impl ContextStore {
         let entries = Arc::new(manifest.entries);
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         known.retain(|k| k.session != manifest.session);
-        if known.len() >= MAX_KNOWN {
-            known.pop_front();
-        }
         known.push_back(Known { digest: digest.clone(), session: manifest.session.clone(), entries: entries.clone() });
+        let mut total: usize = known.iter().map(|k| k.entries.len()).sum();
+        while known.len() > MAX_KNOWN || total > MAX_KNOWN_ENTRIES {
+            let Some(old) = known.pop_front() else { break };
+            total -= old.entries.len();
+        }
         drop(known);
         self.prepare_checked(manifest.session, entries, digest)
     }
@@ -1289,6 +1294,12 @@ mod tests {
             store.prepare(v1::ContextManifest { session: format!("other-{i}"), entries: vec![dir("d")] }).unwrap();
         }
         assert!(store.prepare_known("s", &second.manifest).unwrap().is_none());
+        // And at most MAX_KNOWN_ENTRIES entries: a manifest past that is not kept at all.
+        let kept = store.prepare(v1::ContextManifest { session: "small".into(), entries: vec![dir("d")] }).unwrap();
+        let entries = (0..=MAX_KNOWN_ENTRIES).map(|i| dir(&format!("d{i}"))).collect();
+        let huge = store.prepare(v1::ContextManifest { session: "huge".into(), entries }).unwrap();
+        assert!(store.prepare_known("huge", &huge.manifest).unwrap().is_none());
+        assert!(store.prepare_known("small", &kept.manifest).unwrap().is_none(), "older manifests went first");
     }
 
     #[tokio::test]
