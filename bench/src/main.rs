@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use clap::Parser;
+use hoist_bench::floor;
 use hoist_bench::progress::{self, Line};
 use hoist_bench::stats::{median, ratio};
 use hoist_bench::workloads::{self, Workload};
@@ -939,6 +940,11 @@ impl Hoist {
     }
 
     fn run_build(&mut self, dir: &Path, extra: &[String], log: &Path) -> anyhow::Result<Sample> {
+        self.run_build_timed(dir, extra, log).map(|(s, _)| s)
+    }
+
+    /// [`Hoist::run_build`], with the lines of its output.
+    fn run_build_timed(&mut self, dir: &Path, extra: &[String], log: &Path) -> anyhow::Result<(Sample, Timed)> {
         let root = self.root()?;
         let mut c = self.cmd(&root);
         c.args(["build", "--progress=plain"]).args(&self.network).args(extra).arg(dir);
@@ -946,7 +952,85 @@ impl Hoist {
         let mut s = from_progress(&t, true);
         s.rss_kib = Self::daemon_pid(&root).and_then(vm_hwm);
         s.note = t.lines.iter().rev().find(|l| l.text.starts_with("hoist: built")).map(|l| l.text.clone()).unwrap_or_default();
-        Ok(s)
+        Ok((s, t))
+    }
+
+    /// The engine's floor for the cold `--load` whose output is `t` ([`floor::import_floor`]),
+    /// measured right after it: when each layer of the image's last stage became final (its
+    /// step's DONE line) and how long the engine takes to import that layer by itself
+    /// (`docker import` of its tar from `docker save`: the engine's cheapest path, one pass
+    /// and no temporary file). Layers below the last stage count as final at once.
+    fn engine_floor(&mut self, w: &Workload, t: &Timed) -> anyhow::Result<f64> {
+        let root = self.root()?;
+        let summary = t.lines.iter().rev().find(|l| l.text.starts_with("hoist: built")).context("no summary line")?;
+        let id =
+            summary.text.rsplit_once("; build ").and_then(|(_, r)| r.split_whitespace().next()).context("no build id in the summary")?;
+        let mut c = self.cmd(&root);
+        c.args(["builds", "show", id, "--json"]);
+        let record: serde_json::Value = serde_json::from_str(&run_quiet(c)?).context("reading the build record")?;
+        let steps = record["steps"].as_array().context("no steps in the build record")?;
+        let line = |s: &serde_json::Value| s["line"].as_u64().unwrap_or(0);
+        let last_stage = steps.iter().max_by_key(|s| line(s)).and_then(|s| s["stage"].as_str()).context("no stage")?;
+        // The last stage's steps that made a layer, in Dockerfile order: the image's top layers.
+        let mut made: Vec<(u64, u64, u64)> = steps
+            .iter()
+            .filter(|s| s["stage"].as_str() == Some(last_stage) && !s["name"].as_str().unwrap_or("").starts_with("FROM "))
+            .filter_map(|s| Some((line(s), s["id"].as_u64()?, s["layer_bytes"].as_u64().filter(|b| *b > 0)?)))
+            .collect();
+        made.sort();
+        let dir = self.base.join("floor");
+        remove_tree(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let result = (|| -> anyhow::Result<f64> {
+            let archive = dir.join("image.tar");
+            run_quiet({
+                let mut c = docker();
+                c.arg("save").arg("-o").arg(&archive).arg(Self::tag(w));
+                c
+            })?;
+            run_quiet({
+                let mut c = Command::new("tar");
+                c.arg("-xf").arg(&archive).arg("-C").arg(&dir);
+                c
+            })?;
+            let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
+            let paths: Vec<&str> = manifest[0]["Layers"]
+                .as_array()
+                .context("no layers in docker save's manifest")?
+                .iter()
+                .filter_map(|p| p.as_str())
+                .collect();
+            if made.is_empty() || paths.len() < made.len() {
+                bail!("{} layer steps in the last stage, {} layers in the image", made.len(), paths.len());
+            }
+            let (mut final_at, mut import) = (Vec::new(), Vec::new());
+            for ((_, step, bytes), path) in made.iter().zip(&paths[paths.len() - made.len()..]) {
+                let tar = dir.join(path);
+                let size = std::fs::metadata(&tar)?.len();
+                if size != *bytes {
+                    bail!("layer {path} is {size} bytes, but step #{step} made {bytes}: the steps do not match the layers");
+                }
+                let done = format!("#{step} DONE");
+                final_at.push(t.lines.iter().find(|l| l.text.starts_with(&done)).with_context(|| format!("no {done} line"))?.t);
+                let start = Instant::now();
+                let image = run_quiet({
+                    let mut c = docker();
+                    c.arg("import").arg(&tar);
+                    c
+                })?;
+                import.push(start.elapsed().as_secs_f64());
+                run_ignore({
+                    let mut c = docker();
+                    c.args(["rmi", "-f", image.trim()]);
+                    c
+                });
+            }
+            let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+            eprintln!("  {}: the last stage's layers final at [{}] s, imported alone in [{}] s", w.name, list(&final_at), list(&import));
+            floor::import_floor(&final_at, &import).context("no layers")
+        })();
+        remove_tree(&dir);
+        result
     }
 
     /// The teammate scenario: alice builds on a fresh `hoist serve` (with `alice_extra`
@@ -1032,13 +1116,17 @@ impl Builder for Hoist {
             c.args(["rmi", "-f", &Self::tag(w)]);
             c
         });
-        let s = self.run_build(&w.dir, &["--load".into(), "-t".into(), Self::tag(w)], log)?;
+        let (mut s, t) = self.run_build_timed(&w.dir, &["--load".into(), "-t".into(), Self::tag(w)], log)?;
         run_quiet({
             let mut c = docker();
             c.args(["image", "inspect", &Self::tag(w)]);
             c
         })
         .context("--load left no image in the engine")?;
+        match self.engine_floor(w, &t) {
+            Ok(f) => s.figures.push(("engine_floor_secs", f)),
+            Err(e) => eprintln!("  {}: no engine floor for the cold --load: {e:#}", w.name),
+        }
         Ok(s)
     }
 
@@ -1872,6 +1960,14 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
                     let _ = writeln!(
                         out,
                         "  - floor: hoist's RUN steps alone took {t:.2}s = {} BuildKit's whole build",
+                        fmt_r(ratio(Some(t), r.secs(w, s, "buildkit")))
+                    );
+                }
+                // And the engine's: each layer imported once its step ended (cold only).
+                if let Some(t) = r.figure(w, s, "hoist", "engine_floor_secs") {
+                    let _ = writeln!(
+                        out,
+                        "  - floor: the engine importing each layer of the last stage once its step ended ({t:.2}s) = {} BuildKit's whole build",
                         fmt_r(ratio(Some(t), r.secs(w, s, "buildkit")))
                     );
                 }
