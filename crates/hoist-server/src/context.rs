@@ -308,8 +308,8 @@ fn validate_path(p: &[u8]) -> Result<(), ContextError> {
 }
 
 /// Check a client's manifest: within `limits`, every path relative and clean, once, below
-/// a directory of the manifest; hard links to files of the same content and mode; file
-/// digests well formed.
+/// a directory of the manifest; hard links to files of the same content and mode. (File
+/// digests are parsed when the store is asked for them.)
 fn check_manifest(entries: &[v1::ContextEntry], l: ContextLimits) -> Result<(), ContextError> {
     let n = entries.len() as u64;
     if n > l.max_entries {
@@ -358,9 +358,6 @@ fn check_manifest(entries: &[v1::ContextEntry], l: ContextLimits) -> Result<(), 
             }
             parent = p;
         }
-        if e.kind == v1::EntryKind::File as i32 {
-            e.digest.parse::<Digest>().map_err(|err| ContextError::Manifest(format!("{}: {err}", e.path)))?;
-        }
     }
     Ok(())
 }
@@ -406,16 +403,17 @@ impl ContextStore {
         check_manifest(&manifest.entries, self.limits)?;
         let digest = Digest::of(&hoist_proto::Message::encode_to_vec(&manifest)).to_string();
         let entries = Arc::new(manifest.entries);
+        // (File digests are parsed here: a manifest is kept only once it prepared.)
+        let prepared = self.prepare_checked(manifest.session.clone(), entries.clone(), digest.clone())?;
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         known.retain(|k| k.session != manifest.session);
-        known.push_back(Known { digest: digest.clone(), session: manifest.session.clone(), entries: entries.clone() });
+        known.push_back(Known { digest, session: manifest.session, entries });
         let mut total: usize = known.iter().map(|k| k.entries.len()).sum();
         while known.len() > MAX_KNOWN || total > MAX_KNOWN_ENTRIES {
             let Some(old) = known.pop_front() else { break };
             total -= old.entries.len();
         }
-        drop(known);
-        self.prepare_checked(manifest.session, entries, digest)
+        Ok(prepared)
     }
 
     /// Prepare again the manifest of session `session` that [`ContextStore::prepare`]
@@ -1281,6 +1279,14 @@ mod tests {
         let ctx = store.materialize(&again.id).await.unwrap();
         assert_eq!(fs::read(ctx.context.files().unwrap().join("src/a")).unwrap(), b"A");
         drop(ctx);
+        // A manifest with a file digest that is none is refused, and not kept.
+        let mut bad = m(b"A");
+        bad.entries[1].digest = "sha256:nonsense".into();
+        let digest = Digest::of(&hoist_proto::Message::encode_to_vec(&bad)).to_string();
+        let e = store.prepare(bad).unwrap_err().to_string();
+        assert!(e.contains("src/a") && e.contains("sha256:nonsense"), "{e}");
+        assert!(store.prepare_known("s", &digest).unwrap().is_none());
+        assert!(store.prepare_known("s", &first.manifest).unwrap().is_some(), "the good one is still kept");
         // Another session, or a digest the builder never answered, names nothing.
         assert!(store.prepare_known("t", &first.manifest).unwrap().is_none());
         assert!(store.prepare_known("s", Digest::of(b"forged").as_str()).unwrap().is_none());
