@@ -180,3 +180,34 @@ fn ctrl_c_after_an_early_import_leaves_nothing_provisional() {
     assert_none_left(&relay.pulled(), "after Ctrl-C");
     assert!(!in_engine(&tag));
 }
+
+#[test]
+fn a_layer_of_small_files_is_kept_as_its_tar_for_the_engine_and_a_big_file_layer_is_not() {
+    if !lab_available() {
+        return;
+    }
+    let h = Hoist::new();
+    let relay = EngineRelay::start();
+    let tag = format!("{}:1", unique("early-kept"));
+    let df = format!(
+        "FROM {}\nRUN mkdir /many && for i in $(seq 1 2000); do echo \"file $i\" > /many/f$i; done\n\
+         RUN head -c 20000000 /dev/urandom > /big\nRUN echo done > /done\n",
+        busybox()
+    );
+    let ctx = context(&[("Dockerfile", &df)]);
+    let out = load_through(&h, &relay, &tag, &ctx).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let layers = docker_ok(&["image", "inspect", "-f", "{{range .RootFS.Layers}}{{println .}}{{end}}", &tag]);
+    let layers: Vec<&str> = layers.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(layers.len(), 4, "{layers:?}");
+    let blob = |diff_id: &str| h.root.path().join("content/blobs/sha256").join(diff_id.trim_start_matches("sha256:"));
+    // The 2,000-file layer's tar was kept as the diff_id was computed, byte for byte.
+    let kept = std::fs::read(blob(layers[1])).unwrap_or_else(|e| panic!("the small-file layer's tar is not kept: {e}"));
+    assert_eq!(sha256_digest(&kept), layers[1]);
+    assert!(!blob(layers[2]).exists(), "a layer of one 20 MB file is not written twice");
+    let run = docker_ok(&["run", "--rm", &tag, "sh", "-c", "ls /many | wc -l; cat /many/f1234; cat /done"]);
+    assert_eq!(run.lines().map(str::trim).collect::<Vec<_>>(), ["2000", "file 1234", "done"]);
+    assert_none_left(&relay.pulled(), "after the load");
+    let _ = docker().args(["rmi", &tag]).output();
+}

@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hoist_oci::digest::Digest;
-use hoist_oci::export::diff_id_of;
+use hoist_oci::export::{diff_id_keeping_small_files, diff_id_of};
+use hoist_oci::image::media;
 use hoist_oci::layer::TarOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::BlobRecord;
 use crate::cachemount::CacheMountGuard;
 use crate::copy::{self, CopyParams};
 use crate::engine::EngineError;
@@ -77,7 +79,10 @@ pub(crate) async fn execute(env: StepEnv, cancel: CancellationToken, lease: &Lea
     }
 }
 
-/// Compute the diff of `dir` and commit it as a layer (or drop an empty diff).
+/// Compute the diff of `dir` and commit it as a layer (or drop an empty diff). A build that
+/// imports layers while it runs (`--load`) keeps the tar of a layer of small files as it
+/// computes the diff_id ([`diff_id_keeping_small_files`]): the engine's pull then reads it
+/// back instead of making it again from the files.
 async fn commit_dir(env: &StepEnv, src: Uncommitted, lease: &LeaseSet) -> Result<Produced, EngineError> {
     let snaps = env.build.engine.snapshots().clone();
     let dir = match &src {
@@ -85,14 +90,22 @@ async fn commit_dir(env: &StepEnv, src: Uncommitted, lease: &LeaseSet) -> Result
         Uncommitted::Temp(t) => t.path().to_path_buf(),
     };
     let epoch = env.build.source_date_epoch;
-    let (diff_id, size, empty) = blocking(env, move || -> Result<_, StepCause> {
+    let keep_in = env.build.req.early_layers.is_some().then(|| env.build.engine.store().clone());
+    let (diff_id, size, empty, kept) = blocking(env, move || -> Result<_, StepCause> {
         // With SOURCE_DATE_EPOCH the clamp is made on disk, so that every later tar of this
         // layer (blob export, docker archive, rootfs) gives the same bytes without knowing
         // the epoch; the tar option then changes nothing but says what the diff_id means.
         if let Some(epoch) = epoch {
             clamp_mtimes(&dir, epoch).map_err(|e| format!("clamping mtimes to SOURCE_DATE_EPOCH in {}: {e}", dir.display()))?;
         }
-        Ok(diff_id_of(&dir, &TarOptions { source_date_epoch: epoch })?)
+        let opts = TarOptions { source_date_epoch: epoch };
+        Ok(match &keep_in {
+            Some(store) => diff_id_keeping_small_files(&dir, &opts, store)?,
+            None => {
+                let (diff_id, size, empty) = diff_id_of(&dir, &opts)?;
+                (diff_id, size, empty, false)
+            }
+        })
     })
     .await?;
     if empty {
@@ -105,9 +118,17 @@ async fn commit_dir(env: &StepEnv, src: Uncommitted, lease: &LeaseSet) -> Result
     // second pass to learn its size. Losing the record costs only that pass.
     let engine = env.build.engine.clone();
     let d = diff_id.clone();
-    let recorded = tokio::task::spawn_blocking(move || engine.index().put_layer_tar_size(&d, size)).await;
+    let recorded = tokio::task::spawn_blocking(move || {
+        engine.index().put_layer_tar_size(&d, size)?;
+        if kept {
+            let blob = BlobRecord { digest: d.clone(), size, media_type: media::OCI_LAYER.into(), original: false };
+            engine.index().add_layer_blob(&d, blob)?;
+        }
+        Ok::<_, crate::cache::CacheError>(())
+    })
+    .await;
     if let Ok(Err(e)) = recorded {
-        tracing::warn!(%diff_id, "recording the layer's tar size: {e}");
+        tracing::warn!(%diff_id, "recording the layer's tar: {e}");
     }
     Ok(Some((diff_id, size)))
 }

@@ -46,7 +46,7 @@ mod test_support;
 mod tests;
 
 pub use extract::extract_layer_tar;
-pub use write::write_layer_tar;
+pub use write::{write_layer_tar, write_layer_tar_with};
 
 use std::io;
 use std::path::PathBuf;
