@@ -184,6 +184,8 @@ impl Results {
 /// A finished command: wall time and its stderr+stdout lines with arrival times.
 struct Timed {
     secs: f64,
+    /// CPU-seconds the whole machine was busy meanwhile ([`floor::busy_cpu_secs`]).
+    cpu_secs: Option<f64>,
     lines: Vec<Line>,
 }
 
@@ -200,6 +202,7 @@ fn describe(cmd: &Command) -> String {
 fn run_timed(mut cmd: Command, log: &Path) -> anyhow::Result<Timed> {
     let what = describe(&cmd);
     let start = Instant::now();
+    let busy_before = floor::busy_cpu_secs();
     let mut child =
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {what}"))?;
     let readers: Vec<_> = [
@@ -227,6 +230,7 @@ fn run_timed(mut cmd: Command, log: &Path) -> anyhow::Result<Timed> {
     .collect();
     let status = child.wait().with_context(|| format!("waiting for {what}"))?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = busy_before.zip(floor::busy_cpu_secs()).map(|(a, b)| b - a);
     let mut lines: Vec<Line> = readers.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
     lines.sort_by(|a, b| a.t.total_cmp(&b.t));
     let mut text = format!("$ {what}\n");
@@ -246,7 +250,7 @@ fn run_timed(mut cmd: Command, log: &Path) -> anyhow::Result<Timed> {
         let tail: Vec<&str> = lines.iter().rev().take(15).map(|l| l.text.as_str()).collect::<Vec<_>>().into_iter().rev().collect();
         bail!("{what} failed ({status}); log {}:\n{}", log.display(), tail.join("\n"));
     }
-    Ok(Timed { secs, lines })
+    Ok(Timed { secs, cpu_secs, lines })
 }
 
 /// Run a setup command that must succeed; returns stdout.
@@ -684,6 +688,7 @@ fn from_progress(t: &Timed, with_overhead: bool) -> Sample {
         run_covered: with_overhead.then(|| p.run_covered()),
         done: p.done,
         cached: p.cached,
+        figures: t.cpu_secs.map(|c| ("machine_cpu_secs", c)).into_iter().collect(),
         ..Default::default()
     }
 }
@@ -960,7 +965,9 @@ impl Hoist {
     /// step's DONE line) and how long the engine takes to import that layer by itself
     /// (`docker import` of its tar from `docker save`: the engine's cheapest path, one pass
     /// and no temporary file). Layers below the last stage count as final at once.
-    fn engine_floor(&mut self, w: &Workload, t: &Timed) -> anyhow::Result<f64> {
+    /// The engine's floor by time ([`floor::import_floor`]) and the CPU-seconds the engine
+    /// took to import the last stage's layers by themselves.
+    fn engine_floor(&mut self, w: &Workload, t: &Timed) -> anyhow::Result<(f64, Option<f64>)> {
         let root = self.root()?;
         let summary = t.lines.iter().rev().find(|l| l.text.starts_with("hoist: built")).context("no summary line")?;
         let id =
@@ -981,7 +988,7 @@ impl Hoist {
         let dir = self.base.join("floor");
         remove_tree(&dir);
         std::fs::create_dir_all(&dir)?;
-        let result = (|| -> anyhow::Result<f64> {
+        let result = (|| -> anyhow::Result<(f64, Option<f64>)> {
             let archive = dir.join("image.tar");
             run_quiet({
                 let mut c = docker();
@@ -1003,7 +1010,7 @@ impl Hoist {
             if made.is_empty() || paths.len() < made.len() {
                 bail!("{} layer steps in the last stage, {} layers in the image", made.len(), paths.len());
             }
-            let (mut final_at, mut import) = (Vec::new(), Vec::new());
+            let (mut final_at, mut import, mut import_cpu) = (Vec::new(), Vec::new(), Some(0.0));
             for ((_, step, bytes), path) in made.iter().zip(&paths[paths.len() - made.len()..]) {
                 let tar = dir.join(path);
                 let size = std::fs::metadata(&tar)?.len();
@@ -1013,12 +1020,14 @@ impl Hoist {
                 let done = format!("#{step} DONE");
                 final_at.push(t.lines.iter().find(|l| l.text.starts_with(&done)).with_context(|| format!("no {done} line"))?.t);
                 let start = Instant::now();
+                let busy = floor::busy_cpu_secs();
                 let image = run_quiet({
                     let mut c = docker();
                     c.arg("import").arg(&tar);
                     c
                 })?;
                 import.push(start.elapsed().as_secs_f64());
+                import_cpu = import_cpu.zip(busy.zip(floor::busy_cpu_secs())).map(|(sum, (a, b))| sum + b - a);
                 run_ignore({
                     let mut c = docker();
                     c.args(["rmi", "-f", image.trim()]);
@@ -1027,7 +1036,7 @@ impl Hoist {
             }
             let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
             eprintln!("  {}: the last stage's layers final at [{}] s, imported alone in [{}] s", w.name, list(&final_at), list(&import));
-            floor::import_floor(&final_at, &import).context("no layers")
+            Ok((floor::import_floor(&final_at, &import).context("no layers")?, import_cpu))
         })();
         remove_tree(&dir);
         result
@@ -1124,7 +1133,10 @@ impl Builder for Hoist {
         })
         .context("--load left no image in the engine")?;
         match self.engine_floor(w, &t) {
-            Ok(f) => s.figures.push(("engine_floor_secs", f)),
+            Ok((f, cpu)) => {
+                s.figures.push(("engine_floor_secs", f));
+                s.figures.extend(cpu.map(|c| ("engine_import_cpu_secs", c)));
+            }
             Err(e) => eprintln!("  {}: no engine floor for the cold --load: {e:#}", w.name),
         }
         Ok(s)
@@ -1969,6 +1981,29 @@ fn render(r: &Results, workloads: &[String], scenarios: &[String], tools: &[Stri
                         out,
                         "  - floor: the engine importing each layer of the last stage once its step ended ({t:.2}s) = {} BuildKit's whole build",
                         fmt_r(ratio(Some(t), r.secs(w, s, "buildkit")))
+                    );
+                }
+                // By work: the build and the engine's import of the built layers share the
+                // machine's cores. The build's work is the lesser of BuildKit's (its whole
+                // cold build) and hoist's without --load (the `cold` scenario, if run).
+                let bk_cpu = r.figure(w, s, "buildkit", "machine_cpu_secs");
+                let hoist_cpu = r.figure(w, "cold", "hoist", "machine_cpu_secs").filter(|_| s == "load");
+                let build_cpu = match (bk_cpu, hoist_cpu) {
+                    (Some(b), Some(h)) => Some(b.min(h)),
+                    (b, h) => b.or(h),
+                };
+                let import_cpu = r.figure(w, s, "hoist", "engine_import_cpu_secs");
+                if let (Some(b), Some(i)) = (build_cpu, import_cpu) {
+                    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+                    let t = (b + i) / cores;
+                    let cpu = |v: Option<f64>| v.map_or("-".to_string(), |c| format!("{c:.1}"));
+                    let _ = writeln!(
+                        out,
+                        "  - floor: the build's work (the lesser of BuildKit's {} and hoist's without --load {} CPU-s) and the engine's import of the built layers ({i:.1} CPU-s) on {cores} cores: {t:.2}s = {} BuildKit's whole build (hoist with --load used {} CPU-s)",
+                        cpu(bk_cpu),
+                        cpu(hoist_cpu),
+                        fmt_r(ratio(Some(t), r.secs(w, s, "buildkit"))),
+                        cpu(r.figure(w, s, "hoist", "machine_cpu_secs"))
                     );
                 }
             }

@@ -5,7 +5,9 @@
 //! new layer's plain tar is its diff_id, its size was recorded when the diff_id was computed
 //! ([`crate::cache::CacheIndex::layer_tar_size`]), and its bytes are made from the snapshot
 //! as the client reads them — a first `--load` of a big layer costs one pass over its files,
-//! not a copy of the layer into the content store. Base layers keep their original blobs.
+//! not a copy of the layer into the content store. Base layers keep their original blobs,
+//! and a layer of small files whose tar a `--load` build kept (see `steps::commit_dir`) is
+//! served from that blob.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Seek, SeekFrom, Write};
