@@ -400,6 +400,29 @@ mod tests {
         assert_eq!(config, img.config_bytes[2..]);
     }
 
+    /// A layer whose tar a `--load` build kept (`steps::commit_dir`) is served from that
+    /// blob, not made again from its files.
+    #[tokio::test]
+    async fn a_kept_layer_tar_is_served_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let (diff_id, img) = layer_image(&engine, b"kept");
+        let layer_dir = engine.snapshots().layer_dir(&diff_id);
+        let (kept_id, size, _, kept) =
+            hoist_oci::export::diff_id_keeping_small_files(&layer_dir, &TarOptions::default(), engine.store()).unwrap();
+        assert!(kept && kept_id == diff_id);
+        engine.index().put_layer_tar_size(&diff_id, size).unwrap();
+        let blob = BlobRecord { digest: diff_id.clone(), size, media_type: media::OCI_LAYER.into(), original: false };
+        engine.index().add_layer_blob(&diff_id, blob).unwrap();
+        // The snapshot is gone: only the kept blob can serve the layer.
+        engine.snapshots().remove_layer(&diff_id).unwrap();
+        let export = engine.export_for_client(std::slice::from_ref(&img), plain()).await.unwrap();
+        assert_eq!(export.blobs[&diff_id], (size, ServedBlob::Store));
+        let mut all = Vec::new();
+        engine.write_served_blob(&diff_id, &ServedBlob::Store, size, 0, &mut all).unwrap();
+        assert_eq!(Digest::of(&all), diff_id);
+    }
+
     #[test]
     fn the_skip_writer_drops_the_offset() {
         let mut out = Vec::new();
